@@ -1,0 +1,35 @@
+"""Triton kernels for pyalign, one module per op family (installed as ``pyalign.kernels``).
+
+Each module holds the ``@triton.jit`` kernels, their launch wrappers (the primitive functions of
+the contract in pyalign/backends.py) and ``COMPILE_CONFIGS``: every (kernel, signature,
+constexprs, num_warps) its wrappers can launch, which pyalign/compile_check.py compiles ahead of
+time for sm_80 and sm_90.
+
+Helpers shared by the wrappers live here.
+"""
+from __future__ import annotations
+
+import torch
+
+# Tests set this to True so that every output buffer starts NaN-filled: an element a kernel
+# forgets to write then shows up as NaN instead of a plausible leftover value.
+POISON_OUTPUTS = False
+
+TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An output buffer every element of which the kernel is expected to write."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if POISON_OUTPUTS and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def as_fp32_vector(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous fp32 1-D view or copy (per-row vectors are tiny next to the logits)."""
+    return tensor.reshape(-1).to(torch.float32).contiguous()
+
+
+def next_power_of_2(value: int) -> int:
+    return 1 << max(0, int(value) - 1).bit_length()

@@ -1,0 +1,202 @@
+"""Per-token log-probability of the label (and entropy) from logits, one streaming pass per row.
+
+Computes, for each row n of logits z[N, V] (fp32/bf16/fp16) with s = z / T:
+    lse[n]      = logsumexp_v s[n, v]                      (online: running max m, sum exp(s - m))
+    logprobs[n] = s[n, y_n] - lse[n]
+    entropy[n]  = lse[n] - sum_v softmax(s)_v s_v          (online: sum exp(s - m) (s - m))
+Backward writes d/dz = (g_lp (onehot - p) - g_ent p (s - lse + H)) / T with p = exp(s - lse),
+0 where p == 0 (-inf logits), into a new buffer or into the logits buffer itself (inplace).
+Rows whose label is ignore_index skip the vocabulary loop: outputs 0, gradient 0.
+
+Memory traffic (b = bytes per logit):
+    forward:  N*V*b read + 16 N bytes.  Eager (to fp32, logsumexp, gather, entropy terms) reads
+              the logits and writes/reads several fp32 [N, V] temporaries: >= N*V*(b + 4*3).
+    backward: N*V*b read + N*V*b written (0 extra with inplace).  Eager: softmax, scatter and
+              scaling over fp32 temporaries, >= N*V*(b + 4*4 + b).
+    FLOPs: ~5 per logit forward (+3 with entropy), ~6 backward (+4 with entropy); exp dominates.
+Launch grid: (N,), one program per row, looping over V in BLOCK_V chunks (a row of any length,
+256k vocabularies included, runs in registers).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pyalign import kernels as _kernels
+from pyalign import reference as _reference
+
+# (largest V it serves, BLOCK_V, num_warps): rows up to 1024 in one chunk with 4 warps, longer
+# rows in 4096-wide chunks with 8 warps (16 fp32 / 16 half values per thread: 128-bit loads).
+BLOCK_CONFIGS = ((1024, 1024, 4), (None, 4096, 8))
+
+
+def pick_block(vocab: int) -> tuple[int, int]:
+    for max_vocab, block_v, num_warps in BLOCK_CONFIGS:
+        if max_vocab is None or vocab <= max_vocab:
+            return block_v, num_warps
+    raise AssertionError("unreachable")
+
+
+@triton.jit
+def logprobs_forward_kernel(logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
+                            vocab, stride_row, ignore_index, inv_temperature,
+                            WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    # An ignored row runs zero iterations: its logits are never read.
+    num_cols = tl.where(valid, vocab, 0)
+    cols = tl.arange(0, BLOCK_V)
+
+    running_max = tl.zeros([], tl.float32) - float("inf")
+    sum_exp = tl.zeros([], tl.float32)        # sum exp(s - running_max)
+    sum_exp_shifted = tl.zeros([], tl.float32)  # sum exp(s - running_max) * (s - running_max)
+    for start in range(0, num_cols, BLOCK_V):
+        offs = start + cols
+        scaled = tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+        scaled = scaled * inv_temperature
+        new_max = tl.maximum(running_max, tl.max(scaled, 0))
+        # While everything seen is -inf, shift by 0 so that exp(-inf - shift) is 0, not NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        exps = tl.exp(scaled - shift)
+        rescale = tl.exp(running_max - shift)
+        if WITH_ENTROPY:
+            # re-centre the old sum on the new max: sum e'(s - m') = a (sum e (s - m) + (m - m') S)
+            recentre = tl.where(sum_exp > 0, (running_max - shift) * sum_exp, 0.0)
+            terms = tl.where(exps > 0, exps * (scaled - shift), 0.0)
+            sum_exp_shifted = rescale * (sum_exp_shifted + recentre) + tl.sum(terms, 0)
+        sum_exp = sum_exp * rescale + tl.sum(exps, 0)
+        running_max = new_max
+
+    log_sum_exp = tl.log(sum_exp)
+    lse = running_max + log_sum_exp
+    in_range = valid & (label >= 0) & (label < vocab)
+    label_logit = tl.load(row_ptr + tl.where(in_range, label, 0), mask=in_range,
+                          other=float("nan")).to(tl.float32) * inv_temperature
+    tl.store(logprobs_ptr + row, tl.where(valid, label_logit - lse, 0.0))
+    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    if WITH_ENTROPY:
+        entropy = log_sum_exp - sum_exp_shifted / sum_exp
+        tl.store(entropy_ptr + row, tl.where(valid, entropy, 0.0))
+
+
+@triton.jit
+def logprobs_backward_kernel(logits_ptr, grad_logits_ptr, labels_ptr, grad_logprobs_ptr,
+                             grad_entropy_ptr, lse_ptr, entropy_ptr,
+                             vocab, stride_row, stride_grad_row, ignore_index, inv_temperature,
+                             HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    grad_row_ptr = grad_logits_ptr + row * stride_grad_row
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    grad_logprob = tl.where(valid, tl.load(grad_logprobs_ptr + row), 0.0)
+    lse = tl.load(lse_ptr + row)
+    if HAS_GRAD_ENTROPY:
+        grad_entropy = tl.where(valid, tl.load(grad_entropy_ptr + row), 0.0)
+        entropy = tl.load(entropy_ptr + row)
+    cols = tl.arange(0, BLOCK_V)
+    # Ignored rows read nothing (no column is below read_cols) and write zeros.
+    read_cols = tl.where(valid, vocab, 0)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + cols
+        in_row = offs < vocab
+        scaled = tl.load(row_ptr + offs, mask=offs < read_cols, other=0.0).to(tl.float32)
+        scaled = scaled * inv_temperature
+        probs = tl.exp(scaled - lse)
+        grad = tl.where(offs == label, grad_logprob, 0.0) - grad_logprob * probs
+        if HAS_GRAD_ENTROPY:
+            d_entropy = tl.where(probs == 0.0, 0.0, probs * (scaled - lse + entropy))
+            grad -= grad_entropy * d_entropy
+        grad = tl.where(valid, grad * inv_temperature, 0.0)
+        tl.store(grad_row_ptr + offs, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
+
+
+def _kernel_ready(logits: torch.Tensor) -> torch.Tensor | None:
+    """logits with unit column stride, or None when the eager path should run instead."""
+    if logits.numel() == 0 or logits.dtype not in _kernels.TRITON_DTYPE_NAMES:
+        return None  # empty: nothing to launch; fp64 (gradcheck) runs eager
+    return logits if logits.stride(1) == 1 else logits.contiguous()
+
+
+def forward(logits, labels, ignore_index, temperature, with_entropy, *, block_v=None):
+    """Contract of backends.py (logprobs.forward); ``block_v`` overrides the block (tests)."""
+    ready = _kernel_ready(logits)
+    if ready is None:
+        return _reference.logprobs.forward(logits, labels, ignore_index, temperature, with_entropy)
+    num_rows, vocab = ready.shape
+    device = ready.device
+    logprobs = _kernels.new_output(num_rows, torch.float32, device)
+    lse = _kernels.new_output(num_rows, torch.float32, device)
+    entropy = _kernels.new_output(num_rows if with_entropy else 0, torch.float32, device)
+    block, num_warps = pick_block(vocab)
+    if block_v is not None:
+        block = block_v
+    logprobs_forward_kernel[(num_rows,)](
+        ready, labels.contiguous(), logprobs, entropy if with_entropy else logprobs, lse,
+        vocab, ready.stride(0), int(ignore_index), 1.0 / float(temperature),
+        WITH_ENTROPY=bool(with_entropy), BLOCK_V=block, num_warps=num_warps)
+    return logprobs, entropy, lse
+
+
+def backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index, temperature,
+             inplace, *, block_v=None):
+    """Contract of backends.py (logprobs.backward); ``block_v`` overrides the block (tests)."""
+    ready = _kernel_ready(logits)
+    if ready is None or (inplace and ready is not logits):
+        # fp64/empty, or an inplace request on a strided buffer we cannot write row by row.
+        return _reference.logprobs.backward(grad_logprobs, grad_entropy, logits, labels, lse,
+                                            entropy, ignore_index, temperature, inplace)
+    num_rows, vocab = ready.shape
+    grad_logits = ready if inplace else _kernels.new_output(ready.shape, ready.dtype, ready.device)
+    has_grad_entropy = grad_entropy is not None
+    grad_logprobs = _kernels.as_fp32_vector(grad_logprobs)
+    lse = _kernels.as_fp32_vector(lse)
+    if has_grad_entropy:
+        grad_entropy = _kernels.as_fp32_vector(grad_entropy)
+        entropy = _kernels.as_fp32_vector(entropy)
+    block, num_warps = pick_block(vocab)
+    if block_v is not None:
+        block = block_v
+    logprobs_backward_kernel[(num_rows,)](
+        ready, grad_logits, labels.contiguous(), grad_logprobs,
+        grad_entropy if has_grad_entropy else grad_logprobs, lse,
+        entropy if has_grad_entropy else lse,
+        vocab, ready.stride(0), grad_logits.stride(0), int(ignore_index), 1.0 / float(temperature),
+        HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=block, num_warps=num_warps)
+    return grad_logits
+
+
+def compile_configs():
+    """Every (kernel, signature, constexprs, num_warps) the wrappers above can launch."""
+    configs = []
+    for dtype_name in ("fp32", "bf16", "fp16"):
+        for _, block_v, num_warps in BLOCK_CONFIGS:
+            for flag in (False, True):
+                configs.append(dict(
+                    name="logprobs_forward", kernel=logprobs_forward_kernel,
+                    signature={"logits_ptr": f"*{dtype_name}", "labels_ptr": "*i64",
+                               "logprobs_ptr": "*fp32", "entropy_ptr": "*fp32",
+                               "lse_ptr": "*fp32", "vocab": "i32", "stride_row": "i32",
+                               "ignore_index": "i32", "inv_temperature": "fp32"},
+                    constexprs={"WITH_ENTROPY": flag, "BLOCK_V": block_v},
+                    aligned=("logits_ptr", "labels_ptr", "logprobs_ptr", "entropy_ptr",
+                             "lse_ptr", "stride_row"),
+                    num_warps=num_warps, label=f"{dtype_name} BLOCK_V={block_v} entropy={flag}"))
+                configs.append(dict(
+                    name="logprobs_backward", kernel=logprobs_backward_kernel,
+                    signature={"logits_ptr": f"*{dtype_name}", "grad_logits_ptr": f"*{dtype_name}",
+                               "labels_ptr": "*i64", "grad_logprobs_ptr": "*fp32",
+                               "grad_entropy_ptr": "*fp32", "lse_ptr": "*fp32",
+                               "entropy_ptr": "*fp32", "vocab": "i32", "stride_row": "i32",
+                               "stride_grad_row": "i32", "ignore_index": "i32",
+                               "inv_temperature": "fp32"},
+                    constexprs={"HAS_GRAD_ENTROPY": flag, "BLOCK_V": block_v},
+                    aligned=("logits_ptr", "grad_logits_ptr", "labels_ptr", "grad_logprobs_ptr",
+                             "grad_entropy_ptr", "lse_ptr", "entropy_ptr", "stride_row",
+                             "stride_grad_row"),
+                    num_warps=num_warps,
+                    label=f"{dtype_name} BLOCK_V={block_v} grad_entropy={flag}"))
+    return configs

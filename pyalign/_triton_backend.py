@@ -1,0 +1,34 @@
+"""Registers the Triton kernels (kernels/, installed as pyalign.kernels) in the backend table.
+
+Imported by pyalign/backends.py at import time. Nothing here imports triton: each loader does,
+on first use, so a machine without triton imports pyalign fine and the op falls back (the
+backend table records the reason).
+"""
+from __future__ import annotations
+
+import importlib
+
+from pyalign import backends
+
+FAMILY_MODULES = {
+    "logprobs": "pyalign.kernels.logprobs",
+    "linear_logprobs": "pyalign.kernels.linear_logprobs",
+    "kl": "pyalign.kernels.kl",
+    "preference": "pyalign.kernels.preference",
+}
+
+
+def _loader(module_name: str):
+    def load_triton_kernels():
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            raise backends.BackendUnavailable(f"triton is not installed ({exc})") from exc
+        # The kernel module itself is the implementation: its forward/backward follow the
+        # primitive contract of its family.
+        return importlib.import_module(module_name)
+    return load_triton_kernels
+
+
+for _family, _module_name in FAMILY_MODULES.items():
+    backends.register(_family, "triton", _loader(_module_name))

@@ -1,0 +1,87 @@
+"""`pyalign bench | train | doctor`: the command line. Subcommands live in their own modules
+(pyalign/bench.py, pyalign/train_cli.py, pyalign/compile_check.py) and load on demand."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception as exc:  # absent, or broken: say which
+        return f"not available ({type(exc).__name__}: {exc})"
+
+
+def run_doctor(args) -> int:
+    import torch
+
+    from pyalign import backends
+
+    print(f"python       {platform.python_version()} ({sys.executable})")
+    for module in ("torch", "triton", "transformers", "numpy"):
+        print(f"{module:<12} {_version(module)}")
+    has_cuda = torch.cuda.is_available()
+    print(f"cuda         {'available: ' + torch.cuda.get_device_name(0) if has_cuda else 'no GPU'}")
+    try:
+        from pyalign import _build
+        for key, value in _build.build_status().items():
+            print(f"extension    {key}: {value}")
+    except ImportError:
+        print("extension    pyalign._build is not present")
+    devices = ["cpu"] + (["cuda"] if has_cuda else [])
+    print("\nbackends (family / device: backend -> status)")
+    for family in backends.PRIMITIVES:
+        for device in devices:
+            for backend in backends.BACKENDS:
+                ok, reason = backends.status(family, backend, device)
+                print(f"  {family:<16} {device:<5} {backend:<7} {'ok' if ok else 'no: ' + reason}")
+            chosen = backends.resolve(family, "auto", device)
+            print(f"  {family:<16} {device:<5} auto -> {chosen}")
+    if args.compile:
+        print()
+        try:
+            from pyalign import compile_check
+        except ImportError as exc:
+            print(f"compile check unavailable: {exc}")
+            return 1
+        return 0 if compile_check.print_compile_table() else 1
+    return 0
+
+
+def _add_optional(subparsers, module: str, adder: str, runner: str, name: str, help_text: str):
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        parser = subparsers.add_parser(name, help=f"{help_text} (unavailable: {exc})")
+        parser.set_defaults(func=lambda args: (print(f"pyalign {name}: {exc}", file=sys.stderr), 2)[1])
+        return
+    parser = getattr(mod, adder)(subparsers)
+    if parser is not None:
+        parser.set_defaults(func=getattr(mod, runner))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyalign", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    doctor = subparsers.add_parser("doctor", help="versions, backends and why any cannot load")
+    doctor.add_argument("--compile", action="store_true",
+                        help="also compile every Triton kernel ahead of time for sm_80 and sm_90 "
+                             "and print registers, shared memory and spills")
+    doctor.set_defaults(func=run_doctor)
+    _add_optional(subparsers, "pyalign.bench", "add_bench_parser", "run_bench", "bench",
+                  "kernel microbenchmarks")
+    _add_optional(subparsers, "pyalign.train_cli", "add_train_parser", "run_train", "train",
+                  "train on the embedded task")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

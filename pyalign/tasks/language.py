@@ -1,0 +1,233 @@
+"""The synthetic base language of the embedded task and its exact gold reward.
+
+Tokens belong to word categories (determiner, noun, verb, adverb, conjunction, full stop, and
+three kinds of adjective: neutral, positive and negative). A sentence is grammatical when every
+transition between the categories of consecutive tokens is in ``GRAMMAR`` (a category bigram
+grammar, so grammaticality is decided token pair by token pair). Text is sampled from a hidden
+Markov model: each document has a latent mood (negative, neutral, positive) that tilts which
+adjectives it uses, the category sequence is a Markov chain over the grammar's allowed
+transitions, each category emits its words with Zipf-like weights, and a small fraction of
+tokens is replaced by a uniformly random word (noisy text, so some transitions are ungrammatical).
+
+Gold reward of a response (exact, no model): with ``prev`` the token before each response token
+(the last prompt token for the first one),
+
+    gold = (#positive adjectives in grammatical positions - #negative adjectives in grammatical
+            positions - UNGRAMMATICAL_PENALTY * #ungrammatical transitions) / response_len
+
+A position is grammatical when the transition (category(prev) -> category(token)) is allowed.
+With the penalty 1 the gold reward lies in [-1, 1].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+# Category name -> number of word tokens. Word ids are laid out in this order after the three
+# special tokens, so the vocabulary is 3 + 61 = 64 tokens.
+CATEGORY_SIZES = {
+    "det": 6,
+    "adj": 6,
+    "pos": 6,    # positive lexicon (adjectives)
+    "neg": 6,    # negative lexicon (adjectives)
+    "noun": 16,
+    "verb": 12,
+    "adv": 4,
+    "conj": 3,
+    "stop": 2,
+}
+SPECIAL = "special"            # bos / eos / pad: grammatical only as bos -> det
+CATEGORIES = ("special",) + tuple(CATEGORY_SIZES)
+VOCAB_SIZE = 3 + sum(CATEGORY_SIZES.values())
+
+_ADJECTIVES = ("adj", "pos", "neg")
+# Allowed category transitions (the grammar). "special" as a source stands for bos, the start of
+# a document; nothing may transition into a special token.
+GRAMMAR = {
+    "special": ("det",),
+    "det": _ADJECTIVES + ("noun",),
+    "adj": _ADJECTIVES + ("noun",),
+    "pos": _ADJECTIVES + ("noun",),
+    "neg": _ADJECTIVES + ("noun",),
+    "noun": ("verb", "stop", "conj"),
+    "verb": ("det", "adv"),
+    "adv": ("det", "stop"),
+    "conj": ("det",),
+    "stop": ("det",),
+}
+UNGRAMMATICAL_PENALTY = 1.0
+
+# Latent moods and how each splits the probability of an adjective slot between
+# (neutral, positive, negative) adjectives.
+MOODS = ("negative", "neutral", "positive")
+MOOD_ADJECTIVE_SPLIT = {
+    "negative": (0.35, 0.15, 0.50),
+    "neutral": (0.40, 0.30, 0.30),
+    "positive": (0.35, 0.50, 0.15),
+}
+NOISE_RATE = 0.02   # fraction of word tokens replaced by a uniformly random word
+
+
+def category_token_ids() -> dict[str, list[int]]:
+    """Category name -> the token ids in it (special: pad, bos, eos)."""
+    ids = {SPECIAL: [PAD_ID, BOS_ID, EOS_ID]}
+    start = 3
+    for name, size in CATEGORY_SIZES.items():
+        ids[name] = list(range(start, start + size))
+        start += size
+    return ids
+
+
+def token_categories() -> torch.Tensor:
+    """LongTensor[VOCAB_SIZE]: the category index (into CATEGORIES) of each token."""
+    category_of_token = torch.empty(VOCAB_SIZE, dtype=torch.long)
+    for name, ids in category_token_ids().items():
+        category_of_token[ids] = CATEGORIES.index(name)
+    return category_of_token
+
+
+def grammar_matrix() -> torch.Tensor:
+    """BoolTensor[C, C]: allowed[a, b] when category b may follow category a."""
+    allowed = torch.zeros(len(CATEGORIES), len(CATEGORIES), dtype=torch.bool)
+    for source, targets in GRAMMAR.items():
+        for target in targets:
+            allowed[CATEGORIES.index(source), CATEGORIES.index(target)] = True
+    return allowed
+
+
+@dataclass
+class GoldParts:
+    """The terms of the gold reward, per sequence (counts, float32)."""
+    positive: torch.Tensor
+    negative: torch.Tensor
+    ungrammatical: torch.Tensor
+
+
+def gold_parts(prompts: torch.Tensor, responses: torch.Tensor) -> GoldParts:
+    """Counts of grammatical positive / negative adjectives and of ungrammatical transitions."""
+    category_of_token = token_categories()
+    allowed = grammar_matrix()
+    prev_tokens = torch.cat([prompts[:, -1:], responses[:, :-1]], dim=1)
+    prev_cat = category_of_token[prev_tokens]
+    cat = category_of_token[responses]
+    grammatical = allowed[prev_cat, cat]
+    is_pos = cat == CATEGORIES.index("pos")
+    is_neg = cat == CATEGORIES.index("neg")
+    return GoldParts(
+        positive=(grammatical & is_pos).sum(1).float(),
+        negative=(grammatical & is_neg).sum(1).float(),
+        ungrammatical=(~grammatical).sum(1).float(),
+    )
+
+
+def gold_reward(prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+    """FloatTensor[n]: the exact gold reward of each (prompt, response) (module docstring)."""
+    _check_tokens(prompts, "prompts")
+    _check_tokens(responses, "responses")
+    if prompts.shape[0] != responses.shape[0]:
+        raise ValueError(f"prompts and responses differ in batch size: {prompts.shape[0]} vs "
+                         f"{responses.shape[0]}")
+    if prompts.shape[1] < 1 or responses.shape[1] < 1:
+        raise ValueError("prompts and responses need at least one token each")
+    parts = gold_parts(prompts.cpu(), responses.cpu())
+    score = parts.positive - parts.negative - UNGRAMMATICAL_PENALTY * parts.ungrammatical
+    return score / responses.shape[1]
+
+
+def _check_tokens(tokens: torch.Tensor, name: str) -> None:
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D LongTensor [n, length], got "
+                         f"{getattr(tokens, 'shape', type(tokens))}")
+    if tokens.dtype != torch.long:
+        raise ValueError(f"{name} must be int64 token ids, got {tokens.dtype}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= VOCAB_SIZE):
+        raise ValueError(f"{name} holds token ids outside [0, {VOCAB_SIZE})")
+
+
+class Language:
+    """The hidden Markov model that generates base-language text, built from a seed.
+
+    The seed draws the transition weights among the allowed category transitions and the
+    emission weights of the words in each category; the grammar and lexicon are fixed.
+    """
+
+    def __init__(self, seed: int):
+        gen = torch.Generator().manual_seed(10_007 * seed + 17)
+        ids = category_token_ids()
+        n_cat = len(CATEGORIES)
+        allowed = grammar_matrix()
+        # transitions[m, a, b]: P(next category b | category a, mood m).
+        base = torch.zeros(n_cat, n_cat, dtype=torch.float64)
+        for source, targets in GRAMMAR.items():
+            a = CATEGORIES.index(source)
+            coarse = [t for t in targets if t not in ("pos", "neg")]  # adjectives as one slot
+            weights = _dirichlet(len(coarse), 2.0, gen)
+            for target, w in zip(coarse, weights):
+                base[a, CATEGORIES.index(target)] = w
+        transitions = torch.zeros(len(MOODS), n_cat, n_cat, dtype=torch.float64)
+        adj_cols = [CATEGORIES.index(c) for c in _ADJECTIVES]
+        for m, mood in enumerate(MOODS):
+            t = base.clone()
+            slot = t[:, CATEGORIES.index("adj")].clone()   # mass of the adjective slot
+            for col, share in zip(adj_cols, MOOD_ADJECTIVE_SPLIT[mood]):
+                t[:, col] = slot * share
+            t = t * allowed
+            transitions[m] = t / t.sum(1, keepdim=True).clamp_min(1e-30)
+        self.transitions = transitions
+        # emissions[c, v]: P(token v | category c), Zipf-like over a seeded order of the words.
+        emissions = torch.zeros(n_cat, VOCAB_SIZE, dtype=torch.float64)
+        for name in CATEGORY_SIZES:
+            words = torch.tensor(ids[name])
+            order = words[torch.randperm(len(words), generator=gen)]
+            ranks = torch.arange(1, len(words) + 1, dtype=torch.float64)
+            emissions[CATEGORIES.index(name), order] = 1.0 / ranks
+        emissions[CATEGORIES.index(SPECIAL), BOS_ID] = 1.0
+        self.emissions = emissions / emissions.sum(1, keepdim=True)
+        self.word_ids = torch.arange(3, VOCAB_SIZE)
+        self.category_of_token = token_categories()
+
+    def sample(self, n: int, length: int, generator: torch.Generator,
+               return_state: bool = False):
+        """LongTensor[n, length] of documents starting with bos (and, when asked, the latent
+        moods [n] and the category of the last position [n], to continue the documents)."""
+        if n < 0 or length < 1:
+            raise ValueError(f"need n >= 0 and length >= 1, got n={n}, length={length}")
+        moods = torch.randint(len(MOODS), (n,), generator=generator)
+        tokens = torch.empty(n, length, dtype=torch.long)
+        tokens[:, 0] = BOS_ID
+        cats = torch.full((n,), CATEGORIES.index(SPECIAL), dtype=torch.long)
+        if n:
+            tokens[:, 1:], cats = self._continue(moods, cats, length - 1, generator)
+        return (tokens, moods, cats) if return_state else tokens
+
+    def continue_from(self, moods: torch.Tensor, categories: torch.Tensor, length: int,
+                      generator: torch.Generator) -> torch.Tensor:
+        """Sample ``length`` more tokens from the given hidden states."""
+        return self._continue(moods, categories, length, generator)[0]
+
+    def _continue(self, moods, cats, length, generator):
+        n = moods.shape[0]
+        out = torch.empty(n, length, dtype=torch.long)
+        for i in range(length):
+            probs = self.transitions[moods, cats]
+            cats = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            words = torch.multinomial(self.emissions[cats], 1, generator=generator).squeeze(1)
+            noisy = torch.rand(n, generator=generator, dtype=torch.float64) < NOISE_RATE
+            random_words = self.word_ids[torch.randint(len(self.word_ids), (n,), generator=generator)]
+            words = torch.where(noisy, random_words, words)
+            # The chain goes on from the category of the word actually written.
+            cats = torch.where(noisy, self.category_of_token[words], cats)
+            out[:, i] = words
+        return out, cats
+
+
+def _dirichlet(k: int, concentration: float, gen: torch.Generator) -> torch.Tensor:
+    # Gamma draws through the generator (torch.distributions takes no generator): the sum of
+    # exponentials is Gamma(k) for integer shape, which is all we need (concentration 2).
+    shape = int(concentration)
+    u = torch.rand(k, shape, generator=gen, dtype=torch.float64).clamp_min(1e-12)
+    gamma = -u.log().sum(1)
+    return gamma / gamma.sum()

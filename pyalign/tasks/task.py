@@ -1,0 +1,360 @@
+"""The embedded task: a tiny SFT model, a gold reward and a proxy reward model, built from a seed.
+
+``make_task(seed)`` builds (or loads from the on-disk cache) everything an alignment run needs
+without downloads: the base language (language.py), a 2-layer LlamaForCausalLM pre-trained on it
+as the SFT/initial policy, and a proxy reward model fitted on noisy preference pairs sampled from
+that SFT model and labelled by the gold reward (proxy.py). Building takes a few seconds on CPU;
+the cache makes the second call take milliseconds.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import language
+from .language import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, Language
+from .proxy import ProxyRewardModel, fit_bradley_terry
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Sizes and budgets of the embedded task. Every field is part of the cache key."""
+    prompt_len: int = 8               # includes the leading bos
+    response_len: int = 16
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    sft_steps: int = 300
+    sft_batch: int = 64
+    sft_lr: float = 3e-3
+    rm_pairs: int = 2000              # noisy preference pairs the proxy is fitted on
+    rm_l2: float = 1e-3
+    label_noise: float = 0.05         # P(a preferred to b) = sigmoid((gold_a - gold_b) / label_noise)
+
+
+def _source_digest() -> str:
+    """Hash of this package's source: a change to the task code invalidates the cache."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _cache_root(cache_dir) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("PYALIGN_CACHE_DIR")
+    base = Path(env) if env else Path.home() / ".cache" / "pyalign"
+    return base / "tasks"
+
+
+def _model_config(config: TaskConfig):
+    from transformers import LlamaConfig
+    return LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
+        max_position_embeddings=config.prompt_len + config.response_len,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        tie_word_embeddings=False, rms_norm_eps=1e-5)
+
+
+def _new_model(config: TaskConfig, seed: int):
+    from transformers import LlamaForCausalLM
+    with torch.random.fork_rng(devices=[]):   # seeded init, without touching the caller's RNG
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(_model_config(config))
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _generator_or_default(generator):
+    return torch.default_generator if generator is None else generator
+
+
+@torch.no_grad()
+def generate(model, prompts: torch.Tensor, response_len: int, *, temperature: float = 1.0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample exactly ``response_len`` tokens after each prompt, with a KV cache.
+
+    temperature 0 is greedy decoding. Sampling draws on ``generator`` (a CPU generator; the
+    probabilities are moved to its device when the model lives elsewhere). Returns a
+    LongTensor[n, response_len] on the prompts' device."""
+    if temperature < 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if prompts.dim() != 2 or prompts.dtype != torch.long:
+        raise ValueError(f"prompts must be a LongTensor[n, prompt_len], got {prompts.dtype} "
+                         f"{tuple(prompts.shape)}")
+    generator = _generator_or_default(generator)
+    device = next(model.parameters()).device
+    responses = torch.empty(prompts.shape[0], response_len, dtype=torch.long)
+    if prompts.shape[0] == 0 or response_len == 0:
+        return responses.to(prompts.device)
+    out = model(input_ids=prompts.to(device), use_cache=True)
+    for i in range(response_len):
+        logits = out.logits[:, -1].float()
+        if temperature == 0:
+            tokens = logits.argmax(-1).cpu()
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1).to(generator.device)
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1).cpu()
+        responses[:, i] = tokens
+        if i + 1 < response_len:
+            out = model(input_ids=tokens[:, None].to(device), past_key_values=out.past_key_values,
+                        use_cache=True)
+    return responses.to(prompts.device)
+
+
+class Task:
+    """The embedded alignment task (see the package docstring). Build it with ``make_task``."""
+
+    def __init__(self, seed: int, config: TaskConfig, sft_state: dict, proxy_state: dict,
+                 stats: dict, from_cache: bool = False, cache_path: Path | None = None):
+        self.seed = seed
+        self.config = config
+        self.vocab_size = VOCAB_SIZE
+        self.prompt_len = config.prompt_len
+        self.response_len = config.response_len
+        self.bos_id, self.eos_id, self.pad_id = BOS_ID, EOS_ID, PAD_ID
+        self.categories = language.category_token_ids()   # category name -> token ids
+        self.language = Language(seed)
+        self.stats = dict(stats)      # numbers measured while building (losses, gold means)
+        self.from_cache = from_cache
+        self.cache_path = cache_path
+        self._sft_state = {k: v.detach().clone() for k, v in sft_state.items()}
+        self._sft_model = _new_model(config, 0)
+        self._sft_model.load_state_dict(self._sft_state)
+        self._sft_model.eval().requires_grad_(False)
+        self.proxy_model = ProxyRewardModel(VOCAB_SIZE)
+        self.proxy_model.load_state_dict(proxy_state)
+        self.proxy_model.requires_grad_(False)
+
+    def __repr__(self) -> str:
+        return (f"Task(seed={self.seed}, vocab_size={self.vocab_size}, prompt_len={self.prompt_len}, "
+                f"response_len={self.response_len}, from_cache={self.from_cache})")
+
+    # models
+    def new_policy(self):
+        """A fresh, trainable copy of the SFT model (LlamaForCausalLM, train mode)."""
+        model = copy.deepcopy(self._sft_model)
+        return model.train().requires_grad_(True)
+
+    def sft_state_dict(self) -> dict:
+        """The SFT (initial) weights, as a fresh copy."""
+        return {k: v.clone() for k, v in self._sft_state.items()}
+
+    # data
+    def prompts(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """LongTensor[n, prompt_len]: base-language document openings (bos first)."""
+        return self.language.sample(n, self.prompt_len, _generator_or_default(generator))
+
+    def heldout_text(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """LongTensor[n, prompt_len + response_len]: base-language documents (for perplexity)."""
+        return self.language.sample(n, self.prompt_len + self.response_len,
+                                    _generator_or_default(generator))
+
+    def generate(self, model, prompts: torch.Tensor, *, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """LongTensor[n, response_len] sampled from ``model`` after ``prompts``."""
+        return generate(model, prompts, self.response_len, temperature=temperature,
+                        generator=generator)
+
+    def _noisy_preference(self, gold_a, gold_b, generator):
+        prob_a = torch.sigmoid((gold_a - gold_b) / self.config.label_noise)
+        return torch.rand(gold_a.shape, generator=generator) < prob_a
+
+    def preference_pairs(self, n: int, generator: torch.Generator | None = None) -> dict:
+        """dict(prompt=[n,P], chosen=[n,R], rejected=[n,R]): two SFT samples per prompt,
+        ordered by a noisy gold label (P(a chosen) = sigmoid((gold_a - gold_b) / label_noise))."""
+        generator = _generator_or_default(generator)
+        prompts = self.prompts(n, generator)
+        both = self.generate(self._sft_model, prompts.repeat(2, 1), generator=generator)
+        first, second = both[:n], both[n:]
+        first_wins = self._noisy_preference(self.gold_reward(prompts, first),
+                                            self.gold_reward(prompts, second), generator)
+        chosen = torch.where(first_wins[:, None], first, second)
+        rejected = torch.where(first_wins[:, None], second, first)
+        return {"prompt": prompts, "chosen": chosen, "rejected": rejected}
+
+    def unpaired(self, n: int, generator: torch.Generator | None = None) -> dict:
+        """dict(prompt, completion, desirable): one SFT sample per prompt, marked desirable with
+        probability sigmoid((gold - mean SFT gold) / label_noise) (KTO data)."""
+        generator = _generator_or_default(generator)
+        prompts = self.prompts(n, generator)
+        completions = self.generate(self._sft_model, prompts, generator=generator)
+        gold = self.gold_reward(prompts, completions)
+        baseline = torch.full_like(gold, self.stats["sft_gold_mean"])
+        desirable = self._noisy_preference(gold, baseline, generator)
+        return {"prompt": prompts, "completion": completions, "desirable": desirable}
+
+    # rewards
+    def gold_reward(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        """FloatTensor[n]: the exact gold reward (pyalign.tasks.language)."""
+        return language.gold_reward(prompts, responses)
+
+    def proxy_reward(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        """FloatTensor[n]: the fitted proxy reward model's score (in gold units; no grad)."""
+        language._check_tokens(prompts, "prompts")
+        language._check_tokens(responses, "responses")
+        return self.proxy_model(prompts.cpu(), responses.cpu())
+
+
+# building
+
+def _train_sft(config: TaskConfig, lang: Language, seed: int, progress: bool):
+    model = _new_model(config, seed)
+    model.train()
+    generator = _generator(seed * 1_000_003 + 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.sft_lr, betas=(0.9, 0.98),
+                                  weight_decay=0.0)
+    warmup = max(1, config.sft_steps // 20)
+
+    def lr_at(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, config.sft_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    seq_len = config.prompt_len + config.response_len
+    losses = []
+    steps = range(config.sft_steps)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=f"pyalign.tasks: SFT model (seed {seed})", leave=False,
+                     file=sys.stderr)
+    with torch.enable_grad():
+        for _ in steps:
+            batch = lang.sample(config.sft_batch, seq_len, generator)
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    model.eval().requires_grad_(False)
+    return model, losses
+
+
+def _build(seed: int, config: TaskConfig, progress: bool):
+    started = time.perf_counter()
+    lang = Language(seed)
+    model, losses = _train_sft(config, lang, seed, progress)
+    sft_seconds = time.perf_counter() - started
+    generator = _generator(seed * 1_000_003 + 2)
+    n = config.rm_pairs
+    prompts = lang.sample(n, config.prompt_len, generator)
+    both = generate(model, prompts.repeat(2, 1), config.response_len, generator=generator)
+    first, second = both[:n], both[n:]
+    gold_first = language.gold_reward(prompts, first)
+    gold_second = language.gold_reward(prompts, second)
+    prob_first = torch.sigmoid((gold_first - gold_second) / config.label_noise)
+    first_wins = torch.rand(n, generator=generator) < prob_first
+    chosen = torch.where(first_wins[:, None], first, second)
+    rejected = torch.where(first_wins[:, None], second, first)
+    proxy = ProxyRewardModel(VOCAB_SIZE)
+    rm_loss = fit_bradley_terry(proxy, prompts, chosen, rejected, l2=config.rm_l2)
+    # Put the proxy in gold units: the fitted logit difference estimates (gold_a - gold_b) /
+    # label_noise, and the bias makes the means agree on the SFT samples.
+    gold_all = torch.cat([gold_first, gold_second])
+    with torch.no_grad():
+        proxy.scale.fill_(config.label_noise)
+        proxy.bias.fill_(float(gold_all.mean() - (config.label_noise * proxy.logits(
+            prompts.repeat(2, 1), both)).mean()))
+    agree = (first_wins == (gold_first > gold_second)) | (gold_first == gold_second)
+    stats = {
+        "sft_loss_first": losses[0], "sft_loss_last": sum(losses[-10:]) / len(losses[-10:]),
+        "sft_seconds": sft_seconds, "build_seconds": time.perf_counter() - started,
+        "sft_gold_mean": float(gold_all.mean()), "sft_gold_std": float(gold_all.std()),
+        "rm_loss": rm_loss, "rm_label_agreement": float(agree.float().mean()),
+    }
+    sft_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    return sft_state, proxy.state_dict(), stats
+
+
+def _save_atomically(path: Path, sft_state: dict, proxy_state: dict, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    try:
+        torch.save(sft_state, tmp / "sft.pt")
+        torch.save(proxy_state, tmp / "proxy.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        try:
+            os.rename(tmp, path)      # atomic; fails when another process got there first
+        except OSError:
+            if (path / "meta.json").exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:                     # a broken entry: replace it
+                shutil.rmtree(path, ignore_errors=True)
+                os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load(path: Path):
+    meta = json.loads((path / "meta.json").read_text())
+    sft_state = torch.load(path / "sft.pt", map_location="cpu", weights_only=True)
+    proxy_state = torch.load(path / "proxy.pt", map_location="cpu", weights_only=True)
+    return sft_state, proxy_state, meta
+
+
+def cache_key(seed: int, config: TaskConfig) -> str:
+    """The cache entry name: a hash of the seed, the config and the task source code."""
+    blob = json.dumps({"seed": seed, "config": dataclasses.asdict(config),
+                       "source": _source_digest(), "torch": torch.__version__.split("+")[0]},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def make_task(seed: int = 0, *, cache_dir=None, progress: bool = True,
+              config: TaskConfig | None = None, use_cache: bool = True) -> Task:
+    """Build the embedded task for ``seed`` (deterministic), or load it from the disk cache.
+
+    cache_dir defaults to $PYALIGN_CACHE_DIR/tasks or ~/.cache/pyalign/tasks; an entry is a
+    directory named by ``cache_key`` and written atomically. ``config`` overrides the sizes
+    (TaskConfig); ``use_cache=False`` builds without reading or writing the cache."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    config = config or TaskConfig()
+    path = _cache_root(cache_dir) / cache_key(seed, config)
+    if use_cache and (path / "meta.json").exists():
+        try:
+            sft_state, proxy_state, meta = _load(path)
+            return Task(seed, config, sft_state, proxy_state, meta["stats"], from_cache=True,
+                        cache_path=path)
+        except Exception as exc:  # a damaged entry: rebuild it
+            warnings.warn(f"pyalign.tasks: cache entry {path} unreadable ({exc}); rebuilding",
+                          RuntimeWarning, stacklevel=2)
+            shutil.rmtree(path, ignore_errors=True)
+    sft_state, proxy_state, stats = _build(seed, config, progress)
+    if progress:
+        print(f"pyalign.tasks: built task seed {seed} in {stats['build_seconds']:.1f}s "
+              f"(SFT loss {stats['sft_loss_first']:.2f} -> {stats['sft_loss_last']:.2f})",
+              file=sys.stderr)
+    if use_cache:
+        meta = {"seed": seed, "config": dataclasses.asdict(config), "stats": stats}
+        try:
+            _save_atomically(path, sft_state, proxy_state, meta)
+        except OSError as exc:
+            warnings.warn(f"pyalign.tasks: could not write the cache entry {path} ({exc})",
+                          RuntimeWarning, stacklevel=2)
+    return Task(seed, config, sft_state, proxy_state, stats, from_cache=False,
+                cache_path=path if use_cache else None)
