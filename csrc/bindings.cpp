@@ -1,4 +1,5 @@
-// Declares the pyalign_C operator library (schemas only). Kernels register per dispatch key:
+// Declares the pyalign_C operator library (schemas only). The *_out variants write into
+// given buffers (the tests NaN-poison them); the plain ones allocate and call them. Kernels register per dispatch key:
 // CPU in csrc/cpu/*.cpp, CUDA in csrc/cuda/*.cu. Python calls torch.ops.pyalign_C.<name>.
 #include <torch/library.h>
 
@@ -35,11 +36,20 @@ std::vector<int64_t> multi_tensor_plan(std::vector<int64_t> numels, int64_t chun
 TORCH_LIBRARY(pyalign_C, m) {
   m.def("logprobs_forward(Tensor logits, Tensor labels, int ignore_index, float temperature, "
         "bool with_entropy) -> (Tensor logprobs, Tensor entropy, Tensor lse)");
+  m.def("logprobs_forward_out(Tensor logits, Tensor labels, int ignore_index, float temperature, "
+        "bool with_entropy, Tensor(a!) logprobs, Tensor(b!) entropy, Tensor(c!) lse) -> ()");
+  m.def("logprobs_backward_out(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
+        "Tensor labels, Tensor lse, Tensor? entropy, int ignore_index, float temperature, "
+        "Tensor(a!) grad_logits) -> ()");
   m.def("logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
         "Tensor labels, Tensor lse, Tensor? entropy, int ignore_index, float temperature) -> Tensor");
   m.def("logprobs_backward_(Tensor grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, "
         "Tensor labels, Tensor lse, Tensor? entropy, int ignore_index, float temperature) -> ()");
   m.def("kl_forward(Tensor logprobs, Tensor ref_logprobs, Tensor? mask, str estimator) -> Tensor");
+  m.def("kl_forward_out(Tensor logprobs, Tensor ref_logprobs, Tensor? mask, str estimator, "
+        "Tensor(a!) kl) -> ()");
+  m.def("kl_backward_out(Tensor grad_kl, Tensor logprobs, Tensor ref_logprobs, Tensor? mask, "
+        "str estimator, Tensor(a!) grad_logprobs, Tensor(b!) grad_ref_logprobs) -> ()");
   m.def("kl_backward(Tensor grad_kl, Tensor logprobs, Tensor ref_logprobs, Tensor? mask, "
         "str estimator) -> (Tensor, Tensor)");
   m.def("multi_tensor_apply_(str kind, Tensor(a!)[] targets, Tensor[] sources, float scalar, "

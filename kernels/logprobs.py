@@ -183,7 +183,7 @@ def compile_configs():
                                "ignore_index": "i32", "inv_temperature": "fp32"},
                     constexprs={"WITH_ENTROPY": flag, "BLOCK_V": block_v},
                     aligned=("logits_ptr", "labels_ptr", "logprobs_ptr", "entropy_ptr",
-                             "lse_ptr", "stride_row"),
+                             "lse_ptr", "vocab", "stride_row"),
                     num_warps=num_warps, label=f"{dtype_name} BLOCK_V={block_v} entropy={flag}"))
                 configs.append(dict(
                     name="logprobs_backward", kernel=logprobs_backward_kernel,
@@ -195,7 +195,7 @@ def compile_configs():
                                "inv_temperature": "fp32"},
                     constexprs={"HAS_GRAD_ENTROPY": flag, "BLOCK_V": block_v},
                     aligned=("logits_ptr", "grad_logits_ptr", "labels_ptr", "grad_logprobs_ptr",
-                             "grad_entropy_ptr", "lse_ptr", "entropy_ptr", "stride_row",
+                             "grad_entropy_ptr", "lse_ptr", "entropy_ptr", "vocab", "stride_row",
                              "stride_grad_row"),
                     num_warps=num_warps,
                     label=f"{dtype_name} BLOCK_V={block_v} grad_entropy={flag}"))

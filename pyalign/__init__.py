@@ -19,7 +19,7 @@ __all__ = ["token_logprobs", "linear_token_logprobs", "kl_penalty", "preference_
 
 def __getattr__(name):
     # refmodel, tasks, trainers import transformers: load them on first use only.
-    if name in ("refmodel", "tasks", "trainers", "study", "integrations"):
+    if name in ("refmodel", "tasks", "trainers"):
         import importlib
         return importlib.import_module(f"pyalign.{name}")
     raise AttributeError(f"module 'pyalign' has no attribute {name!r}")

@@ -77,3 +77,66 @@ def kto64(policy, ref, desirable, kl, beta, wd=1.0, wu=1.0):
     loss = torch.where(desirable, wd * (1 - torch.sigmoid(beta * (r - z0))),
                        wu * (1 - torch.sigmoid(beta * (z0 - r))))
     return loss.mean()
+
+
+# ------------------------------------------------------------------ gradients, by float64 autograd
+
+def _finite64(tensor):
+    """Float64 copy with -inf replaced by a floor whose exp underflows to exactly 0: -inf logits
+    have probability 0 and zero gradient, but autograd through -inf itself gives NaN (0 * inf)."""
+    floor = torch.finfo(torch.float64).min / 4
+    return torch.where(torch.isneginf(tensor), torch.full_like(tensor, floor), tensor)
+
+
+def token_logprobs_and_grad64(logits, labels, grad_logprobs, grad_entropy=None,
+                              ignore_index=IGNORE, temperature=1.0):
+    """(logprobs, entropy, grad_logits) in float64 for logits [..., V] of any dtype.
+
+    grad_logits = d/dlogits of sum(logprobs * grad_logprobs) + sum(entropy * grad_entropy), by
+    torch autograd through the formulas above. A label whose logit is -inf gets logprob -inf.
+    """
+    logits64 = _finite64(logits.detach().double()).requires_grad_(True)
+    logprobs = token_logprobs64(logits64, labels, ignore_index, temperature)
+    entropy = entropy64(logits64, labels, ignore_index, temperature)
+    objective = (logprobs * grad_logprobs.double()).sum()
+    if grad_entropy is not None:
+        objective = objective + (entropy * grad_entropy.double()).sum()
+    (grad_logits,) = torch.autograd.grad(objective, logits64)
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, 0).unsqueeze(-1)
+    label_masked = torch.isneginf(logits.detach().gather(-1, safe_labels).squeeze(-1)) & valid
+    logprobs = torch.where(label_masked, torch.full_like(logprobs, -math.inf), logprobs)
+    return logprobs.detach(), entropy.detach(), grad_logits
+
+
+def linear_logits64(hidden, weight, bias=None):
+    """hidden @ weight.T (+ bias) in float64 (differentiable when the inputs are float64 leaves)."""
+    logits = hidden.double() @ weight.double().t()
+    return logits if bias is None else logits + bias.double()
+
+
+def sequence_logprobs64(token_logprobs, mask, average=False):
+    """Masked sum (or masked mean) over the last dimension, in float64."""
+    mask = mask.double()
+    summed = (token_logprobs.double() * mask).sum(-1)
+    return summed / mask.sum(-1).clamp(min=1) if average else summed
+
+
+def grads64(function, inputs, upstream=None):
+    """Values of ``function`` on float64 copies of ``inputs`` and d(sum(values * upstream))/d each
+    input, by autograd: ``(values, [grad, ...])``."""
+    leaves = [t.detach().double().requires_grad_(True) for t in inputs]
+    values = function(*leaves)
+    weights = torch.ones_like(values) if upstream is None else upstream.double()
+    grads = torch.autograd.grad((values * weights).sum(), leaves, allow_unused=True)
+    return values.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+
+
+# -------------------------------------------------------------------------- weight updates
+
+def ema64(target, source, decay):
+    return decay * target.double() + (1 - decay) * source.double()
+
+
+def lerp64(target, source, weight):
+    return target.double() + weight * (source.double() - target.double())

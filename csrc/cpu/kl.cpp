@@ -81,8 +81,16 @@ const bool* mask_data(const c10::optional<at::Tensor>& mask, const at::Tensor& l
   return keep.data_ptr<bool>();
 }
 
-at::Tensor kl_forward(const at::Tensor& logprobs_in, const at::Tensor& ref_in,
-                      const c10::optional<at::Tensor>& mask_in, const std::string& estimator_name) {
+void check_out(const at::Tensor& out, const at::Tensor& like, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.sizes() == like.sizes() &&
+                  out.scalar_type() == dtype,
+              "pyalign_C: ", name, " must be a contiguous CPU tensor of shape ", like.sizes(),
+              " and dtype ", dtype);
+}
+
+void kl_forward_out(const at::Tensor& logprobs_in, const at::Tensor& ref_in,
+                    const c10::optional<at::Tensor>& mask_in, const std::string& estimator_name,
+                    at::Tensor& kl) {
   const Estimator estimator = parse_estimator(estimator_name);
   check_float(logprobs_in, "logprobs");
   check_float(ref_in, "ref_logprobs");
@@ -90,7 +98,7 @@ at::Tensor kl_forward(const at::Tensor& logprobs_in, const at::Tensor& ref_in,
   const at::Tensor ref = checked(ref_in, logprobs_in, "ref_logprobs");
   at::Tensor mask_keep;
   const bool* mask = mask_data(mask_in, logprobs_in, mask_keep);
-  at::Tensor kl = at::empty(logprobs.sizes(), logprobs.options().dtype(at::kFloat));
+  check_out(kl, logprobs_in, at::kFloat, "kl");
   float* out = kl.data_ptr<float>();
   dispatch_pair(logprobs, ref, [&](const auto* lp, const auto* rf) {
     at::parallel_for(0, logprobs.numel(), kGrain, [&](int64_t begin, int64_t end) {
@@ -100,13 +108,19 @@ at::Tensor kl_forward(const at::Tensor& logprobs_in, const at::Tensor& ref_in,
       }
     });
   });
+}
+
+at::Tensor kl_forward(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+                      const c10::optional<at::Tensor>& mask, const std::string& estimator) {
+  at::Tensor kl = at::empty(logprobs.sizes(), logprobs.options().dtype(at::kFloat));
+  kl_forward_out(logprobs, ref_logprobs, mask, estimator, kl);
   return kl;
 }
 
-std::tuple<at::Tensor, at::Tensor> kl_backward(const at::Tensor& grad_kl_in, const at::Tensor& logprobs_in,
-                                               const at::Tensor& ref_in,
-                                               const c10::optional<at::Tensor>& mask_in,
-                                               const std::string& estimator_name) {
+void kl_backward_out(const at::Tensor& grad_kl_in, const at::Tensor& logprobs_in,
+                     const at::Tensor& ref_in, const c10::optional<at::Tensor>& mask_in,
+                     const std::string& estimator_name, at::Tensor& grad_logprobs,
+                     at::Tensor& grad_ref) {
   const Estimator estimator = parse_estimator(estimator_name);
   check_float(logprobs_in, "logprobs");
   check_float(ref_in, "ref_logprobs");
@@ -115,8 +129,8 @@ std::tuple<at::Tensor, at::Tensor> kl_backward(const at::Tensor& grad_kl_in, con
   const at::Tensor grad_kl = checked(grad_kl_in, logprobs_in, "grad_kl").to(at::kFloat);
   at::Tensor mask_keep;
   const bool* mask = mask_data(mask_in, logprobs_in, mask_keep);
-  at::Tensor grad_logprobs = at::empty(logprobs.sizes(), logprobs.options());
-  at::Tensor grad_ref = at::empty(ref.sizes(), ref.options());
+  check_out(grad_logprobs, logprobs_in, logprobs_in.scalar_type(), "grad_logprobs");
+  check_out(grad_ref, logprobs_in, ref_in.scalar_type(), "grad_ref_logprobs");
   const float* grad = grad_kl.data_ptr<float>();
   dispatch_pair(logprobs, ref, [&](const auto* lp, const auto* rf) {
     using logprob_t = std::remove_const_t<std::remove_pointer_t<decltype(lp)>>;
@@ -133,6 +147,15 @@ std::tuple<at::Tensor, at::Tensor> kl_backward(const at::Tensor& grad_kl_in, con
       }
     });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_backward(const at::Tensor& grad_kl, const at::Tensor& logprobs,
+                                               const at::Tensor& ref_logprobs,
+                                               const c10::optional<at::Tensor>& mask,
+                                               const std::string& estimator) {
+  at::Tensor grad_logprobs = at::empty(logprobs.sizes(), logprobs.options());
+  at::Tensor grad_ref = at::empty(ref_logprobs.sizes(), ref_logprobs.options());
+  kl_backward_out(grad_kl, logprobs, ref_logprobs, mask, estimator, grad_logprobs, grad_ref);
   return std::make_tuple(grad_logprobs, grad_ref);
 }
 
@@ -141,6 +164,8 @@ std::tuple<at::Tensor, at::Tensor> kl_backward(const at::Tensor& grad_kl_in, con
 TORCH_LIBRARY_IMPL(pyalign_C, CPU, m) {
   m.impl("kl_forward", &kl_forward);
   m.impl("kl_backward", &kl_backward);
+  m.impl("kl_forward_out", &kl_forward_out);
+  m.impl("kl_backward_out", &kl_backward_out);
 }
 
 }  // namespace pyalign

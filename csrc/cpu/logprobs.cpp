@@ -143,34 +143,46 @@ void forward_impl(const at::Tensor& logits, const int64_t* labels, int64_t ignor
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
-    const at::Tensor& logits_in, const at::Tensor& labels_in, int64_t ignore_index,
-    double temperature, bool with_entropy) {
+void check_output(const at::Tensor& out, int64_t rows, const char* name) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 1 && out.size(0) == rows &&
+                  out.is_contiguous() && out.device().is_cpu(),
+              "pyalign_C: ", name, " must be a contiguous float32 CPU tensor of shape [", rows, "]");
+}
+
+void logprobs_forward_out(const at::Tensor& logits_in, const at::Tensor& labels_in,
+                          int64_t ignore_index, double temperature, bool with_entropy,
+                          at::Tensor& logprobs, at::Tensor& entropy, at::Tensor& lse) {
   check_logits_labels(logits_in, labels_in, ignore_index);
   TORCH_CHECK(temperature > 0, "pyalign_C: temperature must be > 0");
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const at::Tensor labels = labels_in.contiguous();
   const int64_t rows = logits.size(0);
+  check_output(logprobs, rows, "logprobs");
+  check_output(entropy, with_entropy ? rows : 0, "entropy");
+  check_output(lse, rows, "lse");
+  const float inv_temperature = static_cast<float>(1.0 / temperature);
+  const int64_t* label_data = labels.data_ptr<int64_t>();
+  float* entropy_data = with_entropy ? entropy.data_ptr<float>() : nullptr;
+#define PYALIGN_FORWARD(scalar_t)                                                              \
+  forward_impl<scalar_t>(logits, label_data, ignore_index, inv_temperature, with_entropy,      \
+                         logprobs.data_ptr<float>(), entropy_data, lse.data_ptr<float>())
+  switch (logits.scalar_type()) {
+    case at::kFloat: PYALIGN_FORWARD(float); break;
+    case at::kBFloat16: PYALIGN_FORWARD(c10::BFloat16); break;
+    default: PYALIGN_FORWARD(c10::Half);
+  }
+#undef PYALIGN_FORWARD
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
+    const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
+    double temperature, bool with_entropy) {
+  const int64_t rows = logits.dim() == 2 ? logits.size(0) : 0;
   const auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor logprobs = at::empty({rows}, f32);
   at::Tensor entropy = at::empty({with_entropy ? rows : 0}, f32);
   at::Tensor lse = at::empty({rows}, f32);
-  const float inv_temperature = static_cast<float>(1.0 / temperature);
-  const int64_t* label_data = labels.data_ptr<int64_t>();
-  float* entropy_data = with_entropy ? entropy.data_ptr<float>() : nullptr;
-  switch (logits.scalar_type()) {
-    case at::kFloat:
-      forward_impl<float>(logits, label_data, ignore_index, inv_temperature, with_entropy,
-                          logprobs.data_ptr<float>(), entropy_data, lse.data_ptr<float>());
-      break;
-    case at::kBFloat16:
-      forward_impl<c10::BFloat16>(logits, label_data, ignore_index, inv_temperature, with_entropy,
-                                  logprobs.data_ptr<float>(), entropy_data, lse.data_ptr<float>());
-      break;
-    default:
-      forward_impl<c10::Half>(logits, label_data, ignore_index, inv_temperature, with_entropy,
-                              logprobs.data_ptr<float>(), entropy_data, lse.data_ptr<float>());
-  }
+  logprobs_forward_out(logits, labels, ignore_index, temperature, with_entropy, logprobs, entropy, lse);
   return std::make_tuple(logprobs, entropy, lse);
 }
 
@@ -216,6 +228,9 @@ void backward_into(const at::Tensor& grad_logprobs_in, const c10::optional<at::T
   TORCH_CHECK(temperature > 0, "pyalign_C: temperature must be > 0");
   TORCH_CHECK(logits.stride(1) == 1 && grad_logits.stride(1) == 1,
               "pyalign_C: logits rows must be contiguous");
+  TORCH_CHECK(grad_logits.sizes() == logits.sizes() && grad_logits.scalar_type() == logits.scalar_type() &&
+                  grad_logits.device().is_cpu(),
+              "pyalign_C: grad_logits must match logits in shape and dtype");
   const int64_t rows = logits.size(0);
   const bool with_entropy = grad_entropy_in.has_value() && grad_entropy_in->defined();
   TORCH_CHECK(!with_entropy || (entropy_in.has_value() && entropy_in->defined()),
@@ -264,6 +279,15 @@ void logprobs_backward_(const at::Tensor& grad_logprobs, const c10::optional<at:
                 temperature);
 }
 
+void logprobs_backward_out(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
+                           const at::Tensor& logits_in, const at::Tensor& labels, const at::Tensor& lse,
+                           const c10::optional<at::Tensor>& entropy, int64_t ignore_index,
+                           double temperature, at::Tensor& grad_logits) {
+  const at::Tensor logits = logits_in.stride(-1) == 1 ? logits_in : logits_in.contiguous();
+  backward_into(grad_logprobs, grad_entropy, logits, grad_logits, labels, lse, entropy,
+                ignore_index, temperature);
+}
+
 at::Tensor exp_nonpositive_op(const at::Tensor& input) {
   TORCH_CHECK(input.scalar_type() == at::kFloat && input.device().is_cpu(),
               "pyalign_C: exp_nonpositive takes a CPU float32 tensor");
@@ -281,6 +305,8 @@ at::Tensor exp_nonpositive_op(const at::Tensor& input) {
 
 TORCH_LIBRARY_IMPL(pyalign_C, CPU, m) {
   m.impl("logprobs_forward", &logprobs_forward);
+  m.impl("logprobs_forward_out", &logprobs_forward_out);
+  m.impl("logprobs_backward_out", &logprobs_backward_out);
   m.impl("logprobs_backward", &logprobs_backward);
   m.impl("logprobs_backward_", &logprobs_backward_);
   m.impl("exp_nonpositive", &exp_nonpositive_op);

@@ -39,15 +39,16 @@ CATEGORY_SIZES = {
     "conj": 3,
     "stop": 2,
 }
-SPECIAL = "special"            # bos / eos / pad: grammatical only as bos -> det
-CATEGORIES = ("special",) + tuple(CATEGORY_SIZES)
+START = "bos"                  # the start of a document: only a determiner may follow
+SPECIAL = "special"            # eos and pad: never grammatical inside text
+CATEGORIES = (START, SPECIAL) + tuple(CATEGORY_SIZES)
 VOCAB_SIZE = 3 + sum(CATEGORY_SIZES.values())
 
 _ADJECTIVES = ("adj", "pos", "neg")
-# Allowed category transitions (the grammar). "special" as a source stands for bos, the start of
-# a document; nothing may transition into a special token.
+# Allowed category transitions (the grammar). Nothing may follow or precede eos/pad, and nothing
+# may transition into bos.
 GRAMMAR = {
-    "special": ("det",),
+    START: ("det",),
     "det": _ADJECTIVES + ("noun",),
     "adj": _ADJECTIVES + ("noun",),
     "pos": _ADJECTIVES + ("noun",),
@@ -72,8 +73,8 @@ NOISE_RATE = 0.02   # fraction of word tokens replaced by a uniformly random wor
 
 
 def category_token_ids() -> dict[str, list[int]]:
-    """Category name -> the token ids in it (special: pad, bos, eos)."""
-    ids = {SPECIAL: [PAD_ID, BOS_ID, EOS_ID]}
+    """Category name -> the token ids in it (bos: [bos]; special: [pad, eos])."""
+    ids = {START: [BOS_ID], SPECIAL: [PAD_ID, EOS_ID]}
     start = 3
     for name, size in CATEGORY_SIZES.items():
         ids[name] = list(range(start, start + size))
@@ -184,7 +185,7 @@ class Language:
             order = words[torch.randperm(len(words), generator=gen)]
             ranks = torch.arange(1, len(words) + 1, dtype=torch.float64)
             emissions[CATEGORIES.index(name), order] = 1.0 / ranks
-        emissions[CATEGORIES.index(SPECIAL), BOS_ID] = 1.0
+        emissions[CATEGORIES.index(START), BOS_ID] = 1.0
         self.emissions = emissions / emissions.sum(1, keepdim=True)
         self.word_ids = torch.arange(3, VOCAB_SIZE)
         self.category_of_token = token_categories()
@@ -198,7 +199,7 @@ class Language:
         moods = torch.randint(len(MOODS), (n,), generator=generator)
         tokens = torch.empty(n, length, dtype=torch.long)
         tokens[:, 0] = BOS_ID
-        cats = torch.full((n,), CATEGORIES.index(SPECIAL), dtype=torch.long)
+        cats = torch.full((n,), CATEGORIES.index(START), dtype=torch.long)
         if n:
             tokens[:, 1:], cats = self._continue(moods, cats, length - 1, generator)
         return (tokens, moods, cats) if return_state else tokens

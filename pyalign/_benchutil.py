@@ -1,0 +1,322 @@
+"""The benchmark harness behind `pyalign bench` and benchmarks/*.py: timing, peak memory, tables,
+JSON and CSV. The benchmark cases themselves (what is compared) live in pyalign/bench.py.
+
+Method (DESIGN.md "Performance"): every candidate of a case runs in this one process on the same
+inputs. Each is warmed up, then run once under the memory probe, then the timed repetitions run
+round-robin over the candidates (so that load from other processes on a shared machine hits all
+of them alike); the median is reported.
+
+Peak memory is the extra memory a call needs above what existed before it (the inputs):
+- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory
+  allocated before the call.
+- CPU: the torch profiler with ``profile_memory=True``; the peak of the running sum of its
+  ``[memory]`` allocation/free records, ordered by time. The records are read from the raw
+  kineto event list: ``profile.events()`` folds an allocation made inside an op into that op's
+  ``cpu_memory_usage`` and keeps only the top-level frees as ``[memory]`` events, so summing
+  those gives nonsense. ``cpu_memory_probe()`` checks the method on known allocations.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gc
+import json
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+
+MIB = 1 << 20
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One row of a case. ``run()`` is the timed work (forward and backward where the case says
+    so); ``setup()``, when given, runs before every call outside the timing (for example to
+    refill a buffer that an in-place backward overwrote). ``status`` other than "ok" means the
+    row is reported but not run (not installed, needs a GPU, ...)."""
+    name: str
+    run: Optional[Callable[[], object]] = None
+    setup: Optional[Callable[[], object]] = None
+    kind: str = "candidate"  # candidate | baseline | floor
+    backend: Optional[str] = None
+    bytes_moved: Optional[int] = None  # for a GB/s column
+    status: str = "ok"
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    kind: str
+    backend: Optional[str]
+    status: str
+    median_ms: Optional[float] = None
+    min_ms: Optional[float] = None
+    times_ms: list = dataclasses.field(default_factory=list)
+    first_call_s: Optional[float] = None  # the first (warm-up) call: includes torch.compile
+    peak_extra_mib: Optional[float] = None
+    gbps: Optional[float] = None
+    ratios: dict = dataclasses.field(default_factory=dict)  # label -> reference time / this time
+    x_floor: Optional[float] = None  # this time / the floor's time
+
+
+@dataclasses.dataclass
+class Case:
+    """A table: candidates on the same inputs. ``ratio_to`` maps a column label to the name of
+    the candidate it compares with (reference time / row time: above 1 means faster)."""
+    title: str
+    params: dict
+    candidates: list
+    ratio_to: dict = dataclasses.field(default_factory=dict)
+    floor: Optional[str] = None
+    notes: list = dataclasses.field(default_factory=list)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------ memory
+
+def _kineto_memory_records(profile) -> list[tuple[int, int]]:
+    """(time ns, bytes; negative for a free) of every CPU allocator record of a profile."""
+    records = []
+    for event in profile.profiler.kineto_results.events():
+        if event.name() != "[memory]":
+            continue
+        if event.device_type() != torch.autograd.DeviceType.CPU:
+            continue
+        records.append((event.start_ns(), event.nbytes()))
+    records.sort(key=lambda record: record[0])
+    return records
+
+
+def cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated by ``fn`` on the CPU allocator above what existed when it started
+    (whatever ``fn`` returns is dropped inside the measurement)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    running = peak = 0
+    for _, nbytes in _kineto_memory_records(prof):
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def cuda_peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return max(0, torch.cuda.max_memory_allocated(device) - before)
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    if device.type == "cuda":
+        return cuda_peak_extra_bytes(fn, device)
+    return cpu_peak_extra_bytes(fn)
+
+
+def cpu_memory_probe() -> dict:
+    """Measure a known allocation pattern (peak 12 MiB above the start: 8 MiB, then 4 MiB more,
+    the 8 freed, then 2 MiB) and say whether the CPU method reports exactly that."""
+    def known_pattern():
+        first = torch.empty(8 * MIB, dtype=torch.uint8)
+        second = torch.empty(4 * MIB, dtype=torch.uint8)
+        del first
+        third = torch.empty(2 * MIB, dtype=torch.uint8)
+        return second, third
+
+    expected = 12 * MIB
+    measured = cpu_peak_extra_bytes(known_pattern)
+    return {"expected_mib": expected / MIB, "measured_mib": measured / MIB, "ok": measured == expected}
+
+
+# ------------------------------------------------------------------------------------ timing
+
+def _time_once(candidate: Candidate, device: torch.device) -> float:
+    """Seconds of one call of ``candidate.run`` (setup excluded)."""
+    if candidate.setup is not None:
+        candidate.setup()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        candidate.run()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    candidate.run()
+    return time.perf_counter() - begin
+
+
+def _call(candidate: Candidate) -> None:
+    if candidate.setup is not None:
+        candidate.setup()
+    candidate.run()
+
+
+def run_case(case: Case, device: torch.device, *, warmup: int = 1, reps: int = 3,
+             measure_memory: bool = True, progress=None) -> list[Row]:
+    """Run every candidate of ``case``: warm-up, one call under the memory probe, then ``reps``
+    timed calls round-robin over the candidates. Returns one Row per candidate, ratios filled."""
+    rows = {c.name: Row(c.name, c.kind, c.backend, c.status) for c in case.candidates}
+    runnable = []
+    for candidate in case.candidates:
+        if candidate.status != "ok" or candidate.run is None:
+            continue
+        row = rows[candidate.name]
+        try:
+            begin = time.perf_counter()
+            _call(candidate)
+            synchronize(device)
+            row.first_call_s = time.perf_counter() - begin
+            for _ in range(max(0, warmup - 1)):
+                _call(candidate)
+            if measure_memory:
+                if candidate.setup is not None:
+                    candidate.setup()
+                gc.collect()
+                row.peak_extra_mib = peak_extra_bytes(candidate.run, device) / MIB
+            runnable.append(candidate)
+        except Exception as exc:  # a candidate that fails is reported, the others still run
+            row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        if progress is not None:
+            progress.update(1)
+    for _ in range(reps):
+        for candidate in list(runnable):
+            row = rows[candidate.name]
+            try:
+                row.times_ms.append(_time_once(candidate, device) * 1e3)
+            except Exception as exc:
+                row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                runnable.remove(candidate)
+            if progress is not None:
+                progress.update(1)
+    for candidate in runnable:
+        row = rows[candidate.name]
+        if row.times_ms:
+            row.median_ms = statistics.median(row.times_ms)
+            row.min_ms = min(row.times_ms)
+            if candidate.bytes_moved:
+                row.gbps = candidate.bytes_moved / (row.median_ms / 1e3) / 1e9
+    _fill_ratios(case, rows)
+    return [rows[c.name] for c in case.candidates]
+
+
+def progress_steps(case: Case, reps: int) -> int:
+    return sum(1 + reps for c in case.candidates if c.status == "ok" and c.run is not None)
+
+
+def _fill_ratios(case: Case, rows: dict) -> None:
+    floor = rows.get(case.floor) if case.floor else None
+    for row in rows.values():
+        if row.median_ms is None:
+            continue
+        for label, reference_name in case.ratio_to.items():
+            reference = rows.get(reference_name)
+            if reference is not None and reference.median_ms is not None:
+                row.ratios[label] = reference.median_ms / row.median_ms
+        if floor is not None and floor.median_ms:
+            row.x_floor = row.median_ms / floor.median_ms
+
+
+# ------------------------------------------------------------------------------------ output
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def format_table(case: Case, rows: list[Row]) -> str:
+    """The case as a fixed-width text table (rows not run show their status)."""
+    params = " ".join(f"{k}={v}" for k, v in case.params.items())
+    show_gbps = any(r.gbps is not None for r in rows)
+    show_floor = case.floor is not None
+    headers = ["candidate", "median ms", "min ms", "peak extra MiB"]
+    if show_gbps:
+        headers.append("GB/s")
+    headers += list(case.ratio_to)
+    if show_floor:
+        headers.append("x floor")
+    lines = []
+    body = []
+    for row in rows:
+        if row.median_ms is None:
+            continue
+        cells = [row.name, _fmt(row.median_ms, ".2f"), _fmt(row.min_ms, ".2f"),
+                 _fmt(row.peak_extra_mib, ".1f")]
+        if show_gbps:
+            cells.append(_fmt(row.gbps, ".1f"))
+        cells += [_fmt(row.ratios.get(label), ".2f", "x") for label in case.ratio_to]
+        if show_floor:
+            cells.append(_fmt(row.x_floor, ".2f", "x"))
+        body.append(cells)
+    widths = [max(len(str(cells[i])) for cells in [headers] + body) for i in range(len(headers))]
+    lines.append(f"{case.title}  ({params})")
+
+    def render(cells):
+        first = f"{cells[0]:<{widths[0]}}"
+        return "  ".join([first] + [f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:])])
+
+    lines.append(render(headers))
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend(render(cells) for cells in body)
+    for row in rows:
+        if row.median_ms is None:
+            lines.append(f"  {row.name}: {row.status}")
+    lines.extend(f"  note: {note}" for note in case.notes)
+    return "\n".join(lines)
+
+
+def case_record(case: Case, rows: list[Row]) -> dict:
+    return {"title": case.title, "params": dict(case.params), "ratio_to": dict(case.ratio_to),
+            "floor": case.floor, "notes": list(case.notes),
+            "rows": [dataclasses.asdict(row) for row in rows]}
+
+
+def write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")
+
+
+CSV_FIELDS = ("case", "params", "name", "kind", "backend", "status", "median_ms", "min_ms",
+              "first_call_s", "peak_extra_mib", "gbps", "x_floor", "ratios")
+
+
+def write_csv(path: str, case_records: list[dict]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for record in case_records:
+            params = " ".join(f"{k}={v}" for k, v in record["params"].items())
+            for row in record["rows"]:
+                writer.writerow({
+                    "case": record["title"], "params": params,
+                    **{k: row[k] for k in CSV_FIELDS if k in row and k != "ratios"},
+                    "ratios": ";".join(f"{k}={v:.4f}" for k, v in row["ratios"].items()),
+                })
+
+
+def make_progress(total: int, description: str, enabled: bool = True):
+    """A tqdm bar on stderr (a no-op object when tqdm is missing or disabled)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        enabled = False
+    if not enabled:
+        class _Silent:
+            def update(self, n=1):
+                pass
+
+            def close(self):
+                pass
+        return _Silent()
+    return tqdm(total=total, desc=description, file=sys.stderr, leave=False, dynamic_ncols=True)

@@ -1,0 +1,318 @@
+"""`pyalign train`: preference and RL training on the embedded task (or a local HF model).
+
+    pyalign train --algo tr-dpo --steps 100 --out runs/tr-dpo
+    pyalign train --algo elastic-reset --config er.toml --resume
+    torchrun --nproc-per-node 2 -m pyalign.cli train --algo dpo      # DDP (gloo on CPU)
+
+A config file (TOML, or YAML when pyyaml is installed) holds flat ``key = value`` pairs: the run
+keys (algo, steps, seed, out, model, backend, bf16, fsdp, task_seed, task_cache_dir) and the
+trainer keys of the algorithm (``--print-config`` lists them with their defaults). Command-line
+flags override the file. Writes metrics.jsonl, reward_vs_kl.png and checkpoints/ under --out and
+prints one summary line.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import sys
+import types
+import typing
+from typing import Any, Optional
+
+ALGOS: dict[str, tuple[str, dict]] = {
+    "dpo": ("preference", {"loss": "sigmoid"}),
+    "ipo": ("preference", {"loss": "ipo", "length_normalize": True}),
+    "slic": ("preference", {"loss": "hinge"}),
+    "kto": ("preference", {"loss": "kto"}),
+    "tr-dpo": ("preference", {"loss": "sigmoid", "reference": "trust_region"}),
+    "tr-ipo": ("preference", {"loss": "ipo", "length_normalize": True, "reference": "trust_region"}),
+    "tr-kto": ("preference", {"loss": "kto", "reference": "trust_region"}),
+    "rloo": ("rl", {}),
+    "elastic-reset": ("rl", {"elastic_reset": True}),
+}
+# Defaults tuned on the embedded task so a default run takes about a minute on 2 CPU cores.
+DEFAULT_STEPS = {"preference": 120, "rl": 60}
+TUNED_DEFAULTS = {
+    "ipo": {"beta": 0.5},
+    "tr-ipo": {"beta": 0.5},
+}
+# Keys the algorithm sets (not settable from a config file).
+ALGO_KEYS = {"loss", "reference", "elastic_reset", "length_normalize"}
+# Keys that belong to some algorithms only.
+ONLY_FOR = {
+    "tr_alpha": ("tr-dpo", "tr-ipo", "tr-kto"),
+    "tr_tau": ("tr-dpo", "tr-ipo", "tr-kto"),
+    "desirable_weight": ("kto", "tr-kto"),
+    "undesirable_weight": ("kto", "tr-kto"),
+    "precompute_ref": ("dpo", "ipo", "slic", "kto"),
+    "er_ema_decay": ("elastic-reset",),
+    "er_reset_every": ("elastic-reset",),
+    "er_ema_every": ("elastic-reset",),
+    "er_reset_optimizer": ("elastic-reset",),
+}
+# A pairwise algorithm may swap in any other pairwise loss of pyalign.preference_loss.
+LOSS_CONFIGURABLE = ("dpo", "tr-dpo", "slic", "ipo", "tr-ipo")
+RUN_KEYS = {"algo": str, "steps": int, "seed": int, "out": str, "model": str, "backend": str,
+            "bf16": bool, "fsdp": bool, "task_seed": int, "task_cache_dir": str}
+
+
+class ConfigError(ValueError):
+    """A bad command line or config file."""
+
+
+def _config_class(family: str):
+    from pyalign.trainers import PreferenceConfig, RLConfig
+    return PreferenceConfig if family == "preference" else RLConfig
+
+
+def _field_types(config_cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
+
+
+def _check_type(key: str, value, expected, where: str):
+    """Return ``value`` as ``expected`` (int accepted for float), or raise ConfigError."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        options = [t for t in typing.get_args(expected) if t is not type(None)]
+        if value is None:
+            return None
+        expected = options[0]
+    if value is None:
+        raise ConfigError(f"{where}: key {key!r} has no value (expected {expected.__name__})")
+    if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if expected in (bool, str) and isinstance(value, expected):
+        return value
+    raise ConfigError(f"{where}: key {key!r} must be {expected.__name__}, got {value!r}")
+
+
+def load_config_file(path: str) -> dict:
+    """Flat mapping of a TOML (or YAML) config file."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError as exc:
+            raise ConfigError(f"{path}: YAML configs need pyyaml (pip install pyyaml), or use TOML") from exc
+        try:
+            data = yaml.safe_load(raw.decode()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    else:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(raw.decode())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected key = value pairs at the top level")
+    nested = [k for k, v in data.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"{path}: sections/tables are not used ({nested}); write flat key = value pairs")
+    return data
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
+    """(algo, run settings, trainer config) from defaults < config file < command line."""
+    file_values = load_config_file(args.config) if args.config else {}
+    where = args.config or "command line"
+    algo = args.algo or file_values.get("algo")
+    if algo is None:
+        raise ConfigError(f"no algorithm: pass --algo or set algo in the config file "
+                          f"(one of {', '.join(ALGOS)})")
+    if algo not in ALGOS:
+        raise ConfigError(f"unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")
+    if args.algo and file_values.get("algo") not in (None, args.algo):
+        raise ConfigError(f"--algo {args.algo} contradicts algo = {file_values['algo']!r} in {args.config}")
+    family, preset = ALGOS[algo]
+    config_cls = _config_class(family)
+    types_by_key = _field_types(config_cls)
+
+    run = {"algo": algo, "steps": DEFAULT_STEPS[family], "seed": 0, "out": os.path.join("runs", algo),
+           "model": None, "backend": "auto", "bf16": False, "fsdp": False, "task_seed": 0,
+           "task_cache_dir": None}
+    trainer_values = dict(TUNED_DEFAULTS.get(algo, {}))
+    unknown = []
+    for key, value in file_values.items():
+        if key in RUN_KEYS:
+            run[key] = _check_type(key, value, RUN_KEYS[key], where)
+        elif key in ALGO_KEYS and not (key == "loss" and algo in LOSS_CONFIGURABLE):
+            raise ConfigError(f"{where}: key {key!r} is set by --algo {algo} and cannot be changed here")
+        elif key in types_by_key and key not in ("seed", "bf16", "backend", "fsdp"):
+            if key in ONLY_FOR and algo not in ONLY_FOR[key]:
+                raise ConfigError(f"{where}: key {key!r} does not apply to algo {algo} "
+                                  f"(it is for {', '.join(ONLY_FOR[key])})")
+            trainer_values[key] = _check_type(key, value, types_by_key[key], where)
+        else:
+            unknown.append(key)
+    if unknown:
+        valid = sorted(set(RUN_KEYS) | {k for k in types_by_key if k not in ALGO_KEYS
+                                        and (k not in ONLY_FOR or algo in ONLY_FOR[k])})
+        raise ConfigError(f"{where}: unknown config key(s) {', '.join(map(repr, sorted(unknown)))} "
+                          f"for algo {algo}; valid keys: {', '.join(valid)}")
+    for key in ("steps", "seed", "out", "model", "backend", "task_seed", "task_cache_dir"):
+        value = getattr(args, key, None)
+        if value is not None:
+            run[key] = value
+    for flag in ("bf16", "fsdp"):
+        if getattr(args, flag, False):
+            run[flag] = True
+    if "loss" in trainer_values:
+        from pyalign.trainers.preference import PAIRWISE_LOSSES
+        if trainer_values["loss"] not in PAIRWISE_LOSSES:
+            raise ConfigError(f"{where}: loss {trainer_values['loss']!r} is not a pairwise loss "
+                              f"({', '.join(PAIRWISE_LOSSES)})")
+    values = {**preset, **trainer_values, "seed": run["seed"], "bf16": run["bf16"],
+              "backend": run["backend"], "fsdp": run["fsdp"]}
+    if getattr(args, "no_progress", False):
+        values["progress"] = False
+    if run["steps"] is None or run["steps"] < 1:
+        raise ConfigError(f"steps must be >= 1, got {run['steps']}")
+    try:
+        config = config_cls(**values)
+        config.validate()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return algo, run, config
+
+
+def load_hf_model(model_dir: str, task):
+    """A local Hugging Face causal LM whose vocabulary covers the task's token ids."""
+    if not os.path.isdir(model_dir):
+        raise ConfigError(f"--model {model_dir}: not a directory (a local Hugging Face model directory)")
+    try:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:
+        raise ConfigError(f"--model {model_dir}: cannot load a causal LM from it: {exc}") from exc
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+    if vocab != task.vocab_size:
+        raise ConfigError(f"--model {model_dir}: its vocabulary has {vocab} tokens but the task uses "
+                          f"{task.vocab_size}; the model's vocabulary must be the task's")
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and max_positions < task.prompt_len + task.response_len:
+        raise ConfigError(f"--model {model_dir}: max_position_embeddings {max_positions} < the task's "
+                          f"prompt_len + response_len = {task.prompt_len + task.response_len}")
+    model.float()
+    return model
+
+
+def build_trainer(algo: str, run: dict, config, *, dist_ctx=None, progress: bool = True):
+    """The task, the model factory and the trainer of a resolved configuration."""
+    import pyalign.tasks
+    from pyalign.trainers import PreferenceTrainer, RLTrainer
+    from pyalign.trainers.base import init_distributed
+
+    dist_ctx = dist_ctx or init_distributed()
+    # rank 0 builds (and caches) the task first; the others then load it from the cache
+    if not dist_ctx.is_main:
+        dist_ctx.barrier()
+    task = pyalign.tasks.make_task(run["task_seed"], cache_dir=run["task_cache_dir"],
+                                   progress=progress and dist_ctx.is_main)
+    if dist_ctx.is_main:
+        dist_ctx.barrier()
+    factory = None
+    if run["model"]:
+        base = load_hf_model(run["model"], task)
+        factory = lambda: copy.deepcopy(base)  # noqa: E731
+    family = ALGOS[algo][0]
+    cls = PreferenceTrainer if family == "preference" else RLTrainer
+    return cls(task, config, algo=algo, out_dir=run["out"], model_factory=factory, dist_ctx=dist_ctx)
+
+
+def _prepare_out_dir(run: dict, resume, overwrite: bool, is_main: bool) -> None:
+    from pyalign.trainers.base import list_checkpoints
+    out = run["out"]
+    checkpoints = list_checkpoints(os.path.join(out, "checkpoints"))
+    if resume or not checkpoints:
+        return
+    if not overwrite:
+        raise ConfigError(f"{out} already holds checkpoints of an earlier run ({checkpoints[-1][1]}); "
+                          f"pass --resume to continue it, --overwrite to start again, or another --out")
+    if is_main:
+        for _, path in checkpoints:
+            os.remove(path)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from pyalign.trainers.base import CheckpointError, format_summary, init_distributed
+    try:
+        algo, run, config = resolve_settings(args)
+    except ConfigError as exc:
+        print(f"pyalign train: error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "print_config", False):
+        print(f"# algo {algo}\n" + "\n".join(f"{k} = {v!r}" for k, v in
+                                             {**run, **dataclasses.asdict(config)}.items()))
+        return 0
+    dist_ctx = init_distributed()
+    try:
+        _prepare_out_dir(run, args.resume, getattr(args, "overwrite", False), dist_ctx.is_main)
+        if run["backend"] != "auto":
+            os.environ["PYALIGN_BACKEND"] = run["backend"]  # also the ops without a backend argument
+        trainer = build_trainer(algo, run, config, dist_ctx=dist_ctx, progress=config.progress)
+        summary = trainer.train(run["steps"], resume=args.resume)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"pyalign train: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        dist_ctx.close()
+    if dist_ctx.is_main:
+        print(format_summary(summary), flush=True)
+    return 0
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("train", help="train on the embedded task (DPO, IPO, SLiC, KTO, "
+                                   "TR-*, RLOO, Elastic Reset)", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(parser)
+    return parser
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--algo", choices=list(ALGOS), help="training algorithm")
+    parser.add_argument("--config", help="TOML (or YAML) file of key = value settings")
+    parser.add_argument("--steps", type=int, help="total optimizer steps (default: preference "
+                        f"{DEFAULT_STEPS['preference']}, RL {DEFAULT_STEPS['rl']})")
+    parser.add_argument("--out", help="output directory (default: runs/<algo>)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="continue from CHECKPOINT, or from the newest one under --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an --out that holds checkpoints (deletes them)")
+    parser.add_argument("--seed", type=int, help="training seed (default 0)")
+    parser.add_argument("--model", help="a local Hugging Face causal-LM directory to train instead "
+                        "of the task's SFT model (its vocabulary must be the task's)")
+    parser.add_argument("--backend", choices=["auto", "triton", "cuda", "cpu", "eager"],
+                        help="pyalign op backend (default auto)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the model forwards")
+    parser.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
+    parser.add_argument("--task-seed", type=int, dest="task_seed", help="seed of the embedded task (default 0)")
+    parser.add_argument("--task-cache-dir", dest="task_cache_dir", help="where the embedded task is cached")
+    parser.add_argument("--no-progress", action="store_true", dest="no_progress", help="no tqdm bar")
+    parser.add_argument("--print-config", action="store_true", dest="print_config",
+                        help="print the resolved settings and exit")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m pyalign.train_cli ...``: the same as ``pyalign train ...``."""
+    parser = argparse.ArgumentParser(prog="pyalign train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(parser)
+    return run_train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Offline preference optimisation: DPO and every pairwise loss of ``pyalign.preference_loss``
+(IPO, SLiC/hinge, robust, ...), KTO on unpaired data, and their trust-region variants
+(TR-DPO/TR-IPO/TR-KTO: the reference is pulled towards the policy every ``tr_tau`` steps by
+``pyalign.refmodel.TrustRegion``).
+
+One optimizer step consumes ``batch_size`` examples (pairs, or unpaired examples for KTO) split
+evenly over ranks and, on each rank, into micro-batches of ``micro_batch_size``. The summed
+per-example loss of a rank is divided by its share of the batch, so DDP's gradient average is
+the gradient of the global mean, whatever the number of ranks or micro-batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+import pyalign
+from pyalign.trainers.base import (Trainer, TrainerConfig, make_generator, micro_slices,
+                                   split_evenly)
+
+PAIRWISE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
+                   "sppo_hard", "apo_zero", "apo_down", "discopop")
+LOSSES = PAIRWISE_LOSSES + ("kto",)
+REFERENCES = ("frozen", "trust_region")
+
+
+@dataclasses.dataclass
+class PreferenceConfig(TrainerConfig):
+    loss: str = "sigmoid"  # a pyalign.preference_loss name, or "kto"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    length_normalize: bool = False  # average the log-probs over response tokens (IPO does)
+    desirable_weight: float = 1.0  # KTO
+    undesirable_weight: float = 1.0  # KTO
+    reference: str = "frozen"  # or "trust_region" (TR-DPO/IPO/KTO)
+    tr_alpha: float = 0.6  # soft-update weight; 1.0 is the hard update
+    tr_tau: int = 16  # optimizer steps between reference updates
+    precompute_ref: bool = True  # frozen reference only: score the dataset once up front
+    num_examples: int = 2048  # dataset size (pairs, or unpaired examples for KTO); epochs repeat it
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
+        if not self.beta > 0:
+            raise ValueError(f"config key 'beta' must be > 0, got {self.beta!r}")
+        if not 0 < self.tr_alpha <= 1:
+            raise ValueError(f"config key 'tr_alpha' must be in (0, 1], got {self.tr_alpha!r}")
+        if self.tr_tau < 1:
+            raise ValueError(f"config key 'tr_tau' must be >= 1, got {self.tr_tau!r}")
+        if self.num_examples < self.batch_size:
+            raise ValueError(f"num_examples ({self.num_examples}) must be >= batch_size ({self.batch_size})")
+        if self.loss == "kto" and self.micro_batch_size < 2:
+            raise ValueError("KTO needs micro_batch_size >= 2 (its KL term pairs neighbouring examples)")
+
+
+class PreferenceTrainer(Trainer):
+    """DPO-family and KTO training on the task's preference data; see PreferenceConfig."""
+
+    algo = "dpo"
+    config: PreferenceConfig
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _make_reference(self) -> torch.nn.Module:
+        if self.config.reference == "trust_region":
+            # A moving reference: its own copy, so the KL-to-init metric keeps the initial model.
+            reference = self.model_factory().to(self.dist.device)
+            reference.eval()
+            for param in reference.parameters():
+                param.requires_grad_(False)
+            return reference
+        return self.init_model
+
+    def _make_strategy(self):
+        if self.config.reference == "trust_region":
+            return pyalign.refmodel.TrustRegion(self.policy, self.ref_model, alpha=self.config.tr_alpha,
+                                                tau=self.config.tr_tau)
+        return pyalign.refmodel.Frozen(self.ref_model)
+
+    @property
+    def is_kto(self) -> bool:
+        return self.config.loss == "kto"
+
+    def _build_data(self) -> None:
+        cfg, task = self.config, self.task
+        generator = make_generator(cfg.seed, "preference-data")
+        if self.is_kto:
+            data = task.unpaired(cfg.num_examples, generator)
+            completions = data["completion"]
+            # KTO's KL reference point scores each prompt with its neighbour's completion
+            # (row i with row i^1), a pairing fixed in the dataset so it can be precomputed.
+            partner = torch.arange(cfg.num_examples) ^ 1
+            partner[partner >= cfg.num_examples] = cfg.num_examples - 1
+            self.data = {"prompt": data["prompt"], "completion": completions,
+                         "mismatched": completions[partner], "desirable": data["desirable"].to(torch.bool)}
+            self._response_keys = ("completion", "mismatched")
+        else:
+            data = task.preference_pairs(cfg.num_examples, generator)
+            self.data = {"prompt": data["prompt"], "chosen": data["chosen"], "rejected": data["rejected"]}
+            self._response_keys = ("chosen", "rejected")
+        self.ref_logps: Optional[dict] = None
+        if cfg.precompute_ref and cfg.reference == "frozen":
+            self.ref_logps = self._score_dataset()
+
+    @torch.no_grad()
+    def _score_dataset(self) -> dict:
+        """Reference sequence log-probs of every dataset response, in fixed chunks (the same
+        numbers on every rank, in every run)."""
+        cfg = self.config
+        out = {key: torch.empty(cfg.num_examples, dtype=torch.float32) for key in self._response_keys}
+        chunk = max(cfg.micro_batch_size, 1)
+        for start in range(0, cfg.num_examples, chunk):
+            rows = slice(start, min(start + chunk, cfg.num_examples))
+            for key in self._response_keys:
+                out[key][rows] = self._ref_sequence_logps(self.data["prompt"][rows], self.data[key][rows]).cpu()
+        return out
+
+    def _ref_sequence_logps(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        prompts, responses = prompts.to(self.dist.device), responses.to(self.dist.device)
+        mask = self.response_mask(responses)
+        logprobs = self.ref_scorer(prompts, responses, mask)
+        return pyalign.sequence_logprobs(logprobs, mask, average=self.config.length_normalize)
+
+    # -- data order ---------------------------------------------------------------------------
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """Dataset rows of optimizer step ``step`` (1-based): consecutive slices of a per-epoch
+        permutation, so the data position is a function of the step."""
+        cfg = self.config
+        first = (step - 1) * cfg.batch_size
+        rows = []
+        while len(rows) < cfg.batch_size:
+            position = first + len(rows)
+            epoch, offset = divmod(position, cfg.num_examples)
+            perm = torch.randperm(cfg.num_examples, generator=make_generator(cfg.seed, "epoch", epoch))
+            take = min(cfg.batch_size - len(rows), cfg.num_examples - offset)
+            rows.extend(perm[offset:offset + take].tolist())
+        return torch.tensor(rows, dtype=torch.int64)
+
+    # -- one optimizer step -------------------------------------------------------------------
+    def train_step(self, step: int) -> dict:
+        cfg = self.config
+        local = split_evenly(cfg.batch_size, self.dist.world_size, "batch_size")
+        rows = self.batch_indices(step)[self.dist.rank * local:(self.dist.rank + 1) * local]
+        slices = micro_slices(local, cfg.micro_batch_size)
+        sums: dict[str, float] = {}
+        for i, part in enumerate(slices):
+            with self._accumulating(last=i == len(slices) - 1):
+                micro = self._kto_micro_step if self.is_kto else self._pairwise_micro_step
+                for name, value in micro(rows[part], local).items():
+                    sums[name] = sums.get(name, 0.0) + value
+        grad_norm = self._optimizer_step(step)
+        reference_updated = bool(self.ref_strategy.step(step, self.optimizer))
+        if self.is_kto:
+            counts = dict(loss="n", desirable_reward="n_desirable", undesirable_reward="n_undesirable",
+                          kto_kl="n_micro", entropy="tokens")
+        else:
+            counts = dict(loss="n", chosen_reward="n", rejected_reward="n", margin="n",
+                          accuracy="n", entropy="tokens")
+        record = self._reduce_means(sums, counts)
+        tokens = self.dist.all_reduce_sum(torch.tensor([sums["all_tokens"]], dtype=torch.float64))
+        record.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
+                      reference_updated=reference_updated, _tokens=float(tokens))
+        return record
+
+    def _batch(self, rows: torch.Tensor, key: str) -> torch.Tensor:
+        return self.data[key][rows].to(self.dist.device)
+
+    def _reference(self, rows: torch.Tensor, key: str) -> torch.Tensor:
+        if self.ref_logps is not None:
+            return self.ref_logps[key][rows].to(self.dist.device)
+        with torch.no_grad():
+            return self._ref_sequence_logps(self.data["prompt"][rows], self.data[key][rows])
+
+    def _pairwise_micro_step(self, rows: torch.Tensor, local: int) -> dict:
+        cfg = self.config
+        prompts = self._batch(rows, "prompt")
+        responses = torch.cat([self._batch(rows, "chosen"), self._batch(rows, "rejected")])
+        mask = self.response_mask(responses)
+        # chosen and rejected in one forward (chosen rows first)
+        logprobs, entropy = self.scorer(torch.cat([prompts, prompts]), responses, mask, entropy=True)
+        sequence = pyalign.sequence_logprobs(logprobs, mask, average=cfg.length_normalize)
+        pairs = rows.shape[0]
+        out = pyalign.preference_loss(sequence[:pairs], sequence[pairs:], self._reference(rows, "chosen"),
+                                      self._reference(rows, "rejected"), loss=cfg.loss, beta=cfg.beta,
+                                      label_smoothing=cfg.label_smoothing, reduction="sum")
+        (out.loss / local).backward()
+        return {"loss": float(out.loss.detach()), "n": pairs,
+                "chosen_reward": float(out.chosen_rewards.sum()),
+                "rejected_reward": float(out.rejected_rewards.sum()),
+                "margin": float(out.margins.sum()), "accuracy": float((out.margins > 0).sum()),
+                "entropy": float((entropy.detach() * mask).sum()), "tokens": float(mask.sum()),
+                "all_tokens": float(2 * pairs * (prompts.shape[1] + responses.shape[1]))}
+
+    def _kto_micro_step(self, rows: torch.Tensor, local: int) -> dict:
+        cfg = self.config
+        prompts = self._batch(rows, "prompt")
+        completions = self._batch(rows, "completion")
+        mismatched = self._batch(rows, "mismatched")
+        desirable = self._batch(rows, "desirable")
+        with torch.no_grad():  # the KL reference point z0 carries no gradient
+            mismatch_mask = self.response_mask(mismatched)
+            policy_kl = pyalign.sequence_logprobs(self._scorer_module()(prompts, mismatched, mismatch_mask),
+                                                  mismatch_mask, average=cfg.length_normalize)
+            kl_sum = (policy_kl - self._reference(rows, "mismatched")).double().sum().reshape(1)
+            kl_count = torch.tensor([float(rows.shape[0])], dtype=torch.float64)
+            # z0 is a batch statistic: average it over every rank's share of this micro-batch.
+            totals = self.dist.all_reduce_sum(torch.cat([kl_sum, kl_count]))
+            z0 = (totals[0] / totals[1]).to(torch.float32).reshape(1)
+        mask = self.response_mask(completions)
+        logprobs, entropy = self.scorer(prompts, completions, mask, entropy=True)
+        sequence = pyalign.sequence_logprobs(logprobs, mask, average=cfg.length_normalize)
+        out = pyalign.kto_loss(sequence, self._reference(rows, "completion"), desirable, z0, beta=cfg.beta,
+                               desirable_weight=cfg.desirable_weight,
+                               undesirable_weight=cfg.undesirable_weight, reduction="sum")
+        (out.loss / local).backward()
+        n = rows.shape[0]
+        return {"loss": float(out.loss.detach()), "n": n,
+                "desirable_reward": float(out.rewards[desirable].sum()),
+                "n_desirable": float(desirable.sum()),
+                "undesirable_reward": float(out.rewards[~desirable].sum()),
+                "n_undesirable": float((~desirable).sum()),
+                "kto_kl": float(out.kl) / self.dist.world_size, "n_micro": 1.0 / self.dist.world_size,
+                "entropy": float((entropy.detach() * mask).sum()), "tokens": float(mask.sum()),
+                "all_tokens": float(2 * n * (prompts.shape[1] + completions.shape[1]))}

@@ -1,0 +1,170 @@
+"""RL from a reward: REINFORCE with a leave-one-out baseline (RLOO) and a per-token KL penalty
+to the initial model, optionally with Elastic Reset (``pyalign.refmodel.ElasticReset``).
+
+Each step samples ``samples_per_prompt`` (k) completions for each of ``batch_size`` prompts
+from the current policy, scores them with the reward function (the task's proxy reward by
+default), and shapes the reward of completion i as ``R_i = r_i - kl_coef * sum_t kl_t`` with
+``kl_t = pyalign.kl_penalty(logp_t, ref_logp_t, estimator=k1|k3)``. The advantage is
+``A_i = R_i - mean_{j != i} R_j`` over the k completions of the same prompt, and the loss is
+``-mean_i A_i * log pi(y_i | x_i)``. With ``kl_target`` set, the coefficient follows the
+adaptive controller of Ziegler et al. (2019): ``coef *= 1 + clip(KL / target - 1, -0.2, 0.2) *
+samples / kl_horizon``, with the KL averaged over all ranks so every rank keeps the same value.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+import pyalign
+from pyalign.trainers.base import (Trainer, TrainerConfig, make_generator, micro_slices,
+                                   split_evenly)
+
+KL_ESTIMATORS = ("k1", "k3")
+REWARDS = ("proxy", "gold")
+
+
+@dataclasses.dataclass
+class RLConfig(TrainerConfig):
+    batch_size: int = 16  # prompts per optimizer step (all ranks)
+    micro_batch_size: int = 16  # prompts per rollout + forward/backward chunk on one rank
+    eval_every: int = 0  # the training samples already give reward and KL every step
+    samples_per_prompt: int = 4  # k of RLOO (>= 2)
+    reward: str = "proxy"  # the task's "proxy" reward model, or the "gold" reward
+    kl_coef: float = 0.05  # initial KL penalty coefficient
+    kl_estimator: str = "k1"
+    kl_target: Optional[float] = None  # adaptive coefficient when set (nats per response)
+    kl_horizon: int = 10000  # adaptive controller horizon, in samples
+    elastic_reset: bool = False
+    er_ema_decay: float = 0.995
+    er_reset_every: int = 40
+    er_ema_every: int = 1
+    er_reset_optimizer: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.samples_per_prompt < 2:
+            raise ValueError("samples_per_prompt must be >= 2 (the leave-one-out baseline needs two)")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef!r}")
+        if self.kl_target is not None and not self.kl_target > 0:
+            raise ValueError(f"kl_target must be > 0 (or unset for a fixed coefficient), got {self.kl_target!r}")
+        if self.kl_horizon < 1:
+            raise ValueError(f"kl_horizon must be >= 1, got {self.kl_horizon!r}")
+        if not 0 <= self.er_ema_decay < 1:
+            raise ValueError(f"er_ema_decay must be in [0, 1), got {self.er_ema_decay!r}")
+        if self.er_reset_every < 1 or self.er_ema_every < 1:
+            raise ValueError("er_reset_every and er_ema_every must be >= 1")
+
+
+class RLTrainer(Trainer):
+    """RLOO with a KL penalty (and Elastic Reset); see RLConfig."""
+
+    algo = "rloo"
+    config: RLConfig
+
+    def __init__(self, task, config: RLConfig, *, reward_fn: Optional[Callable] = None, **kwargs):
+        self.reward_fn = reward_fn
+        super().__init__(task, config, **kwargs)
+        if self.reward_fn is None:
+            self.reward_fn = task.gold_reward if config.reward == "gold" else task.proxy_reward
+        self.kl_coef = float(config.kl_coef)
+
+    def _score_temperature(self) -> float:
+        # the policy's log-probs of its own samples, at the temperature they were drawn with
+        return self.config.temperature
+
+    def _make_strategy(self):
+        cfg = self.config
+        if cfg.elastic_reset:
+            # the EMA resets to the initial model, which is also the KL reference: one copy
+            return pyalign.refmodel.ElasticReset(self.policy, ema_decay=cfg.er_ema_decay,
+                                                 reset_every=cfg.er_reset_every, ema_every=cfg.er_ema_every,
+                                                 init=self.init_model, reset_optimizer=cfg.er_reset_optimizer)
+        return pyalign.refmodel.Frozen(self.ref_model)
+
+    def _extra_state(self) -> dict:
+        return {"kl_coef": self.kl_coef}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.kl_coef = float(state["kl_coef"])
+
+    def train_step(self, step: int) -> dict:
+        cfg, task = self.config, self.task
+        k = cfg.samples_per_prompt
+        local = split_evenly(cfg.batch_size, self.dist.world_size, "batch_size")
+        prompts = task.prompts(cfg.batch_size, make_generator(cfg.seed, "rl-prompts", step))
+        offset = self.dist.rank * local
+        slices = micro_slices(local, cfg.micro_batch_size)
+        sums: dict[str, float] = {}
+        samples_per_rank = local * k
+        for i, part in enumerate(slices):
+            chunk_prompts = prompts[offset + part.start: offset + part.stop].to(self.dist.device)
+            chunk_index = (offset + part.start) // (part.stop - part.start)
+            with self._accumulating(last=i == len(slices) - 1):
+                values = self._micro_step(step, chunk_index, chunk_prompts, samples_per_rank)
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + value
+        grad_norm = self._optimizer_step(step)
+        reset = bool(self.ref_strategy.step(step, self.optimizer))
+        counts = dict(loss="n", reward="n", proxy_reward="n", kl_penalty="n", kl_to_init="n",
+                      entropy="tokens", response_length="n", advantage_abs="n")
+        if "gold_reward" in sums:
+            counts["gold_reward"] = "n"
+        record = self._reduce_means(sums, counts)
+        tokens = self.dist.all_reduce_sum(torch.tensor([sums["all_tokens"]], dtype=torch.float64))
+        record.update(kl_coef=self.kl_coef, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
+                      _tokens=float(tokens))
+        if cfg.elastic_reset:
+            record["reset"] = reset
+        if cfg.kl_target is not None:
+            error = max(-0.2, min(0.2, record["kl_penalty"] / cfg.kl_target - 1.0))
+            self.kl_coef *= 1.0 + error * (cfg.batch_size * k) / cfg.kl_horizon
+        return record
+
+    def _micro_step(self, step: int, chunk_index: int, prompts: torch.Tensor, samples_per_rank: int) -> dict:
+        cfg, task = self.config, self.task
+        k = cfg.samples_per_prompt
+        repeated = prompts.repeat_interleave(k, dim=0)  # rows i*k .. i*k+k-1 share prompt i
+        generator = make_generator(cfg.seed, "rollout", step, chunk_index)
+        with torch.no_grad():
+            self.policy.eval()
+            try:
+                with self._unsharded(self.scorer):
+                    responses = task.generate(self.policy, repeated, temperature=cfg.temperature,
+                                              generator=generator).to(self.dist.device)
+            finally:
+                self.policy.train()
+            mask = self.response_mask(responses)
+            rewards = self.reward_fn(repeated, responses).to(torch.float32).to(self.dist.device)
+            proxy = rewards if cfg.reward == "proxy" else task.proxy_reward(repeated, responses).to(torch.float32)
+            gold = None
+            if hasattr(task, "gold_reward"):
+                gold = rewards if cfg.reward == "gold" else task.gold_reward(repeated, responses).to(torch.float32)
+            ref_logprobs = self.ref_scorer(repeated, responses, mask)
+        logprobs, entropy = self.scorer(repeated, responses, mask, entropy=True)
+        with torch.no_grad():
+            penalty = pyalign.kl_penalty(logprobs.detach(), ref_logprobs, estimator=cfg.kl_estimator,
+                                         mask=mask).sum(-1)
+            kl_to_init = (penalty if cfg.kl_estimator == "k3" else pyalign.kl_penalty(
+                logprobs.detach(), ref_logprobs, estimator="k3", mask=mask).sum(-1))
+            shaped = (rewards - self.kl_coef * penalty).view(-1, k)
+            leave_one_out = (shaped.sum(-1, keepdim=True) - shaped) / (k - 1)
+            advantages = (shaped - leave_one_out).reshape(-1)
+        sequence = pyalign.sequence_logprobs(logprobs, mask)
+        loss = -(advantages * sequence).sum()
+        (loss / samples_per_rank).backward()
+        out = {"loss": float(loss.detach()), "n": float(responses.shape[0]),
+               "reward": float(shaped.sum()), "proxy_reward": float(proxy.double().sum()),
+               "kl_penalty": float(penalty.double().sum()), "kl_to_init": float(kl_to_init.double().sum()),
+               "entropy": float((entropy.detach() * mask).double().sum()), "tokens": float(mask.sum()),
+               "response_length": float(mask.sum()), "advantage_abs": float(advantages.abs().sum()),
+               "all_tokens": float(responses.shape[0] * (prompts.shape[1] + responses.shape[1]))}
+        if gold is not None:
+            out["gold_reward"] = float(gold.double().sum())
+        return out

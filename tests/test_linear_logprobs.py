@@ -1,0 +1,219 @@
+"""pyalign.linear_token_logprobs (hidden @ weight.T + bias -> log-probs of the labels) on every
+CPU backend against float64: values, entropy, gradients of hidden, weight and bias, chunk sizes
+that do not divide the token count; and a peak-memory measurement showing that the chunked path
+never holds the whole [N, V] logits.
+"""
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import pyalign
+from oracle import IGNORE, entropy64, grads64, linear_logits64, token_logprobs64
+
+BACKENDS = [b for b in pyalign.backends.available("linear_logprobs", "cpu") if b != "triton"]
+# (leading shape, H, V): V = 1; V = 7 with [B, T] tokens; V = 1000; a Llama-2 vocabulary with few
+# tokens.
+SHAPES = [((5,), 3, 1), ((2, 7), 16, 7), ((37,), 32, 1000), ((6,), 8, 32000)]
+
+
+def random_case(lead, hidden_size, vocab, dtype, with_bias):
+    hidden = torch.randn(*lead, hidden_size).to(dtype)
+    weight = (torch.randn(vocab, hidden_size) * (2.0 / hidden_size ** 0.5)).to(dtype)
+    bias = torch.randn(vocab).to(dtype) if with_bias else None
+    labels = torch.randint(0, vocab, lead)
+    flat = labels.view(-1)
+    flat[0] = vocab - 1
+    if flat.numel() > 3:
+        flat[1] = IGNORE
+        flat[-1] = 0
+        flat[2] = IGNORE
+    return hidden, weight, bias, labels
+
+
+def oracle(hidden, weight, bias, labels, grad_logprobs, grad_entropy, temperature):
+    """float64 (logprobs, entropy) and the gradients of sum(lp*g_lp + ent*g_ent) w.r.t. hidden,
+    weight and bias, by autograd."""
+    inputs = [hidden, weight] + ([bias] if bias is not None else [])
+
+    def objective_terms(h, w, b=None):
+        logits = linear_logits64(h, w, b)
+        logprobs = token_logprobs64(logits, labels, IGNORE, temperature)
+        entropy = entropy64(logits, labels, IGNORE, temperature)
+        return torch.stack([logprobs, entropy])
+
+    values, grads = grads64(objective_terms, inputs, torch.stack([grad_logprobs, grad_entropy]))
+    return values[0], values[1], grads
+
+
+def relative_error(actual, expected):
+    """||actual - expected|| / ||expected|| in float64 (the honest measure for bf16 matmuls)."""
+    expected = expected.double()
+    return float((actual.double() - expected).norm() / expected.norm().clamp(min=1e-30))
+
+
+def run(hidden, weight, bias, labels, grad_logprobs, grad_entropy, **kwargs):
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+    bias_leaf = bias.clone().requires_grad_(True) if bias is not None else None
+    logprobs, entropy = pyalign.linear_token_logprobs(*leaves, labels, bias=bias_leaf, entropy=True,
+                                                      **kwargs)
+    torch.autograd.backward([logprobs, entropy], [grad_logprobs, grad_entropy])
+    grads = [leaf.grad for leaf in leaves] + ([bias_leaf.grad] if bias is not None else [])
+    return logprobs.detach(), entropy.detach(), grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,hidden_size,vocab", SHAPES, ids=str)
+@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("with_bias,temperature", [(False, 1.0), (True, 0.7)],
+                         ids=["nobias-T1", "bias-T0.7"])
+def test_fp32_matches_float64(backend, lead, hidden_size, vocab, chunk_size, with_bias, temperature):
+    hidden, weight, bias, labels = random_case(lead, hidden_size, vocab, torch.float32, with_bias)
+    grad_logprobs, grad_entropy = torch.randn(lead), torch.randn(lead)
+    logprobs, entropy, grads = run(hidden, weight, bias, labels, grad_logprobs, grad_entropy,
+                                   chunk_size=chunk_size, temperature=temperature, backend=backend)
+    exp_lp, exp_ent, exp_grads = oracle(hidden, weight, bias, labels, grad_logprobs,
+                                        grad_entropy, temperature)
+    assert logprobs.dtype == entropy.dtype == torch.float32 and logprobs.shape == labels.shape
+    torch.testing.assert_close(logprobs.double(), exp_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), exp_ent, rtol=1e-5, atol=1e-5)
+    for name, grad, expected in zip(("hidden", "weight", "bias"), grads, exp_grads):
+        assert grad.dtype == torch.float32, name
+        # fp32 reductions over V (hidden: 32000 terms that cancel) or N (weight, bias)
+        assert relative_error(grad, expected) < 5e-5, name
+        torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    ignored = labels == IGNORE
+    assert torch.all(logprobs[ignored] == 0) and torch.all(entropy[ignored] == 0)
+    assert torch.all(grads[0][ignored] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,hidden_size,vocab", SHAPES[1:], ids=str)
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_bf16_matches_float64(backend, lead, hidden_size, vocab, chunk_size):
+    hidden, weight, bias, labels = random_case(lead, hidden_size, vocab, torch.bfloat16, True)
+    grad_logprobs, grad_entropy = torch.randn(lead), torch.randn(lead)
+    logprobs, entropy, grads = run(hidden, weight, bias, labels, grad_logprobs, grad_entropy,
+                                   chunk_size=chunk_size, backend=backend)
+    exp_lp, exp_ent, exp_grads = oracle(hidden, weight, bias, labels, grad_logprobs,
+                                        grad_entropy, 1.0)
+    assert logprobs.dtype == torch.float32
+    # the logits of a bf16 matmul are rounded to bf16 (2^-9 relative, logits up to ~8 here)
+    # before the fp32 epilogue, and the gradients are stored in bf16
+    torch.testing.assert_close(logprobs.double(), exp_lp, rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(entropy.double(), exp_ent, rtol=1e-2, atol=2e-2)
+    for name, grad, expected in zip(("hidden", "weight", "bias"), grads, exp_grads):
+        assert grad.dtype == torch.bfloat16, name
+        assert relative_error(grad, expected) < 2e-2, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_weight_grad_accumulates_in_fp32(backend):
+    """512 chunks of 4 tokens each add into grad_weight: a bf16 accumulator would stall (each
+    chunk's contribution is below half an ulp of the running sum); fp32 stays within 1e-2."""
+    tokens, hidden_size, vocab = 2048, 8, 16
+    hidden, weight, bias, labels = random_case((tokens,), hidden_size, vocab, torch.bfloat16, True)
+    hidden = hidden.abs()  # same-signed contributions: the sum grows, the increments do not
+    labels[:] = 3
+    grad_logprobs, grad_entropy = torch.ones(tokens), torch.zeros(tokens)
+    _, _, grads = run(hidden, weight, bias, labels, grad_logprobs, grad_entropy, chunk_size=4,
+                      backend=backend)
+    _, _, exp_grads = oracle(hidden, weight, bias, labels, grad_logprobs, grad_entropy, 1.0)
+    assert relative_error(grads[1], exp_grads[1]) < 1e-2
+    assert relative_error(grads[2], exp_grads[2]) < 1e-2
+
+
+def test_gradcheck_float64():
+    hidden = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 6, IGNORE, 3, 3])
+
+    def linear_logprobs(h, w, b):
+        return pyalign.linear_token_logprobs(h, w, labels, bias=b, entropy=True, temperature=0.8,
+                                             chunk_size=2)
+
+    assert torch.autograd.gradcheck(linear_logprobs, (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunk_size_does_not_change_the_result(backend):
+    hidden, weight, bias, labels = random_case((45,), 16, 300, torch.float32, True)
+    grad_logprobs, grad_entropy = torch.randn(45), torch.randn(45)
+    results = [run(hidden, weight, bias, labels, grad_logprobs, grad_entropy, chunk_size=size,
+                   backend=backend) for size in (None, 1, 7, 45, 1000)]
+    first_lp, first_ent, first_grads = results[0]
+    for logprobs, entropy, grads in results[1:]:
+        torch.testing.assert_close(logprobs, first_lp, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(entropy, first_ent, rtol=1e-6, atol=1e-6)
+        for grad, first in zip(grads, first_grads):
+            torch.testing.assert_close(grad, first, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tokens", [0, 6])
+def test_all_ignored_and_empty_give_zeros_and_zero_grads(backend, tokens):
+    hidden, weight, bias, _ = random_case((2, 5), 8, 33, torch.float32, True)
+    hidden = hidden[:, :tokens // 2] if tokens else hidden[:0]
+    labels = torch.full(hidden.shape[:-1], IGNORE)
+    logprobs, entropy, grads = run(hidden, weight, bias, labels, torch.randn(labels.shape),
+                                   torch.randn(labels.shape), chunk_size=4, backend=backend)
+    assert logprobs.shape == labels.shape and torch.all(logprobs == 0) and torch.all(entropy == 0)
+    for grad, tensor in zip(grads, (hidden, weight, bias)):
+        assert grad.shape == tensor.shape and torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_hidden(backend):
+    base = torch.randn(20, 12)
+    hidden = base[::2, 2:10]  # strided rows, a slice of the hidden size
+    weight = torch.randn(40, 8) / 2
+    labels = torch.randint(0, 40, (10,))
+    grad_logprobs, grad_entropy = torch.randn(10), torch.randn(10)
+    logprobs, entropy, grads = run(hidden, weight, None, labels, grad_logprobs, grad_entropy,
+                                   chunk_size=3, backend=backend)
+    exp_lp, exp_ent, exp_grads = oracle(hidden, weight, None, labels, grad_logprobs, grad_entropy, 1.0)
+    torch.testing.assert_close(logprobs.double(), exp_lp, rtol=1e-5, atol=1e-5)
+    for grad, expected in zip(grads, exp_grads):
+        assert relative_error(grad, expected) < 1e-5
+
+
+def peak_allocated_bytes(function):
+    """Peak of CPU bytes held during ``function()``, from the allocator's own records: the
+    profiler's memory events (one per allocation and per free, with its size), summed in time."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        function()
+    records = sorted((event.start_ns(), event.nbytes())
+                     for event in prof.profiler.kineto_results.events() if event.name() == "[memory]")
+    held = peak = 0
+    for _, nbytes in records:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
+def test_chunked_path_never_holds_the_full_logits():
+    """N=4096 tokens, V=32000: the naive path holds the [N, V] fp32 logits (524 MB) and more; each
+    backend's chunked path (256 tokens a chunk: 33 MB of logits) stays under a few chunks."""
+    tokens, vocab, hidden_size, chunk_size = 4096, 32000, 16, 256
+    hidden = torch.randn(tokens, hidden_size, requires_grad=True)
+    weight = (torch.randn(vocab, hidden_size) / 4).requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,))
+
+    def naive():
+        logits = hidden @ weight.t()
+        torch.log_softmax(logits, -1).gather(1, labels[:, None]).sum().backward()
+
+    full_logits_bytes = tokens * vocab * 4
+    chunk_bytes = chunk_size * vocab * 4
+    naive_peak = peak_allocated_bytes(naive)
+    assert naive_peak >= full_logits_bytes, "the measurement does not see the naive [N, V] logits"
+    for backend in BACKENDS:
+        def chunked():
+            pyalign.linear_token_logprobs(hidden, weight, labels, chunk_size=chunk_size,
+                                          backend=backend).sum().backward()
+
+        hidden.grad = weight.grad = None
+        chunked_peak = peak_allocated_bytes(chunked)
+        assert chunked_peak < 8 * chunk_bytes, (
+            f"{backend}: chunked peak {chunked_peak / 1e6:.0f} MB, naive {naive_peak / 1e6:.0f} MB, "
+            f"one chunk of logits {chunk_bytes / 1e6:.0f} MB")

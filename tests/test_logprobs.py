@@ -1,0 +1,302 @@
+"""pyalign.token_logprobs through the public API, on every CPU backend, against float64.
+
+Backends: every one available for CPU tensors at test time except triton (its interpreter runs
+are in tests/kernels/). Forward values, entropy and gradients come from tests/oracle.py (float64
+autograd through the ALGORITHMS.md formulas), on fresh random inputs with random upstream grads.
+"""
+import math
+
+import pytest
+import torch
+
+import pyalign
+from oracle import IGNORE, token_logprobs_and_grad64
+
+BACKENDS = [b for b in pyalign.backends.available("logprobs", "cpu") if b != "triton"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# logits shapes [..., V]: V = 1; a tiny odd V with two leading dims; V = 1000; and the large
+# vocabularies (Llama 2 / Llama 3) with few rows.
+SHAPES = [(5, 1), (3, 4, 7), (6, 1000), (3, 32000), (2, 128256)]
+
+FORWARD_TOL = dict(rtol=1e-5, atol=1e-5)
+# Gradients are rounded to the logits' dtype on store (relative), after fp32 math whose absolute
+# error scales with the row's upstream gradient (g * (1 - p) cancels at the label).
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def random_case(shape, dtype, scale=3.0):
+    """Random logits and labels with labels at 0 and V-1 and scattered ignore_index."""
+    vocab = shape[-1]
+    logits = (torch.randn(shape) * scale).to(dtype)
+    labels = torch.randint(0, vocab, shape[:-1])
+    flat = labels.view(-1)
+    flat[0] = vocab - 1
+    if flat.numel() > 2:
+        flat[1] = IGNORE
+        flat[-1] = 0
+    if flat.numel() > 5:
+        flat[3] = IGNORE
+    return logits, labels
+
+
+def close(actual, expected, **tol):
+    torch.testing.assert_close(actual.double(), expected.double(), **tol)
+
+
+def close_grad(actual, expected, dtype, grad_logprobs, grad_entropy=None, temperature=1.0):
+    """|actual - expected| <= rtol |expected| + 1e-6 * (|g_logprobs| + |g_entropy|) / T per row
+    (plus fp16's subnormal spacing)."""
+    scale = grad_logprobs.double().abs()
+    if grad_entropy is not None:
+        scale = scale + grad_entropy.double().abs()
+    atol = 1e-6 * scale[..., None] / temperature + (6e-8 if dtype == torch.float16 else 0.0)
+    error = (actual.double() - expected.double()).abs()
+    bound = GRAD_RTOL[dtype] * expected.double().abs() + atol
+    worst = (error - bound).max() if error.numel() else torch.tensor(0.0)
+    assert worst <= 0, (f"gradient off by {float(error.max()):.3g} (bound exceeded by "
+                        f"{float(worst):.3g}); dtype {dtype}")
+
+
+def run(logits, labels, grad_logprobs, grad_entropy, **kwargs):
+    """Forward with entropy and backward with the given upstream grads; returns values and grad."""
+    leaf = logits.detach().clone().requires_grad_(True)
+    logprobs, entropy = pyalign.token_logprobs(leaf, labels, entropy=True, **kwargs)
+    torch.autograd.backward([logprobs, entropy], [grad_logprobs, grad_entropy])
+    return logprobs.detach(), entropy.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_values_entropy_and_grads_match_float64(backend, dtype, shape, temperature):
+    logits, labels = random_case(shape, dtype)
+    grad_logprobs = torch.randn(shape[:-1])
+    grad_entropy = torch.randn(shape[:-1])
+    logprobs, entropy, grad = run(logits, labels, grad_logprobs, grad_entropy,
+                                  temperature=temperature, backend=backend)
+    exp_lp, exp_ent, exp_grad = token_logprobs_and_grad64(logits, labels, grad_logprobs,
+                                                          grad_entropy, temperature=temperature)
+    assert logprobs.dtype == entropy.dtype == torch.float32
+    assert logprobs.shape == entropy.shape == labels.shape
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    close(logprobs, exp_lp, **FORWARD_TOL)
+    close(entropy, exp_ent, **FORWARD_TOL)
+    close_grad(grad, exp_grad, dtype, grad_logprobs, grad_entropy, temperature)
+    ignored = labels == IGNORE
+    assert torch.all(logprobs[ignored] == 0) and torch.all(entropy[ignored] == 0)
+    assert torch.all(grad[ignored] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("used", ["logprobs", "entropy"])
+def test_one_output_used(backend, used):
+    """Backward through only one of the two outputs (the other's grad is absent)."""
+    logits, labels = random_case((6, 37), torch.float32)
+    leaf = logits.clone().requires_grad_(True)
+    logprobs, entropy = pyalign.token_logprobs(leaf, labels, entropy=True, backend=backend)
+    upstream = torch.randn(6)
+    (logprobs if used == "logprobs" else entropy).backward(upstream)
+    zeros = torch.zeros(6)
+    grads = (upstream, zeros) if used == "logprobs" else (zeros, upstream)
+    _, _, exp_grad = token_logprobs_and_grad64(logits, labels, *grads)
+    close_grad(leaf.grad, exp_grad, torch.float32, *grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_entropy_returns_logprobs_only(backend):
+    logits, labels = random_case((2, 3, 50), torch.bfloat16)
+    leaf = logits.clone().requires_grad_(True)
+    logprobs = pyalign.token_logprobs(leaf, labels, backend=backend)
+    assert isinstance(logprobs, torch.Tensor) and logprobs.shape == (2, 3)
+    upstream = torch.randn(2, 3)
+    logprobs.backward(upstream)
+    exp_lp, _, exp_grad = token_logprobs_and_grad64(logits, labels, upstream)
+    close(logprobs, exp_lp, **FORWARD_TOL)
+    close_grad(leaf.grad, exp_grad, torch.bfloat16, upstream)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_labels(backend):
+    logits, labels = random_case((5, 40), torch.float32)
+    expected = pyalign.token_logprobs(logits, labels, backend=backend)
+    actual = pyalign.token_logprobs(logits, labels.to(torch.int32), backend=backend)
+    assert torch.equal(actual, expected)
+
+
+def test_gradcheck_float64():
+    """The eager backend computes in float64 for float64 inputs: its hand-written backward
+    (logprobs and entropy, temperature, ignored rows) against finite differences."""
+    logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 6, IGNORE, 3, 2])
+
+    def logprobs_and_entropy(x):
+        return pyalign.token_logprobs(x, labels, entropy=True, temperature=0.7)
+
+    assert torch.autograd.gradcheck(logprobs_and_entropy, (logits,))
+    logprobs, entropy = logprobs_and_entropy(logits)
+    assert logprobs.dtype == torch.float64
+    exp_lp, exp_ent, _ = token_logprobs_and_grad64(logits, labels, torch.ones(5), temperature=0.7)
+    close(logprobs, exp_lp, rtol=1e-12, atol=1e-12)
+    close(entropy, exp_ent, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_masked_vocabulary(backend, dtype, temperature):
+    """-inf logits (masked vocabulary) away from the label: finite values, zero grad there."""
+    logits, labels = random_case((4, 300), dtype)
+    labels[:] = torch.tensor([0, 150, 299, 7])
+    masked = torch.zeros(4, 300, dtype=torch.bool)
+    masked[0, 1:200] = True
+    masked[1, ::2] = True  # every even id, the label 150 is even: unmask it below
+    masked[1, 150] = False
+    masked[2, :299] = True  # only the label survives: logprob 0, entropy 0
+    masked[3, 100:] = True
+    logits = logits.masked_fill(masked, float("-inf"))
+    grad_logprobs, grad_entropy = torch.randn(4), torch.randn(4)
+    logprobs, entropy, grad = run(logits, labels, grad_logprobs, grad_entropy,
+                                  temperature=temperature, backend=backend)
+    exp_lp, exp_ent, exp_grad = token_logprobs_and_grad64(logits, labels, grad_logprobs,
+                                                          grad_entropy, temperature=temperature)
+    assert torch.isfinite(logprobs).all() and torch.isfinite(entropy).all()
+    assert torch.isfinite(grad).all()
+    close(logprobs, exp_lp, **FORWARD_TOL)
+    close(entropy, exp_ent, **FORWARD_TOL)
+    close_grad(grad, exp_grad, dtype, grad_logprobs, grad_entropy, temperature)
+    assert torch.all(grad[masked] == 0)
+    assert logprobs[2] == 0 and entropy[2] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_masked_label_gives_minus_inf_and_no_nan_grad(backend, dtype):
+    logits, labels = random_case((3, 64), dtype)
+    labels[:] = torch.tensor([5, 9, 63])
+    logits[1, 9] = float("-inf")
+    logits[1, 30:40] = float("-inf")
+    grad_logprobs, grad_entropy = torch.randn(3), torch.randn(3)
+    logprobs, entropy, grad = run(logits, labels, grad_logprobs, grad_entropy, backend=backend)
+    exp_lp, exp_ent, exp_grad = token_logprobs_and_grad64(logits, labels, grad_logprobs,
+                                                          grad_entropy)
+    assert logprobs[1] == -math.inf
+    assert torch.isfinite(logprobs[[0, 2]]).all()
+    assert not torch.isnan(grad).any() and not torch.isnan(entropy).any()
+    close(logprobs, exp_lp, **FORWARD_TOL)
+    close(entropy, exp_ent, **FORWARD_TOL)
+    close_grad(grad, exp_grad, dtype, grad_logprobs, grad_entropy)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(4, 33), (0, 33), (2, 0, 33), (3, 2, 1)], ids=str)
+def test_all_ignored_and_empty_give_zeros_and_zero_grad(backend, shape):
+    logits = torch.randn(shape) * 2
+    labels = torch.full(shape[:-1], IGNORE)
+    logits.requires_grad_(True)
+    logprobs, entropy = pyalign.token_logprobs(logits, labels, entropy=True, backend=backend)
+    assert logprobs.shape == entropy.shape == labels.shape
+    assert torch.all(logprobs == 0) and torch.all(entropy == 0)
+    (logprobs.sum() + entropy.sum()).backward()
+    assert logits.grad.shape == logits.shape
+    assert torch.all(logits.grad == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ignore_index(backend):
+    logits, labels = random_case((6, 20), torch.float32)
+    labels[labels == IGNORE] = -1
+    labels[2] = -1
+    logprobs = pyalign.token_logprobs(logits, labels, ignore_index=-1, backend=backend)
+    expected, _, _ = token_logprobs_and_grad64(logits, labels, torch.ones(6), ignore_index=-1)
+    assert torch.all(logprobs[labels == -1] == 0)
+    close(logprobs, expected, **FORWARD_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", ["transposed", "sliced_vocab", "strided_rows"])
+def test_non_contiguous_logits(backend, view):
+    vocab = 97
+    if view == "transposed":  # [V, N] storage read as [N, V]: stride(-1) != 1
+        base = torch.randn(vocab, 6) * 3
+        make = lambda b: b.t()  # noqa: E731
+    elif view == "sliced_vocab":  # a [B, T, V] view into a wider buffer: rows of stride V + 11
+        base = torch.randn(2, 3, vocab + 11) * 3
+        make = lambda b: b[..., 5:5 + vocab]  # noqa: E731
+    else:  # every other row of a buffer
+        base = torch.randn(12, vocab) * 3
+        make = lambda b: b[::2]  # noqa: E731
+    logits = make(base)
+    assert not logits.is_contiguous()
+    labels = torch.randint(0, vocab, logits.shape[:-1])
+    labels.view(-1)[1] = IGNORE
+    grad_logprobs = torch.randn(labels.shape)
+    grad_entropy = torch.randn(labels.shape)
+    base_leaf = base.clone().requires_grad_(True)
+    logprobs, entropy = pyalign.token_logprobs(make(base_leaf), labels, entropy=True,
+                                               temperature=1.3, backend=backend)
+    torch.autograd.backward([logprobs, entropy], [grad_logprobs, grad_entropy])
+    exp_lp, exp_ent, exp_grad = token_logprobs_and_grad64(logits, labels, grad_logprobs,
+                                                          grad_entropy, temperature=1.3)
+    close(logprobs, exp_lp, **FORWARD_TOL)
+    close(entropy, exp_ent, **FORWARD_TOL)
+    close_grad(make(base_leaf.grad), exp_grad, torch.float32, grad_logprobs, grad_entropy, 1.3)
+    outside_view = torch.ones_like(base, dtype=torch.bool)
+    make(outside_view).fill_(False)
+    assert torch.all(base_leaf.grad[outside_view] == 0)
+    assert torch.equal(base_leaf.detach(), base)  # the caller's buffer is not written
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inplace_backward_matches_out_of_place(backend, dtype):
+    """inplace_backward=True reuses the logits buffer for the gradient: the same gradients reach
+    the inputs of the layer that produced the logits."""
+    rows, hidden_size, vocab = 12, 16, 301
+    hidden = torch.randn(rows, hidden_size).to(dtype)
+    head = (torch.randn(vocab, hidden_size) / 2).to(dtype)
+    labels = torch.randint(0, vocab, (rows,))
+    labels[4] = IGNORE
+    grad_logprobs, grad_entropy = torch.randn(rows), torch.randn(rows)
+    grads = {}
+    for inplace in (False, True):
+        hidden_leaf = hidden.clone().requires_grad_(True)
+        head_leaf = head.clone().requires_grad_(True)
+        logits = hidden_leaf @ head_leaf.t()
+        logprobs, entropy = pyalign.token_logprobs(logits, labels, entropy=True, temperature=0.8,
+                                                   backend=backend, inplace_backward=inplace)
+        torch.autograd.backward([logprobs, entropy], [grad_logprobs, grad_entropy])
+        grads[inplace] = (hidden_leaf.grad, head_leaf.grad)
+    assert torch.equal(grads[True][0], grads[False][0])
+    assert torch.equal(grads[True][1], grads[False][1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_on_a_leaf(backend):
+    logits, labels = random_case((5, 70), torch.float32)
+    upstream = torch.randn(5)
+    out_of_place = logits.clone().requires_grad_(True)
+    pyalign.token_logprobs(out_of_place, labels, backend=backend).backward(upstream)
+    in_place = logits.clone().requires_grad_(True)
+    pyalign.token_logprobs(in_place, labels, backend=backend, inplace_backward=True).backward(upstream)
+    assert torch.equal(in_place.grad, out_of_place.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_row_stays_in_its_row(backend, dtype):
+    logits, labels = random_case((5, 129), dtype)
+    labels[2] = 17
+    logits[2, 40] = float("nan")
+    grad_logprobs, grad_entropy = torch.randn(5), torch.randn(5)
+    logprobs, entropy, grad = run(logits, labels, grad_logprobs, grad_entropy, backend=backend)
+    assert torch.isnan(logprobs[2])
+    assert torch.isnan(entropy[2]), f"entropy of a NaN row is {float(entropy[2])}, not NaN"
+    others = [0, 1, 3, 4]
+    exp_lp, exp_ent, exp_grad = token_logprobs_and_grad64(logits[others], labels[others],
+                                                          grad_logprobs[others],
+                                                          grad_entropy[others])
+    close(logprobs[others], exp_lp, **FORWARD_TOL)
+    close(entropy[others], exp_ent, **FORWARD_TOL)
+    close_grad(grad[others], exp_grad, dtype, grad_logprobs[others], grad_entropy[others])
+    assert torch.isnan(grad[2]).any()

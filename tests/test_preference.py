@@ -1,0 +1,243 @@
+"""pyalign.preference_loss (all eleven TRL loss names), kto_loss and linear_preference_loss
+against float64: the ALGORITHMS.md table (tests/oracle.py) for values, autograd through it for
+gradients, on every CPU backend."""
+import math
+
+import pytest
+import torch
+
+import pyalign
+from oracle import (IGNORE, grads64, kto64, linear_logits64, preference64, sequence_logprobs64,
+                    token_logprobs64)
+
+BACKENDS = [b for b in pyalign.backends.available("preference", "cpu") if b != "triton"]
+LOSS_NAMES = ["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
+              "sppo_hard", "apo_zero", "apo_down", "discopop"]
+SMOOTHED = ["sigmoid", "robust", "exo_pair"]
+EXO_DEFAULT_EPS = 1e-3  # TRL's substitute for exo_pair's label_smoothing = 0
+
+
+def random_pairs(batch, dtype=torch.float32):
+    """Sequence log-probs of realistic size (-20..-80) with ratios of a few nats."""
+    ref_chosen = -20 - 60 * torch.rand(batch)
+    ref_rejected = -20 - 60 * torch.rand(batch)
+    policy_chosen = ref_chosen + torch.randn(batch) * 3
+    policy_rejected = ref_rejected + torch.randn(batch) * 3
+    return [t.to(dtype) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)]
+
+
+def oracle_eps(loss, label_smoothing):
+    return EXO_DEFAULT_EPS if loss == "exo_pair" and label_smoothing == 0 else label_smoothing
+
+
+def run(inputs, upstream, **kwargs):
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    out = pyalign.preference_loss(*leaves, **kwargs)
+    out.loss.backward(upstream)
+    return out, [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_losses_and_grads_match_float64(backend, loss, beta, dtype):
+    inputs = random_pairs(9, dtype)
+    upstream = torch.randn(9)
+    out, grads = run(inputs, upstream, loss=loss, beta=beta, reduction="none", backend=backend)
+    eps = oracle_eps(loss, 0.0)
+    expected, exp_grads = grads64(lambda *t: preference64(*t, loss, beta, eps), inputs, upstream)
+    assert out.loss.dtype == torch.float32 and out.loss.shape == (9,)
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    grad_tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+    for grad, exp_grad in zip(grads, exp_grads):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.double(), exp_grad, **grad_tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", SMOOTHED)
+@pytest.mark.parametrize("label_smoothing", [0.1, 0.3])
+def test_label_smoothing(backend, loss, label_smoothing):
+    inputs = random_pairs(7)
+    upstream = torch.randn(7)
+    out, grads = run(inputs, upstream, loss=loss, beta=0.2, label_smoothing=label_smoothing,
+                     reduction="none", backend=backend)
+    expected, exp_grads = grads64(lambda *t: preference64(*t, loss, 0.2, label_smoothing), inputs,
+                                  upstream)
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    for grad, exp_grad in zip(grads, exp_grads):
+        torch.testing.assert_close(grad.double(), exp_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_gradcheck_float64(loss):
+    """The eager backend's closed-form gradients, in float64, against finite differences."""
+    inputs = [t.double().requires_grad_(True) for t in random_pairs(5)]
+    eps = 0.2 if loss in SMOOTHED else 0.0
+    assert torch.autograd.gradcheck(
+        lambda *t: pyalign.preference_loss(*t, loss=loss, beta=0.3, label_smoothing=eps,
+                                           reduction="none").loss, inputs)
+    losses = pyalign.preference_loss(*inputs, loss=loss, beta=0.3, label_smoothing=eps,
+                                     reduction="none").loss
+    assert losses.dtype == torch.float64
+    torch.testing.assert_close(losses, preference64(*inputs, loss, 0.3, oracle_eps(loss, eps)),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "bco_pair"])
+def test_reductions_rewards_and_margins(backend, reduction, loss):
+    inputs = random_pairs(6)
+    beta = 0.25
+    upstream = torch.randn(6) if reduction == "none" else torch.tensor(1.7)
+    out, grads = run(inputs, upstream, loss=loss, beta=beta, reduction=reduction, backend=backend)
+    reduce = {"mean": lambda v: v.mean(), "sum": lambda v: v.sum(), "none": lambda v: v}[reduction]
+    expected, exp_grads = grads64(lambda *t: reduce(preference64(*t, loss, beta)), inputs, upstream)
+    assert out.loss.shape == expected.shape
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    for grad, exp_grad in zip(grads, exp_grads):
+        torch.testing.assert_close(grad.double(), exp_grad, rtol=1e-5, atol=1e-6)
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = (t.double() for t in inputs)
+    chosen_rewards = beta * (policy_chosen - ref_chosen)
+    rejected_rewards = beta * (policy_rejected - ref_rejected)
+    for name, value, exp in (("chosen_rewards", out.chosen_rewards, chosen_rewards),
+                             ("rejected_rewards", out.rejected_rewards, rejected_rewards),
+                             ("margins", out.margins, chosen_rewards - rejected_rewards)):
+        assert not value.requires_grad, f"{name} must be detached"
+        assert value.shape == (6,), name
+        torch.testing.assert_close(value.double(), exp, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    leaves = [torch.empty(0, requires_grad=True) for _ in range(4)]
+    out = pyalign.preference_loss(*leaves, backend=backend)
+    assert out.loss.shape == () and out.loss == 0
+    out.loss.backward()
+    assert all(leaf.grad.shape == (0,) for leaf in leaves)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_nan_pair_stays_in_its_pair(backend, loss):
+    inputs = random_pairs(5)
+    inputs[0][2] = float("nan")
+    out, grads = run(inputs, torch.ones(5), loss=loss, reduction="none", backend=backend)
+    others = torch.arange(5) != 2
+    assert torch.isnan(out.loss[2])
+    expected = preference64(*inputs, loss, 0.1, oracle_eps(loss, 0.0))
+    torch.testing.assert_close(out.loss[others].double(), expected[others], rtol=1e-5, atol=1e-6)
+    assert all(torch.isfinite(grad[others]).all() for grad in grads)
+
+
+# ------------------------------------------------------------------------------------------ KTO
+
+@pytest.mark.parametrize("kl_shape", [(), (8,)], ids=["scalar_kl", "per_example_kl"])
+@pytest.mark.parametrize("kl_sign", [1.0, -1.0], ids=["kl_pos", "kl_neg_clamped"])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (2.0, 0.5)], ids=str)
+def test_kto_matches_float64(kl_shape, kl_sign, weights):
+    ref_logps = -20 - 60 * torch.rand(8)
+    policy_logps = ref_logps + torch.randn(8) * 3
+    desirable = torch.tensor([True, False, True, True, False, False, True, False])
+    kl = kl_sign * (0.5 + torch.rand(kl_shape))
+    beta = 0.3
+    leaves = [policy_logps.clone().requires_grad_(True), ref_logps.clone().requires_grad_(True)]
+    kl_leaf = kl.clone().requires_grad_(True)
+    out = pyalign.kto_loss(*leaves, desirable, kl_leaf, beta=beta, desirable_weight=weights[0],
+                           undesirable_weight=weights[1])
+    out.loss.backward()
+    expected, exp_grads = grads64(lambda p, r: kto64(p, r, desirable, kl, beta, *weights),
+                                  [policy_logps, ref_logps])
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    for leaf, exp_grad in zip(leaves, exp_grads):
+        torch.testing.assert_close(leaf.grad.double(), exp_grad, rtol=1e-5, atol=1e-7)
+    assert kl_leaf.grad is None or torch.all(kl_leaf.grad == 0), "z0 must be detached"
+    torch.testing.assert_close(out.kl.double(), torch.clamp(kl.double().mean(), min=0))
+    torch.testing.assert_close(out.rewards.double(), beta * (policy_logps.double() - ref_logps.double()),
+                               rtol=1e-5, atol=1e-6)
+    assert not out.rewards.requires_grad
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_kto_reductions(reduction):
+    ref_logps = -30 * torch.rand(5)
+    policy_logps = ref_logps + torch.randn(5)
+    desirable = torch.tensor([True, False, True, False, False])
+    kl = torch.tensor(0.4)
+    out = pyalign.kto_loss(policy_logps, ref_logps, desirable, kl, beta=0.2, reduction=reduction)
+    per_example = torch.stack([kto64(policy_logps[i:i + 1], ref_logps[i:i + 1], desirable[i:i + 1],
+                                     kl, 0.2) for i in range(5)])
+    expected = per_example.sum() if reduction == "sum" else per_example
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------- linear_preference_loss
+
+def linear_case(pairs=3, tokens=6, hidden_size=8, vocab=37, seed_prompt=2):
+    hidden = torch.randn(2 * pairs, tokens, hidden_size)
+    weight = torch.randn(vocab, hidden_size) / hidden_size ** 0.5
+    labels = torch.randint(0, vocab, (2 * pairs, tokens))
+    labels[:, :seed_prompt] = IGNORE  # prompt positions
+    labels[0, -1] = IGNORE  # padding
+    labels[-1, -2:] = IGNORE
+    return hidden, weight, labels
+
+
+def linear_oracle64(hidden, weight, labels, ref_logps, loss, beta, average):
+    mask = labels != IGNORE
+    token_logps = token_logprobs64(linear_logits64(hidden, weight), labels)
+    policy_logps = sequence_logprobs64(token_logps, mask, average)
+    pairs = hidden.shape[0] // 2
+    return preference64(policy_logps[:pairs], policy_logps[pairs:], ref_logps[:pairs],
+                        ref_logps[pairs:], loss, beta).mean()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("average_log_prob", [False, True], ids=["sum", "avg"])
+@pytest.mark.parametrize("reference", ["ref_logps", "ref_hidden", "ref_weight"])
+def test_linear_preference_loss_matches_float64(backend, loss, average_log_prob, reference):
+    hidden, weight, labels = linear_case()
+    ref_hidden = hidden + 0.3 * torch.randn(hidden.shape)
+    ref_weight = weight + 0.1 * torch.randn(weight.shape) if reference == "ref_weight" else weight
+    with torch.no_grad():
+        ref_logps64 = sequence_logprobs64(token_logprobs64(linear_logits64(ref_hidden, ref_weight),
+                                                           labels), labels != IGNORE, average_log_prob)
+    kwargs = dict(ref_logps=ref_logps64.float()) if reference == "ref_logps" else dict(ref_hidden=ref_hidden)
+    if reference == "ref_weight":
+        kwargs["ref_weight"] = ref_weight
+    hidden_leaf = hidden.clone().requires_grad_(True)
+    weight_leaf = weight.clone().requires_grad_(True)
+    out = pyalign.linear_preference_loss(hidden_leaf, weight_leaf, labels, loss=loss, beta=0.2,
+                                         average_log_prob=average_log_prob, chunk_size=5,
+                                         backend=backend, **kwargs)
+    out.loss.backward()
+    expected, (exp_grad_hidden, exp_grad_weight) = grads64(
+        lambda h, w: linear_oracle64(h, w, labels, ref_logps64, loss, 0.2, average_log_prob),
+        [hidden, weight])
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden_leaf.grad.double(), exp_grad_hidden, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weight_leaf.grad.double(), exp_grad_weight, rtol=1e-4, atol=1e-6)
+    assert torch.all(hidden_leaf.grad[labels == IGNORE] == 0)
+    pairs = hidden.shape[0] // 2
+    policy_logps = sequence_logprobs64(token_logprobs64(linear_logits64(hidden, weight), labels),
+                                       labels != IGNORE, average_log_prob)
+    rewards = 0.2 * (policy_logps - ref_logps64)
+    torch.testing.assert_close(out.chosen_rewards.double(), rewards[:pairs], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.rejected_rewards.double(), rewards[pairs:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_preference_loss_reference_gets_no_gradient(backend):
+    hidden, weight, labels = linear_case()
+    ref_hidden = (hidden + 0.3 * torch.randn(hidden.shape)).requires_grad_(True)
+    ref_weight = (weight + 0.1).requires_grad_(True)
+    weight_leaf = weight.clone().requires_grad_(True)
+    out = pyalign.linear_preference_loss(hidden, weight_leaf, labels, ref_hidden=ref_hidden,
+                                         ref_weight=ref_weight, backend=backend)
+    out.loss.backward()
+    assert ref_hidden.grad is None and ref_weight.grad is None
+    assert weight_leaf.grad is not None and torch.isfinite(weight_leaf.grad).all()
+    assert not math.isnan(float(out.loss.detach()))

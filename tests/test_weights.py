@@ -1,0 +1,203 @@
+"""pyalign.ema_ / lerp_ / copy_ (in-place multi-tensor updates) on every CPU backend against
+float64 formulas: on a real transformers model (2-layer Llama, tiny hidden size), fp32 targets of
+bf16 sources, lists of tensors of awkward sizes; and the errors for mismatched inputs."""
+import pytest
+import torch
+from torch import nn
+
+import pyalign
+from oracle import ema64, lerp64
+
+BACKENDS = [b for b in pyalign.backends.available("weights", "cpu") if b != "triton"]
+# The exact result rounded once into the target: half an ulp of the target dtype, relative.
+ROUNDING = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def expected64(kind, target, source, scalar):
+    if kind == "ema":
+        return ema64(target, source, scalar)
+    if kind == "lerp":
+        return lerp64(target, source, scalar)
+    return source.double()
+
+
+def assert_rounded_from(actual, exact, operands, name=""):
+    """``actual`` equals ``exact`` (float64) up to one rounding into actual's dtype, after fp32
+    arithmetic whose error scales with the operands (|t| + |s|: lerp cancels near t = s), and
+    float16's subnormal spacing."""
+    scale = sum(operand.double().abs() for operand in operands)
+    subnormal = 2.0 ** -25 if actual.dtype == torch.float16 else 0.0
+    bound = ROUNDING[actual.dtype] * exact.abs() + 4 * 2.0 ** -24 * scale + subnormal
+    error = (actual.double() - exact).abs()
+    assert torch.all(error <= bound), f"{name}: max error {float(error.max()):.3g} ({actual.dtype})"
+
+
+def apply(kind, targets, sources, scalar, **kwargs):
+    if kind == "ema":
+        pyalign.ema_(targets, sources, scalar, **kwargs)
+    elif kind == "lerp":
+        pyalign.lerp_(targets, sources, scalar, **kwargs)
+    else:
+        pyalign.copy_(targets, sources, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def llama_pair():
+    """Two independently initialised 2-layer Llama models: an fp32 one and a bf16 one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    torch.manual_seed(0)
+    target = LlamaForCausalLM(config)
+    source = LlamaForCausalLM(config)
+    with torch.no_grad():  # norms initialise to ones: make every parameter differ between models
+        for param in list(target.parameters()) + list(source.parameters()):
+            param.add_(torch.randn_like(param) * 0.1)
+    return target, source.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,scalar", [("ema", 0.995), ("ema", 0.3), ("lerp", 0.6),
+                                         ("lerp", 1.0), ("copy", None)])
+def test_llama_model_fp32_target_bf16_source(llama_pair, backend, kind, scalar):
+    target_model, source_model = llama_pair
+    target = type(target_model)(target_model.config)
+    target.load_state_dict(target_model.state_dict())
+    before = {name: p.detach().clone() for name, p in target.named_parameters()}
+    sources = dict(source_model.named_parameters())
+    apply(kind, target, source_model, scalar, backend=backend)
+    assert len(before) == 21
+    for name, param in target.named_parameters():
+        assert param.dtype == torch.float32 and param.requires_grad
+        exact = expected64(kind, before[name], sources[name].detach(), scalar)
+        assert_rounded_from(param.detach(), exact, (before[name], sources[name].detach()), name)
+    for name, param in source_model.named_parameters():  # sources are read only
+        assert param.dtype == torch.bfloat16
+    assert torch.equal(source_model.state_dict()["lm_head.weight"],
+                       llama_pair[1].state_dict()["lm_head.weight"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameter_lists_and_no_autograd(llama_pair, backend):
+    """Lists of nn.Parameter that require grad are updated in place without autograd errors,
+    and the result of two chained updates matches the formulas."""
+    target_model, source_model = llama_pair
+    targets = [p.detach().clone().requires_grad_(True) for p in target_model.parameters()]
+    targets = [nn.Parameter(t) for t in targets]
+    sources = list(source_model.parameters())
+    start = [t.detach().double() for t in targets]
+    pyalign.ema_(targets, sources, 0.9, backend=backend)
+    pyalign.lerp_(targets, sources, 0.25, backend=backend)
+    for target, initial, source in zip(targets, start, sources):
+        assert target.grad_fn is None and target.requires_grad
+        exact = lerp64(ema64(initial, source.detach(), 0.9), source.detach(), 0.25)
+        assert_rounded_from(target.detach(), exact, (initial, source.detach()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,scalar", [("ema", 0.99), ("lerp", 0.37), ("copy", None)])
+@pytest.mark.parametrize("target_dtype,source_dtype", [
+    (torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.float32, torch.float16)],
+    ids=lambda d: str(d).replace("torch.", ""))
+def test_tensor_lists_of_awkward_sizes(backend, kind, scalar, target_dtype, source_dtype):
+    shapes = [(1,), (0,), (7, 3), (100003,), (2, 1, 5), ()]
+    targets = [torch.randn(shape).to(target_dtype) for shape in shapes]
+    sources = [torch.randn(shape).to(source_dtype) for shape in shapes]
+    start = [t.double() for t in targets]
+    source_copies = [s.clone() for s in sources]
+    apply(kind, targets, sources, scalar, backend=backend)
+    for target, initial, source, shape in zip(targets, start, sources, shapes):
+        assert target.dtype == target_dtype and target.shape == shape
+        assert_rounded_from(target, expected64(kind, initial, source, scalar), (initial, source),
+                            str(shape))
+    assert all(torch.equal(s, c) for s, c in zip(sources, source_copies))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("decay,expected_from", [(1.0, "target"), (0.0, "source")])
+def test_ema_endpoints(backend, decay, expected_from):
+    targets = [torch.randn(33), torch.randn(4, 4)]
+    sources = [torch.randn(33), torch.randn(4, 4)]
+    expected = [t.clone() for t in (targets if expected_from == "target" else sources)]
+    pyalign.ema_(targets, sources, decay, backend=backend)
+    assert all(torch.equal(t, e) for t, e in zip(targets, expected))
+
+
+def test_non_contiguous_and_float64_run_on_eager():
+    base = torch.randn(10, 8, dtype=torch.float64)
+    target = base[:, ::2]  # a strided view: updated through the view
+    source = torch.randn(10, 4, dtype=torch.float64)
+    exact = lerp64(target, source, 0.4)
+    pyalign.lerp_([target], [source], 0.4)
+    torch.testing.assert_close(base[:, ::2], exact, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_include_buffers(backend):
+    """Buffers (BatchNorm running statistics) move with include_buffers=True; the integer
+    num_batches_tracked is left alone."""
+    target, source = nn.BatchNorm1d(6), nn.BatchNorm1d(6)
+    with torch.no_grad():
+        for module in (target, source):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2)
+            module.weight.normal_()
+    source.num_batches_tracked.fill_(5)
+    mean_before = target.running_mean.clone()
+    pyalign.ema_(target, source, 0.5, backend=backend)
+    assert torch.equal(target.running_mean, mean_before)  # parameters only by default
+    pyalign.ema_(target, source, 0.5, include_buffers=True, backend=backend)
+    assert_rounded_from(target.running_mean, ema64(mean_before, source.running_mean, 0.5),
+                        (mean_before, source.running_mean))
+    assert target.num_batches_tracked == 0
+    pyalign.copy_(target, source, include_buffers=True, backend=backend)
+    assert torch.equal(target.running_var, source.running_var)
+
+
+def test_nan_propagates_to_its_element_only():
+    targets = [torch.randn(9)]
+    sources = [torch.randn(9)]
+    sources[0][4] = float("nan")
+    start = targets[0].double()
+    pyalign.ema_(targets, sources, 0.9)
+    assert torch.isnan(targets[0][4])
+    others = torch.arange(9) != 4
+    assert_rounded_from(targets[0][others], ema64(start, sources[0], 0.9)[others],
+                        (start[others], sources[0][others]))
+
+
+@pytest.mark.parametrize("kind", ["ema", "lerp", "copy"])
+def test_errors(kind):
+    scalar = 0.5
+    with pytest.raises(ValueError, match="differ in length: 2 vs 1"):
+        apply(kind, [torch.zeros(3), torch.zeros(2)], [torch.zeros(3)], scalar)
+    with pytest.raises(ValueError, match=r"tensor 1: target shape \(2,\) != source shape \(3,\)"):
+        apply(kind, [torch.zeros(3), torch.zeros(2)], [torch.zeros(3), torch.zeros(3)], scalar)
+    with pytest.raises(ValueError, match="target on cpu, source on meta"):
+        apply(kind, [torch.zeros(3)], [torch.zeros(3, device="meta")], scalar)
+    with pytest.raises(TypeError, match=r"sources\[1\] is a float, not a tensor"):
+        apply(kind, [torch.zeros(3), torch.zeros(1)], [torch.zeros(3), 1.0], scalar)
+    with pytest.raises(TypeError, match="targets must be an nn.Module or a list of tensors"):
+        apply(kind, 3, [torch.zeros(3)], scalar)
+    with pytest.raises(TypeError, match="weight ops take floating tensors"):
+        apply(kind, [torch.zeros(3, dtype=torch.int64)], [torch.zeros(3)], scalar)
+    with pytest.raises(ValueError, match="differ in length"):
+        apply(kind, nn.Linear(3, 2), nn.Linear(3, 2, bias=False), scalar)
+
+
+def test_scalar_range_errors():
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="decay must be in"):
+            pyalign.ema_([torch.zeros(2)], [torch.zeros(2)], bad)
+        with pytest.raises(ValueError, match="weight must be in"):
+            pyalign.lerp_([torch.zeros(2)], [torch.zeros(2)], bad)
+
+
+def test_errors_leave_targets_untouched():
+    """Validation runs before any update: a bad pair at the end leaves the first one as it was."""
+    first = torch.randn(5)
+    before = first.clone()
+    with pytest.raises(ValueError):
+        pyalign.lerp_([first, torch.zeros(2)], [torch.randn(5), torch.zeros(3)], 0.5)
+    assert torch.equal(first, before)
