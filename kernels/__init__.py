@@ -27,9 +27,6 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def as_fp32_vector(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous fp32 1-D view or copy (per-row vectors are tiny next to the logits)."""
+    """A contiguous fp32 1-D view or copy. Per-token vectors are tiny next to the logits, and one
+    fp32 layout keeps the compiled kernel variants few."""
     return tensor.reshape(-1).to(torch.float32).contiguous()
-
-
-def next_power_of_2(value: int) -> int:
-    return 1 << max(0, int(value) - 1).bit_length()

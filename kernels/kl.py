@@ -92,11 +92,6 @@ def kl_backward_kernel(grad_kl_ptr, logprobs_ptr, ref_logprobs_ptr, mask_ptr, gr
     tl.store(grad_ref_logprobs_ptr + offs, grad_diff, mask=in_range)
 
 
-def _fp32_flat(tensor: torch.Tensor) -> torch.Tensor:
-    # Per-token vectors are small: one fp32 layout keeps the compiled variants few.
-    return tensor.reshape(-1).to(torch.float32).contiguous()
-
-
 def _mask_flat(mask):
     # bytes, not i1: a bool load goes through a shared-memory layout conversion in Triton
     return None if mask is None else mask.reshape(-1).to(torch.bool).contiguous().view(torch.uint8)
@@ -111,7 +106,9 @@ def forward(logprobs, ref_logprobs, mask, estimator):
     if _eager_only(logprobs, ref_logprobs):
         return _reference.kl.forward(logprobs, ref_logprobs, mask, estimator)
     numel = logprobs.numel()
-    logprobs_flat, ref_flat, mask_flat = _fp32_flat(logprobs), _fp32_flat(ref_logprobs), _mask_flat(mask)
+    logprobs_flat = _kernels.as_fp32_vector(logprobs)
+    ref_flat = _kernels.as_fp32_vector(ref_logprobs)
+    mask_flat = _mask_flat(mask)
     kl = _kernels.new_output(numel, torch.float32, logprobs.device)
     kl_forward_kernel[(triton.cdiv(numel, BLOCK),)](
         logprobs_flat, ref_flat, logprobs_flat if mask_flat is None else mask_flat, kl, numel,
@@ -126,8 +123,10 @@ def backward(grad_kl, logprobs, ref_logprobs, mask, estimator):
     if _eager_only(logprobs, ref_logprobs):
         return _reference.kl.backward(grad_kl, logprobs, ref_logprobs, mask, estimator)
     numel = logprobs.numel()
-    logprobs_flat, ref_flat, mask_flat = _fp32_flat(logprobs), _fp32_flat(ref_logprobs), _mask_flat(mask)
-    grad_flat = _fp32_flat(grad_kl)
+    logprobs_flat = _kernels.as_fp32_vector(logprobs)
+    ref_flat = _kernels.as_fp32_vector(ref_logprobs)
+    mask_flat = _mask_flat(mask)
+    grad_flat = _kernels.as_fp32_vector(grad_kl)
     grad_logprobs = _kernels.new_output(numel, torch.float32, logprobs.device)
     grad_ref = _kernels.new_output(numel, torch.float32, logprobs.device)
     kl_backward_kernel[(triton.cdiv(numel, BLOCK),)](

@@ -34,7 +34,7 @@ from pyalign import reference as _reference
 # Tiles per input dtype: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps), forward and backward. fp32 runs
 # IEEE fp32 dots (no tensor cores), so it gets smaller tiles.
 FORWARD_TILES = {"fp32": (32, 64, 32, 8), "bf16": (64, 128, 64, 8), "fp16": (64, 128, 64, 8)}
-BACKWARD_TILES = {"fp32": (32, 64, 32, 8), "bf16": (64, 64, 64, 8), "fp16": (64, 64, 64, 8)}
+BACKWARD_TILES = {"fp32": (32, 32, 32, 4), "bf16": (64, 64, 64, 8), "fp16": (64, 64, 64, 8)}
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def linear_logprobs_forward_kernel(
     sum_exp_shifted = tl.zeros([BLOCK_N], tl.float32)
     label_logit = tl.zeros([BLOCK_N], tl.float32)
     for v0 in range(0, vocab, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # cols * stride_wv can pass 2^31
         col_ok = cols < vocab
         scaled = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
                              hidden_size, stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
@@ -256,8 +256,8 @@ def compile_configs():
                            "lse_ptr": "*fp32", **common},
                 # unit column strides: the JIT specializes a stride of 1 the same way
                 constexprs={"stride_hk": 1, "stride_wk": 1, "WITH_ENTROPY": flag,
-                            "DOT_PRECISION": _dot_precision(dtype_name), "UPCAST": False, "BLOCK_N": block_n,
-                            "BLOCK_V": block_v, "BLOCK_H": block_h},
+                            "DOT_PRECISION": _dot_precision(dtype_name), "UPCAST": False,
+                            "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h},
                 aligned=("hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr", "logprobs_ptr",
                          "entropy_ptr", "lse_ptr", "vocab", "hidden_size", "stride_hn",
                          "stride_wv"),
@@ -272,8 +272,8 @@ def compile_configs():
                            "entropy_ptr": "*fp32", "grad_hidden_ptr": "*fp32",
                            "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32", **common},
                 constexprs={"stride_hk": 1, "stride_wk": 1, "HAS_GRAD_ENTROPY": flag,
-                            "DOT_PRECISION": _dot_precision(dtype_name), "UPCAST": False, "BLOCK_N": block_n,
-                            "BLOCK_V": block_v, "BLOCK_H": block_h},
+                            "DOT_PRECISION": _dot_precision(dtype_name), "UPCAST": False,
+                            "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h},
                 aligned=("hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr",
                          "grad_logprobs_ptr", "grad_entropy_ptr", "lse_ptr", "entropy_ptr",
                          "grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr", "vocab",

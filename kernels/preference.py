@@ -239,6 +239,8 @@ def sequence_preference_backward_kernel(
     _, d_chosen, d_rejected = _pair_loss_and_grads(chosen_ratio, rejected_ratio, loss_id, beta,
                                                    eps, log_one_minus_eps, log_eps, inv_tau)
     grad_seq = tl.load(grad_losses_ptr + pair) * tl.where(row < num_pairs, d_chosen, d_rejected)
+    if not REF_PER_TOKEN:
+        tl.store(grad_ref_ptr + row, -grad_seq)
     cols = tl.arange(0, BLOCK_T)
     mask_row_ptr = mask_ptr + row * mask_stride_row
     if average != 0:
@@ -247,9 +249,6 @@ def sequence_preference_backward_kernel(
             offs = start + cols
             count += tl.load(mask_row_ptr + offs, mask=offs < seq_len, other=0.0)
         grad_seq = grad_seq / tl.maximum(tl.sum(count, 0), 1.0)
-    if not REF_PER_TOKEN:
-        tl.store(grad_ref_ptr + row, -tl.load(grad_losses_ptr + pair)
-                 * tl.where(row < num_pairs, d_chosen, d_rejected))
     for start in range(0, seq_len, BLOCK_T):
         offs = start + cols
         in_row = offs < seq_len
@@ -272,10 +271,6 @@ def _loss_scalars(loss, beta, label_smoothing):
                 log_one_minus_eps=log_one_minus_eps, log_eps=log_eps, inv_tau=1.0 / DISCOPOP_TAU)
 
 
-def _fp32(tensor):
-    return tensor.reshape(-1).to(torch.float32).contiguous()
-
-
 def _eager_only(*tensors) -> bool:
     return tensors[0].numel() == 0 or any(t.dtype == torch.float64 for t in tensors)
 
@@ -289,7 +284,7 @@ def forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta
     num_pairs = policy_chosen.numel()
     losses = _kernels.new_output(num_pairs, torch.float32, policy_chosen.device)
     preference_forward_kernel[(triton.cdiv(num_pairs, BLOCK),)](
-        *(_fp32(t) for t in inputs), losses, num_pairs, **scalars, BLOCK=BLOCK,
+        *(_kernels.as_fp32_vector(t) for t in inputs), losses, num_pairs, **scalars, BLOCK=BLOCK,
         num_warps=NUM_WARPS)
     return losses.view(policy_chosen.shape)
 
@@ -304,7 +299,8 @@ def backward(grad_losses, policy_chosen, policy_rejected, ref_chosen, ref_reject
     num_pairs = policy_chosen.numel()
     grads = [_kernels.new_output(num_pairs, torch.float32, policy_chosen.device) for _ in inputs]
     preference_backward_kernel[(triton.cdiv(num_pairs, BLOCK),)](
-        _fp32(grad_losses), *(_fp32(t) for t in inputs), *grads, num_pairs, **scalars,
+        _kernels.as_fp32_vector(grad_losses), *(_kernels.as_fp32_vector(t) for t in inputs),
+        *grads, num_pairs, **scalars,
         BLOCK=BLOCK, num_warps=NUM_WARPS)
     return tuple(grad.view(t.shape).to(t.dtype) for grad, t in zip(grads, inputs))
 
@@ -366,7 +362,8 @@ def sequence_preference_backward(grad_losses, token_logprobs, mask, ref_logps, p
     if rows == 0:
         return grad_tokens, grad_ref
     sequence_preference_backward_kernel[(rows,)](
-        _fp32(grad_losses), mask, _fp32(policy_seq), _fp32(ref_seq), grad_tokens, grad_ref,
+        _kernels.as_fp32_vector(grad_losses), mask, _kernels.as_fp32_vector(policy_seq),
+        _kernels.as_fp32_vector(ref_seq), grad_tokens, grad_ref,
         rows // 2, seq_len, mask.stride(0), int(bool(average)), **scalars,
         REF_PER_TOKEN=ref_per_token, BLOCK_T=block_t or BLOCK_T, num_warps=NUM_WARPS)
     return grad_tokens, grad_ref

@@ -44,6 +44,7 @@ class Candidate:
     backend: Optional[str] = None
     bytes_moved: Optional[int] = None  # for a GB/s column
     status: str = "ok"
+    compiled: bool = False  # torch.compile: the first call compiles
 
 
 @dataclasses.dataclass
@@ -55,7 +56,8 @@ class Row:
     median_ms: Optional[float] = None
     min_ms: Optional[float] = None
     times_ms: list = dataclasses.field(default_factory=list)
-    first_call_s: Optional[float] = None  # the first (warm-up) call: includes torch.compile
+    first_call_s: Optional[float] = None  # the first call, when not under the memory probe:
+    # for a torch.compile row, the compile time
     peak_extra_mib: Optional[float] = None
     gbps: Optional[float] = None
     ratios: dict = dataclasses.field(default_factory=dict)  # label -> reference time / this time
@@ -135,7 +137,8 @@ def cpu_memory_probe() -> dict:
 
     expected = 12 * MIB
     measured = cpu_peak_extra_bytes(known_pattern)
-    return {"expected_mib": expected / MIB, "measured_mib": measured / MIB, "ok": measured == expected}
+    return {"expected_mib": expected / MIB, "measured_mib": measured / MIB,
+            "ok": measured == expected}
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -157,37 +160,40 @@ def _time_once(candidate: Candidate, device: torch.device) -> float:
     return time.perf_counter() - begin
 
 
-def _call(candidate: Candidate) -> None:
-    if candidate.setup is not None:
-        candidate.setup()
-    candidate.run()
+def _error_status(exc: Exception) -> str:
+    first_line = (str(exc).splitlines() or [""])[0]
+    return f"error: {type(exc).__name__}: {first_line[:160]}"
 
 
 def run_case(case: Case, device: torch.device, *, warmup: int = 1, reps: int = 3,
              measure_memory: bool = True, progress=None) -> list[Row]:
-    """Run every candidate of ``case``: warm-up, one call under the memory probe, then ``reps``
-    timed calls round-robin over the candidates. Returns one Row per candidate, ratios filled."""
+    """Run every candidate of ``case``: ``warmup`` untimed calls (at least two for a
+    torch.compile candidate, whose first call compiles), the last of them under the memory
+    probe, then ``reps`` timed calls round-robin over the candidates. Returns one Row per
+    candidate, ratios filled."""
     rows = {c.name: Row(c.name, c.kind, c.backend, c.status) for c in case.candidates}
     runnable = []
     for candidate in case.candidates:
         if candidate.status != "ok" or candidate.run is None:
             continue
         row = rows[candidate.name]
+        calls = max(warmup, 2 if candidate.compiled else 1)
         try:
-            begin = time.perf_counter()
-            _call(candidate)
-            synchronize(device)
-            row.first_call_s = time.perf_counter() - begin
-            for _ in range(max(0, warmup - 1)):
-                _call(candidate)
-            if measure_memory:
+            for call in range(calls):
                 if candidate.setup is not None:
                     candidate.setup()
-                gc.collect()
-                row.peak_extra_mib = peak_extra_bytes(candidate.run, device) / MIB
+                if call == calls - 1 and measure_memory:
+                    gc.collect()
+                    row.peak_extra_mib = peak_extra_bytes(candidate.run, device) / MIB
+                    continue
+                begin = time.perf_counter()
+                candidate.run()
+                synchronize(device)
+                if call == 0:
+                    row.first_call_s = time.perf_counter() - begin
             runnable.append(candidate)
         except Exception as exc:  # a candidate that fails is reported, the others still run
-            row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            row.status = _error_status(exc)
         if progress is not None:
             progress.update(1)
     for _ in range(reps):
@@ -196,7 +202,7 @@ def run_case(case: Case, device: torch.device, *, warmup: int = 1, reps: int = 3
             try:
                 row.times_ms.append(_time_once(candidate, device) * 1e3)
             except Exception as exc:
-                row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                row.status = _error_status(exc)
                 runnable.remove(candidate)
             if progress is not None:
                 progress.update(1)

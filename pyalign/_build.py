@@ -71,7 +71,17 @@ def _cpu_model() -> str:
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "pyalign")
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    home_cache = Path.home() / ".cache" / "pyalign"
+    try:
+        home_cache.mkdir(parents=True, exist_ok=True)
+        if os.access(home_cache, os.W_OK):
+            return home_cache
+    except OSError:
+        pass
+    import tempfile  # read-only home (some CI runners): a per-user temporary cache
+    return Path(tempfile.gettempdir()) / f"pyalign-cache-{os.getuid()}"
 
 
 def _build_key(files: list[Path], flags: list[str]) -> str:

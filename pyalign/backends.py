@@ -34,6 +34,12 @@ preference
       -> losses[B] f32
   backward(grad_losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta,
            label_smoothing) -> (grad_pc, grad_pr, grad_rc, grad_rr)
+  sequence_preference_forward(token_logprobs[2B,T], mask[2B,T], ref_logps[2B] | [2B,T], loss,
+           beta, label_smoothing, average) -> (losses[B], policy_logps[2B], ref_logps[2B])
+      masked sum (mean with ``average``) over T, chosen rows first, then the pair loss
+  sequence_preference_backward(grad_losses, token_logprobs, mask, ref_logps, policy_logps,
+           ref_logps_reduced, loss, beta, label_smoothing, average)
+      -> (grad_token_logprobs[2B,T], grad_ref_logps shaped like ref_logps)
 weights
   apply_(kind, targets, sources, scalar)   kind in {"ema", "lerp", "copy"}; in place, no autograd
 """
@@ -52,7 +58,8 @@ PRIMITIVES = {
     "logprobs": ("forward", "backward"),
     "linear_logprobs": ("forward", "backward"),
     "kl": ("forward", "backward"),
-    "preference": ("forward", "backward"),
+    "preference": ("forward", "backward", "sequence_preference_forward",
+                   "sequence_preference_backward"),
     "weights": ("apply_",),
 }
 

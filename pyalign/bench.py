@@ -56,7 +56,8 @@ def benchmark_backends(family: str, device: torch.device) -> tuple[list[str], li
                          "timed on CUDA only")
         elif ok:
             names.append(name)
-        elif (family, name) in backends._loaders and name not in ("triton", "cuda"):
+        elif not (device.type == "cpu" and name == "cuda") and not (
+                device.type == "cuda" and name == "cpu"):  # the other device's backend: no note
             notes.append(f"{name} backend unavailable: {reason}")
     return names, notes
 
@@ -84,16 +85,24 @@ def _compile_candidate(name: str, fn: Callable, args: tuple, grad_output, setup,
     def run():
         out = compiled(*args)
         out.backward(grad_output)
-    return Candidate(name, run, setup=setup, kind="baseline")
+    return Candidate(name, run, setup=setup, kind="baseline", compiled=True)
 
 
-def _third_party_notes(device: torch.device) -> list[str]:
+def _ratio_columns(candidates: list[Candidate], **columns: str) -> dict:
+    """Ratio columns: the given ones, plus "vs TRL" / "vs Liger" when such a row exists."""
+    ratio_to = {label.replace("_", " "): name for label, name in columns.items()}
+    for prefix in ("TRL", "Liger"):
+        row = next((c.name for c in candidates if c.name.startswith(prefix)), None)
+        if row is not None:
+            ratio_to[f"vs {prefix}"] = row
+    return ratio_to
+
+
+def _third_party_notes() -> list[str]:
     notes = []
     for module, label in OPTIONAL_BASELINES.items():
         if optional_module(module) is None:
             notes.append(f"{label}: not installed")
-    if device.type != "cuda":
-        notes.append(GPU_NOTE)
     return notes
 
 
@@ -176,13 +185,13 @@ def logprobs_case(num_tokens: int = 4096, vocab: int = 32000, dtype=torch.float3
         torch.exp(plain_logits, out=exp_out)  # forward: one pass over the logits
         torch.exp(plain_logits, out=exp_out)  # backward: one more read and a write
     candidates.append(Candidate("floor: 2 passes of torch.exp", floor, kind="floor"))
-    notes += _third_party_notes(device)
+    notes += _third_party_notes()
     return Case("token_logprobs fwd+bwd",
                 {"N": num_tokens, "V": vocab, "dtype": _dtype_name(dtype), "T": temperature,
                  "device": device.type},
                 candidates,
-                ratio_to={"vs eager": "eager log_softmax+gather",
-                          "vs compile": "torch.compile log_softmax+gather"},
+                ratio_to=_ratio_columns(candidates, vs_eager="eager log_softmax+gather",
+                                        vs_compile="torch.compile log_softmax+gather"),
                 floor="floor: 2 passes of torch.exp", notes=notes)
 
 
@@ -244,7 +253,7 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
         torch.mm(grad_logits, plain_weight, out=grad_hidden_out)  # backward: d hidden
         torch.mm(grad_logits.t(), plain_hidden, out=grad_weight_out)  # backward: d weight
     candidates.append(Candidate("floor: the 3 bare matmuls", floor, kind="floor"))
-    notes += _third_party_notes(device)
+    notes += _third_party_notes()
     flops = 3 * 2 * num_tokens * hidden_size * vocab
     notes.append(f"matmul work: {flops / 1e9:.1f} GFLOP per fwd+bwd (3 matmuls); a chunked "
                  "backend recomputes the forward matmul in backward (4 matmuls)")
@@ -252,8 +261,8 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
                 {"N": num_tokens, "H": hidden_size, "V": vocab, "dtype": _dtype_name(dtype),
                  "device": device.type},
                 candidates,
-                ratio_to={"vs eager": "eager matmul+log_softmax+gather",
-                          "vs compile": "torch.compile matmul+log_softmax+gather"},
+                ratio_to=_ratio_columns(candidates, vs_eager="eager matmul+log_softmax+gather",
+                                        vs_compile="torch.compile matmul+log_softmax+gather"),
                 floor="floor: the 3 bare matmuls", notes=notes)
 
 
@@ -268,7 +277,8 @@ def kl_case(num_tokens: int = 1 << 20, device="cpu", *, estimator: str = "k3",
             compile: bool = True) -> Case:
     device = torch.device(device)
     generator = _seeded_generator(device, 2)
-    logprobs = (-torch.rand(num_tokens, device=device, generator=generator) * 5).requires_grad_(True)
+    logprobs = (-torch.rand(num_tokens, device=device, generator=generator) * 5
+                ).requires_grad_(True)
     ref_logprobs = (-torch.rand(num_tokens, device=device, generator=generator) * 5
                     ).requires_grad_(True)
     grad_kl = torch.randn(num_tokens, device=device, generator=generator)
@@ -291,8 +301,6 @@ def kl_case(num_tokens: int = 1 << 20, device="cpu", *, estimator: str = "k3",
                                backend=name).backward(grad_kl)
         candidates.append(Candidate(f"pyalign kl_penalty [{name}]", fused, setup=clear,
                                     backend=name))
-    if device.type != "cuda":
-        notes.append(GPU_NOTE)
     return Case("kl_penalty fwd+bwd", {"N": num_tokens, "estimator": estimator,
                                        "device": device.type},
                 candidates, ratio_to={"vs eager": f"eager {estimator} formula",
@@ -319,17 +327,9 @@ def preference_case(batch: int = 4096, device="cpu", *, beta: float = 0.1,
         naive_dpo_loss(*sequence_logps, beta).backward()
 
     candidates = [Candidate("eager DPO formula", eager, setup=clear, kind="baseline",
-                            backend="eager")]
-    if compile:
-        compiled = torch.compile(naive_dpo_loss, dynamic=False)
-
-        def compiled_run():
-            compiled(*sequence_logps, beta).backward()
-        candidates.append(Candidate("torch.compile DPO formula", compiled_run, setup=clear,
-                                    kind="baseline"))
-    else:
-        candidates.append(Candidate("torch.compile DPO formula", kind="baseline",
-                                    status="skipped (--no-compile)"))
+                            backend="eager"),
+                  _compile_candidate("torch.compile DPO formula", naive_dpo_loss,
+                                     (*sequence_logps, beta), None, clear, compile)]
     names, notes = benchmark_backends("preference", device)
     for name in names:
         def fused(name=name):
@@ -337,8 +337,6 @@ def preference_case(batch: int = 4096, device="cpu", *, beta: float = 0.1,
                                     backend=name).loss.backward()
         candidates.append(Candidate(f"pyalign preference_loss sigmoid [{name}]", fused,
                                     setup=clear, backend=name))
-    if device.type != "cuda":
-        notes.append(GPU_NOTE)
     return Case("preference_loss (DPO) fwd+bwd", {"B": batch, "device": device.type}, candidates,
                 ratio_to={"vs eager": "eager DPO formula",
                           "vs compile": "torch.compile DPO formula"}, notes=notes)
@@ -385,7 +383,7 @@ def linear_preference_case(pairs: int = 4, seq_len: int = 256, hidden_size: int 
                                  ref_weight=ref_weight)
                 (out[0] if isinstance(out, tuple) else out).backward()
             candidates.append(Candidate("Liger LigerFusedLinearDPOLoss", liger_run, setup=clear,
-                                        kind="baseline"))
+                                        kind="baseline", compiled=True))
         except Exception as exc:  # an API this code does not know: say so, run the rest
             notes.append(f"Liger-Kernel LigerFusedLinearDPOLoss: could not construct ({exc})")
     names, backend_notes = benchmark_backends("linear_logprobs", device)
@@ -404,14 +402,13 @@ def linear_preference_case(pairs: int = 4, seq_len: int = 256, hidden_size: int 
                                            backend=name).loss.backward()
         candidates.append(Candidate(f"pyalign linear_preference_loss [{name}]", fused,
                                     setup=clear, backend=name))
-    notes += _third_party_notes(device)
-    ratio_to = {"vs eager": "eager full logits + DPO"}
-    if any(c.name.startswith("Liger") for c in candidates):
-        ratio_to["vs Liger"] = "Liger LigerFusedLinearDPOLoss"
+    notes += _third_party_notes()
     return Case("linear_preference_loss (DPO, reference from hidden states) fwd+bwd",
                 {"B": pairs, "T": seq_len, "H": hidden_size, "V": vocab,
                  "dtype": _dtype_name(dtype), "device": device.type},
-                candidates, ratio_to=ratio_to, notes=notes)
+                candidates,
+                ratio_to=_ratio_columns(candidates, vs_eager="eager full logits + DPO"),
+                notes=notes)
 
 
 # ------------------------------------------------------------------------ weights ema_/lerp_
@@ -423,7 +420,8 @@ def model_like_shapes(total_params: int, num_tensors: int = 200) -> list[tuple[i
     width = max(8, int(round((total_params / (12 * layers)) ** 0.5 / 8)) * 8)
     shapes = []
     for _ in range(layers):
-        shapes += [(width, width)] * 4 + [(4 * width, width), (width, 4 * width), (width,), (width,)]
+        shapes += [(width, width)] * 4 + [(4 * width, width), (width, 4 * width)]
+        shapes += [(width,), (width,)]
     return shapes
 
 
@@ -473,8 +471,6 @@ def weights_case(total_params: int = 20_000_000, device="cpu", *, num_tensors: i
     candidates.append(Candidate("floor: one Tensor.copy_ of the same bytes",
                                 lambda: flat_target.copy_(flat_source), kind="floor",
                                 bytes_moved=copy_bytes))
-    if device.type != "cuda":
-        notes.append(GPU_NOTE)
     notes.append("GB/s = bytes moved / median time: ema_/lerp_ read target and source and "
                  "write target; copy reads source and writes target")
     ratio_to = {"vs loop": "eager loop Tensor.lerp_"}
@@ -535,6 +531,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--csv", metavar="PATH", help="write the results as CSV")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice). On a loaded machine "
+                             "--threads 1 avoids the stalls of OpenMP threads waiting for "
+                             "descheduled peers")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
 
@@ -561,6 +561,13 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
+def _load_average():
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
 def environment(device: torch.device) -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -569,6 +576,7 @@ def environment(device: torch.device) -> dict:
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else platform.processor() or platform.machine()),
         "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "load_average": _load_average(),
         "optional": {label: optional_module(module) is not None
                      for module, label in OPTIONAL_BASELINES.items()},
     }
@@ -583,6 +591,16 @@ def run_cases(builders: list[Callable[[], Case]], args, out=None) -> int:
     out = out or sys.stdout
     device = _resolve_device(args.device)
     args.device = str(device)
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run_cases(builders, args, device, out)
+    finally:
+        torch.set_num_threads(threads_before)  # callers in the same process keep theirs
+
+
+def _run_cases(builders, args, device: torch.device, out) -> int:
     reps = args.reps if args.reps is not None else (5 if device.type == "cuda" else 3)
     env = environment(device)
     header = (f"pyalign {env['pyalign']} bench on {env['device']} ({env['device_name']}), "
@@ -594,6 +612,14 @@ def run_cases(builders: list[Callable[[], Case]], args, out=None) -> int:
         verdict = "ok" if probe["ok"] else "FAILED: CPU peak memory numbers are not trustworthy"
         print(f"CPU peak-memory probe: {probe['measured_mib']:.1f} MiB measured for a known "
               f"{probe['expected_mib']:.1f} MiB peak: {verdict}", file=out)
+    notes = [] if device.type == "cuda" else [GPU_NOTE]
+    load = env["load_average"]
+    if device.type == "cpu" and load is not None and load > (os.cpu_count() or 1):
+        notes.append(f"warning: this machine is loaded (1-minute load average {load:.1f} on "
+                     f"{os.cpu_count()} cores): CPU timings are noisy, multi-threaded ones can "
+                     "stall (try --threads 1)")
+    for note in notes:
+        print(note, file=out)
     records, failed = [], False
     for build in builders:
         case = build()
@@ -610,7 +636,8 @@ def run_cases(builders: list[Callable[[], Case]], args, out=None) -> int:
         del case, rows
     if args.json:
         _benchutil.write_json(args.json, {"environment": env, "reps": reps,
-                                          "warmup": args.warmup, "cases": records})
+                                          "warmup": args.warmup, "notes": notes,
+                                          "cases": records})
     if args.csv:
         _benchutil.write_csv(args.csv, records)
     return 1 if failed else 0

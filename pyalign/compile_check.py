@@ -60,11 +60,16 @@ def compile_table(ccs=DEFAULT_CCS, jobs: int | None = None, timeout: float = 900
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def print_compile_table(ccs=DEFAULT_CCS, jobs: int | None = None, file=None) -> list[dict]:
-    """Compile everything (see compile_table) and print one line per kernel/config/target."""
+def print_compile_table(ccs=DEFAULT_CCS, jobs: int | None = None, file=None) -> bool:
+    """Compile everything (see compile_table), print one line per kernel/config/target, and
+    return True when every configuration compiled with zero spills."""
     rows = compile_table(ccs, jobs)
     _print_rows(rows, file or sys.stdout)
-    return rows
+    return _all_ok(rows)
+
+
+def _all_ok(rows) -> bool:
+    return all(row["error"] is None and not row["spill_bytes"] for row in rows)
 
 
 def _print_rows(rows, file):
@@ -205,8 +210,7 @@ def main(argv=None) -> int:
         _print_rows(rows, sys.stdout)
     if args.json:
         return 0  # the rows say what failed; the caller judges
-    ok = all(row["error"] is None and not row["spill_bytes"] for row in rows)
-    return 0 if ok else 1
+    return 0 if _all_ok(rows) else 1
 
 
 if __name__ == "__main__":

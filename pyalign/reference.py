@@ -28,10 +28,10 @@ def _row_chunks(num_rows: int, row_length: int):
 
 
 def _entropy_terms(scaled: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(scaled) per row; 0·log 0 = 0 for -inf logits."""
+    """Entropy of softmax(scaled) per row; 0·log 0 = 0 for -inf logits, NaN stays NaN."""
     log_probs = scaled - lse[:, None]
     probs = log_probs.exp()
-    return -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(-1)
+    return -torch.where(probs == 0, torch.zeros_like(probs), probs * log_probs).sum(-1)
 
 
 # ----------------------------------------------------------------------------- per-token log-probs
@@ -73,9 +73,9 @@ def logprobs_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy,
         grad.scatter_add_(1, safe_labels[start:end, None], g_lp[:, None])
         if grad_entropy is not None:
             g_ent = torch.where(chunk_valid, grad_entropy[start:end].to(acc), 0.0)
-            # dH/ds_v = -p_v (log p_v + H); zero where p_v == 0 (masked vocabulary)
-            d_entropy = torch.where(probs > 0, probs * (log_probs + entropy[start:end, None]),
-                                    torch.zeros_like(probs))
+            # dH/ds_v = -p_v (log p_v + H); zero where p_v == 0 (masked vocabulary), NaN kept
+            d_entropy = torch.where(probs == 0, torch.zeros_like(probs),
+                                    probs * (log_probs + entropy[start:end, None]))
             grad -= g_ent[:, None] * d_entropy
         grad_logits[start:end] = grad / temperature
     return grad_logits
@@ -304,7 +304,48 @@ def preference_backward(grad_losses, policy_chosen, policy_rejected, ref_chosen,
             (-d_chosen).to(ref_chosen.dtype), (-d_rejected).to(ref_rejected.dtype))
 
 
-preference = SimpleNamespace(forward=preference_forward, backward=preference_backward)
+def _masked_row_reduce(per_token, mask, average):
+    weights = mask.to(per_token.dtype)
+    summed = (per_token * weights).sum(-1)
+    if not average:
+        return summed, weights
+    counts = weights.sum(-1).clamp(min=1)
+    return summed / counts, weights / counts[:, None]
+
+
+def sequence_preference_forward(token_logprobs, mask, ref_logps, loss, beta, label_smoothing,
+                                average):
+    """Masked sum (or mean) over T of per-token log-probs [2B, T], chosen rows first, then the
+    pair loss. ref_logps is [2B] (used as is) or [2B, T] (reduced like the policy's).
+    Returns (losses [B], policy_logps [2B], ref_logps [2B])."""
+    acc = accumulation_dtype(token_logprobs.dtype)
+    policy_seq, _ = _masked_row_reduce(token_logprobs.to(acc), mask, average)
+    ref_seq = (_masked_row_reduce(ref_logps.to(acc), mask, average)[0] if ref_logps.dim() == 2
+               else ref_logps.to(acc, copy=True))
+    pairs = token_logprobs.shape[0] // 2
+    losses = pair_losses(policy_seq[:pairs], policy_seq[pairs:], ref_seq[:pairs], ref_seq[pairs:],
+                         loss, beta, label_smoothing)
+    return losses, policy_seq, ref_seq
+
+
+def sequence_preference_backward(grad_losses, token_logprobs, mask, ref_logps, policy_seq, ref_seq,
+                                 loss, beta, label_smoothing, average):
+    """(grad_token_logprobs [2B, T], grad_ref_logps shaped like ref_logps)."""
+    acc = policy_seq.dtype
+    pairs = token_logprobs.shape[0] // 2
+    d_chosen, d_rejected = pair_loss_ratio_grads(policy_seq[:pairs] - ref_seq[:pairs],
+                                                 policy_seq[pairs:] - ref_seq[pairs:],
+                                                 loss, beta, label_smoothing)
+    grad_policy_seq = torch.cat([d_chosen, d_rejected]) * grad_losses.to(acc).repeat(2)
+    _, token_weights = _masked_row_reduce(token_logprobs.to(acc), mask, average)
+    grad_tokens = grad_policy_seq[:, None] * token_weights
+    grad_ref = -grad_tokens if ref_logps.dim() == 2 else -grad_policy_seq
+    return grad_tokens, grad_ref
+
+
+preference = SimpleNamespace(forward=preference_forward, backward=preference_backward,
+                             sequence_preference_forward=sequence_preference_forward,
+                             sequence_preference_backward=sequence_preference_backward)
 
 
 # ------------------------------------------------------------------ multi-tensor weight updates

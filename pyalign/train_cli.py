@@ -5,9 +5,9 @@
     torchrun --nproc-per-node 2 -m pyalign.cli train --algo dpo      # DDP (gloo on CPU)
 
 A config file (TOML, or YAML when pyyaml is installed) holds flat ``key = value`` pairs: the run
-keys (algo, steps, seed, out, model, backend, bf16, fsdp, task_seed, task_cache_dir) and the
-trainer keys of the algorithm (``--print-config`` lists them with their defaults). Command-line
-flags override the file. Writes metrics.jsonl, reward_vs_kl.png and checkpoints/ under --out and
+keys (algo, steps, seed, out, model, backend, bf16, fsdp, task_seed, task_cache_dir), the
+trainer keys of the algorithm (``--print-config`` lists them with their defaults) and an optional
+``[task]`` table of pyalign.tasks.TaskConfig sizes. Command-line flags override the file. Writes metrics.jsonl, reward_vs_kl.png and checkpoints/ under --out and
 prints one summary line.
 """
 from __future__ import annotations
@@ -117,10 +117,23 @@ def load_config_file(path: str) -> dict:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected key = value pairs at the top level")
-    nested = [k for k, v in data.items() if isinstance(v, dict)]
+    nested = [k for k, v in data.items() if isinstance(v, dict) and k != "task"]
     if nested:
-        raise ConfigError(f"{path}: sections/tables are not used ({nested}); write flat key = value pairs")
+        raise ConfigError(f"{path}: the only table is [task]; {nested} must be flat key = value pairs")
     return data
+
+
+def _task_overrides(values, where: str) -> dict:
+    """The [task] table: fields of pyalign.tasks.TaskConfig (sizes of the embedded task)."""
+    from pyalign.tasks import TaskConfig
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: 'task' must be a table of TaskConfig fields")
+    types_by_key = _field_types(TaskConfig)
+    unknown = sorted(set(values) - set(types_by_key))
+    if unknown:
+        raise ConfigError(f"{where}: unknown [task] key(s) {', '.join(map(repr, unknown))}; "
+                          f"valid: {', '.join(sorted(types_by_key))}")
+    return {k: _check_type(f"task.{k}", v, types_by_key[k], where) for k, v in values.items()}
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
@@ -141,11 +154,13 @@ def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
 
     run = {"algo": algo, "steps": DEFAULT_STEPS[family], "seed": 0, "out": os.path.join("runs", algo),
            "model": None, "backend": "auto", "bf16": False, "fsdp": False, "task_seed": 0,
-           "task_cache_dir": None}
+           "task_cache_dir": None, "task": {}}
     trainer_values = dict(TUNED_DEFAULTS.get(algo, {}))
     unknown = []
     for key, value in file_values.items():
-        if key in RUN_KEYS:
+        if key == "task":
+            run["task"] = _task_overrides(value, where)
+        elif key in RUN_KEYS:
             run[key] = _check_type(key, value, RUN_KEYS[key], where)
         elif key in ALGO_KEYS and not (key == "loss" and algo in LOSS_CONFIGURABLE):
             raise ConfigError(f"{where}: key {key!r} is set by --algo {algo} and cannot be changed here")
@@ -219,8 +234,9 @@ def build_trainer(algo: str, run: dict, config, *, dist_ctx=None, progress: bool
     # rank 0 builds (and caches) the task first; the others then load it from the cache
     if not dist_ctx.is_main:
         dist_ctx.barrier()
+    task_config = pyalign.tasks.TaskConfig(**run["task"]) if run.get("task") else None
     task = pyalign.tasks.make_task(run["task_seed"], cache_dir=run["task_cache_dir"],
-                                   progress=progress and dist_ctx.is_main)
+                                   progress=progress and dist_ctx.is_main, config=task_config)
     if dist_ctx.is_main:
         dist_ctx.barrier()
     factory = None

@@ -10,11 +10,9 @@
 #pragma once
 
 #include <cstdint>
-#include "macros.h"
-
-#if !defined(__CUDA_ARCH__)
 #include <vector>
-#endif
+
+#include "macros.h"
 
 namespace pyalign {
 
@@ -98,8 +96,8 @@ PYALIGN_HD float weight_update(float target, float source, float scalar) {
   return source;
 }
 
-#if !defined(__CUDA_ARCH__)
-// Host-side launch planning (CUDA launcher; exposed to Python for the CPU tests).
+// Host-side launch planning (CUDA launcher; exposed to Python for the CPU tests). Plain host
+// functions: nvcc's device pass parses them but never compiles them for the GPU.
 struct LaunchBlock {
   int32_t tensor_slot;   // index into the launch's tensor table
   int32_t chunk_index;   // chunk of that tensor
@@ -141,6 +139,5 @@ inline std::vector<LaunchPlan> plan_launches(const std::vector<int64_t>& numels,
   if (!current.blocks.empty()) launches.push_back(std::move(current));
   return launches;
 }
-#endif
 
 }  // namespace pyalign

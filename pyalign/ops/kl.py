@@ -65,11 +65,11 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
     _checks.check_tensor("ref_logprobs", ref_logprobs, floating=True)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     _checks.check_same_device(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
     _checks.check_shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs.shape")
     if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
         _checks.check_shape("mask", mask, logprobs.shape, "logprobs.shape")
         mask = mask.to(torch.bool).contiguous()
     wide = logprobs if logprobs.dtype == torch.float64 else ref_logprobs

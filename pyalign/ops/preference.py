@@ -185,6 +185,62 @@ def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor,
     return summed / mask.sum(-1).clamp(min=1)
 
 
+@torch.library.custom_op("pyalign::sequence_preference_fwd", mutates_args=())
+def _sequence_preference_fwd(token_logprobs: torch.Tensor, mask: torch.Tensor,
+                             ref_logps: torch.Tensor, loss: str, beta: float,
+                             label_smoothing: float, average: bool, backend: str
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = backends.get("preference", "eager" if token_logprobs.numel() == 0 else backend)
+    return impl.sequence_preference_forward(token_logprobs, mask, ref_logps, loss, beta,
+                                            label_smoothing, average)
+
+
+@_sequence_preference_fwd.register_fake
+def _(token_logprobs, mask, ref_logps, loss, beta, label_smoothing, average, backend):
+    acc = torch.float64 if token_logprobs.dtype == torch.float64 else torch.float32
+    rows = token_logprobs.shape[0]
+    return (token_logprobs.new_empty(rows // 2, dtype=acc), token_logprobs.new_empty(rows, dtype=acc),
+            token_logprobs.new_empty(rows, dtype=acc))
+
+
+@torch.library.custom_op("pyalign::sequence_preference_bwd", mutates_args=())
+def _sequence_preference_bwd(grad_losses: torch.Tensor, token_logprobs: torch.Tensor,
+                             mask: torch.Tensor, ref_logps: torch.Tensor, policy_seq: torch.Tensor,
+                             ref_seq: torch.Tensor, loss: str, beta: float, label_smoothing: float,
+                             average: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = backends.get("preference", "eager" if token_logprobs.numel() == 0 else backend)
+    grad_tokens, grad_ref = impl.sequence_preference_backward(
+        grad_losses, token_logprobs, mask, ref_logps, policy_seq, ref_seq, loss, beta,
+        label_smoothing, average)
+    return grad_tokens.to(token_logprobs.dtype), grad_ref.to(ref_logps.dtype)
+
+
+@_sequence_preference_bwd.register_fake
+def _(grad_losses, token_logprobs, mask, ref_logps, policy_seq, ref_seq, loss, beta,
+      label_smoothing, average, backend):
+    return torch.empty_like(token_logprobs), torch.empty_like(ref_logps)
+
+
+class SequencePreferenceFunction(torch.autograd.Function):
+    """token log-probs [2B, T] + mask -> (losses [B], policy_logps [2B], ref_logps [2B])."""
+
+    @staticmethod
+    def forward(ctx, token_logprobs, mask, ref_logps, loss, beta, label_smoothing, average, backend):
+        losses, policy_seq, ref_seq = _sequence_preference_fwd(
+            token_logprobs, mask, ref_logps, loss, beta, label_smoothing, average, backend)
+        ctx.save_for_backward(token_logprobs, mask, ref_logps, policy_seq, ref_seq)
+        ctx.config = (loss, beta, label_smoothing, average, backend)
+        ctx.mark_non_differentiable(policy_seq, ref_seq)
+        return losses, policy_seq, ref_seq
+
+    @staticmethod
+    def backward(ctx, grad_losses, _grad_policy_seq, _grad_ref_seq):
+        loss, beta, label_smoothing, average, backend = ctx.config
+        grad_tokens, grad_ref = _sequence_preference_bwd(grad_losses.contiguous(), *ctx.saved_tensors,
+                                                         loss, beta, label_smoothing, average, backend)
+        return grad_tokens, None, grad_ref, None, None, None, None, None
+
+
 def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                            bias: Optional[torch.Tensor] = None,
                            ref_logps: Optional[torch.Tensor] = None,
@@ -205,7 +261,7 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     default ``weight``), evaluated without gradient. ``average_log_prob=True`` length-normalises
     (what IPO expects). No [2B*T, V] logits are ever held.
     """
-    _check_loss_config(loss, beta, label_smoothing, reduction)
+    beta, label_smoothing = _check_loss_config(loss, beta, label_smoothing, reduction)
     _checks.check_tensor("hidden", hidden, floating=True)
     if hidden.dim() != 3 or hidden.shape[0] % 2:
         raise ValueError(f"hidden must be [2B, T, H] with chosen rows first, got shape {tuple(hidden.shape)}")
@@ -216,18 +272,22 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     token_logps = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                         temperature=temperature, chunk_size=chunk_size,
                                         backend=backend)
-    policy_logps = sequence_logprobs(token_logps, mask, average_log_prob)
     if ref_logps is None:
         _checks.check_shape("ref_hidden", ref_hidden, hidden.shape, "hidden.shape")
-        with torch.no_grad():
-            ref_token_logps = linear_token_logprobs(
+        with torch.no_grad():  # per-token [2B, T]: the fused kernel reduces it with the policy's
+            ref_logps = linear_token_logprobs(
                 ref_hidden, weight if ref_weight is None else ref_weight, labels,
                 bias=bias if ref_weight is None else ref_bias, ignore_index=ignore_index,
                 temperature=temperature, chunk_size=chunk_size, backend=backend)
-            ref_logps = sequence_logprobs(ref_token_logps, mask, average_log_prob)
     else:
         _checks.check_tensor("ref_logps", ref_logps, floating=True)
+        _checks.check_same_device(hidden=hidden, ref_logps=ref_logps)
         _checks.check_shape("ref_logps", ref_logps, (2 * pairs,), "[2B], chosen rows first")
-    return preference_loss(policy_logps[:pairs], policy_logps[pairs:], ref_logps[:pairs],
-                           ref_logps[pairs:], loss=loss, beta=beta, label_smoothing=label_smoothing,
-                           reduction=reduction, backend=backend)
+    name = backends.resolve_for("preference", backend, token_logps)
+    losses, policy_seq, ref_seq = SequencePreferenceFunction.apply(
+        token_logps, mask, ref_logps.to(token_logps.dtype), loss, beta, label_smoothing,
+        bool(average_log_prob), name)
+    rewards = beta * (policy_seq - ref_seq)
+    chosen_rewards, rejected_rewards = rewards[:pairs], rewards[pairs:]
+    return PreferenceLossOutput(_reduce(losses, reduction), chosen_rewards, rejected_rewards,
+                                chosen_rewards - rejected_rewards)

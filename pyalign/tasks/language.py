@@ -1,22 +1,26 @@
 """The synthetic base language of the embedded task and its exact gold reward.
 
 Tokens belong to word categories (determiner, noun, verb, adverb, conjunction, full stop, and
-three kinds of adjective: neutral, positive and negative). A sentence is grammatical when every
-transition between the categories of consecutive tokens is in ``GRAMMAR`` (a category bigram
-grammar, so grammaticality is decided token pair by token pair). Text is sampled from a hidden
-Markov model: each document has a latent mood (negative, neutral, positive) that tilts which
-adjectives it uses, the category sequence is a Markov chain over the grammar's allowed
-transitions, each category emits its words with Zipf-like weights, and a small fraction of
-tokens is replaced by a uniformly random word (noisy text, so some transitions are ungrammatical).
+three kinds of adjective: neutral, positive and negative), plus bos, eos and pad. Text is
+grammatical when every transition between the categories of consecutive tokens is in ``GRAMMAR``
+(a category bigram grammar) and no more than ``MAX_ADJECTIVE_RUN`` adjectives stand in a row.
+Text is sampled from a hidden Markov model: each document has a latent mood (negative, neutral,
+positive) that tilts which adjectives it uses, the category sequence is a Markov chain over the
+grammar's allowed transitions, each category emits its words with Zipf-like weights, and a small
+fraction of tokens is replaced by a uniformly random word (noisy text, so some transitions are
+ungrammatical).
 
-Gold reward of a response (exact, no model): with ``prev`` the token before each response token
-(the last prompt token for the first one),
+Gold reward of a response (exact, no model): a response position is grammatical when its token
+may follow the text before it (prompt included: the first response token follows the last prompt
+token), and
 
     gold = (#positive adjectives in grammatical positions - #negative adjectives in grammatical
-            positions - UNGRAMMATICAL_PENALTY * #ungrammatical transitions) / response_len
+            positions - UNGRAMMATICAL_PENALTY * #ungrammatical positions) / response_len
 
-A position is grammatical when the transition (category(prev) -> category(token)) is allowed.
-With the penalty 1 the gold reward lies in [-1, 1].
+With the penalty 1 the gold reward lies in [-1, 1]; well-formed text peaks near 0.4 (two positive
+adjectives before each noun). The adjective-run limit is what makes the proxy reward model
+(a bag-of-tokens + bigram model, proxy.py) exploitable: a run of positive adjectives looks great
+bigram by bigram and scores badly under the gold reward.
 """
 from __future__ import annotations
 
@@ -59,6 +63,9 @@ GRAMMAR = {
     "conj": ("det",),
     "stop": ("det",),
 }
+# At most this many adjectives in a row: the third adjective of a run is ungrammatical even
+# though each adjective -> adjective bigram is allowed. A bigram model (the proxy) cannot see it.
+MAX_ADJECTIVE_RUN = 2
 UNGRAMMATICAL_PENALTY = 1.0
 
 # Latent moods and how each splits the probability of an adjective slot between
@@ -107,14 +114,29 @@ class GoldParts:
     ungrammatical: torch.Tensor
 
 
+def grammatical_positions(prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+    """BoolTensor[n, R]: whether each response token may follow the text before it: the category
+    transition is in GRAMMAR and the token is not a third adjective in a row."""
+    category_of_token = token_categories()
+    text_cats = category_of_token[torch.cat([prompts, responses], dim=1)]
+    is_adjective = torch.zeros_like(text_cats, dtype=torch.bool)
+    for name in _ADJECTIVES:
+        is_adjective |= text_cats == CATEGORIES.index(name)
+    # run[:, i]: adjectives in a row ending at position i (0 when position i is no adjective).
+    run = torch.zeros_like(text_cats)
+    run[:, 0] = is_adjective[:, 0].long()
+    for i in range(1, text_cats.shape[1]):
+        run[:, i] = torch.where(is_adjective[:, i], run[:, i - 1] + 1, 0)
+    start = prompts.shape[1]
+    cats, prev_cats = text_cats[:, start:], text_cats[:, start - 1:-1]
+    too_long = is_adjective[:, start:] & (run[:, start - 1:-1] >= MAX_ADJECTIVE_RUN)
+    return grammar_matrix()[prev_cats, cats] & ~too_long
+
+
 def gold_parts(prompts: torch.Tensor, responses: torch.Tensor) -> GoldParts:
     """Counts of grammatical positive / negative adjectives and of ungrammatical transitions."""
-    category_of_token = token_categories()
-    allowed = grammar_matrix()
-    prev_tokens = torch.cat([prompts[:, -1:], responses[:, :-1]], dim=1)
-    prev_cat = category_of_token[prev_tokens]
-    cat = category_of_token[responses]
-    grammatical = allowed[prev_cat, cat]
+    grammatical = grammatical_positions(prompts, responses)
+    cat = token_categories()[responses]
     is_pos = cat == CATEGORIES.index("pos")
     is_neg = cat == CATEGORIES.index("neg")
     return GoldParts(
@@ -189,31 +211,36 @@ class Language:
         self.emissions = emissions / emissions.sum(1, keepdim=True)
         self.word_ids = torch.arange(3, VOCAB_SIZE)
         self.category_of_token = token_categories()
+        self.is_adjective_category = torch.zeros(n_cat, dtype=torch.bool)
+        self.is_adjective_category[adj_cols] = True
 
     def sample(self, n: int, length: int, generator: torch.Generator,
                return_state: bool = False):
-        """LongTensor[n, length] of documents starting with bos (and, when asked, the latent
-        moods [n] and the category of the last position [n], to continue the documents)."""
+        """LongTensor[n, length] of documents starting with bos (and, when asked, the hidden
+        state after them, ``(moods, categories, adjective_runs)``, for ``continue_from``)."""
         if n < 0 or length < 1:
             raise ValueError(f"need n >= 0 and length >= 1, got n={n}, length={length}")
         moods = torch.randint(len(MOODS), (n,), generator=generator)
         tokens = torch.empty(n, length, dtype=torch.long)
         tokens[:, 0] = BOS_ID
         cats = torch.full((n,), CATEGORIES.index(START), dtype=torch.long)
+        runs = torch.zeros(n, dtype=torch.long)
         if n:
-            tokens[:, 1:], cats = self._continue(moods, cats, length - 1, generator)
-        return (tokens, moods, cats) if return_state else tokens
+            tokens[:, 1:], cats, runs = self._continue(moods, cats, runs, length - 1, generator)
+        return (tokens, (moods, cats, runs)) if return_state else tokens
 
-    def continue_from(self, moods: torch.Tensor, categories: torch.Tensor, length: int,
-                      generator: torch.Generator) -> torch.Tensor:
-        """Sample ``length`` more tokens from the given hidden states."""
-        return self._continue(moods, categories, length, generator)[0]
+    def continue_from(self, state, length: int, generator: torch.Generator) -> torch.Tensor:
+        """Sample ``length`` more tokens from hidden states returned by ``sample``."""
+        return self._continue(*state, length, generator)[0]
 
-    def _continue(self, moods, cats, length, generator):
+    def _continue(self, moods, cats, runs, length, generator):
         n = moods.shape[0]
         out = torch.empty(n, length, dtype=torch.long)
         for i in range(length):
             probs = self.transitions[moods, cats]
+            # A full adjective run must end: no adjective next (a noun always remains possible).
+            full = (runs >= MAX_ADJECTIVE_RUN)[:, None] & self.is_adjective_category[None, :]
+            probs = probs.masked_fill(full, 0.0)
             cats = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             words = torch.multinomial(self.emissions[cats], 1, generator=generator).squeeze(1)
             noisy = torch.rand(n, generator=generator, dtype=torch.float64) < NOISE_RATE
@@ -221,8 +248,9 @@ class Language:
             words = torch.where(noisy, random_words, words)
             # The chain goes on from the category of the word actually written.
             cats = torch.where(noisy, self.category_of_token[words], cats)
+            runs = torch.where(self.is_adjective_category[cats], runs + 1, 0)
             out[:, i] = words
-        return out, cats
+        return out, cats, runs
 
 
 def _dirichlet(k: int, concentration: float, gen: torch.Generator) -> torch.Tensor:

@@ -8,6 +8,7 @@ the cache makes the second call take milliseconds.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -253,7 +254,25 @@ def _train_sft(config: TaskConfig, lang: Language, seed: int, progress: bool):
     return model, losses
 
 
+@contextlib.contextmanager
+def _one_thread():
+    # The task's matrices are tiny: extra intra-op threads only add synchronisation, and on a
+    # shared, oversubscribed machine they stall (10x-50x slower). One thread also makes the
+    # build's floating-point results independent of the machine's core count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _build(seed: int, config: TaskConfig, progress: bool):
+    with _one_thread():
+        return _build_single_threaded(seed, config, progress)
+
+
+def _build_single_threaded(seed: int, config: TaskConfig, progress: bool):
     started = time.perf_counter()
     lang = Language(seed)
     model, losses = _train_sft(config, lang, seed, progress)

@@ -59,7 +59,7 @@ class TrainerConfig:
     micro_batch_size: int = 32  # per forward/backward on one rank; gradient accumulation fills the rest
     max_grad_norm: float = 1.0  # 0 disables clipping
     temperature: float = 1.0  # sampling temperature (RL rollouts and evaluation)
-    eval_every: int = 1  # evaluate gold/proxy reward and KL on policy samples every N steps (0: never)
+    eval_every: int = 5  # evaluate gold/proxy reward and KL on policy samples every N steps (0: never)
     eval_batch_size: int = 32  # prompts per evaluation
     final_eval_batch_size: int = 256  # prompts in the evaluation after the last step
     checkpoint_every: int = 0  # 0: only the final checkpoint
@@ -512,7 +512,14 @@ class Trainer:
             from torch.distributed.fsdp import fully_shard
             for layer in _decoder_layers(scorer.model):
                 fully_shard(layer)
-            fully_shard(scorer)
+            # reshard the root after forward too (its default is to keep it gathered for the
+            # backward): the reference/EMA updates must see every model as shards.
+            fully_shard(scorer, reshard_after_forward=True)
+            # One forward through the root before anything calls the bare model (generate):
+            # FSDP2 initialises its root on the first forward and refuses a layer-first one.
+            with torch.no_grad():
+                token = torch.full((1, 1), self.task.bos_id, dtype=torch.long, device=self.dist.device)
+                scorer(token, token, torch.ones_like(token, dtype=torch.bool))
             return scorer
         if not trainable:
             return scorer

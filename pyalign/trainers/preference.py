@@ -37,7 +37,7 @@ class PreferenceConfig(TrainerConfig):
     tr_alpha: float = 0.6  # soft-update weight; 1.0 is the hard update
     tr_tau: int = 16  # optimizer steps between reference updates
     precompute_ref: bool = True  # frozen reference only: score the dataset once up front
-    num_examples: int = 2048  # dataset size (pairs, or unpaired examples for KTO); epochs repeat it
+    num_examples: int = 1024  # dataset size (pairs, or unpaired examples for KTO); epochs repeat it
 
     def validate(self) -> None:
         super().validate()

@@ -111,7 +111,9 @@ class RLTrainer(Trainer):
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value
         grad_norm = self._optimizer_step(step)
-        reset = bool(self.ref_strategy.step(step, self.optimizer))
+        resets_before = getattr(self.ref_strategy, "num_resets", 0)
+        self.ref_strategy.step(step, self.optimizer)  # True after an EMA update too
+        reset = getattr(self.ref_strategy, "num_resets", 0) > resets_before
         counts = dict(loss="n", reward="n", proxy_reward="n", kl_penalty="n", kl_to_init="n",
                       entropy="tokens", response_length="n", advantage_abs="n")
         if "gold_reward" in sums:

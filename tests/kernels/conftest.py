@@ -1,20 +1,7 @@
-"""Triton kernel tests run in the interpreter on CPU tensors when no GPU is present.
-
-tests/conftest.py sets TRITON_INTERPRET=1 the same way; repeating it here keeps this folder
-runnable on its own (``pytest tests/kernels``). It must happen before triton.jit decorates the
-kernels, that is before pyalign.kernels.* is imported.
-"""
-import os
-import sys
-
+"""Kernel tests: tests/conftest.py has already set TRITON_INTERPRET=1 when there is no GPU, so
+the kernels run in Triton's interpreter on CPU tensors (on a GPU, on CUDA tensors)."""
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-# the float64 oracle of these tests (oracle64.py) imports by name, as under tests/
-sys.path.insert(0, os.path.dirname(__file__))
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -3,12 +3,28 @@ log-probs, entropy and lse forward; d_hidden, d_weight, d_bias backward."""
 import pytest
 import torch
 
-import oracle64
+from oracle import entropy64, linear_logits64, token_logprobs64
 
 from pyalign.kernels import linear_logprobs as linear_kernels
 
 IGNORE = -100
 SMALL_TILES = (16, 32, 16, 4)  # several V tiles and H steps on small shapes, partial last ones
+
+
+def _oracle(hidden, weight, bias, labels, ignore_index, temperature, grad_logprobs,
+            grad_entropy=None):
+    """(logprobs, entropy, grad_hidden, grad_weight, grad_bias) in float64, by autograd."""
+    leaves = [t.detach().double().requires_grad_(True)
+              for t in ((hidden, weight) if bias is None else (hidden, weight, bias))]
+    logits = linear_logits64(*leaves)
+    logprobs = token_logprobs64(logits, labels, ignore_index, temperature)
+    entropy = entropy64(logits, labels, ignore_index, temperature)
+    objective = (logprobs * grad_logprobs.double()).sum()
+    if grad_entropy is not None:
+        objective = objective + (entropy * grad_entropy.double()).sum()
+    grads = torch.autograd.grad(objective, leaves)
+    return (logprobs.detach(), entropy.detach(), grads[0], grads[1],
+            grads[2] if bias is not None else None)
 
 
 def _case(rows, hidden_size, vocab, dtype, device, seed=0):
@@ -62,7 +78,7 @@ def test_forward_backward_direct(dtype, with_bias, with_entropy, temperature, de
     hidden, weight, bias, labels, grad_lp, grad_ent = _case(37, 48, 300, dtype, device)
     bias = bias if with_bias else None
     grad_ent = grad_ent if with_entropy else None
-    expected = oracle64.linear_token_logprobs(hidden, weight, bias, labels, IGNORE, temperature,
+    expected = _oracle(hidden, weight, bias, labels, IGNORE, temperature,
                                               grad_lp, grad_ent)
     forward_out = linear_kernels.forward(hidden, weight, bias, labels, IGNORE, temperature,
                                          with_entropy, None, tiles=SMALL_TILES)
@@ -77,7 +93,7 @@ def test_forward_backward_direct(dtype, with_bias, with_entropy, temperature, de
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_default_tiles(dtype, device):
     hidden, weight, bias, labels, grad_lp, grad_ent = _case(70, 80, 200, dtype, device, seed=1)
-    expected = oracle64.linear_token_logprobs(hidden, weight, bias, labels, IGNORE, 1.0, grad_lp,
+    expected = _oracle(hidden, weight, bias, labels, IGNORE, 1.0, grad_lp,
                                               grad_ent)
     forward_out = linear_kernels.forward(hidden, weight, bias, labels, IGNORE, 1.0, True, None)
     backward_out = linear_kernels.backward(grad_lp, grad_ent, hidden, weight, bias, labels,
@@ -88,7 +104,7 @@ def test_default_tiles(dtype, device):
 def test_vocab_of_one_and_all_ignored(device):
     hidden, weight, bias, labels, grad_lp, grad_ent = _case(5, 16, 1, torch.float32, device, seed=2)
     labels = torch.zeros_like(labels)
-    expected = oracle64.linear_token_logprobs(hidden, weight, bias, labels, IGNORE, 1.0, grad_lp,
+    expected = _oracle(hidden, weight, bias, labels, IGNORE, 1.0, grad_lp,
                                               grad_ent)
     forward_out = linear_kernels.forward(hidden, weight, bias, labels, IGNORE, 1.0, True, None,
                                          tiles=SMALL_TILES)
@@ -110,7 +126,7 @@ def test_non_contiguous_inputs(device):
     hidden, weight, bias, labels, grad_lp, grad_ent = _case(20, 40, 100, torch.float32, device, seed=3)
     hidden_t = hidden.t().contiguous().t()           # column stride 20
     weight_sliced = torch.cat([weight, weight], 1)[:, 5:45]  # row stride 80
-    expected = oracle64.linear_token_logprobs(hidden_t, weight_sliced, None, labels, IGNORE, 1.0,
+    expected = _oracle(hidden_t, weight_sliced, None, labels, IGNORE, 1.0,
                                               grad_lp)
     forward_out = linear_kernels.forward(hidden_t, weight_sliced, None, labels, IGNORE, 1.0, False,
                                          None, tiles=SMALL_TILES)
@@ -128,7 +144,7 @@ def test_public_api_triton_backend(device):
         leaves[0].view(3, 4, 32), leaves[1], labels.view(3, 4), bias=leaves[2], entropy=True,
         temperature=1.1, backend="triton")
     ((logprobs.reshape(-1) * grad_lp).sum() + (entropy.reshape(-1) * grad_ent).sum()).backward()
-    exp_lp, exp_ent, exp_gh, exp_gw, exp_gb = oracle64.linear_token_logprobs(
+    exp_lp, exp_ent, exp_gh, exp_gw, exp_gb = _oracle(
         hidden, weight, bias, labels, IGNORE, 1.1, grad_lp, grad_ent)
     tol = dict(rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(logprobs.reshape(-1).double().cpu(), exp_lp.cpu(), **tol)

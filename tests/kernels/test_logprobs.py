@@ -6,7 +6,7 @@ block); public-API calls (pyalign.token_logprobs(..., backend="triton")) exercis
 import pytest
 import torch
 
-import oracle64
+from oracle import token_logprobs_and_grad64
 
 from pyalign.kernels import logprobs as logprobs_kernels
 
@@ -39,6 +39,11 @@ def _case(rows, vocab, dtype, device, seed=0):
     return logits.to(device), labels.to(device), gen
 
 
+def _oracle(logits, labels, ignore_index, temperature, grad_logprobs, grad_entropy=None):
+    return token_logprobs_and_grad64(logits, labels, grad_logprobs, grad_entropy, ignore_index,
+                                     temperature)
+
+
 def _check(actual, expected, tol):
     torch.testing.assert_close(actual.double().cpu(), expected.cpu(), **tol)
 
@@ -51,7 +56,7 @@ def test_forward_backward_direct(rows, vocab, block_v, dtype, temperature, devic
     grad_logprobs = torch.randn(rows, generator=gen).to(device)
     grad_entropy = torch.randn(rows, generator=gen).to(device)
     fwd_tol, grad_tol = _tolerances(dtype)
-    exp_lp, exp_ent, exp_grad = oracle64.token_logprobs(logits, labels, IGNORE, temperature,
+    exp_lp, exp_ent, exp_grad = _oracle(logits, labels, IGNORE, temperature,
                                                         grad_logprobs, grad_entropy)
 
     logprobs, entropy, lse = logprobs_kernels.forward(logits, labels, IGNORE, temperature, True,
@@ -77,7 +82,7 @@ def test_forward_backward_direct(rows, vocab, block_v, dtype, temperature, devic
                                                          False, block_v=block_v)
     assert entropy2.numel() == 0
     _check(logprobs2, exp_lp, fwd_tol)
-    _, _, exp_grad_lp = oracle64.token_logprobs(logits, labels, IGNORE, temperature,
+    _, _, exp_grad_lp = _oracle(logits, labels, IGNORE, temperature,
                                                 grad_logprobs)
     grad2 = logprobs_kernels.backward(grad_logprobs, None, logits, labels, lse2, None, IGNORE,
                                       temperature, False, block_v=block_v)
@@ -89,7 +94,7 @@ def test_inplace_backward_writes_into_logits(dtype, device):
     logits, labels, gen = _case(6, 300, dtype, device, seed=1)
     grad_logprobs = torch.randn(6, generator=gen).to(device)
     grad_entropy = torch.randn(6, generator=gen).to(device)
-    _, _, exp_grad = oracle64.token_logprobs(logits, labels, IGNORE, 1.3, grad_logprobs,
+    _, _, exp_grad = _oracle(logits, labels, IGNORE, 1.3, grad_logprobs,
                                              grad_entropy)
     lp, ent, lse = logprobs_kernels.forward(logits, labels, IGNORE, 1.3, True, block_v=128)
     buffer = logits.clone()
@@ -117,7 +122,7 @@ def test_non_contiguous_logits(device):
     col_strided = base.t().contiguous().t()[:, :300]  # column stride 5 (copied by the wrapper)
     grad_logprobs = torch.randn(5, 2, generator=gen).to(device)[:, 0]  # strided upstream grad
     for logits in (row_strided, col_strided):
-        exp_lp, exp_ent, exp_grad = oracle64.token_logprobs(logits, labels, IGNORE, 1.0,
+        exp_lp, exp_ent, exp_grad = _oracle(logits, labels, IGNORE, 1.0,
                                                             grad_logprobs)
         lp, ent, lse = logprobs_kernels.forward(logits, labels, IGNORE, 1.0, True, block_v=128)
         _check(lp, exp_lp, _tolerances(torch.float32)[0])
@@ -148,7 +153,7 @@ def test_public_api_triton_backend(dtype, device):
     leaf = logits.clone().requires_grad_(True)
     lp, ent = pyalign.token_logprobs(leaf, labels, temperature=0.9, entropy=True, backend="triton")
     ((lp * grad_logprobs).sum() + (ent * grad_entropy).sum()).backward()
-    exp_lp, exp_ent, exp_grad = oracle64.token_logprobs(
+    exp_lp, exp_ent, exp_grad = _oracle(
         logits.reshape(6, 700), labels.reshape(6), IGNORE, 0.9, grad_logprobs.reshape(6),
         grad_entropy.reshape(6))
     fwd_tol, grad_tol = _tolerances(dtype)
@@ -159,6 +164,6 @@ def test_public_api_triton_backend(dtype, device):
     # upstream gradient from .sum(): a stride-0 expanded vector reaches the kernel
     leaf.grad = None
     pyalign.token_logprobs(leaf, labels, backend="triton").sum().backward()
-    _, _, exp_grad_sum = oracle64.token_logprobs(logits.reshape(6, 700), labels.reshape(6), IGNORE,
+    _, _, exp_grad_sum = _oracle(logits.reshape(6, 700), labels.reshape(6), IGNORE,
                                                  1.0, torch.ones(6))
     _check(leaf.grad.reshape(6, 700), exp_grad_sum, grad_tol)

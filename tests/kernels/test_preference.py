@@ -3,7 +3,7 @@ losses forward and backward, and the fused sequence-reduce + loss kernel."""
 import pytest
 import torch
 
-import oracle64
+from oracle import grads64, preference64, sequence_logprobs64
 
 from pyalign.kernels import preference as preference_kernels
 
@@ -11,6 +11,12 @@ LOSSES = ["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair
           "apo_zero", "apo_down", "discopop"]
 SMOOTHING = {"sigmoid": 0.1, "robust": 0.1, "exo_pair": 1e-3}
 TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def _oracle(pc, pr, rc, rr, loss, beta, eps, grad_losses):
+    """(losses, [grad_pc, grad_pr, grad_rc, grad_rr]) in float64."""
+    return grads64(lambda *pair: preference64(*pair, loss, beta, eps), [pc, pr, rc, rr],
+                   grad_losses)
 
 
 def _pairs(num_pairs, device, seed=0, scale=3.0):
@@ -29,7 +35,7 @@ def _pairs(num_pairs, device, seed=0, scale=3.0):
 def test_pair_losses_direct(loss, beta, device):
     *inputs, grad_losses = _pairs(300, device)  # 300 = one full block of 256 and a partial one
     eps = SMOOTHING.get(loss, 0.0)
-    exp_losses, exp_grads = oracle64.preference(*inputs, loss, beta, eps, grad_losses)
+    exp_losses, exp_grads = _oracle(*inputs, loss, beta, eps, grad_losses)
     losses = preference_kernels.forward(*inputs, loss, beta, eps)
     assert losses.dtype == torch.float32 and losses.shape == (300,)
     torch.testing.assert_close(losses.double().cpu(), exp_losses.cpu(), **TOL)
@@ -54,7 +60,7 @@ def test_bf16_inputs_and_extreme_margins(device):
     *inputs, grad_losses = _pairs(16, device, seed=2, scale=300.0)  # |beta*h| up to ~100
     inputs_bf16 = [t.to(torch.bfloat16) for t in inputs]
     for loss in LOSSES:
-        exp_losses, exp_grads = oracle64.preference(*inputs_bf16, loss, 0.1, SMOOTHING.get(loss, 0.0),
+        exp_losses, exp_grads = _oracle(*inputs_bf16, loss, 0.1, SMOOTHING.get(loss, 0.0),
                                                     grad_losses)
         losses = preference_kernels.forward(*inputs_bf16, loss, 0.1, SMOOTHING.get(loss, 0.0))
         finite = torch.isfinite(exp_losses)
@@ -87,28 +93,25 @@ def test_public_api_triton_backend(loss, device):
     out = pyalign.preference_loss(*leaves, loss=loss, beta=0.3, label_smoothing=eps,
                                   reduction="none", backend="triton")
     (out.loss * grad_losses).sum().backward()
-    exp_losses, exp_grads = oracle64.preference(*inputs, loss, 0.3, eps, grad_losses)
+    exp_losses, exp_grads = _oracle(*inputs, loss, 0.3, eps, grad_losses)
     torch.testing.assert_close(out.loss.double().cpu(), exp_losses.cpu(), **TOL)
     for leaf, expected in zip(leaves, exp_grads):
         torch.testing.assert_close(leaf.grad.double().cpu(), expected.cpu(), **TOL)
 
 
 def _sequence_oracle(token_logprobs, mask, ref_logps, loss, beta, eps, average, grad_losses):
-    lp = token_logprobs.detach().double().requires_grad_(True)
-    ref = ref_logps.detach().double().requires_grad_(True)
-    mask64 = mask.double()
-    count = mask64.sum(-1).clamp(min=1)
-    policy_seq = (lp * mask64).sum(-1)
-    ref_seq = (ref * mask64).sum(-1) if ref.dim() == 2 else ref
-    if average:
-        policy_seq = policy_seq / count
-        if ref.dim() == 2:
-            ref_seq = ref_seq / count
-    pairs = lp.shape[0] // 2
-    losses = oracle64.pair_loss(policy_seq[:pairs] - ref_seq[:pairs],
-                                policy_seq[pairs:] - ref_seq[pairs:], loss, beta, eps)
-    grads = torch.autograd.grad((losses * grad_losses.double()).sum(), (lp, ref))
-    return losses.detach(), policy_seq.detach(), ref_seq.detach(), grads
+    pairs = token_logprobs.shape[0] // 2
+    reduced = {}
+
+    def losses_of(lp, ref):
+        policy_seq = sequence_logprobs64(lp, mask, average)
+        ref_seq = sequence_logprobs64(ref, mask, average) if ref.dim() == 2 else ref
+        reduced.update(policy=policy_seq.detach(), ref=ref_seq.detach())
+        return preference64(policy_seq[:pairs], policy_seq[pairs:], ref_seq[:pairs],
+                            ref_seq[pairs:], loss, beta, eps)
+
+    losses, grads = grads64(losses_of, [token_logprobs, ref_logps], grad_losses)
+    return losses, reduced["policy"], reduced["ref"], grads
 
 
 @pytest.mark.parametrize("loss", LOSSES)

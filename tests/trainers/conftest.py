@@ -1,0 +1,32 @@
+"""Fixtures of the trainer tests: a tiny embedded task built once per session in a temporary
+cache directory. Helpers live in trainer_helpers.py."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from trainer_helpers import TINY_TASK  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The models here are tiny: one intra-op thread is faster than two fighting over 2 shared
+    cores, and keeps the trainer tests inside their time budget."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def task_cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("task-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_task(task_cache_dir):
+    from pyalign.tasks import TaskConfig, make_task
+    return make_task(0, cache_dir=task_cache_dir, progress=False, config=TaskConfig(**TINY_TASK))

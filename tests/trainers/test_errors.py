@@ -1,0 +1,146 @@
+"""Bad input gets a clear error and loses nothing: corrupt or partial checkpoints (named in the
+message, left as they are), a crash while saving (the last good checkpoint survives), unknown or
+missing config keys, unknown algorithms, a fresh run into a directory that holds a run."""
+import os
+
+import pytest
+import torch
+
+from pyalign.trainers import CheckpointError, load_checkpoint, save_checkpoint
+from pyalign.trainers.base import list_checkpoints
+from trainer_helpers import run_cli, write_config
+
+SMALL = dict(batch_size=4, micro_batch_size=4, num_examples=8, eval_every=0, final_eval_batch_size=4)
+
+
+@pytest.fixture
+def finished_run(tmp_path, task_cache_dir):
+    """A 2-step dpo run: (config path, out dir, checkpoint path)."""
+    config = write_config(tmp_path / "dpo.toml", task_cache_dir, algo="dpo", **SMALL)
+    out = tmp_path / "run"
+    assert run_cli("--config", config, "--steps", 2, "--out", out) == 0
+    checkpoint = out / "checkpoints" / "step-000002.pt"
+    assert checkpoint.exists()
+    return config, out, checkpoint
+
+
+def _snapshot(out):
+    return {p: open(p, "rb").read() for p in sorted(str(q) for q in out.rglob("*") if q.is_file())}
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_damaged_checkpoint_is_named_and_kept(finished_run, capsys, damage):
+    config, out, checkpoint = finished_run
+    raw = checkpoint.read_bytes()
+    if damage == "flip":
+        position = len(raw) - 100  # inside the tensor data, past the header
+        damaged = raw[:position] + bytes([raw[position] ^ 0x40]) + raw[position + 1:]
+    elif damage == "truncate":
+        damaged = raw[: len(raw) // 2]
+    else:
+        damaged = b"not a checkpoint at all"
+    checkpoint.write_bytes(damaged)
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert run_cli("--config", config, "--steps", 4, "--out", out, "--resume") == 2
+    err = capsys.readouterr().err
+    assert str(checkpoint) in err
+    assert {"flip": "corrupt", "truncate": "partial", "garbage": "not a pyalign"}[damage] in err
+    assert _snapshot(out) == before  # nothing rewritten, nothing deleted
+    with pytest.raises(CheckpointError, match=str(checkpoint)):
+        load_checkpoint(str(checkpoint))
+
+
+def test_crash_while_saving_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "step-000001.pt")
+    good = {"format": "pyalign-trainer-checkpoint", "version": 1, "weights": torch.randn(5)}
+    save_checkpoint(path, good)
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, dict(good, weights=torch.randn(5)))
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["weights"], good["weights"])
+    assert os.listdir(tmp_path) == ["step-000001.pt"]  # no temporary file left behind
+
+
+def test_resume_with_changed_settings_is_refused(finished_run, capsys, tmp_path, task_cache_dir):
+    _, out, checkpoint = finished_run
+    changed = write_config(tmp_path / "changed.toml", task_cache_dir, algo="dpo", **dict(SMALL, beta=0.3))
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert run_cli("--config", changed, "--steps", 4, "--out", out, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "beta" in err and str(checkpoint) in err
+    assert _snapshot(out) == before
+
+
+def test_fresh_run_into_a_finished_run_is_refused(finished_run, capsys):
+    config, out, checkpoint = finished_run
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert run_cli("--config", config, "--steps", 2, "--out", out) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_resume_without_checkpoint(tmp_path, capsys, task_cache_dir):
+    config = write_config(tmp_path / "dpo.toml", task_cache_dir, algo="dpo", **SMALL)
+    assert run_cli("--config", config, "--steps", 2, "--out", tmp_path / "empty", "--resume") == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('algo = "dpo"\nbeta_typo = 0.1\n', "unknown config key(s) 'beta_typo'"),
+    ('algo = "dpo"\ntr_tau = 4\n', "'tr_tau' does not apply to algo dpo"),
+    ('algo = "rloo"\nbeta = 0.1\n', "unknown config key(s) 'beta'"),
+    ('algo = "dpo"\nreference = "trust_region"\n', "'reference' is set by --algo dpo"),
+    ('algo = "dpo"\nbeta = "big"\n', "'beta' must be float"),
+    ('algo = "dpo"\nloss = "kto"\n', "not a pairwise loss"),
+    ('algo = "dpo"\nbeta = -1.0\n', "'beta' must be > 0"),
+    ('algo = "mystery"\n', "unknown algo 'mystery'"),
+    ('beta = 0.1\n', "no algorithm: pass --algo"),
+    ('algo = "dpo"\n[task]\nsft_stepz = 3\n', "unknown [task] key(s) 'sft_stepz'"),
+    ('algo = "dpo"\n[trainer]\nbeta = 0.1\n', "the only table is [task]"),
+    ('algo = "dpo"\nbeta = \n', "invalid TOML"),
+])
+def test_bad_config_files(tmp_path, capsys, text, message):
+    config = _write(tmp_path / "bad.toml", text)
+    assert run_cli("--config", config, "--out", tmp_path / "out") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_yaml_key_without_value(tmp_path, capsys):
+    pytest.importorskip("yaml", reason="pyyaml is not installed (YAML configs are optional)")
+    config = _write(tmp_path / "bad.yaml", "algo: dpo\nbeta:\n")
+    assert run_cli("--config", config) == 2
+    assert "'beta' has no value" in capsys.readouterr().err
+
+
+def test_missing_config_file_and_unknown_algo(tmp_path, capsys):
+    assert run_cli("--config", tmp_path / "absent.toml") == 2
+    assert "absent.toml does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("--algo", "ppo-magic")
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'ppo-magic'" in capsys.readouterr().err
+
+
+def test_model_with_wrong_vocabulary(tmp_path, capsys, task_cache_dir, tiny_task):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tiny_task.vocab_size + 5, hidden_size=16,
+                                         intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, max_position_embeddings=32))
+    model.save_pretrained(tmp_path / "model")
+    config = write_config(tmp_path / "dpo.toml", task_cache_dir, algo="dpo", **SMALL)
+    assert run_cli("--config", config, "--model", tmp_path / "model", "--out", tmp_path / "out") == 2
+    assert f"the task uses {tiny_task.vocab_size}" in capsys.readouterr().err
