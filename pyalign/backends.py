@@ -170,8 +170,7 @@ def resolve(family: str, backend: str, device: torch.device | str) -> str:
     explicitly in the call must run, or BackendUnavailable says why.
     """
     device_type = torch.device(device).type
-    if backend not in BACKENDS and backend != "auto":
-        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
+    check_name(backend)
     if backend != "auto":
         ok, reason = status(family, backend, device_type)
         if not ok:
@@ -206,6 +205,24 @@ def resolve_for(family: str, backend: str, tensor: torch.Tensor) -> str:
         raise ValueError(f"backend {backend!r} takes float32, bfloat16 or float16 inputs, got "
                          f"{tensor.dtype}; use backend='eager' for {tensor.dtype}")
     return resolve(family, backend, tensor.device)
+
+
+def check_name(backend: str) -> str:
+    """Validate a backend name given to an op (resolution itself happens when the op runs)."""
+    if backend not in BACKENDS and backend != "auto":
+        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
+    return backend
+
+
+def implementation(family: str, backend: str, tensor: torch.Tensor):
+    """The implementation object that runs ``family`` on ``tensor`` for the requested backend.
+
+    Called inside the custom ops, so it runs eagerly even under torch.compile (dynamo never
+    traces the table, its lock or a JIT build). Empty inputs need no kernel: eager answers.
+    """
+    if tensor.numel() == 0:
+        return load(family, "eager")
+    return load(family, resolve_for(family, backend, tensor))
 
 
 def get(family: str, backend: str):

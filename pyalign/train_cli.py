@@ -33,7 +33,7 @@ ALGOS: dict[str, tuple[str, dict]] = {
     "elastic-reset": ("rl", {"elastic_reset": True}),
 }
 # Defaults tuned on the embedded task so a default run takes about a minute on 2 CPU cores.
-DEFAULT_STEPS = {"preference": 120, "rl": 60}
+DEFAULT_STEPS = {"preference": 100, "rl": 60}
 TUNED_DEFAULTS = {
     "ipo": {"beta": 0.5},
     "tr-ipo": {"beta": 0.5},

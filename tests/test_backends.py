@@ -68,7 +68,8 @@ def test_env_eager_is_what_runs(monkeypatch, restored_table):
         warnings.simplefilter("error")
         logprobs = pyalign.token_logprobs(logits, labels)
     assert not called
-    torch.testing.assert_close(logprobs.double(), token_logprobs64(logits, labels), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logprobs.double(), token_logprobs64(logits, labels),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_env_is_case_and_space_insensitive(monkeypatch):
@@ -152,7 +153,8 @@ def test_failing_loader_warns_once_and_falls_back_to_eager(monkeypatch, restored
     expected = token_logprobs64(logits, labels)
     torch.testing.assert_close(first.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(third.double(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(second.double(), token_logprobs64(logits * 2, labels), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(second.double(), token_logprobs64(logits * 2, labels),
+                               rtol=1e-5, atol=1e-6)
     assert backends.status("logprobs", "cpu", "cpu") == (False, "OSError: libpyalign_cpu.so: "
                                                                 "cannot open shared object file")
     with pytest.raises(backends.BackendUnavailable, match="cannot open shared object file"):

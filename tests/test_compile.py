@@ -86,7 +86,8 @@ def test_no_graph_breaks_in_any_op():
     pairs = [torch.randn(4) - 30 for _ in range(4)]
     calls = [
         (logprobs_objective, (logits, labels, grad_logprobs)),
-        (lambda h, w, y: pyalign.linear_token_logprobs(h, w, y, entropy=True, chunk_size=4)[0].sum(),
+        (lambda h, w, y: pyalign.linear_token_logprobs(h, w, y, entropy=True,
+                                                       chunk_size=4)[0].sum(),
          (hidden, weight, token_labels)),
         (lambda a, b, m: pyalign.kl_penalty(a, b, estimator="k3", mask=m).sum(),
          (logprobs, ref_logprobs, mask)),

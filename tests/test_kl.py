@@ -61,7 +61,8 @@ def test_gradcheck_float64(estimator):
         (logprobs, ref_logprobs))
     kl = pyalign.kl_penalty(logprobs, ref_logprobs, estimator=estimator, mask=mask)
     assert kl.dtype == torch.float64
-    torch.testing.assert_close(kl, kl64(logprobs, ref_logprobs, estimator, mask), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kl, kl64(logprobs, ref_logprobs, estimator, mask),
+                               rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

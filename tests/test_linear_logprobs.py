@@ -66,7 +66,8 @@ def run(hidden, weight, bias, labels, grad_logprobs, grad_entropy, **kwargs):
 @pytest.mark.parametrize("chunk_size", [None, 4])
 @pytest.mark.parametrize("with_bias,temperature", [(False, 1.0), (True, 0.7)],
                          ids=["nobias-T1", "bias-T0.7"])
-def test_fp32_matches_float64(backend, lead, hidden_size, vocab, chunk_size, with_bias, temperature):
+def test_fp32_matches_float64(backend, lead, hidden_size, vocab, chunk_size, with_bias,
+                              temperature):
     hidden, weight, bias, labels = random_case(lead, hidden_size, vocab, torch.float32, with_bias)
     grad_logprobs, grad_entropy = torch.randn(lead), torch.randn(lead)
     logprobs, entropy, grads = run(hidden, weight, bias, labels, grad_logprobs, grad_entropy,
@@ -80,7 +81,8 @@ def test_fp32_matches_float64(backend, lead, hidden_size, vocab, chunk_size, wit
         assert grad.dtype == torch.float32, name
         # fp32 reductions over V (hidden: 32000 terms that cancel) or N (weight, bias)
         assert relative_error(grad, expected) < 5e-5, name
-        torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+        torch.testing.assert_close(grad.double(), expected, rtol=1e-4,
+                                   atol=1e-5 * float(expected.abs().max()))
     ignored = labels == IGNORE
     assert torch.all(logprobs[ignored] == 0) and torch.all(entropy[ignored] == 0)
     assert torch.all(grads[0][ignored] == 0)
@@ -172,7 +174,8 @@ def test_non_contiguous_hidden(backend):
     grad_logprobs, grad_entropy = torch.randn(10), torch.randn(10)
     logprobs, entropy, grads = run(hidden, weight, None, labels, grad_logprobs, grad_entropy,
                                    chunk_size=3, backend=backend)
-    exp_lp, exp_ent, exp_grads = oracle(hidden, weight, None, labels, grad_logprobs, grad_entropy, 1.0)
+    exp_lp, exp_ent, exp_grads = oracle(hidden, weight, None, labels, grad_logprobs, grad_entropy,
+                                        1.0)
     torch.testing.assert_close(logprobs.double(), exp_lp, rtol=1e-5, atol=1e-5)
     for grad, expected in zip(grads, exp_grads):
         assert relative_error(grad, expected) < 1e-5
@@ -183,8 +186,9 @@ def peak_allocated_bytes(function):
     profiler's memory events (one per allocation and per free, with its size), summed in time."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         function()
-    records = sorted((event.start_ns(), event.nbytes())
-                     for event in prof.profiler.kineto_results.events() if event.name() == "[memory]")
+    events = prof.profiler.kineto_results.events()
+    records = sorted((event.start_ns(), event.nbytes()) for event in events
+                     if event.name() == "[memory]")
     held = peak = 0
     for _, nbytes in records:
         held += nbytes
@@ -216,5 +220,5 @@ def test_chunked_path_never_holds_the_full_logits():
         hidden.grad = weight.grad = None
         chunked_peak = peak_allocated_bytes(chunked)
         assert chunked_peak < 8 * chunk_bytes, (
-            f"{backend}: chunked peak {chunked_peak / 1e6:.0f} MB, naive {naive_peak / 1e6:.0f} MB, "
-            f"one chunk of logits {chunk_bytes / 1e6:.0f} MB")
+            f"{backend}: chunked peak {chunked_peak / 1e6:.0f} MB, "
+            f"naive {naive_peak / 1e6:.0f} MB, one chunk of logits {chunk_bytes / 1e6:.0f} MB")

@@ -278,7 +278,8 @@ def test_inplace_backward_on_a_leaf(backend):
     out_of_place = logits.clone().requires_grad_(True)
     pyalign.token_logprobs(out_of_place, labels, backend=backend).backward(upstream)
     in_place = logits.clone().requires_grad_(True)
-    pyalign.token_logprobs(in_place, labels, backend=backend, inplace_backward=True).backward(upstream)
+    pyalign.token_logprobs(in_place, labels, backend=backend,
+                           inplace_backward=True).backward(upstream)
     assert torch.equal(in_place.grad, out_of_place.grad)
 
 

@@ -155,8 +155,8 @@ def test_kto_matches_float64(kl_shape, kl_sign, weights):
         torch.testing.assert_close(leaf.grad.double(), exp_grad, rtol=1e-5, atol=1e-7)
     assert kl_leaf.grad is None or torch.all(kl_leaf.grad == 0), "z0 must be detached"
     torch.testing.assert_close(out.kl.double(), torch.clamp(kl.double().mean(), min=0))
-    torch.testing.assert_close(out.rewards.double(), beta * (policy_logps.double() - ref_logps.double()),
-                               rtol=1e-5, atol=1e-6)
+    exp_rewards = beta * (policy_logps.double() - ref_logps.double())
+    torch.testing.assert_close(out.rewards.double(), exp_rewards, rtol=1e-5, atol=1e-6)
     assert not out.rewards.requires_grad
 
 
@@ -203,9 +203,12 @@ def test_linear_preference_loss_matches_float64(backend, loss, average_log_prob,
     ref_hidden = hidden + 0.3 * torch.randn(hidden.shape)
     ref_weight = weight + 0.1 * torch.randn(weight.shape) if reference == "ref_weight" else weight
     with torch.no_grad():
-        ref_logps64 = sequence_logprobs64(token_logprobs64(linear_logits64(ref_hidden, ref_weight),
-                                                           labels), labels != IGNORE, average_log_prob)
-    kwargs = dict(ref_logps=ref_logps64.float()) if reference == "ref_logps" else dict(ref_hidden=ref_hidden)
+        ref_token_logps64 = token_logprobs64(linear_logits64(ref_hidden, ref_weight), labels)
+        ref_logps64 = sequence_logprobs64(ref_token_logps64, labels != IGNORE, average_log_prob)
+    if reference == "ref_logps":
+        kwargs = dict(ref_logps=ref_logps64.float())
+    else:
+        kwargs = dict(ref_hidden=ref_hidden)
     if reference == "ref_weight":
         kwargs["ref_weight"] = ref_weight
     hidden_leaf = hidden.clone().requires_grad_(True)

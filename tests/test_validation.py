@@ -37,7 +37,8 @@ def test_ignore_index_is_the_only_exception(backend):
     logits = torch.randn(3, 10)
     pyalign.token_logprobs(logits, torch.tensor([-7, 0, 9]), ignore_index=-7, backend=backend)
     with pytest.raises(ValueError, match="first is -100 at flat position 1"):
-        pyalign.token_logprobs(logits, torch.tensor([-7, -100, 9]), ignore_index=-7, backend=backend)
+        pyalign.token_logprobs(logits, torch.tensor([-7, -100, 9]), ignore_index=-7,
+                               backend=backend)
 
 
 @pytest.mark.parametrize("backend", LOGPROB_BACKENDS)
@@ -101,7 +102,8 @@ def test_linear_bad_arguments(backend):
 @pytest.mark.parametrize("backend", KL_BACKENDS)
 def test_kl_bad_arguments(backend):
     logprobs, ref = torch.randn(3, 4), torch.randn(3, 4)
-    with pytest.raises(ValueError, match=r"estimator must be one of \('k1', 'k2', 'k3'\), got 'k4'"):
+    with pytest.raises(ValueError,
+                       match=r"estimator must be one of \('k1', 'k2', 'k3'\), got 'k4'"):
         pyalign.kl_penalty(logprobs, ref, estimator="k4", backend=backend)
     with pytest.raises(ValueError, match=r"ref_logprobs has shape \(3, 3\), expected \(3, 4\)"):
         pyalign.kl_penalty(logprobs, ref[:, :3], backend=backend)

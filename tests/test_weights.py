@@ -97,8 +97,9 @@ def test_parameter_lists_and_no_autograd(llama_pair, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind,scalar", [("ema", 0.99), ("lerp", 0.37), ("copy", None)])
 @pytest.mark.parametrize("target_dtype,source_dtype", [
-    (torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
-    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.float32, torch.float16)],
+    (torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32), (torch.float32, torch.float16)],
     ids=lambda d: str(d).replace("torch.", ""))
 def test_tensor_lists_of_awkward_sizes(backend, kind, scalar, target_dtype, source_dtype):
     shapes = [(1,), (0,), (7, 3), (100003,), (2, 1, 5), ()]

@@ -4,5 +4,6 @@
 #if defined(__CUDACC__)
 #define PYALIGN_HD __host__ __device__ __forceinline__
 #else
-#define PYALIGN_HD inline
+// always_inline: the softmax loops vectorize only when the math is inlined into them.
+#define PYALIGN_HD inline __attribute__((always_inline))
 #endif

@@ -16,10 +16,15 @@ from pyalign.ops import _checks
 ESTIMATORS = ("k1", "k2", "k3")
 
 
+def _widest(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """The input whose dtype decides the backend (float64 anywhere runs eager)."""
+    return logprobs if logprobs.dtype == torch.float64 else ref_logprobs
+
+
 @torch.library.custom_op("pyalign::kl_penalty_fwd", mutates_args=())
 def _kl_fwd(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: Optional[torch.Tensor],
             estimator: str, backend: str) -> torch.Tensor:
-    impl = backends.get("kl", "eager" if logprobs.numel() == 0 else backend)
+    impl = backends.implementation("kl", backend, _widest(logprobs, ref_logprobs))
     return impl.forward(logprobs, ref_logprobs, mask, estimator)
 
 
@@ -33,7 +38,7 @@ def _(logprobs, ref_logprobs, mask, estimator, backend):
 def _kl_bwd(grad_kl: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
             mask: Optional[torch.Tensor], estimator: str, backend: str
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = backends.get("kl", "eager" if logprobs.numel() == 0 else backend)
+    impl = backends.implementation("kl", backend, _widest(logprobs, ref_logprobs))
     return impl.backward(grad_kl, logprobs, ref_logprobs, mask, estimator)
 
 
@@ -72,7 +77,6 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
     if mask is not None:
         _checks.check_shape("mask", mask, logprobs.shape, "logprobs.shape")
         mask = mask.to(torch.bool).contiguous()
-    wide = logprobs if logprobs.dtype == torch.float64 else ref_logprobs
-    name = backends.resolve_for("kl", backend, wide)
+    backends.check_name(backend)
     return KLPenaltyFunction.apply(logprobs.contiguous(), ref_logprobs.contiguous(), mask,
-                                   estimator, name)
+                                   estimator, backend)

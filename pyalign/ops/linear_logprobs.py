@@ -14,17 +14,13 @@ from pyalign import backends
 from pyalign.ops import _checks
 
 
-def _impl(backend: str, hidden: torch.Tensor):
-    return backends.get("linear_logprobs", "eager" if hidden.shape[0] == 0 else backend)
-
-
 @torch.library.custom_op("pyalign::linear_logprobs_fwd", mutates_args=())
 def _linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          labels: torch.Tensor, ignore_index: int, temperature: float,
                          with_entropy: bool, chunk_size: int, backend: str
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _checks.check_labels_in_range(labels, weight.shape[0], ignore_index)
-    return _impl(backend, hidden).forward(hidden, weight, bias, labels, ignore_index, temperature,
+    return backends.implementation("linear_logprobs", backend, hidden).forward(hidden, weight, bias, labels, ignore_index, temperature,
                                           with_entropy, chunk_size or None)
 
 
@@ -42,7 +38,7 @@ def _linear_logprobs_bwd(grad_logprobs: torch.Tensor, grad_entropy: Optional[tor
                          labels: torch.Tensor, lse: torch.Tensor, entropy: Optional[torch.Tensor],
                          ignore_index: int, temperature: float, chunk_size: int, backend: str
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_hidden, grad_weight, grad_bias = _impl(backend, hidden).backward(
+    grad_hidden, grad_weight, grad_bias = backends.implementation("linear_logprobs", backend, hidden).backward(
         grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, ignore_index,
         temperature, chunk_size or None)
     if grad_bias is None:  # custom ops return tensors; an empty one stands for "no bias"
@@ -117,12 +113,12 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     temperature = _checks.check_positive("temperature", temperature)
-    name = backends.resolve_for("linear_logprobs", backend, hidden)
+    backends.check_name(backend)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     labels_1d = labels.reshape(-1).to(torch.int64)
     logprobs, entropy_out = LinearTokenLogprobsFunction.apply(
         hidden_2d, weight, bias, labels_1d, int(ignore_index), temperature, bool(entropy),
-        int(chunk_size or 0), name)
+        int(chunk_size or 0), backend)
     logprobs = logprobs.view(labels.shape)
     if entropy:
         return logprobs, entropy_out.view(labels.shape)

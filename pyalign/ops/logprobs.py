@@ -15,19 +15,12 @@ from pyalign import backends
 from pyalign.ops import _checks
 
 
-def _run_backend(backend: str, logits: torch.Tensor):
-    # Empty inputs and fp64 need no kernel launch.
-    if logits.numel() == 0:
-        return backends.get("logprobs", "eager")
-    return backends.get("logprobs", backend)
-
-
 @torch.library.custom_op("pyalign::token_logprobs_fwd", mutates_args=())
 def _token_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                         temperature: float, with_entropy: bool, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _checks.check_labels_in_range(labels, logits.shape[-1], ignore_index)
-    logprobs, entropy, lse = _run_backend(backend, logits).forward(
+    logprobs, entropy, lse = backends.implementation("logprobs", backend, logits).forward(
         logits, labels, ignore_index, temperature, with_entropy)
     return logprobs, entropy, lse
 
@@ -45,7 +38,7 @@ def _token_logprobs_bwd(grad_logprobs: torch.Tensor, grad_entropy: Optional[torc
                         logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                         entropy: Optional[torch.Tensor], ignore_index: int, temperature: float,
                         backend: str) -> torch.Tensor:
-    return _run_backend(backend, logits).backward(
+    return backends.implementation("logprobs", backend, logits).backward(
         grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index, temperature, False)
 
 
@@ -59,7 +52,7 @@ def _token_logprobs_bwd_inplace(grad_logprobs: torch.Tensor, grad_entropy: Optio
                                 logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                                 entropy: Optional[torch.Tensor], ignore_index: int,
                                 temperature: float, backend: str) -> None:
-    _run_backend(backend, logits).backward(
+    backends.implementation("logprobs", backend, logits).backward(
         grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index, temperature, True)
 
 
@@ -115,12 +108,12 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
     temperature = _checks.check_positive("temperature", temperature)
     ignore_index = int(ignore_index)
     vocab = logits.shape[-1]
-    name = backends.resolve_for("logprobs", backend, logits)
+    backends.check_name(backend)
     logits_2d = logits if logits.stride(-1) == 1 else logits.contiguous()
     logits_2d = logits_2d.reshape(-1, vocab)
     labels_1d = labels.reshape(-1).to(torch.int64)
     logprobs, entropy_out = TokenLogprobsFunction.apply(logits_2d, labels_1d, ignore_index,
-                                                        temperature, bool(entropy), name,
+                                                        temperature, bool(entropy), backend,
                                                         bool(inplace_backward))
     logprobs = logprobs.view(labels.shape)
     if entropy:

@@ -38,7 +38,7 @@ class KTOLossOutput(NamedTuple):
 def _preference_fwd(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                     ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, loss: str, beta: float,
                     label_smoothing: float, backend: str) -> torch.Tensor:
-    impl = backends.get("preference", "eager" if policy_chosen.numel() == 0 else backend)
+    impl = backends.implementation("preference", backend, policy_chosen)
     return impl.forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta,
                         label_smoothing)
 
@@ -54,7 +54,7 @@ def _preference_bwd(grad_losses: torch.Tensor, policy_chosen: torch.Tensor,
                     policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                     ref_rejected: torch.Tensor, loss: str, beta: float, label_smoothing: float,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = backends.get("preference", "eager" if policy_chosen.numel() == 0 else backend)
+    impl = backends.implementation("preference", backend, policy_chosen)
     return tuple(impl.backward(grad_losses, policy_chosen, policy_rejected, ref_chosen,
                                ref_rejected, loss, beta, label_smoothing))
 
@@ -128,9 +128,9 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     if dtype == torch.float64:
         policy_chosen, policy_rejected, ref_chosen, ref_rejected = (
             t.to(dtype) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
-    name = backends.resolve_for("preference", backend, policy_chosen)
+    backends.check_name(backend)
     losses = PreferenceLossFunction.apply(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                          loss, beta, label_smoothing, name)
+                                          loss, beta, label_smoothing, backend)
     with torch.no_grad():
         chosen_rewards = beta * (policy_chosen.to(losses.dtype) - ref_chosen.to(losses.dtype))
         rejected_rewards = beta * (policy_rejected.to(losses.dtype) - ref_rejected.to(losses.dtype))
@@ -190,7 +190,7 @@ def _sequence_preference_fwd(token_logprobs: torch.Tensor, mask: torch.Tensor,
                              ref_logps: torch.Tensor, loss: str, beta: float,
                              label_smoothing: float, average: bool, backend: str
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = backends.get("preference", "eager" if token_logprobs.numel() == 0 else backend)
+    impl = backends.implementation("preference", backend, token_logprobs)
     return impl.sequence_preference_forward(token_logprobs, mask, ref_logps, loss, beta,
                                             label_smoothing, average)
 
@@ -208,7 +208,7 @@ def _sequence_preference_bwd(grad_losses: torch.Tensor, token_logprobs: torch.Te
                              mask: torch.Tensor, ref_logps: torch.Tensor, policy_seq: torch.Tensor,
                              ref_seq: torch.Tensor, loss: str, beta: float, label_smoothing: float,
                              average: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = backends.get("preference", "eager" if token_logprobs.numel() == 0 else backend)
+    impl = backends.implementation("preference", backend, token_logprobs)
     grad_tokens, grad_ref = impl.sequence_preference_backward(
         grad_losses, token_logprobs, mask, ref_logps, policy_seq, ref_seq, loss, beta,
         label_smoothing, average)
@@ -283,10 +283,9 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         _checks.check_tensor("ref_logps", ref_logps, floating=True)
         _checks.check_same_device(hidden=hidden, ref_logps=ref_logps)
         _checks.check_shape("ref_logps", ref_logps, (2 * pairs,), "[2B], chosen rows first")
-    name = backends.resolve_for("preference", backend, token_logps)
     losses, policy_seq, ref_seq = SequencePreferenceFunction.apply(
         token_logps, mask, ref_logps.to(token_logps.dtype), loss, beta, label_smoothing,
-        bool(average_log_prob), name)
+        bool(average_log_prob), backend)
     rewards = beta * (policy_seq - ref_seq)
     chosen_rewards, rejected_rewards = rewards[:pairs], rewards[pairs:]
     return PreferenceLossOutput(_reduce(losses, reduction), chosen_rewards, rejected_rewards,

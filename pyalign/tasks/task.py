@@ -273,7 +273,7 @@ def _build(seed: int, config: TaskConfig, progress: bool):
 
 
 def _build_single_threaded(seed: int, config: TaskConfig, progress: bool):
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     lang = Language(seed)
     model, losses = _train_sft(config, lang, seed, progress)
     sft_seconds = time.perf_counter() - started
@@ -301,6 +301,7 @@ def _build_single_threaded(seed: int, config: TaskConfig, progress: bool):
     stats = {
         "sft_loss_first": losses[0], "sft_loss_last": sum(losses[-10:]) / len(losses[-10:]),
         "sft_seconds": sft_seconds, "build_seconds": time.perf_counter() - started,
+        "build_cpu_seconds": time.process_time() - started_cpu,
         "sft_gold_mean": float(gold_all.mean()), "sft_gold_std": float(gold_all.std()),
         "rm_loss": rm_loss, "rm_label_agreement": float(agree.float().mean()),
     }

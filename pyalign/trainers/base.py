@@ -59,8 +59,8 @@ class TrainerConfig:
     micro_batch_size: int = 32  # per forward/backward on one rank; gradient accumulation fills the rest
     max_grad_norm: float = 1.0  # 0 disables clipping
     temperature: float = 1.0  # sampling temperature (RL rollouts and evaluation)
-    eval_every: int = 5  # evaluate gold/proxy reward and KL on policy samples every N steps (0: never)
-    eval_batch_size: int = 32  # prompts per evaluation
+    eval_every: int = 10  # evaluate gold/proxy reward and KL on policy samples every N steps (0: never)
+    eval_batch_size: int = 64  # prompts per evaluation
     final_eval_batch_size: int = 256  # prompts in the evaluation after the last step
     checkpoint_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
@@ -677,8 +677,34 @@ class Trainer:
             "trainer": self._extra_state(),
         }
         # The strategy's state holds the moving weights (trust-region reference, EMA) by itself.
-        payload["reference_strategy"] = self.ref_strategy.state_dict()
+        payload["reference_strategy"] = self._strategy_state()
         return payload
+
+    @property
+    def _sharded(self) -> bool:
+        return self.config.fsdp and self.dist.distributed
+
+    def _policy_params(self) -> dict:
+        # the strategies name tensors by the policy's parameter names, wrapper prefixes removed
+        return {".".join(p for p in name.split(".") if p not in ("module", "_orig_mod")): param
+                for name, param in self.policy.named_parameters()}
+
+    def _strategy_state(self) -> dict:
+        """The strategy's state; under FSDP2 its per-rank shards are gathered to full tensors
+        (a collective), so the checkpoint does not depend on the number of ranks."""
+        state = self.ref_strategy.state_dict()
+        if not self._sharded:
+            return state
+        params = self._policy_params()
+        return {key: ({name: _gather_shard(params[name], shard) for name, shard in value.items()}
+                      if _is_tensor_dict(value) else value) for key, value in state.items()}
+
+    def _load_strategy_state(self, state: dict) -> None:
+        if self._sharded:
+            params = self._policy_params()
+            state = {key: ({name: _local_shard(params[name], full) for name, full in value.items()}
+                           if _is_tensor_dict(value) else value) for key, value in state.items()}
+        self.ref_strategy.load_state_dict(state)
 
     def save(self) -> Optional[str]:
         if not self.checkpoint_dir:
@@ -706,7 +732,7 @@ class Trainer:
                                   f"resume with the same settings")
         try:
             self._load_model_state(self._scorer_module(), payload["policy"])
-            self.ref_strategy.load_state_dict(payload["reference_strategy"])
+            self._load_strategy_state(payload["reference_strategy"])
             self._load_optimizer_state(payload["optimizer"])
             self._load_extra_state(payload["trainer"])
         except (KeyError, RuntimeError, ValueError) as exc:
@@ -765,6 +791,29 @@ class Trainer:
         self._summary = {"algo": self.algo, "steps": self.step, **final, "last_step": last_record,
                          "checkpoint": checkpoint, "metrics": metrics_path, "plot": plot}
         return self._summary
+
+
+def _is_tensor_dict(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _gather_shard(param: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+    """The full tensor of which ``shard`` is this rank's part, laid out like ``param``."""
+    from torch.distributed.tensor import DTensor
+    if not isinstance(param, DTensor):
+        return shard.detach().cpu()
+    full = DTensor.from_local(shard, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride()).full_tensor()
+    return full.detach().cpu()
+
+
+def _local_shard(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full``, sharded like ``param`` (no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(param, DTensor):
+        return full
+    full = full.to(device=param.device)
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -37,8 +37,8 @@ class RLConfig(TrainerConfig):
     kl_target: Optional[float] = None  # adaptive coefficient when set (nats per response)
     kl_horizon: int = 10000  # adaptive controller horizon, in samples
     elastic_reset: bool = False
-    er_ema_decay: float = 0.995
-    er_reset_every: int = 40
+    er_ema_decay: float = 0.95  # the paper's 0.995 is for runs of thousands of steps
+    er_reset_every: int = 25
     er_ema_every: int = 1
     er_reset_optimizer: bool = False
 

@@ -2,6 +2,9 @@
 group (``pyalign train``'s own code path), then save this rank's policy and reference weights.
 
     torchrun --nproc-per-node 2 dist_worker.py OUT_DIR CONFIG [CONFIG ...]
+
+A config whose file name contains "resume" is trained to half its steps, checkpointed, and
+continued by a new trainer from that checkpoint.
 """
 import argparse
 import os
@@ -31,8 +34,13 @@ def main() -> int:
             args = parser.parse_args(["--config", config, "--out", os.path.join(out_root, name),
                                       "--no-progress"])
             algo, run, trainer_config = resolve_settings(args)
+            resume = None
+            if "resume" in name:  # interrupted half way, then resumed by a fresh trainer
+                first = build_trainer(algo, run, trainer_config, dist_ctx=dist_ctx, progress=False)
+                first.train(run["steps"] // 2)
+                resume = True
             trainer = build_trainer(algo, run, trainer_config, dist_ctx=dist_ctx, progress=False)
-            trainer.train(run["steps"])
+            trainer.train(run["steps"], resume=resume)
             state = {"world_size": dist_ctx.world_size, "fsdp": trainer_config.fsdp,
                      "policy": _full(trainer.policy.state_dict()),
                      "reference": _full(trainer.ref_model.state_dict())}

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from trainer_helpers import read_records, write_config
+from trainer_helpers import read_records, strip_timing, write_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -25,6 +25,12 @@ CONFIGS = {
 }
 # FSDP2: the same tr-dpo run with every model sharded; compared with the 1-process tr-dpo run.
 CONFIGS["tr-dpo-fsdp"] = dict(CONFIGS["tr-dpo"], fsdp=True)
+# FSDP2 Elastic Reset, straight and interrupted at step 2 then resumed: the gathered EMA and
+# the sharded optimizer state go through the checkpoint.
+CONFIGS["er-fsdp"] = dict(algo="elastic-reset", steps=4, batch_size=4, micro_batch_size=2,
+                          samples_per_prompt=2, er_reset_every=3, er_ema_decay=0.5, lr=0.01,
+                          final_eval_batch_size=4, fsdp=True)
+CONFIGS["er-fsdp-resume"] = CONFIGS["er-fsdp"]
 TRAIN_KEYS = {"tr-dpo": ("loss", "chosen_reward", "rejected_reward", "margin", "grad_norm"),
               "rloo": ("loss", "reward", "proxy_reward", "kl_penalty", "kl_coef", "grad_norm")}
 
@@ -44,6 +50,8 @@ def test_two_ranks_match_one(tmp_path, task_cache_dir, tiny_task):
     _torchrun(tmp_path / "two", configs)
     from trainer_helpers import run_cli
     for name, config in zip(CONFIGS, configs):
+        if name.startswith("er-fsdp"):
+            continue
         if name == "tr-dpo-fsdp":
             one = read_records(tmp_path / "one" / "tr-dpo")
             name = "tr-dpo"
@@ -74,5 +82,8 @@ def test_two_ranks_match_one(tmp_path, task_cache_dir, tiny_task):
     for key, tensor in ranks[0]["reference"].items():
         for rank in (0, 1):  # the gathered FSDP2 reference is the DDP one, to fp32 tolerance
             torch.testing.assert_close(sharded[rank]["reference"][key], tensor, rtol=1e-4, atol=1e-5)
+    straight = [strip_timing(r) for r in read_records(tmp_path / "two" / "er-fsdp")]
+    resumed = [strip_timing(r) for r in read_records(tmp_path / "two" / "er-fsdp-resume")]
+    assert resumed == straight and [r["reset"] for r in straight[:4]] == [False, False, True, False]
     records = read_records(tmp_path / "two" / "tr-dpo")
     assert [r["reference_updated"] for r in records if not r.get("final")] == [False, True, False, True]
