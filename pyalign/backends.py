@@ -207,6 +207,11 @@ def resolve_for(family: str, backend: str, tensor: torch.Tensor) -> str:
     return resolve(family, backend, tensor.device)
 
 
+def has(family: str, backend: str) -> bool:
+    """Whether ``backend`` registers an implementation of ``family`` at all."""
+    return (family, backend) in _loaders
+
+
 def check_name(backend: str) -> str:
     """Validate a backend name given to an op (resolution itself happens when the op runs)."""
     if backend not in BACKENDS and backend != "auto":

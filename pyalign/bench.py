@@ -185,6 +185,12 @@ def logprobs_case(num_tokens: int = 4096, vocab: int = 32000, dtype=torch.float3
         torch.exp(plain_logits, out=exp_out)  # forward: one pass over the logits
         torch.exp(plain_logits, out=exp_out)  # backward: one more read and a write
     candidates.append(Candidate("floor: 2 passes of torch.exp", floor, kind="floor"))
+
+    def memory_floor():
+        plain_logits.sum()  # forward: one read
+        exp_out.copy_(plain_logits)  # backward: one read, one write
+    candidates.append(Candidate("memory floor: sum + copy_ (1 read; 1 read + 1 write)",
+                                memory_floor, kind="floor"))
     notes += _third_party_notes()
     return Case("token_logprobs fwd+bwd",
                 {"N": num_tokens, "V": vocab, "dtype": _dtype_name(dtype), "T": temperature,
@@ -255,7 +261,7 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
     candidates.append(Candidate("floor: the 3 bare matmuls", floor, kind="floor"))
     notes += _third_party_notes()
     flops = 3 * 2 * num_tokens * hidden_size * vocab
-    notes.append(f"matmul work: {flops / 1e9:.1f} GFLOP per fwd+bwd (3 matmuls); a chunked "
+    notes.append(f"matmul work: {flops / 1e9:.3g} GFLOP per fwd+bwd (3 matmuls); a chunked "
                  "backend recomputes the forward matmul in backward (4 matmuls)")
     return Case("linear_token_logprobs fwd+bwd",
                 {"N": num_tokens, "H": hidden_size, "V": vocab, "dtype": _dtype_name(dtype),
@@ -504,8 +510,8 @@ def suite_builders(args) -> dict[str, Callable[[], Case]]:
         }
     return {
         "logprobs": lambda: logprobs_case(4096, 32000, dtype, device, compile=compile),
-        # H and N below the issue's 4096 x 1024: at ~50 GFLOP/s on 2 cores the full size takes
-        # ~10 s per call. benchmarks/bench_linear_logprobs.py runs any size.
+        # N and H below the issue's 4096 x 1024: that size is ~1 TFLOP per fwd+bwd, ~20 s a call
+        # at the ~50 GFLOP/s of 2 cores. benchmarks/bench_linear_logprobs.py runs any size.
         "linear_logprobs": lambda: linear_logprobs_case(1024, 512, 32000, dtype, device,
                                                         compile=compile),
         "kl": lambda: kl_case(1 << 20, device, compile=compile),
@@ -517,6 +523,16 @@ def suite_builders(args) -> dict[str, Callable[[], Case]]:
 
 DEFAULT_CASES = ("logprobs", "linear_logprobs")
 
+USAGE = """Microbenchmarks: each case runs its candidates (eager PyTorch, torch.compile, pyalign on
+every available backend, Liger-Kernel and TRL where installed, and a floor) on the same inputs,
+forward + backward, and prints median time, peak extra memory and ratios; the table goes to
+stdout, progress to stderr.
+
+    pyalign bench                          # token_logprobs, linear_token_logprobs
+    pyalign bench --quick --json out.json  # tiny sizes
+    pyalign bench --cases all --threads 1  # every case; one thread on a busy machine
+"""
+
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto",
@@ -525,7 +541,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="dtype of logits / hidden / weight (default float32)")
     parser.add_argument("--reps", type=int, default=None,
                         help="timed calls per candidate (median reported; default 3, 5 on CUDA)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed calls first, the last one under the memory probe "
+                             "(default 1; torch.compile rows get at least 2)")
     parser.add_argument("--no-compile", action="store_true",
                         help="leave out the torch.compile rows (their warm-up is the slow part)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe")
@@ -542,13 +560,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 def add_bench_parser(subparsers):
     parser = subparsers.add_parser(
         "bench", help="kernel microbenchmarks (median time, peak memory, ratios vs eager)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
                         help="comma-separated from logprobs, linear_logprobs, kl, preference, "
                              "linear_preference, weights, or 'all' (default: %(default)s)")
-    parser.set_defaults(func=run_bench)
     return parser
 
 
@@ -559,6 +576,14 @@ def _resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("pyalign bench: --device cuda, but no CUDA GPU is available")
     return device
+
+
+def _cpu_model() -> str:
+    try:  # the extension's build key names the CPU model the same way
+        from pyalign._build import _cpu_model as build_cpu_model
+        return build_cpu_model()
+    except ImportError:
+        return platform.processor() or platform.machine()
 
 
 def _load_average():
@@ -574,7 +599,7 @@ def environment(device: torch.device) -> dict:
         "pyalign": pyalign.__version__, "torch": torch.__version__,
         "python": platform.python_version(), "device": device.type,
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
+                        else _cpu_model()),
         "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "load_average": _load_average(),
         "optional": {label: optional_module(module) is not None

@@ -2,8 +2,9 @@
 kernels are tested against (the tests' float64 oracle is written separately, in tests/oracle.py).
 
 Each family is a namespace with the primitive functions of the contract in backends.py. All math
-runs in fp32 whatever the input dtype. Per-token ops work over row chunks so that at most about
-``_ROW_CHUNK_ELEMENTS`` fp32 temporaries of the logits exist at a time.
+runs in fp32 whatever the input dtype (fp64 for fp64 inputs, so gradcheck works). Per-token ops
+work over row chunks of about ``_ROW_CHUNK_ELEMENTS`` logits, with two or three fp32 temporaries
+of a chunk alive at a time.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-_ROW_CHUNK_ELEMENTS = 1 << 24  # 64 MiB of fp32 temporaries per chunk
+_ROW_CHUNK_ELEMENTS = 1 << 22  # 16 MiB per fp32 temporary of a chunk
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -27,14 +28,24 @@ def _row_chunks(num_rows: int, row_length: int):
         yield start, min(num_rows, start + rows)
 
 
-def _entropy_terms(scaled: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(scaled) per row; 0·log 0 = 0 for -inf logits, NaN stays NaN."""
-    log_probs = scaled - lse[:, None]
+def _scaled_rows(logits: torch.Tensor, acc: torch.dtype, temperature: float) -> torch.Tensor:
+    """A fresh fp32 (or fp64) copy of logits / temperature that the caller may overwrite."""
+    scaled = logits.to(acc, copy=True)
+    if temperature != 1.0:
+        scaled.div_(temperature)
+    return scaled
+
+
+def _entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
+    """-sum p log p per row from log-probs; 0·log 0 = 0 for -inf logits, NaN stays NaN."""
     probs = log_probs.exp()
-    return -torch.where(probs == 0, torch.zeros_like(probs), probs * log_probs).sum(-1)
+    impossible = probs == 0
+    probs.mul_(log_probs).masked_fill_(impossible, 0.0)
+    return -probs.sum(-1)
 
 
 # ----------------------------------------------------------------------------- per-token log-probs
+# Chunks of rows, each with about two fp32 temporaries of the chunk alive at once.
 
 def logprobs_forward(logits, labels, ignore_index, temperature, with_entropy):
     num_rows, vocab = logits.shape
@@ -45,14 +56,16 @@ def logprobs_forward(logits, labels, ignore_index, temperature, with_entropy):
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
     for start, end in _row_chunks(num_rows, vocab):
-        scaled = logits[start:end].to(acc) / temperature
+        scaled = _scaled_rows(logits[start:end], acc, temperature)
         chunk_lse = torch.logsumexp(scaled, dim=-1)
         label_logit = scaled.gather(1, safe_labels[start:end, None]).squeeze(1)
         chunk_valid = valid[start:end]
         lse[start:end] = chunk_lse
         logprobs[start:end] = torch.where(chunk_valid, label_logit - chunk_lse, 0.0)
         if with_entropy:
-            entropy[start:end] = torch.where(chunk_valid, _entropy_terms(scaled, chunk_lse), 0.0)
+            log_probs = scaled.sub_(chunk_lse[:, None])
+            entropy[start:end] = torch.where(chunk_valid, _entropy_from_log_probs(log_probs), 0.0)
+        del scaled
     return logprobs, entropy, lse
 
 
@@ -65,19 +78,24 @@ def logprobs_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy,
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
     for start, end in _row_chunks(num_rows, vocab):
         chunk_valid = valid[start:end]
-        scaled = logits[start:end].to(acc) / temperature
-        log_probs = scaled - lse[start:end, None]
-        probs = log_probs.exp()
+        log_probs = _scaled_rows(logits[start:end], acc, temperature).sub_(lse[start:end, None])
+        grad = log_probs.exp()  # softmax, turned into the gradient in place below
         g_lp = torch.where(chunk_valid, grad_logprobs[start:end].to(acc), 0.0)
-        grad = -probs * g_lp[:, None]
-        grad.scatter_add_(1, safe_labels[start:end, None], g_lp[:, None])
         if grad_entropy is not None:
             g_ent = torch.where(chunk_valid, grad_entropy[start:end].to(acc), 0.0)
             # dH/ds_v = -p_v (log p_v + H); zero where p_v == 0 (masked vocabulary), NaN kept
-            d_entropy = torch.where(probs == 0, torch.zeros_like(probs),
-                                    probs * (log_probs + entropy[start:end, None]))
-            grad -= g_ent[:, None] * d_entropy
-        grad_logits[start:end] = grad / temperature
+            impossible = grad == 0
+            d_entropy = log_probs.add_(entropy[start:end, None]).mul_(grad)
+            d_entropy.masked_fill_(impossible, 0.0).mul_(g_ent[:, None])
+            grad.mul_(-g_lp[:, None]).sub_(d_entropy)
+        else:
+            grad.mul_(-g_lp[:, None])
+        del log_probs
+        grad.scatter_add_(1, safe_labels[start:end, None], g_lp[:, None])
+        if temperature != 1.0:
+            grad.div_(temperature)
+        grad_logits[start:end] = grad
+        del grad
     return grad_logits
 
 

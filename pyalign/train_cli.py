@@ -5,10 +5,10 @@
     torchrun --nproc-per-node 2 -m pyalign.cli train --algo dpo      # DDP (gloo on CPU)
 
 A config file (TOML, or YAML when pyyaml is installed) holds flat ``key = value`` pairs: the run
-keys (algo, steps, seed, out, model, backend, bf16, fsdp, task_seed, task_cache_dir), the
+keys (algo, steps, seed, out, model, backend, bf16, fsdp, threads, task_seed, task_cache_dir), the
 trainer keys of the algorithm (``--print-config`` lists them with their defaults) and an optional
-``[task]`` table of pyalign.tasks.TaskConfig sizes. Command-line flags override the file. Writes metrics.jsonl, reward_vs_kl.png and checkpoints/ under --out and
-prints one summary line.
+``[task]`` table of pyalign.tasks.TaskConfig sizes. Command-line flags override the file.
+Writes metrics.jsonl, reward_vs_kl.png and checkpoints/ under --out and prints a summary line.
 """
 from __future__ import annotations
 
@@ -55,7 +55,10 @@ ONLY_FOR = {
 # A pairwise algorithm may swap in any other pairwise loss of pyalign.preference_loss.
 LOSS_CONFIGURABLE = ("dpo", "tr-dpo", "slic", "ipo", "tr-ipo")
 RUN_KEYS = {"algo": str, "steps": int, "seed": int, "out": str, "model": str, "backend": str,
-            "bf16": bool, "fsdp": bool, "task_seed": int, "task_cache_dir": str}
+            "bf16": bool, "fsdp": bool, "task_seed": int, "task_cache_dir": str, "threads": int}
+# Below this many parameters a CPU run uses one intra-op thread unless told otherwise: the
+# matrices are too small to split, and threads contending for busy cores cost several-fold.
+SMALL_MODEL_PARAMS = 5_000_000
 
 
 class ConfigError(ValueError):
@@ -154,7 +157,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
 
     run = {"algo": algo, "steps": DEFAULT_STEPS[family], "seed": 0, "out": os.path.join("runs", algo),
            "model": None, "backend": "auto", "bf16": False, "fsdp": False, "task_seed": 0,
-           "task_cache_dir": None, "task": {}}
+           "task_cache_dir": None, "task": {}, "threads": None}
     trainer_values = dict(TUNED_DEFAULTS.get(algo, {}))
     unknown = []
     for key, value in file_values.items():
@@ -176,7 +179,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
                                         and (k not in ONLY_FOR or algo in ONLY_FOR[k])})
         raise ConfigError(f"{where}: unknown config key(s) {', '.join(map(repr, sorted(unknown)))} "
                           f"for algo {algo}; valid keys: {', '.join(valid)}")
-    for key in ("steps", "seed", "out", "model", "backend", "task_seed", "task_cache_dir"):
+    for key in ("steps", "seed", "out", "model", "backend", "task_seed", "task_cache_dir", "threads"):
         value = getattr(args, key, None)
         if value is not None:
             run[key] = value
@@ -192,6 +195,8 @@ def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
               "backend": run["backend"], "fsdp": run["fsdp"]}
     if getattr(args, "no_progress", False):
         values["progress"] = False
+    if run["threads"] is not None and run["threads"] < 1:
+        raise ConfigError(f"threads must be >= 1, got {run['threads']}")
     if run["steps"] is None or run["steps"] < 1:
         raise ConfigError(f"steps must be >= 1, got {run['steps']}")
     try:
@@ -263,6 +268,8 @@ def _prepare_out_dir(run: dict, resume, overwrite: bool, is_main: bool) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import torch
+
     from pyalign.trainers.base import CheckpointError, format_summary, init_distributed
     try:
         algo, run, config = resolve_settings(args)
@@ -270,15 +277,26 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"pyalign train: error: {exc}", file=sys.stderr)
         return 2
     if getattr(args, "print_config", False):
-        print(f"# algo {algo}\n" + "\n".join(f"{k} = {v!r}" for k, v in
-                                             {**run, **dataclasses.asdict(config)}.items()))
+        print(f"# pyalign train --algo {algo}: the keys a config file may set, resolved")
+        for key, value in {**run, **dataclasses.asdict(config)}.items():
+            if key in ALGO_KEYS or key == "progress" or (key in ONLY_FOR and algo not in ONLY_FOR[key]):
+                continue
+            print(f"{key} = {value!r}")
         return 0
     dist_ctx = init_distributed()
     try:
         _prepare_out_dir(run, args.resume, getattr(args, "overwrite", False), dist_ctx.is_main)
         if run["backend"] != "auto":
             os.environ["PYALIGN_BACKEND"] = run["backend"]  # also the ops without a backend argument
+        on_cpu = dist_ctx.device.type == "cpu"
+        if run["threads"]:
+            torch.set_num_threads(run["threads"])
+        elif on_cpu and not run["model"]:  # the embedded task's model is tiny
+            torch.set_num_threads(1)
         trainer = build_trainer(algo, run, config, dist_ctx=dist_ctx, progress=config.progress)
+        if not run["threads"] and on_cpu and \
+                sum(p.numel() for p in trainer.policy.parameters()) < SMALL_MODEL_PARAMS:
+            torch.set_num_threads(1)
         summary = trainer.train(run["steps"], resume=args.resume)
     except (ConfigError, CheckpointError) as exc:
         print(f"pyalign train: error: {exc}", file=sys.stderr)
@@ -317,6 +335,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
     parser.add_argument("--task-seed", type=int, dest="task_seed", help="seed of the embedded task (default 0)")
     parser.add_argument("--task-cache-dir", dest="task_cache_dir", help="where the embedded task is cached")
+    parser.add_argument("--threads", type=int, help="intra-op CPU threads (default: 1 for models "
+                        f"under {SMALL_MODEL_PARAMS // 1_000_000}M parameters on CPU, else torch's)")
     parser.add_argument("--no-progress", action="store_true", dest="no_progress", help="no tqdm bar")
     parser.add_argument("--print-config", action="store_true", dest="print_config",
                         help="print the resolved settings and exit")

@@ -397,18 +397,15 @@ def test_wrapper_prefixes_pair_by_name(policy_and_ref):
     assert_same_bits(ref, params_exact(policy))
 
 
-def test_dtensor_parameters_update_shard_local():
+def test_dtensor_parameters_update_shard_local(tmp_path):
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available():
         pytest.skip("torch.distributed is not built into this torch")
     from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
-    import os
-    import tempfile
     created = False
-    if not dist.is_initialized():
-        store = tempfile.NamedTemporaryFile(delete=False)
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
+    if not dist.is_initialized():   # a one-rank gloo group: enough to build DTensor parameters
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                                world_size=1)
         created = True
     try:
         mesh = DeviceMesh("cpu", [0])

@@ -283,9 +283,12 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         _checks.check_tensor("ref_logps", ref_logps, floating=True)
         _checks.check_same_device(hidden=hidden, ref_logps=ref_logps)
         _checks.check_shape("ref_logps", ref_logps, (2 * pairs,), "[2B], chosen rows first")
+    # A backend named for the per-token part (say "cpu") need not have a loss kernel: the tiny
+    # [2B, T] reduction then runs on whatever "auto" picks.
+    loss_backend = backend if backend == "auto" or backends.has("preference", backend) else "auto"
     losses, policy_seq, ref_seq = SequencePreferenceFunction.apply(
         token_logps, mask, ref_logps.to(token_logps.dtype), loss, beta, label_smoothing,
-        bool(average_log_prob), backend)
+        bool(average_log_prob), loss_backend)
     rewards = beta * (policy_seq - ref_seq)
     chosen_rewards, rejected_rewards = rewards[:pairs], rewards[pairs:]
     return PreferenceLossOutput(_reduce(losses, reduction), chosen_rewards, rejected_rewards,

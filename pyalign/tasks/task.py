@@ -38,9 +38,9 @@ class TaskConfig:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 128
-    sft_steps: int = 300
+    sft_steps: int = 200
     sft_batch: int = 64
-    sft_lr: float = 3e-3
+    sft_lr: float = 5e-3
     rm_pairs: int = 2000              # noisy preference pairs the proxy is fitted on
     rm_l2: float = 1e-3
     label_noise: float = 0.05         # P(a preferred to b) = sigmoid((gold_a - gold_b) / label_noise)

@@ -59,7 +59,7 @@ class TrainerConfig:
     micro_batch_size: int = 32  # per forward/backward on one rank; gradient accumulation fills the rest
     max_grad_norm: float = 1.0  # 0 disables clipping
     temperature: float = 1.0  # sampling temperature (RL rollouts and evaluation)
-    eval_every: int = 10  # evaluate gold/proxy reward and KL on policy samples every N steps (0: never)
+    eval_every: int = 1  # evaluate gold/proxy reward and KL on policy samples every N steps (0: never)
     eval_batch_size: int = 64  # prompts per evaluation
     final_eval_batch_size: int = 256  # prompts in the evaluation after the last step
     checkpoint_every: int = 0  # 0: only the final checkpoint
@@ -451,7 +451,6 @@ class Trainer:
         self.dist = dist_ctx or init_distributed()
         self.model_factory = model_factory or task.new_policy
         self.step = 0
-        self._summary: dict = {}
         torch.manual_seed(stable_seed(config.seed, "init"))
         random.seed(stable_seed(config.seed, "python"))
         np.random.seed(stable_seed(config.seed, "numpy") % (2 ** 32))
@@ -593,7 +592,7 @@ class Trainer:
         cfg, task = self.config, self.task
         local = split_evenly(prompts.shape[0], self.dist.world_size, "the evaluation batch")
         offset = self.dist.rank * local
-        sums = dict(gold=0.0, proxy=0.0, kl=0.0, entropy=0.0, tokens=0.0, length=0.0, n=0.0)
+        sums = dict(gold=0.0, proxy=0.0, kl=0.0, entropy=0.0, tokens=0.0, n=0.0)
         chunk_size = min(cfg.micro_batch_size, local)
         self.policy.eval()
         try:
@@ -613,16 +612,15 @@ class Trainer:
                 sums["kl"] += float(kl.double().sum())
                 sums["entropy"] += float((entropy * mask).double().sum())
                 sums["tokens"] += float(mask.sum())
-                sums["length"] += float(mask.sum())
                 sums["n"] += chunk.shape[0]
         finally:
             self.policy.train()
-        counts = dict(proxy="n", kl="n", entropy="tokens", length="n")
+        counts = dict(proxy="n", kl="n", entropy="tokens", tokens="n")
         if hasattr(task, "gold_reward"):
             counts["gold"] = "n"
         means = self._reduce_means(sums, counts)
         renamed = dict(gold="gold_reward", proxy="proxy_reward", kl="kl_to_init",
-                       entropy="sample_entropy", length="response_length")
+                       entropy="sample_entropy", tokens="response_length")
         return {renamed[k]: v for k, v in means.items()}
 
     def response_mask(self, responses: torch.Tensor) -> torch.Tensor:
@@ -788,9 +786,8 @@ class Trainer:
         if metrics_path:
             plot = plot_reward_vs_kl(read_metrics(metrics_path), os.path.join(self.out_dir, "reward_vs_kl.png"),
                                      f"{self.algo}: gold reward vs KL to the initial model")
-        self._summary = {"algo": self.algo, "steps": self.step, **final, "last_step": last_record,
-                         "checkpoint": checkpoint, "metrics": metrics_path, "plot": plot}
-        return self._summary
+        return {"algo": self.algo, "steps": self.step, **final, "last_step": last_record,
+                "checkpoint": checkpoint, "metrics": metrics_path, "plot": plot}
 
 
 def _is_tensor_dict(value) -> bool:

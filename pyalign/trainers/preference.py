@@ -35,7 +35,7 @@ class PreferenceConfig(TrainerConfig):
     undesirable_weight: float = 1.0  # KTO
     reference: str = "frozen"  # or "trust_region" (TR-DPO/IPO/KTO)
     tr_alpha: float = 0.6  # soft-update weight; 1.0 is the hard update
-    tr_tau: int = 16  # optimizer steps between reference updates
+    tr_tau: int = 10  # optimizer steps between reference updates
     precompute_ref: bool = True  # frozen reference only: score the dataset once up front
     num_examples: int = 1024  # dataset size (pairs, or unpaired examples for KTO); epochs repeat it
 
@@ -53,8 +53,6 @@ class PreferenceConfig(TrainerConfig):
             raise ValueError(f"config key 'tr_tau' must be >= 1, got {self.tr_tau!r}")
         if self.num_examples < self.batch_size:
             raise ValueError(f"num_examples ({self.num_examples}) must be >= batch_size ({self.batch_size})")
-        if self.loss == "kto" and self.micro_batch_size < 2:
-            raise ValueError("KTO needs micro_batch_size >= 2 (its KL term pairs neighbouring examples)")
 
 
 class PreferenceTrainer(Trainer):
@@ -146,16 +144,21 @@ class PreferenceTrainer(Trainer):
         rows = self.batch_indices(step)[self.dist.rank * local:(self.dist.rank + 1) * local]
         slices = micro_slices(local, cfg.micro_batch_size)
         sums: dict[str, float] = {}
+        if self.is_kto:
+            reference_point = self._kto_reference_point(rows, slices)
         for i, part in enumerate(slices):
             with self._accumulating(last=i == len(slices) - 1):
-                micro = self._kto_micro_step if self.is_kto else self._pairwise_micro_step
-                for name, value in micro(rows[part], local).items():
-                    sums[name] = sums.get(name, 0.0) + value
+                if self.is_kto:
+                    values = self._kto_micro_step(rows[part], local, reference_point)
+                else:
+                    values = self._pairwise_micro_step(rows[part], local)
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + value
         grad_norm = self._optimizer_step(step)
         reference_updated = bool(self.ref_strategy.step(step, self.optimizer))
         if self.is_kto:
             counts = dict(loss="n", desirable_reward="n_desirable", undesirable_reward="n_undesirable",
-                          kto_kl="n_micro", entropy="tokens")
+                          entropy="tokens")
         else:
             counts = dict(loss="n", chosen_reward="n", rejected_reward="n", margin="n",
                           accuracy="n", entropy="tokens")
@@ -163,6 +166,8 @@ class PreferenceTrainer(Trainer):
         tokens = self.dist.all_reduce_sum(torch.tensor([sums["all_tokens"]], dtype=torch.float64))
         record.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
                       reference_updated=reference_updated, _tokens=float(tokens))
+        if self.is_kto:
+            record["kto_kl"] = float(reference_point.clamp(min=0))
         return record
 
     def _batch(self, rows: torch.Tensor, key: str) -> torch.Tensor:
@@ -194,26 +199,33 @@ class PreferenceTrainer(Trainer):
                 "entropy": float((entropy.detach() * mask).sum()), "tokens": float(mask.sum()),
                 "all_tokens": float(2 * pairs * (prompts.shape[1] + responses.shape[1]))}
 
-    def _kto_micro_step(self, rows: torch.Tensor, local: int) -> dict:
+    @torch.no_grad()
+    def _kto_reference_point(self, rows: torch.Tensor, slices: list) -> torch.Tensor:
+        """KTO's z0 for this step: the mean of log policy/ref over mismatched prompt-completion
+        pairs of the whole global batch (every micro-batch of every rank), so the loss does not
+        depend on how the batch is split. Detached; kto_loss clamps it at 0."""
+        total = torch.zeros(2, dtype=torch.float64)
+        for part in slices:
+            batch = rows[part]
+            prompts, mismatched = self._batch(batch, "prompt"), self._batch(batch, "mismatched")
+            mask = self.response_mask(mismatched)
+            policy = pyalign.sequence_logprobs(self._scorer_module()(prompts, mismatched, mask), mask,
+                                               average=self.config.length_normalize)
+            total[0] += float((policy - self._reference(batch, "mismatched")).double().sum())
+            total[1] += batch.shape[0]
+        total = self.dist.all_reduce_sum(total)
+        return (total[0] / total[1]).to(torch.float32).reshape(1)
+
+    def _kto_micro_step(self, rows: torch.Tensor, local: int, reference_point: torch.Tensor) -> dict:
         cfg = self.config
         prompts = self._batch(rows, "prompt")
         completions = self._batch(rows, "completion")
-        mismatched = self._batch(rows, "mismatched")
         desirable = self._batch(rows, "desirable")
-        with torch.no_grad():  # the KL reference point z0 carries no gradient
-            mismatch_mask = self.response_mask(mismatched)
-            policy_kl = pyalign.sequence_logprobs(self._scorer_module()(prompts, mismatched, mismatch_mask),
-                                                  mismatch_mask, average=cfg.length_normalize)
-            kl_sum = (policy_kl - self._reference(rows, "mismatched")).double().sum().reshape(1)
-            kl_count = torch.tensor([float(rows.shape[0])], dtype=torch.float64)
-            # z0 is a batch statistic: average it over every rank's share of this micro-batch.
-            totals = self.dist.all_reduce_sum(torch.cat([kl_sum, kl_count]))
-            z0 = (totals[0] / totals[1]).to(torch.float32).reshape(1)
         mask = self.response_mask(completions)
         logprobs, entropy = self.scorer(prompts, completions, mask, entropy=True)
         sequence = pyalign.sequence_logprobs(logprobs, mask, average=cfg.length_normalize)
-        out = pyalign.kto_loss(sequence, self._reference(rows, "completion"), desirable, z0, beta=cfg.beta,
-                               desirable_weight=cfg.desirable_weight,
+        out = pyalign.kto_loss(sequence, self._reference(rows, "completion"), desirable, reference_point,
+                               beta=cfg.beta, desirable_weight=cfg.desirable_weight,
                                undesirable_weight=cfg.undesirable_weight, reduction="sum")
         (out.loss / local).backward()
         n = rows.shape[0]
@@ -222,6 +234,5 @@ class PreferenceTrainer(Trainer):
                 "n_desirable": float(desirable.sum()),
                 "undesirable_reward": float(out.rewards[~desirable].sum()),
                 "n_undesirable": float((~desirable).sum()),
-                "kto_kl": float(out.kl) / self.dist.world_size, "n_micro": 1.0 / self.dist.world_size,
                 "entropy": float((entropy.detach() * mask).sum()), "tokens": float(mask.sum()),
                 "all_tokens": float(2 * n * (prompts.shape[1] + completions.shape[1]))}

@@ -115,10 +115,11 @@ class RLTrainer(Trainer):
         self.ref_strategy.step(step, self.optimizer)  # True after an EMA update too
         reset = getattr(self.ref_strategy, "num_resets", 0) > resets_before
         counts = dict(loss="n", reward="n", proxy_reward="n", kl_penalty="n", kl_to_init="n",
-                      entropy="tokens", response_length="n", advantage_abs="n")
+                      entropy="tokens", tokens="n", advantage_abs="n")
         if "gold_reward" in sums:
             counts["gold_reward"] = "n"
         record = self._reduce_means(sums, counts)
+        record["response_length"] = record.pop("tokens")
         tokens = self.dist.all_reduce_sum(torch.tensor([sums["all_tokens"]], dtype=torch.float64))
         record.update(kl_coef=self.kl_coef, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
                       _tokens=float(tokens))
@@ -165,7 +166,7 @@ class RLTrainer(Trainer):
                "reward": float(shaped.sum()), "proxy_reward": float(proxy.double().sum()),
                "kl_penalty": float(penalty.double().sum()), "kl_to_init": float(kl_to_init.double().sum()),
                "entropy": float((entropy.detach() * mask).double().sum()), "tokens": float(mask.sum()),
-               "response_length": float(mask.sum()), "advantage_abs": float(advantages.abs().sum()),
+               "advantage_abs": float(advantages.abs().sum()),
                "all_tokens": float(responses.shape[0] * (prompts.shape[1] + responses.shape[1]))}
         if gold is not None:
             out["gold_reward"] = float(gold.double().sum())

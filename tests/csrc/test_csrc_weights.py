@@ -174,3 +174,15 @@ def test_cuda_launch_plan_covers_every_chunk_once(cpu_ops, max_tensors, max_bloc
         seen += [(tensors[slot], chunk) for slot, chunk in blocks]
     expected = [(i, c) for i, n in enumerate(numels) for c in range(-(-n // chunk_size))]
     assert seen == expected
+
+
+def test_every_fp16_bit_pattern_loads_exactly(cpu_ops):
+    """The kernels' vectorizable fp16 -> fp32 load (bit manipulation) on all 65536 patterns:
+    normals, subnormals, +-0, +-inf and NaNs."""
+    halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    widened = torch.full((65536,), float("nan"))
+    cpu_ops.multi_tensor_apply_("copy", [widened], [halves], 0.0, 0)
+    expected = halves.float()
+    same = (widened == expected) | (torch.isnan(widened) & torch.isnan(expected))
+    assert same.all()
+    assert torch.equal(torch.signbit(widened), torch.signbit(expected))

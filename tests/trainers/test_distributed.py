@@ -19,6 +19,9 @@ CONFIGS = {
     "tr-dpo": dict(algo="tr-dpo", steps=4, batch_size=8, micro_batch_size=2, num_examples=32,
                    tr_tau=2, tr_alpha=0.5, lr=0.01, eval_every=2, eval_batch_size=8,
                    final_eval_batch_size=8),
+    # KTO: z0 is averaged over the whole global batch, so it is split-invariant too
+    "tr-kto": dict(algo="tr-kto", steps=3, batch_size=8, micro_batch_size=2, num_examples=32,
+                   tr_tau=2, lr=0.01, eval_every=0, final_eval_batch_size=4),
     # 4 prompts x 3 samples per step = 2 prompts per rank, one rollout chunk of 2 prompts each
     "rloo": dict(algo="rloo", steps=3, batch_size=4, micro_batch_size=2, samples_per_prompt=3,
                  kl_target=0.2, kl_horizon=50, lr=0.01, final_eval_batch_size=4),
@@ -32,6 +35,7 @@ CONFIGS["er-fsdp"] = dict(algo="elastic-reset", steps=4, batch_size=4, micro_bat
                           final_eval_batch_size=4, fsdp=True)
 CONFIGS["er-fsdp-resume"] = CONFIGS["er-fsdp"]
 TRAIN_KEYS = {"tr-dpo": ("loss", "chosen_reward", "rejected_reward", "margin", "grad_norm"),
+              "tr-kto": ("loss", "kto_kl", "grad_norm"),
               "rloo": ("loss", "reward", "proxy_reward", "kl_penalty", "kl_coef", "grad_norm")}
 
 

@@ -75,14 +75,15 @@ def test_first_dpo_loss_is_log_two(tiny_task):
     assert trainer.train_step(1)["loss"] == pytest.approx(math.log(2), rel=1e-6)
 
 
-def test_gradient_accumulation_does_not_change_the_numbers(tmp_path, task_cache_dir):
-    """1, 2 or 4 micro-batches per step: the same loss curve. (RL rollouts are seeded per
-    micro-batch, so for RL the invariance is to the number of ranks at a fixed micro_batch_size:
-    test_distributed.py.)"""
+@pytest.mark.parametrize("algo", ["tr-dpo", "tr-kto"])
+def test_gradient_accumulation_does_not_change_the_numbers(tmp_path, task_cache_dir, algo):
+    """1, 2 or 4 micro-batches per step: the same loss curve (KTO's z0 is a whole-batch
+    statistic). RL rollouts are seeded per micro-batch, so for RL the invariance is to the
+    number of ranks at a fixed micro_batch_size (test_distributed.py)."""
     base = dict(PREFERENCE, batch_size=4, tr_tau=2)
     curves = []
     for micro in (4, 2, 1):
-        config = write_config(tmp_path / f"{micro}.toml", task_cache_dir, algo="tr-dpo",
+        config = write_config(tmp_path / f"{micro}.toml", task_cache_dir, algo=algo,
                               **dict(base, micro_batch_size=micro, eval_every=0))
         assert run_cli("--config", config, "--steps", 3, "--out", tmp_path / str(micro)) == 0
         curves.append([r["loss"] for r in read_records(tmp_path / str(micro)) if not r.get("final")])
