@@ -284,6 +284,7 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"{key} = {value!r}")
         return 0
     dist_ctx = init_distributed()
+    saved_backend = os.environ.get("PYALIGN_BACKEND")
     try:
         _prepare_out_dir(run, args.resume, getattr(args, "overwrite", False), dist_ctx.is_main)
         if run["backend"] != "auto":
@@ -303,6 +304,10 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     finally:
         dist_ctx.close()
+        if saved_backend is None:
+            os.environ.pop("PYALIGN_BACKEND", None)
+        else:
+            os.environ["PYALIGN_BACKEND"] = saved_backend
     if dist_ctx.is_main:
         print(format_summary(summary), flush=True)
     return 0

@@ -28,7 +28,7 @@ def entropy64(logits, labels, ignore_index=IGNORE, temperature=1.0):
 
 def kl64(logprobs, ref_logprobs, estimator, mask=None):
     d = ref_logprobs.double() - logprobs.double()
-    value = {"k1": -d, "k2": d * d / 2, "k3": torch.exp(d) - d - 1}[estimator]
+    value = {"k1": -d, "k2": d * d / 2, "k3": torch.expm1(d) - d}[estimator]
     if mask is not None:
         value = torch.where(mask, value, torch.zeros_like(value))
     return value

@@ -89,6 +89,19 @@ def _generator_or_default(generator):
     return torch.default_generator if generator is None else generator
 
 
+@contextlib.contextmanager
+def _one_thread():
+    # The task's matrices are tiny: extra intra-op threads only add synchronisation, and on a
+    # shared, oversubscribed machine they stall (10x-50x slower). One thread also makes the
+    # build's floating-point results independent of the machine's core count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def generate(model, prompts: torch.Tensor, response_len: int, *, temperature: float = 1.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -120,6 +133,27 @@ def generate(model, prompts: torch.Tensor, response_len: int, *, temperature: fl
             out = model(input_ids=tokens[:, None].to(device), past_key_values=out.past_key_values,
                         use_cache=True)
     return responses.to(prompts.device)
+
+
+def _noisy_preference(gold_a, gold_b, label_noise: float, generator) -> torch.Tensor:
+    """BoolTensor: a preferred to b, drawn with probability sigmoid((gold_a - gold_b) / noise)."""
+    prob_a = torch.sigmoid((gold_a - gold_b) / label_noise)
+    return torch.rand(gold_a.shape, generator=generator) < prob_a
+
+
+def _sample_pairs(model, lang: Language, config: TaskConfig, n: int, generator) -> dict:
+    """Two samples of ``model`` per base-language prompt, ordered by a noisy gold preference."""
+    prompts = lang.sample(n, config.prompt_len, generator)
+    both = generate(model, prompts.repeat(2, 1), config.response_len, generator=generator)
+    first, second = both[:n], both[n:]
+    gold_first = language.gold_reward(prompts, first)
+    gold_second = language.gold_reward(prompts, second)
+    first_wins = _noisy_preference(gold_first, gold_second, config.label_noise, generator)
+    return {"prompt": prompts,
+            "chosen": torch.where(first_wins[:, None], first, second),
+            "rejected": torch.where(first_wins[:, None], second, first),
+            "chosen_gold": torch.where(first_wins, gold_first, gold_second),
+            "rejected_gold": torch.where(first_wins, gold_second, gold_first)}
 
 
 class Task:
@@ -176,32 +210,24 @@ class Task:
         return generate(model, prompts, self.response_len, temperature=temperature,
                         generator=generator)
 
-    def _noisy_preference(self, gold_a, gold_b, generator):
-        prob_a = torch.sigmoid((gold_a - gold_b) / self.config.label_noise)
-        return torch.rand(gold_a.shape, generator=generator) < prob_a
-
     def preference_pairs(self, n: int, generator: torch.Generator | None = None) -> dict:
         """dict(prompt=[n,P], chosen=[n,R], rejected=[n,R]): two SFT samples per prompt,
         ordered by a noisy gold label (P(a chosen) = sigmoid((gold_a - gold_b) / label_noise))."""
-        generator = _generator_or_default(generator)
-        prompts = self.prompts(n, generator)
-        both = self.generate(self._sft_model, prompts.repeat(2, 1), generator=generator)
-        first, second = both[:n], both[n:]
-        first_wins = self._noisy_preference(self.gold_reward(prompts, first),
-                                            self.gold_reward(prompts, second), generator)
-        chosen = torch.where(first_wins[:, None], first, second)
-        rejected = torch.where(first_wins[:, None], second, first)
-        return {"prompt": prompts, "chosen": chosen, "rejected": rejected}
+        with _one_thread():
+            pairs = _sample_pairs(self._sft_model, self.language, self.config, n,
+                                  _generator_or_default(generator))
+        return {key: pairs[key] for key in ("prompt", "chosen", "rejected")}
 
     def unpaired(self, n: int, generator: torch.Generator | None = None) -> dict:
         """dict(prompt, completion, desirable): one SFT sample per prompt, marked desirable with
         probability sigmoid((gold - mean SFT gold) / label_noise) (KTO data)."""
         generator = _generator_or_default(generator)
         prompts = self.prompts(n, generator)
-        completions = self.generate(self._sft_model, prompts, generator=generator)
+        with _one_thread():
+            completions = self.generate(self._sft_model, prompts, generator=generator)
         gold = self.gold_reward(prompts, completions)
         baseline = torch.full_like(gold, self.stats["sft_gold_mean"])
-        desirable = self._noisy_preference(gold, baseline, generator)
+        desirable = _noisy_preference(gold, baseline, self.config.label_noise, generator)
         return {"prompt": prompts, "completion": completions, "desirable": desirable}
 
     # rewards
@@ -254,19 +280,6 @@ def _train_sft(config: TaskConfig, lang: Language, seed: int, progress: bool):
     return model, losses
 
 
-@contextlib.contextmanager
-def _one_thread():
-    # The task's matrices are tiny: extra intra-op threads only add synchronisation, and on a
-    # shared, oversubscribed machine they stall (10x-50x slower). One thread also makes the
-    # build's floating-point results independent of the machine's core count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _build(seed: int, config: TaskConfig, progress: bool):
     with _one_thread():
         return _build_single_threaded(seed, config, progress)
@@ -277,27 +290,19 @@ def _build_single_threaded(seed: int, config: TaskConfig, progress: bool):
     lang = Language(seed)
     model, losses = _train_sft(config, lang, seed, progress)
     sft_seconds = time.perf_counter() - started
-    generator = _generator(seed * 1_000_003 + 2)
-    n = config.rm_pairs
-    prompts = lang.sample(n, config.prompt_len, generator)
-    both = generate(model, prompts.repeat(2, 1), config.response_len, generator=generator)
-    first, second = both[:n], both[n:]
-    gold_first = language.gold_reward(prompts, first)
-    gold_second = language.gold_reward(prompts, second)
-    prob_first = torch.sigmoid((gold_first - gold_second) / config.label_noise)
-    first_wins = torch.rand(n, generator=generator) < prob_first
-    chosen = torch.where(first_wins[:, None], first, second)
-    rejected = torch.where(first_wins[:, None], second, first)
+    pairs = _sample_pairs(model, lang, config, config.rm_pairs, _generator(seed * 1_000_003 + 2))
     proxy = ProxyRewardModel(VOCAB_SIZE)
-    rm_loss = fit_bradley_terry(proxy, prompts, chosen, rejected, l2=config.rm_l2)
+    rm_loss = fit_bradley_terry(proxy, pairs["prompt"], pairs["chosen"], pairs["rejected"],
+                                l2=config.rm_l2)
     # Put the proxy in gold units: the fitted logit difference estimates (gold_a - gold_b) /
     # label_noise, and the bias makes the means agree on the SFT samples.
-    gold_all = torch.cat([gold_first, gold_second])
+    gold_all = torch.cat([pairs["chosen_gold"], pairs["rejected_gold"]])
     with torch.no_grad():
+        logits_all = torch.cat([proxy.logits(pairs["prompt"], pairs["chosen"]),
+                                proxy.logits(pairs["prompt"], pairs["rejected"])])
         proxy.scale.fill_(config.label_noise)
-        proxy.bias.fill_(float(gold_all.mean() - (config.label_noise * proxy.logits(
-            prompts.repeat(2, 1), both)).mean()))
-    agree = (first_wins == (gold_first > gold_second)) | (gold_first == gold_second)
+        proxy.bias.fill_(float(gold_all.mean() - config.label_noise * logits_all.mean()))
+    agree = pairs["chosen_gold"] >= pairs["rejected_gold"]
     stats = {
         "sft_loss_first": losses[0], "sft_loss_last": sum(losses[-10:]) / len(losses[-10:]),
         "sft_seconds": sft_seconds, "build_seconds": time.perf_counter() - started,

@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import random
 import re
@@ -502,6 +501,10 @@ class Trainer:
         pass
 
     # -- distributed wrapping -----------------------------------------------------------------
+    @property
+    def _sharded(self) -> bool:
+        return self.config.fsdp and self.dist.distributed
+
     def _wrap(self, scorer: ResponseScorer, *, trainable: bool) -> torch.nn.Module:
         """DDP for the trained scorer; under FSDP2 every model is sharded the same way (layers,
         then the scorer as root) so reference updates between them stay shard-local."""
@@ -635,13 +638,13 @@ class Trainer:
         return os.path.join(self.out_dir, "checkpoints") if self.out_dir else None
 
     def _model_state(self, model: torch.nn.Module) -> dict:
-        if self.config.fsdp and self.dist.distributed:
+        if self._sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
             return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
     def _load_model_state(self, model: torch.nn.Module, state: dict) -> None:
-        if self.config.fsdp and self.dist.distributed:
+        if self._sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
             set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
                                                                        broadcast_from_rank0=False))
@@ -649,14 +652,14 @@ class Trainer:
         model.load_state_dict(state)
 
     def _optimizer_state(self) -> dict:
-        if self.config.fsdp and self.dist.distributed:
+        if self._sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
             return get_optimizer_state_dict(self.scorer, self.optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.optimizer.state_dict()
 
     def _load_optimizer_state(self, state: dict) -> None:
-        if self.config.fsdp and self.dist.distributed:
+        if self._sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(self.scorer, self.optimizer, state,
                                      options=StateDictOptions(full_state_dict=True))
@@ -678,9 +681,6 @@ class Trainer:
         payload["reference_strategy"] = self._strategy_state()
         return payload
 
-    @property
-    def _sharded(self) -> bool:
-        return self.config.fsdp and self.dist.distributed
 
     def _policy_params(self) -> dict:
         # the strategies name tensors by the policy's parameter names, wrapper prefixes removed
@@ -748,7 +748,7 @@ class Trainer:
                 raise CheckpointError("resume needs an output directory or a checkpoint path")
             self.load(resolve_resume_path(resume, self.checkpoint_dir or ""))
         if steps < self.step:
-            raise ValueError(f"--steps {steps} is below the checkpoint's step {self.step}")
+            raise CheckpointError(f"the checkpoint is at step {self.step}, past the {steps} steps asked for")
         metrics_path = os.path.join(self.out_dir, "metrics.jsonl") if self.out_dir and self.dist.is_main else None
         log = MetricsLog(metrics_path, resume_step=self.step if resume else None)
         show = cfg.progress if progress is None else progress

@@ -144,11 +144,12 @@ class RLTrainer(Trainer):
             finally:
                 self.policy.train()
             mask = self.response_mask(responses)
-            rewards = self.reward_fn(repeated, responses).to(torch.float32).to(self.dist.device)
-            proxy = rewards if cfg.reward == "proxy" else task.proxy_reward(repeated, responses).to(torch.float32)
-            gold = None
-            if hasattr(task, "gold_reward"):
-                gold = rewards if cfg.reward == "gold" else task.gold_reward(repeated, responses).to(torch.float32)
+            # rewards take CPU tensors (the task API); the proxy and gold are logged whatever
+            # reward the policy is trained on
+            prompts_cpu, responses_cpu = repeated.cpu(), responses.cpu()
+            rewards = self.reward_fn(prompts_cpu, responses_cpu).to(torch.float32).to(self.dist.device)
+            proxy = task.proxy_reward(prompts_cpu, responses_cpu)
+            gold = task.gold_reward(prompts_cpu, responses_cpu) if hasattr(task, "gold_reward") else None
             ref_logprobs = self.ref_scorer(repeated, responses, mask)
         logprobs, entropy = self.scorer(repeated, responses, mask, entropy=True)
         with torch.no_grad():

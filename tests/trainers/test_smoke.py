@@ -103,3 +103,18 @@ def test_local_hf_model_directory(tmp_path, task_cache_dir, tiny_task):
     config = write_config(tmp_path / "c.toml", task_cache_dir, algo="rloo", **dict(RL, eval_every=0))
     assert run_cli("--config", config, "--steps", 1, "--out", tmp_path / "out", "--model", tmp_path / "model") == 0
     assert "gold_reward" in read_records(tmp_path / "out")[0]
+
+
+def test_logits_path_and_eager_backend_match_the_fused_default(tmp_path, task_cache_dir):
+    """fused_linear=false (logits + pyalign.token_logprobs) on the eager backend gives the loss
+    curve of the default (pyalign.linear_token_logprobs on the auto backend)."""
+    backend_before = os.environ.get("PYALIGN_BACKEND")
+    curves = []
+    for name, extra, flags in (("fused", {}, []), ("logits", {"fused_linear": False}, ["--backend", "eager"])):
+        config = write_config(tmp_path / f"{name}.toml", task_cache_dir, algo="tr-dpo",
+                              **dict(PREFERENCE, eval_every=0, tr_tau=1, **extra))
+        assert run_cli("--config", config, "--steps", 3, "--out", tmp_path / name, *flags) == 0
+        curves.append([r["loss"] for r in read_records(tmp_path / name) if not r.get("final")])
+    assert curves[1] == pytest.approx(curves[0], rel=1e-5, abs=1e-6)
+    assert len(set(curves[0])) == 3
+    assert os.environ.get("PYALIGN_BACKEND") == backend_before  # --backend does not leak
