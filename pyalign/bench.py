@@ -394,13 +394,8 @@ def linear_preference_case(pairs: int = 4, seq_len: int = 256, hidden_size: int 
             notes.append(f"Liger-Kernel LigerFusedLinearDPOLoss: could not construct ({exc})")
     names, backend_notes = benchmark_backends("linear_logprobs", device)
     notes += backend_notes
-    # linear_preference_loss passes its backend to both linear_token_logprobs and
-    # preference_loss: only backends that have both families can be named.
-    preference_names, _ = benchmark_backends("preference", device)
-    for name in [n for n in names if n not in preference_names]:
-        notes.append(f"{name} backend: linear_preference_loss(backend={name!r}) needs a {name} "
-                     "preference implementation too, which it lacks: not run")
-    names = [n for n in names if n in preference_names]
+    # The named backend runs the per-token part; the loss part falls back to "auto" where the
+    # backend has no loss kernel (see linear_preference_loss).
     for name in names:
         def fused(name=name):
             pyalign.linear_preference_loss(hidden, weight, labels, ref_hidden=ref_hidden,
