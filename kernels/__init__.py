@@ -30,3 +30,11 @@ def as_fp32_vector(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous fp32 1-D view or copy. Per-token vectors are tiny next to the logits, and one
     fp32 layout keeps the compiled kernel variants few."""
     return tensor.reshape(-1).to(torch.float32).contiguous()
+
+
+def backward_row_vectors(grad_logprobs, grad_entropy, lse, entropy):
+    """The per-row fp32 vectors a log-prob backward kernel reads: (grad_logprobs, grad_entropy,
+    lse, entropy), the entropy pair None when no entropy gradient flows."""
+    if grad_entropy is not None:
+        grad_entropy, entropy = as_fp32_vector(grad_entropy), as_fp32_vector(entropy)
+    return as_fp32_vector(grad_logprobs), grad_entropy, as_fp32_vector(lse), entropy

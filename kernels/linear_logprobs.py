@@ -222,11 +222,8 @@ def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, ent
     grad_weight = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device)
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if bias is not None else None
     has_grad_entropy = grad_entropy is not None
-    grad_logprobs = _kernels.as_fp32_vector(grad_logprobs)
-    lse = _kernels.as_fp32_vector(lse)
-    if has_grad_entropy:
-        grad_entropy = _kernels.as_fp32_vector(grad_entropy)
-        entropy = _kernels.as_fp32_vector(entropy)
+    grad_logprobs, grad_entropy, lse, entropy = _kernels.backward_row_vectors(
+        grad_logprobs, grad_entropy, lse, entropy)
     linear_logprobs_backward_kernel[(triton.cdiv(num_rows, block_n), triton.cdiv(vocab, block_v))](
         hidden, weight, bias.contiguous() if bias is not None else weight, labels.contiguous(),
         grad_logprobs, grad_entropy if has_grad_entropy else grad_logprobs, lse,

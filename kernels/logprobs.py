@@ -152,11 +152,8 @@ def backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_i
     num_rows, vocab = ready.shape
     grad_logits = ready if inplace else _kernels.new_output(ready.shape, ready.dtype, ready.device)
     has_grad_entropy = grad_entropy is not None
-    grad_logprobs = _kernels.as_fp32_vector(grad_logprobs)
-    lse = _kernels.as_fp32_vector(lse)
-    if has_grad_entropy:
-        grad_entropy = _kernels.as_fp32_vector(grad_entropy)
-        entropy = _kernels.as_fp32_vector(entropy)
+    grad_logprobs, grad_entropy, lse, entropy = _kernels.backward_row_vectors(
+        grad_logprobs, grad_entropy, lse, entropy)
     block, num_warps = pick_block(vocab)
     if block_v is not None:
         block = block_v
