@@ -117,3 +117,16 @@ def test_nan_stays_at_its_position(backend, estimator):
     assert torch.isfinite(grad_logprobs[others]).all() and torch.isfinite(grad_ref[others]).all()
     if estimator != "k1":  # k1's gradient (-1, +1) does not depend on the values
         assert torch.isnan(grad_logprobs[3])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k3_is_accurate_where_expm1_minus_d_cancels(backend):
+    # |d| from 1e-6 to 2, both signs, around the series/direct switch too: in fp32,
+    # expm1(d) - d loses most digits for tiny |d|; pyalign's k3 must stay at fp32 accuracy.
+    magnitudes = torch.logspace(-6, 0.3, 200)
+    diff = torch.cat([magnitudes, -magnitudes, torch.tensor([0.4999, 0.5001, -0.4999, -0.5001])])
+    logprobs = -torch.rand(diff.shape) * 5
+    ref_logprobs = logprobs + diff
+    kl = pyalign.kl_penalty(logprobs, ref_logprobs, estimator="k3", backend=backend)
+    exact = kl64(logprobs, ref_logprobs, "k3")
+    torch.testing.assert_close(kl.double(), exact, rtol=2e-5, atol=0)
