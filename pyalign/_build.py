@@ -30,7 +30,17 @@ import torch
 
 from pyalign import backends
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+def _locate_sources() -> Path:
+    """csrc/ as installed inside the package (pyalign/_csrc, a wheel or `pip install .`), or
+    beside it in a source checkout (editable installs)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_csrc", here.parent / "csrc"):
+        if (candidate / "bindings.cpp").is_file():
+            return candidate
+    return here.parent / "csrc"
+
+
+CSRC = _locate_sources()
 DISABLE_ENV = "PYALIGN_DISABLE_EXT"
 CACHE_ENV = "PYALIGN_CACHE_DIR"
 VERBOSE_ENV = "PYALIGN_BUILD_VERBOSE"
@@ -116,7 +126,8 @@ def _build(kind: str, sources: list[Path], **load_kwargs) -> None:
         if disabled():
             raise RuntimeError(f"the C++ extension is disabled by {DISABLE_ENV}=1")
         if not CSRC.is_dir():
-            raise RuntimeError(f"C++ sources not found at {CSRC} (not a source checkout?)")
+            raise RuntimeError(f"C++ sources not found at {CSRC} (neither pyalign/_csrc nor a "
+                               f"source checkout's csrc/)")
         if compiler() is None:
             raise RuntimeError(f"no C++ compiler found ({os.environ.get('CXX', 'c++')} is not on PATH)")
         if not cpp_extension.is_ninja_available():
