@@ -153,6 +153,9 @@ class DistContext:
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
+            # Every rank reaches this point before any tears down its gloo pairs: a rank that
+            # destroys the group while a peer still talks to it aborts the peer (SIGABRT).
+            dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 
