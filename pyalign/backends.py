@@ -230,17 +230,6 @@ def implementation(family: str, backend: str, tensor: torch.Tensor):
     return load(family, resolve_for(family, backend, tensor))
 
 
-def get(family: str, backend: str):
-    """The implementation object for an already resolved backend name."""
-    return load(family, backend)
-
-
-def _reset_for_tests() -> None:
-    _loaded.clear()
-    _failures.clear()
-    _warned.clear()
-
-
 # Built-in registrations. Loaders are lazy: nothing is imported or compiled until first use.
 def _eager_loader(family: str):
     def load_reference():

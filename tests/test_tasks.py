@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from testutil import torch_threads
 from pyalign.tasks import TaskConfig, gold_reward, language, make_task
 from pyalign.tasks.task import generate
 
@@ -16,10 +17,8 @@ SMALL = TaskConfig(sft_steps=12, rm_pairs=64)
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     # Tiny matrices: a second intra-op thread buys nothing and stalls on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -85,7 +85,7 @@ def _apply(kind: str, targets, sources, scalar: float, backend: str, include_buf
             raise ValueError(f"backend {backend!r} takes contiguous float32/bfloat16/float16 "
                              f"tensors; use backend='eager' for others")
         with torch.no_grad():
-            backends.get("weights", name).apply_(kind, device_targets, device_sources, scalar)
+            backends.load("weights", name).apply_(kind, device_targets, device_sources, scalar)
 
 
 def _check_fraction(name: str, value, low_open: bool) -> float:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pyalign import _build
+from testutil import torch_threads
 
 
 @pytest.fixture(scope="session")
@@ -22,14 +23,7 @@ def cpu_ops():
 @pytest.fixture
 def threads():
     """Run a callable under a given intra-op thread count, restoring the setting after."""
-    before = torch.get_num_threads()
-
     def run(count, fn):
-        torch.set_num_threads(count)
-        try:
+        with torch_threads(count):
             return fn()
-        finally:
-            torch.set_num_threads(before)
-
-    yield run
-    torch.set_num_threads(before)
+    return run

@@ -7,13 +7,11 @@ import torch
 
 import pyalign
 from oracle import grads64, kl64
+from testutil import poison_
 
 ESTIMATORS = ["k1", "k2", "k3"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-
-def poison_(tensor):
-    return tensor.fill_(math.nan)
 
 
 def make_inputs(shape, dtype, spread=1.0):

@@ -8,6 +8,7 @@ import torch
 
 import pyalign
 from oracle import IGNORE, token_logprobs_and_grad64
+from testutil import poison_
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (rtol, atol) of forward values and of gradients, per input dtype. Forward math is fp32 for
@@ -18,10 +19,6 @@ TOL = {
     torch.float16: dict(fwd=(1e-5, 2e-5), bwd=(2e-3, 1e-6)),
 }
 
-
-def poison_(tensor):
-    """NaN-fill an output buffer so an element the kernel forgets to write shows up."""
-    return tensor.fill_(math.nan)
 
 
 def make_case(rows, vocab, dtype, *, scale=3.0, masked=True, ignored=True):

@@ -8,17 +8,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from trainer_helpers import TINY_TASK  # noqa: E402
+from testutil import torch_threads  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     """The models here are tiny: one intra-op thread is faster than two fighting over 2 shared
     cores, and keeps the trainer tests inside their time budget."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")
