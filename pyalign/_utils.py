@@ -1,0 +1,102 @@
+"""Small facts that several parts of pyalign need, each written once.
+
+- ``KERNEL_DTYPES`` / ``accumulation_dtype``: which float dtypes the kernel backends take, and the
+  dtype every backend does its math in.
+- ``canonical_param_name`` / ``local_shard``: how a parameter is named and which storage a rank
+  updates, whatever wraps the model (DDP, torch.compile, FSDP2).
+- ``limited_threads``: run a block under a given intra-op thread count.
+- ``cache_root``: where pyalign caches builds and tasks.
+- ``atomic_write``: the one way pyalign writes a file that must never be seen half-written.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+# Float dtypes the Triton and C++ kernels take. float64 runs on the eager backend only (gradcheck).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+CACHE_ENV = "PYALIGN_CACHE_DIR"
+
+# Prefixes that wrappers add to parameter names without changing the weight they name:
+# DDP ("module.x") and torch.compile ("_orig_mod.x").
+_WRAPPER_PREFIXES = ("module", "_orig_mod")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs; fp64 inputs (gradcheck) stay fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def canonical_param_name(name: str) -> str:
+    """``name`` without the wrapper components (``module.``, ``_orig_mod.``)."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PREFIXES)
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """The storage a rank updates in place: the detached tensor (``param.data``), or the local
+    shard of a DTensor (FSDP2), so weight updates run shard-local with no communication."""
+    data = tensor.detach()
+    to_local = getattr(data, "to_local", None)
+    return to_local() if callable(to_local) else data
+
+
+@contextlib.contextmanager
+def limited_threads(count: int):
+    """Run a block under ``count`` intra-op threads, restoring the previous setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cache_root(*parts: str) -> Path:
+    """``$PYALIGN_CACHE_DIR/<parts>``, else ``~/.cache/pyalign/<parts>``; a per-user temporary
+    directory when the home cache cannot be written (read-only homes on some CI runners)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env, *parts)
+    home_cache = Path.home() / ".cache" / "pyalign"
+    try:
+        home_cache.mkdir(parents=True, exist_ok=True)
+        if os.access(home_cache, os.W_OK):
+            return home_cache.joinpath(*parts)
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir(), f"pyalign-cache-{os.getuid()}", *parts)
+
+
+def _fsync_dir(directory: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same directory, fsync,
+    ``os.replace``. A crash at any point leaves the old file or the complete new one, never a
+    partial file under ``path``, and no temporary file behind."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    payload = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    _fsync_dir(directory)
