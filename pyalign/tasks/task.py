@@ -8,7 +8,6 @@ the cache makes the second call take milliseconds.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -23,6 +22,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from pyalign._utils import atomic_write, cache_root, limited_threads
 
 from . import language
 from .language import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, Language
@@ -56,11 +57,8 @@ def _source_digest() -> str:
 
 
 def _cache_root(cache_dir) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("PYALIGN_CACHE_DIR")
-    base = Path(env) if env else Path.home() / ".cache" / "pyalign"
-    return base / "tasks"
+    # An explicit cache_dir wins; otherwise pyalign's shared cache root.
+    return Path(cache_dir) if cache_dir is not None else cache_root("tasks")
 
 
 def _model_config(config: TaskConfig):
@@ -89,17 +87,11 @@ def _generator_or_default(generator):
     return torch.default_generator if generator is None else generator
 
 
-@contextlib.contextmanager
 def _one_thread():
     # The task's matrices are tiny: extra intra-op threads only add synchronisation, and on a
     # shared, oversubscribed machine they stall (10x-50x slower). One thread also makes the
     # build's floating-point results independent of the machine's core count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return limited_threads(1)
 
 
 @torch.no_grad()
@@ -320,7 +312,7 @@ def _save_atomically(path: Path, sft_state: dict, proxy_state: dict, meta: dict)
     try:
         torch.save(sft_state, tmp / "sft.pt")
         torch.save(proxy_state, tmp / "proxy.pt")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        atomic_write(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
         try:
             os.rename(tmp, path)      # atomic; fails when another process got there first
         except OSError:
@@ -353,8 +345,9 @@ def make_task(seed: int = 0, *, cache_dir=None, progress: bool = True,
               config: TaskConfig | None = None, use_cache: bool = True) -> Task:
     """Build the embedded task for ``seed`` (deterministic), or load it from the disk cache.
 
-    cache_dir defaults to $PYALIGN_CACHE_DIR/tasks or ~/.cache/pyalign/tasks; an entry is a
-    directory named by ``cache_key`` and written atomically. ``config`` overrides the sizes
+    cache_dir defaults to ``pyalign._utils.cache_root("tasks")`` ($PYALIGN_CACHE_DIR/tasks, else
+    ~/.cache/pyalign/tasks); an entry is a directory named by ``cache_key`` and written
+    atomically (meta.json, written last, marks it complete). ``config`` overrides the sizes
     (TaskConfig); ``use_cache=False`` builds without reading or writing the cache."""
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
