@@ -232,7 +232,6 @@ def resolve(family: str, backend: str, device: torch.device | str) -> str:
     return "eager"
 
 
-
 def resolve_for(family: str, backend: str, tensor: torch.Tensor) -> str:
     """resolve() for ``tensor``'s device and dtype: float64 inputs run on eager only (the
     kernels take fp32/bf16/fp16); naming another backend for them is an error."""
@@ -261,6 +260,8 @@ def implementation(family: str, backend: str, tensor: torch.Tensor):
 
     Called inside the custom ops, so it runs eagerly even under torch.compile (dynamo never
     traces the table, its lock or a JIT build). Empty inputs need no kernel: eager answers.
+    With resolve_for this is the one place of the rule "float64 or empty inputs run eager": the
+    kernel backends' implementations never see such inputs.
     """
     if tensor.numel() == 0:
         return load(family, "eager")
