@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import torch
 
+from pyalign._utils import KERNEL_DTYPES
+
 # Tests set this to True so that every output buffer starts NaN-filled: an element a kernel
 # forgets to write then shows up as NaN instead of a plausible leftover value.
 POISON_OUTPUTS = False
 
+# Triton's name of each dtype the kernels take: exactly pyalign._utils.KERNEL_DTYPES.
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+assert tuple(TRITON_DTYPE_NAMES) == KERNEL_DTYPES, "TRITON_DTYPE_NAMES must name KERNEL_DTYPES"
 
 
 def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:

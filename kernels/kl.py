@@ -20,7 +20,6 @@ import triton
 import triton.language as tl
 
 from pyalign import kernels as _kernels
-from pyalign import reference as _reference
 
 ESTIMATOR_IDS = {"k1": 1, "k2": 2, "k3": 3}
 BLOCK = 1024
@@ -97,14 +96,8 @@ def _mask_flat(mask):
     return None if mask is None else mask.reshape(-1).to(torch.bool).contiguous().view(torch.uint8)
 
 
-def _eager_only(logprobs, ref_logprobs) -> bool:
-    return (logprobs.numel() == 0 or torch.float64 in (logprobs.dtype, ref_logprobs.dtype))
-
-
 def forward(logprobs, ref_logprobs, mask, estimator):
     """Contract of backends.py (kl.forward): kl (fp32) shaped like logprobs."""
-    if _eager_only(logprobs, ref_logprobs):
-        return _reference.kl.forward(logprobs, ref_logprobs, mask, estimator)
     numel = logprobs.numel()
     logprobs_flat = _kernels.as_fp32_vector(logprobs)
     ref_flat = _kernels.as_fp32_vector(ref_logprobs)
@@ -120,8 +113,6 @@ def forward(logprobs, ref_logprobs, mask, estimator):
 def backward(grad_kl, logprobs, ref_logprobs, mask, estimator):
     """Contract of backends.py (kl.backward): (grad_logprobs, grad_ref_logprobs) in the inputs'
     dtypes."""
-    if _eager_only(logprobs, ref_logprobs):
-        return _reference.kl.backward(grad_kl, logprobs, ref_logprobs, mask, estimator)
     numel = logprobs.numel()
     logprobs_flat = _kernels.as_fp32_vector(logprobs)
     ref_flat = _kernels.as_fp32_vector(ref_logprobs)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from pyalign import kernels as _kernels
-from pyalign import reference as _reference
+from pyalign.eager import logprobs as _eager
 
 # (largest V it serves, BLOCK_V, num_warps): rows up to 1024 in one chunk with 4 warps, longer
 # rows in 4096-wide chunks with 8 warps (16 fp32 / 16 half values per thread: 128-bit loads).
@@ -114,18 +114,15 @@ def logprobs_backward_kernel(logits_ptr, grad_logits_ptr, labels_ptr, grad_logpr
         tl.store(grad_row_ptr + offs, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
 
 
-def _kernel_ready(logits: torch.Tensor) -> torch.Tensor | None:
-    """logits with unit column stride, or None when the eager path should run instead."""
-    if logits.numel() == 0 or logits.dtype not in _kernels.TRITON_DTYPE_NAMES:
-        return None  # empty: nothing to launch; fp64 (gradcheck) runs eager
+def _kernel_ready(logits: torch.Tensor) -> torch.Tensor:
+    """logits with unit column stride (float64 and empty logits never get here: the backend
+    table runs them on eager)."""
     return logits if logits.stride(1) == 1 else logits.contiguous()
 
 
 def forward(logits, labels, ignore_index, temperature, with_entropy, *, block_v=None):
     """Contract of backends.py (logprobs.forward); ``block_v`` overrides the block (tests)."""
     ready = _kernel_ready(logits)
-    if ready is None:
-        return _reference.logprobs.forward(logits, labels, ignore_index, temperature, with_entropy)
     num_rows, vocab = ready.shape
     device = ready.device
     logprobs = _kernels.new_output(num_rows, torch.float32, device)
@@ -145,10 +142,10 @@ def backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_i
              inplace, *, block_v=None):
     """Contract of backends.py (logprobs.backward); ``block_v`` overrides the block (tests)."""
     ready = _kernel_ready(logits)
-    if ready is None or (inplace and ready is not logits):
-        # fp64/empty, or an inplace request on a strided buffer we cannot write row by row.
-        return _reference.logprobs.backward(grad_logprobs, grad_entropy, logits, labels, lse,
-                                            entropy, ignore_index, temperature, inplace)
+    if inplace and ready is not logits:
+        # An inplace request on a strided buffer we cannot write row by row.
+        return _eager.backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy,
+                               ignore_index, temperature, inplace)
     num_rows, vocab = ready.shape
     grad_logits = ready if inplace else _kernels.new_output(ready.shape, ready.dtype, ready.device)
     has_grad_entropy = grad_entropy is not None

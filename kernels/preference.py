@@ -29,12 +29,11 @@ import triton
 import triton.language as tl
 
 from pyalign import kernels as _kernels
-from pyalign import reference as _reference
+from pyalign.eager.preference import DISCOPOP_TAU
 
 LOSS_IDS = {name: index for index, name in enumerate(
     ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
      "apo_zero", "apo_down", "discopop"))}
-DISCOPOP_TAU = _reference.DISCOPOP_TAU
 BLOCK = 256
 BLOCK_T = 512
 NUM_WARPS = 4
@@ -271,15 +270,9 @@ def _loss_scalars(loss, beta, label_smoothing):
                 log_one_minus_eps=log_one_minus_eps, log_eps=log_eps, inv_tau=1.0 / DISCOPOP_TAU)
 
 
-def _eager_only(*tensors) -> bool:
-    return tensors[0].numel() == 0 or any(t.dtype == torch.float64 for t in tensors)
-
-
 def forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta, label_smoothing):
     """Contract of backends.py (preference.forward): losses [B] fp32."""
     inputs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    if _eager_only(*inputs):
-        return _reference.preference.forward(*inputs, loss, beta, label_smoothing)
     scalars = _loss_scalars(loss, beta, label_smoothing)
     num_pairs = policy_chosen.numel()
     losses = _kernels.new_output(num_pairs, torch.float32, policy_chosen.device)
@@ -293,8 +286,6 @@ def backward(grad_losses, policy_chosen, policy_rejected, ref_chosen, ref_reject
              label_smoothing):
     """Contract of backends.py (preference.backward): grads of the four inputs, in their dtypes."""
     inputs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    if _eager_only(*inputs):
-        return _reference.preference.backward(grad_losses, *inputs, loss, beta, label_smoothing)
     scalars = _loss_scalars(loss, beta, label_smoothing)
     num_pairs = policy_chosen.numel()
     grads = [_kernels.new_output(num_pairs, torch.float32, policy_chosen.device) for _ in inputs]

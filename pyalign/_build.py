@@ -1,14 +1,14 @@
 """The C++/CUDA extension in csrc/: located beside the package, JIT-built on first use, cached.
 
-Importing this module is cheap: it only registers lazy loaders with the backend table
-(pyalign/backends.py) for the ``cpu`` backend (logprobs, linear_logprobs, kl, weights) and the
-``cuda`` backend (weights). The first op that needs one builds the extension with
-``torch.utils.cpp_extension.load`` (ninja) into ``~/.cache/pyalign/<hash>`` (or
-``$PYALIGN_CACHE_DIR``), keyed by the sources, the flags and the torch/python versions, so later
-processes only load the cached library. A missing compiler or a failed build raises, and the
-table falls back to eager with one warning. ``PYALIGN_DISABLE_EXT=1`` makes the extension
-unavailable (tests of the fallback). ``build_status()`` reports all of this for
-``pyalign doctor``.
+This module only finds the sources and builds/loads the extension; pyalign/_cpp_backend.py
+registers the ``cpu`` and ``cuda`` backends that use it. The first op that needs one calls
+``load_cpu_ops()`` / ``load_cuda_ops()``, which build the extension with
+``torch.utils.cpp_extension.load`` (ninja) into ``~/.cache/pyalign/<kind>-<hash>`` (or
+``$PYALIGN_CACHE_DIR``, see ``pyalign._utils.cache_root``), keyed by the sources, the flags and
+the torch/python versions, so later processes only load the cached library. A missing compiler or
+a failed build raises, and the backend table falls back to eager with one warning.
+``PYALIGN_DISABLE_EXT=1`` makes the extension unavailable (tests of the fallback).
+``build_status()`` reports all of this for ``pyalign doctor``.
 
 Compiler flags: ``-O3 -march=native``. The build runs on the user's own machine at first use, so
 targeting the host CPU is safe (a cache built on one CPU model is keyed by that model's name and
@@ -24,11 +24,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from pyalign import backends
+from pyalign._utils import cache_root
+
 
 def _locate_sources() -> Path:
     """csrc/ as installed inside the package (pyalign/_csrc, a wheel or `pip install .`), or
@@ -42,7 +42,6 @@ def _locate_sources() -> Path:
 
 CSRC = _locate_sources()
 DISABLE_ENV = "PYALIGN_DISABLE_EXT"
-CACHE_ENV = "PYALIGN_CACHE_DIR"
 VERBOSE_ENV = "PYALIGN_BUILD_VERBOSE"
 
 # -fopenmp: at::parallel_for is an inline `omp parallel` region that must be compiled with
@@ -78,20 +77,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _cache_root() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    home_cache = Path.home() / ".cache" / "pyalign"
-    try:
-        home_cache.mkdir(parents=True, exist_ok=True)
-        if os.access(home_cache, os.W_OK):
-            return home_cache
-    except OSError:
-        pass
-    import tempfile  # read-only home (some CI runners): a per-user temporary cache
-    return Path(tempfile.gettempdir()) / f"pyalign-cache-{os.getuid()}"
 
 
 def _build_key(files: list[Path], flags: list[str]) -> str:
@@ -134,7 +119,7 @@ def _build(kind: str, sources: list[Path], **load_kwargs) -> None:
             raise RuntimeError("ninja is not installed (pip install ninja)")
         flags = [str(v) for v in load_kwargs.values()]
         key = _build_key(sources, flags)
-        build_dir = _cache_root() / f"{kind}-{key}"
+        build_dir = cache_root(f"{kind}-{key}")
         build_dir.mkdir(parents=True, exist_ok=True)
         state["build_dir"] = str(build_dir)
         start = time.perf_counter()
@@ -185,107 +170,7 @@ def build_status(build: bool = False) -> dict:
         "compiler_found": compiler() is not None,
         "ninja_found": cpp_extension.is_ninja_available(),
         "disabled": disabled(),
-        "cache_root": str(_cache_root()),
+        "cache_root": str(cache_root()),
         **{f"cpu_{k}": v for k, v in _status["cpu"].items()},
         "cuda": dict(_status["cuda"]),
     }
-
-
-# ----------------------------------------------------------------- backend implementations
-
-def _reference():
-    from pyalign import reference
-    return reference
-
-
-def _make_logprobs(ops):
-    def forward(logits, labels, ignore_index, temperature, with_entropy):
-        if logits.dtype == torch.float64:  # gradcheck inputs: the fp64 eager path
-            return _reference().logprobs.forward(logits, labels, ignore_index, temperature,
-                                                 with_entropy)
-        return ops.logprobs_forward(logits, labels, int(ignore_index), float(temperature),
-                                    bool(with_entropy))
-
-    def backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index,
-                 temperature, inplace):
-        if logits.dtype == torch.float64:
-            return _reference().logprobs.backward(grad_logprobs, grad_entropy, logits, labels, lse,
-                                                  entropy, ignore_index, temperature, inplace)
-        args = (grad_logprobs, grad_entropy, logits, labels, lse, entropy, int(ignore_index),
-                float(temperature))
-        if inplace and logits.dim() == 2 and logits.stride(-1) == 1:
-            ops.logprobs_backward_(*args)
-            return logits
-        grad_logits = ops.logprobs_backward(*args)
-        if inplace:
-            logits.copy_(grad_logits)
-            return logits
-        return grad_logits
-
-    return SimpleNamespace(forward=forward, backward=backward)
-
-
-def _make_kl(ops):
-    kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16)
-
-    def _eligible(logprobs, ref_logprobs, mask):
-        return (logprobs.dtype in kernel_dtypes and ref_logprobs.dtype in kernel_dtypes
-                and logprobs.shape == ref_logprobs.shape
-                and (mask is None or mask.shape == logprobs.shape))
-
-    def forward(logprobs, ref_logprobs, mask, estimator):
-        if not _eligible(logprobs, ref_logprobs, mask):
-            return _reference().kl.forward(logprobs, ref_logprobs, mask, estimator)
-        mask = None if mask is None else mask.to(torch.bool)
-        return ops.kl_forward(logprobs, ref_logprobs, mask, estimator)
-
-    def backward(grad_kl, logprobs, ref_logprobs, mask, estimator):
-        if not _eligible(logprobs, ref_logprobs, mask) or grad_kl.shape != logprobs.shape:
-            return _reference().kl.backward(grad_kl, logprobs, ref_logprobs, mask, estimator)
-        mask = None if mask is None else mask.to(torch.bool)
-        grad_logprobs, grad_ref = ops.kl_backward(grad_kl, logprobs, ref_logprobs, mask, estimator)
-        return grad_logprobs, grad_ref
-
-    return SimpleNamespace(forward=forward, backward=backward)
-
-
-def _make_weights(ops, device_type: str):
-    kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16)
-
-    def apply_(kind, targets, sources, scalar):
-        fast_targets, fast_sources, rest_targets, rest_sources = [], [], [], []
-        for target, source in zip(targets, sources):
-            fast = (target.device.type == device_type and source.device == target.device
-                    and target.dtype in kernel_dtypes and source.dtype in kernel_dtypes
-                    and target.is_contiguous() and source.is_contiguous())
-            (fast_targets if fast else rest_targets).append(target)
-            (fast_sources if fast else rest_sources).append(source)
-        if fast_targets:
-            ops.multi_tensor_apply_(kind, fast_targets, fast_sources, float(scalar))
-        if rest_targets:  # fp64, non-contiguous views: the eager path
-            _reference().weights.apply_(kind, rest_targets, rest_sources, scalar)
-
-    return SimpleNamespace(apply_=apply_)
-
-
-def _cpu_loader(family: str):
-    def load():
-        ops = load_cpu_ops()
-        if family == "logprobs":
-            return _make_logprobs(ops)
-        if family == "linear_logprobs":
-            # The matmuls stay in torch (MKL); the CPU logprobs kernels are the chunk epilogue.
-            return _reference().make_chunked_linear(_make_logprobs(ops))
-        if family == "kl":
-            return _make_kl(ops)
-        return _make_weights(ops, "cpu")
-    return load
-
-
-def _cuda_weights_loader():
-    return _make_weights(load_cuda_ops(), "cuda")
-
-
-for _family in ("logprobs", "linear_logprobs", "kl", "weights"):
-    backends.register(_family, "cpu", _cpu_loader(_family))
-backends.register("weights", "cuda", _cuda_weights_loader)

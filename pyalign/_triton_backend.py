@@ -10,11 +10,13 @@ import importlib
 
 from pyalign import backends
 
+# {family: kernel module}, the one list of the Triton kernel modules (pyalign/compile_check.py
+# compiles them in this order).
 FAMILY_MODULES = {
     "logprobs": "pyalign.kernels.logprobs",
-    "linear_logprobs": "pyalign.kernels.linear_logprobs",
     "kl": "pyalign.kernels.kl",
     "preference": "pyalign.kernels.preference",
+    "linear_logprobs": "pyalign.kernels.linear_logprobs",
 }
 
 

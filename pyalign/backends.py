@@ -1,10 +1,15 @@
 """Which backend runs an op: a table of (op family, backend) -> implementation.
 
-Backends: ``triton`` (kernels/, CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``),
-``cuda`` and ``cpu`` (csrc/, JIT-built on first use) and ``eager`` (pyalign/reference.py,
-always there). ``backend="auto"`` takes the first available entry of ``AUTO_ORDER`` for the
-tensors' device; ``PYALIGN_BACKEND`` overrides the choice process-wide. A backend that cannot
-load warns once, with the reason, and the op runs on the next one in the order.
+Backends are records in ``TABLE`` (name, device types, the module that registers them):
+``triton`` (kernels/, CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``), ``cuda`` and
+``cpu`` (csrc/, JIT-built on first use, registered by pyalign/_cpp_backend.py) and ``eager``
+(pyalign/eager/, always there). ``BACKENDS``, ``CHOICES``, ``AUTO_ORDER`` and the device checks
+derive from the table. ``backend="auto"`` takes the first available entry of ``AUTO_ORDER`` for
+the tensors' device; ``PYALIGN_BACKEND`` overrides the choice process-wide. A backend that cannot
+load warns once, with the reason, and the op runs on the next one in the order. float64 and empty
+inputs run on eager: that rule lives here, in ``resolve_for`` and ``implementation``, and nowhere
+else. A backend module that fails to import (other than by being absent) warns once and records
+the error as the reason for every family of its backends.
 
 Each op family's implementation is an object (usually a module) with the functions named in
 ``PRIMITIVES``; the ops layer (pyalign/ops/) calls only those, so a backend plugs in by
@@ -45,6 +50,8 @@ weights
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import os
 import threading
 import warnings
@@ -52,7 +59,34 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("triton", "cuda", "cpu", "eager")
+from pyalign._utils import KERNEL_DTYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One backend: where it runs and which module registers its implementations."""
+
+    name: str
+    # Device types whose tensors it runs, fastest backend first in TABLE; None: any device.
+    device_types: tuple[str, ...] | None
+    # Also CPU tensors under TRITON_INTERPRET=1 (for tests: "auto" never picks it there).
+    interpreter_on_cpu: bool = False
+    # Imported at import time to register the implementations (None: registered here).
+    module: str | None = None
+
+
+INTERPRETER_ENV = "TRITON_INTERPRET"
+
+TABLE = (
+    Backend("triton", ("cuda",), interpreter_on_cpu=True, module="pyalign._triton_backend"),
+    Backend("cuda", ("cuda",), module="pyalign._cpp_backend"),
+    Backend("cpu", ("cpu",), module="pyalign._cpp_backend"),
+    Backend("eager", None),
+)
+_BY_NAME = {backend.name: backend for backend in TABLE}
+
+BACKENDS = tuple(_BY_NAME)
+CHOICES = ("auto", *BACKENDS)
 
 PRIMITIVES = {
     "logprobs": ("forward", "backward"),
@@ -63,12 +97,18 @@ PRIMITIVES = {
     "weights": ("apply_",),
 }
 
-# Fastest first, per device type. Triton on CPU exists only for testing (the interpreter is
-# slow), so "auto" never picks it there; ask for it by name.
-AUTO_ORDER = {
-    "cuda": ("triton", "cuda", "eager"),
-    "cpu": ("cpu", "eager"),
-}
+
+def _auto_order(device_type: str | None) -> tuple[str, ...]:
+    return tuple(b.name for b in TABLE
+                 if b.device_types is None or device_type in b.device_types)
+
+
+# Fastest first, per device type (other device types: the any-device backends). Triton on CPU
+# exists only for testing (the interpreter is slow), so "auto" never picks it there; ask for it
+# by name.
+AUTO_ORDER = {device_type: _auto_order(device_type)
+              for device_type in dict.fromkeys(d for b in TABLE for d in b.device_types or ())}
+_ANY_DEVICE_ORDER = _auto_order(None)
 
 _loaders: dict[tuple[str, str], Callable[[], object]] = {}
 _loaded: dict[tuple[str, str], object] = {}
@@ -94,19 +134,18 @@ def register(family: str, backend: str, loader: Callable[[], object]) -> None:
 
 def _device_reason(backend: str, device_type: str) -> str | None:
     """Why ``backend`` cannot run on ``device_type`` (None when it can)."""
-    if backend == "eager":
+    record = _BY_NAME.get(backend)
+    if record is None:
+        return f"unknown backend {backend!r}"
+    if record.device_types is None or device_type in record.device_types:
         return None
-    if backend == "triton":
-        if device_type == "cuda":
+    tensors = " or ".join(f"{d.upper()} tensors" for d in record.device_types)
+    if record.interpreter_on_cpu:
+        if device_type == "cpu" and os.environ.get(INTERPRETER_ENV) == "1":
             return None
-        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-            return None
-        return f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device_type}"
-    if backend == "cuda":
-        return None if device_type == "cuda" else f"the cuda backend needs CUDA tensors, not {device_type}"
-    if backend == "cpu":
-        return None if device_type == "cpu" else f"the cpu backend needs CPU tensors, not {device_type}"
-    return f"unknown backend {backend!r}"
+        return (f"{backend} runs on {tensors} (or CPU tensors with {INTERPRETER_ENV}=1), "
+                f"not {device_type}")
+    return f"the {backend} backend needs {tensors}, not {device_type}"
 
 
 def load(family: str, backend: str):
@@ -176,10 +215,10 @@ def resolve(family: str, backend: str, device: torch.device | str) -> str:
         if not ok:
             raise BackendUnavailable(f"backend {backend!r} cannot run {family} on {device_type}: {reason}")
         return backend
-    order = list(AUTO_ORDER.get(device_type, ("eager",)))
+    order = list(AUTO_ORDER.get(device_type, _ANY_DEVICE_ORDER))
     forced = os.environ.get("PYALIGN_BACKEND", "auto").strip().lower() or "auto"
     if forced != "auto":
-        if forced not in BACKENDS:
+        if forced not in BACKENDS:  # "auto" was handled above
             raise ValueError(f"PYALIGN_BACKEND must be one of {BACKENDS + ('auto',)}, got {forced!r}")
         order = [forced] + [b for b in order if b != forced]
     for i, name in enumerate(order):
@@ -191,9 +230,6 @@ def resolve(family: str, backend: str, device: torch.device | str) -> str:
         if (family, name) in _loaders or name == forced:
             _warn_once(family, name, reason, next((b for b in order[i + 1:]), "eager"))
     return "eager"
-
-
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def resolve_for(family: str, backend: str, tensor: torch.Tensor) -> str:
@@ -214,7 +250,7 @@ def has(family: str, backend: str) -> bool:
 
 def check_name(backend: str) -> str:
     """Validate a backend name given to an op (resolution itself happens when the op runs)."""
-    if backend not in BACKENDS and backend != "auto":
+    if backend not in CHOICES:
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
     return backend
 
@@ -224,6 +260,8 @@ def implementation(family: str, backend: str, tensor: torch.Tensor):
 
     Called inside the custom ops, so it runs eagerly even under torch.compile (dynamo never
     traces the table, its lock or a JIT build). Empty inputs need no kernel: eager answers.
+    With resolve_for this is the one place of the rule "float64 or empty inputs run eager": the
+    kernel backends' implementations never see such inputs.
     """
     if tensor.numel() == 0:
         return load(family, "eager")
@@ -232,25 +270,50 @@ def implementation(family: str, backend: str, tensor: torch.Tensor):
 
 # Built-in registrations. Loaders are lazy: nothing is imported or compiled until first use.
 def _eager_loader(family: str):
-    def load_reference():
-        from pyalign import reference
-        return getattr(reference, family)
-    return load_reference
+    def load_eager():
+        # Each family module of pyalign/eager/ is the implementation object itself.
+        return importlib.import_module(f"pyalign.eager.{family}")
+    return load_eager
 
 
 for _family in PRIMITIVES:
     register(_family, "eager", _eager_loader(_family))
 
 
-def _register_optional(module: str) -> None:
-    # Backends live in their own modules and register themselves; a missing module (a
-    # backend not built yet) must not break import.
-    import importlib
+_import_warned: set[str] = set()
+
+
+def _register_optional(module: str, names: tuple[str, ...]) -> None:
+    """Import the module that registers the backends ``names``.
+
+    The module itself missing (a backend not shipped) is silently fine. Any other error while
+    importing it (a dependency it imports, a bug) warns once and becomes the reason every family
+    of those backends reports (``status``, ``pyalign doctor``).
+    """
     try:
         importlib.import_module(module)
-    except ImportError:
-        pass
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            return
+        _record_import_failure(module, names, exc)
+    except Exception as exc:  # a broken backend module: report it, never break import
+        _record_import_failure(module, names, exc)
 
 
-for _module in ("pyalign._triton_backend", "pyalign._build"):
-    _register_optional(_module)
+def _record_import_failure(module: str, names: tuple[str, ...], exc: BaseException) -> None:
+    reason = f"importing {module} failed: {type(exc).__name__}: {exc}"
+    for name in names:
+        for family in PRIMITIVES:
+            _loaded.pop((family, name), None)
+            _failures[(family, name)] = reason
+    if module not in _import_warned:
+        _import_warned.add(module)
+        warnings.warn(f"pyalign: {reason}; the {', '.join(names)} backend(s) are unavailable",
+                      RuntimeWarning, stacklevel=2)
+
+
+OPTIONAL_MODULES = {module: tuple(b.name for b in TABLE if b.module == module)
+                    for module in dict.fromkeys(b.module for b in TABLE if b.module)}
+
+for _module, _names in OPTIONAL_MODULES.items():
+    _register_optional(_module, _names)

@@ -28,8 +28,10 @@ import sys
 import tempfile
 import time
 
-KERNEL_MODULES = ("pyalign.kernels.logprobs", "pyalign.kernels.kl", "pyalign.kernels.preference",
-                  "pyalign.kernels.linear_logprobs")
+from pyalign._triton_backend import FAMILY_MODULES
+
+# The Triton kernel modules, one per op family, in the order the table prints them.
+KERNEL_MODULES = tuple(FAMILY_MODULES.values())
 DEFAULT_CCS = (80, 90)
 
 _VECTOR_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*?\.v(\d+)\.")

@@ -1,5 +1,6 @@
 """The backend table (pyalign/backends.py): "auto" on CPU, PYALIGN_BACKEND, a named backend that
 cannot run, and a registered backend whose loader fails (one warning, then eager)."""
+import sys
 import warnings
 
 import pytest
@@ -74,7 +75,9 @@ def test_env_eager_is_what_runs(monkeypatch, restored_table):
 
 def test_env_is_case_and_space_insensitive(monkeypatch):
     monkeypatch.setenv("PYALIGN_BACKEND", " Eager ")
-    assert backends.resolve("kl", "auto", "cpu") == "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "cpu unavailable for kl, using eager" (once per family)
+        assert backends.resolve("kl", "auto", "cpu") == "eager"
 
 
 def test_env_bogus_raises(monkeypatch):
@@ -180,3 +183,65 @@ def test_forced_unavailable_backend_warns_once_and_runs(monkeypatch, restored_ta
     ours = [w for w in caught if "pyalign" in str(w.message)]
     assert len(ours) == 1 and "cuda backend is unavailable for kl" in str(ours[0].message)
     torch.testing.assert_close(kl, torch.full((3,), 0.5))
+
+
+def test_table_derives_names_choices_and_auto_order():
+    assert backends.BACKENDS == tuple(b.name for b in backends.TABLE)
+    assert backends.CHOICES == ("auto", *backends.BACKENDS)
+    assert backends.AUTO_ORDER == {"cuda": ("triton", "cuda", "eager"), "cpu": ("cpu", "eager")}
+    assert set(backends.OPTIONAL_MODULES) == {"pyalign._triton_backend", "pyalign._cpp_backend"}
+
+
+@pytest.fixture
+def import_reports(monkeypatch):
+    """A fresh record of which backend modules already warned about a failed import."""
+    monkeypatch.setattr(backends, "_import_warned", set())
+
+
+def test_missing_backend_module_is_silently_absent(restored_table, import_reports):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backends._register_optional("pyalign_no_such_backend_module", ("cpu",))
+    assert not any("pyalign_no_such_backend_module" in reason
+                   for reason in backends._failures.values())
+
+
+def test_backend_module_failing_to_import_is_reported(tmp_path, monkeypatch, restored_table,
+                                                      import_reports):
+    """An ImportError of another module inside a backend module: one warning naming the module
+    and the error, and that reason in status() for every family of the backend."""
+    (tmp_path / "pyalign_broken_backend.py").write_text("import pyalign_missing_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "pyalign_broken_backend", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backends._register_optional("pyalign_broken_backend", ("cpu",))
+        backends._register_optional("pyalign_broken_backend", ("cpu",))
+    ours = [w for w in caught if "pyalign_broken_backend" in str(w.message)]
+    assert len(ours) == 1 and ours[0].category is RuntimeWarning
+    assert "pyalign_missing_dependency" in str(ours[0].message)
+    for family in FAMILIES:
+        ok, reason = backends.status(family, "cpu", "cpu")
+        assert not ok
+        assert "importing pyalign_broken_backend failed: ModuleNotFoundError" in reason
+        assert "pyalign_missing_dependency" in reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "cpu unavailable for kl, using eager" (once per family)
+        assert backends.resolve("kl", "auto", "cpu") == "eager"
+
+
+def test_backend_module_raising_other_errors_is_reported(restored_table, import_reports,
+                                                         monkeypatch):
+    class BrokenFinder:
+        """Makes importing one module name raise a plain ImportError (not a missing module)."""
+
+        def find_spec(self, name, path=None, target=None):
+            if name == "pyalign_raising_backend":
+                raise ImportError("cannot import name 'thing' from 'somewhere'")
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [BrokenFinder(), *sys.meta_path])
+    with pytest.warns(RuntimeWarning, match="pyalign_raising_backend.*cannot import name 'thing'"):
+        backends._register_optional("pyalign_raising_backend", ("triton",))
+    ok, reason = backends.status("logprobs", "triton", "cuda")
+    assert not ok and "cannot import name 'thing'" in reason

@@ -23,4 +23,6 @@ def test_wheel_ships_kernels_and_csrc_and_compiles_nothing(tmp_path):
         assert f"pyalign/_csrc/{source}" in names, source
     for kernel in (ROOT / "kernels").glob("*.py"):
         assert f"pyalign/kernels/{kernel.name}" in names, kernel.name
+    for module in (ROOT / "pyalign" / "eager").glob("*.py"):
+        assert f"pyalign/eager/{module.name}" in names, module.name
     assert not any(name.endswith(".so") for name in names)

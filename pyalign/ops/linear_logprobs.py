@@ -6,7 +6,7 @@ the Triton backend keeps tiles on chip. Family "linear_logprobs" of pyalign/back
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional, Union, overload
 
 import torch
 
@@ -79,10 +79,30 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+@overload
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                          bias: Optional[torch.Tensor] = ..., ignore_index: int = ...,
+                          temperature: float = ..., entropy: Literal[False] = ...,
+                          chunk_size: Optional[int] = ..., backend: str = ...) -> torch.Tensor: ...
+@overload
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                          bias: Optional[torch.Tensor] = ..., ignore_index: int = ...,
+                          temperature: float = ..., entropy: Literal[True],
+                          chunk_size: Optional[int] = ..., backend: str = ...
+                          ) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                          bias: Optional[torch.Tensor] = ..., ignore_index: int = ...,
+                          temperature: float = ..., entropy: bool,
+                          chunk_size: Optional[int] = ..., backend: str = ...
+                          ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]: ...
+
+
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                           temperature: float = 1.0, entropy: bool = False,
-                          chunk_size: Optional[int] = None, backend: str = "auto"):
+                          chunk_size: Optional[int] = None, backend: str = "auto"
+                          ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Per-token log-probs of ``labels`` under softmax((hidden @ weight.T + bias) / temperature).
 
     hidden: [..., H]; weight: [V, H] (an lm_head); bias: [V] or None; labels: hidden.shape[:-1].

@@ -7,7 +7,7 @@ depends on data (labels in range) runs inside the op.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional, Union, overload
 
 import torch
 
@@ -86,9 +86,25 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return grad_logits, None, None, None, None, None, None
 
 
+@overload
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = ...,
+                   temperature: float = ..., entropy: Literal[False] = ..., backend: str = ...,
+                   inplace_backward: bool = ...) -> torch.Tensor: ...
+@overload
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = ...,
+                   temperature: float = ..., entropy: Literal[True], backend: str = ...,
+                   inplace_backward: bool = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = ...,
+                   temperature: float = ..., entropy: bool, backend: str = ...,
+                   inplace_backward: bool = ...
+                   ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]: ...
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
                    temperature: float = 1.0, entropy: bool = False, backend: str = "auto",
-                   inplace_backward: bool = False):
+                   inplace_backward: bool = False
+                   ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Log-probability of each label under softmax(logits / temperature), in fp32.
 
     logits: [..., V] float32/bfloat16/float16; labels: [...] integer ids. Positions whose label is

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pyalign import backends
+from pyalign._utils import KERNEL_DTYPES, local_shard
 
 TensorsOrModule = Union[nn.Module, Iterable[torch.Tensor]]
 
@@ -25,9 +26,9 @@ def _as_tensor_list(name: str, tensors: TensorsOrModule, include_buffers: bool) 
         items = [p.data for p in tensors.parameters()]
         if include_buffers:
             items += [b for b in tensors.buffers() if b.dtype.is_floating_point]
-        return [_local(t) for t in items]
+        return [local_shard(t) for t in items]
     if isinstance(tensors, torch.Tensor):
-        return [_local(tensors)]
+        return [local_shard(tensors)]
     try:
         items = list(tensors)
     except TypeError:
@@ -36,14 +37,7 @@ def _as_tensor_list(name: str, tensors: TensorsOrModule, include_buffers: bool) 
     for i, item in enumerate(items):
         if not isinstance(item, torch.Tensor):
             raise TypeError(f"{name}[{i}] is a {type(item).__name__}, not a tensor")
-    return [_local(t.data if isinstance(t, nn.Parameter) else t) for t in items]
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The rank-local shard of a DTensor (FSDP2), the tensor itself otherwise: updates run
-    shard-local, with no communication, when policy and reference are sharded alike."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
+    return [local_shard(t.data if isinstance(t, nn.Parameter) else t) for t in items]
 
 
 def _pairs(targets: TensorsOrModule, sources: TensorsOrModule, include_buffers: bool):
@@ -74,7 +68,7 @@ def _apply(kind: str, targets, sources, scalar: float, backend: str, include_buf
         by_device[target.device][0].append(target)
         by_device[target.device][1].append(source)
     for device, (device_targets, device_sources) in by_device.items():
-        kernel_ok = all(t.dtype in backends.KERNEL_DTYPES and s.dtype in backends.KERNEL_DTYPES
+        kernel_ok = all(t.dtype in KERNEL_DTYPES and s.dtype in KERNEL_DTYPES
                         and t.is_contiguous() and s.is_contiguous()
                         for t, s in zip(device_targets, device_sources))
         if kernel_ok:

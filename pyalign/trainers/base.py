@@ -80,7 +80,7 @@ class TrainerConfig:
         for name in ("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config key {name!r} must be >= 0, got {getattr(self, name)!r}")
-        if self.backend not in pyalign.backends.BACKENDS + ("auto",):
+        if self.backend not in pyalign.backends.CHOICES:
             raise ValueError(f"backend must be one of {pyalign.backends.BACKENDS + ('auto',)}, "
                              f"got {self.backend!r}")
 

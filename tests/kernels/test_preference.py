@@ -46,13 +46,13 @@ def test_pair_losses_direct(loss, beta, device):
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_pair_losses_match_eager_reference(loss, device):
-    from pyalign import reference
+    from pyalign.eager import preference as eager_preference
     *inputs, grad_losses = _pairs(40, device, seed=1)
     eps = SMOOTHING.get(loss, 0.0)
     torch.testing.assert_close(preference_kernels.forward(*inputs, loss, 0.5, eps),
-                               reference.preference.forward(*inputs, loss, 0.5, eps), **TOL)
+                               eager_preference.forward(*inputs, loss, 0.5, eps), **TOL)
     for mine, eager in zip(preference_kernels.backward(grad_losses, *inputs, loss, 0.5, eps),
-                           reference.preference.backward(grad_losses, *inputs, loss, 0.5, eps)):
+                           eager_preference.backward(grad_losses, *inputs, loss, 0.5, eps)):
         torch.testing.assert_close(mine, eager, **TOL)
 
 

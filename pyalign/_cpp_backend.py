@@ -1,0 +1,125 @@
+"""Registers the C++/CUDA extension (csrc/, built by pyalign/_build.py) in the backend table.
+
+Imported by pyalign/backends.py at import time, like pyalign/_triton_backend.py. Importing it is
+cheap: it registers lazy loaders only; the first op that needs one builds (or loads from the
+cache) the extension. ``cpu`` backend: logprobs, linear_logprobs (torch matmuls with the C++
+logprobs kernels as the chunk epilogue), kl and weights; ``cuda`` backend: weights.
+
+The adapters below turn ``torch.ops.pyalign_C`` into the primitive contract of
+pyalign/backends.py. float64 and empty inputs never reach them (the backend table sends those to
+eager); what remains is per-tensor routing: a mixed weight list is split into kernel-eligible and
+eager tensors, and kl tensors of different shapes run eager.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from pyalign import _build, backends
+from pyalign._utils import KERNEL_DTYPES
+
+
+def _eager(family: str):
+    return backends.load(family, "eager")
+
+
+def _make_logprobs(ops):
+    def forward(logits, labels, ignore_index, temperature, with_entropy):
+        return ops.logprobs_forward(logits, labels, int(ignore_index), float(temperature),
+                                    bool(with_entropy))
+
+    def backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index,
+                 temperature, inplace):
+        args = (grad_logprobs, grad_entropy, logits, labels, lse, entropy, int(ignore_index),
+                float(temperature))
+        if inplace and logits.dim() == 2 and logits.stride(-1) == 1:
+            ops.logprobs_backward_(*args)
+            return logits
+        grad_logits = ops.logprobs_backward(*args)
+        if inplace:
+            logits.copy_(grad_logits)
+            return logits
+        return grad_logits
+
+    return SimpleNamespace(forward=forward, backward=backward)
+
+
+def _make_linear_logprobs(ops):
+    from pyalign.eager.linear_logprobs import make_chunked_linear
+
+    # The matmuls stay in torch (MKL); the CPU logprobs kernels are the chunk epilogue.
+    return make_chunked_linear(_make_logprobs(ops))
+
+
+def _make_kl(ops):
+    def _same_shapes(logprobs, ref_logprobs, mask):
+        return (logprobs.shape == ref_logprobs.shape
+                and (mask is None or mask.shape == logprobs.shape))
+
+    def forward(logprobs, ref_logprobs, mask, estimator):
+        if not _same_shapes(logprobs, ref_logprobs, mask):  # broadcasting: the eager path
+            return _eager("kl").forward(logprobs, ref_logprobs, mask, estimator)
+        mask = None if mask is None else mask.to(torch.bool)
+        return ops.kl_forward(logprobs, ref_logprobs, mask, estimator)
+
+    def backward(grad_kl, logprobs, ref_logprobs, mask, estimator):
+        if not _same_shapes(logprobs, ref_logprobs, mask) or grad_kl.shape != logprobs.shape:
+            return _eager("kl").backward(grad_kl, logprobs, ref_logprobs, mask, estimator)
+        mask = None if mask is None else mask.to(torch.bool)
+        grad_logprobs, grad_ref = ops.kl_backward(grad_kl, logprobs, ref_logprobs, mask, estimator)
+        return grad_logprobs, grad_ref
+
+    return SimpleNamespace(forward=forward, backward=backward)
+
+
+def _make_weights(ops, device_type: str):
+    def apply_(kind, targets, sources, scalar):
+        fast_targets, fast_sources, rest_targets, rest_sources = [], [], [], []
+        for target, source in zip(targets, sources, strict=True):
+            fast = (target.device.type == device_type and source.device == target.device
+                    and target.dtype in KERNEL_DTYPES and source.dtype in KERNEL_DTYPES
+                    and target.is_contiguous() and source.is_contiguous())
+            (fast_targets if fast else rest_targets).append(target)
+            (fast_sources if fast else rest_sources).append(source)
+        if fast_targets:
+            ops.multi_tensor_apply_(kind, fast_targets, fast_sources, float(scalar))
+        if rest_targets:  # fp64, non-contiguous views: the eager path
+            _eager("weights").apply_(kind, rest_targets, rest_sources, scalar)
+
+    return SimpleNamespace(apply_=apply_)
+
+
+def _make_cpu_weights(ops):
+    return _make_weights(ops, "cpu")
+
+
+def _make_cuda_weights(ops):
+    return _make_weights(ops, "cuda")
+
+
+# {family: factory taking torch.ops.pyalign_C}, per backend, with the loader of its ops.
+CPU_FACTORIES = {
+    "logprobs": _make_logprobs,
+    "linear_logprobs": _make_linear_logprobs,
+    "kl": _make_kl,
+    "weights": _make_cpu_weights,
+}
+CUDA_FACTORIES = {
+    "weights": _make_cuda_weights,
+}
+BACKEND_FACTORIES = {
+    "cpu": (lambda: _build.load_cpu_ops(), CPU_FACTORIES),
+    "cuda": (lambda: _build.load_cuda_ops(), CUDA_FACTORIES),
+}
+
+
+def _loader(load_ops, factory):
+    def load_cpp_backend():
+        return factory(load_ops())
+    return load_cpp_backend
+
+
+for _backend, (_load_ops, _factories) in BACKEND_FACTORIES.items():
+    for _family, _factory in _factories.items():
+        backends.register(_family, _backend, _loader(_load_ops, _factory))

@@ -1,0 +1,44 @@
+"""Eager multi-tensor weight updates (family ``weights`` of pyalign/backends.py): ``apply_`` runs
+ema/lerp/copy in place over lists, grouped by dtype and device, with torch's foreach ops for fp32
+and fp32 math with one rounding otherwise. Also the path for fp64 and non-contiguous tensors that
+the kernel backends leave to eager.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _group_by_dtype(targets, sources):
+    groups: dict = {}
+    for target, source in zip(targets, sources, strict=True):
+        groups.setdefault((target.dtype, source.dtype, target.device), []).append((target, source))
+    return groups.values()
+
+
+@torch.no_grad()
+def apply_(kind, targets, sources, scalar):
+    """In place over lists: ema t = s*t + (1-s)*src; lerp t = t + s*(src - t); copy t = src."""
+    for pairs in _group_by_dtype(targets, sources):
+        group_targets = [t for t, _ in pairs if t.numel()]
+        group_sources = [s for t, s in pairs if t.numel()]
+        if not group_targets:
+            continue
+        if kind == "copy":
+            for target, source in zip(group_targets, group_sources, strict=True):
+                target.copy_(source)
+            continue
+        if kind == "ema":  # decay*t + (1-decay)*s == lerp with weight 1-decay
+            weight = 1.0 - scalar
+        else:
+            weight = scalar
+        same_dtype = group_targets[0].dtype == group_sources[0].dtype
+        if same_dtype and group_targets[0].dtype == torch.float32:
+            torch._foreach_lerp_(group_targets, group_sources, weight)
+        else:
+            # Mixed or low-precision dtypes: fp32 math, one rounding at the end.
+            for target, source in zip(group_targets, group_sources, strict=True):
+                acc = torch.promote_types(torch.promote_types(target.dtype, source.dtype),
+                                          torch.float32)
+                updated = target.to(acc)
+                updated.lerp_(source.to(acc), weight)
+                target.copy_(updated)
