@@ -53,6 +53,7 @@ from typing import Callable
 import torch
 
 BACKENDS = ("triton", "cuda", "cpu", "eager")
+CHOICES = ("auto",) + BACKENDS
 
 PRIMITIVES = {
     "logprobs": ("forward", "backward"),
