@@ -8,13 +8,14 @@ import json
 
 import torch
 
-from pyalign import _benchutil, backends, cli
+from pyalign import backends, cli
+from pyalign.bench import harness
 
 MIB = 1 << 20
 
 
 def test_cpu_peak_memory_measures_known_allocations():
-    probe = _benchutil.cpu_memory_probe()
+    probe = harness.cpu_memory_probe()
     assert probe["ok"], probe
 
     logits = torch.randn(300, 1000)
@@ -25,10 +26,10 @@ def test_cpu_peak_memory_measures_known_allocations():
         return scratch
 
     # (mul_ by a Python scalar wraps it in a 0-d tensor: a few bytes)
-    assert 3 * MIB <= _benchutil.cpu_peak_extra_bytes(fresh_buffer_then_inplace) < 3 * MIB + 1024
-    assert _benchutil.cpu_peak_extra_bytes(lambda: logits.mul_(1.0)) < 1024
+    assert 3 * MIB <= harness.cpu_peak_extra_bytes(fresh_buffer_then_inplace) < 3 * MIB + 1024
+    assert harness.cpu_peak_extra_bytes(lambda: logits.mul_(1.0)) < 1024
     # an op that allocates inside aten (log_softmax's output) is counted too
-    assert _benchutil.cpu_peak_extra_bytes(lambda: torch.log_softmax(logits, -1)) >= logits.nbytes
+    assert harness.cpu_peak_extra_bytes(lambda: torch.log_softmax(logits, -1)) >= logits.nbytes
 
 
 def _rows_by_name(case):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pyalign.train_cli import ALGOS
+from pyalign.trainers.presets import ALGOS
 from pyalign.trainers import PAIRWISE_LOSSES
 from trainer_helpers import read_records, run_cli, write_config
 

@@ -32,7 +32,7 @@ def write_config(path, task_cache_dir, **values):
 
 def run_cli(*argv):
     """``pyalign train ARGV`` in this process: (exit code, captured stderr via capsys)."""
-    from pyalign.train_cli import main
+    from pyalign.cli.train import main
     return main([str(a) for a in argv] + ["--no-progress"])
 
 

@@ -1,5 +1,6 @@
-"""`pyalign bench | train | doctor`: the command line. Subcommands live in their own modules
-(pyalign/bench.py, pyalign/train_cli.py, pyalign/compile_check.py) and load on demand."""
+"""`pyalign doctor`: the versions of pyalign's dependencies, the state of the C++ extension, and
+for every op family and device which backends load (and why the others do not) and which one
+"auto" picks. Imports nothing heavy until it runs, so it can report a broken environment."""
 from __future__ import annotations
 
 import argparse
@@ -51,37 +52,11 @@ def run_doctor(args) -> int:
     return 0
 
 
-def _add_optional(subparsers, module: str, adder: str, runner: str, name: str, help_text: str):
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:
-        parser = subparsers.add_parser(name, help=f"{help_text} (unavailable: {exc})")
-        parser.set_defaults(func=lambda args: (print(f"pyalign {name}: {exc}", file=sys.stderr), 2)[1])
-        return
-    parser = getattr(mod, adder)(subparsers)
-    if parser is not None:
-        parser.set_defaults(func=getattr(mod, runner))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyalign", description=__doc__)
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    doctor = subparsers.add_parser("doctor", help="versions, backends and why any cannot load")
-    doctor.add_argument("--compile", action="store_true",
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """The ``doctor`` subcommand of ``pyalign``."""
+    parser = subparsers.add_parser("doctor", help="versions, backends and why any cannot load")
+    parser.add_argument("--compile", action="store_true",
                         help="also compile every Triton kernel ahead of time for sm_80 and sm_90 "
                              "and print registers, shared memory and spills")
-    doctor.set_defaults(func=run_doctor)
-    _add_optional(subparsers, "pyalign.bench", "add_bench_parser", "run_bench", "bench",
-                  "kernel microbenchmarks")
-    _add_optional(subparsers, "pyalign.train_cli", "add_train_parser", "run_train", "train",
-                  "train on the embedded task")
+    parser.set_defaults(func=run_doctor)
     return parser
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,39 +21,17 @@ import types
 import typing
 from typing import Any, Optional
 
-ALGOS: dict[str, tuple[str, dict]] = {
-    "dpo": ("preference", {"loss": "sigmoid"}),
-    "ipo": ("preference", {"loss": "ipo", "length_normalize": True}),
-    "slic": ("preference", {"loss": "hinge"}),
-    "kto": ("preference", {"loss": "kto"}),
-    "tr-dpo": ("preference", {"loss": "sigmoid", "reference": "trust_region"}),
-    "tr-ipo": ("preference", {"loss": "ipo", "length_normalize": True, "reference": "trust_region"}),
-    "tr-kto": ("preference", {"loss": "kto", "reference": "trust_region"}),
-    "rloo": ("rl", {}),
-    "elastic-reset": ("rl", {"elastic_reset": True}),
-}
-# Defaults tuned on the embedded task so a default run takes about a minute on 2 CPU cores.
-DEFAULT_STEPS = {"preference": 100, "rl": 60}
-TUNED_DEFAULTS = {
-    "ipo": {"beta": 0.5},
-    "tr-ipo": {"beta": 0.5},
-}
-# Keys the algorithm sets (not settable from a config file).
-ALGO_KEYS = {"loss", "reference", "elastic_reset", "length_normalize"}
-# Keys that belong to some algorithms only.
-ONLY_FOR = {
-    "tr_alpha": ("tr-dpo", "tr-ipo", "tr-kto"),
-    "tr_tau": ("tr-dpo", "tr-ipo", "tr-kto"),
-    "desirable_weight": ("kto", "tr-kto"),
-    "undesirable_weight": ("kto", "tr-kto"),
-    "precompute_ref": ("dpo", "ipo", "slic", "kto"),
-    "er_ema_decay": ("elastic-reset",),
-    "er_reset_every": ("elastic-reset",),
-    "er_ema_every": ("elastic-reset",),
-    "er_reset_optimizer": ("elastic-reset",),
-}
-# A pairwise algorithm may swap in any other pairwise loss of pyalign.preference_loss.
-LOSS_CONFIGURABLE = ("dpo", "tr-dpo", "slic", "ipo", "tr-ipo")
+from pyalign.backends import CHOICES as BACKEND_CHOICES
+from pyalign.trainers.presets import (
+    ALGO_KEYS,
+    ALGOS,
+    DEFAULT_STEPS,
+    LOSS_CONFIGURABLE,
+    ONLY_FOR,
+    TUNED_DEFAULTS,
+)
+
+# Settings of the run itself (not of the trainer's algorithm), with their types.
 RUN_KEYS = {"algo": str, "steps": int, "seed": int, "out": str, "model": str, "backend": str,
             "bf16": bool, "fsdp": bool, "task_seed": int, "task_cache_dir": str, "threads": int}
 # Below this many parameters a CPU run uses one intra-op thread unless told otherwise: the
@@ -284,11 +262,8 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"{key} = {value!r}")
         return 0
     dist_ctx = init_distributed()
-    saved_backend = os.environ.get("PYALIGN_BACKEND")
-    try:
+    try:  # the backend reaches the ops through the trainer config (``config.backend``)
         _prepare_out_dir(run, args.resume, getattr(args, "overwrite", False), dist_ctx.is_main)
-        if run["backend"] != "auto":
-            os.environ["PYALIGN_BACKEND"] = run["backend"]  # also the ops without a backend argument
         on_cpu = dist_ctx.device.type == "cpu"
         if run["threads"]:
             torch.set_num_threads(run["threads"])
@@ -304,20 +279,18 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     finally:
         dist_ctx.close()
-        if saved_backend is None:
-            os.environ.pop("PYALIGN_BACKEND", None)
-        else:
-            os.environ["PYALIGN_BACKEND"] = saved_backend
     if dist_ctx.is_main:
         print(format_summary(summary), flush=True)
     return 0
 
 
-def add_train_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """The ``train`` subcommand of ``pyalign``."""
     parser = subparsers.add_parser("train", help="train on the embedded task (DPO, IPO, SLiC, KTO, "
                                    "TR-*, RLOO, Elastic Reset)", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
+    parser.set_defaults(func=run_train)
     return parser
 
 
@@ -334,11 +307,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="training seed (default 0)")
     parser.add_argument("--model", help="a local Hugging Face causal-LM directory to train instead "
                         "of the task's SFT model (its vocabulary must be the task's)")
-    parser.add_argument("--backend", choices=["auto", "triton", "cuda", "cpu", "eager"],
+    parser.add_argument("--backend", choices=BACKEND_CHOICES,
                         help="pyalign op backend (default auto)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the model forwards")
     parser.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
-    parser.add_argument("--task-seed", type=int, dest="task_seed", help="seed of the embedded task (default 0)")
+    parser.add_argument("--task-seed", type=int, dest="task_seed",
+                        help="seed of the embedded task (default 0)")
     parser.add_argument("--task-cache-dir", dest="task_cache_dir", help="where the embedded task is cached")
     parser.add_argument("--threads", type=int, help="intra-op CPU threads (default: 1 for models "
                         f"under {SMALL_MODEL_PARAMS // 1_000_000}M parameters on CPU, else torch's)")
@@ -348,7 +322,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m pyalign.train_cli ...``: the same as ``pyalign train ...``."""
+    """``python -m pyalign.cli.train ...``: the same as ``pyalign train ...``."""
     parser = argparse.ArgumentParser(prog="pyalign train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)

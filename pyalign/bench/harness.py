@@ -1,7 +1,8 @@
-"""The benchmark harness behind `pyalign bench` and benchmarks/*.py: timing, peak memory, tables,
-JSON and CSV. The benchmark cases themselves (what is compared) live in pyalign/bench.py.
+"""The benchmark harness behind `pyalign bench` and benchmarks/*.py: candidates, rows and cases,
+timing, peak memory, ratio columns, tables, JSON and CSV, progress and the description of the
+machine. What is compared lives in the op-family modules of this package.
 
-Method (DESIGN.md "Performance"): every candidate of a case runs in this one process on the same
+Method: every candidate of a case runs in this one process on the same
 inputs. Each is warmed up, then run once under the memory probe, then the timed repetitions run
 round-robin over the candidates (so that load from other processes on a shared machine hits all
 of them alike); the median is reported.
@@ -19,8 +20,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
 import gc
+import importlib
+import io
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -28,7 +34,13 @@ from typing import Callable, Optional
 
 import torch
 
+import pyalign
+from pyalign._utils import atomic_write
+
 MIB = 1 << 20
+
+# Third-party baselines: import-guarded, reported as "not installed" when absent.
+OPTIONAL_BASELINES = {"liger_kernel": "Liger-Kernel", "trl": "TRL"}
 
 
 @dataclasses.dataclass
@@ -221,6 +233,16 @@ def progress_steps(case: Case, reps: int) -> int:
     return sum(1 + reps for c in case.candidates if c.status == "ok" and c.run is not None)
 
 
+def ratio_columns(candidates: list[Candidate], **columns: str) -> dict:
+    """Ratio columns: the given ones, plus "vs TRL" / "vs Liger" when such a row exists."""
+    ratio_to = {label.replace("_", " "): name for label, name in columns.items()}
+    for prefix in ("TRL", "Liger"):
+        row = next((c.name for c in candidates if c.name.startswith(prefix)), None)
+        if row is not None:
+            ratio_to[f"vs {prefix}"] = row
+    return ratio_to
+
+
 def _fill_ratios(case: Case, rows: dict) -> None:
     floor = rows.get(case.floor) if case.floor else None
     for row in rows.values():
@@ -269,7 +291,7 @@ def format_table(case: Case, rows: list[Row]) -> str:
 
     def render(cells):
         first = f"{cells[0]:<{widths[0]}}"
-        return "  ".join([first] + [f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:])])
+        return "  ".join([first] + [f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:], strict=True)])
 
     lines.append(render(headers))
     lines.append("  ".join("-" * w for w in widths))
@@ -288,9 +310,7 @@ def case_record(case: Case, rows: list[Row]) -> dict:
 
 
 def write_json(path: str, payload: dict) -> None:
-    with open(path, "w") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
+    atomic_write(path, json.dumps(payload, indent=2) + "\n")
 
 
 CSV_FIELDS = ("case", "params", "name", "kind", "backend", "status", "median_ms", "min_ms",
@@ -298,17 +318,18 @@ CSV_FIELDS = ("case", "params", "name", "kind", "backend", "status", "median_ms"
 
 
 def write_csv(path: str, case_records: list[dict]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for record in case_records:
-            params = " ".join(f"{k}={v}" for k, v in record["params"].items())
-            for row in record["rows"]:
-                writer.writerow({
-                    "case": record["title"], "params": params,
-                    **{k: row[k] for k in CSV_FIELDS if k in row and k != "ratios"},
-                    "ratios": ";".join(f"{k}={v:.4f}" for k, v in row["ratios"].items()),
-                })
+    handle = io.StringIO(newline="")
+    writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for record in case_records:
+        params = " ".join(f"{k}={v}" for k, v in record["params"].items())
+        for row in record["rows"]:
+            writer.writerow({
+                "case": record["title"], "params": params,
+                **{k: row[k] for k in CSV_FIELDS if k in row and k != "ratios"},
+                "ratios": ";".join(f"{k}={v:.4f}" for k, v in row["ratios"].items()),
+            })
+    atomic_write(path, handle.getvalue())
 
 
 def make_progress(total: int, description: str, enabled: bool = True):
@@ -326,3 +347,56 @@ def make_progress(total: int, description: str, enabled: bool = True):
                 pass
         return _Silent()
     return tqdm(total=total, desc=description, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------- environment
+
+def optional_module(name: str):
+    """The module, or None when it is not installed (or fails to import)."""
+    try:
+        return importlib.import_module(name)
+    except Exception:
+        return None
+
+
+def third_party_notes() -> list[str]:
+    """A "not installed" note for each optional third-party baseline that is absent."""
+    notes = []
+    for module, label in OPTIONAL_BASELINES.items():
+        if optional_module(module) is None:
+            notes.append(f"{label}: not installed")
+    return notes
+
+
+def _cpu_model() -> str:
+    try:  # the extension's build key names the CPU model the same way
+        from pyalign._build import _cpu_model as build_cpu_model
+        return build_cpu_model()
+    except ImportError:
+        return platform.processor() or platform.machine()
+
+
+def _load_average():
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """Versions, the device and its load, the optional baselines installed and (on CPU) the
+    peak-memory probe: the header of a results file."""
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "pyalign": pyalign.__version__, "torch": torch.__version__,
+        "python": platform.python_version(), "device": device.type,
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else _cpu_model()),
+        "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "load_average": _load_average(),
+        "optional": {label: optional_module(module) is not None
+                     for module, label in OPTIONAL_BASELINES.items()},
+    }
+    if device.type == "cpu":
+        info["memory_probe"] = cpu_memory_probe()
+    return info

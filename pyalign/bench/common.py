@@ -1,0 +1,60 @@
+"""Pieces every benchmark case is built from: dtype names, one row per backend that can run the
+op family on the device, the torch.compile row of an eager baseline, seeded inputs and gradient
+clearing between calls."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from pyalign import backends
+from pyalign.bench.harness import Candidate
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def benchmark_backends(family: str, device: torch.device) -> tuple[list[str], list[str]]:
+    """(backends to time for ``family`` on ``device``, notes on the ones left out)."""
+    names, notes = [], []
+    for name in backends.BACKENDS:
+        ok, reason = backends.status(family, name, device.type)
+        if name == "triton" and device.type == "cpu":
+            notes.append("triton backend: on CPU it runs only in the Triton interpreter (tests); "
+                         "timed on CUDA only")
+        elif ok:
+            names.append(name)
+        elif not (device.type == "cpu" and name == "cuda") and not (
+                device.type == "cuda" and name == "cpu"):  # the other device's backend: no note
+            notes.append(f"{name} backend unavailable: {reason}")
+    return names, notes
+
+
+def seeded_generator(device: torch.device, seed: int = 0) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def clear_grads(*tensors: torch.Tensor) -> Callable[[], None]:
+    def clear():
+        for tensor in tensors:
+            tensor.grad = None
+    return clear
+
+
+def compile_candidate(name: str, fn: Callable, args: tuple, grad_output, setup,
+                      enabled: bool) -> Candidate:
+    """torch.compile of the eager baseline ``fn`` (compiled once, timed after warm-up)."""
+    if not enabled:
+        return Candidate(name, kind="baseline", status="skipped (--no-compile)")
+    compiled = torch.compile(fn, dynamic=False)
+
+    def run():
+        out = compiled(*args)
+        out.backward(grad_output)
+    return Candidate(name, run, setup=setup, kind="baseline", compiled=True)

@@ -1,0 +1,115 @@
+"""The preference cases: preference_loss (DPO) on sequence log-probs (eager formula,
+torch.compile, pyalign backends), and linear_preference_loss from the hidden states of policy and
+reference (pyalign's fused path vs the eager full-logits path and Liger-Kernel's
+LigerFusedLinearDPOLoss where installed)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import pyalign
+from pyalign.bench.common import (
+    benchmark_backends,
+    clear_grads,
+    compile_candidate,
+    dtype_name,
+    seeded_generator,
+)
+from pyalign.bench.harness import Candidate, Case, optional_module, ratio_columns, third_party_notes
+from pyalign.bench.linear_logprobs import naive_linear_token_logprobs
+
+
+def naive_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1):
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def preference_case(batch: int = 4096, device="cpu", *, beta: float = 0.1,
+                    compile: bool = True) -> Case:
+    device = torch.device(device)
+    generator = seeded_generator(device, 3)
+    sequence_logps = [(-torch.rand(batch, device=device, generator=generator) * 100
+                       ).requires_grad_(True) for _ in range(4)]
+    clear = clear_grads(*sequence_logps)
+
+    def eager():
+        naive_dpo_loss(*sequence_logps, beta).backward()
+
+    candidates = [Candidate("eager DPO formula", eager, setup=clear, kind="baseline",
+                            backend="eager"),
+                  compile_candidate("torch.compile DPO formula", naive_dpo_loss,
+                                     (*sequence_logps, beta), None, clear, compile)]
+    names, notes = benchmark_backends("preference", device)
+    for name in names:
+        def fused(name=name):
+            pyalign.preference_loss(*sequence_logps, loss="sigmoid", beta=beta,
+                                    backend=name).loss.backward()
+        candidates.append(Candidate(f"pyalign preference_loss sigmoid [{name}]", fused,
+                                    setup=clear, backend=name))
+    return Case("preference_loss (DPO) fwd+bwd", {"B": batch, "device": device.type}, candidates,
+                ratio_to={"vs eager": "eager DPO formula",
+                          "vs compile": "torch.compile DPO formula"}, notes=notes)
+
+
+def linear_preference_case(pairs: int = 4, seq_len: int = 256, hidden_size: int = 512,
+                           vocab: int = 32000, dtype=torch.float32, device="cpu", *,
+                           beta: float = 0.1) -> Case:
+    """DPO from the last hidden states of the policy and of the reference model (same lm_head
+    weight; the reference without gradient): pyalign's fused path vs the eager full-logits path,
+    and Liger-Kernel's LigerFusedLinearDPOLoss where installed."""
+    device = torch.device(device)
+    generator = seeded_generator(device, 4)
+    rows = 2 * pairs
+    hidden = torch.randn(rows, seq_len, hidden_size, device=device, generator=generator
+                         ).to(dtype).requires_grad_(True)
+    ref_hidden = torch.randn(rows, seq_len, hidden_size, device=device, generator=generator
+                             ).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, device=device, generator=generator)
+              / hidden_size ** 0.5).to(dtype).requires_grad_(True)
+    ref_weight = weight.detach()
+    labels = torch.randint(0, vocab, (rows, seq_len), device=device, generator=generator)
+    labels[:, : seq_len // 4] = -100  # the prompt
+    clear = clear_grads(hidden, weight)
+    mask = labels != -100
+    safe_labels = labels.clamp(min=0)
+
+    def eager():
+        policy = (naive_linear_token_logprobs(hidden, weight, safe_labels) * mask).sum(-1)
+        with torch.no_grad():
+            ref = (naive_linear_token_logprobs(ref_hidden, ref_weight, safe_labels) * mask).sum(-1)
+        naive_dpo_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], beta).backward()
+
+    candidates = [Candidate("eager full logits + DPO", eager, setup=clear, kind="baseline",
+                            backend="eager")]
+    notes = []
+    liger_chunked = optional_module("liger_kernel.chunked_loss")
+    if liger_chunked is not None and hasattr(liger_chunked, "LigerFusedLinearDPOLoss"):
+        try:
+            liger_loss = liger_chunked.LigerFusedLinearDPOLoss(beta=beta, use_ref_model=True)
+
+            def liger_run():
+                out = liger_loss(weight, hidden, labels, ref_input=ref_hidden,
+                                 ref_weight=ref_weight)
+                (out[0] if isinstance(out, tuple) else out).backward()
+            candidates.append(Candidate("Liger LigerFusedLinearDPOLoss", liger_run, setup=clear,
+                                        kind="baseline", compiled=True))
+        except Exception as exc:  # an API this code does not know: say so, run the rest
+            notes.append(f"Liger-Kernel LigerFusedLinearDPOLoss: could not construct ({exc})")
+    names, backend_notes = benchmark_backends("linear_logprobs", device)
+    notes += backend_notes
+    # The named backend runs the per-token part; the loss part falls back to "auto" where the
+    # backend has no loss kernel (see linear_preference_loss).
+    for name in names:
+        def fused(name=name):
+            pyalign.linear_preference_loss(hidden, weight, labels, ref_hidden=ref_hidden,
+                                           ref_weight=ref_weight, loss="sigmoid", beta=beta,
+                                           backend=name).loss.backward()
+        candidates.append(Candidate(f"pyalign linear_preference_loss [{name}]", fused,
+                                    setup=clear, backend=name))
+    notes += third_party_notes()
+    return Case("linear_preference_loss (DPO, reference from hidden states) fwd+bwd",
+                {"B": pairs, "T": seq_len, "H": hidden_size, "V": vocab,
+                 "dtype": dtype_name(dtype), "device": device.type},
+                candidates,
+                ratio_to=ratio_columns(candidates, vs_eager="eager full logits + DPO"),
+                notes=notes)
