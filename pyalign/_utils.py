@@ -40,7 +40,9 @@ def canonical_param_name(name: str) -> str:
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     """The storage a rank updates in place: the detached tensor (``param.data``), or the local
     shard of a DTensor (FSDP2), so weight updates run shard-local with no communication."""
-    data = tensor.detach()
+    # .data, not .detach(): an in-place update must not bump the autograd version counter of a
+    # parameter that a live graph may have saved.
+    data = tensor.data
     to_local = getattr(data, "to_local", None)
     return to_local() if callable(to_local) else data
 

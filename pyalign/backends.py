@@ -219,7 +219,7 @@ def resolve(family: str, backend: str, device: torch.device | str) -> str:
     forced = os.environ.get("PYALIGN_BACKEND", "auto").strip().lower() or "auto"
     if forced != "auto":
         if forced not in BACKENDS:  # "auto" was handled above
-            raise ValueError(f"PYALIGN_BACKEND must be one of {BACKENDS + ('auto',)}, got {forced!r}")
+            raise ValueError(f"PYALIGN_BACKEND must be one of {CHOICES}, got {forced!r}")
         order = [forced] + [b for b in order if b != forced]
     for i, name in enumerate(order):
         if _device_reason(name, device_type) is not None and name != forced:
@@ -251,7 +251,7 @@ def has(family: str, backend: str) -> bool:
 def check_name(backend: str) -> str:
     """Validate a backend name given to an op (resolution itself happens when the op runs)."""
     if backend not in CHOICES:
-        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
+        raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
     return backend
 
 

@@ -14,7 +14,7 @@ The weight updates run through ``pyalign.lerp_`` / ``pyalign.ema_`` / ``pyalign.
 parameter's local tensor (``param.data``, or the local shard of a DTensor under FSDP2), so under
 DDP/FSDP each rank updates its own shards with no communication: the policy and the reference
 must be sharded alike. Parameters are paired by name (``module.`` and ``_orig_mod.`` prefixes left
-by DDP and torch.compile are ignored). The rules are in /shared/ALGORITHMS.md:
+by DDP and torch.compile are ignored). The rules (docs/algorithms.md):
 
 - TrustRegion: every ``tau`` steps ``ref <- alpha * policy + (1 - alpha) * ref``; alpha=1 is the
   hard update ``ref <- policy``.
@@ -29,19 +29,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from pyalign import backends
+from pyalign._utils import canonical_param_name, local_shard
+
 __all__ = ["ReferenceStrategy", "Frozen", "TrustRegion", "ElasticReset"]
-
-def _canonical(name: str) -> str:
-    # DDP wraps as "module.x", torch.compile as "_orig_mod.x": both name the same weight.
-    parts = [p for p in name.split(".") if p not in ("module", "_orig_mod")]
-    return ".".join(parts)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The storage a rank updates: ``param.data``, or the local shard of a DTensor."""
-    data = tensor.data if isinstance(tensor, nn.Parameter) else tensor.detach()
-    to_local = getattr(data, "to_local", None)
-    return to_local() if callable(to_local) else data
 
 
 def _named_params(model: nn.Module, what: str) -> dict[str, nn.Parameter]:
@@ -49,7 +40,7 @@ def _named_params(model: nn.Module, what: str) -> dict[str, nn.Parameter]:
         raise TypeError(f"{what} must be an nn.Module, got {type(model).__name__}")
     named = {}
     for name, param in model.named_parameters():
-        key = _canonical(name)
+        key = canonical_param_name(name)
         if key in named:
             raise ValueError(f"{what}: two parameters share the name {key!r} once wrapper "
                              f"prefixes are removed")
@@ -78,7 +69,7 @@ def _pair_names(policy_params: dict, other: dict, what: str, names: list[str]) -
         raise ValueError(f"{what} lacks {len(missing)} parameter(s) of the policy, e.g. "
                          f"{missing[:3]}")
     for name in names:
-        a, b = _local(policy_params[name]), _local(other[name])
+        a, b = local_shard(policy_params[name]), local_shard(other[name])
         if a.shape != b.shape:
             raise ValueError(f"parameter {name!r}: policy shape {tuple(a.shape)} != {what} "
                              f"shape {tuple(b.shape)}")
@@ -162,15 +153,18 @@ class TrustRegion(ReferenceStrategy):
     trainable_only: update only the reference parameters whose policy counterpart has
     requires_grad (adapters trained on a shared frozen base). ``state_dict`` holds the current
     reference weights (references, not copies) so that a resumed run is exact.
+    backend: the pyalign backend of the weight ops (``"auto"``, or a name from
+    ``pyalign.backends.BACKENDS``).
     """
 
     def __init__(self, policy: nn.Module, ref: nn.Module, alpha: float = 0.6, tau: int = 512, *,
-                 trainable_only: bool = False):
+                 trainable_only: bool = False, backend: str = "auto"):
         alpha = float(alpha)
         if not math.isfinite(alpha) or not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1] (1 = hard update), got {alpha}")
         self.tau = _check_int("tau", tau, 1)
         self.alpha = alpha
+        self.backend = backends.check_name(backend)
         if policy is ref:
             raise ValueError("policy and ref are the same module: the reference needs its own weights")
         policy_params = _named_params(policy, "policy")
@@ -187,16 +181,16 @@ class TrustRegion(ReferenceStrategy):
 
     def _tensors(self, model: nn.Module) -> list[torch.Tensor]:
         params = _named_params(model, "model")
-        return [_local(params[n]) for n in self.names]
+        return [local_shard(params[n]) for n in self.names]
 
     def update(self) -> None:
         """Apply the update now (what ``step`` does on schedule)."""
         import pyalign
         ref_tensors, policy_tensors = self._tensors(self.ref), self._tensors(self.policy)
         if self.alpha == 1.0:
-            pyalign.copy_(ref_tensors, policy_tensors)
+            pyalign.copy_(ref_tensors, policy_tensors, backend=self.backend)
         else:
-            pyalign.lerp_(ref_tensors, policy_tensors, self.alpha)
+            pyalign.lerp_(ref_tensors, policy_tensors, self.alpha, backend=self.backend)
         self.num_updates += 1
 
     def step(self, global_step: int, optimizer=None) -> bool:
@@ -210,11 +204,11 @@ class TrustRegion(ReferenceStrategy):
     def state_dict(self) -> dict:
         return {"kind": "TrustRegion", "alpha": self.alpha, "tau": self.tau,
                 "last_update_step": self.last_update_step, "num_updates": self.num_updates,
-                "ref": dict(zip(self.names, self._tensors(self.ref)))}
+                "ref": dict(zip(self.names, self._tensors(self.ref), strict=True))}
 
     def load_state_dict(self, state: dict) -> None:
         self._check_kind(state)
-        ref_tensors = dict(zip(self.names, self._tensors(self.ref)))
+        ref_tensors = dict(zip(self.names, self._tensors(self.ref), strict=True))
         _check_tensor_dict(state["ref"], ref_tensors, "ref")
         with torch.no_grad():
             for name, tensor in ref_tensors.items():
@@ -242,18 +236,21 @@ class ElasticReset(ReferenceStrategy):
     trainable_only: the EMA and resets cover only parameters with requires_grad (LoRA/PEFT).
     ema_dtype: dtype of the EMA tensors (default: each parameter's own), e.g. float32 for a bf16
     policy.
+    backend: the pyalign backend of the weight ops (``"auto"``, or a name from
+    ``pyalign.backends.BACKENDS``).
     """
 
     def __init__(self, policy: nn.Module, ema_decay: float = 0.995, reset_every: int = 260, *,
                  ema_every: int = 1, init=None, reset_optimizer: bool = False,
                  trainable_only: bool = True, ema_dtype: torch.dtype | None = None,
-                 optimizer=None):
+                 optimizer=None, backend: str = "auto"):
         ema_decay = float(ema_decay)
         if not math.isfinite(ema_decay) or not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.ema_decay = ema_decay
         self.reset_every = _check_int("reset_every", reset_every, 1)
         self.ema_every = _check_int("ema_every", ema_every, 1)
+        self.backend = backends.check_name(backend)
         if init is policy:
             raise ValueError("init is the policy itself: pass the reference model or None")
         policy_params = _named_params(policy, "policy")
@@ -272,34 +269,34 @@ class ElasticReset(ReferenceStrategy):
         elif isinstance(init, nn.Module):
             init_params = _named_params(init, "init")
             _pair_names(policy_params, init_params, "init", self.names)
-            self._init_tensors = [_local(init_params[n]) for n in self.names]
+            self._init_tensors = [local_shard(init_params[n]) for n in self.names]
             self.owns_init = False
             self.ref = init
         elif isinstance(init, Mapping):
-            mapping = {_canonical(k): v for k, v in init.items()}
-            _check_tensor_dict(mapping, dict(zip(self.names, policy_tensors)), "init",
+            mapping = {canonical_param_name(k): v for k, v in init.items()}
+            _check_tensor_dict(mapping, dict(zip(self.names, policy_tensors, strict=True)), "init",
                                allow_extra=True)
-            self._init_tensors = [_local(mapping[n]).to(t.device) for n, t in
-                                  zip(self.names, policy_tensors)]
+            self._init_tensors = [local_shard(mapping[n]).to(t.device) for n, t in
+                                  zip(self.names, policy_tensors, strict=True)]
             self.owns_init = False
             self.ref = None
         else:
             raise TypeError(f"init must be None, an nn.Module or a mapping of tensors, got "
                             f"{type(init).__name__}")
         self.ema_tensors = [init_t.to(dtype=ema_dtype or p.dtype, device=p.device, copy=True)
-                            for init_t, p in zip(self._init_tensors, policy_tensors)]
+                            for init_t, p in zip(self._init_tensors, policy_tensors, strict=True)]
         self.last_step = 0
         self.num_ema_updates = 0
         self.num_resets = 0
 
     def _policy_tensors(self) -> list[torch.Tensor]:
         params = _named_params(self.policy, "policy")
-        return [_local(params[n]) for n in self.names]
+        return [local_shard(params[n]) for n in self.names]
 
     def update_ema(self) -> None:
         """``ema <- decay * ema + (1 - decay) * policy`` now."""
         import pyalign
-        pyalign.ema_(self.ema_tensors, self._policy_tensors(), self.ema_decay)
+        pyalign.ema_(self.ema_tensors, self._policy_tensors(), self.ema_decay, backend=self.backend)
         self.num_ema_updates += 1
 
     def reset(self, optimizer=None) -> None:
@@ -309,8 +306,8 @@ class ElasticReset(ReferenceStrategy):
         if self.reset_optimizer and optimizer is None:
             raise ValueError("reset_optimizer=True needs the optimizer: pass "
                              "step(..., optimizer=opt) or ElasticReset(..., optimizer=opt)")
-        pyalign.copy_(self._policy_tensors(), self.ema_tensors)
-        pyalign.copy_(self.ema_tensors, self._init_tensors)
+        pyalign.copy_(self._policy_tensors(), self.ema_tensors, backend=self.backend)
+        pyalign.copy_(self.ema_tensors, self._init_tensors, backend=self.backend)
         if self.reset_optimizer:
             self.reset_optimizer_state(optimizer)
         self.num_resets += 1
@@ -347,25 +344,25 @@ class ElasticReset(ReferenceStrategy):
         state = {"kind": "ElasticReset", "ema_decay": self.ema_decay,
                  "reset_every": self.reset_every, "ema_every": self.ema_every,
                  "last_step": self.last_step, "num_ema_updates": self.num_ema_updates,
-                 "num_resets": self.num_resets, "ema": dict(zip(self.names, self.ema_tensors))}
+                 "num_resets": self.num_resets, "ema": dict(zip(self.names, self.ema_tensors, strict=True))}
         if self.owns_init:
-            state["init"] = dict(zip(self.names, self._init_tensors))
+            state["init"] = dict(zip(self.names, self._init_tensors, strict=True))
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self._check_kind(state)
-        ema = dict(zip(self.names, self.ema_tensors))
+        ema = dict(zip(self.names, self.ema_tensors, strict=True))
         _check_tensor_dict(state["ema"], ema, "ema")
         if self.owns_init:
             if "init" not in state:
                 raise ValueError("state has no 'init' tensors, but this ElasticReset owns its "
                                  "init copy (init=None)")
-            _check_tensor_dict(state["init"], dict(zip(self.names, self._init_tensors)), "init")
+            _check_tensor_dict(state["init"], dict(zip(self.names, self._init_tensors, strict=True)), "init")
         with torch.no_grad():
             for name, tensor in ema.items():
                 tensor.copy_(state["ema"][name])
             if self.owns_init:
-                for name, tensor in zip(self.names, self._init_tensors):
+                for name, tensor in zip(self.names, self._init_tensors, strict=True):
                     tensor.copy_(state["init"][name])
         self.last_step = int(state["last_step"])
         self.num_ema_updates = int(state["num_ema_updates"])

@@ -211,7 +211,7 @@ def build_trainer(algo: str, run: dict, config, *, dist_ctx=None, progress: bool
     """The task, the model factory and the trainer of a resolved configuration."""
     import pyalign.tasks
     from pyalign.trainers import PreferenceTrainer, RLTrainer
-    from pyalign.trainers.base import init_distributed
+    from pyalign.trainers.distributed import init_distributed
 
     dist_ctx = dist_ctx or init_distributed()
     # rank 0 builds (and caches) the task first; the others then load it from the cache
@@ -232,7 +232,7 @@ def build_trainer(algo: str, run: dict, config, *, dist_ctx=None, progress: bool
 
 
 def _prepare_out_dir(run: dict, resume, overwrite: bool, is_main: bool) -> None:
-    from pyalign.trainers.base import list_checkpoints
+    from pyalign.trainers.checkpoint import list_checkpoints
     out = run["out"]
     checkpoints = list_checkpoints(os.path.join(out, "checkpoints"))
     if resume or not checkpoints:
@@ -248,7 +248,9 @@ def _prepare_out_dir(run: dict, resume, overwrite: bool, is_main: bool) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from pyalign.trainers.base import CheckpointError, format_summary, init_distributed
+    from pyalign.trainers.checkpoint import CheckpointError
+    from pyalign.trainers.distributed import init_distributed
+    from pyalign.trainers.metrics import format_summary
     try:
         algo, run, config = resolve_settings(args)
     except ConfigError as exc:

@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 
 import pyalign
-from pyalign.trainers.base import (Trainer, TrainerConfig, make_generator, micro_slices,
-                                   split_evenly)
+from pyalign.trainers.distributed import micro_slices, split_evenly
+from pyalign.trainers.trainer import Trainer, TrainerConfig, _freeze, make_generator
 
 PAIRWISE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
                    "sppo_hard", "apo_zero", "apo_down", "discopop")
@@ -65,17 +65,13 @@ class PreferenceTrainer(Trainer):
     def _make_reference(self) -> torch.nn.Module:
         if self.config.reference == "trust_region":
             # A moving reference: its own copy, so the KL-to-init metric keeps the initial model.
-            reference = self.model_factory().to(self.dist.device)
-            reference.eval()
-            for param in reference.parameters():
-                param.requires_grad_(False)
-            return reference
+            return _freeze(self.model_factory().to(self.dist.device))
         return self.init_model
 
     def _make_strategy(self):
         if self.config.reference == "trust_region":
             return pyalign.refmodel.TrustRegion(self.policy, self.ref_model, alpha=self.config.tr_alpha,
-                                                tau=self.config.tr_tau)
+                                                tau=self.config.tr_tau, backend=self.config.backend)
         return pyalign.refmodel.Frozen(self.ref_model)
 
     @property
@@ -113,7 +109,8 @@ class PreferenceTrainer(Trainer):
         for start in range(0, cfg.num_examples, chunk):
             rows = slice(start, min(start + chunk, cfg.num_examples))
             for key in self._response_keys:
-                out[key][rows] = self._ref_sequence_logps(self.data["prompt"][rows], self.data[key][rows]).cpu()
+                logps = self._ref_sequence_logps(self.data["prompt"][rows], self.data[key][rows])
+                out[key][rows] = logps.cpu()
         return out
 
     def _ref_sequence_logps(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
@@ -190,7 +187,8 @@ class PreferenceTrainer(Trainer):
         pairs = rows.shape[0]
         out = pyalign.preference_loss(sequence[:pairs], sequence[pairs:], self._reference(rows, "chosen"),
                                       self._reference(rows, "rejected"), loss=cfg.loss, beta=cfg.beta,
-                                      label_smoothing=cfg.label_smoothing, reduction="sum")
+                                      label_smoothing=cfg.label_smoothing, reduction="sum",
+                                      backend=cfg.backend)
         (out.loss / local).backward()
         return {"loss": float(out.loss.detach()), "n": pairs,
                 "chosen_reward": float(out.chosen_rewards.sum()),

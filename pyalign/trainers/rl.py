@@ -18,8 +18,8 @@ from typing import Callable, Optional
 import torch
 
 import pyalign
-from pyalign.trainers.base import (Trainer, TrainerConfig, make_generator, micro_slices,
-                                   split_evenly)
+from pyalign.trainers.distributed import micro_slices, split_evenly
+from pyalign.trainers.trainer import Trainer, TrainerConfig, make_generator
 
 KL_ESTIMATORS = ("k1", "k3")
 REWARDS = ("proxy", "gold")
@@ -53,7 +53,8 @@ class RLConfig(TrainerConfig):
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef!r}")
         if self.kl_target is not None and not self.kl_target > 0:
-            raise ValueError(f"kl_target must be > 0 (or unset for a fixed coefficient), got {self.kl_target!r}")
+            raise ValueError(f"kl_target must be > 0 (or unset for a fixed coefficient), "
+                             f"got {self.kl_target!r}")
         if self.kl_horizon < 1:
             raise ValueError(f"kl_horizon must be >= 1, got {self.kl_horizon!r}")
         if not 0 <= self.er_ema_decay < 1:
@@ -85,7 +86,8 @@ class RLTrainer(Trainer):
             # the EMA resets to the initial model, which is also the KL reference: one copy
             return pyalign.refmodel.ElasticReset(self.policy, ema_decay=cfg.er_ema_decay,
                                                  reset_every=cfg.er_reset_every, ema_every=cfg.er_ema_every,
-                                                 init=self.init_model, reset_optimizer=cfg.er_reset_optimizer)
+                                                 init=self.init_model, reset_optimizer=cfg.er_reset_optimizer,
+                                                 backend=cfg.backend)
         return pyalign.refmodel.Frozen(self.ref_model)
 
     def _extra_state(self) -> dict:
@@ -154,9 +156,9 @@ class RLTrainer(Trainer):
         logprobs, entropy = self.scorer(repeated, responses, mask, entropy=True)
         with torch.no_grad():
             penalty = pyalign.kl_penalty(logprobs.detach(), ref_logprobs, estimator=cfg.kl_estimator,
-                                         mask=mask).sum(-1)
+                                         mask=mask, backend=cfg.backend).sum(-1)
             kl_to_init = (penalty if cfg.kl_estimator == "k3" else pyalign.kl_penalty(
-                logprobs.detach(), ref_logprobs, estimator="k3", mask=mask).sum(-1))
+                logprobs.detach(), ref_logprobs, estimator="k3", mask=mask, backend=cfg.backend).sum(-1))
             shaped = (rewards - self.kl_coef * penalty).view(-1, k)
             leave_one_out = (shaped.sum(-1, keepdim=True) - shaped) / (k - 1)
             advantages = (shaped - leave_one_out).reshape(-1)

@@ -21,7 +21,7 @@ def _full(state):
 
 def main() -> int:
     from pyalign.cli.train import add_train_arguments, build_trainer, resolve_settings
-    from pyalign.trainers.base import init_distributed
+    from pyalign.trainers.distributed import init_distributed
 
     out_root, configs = sys.argv[1], sys.argv[2:]
     torch.set_num_threads(1)

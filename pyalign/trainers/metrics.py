@@ -1,0 +1,96 @@
+"""What a training run reports: ``metrics.jsonl`` (``MetricsLog``, one JSON object per logged
+step; ``read_metrics``), the gold-reward-vs-KL plot (``plot_reward_vs_kl``) and the one-line
+summary the CLI prints (``format_summary``).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from typing import Optional
+
+from pyalign._utils import atomic_write
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line. On resume, lines after the checkpoint's step
+    (logged by the interrupted run after its last checkpoint) are dropped, so the file reads as
+    one uninterrupted run."""
+
+    def __init__(self, path: Optional[str], *, resume_step: Optional[int] = None):
+        self.path = path
+        if path is None:
+            return
+        kept = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as handle:
+                for line in handle:
+                    with contextlib.suppress(ValueError):
+                        record = json.loads(line)
+                        if record.get("step", 0) <= resume_step and not record.get("final"):
+                            kept.append(line if line.endswith("\n") else line + "\n")
+        atomic_write(path, "".join(kept))
+
+    def write(self, record: dict) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def plot_reward_vs_kl(records: list[dict], path: str, title: str) -> Optional[str]:
+    """Gold (else proxy) reward against KL to the initial model, one point per evaluation.
+    Written atomically: a reader never sees half an image."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reward_key = "gold_reward" if any("gold_reward" in r for r in records) else "proxy_reward"
+    points = [(r["kl_to_init"], r[reward_key], r["step"]) for r in records
+              if "kl_to_init" in r and reward_key in r and not r.get("final")]
+    if not points:
+        return None
+    kls, rewards, steps = zip(*points, strict=True)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(kls, rewards, color="0.7", linewidth=0.8, zorder=1)
+    scatter = ax.scatter(kls, rewards, c=steps, cmap="viridis", s=14, zorder=2)
+    fig.colorbar(scatter, ax=ax, label="step")
+    final = [r for r in records if r.get("final") and "kl_to_init" in r and reward_key in r]
+    if final:
+        ax.scatter([final[-1]["kl_to_init"]], [final[-1][reward_key]], marker="*", s=120,
+                   color="crimson", zorder=3, label="final evaluation")
+        ax.legend(loc="best")
+    ax.set_xlabel("KL(policy || initial model), nats per response")
+    ax.set_ylabel(reward_key.replace("_", " "))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    image = io.BytesIO()
+    # the format savefig(path) would infer from the extension (else matplotlib's default, png)
+    fig.savefig(image, dpi=110, format=os.path.splitext(path)[1].lstrip(".").lower() or None)
+    plt.close(fig)
+    atomic_write(path, image.getvalue())
+    return path
+
+
+def format_summary(summary: dict) -> str:
+    parts = [f"pyalign train: algo={summary['algo']} steps={summary['steps']}"]
+    for key in ("gold_reward", "proxy_reward", "kl_to_init"):
+        if key in summary:
+            parts.append(f"{key}={summary[key]:.4f}")
+    if summary.get("metrics"):
+        parts.append(f"metrics={summary['metrics']}")
+    if summary.get("plot"):
+        parts.append(f"plot={summary['plot']}")
+    if summary.get("checkpoint"):
+        parts.append(f"checkpoint={summary['checkpoint']}")
+    return " ".join(parts)
+
+
+__all__ = ["MetricsLog", "read_metrics", "plot_reward_vs_kl", "format_summary"]

@@ -1,0 +1,74 @@
+"""Scoring responses with pyalign's fused log-prob ops: ``response_mask`` (which response
+tokens count) and ``ResponseScorer``, the module the trainers wrap (DDP/FSDP2) to get per-token
+log-probs and entropies of responses given prompts.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+import pyalign
+
+IGNORE_INDEX = -100
+
+
+def response_mask(responses: torch.Tensor, eos_id: Optional[int]) -> torch.Tensor:
+    """True up to and including the first EOS of each response (all True when there is none)."""
+    if eos_id is None:
+        return torch.ones_like(responses, dtype=torch.bool)
+    is_eos = (responses == eos_id).to(torch.int32)
+    return (torch.cumsum(is_eos, dim=-1) - is_eos) == 0
+
+
+class ResponseScorer(torch.nn.Module):
+    """Per-token log-probs (and entropies) of response tokens given prompts, via pyalign's ops.
+
+    With ``fused_linear`` the logits are never materialised: the causal LM's last hidden state
+    and lm_head weight go to ``pyalign.linear_token_logprobs``. Wrapping this module (not the
+    bare model) in DDP/FSDP keeps the lm_head inside the wrapped forward.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, fused_linear: bool = True, backend: str = "auto",
+                 temperature: float = 1.0, bf16: bool = False):
+        super().__init__()
+        self.model = model
+        config = getattr(model, "config", None)
+        capped = bool(getattr(config, "final_logit_softcapping", None)) or \
+            getattr(config, "logit_scale", None) not in (None, 1.0)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.fused_linear = bool(fused_linear and head is not None and not capped
+                                 and hasattr(model, "base_model") and model.base_model is not model)
+        self.backend = backend
+        self.temperature = float(temperature)
+        self.bf16 = bool(bf16)
+
+    def _autocast(self, device: torch.device):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+    def forward(self, prompts: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor,
+                entropy: bool = False):
+        input_ids = torch.cat([prompts, responses], dim=1)
+        start = prompts.shape[1] - 1
+        labels = responses.masked_fill(~mask, IGNORE_INDEX)
+        with self._autocast(input_ids.device):
+            if self.fused_linear:
+                hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+                hidden = hidden[:, start:start + responses.shape[1]]
+                head = self.model.get_output_embeddings()
+                weight = head.weight.to(hidden.dtype)
+                bias = getattr(head, "bias", None)
+                bias = bias.to(hidden.dtype) if bias is not None else None
+                return pyalign.linear_token_logprobs(hidden, weight, labels, bias=bias,
+                                                     temperature=self.temperature, entropy=entropy,
+                                                     backend=self.backend)
+            logits = self.model(input_ids=input_ids, use_cache=False).logits
+            logits = logits[:, start:start + responses.shape[1]]
+            return pyalign.token_logprobs(logits, labels, temperature=self.temperature,
+                                          entropy=entropy, backend=self.backend)
+
+
+__all__ = ["IGNORE_INDEX", "response_mask", "ResponseScorer"]
