@@ -6,9 +6,20 @@
     pyalign.lerp_(ref_model, policy_model, 0.6)                            # TR-DPO soft update
 """
 from pyalign import backends
-from pyalign.ops import (KTOLossOutput, PreferenceLossOutput, copy_, ema_, kl_penalty, kto_loss,
-                         lerp_, linear_preference_loss, linear_token_logprobs, preference_loss,
-                         sequence_logprobs, token_logprobs)
+from pyalign.ops import (
+    KTOLossOutput,
+    PreferenceLossOutput,
+    copy_,
+    ema_,
+    kl_penalty,
+    kto_loss,
+    lerp_,
+    linear_preference_loss,
+    linear_token_logprobs,
+    preference_loss,
+    sequence_logprobs,
+    token_logprobs,
+)
 
 __version__ = "0.1.0"
 

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from pyalign import backends
+from pyalign._utils import accumulation_dtype
 from pyalign.ops import _checks
 
 ESTIMATORS = ("k1", "k2", "k3")
@@ -30,7 +31,7 @@ def _kl_fwd(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: Optional[t
 
 @_kl_fwd.register_fake
 def _(logprobs, ref_logprobs, mask, estimator, backend):
-    acc = torch.float64 if torch.float64 in (logprobs.dtype, ref_logprobs.dtype) else torch.float32
+    acc = accumulation_dtype(torch.promote_types(logprobs.dtype, ref_logprobs.dtype))
     return logprobs.new_empty(logprobs.shape, dtype=acc)
 
 

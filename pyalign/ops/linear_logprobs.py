@@ -11,6 +11,7 @@ from typing import Literal, Optional, Union, overload
 import torch
 
 from pyalign import backends
+from pyalign._utils import accumulation_dtype
 from pyalign.ops import _checks
 
 
@@ -20,13 +21,14 @@ def _linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
                          with_entropy: bool, chunk_size: int, backend: str
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _checks.check_labels_in_range(labels, weight.shape[0], ignore_index)
-    return backends.implementation("linear_logprobs", backend, hidden).forward(hidden, weight, bias, labels, ignore_index, temperature,
-                                          with_entropy, chunk_size or None)
+    implementation = backends.implementation("linear_logprobs", backend, hidden)
+    return implementation.forward(hidden, weight, bias, labels, ignore_index, temperature,
+                                  with_entropy, chunk_size or None)
 
 
 @_linear_logprobs_fwd.register_fake
 def _(hidden, weight, bias, labels, ignore_index, temperature, with_entropy, chunk_size, backend):
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(hidden.dtype)
     rows = hidden.shape[0]
     return (hidden.new_empty(rows, dtype=acc), hidden.new_empty(rows if with_entropy else 0, dtype=acc),
             hidden.new_empty(rows, dtype=acc))
@@ -38,7 +40,8 @@ def _linear_logprobs_bwd(grad_logprobs: torch.Tensor, grad_entropy: Optional[tor
                          labels: torch.Tensor, lse: torch.Tensor, entropy: Optional[torch.Tensor],
                          ignore_index: int, temperature: float, chunk_size: int, backend: str
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_hidden, grad_weight, grad_bias = backends.implementation("linear_logprobs", backend, hidden).backward(
+    implementation = backends.implementation("linear_logprobs", backend, hidden)
+    grad_hidden, grad_weight, grad_bias = implementation.backward(
         grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, ignore_index,
         temperature, chunk_size or None)
     if grad_bias is None:  # custom ops return tensors; an empty one stands for "no bias"

@@ -12,6 +12,7 @@ from typing import Literal, Optional, Union, overload
 import torch
 
 from pyalign import backends
+from pyalign._utils import accumulation_dtype
 from pyalign.ops import _checks
 
 
@@ -27,7 +28,7 @@ def _token_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index
 
 @_token_logprobs_fwd.register_fake
 def _(logits, labels, ignore_index, temperature, with_entropy, backend):
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logits.dtype)
     rows = logits.shape[0]
     return (logits.new_empty(rows, dtype=acc), logits.new_empty(rows if with_entropy else 0, dtype=acc),
             logits.new_empty(rows, dtype=acc))

@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from pyalign import backends
+from pyalign._utils import accumulation_dtype
 from pyalign.ops import _checks
 from pyalign.ops.linear_logprobs import linear_token_logprobs
 
@@ -45,7 +46,7 @@ def _preference_fwd(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
 
 @_preference_fwd.register_fake
 def _(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta, label_smoothing, backend):
-    acc = torch.float64 if policy_chosen.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(policy_chosen.dtype)
     return policy_chosen.new_empty(policy_chosen.shape, dtype=acc)
 
 
@@ -164,7 +165,7 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     _checks.check_shape("ref_logps", ref_logps, policy_logps.shape, "policy_logps.shape")
     _checks.check_shape("desirable", desirable, policy_logps.shape, "policy_logps.shape")
     _checks.check_same_device(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable, kl=kl)
-    acc = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(policy_logps.dtype)
     reference_point = (kl.detach().to(acc).mean().clamp(min=0) if kl.numel()
                        else torch.zeros((), dtype=acc, device=kl.device))
     log_ratio = policy_logps.to(acc) - ref_logps.to(acc)
@@ -197,7 +198,7 @@ def _sequence_preference_fwd(token_logprobs: torch.Tensor, mask: torch.Tensor,
 
 @_sequence_preference_fwd.register_fake
 def _(token_logprobs, mask, ref_logps, loss, beta, label_smoothing, average, backend):
-    acc = torch.float64 if token_logprobs.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(token_logprobs.dtype)
     rows = token_logprobs.shape[0]
     return (token_logprobs.new_empty(rows // 2, dtype=acc), token_logprobs.new_empty(rows, dtype=acc),
             token_logprobs.new_empty(rows, dtype=acc))
