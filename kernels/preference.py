@@ -1,4 +1,4 @@
-"""Per-pair preference losses (the eleven of ALGORITHMS.md) and their gradients; and a fused
+"""Per-pair preference losses (the eleven of docs/algorithms.md) and their gradients; and a fused
 "sequence reduce + pair loss" from per-token log-probs.
 
 Per pair, r_w = policy_chosen - ref_chosen, r_l = policy_rejected - ref_rejected, h = r_w - r_l,

@@ -2,7 +2,7 @@
 path from the policy's last hidden state to the loss.
 
 Per pair, with r_w = policy_chosen - ref_chosen, r_l = policy_rejected - ref_rejected and
-h = r_w - r_l, the loss table of ALGORITHMS.md. Implicit rewards reported: beta*r_w, beta*r_l
+h = r_w - r_l, the loss table of docs/algorithms.md. Implicit rewards reported: beta*r_w, beta*r_l
 and the margin beta*h (detached: they are metrics). Family "preference" of pyalign/backends.py.
 """
 from __future__ import annotations
