@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from testutil import torch_threads
+from support import torch_threads
 from pyalign.tasks import TaskConfig, gold_reward, language, make_task
 from pyalign.tasks.task import generate
 

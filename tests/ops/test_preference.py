@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import pyalign
-from oracle import (IGNORE, grads64, kto64, linear_logits64, preference64, sequence_logprobs64,
+from support import (IGNORE, grads64, kto64, linear_logits64, preference64, sequence_logprobs64,
                     token_logprobs64)
 
-BACKENDS = [b for b in pyalign.backends.available("preference", "cpu") if b != "triton"]
+BACKENDS = backends_for("preference")
 # linear_preference_loss names a backend for its per-token part; the loss part falls back to auto.
-LINEAR_BACKENDS = [b for b in pyalign.backends.available("linear_logprobs", "cpu") if b != "triton"]
+LINEAR_BACKENDS = backends_for("linear_logprobs")
 LOSS_NAMES = ["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
               "sppo_hard", "apo_zero", "apo_down", "discopop"]
 SMOOTHED = ["sigmoid", "robust", "exo_pair"]

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import pyalign
-from oracle import grads64, kl64
+from support import grads64, kl64
 
-BACKENDS = [b for b in pyalign.backends.available("kl", "cpu") if b != "triton"]
+BACKENDS = backends_for("kl")
 ESTIMATORS = ["k1", "k2", "k3"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1,), (7,), (3, 129), (2, 5, 33)]

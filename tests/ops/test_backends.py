@@ -7,7 +7,7 @@ import torch
 
 import pyalign
 from pyalign import backends
-from oracle import token_logprobs64
+from support import token_logprobs64
 
 FAMILIES = list(backends.PRIMITIVES)
 

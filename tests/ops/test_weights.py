@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import pyalign
-from oracle import ema64, lerp64
+from support import ema64, lerp64
 
-BACKENDS = [b for b in pyalign.backends.available("weights", "cpu") if b != "triton"]
+BACKENDS = backends_for("weights")
 # The exact result rounded once into the target: half an ulp of the target dtype, relative.
 ROUNDING = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 

@@ -8,9 +8,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import pyalign
-from oracle import IGNORE, entropy64, grads64, linear_logits64, token_logprobs64
+from support import IGNORE, entropy64, grads64, linear_logits64, token_logprobs64
 
-BACKENDS = [b for b in pyalign.backends.available("linear_logprobs", "cpu") if b != "triton"]
+BACKENDS = backends_for("linear_logprobs")
 # (leading shape, H, V): V = 1; V = 7 with [B, T] tokens; V = 1000; a Llama-2 vocabulary with few
 # tokens.
 SHAPES = [((5,), 3, 1), ((2, 7), 16, 7), ((37,), 32, 1000), ((6,), 8, 32000)]

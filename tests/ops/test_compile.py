@@ -10,7 +10,7 @@ import torch
 import pyalign
 from pyalign import backends
 
-LOGPROB_BACKENDS = [b for b in backends.available("logprobs", "cpu") if b != "triton"]
+LOGPROB_BACKENDS = backends_for("logprobs")
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,10 @@ import torch
 import pyalign
 from pyalign import backends
 
-LOGPROB_BACKENDS = [b for b in backends.available("logprobs", "cpu") if b != "triton"]
-LINEAR_BACKENDS = [b for b in backends.available("linear_logprobs", "cpu") if b != "triton"]
-KL_BACKENDS = [b for b in backends.available("kl", "cpu") if b != "triton"]
-PREFERENCE_BACKENDS = [b for b in backends.available("preference", "cpu") if b != "triton"]
+LOGPROB_BACKENDS = backends_for("logprobs")
+LINEAR_BACKENDS = backends_for("linear_logprobs")
+KL_BACKENDS = backends_for("kl")
+PREFERENCE_BACKENDS = backends_for("preference")
 
 
 def pairs(batch=4):
