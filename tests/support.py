@@ -106,12 +106,13 @@ def random_logits_labels(shape, dtype, scale=3.0, ignore_index=IGNORE):
 
 
 def random_pairs(batch, dtype=torch.float32, scale=3.0):
-    """Sequence log-probs of a batch of preference pairs: (policy_chosen, policy_rejected,
-    ref_chosen, ref_rejected), the policy near the reference."""
-    ref_chosen = -20 - 5 * torch.rand(batch, device=DEVICE)
-    ref_rejected = -20 - 5 * torch.rand(batch, device=DEVICE)
-    policy_chosen = ref_chosen + scale * torch.randn(batch, device=DEVICE)
-    policy_rejected = ref_rejected + scale * torch.randn(batch, device=DEVICE)
+    """Sequence log-probs of a batch of preference pairs, of realistic size (-20..-80) with
+    policy/reference ratios of ``scale`` nats: (policy_chosen, policy_rejected, ref_chosen,
+    ref_rejected) on the test device."""
+    ref_chosen = -20 - 60 * torch.rand(batch, device=DEVICE)
+    ref_rejected = -20 - 60 * torch.rand(batch, device=DEVICE)
+    policy_chosen = ref_chosen + torch.randn(batch, device=DEVICE) * scale
+    policy_rejected = ref_rejected + torch.randn(batch, device=DEVICE) * scale
     return [t.to(dtype) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)]
 
 

@@ -5,6 +5,7 @@ import torch
 
 import pyalign
 from pyalign import backends
+from support import backends_for
 
 LOGPROB_BACKENDS = backends_for("logprobs")
 LINEAR_BACKENDS = backends_for("linear_logprobs")

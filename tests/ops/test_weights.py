@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import pyalign
-from support import ema64, lerp64
+from support import backends_for, ema64, lerp64, torch_threads
 
 BACKENDS = backends_for("weights")
 # The exact result rounded once into the target: half an ulp of the target dtype, relative.
