@@ -1,8 +1,9 @@
 """torch.compile(fullgraph=True) over the public ops: the custom ops keep the graph whole
 (fullgraph=True raises on any graph break) and the compiled results match eager.
 
-Inductor (the default compiler) runs once per op; the per-backend variants use "aot_eager", which
-traces the same forward and backward graphs without generating C++ (a few seconds, not tens).
+Inductor (the default compiler) runs once per op; the per-backend variants (every backend of the
+test device, support.backends_for) use "aot_eager", which traces the same forward and backward
+graphs without generating C++ (a few seconds, not tens).
 """
 import pytest
 import torch

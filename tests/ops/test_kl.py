@@ -199,3 +199,15 @@ def test_thread_count_does_not_change_results(backend):
         two = run(logprobs, ref_logprobs, upstream, estimator="k3", backend=backend)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k3_small_differences_keep_full_precision(backend):
+    """k3 = e^d - d - 1 ~ d^2/2 cancels in fp32 at |d| ~ 1e-4; pyalign keeps fp32 relative
+    accuracy there."""
+    logprobs = -torch.rand(1000) * 3
+    ref_logprobs = logprobs + torch.randn(1000) * 1e-4
+    ref_logprobs = torch.where(ref_logprobs == logprobs, logprobs + 1e-4, ref_logprobs)
+    diff = ref_logprobs.double() - logprobs.double()
+    kl = pyalign.kl_penalty(logprobs, ref_logprobs, estimator="k3", backend=backend)
+    torch.testing.assert_close(kl.double(), torch.expm1(diff) - diff, rtol=1e-6, atol=0)

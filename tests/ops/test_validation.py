@@ -1,5 +1,6 @@
 """Bad input gets a clear Python error before any kernel runs (matched on the message), on every
-CPU backend; NaN and inf in the data are not errors: they propagate and nothing crashes."""
+backend of the test device (support.backends_for); NaN and inf in the data are not errors: they
+propagate and nothing crashes."""
 import pytest
 import torch
 
