@@ -69,7 +69,7 @@ def poisoned_outputs():
     """Every output buffer a backend allocates through a poison hook starts NaN-filled, so an
     element a kernel forgets to write fails the test. The Triton kernels have the hook
     (pyalign.kernels.POISON_OUTPUTS); the C++ ops allocate inside C++ (their ``_out`` variants
-    are poisoned in tests/build/test_cpp_ops_direct.py) and eager writes whole tensors."""
+    are poisoned in tests/toolchain/test_cpp_ops_direct.py) and eager writes whole tensors."""
     try:
         from pyalign import kernels
     except ImportError:  # no triton: no hook to set
@@ -242,7 +242,8 @@ def grads64(function, inputs, upstream=None):
     values = function(*leaves)
     weights = torch.ones_like(values) if upstream is None else upstream.double()
     grads = torch.autograd.grad((values * weights).sum(), leaves, allow_unused=True)
-    return values.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    return values.detach(), [torch.zeros_like(x) if g is None else g
+                             for x, g in zip(leaves, grads, strict=True)]
 
 
 # -------------------------------------------------------------------------- weight updates

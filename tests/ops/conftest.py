@@ -2,7 +2,6 @@
 created on support.DEVICE, and every backend output buffer with a poison hook starts NaN-filled."""
 import pytest
 import torch
-
 from support import DEVICE, ON_CPU, poisoned_outputs
 
 

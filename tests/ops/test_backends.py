@@ -5,10 +5,10 @@ import warnings
 
 import pytest
 import torch
+from support import DEVICE, ON_CPU, token_logprobs64
 
 import pyalign
 from pyalign import backends
-from support import DEVICE, ON_CPU, token_logprobs64
 
 # The backend "auto" tries first on the test device, and a backend that cannot run there.
 FIRST = backends.AUTO_ORDER[DEVICE.type][0]
@@ -24,7 +24,7 @@ def restored_table():
              set(backends._warned))
     yield
     for current, original in zip((backends._loaders, backends._loaded, backends._failures,
-                                  backends._warned), saved):
+                                  backends._warned), saved, strict=False):
         current.clear()
         current.update(original)
 

@@ -6,11 +6,20 @@ last ones); and a peak-memory measurement showing that no path holds the whole [
 """
 import pytest
 import torch
+from support import (
+    DEVICE,
+    IGNORE,
+    ON_CPU,
+    backend_cases,
+    backends_for,
+    entropy64,
+    grads64,
+    linear_logits64,
+    token_logprobs64,
+)
 from torch.profiler import ProfilerActivity, profile
 
 import pyalign
-from support import (DEVICE, IGNORE, ON_CPU, backend_cases, backends_for, entropy64, grads64, linear_logits64,
-                     token_logprobs64)
 
 BACKENDS = backends_for("linear_logprobs")
 # (leading shape, H, V): V = 1; V = 7 with [B, T] tokens; V = 1000; a Llama-2 vocabulary with few
@@ -83,7 +92,7 @@ def test_fp32_matches_float64(backend, lead, hidden_size, vocab, chunk_size, wit
     assert logprobs.dtype == entropy.dtype == torch.float32 and logprobs.shape == labels.shape
     torch.testing.assert_close(logprobs.double(), exp_lp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entropy.double(), exp_ent, rtol=1e-5, atol=1e-5)
-    for name, grad, expected in zip(("hidden", "weight", "bias"), grads, exp_grads):
+    for name, grad, expected in zip(("hidden", "weight", "bias"), grads, exp_grads, strict=False):
         assert grad.dtype == torch.float32, name
         # fp32 reductions over V (hidden: 32000 terms that cancel) or N (weight, bias)
         assert relative_error(grad, expected) < 5e-5, name
@@ -110,7 +119,7 @@ def test_half_precision_matches_float64(backend, lead, hidden_size, vocab, chunk
     # before the fp32 epilogue, and the gradients are stored in bf16
     torch.testing.assert_close(logprobs.double(), exp_lp, rtol=1e-2, atol=2e-2)
     torch.testing.assert_close(entropy.double(), exp_ent, rtol=1e-2, atol=2e-2)
-    for name, grad, expected in zip(("hidden", "weight", "bias"), grads, exp_grads):
+    for name, grad, expected in zip(("hidden", "weight", "bias"), grads, exp_grads, strict=False):
         assert grad.dtype == dtype, name
         assert relative_error(grad, expected) < 2e-2, name
     assert torch.all(grads[0][labels == IGNORE] == 0), "ignored rows get exactly zero d_hidden"
@@ -156,7 +165,7 @@ def test_chunk_size_does_not_change_the_result(backend):
     for logprobs, entropy, grads in results[1:]:
         torch.testing.assert_close(logprobs, first_lp, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(entropy, first_ent, rtol=1e-6, atol=1e-6)
-        for grad, first in zip(grads, first_grads):
+        for grad, first in zip(grads, first_grads, strict=False):
             torch.testing.assert_close(grad, first, rtol=1e-5, atol=1e-6)
 
 
@@ -169,7 +178,7 @@ def test_all_ignored_and_empty_give_zeros_and_zero_grads(backend, tokens):
     logprobs, entropy, grads = run(hidden, weight, bias, labels, torch.randn(labels.shape),
                                    torch.randn(labels.shape), chunk_size=4, backend=backend)
     assert logprobs.shape == labels.shape and torch.all(logprobs == 0) and torch.all(entropy == 0)
-    for grad, tensor in zip(grads, (hidden, weight, bias)):
+    for grad, tensor in zip(grads, (hidden, weight, bias), strict=False):
         assert grad.shape == tensor.shape and torch.all(grad == 0)
 
 
@@ -185,7 +194,7 @@ def test_non_contiguous_hidden(backend):
     exp_lp, exp_ent, exp_grads = oracle(hidden, weight, None, labels, grad_logprobs, grad_entropy,
                                         1.0)
     torch.testing.assert_close(logprobs.double(), exp_lp, rtol=1e-5, atol=1e-5)
-    for grad, expected in zip(grads, exp_grads):
+    for grad, expected in zip(grads, exp_grads, strict=False):
         assert relative_error(grad, expected) < 1e-5
 
 
@@ -234,7 +243,7 @@ def test_chunked_path_never_holds_the_full_logits():
         if backend == "triton" and ON_CPU:
             continue
 
-        def chunked():
+        def chunked(backend=backend):
             pyalign.linear_token_logprobs(hidden, weight, labels, chunk_size=chunk_size,
                                           backend=backend).sum().backward()
 
@@ -259,7 +268,7 @@ def test_column_strided_hidden_and_row_strided_weight(backend):
                                         1.0)
     torch.testing.assert_close(logprobs.double(), exp_lp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entropy.double(), exp_ent, rtol=1e-5, atol=1e-5)
-    for grad, expected in zip(grads, exp_grads):
+    for grad, expected in zip(grads, exp_grads, strict=False):
         assert relative_error(grad, expected) < 1e-5
 
 
@@ -278,7 +287,7 @@ def test_without_entropy_grads_match_float64(backend, with_bias):
     exp_lp, _, exp_grads = oracle(hidden, weight, bias, labels, upstream, torch.zeros(37), 0.8)
     torch.testing.assert_close(logprobs.double(), exp_lp, rtol=1e-5, atol=1e-5)
     got = [leaf.grad for leaf in leaves] + ([bias_leaf.grad] if with_bias else [])
-    for grad, expected in zip(got, exp_grads):
+    for grad, expected in zip(got, exp_grads, strict=False):
         torch.testing.assert_close(grad.double(), expected, rtol=1e-4,
                                    atol=1e-5 * max(1.0, float(expected.abs().max())))
     assert torch.all(leaves[0].grad[labels == IGNORE] == 0)
@@ -297,6 +306,6 @@ def test_vocab_of_one(backend):
                                         grad_entropy, 1.0)
     torch.testing.assert_close(logprobs.double(), exp_lp, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(entropy.double(), exp_ent, rtol=1e-5, atol=2e-5)
-    for grad, expected in zip(grads, exp_grads):
+    for grad, expected in zip(grads, exp_grads, strict=False):
         torch.testing.assert_close(grad.double(), expected, rtol=1e-5,
                                    atol=1e-5 * max(1.0, float(expected.abs().max())))

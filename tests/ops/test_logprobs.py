@@ -12,10 +12,17 @@ import math
 
 import pytest
 import torch
+from support import (
+    DEVICE,
+    IGNORE,
+    backend_cases,
+    backends_for,
+    random_logits_labels,
+    token_logprobs_and_grad64,
+    torch_threads,
+)
 
 import pyalign
-from support import (DEVICE, IGNORE, backend_cases, backends_for, random_logits_labels,
-                     token_logprobs_and_grad64, torch_threads)
 
 BACKENDS = backends_for("logprobs")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -385,7 +392,7 @@ def test_thread_count_does_not_change_results(backend):
         one = run_once()
     with torch_threads(2):
         two = run_once()
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=False):
         assert torch.equal(a, b)
 
 

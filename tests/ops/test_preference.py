@@ -9,11 +9,21 @@ import math
 
 import pytest
 import torch
+from support import (
+    IGNORE,
+    PAIR_LOSS_FORMULAS,
+    backends_for,
+    grads64,
+    kto64,
+    linear_logits64,
+    preference64,
+    random_pairs,
+    sequence_logprobs64,
+    token_logprobs64,
+)
 
 import pyalign
 from pyalign.ops.preference import LOSS_NAMES
-from support import (IGNORE, PAIR_LOSS_FORMULAS, backends_for, grads64, kto64, linear_logits64,
-                     preference64, random_pairs, sequence_logprobs64, token_logprobs64)
 
 BACKENDS = backends_for("preference")
 # linear_preference_loss names a backend for its per-token part; the loss part falls back to auto.
@@ -52,7 +62,7 @@ def test_losses_and_grads_match_float64(backend, loss, beta, dtype):
     assert out.loss.dtype == torch.float32 and out.loss.shape == (9,)
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
     grad_tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
-    for grad, exp_grad in zip(grads, exp_grads):
+    for grad, exp_grad in zip(grads, exp_grads, strict=False):
         assert grad.dtype == dtype
         torch.testing.assert_close(grad.double(), exp_grad, **grad_tol)
 
@@ -68,7 +78,7 @@ def test_label_smoothing(backend, loss, label_smoothing):
     expected, exp_grads = grads64(lambda *t: preference64(*t, loss, 0.2, label_smoothing), inputs,
                                   upstream)
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
-    for grad, exp_grad in zip(grads, exp_grads):
+    for grad, exp_grad in zip(grads, exp_grads, strict=False):
         torch.testing.assert_close(grad.double(), exp_grad, rtol=1e-5, atol=1e-6)
 
 
@@ -99,7 +109,7 @@ def test_reductions_rewards_and_margins(backend, reduction, loss):
     expected, exp_grads = grads64(lambda *t: reduce(preference64(*t, loss, beta)), inputs, upstream)
     assert out.loss.shape == expected.shape
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
-    for grad, exp_grad in zip(grads, exp_grads):
+    for grad, exp_grad in zip(grads, exp_grads, strict=False):
         torch.testing.assert_close(grad.double(), exp_grad, rtol=1e-5, atol=1e-6)
     policy_chosen, policy_rejected, ref_chosen, ref_rejected = (t.double() for t in inputs)
     chosen_rewards = beta * (policy_chosen - ref_chosen)
@@ -153,7 +163,7 @@ def test_kto_matches_float64(kl_shape, kl_sign, weights):
     expected, exp_grads = grads64(lambda p, r: kto64(p, r, desirable, kl, beta, *weights),
                                   [policy_logps, ref_logps])
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
-    for leaf, exp_grad in zip(leaves, exp_grads):
+    for leaf, exp_grad in zip(leaves, exp_grads, strict=False):
         torch.testing.assert_close(leaf.grad.double(), exp_grad, rtol=1e-5, atol=1e-7)
     assert kl_leaf.grad is None or torch.all(kl_leaf.grad == 0), "z0 must be detached"
     torch.testing.assert_close(out.kl.double(), torch.clamp(kl.double().mean(), min=0))
@@ -265,7 +275,7 @@ def test_a_full_block_and_a_partial_one(backend, loss, beta):
     expected, exp_grads = grads64(lambda *t: preference64(*t, loss, beta, eps), inputs, upstream)
     assert out.loss.dtype == torch.float32 and out.loss.shape == (300,)
     torch.testing.assert_close(out.loss.double(), expected, **PAIR_TOL)
-    for grad, exp_grad in zip(grads, exp_grads):
+    for grad, exp_grad in zip(grads, exp_grads, strict=False):
         torch.testing.assert_close(grad.double(), exp_grad, **PAIR_TOL)
 
 
@@ -279,7 +289,7 @@ def test_every_backend_matches_eager(backend, loss):
     out, grads = run(inputs, upstream, backend=backend, **kwargs)
     eager, eager_grads = run(inputs, upstream, backend="eager", **kwargs)
     torch.testing.assert_close(out.loss, eager.loss, **PAIR_TOL)
-    for mine, theirs in zip(grads, eager_grads):
+    for mine, theirs in zip(grads, eager_grads, strict=False):
         torch.testing.assert_close(mine, theirs, **PAIR_TOL)
 
 
@@ -308,7 +318,7 @@ def test_bf16_inputs_and_extreme_margins(backend, loss):
     finite = torch.isfinite(expected)
     assert finite[: len(finite) // 2].any()
     torch.testing.assert_close(out.loss.double()[finite], expected[finite], rtol=1e-4, atol=1e-5)
-    for grad, exp_grad in zip(grads, exp_grads):
+    for grad, exp_grad in zip(grads, exp_grads, strict=False):
         assert grad.dtype == torch.bfloat16
         ok = torch.isfinite(exp_grad)
         torch.testing.assert_close(grad.double()[ok], exp_grad[ok], rtol=1e-2, atol=1e-6)

@@ -3,10 +3,9 @@ backend of the test device (support.backends_for); NaN and inf in the data are n
 propagate and nothing crashes."""
 import pytest
 import torch
+from support import backends_for
 
 import pyalign
-from pyalign import backends
-from support import backends_for
 
 LOGPROB_BACKENDS = backends_for("logprobs")
 LINEAR_BACKENDS = backends_for("linear_logprobs")

@@ -4,14 +4,14 @@ real transformers model (2-layer Llama, tiny hidden size), fp32 targets of bf16 
 tensors of awkward sizes and of every dtype pair, a thousand tiny tensors, a target that is its
 own source, every fp16 bit pattern, results independent of the thread count; and the errors for
 mismatched inputs."""
+import itertools
+
 import pytest
 import torch
+from support import DEVICE, backends_for, ema64, lerp64, torch_threads
 from torch import nn
 
 import pyalign
-import itertools
-
-from support import DEVICE, backends_for, ema64, lerp64, torch_threads
 
 BACKENDS = backends_for("weights")
 # The exact result rounded once into the target: half an ulp of the target dtype, relative.
@@ -76,7 +76,7 @@ def test_llama_model_fp32_target_bf16_source(llama_pair, backend, kind, scalar):
         assert param.dtype == torch.float32 and param.requires_grad
         exact = expected64(kind, before[name], sources[name].detach(), scalar)
         assert_rounded_from(param.detach(), exact, (before[name], sources[name].detach()), name)
-    for name, param in source_model.named_parameters():  # sources are read only
+    for _, param in source_model.named_parameters():  # sources are read only
         assert param.dtype == torch.bfloat16
     assert torch.equal(source_model.state_dict()["lm_head.weight"],
                        llama_pair[1].state_dict()["lm_head.weight"])
@@ -93,7 +93,7 @@ def test_parameter_lists_and_no_autograd(llama_pair, backend):
     start = [t.detach().double() for t in targets]
     pyalign.ema_(targets, sources, 0.9, backend=backend)
     pyalign.lerp_(targets, sources, 0.25, backend=backend)
-    for target, initial, source in zip(targets, start, sources):
+    for target, initial, source in zip(targets, start, sources, strict=False):
         assert target.grad_fn is None and target.requires_grad
         exact = lerp64(ema64(initial, source.detach(), 0.9), source.detach(), 0.25)
         assert_rounded_from(target.detach(), exact, (initial, source.detach()))
@@ -113,11 +113,11 @@ def test_tensor_lists_of_awkward_sizes(backend, kind, scalar, target_dtype, sour
     start = [t.double() for t in targets]
     source_copies = [s.clone() for s in sources]
     apply(kind, targets, sources, scalar, backend=backend)
-    for target, initial, source, shape in zip(targets, start, sources, shapes):
+    for target, initial, source, shape in zip(targets, start, sources, shapes, strict=False):
         assert target.dtype == target_dtype and target.shape == shape
         assert_rounded_from(target, expected64(kind, initial, source, scalar), (initial, source),
                             str(shape))
-    assert all(torch.equal(s, c) for s, c in zip(sources, source_copies))
+    assert all(torch.equal(s, c) for s, c in zip(sources, source_copies, strict=False))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -127,7 +127,7 @@ def test_ema_endpoints(backend, decay, expected_from):
     sources = [torch.randn(33), torch.randn(4, 4)]
     expected = [t.clone() for t in (targets if expected_from == "target" else sources)]
     pyalign.ema_(targets, sources, decay, backend=backend)
-    assert all(torch.equal(t, e) for t, e in zip(targets, expected))
+    assert all(torch.equal(t, e) for t, e in zip(targets, expected, strict=False))
 
 
 def test_non_contiguous_and_float64_run_on_eager():
@@ -224,7 +224,7 @@ def test_every_dtype_pair_at_odd_sizes_in_one_call(backend, kind, scalar):
         sources.append(torch.randn(size).to(source_dtype))
     start = [t.double() for t in targets]
     apply(kind, targets, sources, scalar, backend=backend)
-    for target, initial, source in zip(targets, start, sources):
+    for target, initial, source in zip(targets, start, sources, strict=False):
         assert_rounded_from(target, expected64(kind, initial, source, scalar), (initial, source),
                             f"{source.dtype} -> {target.dtype} [{target.numel()}]")
 
@@ -235,7 +235,7 @@ def test_thousand_tiny_tensors(backend):
     sources = [torch.randn_like(t) for t in targets]
     start = [t.double() for t in targets]
     pyalign.ema_(targets, sources, 0.9, backend=backend)
-    for target, initial, source in zip(targets, start, sources):
+    for target, initial, source in zip(targets, start, sources, strict=False):
         assert_rounded_from(target, ema64(initial, source, 0.9), (initial, source))
 
 
@@ -246,7 +246,7 @@ def test_target_is_its_own_source(backend):
     pyalign.ema_(tensors, tensors, 0.9, backend=backend)
     pyalign.lerp_(tensors, tensors, 0.3, backend=backend)
     pyalign.copy_(tensors, tensors, backend=backend)
-    for tensor, initial in zip(tensors, before):  # t = 0.9 t + 0.1 t: one rounding at most
+    for tensor, initial in zip(tensors, before, strict=False):  # t = 0.9 t + 0.1 t: one rounding at most
         assert_rounded_from(tensor, initial.double(), (initial, initial))
 
 
@@ -276,7 +276,7 @@ def test_thread_count_does_not_change_results(backend):
         one = run_once()
     with torch_threads(2):
         two = run_once()
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=False):
         assert torch.equal(a, b)
 
 
