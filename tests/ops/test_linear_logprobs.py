@@ -257,7 +257,7 @@ def test_chunked_path_never_holds_the_full_logits():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_column_strided_hidden_and_row_strided_weight(backend):
     hidden = torch.randn(40, 20).t()  # column stride 20
-    weight = torch.cat([torch.randn(100, 40)] * 2, 1)[:, 5:45] / 2  # row stride 80
+    weight = (torch.cat([torch.randn(100, 40)] * 2, 1) / 2)[:, 5:45]  # row stride 80
     assert not hidden.is_contiguous() and not weight.is_contiguous()
     labels = torch.randint(0, 100, (20,))
     labels[4] = IGNORE
