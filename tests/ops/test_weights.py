@@ -58,7 +58,8 @@ def llama_pair():
     with torch.no_grad():  # norms initialise to ones: make every parameter differ between models
         for param in list(target.parameters()) + list(source.parameters()):
             param.add_(torch.randn_like(param) * 0.1)
-    return target, source.to(torch.bfloat16)
+    # module scope: set up before the function-scoped default-device fixture, so move explicitly
+    return target.to(DEVICE), source.to(DEVICE, torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
