@@ -1,15 +1,14 @@
-"""Test set-up. Without CUDA, Triton kernels run in the interpreter on CPU tensors: that must be
-decided before anything imports triton (``@triton.jit`` reads it at decoration time)."""
+"""Test set-up. The test device is PYALIGN_TEST_DEVICE (default cpu, see tests/support.py). On
+CPU, Triton kernels run in the interpreter on CPU tensors: that must be decided before anything
+imports triton (``@triton.jit`` reads it at decoration time), and only then: on a GPU the kernels
+run compiled."""
 import os
 import sys
 
-try:  # torch is cheap to ask; importing it here does not import triton
-    import torch
-    _has_cuda = torch.cuda.is_available()
-except Exception:  # pragma: no cover
-    _has_cuda = False
+import torch
 
-if not _has_cuda:
+_device = os.environ.get("PYALIGN_TEST_DEVICE", "cpu").strip().lower() or "cpu"
+if torch.device(_device).type == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from testutil import torch_threads
 from pyalign.tasks import TaskConfig, gold_reward, language, make_task
 from pyalign.tasks.task import generate
+from support import torch_threads
 
 # A small config for the tests that build more than once (determinism): what is tested does not
 # depend on the sizes.
@@ -186,8 +186,9 @@ def test_unpaired_desirability_follows_gold(task):
 
 def test_sft_model_beats_a_random_model_on_heldout_text(task):
     text = task.heldout_text(256, torch.Generator().manual_seed(99))
-    from pyalign.tasks.task import _model_config
     from transformers import LlamaForCausalLM
+
+    from pyalign.tasks.task import _model_config
     random_model = LlamaForCausalLM(_model_config(task.config)).eval()
     with torch.no_grad():
         sft_ppl = math.exp(float(task.new_policy().eval()(input_ids=text, labels=text).loss))

@@ -8,7 +8,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from trainer_helpers import TINY_TASK  # noqa: E402
-from testutil import torch_threads  # noqa: E402
+
+from support import torch_threads  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

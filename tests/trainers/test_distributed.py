@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from trainer_helpers import read_records, strip_timing, write_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
+from trainer_helpers import run_cli, write_config
 
 from pyalign.trainers import CheckpointError, load_checkpoint, save_checkpoint
-from trainer_helpers import run_cli, write_config
 
 SMALL = dict(batch_size=4, micro_batch_size=4, num_examples=8, eval_every=0, final_eval_batch_size=4)
 

@@ -4,7 +4,6 @@ trust-region preference algorithm and for RLOO with Elastic Reset and an adaptiv
 import os
 
 import pytest
-
 from trainer_helpers import read_records, run_cli, strip_timing, write_config
 
 CASES = {

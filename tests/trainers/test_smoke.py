@@ -5,10 +5,10 @@ import math
 import os
 
 import pytest
-
-from pyalign.trainers.presets import ALGOS
-from pyalign.trainers import PAIRWISE_LOSSES
 from trainer_helpers import read_records, run_cli, write_config
+
+from pyalign.trainers import PAIRWISE_LOSSES
+from pyalign.trainers.presets import ALGOS
 
 PREFERENCE = dict(batch_size=4, micro_batch_size=2, num_examples=8, eval_batch_size=4,
                   final_eval_batch_size=4, lr=0.01)
@@ -57,7 +57,8 @@ def test_every_algo_runs_and_logs_gold_reward(tmp_path, task_cache_dir, algo, ca
 def test_every_pairwise_loss_trains(tiny_task, loss):
     """Step 1 has policy == frozen reference: every implicit reward is exactly 0; then it moves."""
     from pyalign.trainers import PreferenceConfig, PreferenceTrainer
-    config = PreferenceConfig(loss=loss, beta=0.5, label_smoothing=0.1 if loss in ("robust", "exo_pair") else 0.0,
+    smoothing = 0.1 if loss in ("robust", "exo_pair") else 0.0
+    config = PreferenceConfig(loss=loss, beta=0.5, label_smoothing=smoothing,
                               batch_size=4, micro_batch_size=4, num_examples=8, eval_every=0, lr=0.01,
                               progress=False)
     trainer = PreferenceTrainer(tiny_task, config)
@@ -101,7 +102,8 @@ def test_bf16_autocast_runs(tmp_path, task_cache_dir):
 def test_local_hf_model_directory(tmp_path, task_cache_dir, tiny_task):
     tiny_task.new_policy().save_pretrained(tmp_path / "model")
     config = write_config(tmp_path / "c.toml", task_cache_dir, algo="rloo", **dict(RL, eval_every=0))
-    assert run_cli("--config", config, "--steps", 1, "--out", tmp_path / "out", "--model", tmp_path / "model") == 0
+    assert run_cli("--config", config, "--steps", 1, "--out", tmp_path / "out",
+                   "--model", tmp_path / "model") == 0
     assert "gold_reward" in read_records(tmp_path / "out")[0]
 
 
@@ -110,7 +112,8 @@ def test_logits_path_and_eager_backend_match_the_fused_default(tmp_path, task_ca
     curve of the default (pyalign.linear_token_logprobs on the auto backend)."""
     backend_before = os.environ.get("PYALIGN_BACKEND")
     curves = []
-    for name, extra, flags in (("fused", {}, []), ("logits", {"fused_linear": False}, ["--backend", "eager"])):
+    variants = (("fused", {}, []), ("logits", {"fused_linear": False}, ["--backend", "eager"]))
+    for name, extra, flags in variants:
         config = write_config(tmp_path / f"{name}.toml", task_cache_dir, algo="tr-dpo",
                               **dict(PREFERENCE, eval_every=0, tr_tau=1, **extra))
         assert run_cli("--config", config, "--steps", 3, "--out", tmp_path / name, *flags) == 0

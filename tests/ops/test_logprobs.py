@@ -1,8 +1,12 @@
-"""pyalign.token_logprobs through the public API, on every CPU backend, against float64.
+"""pyalign.token_logprobs through the public API, on every backend of the test device
+(support.backends_for: on CPU eager, cpu and triton in its interpreter; on a GPU triton and
+eager), against float64.
 
-Backends: every one available for CPU tensors at test time except triton (its interpreter runs
-are in tests/kernels/). Forward values, entropy and gradients come from tests/oracle.py (float64
-autograd through the ALGORITHMS.md formulas), on fresh random inputs with random upstream grads.
+Forward values, entropy and gradients come from the oracles of tests/support.py (float64
+autograd through the formulas of docs/algorithms.md), on fresh random inputs with random
+upstream grads. Triton output buffers start NaN-filled (tests/ops/conftest.py). Also: the
+Triton block loop (several blocks, a partial last one), in-place backward writing into the
+logits, stride-0 and strided upstream gradients, and results independent of the thread count.
 """
 import math
 
@@ -10,13 +14,24 @@ import pytest
 import torch
 
 import pyalign
-from oracle import IGNORE, token_logprobs_and_grad64
+from support import (
+    DEVICE,
+    IGNORE,
+    backend_cases,
+    backends_for,
+    random_logits_labels,
+    token_logprobs_and_grad64,
+    torch_threads,
+)
 
-BACKENDS = [b for b in pyalign.backends.available("logprobs", "cpu") if b != "triton"]
+BACKENDS = backends_for("logprobs")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # logits shapes [..., V]: V = 1; a tiny odd V with two leading dims; V = 1000; and the large
 # vocabularies (Llama 2 / Llama 3) with few rows.
 SHAPES = [(5, 1), (3, 4, 7), (6, 1000), (3, 32000), (2, 128256)]
+# The Triton interpreter is slow: small rows, but every path of the kernels' block loop (V = 1;
+# one partial block of 1024; one partial block of 4096; three blocks of 4096, the last partial).
+TRITON_SHAPES = [(5, 1), (3, 4, 7), (7, 300), (4, 1500), (3, 9000)]
 
 FORWARD_TOL = dict(rtol=1e-5, atol=1e-5)
 # Gradients are rounded to the logits' dtype on store (relative), after fp32 math whose absolute
@@ -26,17 +41,7 @@ GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 def random_case(shape, dtype, scale=3.0):
     """Random logits and labels with labels at 0 and V-1 and scattered ignore_index."""
-    vocab = shape[-1]
-    logits = (torch.randn(shape) * scale).to(dtype)
-    labels = torch.randint(0, vocab, shape[:-1])
-    flat = labels.view(-1)
-    flat[0] = vocab - 1
-    if flat.numel() > 2:
-        flat[1] = IGNORE
-        flat[-1] = 0
-    if flat.numel() > 5:
-        flat[3] = IGNORE
-    return logits, labels
+    return random_logits_labels(shape, dtype, scale)
 
 
 def close(actual, expected, **tol):
@@ -65,9 +70,9 @@ def run(logits, labels, grad_logprobs, grad_entropy, **kwargs):
     return logprobs.detach(), entropy.detach(), leaf.grad
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,shape", backend_cases("logprobs", [(s,) for s in SHAPES],
+                                                        [(s,) for s in TRITON_SHAPES]))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_values_entropy_and_grads_match_float64(backend, dtype, shape, temperature):
     logits, labels = random_case(shape, dtype)
@@ -301,3 +306,131 @@ def test_nan_row_stays_in_its_row(backend, dtype):
     close(entropy[others], exp_ent, **FORWARD_TOL)
     close_grad(grad[others], exp_grad, dtype, grad_logprobs[others], grad_entropy[others])
     assert torch.isnan(grad[2]).any()
+
+
+@pytest.mark.parametrize("backend,shape", backend_cases("logprobs", [(s,) for s in SHAPES[:3]],
+                                                        [(s,) for s in TRITON_SHAPES]))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_without_entropy_grads_match_float64(backend, shape, dtype):
+    """Log-probs only: no entropy output, the gradient of the log-prob term alone."""
+    logits, labels = random_case(shape, dtype)
+    leaf = logits.clone().requires_grad_(True)
+    logprobs = pyalign.token_logprobs(leaf, labels, temperature=0.7, backend=backend)
+    upstream = torch.randn(shape[:-1])
+    logprobs.backward(upstream)
+    exp_lp, _, exp_grad = token_logprobs_and_grad64(logits, labels, upstream, temperature=0.7)
+    close(logprobs, exp_lp, **FORWARD_TOL)
+    close_grad(leaf.grad, exp_grad, dtype, upstream, temperature=0.7)
+    assert torch.all(leaf.grad[labels == IGNORE] == 0), "ignored rows get exactly zero gradient"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inplace_backward_writes_into_the_logits_buffer(backend, dtype):
+    """With inplace_backward=True the gradient lands in the logits tensor itself."""
+    logits, labels = random_case((6, 300), dtype)
+    grad_logprobs, grad_entropy = torch.randn(6), torch.randn(6)
+    leaf = logits.clone().requires_grad_(True)
+    source = leaf * 1  # a non-leaf buffer the backward may overwrite
+    logprobs, entropy = pyalign.token_logprobs(source, labels, temperature=1.3, entropy=True,
+                                               backend=backend, inplace_backward=True)
+    torch.autograd.backward([logprobs, entropy], [grad_logprobs, grad_entropy])
+    _, _, exp_grad = token_logprobs_and_grad64(logits, labels, grad_logprobs, grad_entropy,
+                                               temperature=1.3)
+    close_grad(leaf.grad, exp_grad, dtype, grad_logprobs, grad_entropy, 1.3)
+    assert torch.equal(source.detach(), leaf.grad), "the gradient was not written into the logits"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_into_a_row_strided_view_writes_only_the_view(backend):
+    leaf = (torch.randn(12, 1200) * 2).requires_grad_(True)
+    wide = leaf * 1
+    labels = torch.randint(0, 1000, (12,))
+    labels[3] = IGNORE
+    upstream = torch.randn(12)
+    before = wide.detach().clone()
+    view = wide[:, 100:1100]
+    pyalign.token_logprobs(view, labels, backend=backend, inplace_backward=True).backward(upstream)
+    _, _, exp_grad = token_logprobs_and_grad64(before[:, 100:1100], labels, upstream)
+    close_grad(leaf.grad[:, 100:1100], exp_grad, torch.float32, upstream)
+    assert torch.equal(view.detach(), leaf.grad[:, 100:1100])
+    assert torch.equal(wide.detach()[:, :100], before[:, :100])
+    assert torch.equal(wide.detach()[:, 1100:], before[:, 1100:])
+    assert torch.all(leaf.grad[:, :100] == 0) and torch.all(leaf.grad[:, 1100:] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_stride_zero_and_strided_upstream_grads(backend, dtype):
+    """.sum() sends an expanded (stride-0) upstream gradient; a strided one comes from a view."""
+    logits, labels = random_case((2, 3, 700), dtype, scale=2.0)
+    leaf = logits.clone().requires_grad_(True)
+    pyalign.token_logprobs(leaf, labels, temperature=0.9, backend=backend).sum().backward()
+    _, _, exp_grad = token_logprobs_and_grad64(logits, labels, torch.ones(2, 3), temperature=0.9)
+    close_grad(leaf.grad, exp_grad, dtype, torch.ones(2, 3), temperature=0.9)
+    leaf.grad = None
+    upstream = torch.randn(2, 3, 2)[..., 0]
+    assert not upstream.is_contiguous()
+    pyalign.token_logprobs(leaf, labels, backend=backend).backward(upstream)
+    _, _, exp_grad = token_logprobs_and_grad64(logits, labels, upstream)
+    close_grad(leaf.grad, exp_grad, dtype, upstream)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thread_count_does_not_change_results(backend):
+    logits, labels = random_case((64, 3001), torch.float32)
+    grad_logprobs, grad_entropy = torch.randn(64), torch.randn(64)
+
+    def run_once():
+        leaf = logits.clone().requires_grad_(True)
+        logprobs, entropy = pyalign.token_logprobs(leaf, labels, entropy=True, temperature=0.9,
+                                                   backend=backend)
+        torch.autograd.backward([logprobs, entropy], [grad_logprobs, grad_entropy])
+        return logprobs.detach(), entropy.detach(), leaf.grad
+
+    with torch_threads(1):
+        one = run_once()
+    with torch_threads(2):
+        two = run_once()
+    for a, b in zip(one, two, strict=False):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_after_a_leading_minus_inf_block(backend):
+    """NaN in a later block of a row whose first block is all -inf still makes the row NaN; a NaN
+    row's gradient is NaN there and nowhere else."""
+    logits = torch.randn(4, 5000)
+    logits[1, 4321] = math.nan
+    logits[2, :] = -math.inf
+    logits[2, 4500] = math.nan
+    logits[2, 10] = 0.0
+    labels = torch.tensor([3, 3, 10, 3], device=DEVICE)
+    leaf = logits.clone().requires_grad_(True)
+    logprobs, entropy = pyalign.token_logprobs(leaf, labels, entropy=True, backend=backend)
+    assert torch.isnan(logprobs[1]) and torch.isnan(logprobs[2]) and torch.isnan(entropy[1])
+    assert torch.isfinite(logprobs[[0, 3]]).all() and torch.isfinite(entropy[[0, 3]]).all()
+    logprobs.sum().backward()
+    assert torch.isnan(leaf.grad[1]).all() and torch.isfinite(leaf.grad[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored_with_a_custom_ignore_index(backend):
+    logits = torch.randn(5, 300).requires_grad_(True)
+    labels = torch.full((5,), 7, device=DEVICE)
+    logprobs, entropy = pyalign.token_logprobs(logits, labels, entropy=True, ignore_index=7,
+                                               backend=backend)
+    assert torch.all(logprobs == 0) and torch.all(entropy == 0)
+    torch.autograd.backward([logprobs, entropy], [torch.randn(5), torch.randn(5)])
+    assert torch.all(logits.grad == 0)
+
+
+def test_every_backend_of_the_device_runs():
+    """The backend list covers what the device offers: eager always; on CPU the C++ backend
+    (when a compiler exists) and triton in the interpreter; on a GPU triton."""
+    assert "eager" in BACKENDS
+    if DEVICE.type == "cpu":
+        assert "triton" in BACKENDS, "TRITON_INTERPRET=1 must make triton available on CPU"
+    else:
+        assert "triton" in BACKENDS and "cpu" not in BACKENDS
+    assert BACKENDS == backends_for("logprobs")

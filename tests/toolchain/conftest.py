@@ -1,10 +1,10 @@
-"""Shared set-up of the csrc tests: the CPU extension, built once per session (the JIT build,
+"""Shared set-up of the toolchain tests (Triton AOT compile, the C++ build and cache, nvcc, the C++
+ops called directly): the CPU extension, built once per session (the JIT build,
 cached under ~/.cache/pyalign or $PYALIGN_CACHE_DIR, is the slow first step of this folder)."""
 import pytest
-import torch
 
 from pyalign import _build
-from testutil import torch_threads
+from support import torch_threads
 
 
 @pytest.fixture(scope="session")

@@ -1,31 +1,41 @@
-"""pyalign.preference_loss (all eleven TRL loss names), kto_loss and linear_preference_loss
-against float64: the ALGORITHMS.md table (tests/oracle.py) for values, autograd through it for
-gradients, on every CPU backend."""
+"""pyalign.preference_loss (every loss name of pyalign.ops.preference.LOSS_NAMES), kto_loss and
+linear_preference_loss against float64: the loss table of docs/algorithms.md (the oracle in
+tests/support.py) for values, autograd through it for gradients, on every backend of the test
+device (support.backends_for). Also: a full Triton block and a partial one, bf16 inputs with
+extreme margins, every backend against eager, and the fused sequence-reduce + loss path (all
+losses, per-token or precomputed reference, sum or mean, a row without completion tokens,
+sequences longer than a Triton block)."""
 import math
 
 import pytest
 import torch
 
 import pyalign
-from oracle import (IGNORE, grads64, kto64, linear_logits64, preference64, sequence_logprobs64,
-                    token_logprobs64)
+from pyalign.ops.preference import LOSS_NAMES
+from support import (
+    IGNORE,
+    PAIR_LOSS_FORMULAS,
+    backends_for,
+    grads64,
+    kto64,
+    linear_logits64,
+    preference64,
+    random_pairs,
+    sequence_logprobs64,
+    token_logprobs64,
+)
 
-BACKENDS = [b for b in pyalign.backends.available("preference", "cpu") if b != "triton"]
+BACKENDS = backends_for("preference")
 # linear_preference_loss names a backend for its per-token part; the loss part falls back to auto.
-LINEAR_BACKENDS = [b for b in pyalign.backends.available("linear_logprobs", "cpu") if b != "triton"]
-LOSS_NAMES = ["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
-              "sppo_hard", "apo_zero", "apo_down", "discopop"]
+LINEAR_BACKENDS = backends_for("linear_logprobs")
 SMOOTHED = ["sigmoid", "robust", "exo_pair"]
 EXO_DEFAULT_EPS = 1e-3  # TRL's substitute for exo_pair's label_smoothing = 0
 
 
-def random_pairs(batch, dtype=torch.float32):
-    """Sequence log-probs of realistic size (-20..-80) with ratios of a few nats."""
-    ref_chosen = -20 - 60 * torch.rand(batch)
-    ref_rejected = -20 - 60 * torch.rand(batch)
-    policy_chosen = ref_chosen + torch.randn(batch) * 3
-    policy_rejected = ref_rejected + torch.randn(batch) * 3
-    return [t.to(dtype) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)]
+def test_the_oracle_covers_exactly_the_package_losses():
+    assert len(LOSS_NAMES) == len(set(LOSS_NAMES)) == 11
+    assert set(PAIR_LOSS_FORMULAS) == set(LOSS_NAMES)
+    assert set(SMOOTHED) <= set(LOSS_NAMES)
 
 
 def oracle_eps(loss, label_smoothing):
@@ -52,7 +62,7 @@ def test_losses_and_grads_match_float64(backend, loss, beta, dtype):
     assert out.loss.dtype == torch.float32 and out.loss.shape == (9,)
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
     grad_tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
-    for grad, exp_grad in zip(grads, exp_grads):
+    for grad, exp_grad in zip(grads, exp_grads, strict=False):
         assert grad.dtype == dtype
         torch.testing.assert_close(grad.double(), exp_grad, **grad_tol)
 
@@ -68,7 +78,7 @@ def test_label_smoothing(backend, loss, label_smoothing):
     expected, exp_grads = grads64(lambda *t: preference64(*t, loss, 0.2, label_smoothing), inputs,
                                   upstream)
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
-    for grad, exp_grad in zip(grads, exp_grads):
+    for grad, exp_grad in zip(grads, exp_grads, strict=False):
         torch.testing.assert_close(grad.double(), exp_grad, rtol=1e-5, atol=1e-6)
 
 
@@ -99,7 +109,7 @@ def test_reductions_rewards_and_margins(backend, reduction, loss):
     expected, exp_grads = grads64(lambda *t: reduce(preference64(*t, loss, beta)), inputs, upstream)
     assert out.loss.shape == expected.shape
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
-    for grad, exp_grad in zip(grads, exp_grads):
+    for grad, exp_grad in zip(grads, exp_grads, strict=False):
         torch.testing.assert_close(grad.double(), exp_grad, rtol=1e-5, atol=1e-6)
     policy_chosen, policy_rejected, ref_chosen, ref_rejected = (t.double() for t in inputs)
     chosen_rewards = beta * (policy_chosen - ref_chosen)
@@ -153,7 +163,7 @@ def test_kto_matches_float64(kl_shape, kl_sign, weights):
     expected, exp_grads = grads64(lambda p, r: kto64(p, r, desirable, kl, beta, *weights),
                                   [policy_logps, ref_logps])
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
-    for leaf, exp_grad in zip(leaves, exp_grads):
+    for leaf, exp_grad in zip(leaves, exp_grads, strict=False):
         torch.testing.assert_close(leaf.grad.double(), exp_grad, rtol=1e-5, atol=1e-7)
     assert kl_leaf.grad is None or torch.all(kl_leaf.grad == 0), "z0 must be detached"
     torch.testing.assert_close(out.kl.double(), torch.clamp(kl.double().mean(), min=0))
@@ -246,3 +256,135 @@ def test_linear_preference_loss_reference_gets_no_gradient(backend):
     assert ref_hidden.grad is None and ref_weight.grad is None
     assert weight_leaf.grad is not None and torch.isfinite(weight_leaf.grad).all()
     assert not math.isnan(float(out.loss.detach()))
+
+
+SMOOTHING = {"sigmoid": 0.1, "robust": 0.1, "exo_pair": 1e-3}
+PAIR_TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("beta", [0.1, 2.0])
+def test_a_full_block_and_a_partial_one(backend, loss, beta):
+    """300 pairs: one full Triton block of 256 and a partial one; smoothing where it applies."""
+    inputs = random_pairs(300)
+    upstream = torch.randn(300)
+    eps = SMOOTHING.get(loss, 0.0)
+    out, grads = run(inputs, upstream, loss=loss, beta=beta, label_smoothing=eps,
+                     reduction="none", backend=backend)
+    expected, exp_grads = grads64(lambda *t: preference64(*t, loss, beta, eps), inputs, upstream)
+    assert out.loss.dtype == torch.float32 and out.loss.shape == (300,)
+    torch.testing.assert_close(out.loss.double(), expected, **PAIR_TOL)
+    for grad, exp_grad in zip(grads, exp_grads, strict=False):
+        torch.testing.assert_close(grad.double(), exp_grad, **PAIR_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_every_backend_matches_eager(backend, loss):
+    inputs = random_pairs(40)
+    upstream = torch.randn(40)
+    eps = SMOOTHING.get(loss, 0.0)
+    kwargs = dict(loss=loss, beta=0.5, label_smoothing=eps, reduction="none")
+    out, grads = run(inputs, upstream, backend=backend, **kwargs)
+    eager, eager_grads = run(inputs, upstream, backend="eager", **kwargs)
+    torch.testing.assert_close(out.loss, eager.loss, **PAIR_TOL)
+    for mine, theirs in zip(grads, eager_grads, strict=False):
+        torch.testing.assert_close(mine, theirs, **PAIR_TOL)
+
+
+def extreme_margin_cases():
+    cases = []
+    for backend in BACKENDS:
+        for loss in LOSS_NAMES:
+            marks = ()
+            if backend == "eager" and loss == "discopop":
+                # exp(-x) overflows in fp32 at beta*h ~ -90 and 0 * inf gives NaN where the loss
+                # is ~93: a known limitation of the eager formula, kept visible here.
+                marks = pytest.mark.xfail(strict=True, reason="eager discopop: 0 * inf at extreme "
+                                                              "negative margins")
+            cases.append(pytest.param(backend, loss, marks=marks, id=f"{backend}-{loss}"))
+    return cases
+
+
+@pytest.mark.parametrize("backend,loss", extreme_margin_cases())
+def test_bf16_inputs_and_extreme_margins(backend, loss):
+    inputs = [t.to(torch.bfloat16) for t in random_pairs(16, scale=300.0)]  # |beta*h| up to ~100
+    upstream = torch.randn(16)
+    eps = SMOOTHING.get(loss, 0.0)
+    out, grads = run(inputs, upstream, loss=loss, beta=0.1, label_smoothing=eps, reduction="none",
+                     backend=backend)
+    expected, exp_grads = grads64(lambda *t: preference64(*t, loss, 0.1, eps), inputs, upstream)
+    finite = torch.isfinite(expected)
+    assert finite[: len(finite) // 2].any()
+    torch.testing.assert_close(out.loss.double()[finite], expected[finite], rtol=1e-4, atol=1e-5)
+    for grad, exp_grad in zip(grads, exp_grads, strict=False):
+        assert grad.dtype == torch.bfloat16
+        ok = torch.isfinite(exp_grad)
+        torch.testing.assert_close(grad.double()[ok], exp_grad[ok], rtol=1e-2, atol=1e-6)
+
+
+def sequence_case(pairs, seq_len, hidden_size=4, vocab=11):
+    """hidden [2B, T, H], an lm_head, labels with a prompt, padding and one row (index 4 when
+    there are enough rows) without any completion token."""
+    hidden = torch.randn(2 * pairs, seq_len, hidden_size)
+    weight = torch.randn(vocab, hidden_size) / hidden_size ** 0.5
+    labels = torch.randint(0, vocab, (2 * pairs, seq_len))
+    labels[:, :2] = IGNORE
+    labels[0, -3:] = IGNORE
+    labels[min(4, 2 * pairs - 1)] = IGNORE  # no completion tokens: the count clamps to 1
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("average", [False, True], ids=["sum", "avg"])
+@pytest.mark.parametrize("ref_per_token", [False, True], ids=["ref_logps", "ref_hidden"])
+def test_sequence_reduce_and_every_loss(backend, loss, average, ref_per_token):
+    hidden, weight, labels = sequence_case(3, 37)
+    mask = labels != IGNORE
+    ref_hidden = hidden + 0.3 * torch.randn(hidden.shape)
+    ref_logps64 = sequence_logprobs64(token_logprobs64(linear_logits64(ref_hidden, weight), labels),
+                                      mask, average)
+    kwargs = dict(ref_hidden=ref_hidden) if ref_per_token else dict(ref_logps=ref_logps64.float())
+    eps = SMOOTHING.get(loss, 0.0)
+    beta = 0.1 if average else 0.05
+    hidden_leaf = hidden.clone().requires_grad_(True)
+    out = pyalign.linear_preference_loss(hidden_leaf, weight, labels, loss=loss, beta=beta,
+                                         label_smoothing=eps, average_log_prob=average,
+                                         reduction="none", backend=backend, **kwargs)
+    upstream = torch.randn(3)
+    out.loss.backward(upstream)
+
+    def losses_of(h):
+        policy = sequence_logprobs64(token_logprobs64(linear_logits64(h, weight), labels), mask,
+                                     average)
+        return preference64(policy[:3], policy[3:], ref_logps64[:3], ref_logps64[3:], loss, beta,
+                            oracle_eps(loss, eps))
+
+    expected, (exp_grad_hidden,) = grads64(losses_of, [hidden], upstream)
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hidden_leaf.grad.double(), exp_grad_hidden, rtol=1e-4, atol=1e-6)
+    assert torch.all(hidden_leaf.grad[~mask] == 0)
+    assert torch.isfinite(out.chosen_rewards).all() and torch.isfinite(out.rejected_rewards).all()
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+def test_sequences_longer_than_a_block(backend):
+    """T = 1100: the sequence reduction loops over three Triton blocks of 512, the last partial."""
+    hidden, weight, labels = sequence_case(1, 1100, hidden_size=2, vocab=3)
+    mask = labels != IGNORE
+    ref_logps = -torch.rand(2) * 100
+    hidden_leaf = hidden.clone().requires_grad_(True)
+    out = pyalign.linear_preference_loss(hidden_leaf, weight, labels, ref_logps=ref_logps,
+                                         loss="sigmoid", beta=0.01, backend=backend)
+    out.loss.backward()
+
+    def loss_of(h):
+        policy = sequence_logprobs64(token_logprobs64(linear_logits64(h, weight), labels), mask)
+        return preference64(policy[:1], policy[1:], ref_logps[:1], ref_logps[1:], "sigmoid",
+                            0.01).mean()
+
+    expected, (exp_grad_hidden,) = grads64(loss_of, [hidden])
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hidden_leaf.grad.double(), exp_grad_hidden, rtol=1e-4, atol=1e-6)

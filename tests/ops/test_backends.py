@@ -1,5 +1,6 @@
-"""The backend table (pyalign/backends.py): "auto" on CPU, PYALIGN_BACKEND, a named backend that
-cannot run, and a registered backend whose loader fails (one warning, then eager)."""
+"""The backend table (pyalign/backends.py) on the test device: "auto", PYALIGN_BACKEND, a named
+backend that cannot run on the device's tensors, and a registered backend whose loader fails (one
+warning, then eager)."""
 import sys
 import warnings
 
@@ -8,7 +9,11 @@ import torch
 
 import pyalign
 from pyalign import backends
-from oracle import token_logprobs64
+from support import DEVICE, ON_CPU, token_logprobs64
+
+# The backend "auto" tries first on the test device, and a backend that cannot run there.
+FIRST = backends.AUTO_ORDER[DEVICE.type][0]
+OTHER, OTHER_REASON = ("cuda", "needs CUDA tensors") if ON_CPU else ("cpu", "needs CPU tensors")
 
 FAMILIES = list(backends.PRIMITIVES)
 
@@ -20,7 +25,7 @@ def restored_table():
              set(backends._warned))
     yield
     for current, original in zip((backends._loaders, backends._loaded, backends._failures,
-                                  backends._warned), saved):
+                                  backends._warned), saved, strict=False):
         current.clear()
         current.update(original)
 
@@ -32,13 +37,15 @@ def logits_and_labels():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_auto_resolves_on_cpu_to_an_available_backend(family, monkeypatch):
+def test_auto_resolves_to_an_available_backend(family, monkeypatch):
     monkeypatch.delenv("PYALIGN_BACKEND", raising=False)
-    available = backends.available(family, "cpu")
+    available = backends.available(family, DEVICE.type)
     assert "eager" in available
-    chosen = backends.resolve(family, "auto", "cpu")
-    assert chosen in available and chosen != "triton"  # the interpreter is never picked by auto
-    assert chosen == next(b for b in backends.AUTO_ORDER["cpu"] if b in available)
+    chosen = backends.resolve(family, "auto", DEVICE)
+    assert chosen in available
+    if ON_CPU:
+        assert chosen != "triton"  # the interpreter is never picked by auto
+    assert chosen == next(b for b in backends.AUTO_ORDER[DEVICE.type] if b in available)
 
 
 def test_auto_matches_float64(monkeypatch):
@@ -51,7 +58,7 @@ def test_auto_matches_float64(monkeypatch):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_env_eager_forces_eager(family, monkeypatch):
     monkeypatch.setenv("PYALIGN_BACKEND", "eager")
-    assert backends.resolve(family, "auto", "cpu") == "eager"
+    assert backends.resolve(family, "auto", DEVICE) == "eager"
 
 
 def test_env_eager_is_what_runs(monkeypatch, restored_table):
@@ -63,7 +70,7 @@ def test_env_eager_is_what_runs(monkeypatch, restored_table):
         called.append(True)
         raise RuntimeError("must not be loaded")
 
-    backends.register("logprobs", "cpu", spy_loader)
+    backends.register("logprobs", FIRST, spy_loader)
     logits, labels = logits_and_labels()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -77,7 +84,7 @@ def test_env_is_case_and_space_insensitive(monkeypatch):
     monkeypatch.setenv("PYALIGN_BACKEND", " Eager ")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "cpu unavailable for kl, using eager" (once per family)
-        assert backends.resolve("kl", "auto", "cpu") == "eager"
+        assert backends.resolve("kl", "auto", DEVICE) == "eager"
 
 
 def test_env_bogus_raises(monkeypatch):
@@ -97,18 +104,20 @@ def test_explicit_argument_beats_env(monkeypatch):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_named_unavailable_backend_raises_with_reason(family):
     with pytest.raises(backends.BackendUnavailable,
-                       match=f"backend 'cuda' cannot run {family} on cpu: .*needs CUDA tensors"):
-        backends.resolve(family, "cuda", "cpu")
+                       match=f"backend '{OTHER}' cannot run {family} on {DEVICE.type}: .*{OTHER_REASON}"):
+        backends.resolve(family, OTHER, DEVICE)
 
 
 def test_named_unavailable_backend_through_the_ops(monkeypatch):
     logits, labels = logits_and_labels()
-    with pytest.raises(backends.BackendUnavailable, match="needs CUDA tensors"):
-        pyalign.token_logprobs(logits, labels, backend="cuda")
-    with pytest.raises(backends.BackendUnavailable, match="needs CUDA tensors"):
-        pyalign.kl_penalty(torch.randn(3), torch.randn(3), backend="cuda")
-    with pytest.raises(backends.BackendUnavailable, match="needs CUDA tensors"):
-        pyalign.ema_([torch.randn(3)], [torch.randn(3)], 0.5, backend="cuda")
+    with pytest.raises(backends.BackendUnavailable, match=OTHER_REASON):
+        pyalign.token_logprobs(logits, labels, backend=OTHER)
+    with pytest.raises(backends.BackendUnavailable, match=OTHER_REASON):
+        pyalign.kl_penalty(torch.randn(3), torch.randn(3), backend=OTHER)
+    with pytest.raises(backends.BackendUnavailable, match=OTHER_REASON):
+        pyalign.ema_([torch.randn(3)], [torch.randn(3)], 0.5, backend=OTHER)
+    if not ON_CPU:  # triton runs on CUDA tensors whatever TRITON_INTERPRET says
+        return
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(backends.BackendUnavailable, match="TRITON_INTERPRET=1"):
         pyalign.token_logprobs(logits, labels, backend="triton")
@@ -127,7 +136,7 @@ def test_unknown_backend_name_raises():
 def test_float64_needs_eager():
     logits, labels = logits_and_labels()
     with pytest.raises(ValueError, match="use backend='eager' for torch.float64"):
-        pyalign.token_logprobs(logits.double(), labels, backend="cpu")
+        pyalign.token_logprobs(logits.double(), labels, backend=FIRST)
 
 
 def test_failing_loader_warns_once_and_falls_back_to_eager(monkeypatch, restored_table):
@@ -138,8 +147,8 @@ def test_failing_loader_warns_once_and_falls_back_to_eager(monkeypatch, restored
         calls.append(True)
         raise OSError("libpyalign_cpu.so: cannot open shared object file")
 
-    backends.register("logprobs", "cpu", failing_loader)
-    backends._warned.discard(("logprobs", "cpu"))
+    backends.register("logprobs", FIRST, failing_loader)
+    backends._warned.discard(("logprobs", FIRST))
     logits, labels = logits_and_labels()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -150,7 +159,7 @@ def test_failing_loader_warns_once_and_falls_back_to_eager(monkeypatch, restored
     assert len(ours) == 1, [str(w.message) for w in ours]
     message = str(ours[0].message)
     assert ours[0].category is RuntimeWarning
-    assert "cpu backend is unavailable for logprobs" in message
+    assert f"{FIRST} backend is unavailable for logprobs" in message
     assert "cannot open shared object file" in message and "using eager" in message
     assert len(calls) == 1, "a failed load is remembered, not retried on every call"
     expected = token_logprobs64(logits, labels)
@@ -158,30 +167,30 @@ def test_failing_loader_warns_once_and_falls_back_to_eager(monkeypatch, restored
     torch.testing.assert_close(third.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(second.double(), token_logprobs64(logits * 2, labels),
                                rtol=1e-5, atol=1e-6)
-    assert backends.status("logprobs", "cpu", "cpu") == (False, "OSError: libpyalign_cpu.so: "
-                                                                "cannot open shared object file")
+    assert backends.status("logprobs", FIRST, DEVICE.type) == (
+        False, "OSError: libpyalign_cpu.so: cannot open shared object file")
     with pytest.raises(backends.BackendUnavailable, match="cannot open shared object file"):
-        pyalign.token_logprobs(logits, labels, backend="cpu")
+        pyalign.token_logprobs(logits, labels, backend=FIRST)
 
 
 def test_loader_missing_primitives_is_unavailable(restored_table):
     import types
-    backends.register("kl", "cpu", lambda: types.SimpleNamespace(forward=lambda *a: None))
-    ok, reason = backends.status("kl", "cpu", "cpu")
+    backends.register("kl", FIRST, lambda: types.SimpleNamespace(forward=lambda *a: None))
+    ok, reason = backends.status("kl", FIRST, DEVICE.type)
     assert not ok and "lacks ['backward']" in reason
-    assert "cpu" not in backends.available("kl", "cpu")
+    assert FIRST not in backends.available("kl", DEVICE.type)
 
 
 def test_forced_unavailable_backend_warns_once_and_runs(monkeypatch, restored_table):
     """PYALIGN_BACKEND names a backend that cannot run on these tensors: one warning, eager runs."""
-    monkeypatch.setenv("PYALIGN_BACKEND", "cuda")
-    backends._warned.discard(("kl", "cuda"))
+    monkeypatch.setenv("PYALIGN_BACKEND", OTHER)
+    backends._warned.discard(("kl", OTHER))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
             kl = pyalign.kl_penalty(torch.full((3,), -1.0), torch.full((3,), -1.5))
     ours = [w for w in caught if "pyalign" in str(w.message)]
-    assert len(ours) == 1 and "cuda backend is unavailable for kl" in str(ours[0].message)
+    assert len(ours) == 1 and f"{OTHER} backend is unavailable for kl" in str(ours[0].message)
     torch.testing.assert_close(kl, torch.full((3,), 0.5))
 
 

@@ -1,14 +1,19 @@
-"""pyalign.ema_ / lerp_ / copy_ (in-place multi-tensor updates) on every CPU backend against
-float64 formulas: on a real transformers model (2-layer Llama, tiny hidden size), fp32 targets of
-bf16 sources, lists of tensors of awkward sizes; and the errors for mismatched inputs."""
+"""pyalign.ema_ / lerp_ / copy_ (in-place multi-tensor updates) on every backend of the test
+device (support.backends_for: eager and the C++ cpu/cuda ones) against float64 formulas: on a
+real transformers model (2-layer Llama, tiny hidden size), fp32 targets of bf16 sources, lists of
+tensors of awkward sizes and of every dtype pair, a thousand tiny tensors, a target that is its
+own source, every fp16 bit pattern, results independent of the thread count; and the errors for
+mismatched inputs."""
+import itertools
+
 import pytest
 import torch
 from torch import nn
 
 import pyalign
-from oracle import ema64, lerp64
+from support import DEVICE, backends_for, ema64, lerp64, torch_threads
 
-BACKENDS = [b for b in pyalign.backends.available("weights", "cpu") if b != "triton"]
+BACKENDS = backends_for("weights")
 # The exact result rounded once into the target: half an ulp of the target dtype, relative.
 ROUNDING = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
@@ -53,7 +58,8 @@ def llama_pair():
     with torch.no_grad():  # norms initialise to ones: make every parameter differ between models
         for param in list(target.parameters()) + list(source.parameters()):
             param.add_(torch.randn_like(param) * 0.1)
-    return target, source.to(torch.bfloat16)
+    # module scope: set up before the function-scoped default-device fixture, so move explicitly
+    return target.to(DEVICE), source.to(DEVICE, torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -71,7 +77,7 @@ def test_llama_model_fp32_target_bf16_source(llama_pair, backend, kind, scalar):
         assert param.dtype == torch.float32 and param.requires_grad
         exact = expected64(kind, before[name], sources[name].detach(), scalar)
         assert_rounded_from(param.detach(), exact, (before[name], sources[name].detach()), name)
-    for name, param in source_model.named_parameters():  # sources are read only
+    for _, param in source_model.named_parameters():  # sources are read only
         assert param.dtype == torch.bfloat16
     assert torch.equal(source_model.state_dict()["lm_head.weight"],
                        llama_pair[1].state_dict()["lm_head.weight"])
@@ -88,7 +94,7 @@ def test_parameter_lists_and_no_autograd(llama_pair, backend):
     start = [t.detach().double() for t in targets]
     pyalign.ema_(targets, sources, 0.9, backend=backend)
     pyalign.lerp_(targets, sources, 0.25, backend=backend)
-    for target, initial, source in zip(targets, start, sources):
+    for target, initial, source in zip(targets, start, sources, strict=False):
         assert target.grad_fn is None and target.requires_grad
         exact = lerp64(ema64(initial, source.detach(), 0.9), source.detach(), 0.25)
         assert_rounded_from(target.detach(), exact, (initial, source.detach()))
@@ -108,11 +114,11 @@ def test_tensor_lists_of_awkward_sizes(backend, kind, scalar, target_dtype, sour
     start = [t.double() for t in targets]
     source_copies = [s.clone() for s in sources]
     apply(kind, targets, sources, scalar, backend=backend)
-    for target, initial, source, shape in zip(targets, start, sources, shapes):
+    for target, initial, source, shape in zip(targets, start, sources, shapes, strict=False):
         assert target.dtype == target_dtype and target.shape == shape
         assert_rounded_from(target, expected64(kind, initial, source, scalar), (initial, source),
                             str(shape))
-    assert all(torch.equal(s, c) for s, c in zip(sources, source_copies))
+    assert all(torch.equal(s, c) for s, c in zip(sources, source_copies, strict=False))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -122,7 +128,7 @@ def test_ema_endpoints(backend, decay, expected_from):
     sources = [torch.randn(33), torch.randn(4, 4)]
     expected = [t.clone() for t in (targets if expected_from == "target" else sources)]
     pyalign.ema_(targets, sources, decay, backend=backend)
-    assert all(torch.equal(t, e) for t, e in zip(targets, expected))
+    assert all(torch.equal(t, e) for t, e in zip(targets, expected, strict=False))
 
 
 def test_non_contiguous_and_float64_run_on_eager():
@@ -156,12 +162,13 @@ def test_include_buffers(backend):
     assert torch.equal(target.running_var, source.running_var)
 
 
-def test_nan_propagates_to_its_element_only():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates_to_its_element_only(backend):
     targets = [torch.randn(9)]
     sources = [torch.randn(9)]
     sources[0][4] = float("nan")
     start = targets[0].double()
-    pyalign.ema_(targets, sources, 0.9)
+    pyalign.ema_(targets, sources, 0.9, backend=backend)
     assert torch.isnan(targets[0][4])
     others = torch.arange(9) != 4
     assert_rounded_from(targets[0][others], ema64(start, sources[0], 0.9)[others],
@@ -175,7 +182,7 @@ def test_errors(kind):
         apply(kind, [torch.zeros(3), torch.zeros(2)], [torch.zeros(3)], scalar)
     with pytest.raises(ValueError, match=r"tensor 1: target shape \(2,\) != source shape \(3,\)"):
         apply(kind, [torch.zeros(3), torch.zeros(2)], [torch.zeros(3), torch.zeros(3)], scalar)
-    with pytest.raises(ValueError, match="target on cpu, source on meta"):
+    with pytest.raises(ValueError, match=f"target on {DEVICE.type}(:0)?, source on meta"):
         apply(kind, [torch.zeros(3)], [torch.zeros(3, device="meta")], scalar)
     with pytest.raises(TypeError, match=r"sources\[1\] is a float, not a tensor"):
         apply(kind, [torch.zeros(3), torch.zeros(1)], [torch.zeros(3), 1.0], scalar)
@@ -202,3 +209,86 @@ def test_errors_leave_targets_untouched():
     with pytest.raises(ValueError):
         pyalign.lerp_([first, torch.zeros(2)], [torch.randn(5), torch.zeros(3)], 0.5)
     assert torch.equal(first, before)
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ODD_SIZES = [0, 1, 7, 33, 1023, 65537, 200_003]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,scalar", [("ema", 0.9), ("lerp", 0.6), ("copy", None)])
+def test_every_dtype_pair_at_odd_sizes_in_one_call(backend, kind, scalar):
+    targets, sources = [], []
+    for (target_dtype, source_dtype), size in itertools.product(
+            itertools.product(DTYPES, DTYPES), ODD_SIZES):
+        targets.append(torch.randn(size).to(target_dtype))
+        sources.append(torch.randn(size).to(source_dtype))
+    start = [t.double() for t in targets]
+    apply(kind, targets, sources, scalar, backend=backend)
+    for target, initial, source in zip(targets, start, sources, strict=False):
+        assert_rounded_from(target, expected64(kind, initial, source, scalar), (initial, source),
+                            f"{source.dtype} -> {target.dtype} [{target.numel()}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thousand_tiny_tensors(backend):
+    targets = [torch.randn(int(n)) for n in torch.randint(1, 20, (1000,))]
+    sources = [torch.randn_like(t) for t in targets]
+    start = [t.double() for t in targets]
+    pyalign.ema_(targets, sources, 0.9, backend=backend)
+    for target, initial, source in zip(targets, start, sources, strict=False):
+        assert_rounded_from(target, ema64(initial, source, 0.9), (initial, source))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_target_is_its_own_source(backend):
+    tensors = [torch.randn(1000), torch.randn(77).bfloat16()]
+    before = [t.clone() for t in tensors]
+    pyalign.ema_(tensors, tensors, 0.9, backend=backend)
+    pyalign.lerp_(tensors, tensors, 0.3, backend=backend)
+    pyalign.copy_(tensors, tensors, backend=backend)
+    for tensor, initial in zip(tensors, before, strict=False):  # t = 0.9 t + 0.1 t: one rounding at most
+        assert_rounded_from(tensor, initial.double(), (initial, initial))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_fp16_bit_pattern_widens_exactly(backend):
+    """copy_ from fp16 into fp32 on all 65536 patterns: normals, subnormals, +-0, +-inf, NaNs."""
+    halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    widened = torch.full((65536,), float("nan"))
+    pyalign.copy_([widened], [halves], backend=backend)
+    expected = halves.float()
+    same = (widened == expected) | (torch.isnan(widened) & torch.isnan(expected))
+    assert same.all()
+    assert torch.equal(torch.signbit(widened), torch.signbit(expected))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thread_count_does_not_change_results(backend):
+    sources = [torch.randn(300_001), torch.randn(5).bfloat16(), torch.randn(70_000)]
+    start = [torch.randn(300_001), torch.randn(5), torch.randn(70_000).half()]
+
+    def run_once():
+        targets = [t.clone() for t in start]
+        pyalign.lerp_(targets, sources, 0.37, backend=backend)
+        return targets
+
+    with torch_threads(1):
+        one = run_once()
+    with torch_threads(2):
+        two = run_once()
+    for a, b in zip(one, two, strict=False):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modules_with_a_nan_parameter(backend):
+    policy, ema = torch.nn.Linear(13, 7), torch.nn.Linear(13, 7)
+    with torch.no_grad():
+        policy.weight[2, 3] = float("nan")
+    before = [p.detach().clone() for p in ema.parameters()]
+    pyalign.ema_(ema, policy, 0.99, backend=backend)
+    assert torch.isnan(ema.weight[2, 3])
+    finite = ~torch.isnan(ema.weight)
+    expected = ema64(before[0], policy.weight.detach(), 0.99).float()
+    torch.testing.assert_close(ema.weight.detach()[finite], expected[finite], rtol=2e-6, atol=1e-7)

@@ -1,15 +1,16 @@
 """Bad input gets a clear Python error before any kernel runs (matched on the message), on every
-CPU backend; NaN and inf in the data are not errors: they propagate and nothing crashes."""
+backend of the test device (support.backends_for); NaN and inf in the data are not errors: they
+propagate and nothing crashes."""
 import pytest
 import torch
 
 import pyalign
-from pyalign import backends
+from support import backends_for
 
-LOGPROB_BACKENDS = [b for b in backends.available("logprobs", "cpu") if b != "triton"]
-LINEAR_BACKENDS = [b for b in backends.available("linear_logprobs", "cpu") if b != "triton"]
-KL_BACKENDS = [b for b in backends.available("kl", "cpu") if b != "triton"]
-PREFERENCE_BACKENDS = [b for b in backends.available("preference", "cpu") if b != "triton"]
+LOGPROB_BACKENDS = backends_for("logprobs")
+LINEAR_BACKENDS = backends_for("linear_logprobs")
+KL_BACKENDS = backends_for("kl")
+PREFERENCE_BACKENDS = backends_for("preference")
 
 
 def pairs(batch=4):

@@ -1,0 +1,256 @@
+"""Test support, importable as ``support`` (tests/ is on sys.path): the test device and the
+backends to run on it, input builders, the poison and thread helpers, and the independent float64
+oracles.
+
+Device: ``PYALIGN_TEST_DEVICE`` (default ``cpu``; ``cuda`` on a GPU machine) picks the device of
+every op test; tests/conftest.py runs Triton in its interpreter only when that device is CPU.
+The op tests (tests/ops/) build their tensors on ``DEVICE`` through torch's default device, so
+the same suite runs unchanged on a GPU.
+
+Oracles: written from the formulas of docs/algorithms.md in float64, sharing no code with
+pyalign: every op test compares pyalign against these (or against autograd through them).
+"""
+import contextlib
+import math
+import os
+
+import pytest
+import torch
+
+# ------------------------------------------------------------------------------ device, backends
+
+DEVICE = torch.device(os.environ.get("PYALIGN_TEST_DEVICE", "cpu").strip().lower() or "cpu")
+ON_CPU = DEVICE.type == "cpu"
+
+
+def backends_for(family: str) -> list[str]:
+    """Every backend that can run ``family`` on the test device: on CPU eager, cpu and triton
+    (the interpreter, TRITON_INTERPRET=1 being set by tests/conftest.py); on a GPU triton, cuda
+    (where the family has it) and eager."""
+    from pyalign import backends
+    return backends.available(family, DEVICE.type)
+
+
+def backend_cases(family: str, cases, small_cases=None):
+    """pytest.param(backend, *case) for every backend of ``family`` and every case; the Triton
+    interpreter (triton on CPU: slow) gets ``small_cases`` instead when given."""
+    params = []
+    for backend in backends_for(family):
+        chosen = small_cases if (small_cases is not None and backend == "triton" and ON_CPU) else cases
+        for case in chosen:
+            case = case if isinstance(case, tuple) else (case,)
+            params.append(pytest.param(backend, *case, id=f"{backend}-{'-'.join(map(str, case))}"))
+    return params
+
+
+# ------------------------------------------------------------------------------ helpers
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run a block under ``count`` intra-op threads, restoring the previous setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def poison_(tensor):
+    """NaN-fill (max-fill for integers) an output buffer so an element a kernel forgets to write
+    shows up."""
+    if tensor.dtype.is_floating_point:
+        return tensor.fill_(float("nan"))
+    return tensor.fill_(torch.iinfo(tensor.dtype).max)
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every output buffer a backend allocates through a poison hook starts NaN-filled, so an
+    element a kernel forgets to write fails the test. The Triton kernels have the hook
+    (pyalign.kernels.POISON_OUTPUTS); the C++ ops allocate inside C++ (their ``_out`` variants
+    are poisoned in tests/toolchain/test_cpp_ops_direct.py) and eager writes whole tensors."""
+    try:
+        from pyalign import kernels
+    except ImportError:  # no triton: no hook to set
+        yield
+        return
+    before = kernels.POISON_OUTPUTS
+    kernels.POISON_OUTPUTS = True
+    try:
+        yield
+    finally:
+        kernels.POISON_OUTPUTS = before
+
+
+# ------------------------------------------------------------------------------ input builders
+
+IGNORE = -100
+
+
+def random_logits_labels(shape, dtype, scale=3.0, ignore_index=IGNORE):
+    """Random logits [..., V] (on the test device) and labels with the awkward ones in: labels at
+    V-1 and 0, and ignore_index scattered."""
+    vocab = shape[-1]
+    logits = (torch.randn(shape, device=DEVICE) * scale).to(dtype)
+    labels = torch.randint(0, vocab, shape[:-1], device=DEVICE)
+    flat = labels.view(-1)
+    if flat.numel():
+        flat[0] = vocab - 1
+    if flat.numel() > 2:
+        flat[1] = ignore_index
+        flat[-1] = 0
+    if flat.numel() > 5:
+        flat[3] = ignore_index
+    return logits, labels
+
+
+def random_pairs(batch, dtype=torch.float32, scale=3.0):
+    """Sequence log-probs of a batch of preference pairs, of realistic size (-20..-80) with
+    policy/reference ratios of ``scale`` nats: (policy_chosen, policy_rejected, ref_chosen,
+    ref_rejected) on the test device."""
+    ref_chosen = -20 - 60 * torch.rand(batch, device=DEVICE)
+    ref_rejected = -20 - 60 * torch.rand(batch, device=DEVICE)
+    policy_chosen = ref_chosen + torch.randn(batch, device=DEVICE) * scale
+    policy_rejected = ref_rejected + torch.randn(batch, device=DEVICE) * scale
+    return [t.to(dtype) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)]
+
+
+# ------------------------------------------------------------------------------ float64 oracles
+
+def token_logprobs64(logits, labels, ignore_index=IGNORE, temperature=1.0):
+    """log softmax(z/T)[label] in float64; 0 where label == ignore_index."""
+    scaled = logits.double() / temperature
+    log_softmax = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
+    valid = labels != ignore_index
+    picked = log_softmax.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, picked, torch.zeros_like(picked))
+
+
+def entropy64(logits, labels, ignore_index=IGNORE, temperature=1.0):
+    """Entropy of softmax(z/T) in float64 (0·log 0 = 0); 0 where label == ignore_index."""
+    scaled = logits.double() / temperature
+    log_softmax = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
+    probs = log_softmax.exp()
+    plogp = torch.where(probs > 0, probs * log_softmax, torch.zeros_like(probs))
+    entropy = -plogp.sum(-1)
+    return torch.where(labels != ignore_index, entropy, torch.zeros_like(entropy))
+
+
+def kl64(logprobs, ref_logprobs, estimator, mask=None):
+    d = ref_logprobs.double() - logprobs.double()
+    value = {"k1": -d, "k2": d * d / 2, "k3": torch.expm1(d) - d}[estimator]
+    if mask is not None:
+        value = torch.where(mask, value, torch.zeros_like(value))
+    return value
+
+
+def _logsig(x):
+    return torch.nn.functional.logsigmoid(x)
+
+
+def _sig(x):
+    return torch.sigmoid(x)
+
+
+# Per-pair loss formulas, (r_w, r_l, h, x = beta*h, beta, eps) -> loss, straight from the loss
+# table of docs/algorithms.md. tests/ops/test_preference.py checks these keys are exactly the
+# package's loss names.
+PAIR_LOSS_FORMULAS = {
+    "sigmoid": lambda rw, rl, h, x, beta, eps: -(1 - eps) * _logsig(x) - eps * _logsig(-x),
+    "ipo": lambda rw, rl, h, x, beta, eps: (h - 1 / (2 * beta)) ** 2,
+    "hinge": lambda rw, rl, h, x, beta, eps: torch.clamp(1 - x, min=0),
+    "robust": lambda rw, rl, h, x, beta, eps:
+        (-(1 - eps) * _logsig(x) + eps * _logsig(-x)) / (1 - 2 * eps),
+    "exo_pair": lambda rw, rl, h, x, beta, eps:
+        _sig(x) * (_logsig(x) - math.log(1 - eps)) + _sig(-x) * (_logsig(-x) - math.log(eps)),
+    "nca_pair": lambda rw, rl, h, x, beta, eps:
+        -_logsig(beta * rw) - 0.5 * _logsig(-beta * rw) - 0.5 * _logsig(-beta * rl),
+    "bco_pair": lambda rw, rl, h, x, beta, eps: -_logsig(beta * rw) - _logsig(-beta * rl),
+    "sppo_hard": lambda rw, rl, h, x, beta, eps:
+        (rw - 1 / (2 * beta)) ** 2 + (rl + 1 / (2 * beta)) ** 2,
+    "apo_zero": lambda rw, rl, h, x, beta, eps: 1 - _sig(beta * rw) + _sig(beta * rl),
+    "apo_down": lambda rw, rl, h, x, beta, eps: _sig(beta * rw) + 1 - _sig(x),
+    "discopop": lambda rw, rl, h, x, beta, eps:
+        (1 - _sig(x / 0.05)) * (-_logsig(x)) + _sig(x / 0.05) * torch.exp(-x),
+}
+
+
+def preference64(pc, pr, rc, rr, loss, beta, eps=0.0):
+    """Per-pair losses in float64 (KeyError for a loss the oracle does not know)."""
+    pc, pr, rc, rr = (t.double() for t in (pc, pr, rc, rr))
+    rw, rl = pc - rc, pr - rr
+    h = rw - rl
+    return PAIR_LOSS_FORMULAS[loss](rw, rl, h, beta * h, beta, eps)
+
+
+def kto64(policy, ref, desirable, kl, beta, wd=1.0, wu=1.0):
+    z0 = torch.clamp(kl.double().mean(), min=0)
+    r = policy.double() - ref.double()
+    loss = torch.where(desirable, wd * (1 - torch.sigmoid(beta * (r - z0))),
+                       wu * (1 - torch.sigmoid(beta * (z0 - r))))
+    return loss.mean()
+
+
+# ------------------------------------------------------------------ gradients, by float64 autograd
+
+def _finite64(tensor):
+    """Float64 copy with -inf replaced by a floor whose exp underflows to exactly 0: -inf logits
+    have probability 0 and zero gradient, but autograd through -inf itself gives NaN (0 * inf)."""
+    floor = torch.finfo(torch.float64).min / 4
+    return torch.where(torch.isneginf(tensor), torch.full_like(tensor, floor), tensor)
+
+
+def token_logprobs_and_grad64(logits, labels, grad_logprobs, grad_entropy=None,
+                              ignore_index=IGNORE, temperature=1.0):
+    """(logprobs, entropy, grad_logits) in float64 for logits [..., V] of any dtype.
+
+    grad_logits = d/dlogits of sum(logprobs * grad_logprobs) + sum(entropy * grad_entropy), by
+    torch autograd through the formulas above. A label whose logit is -inf gets logprob -inf.
+    """
+    logits64 = _finite64(logits.detach().double()).requires_grad_(True)
+    logprobs = token_logprobs64(logits64, labels, ignore_index, temperature)
+    entropy = entropy64(logits64, labels, ignore_index, temperature)
+    objective = (logprobs * grad_logprobs.double()).sum()
+    if grad_entropy is not None:
+        objective = objective + (entropy * grad_entropy.double()).sum()
+    (grad_logits,) = torch.autograd.grad(objective, logits64)
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, 0).unsqueeze(-1)
+    label_masked = torch.isneginf(logits.detach().gather(-1, safe_labels).squeeze(-1)) & valid
+    logprobs = torch.where(label_masked, torch.full_like(logprobs, -math.inf), logprobs)
+    return logprobs.detach(), entropy.detach(), grad_logits
+
+
+def linear_logits64(hidden, weight, bias=None):
+    """hidden @ weight.T (+ bias) in float64 (differentiable when the inputs are float64 leaves)."""
+    logits = hidden.double() @ weight.double().t()
+    return logits if bias is None else logits + bias.double()
+
+
+def sequence_logprobs64(token_logprobs, mask, average=False):
+    """Masked sum (or masked mean) over the last dimension, in float64."""
+    mask = mask.double()
+    summed = (token_logprobs.double() * mask).sum(-1)
+    return summed / mask.sum(-1).clamp(min=1) if average else summed
+
+
+def grads64(function, inputs, upstream=None):
+    """Values of ``function`` on float64 copies of ``inputs`` and d(sum(values * upstream))/d each
+    input, by autograd: ``(values, [grad, ...])``."""
+    leaves = [t.detach().double().requires_grad_(True) for t in inputs]
+    values = function(*leaves)
+    weights = torch.ones_like(values) if upstream is None else upstream.double()
+    grads = torch.autograd.grad((values * weights).sum(), leaves, allow_unused=True)
+    return values.detach(), [torch.zeros_like(x) if g is None else g
+                             for x, g in zip(leaves, grads, strict=True)]
+
+
+# -------------------------------------------------------------------------- weight updates
+
+def ema64(target, source, decay):
+    return decay * target.double() + (1 - decay) * source.double()
+
+
+def lerp64(target, source, weight):
+    return target.double() + weight * (source.double() - target.double())
