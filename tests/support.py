@@ -17,6 +17,8 @@ import os
 import pytest
 import torch
 
+from pyalign._utils import limited_threads
+
 # ------------------------------------------------------------------------------ device, backends
 
 DEVICE = torch.device(os.environ.get("PYALIGN_TEST_DEVICE", "cpu").strip().lower() or "cpu")
@@ -45,15 +47,20 @@ def backend_cases(family: str, cases, small_cases=None):
 
 # ------------------------------------------------------------------------------ helpers
 
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """Run a block under ``count`` intra-op threads, restoring the previous setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# Run a block under a given intra-op thread count (the package's own helper: not an oracle).
+torch_threads = limited_threads
+
+
+def same_under_thread_counts(run_once, counts=(1, 2)):
+    """Run ``run_once`` (returning a tuple/list of tensors) under each intra-op thread count and
+    assert every result is bitwise equal: kernels must not depend on how work is split."""
+    results = []
+    for count in counts:
+        with torch_threads(count):
+            results.append(run_once())
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
 
 
 def poison_(tensor):

@@ -3,6 +3,7 @@ op family on the device, the torch.compile row of an eager baseline, seeded inpu
 clearing between calls."""
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -32,6 +33,16 @@ def benchmark_backends(family: str, device: torch.device) -> tuple[list[str], li
                 device.type == "cuda" and name == "cpu"):  # the other device's backend: no note
             notes.append(f"{name} backend unavailable: {reason}")
     return names, notes
+
+
+def backend_candidates(family: str, device: torch.device, label: str, run_on: Callable,
+                       setup) -> tuple[list[Candidate], list[str]]:
+    """One candidate per pyalign backend that can run ``family`` on ``device`` (``run_on(name)``
+    runs its forward + backward), and the notes on the backends left out."""
+    names, notes = benchmark_backends(family, device)
+    candidates = [Candidate(f"{label} [{name}]", functools.partial(run_on, name), setup=setup,
+                            backend=name) for name in names]
+    return candidates, notes
 
 
 def seeded_generator(device: torch.device, seed: int = 0) -> torch.Generator:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import pyalign
-from pyalign.bench.common import benchmark_backends, clear_grads, compile_candidate, seeded_generator
+from pyalign.bench.common import backend_candidates, clear_grads, compile_candidate, seeded_generator
 from pyalign.bench.harness import Candidate, Case
 
 
@@ -35,13 +35,11 @@ def kl_case(num_tokens: int = 1 << 20, device="cpu", *, estimator: str = "k3",
                             backend="eager"),
                   compile_candidate(f"torch.compile {estimator} formula", naive,
                                      (logprobs, ref_logprobs), grad_kl, clear, compile)]
-    names, notes = benchmark_backends("kl", device)
-    for name in names:
-        def fused(name=name):
-            pyalign.kl_penalty(logprobs, ref_logprobs, estimator=estimator,
-                               backend=name).backward(grad_kl)
-        candidates.append(Candidate(f"pyalign kl_penalty [{name}]", fused, setup=clear,
-                                    backend=name))
+    def fused(name):
+        pyalign.kl_penalty(logprobs, ref_logprobs, estimator=estimator,
+                           backend=name).backward(grad_kl)
+    ours, notes = backend_candidates("kl", device, "pyalign kl_penalty", fused, clear)
+    candidates += ours
     return Case("kl_penalty fwd+bwd", {"N": num_tokens, "estimator": estimator,
                                        "device": device.type},
                 candidates, ratio_to={"vs eager": f"eager {estimator} formula",

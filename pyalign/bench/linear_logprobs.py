@@ -8,7 +8,7 @@ import torch
 
 import pyalign
 from pyalign.bench.common import (
-    benchmark_backends,
+    backend_candidates,
     clear_grads,
     compile_candidate,
     dtype_name,
@@ -55,14 +55,12 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
                                     kind="baseline"))
     elif liger_functional is not None:
         notes.append("Liger-Kernel fused_linear_cross_entropy: Triton kernels, GPU only: not run")
-    names, backend_notes = benchmark_backends("linear_logprobs", device)
+    def fused(name):
+        pyalign.linear_token_logprobs(hidden, weight, labels, backend=name).backward(grad_logprobs)
+    ours, backend_notes = backend_candidates("linear_logprobs", device,
+                                             "pyalign linear_token_logprobs", fused, clear)
+    candidates += ours
     notes += backend_notes
-    for name in names:
-        def fused(name=name):
-            pyalign.linear_token_logprobs(hidden, weight, labels,
-                                          backend=name).backward(grad_logprobs)
-        candidates.append(Candidate(f"pyalign linear_token_logprobs [{name}]", fused,
-                                    setup=clear, backend=name))
     plain_hidden, plain_weight = hidden.detach(), weight.detach()
     logits_out = torch.empty(num_tokens, vocab, device=device, dtype=dtype)
     grad_logits = torch.randn(num_tokens, vocab, device=device, generator=generator).to(dtype)

@@ -8,7 +8,7 @@ import torch
 
 import pyalign
 from pyalign.bench.common import (
-    benchmark_backends,
+    backend_candidates,
     clear_grads,
     compile_candidate,
     dtype_name,
@@ -60,14 +60,14 @@ def logprobs_case(num_tokens: int = 4096, vocab: int = 32000, dtype=torch.float3
                                         setup=clear, kind="baseline"))
     elif liger_functional is not None:
         notes.append("Liger-Kernel cross_entropy: Triton kernels, GPU only: not run")
-    names, backend_notes = benchmark_backends("logprobs", device)
+    def fused(name):
+        pyalign.token_logprobs(logits, labels, temperature=temperature,
+                               backend=name).backward(grad_logprobs)
+    ours, backend_notes = backend_candidates("logprobs", device, "pyalign token_logprobs", fused,
+                                             clear)
+    candidates += ours
     notes += backend_notes
-    for name in names:
-        def fused(name=name):
-            pyalign.token_logprobs(logits, labels, temperature=temperature,
-                                   backend=name).backward(grad_logprobs)
-        candidates.append(Candidate(f"pyalign token_logprobs [{name}]", fused, setup=clear,
-                                    backend=name))
+    names = [candidate.backend for candidate in ours]
     # In-place backward writes d logits into the logits buffer: each call gets its own copy of
     # the logits, refilled outside the timing.
     inplace_names = [name for name in names if name != "eager"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pyalign
-from support import backends_for, grads64, kl64, torch_threads
+from support import backends_for, grads64, kl64, same_under_thread_counts
 
 BACKENDS = backends_for("kl")
 ESTIMATORS = ["k1", "k2", "k3"]
@@ -193,12 +193,8 @@ def test_mixed_dtypes_and_non_contiguous(backend):
 def test_thread_count_does_not_change_results(backend):
     logprobs, ref_logprobs = random_logprobs((200_000,), torch.float32)
     upstream = torch.randn(200_000)
-    with torch_threads(1):
-        one = run(logprobs, ref_logprobs, upstream, estimator="k3", backend=backend)
-    with torch_threads(2):
-        two = run(logprobs, ref_logprobs, upstream, estimator="k3", backend=backend)
-    for a, b in zip(one, two, strict=False):
-        assert torch.equal(a, b)
+    same_under_thread_counts(lambda: run(logprobs, ref_logprobs, upstream, estimator="k3",
+                                         backend=backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -20,8 +20,8 @@ from support import (
     backend_cases,
     backends_for,
     random_logits_labels,
+    same_under_thread_counts,
     token_logprobs_and_grad64,
-    torch_threads,
 )
 
 BACKENDS = backends_for("logprobs")
@@ -388,12 +388,7 @@ def test_thread_count_does_not_change_results(backend):
         torch.autograd.backward([logprobs, entropy], [grad_logprobs, grad_entropy])
         return logprobs.detach(), entropy.detach(), leaf.grad
 
-    with torch_threads(1):
-        one = run_once()
-    with torch_threads(2):
-        two = run_once()
-    for a, b in zip(one, two, strict=False):
-        assert torch.equal(a, b)
+    same_under_thread_counts(run_once)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import pyalign
-from support import DEVICE, backends_for, ema64, lerp64, torch_threads
+from support import DEVICE, backends_for, ema64, lerp64, same_under_thread_counts
 
 BACKENDS = backends_for("weights")
 # The exact result rounded once into the target: half an ulp of the target dtype, relative.
@@ -273,12 +273,7 @@ def test_thread_count_does_not_change_results(backend):
         pyalign.lerp_(targets, sources, 0.37, backend=backend)
         return targets
 
-    with torch_threads(1):
-        one = run_once()
-    with torch_threads(2):
-        two = run_once()
-    for a, b in zip(one, two, strict=False):
-        assert torch.equal(a, b)
+    same_under_thread_counts(run_once)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
