@@ -31,7 +31,7 @@ def _(hidden, weight, bias, labels, ignore_index, temperature, with_entropy, chu
     acc = accumulation_dtype(hidden.dtype)
     rows = hidden.shape[0]
     return (hidden.new_empty(rows, dtype=acc), hidden.new_empty(rows if with_entropy else 0, dtype=acc),
-            hidden.new_empty(rows, dtype=acc))
+            hidden.new_empty((rows, 2), dtype=acc))  # row stats (m, log sum exp)
 
 
 @torch.library.custom_op("pyalign::linear_logprobs_bwd", mutates_args=())
@@ -71,7 +71,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         ignore_index, temperature, with_entropy, chunk_size, backend = ctx.config
         if grad_logprobs is None:
-            grad_logprobs = torch.zeros_like(lse)
+            grad_logprobs = lse.new_zeros(lse.shape[0])  # lse: the [N, 2] row stats
         if not with_entropy:
             grad_entropy, entropy = None, None
         grad_hidden, grad_weight, grad_bias = _linear_logprobs_bwd(
