@@ -140,6 +140,14 @@ def linear_logprobs_backward_kernel(
     raw = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, valid, col_ok,
                       hidden_size, stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
                       DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+    if vocab <= BLOCK_V:
+        # The whole row is in this tile: take its stats from the recomputed logits themselves.
+        # The recompute's tile shapes differ from the forward's, so its logits may differ by
+        # rounding; self-consistent stats keep sum p = 1 (V = 1: p = 1 and a gradient of
+        # exactly 0).
+        tile_max = tl.max(raw, 1)
+        row_max = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+        log_sum_exp = tl.log(tl.sum(tl.exp((raw - row_max[:, None]) * inv_temperature), 1))
     log_probs = (raw - row_max[:, None]) * inv_temperature - log_sum_exp[:, None]
     probs = tl.exp(log_probs)
     grad = (tl.where(cols[None, :] == labels[:, None], grad_logprob[:, None], 0.0)
