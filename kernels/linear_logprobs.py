@@ -12,8 +12,9 @@ Backward: each program owns one (BLOCK_N x BLOCK_V) tile: it recomputes the logi
 d/dz = (g_lp (onehot - p) - g_ent p (log p + H)) / T with log p = (z - m) / T - L, and adds
 d/dz @ W into d_hidden and (d/dz)^T @ hidden into d_weight (and column sums into d_bias) with
 fp32 atomic adds. Every term is kept (no gradient filtering); the sum order across tiles is not
-deterministic. Ignored tokens' hidden rows are never read (loaded as 0): NaN or inf in a padded
-row reaches neither the outputs nor d_weight / d_bias, and their d_hidden is exactly 0.
+deterministic. NaN or inf in an ignored (padded) token's hidden row reaches nothing: forward
+selects its outputs away (tl.where, never a 0 factor), backward loads that row as 0, so it adds
+nothing to d_weight / d_bias, and its d_hidden is exactly 0.
 
 Memory traffic / FLOPs (b = bytes per element):
     forward:  2*N*V*H FLOPs (the matmul, same as eager); reads hidden once per program and W
@@ -90,8 +91,8 @@ def linear_logprobs_forward_kernel(
     for v0 in range(0, vocab, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # cols * stride_wv can pass 2^31
         col_ok = cols < vocab
-        # ignored tokens read hidden as 0: a NaN/inf padded row never enters the sums
-        raw = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, valid, col_ok,
+        # an ignored token's row may hold NaN/inf (padding): its results are selected away below
+        raw = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
                           hidden_size, stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
                           DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
         label_logit += tl.sum(tl.where(cols[None, :] == labels[:, None], raw, 0.0), 1)
@@ -99,13 +100,15 @@ def linear_logprobs_forward_kernel(
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         scaled = (raw - shift[:, None]) * inv_temperature
         exps = tl.exp(scaled)
-        step = (running_max - shift) * inv_temperature  # <= 0; -inf: the old terms vanish
+        # (old max - new max) / T <= 0, floored at -1e30 (not -inf: the old terms then vanish,
+        # rescale = 0, and step * S stays finite for S <= V, so 0 * (...) is 0, not NaN)
+        step = tl.maximum((running_max - shift) * inv_temperature, -1e30)
         rescale = tl.exp(step)
         if WITH_ENTROPY:
-            recentre = tl.where(rescale > 0, rescale * (sum_exp_shifted + step * sum_exp),
-                                sum_exp_shifted * 0.0)
+            # re-centre the old sum on the new max: sum e'(s') = a (sum e s + step S); NaN kept
+            recentre = tl.where(sum_exp > 0, step * sum_exp, 0.0)
             terms = tl.where(exps > 0, exps * scaled, 0.0)
-            sum_exp_shifted = recentre + tl.sum(terms, 1)
+            sum_exp_shifted = rescale * (sum_exp_shifted + recentre) + tl.sum(terms, 1)
         sum_exp = sum_exp * rescale + tl.sum(exps, 1)
         running_max = new_max
     log_sum_exp = tl.log(sum_exp)  # >= 0: the max term is e^0 = 1
