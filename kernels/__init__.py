@@ -36,9 +36,10 @@ def as_fp32_vector(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).to(torch.float32).contiguous()
 
 
-def backward_row_vectors(grad_logprobs, grad_entropy, lse, entropy):
+def backward_row_vectors(grad_logprobs, grad_entropy, stats, entropy):
     """The per-row fp32 vectors a log-prob backward kernel reads: (grad_logprobs, grad_entropy,
-    lse, entropy), the entropy pair None when no entropy gradient flows."""
+    stats, entropy), the entropy pair None when no entropy gradient flows; the [N, 2] row stats
+    (max, log sum exp) come flattened, row n at 2n and 2n + 1."""
     if grad_entropy is not None:
         grad_entropy, entropy = as_fp32_vector(grad_entropy), as_fp32_vector(entropy)
-    return as_fp32_vector(grad_logprobs), grad_entropy, as_fp32_vector(lse), entropy
+    return as_fp32_vector(grad_logprobs), grad_entropy, as_fp32_vector(stats), entropy

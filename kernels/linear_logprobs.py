@@ -3,12 +3,18 @@ label (and entropy), never materializing the [N, V] logits or their gradient.
 
 Forward: each program owns BLOCK_N rows; it walks the vocabulary in BLOCK_V tiles, computes the
 logit tile with tl.dot over H in BLOCK_H steps (fp32 accumulation; fp32 inputs use IEEE fp32
-products like eager, not TF32) and folds it into an online log-sum-exp (running max, sum of
-exp, and sum exp(s - m)(s - m) for the entropy), picking out the label logit on the way.
+products like eager, not TF32) and folds it into an online log-sum-exp of s = (z - m) / T
+(m: running max of the raw logits z; sum of exp(s), and sum exp(s) s for the entropy), picking
+out the label logit on the way; it stores the row stats (m, L = log sum exp(s)) and
+logp = min((z_y - m) / T - L, 0), so a common offset of the logits costs no accuracy beyond the
+logits' own rounding and z / T never overflows.
 Backward: each program owns one (BLOCK_N x BLOCK_V) tile: it recomputes the logit tile, forms
-d/dz = (g_lp (onehot - p) - g_ent p (s - lse + H)) / T, and adds d/dz @ W into d_hidden and
-(d/dz)^T @ hidden into d_weight (and column sums into d_bias) with fp32 atomic adds. Every term
-is kept (no gradient filtering); the sum order across tiles is not deterministic.
+d/dz = (g_lp (onehot - p) - g_ent p (log p + H)) / T with log p = (z - m) / T - L, and adds
+d/dz @ W into d_hidden and (d/dz)^T @ hidden into d_weight (and column sums into d_bias) with
+fp32 atomic adds. Every term is kept (no gradient filtering); the sum order across tiles is not
+deterministic. NaN or inf in an ignored (padded) token's hidden row reaches nothing: forward
+selects its outputs away (tl.where, never a 0 factor), backward loads that row as 0, so it adds
+nothing to d_weight / d_bias, and its d_hidden is exactly 0.
 
 Memory traffic / FLOPs (b = bytes per element):
     forward:  2*N*V*H FLOPs (the matmul, same as eager); reads hidden once per program and W
@@ -48,10 +54,11 @@ def _dot_operand(tile, UPCAST: tl.constexpr):
 
 @triton.jit
 def _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, hidden_size,
-                stride_hn, stride_hk, stride_wv, stride_wk, has_bias, inv_temperature,
+                stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """(hidden[rows] @ weight[cols].T + bias[cols]) / T in fp32; -inf outside the vocabulary."""
+    """hidden[rows] @ weight[cols].T + bias[cols] in fp32 (before the temperature); -inf
+    outside the vocabulary; rows not in ``row_ok`` read hidden as 0."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     ks = tl.arange(0, BLOCK_H)
     for k0 in range(0, hidden_size, BLOCK_H):
@@ -64,12 +71,12 @@ def _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, hi
                      acc, input_precision=DOT_PRECISION)
     if has_bias != 0:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(col_ok[None, :], acc * inv_temperature, float("-inf"))
+    return tl.where(col_ok[None, :], acc, float("-inf"))
 
 
 @triton.jit
 def linear_logprobs_forward_kernel(
-        hidden_ptr, weight_ptr, bias_ptr, labels_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
+        hidden_ptr, weight_ptr, bias_ptr, labels_ptr, logprobs_ptr, entropy_ptr, stats_ptr,
         num_rows, vocab, hidden_size, stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
         ignore_index, inv_temperature, WITH_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -77,40 +84,49 @@ def linear_logprobs_forward_kernel(
     row_ok = rows < num_rows
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
     valid = row_ok & (labels != ignore_index)
-    running_max = tl.zeros([BLOCK_N], tl.float32) - float("inf")
-    sum_exp = tl.zeros([BLOCK_N], tl.float32)
-    sum_exp_shifted = tl.zeros([BLOCK_N], tl.float32)
+    running_max = tl.zeros([BLOCK_N], tl.float32) - float("inf")  # of the raw logits
+    sum_exp = tl.zeros([BLOCK_N], tl.float32)          # sum exp(s), s = (z - shift) / T
+    sum_exp_shifted = tl.zeros([BLOCK_N], tl.float32)  # sum exp(s) * s
     label_logit = tl.zeros([BLOCK_N], tl.float32)
     for v0 in range(0, vocab, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # cols * stride_wv can pass 2^31
         col_ok = cols < vocab
-        scaled = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
-                             hidden_size, stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
-                             inv_temperature, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
-        label_logit += tl.sum(tl.where(cols[None, :] == labels[:, None], scaled, 0.0), 1)
-        new_max = tl.maximum(running_max, tl.max(scaled, 1))
+        # an ignored token's row may hold NaN/inf (padding): its results are selected away below
+        raw = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
+                          hidden_size, stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
+                          DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+        label_logit += tl.sum(tl.where(cols[None, :] == labels[:, None], raw, 0.0), 1)
+        new_max = tl.maximum(running_max, tl.max(raw, 1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        exps = tl.exp(scaled - shift[:, None])
-        rescale = tl.exp(running_max - shift)
+        scaled = (raw - shift[:, None]) * inv_temperature
+        exps = tl.exp(scaled)
+        # (old max - new max) / T <= 0, floored at -1e30 (not -inf: the old terms then vanish,
+        # rescale = 0, and step * S stays finite for S <= V, so 0 * (...) is 0, not NaN)
+        step = tl.maximum((running_max - shift) * inv_temperature, -1e30)
+        rescale = tl.exp(step)
         if WITH_ENTROPY:
-            recentre = tl.where(sum_exp > 0, (running_max - shift) * sum_exp, 0.0)
-            terms = tl.where(exps > 0, exps * (scaled - shift[:, None]), 0.0)
+            # re-centre the old sum on the new max: sum e'(s') = a (sum e s + step S); NaN kept
+            recentre = tl.where(sum_exp > 0, step * sum_exp, 0.0)
+            terms = tl.where(exps > 0, exps * scaled, 0.0)
             sum_exp_shifted = rescale * (sum_exp_shifted + recentre) + tl.sum(terms, 1)
         sum_exp = sum_exp * rescale + tl.sum(exps, 1)
         running_max = new_max
-    log_sum_exp = tl.log(sum_exp)
-    lse = running_max + log_sum_exp
-    tl.store(logprobs_ptr + rows, tl.where(valid, label_logit - lse, 0.0), mask=row_ok)
-    tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=row_ok)
+    log_sum_exp = tl.log(sum_exp)  # >= 0: the max term is e^0 = 1
+    logprob = (label_logit - running_max) * inv_temperature - log_sum_exp
+    logprob = tl.where(logprob > 0.0, 0.0, logprob)  # rounding above 0 only; NaN kept
+    tl.store(logprobs_ptr + rows, tl.where(valid, logprob, 0.0), mask=row_ok)
+    tl.store(stats_ptr + 2 * rows, tl.where(valid, running_max, 0.0), mask=row_ok)
+    tl.store(stats_ptr + 2 * rows + 1, tl.where(valid, log_sum_exp, 0.0), mask=row_ok)
     if WITH_ENTROPY:
         entropy = log_sum_exp - sum_exp_shifted / sum_exp
+        entropy = tl.where(entropy < 0.0, 0.0, entropy)
         tl.store(entropy_ptr + rows, tl.where(valid, entropy, 0.0), mask=row_ok)
 
 
 @triton.jit
 def linear_logprobs_backward_kernel(
         hidden_ptr, weight_ptr, bias_ptr, labels_ptr, grad_logprobs_ptr, grad_entropy_ptr,
-        lse_ptr, entropy_ptr, grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
+        stats_ptr, entropy_ptr, grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
         num_rows, vocab, hidden_size, stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
         ignore_index, inv_temperature, HAS_GRAD_ENTROPY: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -122,17 +138,27 @@ def linear_logprobs_backward_kernel(
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
     valid = row_ok & (labels != ignore_index)
     grad_logprob = tl.where(valid, tl.load(grad_logprobs_ptr + rows, mask=row_ok, other=0.0), 0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    scaled = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
-                         hidden_size, stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
-                         inv_temperature, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
-    probs = tl.exp(scaled - lse[:, None])
+    row_max = tl.load(stats_ptr + 2 * rows, mask=row_ok, other=0.0)
+    log_sum_exp = tl.load(stats_ptr + 2 * rows + 1, mask=row_ok, other=0.0)
+    raw = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, valid, col_ok,
+                      hidden_size, stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
+                      DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+    if vocab <= BLOCK_V:
+        # The whole row is in this tile: take its stats from the recomputed logits themselves.
+        # The recompute's tile shapes differ from the forward's, so its logits may differ by
+        # rounding; self-consistent stats keep sum p = 1 (V = 1: p = 1 and a gradient of
+        # exactly 0).
+        tile_max = tl.max(raw, 1)
+        row_max = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+        log_sum_exp = tl.log(tl.sum(tl.exp((raw - row_max[:, None]) * inv_temperature), 1))
+    log_probs = (raw - row_max[:, None]) * inv_temperature - log_sum_exp[:, None]
+    probs = tl.exp(log_probs)
     grad = (tl.where(cols[None, :] == labels[:, None], grad_logprob[:, None], 0.0)
             - grad_logprob[:, None] * probs)
     if HAS_GRAD_ENTROPY:
         grad_entropy = tl.where(valid, tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0), 0.0)
         entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
-        d_entropy = tl.where(probs == 0.0, 0.0, probs * (scaled - lse[:, None] + entropy[:, None]))
+        d_entropy = tl.where(probs == 0.0, 0.0, probs * (log_probs + entropy[:, None]))
         grad -= grad_entropy[:, None] * d_entropy
     grad = tl.where(valid[:, None] & col_ok[None, :], grad * inv_temperature, 0.0)
     if has_bias != 0:
@@ -148,8 +174,9 @@ def linear_logprobs_backward_kernel(
                                   input_precision=DOT_PRECISION)
         tl.atomic_add(grad_hidden_ptr + rows[:, None] * hidden_size + (k0 + ks)[None, :],
                       grad_hidden_tile, mask=row_ok[:, None] & k_ok[None, :])
+        # ignored rows as 0: their d/dz row is 0, but 0 * NaN (a padded hidden row) is NaN
         hidden_tile = tl.load(hidden_ptr + rows[:, None] * stride_hn + (k0 + ks)[None, :] * stride_hk,
-                              mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                              mask=valid[:, None] & k_ok[None, :], other=0.0)
         grad_weight_tile = tl.dot(tl.trans(grad_dot), _dot_operand(hidden_tile, UPCAST),
                                   input_precision=DOT_PRECISION)
         tl.atomic_add(grad_weight_ptr + cols[:, None] * hidden_size + (k0 + ks)[None, :],
@@ -190,25 +217,25 @@ def forward(hidden, weight, bias, labels, ignore_index, temperature, with_entrop
     dtype_name = _dtype_name(hidden)
     block_n, block_v, block_h, num_warps = tiles or FORWARD_TILES[dtype_name]
     logprobs = _kernels.new_output(num_rows, torch.float32, device)
-    lse = _kernels.new_output(num_rows, torch.float32, device)
+    stats = _kernels.new_output((num_rows, 2), torch.float32, device)
     entropy = _kernels.new_output(num_rows if with_entropy else 0, torch.float32, device)
     bias_arg = bias.contiguous() if bias is not None else weight
     linear_logprobs_forward_kernel[(triton.cdiv(num_rows, block_n),)](
         hidden, weight, bias_arg, labels.contiguous(), logprobs,
-        entropy if with_entropy else logprobs, lse, num_rows, vocab, hidden_size,
+        entropy if with_entropy else logprobs, stats, num_rows, vocab, hidden_size,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         int(bias is not None), int(ignore_index), 1.0 / float(temperature),
         WITH_ENTROPY=bool(with_entropy), **_dot_flags(dtype_name),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=num_warps)
-    return logprobs, entropy, lse
+    return logprobs, entropy, stats
 
 
-def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy,
              ignore_index, temperature, chunk_size, *, tiles=None):
     """Contract of backends.py (linear_logprobs.backward) -> (grad_hidden, grad_weight,
     grad_bias | None) in the inputs' dtypes, accumulated in fp32."""
     if _eager_only(hidden, weight):
-        return _eager.backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse,
+        return _eager.backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats,
                                entropy, ignore_index, temperature, chunk_size)
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
@@ -220,12 +247,12 @@ def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, ent
     grad_weight = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device)
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if bias is not None else None
     has_grad_entropy = grad_entropy is not None
-    grad_logprobs, grad_entropy, lse, entropy = _kernels.backward_row_vectors(
-        grad_logprobs, grad_entropy, lse, entropy)
+    grad_logprobs, grad_entropy, stats, entropy = _kernels.backward_row_vectors(
+        grad_logprobs, grad_entropy, stats, entropy)
     linear_logprobs_backward_kernel[(triton.cdiv(num_rows, block_n), triton.cdiv(vocab, block_v))](
         hidden, weight, bias.contiguous() if bias is not None else weight, labels.contiguous(),
-        grad_logprobs, grad_entropy if has_grad_entropy else grad_logprobs, lse,
-        entropy if has_grad_entropy else lse, grad_hidden, grad_weight,
+        grad_logprobs, grad_entropy if has_grad_entropy else grad_logprobs, stats,
+        entropy if has_grad_entropy else stats, grad_hidden, grad_weight,
         grad_bias if bias is not None else grad_weight, num_rows, vocab, hidden_size,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         int(bias is not None), int(ignore_index), 1.0 / float(temperature),
@@ -248,13 +275,13 @@ def compile_configs():
                 name="linear_logprobs_forward", kernel=linear_logprobs_forward_kernel,
                 signature={"hidden_ptr": tensor, "weight_ptr": tensor, "bias_ptr": tensor,
                            "labels_ptr": "*i64", "logprobs_ptr": "*fp32", "entropy_ptr": "*fp32",
-                           "lse_ptr": "*fp32", **common},
+                           "stats_ptr": "*fp32", **common},
                 # unit column strides: the JIT specializes a stride of 1 the same way
                 constexprs={"stride_hk": 1, "stride_wk": 1, "WITH_ENTROPY": flag,
                             "DOT_PRECISION": _dot_precision(dtype_name), "UPCAST": False,
                             "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h},
                 aligned=("hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr", "logprobs_ptr",
-                         "entropy_ptr", "lse_ptr", "vocab", "hidden_size", "stride_hn",
+                         "entropy_ptr", "stats_ptr", "vocab", "hidden_size", "stride_hn",
                          "stride_wv"),
                 num_warps=num_warps,
                 label=f"{dtype_name} {block_n}x{block_v}x{block_h} entropy={flag}"))
@@ -263,14 +290,14 @@ def compile_configs():
                 name="linear_logprobs_backward", kernel=linear_logprobs_backward_kernel,
                 signature={"hidden_ptr": tensor, "weight_ptr": tensor, "bias_ptr": tensor,
                            "labels_ptr": "*i64", "grad_logprobs_ptr": "*fp32",
-                           "grad_entropy_ptr": "*fp32", "lse_ptr": "*fp32",
+                           "grad_entropy_ptr": "*fp32", "stats_ptr": "*fp32",
                            "entropy_ptr": "*fp32", "grad_hidden_ptr": "*fp32",
                            "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32", **common},
                 constexprs={"stride_hk": 1, "stride_wk": 1, "HAS_GRAD_ENTROPY": flag,
                             "DOT_PRECISION": _dot_precision(dtype_name), "UPCAST": False,
                             "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h},
                 aligned=("hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr",
-                         "grad_logprobs_ptr", "grad_entropy_ptr", "lse_ptr", "entropy_ptr",
+                         "grad_logprobs_ptr", "grad_entropy_ptr", "stats_ptr", "entropy_ptr",
                          "grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr", "vocab",
                          "hidden_size", "stride_hn", "stride_wv"),
                 num_warps=num_warps,

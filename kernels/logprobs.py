@@ -1,15 +1,20 @@
 """Per-token log-probability of the label (and entropy) from logits, one streaming pass per row.
 
-Computes, for each row n of logits z[N, V] (fp32/bf16/fp16) with s = z / T:
-    lse[n]      = logsumexp_v s[n, v]                      (online: running max m, sum exp(s - m))
-    logprobs[n] = s[n, y_n] - lse[n]
-    entropy[n]  = lse[n] - sum_v softmax(s)_v s_v          (online: sum exp(s - m) (s - m))
-Backward writes d/dz = (g_lp (onehot - p) - g_ent p (s - lse + H)) / T with p = exp(s - lse),
+Computes, for each row n of logits z[N, V] (fp32/bf16/fp16), with m = max_v z[n, v] (online,
+of the raw logits) and the shifted s = (z - m) / T <= 0:
+    stats[n]    = (m, L) with L = log sum_v exp(s[n, v])   (online: rescaled when m grows)
+    logprobs[n] = min(s[n, y_n] - L, 0)
+    entropy[n]  = max(L - sum_v softmax(s)_v s_v, 0)       (online: sum exp(s) s)
+Shifting before scaling keeps fp32 accuracy at any common offset of the logits (z/T - lse with
+both ~1e4 loses 4 digits) and cannot overflow where z / T would; s_y <= 0 <= L, so the clamps
+only remove rounding (NaN passes through them).
+Backward writes d/dz = (g_lp (onehot - p) - g_ent p (log p + H)) / T with log p = s - L,
 0 where p == 0 (-inf logits), into a new buffer or into the logits buffer itself (inplace).
-Rows whose label is ignore_index skip the vocabulary loop: outputs 0, gradient 0.
+Rows whose label is ignore_index skip the vocabulary loop: their logits are never read (NaN or
+inf there reaches nothing), outputs 0, gradient 0.
 
 Memory traffic (b = bytes per logit):
-    forward:  N*V*b read + 16 N bytes.  Eager (to fp32, logsumexp, gather, entropy terms) reads
+    forward:  N*V*b read + 20 N bytes.  Eager (to fp32, logsumexp, gather, entropy terms) reads
               the logits and writes/reads several fp32 [N, V] temporaries: >= N*V*(b + 4*3).
     backward: N*V*b read + N*V*b written (0 extra with inplace).  Eager: softmax, scatter and
               scaling over fp32 temporaries, >= N*V*(b + 4*4 + b).
@@ -39,7 +44,7 @@ def pick_block(vocab: int) -> tuple[int, int]:
 
 
 @triton.jit
-def logprobs_forward_kernel(logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
+def logprobs_forward_kernel(logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, stats_ptr,
                             vocab, stride_row, ignore_index, inv_temperature,
                             WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -50,41 +55,49 @@ def logprobs_forward_kernel(logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, l
     num_cols = tl.where(valid, vocab, 0)
     cols = tl.arange(0, BLOCK_V)
 
-    running_max = tl.zeros([], tl.float32) - float("inf")
-    sum_exp = tl.zeros([], tl.float32)        # sum exp(s - running_max)
-    sum_exp_shifted = tl.zeros([], tl.float32)  # sum exp(s - running_max) * (s - running_max)
+    running_max = tl.zeros([], tl.float32) - float("inf")  # of the raw logits
+    sum_exp = tl.zeros([], tl.float32)          # sum exp(s), s = (z - shift) / T
+    sum_exp_shifted = tl.zeros([], tl.float32)  # sum exp(s) * s
     for start in range(0, num_cols, BLOCK_V):
         offs = start + cols
-        scaled = tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
-        scaled = scaled * inv_temperature
-        new_max = tl.maximum(running_max, tl.max(scaled, 0))
+        raw = tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(running_max, tl.max(raw, 0))
         # While everything seen is -inf, shift by 0 so that exp(-inf - shift) is 0, not NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        exps = tl.exp(scaled - shift)
-        rescale = tl.exp(running_max - shift)
+        scaled = (raw - shift) * inv_temperature
+        exps = tl.exp(scaled)
+        # (old max - new max) / T < 0; -inf (no terms yet, or they vanish) gives exactly 0
+        step = (running_max - shift) * inv_temperature
+        rescale = tl.exp(step)
         if WITH_ENTROPY:
-            # re-centre the old sum on the new max: sum e'(s - m') = a (sum e (s - m) + (m - m') S)
-            recentre = tl.where(sum_exp > 0, (running_max - shift) * sum_exp, 0.0)
-            terms = tl.where(exps > 0, exps * (scaled - shift), 0.0)
-            sum_exp_shifted = rescale * (sum_exp_shifted + recentre) + tl.sum(terms, 0)
+            # re-centre the old sum on the new max: sum e'(s') = a (sum e s + step S); nothing
+            # to re-centre when the old terms vanish (0 * -inf would be NaN), NaN kept
+            recentre = tl.where(rescale > 0, rescale * (sum_exp_shifted + step * sum_exp),
+                                sum_exp_shifted * 0.0)
+            terms = tl.where(exps > 0, exps * scaled, 0.0)
+            sum_exp_shifted = recentre + tl.sum(terms, 0)
         sum_exp = sum_exp * rescale + tl.sum(exps, 0)
         running_max = new_max
 
-    log_sum_exp = tl.log(sum_exp)
-    lse = running_max + log_sum_exp
+    log_sum_exp = tl.log(sum_exp)  # >= 0: the max term is e^0 = 1
     in_range = valid & (label >= 0) & (label < vocab)
     label_logit = tl.load(row_ptr + tl.where(in_range, label, 0), mask=in_range,
-                          other=float("nan")).to(tl.float32) * inv_temperature
-    tl.store(logprobs_ptr + row, tl.where(valid, label_logit - lse, 0.0))
-    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+                          other=float("nan")).to(tl.float32)
+    logprob = (label_logit - running_max) * inv_temperature - log_sum_exp
+    # s_y <= 0 <= log_sum_exp: the clamp removes rounding above 0 only (NaN is kept)
+    logprob = tl.where(logprob > 0.0, 0.0, logprob)
+    tl.store(logprobs_ptr + row, tl.where(valid, logprob, 0.0))
+    tl.store(stats_ptr + 2 * row, tl.where(valid, running_max, 0.0))
+    tl.store(stats_ptr + 2 * row + 1, tl.where(valid, log_sum_exp, 0.0))
     if WITH_ENTROPY:
         entropy = log_sum_exp - sum_exp_shifted / sum_exp
+        entropy = tl.where(entropy < 0.0, 0.0, entropy)
         tl.store(entropy_ptr + row, tl.where(valid, entropy, 0.0))
 
 
 @triton.jit
 def logprobs_backward_kernel(logits_ptr, grad_logits_ptr, labels_ptr, grad_logprobs_ptr,
-                             grad_entropy_ptr, lse_ptr, entropy_ptr,
+                             grad_entropy_ptr, stats_ptr, entropy_ptr,
                              vocab, stride_row, stride_grad_row, ignore_index, inv_temperature,
                              HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -93,7 +106,8 @@ def logprobs_backward_kernel(logits_ptr, grad_logits_ptr, labels_ptr, grad_logpr
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
     grad_logprob = tl.where(valid, tl.load(grad_logprobs_ptr + row), 0.0)
-    lse = tl.load(lse_ptr + row)
+    row_max = tl.load(stats_ptr + 2 * row)
+    log_sum_exp = tl.load(stats_ptr + 2 * row + 1)
     if HAS_GRAD_ENTROPY:
         grad_entropy = tl.where(valid, tl.load(grad_entropy_ptr + row), 0.0)
         entropy = tl.load(entropy_ptr + row)
@@ -103,12 +117,12 @@ def logprobs_backward_kernel(logits_ptr, grad_logits_ptr, labels_ptr, grad_logpr
     for start in range(0, vocab, BLOCK_V):
         offs = start + cols
         in_row = offs < vocab
-        scaled = tl.load(row_ptr + offs, mask=offs < read_cols, other=0.0).to(tl.float32)
-        scaled = scaled * inv_temperature
-        probs = tl.exp(scaled - lse)
+        raw = tl.load(row_ptr + offs, mask=offs < read_cols, other=0.0).to(tl.float32)
+        log_probs = (raw - row_max) * inv_temperature - log_sum_exp
+        probs = tl.exp(log_probs)
         grad = tl.where(offs == label, grad_logprob, 0.0) - grad_logprob * probs
         if HAS_GRAD_ENTROPY:
-            d_entropy = tl.where(probs == 0.0, 0.0, probs * (scaled - lse + entropy))
+            d_entropy = tl.where(probs == 0.0, 0.0, probs * (log_probs + entropy))
             grad -= grad_entropy * d_entropy
         grad = tl.where(valid, grad * inv_temperature, 0.0)
         tl.store(grad_row_ptr + offs, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
@@ -126,38 +140,38 @@ def forward(logits, labels, ignore_index, temperature, with_entropy, *, block_v=
     num_rows, vocab = ready.shape
     device = ready.device
     logprobs = _kernels.new_output(num_rows, torch.float32, device)
-    lse = _kernels.new_output(num_rows, torch.float32, device)
+    stats = _kernels.new_output((num_rows, 2), torch.float32, device)
     entropy = _kernels.new_output(num_rows if with_entropy else 0, torch.float32, device)
     block, num_warps = pick_block(vocab)
     if block_v is not None:
         block = block_v
     logprobs_forward_kernel[(num_rows,)](
-        ready, labels.contiguous(), logprobs, entropy if with_entropy else logprobs, lse,
+        ready, labels.contiguous(), logprobs, entropy if with_entropy else logprobs, stats,
         vocab, ready.stride(0), int(ignore_index), 1.0 / float(temperature),
         WITH_ENTROPY=bool(with_entropy), BLOCK_V=block, num_warps=num_warps)
-    return logprobs, entropy, lse
+    return logprobs, entropy, stats
 
 
-def backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index, temperature,
+def backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index, temperature,
              inplace, *, block_v=None):
     """Contract of backends.py (logprobs.backward); ``block_v`` overrides the block (tests)."""
     ready = _kernel_ready(logits)
     if inplace and ready is not logits:
         # An inplace request on a strided buffer we cannot write row by row.
-        return _eager.backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy,
+        return _eager.backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy,
                                ignore_index, temperature, inplace)
     num_rows, vocab = ready.shape
     grad_logits = ready if inplace else _kernels.new_output(ready.shape, ready.dtype, ready.device)
     has_grad_entropy = grad_entropy is not None
-    grad_logprobs, grad_entropy, lse, entropy = _kernels.backward_row_vectors(
-        grad_logprobs, grad_entropy, lse, entropy)
+    grad_logprobs, grad_entropy, stats, entropy = _kernels.backward_row_vectors(
+        grad_logprobs, grad_entropy, stats, entropy)
     block, num_warps = pick_block(vocab)
     if block_v is not None:
         block = block_v
     logprobs_backward_kernel[(num_rows,)](
         ready, grad_logits, labels.contiguous(), grad_logprobs,
-        grad_entropy if has_grad_entropy else grad_logprobs, lse,
-        entropy if has_grad_entropy else lse,
+        grad_entropy if has_grad_entropy else grad_logprobs, stats,
+        entropy if has_grad_entropy else stats,
         vocab, ready.stride(0), grad_logits.stride(0), int(ignore_index), 1.0 / float(temperature),
         HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=block, num_warps=num_warps)
     return grad_logits
@@ -173,23 +187,23 @@ def compile_configs():
                     name="logprobs_forward", kernel=logprobs_forward_kernel,
                     signature={"logits_ptr": f"*{dtype_name}", "labels_ptr": "*i64",
                                "logprobs_ptr": "*fp32", "entropy_ptr": "*fp32",
-                               "lse_ptr": "*fp32", "vocab": "i32", "stride_row": "i32",
+                               "stats_ptr": "*fp32", "vocab": "i32", "stride_row": "i32",
                                "ignore_index": "i32", "inv_temperature": "fp32"},
                     constexprs={"WITH_ENTROPY": flag, "BLOCK_V": block_v},
                     aligned=("logits_ptr", "labels_ptr", "logprobs_ptr", "entropy_ptr",
-                             "lse_ptr", "vocab", "stride_row"),
+                             "stats_ptr", "vocab", "stride_row"),
                     num_warps=num_warps, label=f"{dtype_name} BLOCK_V={block_v} entropy={flag}"))
                 configs.append(dict(
                     name="logprobs_backward", kernel=logprobs_backward_kernel,
                     signature={"logits_ptr": f"*{dtype_name}", "grad_logits_ptr": f"*{dtype_name}",
                                "labels_ptr": "*i64", "grad_logprobs_ptr": "*fp32",
-                               "grad_entropy_ptr": "*fp32", "lse_ptr": "*fp32",
+                               "grad_entropy_ptr": "*fp32", "stats_ptr": "*fp32",
                                "entropy_ptr": "*fp32", "vocab": "i32", "stride_row": "i32",
                                "stride_grad_row": "i32", "ignore_index": "i32",
                                "inv_temperature": "fp32"},
                     constexprs={"HAS_GRAD_ENTROPY": flag, "BLOCK_V": block_v},
                     aligned=("logits_ptr", "grad_logits_ptr", "labels_ptr", "grad_logprobs_ptr",
-                             "grad_entropy_ptr", "lse_ptr", "entropy_ptr", "vocab", "stride_row",
+                             "grad_entropy_ptr", "stats_ptr", "entropy_ptr", "vocab", "stride_row",
                              "stride_grad_row"),
                     num_warps=num_warps,
                     label=f"{dtype_name} BLOCK_V={block_v} grad_entropy={flag}"))

@@ -21,15 +21,24 @@ Primitive contracts (all tensors already validated, 2-D row-major where noted):
 
 logprobs
   forward(logits[N,V], labels[N] int64, ignore_index, temperature, with_entropy)
-      -> (logprobs[N] f32, entropy[N] f32 or empty[0], lse[N] f32)   lse = logsumexp(logits/T)
-  backward(grad_logprobs[N] f32, grad_entropy[N] f32 | None, logits, labels, lse,
+      -> (logprobs[N] f32, entropy[N] f32 or empty[0], stats[N,2] f32)
+      stats[n] = (m, L): m = max_v logits[n, v] (raw, before the temperature), L = log sum_v
+      exp((logits[n, v] - m) / T), so logsumexp(logits/T) = m/T + L. Every backend computes from
+      the shifted (z - m) / T <= 0: logprobs = min((z_y - m)/T - L, 0) keeps fp32 accuracy at any
+      common logit offset and never overflows; entropy >= 0. Ignored rows: logprobs and entropy
+      exactly 0 (their logits may hold NaN/inf: selected away, never multiplied by 0), stats
+      unspecified.
+  backward(grad_logprobs[N] f32, grad_entropy[N] f32 | None, logits, labels, stats,
            entropy[N] | None, ignore_index, temperature, inplace) -> grad_logits (logits' dtype;
-           when inplace, written into ``logits`` and returned)
+           when inplace, written into ``logits`` and returned); log p = (z - m)/T - L from stats;
+           ignored rows exactly 0 whatever their logits or upstream gradients hold
 linear_logprobs
   forward(hidden[N,H], weight[V,H], bias[V] | None, labels, ignore_index, temperature,
-          with_entropy, chunk_size) -> (logprobs, entropy, lse)
-  backward(grad_logprobs, grad_entropy | None, hidden, weight, bias, labels, lse, entropy | None,
+          with_entropy, chunk_size) -> (logprobs, entropy, stats[N,2])   stats as for logprobs
+  backward(grad_logprobs, grad_entropy | None, hidden, weight, bias, labels, stats, entropy | None,
            ignore_index, temperature, chunk_size) -> (grad_hidden, grad_weight, grad_bias | None)
+      ignored tokens contribute nothing to grad_weight / grad_bias (a NaN/inf hidden row is
+      selected away) and get grad_hidden exactly 0
 kl
   forward(logprobs, ref_logprobs, mask | None, estimator) -> kl (f32)
   backward(grad_kl, logprobs, ref_logprobs, mask | None, estimator)

@@ -1,11 +1,16 @@
 // Per-token log-probs (and entropy) of the label under softmax(logits / T), CPU backend.
 //
 // forward: one streaming pass per row. The row goes by blocks of kBlock elements that stay in
-// L1: a max pass over the block, then an exp-sum pass relative to the running max (online
-// logsumexp, rescaled only when a block raises the max). Reads logits once from memory:
-// N*V*sizeof(dtype) bytes, writes 2-3 floats per row.
-// backward: one pass per row, p = exp(z/T - lse) recomputed from the saved lse; reads the
-// logits once and writes the gradient once (into the logits buffer itself when in place).
+// L1: a max pass over the block, then an exp-sum pass relative to the running max m of the raw
+// logits (online logsumexp, rescaled only when a block raises the max). Everything is computed
+// from s = (z - m) / T <= 0: log p_y = s_y - log sum exp(s) keeps fp32 accuracy at any common
+// offset of the logits (z/T - lse with both ~1e4 would lose 4 digits), never overflows where
+// z / T would, and is <= 0 (the clamp below only removes rounding). Saves the row stats
+// (m, log sum exp(s)) [N, 2]. Reads logits once from memory: N*V*sizeof(dtype) bytes, writes
+// 3-4 floats per row. Ignored rows are not read: outputs 0.
+// backward: one pass per row, log p = (z - m) / T - log sum exp recomputed from the saved
+// stats; reads the logits once and writes the gradient once (into the logits buffer itself
+// when in place). Ignored rows are not read: gradient exactly +0.
 // Threads: rows split over at::parallel_for (OpenMP); each row is one thread's serial work, so
 // results do not depend on the thread count. Inner loops are `omp simd` (fp32 accumulation).
 #include <ATen/Parallel.h>
@@ -28,15 +33,16 @@ namespace {
 constexpr int64_t kBlock = 2048;  // 8 KiB of fp32: two passes over it stay in L1
 
 struct RowStats {
-  float lse;
+  float max;      // m = max_v z_v of the raw logits (-inf for a row of -inf)
+  float log_sum;  // log sum_v exp((z_v - m) / T) >= 0
   float entropy;
 };
 
 template <typename scalar_t, bool kEntropy>
 RowStats row_logsumexp(const scalar_t* row, int64_t vocab, float inv_temperature) {
-  float running_max = -INFINITY;
-  float sum = 0.0f;       // sum of exp(y - running_max)
-  float weighted = 0.0f;  // sum of exp(y - running_max) * (y - running_max), for the entropy
+  float running_max = -INFINITY;  // of the raw logits z
+  float sum = 0.0f;       // sum of exp(s), s = (z - running_max) / T <= 0
+  float weighted = 0.0f;  // sum of exp(s) * s <= 0, for the entropy
   bool saw_nan = false;
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int64_t length = std::min(kBlock, vocab - start);
@@ -44,11 +50,19 @@ RowStats row_logsumexp(const scalar_t* row, int64_t vocab, float inv_temperature
     float block_max = -INFINITY;
 #pragma omp simd reduction(max : block_max)
     for (int64_t i = 0; i < length; ++i) block_max = std::max(block_max, to_float(block[i]));
-    block_max *= inv_temperature;  // T > 0: scaling commutes with max
     if (block_max > running_max) {
-      const float alpha = exp_nonpositive(running_max - block_max);
-      if (kEntropy) weighted = sum > 0.0f ? alpha * (weighted + (running_max - block_max) * sum) : 0.0f;
-      sum *= alpha;
+      const float step = (running_max - block_max) * inv_temperature;  // < 0, may be -inf
+      const float alpha = exp_nonpositive(step);
+      if (alpha == 0.0f) {
+        // The old terms vanish next to the new max (or there were none); 0 * inf must not
+        // turn them into NaN, but a NaN already in them must survive.
+        saw_nan |= std::isnan(sum) || std::isnan(weighted);
+        sum = 0.0f;
+        weighted = 0.0f;
+      } else {
+        if (kEntropy) weighted = alpha * (weighted + step * sum);
+        sum *= alpha;
+      }
       running_max = block_max;
     }
     if (running_max == -INFINITY) {
@@ -61,7 +75,7 @@ RowStats row_logsumexp(const scalar_t* row, int64_t vocab, float inv_temperature
     float block_sum = 0.0f, block_weighted = 0.0f;
 #pragma omp simd reduction(+ : block_sum, block_weighted)
     for (int64_t i = 0; i < length; ++i) {
-      const float shifted = to_float(block[i]) * inv_temperature - shift;
+      const float shifted = (to_float(block[i]) - shift) * inv_temperature;
       const float e = exp_nonpositive(shifted);
       block_sum += e;
       if (kEntropy) block_weighted += e == 0.0f ? 0.0f : e * shifted;  // 0 * -inf = 0 here
@@ -71,16 +85,19 @@ RowStats row_logsumexp(const scalar_t* row, int64_t vocab, float inv_temperature
   }
   if (saw_nan) sum = NAN;
   const float log_sum = std::log(sum);
-  return RowStats{running_max + log_sum, kEntropy ? log_sum - weighted / sum : 0.0f};
+  // H = log S - sum e s / S: two terms >= 0 (s <= 0); `x < 0 ? 0 : x` keeps NaN.
+  const float entropy = kEntropy ? log_sum - weighted / sum : 0.0f;
+  return RowStats{running_max, log_sum, entropy < 0.0f ? 0.0f : entropy};
 }
 
-// d logp / dz_v = (1[v=y] - p_v) / T;  d H / dz_v = -p_v (z_v/T - lse + H) / T.
+// d logp / dz_v = (1[v=y] - p_v) / T;  d H / dz_v = -p_v (log p_v + H) / T, with
+// log p_v = (z_v - m) / T - log_sum from the saved row stats.
 template <typename scalar_t, bool kEntropy>
 void row_backward(const scalar_t* row, scalar_t* grad_row, int64_t vocab, int64_t label,
-                  float grad_logprob, float grad_entropy, float lse, float entropy,
-                  float inv_temperature) {
+                  float grad_logprob, float grad_entropy, float row_max, float log_sum,
+                  float entropy, float inv_temperature) {
   // The label's own gradient first: in place, its logit is overwritten by the loop.
-  const float label_shifted = to_float(row[label]) * inv_temperature - lse;
+  const float label_shifted = (to_float(row[label]) - row_max) * inv_temperature - log_sum;
   const float label_prob = exp_nonpositive(label_shifted);
   float label_grad = -label_prob * grad_logprob;
   if (kEntropy && label_prob != 0.0f) label_grad -= label_prob * grad_entropy * (label_shifted + entropy);
@@ -90,7 +107,7 @@ void row_backward(const scalar_t* row, scalar_t* grad_row, int64_t vocab, int64_
   const float scale_entropy = -grad_entropy * inv_temperature;
 #pragma omp simd
   for (int64_t v = 0; v < vocab; ++v) {
-    const float shifted = to_float(row[v]) * inv_temperature - lse;
+    const float shifted = (to_float(row[v]) - row_max) * inv_temperature - log_sum;
     const float prob = exp_nonpositive(shifted);
     float grad = prob * scale_logprob;
     if (kEntropy) grad += prob == 0.0f ? 0.0f : prob * scale_entropy * (shifted + entropy);
@@ -126,19 +143,28 @@ int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, 32768 / vocab); }
 template <typename scalar_t>
 void forward_impl(const at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
                   float inv_temperature, bool with_entropy, float* logprobs, float* entropy,
-                  float* lse) {
+                  float* stats) {
   const int64_t rows = logits.size(0), vocab = logits.size(1), row_stride = logits.stride(0);
   const scalar_t* data = logits.data_ptr<scalar_t>();
   at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const scalar_t* row = data + n * row_stride;
-      const RowStats stats = with_entropy ? row_logsumexp<scalar_t, true>(row, vocab, inv_temperature)
-                                          : row_logsumexp<scalar_t, false>(row, vocab, inv_temperature);
       const int64_t label = labels[n];
-      const bool valid = label != ignore_index;
-      lse[n] = stats.lse;
-      logprobs[n] = valid ? to_float(row[label]) * inv_temperature - stats.lse : 0.0f;
-      if (with_entropy) entropy[n] = valid ? stats.entropy : 0.0f;
+      if (label == ignore_index) {  // not read: NaN/inf in a padded row cannot reach anything
+        logprobs[n] = 0.0f;
+        stats[2 * n] = 0.0f;
+        stats[2 * n + 1] = 0.0f;
+        if (with_entropy) entropy[n] = 0.0f;
+        continue;
+      }
+      const RowStats row_stats = with_entropy ? row_logsumexp<scalar_t, true>(row, vocab, inv_temperature)
+                                              : row_logsumexp<scalar_t, false>(row, vocab, inv_temperature);
+      stats[2 * n] = row_stats.max;
+      stats[2 * n + 1] = row_stats.log_sum;
+      // s_y <= 0 <= log_sum: the clamp removes rounding above 0 only (`x > 0 ? 0 : x` keeps NaN)
+      const float logprob = (to_float(row[label]) - row_stats.max) * inv_temperature - row_stats.log_sum;
+      logprobs[n] = logprob > 0.0f ? 0.0f : logprob;
+      if (with_entropy) entropy[n] = row_stats.entropy;
     }
   });
 }
@@ -147,6 +173,15 @@ void check_output(const at::Tensor& out, int64_t rows, const char* name) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 1 && out.size(0) == rows &&
                   out.is_contiguous() && out.device().is_cpu(),
               "pyalign_C: ", name, " must be a contiguous float32 CPU tensor of shape [", rows, "]");
+}
+
+// The row stats (m, log sum exp((z - m) / T)) travel as one [N, 2] float32 tensor (argument
+// `lse` of the schema).
+void check_stats_output(const at::Tensor& out, int64_t rows) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == rows &&
+                  out.size(1) == 2 && out.is_contiguous() && out.device().is_cpu(),
+              "pyalign_C: lse (the row stats) must be a contiguous float32 CPU tensor of shape [",
+              rows, ", 2]");
 }
 
 void logprobs_forward_out(const at::Tensor& logits_in, const at::Tensor& labels_in,
@@ -159,7 +194,7 @@ void logprobs_forward_out(const at::Tensor& logits_in, const at::Tensor& labels_
   const int64_t rows = logits.size(0);
   check_output(logprobs, rows, "logprobs");
   check_output(entropy, with_entropy ? rows : 0, "entropy");
-  check_output(lse, rows, "lse");
+  check_stats_output(lse, rows);
   const float inv_temperature = static_cast<float>(1.0 / temperature);
   const int64_t* label_data = labels.data_ptr<int64_t>();
   float* entropy_data = with_entropy ? entropy.data_ptr<float>() : nullptr;
@@ -181,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
   const auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor logprobs = at::empty({rows}, f32);
   at::Tensor entropy = at::empty({with_entropy ? rows : 0}, f32);
-  at::Tensor lse = at::empty({rows}, f32);
+  at::Tensor lse = at::empty({rows, 2}, f32);
   logprobs_forward_out(logits, labels, ignore_index, temperature, with_entropy, logprobs, entropy, lse);
   return std::make_tuple(logprobs, entropy, lse);
 }
@@ -195,7 +230,7 @@ at::Tensor float_rows(const at::Tensor& tensor, int64_t rows, const char* name) 
 template <typename scalar_t>
 void backward_impl(const at::Tensor& logits, at::Tensor& grad_logits, const int64_t* labels,
                    int64_t ignore_index, float inv_temperature, const float* grad_logprobs,
-                   const float* grad_entropy, const float* lse, const float* entropy) {
+                   const float* grad_entropy, const float* stats, const float* entropy) {
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   const int64_t row_stride = logits.stride(0), grad_row_stride = grad_logits.stride(0);
   const scalar_t* data = logits.data_ptr<scalar_t>();
@@ -211,10 +246,11 @@ void backward_impl(const at::Tensor& logits, at::Tensor& grad_logits, const int6
       }
       if (grad_entropy != nullptr) {
         row_backward<scalar_t, true>(row, grad_row, vocab, label, grad_logprobs[n],
-                                     grad_entropy[n], lse[n], entropy[n], inv_temperature);
+                                     grad_entropy[n], stats[2 * n], stats[2 * n + 1], entropy[n],
+                                     inv_temperature);
       } else {
         row_backward<scalar_t, false>(row, grad_row, vocab, label, grad_logprobs[n], 0.0f,
-                                      lse[n], 0.0f, inv_temperature);
+                                      stats[2 * n], stats[2 * n + 1], 0.0f, inv_temperature);
       }
     }
   });
@@ -237,7 +273,9 @@ void backward_into(const at::Tensor& grad_logprobs_in, const c10::optional<at::T
               "pyalign_C: grad_entropy needs the saved entropy");
   const at::Tensor labels = labels_in.contiguous();
   const at::Tensor grad_logprobs = float_rows(grad_logprobs_in, rows, "grad_logprobs");
-  const at::Tensor lse = float_rows(lse_in, rows, "lse");
+  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == rows && lse_in.size(1) == 2 && lse_in.device().is_cpu(),
+              "pyalign_C: lse (the row stats) must be a [N, 2] CPU tensor");
+  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
   at::Tensor grad_entropy, entropy;
   if (with_entropy) {
     grad_entropy = float_rows(*grad_entropy_in, rows, "grad_entropy");

@@ -18,7 +18,7 @@ def make_chunked_linear(logprobs_impl, default_chunk_size: int = 1024):
     """linear_logprobs primitives that hold at most ``chunk_size x V`` logits at a time.
 
     The matmuls run through torch; ``logprobs_impl`` (any backend's logprobs primitives) is the
-    per-chunk epilogue: forward reduces a chunk's logits to (logprobs, entropy, lse), backward
+    per-chunk epilogue: forward reduces a chunk's logits to (logprobs, entropy, row stats), backward
     turns the recomputed chunk into its gradient in place. Gradients of hidden, weight and bias
     accumulate in fp32 whatever their dtype.
     """
@@ -41,21 +41,21 @@ def make_chunked_linear(logprobs_impl, default_chunk_size: int = 1024):
         rows = _chunk_size(chunk_size, num_rows, vocab)
         acc = accumulation_dtype(hidden.dtype)
         logprobs_out = torch.empty(num_rows, dtype=acc, device=hidden.device)
-        lse = torch.empty_like(logprobs_out)
+        stats = torch.empty(num_rows, 2, dtype=acc, device=hidden.device)  # (m, log sum exp)
         entropy = torch.empty(num_rows if with_entropy else 0, dtype=acc, device=hidden.device)
         for start in range(0, num_rows, rows):
             end = min(num_rows, start + rows)
             chunk = _chunk_logits(hidden[start:end], weight, bias)
-            lp, ent, chunk_lse = logprobs_impl.forward(chunk, labels[start:end], ignore_index,
-                                                       temperature, with_entropy)
+            lp, ent, chunk_stats = logprobs_impl.forward(chunk, labels[start:end], ignore_index,
+                                                         temperature, with_entropy)
             logprobs_out[start:end] = lp
-            lse[start:end] = chunk_lse
+            stats[start:end] = chunk_stats
             if with_entropy:
                 entropy[start:end] = ent
             del chunk
-        return logprobs_out, entropy, lse
+        return logprobs_out, entropy, stats
 
-    def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+    def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy,
                  ignore_index, temperature, chunk_size):
         num_rows = hidden.shape[0]
         vocab = weight.shape[0]
@@ -67,19 +67,23 @@ def make_chunked_linear(logprobs_impl, default_chunk_size: int = 1024):
                      if bias is not None else None)
         for start in range(0, num_rows, rows):
             end = min(num_rows, start + rows)
-            chunk = _chunk_logits(hidden[start:end], weight, bias)
+            valid = (labels[start:end] != ignore_index)[:, None]
+            # An ignored token's hidden row may hold NaN/inf (padding): its d logits row is 0, but
+            # 0 * NaN in d_weight = d_logits^T @ hidden is NaN, so its row is zeroed by selection.
+            chunk_hidden = torch.where(valid, hidden[start:end], 0.0)
+            chunk = _chunk_logits(chunk_hidden, weight, bias)
             # The epilogue writes d logits into the chunk buffer itself: one chunk alive.
             grad_chunk = logprobs_impl.backward(
                 grad_logprobs[start:end],
                 None if grad_entropy is None else grad_entropy[start:end],
-                chunk, labels[start:end], lse[start:end],
+                chunk, labels[start:end], stats[start:end],
                 None if entropy is None else entropy[start:end],
                 ignore_index, temperature, True)
-            grad_hidden[start:end] = grad_chunk @ weight
+            grad_hidden[start:end] = torch.where(valid, grad_chunk @ weight, 0.0)
             if grad_chunk.dtype == acc:
-                grad_weight.addmm_(grad_chunk.t(), hidden[start:end])
+                grad_weight.addmm_(grad_chunk.t(), chunk_hidden)
             else:
-                grad_weight.addmm_(grad_chunk.t().to(acc), hidden[start:end].to(acc))
+                grad_weight.addmm_(grad_chunk.t().to(acc), chunk_hidden.to(acc))
             if grad_bias is not None:
                 grad_bias += grad_chunk.sum(0, dtype=acc)
             del chunk, grad_chunk

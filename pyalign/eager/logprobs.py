@@ -1,45 +1,54 @@
 """Eager per-token log-probs (family ``logprobs`` of pyalign/backends.py): ``forward`` and
 ``backward`` over chunks of rows, each with about two fp32 temporaries of the chunk alive at once.
+
+Everything is computed from the shifted logits s = (z - m) / T (m = max_v z_v, so s <= 0 with
+max 0): log p = s - log sum exp(s) keeps fp32 accuracy at any common offset of the logits and at
+any temperature, and is <= 0 by construction. Ignored rows are masked by selection
+(``torch.where``), never by multiplying by 0, so NaN or inf in them reaches neither the outputs
+nor the gradient.
 """
 from __future__ import annotations
 
 import torch
 
 from pyalign._utils import accumulation_dtype
-from pyalign.eager._rows import row_chunks, scaled_rows
+from pyalign.eager._rows import row_chunks, shifted_rows
 
 
 def _entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
-    """-sum p log p per row from log-probs; 0·log 0 = 0 for -inf logits, NaN stays NaN."""
+    """-sum p log p per row from log-probs; 0·log 0 = 0 for -inf logits, NaN stays NaN; >= 0
+    (every term p log p is <= 0; the clamp only guards rounding, and keeps NaN)."""
     probs = log_probs.exp()
     impossible = probs == 0
     probs.mul_(log_probs).masked_fill_(impossible, 0.0)
-    return -probs.sum(-1)
+    return (-probs.sum(-1)).clamp_(min=0.0)
 
 
 def forward(logits, labels, ignore_index, temperature, with_entropy):
     num_rows, vocab = logits.shape
     acc = accumulation_dtype(logits.dtype)
     logprobs = torch.empty(num_rows, dtype=acc, device=logits.device)
-    lse = torch.empty_like(logprobs)
+    stats = torch.empty(num_rows, 2, dtype=acc, device=logits.device)
     entropy = torch.empty(num_rows if with_entropy else 0, dtype=acc, device=logits.device)
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
     for start, end in row_chunks(num_rows, vocab):
-        scaled = scaled_rows(logits[start:end], acc, temperature)
-        chunk_lse = torch.logsumexp(scaled, dim=-1)
-        label_logit = scaled.gather(1, safe_labels[start:end, None]).squeeze(1)
+        shifted, peak = shifted_rows(logits[start:end], acc, temperature)
+        log_sum = torch.logsumexp(shifted, dim=-1)  # log sum exp(s) >= 0: the max term is e^0
+        label_shifted = shifted.gather(1, safe_labels[start:end, None]).squeeze(1)
         chunk_valid = valid[start:end]
-        lse[start:end] = chunk_lse
-        logprobs[start:end] = torch.where(chunk_valid, label_logit - chunk_lse, 0.0)
+        stats[start:end, 0] = peak
+        stats[start:end, 1] = log_sum
+        # s_y <= 0 <= log_sum: the clamp only removes rounding above 0 (NaN passes through)
+        logprobs[start:end] = torch.where(chunk_valid, (label_shifted - log_sum).clamp_(max=0.0), 0.0)
         if with_entropy:
-            log_probs = scaled.sub_(chunk_lse[:, None])
+            log_probs = shifted.sub_(log_sum[:, None])
             entropy[start:end] = torch.where(chunk_valid, _entropy_from_log_probs(log_probs), 0.0)
-        del scaled
-    return logprobs, entropy, lse
+        del shifted
+    return logprobs, entropy, stats
 
 
-def backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index,
+def backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index,
              temperature, inplace):
     num_rows, vocab = logits.shape
     acc = accumulation_dtype(logits.dtype)
@@ -48,7 +57,8 @@ def backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_i
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
     for start, end in row_chunks(num_rows, vocab):
         chunk_valid = valid[start:end]
-        log_probs = scaled_rows(logits[start:end], acc, temperature).sub_(lse[start:end, None])
+        log_probs, _ = shifted_rows(logits[start:end], acc, temperature, stats[start:end, 0])
+        log_probs.sub_(stats[start:end, 1, None].to(acc))
         grad = log_probs.exp()  # softmax, turned into the gradient in place below
         g_lp = torch.where(chunk_valid, grad_logprobs[start:end].to(acc), 0.0)
         if grad_entropy is not None:
@@ -64,6 +74,7 @@ def backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_i
         grad.scatter_add_(1, safe_labels[start:end, None], g_lp[:, None])
         if temperature != 1.0:
             grad.div_(temperature)
-        grad_logits[start:end] = grad
+        # Selection, not a zero factor: an ignored row's NaN/inf logits give NaN * 0 = NaN above.
+        grad_logits[start:end] = torch.where(chunk_valid[:, None], grad, 0.0)
         del grad
     return grad_logits

@@ -15,7 +15,9 @@ from pyalign._utils import accumulation_dtype
 from pyalign.ops import _checks
 
 
-@torch.library.custom_op("pyalign::linear_logprobs_fwd", mutates_args=())
+# The third output is the [N, 2] row stats (m, log-sum-exp); the op name says so, which also keeps
+# compiled graphs cached for the former [N] lse from being reused.
+@torch.library.custom_op("pyalign::linear_logprobs_stats_fwd", mutates_args=())
 def _linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          labels: torch.Tensor, ignore_index: int, temperature: float,
                          with_entropy: bool, chunk_size: int, backend: str
@@ -31,7 +33,7 @@ def _(hidden, weight, bias, labels, ignore_index, temperature, with_entropy, chu
     acc = accumulation_dtype(hidden.dtype)
     rows = hidden.shape[0]
     return (hidden.new_empty(rows, dtype=acc), hidden.new_empty(rows if with_entropy else 0, dtype=acc),
-            hidden.new_empty(rows, dtype=acc))
+            hidden.new_empty((rows, 2), dtype=acc))  # row stats (m, log sum exp)
 
 
 @torch.library.custom_op("pyalign::linear_logprobs_bwd", mutates_args=())
@@ -71,7 +73,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         ignore_index, temperature, with_entropy, chunk_size, backend = ctx.config
         if grad_logprobs is None:
-            grad_logprobs = torch.zeros_like(lse)
+            grad_logprobs = lse.new_zeros(lse.shape[0])  # lse: the [N, 2] row stats
         if not with_entropy:
             grad_entropy, entropy = None, None
         grad_hidden, grad_weight, grad_bias = _linear_logprobs_bwd(

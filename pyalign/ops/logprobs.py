@@ -16,7 +16,9 @@ from pyalign._utils import accumulation_dtype
 from pyalign.ops import _checks
 
 
-@torch.library.custom_op("pyalign::token_logprobs_fwd", mutates_args=())
+# The third output is the [N, 2] row stats (m, log-sum-exp); the op name says so, which also keeps
+# compiled graphs cached for the former [N] lse from being reused.
+@torch.library.custom_op("pyalign::token_logprobs_stats_fwd", mutates_args=())
 def _token_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                         temperature: float, with_entropy: bool, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -31,7 +33,7 @@ def _(logits, labels, ignore_index, temperature, with_entropy, backend):
     acc = accumulation_dtype(logits.dtype)
     rows = logits.shape[0]
     return (logits.new_empty(rows, dtype=acc), logits.new_empty(rows if with_entropy else 0, dtype=acc),
-            logits.new_empty(rows, dtype=acc))
+            logits.new_empty((rows, 2), dtype=acc))  # row stats (m, log sum exp)
 
 
 @torch.library.custom_op("pyalign::token_logprobs_bwd", mutates_args=())
@@ -74,7 +76,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         logits, labels, lse, entropy = ctx.saved_tensors
         ignore_index, temperature, with_entropy, backend, inplace_backward = ctx.config
         if grad_logprobs is None:
-            grad_logprobs = torch.zeros_like(lse)
+            grad_logprobs = lse.new_zeros(lse.shape[0])  # lse: the [N, 2] row stats
         if not with_entropy:
             grad_entropy, entropy = None, None
         args = (grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),

@@ -322,3 +322,107 @@ def test_vocab_of_one(backend):
     for grad, expected in zip(grads, exp_grads, strict=False):
         torch.testing.assert_close(grad.double(), expected, rtol=1e-5,
                                    atol=1e-5 * max(1.0, float(expected.abs().max())))
+
+
+# ---------------------------------------------------------------- numerical robustness
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("chunk_size,temperature", [(None, 1.0), (3, 0.7)], ids=["T1", "chunk3-T0.7"])
+def test_ignored_tokens_with_nan_and_inf_hidden_are_inert(backend, dtype, chunk_size, temperature):
+    """Padded positions whose hidden state holds NaN, +inf, -inf or a whole row of -inf give 0,
+    d_hidden exactly 0 there, and contribute nothing to d_weight / d_bias: those equal float64
+    computed without the ignored tokens."""
+    hidden, weight, bias, labels = random_case((10,), 16, 40, dtype, True)
+    labels[1::2] = IGNORE
+    hidden[1, 3] = float("nan")
+    hidden[3, 0] = float("inf")
+    hidden[5, 7] = float("-inf")
+    hidden[7] = float("-inf")
+    hidden[9] = float("nan")
+    grad_logprobs, grad_entropy = torch.randn(10), torch.randn(10)
+    logprobs, entropy, grads = run(hidden, weight, bias, labels, grad_logprobs, grad_entropy,
+                                   chunk_size=chunk_size, temperature=temperature, backend=backend)
+    ignored = labels == IGNORE
+    assert torch.all(logprobs[ignored] == 0) and torch.all(entropy[ignored] == 0)
+    assert torch.all(grads[0][ignored] == 0), "an ignored token gets a nonzero d_hidden"
+    assert torch.isfinite(grads[1]).all(), "a padded hidden row leaks into d_weight"
+    assert torch.isfinite(grads[2]).all(), "a padded hidden row leaks into d_bias"
+    valid = ~ignored
+    exp_lp, exp_ent, exp_grads = oracle(hidden[valid], weight, bias, labels[valid],
+                                        grad_logprobs[valid], grad_entropy[valid], temperature)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(logprobs[valid].double(), exp_lp, **tol)
+    torch.testing.assert_close(entropy[valid].double(), exp_ent, **tol)
+    limit = 5e-5 if dtype == torch.float32 else 2e-2
+    for name, grad, expected in zip(("hidden", "weight", "bias"),
+                                    (grads[0][valid], grads[1], grads[2]), exp_grads, strict=True):
+        assert relative_error(grad, expected) < limit, name
+
+
+def exact_fp32_case(tokens, hidden_size, vocab, offset):
+    """Inputs whose logits are exact in fp32 (small integers times multiples of 1/64 plus an
+    offset that is a multiple of 1/64 below 2^17): the kernels' error is then that of the
+    log-sum-exp alone, not of the matmul's rounding."""
+    hidden = torch.randint(-3, 4, (tokens, hidden_size)).float()
+    weight = torch.randint(-8, 9, (vocab, hidden_size)).float() / 64
+    bias = offset + torch.randint(-64, 65, (vocab,)).float() / 64
+    labels = torch.randint(0, vocab, (tokens,))
+    labels[1] = IGNORE
+    return hidden, weight, bias, labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [1e3, 1e4, -1e4])
+def test_large_common_offset_keeps_fp32_accuracy(backend, offset):
+    hidden, weight, bias, labels = exact_fp32_case(9, 8, 70, offset)
+    grad_logprobs, grad_entropy = torch.randn(9), torch.randn(9)
+    logprobs, entropy, grads = run(hidden, weight, bias, labels, grad_logprobs, grad_entropy,
+                                   temperature=0.7, backend=backend)
+    exp_lp, exp_ent, exp_grads = oracle(hidden, weight, bias, labels, grad_logprobs,
+                                        grad_entropy, 0.7)
+    valid = labels != IGNORE
+    torch.testing.assert_close(logprobs[valid].double(), exp_lp[valid], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(entropy[valid].double(), exp_ent[valid], rtol=1e-6, atol=1e-7)
+    for name, grad, expected in zip(("hidden", "weight", "bias"), grads, exp_grads, strict=True):
+        assert relative_error(grad, expected) < 2e-6, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.7, 1e-2, 1e-3])
+def test_small_temperatures_with_large_logits_never_give_positive_logprobs(backend, temperature):
+    """|z| up to ~1e4 at T = 1e-3: log-probs in [-inf, 0], never NaN or +inf, entropy >= 0, all
+    as float64 says (exact fp32 logits, so the comparison is of the log-sum-exp alone)."""
+    hidden, weight, bias, labels = exact_fp32_case(12, 8, 50, 0.0)
+    weight = weight * 512  # logits up to ~1e3, |z / T| up to ~1e6
+    logits = linear_logits64(hidden, weight, bias)
+    labels[::3] = logits[::3].argmax(-1)  # the label at the max: logprob ~ 0
+    labels[1] = IGNORE
+    grad_logprobs, grad_entropy = torch.randn(12), torch.randn(12)
+    logprobs, entropy, grads = run(hidden, weight, bias, labels, grad_logprobs, grad_entropy,
+                                   temperature=temperature, backend=backend)
+    assert torch.all(logprobs <= 0) and torch.isfinite(logprobs).all()
+    assert torch.all(entropy >= 0) and torch.isfinite(entropy).all()
+    exp_lp, exp_ent, exp_grads = oracle(hidden, weight, bias, labels, grad_logprobs,
+                                        grad_entropy, temperature)
+    torch.testing.assert_close(logprobs.double(), exp_lp, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(entropy.double(), exp_ent, rtol=1e-5, atol=1e-5)
+    for name, grad, expected in zip(("hidden", "weight", "bias"), grads, exp_grads, strict=True):
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad.double(), expected, rtol=1e-4,
+                                   atol=1e-5 * max(1.0, float(expected.abs().max())))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1e-3])
+def test_vocab_of_one_is_exactly_zero(backend, temperature):
+    """V = 1: p = 1 exactly, so log-prob, entropy and every gradient are exactly 0."""
+    hidden, weight, bias, labels = random_case((6,), 16, 1, torch.float32, True)
+    hidden = hidden * 100
+    labels[:] = 0
+    labels[2] = IGNORE
+    logprobs, entropy, grads = run(hidden, weight, bias, labels, torch.randn(6), torch.randn(6),
+                                   temperature=temperature, backend=backend)
+    assert torch.all(logprobs == 0) and torch.all(entropy == 0)
+    for name, grad in zip(("hidden", "weight", "bias"), grads, strict=True):
+        assert torch.all(grad == 0), name

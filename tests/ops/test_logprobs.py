@@ -429,3 +429,153 @@ def test_every_backend_of_the_device_runs():
     else:
         assert "triton" in BACKENDS and "cpu" not in BACKENDS
     assert BACKENDS == backends_for("logprobs")
+
+
+# ---------------------------------------------------------------- numerical robustness
+
+def poison_ignored_rows(logits, labels):
+    """Rows 1, 3, 5, 7, 9 ignored, holding what padded or corrupted positions hold: NaN, +inf,
+    -inf, a whole row of -inf and a whole row of NaN."""
+    labels[1::2] = IGNORE
+    logits[1, 3] = math.nan
+    logits[3, 0] = math.inf
+    logits[5, -1] = -math.inf
+    logits[7] = -math.inf
+    logits[9] = math.nan
+    return logits, labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+def test_ignored_rows_holding_nan_and_inf_are_inert(backend, dtype, temperature, inplace):
+    """An ignored position gives exactly 0 and exactly zero gradient whatever its logits hold;
+    the other rows match float64 computed without the ignored ones."""
+    logits, labels = random_case((10, 77), dtype)
+    logits, labels = poison_ignored_rows(logits, labels)
+    grad_logprobs, grad_entropy = torch.randn(10), torch.randn(10)
+    leaf = logits.clone().requires_grad_(True)
+    source = leaf * 1 if inplace else leaf  # inplace backward writes into a non-leaf buffer
+    logprobs, entropy = pyalign.token_logprobs(source, labels, entropy=True, temperature=temperature,
+                                               backend=backend, inplace_backward=inplace)
+    torch.autograd.backward([logprobs, entropy], [grad_logprobs, grad_entropy])
+    ignored = labels == IGNORE
+    assert torch.all(logprobs[ignored] == 0) and torch.all(entropy[ignored] == 0)
+    assert torch.all(leaf.grad[ignored] == 0), "an ignored row leaks into the gradient"
+    valid = ~ignored
+    exp_lp, exp_ent, exp_grad = token_logprobs_and_grad64(
+        logits[valid], labels[valid], grad_logprobs[valid], grad_entropy[valid],
+        temperature=temperature)
+    close(logprobs[valid], exp_lp, **FORWARD_TOL)
+    close(entropy[valid], exp_ent, **FORWARD_TOL)
+    close_grad(leaf.grad[valid], exp_grad, dtype, grad_logprobs[valid], grad_entropy[valid],
+               temperature)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_a_valid_row_next_to_poisoned_ignored_rows_stays_nan(backend):
+    logits, labels = random_case((10, 77), torch.float32)
+    logits, labels = poison_ignored_rows(logits, labels)
+    labels[4] = 11
+    logits[4, 50] = math.nan
+    leaf = logits.clone().requires_grad_(True)
+    logprobs, entropy = pyalign.token_logprobs(leaf, labels, entropy=True, backend=backend)
+    (logprobs.sum() + entropy.sum()).backward()
+    assert torch.isnan(logprobs[4]) and torch.isnan(entropy[4]) and torch.isnan(leaf.grad[4]).any()
+    others = torch.ones(10, dtype=torch.bool)
+    others[4] = False
+    assert torch.isfinite(logprobs[others]).all() and torch.isfinite(entropy[others]).all()
+    assert torch.isfinite(leaf.grad[others]).all()
+
+
+# fp32 offsets: a log-prob at a common logit offset of 1e4 keeps fp32 accuracy (as
+# torch.log_softmax does) only when it is computed from the shifted logits z - max z.
+OFFSET_RTOL = 1e-6
+
+
+def assert_relative(actual, expected, rtol, what, floor=1e-30):
+    """|actual - expected| <= rtol * max(|expected|, floor), element by element, in float64."""
+    error = (actual.double() - expected.double()).abs()
+    bound = rtol * expected.double().abs().clamp(min=floor)
+    assert torch.all(error <= bound), (f"{what}: relative error "
+                                       f"{float((error / bound).max() * rtol):.3g} > {rtol}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [1e3, 1e4, -1e4])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_large_common_offset_keeps_fp32_accuracy(backend, offset, temperature):
+    logits, labels = random_case((6, 300), torch.float32)
+    logits = logits + offset
+    grad_logprobs, grad_entropy = torch.randn(6), torch.randn(6)
+    logprobs, entropy, grad = run(logits, labels, grad_logprobs, grad_entropy,
+                                  temperature=temperature, backend=backend)
+    exp_lp, exp_ent, exp_grad = token_logprobs_and_grad64(logits, labels, grad_logprobs,
+                                                          grad_entropy, temperature=temperature)
+    valid = labels != IGNORE
+    assert_relative(logprobs[valid], exp_lp[valid], OFFSET_RTOL, "logprobs")
+    assert_relative(entropy[valid], exp_ent[valid], OFFSET_RTOL, "entropy")
+    # the gradient, relative to the row's largest entry (entries far below it are p ~ e^-10)
+    row_scale = exp_grad.abs().amax(-1, keepdim=True).expand_as(exp_grad)
+    error = (grad.double() - exp_grad).abs()
+    assert torch.all(error <= 4 * OFFSET_RTOL * row_scale), f"gradient error {float(error.max()):.3g}"
+    assert torch.all(grad[~valid] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.7, 1e-2, 1e-3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_small_temperatures_with_large_logits_never_give_positive_logprobs(backend, temperature,
+                                                                          dtype):
+    """Log-probs lie in [-inf, 0] and entropies in [0, log V] whatever |z/T| is; |z| up to 1e4
+    at T = 1e-3 (|z/T| = 1e7) still matches float64."""
+    rows, vocab = 64, 50
+    logits = (torch.randn(rows, vocab) * 3e3).clamp(-1e4, 1e4).to(dtype)
+    if dtype == torch.float16:
+        logits = logits.clamp(-6e4, 6e4)
+    labels = torch.randint(0, vocab, (rows,))
+    labels[::4] = logits[::4].float().argmax(-1)  # the label at the max: logprob ~ 0
+    labels[5] = IGNORE
+    grad_logprobs, grad_entropy = torch.randn(rows), torch.randn(rows)
+    logprobs, entropy, grad = run(logits, labels, grad_logprobs, grad_entropy,
+                                  temperature=temperature, backend=backend)
+    assert torch.all(logprobs <= 0), f"positive log-prob {float(logprobs.max()):.3g}"
+    assert not torch.isnan(logprobs).any() and not torch.isinf(logprobs).any()
+    assert torch.all(entropy >= 0) and torch.all(entropy <= math.log(vocab) + 1e-6)
+    assert torch.isfinite(grad).all()
+    exp_lp, exp_ent, exp_grad = token_logprobs_and_grad64(logits, labels, grad_logprobs,
+                                                          grad_entropy, temperature=temperature)
+    close(logprobs, exp_lp, rtol=2e-6, atol=1e-6)
+    close(entropy, exp_ent, rtol=1e-5, atol=1e-5)
+    close_grad(grad, exp_grad, dtype, grad_logprobs, grad_entropy, temperature)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_logits_over_temperature_overflowing_fp32_stay_finite(backend, dtype):
+    """|z/T| > fp32 max: the true log-probs are finite (-log 2 for the two tied maxima) or
+    -inf (rounding of -6e39), never NaN or +inf."""
+    logits = torch.tensor([[3e37, 3e37, -3e37, 0.0], [3e37, -3e37, 1e37, 0.0]]).to(dtype)
+    labels = torch.tensor([0, 0])
+    logprobs, entropy, grad = run(logits, labels, torch.ones(2), torch.ones(2), temperature=0.01,
+                                  backend=backend)
+    assert logprobs[0] == pytest.approx(-math.log(2), rel=1e-6) and logprobs[1] == 0
+    assert entropy[0] == pytest.approx(math.log(2), rel=1e-6) and entropy[1] == 0
+    assert torch.isfinite(grad).all()
+    other = pyalign.token_logprobs(logits, torch.tensor([2, 3]), temperature=0.01, backend=backend)
+    assert torch.all(other == -math.inf)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1e-3])
+def test_vocab_of_one_is_exactly_zero(backend, dtype, temperature):
+    logits = (torch.randn(7, 1) * 1e3).to(dtype)
+    labels = torch.zeros(7, dtype=torch.long)
+    labels[2] = IGNORE
+    logprobs, entropy, grad = run(logits, labels, torch.randn(7), torch.randn(7),
+                                  temperature=temperature, backend=backend)
+    assert torch.all(logprobs == 0), logprobs
+    assert torch.all(entropy == 0), entropy
+    assert torch.all(grad == 0), grad

@@ -1,6 +1,6 @@
 """The C++ ops (torch.ops.pyalign_C, csrc/cpu) called directly, for what the public API cannot
 reach: the ``_out`` variants writing into poisoned buffers (equal to the allocating ones), the
-log-sum-exp the log-prob forward returns, the in-place backward op itself, the ops' own input
+row stats (max, log-sum-exp) the log-prob forward returns, the in-place backward op itself, the ops' own input
 checks, the vectorized exp, multi-tensor chunk sizes, the CUDA launch plan. Everything the
 public API reaches is tested through it in tests/ops/."""
 import math
@@ -50,14 +50,24 @@ def test_logprobs_out_variants_lse_and_inplace_op(cpu_ops, dtype, rows, vocab, w
     grad_entropy = torch.randn(rows) if with_entropy else None
     logprobs64, entropy64, grad64 = token_logprobs_and_grad64(
         logits, labels, grad_logprobs, grad_entropy, IGNORE, 0.7)
-    outs = [poison_(torch.empty(n)) for n in (rows, rows if with_entropy else 0, rows)]
+    outs = [poison_(torch.empty(n)) for n in (rows, rows if with_entropy else 0, (rows, 2))]
     cpu_ops.logprobs_forward_out(logits, labels, IGNORE, 0.7, with_entropy, *outs)
     allocated = cpu_ops.logprobs_forward(logits, labels, IGNORE, 0.7, with_entropy)
     for out, alloc in zip(outs, allocated, strict=False):
         assert alloc.dtype == torch.float32 and torch.equal(out, alloc)
     logprobs, entropy, lse = outs
     check_close(logprobs, logprobs64, TOL[dtype]["fwd"], "logprobs")
-    check_close(lse, torch.logsumexp(logits.double() / 0.7, -1), TOL[dtype]["fwd"], "lse")
+    # lse: the row stats (m, log sum exp((z - m) / T)), m the max of the raw logits, ignored rows
+    # (never read) (0, 0); m / T + L is logsumexp(z / T)
+    valid = labels != IGNORE
+    row_max = logits.double().amax(-1)
+    log_sum = torch.logsumexp((logits.double() - row_max[:, None]) / 0.7, -1)
+    assert lse.shape == (rows, 2)
+    assert torch.all(lse[~valid] == 0)
+    check_close(lse[valid, 0], row_max[valid], TOL[dtype]["fwd"], "row max")
+    check_close(lse[valid, 1], log_sum[valid], TOL[dtype]["fwd"], "log sum exp")
+    check_close(lse[valid, 0].double() / 0.7 + lse[valid, 1],
+                torch.logsumexp(logits.double() / 0.7, -1)[valid], TOL[dtype]["fwd"], "lse")
     if with_entropy:
         check_close(entropy, entropy64, TOL[dtype]["fwd"], "entropy")
     entropy = entropy if with_entropy else None
