@@ -504,3 +504,9 @@ def test_sequence_logprobs_integer_mask_counts_nonzero_once():
     torch.testing.assert_close(pyalign.sequence_logprobs(values, mask), expected)
     torch.testing.assert_close(pyalign.sequence_logprobs(values, mask, average=True),
                                expected / (mask != 0).sum(-1))
+
+
+def test_linear_preference_ref_bias_without_ref_weight_is_refused(no_kernels):
+    """ref_bias was silently dropped when ref_weight was not given (the reference used bias)."""
+    with pytest.raises(ValueError, match="ref_bias is given without ref_weight"):
+        _linear_preference_loss(ref_logps=None, ref_hidden=torch.randn(4, 5, 8), ref_bias=torch.randn(30))
