@@ -69,19 +69,20 @@ def logprobs_case(num_tokens: int = 4096, vocab: int = 32000, dtype=torch.float3
     notes += backend_notes
     names = [candidate.backend for candidate in ours]
     # In-place backward writes d logits into the logits buffer: each call gets its own copy of
-    # the logits, refilled outside the timing.
+    # the logits, made outside the timing. The copy is a non-leaf (as logits out of an lm_head
+    # are): on a leaf token_logprobs refuses to overwrite the caller's tensor and runs out of place.
     inplace_names = [name for name in names if name != "eager"]
     if inplace_names:
-        inplace_logits = torch.empty_like(logits).requires_grad_(True)
+        producer = logits.detach().clone().requires_grad_(True)
+        fresh = {}
 
         def refill():
-            inplace_logits.grad = None
-            with torch.no_grad():
-                inplace_logits.copy_(logits)
+            producer.grad = None
+            fresh["logits"] = producer.clone()
 
         for name in inplace_names:
             def fused_inplace(name=name):
-                pyalign.token_logprobs(inplace_logits, labels, temperature=temperature,
+                pyalign.token_logprobs(fresh["logits"], labels, temperature=temperature,
                                        backend=name, inplace_backward=True).backward(grad_logprobs)
             candidates.append(Candidate(f"pyalign token_logprobs [{name}] inplace_backward",
                                         fused_inplace, setup=refill, backend=name))

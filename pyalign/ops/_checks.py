@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -32,10 +33,8 @@ def check_shape(name: str, tensor, expected: tuple, what: str) -> None:
 
 
 def check_positive(name: str, value) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
+    """A finite real number > 0 (check_real: not bool, not a string)."""
+    return check_finite_range(name, value, low=0.0, low_inclusive=False, what="a finite number > 0")
 
 
 def check_labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
@@ -53,3 +52,106 @@ def check_labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: i
         raise ValueError(f"labels out of range: {count} label(s) outside [0, {vocab_size}) that are "
                          f"not ignore_index={ignore_index}; first is {value} at flat position "
                          f"{position}")
+
+
+# ---------------------------------------------------------------------------- scalars and flags
+# Python's bool is an int subclass and float() / int() accept strings and truncate: every scalar
+# argument of an op goes through one of these instead, so a flag, a count and a real number
+# each take exactly the values they mean.
+
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+# Below this temperature the gradient, which scales as 1/T, overflows float16 (max 65504; the
+# largest |dlogp/dz| is 1/T), and z/T of logits of a few tens reaches 1e5-1e6, where fp32
+# rounding alone moves a log-prob by more than 1e-2. Nothing useful is that sharp: T -> 0 is the
+# argmax, ask for it directly.
+MIN_TEMPERATURE = 1e-4
+
+
+def check_int(name: str, value, *, minimum: int = INT64_MIN, maximum: int = INT64_MAX,
+              what: str | None = None) -> int:
+    """An integer (Python int, NumPy integer or 0-d integer tensor; never bool) in [minimum,
+    maximum] (by default the int64 range). Returns it as a Python int."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype.is_floating_point or value.dtype.is_complex \
+                or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an int (or a 0-d integer tensor), got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+    elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be {what or f'an int in [{minimum}, {maximum}]'}, got {value}")
+    return value
+
+
+def check_optional_positive_int(name: str, value) -> int | None:
+    """None, or an int >= 1 (within int64)."""
+    if value is None:
+        return None
+    return check_int(name, value, minimum=1, what=">= 1 (an int) or None")
+
+
+def check_bool(name: str, value) -> bool:
+    """A flag: True or False (a NumPy bool or 0-d bool tensor too), not whatever bool() accepts."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype == torch.bool:
+        return bool(value)
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+
+
+def check_real(name: str, value) -> float:
+    """A real number (int, float, NumPy scalar or one-element real tensor): never bool, a string
+    or None, which float() would accept or turn into 1.0."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_finite_range(name: str, value, *, low: float | None = None, high: float | None = None,
+                       low_inclusive: bool = True, high_inclusive: bool = True,
+                       what: str | None = None) -> float:
+    """A finite real number (check_real) in the interval from ``low`` to ``high``; returns it as a
+    float. The message names the argument, the interval (or ``what``) and the value."""
+    number = check_real(name, value)
+    below = low is not None and (number < low if low_inclusive else number <= low)
+    above = high is not None and (number > high if high_inclusive else number >= high)
+    if not math.isfinite(number) or below or above:
+        if what is None:
+            left = "(-inf" if low is None else ("[" if low_inclusive else "(") + f"{low:g}"
+            right = "inf)" if high is None else f"{high:g}" + ("]" if high_inclusive else ")")
+            what = f"in {left}, {right}" + (" and finite" if low is None or high is None else "")
+        raise ValueError(f"{name} must be {what}, got {number}")
+    return number
+
+
+def check_temperature(value) -> float:
+    """A finite temperature >= MIN_TEMPERATURE."""
+    return check_finite_range("temperature", value, low=MIN_TEMPERATURE,
+                              what=f"a finite number > 0, at least {MIN_TEMPERATURE:g} (below it the "
+                                   f"1/T gradient overflows float16 and fp32 z/T loses the log-prob)")
+
+
+def check_choice(name: str, value, choices: tuple) -> str:
+    """One of the names in ``choices`` (a str: a list or tensor that compares equal is not one)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__} {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_mask(name: str, mask) -> None:
+    """A bool tensor, or an integer one (nonzero = kept, as attention masks come). Floats are
+    refused: 0.5 would silently count as kept (or as a weight)."""
+    check_tensor(name, mask)
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool (or integer 0/1) tensor, got {mask.dtype}")

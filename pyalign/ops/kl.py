@@ -66,13 +66,17 @@ class KLPenaltyFunction(torch.autograd.Function):
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator: str = "k1",
                mask: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
-    """Per-token KL estimate (fp32, shaped like ``logprobs``); ``mask`` (bool) zeroes positions."""
+    """Per-token KL estimate (fp32, shaped like ``logprobs``); ``mask`` (bool) zeroes positions.
+
+    ``logprobs`` and ``ref_logprobs``: floating tensors of one shape (no broadcasting); ``mask``:
+    that shape too, bool or integer (nonzero = kept; a float mask is refused); ``estimator``: one
+    of "k1", "k2", "k3".
+    """
     _checks.check_tensor("logprobs", logprobs, floating=True)
     _checks.check_tensor("ref_logprobs", ref_logprobs, floating=True)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if mask is not None and not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    _checks.check_choice("estimator", estimator, ESTIMATORS)
+    if mask is not None:
+        _checks.check_mask("mask", mask)
     _checks.check_same_device(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
     _checks.check_shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs.shape")
     if mask is not None:

@@ -113,7 +113,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     hidden: [..., H]; weight: [V, H] (an lm_head); bias: [V] or None; labels: hidden.shape[:-1].
     Returns fp32 logprobs shaped like labels (and entropy with ``entropy=True``). Gradients flow to
     hidden, weight and bias, accumulated in fp32. ``chunk_size`` bounds the tokens whose logits
-    exist at once on the chunked backends (default: about 64 MiB of fp32 logits).
+    exist at once on the chunked backends (default: about 64 MiB of fp32 logits): an int >= 1 or
+    None. ``temperature``, ``ignore_index`` and ``entropy`` are checked as in token_logprobs
+    (temperature finite and >= 1e-4); H must be > 0.
     """
     _checks.check_tensor("hidden", hidden, floating=True)
     _checks.check_tensor("weight", weight, floating=True)
@@ -121,8 +123,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if bias is not None:
         _checks.check_tensor("bias", bias, floating=True)
     _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have a last (hidden size) dimension")
+    if hidden.dim() < 1 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have a non-empty last (hidden size) dimension, got shape "
+                         f"{tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got {tuple(weight.shape)}")
@@ -135,15 +138,16 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
     _checks.check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
-    if chunk_size is not None and int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-    temperature = _checks.check_positive("temperature", temperature)
+    chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
+    temperature = _checks.check_temperature(temperature)
+    ignore_index = _checks.check_int("ignore_index", ignore_index)
+    entropy = _checks.check_bool("entropy", entropy)
     backends.check_name(backend)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     labels_1d = labels.reshape(-1).to(torch.int64)
     logprobs, entropy_out = LinearTokenLogprobsFunction.apply(
-        hidden_2d, weight, bias, labels_1d, int(ignore_index), temperature, bool(entropy),
-        int(chunk_size or 0), backend)
+        hidden_2d, weight, bias, labels_1d, ignore_index, temperature, entropy, chunk_size or 0,
+        backend)
     logprobs = logprobs.view(labels.shape)
     if entropy:
         return logprobs, entropy_out.view(labels.shape)

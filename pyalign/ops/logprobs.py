@@ -7,6 +7,7 @@ depends on data (labels in range) runs inside the op.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Literal, Optional, Union, overload
 
 import torch
@@ -57,6 +58,39 @@ def _token_logprobs_bwd_inplace(grad_logprobs: torch.Tensor, grad_entropy: Optio
                                 temperature: float, backend: str) -> None:
     backends.implementation("logprobs", backend, logits).backward(
         grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index, temperature, True)
+
+
+_inplace_warned: set[str] = set()
+
+
+def _inplace_backward_is_safe(logits_2d: torch.Tensor) -> bool:
+    """Whether the backward may write the gradient into ``logits_2d`` ([N, V], unit last stride).
+
+    No: where rows share memory (each write would clobber another row's gradient) or where the
+    buffer belongs to a leaf (the caller's tensor, overwritten by its own gradient). A view of a
+    non-leaf (``big[:, :V]``) is written in the view only; autograd's version counter catches an
+    op that saved the buffer for its own backward. Under torch.compile the backward is
+    out-of-place anyway.
+    """
+    if not logits_2d.requires_grad or torch.compiler.is_compiling():
+        return True
+    rows, vocab = logits_2d.shape
+    if rows > 1 and logits_2d.stride(0) < vocab:
+        reason = (f"the logits' rows share memory (row stride {logits_2d.stride(0)} < vocabulary "
+                  f"{vocab}: an expanded, stride-0 or overlapping view)")
+    else:
+        base = logits_2d._base if logits_2d._base is not None else logits_2d
+        if not base.is_leaf:
+            return True
+        reason = ("the logits are a leaf tensor (or a view of one): writing the gradient into them "
+                  "would overwrite the caller's tensor")
+    key = reason.split(" (")[0]
+    if key not in _inplace_warned:
+        _inplace_warned.add(key)
+        warnings.warn(f"pyalign.token_logprobs: inplace_backward=True ignored, {reason}; the "
+                      f"gradient is computed out of place (warned once per process)",
+                      RuntimeWarning, stacklevel=3)
+    return False
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
@@ -114,8 +148,19 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
     ``ignore_index`` give 0 and get zero gradient. With ``entropy=True`` returns
     ``(logprobs, entropy)`` where entropy is that of softmax(logits / temperature).
 
+    ``temperature`` must be finite and at least 1e-4 (``pyalign.ops._checks.MIN_TEMPERATURE``):
+    the gradient scales as 1/T, which overflows float16 below it, and fp32 z/T of logits of a few
+    tens no longer resolves the log-prob. ``ignore_index`` is an int in the int64 range (not a
+    bool, not a float); ``entropy`` and ``inplace_backward`` are bools.
+
     ``inplace_backward=True`` writes the gradient into the logits buffer during backward (no
-    second [N, V] tensor); use it only when nothing else needs the logits afterwards.
+    second [N, V] tensor); use it only when nothing else needs the logits afterwards (autograd
+    raises if another op saved them for its backward). Where the write cannot be right, the
+    out-of-place backward runs instead, with one RuntimeWarning per reason and process: logits
+    whose rows share memory (an expanded, stride-0 or overlapping view), and logits that are a
+    leaf, or a view of one (the write would replace the caller's tensor with its gradient, and
+    ``.grad`` would share its storage). Logits that are copied first (a non-unit last stride, or
+    batch dims that do not flatten into a view) are written in the private copy.
     """
     _checks.check_tensor("logits", logits, floating=True)
     _checks.check_tensor("labels", labels, integer=True)
@@ -124,16 +169,20 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
         raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape "
                          f"{tuple(logits.shape)}")
     _checks.check_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
-    temperature = _checks.check_positive("temperature", temperature)
-    ignore_index = int(ignore_index)
+    temperature = _checks.check_temperature(temperature)
+    ignore_index = _checks.check_int("ignore_index", ignore_index)
+    entropy = _checks.check_bool("entropy", entropy)
+    inplace_backward = _checks.check_bool("inplace_backward", inplace_backward)
     vocab = logits.shape[-1]
     backends.check_name(backend)
     logits_2d = logits if logits.stride(-1) == 1 else logits.contiguous()
     logits_2d = logits_2d.reshape(-1, vocab)
     labels_1d = labels.reshape(-1).to(torch.int64)
+    if inplace_backward:
+        inplace_backward = _inplace_backward_is_safe(logits_2d)
     logprobs, entropy_out = TokenLogprobsFunction.apply(logits_2d, labels_1d, ignore_index,
-                                                        temperature, bool(entropy), backend,
-                                                        bool(inplace_backward))
+                                                        temperature, entropy, backend,
+                                                        inplace_backward)
     logprobs = logprobs.view(labels.shape)
     if entropy:
         return logprobs, entropy_out.view(labels.shape)

@@ -84,14 +84,14 @@ class PreferenceLossFunction(torch.autograd.Function):
 
 
 def _check_loss_config(loss: str, beta, label_smoothing, reduction: str) -> tuple[float, float]:
+    if not isinstance(loss, str):
+        raise TypeError(f"loss must be a str, one of {LOSS_NAMES}, got {type(loss).__name__} {loss!r}")
     if loss not in LOSS_NAMES:
         raise ValueError(f"unknown preference loss {loss!r}; expected one of {LOSS_NAMES}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _checks.check_choice("reduction", reduction, REDUCTIONS)
     beta = _checks.check_positive("beta", beta)
-    label_smoothing = float(label_smoothing)
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    label_smoothing = _checks.check_finite_range("label_smoothing", label_smoothing, low=0.0, high=0.5,
+                                                 high_inclusive=False)
     if loss == "exo_pair" and label_smoothing == 0.0:
         label_smoothing = EXO_DEFAULT_LABEL_SMOOTHING
     return beta, label_smoothing
@@ -148,18 +148,24 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     mismatched prompt-completion pairs; z0 = mean(kl), clamped at 0 and detached. Per example,
     with r = policy_logps - ref_logps: desirable ``w_d * (1 - sigmoid(beta (r - z0)))``,
     undesirable ``w_u * (1 - sigmoid(beta (z0 - r)))``; mean over examples.
+
+    ``desirable`` must be a bool tensor [B] (float and 0/1 integer tensors are refused, not cast);
+    ``beta`` finite > 0; the weights finite >= 0; ``kl`` a floating tensor.
     """
     beta = _checks.check_positive("beta", beta)
-    for name, weight in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
-        if not float(weight) >= 0:
-            raise ValueError(f"{name} must be >= 0, got {weight}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    desirable_weight, undesirable_weight = (
+        _checks.check_finite_range(name, weight, low=0.0, what=">= 0 and finite")
+        for name, weight in (("desirable_weight", desirable_weight),
+                             ("undesirable_weight", undesirable_weight)))
+    _checks.check_choice("reduction", reduction, REDUCTIONS)
     _checks.check_tensor("policy_logps", policy_logps, floating=True)
     _checks.check_tensor("ref_logps", ref_logps, floating=True)
     _checks.check_tensor("kl", kl, floating=True)
     if not isinstance(desirable, torch.Tensor):
         raise TypeError(f"desirable must be a bool tensor, got {type(desirable).__name__}")
+    if desirable.dtype != torch.bool:  # a float (or 0/1 integer) label would be cast silently
+        raise TypeError(f"desirable must be a bool tensor, got {desirable.dtype}; compare it "
+                        f"explicitly (e.g. labels == 1) to choose which examples are desirable")
     if policy_logps.dim() != 1:
         raise ValueError(f"policy_logps must be 1-D [B], got shape {tuple(policy_logps.shape)}")
     _checks.check_shape("ref_logps", ref_logps, policy_logps.shape, "policy_logps.shape")
@@ -178,8 +184,20 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
 
 def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor,
                       average: bool = False) -> torch.Tensor:
-    """Masked sum (or mean, ``average=True``) of per-token log-probs over the last dimension."""
-    mask = mask.to(token_logprobs.dtype)
+    """Masked sum (or mean, ``average=True``) of per-token log-probs over the last dimension.
+
+    ``token_logprobs`` [..., T] floating and ``mask`` of exactly that shape (no broadcasting: a
+    [B, 1] against a [B, T] mask would count one token T times), bool or integer (nonzero =
+    kept, counted once; a float mask is refused).
+    """
+    _checks.check_tensor("token_logprobs", token_logprobs, floating=True)
+    _checks.check_mask("mask", mask)
+    _checks.check_same_device(token_logprobs=token_logprobs, mask=mask)
+    if token_logprobs.dim() < 1:
+        raise ValueError("token_logprobs must have a last (token) dimension, got a 0-d tensor")
+    _checks.check_shape("mask", mask, token_logprobs.shape, "token_logprobs.shape")
+    average = _checks.check_bool("average", average)
+    mask = (mask != 0).to(token_logprobs.dtype)
     summed = (token_logprobs * mask).sum(-1)
     if not average:
         return summed
@@ -242,6 +260,50 @@ class SequencePreferenceFunction(torch.autograd.Function):
         return grad_tokens, None, grad_ref, None, None, None, None, None
 
 
+def _check_linear_inputs(hidden, weight, bias, labels, ref_logps, ref_hidden, ref_weight,
+                         ref_bias) -> None:
+    """Every tensor of linear_preference_loss, named as the caller named it, before the policy's
+    forward runs (the inner linear_token_logprobs calls would name the reference's "weight")."""
+    _checks.check_tensor("weight", weight, floating=True)
+    _checks.check_tensor("labels", labels, integer=True)
+    if bias is not None:
+        _checks.check_tensor("bias", bias, floating=True)
+    _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    _checks.check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1], [2B, T]")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    vocab_and_hidden = tuple(weight.shape)
+    if bias is not None:
+        _checks.check_shape("bias", bias, (weight.shape[0],), "[V]")
+    if ref_logps is not None:
+        _checks.check_tensor("ref_logps", ref_logps, floating=True)
+        _checks.check_same_device(hidden=hidden, ref_logps=ref_logps)
+        _checks.check_shape("ref_logps", ref_logps, (hidden.shape[0],), "[2B], chosen rows first")
+        return
+    _checks.check_tensor("ref_hidden", ref_hidden, floating=True)
+    _checks.check_shape("ref_hidden", ref_hidden, hidden.shape, "hidden.shape")
+    if ref_weight is None:
+        if ref_bias is not None:
+            raise ValueError("ref_bias is given without ref_weight (the reference uses weight and bias)")
+        _checks.check_same_device(hidden=hidden, ref_hidden=ref_hidden)
+        return
+    _checks.check_tensor("ref_weight", ref_weight, floating=True)
+    if ref_weight.dim() != 2 or ref_weight.shape != vocab_and_hidden:
+        raise ValueError(f"ref_weight must be [V, H] = {vocab_and_hidden} like weight, got "
+                         f"{tuple(ref_weight.shape)}")
+    if ref_weight.dtype != ref_hidden.dtype:
+        raise TypeError(f"ref_hidden and ref_weight must share a dtype, got {ref_hidden.dtype} and "
+                        f"{ref_weight.dtype}")
+    if ref_bias is not None:
+        _checks.check_tensor("ref_bias", ref_bias, floating=True)
+        _checks.check_shape("ref_bias", ref_bias, (ref_weight.shape[0],), "[V]")
+        if ref_bias.dtype != ref_hidden.dtype:
+            raise TypeError(f"ref_bias must have ref_hidden's dtype {ref_hidden.dtype}, got {ref_bias.dtype}")
+    _checks.check_same_device(hidden=hidden, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                              ref_bias=ref_bias)
+
+
 def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                            bias: Optional[torch.Tensor] = None,
                            ref_logps: Optional[torch.Tensor] = None,
@@ -264,32 +326,34 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     """
     beta, label_smoothing = _check_loss_config(loss, beta, label_smoothing, reduction)
     _checks.check_tensor("hidden", hidden, floating=True)
-    if hidden.dim() != 3 or hidden.shape[0] % 2:
-        raise ValueError(f"hidden must be [2B, T, H] with chosen rows first, got shape {tuple(hidden.shape)}")
+    if hidden.dim() != 3 or hidden.shape[0] % 2 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must be [2B, T, H] with chosen rows first and H > 0, got shape "
+                         f"{tuple(hidden.shape)}")
     if (ref_logps is None) == (ref_hidden is None):
         raise ValueError("give exactly one of ref_logps (precomputed [2B]) or ref_hidden")
+    ignore_index = _checks.check_int("ignore_index", ignore_index)
+    temperature = _checks.check_temperature(temperature)
+    chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
+    average_log_prob = _checks.check_bool("average_log_prob", average_log_prob)
+    _check_linear_inputs(hidden, weight, bias, labels, ref_logps, ref_hidden, ref_weight, ref_bias)
+    backends.check_name(backend)
     pairs = hidden.shape[0] // 2
     mask = labels != ignore_index
     token_logps = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                         temperature=temperature, chunk_size=chunk_size,
                                         backend=backend)
     if ref_logps is None:
-        _checks.check_shape("ref_hidden", ref_hidden, hidden.shape, "hidden.shape")
         with torch.no_grad():  # per-token [2B, T]: the fused kernel reduces it with the policy's
             ref_logps = linear_token_logprobs(
                 ref_hidden, weight if ref_weight is None else ref_weight, labels,
                 bias=bias if ref_weight is None else ref_bias, ignore_index=ignore_index,
                 temperature=temperature, chunk_size=chunk_size, backend=backend)
-    else:
-        _checks.check_tensor("ref_logps", ref_logps, floating=True)
-        _checks.check_same_device(hidden=hidden, ref_logps=ref_logps)
-        _checks.check_shape("ref_logps", ref_logps, (2 * pairs,), "[2B], chosen rows first")
     # A backend named for the per-token part (say "cpu") need not have a loss kernel: the tiny
     # [2B, T] reduction then runs on whatever "auto" picks.
     loss_backend = backend if backend == "auto" or backends.has("preference", backend) else "auto"
     losses, policy_seq, ref_seq = SequencePreferenceFunction.apply(
         token_logps, mask, ref_logps.to(token_logps.dtype), loss, beta, label_smoothing,
-        bool(average_log_prob), loss_backend)
+        average_log_prob, loss_backend)
     rewards = beta * (policy_seq - ref_seq)
     chosen_rewards, rejected_rewards = rewards[:pairs], rewards[pairs:]
     return PreferenceLossOutput(_reduce(losses, reduction), chosen_rewards, rejected_rewards,

@@ -21,6 +21,7 @@ from support import (
     backends_for,
     random_logits_labels,
     same_under_thread_counts,
+    token_logprobs64,
     token_logprobs_and_grad64,
 )
 
@@ -579,3 +580,81 @@ def test_vocab_of_one_is_exactly_zero(backend, dtype, temperature):
     assert torch.all(logprobs == 0), logprobs
     assert torch.all(entropy == 0), entropy
     assert torch.all(grad == 0), grad
+
+
+# --------------------------------------------------------- inplace_backward only where it is safe
+# (the logits as built from a float64 leaf [6, 45], vocabulary 40; whether in-place can be right)
+ROWS, VOCAB = 6, 40
+INPLACE_CASES = {
+    "expanded_rows": (lambda leaf: (leaf * 1)[:1, :VOCAB].expand(ROWS, VOCAB), False),
+    "stride_0_rows_of_a_1d_buffer": (lambda leaf: (leaf * 1)[0, :VOCAB].expand(ROWS, VOCAB), False),
+    "overlapping_rows": (lambda leaf: torch.as_strided(leaf * 1, (ROWS, VOCAB), (3, 1)), False),
+    "a_leaf": (lambda leaf: leaf, False),
+    "a_view_of_a_leaf": (lambda leaf: leaf[:, :VOCAB], False),
+    "a_3d_view_of_a_leaf": (lambda leaf: leaf[:, :VOCAB].reshape(2, 3, VOCAB), False),
+    # written in place: a fresh non-leaf, a view of a non-leaf buffer, a private copy
+    "contiguous_non_leaf": (lambda leaf: leaf[:, :VOCAB] * 1, True),
+    "view_of_a_wider_non_leaf": (lambda leaf: (leaf * 1)[:, :VOCAB], True),
+    "expanded_vocab_copied": (lambda leaf: (leaf * 1)[:, :1].expand(ROWS, VOCAB), True),
+    "transposed_copied": (lambda leaf: (leaf * 1)[:, :VOCAB].t().contiguous().t(), True),
+}
+
+
+@pytest.fixture
+def fresh_inplace_warnings(monkeypatch):
+    from pyalign.ops import logprobs as logprobs_module
+    monkeypatch.setattr(logprobs_module, "_inplace_warned", set(), raising=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(INPLACE_CASES))
+def test_inplace_backward_is_right_or_runs_out_of_place(backend, case, fresh_inplace_warnings):
+    """Shared storage (stride-0 or overlapping rows) or a caller's leaf: the gradient equals the
+    float64 oracle's, the caller's tensor is not overwritten, and one RuntimeWarning says the
+    backward ran out of place. A buffer the op may own is still written in place."""
+    import warnings
+    make, in_place = INPLACE_CASES[case]
+    base = torch.randn(ROWS, VOCAB + 5, dtype=torch.float64) * 2
+    labels_shape = make(base).shape[:-1]
+    labels = torch.randint(0, VOCAB, labels_shape)
+    labels.view(-1)[1] = IGNORE
+    upstream = torch.randn(labels_shape)
+    leaf64 = base.clone().requires_grad_(True)
+    (token_logprobs64(make(leaf64), labels, temperature=0.9) * upstream).sum().backward()
+    leaf = base.float().requires_grad_(True)
+    before = leaf.detach().clone()
+    logits = make(leaf)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = pyalign.token_logprobs(logits, labels, temperature=0.9, backend=backend,
+                                     inplace_backward=True)
+        (out * upstream).sum().backward()
+    ours = [w for w in caught if "inplace_backward=True ignored" in str(w.message)]
+    torch.testing.assert_close(leaf.grad.double(), leaf64.grad, rtol=1e-5, atol=1e-6)
+    if in_place:
+        assert not ours, [str(w.message) for w in ours]
+    else:
+        assert len(ours) == 1 and ours[0].category is RuntimeWarning
+        assert torch.equal(leaf.detach(), before), "the caller's tensor was overwritten"
+        assert leaf.grad.data_ptr() != leaf.data_ptr()
+        # once per process (per reason): the second call is silent and still right
+        leaf.grad = None
+        with warnings.catch_warnings(record=True) as again:
+            warnings.simplefilter("always")
+            (pyalign.token_logprobs(make(leaf), labels, temperature=0.9, backend=backend,
+                                    inplace_backward=True) * upstream).sum().backward()
+        assert not [w for w in again if "inplace_backward" in str(w.message)]
+        torch.testing.assert_close(leaf.grad.double(), leaf64.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_still_lands_in_an_owned_buffer(backend, fresh_inplace_warnings):
+    """A contiguous non-leaf that owns its whole storage keeps the in-place path."""
+    leaf = torch.randn(ROWS, VOCAB).requires_grad_(True)
+    logits = leaf * 1
+    labels = torch.randint(0, VOCAB, (ROWS,))
+    upstream = torch.randn(ROWS)
+    pyalign.token_logprobs(logits, labels, backend=backend, inplace_backward=True).backward(upstream)
+    assert torch.equal(logits.detach(), leaf.grad), "the gradient was not written into the logits"
+    exp = token_logprobs_and_grad64(leaf.detach(), labels, upstream)[2]
+    torch.testing.assert_close(leaf.grad.double(), exp, rtol=1e-5, atol=1e-6)

@@ -233,3 +233,280 @@ def test_preference_bad_data_propagates(backend):
     assert not torch.isfinite(out.loss[0]) and torch.isfinite(out.loss[1:]).all()
     inputs[1][0] = float("nan")
     assert torch.isnan(pyalign.preference_loss(*inputs, backend=backend).loss)
+
+
+# ------------------------------------------------- scalars, flags, dtypes and shapes of every op
+# Each bad value is refused by every public op that takes the argument, with TypeError for a
+# wrong type and ValueError for a wrong value, naming the argument, before any kernel runs:
+# backends.implementation (the only way to a kernel) raises KernelRan if it is reached.
+
+class KernelRan(Exception):
+    pass
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise KernelRan("a backend was asked for an implementation before validation finished")
+    monkeypatch.setattr(pyalign.backends, "implementation", refuse)
+
+
+def _token_logprobs(**kw):
+    return pyalign.token_logprobs(torch.randn(3, 10), torch.randint(0, 10, (3,)), **kw)
+
+
+def _linear_token_logprobs(**kw):
+    return pyalign.linear_token_logprobs(torch.randn(3, 8), torch.randn(10, 8),
+                                         torch.randint(0, 10, (3,)), **kw)
+
+
+def _kl_penalty(**kw):
+    return pyalign.kl_penalty(torch.randn(3, 4), torch.randn(3, 4), **kw)
+
+
+def _preference_loss(**kw):
+    return pyalign.preference_loss(*pairs(), **kw)
+
+
+def _kto_loss(**kw):
+    return pyalign.kto_loss(torch.randn(4), torch.randn(4), torch.tensor([True, False, True, False]),
+                            torch.tensor(0.1), **kw)
+
+
+def _linear_preference_loss(**kw):
+    kw.setdefault("ref_logps", torch.randn(4))
+    return pyalign.linear_preference_loss(torch.randn(4, 5, 8), torch.randn(30, 8),
+                                          torch.randint(0, 30, (4, 5)), **kw)
+
+
+def _sequence_logprobs(**kw):
+    return pyalign.sequence_logprobs(torch.randn(4, 8), torch.rand(4, 8) > 0.5, **kw)
+
+
+OPS = {"token_logprobs": _token_logprobs, "linear_token_logprobs": _linear_token_logprobs,
+       "kl_penalty": _kl_penalty, "preference_loss": _preference_loss, "kto_loss": _kto_loss,
+       "linear_preference_loss": _linear_preference_loss, "sequence_logprobs": _sequence_logprobs}
+
+NOT_A_NUMBER = [("a string", "0.5", TypeError), ("True", True, TypeError), ("None", None, TypeError),
+                ("a 2-element tensor", torch.tensor([0.5, 0.5]), TypeError)]
+NOT_FINITE = [("nan", float("nan"), ValueError), ("inf", float("inf"), ValueError)]
+NOT_A_FLAG = [("the string 'no'", "no", TypeError), ("the int 1", 1, TypeError),
+              ("the int 0", 0, TypeError), ("None", None, TypeError)]
+
+# (argument, [(case id, bad value, exception)], the ops that take it)
+BAD_SCALARS = [
+    ("ignore_index", [("float 1.7", 1.7, TypeError), ("None", None, TypeError),
+                      ("a string", "x", TypeError), ("True", True, TypeError),
+                      ("False", False, TypeError), ("2**70", 2 ** 70, ValueError),
+                      ("-2**70", -2 ** 70, ValueError), ("a float tensor", torch.tensor(1.0), TypeError),
+                      ("a 1-element 1-D tensor", torch.tensor([3]), TypeError)],
+     ["token_logprobs", "linear_token_logprobs", "linear_preference_loss"]),
+    ("temperature", [("0", 0.0, ValueError), ("negative", -1.0, ValueError),
+                     ("below the 1e-4 floor", 1e-5, ValueError), *NOT_FINITE, *NOT_A_NUMBER],
+     ["token_logprobs", "linear_token_logprobs", "linear_preference_loss"]),
+    ("beta", [("0", 0.0, ValueError), ("negative", -0.1, ValueError), *NOT_FINITE, *NOT_A_NUMBER],
+     ["preference_loss", "kto_loss", "linear_preference_loss"]),
+    ("label_smoothing", [("negative", -0.1, ValueError), ("0.5", 0.5, ValueError), *NOT_FINITE,
+                         *NOT_A_NUMBER],
+     ["preference_loss", "linear_preference_loss"]),
+    ("desirable_weight", [("negative", -1.0, ValueError), *NOT_FINITE, *NOT_A_NUMBER], ["kto_loss"]),
+    ("undesirable_weight", [("negative", -1.0, ValueError), *NOT_FINITE, *NOT_A_NUMBER], ["kto_loss"]),
+    ("estimator", [("unknown", "k4", ValueError), ("upper case", "K1", ValueError),
+                   ("None", None, TypeError), ("a list", ["k1"], TypeError)], ["kl_penalty"]),
+    ("reduction", [("unknown", "avg", ValueError), ("None", None, TypeError),
+                   ("a tuple", ("mean",), TypeError)],
+     ["preference_loss", "kto_loss", "linear_preference_loss"]),
+    ("loss", [("unknown", "dpo", ValueError), ("None", None, TypeError)],
+     ["preference_loss", "linear_preference_loss"]),
+    ("chunk_size", [("0", 0, ValueError), ("negative", -4, ValueError), ("2**70", 2 ** 70, ValueError),
+                    ("float 2.5", 2.5, TypeError), ("float 8.0", 8.0, TypeError), ("True", True, TypeError),
+                    ("a string", "8", TypeError)],
+     ["linear_token_logprobs", "linear_preference_loss"]),
+    ("entropy", NOT_A_FLAG, ["token_logprobs", "linear_token_logprobs"]),
+    ("inplace_backward", NOT_A_FLAG, ["token_logprobs"]),
+    ("average", NOT_A_FLAG, ["sequence_logprobs"]),
+    ("average_log_prob", NOT_A_FLAG, ["linear_preference_loss"]),
+]
+
+
+def _bad_scalar_params():
+    for argument, cases, ops in BAD_SCALARS:
+        for op in ops:
+            for case_id, value, exception in cases:
+                yield pytest.param(op, argument, value, exception, id=f"{op}-{argument}-{case_id}")
+
+
+@pytest.mark.parametrize("op,argument,value,exception", list(_bad_scalar_params()))
+def test_bad_scalar_and_flag_arguments(no_kernels, op, argument, value, exception):
+    with pytest.raises(exception, match=rf"\b{argument}\b") as raised:
+        OPS[op](**{argument: value})
+    assert argument in str(raised.value)
+
+
+@pytest.mark.parametrize("op,kwargs", [
+    ("token_logprobs", dict(ignore_index=torch.tensor(-7), temperature=torch.tensor(0.5))),
+    ("token_logprobs", dict(ignore_index=2 ** 63 - 1, temperature=1e-4, entropy=True)),
+    ("linear_token_logprobs", dict(ignore_index=-(2 ** 63), chunk_size=2, temperature=3)),
+    ("linear_token_logprobs", dict(chunk_size=None, entropy=torch.tensor(False))),
+    ("preference_loss", dict(beta=1, label_smoothing=0, reduction="none")),
+    ("kto_loss", dict(beta=torch.tensor(0.2), desirable_weight=0, undesirable_weight=2)),
+    ("kl_penalty", dict(estimator="k3")),
+    ("sequence_logprobs", dict(average=True)),
+    ("linear_preference_loss", dict(ignore_index=-1, chunk_size=3, average_log_prob=True)),
+])
+def test_good_scalar_arguments_are_accepted(op, kwargs):
+    """The neighbours of the refused values: ints for reals, 0-d tensors, the int64 ends."""
+    OPS[op](**kwargs)
+
+
+def test_temperature_floor_is_the_documented_constant():
+    from pyalign.ops import _checks
+    assert _checks.MIN_TEMPERATURE == 1e-4
+    assert "1e-04" in pyalign.token_logprobs.__doc__ or "1e-4" in pyalign.token_logprobs.__doc__
+    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, at least 0.0001"):
+        _token_logprobs(temperature=9.99e-5)
+
+
+# Float-only tensor inputs given integer (or bool) tensors: (op, the argument, the call)
+_INT = torch.randint(0, 5, (4,))
+BAD_DTYPES = [
+    ("token_logprobs", "logits",
+     lambda: pyalign.token_logprobs(torch.randint(0, 9, (3, 10)), torch.randint(0, 10, (3,)))),
+    ("linear_token_logprobs", "hidden",
+     lambda: pyalign.linear_token_logprobs(torch.randint(0, 9, (3, 8)), torch.randn(10, 8),
+                                           torch.randint(0, 10, (3,)))),
+    ("linear_token_logprobs", "weight",
+     lambda: pyalign.linear_token_logprobs(torch.randn(3, 8), torch.randint(0, 9, (10, 8)),
+                                           torch.randint(0, 10, (3,)))),
+    ("linear_token_logprobs", "bias",
+     lambda: _linear_token_logprobs(bias=torch.randint(0, 9, (10,)))),
+    ("kl_penalty", "logprobs", lambda: pyalign.kl_penalty(torch.randint(0, 9, (3, 4)), torch.randn(3, 4))),
+    ("kl_penalty", "ref_logprobs", lambda: pyalign.kl_penalty(torch.randn(3, 4), torch.ones(3, 4).bool())),
+    ("kl_penalty", "mask",
+     lambda: pyalign.kl_penalty(torch.randn(3, 4), torch.randn(3, 4), mask=torch.rand(3, 4))),
+    ("preference_loss", "policy_chosen", lambda: pyalign.preference_loss(_INT, *pairs()[1:])),
+    ("preference_loss", "policy_rejected",
+     lambda: pyalign.preference_loss(pairs()[0], _INT, *pairs()[2:])),
+    ("preference_loss", "ref_rejected", lambda: pyalign.preference_loss(*pairs()[:3], _INT)),
+    ("kto_loss", "policy_logps",
+     lambda: pyalign.kto_loss(_INT, torch.randn(4), torch.ones(4, dtype=torch.bool), torch.tensor(0.1))),
+    ("kto_loss", "ref_logps",
+     lambda: pyalign.kto_loss(torch.randn(4), _INT, torch.ones(4, dtype=torch.bool), torch.tensor(0.1))),
+    ("kto_loss", "kl",
+     lambda: pyalign.kto_loss(torch.randn(4), torch.randn(4), torch.ones(4, dtype=torch.bool),
+                              torch.tensor(1))),
+    ("kto_loss", "desirable",  # a float 0/1 tensor is not cast silently
+     lambda: pyalign.kto_loss(torch.randn(4), torch.randn(4), torch.tensor([1.0, 0.0, 0.7, 0.0]),
+                              torch.tensor(0.1))),
+    ("kto_loss", "desirable",  # nor an integer one
+     lambda: pyalign.kto_loss(torch.randn(4), torch.randn(4), torch.tensor([1, 0, 1, 0]),
+                              torch.tensor(0.1))),
+    ("linear_preference_loss", "hidden",
+     lambda: pyalign.linear_preference_loss(torch.randint(0, 9, (4, 5, 8)), torch.randn(30, 8),
+                                            torch.randint(0, 30, (4, 5)), ref_logps=torch.randn(4))),
+    ("linear_preference_loss", "weight",
+     lambda: pyalign.linear_preference_loss(torch.randn(4, 5, 8), torch.randint(0, 9, (30, 8)),
+                                            torch.randint(0, 30, (4, 5)), ref_logps=torch.randn(4))),
+    ("linear_preference_loss", "labels",
+     lambda: pyalign.linear_preference_loss(torch.randn(4, 5, 8), torch.randn(30, 8),
+                                            torch.rand(4, 5), ref_logps=torch.randn(4))),
+    ("linear_preference_loss", "ref_logps", lambda: _linear_preference_loss(ref_logps=_INT)),
+    ("linear_preference_loss", "ref_hidden",
+     lambda: _linear_preference_loss(ref_logps=None, ref_hidden=torch.randint(0, 9, (4, 5, 8)))),
+    ("linear_preference_loss", "ref_weight",
+     lambda: _linear_preference_loss(ref_logps=None, ref_hidden=torch.randn(4, 5, 8),
+                                     ref_weight=torch.randint(0, 9, (30, 8)))),
+    ("linear_preference_loss", "ref_bias",
+     lambda: _linear_preference_loss(ref_logps=None, ref_hidden=torch.randn(4, 5, 8),
+                                     ref_weight=torch.randn(30, 8), ref_bias=torch.randint(0, 9, (30,)))),
+    ("sequence_logprobs", "token_logprobs",
+     lambda: pyalign.sequence_logprobs(torch.randint(0, 9, (4, 8)), torch.ones(4, 8, dtype=torch.bool))),
+    ("sequence_logprobs", "mask",  # a float mask would weight the tokens
+     lambda: pyalign.sequence_logprobs(torch.randn(4, 8), torch.rand(4, 8))),
+]
+
+
+@pytest.mark.parametrize("op,argument,call", [pytest.param(*case, id=f"{case[0]}-{case[1]}-{i}")
+                                              for i, case in enumerate(BAD_DTYPES)])
+def test_bad_tensor_dtypes(no_kernels, op, argument, call):
+    with pytest.raises(TypeError, match=rf"\b{argument}\b"):
+        call()
+
+
+# Shapes that broadcast (or are otherwise accepted) into a different answer.
+BAD_SHAPES = [
+    ("sequence_logprobs", "token_logprobs",  # [4, 1] against [4, 8] summed one token 8 times
+     lambda: pyalign.sequence_logprobs(torch.randn(4, 1), torch.ones(4, 8, dtype=torch.bool))),
+    ("sequence_logprobs", "mask",
+     lambda: pyalign.sequence_logprobs(torch.randn(4, 8), torch.ones(8, dtype=torch.bool))),
+    ("sequence_logprobs", "mask",
+     lambda: pyalign.sequence_logprobs(torch.randn(4, 8), torch.ones(1, 8, dtype=torch.bool))),
+    ("sequence_logprobs", "token_logprobs",
+     lambda: pyalign.sequence_logprobs(torch.tensor(1.0), torch.tensor(True))),
+    ("kl_penalty", "ref_logprobs", lambda: pyalign.kl_penalty(torch.randn(3, 4), torch.randn(1, 4))),
+    ("kl_penalty", "ref_logprobs", lambda: pyalign.kl_penalty(torch.randn(3, 4), torch.randn(4))),
+    ("kl_penalty", "mask",
+     lambda: pyalign.kl_penalty(torch.randn(3, 4), torch.randn(3, 4), mask=torch.ones(1, 4).bool())),
+    ("preference_loss", "policy_rejected",
+     lambda: pyalign.preference_loss(torch.randn(4), torch.randn(4, 1), torch.randn(4), torch.randn(4))),
+    ("preference_loss", "policy_chosen",
+     lambda: pyalign.preference_loss(torch.randn(4, 1), *(torch.randn(4) for _ in range(3)))),
+    ("kto_loss", "ref_logps",
+     lambda: pyalign.kto_loss(torch.randn(4), torch.randn(4, 1), torch.ones(4, dtype=torch.bool),
+                              torch.tensor(0.1))),
+    ("kto_loss", "desirable",
+     lambda: pyalign.kto_loss(torch.randn(4), torch.randn(4), torch.ones(4, 1, dtype=torch.bool),
+                              torch.tensor(0.1))),
+    ("linear_token_logprobs", "hidden",  # H = 0: every logit is the bias, nothing of hidden used
+     lambda: pyalign.linear_token_logprobs(torch.randn(3, 0), torch.randn(10, 0), torch.zeros(3).long())),
+    ("linear_token_logprobs", "weight",
+     lambda: pyalign.linear_token_logprobs(torch.randn(3, 8), torch.randn(10, 7), torch.zeros(3).long())),
+    ("linear_token_logprobs", "weight",
+     lambda: pyalign.linear_token_logprobs(torch.randn(3, 8), torch.randn(2, 10, 8), torch.zeros(3).long())),
+    ("linear_token_logprobs", "bias", lambda: _linear_token_logprobs(bias=torch.randn(1))),
+    ("linear_token_logprobs", "bias", lambda: _linear_token_logprobs(bias=torch.randn(1, 10))),
+    ("linear_token_logprobs", "labels",
+     lambda: pyalign.linear_token_logprobs(torch.randn(3, 8), torch.randn(10, 8), torch.zeros(1).long())),
+    ("token_logprobs", "labels",
+     lambda: pyalign.token_logprobs(torch.randn(3, 10), torch.zeros(1).long())),
+    ("linear_preference_loss", "hidden",
+     lambda: pyalign.linear_preference_loss(torch.randn(4, 5, 0), torch.randn(30, 0),
+                                            torch.zeros(4, 5).long(), ref_logps=torch.randn(4))),
+    ("linear_preference_loss", "labels",
+     lambda: pyalign.linear_preference_loss(torch.randn(4, 5, 8), torch.randn(30, 8),
+                                            torch.zeros(4, 1).long(), ref_logps=torch.randn(4))),
+    ("linear_preference_loss", "ref_logps", lambda: _linear_preference_loss(ref_logps=torch.randn(4, 1))),
+    ("linear_preference_loss", "ref_logps", lambda: _linear_preference_loss(ref_logps=torch.randn(3))),
+    ("linear_preference_loss", "ref_hidden",
+     lambda: _linear_preference_loss(ref_logps=None, ref_hidden=torch.randn(4, 1, 8))),
+    ("linear_preference_loss", "ref_weight",
+     lambda: _linear_preference_loss(ref_logps=None, ref_hidden=torch.randn(4, 5, 8),
+                                     ref_weight=torch.randn(30, 7))),
+    ("linear_preference_loss", "ref_bias",
+     lambda: _linear_preference_loss(ref_logps=None, ref_hidden=torch.randn(4, 5, 8),
+                                     ref_weight=torch.randn(30, 8), ref_bias=torch.randn(29))),
+    ("linear_preference_loss", "bias", lambda: _linear_preference_loss(bias=torch.randn(29))),
+]
+
+
+@pytest.mark.parametrize("op,argument,call", [pytest.param(*case, id=f"{case[0]}-{case[1]}-{i}")
+                                              for i, case in enumerate(BAD_SHAPES)])
+def test_bad_shapes(no_kernels, op, argument, call):
+    with pytest.raises(ValueError, match=rf"\b{argument}\b"):
+        call()
+
+
+def test_sequence_logprobs_integer_mask_counts_nonzero_once():
+    """An integer attention mask is a mask (nonzero = kept), not a weight."""
+    values = torch.randn(2, 5)
+    mask = torch.tensor([[1, 1, 0, 2, 0], [0, 3, 1, 0, 0]])
+    expected = (values * (mask != 0)).sum(-1)
+    torch.testing.assert_close(pyalign.sequence_logprobs(values, mask), expected)
+    torch.testing.assert_close(pyalign.sequence_logprobs(values, mask, average=True),
+                               expected / (mask != 0).sum(-1))
+
+
+def test_linear_preference_ref_bias_without_ref_weight_is_refused(no_kernels):
+    """ref_bias was silently dropped when ref_weight was not given (the reference used bias)."""
+    with pytest.raises(ValueError, match="ref_bias is given without ref_weight"):
+        _linear_preference_loss(ref_logps=None, ref_hidden=torch.randn(4, 5, 8), ref_bias=torch.randn(30))
