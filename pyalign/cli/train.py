@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -64,6 +65,8 @@ def _check_type(key: str, value, expected, where: str):
     if value is None:
         raise ConfigError(f"{where}: key {key!r} has no value (expected {expected.__name__})")
     if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: key {key!r} must be a finite number, got {value!r}")
         return float(value)
     if expected is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -114,7 +117,36 @@ def _task_overrides(values, where: str) -> dict:
     if unknown:
         raise ConfigError(f"{where}: unknown [task] key(s) {', '.join(map(repr, unknown))}; "
                           f"valid: {', '.join(sorted(types_by_key))}")
-    return {k: _check_type(f"task.{k}", v, types_by_key[k], where) for k, v in values.items()}
+    checked = {k: _check_type(f"task.{k}", v, types_by_key[k], where) for k, v in values.items()}
+    merged = dataclasses.asdict(TaskConfig(**checked))
+    ranges = {"prompt_len": (">= 2 (the bos token and at least one more)", lambda v: v >= 2),
+              "rm_l2": (">= 0", lambda v: v >= 0)}
+    for key, value in merged.items():
+        accepted, ok = ranges.get(key, ("> 0", lambda v: v > 0))
+        if not ok(value):
+            raise ConfigError(f"{where}: key 'task.{key}' must be {accepted}, got {value!r}")
+    if merged["hidden_size"] % merged["num_heads"]:
+        raise ConfigError(f"{where}: key 'task.hidden_size' must be a multiple of task.num_heads "
+                          f"({merged['num_heads']}), got {merged['hidden_size']!r}")
+    return checked
+
+
+def _check_out(out) -> None:
+    """--out must name a directory this process can create or write into; nothing is created
+    here (the run lock creates it)."""
+    if not isinstance(out, str) or not out.strip():
+        raise ConfigError(f"key 'out' must be a directory path, got {out!r}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"key 'out' must be a directory, got {out!r}, which is a file")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"key 'out' must be a directory path, got {out!r}, which lies under "
+                          f"the file {existing}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"key 'out' must be a writable directory, got {out!r} "
+                          f"({existing} is not writable)")
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
@@ -173,10 +205,13 @@ def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
               "backend": run["backend"], "fsdp": run["fsdp"]}
     if getattr(args, "no_progress", False):
         values["progress"] = False
-    if run["threads"] is not None and run["threads"] < 1:
-        raise ConfigError(f"threads must be >= 1, got {run['threads']}")
-    if run["steps"] is None or run["steps"] < 1:
-        raise ConfigError(f"steps must be >= 1, got {run['steps']}")
+    for key, minimum in (("threads", 1), ("steps", 1), ("seed", 0), ("task_seed", 0)):
+        value = run[key]
+        if value is None and key == "threads":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"key {key!r} must be an int >= {minimum}, got {value!r}")
+    _check_out(run["out"])
     try:
         config = config_cls(**values)
         config.validate()
