@@ -280,6 +280,27 @@ def _prepare_out_dir(run: dict, resume, overwrite: bool, is_main: bool) -> None:
             os.remove(path)
 
 
+def _resume_decision(out: str, resume) -> tuple[Optional[str], Optional[str]]:
+    """(what to resume, a notice). ``--resume`` into a directory where a run started but was
+    killed before its first complete checkpoint (its lock, metrics or checkpoint folder are
+    there) starts from scratch, with a notice; into a directory with no trace of a run it is an
+    error (most likely a wrong --out)."""
+    from pyalign.trainers.checkpoint import CheckpointError, list_checkpoints
+    from pyalign.trainers.lock import LOCK_NAME
+    if resume not in ("", "latest"):
+        return resume, None
+    checkpoints = os.path.join(out, "checkpoints")
+    if list_checkpoints(checkpoints):
+        return resume, None
+    traces = [name for name in (LOCK_NAME, "metrics.jsonl", "checkpoints")
+              if os.path.exists(os.path.join(out, name))]
+    if not traces:
+        raise CheckpointError(f"--resume: no checkpoint (step-NNNNNN.pt) in {checkpoints}, and no "
+                              f"run was started in {out}")
+    return None, (f"pyalign train: notice: --resume: no complete checkpoint in {checkpoints} (the "
+                  f"run there stopped before its first one); starting from scratch")
+
+
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -298,9 +319,27 @@ def run_train(args: argparse.Namespace) -> int:
                 continue
             print(f"{key} = {value!r}")
         return 0
+    from pyalign.trainers.lock import LockHeld, RunLock, remove_stale_temporaries
     dist_ctx = init_distributed()
+    lock = None
     try:  # the backend reaches the ops through the trainer config (``config.backend``)
-        _prepare_out_dir(run, args.resume, getattr(args, "overwrite", False), dist_ctx.is_main)
+        resume, notice = _resume_decision(run["out"], args.resume)
+        dist_ctx.barrier()  # every rank has looked at --out before rank 0 locks it
+        failure = None
+        if dist_ctx.is_main:  # one lock per run: rank 0 takes it for all ranks
+            try:
+                lock = RunLock(run["out"]).acquire()
+            except LockHeld as exc:
+                failure = str(exc)
+            except OSError as exc:
+                failure = f"key 'out' must be a writable directory, got {run['out']!r}: {exc}"
+        if float(dist_ctx.all_reduce_sum(torch.tensor([1.0 if failure else 0.0], device=dist_ctx.device))[0]):
+            raise ConfigError(failure or f"rank 0 could not lock {run['out']}")
+        if dist_ctx.is_main:
+            remove_stale_temporaries(run["out"], os.path.join(run["out"], "checkpoints"))
+            if notice:
+                print(notice, file=sys.stderr, flush=True)
+        _prepare_out_dir(run, resume, getattr(args, "overwrite", False), dist_ctx.is_main)
         on_cpu = dist_ctx.device.type == "cpu"
         if run["threads"]:
             torch.set_num_threads(run["threads"])
@@ -310,11 +349,13 @@ def run_train(args: argparse.Namespace) -> int:
         if not run["threads"] and on_cpu and \
                 sum(p.numel() for p in trainer.policy.parameters()) < SMALL_MODEL_PARAMS:
             torch.set_num_threads(1)
-        summary = trainer.train(run["steps"], resume=args.resume)
+        summary = trainer.train(run["steps"], resume=resume)
     except (ConfigError, CheckpointError) as exc:
         print(f"pyalign train: error: {exc}", file=sys.stderr)
         return 2
     finally:
+        if lock is not None:
+            lock.release()
         dist_ctx.close()
     if dist_ctx.is_main:
         print(format_summary(summary), flush=True)

@@ -438,6 +438,20 @@ class Trainer:
         self.step = int(payload["step"])
         return self.step
 
+    def _checkpoint_due(self, step: int, last_save: float) -> bool:
+        """Every checkpoint_every steps, and whenever checkpoint_minutes have passed since the
+        last save (rank 0's clock decides for every rank: saving is collective)."""
+        cfg = self.config
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            return True
+        if not cfg.checkpoint_minutes:
+            return False
+        due = time.monotonic() - last_save >= cfg.checkpoint_minutes * 60
+        if self.dist.distributed:
+            flag = torch.tensor([1.0 if due and self.dist.is_main else 0.0], device=self.dist.device)
+            due = bool(self.dist.all_reduce_sum(flag).item())
+        return due
+
     # -- the loop -----------------------------------------------------------------------------
     def train(self, steps: int, *, resume: Optional[str | bool] = None,
               progress: Optional[bool] = None) -> dict:
@@ -457,6 +471,7 @@ class Trainer:
         bar = tqdm(total=steps, initial=self.step, file=sys.stderr, desc=f"pyalign {self.algo}",
                    disable=not (show and self.dist.is_main), dynamic_ncols=True, leave=False)
         last_record: dict = {}
+        last_save = time.monotonic()
         try:
             while self.step < steps:
                 step = self.step + 1
@@ -475,8 +490,9 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "gold_reward", "kl_to_init")
                                  if k in record})
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+                if step < steps and self._checkpoint_due(step, last_save):
                     self.save()
+                    last_save = time.monotonic()
         finally:
             bar.close()
         checkpoint = self.save()
