@@ -68,7 +68,8 @@ class RunLock:
                     try:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except OSError:
-                        raise LockHeld(self._held_message(os.pread(fd, 256, 0).decode(errors="replace"))) from None
+                        holder = os.pread(fd, 256, 0).decode(errors="replace")
+                        raise LockHeld(self._held_message(holder)) from None
                     # the file may have been removed (and recreated) by its last holder between
                     # our open and our flock: lock the file that is at the path, not a ghost
                     try:
