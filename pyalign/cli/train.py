@@ -9,6 +9,11 @@ keys (algo, steps, seed, out, model, backend, bf16, fsdp, threads, task_seed, ta
 trainer keys of the algorithm (``--print-config`` lists them with their defaults) and an optional
 ``[task]`` table of pyalign.tasks.TaskConfig sizes. Command-line flags override the file.
 Writes metrics.jsonl, reward_vs_kl.png and checkpoints/ under --out and prints a summary line.
+Checkpoints are periodic (checkpoint_every = 50 steps, checkpoint_minutes = 10.0; 0 disables
+either), so a killed run continues with --resume from its newest complete checkpoint; a run
+killed before its first one restarts from scratch under --resume (with a notice). --out holds one
+run at a time: OUT/.lock names the live holder; a dead holder's lock is taken over (a notice) and
+atomic-write leftovers (.NAME.*.tmp) are removed at start. Every key is checked before any work.
 """
 from __future__ import annotations
 
