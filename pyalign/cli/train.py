@@ -9,12 +9,18 @@ keys (algo, steps, seed, out, model, backend, bf16, fsdp, threads, task_seed, ta
 trainer keys of the algorithm (``--print-config`` lists them with their defaults) and an optional
 ``[task]`` table of pyalign.tasks.TaskConfig sizes. Command-line flags override the file.
 Writes metrics.jsonl, reward_vs_kl.png and checkpoints/ under --out and prints a summary line.
+Checkpoints are periodic (checkpoint_every = 50 steps, checkpoint_minutes = 10.0; 0 disables
+either), so a killed run continues with --resume from its newest complete checkpoint; a run
+killed before its first one restarts from scratch under --resume (with a notice). --out holds one
+run at a time: OUT/.lock names the live holder; a dead holder's lock is taken over (a notice) and
+atomic-write leftovers (.NAME.*.tmp) are removed at start. Every key is checked before any work.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -64,6 +70,8 @@ def _check_type(key: str, value, expected, where: str):
     if value is None:
         raise ConfigError(f"{where}: key {key!r} has no value (expected {expected.__name__})")
     if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: key {key!r} must be a finite number, got {value!r}")
         return float(value)
     if expected is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -114,7 +122,36 @@ def _task_overrides(values, where: str) -> dict:
     if unknown:
         raise ConfigError(f"{where}: unknown [task] key(s) {', '.join(map(repr, unknown))}; "
                           f"valid: {', '.join(sorted(types_by_key))}")
-    return {k: _check_type(f"task.{k}", v, types_by_key[k], where) for k, v in values.items()}
+    checked = {k: _check_type(f"task.{k}", v, types_by_key[k], where) for k, v in values.items()}
+    merged = dataclasses.asdict(TaskConfig(**checked))
+    ranges = {"prompt_len": (">= 2 (the bos token and at least one more)", lambda v: v >= 2),
+              "rm_l2": (">= 0", lambda v: v >= 0)}
+    for key, value in merged.items():
+        accepted, ok = ranges.get(key, ("> 0", lambda v: v > 0))
+        if not ok(value):
+            raise ConfigError(f"{where}: key 'task.{key}' must be {accepted}, got {value!r}")
+    if merged["hidden_size"] % merged["num_heads"]:
+        raise ConfigError(f"{where}: key 'task.hidden_size' must be a multiple of task.num_heads "
+                          f"({merged['num_heads']}), got {merged['hidden_size']!r}")
+    return checked
+
+
+def _check_out(out) -> None:
+    """--out must name a directory this process can create or write into; nothing is created
+    here (the run lock creates it)."""
+    if not isinstance(out, str) or not out.strip():
+        raise ConfigError(f"key 'out' must be a directory path, got {out!r}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"key 'out' must be a directory, got {out!r}, which is a file")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"key 'out' must be a directory path, got {out!r}, which lies under "
+                          f"the file {existing}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"key 'out' must be a writable directory, got {out!r} "
+                          f"({existing} is not writable)")
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
@@ -173,10 +210,13 @@ def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
               "backend": run["backend"], "fsdp": run["fsdp"]}
     if getattr(args, "no_progress", False):
         values["progress"] = False
-    if run["threads"] is not None and run["threads"] < 1:
-        raise ConfigError(f"threads must be >= 1, got {run['threads']}")
-    if run["steps"] is None or run["steps"] < 1:
-        raise ConfigError(f"steps must be >= 1, got {run['steps']}")
+    for key, minimum in (("threads", 1), ("steps", 1), ("seed", 0), ("task_seed", 0)):
+        value = run[key]
+        if value is None and key == "threads":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"key {key!r} must be an int >= {minimum}, got {value!r}")
+    _check_out(run["out"])
     try:
         config = config_cls(**values)
         config.validate()
@@ -245,6 +285,27 @@ def _prepare_out_dir(run: dict, resume, overwrite: bool, is_main: bool) -> None:
             os.remove(path)
 
 
+def _resume_decision(out: str, resume) -> tuple[Optional[str], Optional[str]]:
+    """(what to resume, a notice). ``--resume`` into a directory where a run started but was
+    killed before its first complete checkpoint (its lock, metrics or checkpoint folder are
+    there) starts from scratch, with a notice; into a directory with no trace of a run it is an
+    error (most likely a wrong --out)."""
+    from pyalign.trainers.checkpoint import CheckpointError, list_checkpoints
+    from pyalign.trainers.lock import LOCK_NAME
+    if resume not in ("", "latest"):
+        return resume, None
+    checkpoints = os.path.join(out, "checkpoints")
+    if list_checkpoints(checkpoints):
+        return resume, None
+    traces = [name for name in (LOCK_NAME, "metrics.jsonl", "checkpoints")
+              if os.path.exists(os.path.join(out, name))]
+    if not traces:
+        raise CheckpointError(f"--resume: no checkpoint (step-NNNNNN.pt) in {checkpoints}, and no "
+                              f"run was started in {out}")
+    return None, (f"pyalign train: notice: --resume: no complete checkpoint in {checkpoints} (the "
+                  f"run there stopped before its first one); starting from scratch")
+
+
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -263,9 +324,27 @@ def run_train(args: argparse.Namespace) -> int:
                 continue
             print(f"{key} = {value!r}")
         return 0
+    from pyalign.trainers.lock import LockHeld, RunLock, remove_stale_temporaries
     dist_ctx = init_distributed()
+    lock = None
     try:  # the backend reaches the ops through the trainer config (``config.backend``)
-        _prepare_out_dir(run, args.resume, getattr(args, "overwrite", False), dist_ctx.is_main)
+        resume, notice = _resume_decision(run["out"], args.resume)
+        dist_ctx.barrier()  # every rank has looked at --out before rank 0 locks it
+        failure = None
+        if dist_ctx.is_main:  # one lock per run: rank 0 takes it for all ranks
+            try:
+                lock = RunLock(run["out"]).acquire()
+            except LockHeld as exc:
+                failure = str(exc)
+            except OSError as exc:
+                failure = f"key 'out' must be a writable directory, got {run['out']!r}: {exc}"
+        if float(dist_ctx.all_reduce_sum(torch.tensor([1.0 if failure else 0.0], device=dist_ctx.device))[0]):
+            raise ConfigError(failure or f"rank 0 could not lock {run['out']}")
+        if dist_ctx.is_main:
+            remove_stale_temporaries(run["out"], os.path.join(run["out"], "checkpoints"))
+            if notice:
+                print(notice, file=sys.stderr, flush=True)
+        _prepare_out_dir(run, resume, getattr(args, "overwrite", False), dist_ctx.is_main)
         on_cpu = dist_ctx.device.type == "cpu"
         if run["threads"]:
             torch.set_num_threads(run["threads"])
@@ -275,11 +354,13 @@ def run_train(args: argparse.Namespace) -> int:
         if not run["threads"] and on_cpu and \
                 sum(p.numel() for p in trainer.policy.parameters()) < SMALL_MODEL_PARAMS:
             torch.set_num_threads(1)
-        summary = trainer.train(run["steps"], resume=args.resume)
+        summary = trainer.train(run["steps"], resume=resume)
     except (ConfigError, CheckpointError) as exc:
         print(f"pyalign train: error: {exc}", file=sys.stderr)
         return 2
     finally:
+        if lock is not None:
+            lock.release()
         dist_ctx.close()
     if dist_ctx.is_main:
         print(format_summary(summary), flush=True)

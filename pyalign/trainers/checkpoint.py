@@ -23,7 +23,7 @@ CHECKPOINT_VERSION = 1
 _MAGIC = b"PYALIGN-CKPT\x00v1\n"  # then 8-byte payload length, 32-byte sha256, payload (torch.save)
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
 # Config fields that may change between a run and its resumption (they do not change the numbers).
-RESUMABLE_CHANGES = frozenset({"checkpoint_every", "keep_checkpoints", "progress"})
+RESUMABLE_CHANGES = frozenset({"checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "progress"})
 
 
 class CheckpointError(RuntimeError):

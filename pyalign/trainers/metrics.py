@@ -28,7 +28,8 @@ class MetricsLog:
                 for line in handle:
                     with contextlib.suppress(ValueError):
                         record = json.loads(line)
-                        if record.get("step", 0) <= resume_step and not record.get("final"):
+                        if isinstance(record, dict) and line.endswith("\n") and \
+                                record.get("step", 0) <= resume_step and not record.get("final"):
                             kept.append(line if line.endswith("\n") else line + "\n")
         atomic_write(path, "".join(kept))
 

@@ -17,7 +17,7 @@ import torch
 
 import pyalign
 from pyalign.trainers.distributed import micro_slices, split_evenly
-from pyalign.trainers.trainer import Trainer, TrainerConfig, _freeze, make_generator
+from pyalign.trainers.trainer import Trainer, TrainerConfig, _freeze, check_range, make_generator
 
 PAIRWISE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
                    "sppo_hard", "apo_zero", "apo_down", "discopop")
@@ -42,17 +42,17 @@ class PreferenceConfig(TrainerConfig):
     def validate(self) -> None:
         super().validate()
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+            raise ValueError(f"config key 'loss' must be one of {LOSSES}, got {self.loss!r}")
         if self.reference not in REFERENCES:
-            raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
-        if not self.beta > 0:
-            raise ValueError(f"config key 'beta' must be > 0, got {self.beta!r}")
-        if not 0 < self.tr_alpha <= 1:
-            raise ValueError(f"config key 'tr_alpha' must be in (0, 1], got {self.tr_alpha!r}")
-        if self.tr_tau < 1:
-            raise ValueError(f"config key 'tr_tau' must be >= 1, got {self.tr_tau!r}")
-        if self.num_examples < self.batch_size:
-            raise ValueError(f"num_examples ({self.num_examples}) must be >= batch_size ({self.batch_size})")
+            raise ValueError(f"config key 'reference' must be one of {REFERENCES}, got {self.reference!r}")
+        check_range(self, "beta", "> 0", lambda v: v > 0)
+        check_range(self, "label_smoothing", "in [0, 0.5)", lambda v: 0 <= v < 0.5)
+        for name in ("desirable_weight", "undesirable_weight"):
+            check_range(self, name, "> 0", lambda v: v > 0)
+        check_range(self, "tr_alpha", "in (0, 1]", lambda v: 0 < v <= 1)
+        check_range(self, "tr_tau", ">= 1", lambda v: v >= 1)
+        check_range(self, "num_examples", f">= batch_size ({self.batch_size})",
+                    lambda v: v >= self.batch_size)
 
 
 class PreferenceTrainer(Trainer):

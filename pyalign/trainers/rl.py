@@ -19,7 +19,7 @@ import torch
 
 import pyalign
 from pyalign.trainers.distributed import micro_slices, split_evenly
-from pyalign.trainers.trainer import Trainer, TrainerConfig, make_generator
+from pyalign.trainers.trainer import Trainer, TrainerConfig, check_range, make_generator
 
 KL_ESTIMATORS = ("k1", "k3")
 REWARDS = ("proxy", "gold")
@@ -44,23 +44,20 @@ class RLConfig(TrainerConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.samples_per_prompt < 2:
-            raise ValueError("samples_per_prompt must be >= 2 (the leave-one-out baseline needs two)")
+        check_range(self, "samples_per_prompt", ">= 2 (the leave-one-out baseline needs two)",
+                    lambda v: v >= 2)
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+            raise ValueError(f"config key 'kl_estimator' must be one of {KL_ESTIMATORS}, "
+                             f"got {self.kl_estimator!r}")
         if self.reward not in REWARDS:
-            raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef!r}")
-        if self.kl_target is not None and not self.kl_target > 0:
-            raise ValueError(f"kl_target must be > 0 (or unset for a fixed coefficient), "
-                             f"got {self.kl_target!r}")
-        if self.kl_horizon < 1:
-            raise ValueError(f"kl_horizon must be >= 1, got {self.kl_horizon!r}")
-        if not 0 <= self.er_ema_decay < 1:
-            raise ValueError(f"er_ema_decay must be in [0, 1), got {self.er_ema_decay!r}")
-        if self.er_reset_every < 1 or self.er_ema_every < 1:
-            raise ValueError("er_reset_every and er_ema_every must be >= 1")
+            raise ValueError(f"config key 'reward' must be one of {REWARDS}, got {self.reward!r}")
+        check_range(self, "kl_coef", ">= 0", lambda v: v >= 0)
+        if self.kl_target is not None:
+            check_range(self, "kl_target", "> 0 (or unset for a fixed coefficient)", lambda v: v > 0)
+        check_range(self, "kl_horizon", ">= 1", lambda v: v >= 1)
+        check_range(self, "er_ema_decay", "in [0, 1)", lambda v: 0 <= v < 1)
+        for name in ("er_reset_every", "er_ema_every"):
+            check_range(self, name, ">= 1", lambda v: v >= 1)
 
 
 class RLTrainer(Trainer):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import os
 import random
 import sys
@@ -73,7 +74,12 @@ class TrainerConfig:
     eval_every: int = 1  # evaluate gold/proxy reward and KL on policy samples every N steps (0: never)
     eval_batch_size: int = 64  # prompts per evaluation
     final_eval_batch_size: int = 256  # prompts in the evaluation after the last step
-    checkpoint_every: int = 0  # 0: only the final checkpoint
+    # Periodic checkpoints, so a killed run (kill -9, preemption) loses at most a few minutes:
+    # one every checkpoint_every steps and one whenever checkpoint_minutes have passed since the
+    # last (0 disables either; both 0: only the final checkpoint). The newest keep_checkpoints
+    # files are kept.
+    checkpoint_every: int = 50
+    checkpoint_minutes: float = 10.0
     keep_checkpoints: int = 2
     bf16: bool = False  # bf16 autocast for the policy and reference forwards
     backend: str = "auto"  # pyalign op backend
@@ -84,17 +90,51 @@ class TrainerConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        positive = ("lr", "batch_size", "micro_batch_size", "temperature", "eval_batch_size",
-                    "final_eval_batch_size", "keep_checkpoints")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"config key {name!r} must be >= 0, got {getattr(self, name)!r}")
+        check_types(self)
+        for name in ("lr", "temperature"):
+            check_range(self, name, "> 0", lambda v: v > 0)
+        for name in ("batch_size", "micro_batch_size", "eval_batch_size", "final_eval_batch_size",
+                     "keep_checkpoints"):
+            check_range(self, name, ">= 1", lambda v: v >= 1)
+        for name in ("seed", "weight_decay", "warmup_steps", "eval_every", "checkpoint_every",
+                     "checkpoint_minutes"):
+            check_range(self, name, ">= 0", lambda v: v >= 0)
+        check_range(self, "max_grad_norm", ">= 0 (0 disables clipping)", lambda v: v >= 0)
+        if self.micro_batch_size < self.batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"config key 'micro_batch_size' must be a divisor of batch_size "
+                             f"({self.batch_size}) or be at least it, got {self.micro_batch_size!r}")
         choices = pyalign.backends.CHOICES
         if self.backend not in choices:
-            raise ValueError(f"backend must be one of {choices}, got {self.backend!r}")
+            raise ValueError(f"config key 'backend': backend must be one of {choices}, got {self.backend!r}")
+
+
+def check_types(config) -> None:
+    """Every field of a config dataclass has its declared type: an int field a (non-bool) int, a
+    float field a finite int or float, a bool field a bool, a str field a str."""
+    import typing
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value, expected = getattr(config, field.name), hints[field.name]
+        args = [t for t in typing.get_args(expected) if t is not type(None)]
+        if args:  # Optional[X]
+            if value is None:
+                continue
+            expected = args[0]
+        if expected is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            what = "a finite number"
+        elif expected is int:
+            ok, what = isinstance(value, int) and not isinstance(value, bool), "an int"
+        else:
+            ok, what = isinstance(value, expected), expected.__name__
+        if not ok:
+            raise ValueError(f"config key {field.name!r} must be {what}, got {value!r}")
+
+
+def check_range(config, name: str, accepted: str, ok) -> None:
+    value = getattr(config, name)
+    if not ok(value):
+        raise ValueError(f"config key {name!r} must be {accepted}, got {value!r}")
 
 
 def config_to_dict(config) -> dict:
@@ -398,6 +438,20 @@ class Trainer:
         self.step = int(payload["step"])
         return self.step
 
+    def _checkpoint_due(self, step: int, last_save: float) -> bool:
+        """Every checkpoint_every steps, and whenever checkpoint_minutes have passed since the
+        last save (rank 0's clock decides for every rank: saving is collective)."""
+        cfg = self.config
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            return True
+        if not cfg.checkpoint_minutes:
+            return False
+        due = time.monotonic() - last_save >= cfg.checkpoint_minutes * 60
+        if self.dist.distributed:
+            flag = torch.tensor([1.0 if due and self.dist.is_main else 0.0], device=self.dist.device)
+            due = bool(self.dist.all_reduce_sum(flag).item())
+        return due
+
     # -- the loop -----------------------------------------------------------------------------
     def train(self, steps: int, *, resume: Optional[str | bool] = None,
               progress: Optional[bool] = None) -> dict:
@@ -417,6 +471,7 @@ class Trainer:
         bar = tqdm(total=steps, initial=self.step, file=sys.stderr, desc=f"pyalign {self.algo}",
                    disable=not (show and self.dist.is_main), dynamic_ncols=True, leave=False)
         last_record: dict = {}
+        last_save = time.monotonic()
         try:
             while self.step < steps:
                 step = self.step + 1
@@ -435,8 +490,9 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "gold_reward", "kl_to_init")
                                  if k in record})
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+                if step < steps and self._checkpoint_due(step, last_save):
                     self.save()
+                    last_save = time.monotonic()
         finally:
             bar.close()
         checkpoint = self.save()

@@ -143,3 +143,94 @@ def test_model_with_wrong_vocabulary(tmp_path, capsys, task_cache_dir, tiny_task
     config = write_config(tmp_path / "dpo.toml", task_cache_dir, algo="dpo", **SMALL)
     assert run_cli("--config", config, "--model", tmp_path / "model", "--out", tmp_path / "out") == 2
     assert f"the task uses {tiny_task.vocab_size}" in capsys.readouterr().err
+
+
+# (algo, flat config values, [task] values, command-line flags, the key, the value as printed)
+NAN, INF = float("nan"), float("inf")
+BAD_VALUES = [
+    ("dpo", dict(lr=NAN), {}, (), "lr", "nan"),
+    ("dpo", dict(lr=INF), {}, (), "lr", "inf"),
+    ("dpo", dict(lr=-0.001), {}, (), "lr", "-0.001"),
+    ("dpo", dict(max_grad_norm=NAN), {}, (), "max_grad_norm", "nan"),
+    ("dpo", dict(max_grad_norm=INF), {}, (), "max_grad_norm", "inf"),
+    ("dpo", dict(max_grad_norm=-1.0), {}, (), "max_grad_norm", "-1.0"),
+    ("dpo", dict(weight_decay=NAN), {}, (), "weight_decay", "nan"),
+    ("dpo", dict(temperature=INF), {}, (), "temperature", "inf"),
+    ("dpo", dict(temperature=0.0), {}, (), "temperature", "0.0"),
+    ("dpo", dict(label_smoothing=0.5), {}, (), "label_smoothing", "0.5"),
+    ("dpo", dict(label_smoothing=-0.1), {}, (), "label_smoothing", "-0.1"),
+    ("dpo", dict(label_smoothing=NAN), {}, (), "label_smoothing", "nan"),
+    ("dpo", dict(beta=INF), {}, (), "beta", "inf"),
+    ("dpo", dict(beta=NAN), {}, (), "beta", "nan"),
+    ("kto", dict(desirable_weight=-1.0), {}, (), "desirable_weight", "-1.0"),
+    ("kto", dict(undesirable_weight=NAN), {}, (), "undesirable_weight", "nan"),
+    ("dpo", dict(seed=-1), {}, (), "seed", "-1"),
+    ("dpo", dict(seed=True), {}, (), "seed", "True"),
+    ("dpo", {}, {}, ("--seed", "-1"), "seed", "-1"),
+    ("dpo", {}, {}, ("--task-seed", "-3"), "task_seed", "-3"),
+    ("dpo", dict(task_seed=-3), {}, (), "task_seed", "-3"),
+    ("dpo", {}, {}, ("--steps", "0"), "steps", "0"),
+    ("dpo", {}, {}, ("--threads", "0"), "threads", "0"),
+    ("dpo", dict(batch_size=True), {}, (), "batch_size", "True"),
+    ("dpo", dict(batch_size=6, micro_batch_size=4), {}, (), "micro_batch_size", "4"),
+    ("dpo", dict(final_eval_batch_size=-1), {}, (), "final_eval_batch_size", "-1"),
+    ("dpo", dict(warmup_steps=-1), {}, (), "warmup_steps", "-1"),
+    ("dpo", dict(checkpoint_every=-1), {}, (), "checkpoint_every", "-1"),
+    ("dpo", dict(checkpoint_minutes=NAN), {}, (), "checkpoint_minutes", "nan"),
+    ("dpo", dict(checkpoint_minutes=-1.0), {}, (), "checkpoint_minutes", "-1.0"),
+    ("dpo", dict(keep_checkpoints=0), {}, (), "keep_checkpoints", "0"),
+    ("dpo", dict(num_examples=2), {}, (), "num_examples", "2"),
+    ("tr-dpo", dict(tr_alpha=0.0), {}, (), "tr_alpha", "0.0"),
+    ("tr-dpo", dict(tr_alpha=1.5), {}, (), "tr_alpha", "1.5"),
+    ("tr-dpo", dict(tr_alpha=NAN), {}, (), "tr_alpha", "nan"),
+    ("tr-dpo", dict(tr_tau=0), {}, (), "tr_tau", "0"),
+    ("tr-dpo", dict(tr_tau=2.5), {}, (), "tr_tau", "2.5"),
+    ("tr-dpo", dict(tr_tau=True), {}, (), "tr_tau", "True"),
+    ("elastic-reset", dict(er_ema_decay=1.0), {}, (), "er_ema_decay", "1.0"),
+    ("elastic-reset", dict(er_ema_decay=NAN), {}, (), "er_ema_decay", "nan"),
+    ("elastic-reset", dict(er_reset_every=0), {}, (), "er_reset_every", "0"),
+    ("elastic-reset", dict(er_ema_every=-2), {}, (), "er_ema_every", "-2"),
+    ("rloo", dict(kl_coef=NAN), {}, (), "kl_coef", "nan"),
+    ("rloo", dict(kl_target=INF), {}, (), "kl_target", "inf"),
+    ("rloo", dict(kl_horizon=0), {}, (), "kl_horizon", "0"),
+    ("rloo", dict(samples_per_prompt=1), {}, (), "samples_per_prompt", "1"),
+    ("rloo", dict(temperature=NAN), {}, (), "temperature", "nan"),
+    ("dpo", {}, dict(hidden_size=0), (), "task.hidden_size", "0"),
+    ("dpo", {}, dict(num_layers=-1), (), "task.num_layers", "-1"),
+    ("dpo", {}, dict(prompt_len=1), (), "task.prompt_len", "1"),
+    ("dpo", {}, dict(sft_steps=True), (), "task.sft_steps", "True"),
+    ("dpo", {}, dict(sft_lr=NAN), (), "task.sft_lr", "nan"),
+    ("dpo", {}, dict(label_noise=0.0), (), "task.label_noise", "0.0"),
+    ("dpo", {}, dict(rm_l2=-1.0), (), "task.rm_l2", "-1.0"),
+    ("dpo", {}, dict(hidden_size=30, num_heads=4), (), "task.hidden_size", "30"),
+]
+
+
+def _toml(value):
+    if value != value:
+        return "nan"
+    if value in (INF, -INF):
+        return "inf" if value > 0 else "-inf"
+    from trainer_helpers import toml_value
+    return toml_value(value)
+
+
+@pytest.mark.parametrize("algo, values, task, flags, key, shown", BAD_VALUES,
+                         ids=[f"{row[4]}={row[5]}" for row in BAD_VALUES])
+def test_bad_values_are_one_line_before_any_work(tmp_path, capsys, algo, values, task, flags, key, shown):
+    from trainer_helpers import TINY_TASK
+    cache = tmp_path / "cache"
+    lines = [f'task_cache_dir = "{cache}"', f'algo = "{algo}"', "batch_size = 4", "micro_batch_size = 4",
+             "num_examples = 8"] if algo not in ("rloo", "elastic-reset") else \
+        [f'task_cache_dir = "{cache}"', f'algo = "{algo}"']
+    lines = [line for line in lines if line.split(" = ")[0] not in values]
+    lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+    lines += ["[task]"] + [f"{k} = {_toml(v)}" for k, v in {**TINY_TASK, **task}.items()]
+    config = _write(tmp_path / "bad.toml", "\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert run_cli("--config", config, "--out", tmp_path / "out", *flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("pyalign train: error: ")
+    assert f"'{key}'" in err[0] and shown in err[0] and "must be" in err[0], err[0]
+    assert not cache.exists() and not (tmp_path / "out").exists()  # no task build, nothing written
