@@ -69,15 +69,25 @@ def test_stale_lock_is_taken_over(tmp_path, task_cache_dir, capsys):
 
 
 @pytest.mark.parametrize("kind", ["empty", "file", "under-a-file", "not-writable"])
-def test_bad_out_is_refused_before_any_work(tmp_path, capsys, kind):
+def test_bad_out_is_refused_before_any_work(tmp_path, capsys, monkeypatch, kind):
     cache = tmp_path / "cache"
     config = write_config(tmp_path / "c.toml", str(cache), algo="dpo", **SMALL)
     (tmp_path / "afile").write_text("x")
     if kind == "not-writable":
+        read_only = tmp_path / "ro"
+        read_only.mkdir()
+        os.chmod(read_only, 0o555)
         if os.geteuid() == 0:
-            pytest.skip("root writes into any directory")
-        (tmp_path / "ro").mkdir()
-        os.chmod(tmp_path / "ro", 0o555)
+            # root bypasses permission bits (CI runs as root): make the access check report
+            # what it reports for any other user, for this directory only.
+            import pyalign.cli.train as train_cli
+            real_access = os.access
+
+            def access_as_a_user(path, mode, **kwargs):
+                if os.path.abspath(path) == str(read_only) and mode & os.W_OK:
+                    return False
+                return real_access(path, mode, **kwargs)
+            monkeypatch.setattr(train_cli.os, "access", access_as_a_user)
     out = {"empty": "", "file": tmp_path / "afile", "under-a-file": tmp_path / "afile" / "run",
            "not-writable": tmp_path / "ro" / "run"}[kind]
     assert run_cli("--config", config, "--steps", 1, "--out", out) == 2
