@@ -148,8 +148,9 @@ def linear_logprobs_backward_kernel(
                                   input_precision=DOT_PRECISION)
         tl.atomic_add(grad_hidden_ptr + rows[:, None] * hidden_size + (k0 + ks)[None, :],
                       grad_hidden_tile, mask=row_ok[:, None] & k_ok[None, :])
+        # ignored rows are not loaded: their d/dz is 0, but 0 * a NaN/inf hidden state is NaN
         hidden_tile = tl.load(hidden_ptr + rows[:, None] * stride_hn + (k0 + ks)[None, :] * stride_hk,
-                              mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                              mask=valid[:, None] & k_ok[None, :], other=0.0)
         grad_weight_tile = tl.dot(tl.trans(grad_dot), _dot_operand(hidden_tile, UPCAST),
                                   input_precision=DOT_PRECISION)
         tl.atomic_add(grad_weight_ptr + cols[:, None] * hidden_size + (k0 + ks)[None, :],

@@ -76,10 +76,16 @@ def make_chunked_linear(logprobs_impl, default_chunk_size: int = 1024):
                 None if entropy is None else entropy[start:end],
                 ignore_index, temperature, True)
             grad_hidden[start:end] = grad_chunk @ weight
+            hidden_chunk = hidden[start:end]
+            ignored = labels[start:end] == ignore_index
+            if bool(ignored.any()):
+                # d_weight sums grad^T @ hidden over rows: an ignored row's grad is 0, but 0 * a
+                # NaN/inf hidden state there is NaN, so the row is selected out
+                hidden_chunk = torch.where(ignored[:, None], 0.0, hidden_chunk)
             if grad_chunk.dtype == acc:
-                grad_weight.addmm_(grad_chunk.t(), hidden[start:end])
+                grad_weight.addmm_(grad_chunk.t(), hidden_chunk)
             else:
-                grad_weight.addmm_(grad_chunk.t().to(acc), hidden[start:end].to(acc))
+                grad_weight.addmm_(grad_chunk.t().to(acc), hidden_chunk.to(acc))
             if grad_bias is not None:
                 grad_bias += grad_chunk.sum(0, dtype=acc)
             del chunk, grad_chunk

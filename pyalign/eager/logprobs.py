@@ -64,6 +64,9 @@ def backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_i
         grad.scatter_add_(1, safe_labels[start:end, None], g_lp[:, None])
         if temperature != 1.0:
             grad.div_(temperature)
+        # ignored rows are selected to 0, not left at 0 * softmax: a NaN/inf logit there would
+        # make that NaN
+        grad.masked_fill_(~chunk_valid[:, None], 0.0)
         grad_logits[start:end] = grad
         del grad
     return grad_logits

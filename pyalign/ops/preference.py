@@ -178,12 +178,24 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
 
 def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor,
                       average: bool = False) -> torch.Tensor:
-    """Masked sum (or mean, ``average=True``) of per-token log-probs over the last dimension."""
-    mask = mask.to(token_logprobs.dtype)
-    summed = (token_logprobs * mask).sum(-1)
+    """Masked sum (or mean, ``average=True``) of per-token log-probs over the last dimension.
+
+    ``mask`` (bool, or 0/1 or float weights) is shaped like ``token_logprobs``. Positions where it
+    is 0 are skipped, not multiplied by 0: a NaN or inf there changes neither the result nor the
+    gradient (which is 0 there). A row with nothing unmasked gives 0, also for the mean (its count
+    clamps to 1).
+    """
+    _checks.check_tensor("token_logprobs", token_logprobs, floating=True)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    _checks.check_shape("mask", mask, token_logprobs.shape, "token_logprobs.shape")
+    _checks.check_same_device(token_logprobs=token_logprobs, mask=mask)
+    weights = mask.to(token_logprobs.dtype)
+    # selection, not 0 * value: 0 * NaN and 0 * inf are NaN
+    summed = torch.where(mask != 0, token_logprobs * weights, 0.0).sum(-1)
     if not average:
         return summed
-    return summed / mask.sum(-1).clamp(min=1)
+    return summed / weights.sum(-1).clamp(min=1)
 
 
 @torch.library.custom_op("pyalign::sequence_preference_fwd", mutates_args=())
