@@ -361,3 +361,180 @@ def test_lerp_update_keeps_fp32_accuracy_at_small_weights(backend, weight):
     start = targets[0].clone()
     pyalign.lerp_(targets, sources, weight, backend=backend)
     assert update_scale_error(start, targets[0], lerp64(start, sources[0], weight)) < 1e-4
+
+
+# ------------------------------------------------------------------ aliasing among the tensors
+# Rule: no target may share a byte with another target, nor with the source of another pair,
+# nor with its own source unless it *is* that source (the same tensor: ema/lerp/copy of t with
+# itself is t, a no-op that stays allowed). Checked before any update; the error names indices
+# (and parameter names for modules).
+
+@pytest.mark.parametrize("kind", ["ema", "lerp", "copy"])
+def test_the_same_target_twice_is_rejected_before_any_update(kind):
+    shared, other = torch.randn(50), torch.randn(3)
+    before = (shared.clone(), other.clone())
+    with pytest.raises(ValueError, match=r"targets\[0\] and targets\[2\] overlap in memory"):
+        apply(kind, [shared, other, shared], [torch.randn(50), torch.randn(3), torch.randn(50)], 0.9)
+    assert torch.equal(shared, before[0]) and torch.equal(other, before[1])
+
+
+@pytest.mark.parametrize("kind", ["ema", "lerp", "copy"])
+def test_overlapping_views_are_rejected(kind):
+    buffer = torch.randn(100)
+    before = buffer.clone()
+    # two targets sharing elements [40, 60) of one buffer
+    with pytest.raises(ValueError, match=r"targets\[0\] and targets\[1\] overlap in memory"):
+        apply(kind, [buffer[:60], buffer[40:]], [torch.randn(60), torch.randn(60)], 0.9)
+    # a target that overlaps another pair's source
+    with pytest.raises(ValueError, match=r"targets\[1\] overlaps sources\[0\]"):
+        apply(kind, [torch.randn(50), buffer[:50]], [buffer[25:75], torch.randn(50)], 0.9)
+    # a target overlapping its own source, shifted by one element (order-dependent results)
+    with pytest.raises(ValueError, match=r"targets\[0\] overlaps sources\[0\]"):
+        apply(kind, [buffer[:50]], [buffer[1:51]], 0.9)
+    # the same bytes seen through another dtype
+    with pytest.raises(ValueError, match=r"targets\[0\] overlaps sources\[0\]"):
+        apply(kind, [buffer[:10]], [buffer[:5].view(torch.bfloat16)], 0.9)
+    assert torch.equal(buffer, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_disjoint_views_of_one_buffer_are_fine(backend):
+    """Flat-buffer layouts (one allocation, a view per parameter) keep working, and so do
+    interleaved strided views: only shared elements count."""
+    buffer, source_buffer = torch.randn(200), torch.randn(200)
+    targets = [buffer[:50], buffer[50:120].view(7, 10), buffer[120:]]
+    sources = [source_buffer[:50], source_buffer[50:120].view(7, 10), source_buffer[120:]]
+    start = [t.double() for t in targets]
+    pyalign.ema_(targets, sources, 0.9, backend=backend)
+    for target, initial, source in zip(targets, start, sources, strict=True):
+        assert_rounded_from(target, ema64(initial, source, 0.9), (initial, source))
+    # a target may read a disjoint view of another target's buffer as its source
+    pyalign.copy_([buffer[:50]], [buffer[150:]], backend=backend)
+    assert torch.equal(buffer[:50], buffer[150:])
+    grid = torch.randn(6, 8)
+    even, odd = grid[:, ::2], grid[:, 1::2]  # byte ranges interleave, no element is shared
+    other = torch.randn(6, 4)
+    exact_even, exact_odd = lerp64(even, other, 0.25), lerp64(odd, other, 0.5)
+    # strided tensors run on eager whatever the backend ("auto" picks it; "cpu" would refuse)
+    pyalign.lerp_([even], [other], 0.25)
+    pyalign.lerp_([odd], [other], 0.5)
+    pyalign.ema_([even, odd], [other, other], 1.0)  # both at once: no error
+    with pytest.raises(ValueError, match=r"targets\[1\] overlaps sources\[0\]"):
+        pyalign.ema_([even, odd], [grid[:, 1:5], other], 0.5)  # a source across both
+    assert_rounded_from(grid[:, ::2], exact_even, (exact_even, other))
+    assert_rounded_from(grid[:, 1::2], exact_odd, (exact_odd, other))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_aliasing_names_the_parameters(backend):
+    shared = torch.randn(3, 4)
+    model = nn.ModuleDict({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
+    model["a"].weight = nn.Parameter(shared)
+    model["b"].weight = nn.Parameter(shared[:, :])  # another Parameter over the same bytes
+    source = nn.ModuleDict({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
+    with pytest.raises(ValueError, match=r"targets\[0\] \('a.weight'\) and targets\[2\] "
+                                         r"\('b.weight'\) overlap in memory"):
+        pyalign.copy_(model, source, backend=backend)
+    # a module that is its own source: every target is its own source, a no-op
+    before = {name: p.detach().clone() for name, p in source.named_parameters()}
+    pyalign.ema_(source, source, 0.9, backend=backend)
+    for name, param in source.named_parameters():
+        assert_rounded_from(param.detach(), before[name].double(), (before[name], before[name]))
+
+
+# ------------------------------------------------------------------ modules pair by name
+
+class Forward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(5, 4)
+        self.decoder = nn.Linear(4, 5)
+        self.register_buffer("scale", torch.randn(4))
+
+
+class Backward(nn.Module):
+    """Forward's parameters and buffer, registered in the other order: same names, same shapes
+    where it matters (encoder.bias and decoder.bias differ; encoder.weight is [4, 5] and
+    decoder.weight [5, 4]: a positional pairing errs on shapes here, see the next class)."""
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.randn(4))
+        self.decoder = nn.Linear(4, 5)
+        self.encoder = nn.Linear(5, 4)
+
+
+class Square(nn.Module):
+    def __init__(self, first, second):
+        super().__init__()
+        setattr(self, first, nn.Linear(4, 4))
+        setattr(self, second, nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,scalar", [("ema", 0.9), ("lerp", 0.3), ("copy", None)])
+def test_modules_pair_by_name_not_registration_order(backend, kind, scalar):
+    """Same shapes everywhere, so a positional pairing would run silently and mix the layers."""
+    torch.manual_seed(4)
+    target, source = Square("q", "k"), Square("k", "q")  # k registered first in the source
+    for module in (target, source):
+        for param in module.parameters():
+            param.data.normal_()
+    before = {name: p.detach().double() for name, p in target.named_parameters()}
+    sources = {name: p.detach() for name, p in source.named_parameters()}
+    apply(kind, target, source, scalar, backend=backend)
+    for name, param in target.named_parameters():
+        exact = expected64(kind, before[name], sources[name], scalar)
+        assert_rounded_from(param.detach(), exact, (before[name], sources[name]), name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_buffers_pair_by_name_too(backend):
+    target, source = Forward(), Backward()
+    before = {name: t.detach().double() for name, t in target.state_dict().items()}
+    pyalign.ema_(target, source, 0.75, include_buffers=True, backend=backend)
+    source_state = source.state_dict()
+    for name, tensor in target.state_dict().items():
+        exact = ema64(before[name], source_state[name], 0.75)
+        assert_rounded_from(tensor, exact, (before[name], source_state[name]), name)
+
+
+def test_renamed_parameters_raise_with_the_names():
+    with pytest.raises(ValueError, match=r"missing from sources: \['q.bias', 'q.weight'\]; "
+                                         r"missing from targets: \['v.bias', 'v.weight'\]"):
+        pyalign.ema_(Square("q", "k"), Square("v", "k"), 0.9)
+    encoder_only = Forward()
+    del encoder_only.decoder, encoder_only.scale
+    with pytest.raises(ValueError, match=r"missing from targets: \['decoder.bias', "
+                                         r"'decoder.weight', 'scale'\]"):
+        pyalign.copy_(encoder_only, Forward(), include_buffers=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrapper_prefixes_still_pair(backend):
+    """DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes name the same weights."""
+
+    class DDPLike(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+    inner, source = Square("q", "k"), Square("k", "q")
+    wrapped = DDPLike(inner)
+    before = {name: p.detach().double() for name, p in inner.named_parameters()}
+    sources = {name: p.detach() for name, p in source.named_parameters()}
+    pyalign.lerp_(wrapped, source, 0.5, backend=backend)
+    for name, param in inner.named_parameters():
+        exact = lerp64(before[name], sources[name], 0.5)
+        assert_rounded_from(param.detach(), exact, (before[name], sources[name]), name)
+    compiled_like = nn.Module()
+    compiled_like._orig_mod = Square("k", "q")
+    pyalign.copy_(compiled_like, wrapped, backend=backend)
+    for name, param in compiled_like._orig_mod.named_parameters():
+        assert torch.equal(param, dict(inner.named_parameters())[name])
+
+
+def test_a_module_against_a_list_stays_positional():
+    module = nn.Linear(3, 2)
+    tensors = [torch.randn(2, 3), torch.randn(2)]
+    pyalign.copy_(module, tensors)
+    assert torch.equal(module.weight, tensors[0]) and torch.equal(module.bias, tensors[1])
