@@ -66,7 +66,8 @@ class KLPenaltyFunction(torch.autograd.Function):
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator: str = "k1",
                mask: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
-    """Per-token KL estimate (fp32, shaped like ``logprobs``); ``mask`` (bool) zeroes positions."""
+    """Per-token KL estimate (fp32, shaped like ``logprobs``); where ``mask`` (bool) is False the
+    result and both gradients are exactly 0, whatever the inputs hold there (NaN, inf)."""
     _checks.check_tensor("logprobs", logprobs, floating=True)
     _checks.check_tensor("ref_logprobs", ref_logprobs, floating=True)
     if estimator not in ESTIMATORS:

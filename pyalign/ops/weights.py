@@ -233,7 +233,9 @@ def _check_fraction(name: str, value, low_open: bool) -> float:
 
 def ema_(targets: TensorsOrModule, sources: TensorsOrModule, decay: float, *,
          include_buffers: bool = False, backend: str = "auto") -> None:
-    """In place: ``t = decay * t + (1 - decay) * s`` for every pair (parameters of modules)."""
+    """In place: ``t = decay * t + (1 - decay) * s`` for every pair (parameters of modules,
+    paired by name), computed as ``t + w * (s - t)`` with ``w = 1 - decay`` in float64, so the
+    update keeps fp32 accuracy at decay 0.999999."""
     _apply("ema", targets, sources, _check_fraction("decay", decay, False), backend, include_buffers)
 
 

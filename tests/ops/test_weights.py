@@ -2,8 +2,10 @@
 device (support.backends_for: eager and the C++ cpu/cuda ones) against float64 formulas: on a
 real transformers model (2-layer Llama, tiny hidden size), fp32 targets of bf16 sources, lists of
 tensors of awkward sizes and of every dtype pair, a thousand tiny tensors, a target that is its
-own source, every fp16 bit pattern, results independent of the thread count; and the errors for
-mismatched inputs."""
+own source, every fp16 bit pattern, results independent of the thread count; the accuracy of the
+ema update at decay up to 0.999999; modules paired by name (registration order, buffers, wrapper
+prefixes); aliasing rejected (a target twice, overlapping views); and the errors for mismatched
+inputs."""
 import itertools
 
 import pytest
