@@ -172,7 +172,7 @@ def preference_backward_kernel(grad_losses_ptr, policy_chosen_ptr, policy_reject
 
 @triton.jit
 def _masked_row_sums(row_ptr, mask_row_ptr, seq_len, BLOCK_T: tl.constexpr):
-    """(sum_t value*mask, sum_t mask) of one row."""
+    """(sum_t value*mask over the unmasked t, sum_t mask) of one row."""
     cols = tl.arange(0, BLOCK_T)
     weighted = tl.zeros([BLOCK_T], tl.float32)
     count = tl.zeros([BLOCK_T], tl.float32)
@@ -180,7 +180,9 @@ def _masked_row_sums(row_ptr, mask_row_ptr, seq_len, BLOCK_T: tl.constexpr):
         offs = start + cols
         in_row = offs < seq_len
         mask = tl.load(mask_row_ptr + offs, mask=in_row, other=0.0)
-        weighted += tl.load(row_ptr + offs, mask=in_row, other=0.0) * mask
+        # masked positions are not even loaded (NaN/inf there must not leak: 0 * NaN = NaN)
+        value = tl.load(row_ptr + offs, mask=in_row & (mask != 0.0), other=0.0)
+        weighted += value * mask
         count += mask
     return tl.sum(weighted, 0), tl.sum(count, 0)
 

@@ -87,14 +87,26 @@ PYALIGN_HD int64_t owning_tensor(const int64_t* chunk_prefix, int64_t num_tensor
 }
 
 // The update each weight op applies to one element, in fp32 whatever the storage dtypes.
-enum class WeightOp : int { kEma = 0, kLerp = 1, kCopy = 2 };
+// There is no separate ema: ema with decay d is lerp with weight 1 - d, the host computing
+// 1 - d in double (ema_weight). The form decay*t + (1-decay)*s would round decay to fp32
+// (1 - float(0.999999) is 1.3% off 1e-6) and round decay*t with an error ~u|t| that, against
+// the update (1-d)(s-t), grows like 1/(1-d); t + w(s - t) keeps the update accurate to ~u.
+enum class WeightOp : int { kLerp = 1, kCopy = 2 };
 
+// Two-sided like torch.lerp: from the nearer end, so weight 1 (ema decay 0) gives exactly s
+// and weight 0 exactly t (1 - weight is exact in fp32 for weight in [0.5, 1]).
 template <WeightOp op>
-PYALIGN_HD float weight_update(float target, float source, float scalar) {
-  if (op == WeightOp::kEma) return scalar * target + (1.0f - scalar) * source;  // scalar = decay
-  if (op == WeightOp::kLerp) return target + scalar * (source - target);        // scalar = weight
+PYALIGN_HD float weight_update(float target, float source, float weight) {
+  if (op == WeightOp::kLerp) {
+    const float span = source - target;
+    return weight < 0.5f ? target + weight * span : source - span * (1.0f - weight);
+  }
   return source;
 }
+
+// The lerp weight of a named op's scalar: ema's decay d gives 1 - d, exact in double (and
+// within half an fp32 ulp of 1 - d once rounded); lerp's weight is itself; copy ignores it.
+inline double ema_weight(bool is_ema, double scalar) { return is_ema ? 1.0 - scalar : scalar; }
 
 // Host-side launch planning (CUDA launcher; exposed to Python for the CPU tests). Plain host
 // functions: nvcc's device pass parses them but never compiles them for the GPU.

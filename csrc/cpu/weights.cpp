@@ -1,6 +1,8 @@
 // Multi-tensor weight updates in place (ema_, lerp_, copy_) over lists of CPU tensors.
-// ema: t = decay*t + (1-decay)*s; lerp: t = t + w*(s - t); copy: t = s. fp32 math, one rounding
-// into the target's dtype; targets and sources may differ in dtype (fp32/bf16/fp16).
+// ema: t = decay*t + (1-decay)*s, computed as lerp t + w*(s - t) with w = 1 - decay taken in
+// double (accurate at decay 0.999999, see multi_tensor.h); lerp: t = t + w*(s - t); copy: t = s.
+// fp32 math, one rounding into the target's dtype; targets and sources may differ in dtype
+// (fp32/bf16/fp16).
 // Memory traffic: reads target and source once, writes target once (copy: no target read).
 // Work split: every tensor is cut into chunks (csrc/common/multi_tensor.h, the same arithmetic
 // the CUDA kernels use) and at::parallel_for (OpenMP) runs over the flattened list of all
@@ -86,15 +88,14 @@ void multi_tensor_apply_(const std::string& kind, at::TensorList targets, at::Te
                 "pyalign_C: tensor pair ", i, " has unsupported dtypes ", target.scalar_type(),
                 " / ", source.scalar_type());
     const auto target_dtype = target.scalar_type(), source_dtype = source.scalar_type();
-    kernels[i] = kind == "ema"    ? pick_kernel<WeightOp::kEma>(target_dtype, source_dtype)
-                 : kind == "lerp" ? pick_kernel<WeightOp::kLerp>(target_dtype, source_dtype)
-                                  : pick_kernel<WeightOp::kCopy>(target_dtype, source_dtype);
+    kernels[i] = kind == "copy" ? pick_kernel<WeightOp::kCopy>(target_dtype, source_dtype)
+                                : pick_kernel<WeightOp::kLerp>(target_dtype, source_dtype);
     const int64_t vec = vector_elements(target.element_size(), source.element_size());
     aligned[i] = pair_is_vector_aligned(reinterpret_cast<uint64_t>(target.data_ptr()), target.element_size(),
                                         reinterpret_cast<uint64_t>(source.data_ptr()), source.element_size(), vec);
     chunk_prefix[i + 1] = chunk_prefix[i] + num_chunks(target.numel(), chunk_size);
   }
-  const float scalar_f = static_cast<float>(scalar);
+  const float scalar_f = static_cast<float>(ema_weight(kind == "ema", scalar));
   at::parallel_for(0, chunk_prefix[count], 1, [&](int64_t begin, int64_t end) {
     for (int64_t global_chunk = begin; global_chunk < end; ++global_chunk) {
       const int64_t tensor = owning_tensor(chunk_prefix.data(), count, global_chunk);

@@ -66,7 +66,8 @@ class KLPenaltyFunction(torch.autograd.Function):
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator: str = "k1",
                mask: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
-    """Per-token KL estimate (fp32, shaped like ``logprobs``); ``mask`` (bool) zeroes positions.
+    """Per-token KL estimate (fp32, shaped like ``logprobs``); where ``mask`` is False the result and
+    both gradients are exactly 0, whatever the inputs hold there (NaN, inf).
 
     ``logprobs`` and ``ref_logprobs``: floating tensors of one shape (no broadcasting); ``mask``:
     that shape too, bool or integer (nonzero = kept; a float mask is refused); ``estimator``: one

@@ -188,7 +188,9 @@ def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor,
 
     ``token_logprobs`` [..., T] floating and ``mask`` of exactly that shape (no broadcasting: a
     [B, 1] against a [B, T] mask would count one token T times), bool or integer (nonzero =
-    kept, counted once; a float mask is refused).
+    kept, counted once; a float mask is refused). Masked positions are skipped, not multiplied by
+    0: a NaN or inf there changes neither the result nor the gradient (which is 0 there). A row
+    with nothing kept gives 0, also for the mean (its count clamps to 1).
     """
     _checks.check_tensor("token_logprobs", token_logprobs, floating=True)
     _checks.check_mask("mask", mask)
@@ -197,11 +199,12 @@ def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor,
         raise ValueError("token_logprobs must have a last (token) dimension, got a 0-d tensor")
     _checks.check_shape("mask", mask, token_logprobs.shape, "token_logprobs.shape")
     average = _checks.check_bool("average", average)
-    mask = (mask != 0).to(token_logprobs.dtype)
-    summed = (token_logprobs * mask).sum(-1)
+    kept = mask != 0
+    # selection, not 0 * value: 0 * NaN and 0 * inf are NaN
+    summed = torch.where(kept, token_logprobs, 0.0).sum(-1)
     if not average:
         return summed
-    return summed / mask.sum(-1).clamp(min=1)
+    return summed / kept.sum(-1).clamp(min=1).to(summed.dtype)
 
 
 @torch.library.custom_op("pyalign::sequence_preference_fwd", mutates_args=())

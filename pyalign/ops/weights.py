@@ -6,9 +6,23 @@ pyalign/backends.py.
     ema_(targets, sources, decay)    t = decay * t + (1 - decay) * s
     lerp_(targets, sources, weight)  t = t + weight * (s - t)
     copy_(targets, sources)          t = s
+
+Pairing: two modules pair by parameter (and, with include_buffers, floating buffer) name,
+canonicalised by pyalign._utils.canonical_param_name so DDP's ``module.`` and torch.compile's
+``_orig_mod.`` prefixes match; names on one side only raise, listing them. A list of tensors (or
+a module against a list) pairs by position.
+
+Aliasing: the kernels update tensors in parallel chunks, so a byte written through one target
+and read or written through another pair would give results that depend on thread timing. No
+target may share a byte with another target or with another pair's source, nor with its own
+source unless it *is* that source (the same tensor, same view): ema/lerp/copy of t with itself
+is t, a no-op that stays allowed. Checked before any update, by storage address and the byte
+ranges (exact element sets where strided ranges interleave); disjoint views of one buffer are fine.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from typing import Iterable, Union
 
@@ -16,17 +30,29 @@ import torch
 from torch import nn
 
 from pyalign import backends
-from pyalign._utils import KERNEL_DTYPES, local_shard
+from pyalign._utils import KERNEL_DTYPES, canonical_param_name, local_shard
 
 TensorsOrModule = Union[nn.Module, Iterable[torch.Tensor]]
 
 
-def _as_tensor_list(name: str, tensors: TensorsOrModule, include_buffers: bool) -> list:
+def _named_module_tensors(name: str, module: nn.Module, include_buffers: bool) -> dict:
+    """canonical name -> local tensor, in registration order (parameters, then buffers)."""
+    items = [(n, p.data) for n, p in module.named_parameters()]
+    if include_buffers:
+        items += [(n, b) for n, b in module.named_buffers() if b.dtype.is_floating_point]
+    named: dict = {}
+    for raw, tensor in items:
+        key = canonical_param_name(raw)
+        if key in named:
+            raise ValueError(f"{name}: two tensors have the name {key!r} once wrapper prefixes "
+                             f"(module., _orig_mod.) are dropped")
+        named[key] = local_shard(tensor)
+    return named
+
+
+def _as_tensor_list(name: str, tensors, include_buffers: bool) -> list:
     if isinstance(tensors, nn.Module):
-        items = [p.data for p in tensors.parameters()]
-        if include_buffers:
-            items += [b for b in tensors.buffers() if b.dtype.is_floating_point]
-        return [local_shard(t) for t in items]
+        return list(_named_module_tensors(name, tensors, include_buffers).values())
     if isinstance(tensors, torch.Tensor):
         return [local_shard(tensors)]
     try:
@@ -40,9 +66,37 @@ def _as_tensor_list(name: str, tensors: TensorsOrModule, include_buffers: bool) 
     return [local_shard(t.data if isinstance(t, nn.Parameter) else t) for t in items]
 
 
-def _pairs(targets: TensorsOrModule, sources: TensorsOrModule, include_buffers: bool):
+def _paired_lists(targets, sources, include_buffers: bool):
+    """(target tensors, source tensors, names or None): by name for two modules, else by
+    position (names from whichever side is a module, for messages)."""
+    if isinstance(targets, nn.Module) and isinstance(sources, nn.Module):
+        target_named = _named_module_tensors("targets", targets, include_buffers)
+        source_named = _named_module_tensors("sources", sources, include_buffers)
+        if target_named.keys() != source_named.keys():
+            only_targets = sorted(target_named.keys() - source_named.keys())
+            only_sources = sorted(source_named.keys() - target_named.keys())
+            parts = []
+            if only_targets:
+                parts.append(f"missing from sources: {only_targets}")
+            if only_sources:
+                parts.append(f"missing from targets: {only_sources}")
+            counts = (f"differ in length: {len(target_named)} vs {len(source_named)} tensors"
+                      if len(target_named) != len(source_named) else "differ in tensor names")
+            raise ValueError(f"targets and sources (modules, paired by name) {counts}; "
+                             f"{'; '.join(parts)}")
+        names = list(target_named)
+        return [target_named[n] for n in names], [source_named[n] for n in names], names
     target_list = _as_tensor_list("targets", targets, include_buffers)
     source_list = _as_tensor_list("sources", sources, include_buffers)
+    names = None
+    for side in (targets, sources):
+        if isinstance(side, nn.Module):
+            names = list(_named_module_tensors("", side, include_buffers))
+    return target_list, source_list, names
+
+
+def _pairs(targets: TensorsOrModule, sources: TensorsOrModule, include_buffers: bool):
+    target_list, source_list, names = _paired_lists(targets, sources, include_buffers)
     if len(target_list) != len(source_list):
         raise ValueError(f"targets and sources differ in length: {len(target_list)} vs "
                          f"{len(source_list)} tensors")
@@ -55,7 +109,94 @@ def _pairs(targets: TensorsOrModule, sources: TensorsOrModule, include_buffers: 
                              f"{tuple(source.shape)}")
         if target.device != source.device:
             raise ValueError(f"tensor {i}: target on {target.device}, source on {source.device}")
+    _check_no_aliasing(target_list, source_list, names)
     return target_list, source_list
+
+
+# ------------------------------------------------------------------------------ aliasing
+
+def _extent(tensor: torch.Tensor):
+    """(device, storage address, first byte, end byte) of a tensor's elements, None when it
+    has none (empty) or no real storage (meta)."""
+    if tensor.numel() == 0 or tensor.device.type == "meta":
+        return None
+    size = tensor.element_size()
+    first = tensor.storage_offset() * size
+    last = sum((n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride()))
+    return (tensor.device, tensor.untyped_storage().data_ptr(), first,
+            first + (last + 1) * size)
+
+
+def _element_offsets(tensor: torch.Tensor) -> torch.Tensor:
+    """Storage offsets (in elements) of every element of ``tensor``, on the CPU."""
+    offsets = torch.full((), tensor.storage_offset(), dtype=torch.int64)
+    for n, stride in zip(tensor.shape, tensor.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * stride
+    return offsets.reshape(-1)
+
+
+def _share_bytes(a: torch.Tensor, extent_a, b: torch.Tensor, extent_b) -> bool:
+    if extent_a is None or extent_b is None or extent_a[:2] != extent_b[:2]:
+        return False
+    if extent_a[3] <= extent_b[2] or extent_b[3] <= extent_a[2]:
+        return False
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    size = a.element_size()
+    if b.element_size() != size:  # byte ranges overlap, another dtype: assume they share
+        return True
+    # strided views whose ranges interleave (t[:, ::2] and t[:, 1::2]): compare elements
+    return bool(torch.isin(_element_offsets(a), _element_offsets(b)).any())
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride() and a.device == b.device)
+
+
+def _check_no_aliasing(target_list: list, source_list: list, names) -> None:
+    def label(side: str, i: int) -> str:
+        return f"{side}[{i}]" + (f" ({names[i]!r})" if names is not None and i < len(names) else "")
+
+    target_extents = [_extent(t) for t in target_list]
+    source_extents = [_extent(s) for s in source_list]
+    # sort by start so that only neighbours in address order need comparing pairwise
+    order = sorted((e[0].type, e[0].index or 0, e[1], e[2], i)
+                   for i, e in enumerate(target_extents) if e is not None)
+    for position, (*_, i) in enumerate(order):
+        for *_, j in order[position + 1:]:
+            ei, ej = target_extents[i], target_extents[j]
+            if ej[:2] != ei[:2] or ej[2] >= ei[3]:
+                break
+            if _share_bytes(target_list[i], ei, target_list[j], ej):
+                first, second = sorted((i, j))
+                raise ValueError(f"{label('targets', first)} and {label('targets', second)} "
+                                 f"overlap in memory (the same tensor twice, or views sharing "
+                                 f"elements): an in-place update of both depends on thread timing")
+    # Per storage, targets sorted by first byte: the ones a source range [a, b) can touch start
+    # before b (bisection) and, walking back, stop once no earlier one ends after a (a running
+    # maximum of end bytes: interleaved strided targets end out of order).
+    by_storage: dict = {}
+    for *_, i in order:
+        by_storage.setdefault(target_extents[i][:2], []).append(i)
+    starts, reach = {}, {}
+    for key, members in by_storage.items():
+        starts[key] = [target_extents[i][2] for i in members]
+        reach[key] = list(itertools.accumulate((target_extents[i][3] for i in members), max))
+    for j, extent in enumerate(source_extents):
+        if extent is None or extent[:2] not in by_storage:
+            continue
+        members, furthest = by_storage[extent[:2]], reach[extent[:2]]
+        position = bisect.bisect_left(starts[extent[:2]], extent[3]) - 1
+        while position >= 0 and furthest[position] > extent[2]:
+            i = members[position]
+            position -= 1
+            if i == j and _same_view(target_list[i], source_list[j]):
+                continue  # a target that is its own source: a no-op, allowed
+            if _share_bytes(target_list[i], target_extents[i], source_list[j], extent):
+                raise ValueError(f"{label('targets', i)} overlaps {label('sources', j)} in "
+                                 f"memory: an update would read elements it has already written "
+                                 f"(only a target that is its own source, the same view, is allowed)")
 
 
 def _apply(kind: str, targets, sources, scalar: float, backend: str, include_buffers: bool) -> None:
@@ -92,7 +233,9 @@ def _check_fraction(name: str, value, low_open: bool) -> float:
 
 def ema_(targets: TensorsOrModule, sources: TensorsOrModule, decay: float, *,
          include_buffers: bool = False, backend: str = "auto") -> None:
-    """In place: ``t = decay * t + (1 - decay) * s`` for every pair (parameters of modules)."""
+    """In place: ``t = decay * t + (1 - decay) * s`` for every pair (parameters of modules,
+    paired by name), computed as ``t + w * (s - t)`` with ``w = 1 - decay`` in float64, so the
+    update keeps fp32 accuracy at decay 0.999999."""
     _apply("ema", targets, sources, _check_fraction("decay", decay, False), backend, include_buffers)
 
 

@@ -2,8 +2,10 @@
 device (support.backends_for: eager and the C++ cpu/cuda ones) against float64 formulas: on a
 real transformers model (2-layer Llama, tiny hidden size), fp32 targets of bf16 sources, lists of
 tensors of awkward sizes and of every dtype pair, a thousand tiny tensors, a target that is its
-own source, every fp16 bit pattern, results independent of the thread count; and the errors for
-mismatched inputs."""
+own source, every fp16 bit pattern, results independent of the thread count; the accuracy of the
+ema update at decay up to 0.999999; modules paired by name (registration order, buffers, wrapper
+prefixes); aliasing rejected (a target twice, overlapping views); and the errors for mismatched
+inputs."""
 import itertools
 
 import pytest
@@ -287,3 +289,249 @@ def test_modules_with_a_nan_parameter(backend):
     finite = ~torch.isnan(ema.weight)
     expected = ema64(before[0], policy.weight.detach(), 0.99).float()
     torch.testing.assert_close(ema.weight.detach()[finite], expected[finite], rtol=2e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ ema_ accuracy at high decay
+
+def update_scale_error(before, after, exact_after):
+    """Relative error of the update (after - before) against the float64 update, by the
+    least-squares scale: sum(got * exact) / sum(exact^2) - 1. The rounding of each element into
+    fp32 (up to half an ulp of t, more than the whole update at decay 0.999999) is unbiased and
+    averages out over many elements; a systematic error of the update, such as rounding decay
+    itself to fp32 (1 - float32(0.999999) is 1.3% off 1e-6), does not."""
+    got = after.double() - before.double()
+    exact = exact_after - before.double()
+    return abs(float((got * exact).sum() / (exact * exact).sum()) - 1.0)
+
+
+HIGH_DECAYS = [0.99, 0.9999, 0.99999, 0.999999]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("decay", HIGH_DECAYS)
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ema_update_keeps_fp32_accuracy_at_high_decay(backend, decay, source_dtype):
+    """fp32 targets: t_new - t_old matches the float64 update (1 - decay)(s - t) to 1e-4
+    relative, at every decay. Measured: ~1e-6 (0.99) to ~3e-5 (0.999999, the per-element
+    rounding noise over 2^19 elements); the form decay*t + (1-decay)*s with decay in fp32 is
+    1.4e-3 off at 0.99999 and 1.3e-2 at 0.999999."""
+    torch.manual_seed(1)
+    targets = [torch.randn(1 << 18), torch.randn(300_001) * 3, torch.randn(7, 4097)]
+    sources = [(t + torch.randn(t.shape)).to(source_dtype) for t in targets]
+    before = [t.clone() for t in targets]
+    pyalign.ema_(targets, sources, decay, backend=backend)
+    after = torch.cat([t.reshape(-1) for t in targets])
+    start = torch.cat([t.reshape(-1) for t in before])
+    source = torch.cat([s.reshape(-1) for s in sources])
+    exact = ema64(start, source, decay)
+    assert update_scale_error(start, after, exact) < 1e-4
+    # and still one rounding from the exact value, element by element
+    assert_rounded_from(after, exact, (start, source))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("decay", HIGH_DECAYS)
+@pytest.mark.parametrize("target_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_ema_low_precision_targets_round_the_exact_value(backend, decay, target_dtype):
+    """bf16/fp16 targets (fp32 math): the result is the float64 value rounded to nearest into
+    the target dtype (an update below half an ulp leaves t as it is), except where fp32 error
+    meets a rounding midpoint: at most 1 in 10^4 elements, and those by one ulp."""
+    torch.manual_seed(2)
+    targets = [torch.randn(1 << 17).to(target_dtype)]
+    sources = [targets[0].float() + torch.randn(1 << 17)]
+    start = targets[0].clone()
+    pyalign.ema_(targets, sources, decay, backend=backend)
+    exact = ema64(start, sources[0], decay)
+    expected = exact.to(target_dtype)
+    mismatched = targets[0] != expected
+    assert int(mismatched.sum()) <= targets[0].numel() // 10_000
+    assert_rounded_from(targets[0], exact, (start, sources[0]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight", [1e-2, 1e-4, 1e-5, 1e-6])
+def test_lerp_update_keeps_fp32_accuracy_at_small_weights(backend, weight):
+    """lerp_ with weight = 1 - decay is the same update: t + w (s - t), accurate to 1e-4."""
+    torch.manual_seed(3)
+    targets = [torch.randn(1 << 19)]
+    sources = [targets[0] + torch.randn(1 << 19)]
+    start = targets[0].clone()
+    pyalign.lerp_(targets, sources, weight, backend=backend)
+    assert update_scale_error(start, targets[0], lerp64(start, sources[0], weight)) < 1e-4
+
+
+# ------------------------------------------------------------------ aliasing among the tensors
+# Rule: no target may share a byte with another target, nor with the source of another pair,
+# nor with its own source unless it *is* that source (the same tensor: ema/lerp/copy of t with
+# itself is t, a no-op that stays allowed). Checked before any update; the error names indices
+# (and parameter names for modules).
+
+@pytest.mark.parametrize("kind", ["ema", "lerp", "copy"])
+def test_the_same_target_twice_is_rejected_before_any_update(kind):
+    shared, other = torch.randn(50), torch.randn(3)
+    before = (shared.clone(), other.clone())
+    with pytest.raises(ValueError, match=r"targets\[0\] and targets\[2\] overlap in memory"):
+        apply(kind, [shared, other, shared], [torch.randn(50), torch.randn(3), torch.randn(50)], 0.9)
+    assert torch.equal(shared, before[0]) and torch.equal(other, before[1])
+
+
+@pytest.mark.parametrize("kind", ["ema", "lerp", "copy"])
+def test_overlapping_views_are_rejected(kind):
+    buffer = torch.randn(100)
+    before = buffer.clone()
+    # two targets sharing elements [40, 60) of one buffer
+    with pytest.raises(ValueError, match=r"targets\[0\] and targets\[1\] overlap in memory"):
+        apply(kind, [buffer[:60], buffer[40:]], [torch.randn(60), torch.randn(60)], 0.9)
+    # a target that overlaps another pair's source
+    with pytest.raises(ValueError, match=r"targets\[1\] overlaps sources\[0\]"):
+        apply(kind, [torch.randn(50), buffer[:50]], [buffer[25:75], torch.randn(50)], 0.9)
+    # a target overlapping its own source, shifted by one element (order-dependent results)
+    with pytest.raises(ValueError, match=r"targets\[0\] overlaps sources\[0\]"):
+        apply(kind, [buffer[:50]], [buffer[1:51]], 0.9)
+    # the same bytes seen through another dtype
+    with pytest.raises(ValueError, match=r"targets\[0\] overlaps sources\[0\]"):
+        apply(kind, [buffer[:10]], [buffer[:5].view(torch.bfloat16)], 0.9)
+    assert torch.equal(buffer, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_disjoint_views_of_one_buffer_are_fine(backend):
+    """Flat-buffer layouts (one allocation, a view per parameter) keep working, and so do
+    interleaved strided views: only shared elements count."""
+    buffer, source_buffer = torch.randn(200), torch.randn(200)
+    targets = [buffer[:50], buffer[50:120].view(7, 10), buffer[120:]]
+    sources = [source_buffer[:50], source_buffer[50:120].view(7, 10), source_buffer[120:]]
+    start = [t.double() for t in targets]
+    pyalign.ema_(targets, sources, 0.9, backend=backend)
+    for target, initial, source in zip(targets, start, sources, strict=True):
+        assert_rounded_from(target, ema64(initial, source, 0.9), (initial, source))
+    # a target may read a disjoint view of another target's buffer as its source
+    pyalign.copy_([buffer[:50]], [buffer[150:]], backend=backend)
+    assert torch.equal(buffer[:50], buffer[150:])
+    grid = torch.randn(6, 8)
+    even, odd = grid[:, ::2], grid[:, 1::2]  # byte ranges interleave, no element is shared
+    other = torch.randn(6, 4)
+    exact_even, exact_odd = lerp64(even, other, 0.25), lerp64(odd, other, 0.5)
+    # strided tensors run on eager whatever the backend ("auto" picks it; "cpu" would refuse)
+    pyalign.lerp_([even], [other], 0.25)
+    pyalign.lerp_([odd], [other], 0.5)
+    pyalign.ema_([even, odd], [other, other], 1.0)  # both at once: no error
+    with pytest.raises(ValueError, match=r"targets\[1\] overlaps sources\[0\]"):
+        pyalign.ema_([even, odd], [grid[:, 1:5], other], 0.5)  # a source across both
+    assert_rounded_from(grid[:, ::2], exact_even, (exact_even, other))
+    assert_rounded_from(grid[:, 1::2], exact_odd, (exact_odd, other))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_aliasing_names_the_parameters(backend):
+    shared = torch.randn(3, 4)
+    model = nn.ModuleDict({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
+    model["a"].weight = nn.Parameter(shared)
+    model["b"].weight = nn.Parameter(shared[:, :])  # another Parameter over the same bytes
+    source = nn.ModuleDict({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
+    with pytest.raises(ValueError, match=r"targets\[0\] \('a.weight'\) and targets\[2\] "
+                                         r"\('b.weight'\) overlap in memory"):
+        pyalign.copy_(model, source, backend=backend)
+    # a module that is its own source: every target is its own source, a no-op
+    before = {name: p.detach().clone() for name, p in source.named_parameters()}
+    pyalign.ema_(source, source, 0.9, backend=backend)
+    for name, param in source.named_parameters():
+        assert_rounded_from(param.detach(), before[name].double(), (before[name], before[name]))
+
+
+# ------------------------------------------------------------------ modules pair by name
+
+class Forward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(5, 4)
+        self.decoder = nn.Linear(4, 5)
+        self.register_buffer("scale", torch.randn(4))
+
+
+class Backward(nn.Module):
+    """Forward's parameters and buffer, registered in the other order: same names, same shapes
+    where it matters (encoder.bias and decoder.bias differ; encoder.weight is [4, 5] and
+    decoder.weight [5, 4]: a positional pairing errs on shapes here, see the next class)."""
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.randn(4))
+        self.decoder = nn.Linear(4, 5)
+        self.encoder = nn.Linear(5, 4)
+
+
+class Square(nn.Module):
+    def __init__(self, first, second):
+        super().__init__()
+        setattr(self, first, nn.Linear(4, 4))
+        setattr(self, second, nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,scalar", [("ema", 0.9), ("lerp", 0.3), ("copy", None)])
+def test_modules_pair_by_name_not_registration_order(backend, kind, scalar):
+    """Same shapes everywhere, so a positional pairing would run silently and mix the layers."""
+    torch.manual_seed(4)
+    target, source = Square("q", "k"), Square("k", "q")  # k registered first in the source
+    for module in (target, source):
+        for param in module.parameters():
+            param.data.normal_()
+    before = {name: p.detach().double() for name, p in target.named_parameters()}
+    sources = {name: p.detach() for name, p in source.named_parameters()}
+    apply(kind, target, source, scalar, backend=backend)
+    for name, param in target.named_parameters():
+        exact = expected64(kind, before[name], sources[name], scalar)
+        assert_rounded_from(param.detach(), exact, (before[name], sources[name]), name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_buffers_pair_by_name_too(backend):
+    target, source = Forward(), Backward()
+    before = {name: t.detach().double() for name, t in target.state_dict().items()}
+    pyalign.ema_(target, source, 0.75, include_buffers=True, backend=backend)
+    source_state = source.state_dict()
+    for name, tensor in target.state_dict().items():
+        exact = ema64(before[name], source_state[name], 0.75)
+        assert_rounded_from(tensor, exact, (before[name], source_state[name]), name)
+
+
+def test_renamed_parameters_raise_with_the_names():
+    with pytest.raises(ValueError, match=r"missing from sources: \['q.bias', 'q.weight'\]; "
+                                         r"missing from targets: \['v.bias', 'v.weight'\]"):
+        pyalign.ema_(Square("q", "k"), Square("v", "k"), 0.9)
+    encoder_only = Forward()
+    del encoder_only.decoder, encoder_only.scale
+    with pytest.raises(ValueError, match=r"missing from targets: \['decoder.bias', "
+                                         r"'decoder.weight', 'scale'\]"):
+        pyalign.copy_(encoder_only, Forward(), include_buffers=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrapper_prefixes_still_pair(backend):
+    """DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes name the same weights."""
+
+    class DDPLike(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+    inner, source = Square("q", "k"), Square("k", "q")
+    wrapped = DDPLike(inner)
+    before = {name: p.detach().double() for name, p in inner.named_parameters()}
+    sources = {name: p.detach() for name, p in source.named_parameters()}
+    pyalign.lerp_(wrapped, source, 0.5, backend=backend)
+    for name, param in inner.named_parameters():
+        exact = lerp64(before[name], sources[name], 0.5)
+        assert_rounded_from(param.detach(), exact, (before[name], sources[name]), name)
+    compiled_like = nn.Module()
+    compiled_like._orig_mod = Square("k", "q")
+    pyalign.copy_(compiled_like, wrapped, backend=backend)
+    for name, param in compiled_like._orig_mod.named_parameters():
+        assert torch.equal(param, dict(inner.named_parameters())[name])
+
+
+def test_a_module_against_a_list_stays_positional():
+    module = nn.Linear(3, 2)
+    tensors = [torch.randn(2, 3), torch.randn(2)]
+    pyalign.copy_(module, tensors)
+    assert torch.equal(module.weight, tensors[0]) and torch.equal(module.bias, tensors[1])
