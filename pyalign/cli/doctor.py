@@ -42,7 +42,11 @@ def run_doctor(args) -> int:
         for kind in ("cpu", "cuda"):
             print(f"extension    {kind}: {_build.describe(kind)}")
         for key, value in _build.build_status().items():
-            print(f"extension    {key}: {value}")
+            if isinstance(value, dict):  # cuda: flat, like cpu_*, under the summary line above
+                for sub, sub_value in value.items():
+                    print(f"extension    {key}_{sub}: {sub_value}")
+            else:
+                print(f"extension    {key}: {value}")
     except ImportError:
         print("extension    pyalign._build is not present")
     print("\nbackends (family / device: backend -> status)")
