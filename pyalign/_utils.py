@@ -71,7 +71,14 @@ def cache_root(*parts: str) -> Path:
             return home_cache.joinpath(*parts)
     except OSError:
         pass
-    return Path(tempfile.gettempdir(), f"pyalign-cache-{os.getuid()}", *parts)
+    return user_cache(*parts)
+
+
+def user_cache(*parts: str) -> Path:
+    """This user's own cache in the temporary directory: where a cache that cannot be written
+    (a read-only home, a shared ``$PYALIGN_CACHE_DIR`` written by someone else) moves to."""
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir(), f"pyalign-cache-{user}", *parts)
 
 
 def _fsync_dir(directory: str) -> None:

@@ -26,21 +26,31 @@ def run_doctor(args) -> int:
         print(f"{module:<12} {_version(module)}")
     has_cuda = torch.cuda.is_available()
     print(f"cuda         {'available: ' + torch.cuda.get_device_name(0) if has_cuda else 'no GPU'}")
-    try:
-        from pyalign import _build
-        for key, value in _build.build_status().items():
-            print(f"extension    {key}: {value}")
-    except ImportError:
-        print("extension    pyalign._build is not present")
     devices = ["cpu"] + (["cuda"] if has_cuda else [])
-    print("\nbackends (family / device: backend -> status)")
+    # The table first: it loads (or builds) the extension, and the status printed above it must
+    # describe that load, not the state before it.
+    table = []
     for family in backends.PRIMITIVES:
         for device in devices:
             for backend in backends.BACKENDS:
                 ok, reason = backends.status(family, backend, device)
-                print(f"  {family:<16} {device:<5} {backend:<7} {'ok' if ok else 'no: ' + reason}")
+                table.append(f"  {family:<16} {device:<5} {backend:<7} {'ok' if ok else 'no: ' + reason}")
             chosen = backends.resolve(family, "auto", device)
-            print(f"  {family:<16} {device:<5} auto -> {chosen}")
+            table.append(f"  {family:<16} {device:<5} auto -> {chosen}")
+    try:
+        from pyalign import _build
+        for kind in ("cpu", "cuda"):
+            print(f"extension    {kind}: {_build.describe(kind)}")
+        for key, value in _build.build_status().items():
+            if isinstance(value, dict):  # cuda: flat, like cpu_*, under the summary line above
+                for sub, sub_value in value.items():
+                    print(f"extension    {key}_{sub}: {sub_value}")
+            else:
+                print(f"extension    {key}: {value}")
+    except ImportError:
+        print("extension    pyalign._build is not present")
+    print("\nbackends (family / device: backend -> status)")
+    print("\n".join(table))
     if args.compile:
         print()
         try:
