@@ -17,6 +17,7 @@ import torch
 
 import pyalign
 from pyalign.trainers.distributed import micro_slices, split_evenly
+from pyalign.trainers.scoring import masked_sum
 from pyalign.trainers.trainer import Trainer, TrainerConfig, _freeze, check_range, make_generator
 
 PAIRWISE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
@@ -194,7 +195,7 @@ class PreferenceTrainer(Trainer):
                 "chosen_reward": float(out.chosen_rewards.sum()),
                 "rejected_reward": float(out.rejected_rewards.sum()),
                 "margin": float(out.margins.sum()), "accuracy": float((out.margins > 0).sum()),
-                "entropy": float((entropy.detach() * mask).sum()), "tokens": float(mask.sum()),
+                "entropy": masked_sum(entropy, mask), "tokens": float(mask.sum()),
                 "all_tokens": float(2 * pairs * (prompts.shape[1] + responses.shape[1]))}
 
     @torch.no_grad()
@@ -232,5 +233,5 @@ class PreferenceTrainer(Trainer):
                 "n_desirable": float(desirable.sum()),
                 "undesirable_reward": float(out.rewards[~desirable].sum()),
                 "n_undesirable": float((~desirable).sum()),
-                "entropy": float((entropy.detach() * mask).sum()), "tokens": float(mask.sum()),
+                "entropy": masked_sum(entropy, mask), "tokens": float(mask.sum()),
                 "all_tokens": float(2 * n * (prompts.shape[1] + completions.shape[1]))}

@@ -19,6 +19,7 @@ import torch
 
 import pyalign
 from pyalign.trainers.distributed import micro_slices, split_evenly
+from pyalign.trainers.scoring import masked_sum
 from pyalign.trainers.trainer import Trainer, TrainerConfig, check_range, make_generator
 
 KL_ESTIMATORS = ("k1", "k3")
@@ -165,7 +166,7 @@ class RLTrainer(Trainer):
         out = {"loss": float(loss.detach()), "n": float(responses.shape[0]),
                "reward": float(shaped.sum()), "proxy_reward": float(proxy.double().sum()),
                "kl_penalty": float(penalty.double().sum()), "kl_to_init": float(kl_to_init.double().sum()),
-               "entropy": float((entropy.detach() * mask).double().sum()), "tokens": float(mask.sum()),
+               "entropy": masked_sum(entropy, mask), "tokens": float(mask.sum()),
                "advantage_abs": float(advantages.abs().sum()),
                "all_tokens": float(responses.shape[0] * (prompts.shape[1] + responses.shape[1]))}
         if gold is not None:

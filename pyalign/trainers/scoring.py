@@ -22,6 +22,12 @@ def response_mask(responses: torch.Tensor, eos_id: Optional[int]) -> torch.Tenso
     return (torch.cumsum(is_eos, dim=-1) - is_eos) == 0
 
 
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Sum of ``values`` where ``mask`` holds, in float64: selection, not ``values * mask`` (a NaN
+    or inf at a masked position must not reach a logged metric)."""
+    return float(torch.where(mask.bool(), values.detach(), 0.0).double().sum())
+
+
 class ResponseScorer(torch.nn.Module):
     """Per-token log-probs (and entropies) of response tokens given prompts, via pyalign's ops.
 

@@ -56,7 +56,7 @@ from pyalign.trainers.distributed import (
     split_evenly,
 )
 from pyalign.trainers.metrics import MetricsLog, plot_reward_vs_kl, read_metrics
-from pyalign.trainers.scoring import ResponseScorer, response_mask
+from pyalign.trainers.scoring import ResponseScorer, masked_sum, response_mask
 
 
 @dataclasses.dataclass
@@ -348,7 +348,7 @@ class Trainer:
                     sums["gold"] += float(task.gold_reward(chunk.cpu(), responses.cpu()).double().sum())
                 sums["proxy"] += float(task.proxy_reward(chunk.cpu(), responses.cpu()).double().sum())
                 sums["kl"] += float(kl.double().sum())
-                sums["entropy"] += float((entropy * mask).double().sum())
+                sums["entropy"] += masked_sum(entropy, mask)
                 sums["tokens"] += float(mask.sum())
                 sums["n"] += chunk.shape[0]
         finally:
