@@ -222,6 +222,12 @@ def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
         config.validate()
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+    # Under torchrun the world size is known before any process group exists: a global batch
+    # that does not split over the ranks is a config error, not a failure at the first step.
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if config.batch_size % world_size:
+        raise ConfigError(f"key 'batch_size' must be divisible by the number of ranks "
+                          f"({world_size}), got {config.batch_size}")
     return algo, run, config
 
 

@@ -234,3 +234,17 @@ def test_bad_values_are_one_line_before_any_work(tmp_path, capsys, algo, values,
     assert err[0].startswith("pyalign train: error: ")
     assert f"'{key}'" in err[0] and shown in err[0] and "must be" in err[0], err[0]
     assert not cache.exists() and not (tmp_path / "out").exists()  # no task build, nothing written
+
+
+def test_batch_not_divisible_by_the_ranks_is_a_config_error(tmp_path, capsys, monkeypatch):
+    """Under torchrun (WORLD_SIZE set) a global batch that does not split over the ranks is
+    refused in one line before the task is built, not at the first step."""
+    cache = tmp_path / "cache"
+    config = _write(tmp_path / "c.toml", f'task_cache_dir = "{cache}"\nalgo = "dpo"\n'
+                    "batch_size = 5\nmicro_batch_size = 5\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    capsys.readouterr()
+    assert run_cli("--config", config, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'batch_size'" in err[0] and "(2)" in err[0] and "5" in err[0], err
+    assert not cache.exists() and not (tmp_path / "out").exists()
