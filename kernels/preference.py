@@ -1,12 +1,15 @@
-"""Per-pair preference losses (the eleven of docs/algorithms.md) and their gradients; and a fused
+"""Per-pair preference losses (the registry's, pyalign/losses.py) and their gradients; and a fused
 "sequence reduce + pair loss" from per-token log-probs.
 
 Per pair, r_w = policy_chosen - ref_chosen, r_l = policy_rejected - ref_rejected, h = r_w - r_l,
 x = beta*h. One helper, ``_pair_loss_and_grads``, gives (loss, dloss/dr_w, dloss/dr_l) for the
 loss id (a runtime argument: one compiled kernel serves every loss; B is small). Grads of the
 four inputs: (+, +, -, -) of (dr_w, dr_l, dr_w, dr_l), times the upstream gradient.
-Numerics: log-sigmoid as min(x, 0) - log1p(exp(-|x|)) with an exact log1p; discopop's
-sigmoid(x/tau)*exp(-x) as exp(logsigmoid(x/tau) - x), finite where eager gives inf*0 = NaN.
+Numerics: log-sigmoid as min(x, 0) - log1p(exp(-|x|)) with an exact log1p; 1 - sigmoid(u) as
+sigmoid(-u) and sigmoid'(u) as sigmoid(u)*sigmoid(-u) (no cancellation near 1); discopop's
+sigmoid(x/tau)*exp(-x) as exp(logsigmoid(x/tau) - x) (no inf*0); the label-smoothing term is
+dropped for eps = 0 and exo_pair's sigmoid(-x)*logsigmoid(-x) is 0 where sigmoid(-x) = 0
+(0 * logsigmoid(-inf) would be NaN where the loss is finite).
 
 Sequence kernel: token_logprobs [2B, T] (chosen rows first), mask [2B, T] -> per-row masked sum
 (or mean: sum / max(sum(mask), 1), as pyalign.sequence_logprobs), the reference the same way when
@@ -29,11 +32,15 @@ import triton
 import triton.language as tl
 
 from pyalign import kernels as _kernels
-from pyalign.eager.preference import DISCOPOP_TAU
+from pyalign import losses as _losses
+from pyalign.eager import preference as _eager
+from pyalign.losses import DISCOPOP_TAU
 
-LOSS_IDS = {name: index for index, name in enumerate(
-    ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-     "apo_zero", "apo_down", "discopop"))}
+# _pair_loss_and_grads has one branch per id 0..KERNEL_BRANCHES-1; the registry says which loss
+# each id is (and asserts that every branch has exactly one entry). A pairwise loss without a
+# kernel id is eager only: the wrappers below hand it to the eager backend.
+KERNEL_BRANCHES = 11
+LOSS_IDS = _losses.kernel_ids(KERNEL_BRANCHES)
 BLOCK = 256
 BLOCK_T = 512
 NUM_WARPS = 4
@@ -65,7 +72,8 @@ def _pair_loss_and_grads(chosen_ratio, rejected_ratio, loss_id, beta, eps, log_o
     x = beta * margin
     zero = tl.zeros_like(x)
     if loss_id == 0:  # sigmoid (DPO / cDPO)
-        loss = -(1.0 - eps) * _logsigmoid(x) - eps * _logsigmoid(-x)
+        loss = -(1.0 - eps) * _logsigmoid(x)
+        loss = tl.where(eps != 0.0, loss - eps * _logsigmoid(-x), loss)
         d_x = -(1.0 - eps) * _sigmoid(-x) + eps * _sigmoid(x)
         d_chosen = beta * d_x
         d_rejected = -d_chosen
@@ -80,14 +88,18 @@ def _pair_loss_and_grads(chosen_ratio, rejected_ratio, loss_id, beta, eps, log_o
         d_rejected = -d_chosen
     elif loss_id == 3:  # robust
         scale = 1.0 / (1.0 - 2.0 * eps)
-        loss = (-(1.0 - eps) * _logsigmoid(x) + eps * _logsigmoid(-x)) * scale
+        loss = -(1.0 - eps) * _logsigmoid(x)
+        loss = tl.where(eps != 0.0, loss + eps * _logsigmoid(-x), loss) * scale
         d_chosen = beta * scale * (-(1.0 - eps) * _sigmoid(-x) - eps * _sigmoid(x))
         d_rejected = -d_chosen
     elif loss_id == 4:  # exo_pair: d/dx = s(x) s(-x) (x - log(1-eps) + log eps)
         s_pos = _sigmoid(x)
         s_neg = _sigmoid(-x)
-        loss = s_pos * (_logsigmoid(x) - log_one_minus_eps) + s_neg * (_logsigmoid(-x) - log_eps)
-        d_chosen = beta * s_pos * s_neg * (x - log_one_minus_eps + log_eps)
+        # a zero weight selects 0: logsigmoid(-x) is -inf at x = +inf, where the loss is finite
+        loss = (tl.where(s_pos == 0.0, zero, s_pos * (_logsigmoid(x) - log_one_minus_eps))
+                + tl.where(s_neg == 0.0, zero, s_neg * (_logsigmoid(-x) - log_eps)))
+        s_prime = s_pos * s_neg
+        d_chosen = beta * tl.where(s_prime == 0.0, zero, s_prime * (x - log_one_minus_eps + log_eps))
         d_rejected = -d_chosen
     elif loss_id == 5:  # nca_pair
         chosen_x = beta * chosen_ratio
@@ -109,26 +121,29 @@ def _pair_loss_and_grads(chosen_ratio, rejected_ratio, loss_id, beta, eps, log_o
         d_chosen = 2.0 * chosen_offset
         d_rejected = 2.0 * rejected_offset
     elif loss_id == 8:  # apo_zero
-        s_chosen = _sigmoid(beta * chosen_ratio)
-        s_rejected = _sigmoid(beta * rejected_ratio)
-        loss = 1.0 - s_chosen + s_rejected
-        d_chosen = -beta * s_chosen * (1.0 - s_chosen)
-        d_rejected = beta * s_rejected * (1.0 - s_rejected)
+        chosen_x = beta * chosen_ratio
+        rejected_x = beta * rejected_ratio
+        s_rejected = _sigmoid(rejected_x)
+        loss = _sigmoid(-chosen_x) + s_rejected  # 1 - s(u_w) + s(u_l)
+        d_chosen = -beta * _sigmoid(chosen_x) * _sigmoid(-chosen_x)
+        d_rejected = beta * s_rejected * _sigmoid(-rejected_x)
     elif loss_id == 9:  # apo_down
-        s_chosen = _sigmoid(beta * chosen_ratio)
-        s_margin = _sigmoid(x)
-        loss = s_chosen + 1.0 - s_margin
-        d_rejected = beta * s_margin * (1.0 - s_margin)
-        d_chosen = beta * s_chosen * (1.0 - s_chosen) - d_rejected
-    else:  # discopop: m = s(x/tau); (1 - m)(-logsig(x)) + m exp(-x)
+        chosen_x = beta * chosen_ratio
+        s_chosen = _sigmoid(chosen_x)
+        s_neg_margin = _sigmoid(-x)
+        loss = s_chosen + s_neg_margin  # s(u_w) + 1 - s(x)
+        d_rejected = beta * _sigmoid(x) * s_neg_margin
+        d_chosen = beta * s_chosen * _sigmoid(-chosen_x) - d_rejected
+    else:  # loss_id == 10, discopop: m = s(x/tau); (1 - m)(-logsig(x)) + m exp(-x)
         mix = _sigmoid(x * inv_tau)
+        one_minus_mix = _sigmoid(-x * inv_tau)
         log_mix = _logsigmoid(x * inv_tau)
         mixed_exp = tl.exp(log_mix - x)                                   # m exp(-x)
         d_mix_exp = tl.exp(log_mix + _logsigmoid(-x * inv_tau) - x) * inv_tau  # m(1-m)/tau exp(-x)
-        d_mix = mix * (1.0 - mix) * inv_tau
+        d_mix = mix * one_minus_mix * inv_tau
         logistic = -_logsigmoid(x)
-        loss = (1.0 - mix) * logistic + mixed_exp
-        d_x = -d_mix * logistic - (1.0 - mix) * _sigmoid(-x) + d_mix_exp - mixed_exp
+        loss = one_minus_mix * logistic + mixed_exp
+        d_x = -d_mix * logistic - one_minus_mix * _sigmoid(-x) + d_mix_exp - mixed_exp
         d_chosen = beta * d_x
         d_rejected = -d_chosen
     return loss, d_chosen, d_rejected
@@ -274,6 +289,9 @@ def _loss_scalars(loss, beta, label_smoothing):
 
 def forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta, label_smoothing):
     """Contract of backends.py (preference.forward): losses [B] fp32."""
+    if loss not in LOSS_IDS:  # eager-only entry (an unknown name: eager raises)
+        return _eager.forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta,
+                              label_smoothing)
     inputs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     scalars = _loss_scalars(loss, beta, label_smoothing)
     num_pairs = policy_chosen.numel()
@@ -287,6 +305,9 @@ def forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta
 def backward(grad_losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta,
              label_smoothing):
     """Contract of backends.py (preference.backward): grads of the four inputs, in their dtypes."""
+    if loss not in LOSS_IDS:
+        return _eager.backward(grad_losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                               loss, beta, label_smoothing)
     inputs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     scalars = _loss_scalars(loss, beta, label_smoothing)
     num_pairs = policy_chosen.numel()
@@ -323,6 +344,9 @@ def sequence_preference_forward(token_logprobs, mask, ref_logps, loss, beta, lab
     Per row: sum_t lp*mask, or with ``average`` that divided by max(sum_t mask, 1).
     Returns (losses [B], policy_logps [2B], ref_logps [2B]), all fp32.
     """
+    if loss not in LOSS_IDS:
+        return _eager.sequence_preference_forward(token_logprobs, mask, ref_logps, loss, beta,
+                                                  label_smoothing, average)
     token_logprobs, mask, ref_logps, ref_per_token = _sequence_inputs(token_logprobs, mask, ref_logps)
     scalars = _loss_scalars(loss, beta, label_smoothing)
     rows, seq_len = token_logprobs.shape
@@ -346,6 +370,10 @@ def sequence_preference_backward(grad_losses, token_logprobs, mask, ref_logps, p
     """Backward of sequence_preference_forward: (grad_token_logprobs [2B, T] fp32,
     grad_ref_logps shaped like ref_logps, fp32). ``policy_seq``/``ref_seq`` are the forward's
     second and third outputs."""
+    if loss not in LOSS_IDS:
+        return _eager.sequence_preference_backward(grad_losses, token_logprobs, mask, ref_logps,
+                                                   policy_seq, ref_seq, loss, beta, label_smoothing,
+                                                   average)
     token_logprobs, mask, ref_logps, ref_per_token = _sequence_inputs(token_logprobs, mask, ref_logps)
     scalars = _loss_scalars(loss, beta, label_smoothing)
     rows, seq_len = token_logprobs.shape
@@ -373,12 +401,12 @@ def compile_configs():
              signature={**{name: "*fp32" for name in pair_inputs + ("losses_ptr",)},
                         "num_pairs": "i32", **scalar_sig},
              constexprs={"BLOCK": BLOCK}, aligned=pair_inputs + ("losses_ptr",),
-             num_warps=NUM_WARPS, label="all 11 losses (runtime id)"),
+             num_warps=NUM_WARPS, label=f"all {len(LOSS_IDS)} losses (runtime id)"),
         dict(name="preference_backward", kernel=preference_backward_kernel,
              signature={**{name: "*fp32" for name in ("grad_losses_ptr",) + pair_inputs + grads},
                         "num_pairs": "i32", **scalar_sig},
              constexprs={"BLOCK": BLOCK}, aligned=("grad_losses_ptr",) + pair_inputs + grads,
-             num_warps=NUM_WARPS, label="all 11 losses (runtime id)"),
+             num_warps=NUM_WARPS, label=f"all {len(LOSS_IDS)} losses (runtime id)"),
     ]
     for ref_per_token in (False, True):
         label = f"ref={'per-token' if ref_per_token else 'sequence'} BLOCK_T={BLOCK_T}"

@@ -161,8 +161,9 @@ def _sig(x):
 
 
 # Per-pair loss formulas, (r_w, r_l, h, x = beta*h, beta, eps) -> loss, straight from the loss
-# table of docs/algorithms.md. tests/ops/test_preference.py checks these keys are exactly the
-# package's loss names.
+# table of docs/algorithms.md, in forms that stay finite in float64 wherever the loss is (for
+# |x| up to 1e4: discopop's m*exp(-x) as exp(logsig(x/tau) - x)). tests/ops/test_preference.py
+# checks these keys are exactly the package's (the loss registry's) pairwise loss names.
 PAIR_LOSS_FORMULAS = {
     "sigmoid": lambda rw, rl, h, x, beta, eps: -(1 - eps) * _logsig(x) - eps * _logsig(-x),
     "ipo": lambda rw, rl, h, x, beta, eps: (h - 1 / (2 * beta)) ** 2,
@@ -179,7 +180,7 @@ PAIR_LOSS_FORMULAS = {
     "apo_zero": lambda rw, rl, h, x, beta, eps: 1 - _sig(beta * rw) + _sig(beta * rl),
     "apo_down": lambda rw, rl, h, x, beta, eps: _sig(beta * rw) + 1 - _sig(x),
     "discopop": lambda rw, rl, h, x, beta, eps:
-        (1 - _sig(x / 0.05)) * (-_logsig(x)) + _sig(x / 0.05) * torch.exp(-x),
+        _sig(-x / 0.05) * (-_logsig(x)) + torch.exp(_logsig(x / 0.05) - x),
 }
 
 

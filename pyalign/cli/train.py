@@ -202,10 +202,10 @@ def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
         if getattr(args, flag, False):
             run[flag] = True
     if "loss" in trainer_values:
-        from pyalign.trainers.preference import PAIRWISE_LOSSES
-        if trainer_values["loss"] not in PAIRWISE_LOSSES:
+        from pyalign.losses import PAIRWISE_NAMES  # the loss registry
+        if trainer_values["loss"] not in PAIRWISE_NAMES:
             raise ConfigError(f"{where}: loss {trainer_values['loss']!r} is not a pairwise loss "
-                              f"({', '.join(PAIRWISE_LOSSES)})")
+                              f"({', '.join(PAIRWISE_NAMES)})")
     values = {**preset, **trainer_values, "seed": run["seed"], "bf16": run["bf16"],
               "backend": run["backend"], "fsdp": run["fsdp"]}
     if getattr(args, "no_progress", False):

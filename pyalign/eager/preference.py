@@ -1,60 +1,27 @@
-"""Eager preference losses (family ``preference`` of pyalign/backends.py): the eleven DPO-family
-pair losses, ``forward``/``backward`` on sequence log-probs [B] and the fused
+"""Eager preference losses (family ``preference`` of pyalign/backends.py): the pairwise losses
+of the registry (pyalign/losses.py), ``forward``/``backward`` on sequence log-probs [B] and the fused
 ``sequence_preference_forward``/``sequence_preference_backward`` from per-token log-probs.
 
 ``pair_losses`` (differentiable by autograd) and ``pair_loss_ratio_grads`` (closed-form
-gradients) are the per-pair math every entry point shares; the Triton kernels take
-``DISCOPOP_TAU`` from here.
+gradients) are the per-pair math every entry point shares; both call the registry entry.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
+from pyalign import losses
 from pyalign._utils import accumulation_dtype
-
-DISCOPOP_TAU = 0.05
 
 
 def pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta,
                 label_smoothing):
-    """Per-pair losses [B] in fp32, differentiable by torch autograd (the loss table of
-    docs/algorithms.md)."""
-    eps = label_smoothing
+    """Per-pair losses [B] in fp32 (fp64 for fp64 inputs), differentiable by torch autograd: the
+    registry entry's forward (pyalign/losses.py, the loss table of docs/algorithms.md)."""
+    entry = losses.get(loss)
     acc = accumulation_dtype(policy_chosen.dtype)
     chosen_ratio = policy_chosen.to(acc) - ref_chosen.to(acc)  # r_w
     rejected_ratio = policy_rejected.to(acc) - ref_rejected.to(acc)  # r_l
-    margin = chosen_ratio - rejected_ratio  # h
-    x = beta * margin
-    logsig = F.logsigmoid
-    if loss == "sigmoid":
-        return -(1 - eps) * logsig(x) - eps * logsig(-x)
-    if loss == "ipo":
-        return (margin - 1 / (2 * beta)) ** 2
-    if loss == "hinge":
-        return torch.relu(1 - x)
-    if loss == "robust":
-        return (-(1 - eps) * logsig(x) + eps * logsig(-x)) / (1 - 2 * eps)
-    if loss == "exo_pair":
-        return (torch.sigmoid(x) * (logsig(x) - math.log(1 - eps))
-                + torch.sigmoid(-x) * (logsig(-x) - math.log(eps)))
-    if loss == "nca_pair":
-        return (-logsig(beta * chosen_ratio) - 0.5 * logsig(-beta * chosen_ratio)
-                - 0.5 * logsig(-beta * rejected_ratio))
-    if loss == "bco_pair":
-        return -logsig(beta * chosen_ratio) - logsig(-beta * rejected_ratio)
-    if loss == "sppo_hard":
-        return (chosen_ratio - 1 / (2 * beta)) ** 2 + (rejected_ratio + 1 / (2 * beta)) ** 2
-    if loss == "apo_zero":
-        return 1 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
-    if loss == "apo_down":
-        return torch.sigmoid(beta * chosen_ratio) + 1 - torch.sigmoid(x)
-    if loss == "discopop":
-        mix = torch.sigmoid(x / DISCOPOP_TAU)
-        return (1 - mix) * (-logsig(x)) + mix * torch.exp(-x)
-    raise ValueError(f"unknown preference loss {loss!r}")
+    return entry.forward(chosen_ratio, rejected_ratio, beta, label_smoothing)
 
 
 def forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta, label_smoothing):
@@ -64,44 +31,9 @@ def forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta
 
 
 def pair_loss_ratio_grads(chosen_ratio, rejected_ratio, loss, beta, label_smoothing):
-    """(dL/dr_w, dL/dr_l) per pair, in closed form (custom ops run below autograd)."""
-    eps = label_smoothing
-    x = beta * (chosen_ratio - rejected_ratio)
-    sig, logsig = torch.sigmoid, F.logsigmoid
-
-    def sig_prime(u):
-        return sig(u) * sig(-u)
-
-    by_margin = None  # dL/dh for the losses that depend on h only
-    if loss == "sigmoid":
-        by_margin = beta * (-(1 - eps) * sig(-x) + eps * sig(x))
-    elif loss == "ipo":
-        by_margin = 2 * ((chosen_ratio - rejected_ratio) - 1 / (2 * beta))
-    elif loss == "hinge":
-        by_margin = torch.where(1 - x > 0, -beta, 0.0).to(x.dtype)
-    elif loss == "robust":
-        by_margin = beta * (-(1 - eps) * sig(-x) - eps * sig(x)) / (1 - 2 * eps)
-    elif loss == "exo_pair":
-        by_margin = beta * sig_prime(x) * (x - math.log((1 - eps) / eps))
-    elif loss == "discopop":
-        mix = sig(x / DISCOPOP_TAU)
-        d_mix = mix * (1 - mix) / DISCOPOP_TAU
-        by_margin = beta * (d_mix * (logsig(x) + torch.exp(-x)) - (1 - mix) * sig(-x)
-                            - mix * torch.exp(-x))
-    if by_margin is not None:
-        return by_margin, -by_margin
-    u_w, u_l = beta * chosen_ratio, beta * rejected_ratio
-    if loss == "nca_pair":
-        return beta * (-sig(-u_w) + 0.5 * sig(u_w)), beta * 0.5 * sig(u_l)
-    if loss == "bco_pair":
-        return -beta * sig(-u_w), beta * sig(u_l)
-    if loss == "sppo_hard":
-        return 2 * (chosen_ratio - 1 / (2 * beta)), 2 * (rejected_ratio + 1 / (2 * beta))
-    if loss == "apo_zero":
-        return -beta * sig_prime(u_w), beta * sig_prime(u_l)
-    if loss == "apo_down":
-        return beta * (sig_prime(u_w) - sig_prime(x)), beta * sig_prime(x)
-    raise ValueError(f"unknown preference loss {loss!r}")
+    """(dL/dr_w, dL/dr_l) per pair, in closed form (custom ops run below autograd): the registry
+    entry's gradient."""
+    return losses.get(loss).grad(chosen_ratio, rejected_ratio, beta, label_smoothing)
 
 
 def backward(grad_losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta,

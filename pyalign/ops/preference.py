@@ -12,14 +12,13 @@ from typing import NamedTuple, Optional
 import torch
 
 from pyalign import backends
+from pyalign import losses as registry
 from pyalign._utils import accumulation_dtype
 from pyalign.ops import _checks
 from pyalign.ops.linear_logprobs import linear_token_logprobs
 
-LOSS_NAMES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
-              "sppo_hard", "apo_zero", "apo_down", "discopop")
+LOSS_NAMES = registry.PAIRWISE_NAMES  # the pairwise entries of the registry, pyalign/losses.py
 REDUCTIONS = ("mean", "sum", "none")
-EXO_DEFAULT_LABEL_SMOOTHING = 1e-3  # exo_pair needs eps > 0; TRL substitutes this value for 0
 
 
 class PreferenceLossOutput(NamedTuple):
@@ -92,9 +91,8 @@ def _check_loss_config(loss: str, beta, label_smoothing, reduction: str) -> tupl
     beta = _checks.check_positive("beta", beta)
     label_smoothing = _checks.check_finite_range("label_smoothing", label_smoothing, low=0.0, high=0.5,
                                                  high_inclusive=False)
-    if loss == "exo_pair" and label_smoothing == 0.0:
-        label_smoothing = EXO_DEFAULT_LABEL_SMOOTHING
-    return beta, label_smoothing
+    # exo_pair needs eps > 0; TRL substitutes 1e-3 for 0 (the entry's zero_smoothing_substitute)
+    return beta, registry.effective_label_smoothing(loss, label_smoothing)
 
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -111,10 +109,11 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                     backend: str = "auto") -> PreferenceLossOutput:
     """A DPO-family loss from sequence log-probs [B] of the policy and the reference.
 
-    ``loss`` names follow TRL (sigmoid = DPO, cDPO with label_smoothing > 0; ipo; hinge = SLiC;
-    robust; exo_pair; nca_pair; bco_pair; sppo_hard; apo_zero; apo_down; discopop). exo_pair
-    with label_smoothing 0 uses 1e-3, as TRL does. Returns loss (reduced per ``reduction``),
-    chosen_rewards, rejected_rewards and margins (detached, per pair).
+    ``loss``: a name of ``LOSS_NAMES``, the pairwise entries of the loss registry
+    (pyalign/losses.py: each with its paper and equation; the names follow TRL, sigmoid = DPO, or
+    cDPO with label_smoothing > 0). exo_pair with label_smoothing 0 uses 1e-3, as TRL does.
+    Returns loss (reduced per ``reduction``), chosen_rewards, rejected_rewards and margins
+    (detached, per pair).
     """
     beta, label_smoothing = _check_loss_config(loss, beta, label_smoothing, reduction)
     tensors = dict(policy_chosen=policy_chosen, policy_rejected=policy_rejected,
@@ -175,11 +174,10 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     reference_point = (kl.detach().to(acc).mean().clamp(min=0) if kl.numel()
                        else torch.zeros((), dtype=acc, device=kl.device))
     log_ratio = policy_logps.to(acc) - ref_logps.to(acc)
-    desirable = desirable.to(torch.bool)
-    desirable_losses = desirable_weight * (1 - torch.sigmoid(beta * (log_ratio - reference_point)))
-    undesirable_losses = undesirable_weight * (1 - torch.sigmoid(beta * (reference_point - log_ratio)))
-    losses = torch.where(desirable, desirable_losses, undesirable_losses)
-    return KTOLossOutput(_reduce(losses, reduction), (beta * log_ratio).detach(), reference_point)
+    per_example = registry.get("kto", pairwise=False).forward(
+        log_ratio, reference_point, desirable.to(torch.bool), beta, desirable_weight,
+        undesirable_weight)
+    return KTOLossOutput(_reduce(per_example, reduction), (beta * log_ratio).detach(), reference_point)
 
 
 def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor,

@@ -16,13 +16,13 @@ from typing import Optional
 import torch
 
 import pyalign
+from pyalign import losses
 from pyalign.trainers.distributed import micro_slices, split_evenly
 from pyalign.trainers.scoring import masked_sum
 from pyalign.trainers.trainer import Trainer, TrainerConfig, _freeze, check_range, make_generator
 
-PAIRWISE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
-                   "sppo_hard", "apo_zero", "apo_down", "discopop")
-LOSSES = PAIRWISE_LOSSES + ("kto",)
+PAIRWISE_LOSSES = losses.PAIRWISE_NAMES  # from the registry, pyalign/losses.py
+LOSSES = losses.NAMES  # the pairwise losses, then kto
 REFERENCES = ("frozen", "trust_region")
 
 

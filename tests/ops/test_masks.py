@@ -9,6 +9,7 @@ import torch
 
 import pyalign
 from pyalign import backends
+from pyalign.losses import LABEL_SMOOTHING_NAMES
 from pyalign.ops.preference import LOSS_NAMES
 from support import (
     IGNORE,
@@ -125,7 +126,7 @@ def test_sequence_preference_primitives_masked_poison_is_inert(backend, loss, av
     """The backend primitives directly: the public op reaches them with per-token log-probs that
     are 0 at ignored positions, but the contract is a mask, and the mask must hold alone."""
     pairs, beta = 3, 0.1
-    eps = {"sigmoid": 0.1, "robust": 0.1, "exo_pair": 0.1}.get(loss, 0.0)
+    eps = 0.1 if loss in LABEL_SMOOTHING_NAMES else 0.0
     mask, clean, clean_ref = sequence_primitive_case(pairs, 41, torch.float32)
     token_logprobs = poison_masked(clean, mask)
     ref = poison_masked(clean_ref, mask) if ref_per_token else -torch.rand(2 * pairs) * 20

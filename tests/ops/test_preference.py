@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import pyalign
+from pyalign import losses
 from pyalign.ops.preference import LOSS_NAMES
 from support import (
     IGNORE,
@@ -28,18 +29,21 @@ from support import (
 BACKENDS = backends_for("preference")
 # linear_preference_loss names a backend for its per-token part; the loss part falls back to auto.
 LINEAR_BACKENDS = backends_for("linear_logprobs")
-SMOOTHED = ["sigmoid", "robust", "exo_pair"]
+SMOOTHED = list(losses.LABEL_SMOOTHING_NAMES)  # the registry entries that use label smoothing
 EXO_DEFAULT_EPS = 1e-3  # TRL's substitute for exo_pair's label_smoothing = 0
 
 
 def test_the_oracle_covers_exactly_the_package_losses():
     assert len(LOSS_NAMES) == len(set(LOSS_NAMES)) == 11
-    assert set(PAIR_LOSS_FORMULAS) == set(LOSS_NAMES)
-    assert set(SMOOTHED) <= set(LOSS_NAMES)
+    assert set(PAIR_LOSS_FORMULAS) == set(LOSS_NAMES) == set(losses.PAIRWISE_NAMES)
+    assert len(SMOOTHED) == 3 and set(SMOOTHED) <= set(LOSS_NAMES)
+    assert all(losses.REGISTRY[name].zero_smoothing_substitute in (None, EXO_DEFAULT_EPS)
+               for name in LOSS_NAMES)
 
 
 def oracle_eps(loss, label_smoothing):
-    return EXO_DEFAULT_EPS if loss == "exo_pair" and label_smoothing == 0 else label_smoothing
+    substitutes = losses.REGISTRY[loss].zero_smoothing_substitute is not None
+    return EXO_DEFAULT_EPS if substitutes and label_smoothing == 0 else label_smoothing
 
 
 def run(inputs, upstream, **kwargs):
@@ -258,7 +262,8 @@ def test_linear_preference_loss_reference_gets_no_gradient(backend):
     assert not math.isnan(float(out.loss.detach()))
 
 
-SMOOTHING = {"sigmoid": 0.1, "robust": 0.1, "exo_pair": 1e-3}
+# label smoothing where the loss uses it: 0.1, or the substitute for 0 (exo_pair: 1e-3)
+SMOOTHING = {name: losses.REGISTRY[name].zero_smoothing_substitute or 0.1 for name in SMOOTHED}
 PAIR_TOL = dict(rtol=2e-5, atol=2e-5)
 
 
@@ -293,21 +298,8 @@ def test_every_backend_matches_eager(backend, loss):
         torch.testing.assert_close(mine, theirs, **PAIR_TOL)
 
 
-def extreme_margin_cases():
-    cases = []
-    for backend in BACKENDS:
-        for loss in LOSS_NAMES:
-            marks = ()
-            if backend == "eager" and loss == "discopop":
-                # exp(-x) overflows in fp32 at beta*h ~ -90 and 0 * inf gives NaN where the loss
-                # is ~93: a known limitation of the eager formula, kept visible here.
-                marks = pytest.mark.xfail(strict=True, reason="eager discopop: 0 * inf at extreme "
-                                                              "negative margins")
-            cases.append(pytest.param(backend, loss, marks=marks, id=f"{backend}-{loss}"))
-    return cases
-
-
-@pytest.mark.parametrize("backend,loss", extreme_margin_cases())
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_inputs_and_extreme_margins(backend, loss):
     inputs = [t.to(torch.bfloat16) for t in random_pairs(16, scale=300.0)]  # |beta*h| up to ~100
     upstream = torch.randn(16)

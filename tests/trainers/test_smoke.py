@@ -7,6 +7,7 @@ import os
 import pytest
 from trainer_helpers import read_records, run_cli, write_config
 
+from pyalign.losses import LABEL_SMOOTHING_NAMES
 from pyalign.trainers import PAIRWISE_LOSSES
 from pyalign.trainers.presets import ALGOS
 
@@ -57,7 +58,7 @@ def test_every_algo_runs_and_logs_gold_reward(tmp_path, task_cache_dir, algo, ca
 def test_every_pairwise_loss_trains(tiny_task, loss):
     """Step 1 has policy == frozen reference: every implicit reward is exactly 0; then it moves."""
     from pyalign.trainers import PreferenceConfig, PreferenceTrainer
-    smoothing = 0.1 if loss in ("robust", "exo_pair") else 0.0
+    smoothing = 0.1 if loss in LABEL_SMOOTHING_NAMES else 0.0
     config = PreferenceConfig(loss=loss, beta=0.5, label_smoothing=smoothing,
                               batch_size=4, micro_batch_size=4, num_examples=8, eval_every=0, lr=0.01,
                               progress=False)
