@@ -58,15 +58,24 @@ def run(inputs, upstream, **kwargs):
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_losses_and_grads_match_float64(backend, loss, beta, dtype):
-    inputs = random_pairs(9, dtype)
-    upstream = torch.randn(9)
-    out, grads = run(inputs, upstream, loss=loss, beta=beta, reduction="none", backend=backend)
-    eps = oracle_eps(loss, 0.0)
-    expected, exp_grads = grads64(lambda *t: preference64(*t, loss, beta, eps), inputs, upstream)
-    assert out.loss.dtype == torch.float32 and out.loss.shape == (9,)
-    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
     grad_tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
-    for grad, exp_grad in zip(grads, exp_grads, strict=False):
+    check_pairs_against_float64(backend, loss, beta, 0.0, oracle_eps(loss, 0.0), 9, dtype,
+                                dict(rtol=1e-5, atol=1e-6), grad_tol)
+
+
+def check_pairs_against_float64(backend, loss, beta, label_smoothing, oracle_smoothing, pairs,
+                                dtype, loss_tol, grad_tol):
+    """Per-pair losses (fp32, shape [pairs]) and input gradients (the inputs' dtype) of
+    ``pairs`` random pairs against float64 autograd through the oracle formula."""
+    inputs = random_pairs(pairs, dtype)
+    upstream = torch.randn(pairs)
+    out, grads = run(inputs, upstream, loss=loss, beta=beta, label_smoothing=label_smoothing,
+                     reduction="none", backend=backend)
+    expected, exp_grads = grads64(lambda *t: preference64(*t, loss, beta, oracle_smoothing),
+                                  inputs, upstream)
+    assert out.loss.dtype == torch.float32 and out.loss.shape == (pairs,)
+    torch.testing.assert_close(out.loss.double(), expected, **loss_tol)
+    for grad, exp_grad in zip(grads, exp_grads, strict=True):
         assert grad.dtype == dtype
         torch.testing.assert_close(grad.double(), exp_grad, **grad_tol)
 
@@ -272,16 +281,9 @@ PAIR_TOL = dict(rtol=2e-5, atol=2e-5)
 @pytest.mark.parametrize("beta", [0.1, 2.0])
 def test_a_full_block_and_a_partial_one(backend, loss, beta):
     """300 pairs: one full Triton block of 256 and a partial one; smoothing where it applies."""
-    inputs = random_pairs(300)
-    upstream = torch.randn(300)
     eps = SMOOTHING.get(loss, 0.0)
-    out, grads = run(inputs, upstream, loss=loss, beta=beta, label_smoothing=eps,
-                     reduction="none", backend=backend)
-    expected, exp_grads = grads64(lambda *t: preference64(*t, loss, beta, eps), inputs, upstream)
-    assert out.loss.dtype == torch.float32 and out.loss.shape == (300,)
-    torch.testing.assert_close(out.loss.double(), expected, **PAIR_TOL)
-    for grad, exp_grad in zip(grads, exp_grads, strict=False):
-        torch.testing.assert_close(grad.double(), exp_grad, **PAIR_TOL)
+    check_pairs_against_float64(backend, loss, beta, eps, eps, 300, torch.float32, PAIR_TOL,
+                                PAIR_TOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
