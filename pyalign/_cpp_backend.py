@@ -29,9 +29,9 @@ def _make_logprobs(ops):
         return ops.logprobs_forward(logits, labels, int(ignore_index), float(temperature),
                                     bool(with_entropy))
 
-    def backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index,
+    def backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index,
                  temperature, inplace):
-        args = (grad_logprobs, grad_entropy, logits, labels, lse, entropy, int(ignore_index),
+        args = (grad_logprobs, grad_entropy, logits, labels, stats, entropy, int(ignore_index),
                 float(temperature))
         if inplace and logits.dim() == 2 and logits.stride(-1) == 1:
             ops.logprobs_backward_(*args)

@@ -2,8 +2,9 @@
 
 - ``KERNEL_DTYPES`` / ``accumulation_dtype``: which float dtypes the kernel backends take, and the
   dtype every backend does its math in.
-- ``canonical_param_name`` / ``local_shard``: how a parameter is named and which storage a rank
-  updates, whatever wraps the model (DDP, torch.compile, FSDP2).
+- ``canonical_param_name`` / ``named_tensors`` / ``local_shard``: how a parameter is named, how
+  two models pair by name, and which storage a rank updates, whatever wraps the model (DDP,
+  torch.compile, FSDP2).
 - ``limited_threads``: run a block under a given intra-op thread count.
 - ``cache_root``: where pyalign caches builds and tasks.
 - ``atomic_write``: the one way pyalign writes a file that must never be seen half-written.
@@ -36,6 +37,23 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def canonical_param_name(name: str) -> str:
     """``name`` without the wrapper components (``module.``, ``_orig_mod.``)."""
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_PREFIXES)
+
+
+def named_tensors(module: torch.nn.Module, what: str, *, include_buffers: bool = False) -> dict:
+    """canonical name -> parameter (then floating buffer, with ``include_buffers``) of ``module``,
+    in registration order: how two modules are paired, whatever wraps them. Two tensors whose
+    names differ only by wrapper prefixes raise."""
+    items = list(module.named_parameters())
+    if include_buffers:
+        items += [(n, b) for n, b in module.named_buffers() if b.dtype.is_floating_point]
+    named: dict = {}
+    for raw, tensor in items:
+        key = canonical_param_name(raw)
+        if key in named:
+            raise ValueError(f"{what}: two tensors share the name {key!r} once wrapper prefixes "
+                             f"(module., _orig_mod.) are removed")
+        named[key] = tensor
+    return named
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:

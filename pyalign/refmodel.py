@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pyalign import backends
-from pyalign._utils import canonical_param_name, local_shard
+from pyalign._utils import canonical_param_name, local_shard, named_tensors
 
 __all__ = ["ReferenceStrategy", "Frozen", "TrustRegion", "ElasticReset"]
 
@@ -38,14 +38,7 @@ __all__ = ["ReferenceStrategy", "Frozen", "TrustRegion", "ElasticReset"]
 def _named_params(model: nn.Module, what: str) -> dict[str, nn.Parameter]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{what} must be an nn.Module, got {type(model).__name__}")
-    named = {}
-    for name, param in model.named_parameters():
-        key = canonical_param_name(name)
-        if key in named:
-            raise ValueError(f"{what}: two parameters share the name {key!r} once wrapper "
-                             f"prefixes are removed")
-        named[key] = param
-    return named
+    return named_tensors(model, what)
 
 
 def _check_int(name: str, value, low: int) -> int:

@@ -16,7 +16,7 @@ from pyalign.ops import _checks
 
 
 # The third output is the [N, 2] row stats (m, log-sum-exp); the op name says so, which also keeps
-# compiled graphs cached for the former [N] lse from being reused.
+# compiled graphs cached for the former [N] lse output from being reused.
 @torch.library.custom_op("pyalign::linear_logprobs_stats_fwd", mutates_args=())
 def _linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          labels: torch.Tensor, ignore_index: int, temperature: float,
@@ -39,12 +39,12 @@ def _(hidden, weight, bias, labels, ignore_index, temperature, with_entropy, chu
 @torch.library.custom_op("pyalign::linear_logprobs_bwd", mutates_args=())
 def _linear_logprobs_bwd(grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor],
                          hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         labels: torch.Tensor, lse: torch.Tensor, entropy: Optional[torch.Tensor],
+                         labels: torch.Tensor, stats: torch.Tensor, entropy: Optional[torch.Tensor],
                          ignore_index: int, temperature: float, chunk_size: int, backend: str
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     implementation = backends.implementation("linear_logprobs", backend, hidden)
     grad_hidden, grad_weight, grad_bias = implementation.backward(
-        grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, ignore_index,
+        grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, ignore_index,
         temperature, chunk_size or None)
     if grad_bias is None:  # custom ops return tensors; an empty one stands for "no bias"
         grad_bias = weight.new_empty(0)
@@ -52,7 +52,7 @@ def _linear_logprobs_bwd(grad_logprobs: torch.Tensor, grad_entropy: Optional[tor
 
 
 @_linear_logprobs_bwd.register_fake
-def _(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, ignore_index,
+def _(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, ignore_index,
       temperature, chunk_size, backend):
     return (torch.empty_like(hidden), torch.empty_like(weight),
             torch.empty_like(bias) if bias is not None else weight.new_empty(0))
@@ -62,23 +62,23 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, temperature, with_entropy,
                 chunk_size, backend):
-        logprobs, entropy, lse = _linear_logprobs_fwd(hidden, weight, bias, labels, ignore_index,
+        logprobs, entropy, stats = _linear_logprobs_fwd(hidden, weight, bias, labels, ignore_index,
                                                       temperature, with_entropy, chunk_size, backend)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, labels, stats, entropy)
         ctx.config = (ignore_index, temperature, with_entropy, chunk_size, backend)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, labels, stats, entropy = ctx.saved_tensors
         ignore_index, temperature, with_entropy, chunk_size, backend = ctx.config
         if grad_logprobs is None:
-            grad_logprobs = lse.new_zeros(lse.shape[0])  # lse: the [N, 2] row stats
+            grad_logprobs = stats.new_zeros(stats.shape[0])  # stats: [N, 2] (m, log-sum-exp) per row
         if not with_entropy:
             grad_entropy, entropy = None, None
         grad_hidden, grad_weight, grad_bias = _linear_logprobs_bwd(
             grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
-            hidden, weight, bias, labels, lse, entropy, ignore_index, temperature, chunk_size,
+            hidden, weight, bias, labels, stats, entropy, ignore_index, temperature, chunk_size,
             backend)
         return (grad_hidden, grad_weight, grad_bias if bias is not None else None,
                 None, None, None, None, None, None)

@@ -18,15 +18,15 @@ from pyalign.ops import _checks
 
 
 # The third output is the [N, 2] row stats (m, log-sum-exp); the op name says so, which also keeps
-# compiled graphs cached for the former [N] lse from being reused.
+# compiled graphs cached for the former [N] lse output from being reused.
 @torch.library.custom_op("pyalign::token_logprobs_stats_fwd", mutates_args=())
 def _token_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                         temperature: float, with_entropy: bool, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _checks.check_labels_in_range(labels, logits.shape[-1], ignore_index)
-    logprobs, entropy, lse = backends.implementation("logprobs", backend, logits).forward(
+    logprobs, entropy, stats = backends.implementation("logprobs", backend, logits).forward(
         logits, labels, ignore_index, temperature, with_entropy)
-    return logprobs, entropy, lse
+    return logprobs, entropy, stats
 
 
 @_token_logprobs_fwd.register_fake
@@ -39,25 +39,25 @@ def _(logits, labels, ignore_index, temperature, with_entropy, backend):
 
 @torch.library.custom_op("pyalign::token_logprobs_bwd", mutates_args=())
 def _token_logprobs_bwd(grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor],
-                        logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                        logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
                         entropy: Optional[torch.Tensor], ignore_index: int, temperature: float,
                         backend: str) -> torch.Tensor:
     return backends.implementation("logprobs", backend, logits).backward(
-        grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index, temperature, False)
+        grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index, temperature, False)
 
 
 @_token_logprobs_bwd.register_fake
-def _(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index, temperature, backend):
+def _(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index, temperature, backend):
     return torch.empty_like(logits)
 
 
 @torch.library.custom_op("pyalign::token_logprobs_bwd_inplace", mutates_args=("logits",))
 def _token_logprobs_bwd_inplace(grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor],
-                                logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                                logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
                                 entropy: Optional[torch.Tensor], ignore_index: int,
                                 temperature: float, backend: str) -> None:
     backends.implementation("logprobs", backend, logits).backward(
-        grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index, temperature, True)
+        grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index, temperature, True)
 
 
 _inplace_warned: set[str] = set()
@@ -76,17 +76,18 @@ def _inplace_backward_is_safe(logits_2d: torch.Tensor) -> bool:
         return True
     rows, vocab = logits_2d.shape
     if rows > 1 and logits_2d.stride(0) < vocab:
+        kind = "shared rows"
         reason = (f"the logits' rows share memory (row stride {logits_2d.stride(0)} < vocabulary "
                   f"{vocab}: an expanded, stride-0 or overlapping view)")
     else:
         base = logits_2d._base if logits_2d._base is not None else logits_2d
         if not base.is_leaf:
             return True
+        kind = "leaf"
         reason = ("the logits are a leaf tensor (or a view of one): writing the gradient into them "
                   "would overwrite the caller's tensor")
-    key = reason.split(" (")[0]
-    if key not in _inplace_warned:
-        _inplace_warned.add(key)
+    if kind not in _inplace_warned:
+        _inplace_warned.add(kind)
         warnings.warn(f"pyalign.token_logprobs: inplace_backward=True ignored, {reason}; the "
                       f"gradient is computed out of place (warned once per process)",
                       RuntimeWarning, stacklevel=3)
@@ -98,23 +99,23 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, temperature, with_entropy, backend, inplace_backward):
-        logprobs, entropy, lse = _token_logprobs_fwd(logits, labels, ignore_index, temperature,
+        logprobs, entropy, stats = _token_logprobs_fwd(logits, labels, ignore_index, temperature,
                                                      with_entropy, backend)
-        ctx.save_for_backward(logits, labels, lse, entropy)
+        ctx.save_for_backward(logits, labels, stats, entropy)
         ctx.config = (ignore_index, temperature, with_entropy, backend, inplace_backward)
-        ctx.mark_non_differentiable(lse)
+        ctx.mark_non_differentiable(stats)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        logits, labels, lse, entropy = ctx.saved_tensors
+        logits, labels, stats, entropy = ctx.saved_tensors
         ignore_index, temperature, with_entropy, backend, inplace_backward = ctx.config
         if grad_logprobs is None:
-            grad_logprobs = lse.new_zeros(lse.shape[0])  # lse: the [N, 2] row stats
+            grad_logprobs = stats.new_zeros(stats.shape[0])  # stats: [N, 2] (m, log-sum-exp) per row
         if not with_entropy:
             grad_entropy, entropy = None, None
         args = (grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
-                logits, labels, lse, entropy, ignore_index, temperature, backend)
+                logits, labels, stats, entropy, ignore_index, temperature, backend)
         if inplace_backward and not torch.compiler.is_compiling():
             _token_logprobs_bwd_inplace(*args)
             grad_logits = logits

@@ -30,24 +30,15 @@ import torch
 from torch import nn
 
 from pyalign import backends
-from pyalign._utils import KERNEL_DTYPES, canonical_param_name, local_shard
+from pyalign._utils import KERNEL_DTYPES, local_shard, named_tensors
 
 TensorsOrModule = Union[nn.Module, Iterable[torch.Tensor]]
 
 
 def _named_module_tensors(name: str, module: nn.Module, include_buffers: bool) -> dict:
     """canonical name -> local tensor, in registration order (parameters, then buffers)."""
-    items = [(n, p.data) for n, p in module.named_parameters()]
-    if include_buffers:
-        items += [(n, b) for n, b in module.named_buffers() if b.dtype.is_floating_point]
-    named: dict = {}
-    for raw, tensor in items:
-        key = canonical_param_name(raw)
-        if key in named:
-            raise ValueError(f"{name}: two tensors have the name {key!r} once wrapper prefixes "
-                             f"(module., _orig_mod.) are dropped")
-        named[key] = local_shard(tensor)
-    return named
+    return {key: local_shard(tensor)
+            for key, tensor in named_tensors(module, name, include_buffers=include_buffers).items()}
 
 
 def _as_tensor_list(name: str, tensors, include_buffers: bool) -> list:
@@ -88,10 +79,9 @@ def _paired_lists(targets, sources, include_buffers: bool):
         return [target_named[n] for n in names], [source_named[n] for n in names], names
     target_list = _as_tensor_list("targets", targets, include_buffers)
     source_list = _as_tensor_list("sources", sources, include_buffers)
-    names = None
-    for side in (targets, sources):
-        if isinstance(side, nn.Module):
-            names = list(_named_module_tensors("", side, include_buffers))
+    module_side = next((side for side in (sources, targets) if isinstance(side, nn.Module)), None)
+    names = (None if module_side is None
+             else list(named_tensors(module_side, "", include_buffers=include_buffers)))
     return target_list, source_list, names
 
 
