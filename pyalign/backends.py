@@ -55,7 +55,8 @@ preference
            ref_logps_reduced, loss, beta, label_smoothing, average)
       -> (grad_token_logprobs[2B,T], grad_ref_logps shaped like ref_logps)
 weights
-  apply_(kind, targets, sources, scalar)   kind in {"ema", "lerp", "copy"}; in place, no autograd
+  apply_(kind, targets, sources, scalar)   kind in {"lerp", "copy"} (ema_ runs as lerp with
+           weight 1 - decay); in place, no autograd
 """
 from __future__ import annotations
 

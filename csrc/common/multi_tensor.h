@@ -87,8 +87,8 @@ PYALIGN_HD int64_t owning_tensor(const int64_t* chunk_prefix, int64_t num_tensor
 }
 
 // The update each weight op applies to one element, in fp32 whatever the storage dtypes.
-// There is no separate ema: ema with decay d is lerp with weight 1 - d, the host computing
-// 1 - d in double (ema_weight). The form decay*t + (1-decay)*s would round decay to fp32
+// There is no separate ema: pyalign.ema_ with decay d runs lerp with weight 1 - d, computed in
+// double by the op layer (pyalign/ops/weights.py). The form decay*t + (1-decay)*s would round decay to fp32
 // (1 - float(0.999999) is 1.3% off 1e-6) and round decay*t with an error ~u|t| that, against
 // the update (1-d)(s-t), grows like 1/(1-d); t + w(s - t) keeps the update accurate to ~u.
 enum class WeightOp : int { kLerp = 1, kCopy = 2 };
@@ -103,10 +103,6 @@ PYALIGN_HD float weight_update(float target, float source, float weight) {
   }
   return source;
 }
-
-// The lerp weight of a named op's scalar: ema's decay d gives 1 - d, exact in double (and
-// within half an fp32 ulp of 1 - d once rounded); lerp's weight is itself; copy ignores it.
-inline double ema_weight(bool is_ema, double scalar) { return is_ema ? 1.0 - scalar : scalar; }
 
 // Host-side launch planning (CUDA launcher; exposed to Python for the CPU tests). Plain host
 // functions: nvcc's device pass parses them but never compiles them for the GPU.

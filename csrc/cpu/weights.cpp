@@ -1,6 +1,6 @@
-// Multi-tensor weight updates in place (ema_, lerp_, copy_) over lists of CPU tensors.
-// ema: t = decay*t + (1-decay)*s, computed as lerp t + w*(s - t) with w = 1 - decay taken in
-// double (accurate at decay 0.999999, see multi_tensor.h); lerp: t = t + w*(s - t); copy: t = s.
+// Multi-tensor weight updates in place (lerp, copy) over lists of CPU tensors: lerp
+// t = t + w*(s - t), copy t = s. pyalign.ema_ arrives as lerp with w = 1 - decay, computed in
+// double by the op layer (accurate at decay 0.999999, see multi_tensor.h).
 // fp32 math, one rounding into the target's dtype; targets and sources may differ in dtype
 // (fp32/bf16/fp16).
 // Memory traffic: reads target and source once, writes target once (copy: no target read).
@@ -67,8 +67,8 @@ void multi_tensor_apply_(const std::string& kind, at::TensorList targets, at::Te
                          double scalar, int64_t chunk_size) {
   TORCH_CHECK(targets.size() == sources.size(), "pyalign_C: ", targets.size(), " targets but ",
               sources.size(), " sources");
-  TORCH_CHECK(kind == "ema" || kind == "lerp" || kind == "copy",
-              "pyalign_C: kind must be ema, lerp or copy, got ", kind);
+  TORCH_CHECK(kind == "lerp" || kind == "copy",
+              "pyalign_C: kind must be lerp or copy (ema runs as lerp), got ", kind);
   if (chunk_size <= 0) chunk_size = kCpuChunkElements;
   TORCH_CHECK(chunk_size % 8 == 0, "pyalign_C: chunk_size must be a multiple of 8");
   const int64_t count = static_cast<int64_t>(targets.size());
@@ -95,7 +95,7 @@ void multi_tensor_apply_(const std::string& kind, at::TensorList targets, at::Te
                                         reinterpret_cast<uint64_t>(source.data_ptr()), source.element_size(), vec);
     chunk_prefix[i + 1] = chunk_prefix[i] + num_chunks(target.numel(), chunk_size);
   }
-  const float scalar_f = static_cast<float>(ema_weight(kind == "ema", scalar));
+  const float scalar_f = static_cast<float>(scalar);
   at::parallel_for(0, chunk_prefix[count], 1, [&](int64_t begin, int64_t end) {
     for (int64_t global_chunk = begin; global_chunk < end; ++global_chunk) {
       const int64_t tensor = owning_tensor(chunk_prefix.data(), count, global_chunk);

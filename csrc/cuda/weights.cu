@@ -1,9 +1,9 @@
-// Multi-tensor weight updates in place on CUDA: ema_ (t = decay*t + (1-decay)*s, run as lerp
-// with w = 1 - decay taken in double on the host: accurate at decay 0.999999, see
-// multi_tensor.h), lerp_ (t = t + w*(s - t)) and copy_ (t = s) over lists of tensors, fp32 math,
+// Multi-tensor weight updates in place on CUDA: lerp (t = t + w*(s - t); pyalign.ema_ arrives
+// as lerp with w = 1 - decay, computed in double by the op layer: accurate at decay 0.999999,
+// see multi_tensor.h) and copy (t = s) over lists of tensors, fp32 math,
 // mixed dtypes (fp32/bf16/fp16 targets and sources in any pairing).
 //
-// Memory traffic: reads the source once, reads (ema/lerp) and writes the target once.
+// Memory traffic: reads the source once, reads (lerp) and writes the target once.
 // Launch grid: tensors are grouped by (target dtype, source dtype); each group's chunks
 // (kCudaChunkElements elements, csrc/common/multi_tensor.h) are packed into launches of at most
 // kMaxBlocksPerLaunch blocks x kThreadsPerBlock threads, each launch carrying a by-value table
@@ -159,8 +159,8 @@ void multi_tensor_apply_cuda_(const std::string& kind, at::TensorList targets, a
                               double scalar, int64_t chunk_size) {
   TORCH_CHECK(targets.size() == sources.size(), "pyalign_C: ", targets.size(), " targets but ",
               sources.size(), " sources");
-  TORCH_CHECK(kind == "ema" || kind == "lerp" || kind == "copy",
-              "pyalign_C: kind must be ema, lerp or copy, got ", kind);
+  TORCH_CHECK(kind == "lerp" || kind == "copy",
+              "pyalign_C: kind must be lerp or copy (ema runs as lerp), got ", kind);
   const WeightOp op = kind == "copy" ? WeightOp::kCopy : WeightOp::kLerp;
   if (chunk_size <= 0) chunk_size = kCudaChunkElements;
   TORCH_CHECK(chunk_size % 8 == 0, "pyalign_C: chunk_size must be a multiple of 8");
@@ -186,7 +186,7 @@ void multi_tensor_apply_cuda_(const std::string& kind, at::TensorList targets, a
   }
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  const float scalar_f = static_cast<float>(ema_weight(kind == "ema", scalar));
+  const float scalar_f = static_cast<float>(scalar);
   for (const auto& [dtypes, members] : groups) {
     const auto target_dtype = static_cast<at::ScalarType>(dtypes.first);
     const auto source_dtype = static_cast<at::ScalarType>(dtypes.second);

@@ -2,7 +2,7 @@
 
 It is the backend that is always available: the fallback when no kernel backend can run, the one
 that takes float64 (gradcheck) and empty inputs, and the structure the Triton and C++ kernels are
-checked against. The independent float64 test oracle lives in the tests (tests/oracle.py).
+checked against. The independent float64 test oracle lives in the tests (tests/support.py).
 
 One module per op family, each the implementation object of its family (module-level functions
 named by the primitive contract in pyalign/backends.py), like the Triton modules in kernels/:

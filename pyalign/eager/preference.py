@@ -52,8 +52,9 @@ def backward(grad_losses, policy_chosen, policy_rejected, ref_chosen, ref_reject
 def _masked_row_reduce(per_token, mask, average):
     """(per-row masked sum or mean, d result / d per_token). Masked positions are skipped by
     selection: 0 * NaN = NaN, so a multiply by the mask would let them leak."""
-    weights = mask.to(per_token.dtype)
-    summed = torch.where(mask != 0, per_token * weights, 0.0).sum(-1)
+    kept = mask != 0
+    weights = kept.to(per_token.dtype)  # each kept token counts once, as in sequence_logprobs
+    summed = torch.where(kept, per_token, 0.0).sum(-1)
     if not average:
         return summed, weights
     counts = weights.sum(-1).clamp(min=1)

@@ -1,7 +1,7 @@
 """Eager multi-tensor weight updates (family ``weights`` of pyalign/backends.py): ``apply_`` runs
-ema/lerp/copy in place over lists, grouped by dtype and device, with torch's foreach ops for fp32
-and fp32 math with one rounding otherwise. Also the path for fp64 and non-contiguous tensors that
-the kernel backends leave to eager.
+lerp/copy in place over lists (ema_ arrives as lerp), grouped by dtype and device, with torch's
+foreach ops for fp32 and fp32 math with one rounding otherwise. Also the path for fp64 and
+non-contiguous tensors that the kernel backends leave to eager.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _group_by_dtype(targets, sources):
 
 @torch.no_grad()
 def apply_(kind, targets, sources, scalar):
-    """In place over lists: ema t = s*t + (1-s)*src; lerp t = t + s*(src - t); copy t = src."""
+    """In place over lists: lerp t = t + s*(src - t); copy t = src."""
     for pairs in _group_by_dtype(targets, sources):
         group_targets = [t for t, _ in pairs if t.numel()]
         group_sources = [s for t, s in pairs if t.numel()]
@@ -27,10 +27,7 @@ def apply_(kind, targets, sources, scalar):
             for target, source in zip(group_targets, group_sources, strict=True):
                 target.copy_(source)
             continue
-        if kind == "ema":  # decay*t + (1-decay)*s == lerp with weight 1-decay
-            weight = 1.0 - scalar
-        else:
-            weight = scalar
+        weight = scalar  # lerp (ema_ arrives as lerp with weight 1 - decay)
         same_dtype = group_targets[0].dtype == group_sources[0].dtype
         if same_dtype and group_targets[0].dtype == torch.float32:
             torch._foreach_lerp_(group_targets, group_sources, weight)

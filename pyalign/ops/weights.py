@@ -226,7 +226,10 @@ def ema_(targets: TensorsOrModule, sources: TensorsOrModule, decay: float, *,
     """In place: ``t = decay * t + (1 - decay) * s`` for every pair (parameters of modules,
     paired by name), computed as ``t + w * (s - t)`` with ``w = 1 - decay`` in float64, so the
     update keeps fp32 accuracy at decay 0.999999."""
-    _apply("ema", targets, sources, _check_fraction("decay", decay, False), backend, include_buffers)
+    # The one place ema becomes lerp: 1 - decay in float64 here, so the backends implement only
+    # lerp (the form decay*t + (1-decay)*s would lose fp32 accuracy as 1/(1 - decay)).
+    weight = 1.0 - _check_fraction("decay", decay, False)
+    _apply("lerp", targets, sources, weight, backend, include_buffers)
 
 
 def lerp_(targets: TensorsOrModule, sources: TensorsOrModule, weight: float, *,

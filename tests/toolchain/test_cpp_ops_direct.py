@@ -150,8 +150,6 @@ def test_kl_op_input_checks(cpu_ops):
 
 
 def expected_after(kind, target, source, scalar):
-    if kind == "ema":
-        return (scalar * target.double() + (1 - scalar) * source.double()).to(target.dtype)
     if kind == "lerp":
         return (target.double() + scalar * (source.double() - target.double())).to(target.dtype)
     return source.double().to(target.dtype)
@@ -165,7 +163,8 @@ def assert_updated(kind, targets, befores, sources, scalar):
                                    atol=1e-6, msg=lambda m, i=i: f"tensor {i}: {m}")
 
 
-@pytest.mark.parametrize("kind,scalar", [("ema", 0.995), ("lerp", 0.5), ("copy", 0.0)])
+# (lerp, 0.005) is what pyalign.ema_(decay=0.995) sends: the kernels implement lerp and copy only
+@pytest.mark.parametrize("kind,scalar", [("lerp", 0.005), ("lerp", 0.5), ("copy", 0.0)])
 @pytest.mark.parametrize("chunk_size", [8, 24, 1 << 16])
 def test_chunk_boundaries_and_unaligned_views(cpu_ops, kind, scalar, chunk_size):
     """Chunks of 8/24 elements put boundaries and vector tails everywhere; views at an odd
@@ -183,15 +182,17 @@ def test_chunk_boundaries_and_unaligned_views(cpu_ops, kind, scalar, chunk_size)
 
 def test_multi_tensor_op_input_checks(cpu_ops):
     with pytest.raises(RuntimeError, match="1 targets but 2 sources"):
-        cpu_ops.multi_tensor_apply_("ema", [torch.zeros(3)], [torch.zeros(3), torch.zeros(3)], 0.9)
+        cpu_ops.multi_tensor_apply_("lerp", [torch.zeros(3)], [torch.zeros(3), torch.zeros(3)], 0.9)
     with pytest.raises(RuntimeError, match="3 target elements but 4 source"):
-        cpu_ops.multi_tensor_apply_("ema", [torch.zeros(3)], [torch.zeros(4)], 0.9)
+        cpu_ops.multi_tensor_apply_("lerp", [torch.zeros(3)], [torch.zeros(4)], 0.9)
     with pytest.raises(RuntimeError, match="not contiguous"):
-        cpu_ops.multi_tensor_apply_("ema", [torch.zeros(4, 4).t()], [torch.zeros(4, 4)], 0.9)
+        cpu_ops.multi_tensor_apply_("lerp", [torch.zeros(4, 4).t()], [torch.zeros(4, 4)], 0.9)
     with pytest.raises(RuntimeError, match="unsupported dtypes"):
-        cpu_ops.multi_tensor_apply_("ema", [torch.zeros(3, dtype=torch.float64)], [torch.zeros(3)], 0.9)
+        cpu_ops.multi_tensor_apply_("lerp", [torch.zeros(3, dtype=torch.float64)], [torch.zeros(3)], 0.9)
     with pytest.raises(RuntimeError, match="kind must be"):
         cpu_ops.multi_tensor_apply_("swap", [torch.zeros(3)], [torch.zeros(3)], 0.9)
+    with pytest.raises(RuntimeError, match=r"kind must be lerp or copy \(ema runs as lerp\)"):
+        cpu_ops.multi_tensor_apply_("ema", [torch.zeros(3)], [torch.zeros(3)], 0.9)
 
 
 def python_plan(numels, chunk_size, max_tensors, max_blocks):
