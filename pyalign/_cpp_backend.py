@@ -8,7 +8,7 @@ logprobs kernels as the chunk epilogue), kl and weights; ``cuda`` backend: weigh
 The adapters below turn ``torch.ops.pyalign_C`` into the primitive contract of
 pyalign/backends.py. float64 and empty inputs never reach them (the backend table sends those to
 eager); what remains is per-tensor routing: a mixed weight list is split into kernel-eligible and
-eager tensors, and kl tensors of different shapes run eager.
+eager tensors.
 """
 from __future__ import annotations
 
@@ -53,22 +53,15 @@ def _make_linear_logprobs(ops):
 
 
 def _make_kl(ops):
-    def _same_shapes(logprobs, ref_logprobs, mask):
-        return (logprobs.shape == ref_logprobs.shape
-                and (mask is None or mask.shape == logprobs.shape))
-
+    # kl_penalty takes inputs and mask of one shape only (pyalign/ops/kl.py), so every call fits
+    # the kernels; an integer mask becomes the bool mask they read.
     def forward(logprobs, ref_logprobs, mask, estimator):
-        if not _same_shapes(logprobs, ref_logprobs, mask):  # broadcasting: the eager path
-            return _eager("kl").forward(logprobs, ref_logprobs, mask, estimator)
         mask = None if mask is None else mask.to(torch.bool)
         return ops.kl_forward(logprobs, ref_logprobs, mask, estimator)
 
     def backward(grad_kl, logprobs, ref_logprobs, mask, estimator):
-        if not _same_shapes(logprobs, ref_logprobs, mask) or grad_kl.shape != logprobs.shape:
-            return _eager("kl").backward(grad_kl, logprobs, ref_logprobs, mask, estimator)
         mask = None if mask is None else mask.to(torch.bool)
-        grad_logprobs, grad_ref = ops.kl_backward(grad_kl, logprobs, ref_logprobs, mask, estimator)
-        return grad_logprobs, grad_ref
+        return ops.kl_backward(grad_kl, logprobs, ref_logprobs, mask, estimator)
 
     return SimpleNamespace(forward=forward, backward=backward)
 
