@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from pyalign._utils import cache_root, user_cache
+from pyalign._utils import atomic_write, cache_root, user_cache
 
 try:
     import fcntl
@@ -230,10 +230,7 @@ def _stage_sources(build_dir: Path, files: list[Path]) -> None:
         target = build_dir / "src" / path.relative_to(CSRC)
         if target.is_file() and target.read_bytes() == data:
             continue  # unchanged: keep its mtime, so ninja has nothing to do
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        partial.write_bytes(data)
-        os.replace(partial, target)
+        atomic_write(target, data)
 
 
 def _library_stamp(path: Path) -> tuple[int, int] | None:

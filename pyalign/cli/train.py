@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import math
 import os
 import sys
-import types
 import typing
 from typing import Any, Optional
 
@@ -60,24 +58,15 @@ def _field_types(config_cls) -> dict[str, Any]:
 
 
 def _check_type(key: str, value, expected, where: str):
-    """Return ``value`` as ``expected`` (int accepted for float), or raise ConfigError."""
-    origin = typing.get_origin(expected)
-    if origin in (typing.Union, types.UnionType):
-        options = [t for t in typing.get_args(expected) if t is not type(None)]
-        if value is None:
-            return None
-        expected = options[0]
+    """Return ``value`` as ``expected`` (the trainers' ``as_field_type`` rule), or raise
+    ConfigError naming the key and the file or command line it came from."""
+    from pyalign.trainers.trainer import as_field_type
+    ok, result = as_field_type(value, expected)
+    if ok:
+        return result
     if value is None:
-        raise ConfigError(f"{where}: key {key!r} has no value (expected {expected.__name__})")
-    if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: key {key!r} must be a finite number, got {value!r}")
-        return float(value)
-    if expected is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if expected in (bool, str) and isinstance(value, expected):
-        return value
-    raise ConfigError(f"{where}: key {key!r} must be {expected.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: key {key!r} has no value (expected {result})")
+    raise ConfigError(f"{where}: key {key!r} must be {result}, got {value!r}")
 
 
 def load_config_file(path: str) -> dict:

@@ -26,11 +26,12 @@ class MetricsLog:
         if resume_step is not None and os.path.exists(path):
             with open(path) as handle:
                 for line in handle:
+                    # an unterminated last line is a write the kill cut short: dropped
                     with contextlib.suppress(ValueError):
                         record = json.loads(line)
                         if isinstance(record, dict) and line.endswith("\n") and \
                                 record.get("step", 0) <= resume_step and not record.get("final"):
-                            kept.append(line if line.endswith("\n") else line + "\n")
+                            kept.append(line)
         atomic_write(path, "".join(kept))
 
     def write(self, record: dict) -> None:

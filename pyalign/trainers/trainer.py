@@ -108,25 +108,33 @@ class TrainerConfig:
             raise ValueError(f"config key 'backend': backend must be one of {choices}, got {self.backend!r}")
 
 
+def as_field_type(value, expected) -> tuple[bool, Any]:
+    """``(True, value)`` when ``value`` fits a config field declared ``expected`` (an int for a
+    float field becomes a float), else ``(False, what the field must be)``. ``Optional[X]``
+    admits None; bool is never an int; a float must be finite. The CLI checks file and flag
+    values with it too, so a type means the same everywhere."""
+    import types
+    import typing
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        if value is None:
+            return True, None
+        expected = next(t for t in typing.get_args(expected) if t is not type(None))
+    if expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return True, float(value)
+        return False, "float (a finite number)"
+    if expected is int:
+        return (True, value) if isinstance(value, int) and not isinstance(value, bool) else (False, "int")
+    return (True, value) if isinstance(value, expected) else (False, expected.__name__)
+
+
 def check_types(config) -> None:
-    """Every field of a config dataclass has its declared type: an int field a (non-bool) int, a
-    float field a finite int or float, a bool field a bool, a str field a str."""
+    """Every field of a config dataclass has its declared type (``as_field_type``)."""
     import typing
     hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
-        value, expected = getattr(config, field.name), hints[field.name]
-        args = [t for t in typing.get_args(expected) if t is not type(None)]
-        if args:  # Optional[X]
-            if value is None:
-                continue
-            expected = args[0]
-        if expected is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            what = "a finite number"
-        elif expected is int:
-            ok, what = isinstance(value, int) and not isinstance(value, bool), "an int"
-        else:
-            ok, what = isinstance(value, expected), expected.__name__
+        value = getattr(config, field.name)
+        ok, what = as_field_type(value, hints[field.name])
         if not ok:
             raise ValueError(f"config key {field.name!r} must be {what}, got {value!r}")
 
