@@ -14,6 +14,7 @@ from pyalign.ops import (
     kl_penalty,
     kto_loss,
     lerp_,
+    linear_kto_loss,
     linear_preference_loss,
     linear_token_logprobs,
     preference_loss,
@@ -24,7 +25,8 @@ from pyalign.ops import (
 __version__ = "0.1.0"
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "kl_penalty", "preference_loss", "kto_loss",
-           "linear_preference_loss", "sequence_logprobs", "PreferenceLossOutput", "KTOLossOutput",
+           "linear_preference_loss", "linear_kto_loss", "sequence_logprobs",
+           "PreferenceLossOutput", "KTOLossOutput",
            "ema_", "lerp_", "copy_", "backends", "refmodel", "__version__"]
 
 

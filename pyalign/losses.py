@@ -4,8 +4,8 @@ Each ``Loss`` entry holds the name (TRL's ``loss_type``), the paper (arXiv id), 
 the log-ratios (``r_w = π_w − ρ_w``, ``r_l = π_l − ρ_l``; its docstring states the equation of
 docs/algorithms.md), the closed-form gradient ``(∂L/∂r_w, ∂L/∂r_l)`` that the custom ops need
 (they run below autograd), and flags: whether it uses label smoothing, the ε it substitutes for
-0, whether it is pairwise, and its Triton kernel id (``None``: eager only, the Triton backend
-hands it to eager).
+0, whether it is pairwise (or unpaired, as KTO: then whether it uses the KL reference point),
+and its Triton kernel id (``None``: eager only, the Triton backend hands it to eager).
 
 Everything else derives from here: ``pyalign.ops.preference.LOSS_NAMES`` (validation), the
 trainers' ``PAIRWISE_LOSSES``/``LOSSES`` and the CLI's choices, ``LOSS_IDS`` of
@@ -47,6 +47,7 @@ class Loss:
     zero_smoothing_substitute: Optional[float] = None  # the eps used for label_smoothing = 0
     pairwise: bool = True  # False: not a preference_loss name (kto: unpaired examples)
     kernel_id: Optional[int] = None  # branch of kernels/preference.py; None: eager only
+    uses_kl_reference: bool = False  # unpaired: the loss needs KTO's KL reference point z0
 
     @property
     def equation(self) -> str:
@@ -195,11 +196,26 @@ def _discopop_grad(rw, rl, beta, eps):
     return d, -d
 
 
+# -------------------------------------------------------------------- the unpaired losses
+# Each forward takes the per-example log-ratio r = π − ρ (accumulation dtype), the KL reference
+# point z0 (a 0-d tensor, detached and clamped by the op; unused where uses_kl_reference is
+# False), the bool desirable mask and python floats β, λ_D, λ_U. They run under autograd (no
+# closed-form gradient). 1 − σ(u) is taken as σ(−u).
+
 def _kto(log_ratio, reference_point, desirable, beta, desirable_weight, undesirable_weight):
     """KTO (unpaired): desirable λ_D·(1 − σ(β·(r − z0))), undesirable λ_U·(1 − σ(β·(z0 − r))),
-    z0 = max(mean(kl), 0) detached. Runs under autograd (no closed-form gradient needed)."""
-    desirable_losses = desirable_weight * (1 - _sig(beta * (log_ratio - reference_point)))
-    undesirable_losses = undesirable_weight * (1 - _sig(beta * (reference_point - log_ratio)))
+    z0 = max(mean(kl), 0) detached; evaluated as λ_D·σ(β·(z0 − r)) and λ_U·σ(β·(r − z0))."""
+    desirable_losses = desirable_weight * _sig(beta * (reference_point - log_ratio))
+    undesirable_losses = undesirable_weight * _sig(beta * (log_ratio - reference_point))
+    return torch.where(desirable, desirable_losses, undesirable_losses)
+
+
+def _apo_zero_unpaired(log_ratio, reference_point, desirable, beta, desirable_weight,
+                       undesirable_weight):
+    """APO-zero (unpaired): desirable λ_D·(1 − σ(β·r)), undesirable λ_U·σ(β·r); no reference
+    point. Evaluated as λ_D·σ(−β·r) and λ_U·σ(β·r)."""
+    desirable_losses = desirable_weight * _sig(-beta * log_ratio)
+    undesirable_losses = undesirable_weight * _sig(beta * log_ratio)
     return torch.where(desirable, desirable_losses, undesirable_losses)
 
 
@@ -216,11 +232,13 @@ REGISTRY: dict[str, Loss] = {entry.name: entry for entry in (
     Loss("apo_zero", "2408.06266", _apo_zero, _apo_zero_grad, kernel_id=8),
     Loss("apo_down", "2408.06266", _apo_down, _apo_down_grad, kernel_id=9),
     Loss("discopop", "2406.08414", _discopop, _discopop_grad, kernel_id=10),
-    Loss("kto", "2402.01306", _kto, None, pairwise=False),
+    Loss("kto", "2402.01306", _kto, None, pairwise=False, uses_kl_reference=True),
+    Loss("apo_zero_unpaired", "2408.06266", _apo_zero_unpaired, None, pairwise=False),
 )}
 
 NAMES = tuple(REGISTRY)  # every loss a trainer accepts
 PAIRWISE_NAMES = tuple(name for name, entry in REGISTRY.items() if entry.pairwise)
+UNPAIRED_NAMES = tuple(name for name, entry in REGISTRY.items() if not entry.pairwise)
 LABEL_SMOOTHING_NAMES = tuple(name for name in PAIRWISE_NAMES if REGISTRY[name].uses_label_smoothing)
 
 

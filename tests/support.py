@@ -192,12 +192,29 @@ def preference64(pc, pr, rc, rr, loss, beta, eps=0.0):
     return PAIR_LOSS_FORMULAS[loss](rw, rl, h, beta * h, beta, eps)
 
 
-def kto64(policy, ref, desirable, kl, beta, wd=1.0, wu=1.0):
-    z0 = torch.clamp(kl.double().mean(), min=0)
+# ---------------------------------------------------------- unpaired (KTO) losses, float64
+# TRL KTOTrainer's loss_types, from the KTO paper (eq. 7) and APO (APO-zero, unpaired), in TRL's
+# own 1 - sigmoid form: name -> (desirable, undesirable) loss of (r, z0, beta), r = logp - ref_logp.
+# tests/ops/test_kto.py checks these keys are exactly the registry's unpaired names.
+UNPAIRED_LOSS_FORMULAS = {
+    "kto": (lambda r, z0, beta: 1 - torch.sigmoid(beta * (r - z0)),
+            lambda r, z0, beta: 1 - torch.sigmoid(beta * (z0 - r))),
+    "apo_zero_unpaired": (lambda r, z0, beta: 1 - torch.sigmoid(beta * r),
+                          lambda r, z0, beta: torch.sigmoid(beta * r)),
+}
+
+
+def kl_reference64(*kl_parts):
+    """KTO's z0 in float64, a constant: max(mean of all the estimates, 0), 0 for none."""
+    kl = torch.cat([part.detach().double().reshape(-1) for part in kl_parts])
+    return torch.clamp(kl.mean(), min=0) if kl.numel() else kl.new_zeros(())
+
+
+def unpaired64(policy, ref, desirable, z0, loss, beta, wd=1.0, wu=1.0):
+    """Per-example unpaired losses in float64 (z0: the reference point, ignored by apo)."""
     r = policy.double() - ref.double()
-    loss = torch.where(desirable, wd * (1 - torch.sigmoid(beta * (r - z0))),
-                       wu * (1 - torch.sigmoid(beta * (z0 - r))))
-    return loss.mean()
+    desirable_loss, undesirable_loss = UNPAIRED_LOSS_FORMULAS[loss]
+    return torch.where(desirable, wd * desirable_loss(r, z0, beta), wu * undesirable_loss(r, z0, beta))
 
 
 # ------------------------------------------------------------------ gradients, by float64 autograd

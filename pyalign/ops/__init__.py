@@ -1,11 +1,10 @@
 """Public ops, one module per op family."""
 from pyalign.ops.kl import kl_penalty
+from pyalign.ops.kto import KTOLossOutput, kto_loss, linear_kto_loss
 from pyalign.ops.linear_logprobs import linear_token_logprobs
 from pyalign.ops.logprobs import token_logprobs
 from pyalign.ops.preference import (
-                                    KTOLossOutput,
                                     PreferenceLossOutput,
-                                    kto_loss,
                                     linear_preference_loss,
                                     preference_loss,
                                     sequence_logprobs,
@@ -13,5 +12,6 @@ from pyalign.ops.preference import (
 from pyalign.ops.weights import copy_, ema_, lerp_
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "kl_penalty", "preference_loss", "kto_loss",
-           "linear_preference_loss", "sequence_logprobs", "PreferenceLossOutput", "KTOLossOutput",
+           "linear_preference_loss", "linear_kto_loss", "sequence_logprobs",
+           "PreferenceLossOutput", "KTOLossOutput",
            "ema_", "lerp_", "copy_"]

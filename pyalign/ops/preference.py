@@ -1,5 +1,5 @@
-"""Preference losses: DPO and its relatives (names follow TRL's DPOTrainer), KTO, and the fused
-path from the policy's last hidden state to the loss.
+"""Preference losses: DPO and its relatives (names follow TRL's DPOTrainer) and the fused path
+from the policy's last hidden state to the loss. KTO (unpaired) lives in pyalign/ops/kto.py.
 
 Per pair, with r_w = policy_chosen - ref_chosen, r_l = policy_rejected - ref_rejected and
 h = r_w - r_l, the loss table of docs/algorithms.md. Implicit rewards reported: beta*r_w, beta*r_l
@@ -26,12 +26,6 @@ class PreferenceLossOutput(NamedTuple):
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
     margins: torch.Tensor
-
-
-class KTOLossOutput(NamedTuple):
-    loss: torch.Tensor
-    rewards: torch.Tensor  # beta * (policy_logps - ref_logps), detached
-    kl: torch.Tensor  # the z0 used: detached, clamped at 0
 
 
 @torch.library.custom_op("pyalign::preference_loss_fwd", mutates_args=())
@@ -136,48 +130,6 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
         rejected_rewards = beta * (policy_rejected.to(losses.dtype) - ref_rejected.to(losses.dtype))
     return PreferenceLossOutput(_reduce(losses, reduction), chosen_rewards, rejected_rewards,
                                 chosen_rewards - rejected_rewards)
-
-
-def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
-             kl: torch.Tensor, *, beta: float = 0.1, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0, reduction: str = "mean") -> KTOLossOutput:
-    """KTO on unpaired examples.
-
-    ``kl``: the KL reference point, a scalar or per-example estimates of log policy/ref on
-    mismatched prompt-completion pairs; z0 = mean(kl), clamped at 0 and detached. Per example,
-    with r = policy_logps - ref_logps: desirable ``w_d * (1 - sigmoid(beta (r - z0)))``,
-    undesirable ``w_u * (1 - sigmoid(beta (z0 - r)))``; mean over examples.
-
-    ``desirable`` must be a bool tensor [B] (float and 0/1 integer tensors are refused, not cast);
-    ``beta`` finite > 0; the weights finite >= 0; ``kl`` a floating tensor.
-    """
-    beta = _checks.check_positive("beta", beta)
-    desirable_weight, undesirable_weight = (
-        _checks.check_finite_range(name, weight, low=0.0, what=">= 0 and finite")
-        for name, weight in (("desirable_weight", desirable_weight),
-                             ("undesirable_weight", undesirable_weight)))
-    _checks.check_choice("reduction", reduction, REDUCTIONS)
-    _checks.check_tensor("policy_logps", policy_logps, floating=True)
-    _checks.check_tensor("ref_logps", ref_logps, floating=True)
-    _checks.check_tensor("kl", kl, floating=True)
-    if not isinstance(desirable, torch.Tensor):
-        raise TypeError(f"desirable must be a bool tensor, got {type(desirable).__name__}")
-    if desirable.dtype != torch.bool:  # a float (or 0/1 integer) label would be cast silently
-        raise TypeError(f"desirable must be a bool tensor, got {desirable.dtype}; compare it "
-                        f"explicitly (e.g. labels == 1) to choose which examples are desirable")
-    if policy_logps.dim() != 1:
-        raise ValueError(f"policy_logps must be 1-D [B], got shape {tuple(policy_logps.shape)}")
-    _checks.check_shape("ref_logps", ref_logps, policy_logps.shape, "policy_logps.shape")
-    _checks.check_shape("desirable", desirable, policy_logps.shape, "policy_logps.shape")
-    _checks.check_same_device(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable, kl=kl)
-    acc = accumulation_dtype(policy_logps.dtype)
-    reference_point = (kl.detach().to(acc).mean().clamp(min=0) if kl.numel()
-                       else torch.zeros((), dtype=acc, device=kl.device))
-    log_ratio = policy_logps.to(acc) - ref_logps.to(acc)
-    per_example = registry.get("kto", pairwise=False).forward(
-        log_ratio, reference_point, desirable.to(torch.bool), beta, desirable_weight,
-        undesirable_weight)
-    return KTOLossOutput(_reduce(per_example, reduction), (beta * log_ratio).detach(), reference_point)
 
 
 def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor,

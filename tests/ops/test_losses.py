@@ -23,7 +23,8 @@ def test_everything_derives_from_the_registry():
     assert LOSS_NAMES == losses.PAIRWISE_NAMES
     assert trainer.PAIRWISE_LOSSES == losses.PAIRWISE_NAMES
     assert trainer.LOSSES == losses.NAMES
-    assert set(losses.NAMES) - set(losses.PAIRWISE_NAMES) == {"kto"}
+    assert set(losses.NAMES) - set(losses.PAIRWISE_NAMES) == set(losses.UNPAIRED_NAMES) == {
+        "kto", "apo_zero_unpaired"}
     ids = triton_preference.LOSS_IDS
     assert sorted(ids.values()) == list(range(triton_preference.KERNEL_BRANCHES))
     assert all(ids[entry.name] == entry.kernel_id for entry in PAIRWISE if entry.kernel_id is not None)

@@ -1,10 +1,10 @@
-"""pyalign.preference_loss (every loss name of pyalign.ops.preference.LOSS_NAMES), kto_loss and
-linear_preference_loss against float64: the loss table of docs/algorithms.md (the oracle in
-tests/support.py) for values, autograd through it for gradients, on every backend of the test
-device (support.backends_for). Also: a full Triton block and a partial one, bf16 inputs with
-extreme margins, every backend against eager, and the fused sequence-reduce + loss path (all
-losses, per-token or precomputed reference, sum or mean, a row without completion tokens,
-sequences longer than a Triton block)."""
+"""pyalign.preference_loss (every loss name of pyalign.ops.preference.LOSS_NAMES) and
+linear_preference_loss against float64 (KTO: tests/ops/test_kto.py): the loss table of
+docs/algorithms.md (the oracle in tests/support.py) for values, autograd through it for
+gradients, on every backend of the test device (support.backends_for). Also: a full Triton block
+and a partial one, bf16 inputs with extreme margins, every backend against eager, and the fused
+sequence-reduce + loss path (all losses, per-token or precomputed reference, sum or mean, a row
+without completion tokens, sequences longer than a Triton block)."""
 import math
 
 import pytest
@@ -18,7 +18,6 @@ from support import (
     PAIR_LOSS_FORMULAS,
     backends_for,
     grads64,
-    kto64,
     linear_logits64,
     preference64,
     random_pairs,
@@ -155,47 +154,6 @@ def test_nan_pair_stays_in_its_pair(backend, loss):
     expected = preference64(*inputs, loss, 0.1, oracle_eps(loss, 0.0))
     torch.testing.assert_close(out.loss[others].double(), expected[others], rtol=1e-5, atol=1e-6)
     assert all(torch.isfinite(grad[others]).all() for grad in grads)
-
-
-# ------------------------------------------------------------------------------------------ KTO
-
-@pytest.mark.parametrize("kl_shape", [(), (8,)], ids=["scalar_kl", "per_example_kl"])
-@pytest.mark.parametrize("kl_sign", [1.0, -1.0], ids=["kl_pos", "kl_neg_clamped"])
-@pytest.mark.parametrize("weights", [(1.0, 1.0), (2.0, 0.5)], ids=str)
-def test_kto_matches_float64(kl_shape, kl_sign, weights):
-    ref_logps = -20 - 60 * torch.rand(8)
-    policy_logps = ref_logps + torch.randn(8) * 3
-    desirable = torch.tensor([True, False, True, True, False, False, True, False])
-    kl = kl_sign * (0.5 + torch.rand(kl_shape))
-    beta = 0.3
-    leaves = [policy_logps.clone().requires_grad_(True), ref_logps.clone().requires_grad_(True)]
-    kl_leaf = kl.clone().requires_grad_(True)
-    out = pyalign.kto_loss(*leaves, desirable, kl_leaf, beta=beta, desirable_weight=weights[0],
-                           undesirable_weight=weights[1])
-    out.loss.backward()
-    expected, exp_grads = grads64(lambda p, r: kto64(p, r, desirable, kl, beta, *weights),
-                                  [policy_logps, ref_logps])
-    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
-    for leaf, exp_grad in zip(leaves, exp_grads, strict=False):
-        torch.testing.assert_close(leaf.grad.double(), exp_grad, rtol=1e-5, atol=1e-7)
-    assert kl_leaf.grad is None or torch.all(kl_leaf.grad == 0), "z0 must be detached"
-    torch.testing.assert_close(out.kl.double(), torch.clamp(kl.double().mean(), min=0))
-    exp_rewards = beta * (policy_logps.double() - ref_logps.double())
-    torch.testing.assert_close(out.rewards.double(), exp_rewards, rtol=1e-5, atol=1e-6)
-    assert not out.rewards.requires_grad
-
-
-@pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_kto_reductions(reduction):
-    ref_logps = -30 * torch.rand(5)
-    policy_logps = ref_logps + torch.randn(5)
-    desirable = torch.tensor([True, False, True, False, False])
-    kl = torch.tensor(0.4)
-    out = pyalign.kto_loss(policy_logps, ref_logps, desirable, kl, beta=0.2, reduction=reduction)
-    per_example = torch.stack([kto64(policy_logps[i:i + 1], ref_logps[i:i + 1], desirable[i:i + 1],
-                                     kl, 0.2) for i in range(5)])
-    expected = per_example.sum() if reduction == "sum" else per_example
-    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------- linear_preference_loss

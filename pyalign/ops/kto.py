@@ -1,0 +1,273 @@
+"""KTO and its unpaired relatives (TRL KTOTrainer's ``loss_type``: ``kto``, ``apo_zero_unpaired``)
+on unpaired desirable / undesirable examples: from sequence log-probs (``kto_loss``) or straight
+from the policy's last hidden state (``linear_kto_loss``, which never holds [N, V] logits).
+
+The losses are the unpaired entries of the loss registry (pyalign/losses.py), run under autograd
+on [B] tensors. KTO's reference point z0 = max(mean(kl), 0), detached, is the mean of the
+per-example KL estimates over every rank (``kto_reference_point``). docs/algorithms.md, "KTO".
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+from pyalign import backends
+from pyalign import losses as registry
+from pyalign.ops import _checks
+from pyalign.ops.linear_logprobs import linear_token_logprobs
+from pyalign.ops.preference import REDUCTIONS, _reduce, sequence_logprobs
+
+LOSS_NAMES = registry.UNPAIRED_NAMES  # the unpaired entries of the registry: kto, apo_zero_unpaired
+
+
+class KTOLossOutput(NamedTuple):
+    loss: torch.Tensor
+    rewards: torch.Tensor  # beta * (policy_logps - ref_logps) [B], detached
+    kl: torch.Tensor  # the z0 used (0-d): detached, clamped at 0; 0 for a loss without one
+    logps: torch.Tensor  # the policy's sequence log-probs [B], detached (TRL's logps/chosen, ...)
+
+
+def kto_reference_point(kl: torch.Tensor, process_group=None) -> torch.Tensor:
+    """KTO's z0 = max(mean(kl), 0), detached, as a 0-d fp32 tensor (fp64 for fp64 ``kl``).
+
+    ``kl``: per-example estimates [M] of log π(y'|x) − log ref(y'|x) on mismatched
+    prompt/completion pairs, or one estimate (0-d, e.g. a rank's mean). When torch.distributed is
+    initialised the mean is over the estimates of every rank of ``process_group`` (default: the
+    world): an all_reduce of their sum and count, so ranks with different M (even 0) still give
+    the global mean; every rank of the group must call it. No estimates anywhere: z0 = 0.
+    NaN in ``kl`` gives a NaN z0.
+    """
+    _checks.check_tensor("kl", kl, floating=True)
+    if kl.dim() > 1:
+        raise ValueError(f"kl must be per-example estimates [M] or a 0-d tensor, got shape "
+                         f"{tuple(kl.shape)}")
+    distributed = dist.is_available() and dist.is_initialized()
+    if process_group is not None:
+        if not distributed:
+            raise ValueError("process_group is given but torch.distributed is not initialised")
+        if not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, got "
+                            f"{type(process_group).__name__}")
+    estimates = kl.detach().reshape(-1).to(torch.float64)
+    totals = torch.stack([estimates.sum(), estimates.new_tensor(float(estimates.numel()))])
+    if distributed:
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=process_group)
+    mean = totals[0] / totals[1] if float(totals[1]) > 0 else totals.new_zeros(())
+    out_dtype = torch.float64 if kl.dtype == torch.float64 else torch.float32
+    return mean.clamp(min=0).to(out_dtype)
+
+
+def _check_config(loss, beta, desirable_weight, undesirable_weight, reduction):
+    if isinstance(loss, str) and loss in registry.PAIRWISE_NAMES:
+        raise ValueError(f"loss {loss!r} is a pairwise loss (preference_loss); the unpaired losses "
+                         f"are {LOSS_NAMES}")
+    entry = registry.get(_checks.check_choice("loss", loss, LOSS_NAMES), pairwise=False)
+    beta = _checks.check_positive("beta", beta)
+    desirable_weight, undesirable_weight = (
+        _checks.check_finite_range(name, weight, low=0.0, what=">= 0 and finite")
+        for name, weight in (("desirable_weight", desirable_weight),
+                             ("undesirable_weight", undesirable_weight)))
+    _checks.check_choice("reduction", reduction, REDUCTIONS)
+    return entry, beta, desirable_weight, undesirable_weight
+
+
+def _check_desirable(desirable, batch: int) -> None:
+    if not isinstance(desirable, torch.Tensor):
+        raise TypeError(f"desirable must be a bool tensor, got {type(desirable).__name__}")
+    if desirable.dtype != torch.bool:  # a float (or 0/1 integer) label would be cast silently
+        raise TypeError(f"desirable must be a bool tensor, got {desirable.dtype}; compare it "
+                        f"explicitly (e.g. labels == 1) to choose which examples are desirable")
+    _checks.check_shape("desirable", desirable, (batch,), "[B], one flag per example")
+
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+             kl: Optional[torch.Tensor] = None, *, loss: str = "kto", beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             reduction: str = "mean", process_group=None) -> KTOLossOutput:
+    """An unpaired loss of TRL's KTOTrainer from sequence log-probs [B], r = policy − ref:
+
+    - ``kto``: desirable ``λ_D·(1 − σ(β·(r − z0)))``, undesirable ``λ_U·(1 − σ(β·(z0 − r)))``,
+      z0 = ``kto_reference_point(kl, process_group)``: the mean of the KL estimates ``kl`` ([M]
+      or 0-d) over every rank when torch.distributed is initialised, clamped at 0, detached.
+    - ``apo_zero_unpaired``: desirable ``λ_D·(1 − σ(β·r))``, undesirable ``λ_U·σ(β·r)``; no
+      reference point (``kl`` is not used and may be None; the reported kl is 0).
+
+    ``reduction``: ``mean`` over all B examples (as TRL: the weights scale the terms, they do not
+    renormalise the mean), ``sum`` or ``none``. Returns the loss, the detached rewards β·r, the z0
+    used and the detached policy log-probs. ``desirable`` must be a bool tensor [B] (float and
+    0/1 integer tensors are refused, not cast); ``beta`` finite > 0; the weights finite >= 0.
+    """
+    entry, beta, desirable_weight, undesirable_weight = _check_config(
+        loss, beta, desirable_weight, undesirable_weight, reduction)
+    _checks.check_tensor("policy_logps", policy_logps, floating=True)
+    _checks.check_tensor("ref_logps", ref_logps, floating=True)
+    if policy_logps.dim() != 1:
+        raise ValueError(f"policy_logps must be 1-D [B], got shape {tuple(policy_logps.shape)}")
+    _checks.check_shape("ref_logps", ref_logps, policy_logps.shape, "policy_logps.shape")
+    _check_desirable(desirable, policy_logps.shape[0])
+    if kl is None and entry.uses_kl_reference:
+        raise ValueError(f"loss {loss!r} needs kl: the KL estimates on mismatched prompt/completion "
+                         f"pairs ([M], or one 0-d estimate)")
+    _checks.check_same_device(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable, kl=kl)
+    acc = torch.float64 if torch.float64 in (policy_logps.dtype, ref_logps.dtype) else torch.float32
+    if entry.uses_kl_reference:
+        reference_point = kto_reference_point(kl, process_group).to(acc)
+    else:
+        reference_point = torch.zeros((), dtype=acc, device=policy_logps.device)
+    log_ratio = policy_logps.to(acc) - ref_logps.to(acc)
+    per_example = entry.forward(log_ratio, reference_point, desirable, beta, desirable_weight,
+                                undesirable_weight)
+    return KTOLossOutput(_reduce(per_example, reduction), (beta * log_ratio).detach(), reference_point,
+                         policy_logps.detach().to(acc))
+
+
+# --------------------------------------------------------------------------- linear_kto_loss
+
+def _check_head_inputs(hidden_name: str, hidden, labels_name: str, labels, weight, rows: str) -> None:
+    """Hidden states [rows, T, H] for the policy's head and their labels [rows, T], named as the
+    caller named them (the inner linear_token_logprobs would say "hidden" and "labels")."""
+    _checks.check_tensor(hidden_name, hidden, floating=True)
+    _checks.check_tensor(labels_name, labels, integer=True)
+    if hidden.dim() != 3 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{hidden_name} must be [{rows}, T, H] with H = weight.shape[1] = "
+                         f"{weight.shape[1]}, got shape {tuple(hidden.shape)}")
+    _checks.check_shape(labels_name, labels, hidden.shape[:-1], f"{hidden_name}.shape[:-1]")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{hidden_name} and weight must share a dtype, got {hidden.dtype} and "
+                        f"{weight.dtype}")
+
+
+def _check_reference_head(ref_weight, ref_bias, weight, ref_hiddens: dict) -> None:
+    """The reference's lm_head: required as soon as any reference hidden state is given (never
+    taken from the policy silently), refused without one."""
+    given = [name for name, tensor in ref_hiddens.items() if tensor is not None]
+    if given and ref_weight is None:
+        raise ValueError(f"{' and '.join(given)} need ref_weight: the reference model's lm_head "
+                         f"[V, H] (pass weight itself if the reference shares the policy's head)")
+    if not given and (ref_weight is not None or ref_bias is not None):
+        raise ValueError("ref_weight / ref_bias are given without ref_hidden or ref_kl_hidden "
+                         "(the precomputed reference log-probs need no head)")
+    if ref_weight is None:
+        return
+    _checks.check_tensor("ref_weight", ref_weight, floating=True)
+    if tuple(ref_weight.shape) != tuple(weight.shape):
+        raise ValueError(f"ref_weight must be [V, H] = {tuple(weight.shape)} like weight, got "
+                         f"{tuple(ref_weight.shape)}")
+    for name in given:
+        if ref_hiddens[name].dtype != ref_weight.dtype:
+            raise TypeError(f"{name} and ref_weight must share a dtype, got {ref_hiddens[name].dtype} "
+                            f"and {ref_weight.dtype}")
+    if ref_bias is not None:
+        _checks.check_tensor("ref_bias", ref_bias, floating=True)
+        _checks.check_shape("ref_bias", ref_bias, (ref_weight.shape[0],), "[V]")
+        if ref_bias.dtype != ref_weight.dtype:
+            raise TypeError(f"ref_bias must have ref_weight's dtype {ref_weight.dtype}, got "
+                            f"{ref_bias.dtype}")
+
+
+def _check_precomputed(name: str, tensor, rows: int, what: str) -> None:
+    _checks.check_tensor(name, tensor, floating=True)
+    _checks.check_shape(name, tensor, (rows,), what)
+
+
+def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    desirable: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
+                    kl: Optional[torch.Tensor] = None, kl_hidden: Optional[torch.Tensor] = None,
+                    kl_labels: Optional[torch.Tensor] = None,
+                    ref_logps: Optional[torch.Tensor] = None,
+                    ref_hidden: Optional[torch.Tensor] = None,
+                    ref_kl_logps: Optional[torch.Tensor] = None,
+                    ref_kl_hidden: Optional[torch.Tensor] = None,
+                    ref_weight: Optional[torch.Tensor] = None,
+                    ref_bias: Optional[torch.Tensor] = None,
+                    loss: str = "kto", beta: float = 0.1, desirable_weight: float = 1.0,
+                    undesirable_weight: float = 1.0, ignore_index: int = -100,
+                    temperature: float = 1.0, average_log_prob: bool = False,
+                    reduction: str = "mean", chunk_size: Optional[int] = None,
+                    backend: str = "auto", process_group=None) -> KTOLossOutput:
+    """``kto_loss`` straight from the policy's last hidden state: no [B*T, V] logits are held.
+
+    hidden [B, T, H], weight (the lm_head) [V, H], bias [V] or None, labels [B, T] aligned with
+    hidden (``ignore_index`` on prompt and padding positions), desirable bool [B]. The sequence
+    log-probs are the masked sums of ``pyalign.linear_token_logprobs`` (means with
+    ``average_log_prob=True``).
+
+    Reference of the completions: ``ref_logps`` [B] precomputed, or ``ref_hidden`` [B, T, H]
+    scored with ``ref_weight`` (+ ``ref_bias``), without gradient. ``ref_weight`` is required with
+    any reference hidden state (pass ``weight`` if the reference shares the policy's head).
+
+    KL estimates (``kto`` only; ignored by ``apo_zero_unpaired``): ``kl`` precomputed ([M] or
+    0-d, as in kto_loss), or the mismatched pairs ``kl_hidden`` [M, T', H] + ``kl_labels``
+    [M, T'], scored by the policy's head without gradient, with their reference ``ref_kl_logps``
+    [M] or ``ref_kl_hidden`` [M, T', H] (scored with ``ref_weight``). z0 is their mean over every
+    rank (``kto_reference_point``), clamped at 0.
+    """
+    entry, beta, desirable_weight, undesirable_weight = _check_config(
+        loss, beta, desirable_weight, undesirable_weight, reduction)
+    _checks.check_tensor("weight", weight, floating=True)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    _check_head_inputs("hidden", hidden, "labels", labels, weight, "B")
+    _check_desirable(desirable, hidden.shape[0])
+    if (ref_logps is None) == (ref_hidden is None):
+        raise ValueError("give exactly one of ref_logps (precomputed [B]) or ref_hidden")
+    if ref_logps is not None:
+        _check_precomputed("ref_logps", ref_logps, hidden.shape[0], "[B]")
+    else:
+        _checks.check_tensor("ref_hidden", ref_hidden, floating=True)
+        _checks.check_shape("ref_hidden", ref_hidden, hidden.shape, "hidden.shape")
+    uses_kl = entry.uses_kl_reference
+    if not uses_kl:  # apo_zero_unpaired: no reference point, nothing to score
+        kl = kl_hidden = kl_labels = ref_kl_logps = ref_kl_hidden = None
+    elif kl is not None:
+        extra = [name for name, tensor in (("kl_hidden", kl_hidden), ("kl_labels", kl_labels),
+                                           ("ref_kl_logps", ref_kl_logps),
+                                           ("ref_kl_hidden", ref_kl_hidden)) if tensor is not None]
+        if extra:
+            raise ValueError(f"give either kl (precomputed estimates) or kl_hidden + kl_labels, not "
+                             f"kl and {', '.join(extra)}")
+        _checks.check_tensor("kl", kl, floating=True)
+    else:
+        if kl_hidden is None or kl_labels is None:
+            raise ValueError(f"loss {loss!r} needs KL estimates: give kl (precomputed [M]) or "
+                             f"kl_hidden [M, T', H] with kl_labels [M, T'] (mismatched pairs)")
+        _check_head_inputs("kl_hidden", kl_hidden, "kl_labels", kl_labels, weight, "M")
+        if (ref_kl_logps is None) == (ref_kl_hidden is None):
+            raise ValueError("give exactly one of ref_kl_logps (precomputed [M]) or ref_kl_hidden for "
+                             "the reference of the KL pairs")
+        if ref_kl_logps is not None:
+            _check_precomputed("ref_kl_logps", ref_kl_logps, kl_hidden.shape[0], "[M] = kl_hidden.shape[0]")
+        else:
+            _checks.check_tensor("ref_kl_hidden", ref_kl_hidden, floating=True)
+            _checks.check_shape("ref_kl_hidden", ref_kl_hidden, kl_hidden.shape, "kl_hidden.shape")
+    _check_reference_head(ref_weight, ref_bias, weight,
+                          {"ref_hidden": ref_hidden, "ref_kl_hidden": ref_kl_hidden})
+    _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, desirable=desirable,
+                              bias=bias, kl=kl, kl_hidden=kl_hidden, kl_labels=kl_labels,
+                              ref_logps=ref_logps, ref_hidden=ref_hidden, ref_kl_logps=ref_kl_logps,
+                              ref_kl_hidden=ref_kl_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+    ignore_index = _checks.check_int("ignore_index", ignore_index)
+    temperature = _checks.check_temperature(temperature)
+    chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
+    average_log_prob = _checks.check_bool("average_log_prob", average_log_prob)
+    backends.check_name(backend)
+
+    def sequence_logps(hidden_states, head, head_bias, token_labels):
+        token_logps = linear_token_logprobs(hidden_states, head, token_labels, bias=head_bias,
+                                            ignore_index=ignore_index, temperature=temperature,
+                                            chunk_size=chunk_size, backend=backend)
+        return sequence_logprobs(token_logps, token_labels != ignore_index, average=average_log_prob)
+
+    policy_logps = sequence_logps(hidden, weight, bias, labels)
+    with torch.no_grad():
+        if ref_logps is None:
+            ref_logps = sequence_logps(ref_hidden, ref_weight, ref_bias, labels)
+        if uses_kl and kl is None:
+            kl_ref = (ref_kl_logps if ref_kl_logps is not None
+                      else sequence_logps(ref_kl_hidden, ref_weight, ref_bias, kl_labels))
+            kl = sequence_logps(kl_hidden, weight, bias, kl_labels) - kl_ref
+    return kto_loss(policy_logps, ref_logps, desirable, kl, loss=loss, beta=beta,
+                    desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                    reduction=reduction, process_group=process_group)
