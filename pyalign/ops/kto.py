@@ -144,8 +144,9 @@ def _check_reference_head(ref_weight, ref_bias, weight, ref_hiddens: dict) -> No
     taken from the policy silently), refused without one."""
     given = [name for name, tensor in ref_hiddens.items() if tensor is not None]
     if given and ref_weight is None:
-        raise ValueError(f"{' and '.join(given)} need ref_weight: the reference model's lm_head "
-                         f"[V, H] (pass weight itself if the reference shares the policy's head)")
+        raise ValueError(f"{' and '.join(given)} given without ref_weight: the reference model's "
+                         f"lm_head [V, H] is required (pass weight itself if the reference shares the "
+                         f"policy's head; it is never taken from the policy silently)")
     if not given and (ref_weight is not None or ref_bias is not None):
         raise ValueError("ref_weight / ref_bias are given without ref_hidden or ref_kl_hidden "
                          "(the precomputed reference log-probs need no head)")
@@ -219,6 +220,7 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         _checks.check_tensor("ref_hidden", ref_hidden, floating=True)
         _checks.check_shape("ref_hidden", ref_hidden, hidden.shape, "hidden.shape")
     uses_kl = entry.uses_kl_reference
+    reference_hiddens = {"ref_hidden": ref_hidden, "ref_kl_hidden": ref_kl_hidden}  # as given
     if not uses_kl:  # apo_zero_unpaired: no reference point, nothing to score
         kl = kl_hidden = kl_labels = ref_kl_logps = ref_kl_hidden = None
     elif kl is not None:
@@ -242,8 +244,7 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         else:
             _checks.check_tensor("ref_kl_hidden", ref_kl_hidden, floating=True)
             _checks.check_shape("ref_kl_hidden", ref_kl_hidden, kl_hidden.shape, "kl_hidden.shape")
-    _check_reference_head(ref_weight, ref_bias, weight,
-                          {"ref_hidden": ref_hidden, "ref_kl_hidden": ref_kl_hidden})
+    _check_reference_head(ref_weight, ref_bias, weight, reference_hiddens)
     _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, desirable=desirable,
                               bias=bias, kl=kl, kl_hidden=kl_hidden, kl_labels=kl_labels,
                               ref_logps=ref_logps, ref_hidden=ref_hidden, ref_kl_logps=ref_kl_logps,
