@@ -191,10 +191,12 @@ def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
         if getattr(args, flag, False):
             run[flag] = True
     if "loss" in trainer_values:
-        from pyalign.losses import PAIRWISE_NAMES  # the loss registry
-        if trainer_values["loss"] not in PAIRWISE_NAMES:
-            raise ConfigError(f"{where}: loss {trainer_values['loss']!r} is not a pairwise loss "
-                              f"({', '.join(PAIRWISE_NAMES)})")
+        from pyalign.losses import PAIRWISE_NAMES, UNPAIRED_NAMES  # the loss registry
+        kind, names = (("an unpaired", UNPAIRED_NAMES) if preset["loss"] in UNPAIRED_NAMES
+                       else ("a pairwise", PAIRWISE_NAMES))
+        if trainer_values["loss"] not in names:
+            raise ConfigError(f"{where}: loss {trainer_values['loss']!r} is not {kind} loss "
+                              f"({', '.join(names)})")
     values = {**preset, **trainer_values, "seed": run["seed"], "bf16": run["bf16"],
               "backend": run["backend"], "fsdp": run["fsdp"]}
     if getattr(args, "no_progress", False):

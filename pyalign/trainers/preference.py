@@ -1,5 +1,6 @@
 """Offline preference optimisation: DPO and every pairwise loss of ``pyalign.preference_loss``
-(IPO, SLiC/hinge, robust, ...), KTO on unpaired data, and their trust-region variants
+(IPO, SLiC/hinge, robust, ...), KTO and APO-zero on unpaired data (``pyalign.kto_loss``), and
+their trust-region variants
 (TR-DPO/TR-IPO/TR-KTO: the reference is pulled towards the policy every ``tr_tau`` steps by
 ``pyalign.refmodel.TrustRegion``).
 
@@ -77,7 +78,13 @@ class PreferenceTrainer(Trainer):
 
     @property
     def is_kto(self) -> bool:
-        return self.config.loss == "kto"
+        """KTO's family: an unpaired loss (kto, apo_zero_unpaired) on unpaired examples."""
+        return self.config.loss in losses.UNPAIRED_NAMES
+
+    @property
+    def uses_kl_reference(self) -> bool:
+        """The loss needs KTO's reference point, estimated on mismatched pairs (kto, not apo)."""
+        return self.is_kto and losses.get(self.config.loss, pairwise=False).uses_kl_reference
 
     def _build_data(self) -> None:
         cfg, task = self.config, self.task
@@ -85,13 +92,16 @@ class PreferenceTrainer(Trainer):
         if self.is_kto:
             data = task.unpaired(cfg.num_examples, generator)
             completions = data["completion"]
-            # KTO's KL reference point scores each prompt with its neighbour's completion
-            # (row i with row i^1), a pairing fixed in the dataset so it can be precomputed.
-            partner = torch.arange(cfg.num_examples) ^ 1
-            partner[partner >= cfg.num_examples] = cfg.num_examples - 1
             self.data = {"prompt": data["prompt"], "completion": completions,
-                         "mismatched": completions[partner], "desirable": data["desirable"].to(torch.bool)}
-            self._response_keys = ("completion", "mismatched")
+                         "desirable": data["desirable"].to(torch.bool)}
+            self._response_keys = ("completion",)
+            if self.uses_kl_reference:
+                # KTO's KL reference point scores each prompt with its neighbour's completion
+                # (row i with row i^1), a pairing fixed in the dataset so it can be precomputed.
+                partner = torch.arange(cfg.num_examples) ^ 1
+                partner[partner >= cfg.num_examples] = cfg.num_examples - 1
+                self.data["mismatched"] = completions[partner]
+                self._response_keys = ("completion", "mismatched")
         else:
             data = task.preference_pairs(cfg.num_examples, generator)
             self.data = {"prompt": data["prompt"], "chosen": data["chosen"], "rejected": data["rejected"]}
@@ -143,11 +153,11 @@ class PreferenceTrainer(Trainer):
         slices = micro_slices(local, cfg.micro_batch_size)
         sums: dict[str, float] = {}
         if self.is_kto:
-            reference_point = self._kto_reference_point(rows, slices)
+            kl_estimates = self._kto_kl_estimates(rows, slices) if self.uses_kl_reference else None
         for i, part in enumerate(slices):
             with self._accumulating(last=i == len(slices) - 1):
                 if self.is_kto:
-                    values = self._kto_micro_step(rows[part], local, reference_point)
+                    values = self._kto_micro_step(rows[part], local, kl_estimates)
                 else:
                     values = self._pairwise_micro_step(rows[part], local)
             for name, value in values.items():
@@ -156,7 +166,7 @@ class PreferenceTrainer(Trainer):
         reference_updated = bool(self.ref_strategy.step(step, self.optimizer))
         if self.is_kto:
             counts = dict(loss="n", desirable_reward="n_desirable", undesirable_reward="n_undesirable",
-                          entropy="tokens")
+                          entropy="tokens", kto_kl="micro_batches")
         else:
             counts = dict(loss="n", chosen_reward="n", rejected_reward="n", margin="n",
                           accuracy="n", entropy="tokens")
@@ -164,8 +174,6 @@ class PreferenceTrainer(Trainer):
         tokens = self.dist.all_reduce_sum(torch.tensor([sums["all_tokens"]], dtype=torch.float64))
         record.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
                       reference_updated=reference_updated, _tokens=float(tokens))
-        if self.is_kto:
-            record["kto_kl"] = float(reference_point.clamp(min=0))
         return record
 
     def _batch(self, rows: torch.Tensor, key: str) -> torch.Tensor:
@@ -199,23 +207,22 @@ class PreferenceTrainer(Trainer):
                 "all_tokens": float(2 * pairs * (prompts.shape[1] + responses.shape[1]))}
 
     @torch.no_grad()
-    def _kto_reference_point(self, rows: torch.Tensor, slices: list) -> torch.Tensor:
-        """KTO's z0 for this step: the mean of log policy/ref over mismatched prompt-completion
-        pairs of the whole global batch (every micro-batch of every rank), so the loss does not
-        depend on how the batch is split. Detached; kto_loss clamps it at 0."""
-        total = torch.zeros(2, dtype=torch.float64)
+    def _kto_kl_estimates(self, rows: torch.Tensor, slices: list) -> torch.Tensor:
+        """This rank's KL estimates for KTO's reference point: log policy/ref of each mismatched
+        prompt-completion pair of its share of the batch (every micro-batch), detached. Every
+        micro-batch's kto_loss gets all of them and averages them over the ranks, so z0 is the
+        mean over the whole global batch and the loss does not depend on how it is split."""
+        estimates = []
         for part in slices:
             batch = rows[part]
             prompts, mismatched = self._batch(batch, "prompt"), self._batch(batch, "mismatched")
             mask = self.response_mask(mismatched)
             policy = pyalign.sequence_logprobs(self._scorer_module()(prompts, mismatched, mask), mask,
                                                average=self.config.length_normalize)
-            total[0] += float((policy - self._reference(batch, "mismatched")).double().sum())
-            total[1] += batch.shape[0]
-        total = self.dist.all_reduce_sum(total)
-        return (total[0] / total[1]).to(torch.float32).reshape(1)
+            estimates.append(policy - self._reference(batch, "mismatched"))
+        return torch.cat(estimates)
 
-    def _kto_micro_step(self, rows: torch.Tensor, local: int, reference_point: torch.Tensor) -> dict:
+    def _kto_micro_step(self, rows: torch.Tensor, local: int, kl_estimates: Optional[torch.Tensor]) -> dict:
         cfg = self.config
         prompts = self._batch(rows, "prompt")
         completions = self._batch(rows, "completion")
@@ -223,12 +230,14 @@ class PreferenceTrainer(Trainer):
         mask = self.response_mask(completions)
         logprobs, entropy = self.scorer(prompts, completions, mask, entropy=True)
         sequence = pyalign.sequence_logprobs(logprobs, mask, average=cfg.length_normalize)
-        out = pyalign.kto_loss(sequence, self._reference(rows, "completion"), desirable, reference_point,
-                               beta=cfg.beta, desirable_weight=cfg.desirable_weight,
+        out = pyalign.kto_loss(sequence, self._reference(rows, "completion"), desirable, kl_estimates,
+                               loss=cfg.loss, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
                                undesirable_weight=cfg.undesirable_weight, reduction="sum")
         (out.loss / local).backward()
         n = rows.shape[0]
-        return {"loss": float(out.loss.detach()), "n": n,
+        # z0 is the same in every micro-batch of every rank: its mean over them is z0
+        kl = {"kto_kl": float(out.kl), "micro_batches": 1.0} if self.uses_kl_reference else {}
+        return {**kl, "loss": float(out.loss.detach()), "n": n,
                 "desirable_reward": float(out.rewards[desirable].sum()),
                 "n_desirable": float(desirable.sum()),
                 "undesirable_reward": float(out.rewards[~desirable].sum()),

@@ -6,7 +6,8 @@ Preference family (``PreferenceTrainer`` / ``PreferenceConfig``), offline on pre
 - ``dpo``: DPO, the sigmoid loss on the implicit reward margin, frozen reference.
 - ``ipo``: IPO, the squared loss on the length-normalised margin; tuned default ``beta = 0.5``.
 - ``slic``: SLiC, the hinge loss on the margin.
-- ``kto``: KTO on unpaired desirable / undesirable examples.
+- ``kto``: KTO on unpaired desirable / undesirable examples (``loss = "apo_zero_unpaired"`` in
+  a config file swaps in TRL's other unpaired loss).
 - ``tr-dpo``, ``tr-ipo``, ``tr-kto``: the same losses with a trust-region reference, pulled
   towards the policy every ``tr_tau`` steps (``tr-ipo`` keeps IPO's ``beta = 0.5``).
 
@@ -19,8 +20,8 @@ RL family (``RLTrainer`` / ``RLConfig``), online from a reward:
 Config keys:
 
 - ``ALGO_KEYS`` are set by the algorithm (its ``ALGOS`` preset) and cannot come from a config
-  file, except ``loss`` for the pairwise algorithms of ``LOSS_CONFIGURABLE``, which may swap in
-  any other pairwise loss of ``pyalign.preference_loss``.
+  file, except ``loss`` for the algorithms of ``LOSS_CONFIGURABLE``, which may swap in any other
+  loss of the same kind: pairwise (``pyalign.preference_loss``) or unpaired (``pyalign.kto_loss``).
 - ``ONLY_FOR`` names the keys that apply to some algorithms only: ``tr_alpha`` / ``tr_tau`` to
   the trust-region ones, ``desirable_weight`` / ``undesirable_weight`` to the KTO ones,
   ``precompute_ref`` to the frozen-reference preference ones, ``er_*`` to Elastic Reset.
@@ -63,5 +64,5 @@ ONLY_FOR = {
     "er_ema_every": ("elastic-reset",),
     "er_reset_optimizer": ("elastic-reset",),
 }
-# A pairwise algorithm may swap in any other pairwise loss of pyalign.preference_loss.
-LOSS_CONFIGURABLE = ("dpo", "tr-dpo", "slic", "ipo", "tr-ipo")
+# These algorithms may swap in any other loss of their kind (pairwise, or unpaired for the KTO ones).
+LOSS_CONFIGURABLE = ("dpo", "tr-dpo", "slic", "ipo", "tr-ipo", "kto", "tr-kto")

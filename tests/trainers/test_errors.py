@@ -104,6 +104,7 @@ def _write(path, text):
     ('algo = "dpo"\nreference = "trust_region"\n', "'reference' is set by --algo dpo"),
     ('algo = "dpo"\nbeta = "big"\n', "'beta' must be float"),
     ('algo = "dpo"\nloss = "kto"\n', "not a pairwise loss"),
+    ('algo = "kto"\nloss = "sigmoid"\n', "not an unpaired loss"),
     ('algo = "dpo"\nbeta = -1.0\n', "'beta' must be > 0"),
     ('algo = "mystery"\n', "unknown algo 'mystery'"),
     ('beta = 0.1\n', "no algorithm: pass --algo"),

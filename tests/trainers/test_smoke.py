@@ -8,6 +8,7 @@ import pytest
 from trainer_helpers import read_records, run_cli, write_config
 
 from pyalign.losses import LABEL_SMOOTHING_NAMES
+from pyalign.losses import UNPAIRED_NAMES as UNPAIRED_LOSSES
 from pyalign.trainers import PAIRWISE_LOSSES
 from pyalign.trainers.presets import ALGOS
 
@@ -68,6 +69,32 @@ def test_every_pairwise_loss_trains(tiny_task, loss):
     assert math.isfinite(first["loss"]) and first["grad_norm"] > 0
     second = trainer.train_step(2)
     assert math.isfinite(second["loss"]) and second["margin"] != 0.0
+
+
+@pytest.mark.parametrize("loss", UNPAIRED_LOSSES)
+def test_every_unpaired_loss_trains(tiny_task, loss):
+    """Step 1 has policy == frozen reference: every log-ratio, and KTO's KL estimate, is 0, so
+    each example's loss is sigmoid(0) = 1/2; then it moves. apo_zero_unpaired scores no
+    mismatched pairs and logs no kto_kl."""
+    from pyalign.trainers import PreferenceConfig, PreferenceTrainer
+    config = PreferenceConfig(loss=loss, beta=0.5, batch_size=4, micro_batch_size=2, num_examples=8,
+                              eval_every=0, lr=0.01, progress=False)
+    trainer = PreferenceTrainer(tiny_task, config)
+    assert ("mismatched" in trainer.data) == (loss == "kto")
+    first = trainer.train_step(1)
+    assert first["loss"] == pytest.approx(0.5, abs=1e-6) and first["grad_norm"] > 0
+    assert first["desirable_reward"] == 0.0 and first["undesirable_reward"] == 0.0
+    assert ("kto_kl" in first) == (loss == "kto") and first.get("kto_kl", 0.0) == 0.0
+    second = trainer.train_step(2)
+    assert math.isfinite(second["loss"]) and second["desirable_reward"] != 0.0
+
+
+def test_kto_algo_config_can_swap_in_apo_zero_unpaired(tmp_path, task_cache_dir):
+    config = write_config(tmp_path / "c.toml", task_cache_dir, algo="tr-kto", loss="apo_zero_unpaired",
+                          **dict(PREFERENCE, eval_every=0, tr_tau=1))
+    assert run_cli("--config", config, "--steps", 2, "--out", tmp_path / "out") == 0
+    steps = [r for r in read_records(tmp_path / "out") if not r.get("final")]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) and "kto_kl" not in r for r in steps)
 
 
 def test_first_dpo_loss_is_log_two(tiny_task):
