@@ -54,7 +54,8 @@ def kto_reference_point(kl: torch.Tensor, process_group=None) -> torch.Tensor:
     totals = torch.stack([estimates.sum(), estimates.new_tensor(float(estimates.numel()))])
     if distributed:
         dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=process_group)
-    mean = totals[0] / totals[1] if float(totals[1]) > 0 else totals.new_zeros(())
+    # no estimates anywhere: 0 (a tensor select, not a Python branch: torch.compile keeps one graph)
+    mean = torch.where(totals[1] > 0, totals[0] / totals[1].clamp(min=1), 0.0)
     out_dtype = torch.float64 if kl.dtype == torch.float64 else torch.float32
     return mean.clamp(min=0).to(out_dtype)
 

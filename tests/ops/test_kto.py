@@ -2,8 +2,8 @@
 apo_zero_unpaired) against the float64 oracle of tests/support.py, forward and gradients; KTO's
 reference point (detached, clamped at 0, the mean of the KL estimates, gathered over 2 gloo
 ranks with uneven batches); the fused head path against the naive logits path on every
-linear_logprobs backend, and its peak memory; TRL 1.16 KTOTrainer's own loss code run on the
-same tensors; bad input."""
+linear_logprobs backend, its peak memory and torch.compile; TRL 1.16 KTOTrainer's own loss code
+run on the same tensors; bad input."""
 import ast
 import importlib.metadata
 import importlib.util
@@ -208,6 +208,11 @@ def test_two_gloo_ranks_with_uneven_batches_gather_the_global_mean(tmp_path):
     the reference point is the mean of all 7 (not the mean of the two ranks' means), and each
     rank's loss and gradient are the oracle's with that z0. kto_reference_point of one 0-d
     estimate per rank (a rank's mean, as TRL gathers it) gives the mean of the means."""
+    with torch.device("cpu"):  # the ranks run on CPU (gloo), whatever the test device
+        check_two_ranks(tmp_path)
+
+
+def check_two_ranks(tmp_path):
     init_file = tmp_path / "rendezvous"
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(HERE.parents[1]), os.environ.get("PYTHONPATH")])))
@@ -504,6 +509,11 @@ def test_trl_kto_trainer_loss_on_the_same_tensors(loss, beta, weights, kind, kl_
     """TRL 1.16's own KTOTrainer._compute_loss (precomputed reference, one process: its gather is
     the identity) against kto_loss on the same per-token log-probs: the loss, its gradient wrt
     the log-probs, and the logged kl, rewards/chosen|rejected and logps/chosen|rejected."""
+    with torch.device("cpu"):  # TRL's code on CPU tensors, whatever the test device
+        check_against_trl(loss, beta, weights, kind, kl_shift)
+
+
+def check_against_trl(loss, beta, weights, kind, kl_shift):
     compute_loss, compute_kl_logps = trl_kto_methods()
     batch, length = 7, 9
     generator = torch.Generator().manual_seed(5)
@@ -548,6 +558,26 @@ def test_trl_kto_trainer_loss_on_the_same_tensors(loss, beta, weights, kind, kl_
             assert metrics[f"logps/{suffix}"] == [pytest.approx(float(out.logps[rows].mean()), rel=1e-6)]
         else:
             assert f"rewards/{suffix}" not in metrics
+
+
+def test_fullgraph_compile_matches_eager():
+    """torch.compile(fullgraph=True) traces kto_loss and linear_kto_loss whole (the reference point
+    is a tensor select, the head goes through the custom ops); same loss and gradients."""
+    c = linear_kto_case(batch=4)
+    kwargs = dict(kl_hidden=c["kl_hidden"], kl_labels=c["kl_labels"], ref_hidden=c["ref_hidden"],
+                  ref_kl_hidden=c["ref_kl_hidden"], ref_weight=c["ref_weight"], beta=0.3, backend="eager")
+
+    def objective(hidden, weight):
+        return pyalign.linear_kto_loss(hidden, weight, c["labels"], c["desirable"][:4], **kwargs).loss
+
+    results = []
+    for function in (objective, torch.compile(objective, fullgraph=True, backend="aot_eager")):
+        leaves = [c["hidden"].clone().requires_grad_(True), c["weight"].clone().requires_grad_(True)]
+        value = function(*leaves)
+        value.backward()
+        results.append([value.detach(), *(leaf.grad for leaf in leaves)])
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------ bad input
