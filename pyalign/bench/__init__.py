@@ -5,8 +5,8 @@ floor the hardware allows and (where installed) Liger-Kernel and TRL.
 
 - ``harness``: candidates, timing, peak memory, ratio columns, table/JSON/CSV output;
 - ``common``: the pieces cases are built from (one row per available backend, ...);
-- ``logprobs``, ``linear_logprobs``, ``kl``, ``preference``, ``weights``: one module per op
-  family, each building its ``Case``;
+- ``logprobs``, ``linear_logprobs``, ``kl``, ``preference``, ``kto``, ``weights``: one module
+  per op family, each building its ``Case``;
 - ``suite``: the cases by name, the shared arguments and the run loop.
 
 Candidates come from the backend table: every backend that can run the op family on the device
@@ -20,6 +20,7 @@ unless the case says otherwise; inputs are random (logits ~ N(0, 1), labels unif
 from pyalign.bench.common import DTYPES
 from pyalign.bench.harness import Candidate, Case, Row
 from pyalign.bench.kl import kl_case
+from pyalign.bench.kto import linear_kto_case
 from pyalign.bench.linear_logprobs import linear_logprobs_case
 from pyalign.bench.logprobs import logprobs_case
 from pyalign.bench.preference import linear_preference_case, preference_case
@@ -34,5 +35,5 @@ from pyalign.bench.suite import (
 from pyalign.bench.weights import weights_case
 
 __all__ = ["DTYPES", "Candidate", "Case", "Row", "logprobs_case", "linear_logprobs_case", "kl_case",
-           "preference_case", "linear_preference_case", "weights_case", "DEFAULT_CASES",
+           "preference_case", "linear_preference_case", "linear_kto_case", "weights_case", "DEFAULT_CASES",
            "add_common_arguments", "run_bench", "run_cases", "script_main", "suite_builders"]

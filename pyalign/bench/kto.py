@@ -1,0 +1,79 @@
+"""The KTO case: linear_kto_loss from the hidden states of policy and reference (pyalign's fused
+path, never the [B*T, V] logits) against the eager full-logits path and Liger-Kernel's
+LigerFusedLinearKTOLoss where installed; the KL reference point is precomputed, as Liger takes
+it."""
+from __future__ import annotations
+
+import torch
+
+import pyalign
+from pyalign.bench.common import benchmark_backends, clear_grads, dtype_name, seeded_generator
+from pyalign.bench.harness import Candidate, Case, optional_module, ratio_columns, third_party_notes
+from pyalign.bench.linear_logprobs import naive_linear_token_logprobs
+
+
+def naive_kto_loss(policy_logps, ref_logps, desirable, kl, beta: float = 0.1):
+    """KTO (TRL's loss_type="kto", unit weights) with z0 = max(mean(kl), 0) detached."""
+    z0 = kl.detach().mean().clamp(min=0)
+    log_ratio = policy_logps - ref_logps
+    losses = torch.where(desirable, 1 - torch.sigmoid(beta * (log_ratio - z0)),
+                         1 - torch.sigmoid(beta * (z0 - log_ratio)))
+    return losses.mean()
+
+
+def linear_kto_case(batch: int = 8, seq_len: int = 256, hidden_size: int = 512, vocab: int = 32000,
+                    dtype=torch.float32, device="cpu", *, beta: float = 0.1) -> Case:
+    """KTO on B completions, half desirable, from the last hidden states of the policy and of the
+    reference model (same lm_head weight; the reference without gradient)."""
+    device = torch.device(device)
+    generator = seeded_generator(device, 5)
+    hidden = torch.randn(batch, seq_len, hidden_size, device=device, generator=generator
+                         ).to(dtype).requires_grad_(True)
+    ref_hidden = torch.randn(batch, seq_len, hidden_size, device=device, generator=generator).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, device=device, generator=generator)
+              / hidden_size ** 0.5).to(dtype).requires_grad_(True)
+    ref_weight = weight.detach()
+    labels = torch.randint(0, vocab, (batch, seq_len), device=device, generator=generator)
+    labels[:, : seq_len // 4] = -100  # the prompt
+    desirable = torch.arange(batch, device=device) % 2 == 0
+    kl = torch.rand(batch, device=device, generator=generator)
+    clear = clear_grads(hidden, weight)
+    mask = labels != -100
+    safe_labels = labels.clamp(min=0)
+
+    def eager():
+        policy = (naive_linear_token_logprobs(hidden, weight, safe_labels) * mask).sum(-1)
+        with torch.no_grad():
+            ref = (naive_linear_token_logprobs(ref_hidden, ref_weight, safe_labels) * mask).sum(-1)
+        naive_kto_loss(policy, ref, desirable, kl, beta).backward()
+
+    candidates = [Candidate("eager full logits + KTO", eager, setup=clear, kind="baseline",
+                            backend="eager")]
+    notes = []
+    liger_chunked = optional_module("liger_kernel.chunked_loss")
+    if liger_chunked is not None and hasattr(liger_chunked, "LigerFusedLinearKTOLoss"):
+        try:
+            liger_loss = liger_chunked.LigerFusedLinearKTOLoss(beta=beta, use_ref_model=True)
+
+            def liger_run():
+                out = liger_loss(hidden, weight, labels, preference_labels=desirable,
+                                 ref_input=ref_hidden, ref_weight=ref_weight, kl=kl.mean().clamp(min=0))
+                (out[0] if isinstance(out, tuple) else out).backward()
+            candidates.append(Candidate("Liger LigerFusedLinearKTOLoss", liger_run, setup=clear,
+                                        kind="baseline", compiled=True))
+        except Exception as exc:  # an API this code does not know: say so, run the rest
+            notes.append(f"Liger-Kernel LigerFusedLinearKTOLoss: could not construct ({exc})")
+    names, backend_notes = benchmark_backends("linear_logprobs", device)
+    notes += backend_notes
+    for name in names:  # the named backend runs the per-token part; the loss is [B] eager math
+        def fused(name=name):
+            pyalign.linear_kto_loss(hidden, weight, labels, desirable, kl=kl, ref_hidden=ref_hidden,
+                                    ref_weight=ref_weight, beta=beta, backend=name).loss.backward()
+        candidates.append(Candidate(f"pyalign linear_kto_loss [{name}]", fused, setup=clear,
+                                    backend=name))
+    notes += third_party_notes()
+    return Case("linear_kto_loss (KTO, reference from hidden states) fwd+bwd",
+                {"B": batch, "T": seq_len, "H": hidden_size, "V": vocab, "dtype": dtype_name(dtype),
+                 "device": device.type},
+                candidates, ratio_to=ratio_columns(candidates, vs_eager="eager full logits + KTO"),
+                notes=notes)
