@@ -111,6 +111,8 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     if kl is None and entry.uses_kl_reference:
         raise ValueError(f"loss {loss!r} needs kl: the KL estimates on mismatched prompt/completion "
                          f"pairs ([M], or one 0-d estimate)")
+    if kl is not None:  # checked even where the loss does not use it
+        _checks.check_tensor("kl", kl, floating=True)
     _checks.check_same_device(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable, kl=kl)
     acc = torch.float64 if torch.float64 in (policy_logps.dtype, ref_logps.dtype) else torch.float32
     if entry.uses_kl_reference:
@@ -223,6 +225,10 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     uses_kl = entry.uses_kl_reference
     reference_hiddens = {"ref_hidden": ref_hidden, "ref_kl_hidden": ref_kl_hidden}  # as given
     if not uses_kl:  # apo_zero_unpaired: no reference point, nothing to score
+        for name, tensor in (("kl", kl), ("kl_hidden", kl_hidden), ("kl_labels", kl_labels),
+                             ("ref_kl_logps", ref_kl_logps), ("ref_kl_hidden", ref_kl_hidden)):
+            if tensor is not None:  # checked, then unused
+                _checks.check_tensor(name, tensor)
         kl = kl_hidden = kl_labels = ref_kl_logps = ref_kl_hidden = None
     elif kl is not None:
         extra = [name for name, tensor in (("kl_hidden", kl_hidden), ("kl_labels", kl_labels),

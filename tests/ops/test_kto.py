@@ -609,6 +609,8 @@ BAD_INPUT = [
     ("kto without kl", lambda: _kto(kl=None), ValueError, "needs kl"),
     ("kl 2-D", lambda: _kto(kl=torch.rand(2, 2)), ValueError, "kl must be per-example"),
     ("kl integer", lambda: _kto(kl=torch.tensor([1, 2])), TypeError, "kl must be a floating"),
+    ("kl a list, unused by apo", lambda: _kto(kl=[0.1], loss="apo_zero_unpaired"), TypeError,
+     "kl must be a torch.Tensor"),
     ("float desirable", lambda: _kto(desirable=torch.tensor([1.0, 0.0, 1.0, 0.0])), TypeError,
      "desirable must be a bool"),
     ("list desirable", lambda: _kto(desirable=[True, False, True, False]), TypeError,
