@@ -247,12 +247,14 @@ def check_two_ranks(tmp_path):
 
 def linear_kto_case(batch=5, tokens=6, kl_rows=4, kl_tokens=5, hidden_size=8, vocab=37):
     """Completions [B, T] and mismatched KL pairs [M, T'] with prompt and padding positions
-    (ignore_index), a policy head with a bias, a reference head and reference hidden states."""
+    (ignore_index) and a fully ignored row each, a policy head with a bias, a reference head and
+    reference hidden states."""
     def rows(count, length):
         hidden = torch.randn(count, length, hidden_size)
         labels = torch.randint(0, vocab, (count, length))
         labels[:, :2] = IGNORE
         labels[0, -1] = IGNORE
+        labels[2] = IGNORE  # a row without a completion token: its sequence log-prob is 0
         return hidden, labels
 
     hidden, labels = rows(batch, tokens)
