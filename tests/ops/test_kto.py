@@ -324,6 +324,33 @@ def test_linear_kto_loss_matches_float64(backend, loss, reference, kl_input, ave
 
 
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_linear_kto_loss_bf16_matches_float64(backend, loss):
+    """bf16 hidden states and heads (policy, reference, KL pairs): fp32 accumulation, so the loss
+    is the float64 value of the bf16 inputs to fp32 accuracy; the gradients come back in bf16."""
+    c = {name: (tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor)
+         for name, tensor in linear_kto_case().items()}
+    leaves = [c[name].clone().requires_grad_(True) for name in ("hidden", "weight")]
+    out = pyalign.linear_kto_loss(leaves[0], leaves[1], c["labels"], c["desirable"], kl_hidden=c["kl_hidden"],
+                                  kl_labels=c["kl_labels"], ref_hidden=c["ref_hidden"],
+                                  ref_kl_hidden=c["ref_kl_hidden"], ref_weight=c["ref_weight"], loss=loss,
+                                  beta=0.2, chunk_size=7, backend=backend)
+    out.loss.backward()
+    with torch.no_grad():
+        ref64 = sequence64(c["ref_hidden"], c["ref_weight"], None, c["labels"], False)
+        kl64 = (sequence64(c["kl_hidden"], c["weight"], None, c["kl_labels"], False)
+                - sequence64(c["ref_kl_hidden"], c["ref_weight"], None, c["kl_labels"], False))
+    z0 = reference_point64(loss, kl64)
+    expected, exp_grads = grads64(
+        lambda h, w: unpaired64(sequence64(h, w, None, c["labels"], False), ref64, c["desirable"], z0,
+                                loss, 0.2).mean(), [c["hidden"], c["weight"]])
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-4, atol=1e-5)
+    for leaf, exp_grad in zip(leaves, exp_grads, strict=True):
+        assert leaf.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(leaf.grad.double(), exp_grad, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 def test_linear_kto_loss_equals_kto_loss_on_the_naive_logits_path(backend):
     """The same numbers as kto_loss on sequence log-probs from full fp32 logits (log_softmax),
     gradients wrt hidden, weight and bias included."""
