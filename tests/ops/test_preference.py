@@ -14,29 +14,35 @@ import pyalign
 from pyalign import losses
 from pyalign.ops.preference import LOSS_NAMES
 from support import (
+    BATCH_LOSSES,
     IGNORE,
     PAIR_LOSS_FORMULAS,
     backends_for,
+    grad_of,
     grads64,
     kto64,
     linear_logits64,
     preference64,
+    random_lengths,
     random_pairs,
     sequence_logprobs64,
     token_logprobs64,
+    token_preference64,
 )
 
 BACKENDS = backends_for("preference")
 # linear_preference_loss names a backend for its per-token part; the loss part falls back to auto.
 LINEAR_BACKENDS = backends_for("linear_logprobs")
 SMOOTHED = list(losses.LABEL_SMOOTHING_NAMES)  # the registry entries that use label smoothing
+ELEMENTWISE = list(losses.ELEMENTWISE_NAMES)  # per pair a function of that pair alone
 EXO_DEFAULT_EPS = 1e-3  # TRL's substitute for exo_pair's label_smoothing = 0
 
 
 def test_the_oracle_covers_exactly_the_package_losses():
-    assert len(LOSS_NAMES) == len(set(LOSS_NAMES)) == 11
-    assert set(PAIR_LOSS_FORMULAS) == set(LOSS_NAMES) == set(losses.PAIRWISE_NAMES)
-    assert len(SMOOTHED) == 3 and set(SMOOTHED) <= set(LOSS_NAMES)
+    assert len(LOSS_NAMES) == len(set(LOSS_NAMES)) == 15
+    assert set(PAIR_LOSS_FORMULAS) == set(ELEMENTWISE)
+    assert set(PAIR_LOSS_FORMULAS) | BATCH_LOSSES == set(LOSS_NAMES) == set(losses.PAIRWISE_NAMES)
+    assert len(SMOOTHED) == 6 and set(SMOOTHED) <= set(LOSS_NAMES)
     assert all(losses.REGISTRY[name].zero_smoothing_substitute in (None, EXO_DEFAULT_EPS)
                for name in LOSS_NAMES)
 
@@ -46,11 +52,19 @@ def oracle_eps(loss, label_smoothing):
     return EXO_DEFAULT_EPS if substitutes and label_smoothing == 0 else label_smoothing
 
 
+def lengths_for(loss, pairs):
+    """Random completion lengths for a loss (or list) whose registry entry needs them, else {}."""
+    names = [loss] if isinstance(loss, str) else loss
+    if not any(losses.REGISTRY[name].needs for name in names):
+        return {}
+    return dict(chosen_lengths=random_lengths(pairs), rejected_lengths=random_lengths(pairs))
+
+
 def run(inputs, upstream, **kwargs):
     leaves = [t.clone().requires_grad_(True) for t in inputs]
     out = pyalign.preference_loss(*leaves, **kwargs)
     out.loss.backward(upstream)
-    return out, [leaf.grad for leaf in leaves]
+    return out, [grad_of(leaf) for leaf in leaves]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -69,10 +83,11 @@ def check_pairs_against_float64(backend, loss, beta, label_smoothing, oracle_smo
     ``pairs`` random pairs against float64 autograd through the oracle formula."""
     inputs = random_pairs(pairs, dtype)
     upstream = torch.randn(pairs)
+    lengths = lengths_for(loss, pairs)
     out, grads = run(inputs, upstream, loss=loss, beta=beta, label_smoothing=label_smoothing,
-                     reduction="none", backend=backend)
-    expected, exp_grads = grads64(lambda *t: preference64(*t, loss, beta, oracle_smoothing),
-                                  inputs, upstream)
+                     reduction="none", backend=backend, **lengths)
+    expected, exp_grads = grads64(
+        lambda *t: preference64(*t, loss, beta, oracle_smoothing, **lengths), inputs, upstream)
     assert out.loss.dtype == torch.float32 and out.loss.shape == (pairs,)
     torch.testing.assert_close(out.loss.double(), expected, **loss_tol)
     for grad, exp_grad in zip(grads, exp_grads, strict=True):
@@ -86,10 +101,11 @@ def check_pairs_against_float64(backend, loss, beta, label_smoothing, oracle_smo
 def test_label_smoothing(backend, loss, label_smoothing):
     inputs = random_pairs(7)
     upstream = torch.randn(7)
+    lengths = lengths_for(loss, 7)
     out, grads = run(inputs, upstream, loss=loss, beta=0.2, label_smoothing=label_smoothing,
-                     reduction="none", backend=backend)
-    expected, exp_grads = grads64(lambda *t: preference64(*t, loss, 0.2, label_smoothing), inputs,
-                                  upstream)
+                     reduction="none", backend=backend, **lengths)
+    expected, exp_grads = grads64(lambda *t: preference64(*t, loss, 0.2, label_smoothing, **lengths),
+                                  inputs, upstream)
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
     for grad, exp_grad in zip(grads, exp_grads, strict=False):
         torch.testing.assert_close(grad.double(), exp_grad, rtol=1e-5, atol=1e-6)
@@ -100,14 +116,15 @@ def test_gradcheck_float64(loss):
     """The eager backend's closed-form gradients, in float64, against finite differences."""
     inputs = [t.double().requires_grad_(True) for t in random_pairs(5)]
     eps = 0.2 if loss in SMOOTHED else 0.0
+    lengths = lengths_for(loss, 5)
     assert torch.autograd.gradcheck(
         lambda *t: pyalign.preference_loss(*t, loss=loss, beta=0.3, label_smoothing=eps,
-                                           reduction="none").loss, inputs)
-    losses = pyalign.preference_loss(*inputs, loss=loss, beta=0.3, label_smoothing=eps,
-                                     reduction="none").loss
-    assert losses.dtype == torch.float64
-    torch.testing.assert_close(losses, preference64(*inputs, loss, 0.3, oracle_eps(loss, eps)),
-                               rtol=1e-12, atol=1e-12)
+                                           reduction="none", **lengths).loss, inputs)
+    values = pyalign.preference_loss(*inputs, loss=loss, beta=0.3, label_smoothing=eps,
+                                     reduction="none", **lengths).loss
+    assert values.dtype == torch.float64
+    torch.testing.assert_close(values, preference64(*inputs, loss, 0.3, oracle_eps(loss, eps),
+                                                    **lengths), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -145,7 +162,7 @@ def test_empty_batch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", ELEMENTWISE)  # aot sorts the batch, sft sums it
 def test_nan_pair_stays_in_its_pair(backend, loss):
     inputs = random_pairs(5)
     inputs[0][2] = float("nan")
@@ -211,12 +228,10 @@ def linear_case(pairs=3, tokens=6, hidden_size=8, vocab=37, seed_prompt=2):
 
 
 def linear_oracle64(hidden, weight, labels, ref_logps, loss, beta, average):
-    mask = labels != IGNORE
+    """TRL's semantics in float64: ipo on summed log-probs divides by the lengths (the mask)."""
     token_logps = token_logprobs64(linear_logits64(hidden, weight), labels)
-    policy_logps = sequence_logprobs64(token_logps, mask, average)
-    pairs = hidden.shape[0] // 2
-    return preference64(policy_logps[:pairs], policy_logps[pairs:], ref_logps[:pairs],
-                        ref_logps[pairs:], loss, beta).mean()
+    return token_preference64(token_logps, ref_logps, labels != IGNORE, [loss], beta,
+                              average=average).mean()
 
 
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
@@ -292,7 +307,7 @@ def test_every_backend_matches_eager(backend, loss):
     inputs = random_pairs(40)
     upstream = torch.randn(40)
     eps = SMOOTHING.get(loss, 0.0)
-    kwargs = dict(loss=loss, beta=0.5, label_smoothing=eps, reduction="none")
+    kwargs = dict(loss=loss, beta=0.5, label_smoothing=eps, reduction="none", **lengths_for(loss, 40))
     out, grads = run(inputs, upstream, backend=backend, **kwargs)
     eager, eager_grads = run(inputs, upstream, backend="eager", **kwargs)
     torch.testing.assert_close(out.loss, eager.loss, **PAIR_TOL)
@@ -306,9 +321,11 @@ def test_bf16_inputs_and_extreme_margins(backend, loss):
     inputs = [t.to(torch.bfloat16) for t in random_pairs(16, scale=300.0)]  # |beta*h| up to ~100
     upstream = torch.randn(16)
     eps = SMOOTHING.get(loss, 0.0)
+    lengths = lengths_for(loss, 16)
     out, grads = run(inputs, upstream, loss=loss, beta=0.1, label_smoothing=eps, reduction="none",
-                     backend=backend)
-    expected, exp_grads = grads64(lambda *t: preference64(*t, loss, 0.1, eps), inputs, upstream)
+                     backend=backend, **lengths)
+    expected, exp_grads = grads64(lambda *t: preference64(*t, loss, 0.1, eps, **lengths), inputs,
+                                  upstream)
     finite = torch.isfinite(expected)
     assert finite[: len(finite) // 2].any()
     torch.testing.assert_close(out.loss.double()[finite], expected[finite], rtol=1e-4, atol=1e-5)
@@ -351,10 +368,9 @@ def test_sequence_reduce_and_every_loss(backend, loss, average, ref_per_token):
     out.loss.backward(upstream)
 
     def losses_of(h):
-        policy = sequence_logprobs64(token_logprobs64(linear_logits64(h, weight), labels), mask,
-                                     average)
-        return preference64(policy[:3], policy[3:], ref_logps64[:3], ref_logps64[3:], loss, beta,
-                            oracle_eps(loss, eps))
+        token_logps = token_logprobs64(linear_logits64(h, weight), labels)
+        return token_preference64(token_logps, ref_logps64, mask, [loss], beta,
+                                  lambda name: oracle_eps(name, eps), average=average)
 
     expected, (exp_grad_hidden,) = grads64(losses_of, [hidden], upstream)
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-4, atol=1e-5)
