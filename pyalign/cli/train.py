@@ -192,9 +192,11 @@ def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
             run[flag] = True
     if "loss" in trainer_values:
         from pyalign.losses import PAIRWISE_NAMES  # the loss registry
-        if trainer_values["loss"] not in PAIRWISE_NAMES:
-            raise ConfigError(f"{where}: loss {trainer_values['loss']!r} is not a pairwise loss "
-                              f"({', '.join(PAIRWISE_NAMES)})")
+        chosen = trainer_values["loss"]
+        for name in [chosen] if isinstance(chosen, str) else chosen:
+            if name not in PAIRWISE_NAMES:
+                raise ConfigError(f"{where}: loss {name!r} is not a pairwise loss "
+                                  f"({', '.join(PAIRWISE_NAMES)})")
     values = {**preset, **trainer_values, "seed": run["seed"], "bf16": run["bf16"],
               "backend": run["backend"], "fsdp": run["fsdp"]}
     if getattr(args, "no_progress", False):

@@ -560,22 +560,44 @@ def token_preference_loss(policy_token_logps: torch.Tensor, ref_logps: torch.Ten
 
 
 @torch.no_grad()
-def _head_log_sum_sq_probs(hidden, weight, bias, kept, temperature, chunk_size) -> torch.Tensor:
-    """log Σ_v p_v² per token [2B, T] (fp32; 0 where not kept) of softmax(hidden·Wᵀ (+ b))/T),
-    in a no-grad pass over chunks of kept tokens: at most chunk x V logits at a time, never
-    [N, V]. It reads W a second time; a later issue fuses it into the streaming log-prob kernel."""
+def log_sum_sq_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log Σ_v p_v² of softmax(logits / T) over the last dimension, fp32, no gradient:
+    logsumexp(2z) − 2·logsumexp(z) with z = logits/T (WPO's per-token input, as TRL's head)."""
+    scaled = logits.float() / temperature
+    return torch.logsumexp(2 * scaled, -1) - 2 * torch.logsumexp(scaled, -1)
+
+
+@torch.no_grad()
+def linear_log_sum_sq_probs(hidden: torch.Tensor, weight: torch.Tensor,
+                            bias: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                            temperature: float = 1.0, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """``log_sum_sq_probs`` of the head's logits hidden·Wᵀ (+ b) per token [..., ] (fp32; 0 where
+    ``mask`` is False), in a no-grad pass over chunks of the kept tokens: at most chunk x V logits
+    at a time, never [N, V]. It reads W once more than the log-prob kernel; a later issue fuses
+    it into the streaming log-prob kernel."""
+    kept = torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device) if mask is None \
+        else mask != 0
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     rows = kept.reshape(-1).nonzero().squeeze(-1)
     out = torch.zeros(flat_hidden.shape[0], dtype=torch.float32, device=hidden.device)
     chunk = chunk_size or max(1, (1 << 22) // max(weight.shape[0], 1))  # ~16 MiB of fp32 logits
     for start in range(0, rows.numel(), chunk):
         index = rows[start:start + chunk]
-        logits = (flat_hidden[index] @ weight.t()).float()
-        if bias is not None:
-            logits = logits + bias.float()
-        logits = logits / temperature
-        out[index] = torch.logsumexp(2 * logits, -1) - 2 * torch.logsumexp(logits, -1)
+        logits = flat_hidden[index] @ weight.t()
+        out[index] = log_sum_sq_probs(logits if bias is None else logits + bias, temperature)
     return out.view(kept.shape)
+
+
+def check_loss_options(loss, loss_weights=None, *, beta: float = 0.1, label_smoothing: float = 0.0,
+                       f_divergence: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+                       ld_alpha: Optional[float] = None, use_weighting: bool = False,
+                       average_log_prob: bool = False) -> None:
+    """Raise (ValueError/TypeError naming the argument) for a loss configuration that
+    ``token_preference_loss`` would refuse; for callers (trainers) that validate up front."""
+    spec = _check_loss_spec(loss, loss_weights, beta, label_smoothing, "mean", f_divergence,
+                            f_alpha_divergence_coef)
+    _check_token_options(spec, ld_alpha, use_weighting, _checks.check_bool("average_log_prob",
+                                                                           average_log_prob))
 
 
 def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -628,11 +650,11 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
                 ref_hidden, weight if ref_weight is None else ref_weight, labels,
                 bias=bias if ref_weight is None else ref_bias, ignore_index=ignore_index,
                 temperature=temperature, chunk_size=chunk_size, backend=backend)
-    log_sum_sq_probs = (_head_log_sum_sq_probs(hidden, weight, bias, mask, temperature, chunk_size)
-                        if use_weighting else None)
+    sum_sq = (linear_log_sum_sq_probs(hidden, weight, bias, mask, temperature, chunk_size)
+              if use_weighting else None)
     # A backend named for the per-token part (say "cpu") need not have a loss kernel: the tiny
     # [2B, T] reduction then runs on whatever "auto" picks.
     loss_backend = backend if backend == "auto" or backends.has("preference", backend) else "auto"
     return _token_level_loss(token_logps, mask, ref_logps, spec, ld_alpha=ld_alpha,
-                             log_sum_sq_probs=log_sum_sq_probs, average=average_log_prob,
+                             log_sum_sq_probs=sum_sq, average=average_log_prob,
                              reduction=reduction, backend=loss_backend)
