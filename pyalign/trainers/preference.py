@@ -53,6 +53,16 @@ class PreferenceConfig(TrainerConfig):
         if isinstance(self.loss, str) and self.loss not in LOSSES:
             raise ValueError(f"config key 'loss' must be one of {LOSSES} or a list of the pairwise "
                              f"ones, got {self.loss!r}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"config key 'reference' must be one of {REFERENCES}, got {self.reference!r}")
+        check_range(self, "beta", "> 0", lambda v: v > 0)
+        check_range(self, "label_smoothing", "in [0, 0.5)", lambda v: 0 <= v < 0.5)
+        for name in ("desirable_weight", "undesirable_weight"):
+            check_range(self, name, "> 0", lambda v: v > 0)
+        check_range(self, "tr_alpha", "in (0, 1]", lambda v: 0 < v <= 1)
+        check_range(self, "tr_tau", ">= 1", lambda v: v >= 1)
+        check_range(self, "num_examples", f">= batch_size ({self.batch_size})",
+                    lambda v: v >= self.batch_size)
         if self.loss == "kto":
             for key, default in (("loss_weights", None), ("f_divergence", "reverse_kl"),
                                  ("ld_alpha", None), ("use_weighting", False)):
@@ -68,16 +78,6 @@ class PreferenceConfig(TrainerConfig):
             except (TypeError, ValueError) as exc:  # length_normalize is the op's average_log_prob
                 raise ValueError(f"config: {str(exc).replace('average_log_prob', 'length_normalize')}"
                                  ) from None
-        if self.reference not in REFERENCES:
-            raise ValueError(f"config key 'reference' must be one of {REFERENCES}, got {self.reference!r}")
-        check_range(self, "beta", "> 0", lambda v: v > 0)
-        check_range(self, "label_smoothing", "in [0, 0.5)", lambda v: 0 <= v < 0.5)
-        for name in ("desirable_weight", "undesirable_weight"):
-            check_range(self, name, "> 0", lambda v: v > 0)
-        check_range(self, "tr_alpha", "in (0, 1]", lambda v: 0 < v <= 1)
-        check_range(self, "tr_tau", ">= 1", lambda v: v >= 1)
-        check_range(self, "num_examples", f">= batch_size ({self.batch_size})",
-                    lambda v: v >= self.batch_size)
 
 
 class PreferenceTrainer(Trainer):
