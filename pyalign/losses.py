@@ -16,7 +16,8 @@ batch-level torch step, differentiable by autograd, that replaces the per-pair l
 sort, sft's token mean), ``pair_math`` (the entry whose forward, gradient and kernel branch run
 on its ratios: sigmoid_norm and aot are the sigmoid branch on other inputs) and
 ``pair_weights`` (False: per-pair WPO weights do not apply, the loss sorts the batch).
-``pair_ratios`` is the one function that turns a ``PairBatch`` into an entry's (r_w, r_l).
+``pair_ratios`` is the one function that turns a ``PairBatch`` into an entry's (r_w, r_l), and
+``pair_inputs`` into the four inputs of the backends' pair primitive.
 
 Everything else derives from here: ``pyalign.ops.preference.LOSS_NAMES`` (validation), the
 trainers' ``PAIRWISE_LOSSES``/``LOSSES`` and the CLI's choices, ``LOSS_IDS`` of
@@ -325,6 +326,27 @@ def _sft_step(batch):
     token_sum = batch.policy_chosen if batch.chosen_token_sum is None else batch.chosen_token_sum
     mean_nll = -token_sum.sum() / batch.chosen_lengths.sum().clamp(min=1)
     return mean_nll.expand(token_sum.shape).contiguous(), torch.zeros_like(token_sum)
+
+
+def _plain_ratios(entry: "Loss", batch: PairBatch, f_divergence: str) -> bool:
+    """The entry runs on r = π − ρ as it is (no batch step, score transform or division)."""
+    if entry.batch_step is not None or (entry.f_divergence and f_divergence != "reverse_kl"):
+        return False
+    has_lengths = batch.chosen_lengths is not None and batch.rejected_lengths is not None
+    return (batch.averaged or entry.length_normalized == "never"
+            or (entry.length_normalized == "when_given" and not has_lengths))
+
+
+def pair_inputs(entry: "Loss", batch: PairBatch, f_divergence: str = "reverse_kl",
+                alpha: float = 0.5) -> tuple[torch.Tensor, ...]:
+    """The four [B] inputs (policy_chosen, policy_rejected, ref_chosen, ref_rejected) of the
+    backends' pair primitive for ``entry.math``: the batch's own log-probs when the entry runs on
+    the plain log-ratios (no extra [B] work), else its ``pair_ratios`` against a zero reference."""
+    if _plain_ratios(entry, batch, f_divergence):
+        return batch.policy_chosen, batch.policy_rejected, batch.ref_chosen, batch.ref_rejected
+    chosen_ratio, rejected_ratio = pair_ratios(entry, batch, f_divergence, alpha)
+    zeros = torch.zeros_like(chosen_ratio)
+    return chosen_ratio, rejected_ratio, zeros, zeros
 
 
 def pair_ratios(entry: "Loss", batch: PairBatch, f_divergence: str = "reverse_kl",

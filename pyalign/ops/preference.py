@@ -5,10 +5,10 @@ Per pair, with r_w = policy_chosen - ref_chosen, r_l = policy_rejected - ref_rej
 h = r_w - r_l, the loss table of docs/algorithms.md. Implicit rewards reported: beta*r_w, beta*r_l
 and the margin beta*h (detached: they are metrics). Family "preference" of pyalign/backends.py.
 
-Every loss runs the same way (``_combined_losses``): the registry's ``pair_ratios`` (torch,
-autograd: f-divergence scores, length normalisation, aot's sort, sft's token mean) gives the
-(r_w, r_l) that the backend's pair primitive turns into per-pair losses with the entry's pair math;
-a list of losses is the weighted sum of their per-pair losses. Entry points: ``preference_loss``
+Every loss runs the same way (``_combined_losses``): the registry's ``pair_inputs`` (torch,
+autograd: f-divergence scores, length normalisation, aot's sort, sft's token mean; the log-probs
+as they are for a plain loss) feeds the backend's pair primitive with the entry's pair math; a
+list of losses is the weighted sum of their per-pair losses. Entry points: ``preference_loss``
 (sequence log-probs [B]), ``token_preference_loss`` (per-token log-probs [2B, T]: ld_alpha and
 WPO weighting) and ``linear_preference_loss`` (hidden states).
 """
@@ -151,15 +151,14 @@ def _check_needs(spec: _LossSpec, given: dict, remedy: str) -> None:
 
 def _combined_losses(batch: registry.PairBatch, spec: _LossSpec, backend: str,
                      pair_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """sum_k weight_k * loss_k per pair [B]: each term's ratios (registry.pair_ratios), then the
-    pair primitive of its pair math (the ratios enter as the policy side against a zero
+    """sum_k weight_k * loss_k per pair [B]: the pair primitive of each term's pair math on its
+    inputs (registry.pair_inputs: the log-probs, or the prepared ratios against a zero
     reference), times the WPO pair weights when given."""
     total = None
     for entry, weight, label_smoothing in spec.terms:
-        chosen_ratio, rejected_ratio = registry.pair_ratios(entry, batch, spec.f_divergence, spec.alpha)
-        zeros = torch.zeros_like(chosen_ratio)
-        per_pair = PreferenceLossFunction.apply(chosen_ratio, rejected_ratio, zeros, zeros,
-                                                entry.math.name, spec.beta, label_smoothing, backend)
+        inputs = registry.pair_inputs(entry, batch, spec.f_divergence, spec.alpha)
+        per_pair = PreferenceLossFunction.apply(*inputs, entry.math.name, spec.beta,
+                                                label_smoothing, backend)
         if pair_weights is not None:
             per_pair = per_pair * pair_weights
         if weight != 1.0:
