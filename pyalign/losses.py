@@ -258,7 +258,9 @@ class PairBatch(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class FDivergence:
+    """f-DPO's score f'(u) at u = π/ρ, in place of the log-ratio log u (TRL's f_divergence_type)."""
     name: str
+    paper: str
     transform: Callable  # (log_ratio, alpha) -> score; the docstring is f'(u) at u = exp(log_ratio)
 
     @property
@@ -266,7 +268,7 @@ class FDivergence:
         return (self.transform.__doc__ or "").strip()
 
 
-F_DIVERGENCE_PAPER = "2309.16240"  # f-DPO (Wang et al.): the score f'(π/ρ) replaces log(π/ρ)
+F_DPO = "2309.16240"  # f-DPO (Wang et al.), the paper of every divergence here
 ALPHA_EXPONENT_MAX = 80.0  # TRL clamps (α−1)·r at 80 before exp (fp32-representable after exp)
 
 
@@ -296,10 +298,10 @@ def _alpha_divergence(ratio, alpha):
 
 
 F_DIVERGENCES: dict[str, FDivergence] = {entry.name: entry for entry in (
-    FDivergence("reverse_kl", _reverse_kl),
-    FDivergence("forward_kl", _forward_kl),
-    FDivergence("js_divergence", _js_divergence),
-    FDivergence("alpha_divergence", _alpha_divergence),
+    FDivergence("reverse_kl", F_DPO, _reverse_kl),
+    FDivergence("forward_kl", F_DPO, _forward_kl),
+    FDivergence("js_divergence", F_DPO, _js_divergence),
+    FDivergence("alpha_divergence", F_DPO, _alpha_divergence),
 )}
 F_DIVERGENCE_NAMES = tuple(F_DIVERGENCES)
 

@@ -47,6 +47,8 @@ def test_everything_derives_from_the_registry():
     assert {e.name for e in PAIRWISE if not e.pair_weights} == {"aot", "aot_unpaired"}
     assert set(losses.F_DIVERGENCE_NAMES) == {"reverse_kl", "forward_kl", "js_divergence",
                                               "alpha_divergence"}
+    for divergence in losses.F_DIVERGENCES.values():
+        assert re.fullmatch(r"\d{4}\.\d{5}", divergence.paper) and divergence.equation, divergence
 
 
 def test_kernel_ids_assert_every_branch_has_an_entry():
