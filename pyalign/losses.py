@@ -330,13 +330,18 @@ def _sft_step(batch):
     return mean_nll.expand(token_sum.shape).contiguous(), torch.zeros_like(token_sum)
 
 
-def _plain_ratios(entry: "Loss", batch: PairBatch, f_divergence: str) -> bool:
-    """The entry runs on r = π − ρ as it is (no batch step, score transform or division)."""
+def runs_on_plain_ratios(entry: "Loss", f_divergence: str, has_lengths: bool,
+                        averaged: bool) -> bool:
+    """The entry's pair math runs on r = π − ρ as it is: no batch step, no score transform and no
+    division by lengths (none given, or the log-probs are already per-token means)."""
     if entry.batch_step is not None or (entry.f_divergence and f_divergence != "reverse_kl"):
         return False
-    has_lengths = batch.chosen_lengths is not None and batch.rejected_lengths is not None
-    return (batch.averaged or entry.length_normalized == "never"
+    return (averaged or entry.length_normalized == "never"
             or (entry.length_normalized == "when_given" and not has_lengths))
+
+
+def _has_lengths(batch: PairBatch) -> bool:
+    return batch.chosen_lengths is not None and batch.rejected_lengths is not None
 
 
 def pair_inputs(entry: "Loss", batch: PairBatch, f_divergence: str = "reverse_kl",
@@ -344,7 +349,7 @@ def pair_inputs(entry: "Loss", batch: PairBatch, f_divergence: str = "reverse_kl
     """The four [B] inputs (policy_chosen, policy_rejected, ref_chosen, ref_rejected) of the
     backends' pair primitive for ``entry.math``: the batch's own log-probs when the entry runs on
     the plain log-ratios (no extra [B] work), else its ``pair_ratios`` against a zero reference."""
-    if _plain_ratios(entry, batch, f_divergence):
+    if runs_on_plain_ratios(entry, f_divergence, _has_lengths(batch), batch.averaged):
         return batch.policy_chosen, batch.policy_rejected, batch.ref_chosen, batch.ref_rejected
     chosen_ratio, rejected_ratio = pair_ratios(entry, batch, f_divergence, alpha)
     zeros = torch.zeros_like(chosen_ratio)
@@ -364,9 +369,8 @@ def pair_ratios(entry: "Loss", batch: PairBatch, f_divergence: str = "reverse_kl
     if entry.f_divergence and f_divergence != "reverse_kl":
         transform = F_DIVERGENCES[f_divergence].transform
         chosen, rejected = transform(chosen, alpha), transform(rejected, alpha)
-    has_lengths = batch.chosen_lengths is not None and batch.rejected_lengths is not None
     normalize = entry.length_normalized == "always" or (entry.length_normalized == "when_given"
-                                                        and has_lengths)
+                                                        and _has_lengths(batch))
     if normalize and not batch.averaged:
         chosen = chosen / batch.chosen_lengths.clamp(min=1)
         rejected = rejected / batch.rejected_lengths.clamp(min=1)

@@ -427,17 +427,14 @@ def _check_token_options(spec: _LossSpec, ld_alpha, use_weighting, average) -> t
 
 
 def _fused_sequence_path(spec: _LossSpec, ld_alpha, pair_weighted: bool, average: bool) -> bool:
-    """One elementwise loss with nothing around it: the backend's fused sequence primitive
-    (masked reduction + pair loss, one launch) computes it. ipo length-normalises summed
-    log-probs (the lengths are known here), so it takes that path only on per-token means."""
+    """One elementwise loss on the plain log-ratios with nothing around it: the backend's fused
+    sequence primitive (masked reduction + pair loss, one launch) computes it. The lengths are
+    known here, so ipo on summed log-probs (TRL's length normalisation) is not plain."""
     if len(spec.terms) != 1 or ld_alpha is not None or pair_weighted:
         return False
     entry, weight, _ = spec.terms[0]
-    if weight != 1.0 or not entry.elementwise:
-        return False
-    if entry.f_divergence and spec.f_divergence != "reverse_kl":
-        return False
-    return entry.length_normalized == "never" or average
+    return (weight == 1.0 and entry.elementwise
+            and registry.runs_on_plain_ratios(entry, spec.f_divergence, True, average))
 
 
 def _token_pair_batch(token_logps, mask, ref_logps, ld_alpha, average) -> registry.PairBatch:
