@@ -175,7 +175,10 @@ def _check_lengths(name: str, lengths, pairs: int, device) -> None:
     _checks.check_shape(name, lengths, (pairs,), "[B]")
     if lengths.device != device:
         raise ValueError(f"{name} is on {lengths.device}, the log-probs on {device}")
-    if lengths.numel() and not bool(((lengths >= 0) & torch.isfinite(lengths.double())).all()):
+    # data-dependent: checked eagerly; under torch.compile it would break the graph, so it is
+    # left to the eager run (negative counts clamp to 1 in the losses that divide by them)
+    if (lengths.numel() and not torch.compiler.is_compiling()
+            and not bool(((lengths >= 0) & torch.isfinite(lengths.double())).all())):
         raise ValueError(f"{name} must hold finite token counts >= 0")
 
 
