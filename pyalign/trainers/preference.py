@@ -121,7 +121,8 @@ class PreferenceTrainer(Trainer):
             self.data = {"prompt": data["prompt"], "chosen": data["chosen"], "rejected": data["rejected"]}
             self._response_keys = ("chosen", "rejected")
         self.ref_logps: Optional[dict] = None
-        if cfg.precompute_ref and cfg.reference == "frozen":
+        # LD-DPO scores the reference per token each step (the pair's shared length weighs it)
+        if cfg.precompute_ref and cfg.reference == "frozen" and (self.is_kto or cfg.ld_alpha is None):
             self.ref_logps = self._score_dataset()
 
     @torch.no_grad()
