@@ -2,9 +2,15 @@
 "sequence reduce + pair loss" from per-token log-probs.
 
 Per pair, r_w = policy_chosen - ref_chosen, r_l = policy_rejected - ref_rejected, h = r_w - r_l,
-x = beta*h. One helper, ``_pair_loss_and_grads``, gives (loss, dloss/dr_w, dloss/dr_l) for the
-loss id (a runtime argument: one compiled kernel serves every loss; B is small). Grads of the
-four inputs: (+, +, -, -) of (dr_w, dr_l, dr_w, dr_l), times the upstream gradient.
+x = beta*h. The branches are the registry entries with their own pair math; the other entries
+reach them through the registry's ``pair_math`` and ``pair_inputs`` (sigmoid_norm and ipo with
+lengths: the sigmoid/ipo branch on length-normalised scores; aot, aot_unpaired: the sigmoid
+branch on batch-sorted margins; f-divergences: scores computed in torch before the kernel, their
+derivative by autograd), so no loss has a code path here of its own; sft (a linear batch mean,
+nothing to fuse) has no branch and runs on eager. One helper, ``_pair_loss_and_grads``, gives
+(loss, dloss/dr_w, dloss/dr_l) for the loss id (a runtime argument: one compiled kernel serves
+every loss; B is small). Grads of the four inputs: (+, +, -, -) of (dr_w, dr_l, dr_w, dr_l),
+times the upstream gradient.
 Numerics: log-sigmoid as min(x, 0) - log1p(exp(-|x|)) with an exact log1p; 1 - sigmoid(u) as
 sigmoid(-u) and sigmoid'(u) as sigmoid(u)*sigmoid(-u) (no cancellation near 1); discopop's
 sigmoid(x/tau)*exp(-x) as exp(logsigmoid(x/tau) - x) (no inf*0); the label-smoothing term is

@@ -20,12 +20,13 @@ from pyalign.ops import (
     preference_loss,
     sequence_logprobs,
     token_logprobs,
+    token_preference_loss,
 )
 
 __version__ = "0.1.0"
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "kl_penalty", "preference_loss", "kto_loss",
-           "linear_preference_loss", "linear_kto_loss", "sequence_logprobs",
+           "linear_preference_loss", "token_preference_loss", "linear_kto_loss", "sequence_logprobs",
            "PreferenceLossOutput", "KTOLossOutput",
            "ema_", "lerp_", "copy_", "backends", "refmodel", "__version__"]
 

@@ -7,6 +7,18 @@ docs/algorithms.md), the closed-form gradient ``(∂L/∂r_w, ∂L/∂r_l)`` tha
 0, whether it is pairwise (or unpaired, as KTO: then whether it uses the KL reference point),
 and its Triton kernel id (``None``: eager only, the Triton backend hands it to eager).
 
+Beyond the per-pair math, an entry declares what it needs from the batch, so that every API
+derives its inputs and its error messages from here: ``f_divergence`` (it runs on TRL's
+f-divergence *scores* of the log-ratios, ``F_DIVERGENCES``, and so accepts a non-default one),
+``length_normalized`` (it divides the scores by the completion token counts: ``"always"`` or
+``"when_given"``), ``needs`` (the ``PairBatch`` fields it cannot run without), ``batch_step`` (a
+batch-level torch step, differentiable by autograd, that replaces the per-pair log-ratios: aot's
+sort, sft's token mean), ``pair_math`` (the entry whose forward, gradient and kernel branch run
+on its ratios: sigmoid_norm and aot are the sigmoid branch on other inputs) and
+``pair_weights`` (False: per-pair WPO weights do not apply, the loss sorts the batch).
+``pair_ratios`` is the one function that turns a ``PairBatch`` into an entry's (r_w, r_l), and
+``pair_inputs`` into the four inputs of the backends' pair primitive.
+
 Everything else derives from here: ``pyalign.ops.preference.LOSS_NAMES`` (validation), the
 trainers' ``PAIRWISE_LOSSES``/``LOSSES`` and the CLI's choices, ``LOSS_IDS`` of
 kernels/preference.py (checked against the kernel's branches by ``kernel_ids``), the eager
@@ -23,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +60,30 @@ class Loss:
     pairwise: bool = True  # False: not a preference_loss name (kto: unpaired examples)
     kernel_id: Optional[int] = None  # branch of kernels/preference.py; None: eager only
     uses_kl_reference: bool = False  # unpaired: the loss needs KTO's KL reference point z0
+    f_divergence: bool = False  # runs on f-divergence scores: accepts f_divergence != reverse_kl
+    length_normalized: str = "never"  # "always" | "when_given": scores / completion token counts
+    needs: tuple[str, ...] = ()  # PairBatch fields it cannot run without
+    batch_step: Optional[Callable] = None  # (PairBatch) -> (r_w, r_l): a batch-level step
+    pair_math: Optional[str] = None  # the entry whose forward/grad/kernel run on its ratios
+    pair_weights: bool = True  # False: per-pair (WPO) weights do not apply to it
+    doc: str = ""  # the equation, for an entry that reuses another entry's pair math
 
     @property
     def equation(self) -> str:
+        if self.forward is None:
+            return self.doc
         return (self.forward.__doc__ or "").strip()
+
+    @property
+    def math(self) -> "Loss":
+        """The entry whose per-pair forward, gradient and kernel branch this loss runs."""
+        return REGISTRY[self.pair_math] if self.pair_math else self
+
+    @property
+    def elementwise(self) -> bool:
+        """Per pair a function of its four sequence log-probs alone (no batch step, no lengths):
+        what the backends' pair primitives compute for it, under its own name."""
+        return self.pairwise and self.pair_math is None and self.batch_step is None and not self.needs
 
 
 # ------------------------------------------------------------------------- the pair losses
@@ -196,6 +228,155 @@ def _discopop_grad(rw, rl, beta, eps):
     return d, -d
 
 
+def _sft(rw, rl, beta, eps):
+    """SFT: the NLL of the chosen completions, a mean over every chosen completion token of the
+    batch, −Σ_{b,t} log π(y_w,t)/Σ_b |y_w| (the same value for every pair). The batch step puts
+    that value in r_w; the pair math passes it through (no kernel branch: nothing to fuse)."""
+    return rw.clone()
+
+
+def _sft_grad(rw, rl, beta, eps):
+    return torch.ones_like(rw), torch.zeros_like(rl)
+
+
+# ------------------------------------------------------------------ batch-level inputs and steps
+
+class PairBatch(NamedTuple):
+    """What a loss sees of a batch of B pairs, [B] tensors in the accumulation dtype (fp32, or
+    fp64). The four sequence log-probs are sums over completion tokens (LD-DPO-weighted sums with
+    ld_alpha, per-token means with average_log_prob: then ``averaged``). The lengths are the
+    completion token counts those sums ran over; ``chosen_token_sum`` the plain sum of the chosen
+    per-token log-probs (sft's numerator; ``policy_chosen`` unless ld_alpha reweighted it)."""
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    chosen_lengths: Optional[torch.Tensor] = None
+    rejected_lengths: Optional[torch.Tensor] = None
+    chosen_token_sum: Optional[torch.Tensor] = None
+    averaged: bool = False  # log-probs already per-token means: length normalisation is done
+
+
+@dataclasses.dataclass(frozen=True)
+class FDivergence:
+    """f-DPO's score f'(u) at u = π/ρ, in place of the log-ratio log u (TRL's f_divergence_type)."""
+    name: str
+    paper: str
+    transform: Callable  # (log_ratio, alpha) -> score; the docstring is f'(u) at u = exp(log_ratio)
+
+    @property
+    def equation(self) -> str:
+        return (self.transform.__doc__ or "").strip()
+
+
+F_DPO = "2309.16240"  # f-DPO (Wang et al.), the paper of every divergence here
+ALPHA_EXPONENT_MAX = 80.0  # TRL clamps (α−1)·r at 80 before exp (fp32-representable after exp)
+
+
+def _reverse_kl(ratio, alpha):
+    """reverse KL (DPO): f'(u) = log u, the score is the log-ratio r itself."""
+    return ratio
+
+
+def _forward_kl(ratio, alpha):
+    """forward KL: f'(u) = 1 − 1/u, the score is 1 − exp(−r) (as −expm1(−r))."""
+    return -torch.expm1(-ratio)
+
+
+def _js_divergence(ratio, alpha):
+    """Jensen-Shannon: f'(u) = log(2u/(1+u)), the score is log 2 + logσ(r)."""
+    return math.log(2) + _logsig(ratio)
+
+
+def _alpha_divergence(ratio, alpha):
+    """α-divergence: f'(u) = (u^(α−1) − 1)/(α−1), the score is expm1(min((α−1)·r, 80))/(α−1);
+    |α − 1| < 1e-6 is its limit, reverse KL (as TRL). The clamp at 80 is TRL's: beyond it the
+    score is constant and its gradient 0."""
+    if abs(alpha - 1.0) < 1e-6:
+        return ratio
+    exponent = torch.clamp((alpha - 1.0) * ratio, max=ALPHA_EXPONENT_MAX)
+    return torch.expm1(exponent) / (alpha - 1.0)
+
+
+F_DIVERGENCES: dict[str, FDivergence] = {entry.name: entry for entry in (
+    FDivergence("reverse_kl", F_DPO, _reverse_kl),
+    FDivergence("forward_kl", F_DPO, _forward_kl),
+    FDivergence("js_divergence", F_DPO, _js_divergence),
+    FDivergence("alpha_divergence", F_DPO, _alpha_divergence),
+)}
+F_DIVERGENCE_NAMES = tuple(F_DIVERGENCES)
+
+
+def _aot_step(batch):
+    """AOT (paired): the policy margins π_w − π_l and the reference margins ρ_w − ρ_l are each
+    sorted over the batch; r_w = sort(π_w − π_l), r_l = sort(ρ_w − ρ_l), then sigmoid (cDPO) on
+    x = β·(r_w − r_l). The gradient flows back through the permutation (autograd of sort)."""
+    policy_margins = torch.sort(batch.policy_chosen - batch.policy_rejected).values
+    ref_margins = torch.sort(batch.ref_chosen - batch.ref_rejected).values
+    return policy_margins, ref_margins
+
+
+def _aot_unpaired_step(batch):
+    """AOT (unpaired): r_w = sort(π_w − ρ_w) and r_l = sort(π_l − ρ_l), each sorted over the batch,
+    then sigmoid (cDPO) on x = β·(r_w − r_l)."""
+    return (torch.sort(batch.policy_chosen - batch.ref_chosen).values,
+            torch.sort(batch.policy_rejected - batch.ref_rejected).values)
+
+
+def _sft_step(batch):
+    """r_w = −Σ_b chosen_token_sum / max(Σ_b chosen_lengths, 1) for every pair, r_l = 0: TRL's
+    mean NLL over the batch's chosen tokens (0, not NaN, when there is none)."""
+    token_sum = batch.policy_chosen if batch.chosen_token_sum is None else batch.chosen_token_sum
+    mean_nll = -token_sum.sum() / batch.chosen_lengths.sum().clamp(min=1)
+    return mean_nll.expand(token_sum.shape).contiguous(), torch.zeros_like(token_sum)
+
+
+def runs_on_plain_ratios(entry: "Loss", f_divergence: str, has_lengths: bool,
+                        averaged: bool) -> bool:
+    """The entry's pair math runs on r = π − ρ as it is: no batch step, no score transform and no
+    division by lengths (none given, or the log-probs are already per-token means)."""
+    if entry.batch_step is not None or (entry.f_divergence and f_divergence != "reverse_kl"):
+        return False
+    return (averaged or entry.length_normalized == "never"
+            or (entry.length_normalized == "when_given" and not has_lengths))
+
+
+def _has_lengths(batch: PairBatch) -> bool:
+    return batch.chosen_lengths is not None and batch.rejected_lengths is not None
+
+
+def pair_inputs(entry: "Loss", batch: PairBatch, f_divergence: str = "reverse_kl",
+                alpha: float = 0.5) -> tuple[torch.Tensor, ...]:
+    """The four [B] inputs (policy_chosen, policy_rejected, ref_chosen, ref_rejected) of the
+    backends' pair primitive for ``entry.math``: the batch's own log-probs when the entry runs on
+    the plain log-ratios (no extra [B] work), else its ``pair_ratios`` against a zero reference."""
+    if runs_on_plain_ratios(entry, f_divergence, _has_lengths(batch), batch.averaged):
+        return batch.policy_chosen, batch.policy_rejected, batch.ref_chosen, batch.ref_rejected
+    chosen_ratio, rejected_ratio = pair_ratios(entry, batch, f_divergence, alpha)
+    zeros = torch.zeros_like(chosen_ratio)
+    return chosen_ratio, rejected_ratio, zeros, zeros
+
+
+def pair_ratios(entry: "Loss", batch: PairBatch, f_divergence: str = "reverse_kl",
+                alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_w, r_l) [B] that ``entry.math`` runs on: its batch step, or the log-ratios π − ρ turned
+    into f-divergence scores (entries with ``f_divergence``) and divided by the completion token
+    counts (``length_normalized``: always, or when the lengths are given; never for log-probs
+    that are already per-token means). Plain torch: autograd differentiates it."""
+    if entry.batch_step is not None:
+        return entry.batch_step(batch)
+    chosen = batch.policy_chosen - batch.ref_chosen
+    rejected = batch.policy_rejected - batch.ref_rejected
+    if entry.f_divergence and f_divergence != "reverse_kl":
+        transform = F_DIVERGENCES[f_divergence].transform
+        chosen, rejected = transform(chosen, alpha), transform(rejected, alpha)
+    normalize = entry.length_normalized == "always" or (entry.length_normalized == "when_given"
+                                                        and _has_lengths(batch))
+    if normalize and not batch.averaged:
+        chosen = chosen / batch.chosen_lengths.clamp(min=1)
+        rejected = rejected / batch.rejected_lengths.clamp(min=1)
+    return chosen, rejected
+
 # -------------------------------------------------------------------- the unpaired losses
 # Each forward takes the per-example log-ratio r = π − ρ (accumulation dtype), the KL reference
 # point z0 (a 0-d tensor, detached and clamped by the op; unused where uses_kl_reference is
@@ -220,18 +401,33 @@ def _apo_zero_unpaired(log_ratio, reference_point, desirable, beta, desirable_we
 
 
 REGISTRY: dict[str, Loss] = {entry.name: entry for entry in (
-    Loss("sigmoid", "2305.18290", _sigmoid, _sigmoid_grad, uses_label_smoothing=True, kernel_id=0),
-    Loss("ipo", "2310.12036", _ipo, _ipo_grad, kernel_id=1),
-    Loss("hinge", "2305.10425", _hinge, _hinge_grad, kernel_id=2),
-    Loss("robust", "2403.00409", _robust, _robust_grad, uses_label_smoothing=True, kernel_id=3),
+    Loss("sigmoid", "2305.18290", _sigmoid, _sigmoid_grad, uses_label_smoothing=True, kernel_id=0,
+         f_divergence=True),
+    Loss("ipo", "2310.12036", _ipo, _ipo_grad, kernel_id=1, f_divergence=True,
+         length_normalized="when_given"),
+    Loss("hinge", "2305.10425", _hinge, _hinge_grad, kernel_id=2, f_divergence=True),
+    Loss("robust", "2403.00409", _robust, _robust_grad, uses_label_smoothing=True, kernel_id=3,
+         f_divergence=True),
     Loss("exo_pair", "2402.00856", _exo_pair, _exo_pair_grad, uses_label_smoothing=True,
-         zero_smoothing_substitute=1e-3, kernel_id=4),
+         zero_smoothing_substitute=1e-3, kernel_id=4, f_divergence=True),
     Loss("nca_pair", "2402.05369", _nca_pair, _nca_pair_grad, kernel_id=5),
     Loss("bco_pair", "2404.04656", _bco_pair, _bco_pair_grad, kernel_id=6),
     Loss("sppo_hard", "2405.00675", _sppo_hard, _sppo_hard_grad, kernel_id=7),
     Loss("apo_zero", "2408.06266", _apo_zero, _apo_zero_grad, kernel_id=8),
     Loss("apo_down", "2408.06266", _apo_down, _apo_down_grad, kernel_id=9),
-    Loss("discopop", "2406.08414", _discopop, _discopop_grad, kernel_id=10),
+    Loss("discopop", "2406.08414", _discopop, _discopop_grad, kernel_id=10, f_divergence=True),
+    Loss("aot", "2406.05882", None, None, uses_label_smoothing=True, batch_step=_aot_step,
+         pair_math="sigmoid", pair_weights=False, doc=_aot_step.__doc__.strip()),
+    Loss("aot_unpaired", "2406.05882", None, None, uses_label_smoothing=True,
+         batch_step=_aot_unpaired_step, pair_math="sigmoid", pair_weights=False,
+         doc=_aot_unpaired_step.__doc__.strip()),
+    Loss("sft", "2411.10442", _sft, _sft_grad, f_divergence=True, needs=("chosen_lengths",),
+         batch_step=_sft_step),
+    Loss("sigmoid_norm", "2411.15124", None, None, uses_label_smoothing=True, f_divergence=True,
+         length_normalized="always", needs=("chosen_lengths", "rejected_lengths"),
+         pair_math="sigmoid",
+         doc="length-normalised DPO: sigmoid (cDPO) on x = β·(s_w/|y_w| − s_l/|y_l|), s the "
+             "f-divergence scores of the log-ratios, |y| the completion token counts."),
     Loss("kto", "2402.01306", _kto, None, pairwise=False, uses_kl_reference=True),
     Loss("apo_zero_unpaired", "2408.06266", _apo_zero_unpaired, None, pairwise=False),
 )}
@@ -240,6 +436,9 @@ NAMES = tuple(REGISTRY)  # every loss a trainer accepts
 PAIRWISE_NAMES = tuple(name for name, entry in REGISTRY.items() if entry.pairwise)
 UNPAIRED_NAMES = tuple(name for name, entry in REGISTRY.items() if not entry.pairwise)
 LABEL_SMOOTHING_NAMES = tuple(name for name in PAIRWISE_NAMES if REGISTRY[name].uses_label_smoothing)
+# per pair a function of its four sequence log-probs: what the backends' pair primitives take
+ELEMENTWISE_NAMES = tuple(name for name in PAIRWISE_NAMES if REGISTRY[name].elementwise)
+F_DIVERGENCE_LOSSES = tuple(name for name in PAIRWISE_NAMES if REGISTRY[name].f_divergence)
 
 
 def get(name: str, pairwise: bool = True) -> Loss:

@@ -123,6 +123,14 @@ def random_pairs(batch, dtype=torch.float32, scale=3.0):
     return [t.to(dtype) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)]
 
 
+def random_lengths(pairs):
+    """Completion token counts [B] (int64, 0..40: a 0 where there are 3+ pairs) on the test device."""
+    lengths = torch.randint(1, 41, (pairs,), device=DEVICE)
+    if pairs > 2:
+        lengths[2] = 0
+    return lengths
+
+
 # ------------------------------------------------------------------------------ float64 oracles
 
 def token_logprobs64(logits, labels, ignore_index=IGNORE, temperature=1.0):
@@ -184,12 +192,91 @@ PAIR_LOSS_FORMULAS = {
 }
 
 
-def preference64(pc, pr, rc, rr, loss, beta, eps=0.0):
-    """Per-pair losses in float64 (KeyError for a loss the oracle does not know)."""
+# TRL 1.16 DPOTrainer._compute_loss, re-derived from its source: the losses that run on the
+# f-divergence scores of the log-ratios (delta_score), the score transforms, and the losses that
+# are not a function of one pair (sort over the batch, a batch token mean).
+SCORE_LOSSES = {"sigmoid", "ipo", "hinge", "robust", "exo_pair", "discopop", "sigmoid_norm", "sft"}
+F_DIVERGENCES64 = {
+    "reverse_kl": lambda r, alpha: r,
+    "forward_kl": lambda r, alpha: 1 - torch.exp(-r),
+    "js_divergence": lambda r, alpha: math.log(2) + _logsig(r),
+    "alpha_divergence": lambda r, alpha: r if abs(alpha - 1) < 1e-6 else
+        (torch.exp(torch.clamp((alpha - 1) * r, max=80.0)) - 1) / (alpha - 1),
+}
+BATCH_LOSSES = {"aot", "aot_unpaired", "sft", "sigmoid_norm"}
+
+
+def _smoothed_sigmoid64(x, eps):
+    return -(1 - eps) * _logsig(x) - eps * _logsig(-x)
+
+
+def preference64(pc, pr, rc, rr, loss, beta, eps=0.0, chosen_lengths=None, rejected_lengths=None,
+                 f_divergence="reverse_kl", alpha=0.5, chosen_token_sum=None, averaged=False):
+    """Per-pair losses [B] of one loss in float64 from sequence log-probs (sums over the
+    completion tokens; ``averaged``: per-token means), TRL's semantics: the f-divergence scores
+    for SCORE_LOSSES, ipo and sigmoid_norm divide the scores by the lengths (ipo only when they
+    are given, neither when ``averaged``), aot/aot_unpaired sort over the batch, sft is the mean
+    NLL of the batch's chosen tokens (``chosen_token_sum`` its numerator, default ``pc``; 0 when
+    there are no tokens). KeyError for a loss the oracle does not know."""
     pc, pr, rc, rr = (t.double() for t in (pc, pr, rc, rr))
     rw, rl = pc - rc, pr - rr
+    if loss in ("aot", "aot_unpaired"):
+        if loss == "aot":
+            first, second = torch.sort(pc - pr).values, torch.sort(rc - rr).values
+        else:
+            first, second = torch.sort(rw).values, torch.sort(rl).values
+        return _smoothed_sigmoid64(beta * (first - second), eps)
+    if loss == "sft":
+        token_sum = pc if chosen_token_sum is None else chosen_token_sum.double()
+        nll = -token_sum.sum() / torch.clamp(chosen_lengths.double().sum(), min=1)
+        return nll * torch.ones_like(pc)
+    if loss in SCORE_LOSSES:
+        rw, rl = F_DIVERGENCES64[f_divergence](rw, alpha), F_DIVERGENCES64[f_divergence](rl, alpha)
+    normalize = loss == "sigmoid_norm" or (loss == "ipo" and chosen_lengths is not None)
+    if normalize and not averaged:
+        rw = rw / torch.clamp(chosen_lengths.double(), min=1)
+        rl = rl / torch.clamp(rejected_lengths.double(), min=1)
     h = rw - rl
-    return PAIR_LOSS_FORMULAS[loss](rw, rl, h, beta * h, beta, eps)
+    return PAIR_LOSS_FORMULAS["sigmoid" if loss == "sigmoid_norm" else loss](rw, rl, h, beta * h,
+                                                                             beta, eps)
+
+
+def token_preference64(policy_tokens, ref, mask, losses, beta, eps_of=lambda loss: 0.0,
+                       weights=None, f_divergence="reverse_kl", alpha=0.5, ld_alpha=None,
+                       log_sum_sq_probs=None, average=False):
+    """Per-pair combined loss sum_k w_k * loss_k [B] in float64 from per-token log-probs [2B, T]
+    (chosen rows first), the reference per token [2B, T] or per sequence [2B] and the mask: TRL's
+    _compute_loss, including LD-DPO (tokens past the pair's shared length weigh ld_alpha) and
+    WPO weights (exp of the mean of log p − log Σ p² per row, chosen times rejected)."""
+    kept = mask.bool()
+    rows = policy_tokens.shape[0]
+    pairs = rows // 2
+    counts = kept.double().sum(-1)
+    token_weight = torch.ones(policy_tokens.shape, dtype=torch.float64)
+    if ld_alpha is not None:
+        position = torch.cumsum(kept.long(), -1)
+        shared = torch.minimum(counts[:pairs], counts[pairs:]).repeat(2)
+        token_weight = torch.where(position <= shared[:, None], 1.0, ld_alpha).double()
+
+    def reduce(tokens):
+        summed = torch.where(kept, tokens.double() * token_weight, 0.0).sum(-1)
+        return summed / torch.clamp(counts, min=1) if average else summed
+
+    policy = reduce(policy_tokens)
+    reference = reduce(ref) if ref.dim() == 2 else ref.double()
+    chosen_sum = torch.where(kept, policy_tokens.double(), 0.0).sum(-1)[:pairs]
+    pair_weight = 1.0
+    if log_sum_sq_probs is not None:
+        aligned = torch.where(kept, policy_tokens.double() - log_sum_sq_probs.double(), 0.0)
+        row_weight = torch.exp(aligned.sum(-1) / torch.clamp(counts, min=1)).detach()
+        pair_weight = row_weight[:pairs] * row_weight[pairs:]
+    weights = weights or [1.0] * len(losses)
+    total = 0.0
+    for loss, weight in zip(losses, weights, strict=True):
+        total = total + weight * pair_weight * preference64(
+            policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], loss, beta,
+            eps_of(loss), counts[:pairs], counts[pairs:], f_divergence, alpha, chosen_sum, average)
+    return total
 
 
 # ---------------------------------------------------------- unpaired (KTO) losses, float64
@@ -258,6 +345,12 @@ def sequence_logprobs64(token_logprobs, mask, average=False):
     mask = mask.double()
     summed = (token_logprobs.double() * mask).sum(-1)
     return summed / mask.sum(-1).clamp(min=1) if average else summed
+
+
+def grad_of(leaf):
+    """leaf.grad, or zeros for a leaf the loss does not depend on (sft and the rejected log-probs:
+    autograd leaves its grad None)."""
+    return torch.zeros_like(leaf) if leaf.grad is None else leaf.grad
 
 
 def grads64(function, inputs, upstream=None):

@@ -194,9 +194,14 @@ def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
         from pyalign.losses import PAIRWISE_NAMES, UNPAIRED_NAMES  # the loss registry
         kind, names = (("an unpaired", UNPAIRED_NAMES) if preset["loss"] in UNPAIRED_NAMES
                        else ("a pairwise", PAIRWISE_NAMES))
-        if trainer_values["loss"] not in names:
-            raise ConfigError(f"{where}: loss {trainer_values['loss']!r} is not {kind} loss "
-                              f"({', '.join(names)})")
+        chosen = trainer_values["loss"]
+        if kind == "an unpaired" and not isinstance(chosen, str):
+            raise ConfigError(f"{where}: loss must be one unpaired loss ({', '.join(names)}), "
+                              f"got the list {chosen!r}")
+        for name in [chosen] if isinstance(chosen, str) else chosen:
+            if name not in names:
+                raise ConfigError(f"{where}: loss {name!r} is not {kind} loss "
+                                  f"({', '.join(names)})")
     values = {**preset, **trainer_values, "seed": run["seed"], "bf16": run["bf16"],
               "backend": run["backend"], "fsdp": run["fsdp"]}
     if getattr(args, "no_progress", False):

@@ -3,7 +3,13 @@ of the registry (pyalign/losses.py), ``forward``/``backward`` on sequence log-pr
 ``sequence_preference_forward``/``sequence_preference_backward`` from per-token log-probs.
 
 ``pair_losses`` (differentiable by autograd) and ``pair_loss_ratio_grads`` (closed-form
-gradients) are the per-pair math every entry point shares; both call the registry entry.
+gradients) are the per-pair math every entry point shares; both call the registry entry (the
+ops layer passes the name of the entry's pair math, registry ``Loss.math``).
+
+The C++ CPU backend has no preference family on purpose: the pair math is O(B), and the only
+O(B·T) part, the masked sequence reduction, is one vectorised torch where+sum over the per-token
+log-probs whose computation (the lm_head, O(B·T·V·H)) costs ~V·H times more; a C++ kernel would
+save one [2B, T] temporary and add a second implementation of every pair loss to keep in step.
 """
 from __future__ import annotations
 

@@ -8,10 +8,11 @@ from pyalign.ops.preference import (
                                     linear_preference_loss,
                                     preference_loss,
                                     sequence_logprobs,
+                                    token_preference_loss,
 )
 from pyalign.ops.weights import copy_, ema_, lerp_
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "kl_penalty", "preference_loss", "kto_loss",
-           "linear_preference_loss", "linear_kto_loss", "sequence_logprobs",
+           "linear_preference_loss", "token_preference_loss", "linear_kto_loss", "sequence_logprobs",
            "PreferenceLossOutput", "KTOLossOutput",
            "ema_", "lerp_", "copy_"]

@@ -1,18 +1,20 @@
 """Offline preference optimisation: DPO and every pairwise loss of ``pyalign.preference_loss``
-(IPO, SLiC/hinge, robust, ...), KTO and APO-zero on unpaired data (``pyalign.kto_loss``), and
-their trust-region variants
-(TR-DPO/TR-IPO/TR-KTO: the reference is pulled towards the policy every ``tr_tau`` steps by
-``pyalign.refmodel.TrustRegion``).
+(IPO, SLiC/hinge, robust, ...), weighted combinations of them (MPO), their f-divergence, LD-DPO
+and WPO options (``pyalign.token_preference_loss``), KTO and APO-zero on unpaired data
+(``pyalign.kto_loss``), and their trust-region variants (TR-DPO/TR-IPO/TR-KTO: the reference is
+pulled towards the policy every ``tr_tau`` steps by ``pyalign.refmodel.TrustRegion``).
 
 One optimizer step consumes ``batch_size`` examples (pairs, or unpaired examples for KTO) split
 evenly over ranks and, on each rank, into micro-batches of ``micro_batch_size``. The summed
 per-example loss of a rank is divided by its share of the batch, so DDP's gradient average is
-the gradient of the global mean, whatever the number of ranks or micro-batches.
+the gradient of the global mean, whatever the number of ranks or micro-batches (except for the
+batch-level losses aot, aot_unpaired and sft, which sort or token-average within a micro-batch,
+as TRL's do under gradient accumulation).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -29,9 +31,14 @@ REFERENCES = ("frozen", "trust_region")
 
 @dataclasses.dataclass
 class PreferenceConfig(TrainerConfig):
-    loss: str = "sigmoid"  # a pyalign.preference_loss name, or "kto"
+    loss: Union[str, list] = "sigmoid"  # a pyalign.preference_loss name, a list of them, or "kto"
+    loss_weights: Optional[list] = None  # one per loss of a list (default 1.0 each)
     beta: float = 0.1
     label_smoothing: float = 0.0
+    f_divergence: str = "reverse_kl"  # TRL's f_divergence_type
+    f_alpha_divergence_coef: float = 0.5
+    ld_alpha: Optional[float] = None  # LD-DPO: weight of the tokens past the pair's shared length
+    use_weighting: bool = False  # WPO pair weights
     length_normalize: bool = False  # average the log-probs over response tokens (IPO does)
     desirable_weight: float = 1.0  # KTO
     undesirable_weight: float = 1.0  # KTO
@@ -43,8 +50,9 @@ class PreferenceConfig(TrainerConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.loss not in LOSSES:
-            raise ValueError(f"config key 'loss' must be one of {LOSSES}, got {self.loss!r}")
+        if isinstance(self.loss, str) and self.loss not in LOSSES:
+            raise ValueError(f"config key 'loss' must be one of {LOSSES} or a list of the pairwise "
+                             f"ones, got {self.loss!r}")
         if self.reference not in REFERENCES:
             raise ValueError(f"config key 'reference' must be one of {REFERENCES}, got {self.reference!r}")
         check_range(self, "beta", "> 0", lambda v: v > 0)
@@ -55,6 +63,21 @@ class PreferenceConfig(TrainerConfig):
         check_range(self, "tr_tau", ">= 1", lambda v: v >= 1)
         check_range(self, "num_examples", f">= batch_size ({self.batch_size})",
                     lambda v: v >= self.batch_size)
+        if self.loss == "kto":
+            for key, default in (("loss_weights", None), ("f_divergence", "reverse_kl"),
+                                 ("ld_alpha", None), ("use_weighting", False)):
+                if getattr(self, key) != default:
+                    raise ValueError(f"config key {key!r} applies to the pairwise losses, not kto")
+        else:
+            try:  # the op's own checks, each naming its argument (= the config key)
+                pyalign.ops.preference.check_loss_options(
+                    self.loss, self.loss_weights, beta=self.beta, label_smoothing=self.label_smoothing,
+                    f_divergence=self.f_divergence,
+                    f_alpha_divergence_coef=self.f_alpha_divergence_coef, ld_alpha=self.ld_alpha,
+                    use_weighting=self.use_weighting, average_log_prob=self.length_normalize)
+            except (TypeError, ValueError) as exc:  # length_normalize is the op's average_log_prob
+                raise ValueError(f"config: {str(exc).replace('average_log_prob', 'length_normalize')}"
+                                 ) from None
 
 
 class PreferenceTrainer(Trainer):
@@ -107,7 +130,8 @@ class PreferenceTrainer(Trainer):
             self.data = {"prompt": data["prompt"], "chosen": data["chosen"], "rejected": data["rejected"]}
             self._response_keys = ("chosen", "rejected")
         self.ref_logps: Optional[dict] = None
-        if cfg.precompute_ref and cfg.reference == "frozen":
+        # LD-DPO scores the reference per token each step (the pair's shared length weighs it)
+        if cfg.precompute_ref and cfg.reference == "frozen" and (self.is_kto or cfg.ld_alpha is None):
             self.ref_logps = self._score_dataset()
 
     @torch.no_grad()
@@ -190,14 +214,23 @@ class PreferenceTrainer(Trainer):
         prompts = self._batch(rows, "prompt")
         responses = torch.cat([self._batch(rows, "chosen"), self._batch(rows, "rejected")])
         mask = self.response_mask(responses)
+        both_prompts = torch.cat([prompts, prompts])
         # chosen and rejected in one forward (chosen rows first)
-        logprobs, entropy = self.scorer(torch.cat([prompts, prompts]), responses, mask, entropy=True)
-        sequence = pyalign.sequence_logprobs(logprobs, mask, average=cfg.length_normalize)
+        scored = self.scorer(both_prompts, responses, mask, entropy=True,
+                             log_sum_sq=cfg.use_weighting)
+        logprobs, entropy = scored[:2]
+        if cfg.ld_alpha is not None:  # LD-DPO weighs the reference's tokens by the pair too
+            with torch.no_grad():
+                reference = self.ref_scorer(both_prompts, responses, mask)
+        else:
+            reference = torch.cat([self._reference(rows, "chosen"), self._reference(rows, "rejected")])
         pairs = rows.shape[0]
-        out = pyalign.preference_loss(sequence[:pairs], sequence[pairs:], self._reference(rows, "chosen"),
-                                      self._reference(rows, "rejected"), loss=cfg.loss, beta=cfg.beta,
-                                      label_smoothing=cfg.label_smoothing, reduction="sum",
-                                      backend=cfg.backend)
+        out = pyalign.token_preference_loss(
+            logprobs, reference, mask, loss=cfg.loss, loss_weights=cfg.loss_weights, beta=cfg.beta,
+            label_smoothing=cfg.label_smoothing, f_divergence=cfg.f_divergence,
+            f_alpha_divergence_coef=cfg.f_alpha_divergence_coef, ld_alpha=cfg.ld_alpha,
+            use_weighting=cfg.use_weighting, log_sum_sq_probs=scored[2] if cfg.use_weighting else None,
+            average_log_prob=cfg.length_normalize, reduction="sum", backend=cfg.backend)
         (out.loss / local).backward()
         return {"loss": float(out.loss.detach()), "n": pairs,
                 "chosen_reward": float(out.chosen_rewards.sum()),

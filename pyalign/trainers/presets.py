@@ -21,10 +21,14 @@ Config keys:
 
 - ``ALGO_KEYS`` are set by the algorithm (its ``ALGOS`` preset) and cannot come from a config
   file, except ``loss`` for the algorithms of ``LOSS_CONFIGURABLE``, which may swap in any other
-  loss of the same kind: pairwise (``pyalign.preference_loss``) or unpaired (``pyalign.kto_loss``).
+  loss of the same kind: pairwise (``pyalign.preference_loss``, or a list of them, e.g. MPO:
+  ``loss = ["sigmoid", "bco_pair", "sft"]``, ``loss_weights = [0.8, 0.2, 1.0]``) or unpaired
+  (``pyalign.kto_loss``).
 - ``ONLY_FOR`` names the keys that apply to some algorithms only: ``tr_alpha`` / ``tr_tau`` to
   the trust-region ones, ``desirable_weight`` / ``undesirable_weight`` to the KTO ones,
-  ``precompute_ref`` to the frozen-reference preference ones, ``er_*`` to Elastic Reset.
+  ``precompute_ref`` to the frozen-reference preference ones, ``er_*`` to Elastic Reset, and
+  the pairwise loss options (``loss_weights``, ``f_divergence``, ``f_alpha_divergence_coef``,
+  ``ld_alpha``, ``use_weighting``) to ``PAIRWISE_LOSS_CONFIGURABLE``.
 - Every other field of the family's config class applies to every algorithm of the family.
 
 ``DEFAULT_STEPS`` and ``TUNED_DEFAULTS`` are tuned on the embedded task so that a default run
@@ -52,6 +56,10 @@ TUNED_DEFAULTS = {
 }
 # Keys the algorithm sets (not settable from a config file).
 ALGO_KEYS = {"loss", "reference", "elastic_reset", "length_normalize"}
+# A pairwise algorithm may swap in any other pairwise loss of pyalign.preference_loss, or a
+# weighted list of them (loss_weights), with the loss options below; a KTO one any unpaired loss.
+PAIRWISE_LOSS_CONFIGURABLE = ("dpo", "tr-dpo", "slic", "ipo", "tr-ipo")
+LOSS_CONFIGURABLE = PAIRWISE_LOSS_CONFIGURABLE + ("kto", "tr-kto")
 # Keys that belong to some algorithms only.
 ONLY_FOR = {
     "tr_alpha": ("tr-dpo", "tr-ipo", "tr-kto"),
@@ -63,6 +71,7 @@ ONLY_FOR = {
     "er_reset_every": ("elastic-reset",),
     "er_ema_every": ("elastic-reset",),
     "er_reset_optimizer": ("elastic-reset",),
+    **{key: PAIRWISE_LOSS_CONFIGURABLE
+       for key in ("loss_weights", "f_divergence", "f_alpha_divergence_coef", "ld_alpha",
+                   "use_weighting")},
 }
-# These algorithms may swap in any other loss of their kind (pairwise, or unpaired for the KTO ones).
-LOSS_CONFIGURABLE = ("dpo", "tr-dpo", "slic", "ipo", "tr-ipo", "kto", "tr-kto")

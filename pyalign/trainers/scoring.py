@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 import pyalign
+from pyalign.ops.preference import linear_log_sum_sq_probs, log_sum_sq_probs
 
 IGNORE_INDEX = -100
 
@@ -56,7 +57,9 @@ class ResponseScorer(torch.nn.Module):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
     def forward(self, prompts: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor,
-                entropy: bool = False):
+                entropy: bool = False, log_sum_sq: bool = False):
+        """Per-token log-probs (and entropies with ``entropy``; and, with ``log_sum_sq``, log Σ p²
+        per token, no gradient: WPO's input) of the response tokens, a tensor or a tuple."""
         input_ids = torch.cat([prompts, responses], dim=1)
         start = prompts.shape[1] - 1
         labels = responses.masked_fill(~mask, IGNORE_INDEX)
@@ -68,13 +71,21 @@ class ResponseScorer(torch.nn.Module):
                 weight = head.weight.to(hidden.dtype)
                 bias = getattr(head, "bias", None)
                 bias = bias.to(hidden.dtype) if bias is not None else None
-                return pyalign.linear_token_logprobs(hidden, weight, labels, bias=bias,
-                                                     temperature=self.temperature, entropy=entropy,
-                                                     backend=self.backend)
-            logits = self.model(input_ids=input_ids, use_cache=False).logits
-            logits = logits[:, start:start + responses.shape[1]]
-            return pyalign.token_logprobs(logits, labels, temperature=self.temperature,
-                                          entropy=entropy, backend=self.backend)
+                out = pyalign.linear_token_logprobs(hidden, weight, labels, bias=bias,
+                                                    temperature=self.temperature, entropy=entropy,
+                                                    backend=self.backend)
+                if log_sum_sq:
+                    sum_sq = linear_log_sum_sq_probs(hidden, weight, bias, mask, self.temperature)
+            else:
+                logits = self.model(input_ids=input_ids, use_cache=False).logits
+                logits = logits[:, start:start + responses.shape[1]]
+                out = pyalign.token_logprobs(logits, labels, temperature=self.temperature,
+                                             entropy=entropy, backend=self.backend)
+                if log_sum_sq:
+                    sum_sq = log_sum_sq_probs(logits, self.temperature)
+        if not log_sum_sq:
+            return out
+        return (*(out if entropy else (out,)), sum_sq)
 
 
 __all__ = ["IGNORE_INDEX", "response_mask", "ResponseScorer"]

@@ -118,7 +118,12 @@ def as_field_type(value, expected) -> tuple[bool, Any]:
     if typing.get_origin(expected) in (typing.Union, types.UnionType):
         if value is None:
             return True, None
-        expected = next(t for t in typing.get_args(expected) if t is not type(None))
+        members = [t for t in typing.get_args(expected) if t is not type(None)]
+        if len(members) > 1:  # e.g. Union[str, list]: the first member the value fits
+            results = [as_field_type(value, member) for member in members]
+            fits = [result for result in results if result[0]]
+            return fits[0] if fits else (False, " or ".join(what for _, what in results))
+        expected = members[0]
     if expected is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return True, float(value)

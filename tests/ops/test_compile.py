@@ -94,6 +94,12 @@ def test_no_graph_breaks_in_any_op():
         (lambda a, b, m: pyalign.kl_penalty(a, b, estimator="k3", mask=m).sum(),
          (logprobs, ref_logprobs, mask)),
         (lambda *t: pyalign.preference_loss(*t, loss="ipo", beta=0.2).loss, pairs),
+        (lambda *t: pyalign.preference_loss(  # MPO + aot + a divergence: batch steps in torch
+            *t[:4], loss=["sigmoid", "sft", "aot"], loss_weights=[0.8, 1.0, 0.5],
+            chosen_lengths=t[4], rejected_lengths=t[5]).loss, pairs + [torch.rand(4) * 9] * 2),
+        (lambda a, b, m: pyalign.token_preference_loss(
+            a, b, m, loss=["sigmoid_norm", "bco_pair"], ld_alpha=0.5).loss,
+         (-torch.rand(4, 5), -torch.rand(4, 5), torch.rand(4, 5) > 0.3)),
     ]
     for function, args in calls:
         function(*args)

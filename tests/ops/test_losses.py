@@ -10,10 +10,11 @@ import torch
 import pyalign
 from pyalign import losses
 from pyalign.ops.preference import LOSS_NAMES
-from support import backends_for, grads64, preference64
+from support import backends_for, grad_of, grads64, preference64
 
 BACKENDS = backends_for("preference")
 PAIRWISE = [losses.REGISTRY[name] for name in losses.PAIRWISE_NAMES]
+OWN_MATH = [entry for entry in PAIRWISE if entry.pair_math is None]  # own forward and gradient
 
 
 def test_everything_derives_from_the_registry():
@@ -25,14 +26,30 @@ def test_everything_derives_from_the_registry():
     assert trainer.LOSSES == losses.NAMES
     assert set(losses.NAMES) - set(losses.PAIRWISE_NAMES) == set(losses.UNPAIRED_NAMES) == {
         "kto", "apo_zero_unpaired"}
+    assert len(losses.PAIRWISE_NAMES) == 15  # TRL 1.16's DPO loss types
     ids = triton_preference.LOSS_IDS
     assert sorted(ids.values()) == list(range(triton_preference.KERNEL_BRANCHES))
     assert all(ids[entry.name] == entry.kernel_id for entry in PAIRWISE if entry.kernel_id is not None)
     for entry in losses.REGISTRY.values():
         assert re.fullmatch(r"\d{4}\.\d{5}", entry.paper), entry.name
         assert entry.equation, f"{entry.name}: the forward's docstring states the equation"
-        assert (entry.grad is not None) == entry.pairwise, entry.name
         assert entry.pairwise or entry.kernel_id is None, entry.name
+        if not entry.pairwise:
+            continue
+        # own pair math with a gradient, or another entry's (that has one): never both
+        assert (entry.pair_math is None) == (entry.forward is not None), entry.name
+        assert entry.math.grad is not None and entry.math.pair_math is None, entry.name
+        assert entry.pair_math is None or entry.kernel_id is None, entry.name
+        assert entry.length_normalized in ("never", "always", "when_given"), entry.name
+        assert set(entry.needs) <= set(losses.PairBatch._fields), entry.name
+    # TRL's f-divergence losses (DPOTrainer.__init__), and which losses TRL sorts
+    assert set(losses.F_DIVERGENCE_LOSSES) == {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair",
+                                               "robust", "discopop", "sft"}
+    assert {e.name for e in PAIRWISE if not e.pair_weights} == {"aot", "aot_unpaired"}
+    assert set(losses.F_DIVERGENCE_NAMES) == {"reverse_kl", "forward_kl", "js_divergence",
+                                              "alpha_divergence"}
+    for divergence in losses.F_DIVERGENCES.values():
+        assert re.fullmatch(r"\d{4}\.\d{5}", divergence.paper) and divergence.equation, divergence
 
 
 def test_kernel_ids_assert_every_branch_has_an_entry():
@@ -50,7 +67,7 @@ def test_unknown_names_are_refused():
 
 def gradient_cases():
     cases = []
-    for entry in PAIRWISE:
+    for entry in OWN_MATH:
         smoothing = [0.0, 0.1, 0.3] if entry.uses_label_smoothing else [0.0]
         for eps in smoothing:
             cases.append(pytest.param(entry.name, eps, id=f"{entry.name}-eps{eps}"))
@@ -70,7 +87,7 @@ def test_hand_gradient_is_autograd_of_the_forward(name, label_smoothing, beta):
     rl = (signs[1] * scale * torch.rand(64, generator=generator, dtype=torch.float64)).requires_grad_(True)
     values = entry.forward(rw, rl, beta, eps)
     assert torch.isfinite(values).all(), name
-    auto_w, auto_l = torch.autograd.grad(values.sum(), (rw, rl))
+    auto_w, auto_l = torch.autograd.grad(values.sum(), (rw, rl), materialize_grads=True)
     hand_w, hand_l = entry.grad(rw.detach(), rl.detach(), beta, eps)
     for hand, auto in ((hand_w, auto_w), (hand_l, auto_l)):
         assert hand.dtype == torch.float64 and torch.isfinite(hand).all(), name
@@ -80,13 +97,23 @@ def test_hand_gradient_is_autograd_of_the_forward(name, label_smoothing, beta):
 MARGINS = [1e-3, 1.0, 30.0, 100.0, 1e4]
 
 
-def sweep_inputs(beta):
-    """fp32 sequence log-probs whose scaled margins beta*h cover +-MARGINS (times 1.02, off the
-    hinge's kink), each split three ways between r_w and r_l; the reference log-probs are 0 so
-    the fp32 log-ratios are exact."""
+SWEEP_LENGTH = 4.0  # the completion lengths of losses that need them (sigmoid_norm, sft)
+
+
+def length_kwargs(loss, count, length=SWEEP_LENGTH):
+    """chosen_lengths/rejected_lengths for a loss whose registry entry needs them, else {}."""
+    if not losses.REGISTRY[loss].needs:
+        return {}
+    return dict(chosen_lengths=torch.full((count,), length), rejected_lengths=torch.full((count,), length))
+
+
+def sweep_inputs(beta, scale=1.0):
+    """fp32 sequence log-probs whose scaled margins beta*h/scale cover +-MARGINS (times 1.02, off
+    the hinge's kink), each split three ways between r_w and r_l; the reference log-probs are 0
+    so the fp32 log-ratios are exact (``scale``: a length sigmoid_norm divides by, a power of 2)."""
     x = torch.tensor(MARGINS, dtype=torch.float64) * 1.02
     x = torch.cat([x, -x])
-    h = x / beta
+    h = scale * x / beta
     rw = torch.cat([h / 2, h, torch.zeros_like(h)])
     rl = torch.cat([-h / 2, torch.zeros_like(h), -h])
     policy_chosen, policy_rejected = rw.float(), rl.float()
@@ -113,23 +140,31 @@ def assert_grad_close(grad, expected, margins, beta):
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_margin_sweep_matches_float64(backend, loss, beta):
-    inputs = sweep_inputs(beta)
+    """Every loss, the batch-level ones included (aot sorts these margins: the reference ones
+    are 0, so each input keeps its own x; sigmoid_norm divides by lengths of 4)."""
+    lengths = length_kwargs(loss, 30)
+    scale = SWEEP_LENGTH if losses.REGISTRY[loss].length_normalized == "always" else 1.0
+    inputs = sweep_inputs(beta, scale)
     upstream = torch.linspace(0.5, 1.5, inputs[0].numel())
     for label_smoothing in sweep_smoothing(losses.REGISTRY[loss]):
         leaves = [t.clone().requires_grad_(True) for t in inputs]
         out = pyalign.preference_loss(*leaves, loss=loss, beta=beta, label_smoothing=label_smoothing,
-                                      reduction="none", backend=backend)
+                                      reduction="none", backend=backend, **lengths)
         out.loss.backward(upstream)
         eps = losses.effective_label_smoothing(loss, label_smoothing)
-        expected, exp_grads = grads64(lambda *t, eps=eps: preference64(*t, loss, beta, eps), inputs,
-                                      upstream)
+        expected, exp_grads = grads64(
+            lambda *t, eps=eps: preference64(*t, loss, beta, eps, **lengths), inputs, upstream)
         assert torch.isfinite(expected).all() and all(torch.isfinite(g).all() for g in exp_grads)
-        margins = beta * (inputs[0].double() - inputs[1].double())
+        margins = beta * (inputs[0].double() - inputs[1].double()) / scale
         assert torch.isfinite(out.loss).all(), (loss, label_smoothing, out.loss)
-        torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-7)
+        # sft is a batch sum of these +-1e5 log-probs that cancels to ~0: fp32 rounding of the
+        # terms' size, not of the result
+        atol = 1e-6 * float(inputs[0].abs().sum()) / (30 * SWEEP_LENGTH) if loss == "sft" else 1e-7
+        torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=atol)
         for leaf, exp_grad in zip(leaves, exp_grads, strict=True):
-            assert torch.isfinite(leaf.grad).all(), (loss, label_smoothing, leaf.grad)
-            assert_grad_close(leaf.grad.double(), exp_grad, margins, beta)
+            grad = grad_of(leaf)
+            assert torch.isfinite(grad).all(), (loss, label_smoothing, grad)
+            assert_grad_close(grad.double(), exp_grad, margins, beta)
 
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
@@ -143,15 +178,18 @@ def test_rejected_logprob_of_minus_inf_gives_the_limit(backend, loss):
     ref = torch.tensor([-4.0, -4.5])
     inputs = (policy_chosen, policy_rejected, ref, ref)
     leaves = [t.clone().requires_grad_(True) for t in inputs]
-    out = pyalign.preference_loss(*leaves, loss=loss, beta=0.1, reduction="none", backend=backend)
+    lengths = length_kwargs(loss, 2, length=3.0)
+    out = pyalign.preference_loss(*leaves, loss=loss, beta=0.1, reduction="none", backend=backend,
+                                  **lengths)
     out.loss.sum().backward()
     eps = losses.effective_label_smoothing(loss, 0.0)
     limit_inputs = [t.double() for t in inputs]
     limit_inputs[1] = torch.tensor([-1e300, -4.0], dtype=torch.float64)
-    expected, exp_grads = grads64(lambda *t: preference64(*t, loss, 0.1, eps), limit_inputs)
+    expected, exp_grads = grads64(lambda *t: preference64(*t, loss, 0.1, eps, **lengths),
+                                  limit_inputs)
     if not torch.isfinite(expected[0]):  # ipo, sppo_hard: the loss itself is infinite
         assert out.loss[0] == float("inf")
         return
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-7)
     for leaf, exp_grad in zip(leaves, exp_grads, strict=True):
-        torch.testing.assert_close(leaf.grad.double(), exp_grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grad_of(leaf).double(), exp_grad, rtol=1e-5, atol=1e-7)

@@ -9,8 +9,8 @@ import torch
 
 import pyalign
 from pyalign import backends
+from pyalign.losses import ELEMENTWISE_NAMES as LOSS_NAMES  # the primitives take pair-math names
 from pyalign.losses import LABEL_SMOOTHING_NAMES
-from pyalign.ops.preference import LOSS_NAMES
 from support import (
     IGNORE,
     backends_for,

@@ -1,0 +1,71 @@
+"""PreferenceTrainer with TRL's loss options: a weighted combination (MPO), f-divergences,
+LD-DPO and WPO weighting train a few steps; the CLI takes a list of losses from a config file;
+bad options are config errors before anything runs."""
+import math
+import re
+
+import pytest
+from trainer_helpers import read_records, run_cli, write_config
+
+CASES = [
+    dict(loss=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
+    dict(loss=["sigmoid_norm", "ipo"], f_divergence="js_divergence", ld_alpha=0.5),
+    dict(loss=["aot", "hinge"], loss_weights=[1.0, 0.5]),
+    dict(loss="sigmoid", use_weighting=True, f_divergence="alpha_divergence",
+         f_alpha_divergence_coef=0.7),
+]
+
+
+@pytest.mark.parametrize("options", CASES, ids=["mpo", "fdiv-ld", "aot-hinge", "wpo-alpha"])
+def test_loss_options_train(tiny_task, options):
+    from pyalign.trainers import PreferenceConfig, PreferenceTrainer
+    config = PreferenceConfig(beta=0.5, batch_size=4, micro_batch_size=4, num_examples=8,
+                              eval_every=0, lr=0.01, progress=False, **options)
+    trainer = PreferenceTrainer(tiny_task, config)
+    first = trainer.train_step(1)
+    assert first["margin"] == 0.0 and math.isfinite(first["loss"]) and first["grad_norm"] > 0
+    second = trainer.train_step(2)
+    assert math.isfinite(second["loss"]) and second["margin"] != 0.0
+
+
+def test_mpo_first_step_is_its_formula(tiny_task):
+    """Policy == reference at step 1: sigmoid and bco_pair give log 2 and 2 log 2 per pair, sft the
+    mean NLL of the chosen tokens (positive)."""
+    from pyalign.trainers import PreferenceConfig, PreferenceTrainer
+    base = dict(beta=0.5, batch_size=4, micro_batch_size=4, num_examples=8, eval_every=0,
+                progress=False)
+    pair_part = PreferenceTrainer(tiny_task, PreferenceConfig(
+        loss=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2], **base)).train_step(1)["loss"]
+    assert pair_part == pytest.approx(0.8 * math.log(2) + 0.2 * 2 * math.log(2), rel=1e-6)
+    with_sft = PreferenceTrainer(tiny_task, PreferenceConfig(
+        loss=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], **base)).train_step(1)
+    assert with_sft["loss"] > pair_part
+
+
+def test_cli_takes_a_list_of_losses(tmp_path, task_cache_dir):
+    config = write_config(tmp_path / "c.toml", task_cache_dir, algo="dpo", batch_size=4,
+                          micro_batch_size=2, num_examples=8, eval_batch_size=4,
+                          final_eval_batch_size=4, loss=["sigmoid", "bco_pair", "sft"],
+                          loss_weights=[0.8, 0.2, 1.0], f_divergence="reverse_kl")
+    assert run_cli("--config", config, "--steps", 2, "--out", tmp_path / "out") == 0
+    steps = [r for r in read_records(tmp_path / "out") if not r.get("final")]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+
+
+@pytest.mark.parametrize("values,match", [
+    (dict(algo="dpo", loss=["sigmoid", "dpo"]), "loss 'dpo' is not a pairwise loss"),
+    (dict(algo="dpo", loss=["sigmoid", "ipo"], loss_weights=[1.0]), "loss_weights must be a list of 2"),
+    (dict(algo="dpo", loss="bco_pair", f_divergence="forward_kl"), r"not to \['bco_pair'\]"),
+    (dict(algo="dpo", loss="aot", use_weighting=True), r"use_weighting .* \['aot'\]"),
+    (dict(algo="ipo", ld_alpha=0.5), "ld_alpha .* length_normalize"),
+    (dict(algo="dpo", ld_alpha=1.5), r"ld_alpha must be in \[0, 1\]"),
+    (dict(algo="kto", ld_alpha=0.5), "key 'ld_alpha' does not apply to algo kto"),
+    (dict(algo="dpo", loss_weights="x"), "loss_weights"),
+])
+def test_bad_loss_options_are_config_errors(tmp_path, task_cache_dir, capsys, values, match):
+    config = write_config(tmp_path / "c.toml", task_cache_dir, batch_size=4, micro_batch_size=2,
+                          num_examples=8, **values)
+    assert run_cli("--config", config, "--steps", 1, "--out", tmp_path / "out") != 0
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    assert re.search(match, error), error
