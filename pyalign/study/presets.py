@@ -1,0 +1,51 @@
+"""The grids ``pyalign study --preset NAME`` runs.
+
+- ``default``: DPO, IPO and SLiC over 4 values of beta and TR-DPO over 4 update periods tau
+  (alpha 0.6, beta 0.1), 2 seeds, evaluated at 1/8, 1/4, 1/2, 1 and 2 epochs of 1024 pairs:
+  32 runs, about 10 minutes with 2 workers on 2 cores.
+- ``elastic-reset``: RLOO over KL coefficients (0 included: RLOO without a KL penalty) against
+  Elastic Reset over reset periods, 2 seeds.
+- ``full``: every preference algorithm and both RL ones, wider sweeps, 3 seeds, 4 epochs: for a
+  machine with tens of cores.
+"""
+from __future__ import annotations
+
+EPOCHS = [0.125, 0.25, 0.5, 1.0, 2.0]
+
+PRESETS: dict[str, dict] = {
+    "default": {
+        "seeds": [0, 1],
+        "epochs": EPOCHS,
+        "algos": {
+            "dpo": {"beta": [0.025, 0.05, 0.1, 0.2]},
+            "ipo": {"beta": [0.25, 0.5, 1.0, 2.0]},
+            "slic": {"beta": [0.025, 0.05, 0.1, 0.2]},
+            "tr-dpo": {"tr_tau": [4, 8, 16, 32], "beta": 0.1, "tr_alpha": 0.6},
+        },
+    },
+    "elastic-reset": {
+        "seeds": [0, 1],
+        "epochs": EPOCHS,
+        "algos": {
+            "rloo": {"kl_coef": [0.0, 0.02, 0.05, 0.1, 0.2]},
+            "elastic-reset": {"er_reset_every": [16, 32, 64], "kl_coef": 0.05},
+        },
+    },
+    "full": {
+        "seeds": [0, 1, 2],
+        "epochs": [0.125, 0.25, 0.5, 1.0, 2.0, 4.0],
+        "algos": {
+            "dpo": {"beta": [0.0125, 0.025, 0.05, 0.1, 0.2, 0.4]},
+            "ipo": {"beta": [0.125, 0.25, 0.5, 1.0, 2.0, 4.0]},
+            "slic": {"beta": [0.0125, 0.025, 0.05, 0.1, 0.2, 0.4]},
+            "kto": {"beta": [0.025, 0.05, 0.1, 0.2, 0.4]},
+            "tr-dpo": {"tr_tau": [2, 4, 8, 16, 32, 64], "beta": 0.1},
+            "tr-ipo": {"tr_tau": [2, 4, 8, 16, 32, 64], "beta": 0.5},
+            "tr-kto": {"tr_tau": [2, 4, 8, 16, 32, 64], "beta": 0.1},
+            "rloo": {"kl_coef": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4]},
+            "elastic-reset": {"er_reset_every": [8, 16, 32, 64, 128], "kl_coef": 0.05},
+        },
+    },
+}
+
+__all__ = ["PRESETS"]
