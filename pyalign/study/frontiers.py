@@ -84,25 +84,34 @@ def verdict(method: str, baseline: str, method_table: list[dict], baseline_table
             metric: str = "gold_reward") -> str:
     """One line: which frontier dominates where."""
     outcomes = [(m["budget"], compare(m, b)) for m, b in zip(method_table, baseline_table)]
+
     def at(kind):
         return ", ".join(f"{budget:g}" for budget, outcome in outcomes if outcome == kind)
     kinds = {outcome for _, outcome in outcomes if outcome != "n/a"}
     label = metric.replace("_", " ")
     if not kinds:
         return f"{method} vs {baseline}: no budget where both have evaluations."
+    if kinds == {"overlapping"}:
+        return (f"{method} and {baseline} are not separable on {label}: the seed ranges overlap at "
+                f"every budget (KL <= {at('overlapping')}).")
     if kinds == {"ahead"}:
-        head = f"{method} dominates {baseline} on {label} at every budget"
-    elif kinds == {"behind"}:
-        head = f"{baseline} dominates {method} on {label} at every budget"
-    elif kinds == {"overlapping"}:
-        head = f"{method} and {baseline} are not separable on {label} (seed ranges overlap at every budget)"
-    else:
+        return f"{method} dominates {baseline} on {label} at every budget (KL <= {at('ahead')})."
+    if kinds == {"behind"}:
+        return f"{baseline} dominates {method} on {label} at every budget (KL <= {at('behind')})."
+    parts = []
+    if "ahead" in kinds:
+        parts.append(f"{method} ahead at KL <= {at('ahead')}")
+    if "behind" in kinds:
+        parts.append(f"{baseline} ahead at KL <= {at('behind')}")
+    if "overlapping" in kinds:
+        parts.append(f"overlapping at KL <= {at('overlapping')}")
+    if "ahead" in kinds and "behind" in kinds:
         head = f"{method} vs {baseline} on {label}: mixed"
-    details = [f"{method} ahead at KL <= {at('ahead')}" if "ahead" in kinds else "",
-               f"behind at KL <= {at('behind')}" if "behind" in kinds else "",
-               f"overlapping at KL <= {at('overlapping')}" if "overlapping" in kinds else ""]
-    details = [d for d in details if d]
-    return head + (" (" + "; ".join(details) + ")" if details and len(kinds) > 1 else "") + "."
+    elif "ahead" in kinds:
+        head = f"{method} above {baseline} on {label} where they separate"
+    else:
+        head = f"{baseline} above {method} on {label} where they separate"
+    return f"{head} ({'; '.join(parts)})."
 
 
 def method_pairs(methods) -> list[tuple[str, str]]:

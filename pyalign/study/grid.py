@@ -41,7 +41,7 @@ STRENGTH_KNOBS = {
 }
 GRID_KEYS = ("name", "seeds", "epochs", "algos", "preference", "rl", "task", "eval", "task_seed",
              "epoch_prompts", "budgets")
-EVAL_DEFAULTS = {"prompts": 128, "heldout": 128}
+EVAL_DEFAULTS = {"prompts": 256, "heldout": 128}
 # Study points set these: no per-step evaluation (the study evaluates at its own steps), no
 # periodic checkpoints and a one-prompt final evaluation (the study's evaluations replace both).
 RUN_OVERRIDES = {"eval_every": 0, "checkpoint_every": 0, "checkpoint_minutes": 0.0,

@@ -69,10 +69,10 @@ def plot_gold_vs_sqrt_kl(rows, fits, path: str, title: str) -> Optional[str]:
         ax.axhline(TARGETS[target], color="0.5", linewidth=0.8, linestyle=":")
         ax.set_xlabel(f"√KL(policy ‖ initial model), √({KL_UNIT})")
         ax.set_ylabel(labels[target])
-        ax.set_title(f"{labels[target]} vs √KL; curves: R(d) = d(a − b log d)", fontsize=10)
+        ax.set_title(f"{labels[target].split(' over')[0].split(' against')[0]} vs √KL", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7.5, loc="best")
-    fig.suptitle(title)
+    fig.suptitle(title + "\ndots: evaluations; curves: least-squares R(d) = d(a − b log d)")
     return _save(fig, path)
 
 

@@ -50,11 +50,17 @@ def test_verdict_says_where_each_frontier_is_ahead():
     budgets = [1.0, 2.0, 3.0]
     mine, theirs = budget_table(ROWS, "tr-dpo", budgets), budget_table(ROWS, "dpo", budgets)
     line = verdict("tr-dpo", "dpo", mine, theirs)
-    assert line.startswith("tr-dpo vs dpo on gold reward: mixed")
-    assert "tr-dpo ahead at KL <= 1, 2" in line and "overlapping at KL <= 3" in line
+    assert line == ("tr-dpo above dpo on gold reward where they separate "
+                    "(tr-dpo ahead at KL <= 1, 2; overlapping at KL <= 3).")
     assert verdict("tr-dpo", "dpo", mine[:2], theirs[:2]).startswith("tr-dpo dominates dpo")
     assert verdict("dpo", "tr-dpo", theirs[:2], mine[:2]).startswith("tr-dpo dominates dpo")
+    assert verdict("dpo", "tr-dpo", theirs, mine).startswith("tr-dpo above dpo on gold reward")
     assert "not separable" in verdict("tr-dpo", "dpo", mine[2:], theirs[2:])
+    # x: 0.3 at KL 0 on both seeds: above dpo's best seed within KL <= 1 and 2 (0.2, 0.25),
+    # below its worst within 3 (0.45)
+    mixed = budget_table(_rows("x", 0, [(0.0, 0.3)]) + _rows("x", 1, [(0.0, 0.3)]), "x", budgets)
+    assert verdict("x", "dpo", mixed, theirs) == ("x vs dpo on gold reward: mixed (x ahead at KL <= 1, 2; "
+                                                  "dpo ahead at KL <= 3).")
 
 
 def test_pairs_and_default_budgets():
