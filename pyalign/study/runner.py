@@ -177,10 +177,11 @@ def run_ray(jobs, *, address: Optional[str] = None, workers: Optional[int] = Non
     try:
         if pending:
             if started_here:
-                kwargs = {"address": address} if address else {"num_cpus": workers}
-                # the workers import pyalign from the driver's environment (same venv, same cwd)
-                ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                         runtime_env={"env_vars": _worker_env()}, **kwargs)
+                # a local instance's workers import pyalign from the driver's environment; a
+                # cluster's workers must have pyalign installed (and see the study directory)
+                kwargs = {"address": address} if address else \
+                    {"num_cpus": workers, "runtime_env": {"env_vars": _worker_env()}}
+                ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", **kwargs)
             task = ray.remote(num_cpus=1, max_retries=0)(run_config)
             refs = {task.remote(path): point for point, path in pending}
             waiting = list(refs)

@@ -50,6 +50,16 @@ def test_presets_are_valid_grids_and_the_default_has_its_promised_shape():
     assert all(p.epochs[0] == 0 and p.epochs[-1] == 2.0 and 0.125 in p.epochs for p in points)
 
 
+def test_a_study_directory_resumes_only_its_own_grid(tmp_path):
+    from pyalign.study.runner import prepare
+    prepare(parse_grid(GOOD), str(tmp_path))
+    prepare(parse_grid(copy.deepcopy(GOOD)), str(tmp_path))  # the same grid: resumable
+    other = copy.deepcopy(GOOD)
+    other["seeds"] = [0, 1]
+    with pytest.raises(GridError, match="holds a study of another grid"):
+        prepare(parse_grid(other), str(tmp_path))
+
+
 def test_cli_rejects_a_bad_grid_before_any_run(tmp_path, run_cli, study_env):
     grid = tmp_path / "bad.toml"
     grid.write_text("[algos.dpo]\nbeta = [0.1]\n[algos.frobnicate]\nbeta = [0.1]\n")
