@@ -31,7 +31,10 @@ class HumpFit:
 
     @property
     def peak_d(self) -> float:
-        return math.exp(self.a / self.b - 1.0) if self.b > 0 else math.inf
+        if self.b <= 0:
+            return math.inf
+        exponent = self.a / self.b - 1.0
+        return math.exp(exponent) if exponent < 700 else math.inf  # past float64: no peak in sight
 
     @property
     def peak_value(self) -> float:
@@ -81,7 +84,8 @@ def bootstrap_hump(d, r, seeds, *, samples: int = BOOTSTRAP_SAMPLES, rng_seed: i
         if values.size == 0:
             out[key] = (math.nan, math.nan)
         else:
-            low, high = np.percentile(values, [2.5, 97.5])  # inf stays inf: "no peak" draws
+            with np.errstate(invalid="ignore"):  # inf stays inf: "no peak" draws
+                low, high = np.percentile(values, [2.5, 97.5])
             out[key] = (float(low), float(high))
     return out
 

@@ -67,12 +67,17 @@ def plot_gold_vs_sqrt_kl(rows, fits, path: str, title: str) -> Optional[str]:
                 label += f" (a={fit.a:.3g}, b={fit.b:.3g}, R²={fit.r2:.2f})"
             ax.plot([], [], color=colors[method], marker="o", label=label)
         ax.axhline(TARGETS[target], color="0.5", linewidth=0.8, linestyle=":")
+        observed = [r[target] for r in rows]
+        margin = 0.08 * (max(observed) - min(observed) or 1.0)
+        low, high = min(observed) - margin, max(observed) + margin  # the curves may run past the data
+        ax.set_ylim(*((max(low, -0.05), min(high, 1.05)) if target == "gold_win_rate" else (low, high)))
         ax.set_xlabel(f"√KL(policy ‖ initial model), √({KL_UNIT})")
         ax.set_ylabel(labels[target])
         ax.set_title(f"{labels[target].split(' over')[0].split(' against')[0]} vs √KL", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7.5, loc="best")
-    fig.suptitle(title + "\ndots: evaluations; curves: least-squares R(d) = d(a − b log d)")
+    fig.suptitle(f"{title}\n(dots: evaluations; curves: least-squares R(d) = d(a − b log d))")
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -125,7 +130,7 @@ def plot_frontiers(rows, pairs, path: str, title: str, metric: str = "gold_rewar
     for ax, pair in zip(axes.flat, pairs):
         members = (pair["method"], pair["baseline"])
         kl_max = max(r["kl_to_init"] for r in rows if r["method"] in members) or 1.0
-        budgets = np.linspace(0, kl_max * 1.02, 120)
+        budgets = np.concatenate([np.linspace(0, 1, 20), np.geomspace(1, max(kl_max * 1.02, 1.01), 120)])
         for method in members:
             mine = [r for r in rows if r["method"] == method]
             kl = [r["kl_to_init"] for r in mine]
@@ -143,7 +148,8 @@ def plot_frontiers(rows, pairs, path: str, title: str, metric: str = "gold_rewar
             ax.axvline(budget, color="0.6", linewidth=0.6, linestyle="--")
         ax.plot([], [], color="0.3", linestyle=":", label="Pareto frontier, seeds pooled")
         ax.fill_between([], [], [], color="0.5", alpha=0.2, label="seed min-max")
-        ax.set_xlabel(f"KL budget: KL(policy ‖ initial model), {KL_UNIT}")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel(f"KL budget: KL(policy ‖ initial model), {KL_UNIT} (symlog scale)")
         ax.set_ylabel(metric.replace("_", " "))
         ax.set_title(f"{pair['method']} vs {pair['baseline']}", fontsize=10)
         ax.grid(alpha=0.3)
@@ -165,7 +171,8 @@ def plot_length_vs_kl(rows, fits, path: str, title: str) -> Optional[str]:
         slope = next((f["length_slope"] for f in fits if f["method"] == method), float("nan"))
         ax.scatter([r["kl_to_init"] for r in mine], [r["response_length"] for r in mine], s=12,
                    alpha=0.5, color=colors[method], label=f"{method} (slope {slope:.3g} tokens/nat)")
-    ax.set_xlabel(f"KL(policy ‖ initial model), {KL_UNIT}")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel(f"KL(policy ‖ initial model), {KL_UNIT} (symlog scale)")
     ax.set_ylabel("mean response length, tokens (up to the first EOS)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

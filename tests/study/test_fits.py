@@ -55,6 +55,8 @@ def test_monotone_data_has_no_peak_and_too_few_points_no_fit():
     fit = fit_hump(d, 0.2 * d + 0.05 * d * np.log(d))  # b = -0.05: never turns down
     assert fit.b < 0 and math.isinf(fit.peak_d) and math.isinf(fit.peak_value)
     assert fit_hump([0.0, 1.0], [0.0, 0.3]) is None  # one point with d > 0
+    nearly_flat = fit_hump(d, 0.2 * d - 1e-6 * d * np.log(d))  # a peak past float64's range
+    assert nearly_flat.b > 0 and math.isinf(nearly_flat.peak_d)
     assert fit_hump([], []) is None
 
 
