@@ -114,10 +114,27 @@ def verdict(method: str, baseline: str, method_table: list[dict], baseline_table
     return f"{head} ({'; '.join(parts)})."
 
 
+def with_matched_baselines(rows: list[dict], tr_betas: dict) -> list[dict]:
+    """``rows`` plus, for each trust-region method run at one beta (``tr_betas``: method ->
+    beta), the runs of its base method at that beta under the label ``"X (beta=B)"``: the
+    paper's comparison, TR-X against X at the same beta, next to the one against X's whole sweep."""
+    extra = []
+    for method, beta in tr_betas.items():
+        base = method[3:]
+        label = f"{base} (beta={beta:g})"
+        extra += [{**r, "method": label} for r in rows
+                  if r["method"] == base and r["knob"] == "beta" and r["value"] == beta]
+    return rows + extra
+
+
 def method_pairs(methods) -> list[tuple[str, str]]:
-    """(method, baseline): TR-X vs X, Elastic Reset vs RLOO with and without a KL penalty."""
+    """(method, baseline): TR-X vs X (its whole sweep, then X at TR-X's beta where the rows have
+    it), Elastic Reset vs RLOO with and without a KL penalty."""
     methods = list(methods)
-    pairs = [(m, m[3:]) for m in methods if m.startswith("tr-") and m[3:] in methods]
+    pairs = []
+    for m in methods:
+        if m.startswith("tr-"):
+            pairs += [(m, b) for b in methods if b == m[3:] or b.startswith(f"{m[3:]} (beta=")]
     for baseline in ("rloo", "rloo (no KL)"):
         if "elastic-reset" in methods and baseline in methods:
             pairs.append(("elastic-reset", baseline))

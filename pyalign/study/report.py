@@ -8,7 +8,7 @@ import os
 
 from pyalign._utils import atomic_write
 from pyalign.study.fits import fit_table
-from pyalign.study.frontiers import compare_pairs
+from pyalign.study.frontiers import compare_pairs, with_matched_baselines
 from pyalign.study.grid import format_value
 from pyalign.study.plots import write_plots
 
@@ -78,12 +78,25 @@ def _grid_markdown(spec: dict) -> str:
     return "\n".join(lines)
 
 
+def _tr_betas(spec: dict) -> dict:
+    """The beta of each trust-region algorithm of the grid that does not sweep it."""
+    from pyalign.trainers import PreferenceConfig
+    from pyalign.trainers.presets import TUNED_DEFAULTS
+    betas = {}
+    for algo, knobs in spec["algos"].items():
+        if algo.startswith("tr-") and not isinstance(knobs.get("beta"), list):
+            betas[algo] = float(knobs.get("beta", spec["preference"].get(
+                "beta", TUNED_DEFAULTS.get(algo, {}).get("beta", PreferenceConfig.beta))))
+    return betas
+
+
 def write_report(out: str, grid, rows: list[dict], missing: list[str], run_info: dict | None = None) -> str:
     """Fits, comparisons, figures and report.md for the rows of a study in ``out``."""
     spec = grid.spec
     fits = fit_table(rows)
-    pairs = compare_pairs(rows, spec.get("budgets"))
-    figures = write_plots(rows, fits, pairs, out, grid.name)
+    compared = with_matched_baselines(rows, _tr_betas(spec))
+    pairs = compare_pairs(compared, spec.get("budgets"))
+    figures = write_plots(compared, fits, pairs, out, grid.name)
     parts = [f"# pyalign study `{grid.name}`", "", _grid_markdown(spec), ""]
     n_points = len(grid.points())
     parts.append(f"Points finished: {n_points - len(missing)} of {n_points}"

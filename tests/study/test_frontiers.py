@@ -11,6 +11,7 @@ from pyalign.study.frontiers import (
     method_pairs,
     pareto_frontier,
     verdict,
+    with_matched_baselines,
 )
 
 
@@ -63,10 +64,21 @@ def test_verdict_says_where_each_frontier_is_ahead():
                                                   "dpo ahead at KL <= 3).")
 
 
+def test_matched_baseline_is_the_base_method_at_the_tr_beta():
+    rows = [{"method": "dpo", "knob": "beta", "value": v, "seed": 0, "kl_to_init": 1.0, "gold_reward": v}
+            for v in (0.05, 0.1)] + [{"method": "tr-dpo", "knob": "tr_tau", "value": 8, "seed": 0,
+                                      "kl_to_init": 1.0, "gold_reward": 0.3}]
+    out = with_matched_baselines(rows, {"tr-dpo": 0.1})
+    assert out[:3] == rows
+    assert out[3:] == [{**rows[1], "method": "dpo (beta=0.1)"}]
+
+
 def test_pairs_and_default_budgets():
     assert method_pairs(["dpo", "tr-dpo", "ipo", "elastic-reset", "rloo", "rloo (no KL)"]) == [
         ("tr-dpo", "dpo"), ("elastic-reset", "rloo"), ("elastic-reset", "rloo (no KL)")]
     assert method_pairs(["tr-ipo", "dpo"]) == []
+    assert method_pairs(["dpo", "tr-dpo", "dpo (beta=0.1)"]) == [("tr-dpo", "dpo"),
+                                                                 ("tr-dpo", "dpo (beta=0.1)")]
     budgets = default_budgets(ROWS, ("tr-dpo", "dpo"))
     assert budgets == sorted(budgets) and budgets[-1] >= 3.0
     (pair,) = compare_pairs(ROWS, [1.0, 3.0], metrics=("gold_reward",))
