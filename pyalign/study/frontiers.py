@@ -114,30 +114,32 @@ def verdict(method: str, baseline: str, method_table: list[dict], baseline_table
     return f"{head} ({'; '.join(parts)})."
 
 
-def with_matched_baselines(rows: list[dict], tr_betas: dict) -> list[dict]:
-    """``rows`` plus, for each trust-region method run at one beta (``tr_betas``: method ->
-    beta), the runs of its base method at that beta under the label ``"X (beta=B)"``: the
-    paper's comparison, TR-X against X at the same beta, next to the one against X's whole sweep."""
+def with_matched_baselines(rows: list[dict], matched: dict) -> list[dict]:
+    """``rows`` plus, for each method run at one fixed value of its baseline's knob (``matched``:
+    method -> (baseline, knob, value)), the baseline's runs at that value under the label
+    ``"baseline (knob=value)"``: the papers' comparison (TR-X against X at the same beta,
+    Elastic Reset against RLOO at the same KL coefficient), next to the one against the
+    baseline's whole sweep."""
     extra = []
-    for method, beta in tr_betas.items():
-        base = method[3:]
-        label = f"{base} (beta={beta:g})"
+    for baseline, knob, value in matched.values():
+        label = f"{baseline} ({knob}={value:g})"
         extra += [{**r, "method": label} for r in rows
-                  if r["method"] == base and r["knob"] == "beta" and r["value"] == beta]
+                  if r["method"] == baseline and r["knob"] == knob and r["value"] == value]
     return rows + extra
 
 
 def method_pairs(methods) -> list[tuple[str, str]]:
     """(method, baseline): TR-X vs X (its whole sweep, then X at TR-X's beta where the rows have
-    it), Elastic Reset vs RLOO with and without a KL penalty."""
+    it), Elastic Reset vs RLOO with a KL penalty (the sweep, then at Elastic Reset's
+    coefficient) and without one."""
     methods = list(methods)
     pairs = []
     for m in methods:
         if m.startswith("tr-"):
             pairs += [(m, b) for b in methods if b == m[3:] or b.startswith(f"{m[3:]} (beta=")]
-    for baseline in ("rloo", "rloo (no KL)"):
-        if "elastic-reset" in methods and baseline in methods:
-            pairs.append(("elastic-reset", baseline))
+    if "elastic-reset" in methods:
+        pairs += [("elastic-reset", b) for b in methods
+                  if b in ("rloo", "rloo (no KL)") or b.startswith("rloo (kl_coef=")]
     return pairs
 
 

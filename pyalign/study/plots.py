@@ -147,6 +147,7 @@ def plot_frontiers(rows, pairs, path: str, title: str, metric: str = "gold_rewar
         for budget in pair["budgets"]:
             ax.axvline(budget, color="0.6", linewidth=0.6, linestyle="--")
         ax.plot([], [], color="0.3", linestyle=":", label="Pareto frontier, seeds pooled")
+        ax.plot([], [], color="0.6", linestyle="--", linewidth=0.6, label="budgets of the report's table")
         ax.fill_between([], [], [], color="0.5", alpha=0.2, label="seed min-max")
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xlabel(f"KL budget: KL(policy ‖ initial model), {KL_UNIT} (symlog scale)")

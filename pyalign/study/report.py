@@ -78,23 +78,32 @@ def _grid_markdown(spec: dict) -> str:
     return "\n".join(lines)
 
 
-def _tr_betas(spec: dict) -> dict:
-    """The beta of each trust-region algorithm of the grid that does not sweep it."""
-    from pyalign.trainers import PreferenceConfig
+def _matched(spec: dict) -> dict:
+    """method -> (baseline, knob, value): the fixed beta of each trust-region algorithm, the
+    fixed KL coefficient of Elastic Reset, where the grid does not sweep them."""
+    from pyalign.trainers import PreferenceConfig, RLConfig
     from pyalign.trainers.presets import TUNED_DEFAULTS
-    betas = {}
+    matched = {}
     for algo, knobs in spec["algos"].items():
-        if algo.startswith("tr-") and not isinstance(knobs.get("beta"), list):
-            betas[algo] = float(knobs.get("beta", spec["preference"].get(
-                "beta", TUNED_DEFAULTS.get(algo, {}).get("beta", PreferenceConfig.beta))))
-    return betas
+        if algo.startswith("tr-"):
+            family, knob, default = "preference", "beta", PreferenceConfig.beta
+            baseline = algo[3:]
+        elif algo == "elastic-reset":
+            family, knob, default = "rl", "kl_coef", RLConfig.kl_coef
+            baseline = "rloo"
+        else:
+            continue
+        if not isinstance(knobs.get(knob), list):
+            value = knobs.get(knob, spec[family].get(knob, TUNED_DEFAULTS.get(algo, {}).get(knob, default)))
+            matched[algo] = (baseline, knob, float(value))
+    return matched
 
 
 def write_report(out: str, grid, rows: list[dict], missing: list[str], run_info: dict | None = None) -> str:
     """Fits, comparisons, figures and report.md for the rows of a study in ``out``."""
     spec = grid.spec
     fits = fit_table(rows)
-    compared = with_matched_baselines(rows, _tr_betas(spec))
+    compared = with_matched_baselines(rows, _matched(spec))
     pairs = compare_pairs(compared, spec.get("budgets"))
     figures = write_plots(compared, fits, pairs, out, grid.name)
     parts = [f"# pyalign study `{grid.name}`", "", _grid_markdown(spec), ""]

@@ -68,14 +68,16 @@ def test_matched_baseline_is_the_base_method_at_the_tr_beta():
     rows = [{"method": "dpo", "knob": "beta", "value": v, "seed": 0, "kl_to_init": 1.0, "gold_reward": v}
             for v in (0.05, 0.1)] + [{"method": "tr-dpo", "knob": "tr_tau", "value": 8, "seed": 0,
                                       "kl_to_init": 1.0, "gold_reward": 0.3}]
-    out = with_matched_baselines(rows, {"tr-dpo": 0.1})
+    out = with_matched_baselines(rows, {"tr-dpo": ("dpo", "beta", 0.1)})
     assert out[:3] == rows
     assert out[3:] == [{**rows[1], "method": "dpo (beta=0.1)"}]
 
 
 def test_pairs_and_default_budgets():
-    assert method_pairs(["dpo", "tr-dpo", "ipo", "elastic-reset", "rloo", "rloo (no KL)"]) == [
-        ("tr-dpo", "dpo"), ("elastic-reset", "rloo"), ("elastic-reset", "rloo (no KL)")]
+    assert method_pairs(["dpo", "tr-dpo", "ipo", "elastic-reset", "rloo", "rloo (no KL)",
+                         "rloo (kl_coef=0.05)"]) == [
+        ("tr-dpo", "dpo"), ("elastic-reset", "rloo"), ("elastic-reset", "rloo (no KL)"),
+        ("elastic-reset", "rloo (kl_coef=0.05)")]
     assert method_pairs(["tr-ipo", "dpo"]) == []
     assert method_pairs(["dpo", "tr-dpo", "dpo (beta=0.1)"]) == [("tr-dpo", "dpo"),
                                                                  ("tr-dpo", "dpo (beta=0.1)")]
