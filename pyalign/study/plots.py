@@ -35,9 +35,16 @@ def _save(fig, path: str) -> str:
 
 
 def _colors(methods):
+    """A colour per method, fixed by the method's name (the same in every figure and study)."""
     plt = _pyplot()
     cycle = plt.get_cmap("tab10")
-    return {m: cycle(i % 10) for i, m in enumerate(methods)}
+    order = ["dpo", "ipo", "slic", "tr-dpo", "kto", "tr-ipo", "tr-kto", "rloo", "rloo (no KL)",
+             "elastic-reset"]
+    colors = {m: cycle(i) for i, m in enumerate(order)}
+    extra = [m for m in methods if m not in colors]
+    for i, m in enumerate(extra):  # matched baselines and anything else: the remaining colours
+        colors[m] = plt.get_cmap("Dark2")(i % 8)
+    return colors
 
 
 def _methods(rows):
@@ -181,14 +188,16 @@ def plot_length_vs_kl(rows, fits, path: str, title: str) -> Optional[str]:
     return _save(fig, path)
 
 
-def write_plots(rows, fits, pairs, out: str, name: str) -> dict:
-    """Every figure of a study into ``out``; name -> path (None where there was nothing to plot)."""
+def write_plots(rows, fits, pairs, out: str, name: str, compared=None) -> dict:
+    """Every figure of a study into ``out``; name -> path (None where there was nothing to plot).
+    ``compared``: the rows with the matched baselines (frontiers.with_matched_baselines), for the
+    frontiers; the other figures show each run once."""
     return {
         "gold_vs_sqrt_kl": plot_gold_vs_sqrt_kl(rows, fits, os.path.join(out, "gold_vs_sqrt_kl.png"),
                                                 f"study {name}: gold quality vs drift, every evaluation"),
         "progress": plot_progress(rows, os.path.join(out, "gold_proxy_vs_progress.png"),
                                   f"study {name}: gold and proxy reward over training"),
-        "frontiers": plot_frontiers(rows, pairs, os.path.join(out, "frontiers.png"),
+        "frontiers": plot_frontiers(compared or rows, pairs, os.path.join(out, "frontiers.png"),
                                     f"study {name}: best gold reward within a KL budget"),
         "length_vs_kl": plot_length_vs_kl(rows, fits, os.path.join(out, "length_vs_kl.png"),
                                           f"study {name}: response length vs KL"),

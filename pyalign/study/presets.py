@@ -14,7 +14,11 @@ with DPO's gold still rising at every beta; 16 pairs doubles the updates per epo
 data and about the same compute. TR-DPO's tau then spans 1/16 to 1/2 of the 128-update run, the
 range of the TR-DPO paper's hard-update periods relative to its run length.
 - ``elastic-reset``: RLOO over KL coefficients (0 included: RLOO without a KL penalty) against
-  Elastic Reset over reset periods, 2 seeds.
+  Elastic Reset (at RLOO's default coefficient 0.05) over reset periods, 2 seeds, the same
+  evaluation steps (8, 16, 32, 64, 128 updates of 16 prompts). The periods are not powers of
+  two on purpose: a first run with periods 16, 32 and 64 divided every evaluation step, so every
+  evaluation of Elastic Reset saw the policy just reset to its EMA and none the policy between
+  resets. With 12, 24 and 48 the evaluations fall at varying phases of the reset cycle.
 - ``full``: every preference algorithm and both RL ones, wider sweeps, 3 seeds, 4 epochs: for a
   machine with tens of cores.
 """
@@ -40,7 +44,7 @@ PRESETS: dict[str, dict] = {
         "epochs": EPOCHS,
         "algos": {
             "rloo": {"kl_coef": [0.0, 0.02, 0.05, 0.1, 0.2]},
-            "elastic-reset": {"er_reset_every": [16, 32, 64], "kl_coef": 0.05},
+            "elastic-reset": {"er_reset_every": [12, 24, 48], "kl_coef": 0.05},
         },
     },
     "full": {
@@ -56,7 +60,7 @@ PRESETS: dict[str, dict] = {
             "tr-ipo": {"tr_tau": [4, 8, 16, 32, 64, 128], "beta": 0.5},
             "tr-kto": {"tr_tau": [4, 8, 16, 32, 64, 128], "beta": 0.1},
             "rloo": {"kl_coef": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4]},
-            "elastic-reset": {"er_reset_every": [8, 16, 32, 64, 128], "kl_coef": 0.05},
+            "elastic-reset": {"er_reset_every": [10, 20, 40, 80, 160], "kl_coef": 0.05},
         },
     },
 }

@@ -105,7 +105,7 @@ def write_report(out: str, grid, rows: list[dict], missing: list[str], run_info:
     fits = fit_table(rows)
     compared = with_matched_baselines(rows, _matched(spec))
     pairs = compare_pairs(compared, spec.get("budgets"))
-    figures = write_plots(compared, fits, pairs, out, grid.name)
+    figures = write_plots(rows, fits, pairs, out, grid.name, compared=compared)
     parts = [f"# pyalign study `{grid.name}`", "", _grid_markdown(spec), ""]
     n_points = len(grid.points())
     parts.append(f"Points finished: {n_points - len(missing)} of {n_points}"
