@@ -84,8 +84,9 @@ def bootstrap_hump(d, r, seeds, *, samples: int = BOOTSTRAP_SAMPLES, rng_seed: i
         if values.size == 0:
             out[key] = (math.nan, math.nan)
         else:
-            with np.errstate(invalid="ignore"):  # inf stays inf: "no peak" draws
-                low, high = np.percentile(values, [2.5, 97.5])
+            # order statistics, not interpolation: a "no peak" draw (inf) stays inf, never nan
+            low = np.percentile(values, 2.5, method="lower")
+            high = np.percentile(values, 97.5, method="higher")
             out[key] = (float(low), float(high))
     return out
 
