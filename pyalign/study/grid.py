@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import re
 
 from pyalign.trainers.presets import ALGOS
 
@@ -231,15 +230,6 @@ def check_point(point: Point, spec: dict) -> None:
         resolve_config_values(values, where=f"grid point {point.point_id}")
     except ConfigError as exc:
         raise GridError(str(exc)) from exc
-
-
-_SAFE = re.compile(r"^[A-Za-z0-9._=+-]+$")
-
-
-def point_dir_name(point: Point) -> str:
-    name = point.point_id
-    assert _SAFE.match(name), name
-    return name
 
 
 __all__ = ["Grid", "GridError", "Point", "STRENGTH_KNOBS", "parse_grid", "train_config", "format_value"]

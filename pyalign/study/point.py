@@ -66,6 +66,9 @@ def run_point(algo: str, run: dict, config) -> int:
     out, study = run["out"], run["study"]
     try:
         _check_study_table(study, run["steps"])
+        if run["model"] or run["fsdp"]:
+            raise ConfigError("a study point trains the embedded task's model in one process: "
+                              "'model' and 'fsdp' do not apply")
     except ConfigError as exc:
         print(f"pyalign train: error: {exc}", file=sys.stderr)
         return 2

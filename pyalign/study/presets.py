@@ -2,9 +2,10 @@
 
 - ``default``: DPO, IPO and SLiC over 4 values of beta and TR-DPO over 4 update periods tau
   (alpha 0.6, beta 0.1), 3 seeds, evaluated at 1/8, 1/4, 1/2, 1 and 2 epochs of 1024 pairs:
-  48 runs, about 6 minutes with 2 workers on 2 shared cores (a first version with 2 seeds took
-  4 minutes; the third seed is there because one of those two seeds collapsed mid-epoch in 5 of
-  its 16 runs and the other in none: two seeds cannot say how often that happens).
+  48 runs, 430 s measured with 2 workers on 2 cores that other jobs kept at load average 3.4-5.9
+  (a first version with 2 seeds took 236 s at load 2.7-3.7; the third seed is there because one
+  of those two seeds collapsed mid-epoch in 5 of its 16 runs and the other in none: two seeds
+  cannot say how often that happens).
 
 Why batches of 16 pairs (``pyalign train``'s default is 32): how far a policy moves is set by
 the number of Adam updates more than by the examples seen, and the papers that report
@@ -14,7 +15,8 @@ with DPO's gold still rising at every beta; 16 pairs doubles the updates per epo
 data and about the same compute. TR-DPO's tau then spans 1/16 to 1/2 of the 128-update run, the
 range of the TR-DPO paper's hard-update periods relative to its run length.
 - ``elastic-reset``: RLOO over KL coefficients (0 included: RLOO without a KL penalty) against
-  Elastic Reset (at RLOO's default coefficient 0.05) over reset periods, 2 seeds, the same
+  Elastic Reset (at RLOO's default coefficient 0.05) over reset periods, 2 seeds (389 s with 2
+  workers at load average 3.8-8.7), the same
   evaluation steps (8, 16, 32, 64, 128 updates of 16 prompts). The periods are not powers of
   two on purpose: a first run with periods 16, 32 and 64 divided every evaluation step, so every
   evaluation of Elastic Reset saw the policy just reset to its EMA and none the policy between
