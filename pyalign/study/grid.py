@@ -155,7 +155,10 @@ def parse_grid(raw: dict, name: str = "custom") -> Grid:
         if not isinstance(knobs, dict):
             raise GridError(f"[algos.{algo}] must be a table: the swept knob = [values], fixed keys = value")
         swept = [k for k, v in knobs.items() if isinstance(v, list)]
-        allowed = STRENGTH_KNOBS[algo]
+        allowed = STRENGTH_KNOBS.get(algo)
+        if allowed is None:  # an algorithm added to the presets without a study knob
+            raise GridError(f"algorithm {algo!r} has no strength knob declared for studies "
+                            f"(pyalign/study/grid.py STRENGTH_KNOBS)")
         if len(swept) != 1:
             raise GridError(f"[algos.{algo}] must sweep exactly one knob (a list of values) out of "
                             f"{', '.join(allowed)}; it sweeps {swept or 'none'}")
