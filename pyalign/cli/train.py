@@ -6,8 +6,10 @@
 
 A config file (TOML, or YAML when pyyaml is installed) holds flat ``key = value`` pairs: the run
 keys (algo, steps, seed, out, model, backend, bf16, fsdp, threads, task_seed, task_cache_dir), the
-trainer keys of the algorithm (``--print-config`` lists them with their defaults) and an optional
-``[task]`` table of pyalign.tasks.TaskConfig sizes. Command-line flags override the file.
+trainer keys of the algorithm (``--print-config`` lists them with their defaults), an optional
+``[task]`` table of pyalign.tasks.TaskConfig sizes and, in the configs `pyalign study` writes, a
+``[study]`` table (the run is then a study point: pyalign/study/point.py evaluates it at the
+table's steps into OUT/evals.jsonl). Command-line flags override the file.
 Writes metrics.jsonl, reward_vs_kl.png and checkpoints/ under --out and prints a summary line.
 Checkpoints are periodic (checkpoint_every = 50 steps, checkpoint_minutes = 10.0; 0 disables
 either), so a killed run continues with --resume from its newest complete checkpoint; a run
@@ -95,9 +97,10 @@ def load_config_file(path: str) -> dict:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected key = value pairs at the top level")
-    nested = [k for k, v in data.items() if isinstance(v, dict) and k != "task"]
+    nested = [k for k, v in data.items() if isinstance(v, dict) and k not in ("task", "study")]
     if nested:
-        raise ConfigError(f"{path}: the only table is [task]; {nested} must be flat key = value pairs")
+        raise ConfigError(f"{path}: the only tables are [task] and [study]; {nested} must be flat "
+                          f"key = value pairs")
     return data
 
 
@@ -146,7 +149,17 @@ def _check_out(out) -> None:
 def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
     """(algo, run settings, trainer config) from defaults < config file < command line."""
     file_values = load_config_file(args.config) if args.config else {}
-    where = args.config or "command line"
+    return _resolve(file_values, args.config or "command line", args)
+
+
+def resolve_config_values(values: dict, where: str) -> tuple[str, dict, Any]:
+    """(algo, run settings, trainer config) of a config mapping (a parsed config file), resolved
+    and checked exactly as ``pyalign train --config`` does it (pyalign.study checks its points
+    with it before any run)."""
+    return _resolve(values, where, argparse.Namespace(algo=None, config=None))
+
+
+def _resolve(file_values: dict, where: str, args: argparse.Namespace) -> tuple[str, dict, Any]:
     algo = args.algo or file_values.get("algo")
     if algo is None:
         raise ConfigError(f"no algorithm: pass --algo or set algo in the config file "
@@ -167,6 +180,10 @@ def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
     for key, value in file_values.items():
         if key == "task":
             run["task"] = _task_overrides(value, where)
+        elif key == "study":  # a point of `pyalign study` (its evaluations; pyalign/study/point.py)
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: 'study' must be a table")
+            run["study"] = dict(value)
         elif key in RUN_KEYS:
             run[key] = _check_type(key, value, RUN_KEYS[key], where)
         elif key in ALGO_KEYS and not (key == "loss" and algo in LOSS_CONFIGURABLE):
@@ -319,6 +336,9 @@ def run_train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"pyalign train: error: {exc}", file=sys.stderr)
         return 2
+    if run.get("study"):  # a `pyalign study` point: trained and evaluated by pyalign.study
+        from pyalign.study.point import run_point
+        return run_point(algo, run, config)
     if getattr(args, "print_config", False):
         print(f"# pyalign train --algo {algo}: the keys a config file may set, resolved")
         for key, value in {**run, **dataclasses.asdict(config)}.items():

@@ -25,7 +25,7 @@ from pyalign.trainers.scoring import masked_sum
 from pyalign.trainers.trainer import Trainer, TrainerConfig, _freeze, check_range, make_generator
 
 PAIRWISE_LOSSES = losses.PAIRWISE_NAMES  # from the registry, pyalign/losses.py
-LOSSES = losses.NAMES  # the pairwise losses, then kto
+LOSSES = losses.NAMES  # the pairwise losses, then the unpaired ones (kto, apo_zero_unpaired)
 REFERENCES = ("frozen", "trust_region")
 
 
@@ -63,11 +63,12 @@ class PreferenceConfig(TrainerConfig):
         check_range(self, "tr_tau", ">= 1", lambda v: v >= 1)
         check_range(self, "num_examples", f">= batch_size ({self.batch_size})",
                     lambda v: v >= self.batch_size)
-        if self.loss == "kto":
+        if isinstance(self.loss, str) and self.loss in losses.UNPAIRED_NAMES:
             for key, default in (("loss_weights", None), ("f_divergence", "reverse_kl"),
                                  ("ld_alpha", None), ("use_weighting", False)):
                 if getattr(self, key) != default:
-                    raise ValueError(f"config key {key!r} applies to the pairwise losses, not kto")
+                    raise ValueError(f"config key {key!r} applies to the pairwise losses, not "
+                                     f"{self.loss}")
         else:
             try:  # the op's own checks, each naming its argument (= the config key)
                 pyalign.ops.preference.check_loss_options(

@@ -109,7 +109,7 @@ def _write(path, text):
     ('algo = "mystery"\n', "unknown algo 'mystery'"),
     ('beta = 0.1\n', "no algorithm: pass --algo"),
     ('algo = "dpo"\n[task]\nsft_stepz = 3\n', "unknown [task] key(s) 'sft_stepz'"),
-    ('algo = "dpo"\n[trainer]\nbeta = 0.1\n', "the only table is [task]"),
+    ('algo = "dpo"\n[trainer]\nbeta = 0.1\n', "the only tables are [task] and [study]"),
     ('algo = "dpo"\nbeta = \n', "invalid TOML"),
 ])
 def test_bad_config_files(tmp_path, capsys, text, message):

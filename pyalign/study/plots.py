@@ -1,0 +1,207 @@
+"""The study's figures (PNG, written atomically): gold vs sqrt(KL) with the fitted curves, gold
+and proxy reward over training (the over-optimisation gap), the frontiers of each method pair,
+and response length vs KL. Each returns the path it wrote, or None when there is nothing to plot.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Optional
+
+import numpy as np
+
+from pyalign._utils import atomic_write
+from pyalign.study.fits import TARGETS
+from pyalign.study.frontiers import budget_table, pareto_frontier
+from pyalign.study.grid import format_value
+
+KL_UNIT = "nats per response"
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    plt = _pyplot()
+    image = io.BytesIO()
+    fig.savefig(image, dpi=110, format="png", bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, image.getvalue())
+    return path
+
+
+def _colors(methods):
+    """A colour per method, fixed by the method's name (the same in every figure and study)."""
+    plt = _pyplot()
+    cycle = plt.get_cmap("tab10")
+    order = ["dpo", "ipo", "slic", "tr-dpo", "kto", "tr-ipo", "tr-kto", "rloo", "rloo (no KL)",
+             "elastic-reset"]
+    colors = {m: cycle(i) for i, m in enumerate(order)}
+    extra = [m for m in methods if m not in colors]
+    for i, m in enumerate(extra):  # matched baselines and anything else: the remaining colours
+        colors[m] = plt.get_cmap("Dark2")(i % 8)
+    return colors
+
+
+def _methods(rows):
+    return list(dict.fromkeys(r["method"] for r in rows))
+
+
+def plot_gold_vs_sqrt_kl(rows, fits, path: str, title: str) -> Optional[str]:
+    if not rows:
+        return None
+    plt = _pyplot()
+    methods = _methods(rows)
+    colors = _colors(methods)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    labels = {"gold_gain": "gold reward gain over the SFT model",
+              "gold_win_rate": "gold win rate against the SFT model"}
+    d_max = max(r["sqrt_kl"] for r in rows) or 1.0
+    grid = np.linspace(0, d_max * 1.05, 200)
+    for ax, target in zip(axes, TARGETS):
+        for method in methods:
+            mine = [r for r in rows if r["method"] == method]
+            ax.scatter([r["sqrt_kl"] for r in mine], [r[target] for r in mine], s=12, alpha=0.45,
+                       color=colors[method])
+            fit = next((f["fit"] for f in fits if f["method"] == method and f["target"] == target), None)
+            label = method
+            if fit is not None:
+                ax.plot(grid, fit(grid) + TARGETS[target], color=colors[method], linewidth=1.8)
+                label += f" (a={fit.a:.3g}, b={fit.b:.3g}, R²={fit.r2:.2f})"
+            ax.plot([], [], color=colors[method], marker="o", label=label)
+        ax.axhline(TARGETS[target], color="0.5", linewidth=0.8, linestyle=":")
+        observed = [r[target] for r in rows]
+        margin = 0.08 * (max(observed) - min(observed) or 1.0)
+        low, high = min(observed) - margin, max(observed) + margin  # the curves may run past the data
+        ax.set_ylim(*((max(low, -0.05), min(high, 1.05)) if target == "gold_win_rate" else (low, high)))
+        ax.set_xlabel(f"√KL(policy ‖ initial model), √({KL_UNIT})")
+        ax.set_ylabel(labels[target])
+        ax.set_title(f"{labels[target].split(' over')[0].split(' against')[0]} vs √KL", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7.5, loc="best")
+    fig.suptitle(f"{title}\n(dots: evaluations; curves: least-squares R(d) = d(a − b log d))")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_progress(rows, path: str, title: str) -> Optional[str]:
+    """Gold (solid) and proxy (dashed) reward against epochs, per method and knob value, seed means."""
+    if not rows:
+        return None
+    plt = _pyplot()
+    methods = _methods(rows)
+    cols = min(len(methods), 3)
+    nrows = -(-len(methods) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.0 * nrows), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, method in zip(axes.flat, methods):
+        mine = [r for r in rows if r["method"] == method]
+        values = sorted({r["value"] for r in mine})
+        knob = mine[0]["knob"]
+        for i, value in enumerate(values):
+            color = cmap(i / max(len(values) - 1, 1) * 0.9)
+            runs = [r for r in mine if r["value"] == value]
+            steps = sorted({r["step"] for r in runs})
+            epochs = [next(r["epoch"] for r in runs if r["step"] == s) for s in steps]
+            for metric, style in (("gold_reward", "-"), ("proxy_reward", "--")):
+                means = [np.mean([r[metric] for r in runs if r["step"] == s]) for s in steps]
+                ax.plot(epochs, means, style, color=color, marker="o", markersize=3,
+                        label=f"{knob}={format_value(value)}" if metric == "gold_reward" else None)
+        ax.plot([], [], "k-", label="gold reward")
+        ax.plot([], [], "k--", label="proxy reward")
+        ax.set_xscale("symlog", linthresh=0.125)
+        ax.set_xlabel("training progress, epochs (symlog scale)")
+        ax.set_ylabel("reward (gold units), mean over seeds")
+        ax.set_title(method)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(methods):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_frontiers(rows, pairs, path: str, title: str, metric: str = "gold_reward") -> Optional[str]:
+    """Per method pair: every evaluation (dots), the pooled Pareto frontier (steps) and the
+    best-within-budget seed mean with its min-max band."""
+    if not pairs:
+        return None
+    plt = _pyplot()
+    colors = _colors(_methods(rows))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.6 * len(pairs), 4.4), squeeze=False)
+    for ax, pair in zip(axes.flat, pairs):
+        members = (pair["method"], pair["baseline"])
+        kl_max = max(r["kl_to_init"] for r in rows if r["method"] in members) or 1.0
+        budgets = np.concatenate([np.linspace(0, 1, 20), np.geomspace(1, max(kl_max * 1.02, 1.01), 120)])
+        for method in members:
+            mine = [r for r in rows if r["method"] == method]
+            kl = [r["kl_to_init"] for r in mine]
+            value = [r[metric] for r in mine]
+            ax.scatter(kl, value, s=9, alpha=0.3, color=colors[method])
+            table = budget_table(rows, method, budgets, metric)
+            ax.plot(budgets, [t["mean"] for t in table], color=colors[method], linewidth=1.8,
+                    label=f"{method}: best within budget (seed mean)")
+            ax.fill_between(budgets, [t["min"] for t in table], [t["max"] for t in table],
+                            color=colors[method], alpha=0.18, linewidth=0)
+            frontier = pareto_frontier(kl, value)
+            ax.step([p[0] for p in frontier], [p[1] for p in frontier], where="post",
+                    color=colors[method], linewidth=0.8, linestyle=":")
+        for budget in pair["budgets"]:
+            ax.axvline(budget, color="0.6", linewidth=0.6, linestyle="--")
+        ax.plot([], [], color="0.3", linestyle=":", label="Pareto frontier, seeds pooled")
+        ax.plot([], [], color="0.6", linestyle="--", linewidth=0.6, label="budgets of the report's table")
+        ax.fill_between([], [], [], color="0.5", alpha=0.2, label="seed min-max")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel(f"KL budget: KL(policy ‖ initial model), {KL_UNIT} (symlog scale)")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_title(f"{pair['method']} vs {pair['baseline']}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_length_vs_kl(rows, fits, path: str, title: str) -> Optional[str]:
+    if not rows:
+        return None
+    plt = _pyplot()
+    methods = _methods(rows)
+    colors = _colors(methods)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        slope = next((f["length_slope"] for f in fits if f["method"] == method), float("nan"))
+        ax.scatter([r["kl_to_init"] for r in mine], [r["response_length"] for r in mine], s=12,
+                   alpha=0.5, color=colors[method], label=f"{method} (slope {slope:.3g} tokens/nat)")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel(f"KL(policy ‖ initial model), {KL_UNIT} (symlog scale)")
+    ax.set_ylabel("mean response length, tokens (up to the first EOS)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5, loc="best")
+    return _save(fig, path)
+
+
+def write_plots(rows, fits, pairs, out: str, name: str, compared=None) -> dict:
+    """Every figure of a study into ``out``; name -> path (None where there was nothing to plot).
+    ``compared``: the rows with the matched baselines (frontiers.with_matched_baselines), for the
+    frontiers; the other figures show each run once."""
+    return {
+        "gold_vs_sqrt_kl": plot_gold_vs_sqrt_kl(rows, fits, os.path.join(out, "gold_vs_sqrt_kl.png"),
+                                                f"study {name}: gold quality vs drift, every evaluation"),
+        "progress": plot_progress(rows, os.path.join(out, "gold_proxy_vs_progress.png"),
+                                  f"study {name}: gold and proxy reward over training"),
+        "frontiers": plot_frontiers(compared or rows, pairs, os.path.join(out, "frontiers.png"),
+                                    f"study {name}: best gold reward within a KL budget"),
+        "length_vs_kl": plot_length_vs_kl(rows, fits, os.path.join(out, "length_vs_kl.png"),
+                                          f"study {name}: response length vs KL"),
+    }
+
+
+__all__ = ["write_plots", "plot_gold_vs_sqrt_kl", "plot_progress", "plot_frontiers", "plot_length_vs_kl"]

@@ -1,0 +1,110 @@
+"""One point of a study: a ``pyalign train`` run whose config has a ``[study]`` table.
+
+The run trains to each of the table's ``eval_steps`` in turn and evaluates there
+(``evaluation.Evaluator``), appending one JSON row per evaluation to ``OUT/evals.jsonl``; when
+the last evaluation is written, ``OUT/done.json`` marks the point finished (written atomically,
+so a point is either done or rerun from scratch). ``pyalign train --config OUT/config.toml``
+runs it from any scheduler; a finished point is skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from pyalign._utils import atomic_write
+
+EVALS_NAME = "evals.jsonl"
+DONE_NAME = "done.json"
+STUDY_KEYS = ("point_id", "method", "knob", "value", "eval_steps", "epochs", "prompts", "heldout")
+
+
+def is_done(out: str) -> bool:
+    return os.path.isfile(os.path.join(out, DONE_NAME))
+
+
+def read_rows(out: str) -> list[dict]:
+    path = os.path.join(out, EVALS_NAME)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as handle:
+        rows = []
+        for line in handle:
+            if line.endswith("\n"):  # an unterminated last line is a write a kill cut short
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    pass
+        return rows
+
+
+def _check_study_table(study: dict, steps: int) -> None:
+    from pyalign.cli.train import ConfigError
+    missing = [k for k in STUDY_KEYS if k not in study]
+    if missing:
+        raise ConfigError(f"[study] table lacks {', '.join(missing)} (written by pyalign study)")
+    eval_steps = study["eval_steps"]
+    if not isinstance(eval_steps, list) or not eval_steps or sorted(set(eval_steps)) != eval_steps \
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in eval_steps):
+        raise ConfigError(f"[study] eval_steps must be increasing ints >= 0, got {eval_steps!r}")
+    if eval_steps[-1] != steps or len(study["epochs"]) != len(eval_steps):
+        raise ConfigError(f"[study] eval_steps must end at steps ({steps}) and match epochs in length")
+
+
+def run_point(algo: str, run: dict, config) -> int:
+    """Train and evaluate one point into run['out']; 0 when done (or already done), 2 on error."""
+    import torch
+
+    import pyalign.tasks
+    from pyalign.cli.train import ConfigError
+    from pyalign.study.evaluation import Evaluator
+    from pyalign.trainers import PreferenceTrainer, RLTrainer
+    from pyalign.trainers.lock import LockHeld, RunLock, remove_stale_temporaries
+    from pyalign.trainers.presets import ALGOS
+
+    out, study = run["out"], run["study"]
+    try:
+        _check_study_table(study, run["steps"])
+        if run["model"] or run["fsdp"]:
+            raise ConfigError("a study point trains the embedded task's model in one process: "
+                              "'model' and 'fsdp' do not apply")
+    except ConfigError as exc:
+        print(f"pyalign train: error: {exc}", file=sys.stderr)
+        return 2
+    if is_done(out):
+        return 0
+    try:
+        lock = RunLock(out, notice=lambda message: None).acquire()
+    except (LockHeld, OSError) as exc:
+        print(f"pyalign train: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        remove_stale_temporaries(out)
+        started = time.perf_counter()
+        torch.set_num_threads(run["threads"] or 1)  # the embedded task's model is tiny
+        task_config = pyalign.tasks.TaskConfig(**run["task"]) if run.get("task") else None
+        task = pyalign.tasks.make_task(run["task_seed"], cache_dir=run["task_cache_dir"],
+                                       progress=False, config=task_config)
+        cls = PreferenceTrainer if ALGOS[algo][0] == "preference" else RLTrainer
+        trainer = cls(task, config, algo=algo, out_dir=None)
+        evaluator = Evaluator(trainer, prompts=study["prompts"], heldout=study["heldout"])
+        rows_path = os.path.join(out, EVALS_NAME)
+        atomic_write(rows_path, "")  # a rerun of an unfinished point starts from scratch
+        identity = {"point_id": study["point_id"], "method": study["method"], "algo": algo,
+                    "knob": study["knob"], "value": study["value"], "seed": config.seed}
+        for step, epoch in zip(study["eval_steps"], study["epochs"]):
+            if step > trainer.step:
+                trainer.train(step, progress=False)
+            row = {**identity, "step": step, "epoch": epoch, **evaluator.evaluate(step)}
+            with open(rows_path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        atomic_write(os.path.join(out, DONE_NAME),
+                     json.dumps({"point_id": study["point_id"], "evaluations": len(study["eval_steps"]),
+                                 "wall_s": time.perf_counter() - started}) + "\n")
+    finally:
+        lock.release()
+    return 0
+
+
+__all__ = ["run_point", "is_done", "read_rows", "EVALS_NAME", "DONE_NAME"]

@@ -1,0 +1,236 @@
+"""Running a study's points where the compute is, and collecting them.
+
+Layout of a study directory::
+
+    OUT/study.json                 the grid (what --aggregate reads back)
+    OUT/points/<point_id>/config.toml   a `pyalign train --config` file per point
+    OUT/points/<point_id>/evals.jsonl   one row per evaluation (written by the point)
+    OUT/points/<point_id>/done.json     the point finished
+    OUT/commands.txt               one `pyalign train --config ...` line per point
+    OUT/evals.jsonl, OUT/points.csv     every finished point's evaluations (``aggregate``)
+
+``prepare`` writes the layout (``--emit-configs`` stops there); ``run_pool`` runs the unfinished
+points in worker processes, ``run_ray`` as Ray tasks; both skip finished points, so a rerun
+resumes. Progress is read from the points' files, the same for every launcher.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from typing import Optional
+
+from pyalign._utils import atomic_write
+from pyalign.study.grid import Grid, GridError, Point, parse_grid, train_config
+from pyalign.study.point import DONE_NAME, is_done, read_rows
+
+STUDY_NAME = "study.json"
+CSV_NAME = "points.csv"
+IDENTITY = ("point_id", "method", "algo", "knob", "value", "seed", "step", "epoch")
+METRICS = ("kl_to_init", "kl_to_init_se", "kl_to_ref", "sqrt_kl", "gold_reward", "gold_gain",
+           "gold_win_rate", "proxy_reward", "response_length", "perplexity")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def to_toml(values: dict) -> str:
+    flat = [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict) and v is not None]
+    tables = [f"\n[{k}]\n" + "".join(f"{kk} = {_toml_value(vv)}\n" for kk, vv in v.items() if vv is not None)
+              for k, v in values.items() if isinstance(v, dict)]
+    return "\n".join(flat) + "\n" + "".join(tables)
+
+
+def point_dir(out: str, point: Point) -> str:
+    return os.path.join(os.path.abspath(out), "points", point.point_id)
+
+
+def prepare(grid: Grid, out: str) -> list[tuple[Point, str]]:
+    """Write OUT/study.json and every point's config; return (point, config path) pairs. An
+    OUT that holds another grid is an error (resuming means the same grid)."""
+    study_path = os.path.join(out, STUDY_NAME)
+    if os.path.isfile(study_path):
+        with open(study_path) as handle:
+            existing = json.load(handle)
+        if existing != json.loads(json.dumps(grid.spec)):
+            raise GridError(f"{out} holds a study of another grid ({study_path}); use another --out "
+                            f"or the same grid to resume it")
+    os.makedirs(os.path.join(out, "points"), exist_ok=True)
+    atomic_write(study_path, json.dumps(grid.spec, indent=1) + "\n")
+    jobs, commands = [], []
+    for point in grid.points():
+        directory = point_dir(out, point)
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "config.toml")
+        atomic_write(path, to_toml(train_config(point, grid.spec, directory)))
+        jobs.append((point, path))
+        commands.append(f"pyalign train --config {path} --no-progress")
+    atomic_write(os.path.join(out, "commands.txt"), "\n".join(commands) + "\n")
+    return jobs
+
+
+def load_grid(out: str) -> Grid:
+    path = os.path.join(out, STUDY_NAME)
+    if not os.path.isfile(path):
+        raise GridError(f"{out} is not a study directory (no {STUDY_NAME}; write one with "
+                        f"pyalign study --emit-configs {out})")
+    with open(path) as handle:
+        spec = json.load(handle)
+    return parse_grid(spec, spec.get("name", "custom"))
+
+
+def run_config(path: str) -> int:
+    """Run one point's config in this process (what a pool worker and a Ray task call)."""
+    from pyalign.cli.train import main
+    return main(["--config", path, "--no-progress"])
+
+
+class _Progress:
+    """A tqdm bar over every evaluation of every point, read from the points' files."""
+
+    def __init__(self, jobs, show: bool):
+        from tqdm.auto import tqdm
+        self.jobs = jobs
+        total = sum(len(point.eval_steps) for point, _ in jobs)
+        self.bar = tqdm(total=total, desc="pyalign study: evaluations", unit="eval", file=sys.stderr,
+                        disable=not show, dynamic_ncols=True)
+
+    def refresh(self) -> None:
+        done_points, evaluations = 0, 0
+        for point, path in self.jobs:
+            directory = os.path.dirname(path)
+            finished = is_done(directory)
+            done_points += finished
+            evaluations += len(point.eval_steps) if finished else len(read_rows(directory))
+        self.bar.set_postfix_str(f"points {done_points}/{len(self.jobs)}")
+        self.bar.update(evaluations - self.bar.n)
+
+    def close(self) -> None:
+        self.refresh()
+        self.bar.close()
+
+
+def _pending(jobs):
+    return [(point, path) for point, path in jobs if not is_done(os.path.dirname(path))]
+
+
+def _report_failures(failed: list[str]) -> int:
+    for message in failed:
+        print(f"pyalign study: error: {message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_pool(jobs, workers: int, *, progress: bool = True) -> int:
+    """Run the unfinished points in ``workers`` processes (spawned: a fresh interpreter each,
+    one intra-op thread per point). Returns 0 when every point finished."""
+    import concurrent.futures
+    import multiprocessing
+
+    pending = _pending(jobs)
+    bar = _Progress(jobs, progress)
+    failed = []
+    try:
+        if pending:
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                futures = {pool.submit(run_config, path): point for point, path in pending}
+                waiting = set(futures)
+                while waiting:
+                    finished, waiting = concurrent.futures.wait(waiting, timeout=1.0)
+                    for future in finished:
+                        try:
+                            code = future.result()
+                        except Exception as exc:  # a worker that died or raised
+                            code = f"{type(exc).__name__}: {exc}"
+                        if code != 0:
+                            failed.append(f"point {futures[future].point_id} failed ({code})")
+                    bar.refresh()
+    finally:
+        bar.close()
+    return _report_failures(failed)
+
+
+def run_ray(jobs, *, address: Optional[str] = None, workers: Optional[int] = None,
+            progress: bool = True) -> int:
+    """Run the unfinished points as Ray tasks (one CPU each) on the cluster at ``address``, or on
+    a local Ray instance of ``workers`` CPUs. The points' directories must be on a filesystem
+    every Ray worker sees."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise GridError("--launcher ray needs ray: pip install 'pyalign[ray]'") from exc
+    pending = _pending(jobs)
+    bar = _Progress(jobs, progress)
+    failed = []
+    started_here = not ray.is_initialized()
+    try:
+        if pending:
+            if started_here:
+                # a local instance's workers import pyalign from the driver's environment; a
+                # cluster's workers must have pyalign installed (and see the study directory)
+                kwargs = {"address": address} if address else \
+                    {"num_cpus": workers, "runtime_env": {"env_vars": _worker_env()}}
+                ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", **kwargs)
+            task = ray.remote(num_cpus=1, max_retries=0)(run_config)
+            refs = {task.remote(path): point for point, path in pending}
+            waiting = list(refs)
+            while waiting:
+                finished, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=1.0)
+                for ref in finished:
+                    try:
+                        code = ray.get(ref)
+                    except Exception as exc:
+                        code = f"{type(exc).__name__}: {exc}"
+                    if code != 0:
+                        failed.append(f"point {refs[ref].point_id} failed ({code})")
+                bar.refresh()
+    finally:
+        bar.close()
+        if started_here and ray.is_initialized():
+            ray.shutdown()
+    return _report_failures(failed)
+
+
+def _worker_env() -> dict:
+    keep = ("PYALIGN_CACHE_DIR", "PYALIGN_BACKEND", "PYALIGN_DISABLE_EXT", "TRITON_INTERPRET")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
+    return env
+
+
+def aggregate(out: str) -> tuple[Grid, list[dict], list[str]]:
+    """(grid, every finished point's rows in grid order, ids of the unfinished points); writes
+    OUT/evals.jsonl and OUT/points.csv."""
+    grid = load_grid(out)
+    rows, missing = [], []
+    for point in grid.points():
+        directory = point_dir(out, point)
+        if os.path.isfile(os.path.join(directory, DONE_NAME)):
+            rows.extend(read_rows(directory))
+        else:
+            missing.append(point.point_id)
+    atomic_write(os.path.join(out, "evals.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=IDENTITY + METRICS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write(os.path.join(out, CSV_NAME), buffer.getvalue())
+    return grid, rows, missing
+
+
+
+
+__all__ = ["prepare", "run_pool", "run_ray", "aggregate", "load_grid", "run_config", "to_toml",
+           "STUDY_NAME", "CSV_NAME"]
