@@ -8,6 +8,7 @@
 from pyalign import backends
 from pyalign.ops import (
     KTOLossOutput,
+    PolicyLossOutput,
     PreferenceLossOutput,
     copy_,
     ema_,
@@ -16,6 +17,7 @@ from pyalign.ops import (
     lerp_,
     linear_preference_loss,
     linear_token_logprobs,
+    policy_loss,
     preference_loss,
     sequence_logprobs,
     token_logprobs,
@@ -25,7 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "kl_penalty", "preference_loss", "kto_loss",
            "linear_preference_loss", "sequence_logprobs", "PreferenceLossOutput", "KTOLossOutput",
-           "ema_", "lerp_", "copy_", "backends", "refmodel", "__version__"]
+           "ema_", "lerp_", "copy_", "policy_loss", "PolicyLossOutput", "backends", "refmodel", "__version__"]
 
 
 def __getattr__(name):
