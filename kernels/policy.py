@@ -32,7 +32,7 @@ from pyalign import losses as _losses
 from pyalign.kernels.kl import _k3_and_expm1
 
 TERM_IDS = _losses.policy_kernel_ids()  # {loss name: branch of _policy_term}
-ESTIMATOR_IDS = {"k1": 1, "k2": 2, "k3": 3}
+ESTIMATOR_IDS = _losses.POLICY_KL_ESTIMATOR_IDS
 NUM_STATS = len(_losses.POLICY_ROW_STATS)
 _S = {name: index for index, name in enumerate(_losses.POLICY_ROW_STATS)}
 assert list(_S) == ["tokens", "log_ratio", "log_ratio_clamped_sum", "policy", "kl", "clip_low",

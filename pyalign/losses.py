@@ -264,6 +264,7 @@ def kernel_ids(num_branches: int) -> dict[str, int]:
 #          detached coefficient onto logp itself)
 
 POLICY_RATIO_LEVELS = ("token", "sequence")  # importance_sampling_level of the GRPO losses
+POLICY_KL_ESTIMATOR_IDS = {"k1": 1, "k2": 2, "k3": 3}  # the KL term's estimators, kernel ids
 # How Σ_t m_t·term_t is normalised, as the weight of one kept token of row b: n_b = kept tokens of
 # the row, N = kept tokens of the batch, B rows, L = max_completion_length, I = num_items_in_batch.
 POLICY_NORMALISATIONS = {

@@ -25,7 +25,7 @@ from pyalign._utils import accumulation_dtype
 from pyalign.ops import _checks
 
 LOSS_TYPES = registry.POLICY_NAMES
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATORS = tuple(registry.POLICY_KL_ESTIMATOR_IDS)
 _STAT = {name: index for index, name in enumerate(registry.POLICY_ROW_STATS)}
 
 
