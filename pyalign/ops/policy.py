@@ -159,13 +159,19 @@ def _check_per_token(name, tensor, shape):
 
 def _entropy_mask(entropy, mask, top_entropy_quantile):
     """TRL's high-entropy mask: kept tokens whose entropy is at least the (1 − q) quantile of the
-    kept tokens' entropies (torch.quantile, linear interpolation); none when no token is kept."""
-    kept_entropy = entropy.detach()[mask]
-    if kept_entropy.numel() == 0:
-        return torch.zeros_like(mask)
-    work = kept_entropy.double() if kept_entropy.dtype == torch.float64 else kept_entropy.float()
-    threshold = torch.quantile(work, 1.0 - top_entropy_quantile)
-    return mask & (entropy.detach().to(work.dtype) >= threshold)
+    kept tokens' entropies (torch.quantile's linear interpolation); none when no token is kept.
+    Written with a sort and gathers (no boolean indexing), so torch.compile keeps one graph."""
+    work_dtype = torch.float64 if entropy.dtype == torch.float64 else torch.float32
+    values = torch.where(mask, entropy.detach().to(work_dtype), math.inf).reshape(-1)
+    ordered = values.sort().values  # the kept values first
+    count = mask.sum().to(work_dtype)
+    position = ((1.0 - top_entropy_quantile) * (count - 1)).clamp(min=0)
+    below = position.floor()
+    above = torch.minimum(below + 1, (count - 1).clamp(min=0))
+    low_value = ordered.gather(0, below.long().reshape(1))
+    high_value = ordered.gather(0, above.long().reshape(1))
+    threshold = torch.lerp(low_value, high_value, (position - below).reshape(1))
+    return mask & (entropy.detach().to(work_dtype) >= threshold)
 
 
 def _metrics(entry, level, stats, advantages, params, has_kl, has_entropy):

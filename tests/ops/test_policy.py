@@ -519,3 +519,57 @@ def test_bad_input_is_a_clear_error(change, error, match):
     positional = [kwargs.pop(name) for name in ("logprobs", "old_logprobs", "advantages", "mask")]
     with pytest.raises(error, match=match):
         pyalign.policy_loss(*positional, **kwargs)
+
+
+# ------------------------------------------------------------------------- NaN, torch.compile
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo", "sapo", "rloo"])
+def test_nan_in_a_kept_token_propagates(backend, loss_type):
+    logprobs, old, ref, advantages, mask, entropy = policy_case((3, 6))
+    logprobs[0, 0] = float("nan")  # mask[0, 0] is True
+    out, grad, _ = run(backend, logprobs, old, ref, advantages, mask, None,
+                       **loss_options(loss_type, levels_of(loss_type)[0], True, False))
+    assert torch.isnan(out.loss) and torch.isnan(grad[0, 0])
+    assert torch.all(grad[~mask] == 0)
+
+
+def test_fullgraph_compile_matches_eager():
+    torch._dynamo.reset()
+    logprobs, old, ref, advantages, mask, entropy = policy_case((3, 6))
+
+    def objective(lp, ent):
+        return pyalign.policy_loss(lp, old, advantages, mask, loss_type="grpo",
+                                   importance_sampling_level="sequence", ref_logprobs=ref,
+                                   beta=0.04, entropy=ent, entropy_coef=0.01,
+                                   top_entropy_quantile=0.5).loss
+
+    def value_and_grads(function):
+        lp = logprobs.clone().requires_grad_(True)
+        ent = entropy.clone().requires_grad_(True)
+        value = function(lp, ent)
+        value.backward()
+        return value.detach(), lp.grad, ent.grad
+
+    expected = value_and_grads(objective)
+    compiled = value_and_grads(torch.compile(objective, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(expected, compiled, strict=True):
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
+
+
+def test_entropy_mask_is_trls_quantile_rule():
+    """The graph-friendly quantile (sort + gathers) selects exactly what TRL's torch.quantile
+    over the kept entropies selects, ties and empty masks included."""
+    from pyalign.ops.policy import _entropy_mask
+    for trial in range(200):
+        rows, length = torch.randint(1, 6, (2,)).tolist()
+        entropy = torch.rand(rows, length) * 2
+        if trial % 3 == 0:  # ties
+            entropy = torch.randint(0, 4, (rows, length)).float()
+        mask = torch.rand(rows, length) > 0.4
+        quantile = float(torch.rand(())) * 0.99 + 0.01
+        kept = entropy[mask]
+        want = (mask & (entropy >= torch.quantile(kept, 1 - quantile)) if kept.numel()
+                else torch.zeros_like(mask))
+        assert torch.equal(_entropy_mask(entropy, mask, quantile), want)
