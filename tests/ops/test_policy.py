@@ -573,3 +573,23 @@ def test_entropy_mask_is_trls_quantile_rule():
         want = (mask & (entropy >= torch.quantile(kept, 1 - quantile)) if kept.numel()
                 else torch.zeros_like(mask))
         assert torch.equal(_entropy_mask(entropy, mask, quantile), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_integer_mask_and_non_contiguous(backend):
+    """fp32 policy log-probs with bf16 old/reference log-probs and fp16 entropies, a 0/1 int64
+    mask and transposed (non-contiguous) inputs."""
+    logprobs, old, ref, advantages, mask, entropy = policy_case((7, 4))
+    lp_t, old_t, ref_t, ent_t, mask_t = (t.t() for t in (logprobs, old, ref, entropy, mask))
+    advantages = torch.randn(4)
+    old_b, ref_b, ent_h = old_t.to(torch.bfloat16), ref_t.to(torch.bfloat16), ent_t.to(torch.float16)
+    assert not lp_t.is_contiguous()
+    options = loss_options("grpo", "sequence", True, True)
+    leaf = lp_t.clone().requires_grad_(True)  # clone keeps the transposed strides
+    ent_leaf = ent_h.clone().requires_grad_(True)
+    out = pyalign.policy_loss(leaf, old_b, advantages, mask_t.to(torch.int64), ref_logprobs=ref_b,
+                              entropy=ent_leaf, backend=backend, **options)
+    out.loss.backward()
+    expected = oracle(lp_t, old_b, ref_b, advantages, mask_t, ent_h, "grpo", options)
+    assert leaf.grad.dtype == torch.float32 and ent_leaf.grad.dtype == torch.float16
+    check_against_oracle(out, leaf.grad, ent_leaf.grad, expected, dict(rtol=1e-3, atol=1e-5))
