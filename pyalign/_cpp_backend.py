@@ -67,9 +67,9 @@ def _make_kl(ops):
 
 
 def _make_policy(ops):
-    # The kernels read contiguous fp32 per-token inputs and bool masks; the gradients come back
-    # in fp32 and are cast to the inputs' dtypes here. The policy term and the KL estimator go
-    # by the registry's ids (pyalign/losses.py).
+    # The kernels read contiguous fp32 per-token inputs (advantages too: a [B] one is expanded)
+    # and bool masks; the gradients come back in fp32 and are cast to the inputs' dtypes here.
+    # The policy term and the KL estimator go by the registry's ids (pyalign/losses.py).
     from pyalign import losses
 
     term_ids = losses.policy_kernel_ids()
@@ -77,11 +77,15 @@ def _make_policy(ops):
     def fp32(tensor):
         return None if tensor is None else tensor.to(torch.float32).contiguous()
 
+    def per_token(advantages, logprobs):
+        return fp32(advantages[:, None].expand_as(logprobs) if advantages.dim() == 1 else advantages)
+
     def forward(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, entropy,
                 loss, level, params, beta, kl_estimator, bias_correction):
-        return ops.policy_forward(fp32(logprobs), fp32(old_logprobs), fp32(advantages), mask,
-                                  entropy_mask, fp32(ref_logprobs), fp32(entropy), term_ids[loss],
-                                  level, [float(v) for v in params],
+        return ops.policy_forward(fp32(logprobs), fp32(old_logprobs),
+                                  per_token(advantages, logprobs), mask, entropy_mask,
+                                  fp32(ref_logprobs), fp32(entropy), term_ids[loss], level,
+                                  [float(v) for v in params],
                                   losses.POLICY_KL_ESTIMATOR_IDS[kl_estimator],
                                   bool(bias_correction))
 
@@ -91,8 +95,8 @@ def _make_policy(ops):
         with_entropy = entropy is not None and entropy_weights is not None
         grad, grad_entropy = ops.policy_backward(
             fp32(row_weights), fp32(entropy_weights) if with_entropy else None, fp32(logprobs),
-            fp32(old_logprobs), fp32(advantages), mask, entropy_mask, fp32(ref_logprobs),
-            term_ids[loss], level, [float(v) for v in params], float(beta),
+            fp32(old_logprobs), per_token(advantages, logprobs), mask, entropy_mask,
+            fp32(ref_logprobs), term_ids[loss], level, [float(v) for v in params], float(beta),
             losses.POLICY_KL_ESTIMATOR_IDS[kl_estimator], bool(bias_correction))
         return (grad.to(logprobs.dtype),
                 grad_entropy.to(entropy.dtype) if with_entropy else None)

@@ -1,18 +1,21 @@
 // Policy-gradient losses (the registry's policy terms, pyalign/losses.py) fused with the per-token
 // KL and entropy terms and the masked row reductions, CPU backend. Same math as kernels/policy.py:
 // per row, pass 1 gives the token count n, the log-ratio sum (the ratio level's) and vespo's
-// clamped sum; the forward's pass 2 writes the row's 12 reduction pieces (POLICY_ROW_STATS); the
-// backward adds, for sequence-level ratios, the row sum R_b = Σ m·(em·dP/dw + β·[bias]·kl) and
-// writes d loss/d logp per token. Inputs arrive as contiguous fp32 (the adapter converts), math
-// in fp32 per token with double row sums. Masked positions are selected away; clamps and minima
-// are selects, so NaN in kept data propagates. Threads: at::parallel_for over rows; the policy
-// term (the entry's kernel id) is a template parameter, so the inner loops have no switch.
+// clamped sum; the forward's next passes (policy term, KL, entropy) write the row's 12 reduction
+// pieces (POLICY_ROW_STATS); the backward adds, for sequence-level ratios, the row sum R_b =
+// Σ m·(em·dP/dw + β·[bias]·kl) and writes d loss/d logp per token. Inputs arrive as contiguous
+// fp32 with per-token advantages (the adapter converts and expands); math in fp32 per token with
+// double row sums. A row (a few KiB) stays in L1/L2 across its passes. Every loop is branch-free
+// (selects, the shared vectorizable exp) under `omp simd`. Masked positions are selected away;
+// clamps and minima are selects, so NaN in kept data propagates. Threads: at::parallel_for over
+// rows; the policy term (the entry's kernel id) is a template parameter.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -27,6 +30,9 @@ constexpr int kNumStats = 12;  // len(pyalign.losses.POLICY_ROW_STATS), in that 
 constexpr float kVespoClamp = 20.0f;
 constexpr float kVespoMinLogWeight = -18.420680743952367f;  // log(1e-8)
 
+// Everything a row loop calls is inlined, so the loops stay branch-free and vectorize.
+#define PYALIGN_POLICY_INLINE inline __attribute__((always_inline))
+
 struct Params {
   float eps_low, eps_high, delta, tau_pos, tau_neg, k_pos, lam_pos, k_neg, lam_neg;
 };
@@ -36,12 +42,13 @@ struct Term {
   bool low, high;
 };
 
-inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+PYALIGN_POLICY_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_any(-x)); }
 
 // The policy term of branch kTerm (kernel ids of pyalign/losses.py): value P, dP/dw, D = dP/dlogp
-// at fixed w, and the clip flags as TRL counts them.
+// at fixed w, and the clip flags as TRL counts them. Selects only (no branches, no libm), so the
+// row loops below vectorize.
 template <int kTerm>
-inline Term policy_term(float w, float adv, float logp, float vespo_log_w, const Params& p) {
+PYALIGN_POLICY_INLINE Term policy_term(float w, float adv, float logp, float vespo_log_w, const Params& p) {
   Term t{0.0f, 0.0f, 0.0f, false, false};
   if constexpr (kTerm == 0) {  // PPO clip
     const float lo = 1.0f - p.eps_low, hi = 1.0f + p.eps_high;
@@ -70,34 +77,32 @@ inline Term policy_term(float w, float adv, float logp, float vespo_log_w, const
   } else {  // vespo
     const bool nonneg = adv >= 0.0f;
     const float k = nonneg ? p.k_pos : p.k_neg;
-    const float lam = std::fmax(nonneg ? p.lam_pos : p.lam_neg, 1e-4f);
-    float phi = std::exp(lam + k * vespo_log_w - lam * std::exp(vespo_log_w));
-    if (!std::isfinite(phi)) phi = 0.0f;  // nan_to_num, as TRL
+    const float lam_raw = nonneg ? p.lam_pos : p.lam_neg;
+    const float lam = lam_raw < 1e-4f ? 1e-4f : lam_raw;
+    const float phi_raw = exp_any(lam + k * vespo_log_w - lam * exp_any(vespo_log_w));
+    const float phi = (phi_raw == phi_raw && phi_raw < INFINITY) ? phi_raw : 0.0f;  // nan_to_num
     t.direct = -phi * adv;
     t.value = t.direct * logp;
   }
   return t;
 }
 
-// (kl, d kl / d logp) at the sampled token, d = ref_logp - logp.
-inline void kl_and_slope(float logp, float ref, int estimator, float& kl, float& slope) {
+// kl at the sampled token and its slope d kl / d logp, d = ref_logp - logp.
+PYALIGN_POLICY_INLINE float kl_value(float logp, float ref, int estimator) {
   const float diff = ref - logp;
-  if (estimator == 1) {
-    kl = -diff;
-    slope = 1.0f;
-  } else if (estimator == 2) {
-    kl = 0.5f * diff * diff;
-    slope = -diff;
-  } else {
-    kl = k3_value(diff);
-    slope = -expm1_value(diff);
-  }
+  return estimator == 1 ? -diff : (estimator == 2 ? 0.5f * diff * diff : k3_value(diff));
+}
+
+PYALIGN_POLICY_INLINE float kl_slope(float logp, float ref, int estimator) {
+  const float diff = ref - logp;
+  return estimator == 1 ? 1.0f : (estimator == 2 ? -diff : -expm1_value(diff));
 }
 
 struct Inputs {
-  const float *logprobs, *old, *adv, *ref, *entropy;
-  const bool *mask, *emask;
-  int64_t length, adv_token_stride;
+  const float *logprobs, *old, *adv, *ref, *entropy;  // adv: per token, [B, T]
+  // the bool masks read as bytes: g++ keeps loops that store after a bool load scalar
+  const uint8_t *mask, *emask;  // emask: the mask itself when there is no entropy mask
+  int64_t length;
   int level;  // 0 token, 1 sequence (mean), 2 sequence_sum
   int estimator;
   bool bias;
@@ -111,56 +116,79 @@ struct RowRatio {
 
 RowRatio row_ratio(const Inputs& in, int64_t row) {
   const int64_t start = row * in.length;
+  const uint8_t* mask = in.mask + start;
+  const float* lp = in.logprobs + start;
+  const float* old = in.old + start;
   double count = 0.0, total = 0.0, clamped = 0.0;
+#pragma omp simd reduction(+ : count, total, clamped)
   for (int64_t t = 0; t < in.length; ++t) {
-    if (!in.mask[start + t]) continue;
-    const float l = in.logprobs[start + t] - in.old[start + t];
-    count += 1.0;
+    const bool keep = mask[t] != 0;
+    const float logp = lp[t], previous = old[t];  // loaded unconditionally: selects, not branches
+    const float l = keep ? logp - previous : 0.0f;
+    count += keep ? 1.0 : 0.0;
     total += l;
     clamped += l < -kVespoClamp ? -kVespoClamp : (l > kVespoClamp ? kVespoClamp : l);
   }
   RowRatio r{count, total, clamped, 1.0f, 0.0f};
   if (in.level == 1) r.log_ratio = total / (count > 1.0 ? count : 1.0);
-  r.ratio = std::exp(static_cast<float>(r.log_ratio));
+  r.ratio = exp_any(static_cast<float>(r.log_ratio));
   const float c = static_cast<float>(clamped);
   r.vespo_log_w = c < kVespoMinLogWeight ? kVespoMinLogWeight : (c > kVespoClamp ? kVespoClamp : c);
   return r;
 }
 
-inline float advantage_at(const Inputs& in, int64_t row, int64_t t) {
-  return in.adv[in.adv_token_stride ? row * in.length + t : row];
+// The ratio at one token: exp(l) per token, or the row's.
+PYALIGN_POLICY_INLINE float ratio_at(bool token_level, bool keep, float logp, float old, float row_ratio) {
+  const float l = keep ? logp - old : 0.0f;
+  return token_level ? exp_any(l) : row_ratio;
 }
 
 template <int kTerm>
 void forward_row(const Inputs& in, int64_t row, float* out) {
   const RowRatio r = row_ratio(in, row);
   const int64_t start = row * in.length;
-  double policy = 0, kl_sum = 0, low = 0, high = 0, region = 0, ratio = 0, entropy = 0,
-         entropy_kept = 0, kept_count = 0;
+  const uint8_t *mask = in.mask + start, *emask = in.emask + start;
+  const float *lp = in.logprobs + start, *old = in.old + start, *adv = in.adv + start;
+  const bool token_level = in.level == 0;
+  const Params params = in.params;
+  double policy = 0, low = 0, high = 0, region = 0, ratio = 0, kept_count = 0;
+#pragma omp simd reduction(+ : policy, low, high, region, ratio, kept_count)
   for (int64_t t = 0; t < in.length; ++t) {
-    const int64_t i = start + t;
-    if (!in.mask[i]) continue;
-    const bool kept = in.emask == nullptr || in.emask[i];
-    const float logp = in.logprobs[i];
-    const float w = in.level == 0 ? std::exp(logp - in.old[i]) : r.ratio;
-    const float adv = advantage_at(in, row, t);
-    const Term term = policy_term<kTerm>(w, adv, logp, r.vespo_log_w, in.params);
-    if (kept) {
-      policy += term.value;
-      kept_count += 1.0;
+    const bool keep = mask[t] != 0, kept = keep & (emask[t] != 0);
+    const float logp_raw = lp[t], old_raw = old[t], adv_raw = adv[t];
+    const float logp = keep ? logp_raw : 0.0f;
+    const float w = ratio_at(token_level, keep, logp, old_raw, r.ratio);
+    const Term term = policy_term<kTerm>(w, keep ? adv_raw : 0.0f, logp, r.vespo_log_w, params);
+    policy += kept ? term.value : 0.0f;
+    kept_count += kept ? 1.0 : 0.0;
+    low += keep & term.low ? 1.0 : 0.0;
+    high += keep & term.high ? 1.0 : 0.0;
+    region += keep & (term.low | term.high) ? 1.0 : 0.0;
+    ratio += keep ? w : 0.0f;
+  }
+  double kl_sum = 0;
+  if (in.ref != nullptr) {
+    const float* ref = in.ref + start;
+    const int estimator = in.estimator;
+    const bool bias = in.bias;
+#pragma omp simd reduction(+ : kl_sum)
+    for (int64_t t = 0; t < in.length; ++t) {
+      const bool keep = mask[t] != 0;
+      const float logp_raw = lp[t], old_raw = old[t], ref_raw = ref[t];
+      const float logp = keep ? logp_raw : 0.0f;
+      const float kl = kl_value(logp, keep ? ref_raw : 0.0f, estimator);
+      const float w = ratio_at(token_level, keep, logp, old_raw, r.ratio);
+      kl_sum += keep ? (bias ? kl * w : kl) : 0.0f;
     }
-    low += term.low;
-    high += term.high;
-    region += term.low || term.high;
-    ratio += w;
-    if (in.ref != nullptr) {
-      float kl, slope;
-      kl_and_slope(logp, in.ref[i], in.estimator, kl, slope);
-      kl_sum += in.bias ? kl * w : kl;
-    }
-    if (in.entropy != nullptr) {
-      entropy += in.entropy[i];
-      if (kept) entropy_kept += in.entropy[i];
+  }
+  double entropy = 0, entropy_kept = 0;
+  if (in.entropy != nullptr) {
+    const float* ent = in.entropy + start;
+#pragma omp simd reduction(+ : entropy, entropy_kept)
+    for (int64_t t = 0; t < in.length; ++t) {
+      const float value = ent[t];
+      entropy += mask[t] != 0 ? value : 0.0f;
+      entropy_kept += (mask[t] & emask[t]) != 0 ? value : 0.0f;
     }
   }
   const double stats[kNumStats] = {r.count, r.log_ratio, r.clamped, policy, kl_sum, low, high,
@@ -170,52 +198,70 @@ void forward_row(const Inputs& in, int64_t row, float* out) {
 
 template <int kTerm>
 void backward_row(const Inputs& in, int64_t row, float row_weight, float beta, bool has_kl,
-                  const float* entropy_weights, float* grad, float* grad_entropy) {
+                  const float* entropy_weights, float* grad_rows, float* grad_entropy_rows) {
   const RowRatio r = row_ratio(in, row);
   const int64_t start = row * in.length;
+  const uint8_t *mask = in.mask + start, *emask = in.emask + start;
+  const float *lp = in.logprobs + start, *old = in.old + start, *adv = in.adv + start;
+  const float* ref = has_kl ? in.ref + start : nullptr;
+  const bool token_level = in.level == 0;
+  const bool bias = in.bias;
+  const int estimator = in.estimator;
+  const Params params = in.params;
+  float* grad = grad_rows + start;
   float through_row = 0.0f;
-  if (in.level != 0) {  // R_b, then dw_b/dlogp_t = w_b (/ n_b)
+  if (!token_level) {  // R_b = Σ m·(em·dP/dw + β·[bias]·kl), then dw_b/dlogp_t = w_b (/ n_b)
     double row_sum = 0.0;
+#pragma omp simd reduction(+ : row_sum)
     for (int64_t t = 0; t < in.length; ++t) {
-      const int64_t i = start + t;
-      if (!in.mask[i]) continue;
-      const bool kept = in.emask == nullptr || in.emask[i];
-      const float logp = in.logprobs[i];
-      const Term term = policy_term<kTerm>(r.ratio, advantage_at(in, row, t), logp,
-                                           r.vespo_log_w, in.params);
-      if (kept) row_sum += term.d_ratio;
-      if (has_kl && in.bias) {
-        float kl, slope;
-        kl_and_slope(logp, in.ref[i], in.estimator, kl, slope);
-        row_sum += beta * kl;
+      const bool keep = mask[t] != 0, kept = keep & (emask[t] != 0);
+      const float logp_raw = lp[t], adv_raw = adv[t];
+      const float logp = keep ? logp_raw : 0.0f;
+      const Term term = policy_term<kTerm>(r.ratio, keep ? adv_raw : 0.0f, logp, r.vespo_log_w,
+                                           params);
+      row_sum += kept ? term.d_ratio : 0.0f;
+    }
+    if (has_kl && bias) {
+#pragma omp simd reduction(+ : row_sum)
+      for (int64_t t = 0; t < in.length; ++t) {
+        const bool keep = mask[t] != 0;
+        const float logp_raw = lp[t], ref_raw = ref[t];
+        const float logp = keep ? logp_raw : 0.0f;
+        row_sum += keep ? beta * kl_value(logp, keep ? ref_raw : 0.0f, estimator) : 0.0f;
       }
     }
     through_row = static_cast<float>(row_sum) * r.ratio;
     if (in.level == 1) through_row /= static_cast<float>(r.count > 1.0 ? r.count : 1.0);
   }
+#pragma omp simd
   for (int64_t t = 0; t < in.length; ++t) {
-    const int64_t i = start + t;
-    if (!in.mask[i]) {
-      grad[i] = 0.0f;
-      if (grad_entropy != nullptr) grad_entropy[i] = 0.0f;
-      continue;
+    const bool keep = mask[t] != 0, kept = keep & (emask[t] != 0);
+    const float logp_raw = lp[t], old_raw = old[t], adv_raw = adv[t];
+    const float logp = keep ? logp_raw : 0.0f;
+    const float w = ratio_at(token_level, keep, logp, old_raw, r.ratio);
+    const Term term = policy_term<kTerm>(w, keep ? adv_raw : 0.0f, logp, r.vespo_log_w, params);
+    const float d_ratio = kept ? term.d_ratio : 0.0f;
+    const float g = (kept ? term.direct : 0.0f) + (token_level ? d_ratio * w : through_row);
+    grad[t] = keep ? g * row_weight : 0.0f;
+  }
+  if (has_kl) {
+#pragma omp simd
+    for (int64_t t = 0; t < in.length; ++t) {
+      const bool keep = mask[t] != 0;
+      const float logp_raw = lp[t], old_raw = old[t], ref_raw = ref[t], grad_raw = grad[t];
+      const float logp = keep ? logp_raw : 0.0f;
+      const float reference = keep ? ref_raw : 0.0f;
+      const float w = ratio_at(token_level, keep, logp, old_raw, r.ratio);
+      float g = beta * kl_slope(logp, reference, estimator) * (bias ? w : 1.0f);
+      g += token_level && bias ? beta * kl_value(logp, reference, estimator) * w : 0.0f;
+      grad[t] = grad_raw + (keep ? g * row_weight : 0.0f);
     }
-    const bool kept = in.emask == nullptr || in.emask[i];
-    const float logp = in.logprobs[i];
-    const float w = in.level == 0 ? std::exp(logp - in.old[i]) : r.ratio;
-    const Term term = policy_term<kTerm>(w, advantage_at(in, row, t), logp, r.vespo_log_w,
-                                         in.params);
-    float d_ratio = kept ? term.d_ratio : 0.0f;
-    float g = kept ? term.direct : 0.0f;
-    if (has_kl) {
-      float kl, slope;
-      kl_and_slope(logp, in.ref[i], in.estimator, kl, slope);
-      g += beta * slope * (in.bias ? w : 1.0f);
-      if (in.bias) d_ratio += beta * kl;
-    }
-    g += in.level == 0 ? d_ratio * w : through_row;
-    grad[i] = g * row_weight;
-    if (grad_entropy != nullptr) grad_entropy[i] = kept ? entropy_weights[row] : 0.0f;
+  }
+  if (grad_entropy_rows != nullptr) {
+    float* grad_entropy = grad_entropy_rows + start;
+    const float weight = entropy_weights[row];
+#pragma omp simd
+    for (int64_t t = 0; t < in.length; ++t) grad_entropy[t] = (mask[t] & emask[t]) != 0 ? weight : 0.0f;
   }
 }
 
@@ -244,11 +290,11 @@ const float* optional_float(const c10::optional<at::Tensor>& tensor, const at::T
   return tensor.has_value() && tensor->defined() ? float_data(*tensor, like, name) : nullptr;
 }
 
-const bool* bool_data(const at::Tensor& tensor, const at::Tensor& like, const char* name) {
+const uint8_t* bool_data(const at::Tensor& tensor, const at::Tensor& like, const char* name) {
   TORCH_CHECK(tensor.device().is_cpu() && tensor.scalar_type() == at::kBool &&
                   tensor.is_contiguous() && tensor.sizes() == like.sizes(),
               "pyalign_C: ", name, " must be a contiguous bool CPU tensor of shape ", like.sizes());
-  return tensor.data_ptr<bool>();
+  return reinterpret_cast<const uint8_t*>(tensor.data_ptr<bool>());
 }
 
 Inputs make_inputs(const at::Tensor& logprobs, const at::Tensor& old, const at::Tensor& adv,
@@ -264,16 +310,13 @@ Inputs make_inputs(const at::Tensor& logprobs, const at::Tensor& old, const at::
   Inputs in{};
   in.logprobs = float_data(logprobs, logprobs, "logprobs");
   in.old = float_data(old, logprobs, "old_logprobs");
-  const bool per_token = adv.dim() == 2;
-  in.adv = per_token ? float_data(adv, logprobs, "advantages")
-                     : float_data(adv, logprobs.select(1, 0), "advantages");
+  in.adv = float_data(adv, logprobs, "advantages (per token: the adapter expands a [B] one)");
   in.mask = bool_data(mask, logprobs, "mask");
   in.emask = emask.has_value() && emask->defined() ? bool_data(*emask, logprobs, "entropy_mask")
-                                                   : nullptr;
+                                                   : in.mask;
   in.ref = optional_float(ref, logprobs, "ref_logprobs");
   in.entropy = optional_float(entropy, logprobs, "entropy");
   in.length = logprobs.size(1);
-  in.adv_token_stride = per_token ? 1 : 0;
   in.level = level == "token" ? 0 : (level == "sequence" ? 1 : 2);
   in.estimator = static_cast<int>(estimator);
   in.bias = bias;

@@ -19,7 +19,8 @@ def case(rows=5, length=13):
     mask = torch.rand(rows, length) > 0.3
     mask[-1] = False
     entropy_mask = mask & (torch.rand(rows, length) > 0.4)
-    return logprobs, old, torch.randn(rows), mask, entropy_mask, ref, torch.rand(rows, length)
+    advantages = torch.randn(rows, 1).expand(rows, length).contiguous()  # the ops take them per token
+    return logprobs, old, advantages, mask, entropy_mask, ref, torch.rand(rows, length)
 
 
 @pytest.mark.parametrize("term_id", TERMS)
