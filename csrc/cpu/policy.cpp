@@ -4,11 +4,13 @@
 // clamped sum; the forward's next passes (policy term, KL, entropy) write the row's 12 reduction
 // pieces (POLICY_ROW_STATS); the backward adds, for sequence-level ratios, the row sum R_b =
 // Σ m·(em·dP/dw + β·[bias]·kl) and writes d loss/d logp per token. Inputs arrive as contiguous
-// fp32 with per-token advantages (the adapter converts and expands); math in fp32 per token with
-// double row sums. A row (a few KiB) stays in L1/L2 across its passes. Every loop is branch-free
-// (selects, the shared vectorizable exp) under `omp simd`. Masked positions are selected away;
-// clamps and minima are selects, so NaN in kept data propagates. Threads: at::parallel_for over
-// rows; the policy term (the entry's kernel id) is a template parameter.
+// fp32 with per-token advantages (the adapter converts and expands); math and row sums in fp32
+// (lane-wise under simd, like the Triton kernel's block sums). A row (a few KiB) stays in L1/L2
+// across its passes. Every loop is branch-free (selects, the shared vectorizable exp, 0/1 float
+// flags, byte masks: g++ leaves a loop scalar for a bool load or member, or a float/double mixed
+// reduction) under `omp simd`. Masked positions are selected away; clamps and minima are selects,
+// so NaN in kept data propagates. Threads: at::parallel_for over rows; the policy term (the
+// entry's kernel id) and the ratio level are template parameters.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -37,9 +39,9 @@ struct Params {
   float eps_low, eps_high, delta, tau_pos, tau_neg, k_pos, lam_pos, k_neg, lam_neg;
 };
 
+// The clip flags as 0/1 floats: a bool member keeps g++ from vectorizing the loops.
 struct Term {
-  float value, d_ratio, direct;
-  bool low, high;
+  float value, d_ratio, direct, low, high;
 };
 
 PYALIGN_POLICY_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_any(-x)); }
@@ -49,7 +51,7 @@ PYALIGN_POLICY_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_any(-x)
 // row loops below vectorize.
 template <int kTerm>
 PYALIGN_POLICY_INLINE Term policy_term(float w, float adv, float logp, float vespo_log_w, const Params& p) {
-  Term t{0.0f, 0.0f, 0.0f, false, false};
+  Term t{0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   if constexpr (kTerm == 0) {  // PPO clip
     const float lo = 1.0f - p.eps_low, hi = 1.0f + p.eps_high;
     const float c1 = w > p.delta ? p.delta : w;
@@ -61,13 +63,13 @@ PYALIGN_POLICY_INLINE Term policy_term(float w, float adv, float logp, float ves
     // torch.minimum splits the gradient at a tie (w inside the clip range)
     const float slope = a < b ? slope1 : (a > b ? slope2 : 0.5f * (slope1 + slope2));
     t.d_ratio = -adv * slope;
-    t.low = c1 < lo && adv < 0.0f;
-    t.high = c1 > hi && adv > 0.0f;
+    t.low = (c1 < lo && adv < 0.0f) ? 1.0f : 0.0f;
+    t.high = (c1 > hi && adv > 0.0f) ? 1.0f : 0.0f;
   } else if constexpr (kTerm == 1) {  // cispo
     const float capped = w > p.eps_high ? p.eps_high : w;
     t.direct = -capped * adv;
     t.value = t.direct * logp;
-    t.high = w > p.eps_high && adv > 0.0f;
+    t.high = (w > p.eps_high && adv > 0.0f) ? 1.0f : 0.0f;
   } else if constexpr (kTerm == 2) {  // sapo
     const float tau = adv > 0.0f ? p.tau_pos : p.tau_neg;
     const float x = tau * (w - 1.0f);
@@ -119,13 +121,14 @@ RowRatio row_ratio(const Inputs& in, int64_t row) {
   const uint8_t* mask = in.mask + start;
   const float* lp = in.logprobs + start;
   const float* old = in.old + start;
-  double count = 0.0, total = 0.0, clamped = 0.0;
+  // fp32 sums (a float/double mixed reduction keeps g++ from vectorizing)
+  float count = 0.0f, total = 0.0f, clamped = 0.0f;
 #pragma omp simd reduction(+ : count, total, clamped)
   for (int64_t t = 0; t < in.length; ++t) {
     const bool keep = mask[t] != 0;
     const float logp = lp[t], previous = old[t];  // loaded unconditionally: selects, not branches
     const float l = keep ? logp - previous : 0.0f;
-    count += keep ? 1.0 : 0.0;
+    count += keep ? 1.0f : 0.0f;
     total += l;
     clamped += l < -kVespoClamp ? -kVespoClamp : (l > kVespoClamp ? kVespoClamp : l);
   }
@@ -138,35 +141,39 @@ RowRatio row_ratio(const Inputs& in, int64_t row) {
 }
 
 // The ratio at one token: exp(l) per token, or the row's.
-PYALIGN_POLICY_INLINE float ratio_at(bool token_level, bool keep, float logp, float old, float row_ratio) {
-  const float l = keep ? logp - old : 0.0f;
-  return token_level ? exp_any(l) : row_ratio;
+template <bool kTokenLevel>
+PYALIGN_POLICY_INLINE float ratio_at(bool keep, float logp, float old, float row_ratio) {
+  if constexpr (kTokenLevel) {
+    return exp_any(keep ? logp - old : 0.0f);
+  } else {
+    return row_ratio;
+  }
 }
 
-template <int kTerm>
+template <int kTerm, bool kTokenLevel>
 void forward_row(const Inputs& in, int64_t row, float* out) {
   const RowRatio r = row_ratio(in, row);
   const int64_t start = row * in.length;
   const uint8_t *mask = in.mask + start, *emask = in.emask + start;
   const float *lp = in.logprobs + start, *old = in.old + start, *adv = in.adv + start;
-  const bool token_level = in.level == 0;
+  constexpr bool token_level = kTokenLevel;
   const Params params = in.params;
-  double policy = 0, low = 0, high = 0, region = 0, ratio = 0, kept_count = 0;
+  float policy = 0, low = 0, high = 0, region = 0, ratio = 0, kept_count = 0;
 #pragma omp simd reduction(+ : policy, low, high, region, ratio, kept_count)
   for (int64_t t = 0; t < in.length; ++t) {
     const bool keep = mask[t] != 0, kept = keep & (emask[t] != 0);
     const float logp_raw = lp[t], old_raw = old[t], adv_raw = adv[t];
     const float logp = keep ? logp_raw : 0.0f;
-    const float w = ratio_at(token_level, keep, logp, old_raw, r.ratio);
+    const float w = ratio_at<kTokenLevel>(keep, logp, old_raw, r.ratio);
     const Term term = policy_term<kTerm>(w, keep ? adv_raw : 0.0f, logp, r.vespo_log_w, params);
     policy += kept ? term.value : 0.0f;
-    kept_count += kept ? 1.0 : 0.0;
-    low += keep & term.low ? 1.0 : 0.0;
-    high += keep & term.high ? 1.0 : 0.0;
-    region += keep & (term.low | term.high) ? 1.0 : 0.0;
+    kept_count += kept ? 1.0f : 0.0f;
+    low += keep ? term.low : 0.0f;
+    high += keep ? term.high : 0.0f;
+    region += keep ? (term.low + term.high > 0.0f ? 1.0f : 0.0f) : 0.0f;
     ratio += keep ? w : 0.0f;
   }
-  double kl_sum = 0;
+  float kl_sum = 0;
   if (in.ref != nullptr) {
     const float* ref = in.ref + start;
     const int estimator = in.estimator;
@@ -177,11 +184,11 @@ void forward_row(const Inputs& in, int64_t row, float* out) {
       const float logp_raw = lp[t], old_raw = old[t], ref_raw = ref[t];
       const float logp = keep ? logp_raw : 0.0f;
       const float kl = kl_value(logp, keep ? ref_raw : 0.0f, estimator);
-      const float w = ratio_at(token_level, keep, logp, old_raw, r.ratio);
+      const float w = ratio_at<kTokenLevel>(keep, logp, old_raw, r.ratio);
       kl_sum += keep ? (bias ? kl * w : kl) : 0.0f;
     }
   }
-  double entropy = 0, entropy_kept = 0;
+  float entropy = 0, entropy_kept = 0;
   if (in.entropy != nullptr) {
     const float* ent = in.entropy + start;
 #pragma omp simd reduction(+ : entropy, entropy_kept)
@@ -196,7 +203,7 @@ void forward_row(const Inputs& in, int64_t row, float* out) {
   for (int j = 0; j < kNumStats; ++j) out[j] = static_cast<float>(stats[j]);
 }
 
-template <int kTerm>
+template <int kTerm, bool kTokenLevel>
 void backward_row(const Inputs& in, int64_t row, float row_weight, float beta, bool has_kl,
                   const float* entropy_weights, float* grad_rows, float* grad_entropy_rows) {
   const RowRatio r = row_ratio(in, row);
@@ -204,14 +211,14 @@ void backward_row(const Inputs& in, int64_t row, float row_weight, float beta, b
   const uint8_t *mask = in.mask + start, *emask = in.emask + start;
   const float *lp = in.logprobs + start, *old = in.old + start, *adv = in.adv + start;
   const float* ref = has_kl ? in.ref + start : nullptr;
-  const bool token_level = in.level == 0;
+  constexpr bool token_level = kTokenLevel;
   const bool bias = in.bias;
   const int estimator = in.estimator;
   const Params params = in.params;
   float* grad = grad_rows + start;
   float through_row = 0.0f;
   if (!token_level) {  // R_b = Σ m·(em·dP/dw + β·[bias]·kl), then dw_b/dlogp_t = w_b (/ n_b)
-    double row_sum = 0.0;
+    float row_sum = 0.0f;
 #pragma omp simd reduction(+ : row_sum)
     for (int64_t t = 0; t < in.length; ++t) {
       const bool keep = mask[t] != 0, kept = keep & (emask[t] != 0);
@@ -238,7 +245,7 @@ void backward_row(const Inputs& in, int64_t row, float row_weight, float beta, b
     const bool keep = mask[t] != 0, kept = keep & (emask[t] != 0);
     const float logp_raw = lp[t], old_raw = old[t], adv_raw = adv[t];
     const float logp = keep ? logp_raw : 0.0f;
-    const float w = ratio_at(token_level, keep, logp, old_raw, r.ratio);
+    const float w = ratio_at<kTokenLevel>(keep, logp, old_raw, r.ratio);
     const Term term = policy_term<kTerm>(w, keep ? adv_raw : 0.0f, logp, r.vespo_log_w, params);
     const float d_ratio = kept ? term.d_ratio : 0.0f;
     const float g = (kept ? term.direct : 0.0f) + (token_level ? d_ratio * w : through_row);
@@ -251,7 +258,7 @@ void backward_row(const Inputs& in, int64_t row, float row_weight, float beta, b
       const float logp_raw = lp[t], old_raw = old[t], ref_raw = ref[t], grad_raw = grad[t];
       const float logp = keep ? logp_raw : 0.0f;
       const float reference = keep ? ref_raw : 0.0f;
-      const float w = ratio_at(token_level, keep, logp, old_raw, r.ratio);
+      const float w = ratio_at<kTokenLevel>(keep, logp, old_raw, r.ratio);
       float g = beta * kl_slope(logp, reference, estimator) * (bias ? w : 1.0f);
       g += token_level && bias ? beta * kl_value(logp, reference, estimator) * w : 0.0f;
       grad[t] = grad_raw + (keep ? g * row_weight : 0.0f);
@@ -275,6 +282,13 @@ void with_term(int64_t term_id, Body body) {
     case 3: body(std::integral_constant<int, 3>{}); break;
     default: TORCH_CHECK(false, "pyalign_C: policy term id must be 0..3, got ", term_id);
   }
+}
+
+// Calls body(std::integral_constant<bool, token_level>).
+template <typename Body>
+void with_level(bool token_level, Body body) {
+  if (token_level) body(std::integral_constant<bool, true>{});
+  else body(std::integral_constant<bool, false>{});
 }
 
 const float* float_data(const at::Tensor& tensor, const at::Tensor& like, const char* name) {
@@ -346,8 +360,13 @@ void policy_forward_out(const at::Tensor& logprobs, const at::Tensor& old, const
   float* out = stats.data_ptr<float>();
   with_term(term_id, [&](auto term_tag) {
     constexpr int kTerm = decltype(term_tag)::value;
-    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) forward_row<kTerm>(in, row, out + row * kNumStats);
+    with_level(in.level == 0, [&](auto level_tag) {
+      constexpr bool kTokenLevel = decltype(level_tag)::value;
+      at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          forward_row<kTerm, kTokenLevel>(in, row, out + row * kNumStats);
+        }
+      });
     });
   });
 }
@@ -387,11 +406,14 @@ void policy_backward_out(const at::Tensor& row_weights, const c10::optional<at::
   const float beta_f = static_cast<float>(beta);
   with_term(term_id, [&](auto term_tag) {
     constexpr int kTerm = decltype(term_tag)::value;
-    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        backward_row<kTerm>(in, row, weights[row], beta_f, has_kl, entropy_w, grad_out,
-                            grad_entropy_out);
-      }
+    with_level(in.level == 0, [&](auto level_tag) {
+      constexpr bool kTokenLevel = decltype(level_tag)::value;
+      at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          backward_row<kTerm, kTokenLevel>(in, row, weights[row], beta_f, has_kl, entropy_w,
+                                           grad_out, grad_entropy_out);
+        }
+      });
     });
   });
 }
