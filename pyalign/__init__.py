@@ -8,6 +8,7 @@
 from pyalign import backends
 from pyalign.ops import (
     KTOLossOutput,
+    PolicyLossOutput,
     PreferenceLossOutput,
     copy_,
     ema_,
@@ -17,6 +18,7 @@ from pyalign.ops import (
     linear_kto_loss,
     linear_preference_loss,
     linear_token_logprobs,
+    policy_loss,
     preference_loss,
     sequence_logprobs,
     token_logprobs,
@@ -27,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "kl_penalty", "preference_loss", "kto_loss",
            "linear_preference_loss", "token_preference_loss", "linear_kto_loss", "sequence_logprobs",
-           "PreferenceLossOutput", "KTOLossOutput",
+           "PreferenceLossOutput", "KTOLossOutput", "policy_loss", "PolicyLossOutput",
            "ema_", "lerp_", "copy_", "backends", "refmodel", "__version__"]
 
 

@@ -3,7 +3,7 @@
 Imported by pyalign/backends.py at import time, like pyalign/_triton_backend.py. Importing it is
 cheap: it registers lazy loaders only; the first op that needs one builds (or loads from the
 cache) the extension. ``cpu`` backend: logprobs, linear_logprobs (torch matmuls with the C++
-logprobs kernels as the chunk epilogue), kl and weights; ``cuda`` backend: weights.
+logprobs kernels as the chunk epilogue), kl, policy and weights; ``cuda`` backend: weights.
 
 The adapters below turn ``torch.ops.pyalign_C`` into the primitive contract of
 pyalign/backends.py. float64 and empty inputs never reach them (the backend table sends those to
@@ -66,6 +66,44 @@ def _make_kl(ops):
     return SimpleNamespace(forward=forward, backward=backward)
 
 
+def _make_policy(ops):
+    # The kernels read contiguous fp32 per-token inputs (advantages too: a [B] one is expanded)
+    # and bool masks; the gradients come back in fp32 and are cast to the inputs' dtypes here.
+    # The policy term and the KL estimator go by the registry's ids (pyalign/losses.py).
+    from pyalign import losses
+
+    term_ids = losses.policy_kernel_ids()
+
+    def fp32(tensor):
+        return None if tensor is None else tensor.to(torch.float32).contiguous()
+
+    def per_token(advantages, logprobs):
+        return fp32(advantages[:, None].expand_as(logprobs) if advantages.dim() == 1 else advantages)
+
+    def forward(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, entropy,
+                loss, level, params, beta, kl_estimator, bias_correction):
+        return ops.policy_forward(fp32(logprobs), fp32(old_logprobs),
+                                  per_token(advantages, logprobs), mask, entropy_mask,
+                                  fp32(ref_logprobs), fp32(entropy), term_ids[loss], level,
+                                  [float(v) for v in params],
+                                  losses.POLICY_KL_ESTIMATOR_IDS[kl_estimator],
+                                  bool(bias_correction))
+
+    def backward(row_weights, entropy_weights, logprobs, old_logprobs, advantages, mask,
+                 entropy_mask, ref_logprobs, entropy, loss, level, params, beta, kl_estimator,
+                 bias_correction):
+        with_entropy = entropy is not None and entropy_weights is not None
+        grad, grad_entropy = ops.policy_backward(
+            fp32(row_weights), fp32(entropy_weights) if with_entropy else None, fp32(logprobs),
+            fp32(old_logprobs), per_token(advantages, logprobs), mask, entropy_mask,
+            fp32(ref_logprobs), term_ids[loss], level, [float(v) for v in params], float(beta),
+            losses.POLICY_KL_ESTIMATOR_IDS[kl_estimator], bool(bias_correction))
+        return (grad.to(logprobs.dtype),
+                grad_entropy.to(entropy.dtype) if with_entropy else None)
+
+    return SimpleNamespace(forward=forward, backward=backward)
+
+
 def _make_weights(ops, device_type: str):
     def apply_(kind, targets, sources, scalar):
         fast_targets, fast_sources, rest_targets, rest_sources = [], [], [], []
@@ -96,6 +134,7 @@ CPU_FACTORIES = {
     "logprobs": _make_logprobs,
     "linear_logprobs": _make_linear_logprobs,
     "kl": _make_kl,
+    "policy": _make_policy,
     "weights": _make_cpu_weights,
 }
 CUDA_FACTORIES = {

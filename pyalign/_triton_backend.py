@@ -17,6 +17,7 @@ FAMILY_MODULES = {
     "kl": "pyalign.kernels.kl",
     "preference": "pyalign.kernels.preference",
     "linear_logprobs": "pyalign.kernels.linear_logprobs",
+    "policy": "pyalign.kernels.policy",
 }
 
 

@@ -54,6 +54,20 @@ preference
   sequence_preference_backward(grad_losses, token_logprobs, mask, ref_logps, policy_logps,
            ref_logps_reduced, loss, beta, label_smoothing, average)
       -> (grad_token_logprobs[2B,T], grad_ref_logps shaped like ref_logps)
+policy
+  forward(logprobs[B,T], old_logprobs[B,T], advantages[B] | [B,T], mask[B,T] bool,
+          entropy_mask[B,T] bool | None, ref_logprobs[B,T] | None, entropy[B,T] | None, loss,
+          level, params, beta, kl_estimator, bias_correction) -> row_stats[B, S] (f32; f64 for
+          f64 inputs), the per-row reductions named by pyalign.losses.POLICY_ROW_STATS
+      loss: a name of losses.POLICY_REGISTRY (its policy term, by kernel_id); level "token",
+      "sequence" (w = exp of the row's masked mean log-ratio) or "sequence_sum" (exp of the sum);
+      params: losses.PolicyParams.as_list(); the KL stat (and term) only with ref_logprobs, times
+      the ratio with bias_correction; entropy_mask already within mask. Masked positions: their
+      inputs never reach a stat (selected away, NaN included).
+  backward(row_weights[B] f32, entropy_weights[B] f32 | None, the forward's inputs)
+      -> (grad_logprobs like logprobs, grad_entropy like entropy or None)
+      the gradient of Σ_b row_weights[b]·Σ_t m·(em·P + β·kl) + Σ_b entropy_weights[b]·Σ_t m·em·H;
+      masked positions exactly 0
 weights
   apply_(kind, targets, sources, scalar)   kind in {"lerp", "copy"} (ema_ runs as lerp with
            weight 1 - decay); in place, no autograd
@@ -104,6 +118,7 @@ PRIMITIVES = {
     "kl": ("forward", "backward"),
     "preference": ("forward", "backward", "sequence_preference_forward",
                    "sequence_preference_backward"),
+    "policy": ("forward", "backward"),
     "weights": ("apply_",),
 }
 

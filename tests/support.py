@@ -372,3 +372,109 @@ def ema64(target, source, decay):
 
 def lerp64(target, source, weight):
     return target.double() + weight * (source.double() - target.double())
+
+
+# -------------------------------------------------------------------------- policy-gradient losses
+# The GRPO-family and RLOO losses of TRL 1.16 (docs/algorithms.md, "Policy-gradient losses"),
+# written out per loss type in float64 (differentiable: take gradients by autograd). Masked
+# positions are selected away (torch.where), so NaN there never reaches the loss.
+
+def _policy_ratio64(log_ratio, mask, level):
+    if level == "token":
+        return torch.exp(log_ratio)
+    total = torch.where(mask, log_ratio, torch.zeros_like(log_ratio)).sum(-1, keepdim=True)
+    if level == "sequence":
+        total = total / mask.sum(-1, keepdim=True).clamp(min=1)
+    return torch.exp(total).expand_as(log_ratio)
+
+
+def policy64(logprobs, old_logprobs, advantages, mask, loss_type, *, ref_logprobs=None, beta=0.0,
+             kl_estimator="k3", bias_correction=True, epsilon=0.2, epsilon_high=None, delta=None,
+             level="token", tau_pos=1.0, tau_neg=1.05, vespo=(2.0, 3.0, 3.0, 2.0), entropy=None,
+             entropy_coef=0.0, top_entropy_quantile=1.0, max_completion_length=None,
+             num_items=None):
+    """(loss, metrics dict) in float64. ``level`` is ignored for rloo (always the sequence sum)."""
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    zero = torch.zeros((), dtype=torch.float64)
+    lp = torch.where(mask, logprobs.double(), zero)
+    old = torch.where(mask, old_logprobs.double(), zero)
+    adv = advantages.double()
+    adv = adv[:, None].expand_as(lp) if adv.dim() == 1 else adv
+    rows, n_rows = mask.sum(-1).double(), mask.shape[0]
+    n_tokens = rows.sum()
+    log_ratio = lp - old
+    w = _policy_ratio64(log_ratio, mask, "sequence_sum" if loss_type == "rloo" else level)
+    if loss_type == "cispo":
+        term = -torch.clamp(w, max=eps_high).detach() * adv * lp
+    elif loss_type == "sapo":
+        tau = torch.where(adv > 0, tau_pos, tau_neg)
+        term = -torch.sigmoid(tau * (w - 1)) * 4 / tau * adv
+    elif loss_type == "vespo":
+        k_pos, lam_pos, k_neg, lam_neg = vespo
+        s = torch.where(mask, log_ratio.clamp(-20, 20), zero).sum(-1, keepdim=True)
+        log_w = s.clamp(math.log(1e-8), 20.0)
+        k = torch.where(adv >= 0, k_pos, k_neg)
+        lam = torch.where(adv >= 0, lam_pos, lam_neg).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(0.0, 0.0, 0.0)
+        term = -phi.detach() * adv * lp
+    else:
+        unclipped = w if delta is None else torch.clamp(w, max=delta)
+        clipped = torch.clamp(w, 1 - epsilon, 1 + eps_high)
+        term = -torch.minimum(unclipped * adv, clipped * adv)
+    kept = mask
+    if top_entropy_quantile < 1.0:
+        values = entropy.double()[mask]
+        threshold = torch.quantile(values, 1 - top_entropy_quantile) if values.numel() else math.inf
+        kept = mask & (entropy.double() >= threshold)
+    term = torch.where(kept, term, zero)
+    kl = None
+    if ref_logprobs is not None:
+        d = torch.where(mask, ref_logprobs.double(), zero) - lp
+        kl = {"k1": -d, "k2": d * d / 2, "k3": torch.exp(d) - d - 1}[kl_estimator]
+        if bias_correction:
+            kl = kl * w
+        kl = torch.where(mask, kl, zero)
+        term = term + beta * kl
+    term = torch.where(mask, term, zero)
+    if loss_type in ("grpo", "sapo", "rloo"):
+        loss = (term.sum(-1) / rows.clamp(min=1)).sum() / n_rows
+    elif loss_type == "bnpo":
+        loss = term.sum() / n_tokens.clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = term.sum() / (n_rows * max_completion_length)
+    elif loss_type in ("dapo", "cispo", "vespo"):
+        loss = term.sum() / max(n_tokens if num_items is None else num_items, 1)
+    else:  # luspo
+        loss = term.sum(-1).sum() / n_rows
+    policy_loss = loss
+    if entropy_coef != 0:
+        ent = torch.where(kept, entropy.double(), zero)
+        loss = loss - entropy_coef * ent.sum() / kept.sum().clamp(min=1)
+
+    def masked_mean(x):
+        return torch.where(mask, x, zero).sum() / n_tokens.clamp(min=1)
+
+    per_row = loss_type == "rloo" or level == "sequence"
+    per_row = per_row and advantages.dim() == 1
+    c1 = w if delta is None else torch.clamp(w, max=delta)
+    if loss_type == "cispo":
+        low, high = torch.zeros_like(w, dtype=torch.bool), (w > eps_high) & (adv > 0)
+    elif loss_type in ("sapo", "vespo"):
+        low = high = torch.zeros_like(w, dtype=torch.bool)
+    else:
+        low, high = (c1 < 1 - epsilon) & (adv < 0), (c1 > 1 + eps_high) & (adv > 0)
+    if per_row:
+        def mean_of(x):
+            return x[:, 0].double().sum() / n_rows
+    else:
+        def mean_of(x):
+            return masked_mean(x.double())
+    nan = torch.tensor(math.nan, dtype=torch.float64)
+    w = w.detach()
+    metrics = dict(policy_loss=policy_loss.detach(), clip_ratio_low=mean_of(low),
+                   clip_ratio_high=mean_of(high), clip_ratio_region=mean_of(low | high),
+                   mean_kl=masked_mean(kl).detach() if kl is not None else nan,
+                   mean_entropy=(masked_mean(entropy.detach().double()) if entropy is not None
+                                 else nan),
+                   mean_ratio=mean_of(w).detach())
+    return loss, metrics

@@ -19,6 +19,7 @@ from pyalign.bench.kl import kl_case
 from pyalign.bench.kto import linear_kto_case
 from pyalign.bench.linear_logprobs import linear_logprobs_case
 from pyalign.bench.logprobs import logprobs_case
+from pyalign.bench.policy import policy_case
 from pyalign.bench.preference import linear_preference_case, preference_case
 from pyalign.bench.weights import weights_case
 
@@ -38,6 +39,7 @@ def suite_builders(args) -> dict[str, Callable[[], Case]]:
             "preference": lambda: preference_case(64, device, compile=compile),
             "linear_preference": lambda: linear_preference_case(2, 16, 32, 500, dtype, device),
             "linear_kto": lambda: linear_kto_case(4, 16, 32, 500, dtype, device),
+            "policy": lambda: policy_case(8, 128, device, compile=compile),
             "weights": lambda: weights_case(100_000, device, num_tensors=16),
         }
     return {
@@ -50,6 +52,7 @@ def suite_builders(args) -> dict[str, Callable[[], Case]]:
         "preference": lambda: preference_case(4096, device, compile=compile),
         "linear_preference": lambda: linear_preference_case(4, 256, 512, 32000, dtype, device),
         "linear_kto": lambda: linear_kto_case(8, 256, 512, 32000, dtype, device),
+        "policy": lambda: policy_case(64, 1024, device, compile=compile),
         "weights": lambda: weights_case(20_000_000, device),
     }
 

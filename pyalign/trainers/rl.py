@@ -6,7 +6,12 @@ from the current policy, scores them with the reward function (the task's proxy 
 default), and shapes the reward of completion i as ``R_i = r_i - kl_coef * sum_t kl_t`` with
 ``kl_t = pyalign.kl_penalty(logp_t, ref_logp_t, estimator=k1|k3)``. The advantage is
 ``A_i = R_i - mean_{j != i} R_j`` over the k completions of the same prompt, and the loss is
-``-mean_i A_i * log pi(y_i | x_i)``. With ``kl_target`` set, the coefficient follows the
+``pyalign.policy_loss(..., loss_type)`` on it: by default ``rloo`` (TRL's RLOOTrainer loss), which at
+ratio 1 has the gradient of ``-mean_i A_i * log pi(y_i | x_i)``; any policy loss of the registry
+(``loss_type``: grpo, dapo, cispo, ...) takes the same advantages. With ``num_iterations`` > 1
+each batch of rollouts serves that many optimizer steps, PPO-style: the log-probs of the first
+pass (before any update on the batch) are the old log-probs, and the later passes clip the ratio
+to ``[1 - epsilon, 1 + epsilon_high]``. With ``kl_target`` set, the coefficient follows the
 adaptive controller of Ziegler et al. (2019): ``coef *= 1 + clip(KL / target - 1, -0.2, 0.2) *
 samples / kl_horizon``, with the KL averaged over all ranks so every rank keeps the same value.
 """
@@ -18,6 +23,7 @@ from typing import Callable, Optional
 import torch
 
 import pyalign
+from pyalign import losses
 from pyalign.trainers.distributed import micro_slices, split_evenly
 from pyalign.trainers.scoring import masked_sum
 from pyalign.trainers.trainer import Trainer, TrainerConfig, check_range, make_generator
@@ -35,6 +41,10 @@ class RLConfig(TrainerConfig):
     reward: str = "proxy"  # the task's "proxy" reward model, or the "gold" reward
     kl_coef: float = 0.05  # initial KL penalty coefficient
     kl_estimator: str = "k1"
+    loss_type: str = "rloo"  # a policy loss of the registry (pyalign.losses.POLICY_NAMES)
+    num_iterations: int = 1  # optimizer steps per batch of rollouts (> 1: PPO-style clipping)
+    epsilon: float = 0.2  # the clip range [1 - epsilon, 1 + epsilon_high] of the ratio
+    epsilon_high: Optional[float] = None  # None: epsilon (cispo: the cap of its IS weight)
     kl_target: Optional[float] = None  # adaptive coefficient when set (nats per response)
     kl_horizon: int = 10000  # adaptive controller horizon, in samples
     elastic_reset: bool = False
@@ -50,6 +60,16 @@ class RLConfig(TrainerConfig):
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"config key 'kl_estimator' must be one of {KL_ESTIMATORS}, "
                              f"got {self.kl_estimator!r}")
+        if self.loss_type not in losses.POLICY_NAMES:
+            raise ValueError(f"config key 'loss_type' must be one of {losses.POLICY_NAMES}, "
+                             f"got {self.loss_type!r}")
+        check_range(self, "num_iterations", ">= 1", lambda v: v >= 1)
+        check_range(self, "epsilon", ">= 0", lambda v: v >= 0)
+        if self.epsilon_high is not None:
+            check_range(self, "epsilon_high", ">= 0 (or unset: epsilon)", lambda v: v >= 0)
+        if self.loss_type == "cispo" and (self.epsilon if self.epsilon_high is None
+                                          else self.epsilon_high) <= 0:
+            raise ValueError("config key 'epsilon_high' must be > 0 for cispo (its IS-weight cap)")
         if self.reward not in REWARDS:
             raise ValueError(f"config key 'reward' must be one of {REWARDS}, got {self.reward!r}")
         check_range(self, "kl_coef", ">= 0", lambda v: v >= 0)
@@ -101,21 +121,32 @@ class RLTrainer(Trainer):
         prompts = task.prompts(cfg.batch_size, make_generator(cfg.seed, "rl-prompts", step))
         offset = self.dist.rank * local
         slices = micro_slices(local, cfg.micro_batch_size)
-        sums: dict[str, float] = {}
         samples_per_rank = local * k
-        for i, part in enumerate(slices):
+        rollouts = []
+        for part in slices:
             chunk_prompts = prompts[offset + part.start: offset + part.stop].to(self.dist.device)
             chunk_index = (offset + part.start) // (part.stop - part.start)
-            with self._accumulating(last=i == len(slices) - 1):
-                values = self._micro_step(step, chunk_index, chunk_prompts, samples_per_rank)
-            for name, value in values.items():
-                sums[name] = sums.get(name, 0.0) + value
-        grad_norm = self._optimizer_step(step)
+            rollouts.append(self._rollout(step, chunk_index, chunk_prompts))
+        tokens_per_rank = float(sum(float(r["mask"].sum()) for r in rollouts))
+        sums: dict[str, float] = {}
+        for iteration in range(cfg.num_iterations):
+            clip = 0.0
+            for i, rollout in enumerate(rollouts):
+                with self._accumulating(last=i == len(rollouts) - 1):
+                    values = self._update(rollout, iteration, samples_per_rank, tokens_per_rank)
+                clip += values.pop("clip_ratio")
+                if iteration == 0:
+                    for name, value in values.items():
+                        sums[name] = sums.get(name, 0.0) + value
+            grad_norm = self._optimizer_step(step)
         resets_before = getattr(self.ref_strategy, "num_resets", 0)
         self.ref_strategy.step(step, self.optimizer)  # True after an EMA update too
         reset = getattr(self.ref_strategy, "num_resets", 0) > resets_before
-        counts = dict(loss="n", reward="n", proxy_reward="n", kl_penalty="n", kl_to_init="n",
-                      entropy="tokens", tokens="n", advantage_abs="n")
+        counts = dict(loss="n", policy_loss="n", reward="n", proxy_reward="n", kl_penalty="n",
+                      kl_to_init="n", entropy="tokens", tokens="n", advantage_abs="n")
+        if cfg.num_iterations > 1:  # the clipped fraction of the last pass over the batch
+            sums["clip_ratio"] = clip
+            counts["clip_ratio"] = "n"
         if "gold_reward" in sums:
             counts["gold_reward"] = "n"
         record = self._reduce_means(sums, counts)
@@ -130,10 +161,12 @@ class RLTrainer(Trainer):
             self.kl_coef *= 1.0 + error * (cfg.batch_size * k) / cfg.kl_horizon
         return record
 
-    def _micro_step(self, step: int, chunk_index: int, prompts: torch.Tensor, samples_per_rank: int) -> dict:
+    def _rollout(self, step: int, chunk_index: int, prompts: torch.Tensor) -> dict:
+        """Sample k completions per prompt and score them (no gradient): what every pass over the
+        batch reuses."""
         cfg, task = self.config, self.task
-        k = cfg.samples_per_prompt
-        repeated = prompts.repeat_interleave(k, dim=0)  # rows i*k .. i*k+k-1 share prompt i
+        # rows i*k .. i*k+k-1 share prompt i
+        repeated = prompts.repeat_interleave(cfg.samples_per_prompt, dim=0)
         generator = make_generator(cfg.seed, "rollout", step, chunk_index)
         with torch.no_grad():
             self.policy.eval()
@@ -151,24 +184,59 @@ class RLTrainer(Trainer):
             proxy = task.proxy_reward(prompts_cpu, responses_cpu)
             gold = task.gold_reward(prompts_cpu, responses_cpu) if hasattr(task, "gold_reward") else None
             ref_logprobs = self.ref_scorer(repeated, responses, mask)
+        return dict(prompts=prompts, repeated=repeated, responses=responses, mask=mask,
+                    rewards=rewards, proxy=proxy, gold=gold, ref_logprobs=ref_logprobs)
+
+    def _update(self, rollout: dict, iteration: int, samples_per_rank: int,
+                tokens_per_rank: float) -> dict:
+        """One forward/backward of the policy loss on a micro-batch of rollouts. The first pass
+        (iteration 0) shapes the rewards, takes the advantages and records the old log-probs."""
+        cfg = self.config
+        k = cfg.samples_per_prompt
+        repeated, responses, mask = rollout["repeated"], rollout["responses"], rollout["mask"]
         logprobs, entropy = self.scorer(repeated, responses, mask, entropy=True)
-        with torch.no_grad():
-            penalty = pyalign.kl_penalty(logprobs.detach(), ref_logprobs, estimator=cfg.kl_estimator,
-                                         mask=mask, backend=cfg.backend).sum(-1)
-            kl_to_init = (penalty if cfg.kl_estimator == "k3" else pyalign.kl_penalty(
-                logprobs.detach(), ref_logprobs, estimator="k3", mask=mask, backend=cfg.backend).sum(-1))
-            shaped = (rewards - self.kl_coef * penalty).view(-1, k)
-            leave_one_out = (shaped.sum(-1, keepdim=True) - shaped) / (k - 1)
-            advantages = (shaped - leave_one_out).reshape(-1)
-        sequence = pyalign.sequence_logprobs(logprobs, mask)
-        loss = -(advantages * sequence).sum()
-        (loss / samples_per_rank).backward()
-        out = {"loss": float(loss.detach()), "n": float(responses.shape[0]),
-               "reward": float(shaped.sum()), "proxy_reward": float(proxy.double().sum()),
-               "kl_penalty": float(penalty.double().sum()), "kl_to_init": float(kl_to_init.double().sum()),
-               "entropy": masked_sum(entropy, mask), "tokens": float(mask.sum()),
-               "advantage_abs": float(advantages.abs().sum()),
-               "all_tokens": float(responses.shape[0] * (prompts.shape[1] + responses.shape[1]))}
-        if gold is not None:
-            out["gold_reward"] = float(gold.double().sum())
-        return out
+        if iteration == 0:
+            with torch.no_grad():
+                ref_logprobs = rollout["ref_logprobs"]
+                penalty = pyalign.kl_penalty(logprobs.detach(), ref_logprobs, estimator=cfg.kl_estimator,
+                                             mask=mask, backend=cfg.backend).sum(-1)
+                kl_to_init = (penalty if cfg.kl_estimator == "k3" else pyalign.kl_penalty(
+                    logprobs.detach(), ref_logprobs, estimator="k3", mask=mask,
+                    backend=cfg.backend).sum(-1))
+                shaped = (rollout["rewards"] - self.kl_coef * penalty).view(-1, k)
+                leave_one_out = (shaped.sum(-1, keepdim=True) - shaped) / (k - 1)
+                advantages = (shaped - leave_one_out).reshape(-1)
+            rollout.update(advantages=advantages, penalty=penalty, kl_to_init=kl_to_init,
+                           shaped=shaped)
+            if cfg.num_iterations > 1:
+                rollout["old_logprobs"] = logprobs.detach()
+        advantages = rollout["advantages"]
+        out = pyalign.policy_loss(
+            logprobs, rollout.get("old_logprobs") if iteration > 0 else None, advantages, mask,
+            loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+            max_completion_length=responses.shape[1], num_items_in_batch=tokens_per_rank,
+            backend=cfg.backend)
+        rows = responses.shape[0]
+        # policy_loss averages over this micro-batch (or divides by the rank's token count):
+        # weight it by its share of the rank's samples
+        share = 1.0 if losses.get_policy(cfg.loss_type).normalisation == "num_items" else \
+            rows / samples_per_rank
+        (out.loss * share).backward()
+        values = {"clip_ratio": float(out.clip_ratio_region) * rows}
+        if iteration > 0:
+            return values
+        shaped, penalty, kl_to_init = rollout["shaped"], rollout["penalty"], rollout["kl_to_init"]
+        # the REINFORCE surrogate -A_i * log pi(y_i | x_i), whose gradient the loss has at ratio 1
+        sequence = pyalign.sequence_logprobs(logprobs.detach(), mask)
+        surrogate = -(advantages * sequence).sum()
+        values.update({
+            "loss": float(surrogate), "policy_loss": float(out.loss.detach()) * rows,
+            "n": float(rows), "reward": float(shaped.sum()),
+            "proxy_reward": float(rollout["proxy"].double().sum()),
+            "kl_penalty": float(penalty.double().sum()), "kl_to_init": float(kl_to_init.double().sum()),
+            "entropy": masked_sum(entropy, mask), "tokens": float(mask.sum()),
+            "advantage_abs": float(advantages.abs().sum()),
+            "all_tokens": float(rows * (rollout["prompts"].shape[1] + responses.shape[1]))})
+        if rollout["gold"] is not None:
+            values["gold_reward"] = float(rollout["gold"].double().sum())
+        return values

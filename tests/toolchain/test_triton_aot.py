@@ -31,7 +31,7 @@ def test_every_configuration_compiles_for_both_targets(table):
     assert {"logprobs_forward", "logprobs_backward", "kl_forward", "kl_backward",
             "preference_forward", "preference_backward", "sequence_preference_forward",
             "sequence_preference_backward", "linear_logprobs_forward",
-            "linear_logprobs_backward"} <= kernels
+            "linear_logprobs_backward", "policy_forward", "policy_backward"} <= kernels
 
 
 def test_no_register_spills(table):

@@ -1,0 +1,387 @@
+"""Policy-gradient losses (the registry's policy terms, pyalign/losses.py) fused with the per-token
+KL and entropy terms and the masked row reductions.
+
+Forward, per row b (one program): pass 1 reads the mask and the log-ratios l = logp − old_logp
+for the row's token count n, its log-ratio sum (mean for the "sequence" level) and vespo's
+clamped sum; pass 2 forms per token the ratio w (exp(l) per token, or the row's exp(s)), the
+policy term P (``_policy_term``, branch = the entry's kernel_id, a runtime argument), the KL
+estimate (k1/k2/k3 of d = ref_logp − logp, times w with the bias correction) and the clip flags,
+and writes the row's reduction pieces (losses.POLICY_ROW_STATS, 12 floats). The op forms loss and
+metrics from them. Backward, per row: the same pass 1; for sequence-level ratios one more pass
+for R_b = Σ_t m·(em·dP/dw + β·[bias]·kl) (dw_b/dlogp_t = w_b·m_t (/ n_b)); then one pass writing
+d loss/d logp_t for the given per-row token weights (and the entropy gradient).
+Masked positions are selected away (never multiplied by 0): NaN there does not leak. Clamps and
+minima are written as selects, so NaN in kept data propagates.
+
+Memory traffic per token: forward reads logp, old_logp (+ ref, entropy, advantages when per
+token) in fp32 and the mask bytes twice (the two passes), writes 48 bytes per row; backward
+reads them two or three times and writes the gradient (+ the entropy gradient). Eager runs some
+40 elementwise kernels over [B, T] temporaries. Launch grid: (B,), one program per row looping
+over T in BLOCK_T chunks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from pyalign import kernels as _kernels
+from pyalign import losses as _losses
+from pyalign.kernels.kl import _k3_and_expm1
+
+TERM_IDS = _losses.policy_kernel_ids()  # {loss name: branch of _policy_term}
+ESTIMATOR_IDS = _losses.POLICY_KL_ESTIMATOR_IDS
+NUM_STATS = len(_losses.POLICY_ROW_STATS)
+_S = {name: index for index, name in enumerate(_losses.POLICY_ROW_STATS)}
+assert list(_S) == ["tokens", "log_ratio", "log_ratio_clamped_sum", "policy", "kl", "clip_low",
+                    "clip_high", "clip_region", "ratio", "entropy", "entropy_kept", "kept"], \
+    "the kernels store the row stats in this order"
+BLOCK_T = 512
+NUM_WARPS = 4
+VESPO_CLAMP = _losses.VESPO_LOG_RATIO_CLAMP
+VESPO_MIN_LOG_W = _losses.VESPO_MIN_LOG_WEIGHT
+
+
+@triton.jit
+def _policy_term(w, adv, logp, vespo_log_w, term_id, eps_low, eps_high, delta, tau_pos, tau_neg,
+                 k_pos, lam_pos, k_neg, lam_neg):
+    """(P, dP/dw, D = dP/dlogp at fixed w, clipped low, clipped high) elementwise."""
+    zero = tl.zeros_like(w)
+    if term_id == 0:  # PPO clip: -min(min(w, delta)*A, clamp(w, 1-eps_low, 1+eps_high)*A)
+        lo = 1.0 - eps_low
+        hi = 1.0 + eps_high
+        c1 = tl.where(w > delta, delta, w)
+        c2 = tl.where(w < lo, lo, tl.where(w > hi, hi, w))
+        a = c1 * adv
+        b = c2 * adv
+        value = -tl.where(a < b, a, b)
+        slope1 = tl.where(w <= delta, 1.0, 0.0)
+        slope2 = tl.where((w >= lo) & (w <= hi), 1.0, 0.0)
+        # torch.minimum splits the gradient at a tie (w inside the clip range)
+        slope = tl.where(a < b, slope1, tl.where(a > b, slope2, 0.5 * (slope1 + slope2)))
+        d_ratio = -adv * slope
+        direct = zero
+        low = (c1 < lo) & (adv < 0.0)
+        high = (c1 > hi) & (adv > 0.0)
+    elif term_id == 1:  # cispo: -sg(min(w, eps_high))*A*logp
+        capped = tl.where(w > eps_high, eps_high, w)
+        direct = -capped * adv
+        value = direct * logp
+        d_ratio = zero
+        low = zero != zero  # never clipped low
+        high = (w > eps_high) & (adv > 0.0)
+    elif term_id == 2:  # sapo: -sigmoid(tau*(w-1))*4/tau*A
+        tau = tl.where(adv > 0.0, tau_pos, tau_neg)
+        x = tau * (w - 1.0)
+        gate = tl.sigmoid(x)
+        value = -gate * (4.0 / tau) * adv
+        d_ratio = -4.0 * gate * tl.sigmoid(-x) * adv
+        direct = zero
+        low = zero != zero  # no clip
+        high = low
+    else:  # vespo: -sg(phi)*A*logp, phi = exp(lam + k*log w_s - lam*w_s)
+        nonneg = adv >= 0.0
+        k = tl.where(nonneg, k_pos, k_neg)
+        lam = tl.maximum(tl.where(nonneg, lam_pos, lam_neg), 1e-4)
+        phi = tl.exp(lam + k * vespo_log_w - lam * tl.exp(vespo_log_w))
+        phi = tl.where((phi == phi) & (phi < float("inf")), phi, 0.0)  # nan_to_num, as TRL
+        direct = -phi * adv
+        value = direct * logp
+        d_ratio = zero
+        low = zero != zero  # no clip
+        high = low
+    return value, d_ratio, direct, low, high
+
+
+@triton.jit
+def _kl_and_slope(logp, ref, estimator):
+    """(kl, d kl / d logp) at the sampled token, d = ref_logp - logp."""
+    diff = ref - logp
+    if estimator == 1:
+        kl = -diff
+        slope = tl.zeros_like(diff) + 1.0
+    elif estimator == 2:
+        kl = 0.5 * diff * diff
+        slope = -diff
+    else:
+        kl, expm1 = _k3_and_expm1(diff)
+        slope = -expm1
+    return kl, slope
+
+
+@triton.jit
+def _row_ratio_stats(logprobs_ptr, old_ptr, mask_ptr, row_start, length, BLOCK_T: tl.constexpr):
+    """(n, Σ m·l, Σ m·clamp(l, ±20)) of one row."""
+    count = tl.zeros((BLOCK_T,), tl.float32)
+    total = tl.zeros((BLOCK_T,), tl.float32)
+    clamped = tl.zeros((BLOCK_T,), tl.float32)
+    for start in range(0, length, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T)
+        in_row = cols < length
+        keep = tl.load(mask_ptr + row_start + cols, mask=in_row, other=0) != 0
+        logp = tl.load(logprobs_ptr + row_start + cols, mask=in_row, other=0.0)
+        old = tl.load(old_ptr + row_start + cols, mask=in_row, other=0.0)
+        log_ratio = tl.where(keep, logp - old, 0.0)
+        count += tl.where(keep, 1.0, 0.0)
+        total += log_ratio
+        clamped += tl.where(log_ratio < -20.0, -20.0, tl.where(log_ratio > 20.0, 20.0, log_ratio))
+    return tl.sum(count, axis=0), tl.sum(total, axis=0), tl.sum(clamped, axis=0)
+
+
+@triton.jit
+def policy_forward_kernel(logprobs_ptr, old_ptr, adv_ptr, mask_ptr, emask_ptr, ref_ptr,
+                          entropy_ptr, stats_ptr, length, adv_token_stride, term_id, estimator,
+                          sequence_mean, bias, eps_low, eps_high, delta, tau_pos, tau_neg, k_pos,
+                          lam_pos, k_neg, lam_neg,
+                          SEQUENCE: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+                          BLOCK_T: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_start = row * length
+    count, total, clamped = _row_ratio_stats(logprobs_ptr, old_ptr, mask_ptr, row_start, length,
+                                             BLOCK_T)
+    row_log_ratio = tl.where(sequence_mean != 0, total / tl.maximum(count, 1.0), total)
+    vespo_log_w = tl.where(clamped < -18.420680743952367, -18.420680743952367,
+                           tl.where(clamped > 20.0, 20.0, clamped))
+    row_ratio = tl.exp(row_log_ratio)
+    adv_row = adv_ptr + row * (1 + (length - 1) * adv_token_stride)
+    policy = tl.zeros((BLOCK_T,), tl.float32)
+    kl_sum = tl.zeros((BLOCK_T,), tl.float32)
+    low_sum = tl.zeros((BLOCK_T,), tl.float32)
+    high_sum = tl.zeros((BLOCK_T,), tl.float32)
+    region_sum = tl.zeros((BLOCK_T,), tl.float32)
+    ratio_sum = tl.zeros((BLOCK_T,), tl.float32)
+    entropy_sum = tl.zeros((BLOCK_T,), tl.float32)
+    entropy_kept = tl.zeros((BLOCK_T,), tl.float32)
+    kept_sum = tl.zeros((BLOCK_T,), tl.float32)
+    for start in range(0, length, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T)
+        in_row = cols < length
+        keep = tl.load(mask_ptr + row_start + cols, mask=in_row, other=0) != 0
+        kept = keep & (tl.load(emask_ptr + row_start + cols, mask=in_row, other=0) != 0)
+        logp = tl.where(keep, tl.load(logprobs_ptr + row_start + cols, mask=in_row, other=0.0), 0.0)
+        old = tl.where(keep, tl.load(old_ptr + row_start + cols, mask=in_row, other=0.0), 0.0)
+        adv = tl.where(keep, tl.load(adv_row + cols * adv_token_stride, mask=in_row, other=0.0), 0.0)
+        if SEQUENCE:
+            w = tl.zeros_like(logp) + row_ratio
+        else:
+            w = tl.exp(logp - old)
+        value, d_ratio, direct, low, high = _policy_term(
+            w, adv, logp, vespo_log_w, term_id, eps_low, eps_high, delta, tau_pos, tau_neg, k_pos,
+            lam_pos, k_neg, lam_neg)
+        policy += tl.where(kept, value, 0.0)
+        low = low & keep
+        high = high & keep
+        low_sum += tl.where(low, 1.0, 0.0)
+        high_sum += tl.where(high, 1.0, 0.0)
+        region_sum += tl.where(low | high, 1.0, 0.0)
+        ratio_sum += tl.where(keep, w, 0.0)
+        kept_sum += tl.where(kept, 1.0, 0.0)
+        if HAS_REF:
+            ref = tl.where(keep, tl.load(ref_ptr + row_start + cols, mask=in_row, other=0.0), 0.0)
+            kl, _ = _kl_and_slope(logp, ref, estimator)
+            kl = tl.where(bias != 0, kl * w, kl)
+            kl_sum += tl.where(keep, kl, 0.0)
+        if HAS_ENTROPY:
+            entropy = tl.load(entropy_ptr + row_start + cols, mask=in_row, other=0.0)
+            entropy_sum += tl.where(keep, entropy, 0.0)
+            entropy_kept += tl.where(kept, entropy, 0.0)
+    out = stats_ptr + row * 12
+    tl.store(out + 0, count)
+    tl.store(out + 1, row_log_ratio)
+    tl.store(out + 2, clamped)
+    tl.store(out + 3, tl.sum(policy, axis=0))
+    tl.store(out + 4, tl.sum(kl_sum, axis=0))
+    tl.store(out + 5, tl.sum(low_sum, axis=0))
+    tl.store(out + 6, tl.sum(high_sum, axis=0))
+    tl.store(out + 7, tl.sum(region_sum, axis=0))
+    tl.store(out + 8, tl.sum(ratio_sum, axis=0))
+    tl.store(out + 9, tl.sum(entropy_sum, axis=0))
+    tl.store(out + 10, tl.sum(entropy_kept, axis=0))
+    tl.store(out + 11, tl.sum(kept_sum, axis=0))
+
+
+@triton.jit
+def policy_backward_kernel(row_weights_ptr, entropy_weights_ptr, logprobs_ptr, old_ptr, adv_ptr,
+                           mask_ptr, emask_ptr, ref_ptr, grad_ptr, grad_entropy_ptr, length,
+                           adv_token_stride, term_id, estimator, sequence_mean, bias, beta,
+                           eps_low, eps_high, delta, tau_pos, tau_neg, k_pos, lam_pos, k_neg,
+                           lam_neg,
+                           SEQUENCE: tl.constexpr, HAS_KL: tl.constexpr,
+                           HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_start = row * length
+    count, total, clamped = _row_ratio_stats(logprobs_ptr, old_ptr, mask_ptr, row_start, length,
+                                             BLOCK_T)
+    row_log_ratio = tl.where(sequence_mean != 0, total / tl.maximum(count, 1.0), total)
+    vespo_log_w = tl.where(clamped < -18.420680743952367, -18.420680743952367,
+                           tl.where(clamped > 20.0, 20.0, clamped))
+    row_ratio = tl.exp(row_log_ratio)
+    adv_row = adv_ptr + row * (1 + (length - 1) * adv_token_stride)
+    row_weight = tl.load(row_weights_ptr + row)
+    through_row = 0.0
+    if SEQUENCE:  # R_b = Σ_t m·(em·dP/dw + β·[bias]·kl), then dw_b/dlogp_t = w_b (/ n_b)
+        row_sum = tl.zeros((BLOCK_T,), tl.float32)
+        for start in range(0, length, BLOCK_T):
+            cols = start + tl.arange(0, BLOCK_T)
+            in_row = cols < length
+            keep = tl.load(mask_ptr + row_start + cols, mask=in_row, other=0) != 0
+            kept = keep & (tl.load(emask_ptr + row_start + cols, mask=in_row, other=0) != 0)
+            logp = tl.where(keep, tl.load(logprobs_ptr + row_start + cols, mask=in_row, other=0.0),
+                            0.0)
+            adv = tl.where(keep, tl.load(adv_row + cols * adv_token_stride, mask=in_row, other=0.0),
+                           0.0)
+            w = tl.zeros_like(logp) + row_ratio
+            _, d_ratio, _, _, _ = _policy_term(
+                w, adv, logp, vespo_log_w, term_id, eps_low, eps_high, delta, tau_pos, tau_neg,
+                k_pos, lam_pos, k_neg, lam_neg)
+            row_sum += tl.where(kept, d_ratio, 0.0)
+            if HAS_KL:
+                ref = tl.where(keep, tl.load(ref_ptr + row_start + cols, mask=in_row, other=0.0),
+                               0.0)
+                kl, _ = _kl_and_slope(logp, ref, estimator)
+                row_sum += tl.where(keep & (bias != 0), beta * kl, 0.0)
+        through_row = tl.sum(row_sum, axis=0) * row_ratio
+        through_row = tl.where(sequence_mean != 0, through_row / tl.maximum(count, 1.0),
+                               through_row)
+    if HAS_ENTROPY_GRAD:
+        entropy_weight = tl.load(entropy_weights_ptr + row)
+    for start in range(0, length, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T)
+        in_row = cols < length
+        keep = tl.load(mask_ptr + row_start + cols, mask=in_row, other=0) != 0
+        kept = keep & (tl.load(emask_ptr + row_start + cols, mask=in_row, other=0) != 0)
+        logp = tl.where(keep, tl.load(logprobs_ptr + row_start + cols, mask=in_row, other=0.0), 0.0)
+        old = tl.where(keep, tl.load(old_ptr + row_start + cols, mask=in_row, other=0.0), 0.0)
+        adv = tl.where(keep, tl.load(adv_row + cols * adv_token_stride, mask=in_row, other=0.0), 0.0)
+        if SEQUENCE:
+            w = tl.zeros_like(logp) + row_ratio
+        else:
+            w = tl.exp(logp - old)
+        _, d_ratio, direct, _, _ = _policy_term(
+            w, adv, logp, vespo_log_w, term_id, eps_low, eps_high, delta, tau_pos, tau_neg, k_pos,
+            lam_pos, k_neg, lam_neg)
+        d_ratio = tl.where(kept, d_ratio, 0.0)
+        grad = tl.where(kept, direct, 0.0)
+        if HAS_KL:
+            ref = tl.where(keep, tl.load(ref_ptr + row_start + cols, mask=in_row, other=0.0), 0.0)
+            kl, kl_slope = _kl_and_slope(logp, ref, estimator)
+            grad += beta * kl_slope * tl.where(bias != 0, w, 1.0)
+            d_ratio += tl.where(bias != 0, beta * kl, 0.0)
+        if SEQUENCE:
+            grad += through_row
+        else:
+            grad += d_ratio * w
+        tl.store(grad_ptr + row_start + cols, tl.where(keep, grad * row_weight, 0.0), mask=in_row)
+        if HAS_ENTROPY_GRAD:
+            tl.store(grad_entropy_ptr + row_start + cols, tl.where(kept, entropy_weight, 0.0),
+                     mask=in_row)
+
+
+def _bytes(mask):
+    # bytes, not i1: a bool load goes through a shared-memory layout conversion in Triton
+    return mask.to(torch.bool).contiguous().view(torch.uint8)
+
+
+def _scalars(loss, level, params, kl_estimator, bias_correction):
+    p = list(params)
+    return dict(term_id=TERM_IDS[loss], estimator=ESTIMATOR_IDS[kl_estimator],
+                sequence_mean=int(level == "sequence"), bias=int(bool(bias_correction)),
+                eps_low=p[0], eps_high=p[1], delta=p[2], tau_pos=p[3], tau_neg=p[4], k_pos=p[5],
+                lam_pos=p[6], k_neg=p[7], lam_neg=p[8])
+
+
+def _row_inputs(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs):
+    vec = _kernels.as_fp32_vector
+    mask_bytes = _bytes(mask)
+    emask_bytes = mask_bytes if entropy_mask is None else _bytes(entropy_mask)
+    adv = vec(advantages)
+    return (vec(logprobs), vec(old_logprobs), adv, mask_bytes, emask_bytes,
+            None if ref_logprobs is None else vec(ref_logprobs), int(advantages.dim() == 2))
+
+
+def forward(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, entropy, loss,
+            level, params, beta, kl_estimator, bias_correction):
+    """Contract of backends.py (policy.forward): row stats [B, 12] fp32."""
+    rows, length = logprobs.shape
+    lp, old, adv, mask_b, emask_b, ref, adv_stride = _row_inputs(
+        logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs)
+    ent = None if entropy is None else _kernels.as_fp32_vector(entropy)
+    stats = _kernels.new_output((rows, NUM_STATS), torch.float32, logprobs.device)
+    policy_forward_kernel[(rows,)](
+        lp, old, adv, mask_b, emask_b, lp if ref is None else ref, lp if ent is None else ent,
+        stats, length, adv_stride, **_scalars(loss, level, params, kl_estimator, bias_correction),
+        SEQUENCE=level != "token", HAS_REF=ref is not None, HAS_ENTROPY=ent is not None,
+        BLOCK_T=BLOCK_T, num_warps=NUM_WARPS)
+    return stats
+
+
+def backward(row_weights, entropy_weights, logprobs, old_logprobs, advantages, mask, entropy_mask,
+             ref_logprobs, entropy, loss, level, params, beta, kl_estimator, bias_correction):
+    """Contract of backends.py (policy.backward): (grad_logprobs, grad_entropy or None)."""
+    rows, length = logprobs.shape
+    lp, old, adv, mask_b, emask_b, ref, adv_stride = _row_inputs(
+        logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs)
+    has_kl = ref is not None and beta != 0
+    with_entropy = entropy is not None and entropy_weights is not None
+    weights = _kernels.as_fp32_vector(row_weights)
+    grad = _kernels.new_output(rows * length, torch.float32, logprobs.device)
+    grad_entropy = (_kernels.new_output(rows * length, torch.float32, logprobs.device)
+                    if with_entropy else None)
+    policy_backward_kernel[(rows,)](
+        weights, _kernels.as_fp32_vector(entropy_weights) if with_entropy else weights, lp, old,
+        adv, mask_b, emask_b, ref if has_kl else lp, grad,
+        grad_entropy if with_entropy else grad, length, adv_stride,
+        **_scalars(loss, level, params, kl_estimator, bias_correction), beta=float(beta),
+        SEQUENCE=level != "token", HAS_KL=has_kl, HAS_ENTROPY_GRAD=with_entropy, BLOCK_T=BLOCK_T,
+        num_warps=NUM_WARPS)
+    grad = grad.view(rows, length).to(logprobs.dtype)
+    if grad_entropy is not None:
+        grad_entropy = grad_entropy.view(rows, length).to(entropy.dtype)
+    return grad, grad_entropy
+
+
+_SCALAR_TYPES = {"length": "i32", "adv_token_stride": "i32", "term_id": "i32", "estimator": "i32",
+                 "sequence_mean": "i32", "bias": "i32", "beta": "fp32", "eps_low": "fp32",
+                 "eps_high": "fp32", "delta": "fp32", "tau_pos": "fp32", "tau_neg": "fp32",
+                 "k_pos": "fp32", "lam_pos": "fp32", "k_neg": "fp32", "lam_neg": "fp32"}
+
+
+def compile_configs():
+    configs = []
+    for sequence in (False, True):
+        for has_ref in (False, True):
+            for has_entropy in (False, True):
+                signature = {"logprobs_ptr": "*fp32", "old_ptr": "*fp32", "adv_ptr": "*fp32",
+                             "mask_ptr": "*u8", "emask_ptr": "*u8", "ref_ptr": "*fp32",
+                             "entropy_ptr": "*fp32", "stats_ptr": "*fp32",
+                             **{k: v for k, v in _SCALAR_TYPES.items() if k != "beta"}}
+                configs.append(dict(
+                    name="policy_forward", kernel=policy_forward_kernel, signature=signature,
+                    constexprs={"SEQUENCE": sequence, "HAS_REF": has_ref,
+                                "HAS_ENTROPY": has_entropy, "BLOCK_T": BLOCK_T},
+                    aligned=("logprobs_ptr", "old_ptr", "adv_ptr", "mask_ptr", "emask_ptr",
+                             "ref_ptr", "entropy_ptr", "stats_ptr"),
+                    num_warps=NUM_WARPS,
+                    label=f"seq={sequence} ref={has_ref} entropy={has_entropy}"))
+        for has_kl in (False, True):
+            for entropy_grad in (False, True):
+                signature = {"row_weights_ptr": "*fp32", "entropy_weights_ptr": "*fp32",
+                             "logprobs_ptr": "*fp32", "old_ptr": "*fp32", "adv_ptr": "*fp32",
+                             "mask_ptr": "*u8", "emask_ptr": "*u8", "ref_ptr": "*fp32",
+                             "grad_ptr": "*fp32", "grad_entropy_ptr": "*fp32", **_SCALAR_TYPES}
+                configs.append(dict(
+                    name="policy_backward", kernel=policy_backward_kernel, signature=signature,
+                    constexprs={"SEQUENCE": sequence, "HAS_KL": has_kl,
+                                "HAS_ENTROPY_GRAD": entropy_grad, "BLOCK_T": BLOCK_T},
+                    aligned=("row_weights_ptr", "entropy_weights_ptr", "logprobs_ptr", "old_ptr",
+                             "adv_ptr", "mask_ptr", "emask_ptr", "ref_ptr", "grad_ptr",
+                             "grad_entropy_ptr"),
+                    num_warps=NUM_WARPS,
+                    label=f"seq={sequence} kl={has_kl} entropy_grad={entropy_grad}"))
+    return configs
+
+
+assert math.isclose(VESPO_MIN_LOG_W, -18.420680743952367) and VESPO_CLAMP == 20.0, \
+    "the kernels hard-code vespo's clamps"

@@ -1,0 +1,317 @@
+"""policy_loss: the policy-gradient losses of TRL 1.16's GRPOTrainer (``loss_type`` grpo, bnpo,
+dr_grpo, dapo, cispo, sapo, luspo, vespo) and RLOOTrainer (rloo), from per-token log-probs.
+
+Per token, with the ratio w (token or sequence level), the registry's policy term P(w, A)
+(pyalign/losses.py, "policy losses"), an optional KL term β·kl (times w with the bias correction,
+TRL's default), an entropy mask (top_entropy_quantile) on P and an entropy bonus:
+
+    loss = Σ_b Σ_t weight_b·m_bt·(em_bt·P_bt + β·kl_bt) − entropy_coef·Σ m·em·H / max(Σ m·em, 1)
+
+weight_b from the loss's normalisation (losses.POLICY_NORMALISATIONS). The metrics are the
+masked means TRL logs, detached. Gradients flow to ``logprobs`` (and ``entropy`` when
+entropy_coef != 0); none to old_logprobs, ref_logprobs or advantages. Family "policy" of
+pyalign/backends.py; the formulas are in docs/algorithms.md ("Policy-gradient losses").
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from pyalign import backends
+from pyalign import losses as registry
+from pyalign._utils import accumulation_dtype
+from pyalign.ops import _checks
+
+LOSS_TYPES = registry.POLICY_NAMES
+KL_ESTIMATORS = tuple(registry.POLICY_KL_ESTIMATOR_IDS)
+_STAT = {name: index for index, name in enumerate(registry.POLICY_ROW_STATS)}
+
+
+class PolicyLossOutput(NamedTuple):
+    loss: torch.Tensor  # the scalar to backpropagate
+    policy_loss: torch.Tensor  # the loss without the entropy bonus (TRL's "policy_loss"), detached
+    clip_ratio_low: torch.Tensor  # TRL's clip_ratio/low_mean (the PPO-clip losses; 0 otherwise)
+    clip_ratio_high: torch.Tensor  # clip_ratio/high_mean (cispo: cispo_clip_ratio)
+    clip_ratio_region: torch.Tensor  # clip_ratio/region_mean
+    mean_kl: torch.Tensor  # masked mean of the KL term (NaN without ref_logprobs)
+    mean_entropy: torch.Tensor  # masked mean entropy (NaN without entropy)
+    mean_ratio: torch.Tensor  # masked mean of the importance ratio w
+
+
+def _inputs_dtype(*tensors):
+    """The tensor whose dtype decides the backend (float64 anywhere runs eager)."""
+    present = [t for t in tensors if t is not None]
+    return next((t for t in present if t.dtype == torch.float64), present[0])
+
+
+@torch.library.custom_op("pyalign::policy_loss_fwd", mutates_args=())
+def _policy_fwd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, entropy_mask: Optional[torch.Tensor],
+                ref_logprobs: Optional[torch.Tensor], entropy: Optional[torch.Tensor], loss: str,
+                level: str, params: list[float], beta: float, kl_estimator: str,
+                bias_correction: bool, backend: str) -> torch.Tensor:
+    impl = backends.implementation("policy", backend,
+                                   _inputs_dtype(logprobs, old_logprobs, ref_logprobs))
+    return impl.forward(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs,
+                        entropy, loss, level, params, beta, kl_estimator, bias_correction)
+
+
+@_policy_fwd.register_fake
+def _(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, entropy, loss, level,
+      params, beta, kl_estimator, bias_correction, backend):
+    acc = _acc_dtype(logprobs, old_logprobs, ref_logprobs)
+    return logprobs.new_empty((logprobs.shape[0], len(registry.POLICY_ROW_STATS)), dtype=acc)
+
+
+@torch.library.custom_op("pyalign::policy_loss_bwd", mutates_args=())
+def _policy_bwd(row_weights: torch.Tensor, entropy_weights: Optional[torch.Tensor],
+                logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, entropy_mask: Optional[torch.Tensor],
+                ref_logprobs: Optional[torch.Tensor], entropy: Optional[torch.Tensor], loss: str,
+                level: str, params: list[float], beta: float, kl_estimator: str,
+                bias_correction: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = backends.implementation("policy", backend,
+                                   _inputs_dtype(logprobs, old_logprobs, ref_logprobs))
+    grad, grad_entropy = impl.backward(row_weights, entropy_weights, logprobs, old_logprobs,
+                                       advantages, mask, entropy_mask, ref_logprobs, entropy, loss,
+                                       level, params, beta, kl_estimator, bias_correction)
+    return grad, (logprobs.new_empty(0) if grad_entropy is None else grad_entropy)
+
+
+@_policy_bwd.register_fake
+def _(row_weights, entropy_weights, logprobs, old_logprobs, advantages, mask, entropy_mask,
+      ref_logprobs, entropy, loss, level, params, beta, kl_estimator, bias_correction, backend):
+    with_entropy = entropy is not None and entropy_weights is not None
+    return (torch.empty_like(logprobs),
+            torch.empty_like(entropy) if with_entropy else logprobs.new_empty(0))
+
+
+def _acc_dtype(*tensors):
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        if tensor is not None:
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return accumulation_dtype(dtype)
+
+
+def _row_weights(stats, normalisation, max_completion_length, num_items_in_batch):
+    """The weight of one kept token of each row (losses.POLICY_NORMALISATIONS)."""
+    rows = max(stats.shape[0], 1)
+    tokens = stats[:, _STAT["tokens"]]
+    if normalisation == "sequence_mean":
+        return 1.0 / (rows * tokens.clamp(min=1))
+    if normalisation == "tokens":
+        return (1.0 / tokens.sum().clamp(min=1)).expand_as(tokens)
+    if normalisation == "max_length":
+        return torch.full_like(tokens, 1.0 / (rows * max_completion_length))
+    if normalisation == "num_items":
+        count = tokens.sum() if num_items_in_batch is None else torch.as_tensor(
+            num_items_in_batch, dtype=tokens.dtype, device=tokens.device)
+        return (1.0 / count.clamp(min=1)).expand_as(tokens)
+    return torch.full_like(tokens, 1.0 / rows)  # "batch"
+
+
+class PolicyLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logprobs, entropy, old_logprobs, advantages, mask, entropy_mask, ref_logprobs,
+                config):
+        (loss, level, params, beta, estimator, bias, normalisation, max_length, num_items,
+         entropy_coef, backend) = config
+        stats = _policy_fwd(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs,
+                            entropy, loss, level, params, beta, estimator, bias, backend)
+        row_weights = _row_weights(stats, normalisation, max_length, num_items)
+        policy_loss = (row_weights * (stats[:, _STAT["policy"]] + beta * stats[:, _STAT["kl"]])).sum()
+        entropy_weight = stats.new_zeros(())
+        total = policy_loss
+        if entropy_coef != 0:
+            entropy_weight = -entropy_coef / stats[:, _STAT["kept"]].sum().clamp(min=1)
+            total = policy_loss + entropy_weight * stats[:, _STAT["entropy_kept"]].sum()
+        ctx.save_for_backward(logprobs, entropy, old_logprobs, advantages, mask, entropy_mask,
+                              ref_logprobs, row_weights, entropy_weight)
+        ctx.config = config
+        policy_only = policy_loss.detach().clone()  # a metric: its own tensor, no gradient
+        ctx.mark_non_differentiable(stats, policy_only)
+        return total, policy_only, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_policy_loss, _grad_stats):
+        (logprobs, entropy, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, row_weights,
+         entropy_weight) = ctx.saved_tensors
+        (loss, level, params, beta, estimator, bias, _, _, _, entropy_coef, backend) = ctx.config
+        grad_loss = grad_loss.to(row_weights.dtype)
+        entropy_weights = None
+        if entropy_coef != 0 and entropy is not None:
+            entropy_weights = (entropy_weight * grad_loss).expand_as(row_weights).contiguous()
+        grad, grad_entropy = _policy_bwd((row_weights * grad_loss).contiguous(), entropy_weights,
+                                         logprobs, old_logprobs, advantages, mask, entropy_mask,
+                                         ref_logprobs, entropy, loss, level, params, beta,
+                                         estimator, bias, backend)
+        grad_entropy = grad_entropy if entropy_weights is not None else None
+        return grad, grad_entropy, None, None, None, None, None, None
+
+
+def _check_per_token(name, tensor, shape):
+    _checks.check_tensor(name, tensor, floating=True)
+    _checks.check_shape(name, tensor, shape, "logprobs.shape")
+
+
+def _entropy_mask(entropy, mask, top_entropy_quantile):
+    """TRL's high-entropy mask: kept tokens whose entropy is at least the (1 − q) quantile of the
+    kept tokens' entropies (torch.quantile's linear interpolation); none when no token is kept.
+    Written with a sort and gathers (no boolean indexing), so torch.compile keeps one graph."""
+    work_dtype = torch.float64 if entropy.dtype == torch.float64 else torch.float32
+    values = torch.where(mask, entropy.detach().to(work_dtype), math.inf).reshape(-1)
+    ordered = values.sort().values  # the kept values first
+    count = mask.sum().to(work_dtype)
+    position = ((1.0 - top_entropy_quantile) * (count - 1)).clamp(min=0)
+    below = position.floor()
+    above = torch.minimum(below + 1, (count - 1).clamp(min=0))
+    low_value = ordered.gather(0, below.long().reshape(1))
+    high_value = ordered.gather(0, above.long().reshape(1))
+    threshold = torch.lerp(low_value, high_value, (position - below).reshape(1))
+    return mask & (entropy.detach().to(work_dtype) >= threshold)
+
+
+def _metrics(entry, level, stats, advantages, params, has_kl, has_entropy):
+    """The detached metrics, as TRL logs them: masked means over the kept tokens; the clip
+    fractions and the mean ratio over the rows when the ratio is one per sequence (and the
+    advantages one per row)."""
+    tokens = stats[:, _STAT["tokens"]].sum().clamp(min=1)
+    nan = torch.full((), math.nan, dtype=stats.dtype, device=stats.device)
+    mean_kl = stats[:, _STAT["kl"]].sum() / tokens if has_kl else nan
+    mean_entropy = stats[:, _STAT["entropy"]].sum() / tokens if has_entropy else nan
+    if level == "token" or advantages.dim() == 2:
+        low, high, region = (stats[:, _STAT[name]].sum() / tokens
+                             for name in ("clip_low", "clip_high", "clip_region"))
+        mean_ratio = stats[:, _STAT["ratio"]].sum() / tokens
+    else:
+        rows = max(stats.shape[0], 1)
+        ratio = torch.exp(stats[:, _STAT["log_ratio"]])
+        low_flags, high_flags = registry.policy_clip_flags(
+            entry, ratio, advantages.to(stats.dtype), params)
+        low, high, region = (flags.to(stats.dtype).sum() / rows
+                             for flags in (low_flags, high_flags, low_flags | high_flags))
+        mean_ratio = ratio.sum() / rows
+    return low, high, region, mean_kl, mean_entropy, mean_ratio
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor],
+                advantages: torch.Tensor, mask: torch.Tensor, *, loss_type: str = "grpo",
+                ref_logprobs: Optional[torch.Tensor] = None, beta: float = 0.0,
+                kl_estimator: str = "k3", use_bias_correction_kl: bool = True,
+                epsilon: float = 0.2, epsilon_high: Optional[float] = None,
+                delta: Optional[float] = None, importance_sampling_level: Optional[str] = None,
+                sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+                vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
+                vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
+                entropy: Optional[torch.Tensor] = None, entropy_coef: float = 0.0,
+                top_entropy_quantile: float = 1.0, max_completion_length: Optional[int] = None,
+                num_items_in_batch=None, backend: str = "auto") -> PolicyLossOutput:
+    """The policy-gradient loss ``loss_type`` and its metrics (a PolicyLossOutput).
+
+    ``logprobs`` [B, T]: the policy's log-probs of the sampled tokens (differentiable);
+    ``old_logprobs`` [B, T] or None (num_iterations == 1: logprobs.detach(), ratio 1);
+    ``advantages`` [B] or [B, T]; ``mask`` [B, T] bool or integer (nonzero = a completion token;
+    a float mask is refused). Masked positions are inert whatever they hold.
+
+    Options (TRL 1.16's GRPOConfig names and defaults, except loss_type): ``epsilon`` /
+    ``epsilon_high`` (None: epsilon) the clip range [1 − ε, 1 + ε_high] (cispo: ε_high is the cap of
+    the IS weight); ``delta`` (> 1) the two-sided clip of the PPO-clip losses;
+    ``importance_sampling_level`` "token" (default) or "sequence" (GSPO; rloo's ratio is always
+    the sequence sum, the option does not apply); ``ref_logprobs`` and ``beta`` the KL term with
+    ``kl_estimator`` (TRL: k3) and ``use_bias_correction_kl`` (TRL's default True: the KL term times
+    w); ``entropy`` [B, T] the per-token entropies, for ``top_entropy_quantile`` < 1 (the policy term
+    only on the kept tokens of highest entropy) and the bonus ``entropy_coef``;
+    ``max_completion_length`` the constant of dr_grpo (required there);
+    ``num_items_in_batch`` the active-token count dapo/cispo/vespo divide by (default: this
+    batch's; TRL uses num_items_in_batch · gradient_accumulation_steps / (num_processes ·
+    steps_per_generation)). Gradient accumulation scaling is the caller's.
+    """
+    entry = registry.get_policy(loss_type)
+    _checks.check_tensor("logprobs", logprobs, floating=True)
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be 2-D [B, T], got shape {tuple(logprobs.shape)}")
+    shape = tuple(logprobs.shape)
+    if old_logprobs is not None:
+        _check_per_token("old_logprobs", old_logprobs, shape)
+    _checks.check_tensor("advantages", advantages, floating=True)
+    if tuple(advantages.shape) not in ((shape[0],), shape):
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected ({shape[0]},) "
+                         f"or {shape} (one per sequence or one per token)")
+    _checks.check_mask("mask", mask)
+    _checks.check_shape("mask", mask, shape, "logprobs.shape")
+    if ref_logprobs is not None:
+        _check_per_token("ref_logprobs", ref_logprobs, shape)
+    if entropy is not None:
+        _check_per_token("entropy", entropy, shape)
+    _checks.check_same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages,
+                              mask=mask, ref_logprobs=ref_logprobs, entropy=entropy)
+    beta = _checks.check_finite_range("beta", beta, low=0.0, what="a finite number >= 0")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs (the KL term's reference log-probs)")
+    _checks.check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    bias = _checks.check_bool("use_bias_correction_kl", use_bias_correction_kl)
+    epsilon = _checks.check_finite_range("epsilon", epsilon, low=0.0, what="a finite number >= 0")
+    epsilon_high = epsilon if epsilon_high is None else _checks.check_finite_range(
+        "epsilon_high", epsilon_high, low=0.0, what="a finite number >= 0 (or None: epsilon)")
+    if entry.clip_metric == "cispo" and epsilon_high <= 0:
+        raise ValueError(f"cispo caps the IS weight at epsilon_high, which must be > 0, got {epsilon_high}")
+    if delta is not None:
+        delta = _checks.check_finite_range("delta", delta, low=1.0, low_inclusive=False,
+                                           what="a finite number > 1 (or None)")
+        if entry.clip_metric != "ppo":
+            raise ValueError(f"delta (the two-sided clip) applies to the PPO-clip losses, not "
+                             f"{loss_type!r}")
+    if entry.ratio == "sequence_sum":
+        if importance_sampling_level is not None:
+            raise ValueError("importance_sampling_level does not apply to rloo: its ratio is "
+                             "always exp(sum of the sequence's log-ratios)")
+        level = "sequence_sum"
+    else:
+        level = "token" if importance_sampling_level is None else _checks.check_choice(
+            "importance_sampling_level", importance_sampling_level, registry.POLICY_RATIO_LEVELS)
+    for name, value in (("sapo_temperature_pos", sapo_temperature_pos),
+                        ("sapo_temperature_neg", sapo_temperature_neg)):
+        _checks.check_positive(name, value)
+    for name, value in (("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
+                        ("vespo_k_neg", vespo_k_neg), ("vespo_lambda_neg", vespo_lambda_neg)):
+        _checks.check_finite_range(name, value)
+    entropy_coef = _checks.check_finite_range("entropy_coef", entropy_coef)
+    top_entropy_quantile = _checks.check_finite_range(
+        "top_entropy_quantile", top_entropy_quantile, low=0.0, high=1.0, low_inclusive=False)
+    if (entropy_coef != 0 or top_entropy_quantile < 1) and entropy is None:
+        raise ValueError("entropy_coef != 0 and top_entropy_quantile < 1 need entropy (the "
+                         "per-token entropies, e.g. pyalign.token_logprobs(..., entropy=True))")
+    if max_completion_length is not None:
+        max_completion_length = _checks.check_int("max_completion_length", max_completion_length,
+                                                  minimum=1, what=">= 1 (an int)")
+    if entry.normalisation == "max_length" and max_completion_length is None:
+        raise ValueError(f"{loss_type} divides by B * max_completion_length: pass "
+                         "max_completion_length (TRL's GRPOConfig value)")
+    if num_items_in_batch is not None:
+        num_items_in_batch = _checks.check_finite_range("num_items_in_batch", num_items_in_batch,
+                                                        low=0.0, what="a finite number >= 0")
+    backends.check_name(backend)
+
+    params = registry.PolicyParams(epsilon, epsilon_high, delta, float(sapo_temperature_pos),
+                                   float(sapo_temperature_neg), float(vespo_k_pos),
+                                   float(vespo_lambda_pos), float(vespo_k_neg),
+                                   float(vespo_lambda_neg))
+    mask = mask.to(torch.bool).contiguous()
+    entropy_mask = (_entropy_mask(entropy, mask, top_entropy_quantile)
+                    if top_entropy_quantile < 1 else None)
+    logprobs = logprobs.contiguous()
+    old = logprobs.detach() if old_logprobs is None else old_logprobs.detach().contiguous()
+    ref = None if ref_logprobs is None else ref_logprobs.detach().contiguous()
+    advantages = advantages.detach().contiguous()
+    if entropy is not None:
+        entropy = entropy.contiguous()
+    config = (loss_type, level, params.as_list(), beta, kl_estimator, bias, entry.normalisation,
+              max_completion_length, num_items_in_batch, entropy_coef, backend)
+    loss, policy_only, stats = PolicyLossFunction.apply(logprobs, entropy, old, advantages, mask,
+                                                        entropy_mask, ref, config)
+    metrics = _metrics(entry, level, stats.detach(), advantages, params, ref is not None,
+                       entropy is not None)
+    return PolicyLossOutput(loss, policy_only, *metrics)

@@ -1,0 +1,60 @@
+"""The C++ policy ops (torch.ops.pyalign_C.policy_*, csrc/cpu/policy.cpp) called directly: the
+``_out`` variants write every element of NaN-poisoned buffers and equal the allocating ops, for
+every policy-term branch and ratio level; and the ops' own input checks. Values and gradients
+through the public API are tested in tests/ops/test_policy.py."""
+import pytest
+import torch
+
+from pyalign import losses
+from support import poison_
+
+TERMS = sorted(set(losses.policy_kernel_ids().values()))
+LEVELS = ["token", "sequence", "sequence_sum"]
+
+
+def case(rows=5, length=13):
+    logprobs = -torch.rand(rows, length) * 3
+    old = logprobs + torch.randn(rows, length) * 0.4
+    ref = logprobs + torch.randn(rows, length) * 0.4
+    mask = torch.rand(rows, length) > 0.3
+    mask[-1] = False
+    entropy_mask = mask & (torch.rand(rows, length) > 0.4)
+    advantages = torch.randn(rows, 1).expand(rows, length).contiguous()  # the ops take them per token
+    return logprobs, old, advantages, mask, entropy_mask, ref, torch.rand(rows, length)
+
+
+@pytest.mark.parametrize("term_id", TERMS)
+@pytest.mark.parametrize("level", LEVELS)
+def test_out_variants_write_every_element(cpu_ops, term_id, level):
+    logprobs, old, adv, mask, emask, ref, entropy = case()
+    params = losses.PolicyParams(epsilon_high=1.3 if term_id == 1 else 0.28, delta=1.6).as_list()
+    args = (logprobs, old, adv, mask, emask, ref, entropy, term_id, level, params, 3, True)
+    stats = poison_(torch.empty(5, len(losses.POLICY_ROW_STATS)))
+    cpu_ops.policy_forward_out(*args, stats)
+    assert torch.isfinite(stats).all() and torch.equal(stats, cpu_ops.policy_forward(*args))
+    weights, entropy_weights = torch.rand(5), torch.rand(5)
+    back = (weights, entropy_weights, logprobs, old, adv, mask, emask, ref, term_id, level,
+            params, 0.04, 3, True)
+    grad, grad_entropy = poison_(torch.empty(5, 13)), poison_(torch.empty(5, 13))
+    cpu_ops.policy_backward_out(*back, grad, grad_entropy)
+    assert torch.isfinite(grad).all() and torch.isfinite(grad_entropy).all()
+    allocated = cpu_ops.policy_backward(*back)
+    assert torch.equal(grad, allocated[0]) and torch.equal(grad_entropy, allocated[1])
+    assert torch.all(grad[~mask] == 0) and torch.all(grad_entropy[~emask] == 0)
+
+
+def test_ops_check_their_inputs(cpu_ops):
+    logprobs, old, adv, mask, emask, ref, entropy = case()
+    params = losses.PolicyParams().as_list()
+    with pytest.raises(RuntimeError, match="term id"):
+        cpu_ops.policy_forward(logprobs, old, adv, mask, None, None, None, 7, "token", params, 3, True)
+    with pytest.raises(RuntimeError, match="level"):
+        cpu_ops.policy_forward(logprobs, old, adv, mask, None, None, None, 0, "row", params, 3, True)
+    with pytest.raises(RuntimeError, match="old_logprobs"):
+        cpu_ops.policy_forward(logprobs, old.double(), adv, mask, None, None, None, 0, "token",
+                               params, 3, True)
+    with pytest.raises(RuntimeError, match="mask"):
+        cpu_ops.policy_forward(logprobs, old, adv, mask.float(), None, None, None, 0, "token",
+                               params, 3, True)
+    with pytest.raises(RuntimeError, match="9 floats"):
+        cpu_ops.policy_forward(logprobs, old, adv, mask, None, None, None, 0, "token", [0.2], 3, True)
