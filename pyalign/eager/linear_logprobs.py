@@ -3,6 +3,12 @@
 ``make_chunked_linear`` builds the chunked path for any backend's logprobs primitives: the cpu
 backend (pyalign/_cpp_backend.py) uses it with its C++ logprobs kernels as the chunk epilogue;
 this module's own ``forward`` and ``backward`` use the eager logprobs.
+
+The head's logits are z = softcap(logit_scale * (hidden @ W.T + b)) / T (docs/algorithms.md,
+"Fused linear log-probs"). Without a softcap the scale folds into the temperature the epilogue
+sees (T / logit_scale), so it costs nothing, and the epilogue's gradient is already d/d(raw
+logits). With one, the chunk is transformed into an fp32 buffer first and the gradient gets the
+factor logit_scale * (1 - tanh^2) after the epilogue.
 """
 from __future__ import annotations
 
@@ -13,80 +19,177 @@ import torch
 from pyalign._utils import accumulation_dtype
 from pyalign.eager import logprobs as _eager_logprobs
 
+# Default chunk: about this many bytes of fp32 logits (32 MiB: 256 rows at V = 32000).
+DEFAULT_CHUNK_BYTES = 1 << 25
 
-def make_chunked_linear(logprobs_impl, default_chunk_size: int = 1024):
-    """linear_logprobs primitives that hold at most ``chunk_size x V`` logits at a time.
+
+def default_chunk_rows(vocab: int, max_rows: int = 1024) -> int:
+    return max(1, min(max_rows, DEFAULT_CHUNK_BYTES // (4 * max(1, vocab))))
+
+
+def _effective_temperature(temperature, softcap, logit_scale):
+    return temperature / logit_scale if softcap is None else temperature
+
+
+def _softcapped(raw, softcap, logit_scale, out):
+    """out = softcap * tanh(logit_scale * raw / softcap), in out's dtype (fp32)."""
+    out.copy_(raw)
+    out.mul_(logit_scale / softcap).tanh_()
+    return out
+
+
+def _metrics(head_logits, labels, valid, stats, temperature, want):
+    """(log sum p^2, mean of z, is_top1) of a chunk of head logits (before the temperature),
+    each None when not in ``want``; ignored rows 0 / False (selection)."""
+    acc = torch.float32 if head_logits.dtype != torch.float64 else torch.float64
+    log_sum_sq = mean = top1 = None
+    if want[0]:
+        # log sum_v p_v^2 = logsumexp(2 s) - 2 L with s = (z - m) / T the epilogue's shift
+        doubled = head_logits.to(acc, copy=True).sub_(stats[:, 0, None].to(acc))
+        doubled.mul_(2.0 / temperature)
+        log_sum_sq = torch.logsumexp(doubled, -1) - 2 * stats[:, 1].to(acc)
+        del doubled
+        log_sum_sq = torch.where(valid, log_sum_sq, 0.0)
+    if want[1]:
+        mean = head_logits.sum(-1, dtype=acc) / (head_logits.shape[-1] * temperature)
+        mean = torch.where(valid, mean, 0.0)
+    if want[2]:
+        # the first maximum (as argmax); a NaN anywhere in the row makes it no one's top-1
+        has_nan = torch.isnan(head_logits.amax(-1))
+        top1 = (head_logits.argmax(-1) == labels) & valid & ~has_nan
+    return log_sum_sq, mean, top1
+
+
+def make_chunked_linear(logprobs_impl):
+    """linear_logprobs primitives that hold at most ``chunk_size x V`` logits at a time, plus
+    the first ``keep_rows`` rows' logits kept from forward to backward (no recompute there).
 
     The matmuls run through torch; ``logprobs_impl`` (any backend's logprobs primitives) is the
-    per-chunk epilogue: forward reduces a chunk's logits to (logprobs, entropy, row stats), backward
-    turns the recomputed chunk into its gradient in place. Gradients of hidden, weight and bias
+    per-chunk epilogue: forward reduces a chunk's logits to (logprobs, entropy, row stats),
+    backward turns the chunk into its gradient in place. Gradients of hidden, weight and bias
     accumulate in fp32 whatever their dtype.
     """
 
-    def _chunk_size(chunk_size, num_rows, vocab):
-        if chunk_size is not None and chunk_size > 0:
-            return int(chunk_size)
-        # Aim for ~64 MiB of fp32 logits per chunk, at most default_chunk_size rows.
-        return max(1, min(default_chunk_size, (1 << 24) // max(1, vocab)))
+    def _blocks(num_rows, rows, keep_rows):
+        """(start, end, kept) row blocks: the kept rows as one block, then chunks of ``rows``."""
+        if keep_rows > 0:
+            yield 0, keep_rows, True
+        for start in range(keep_rows, num_rows, rows):
+            yield start, min(num_rows, start + rows), False
 
-    def _chunk_logits(hidden_chunk, weight, bias):
-        logits = hidden_chunk @ weight.t()
+    def _raw_logits(hidden_rows, weight, bias, out):
+        torch.mm(hidden_rows, weight.t(), out=out)
         if bias is not None:
-            logits += bias
-        return logits
+            out += bias
+        return out
 
-    def forward(hidden, weight, bias, labels, ignore_index, temperature, with_entropy, chunk_size):
-        num_rows = hidden.shape[0]
-        vocab = weight.shape[0]
-        rows = _chunk_size(chunk_size, num_rows, vocab)
+    def forward(hidden, weight, bias, labels, ignore_index, temperature, with_entropy,
+                chunk_size, softcap, logit_scale, metrics, keep_rows):
+        num_rows, vocab = hidden.shape[0], weight.shape[0]
+        rows = chunk_size or default_chunk_rows(vocab)
+        device = hidden.device
         acc = accumulation_dtype(hidden.dtype)
-        logprobs_out = torch.empty(num_rows, dtype=acc, device=hidden.device)
-        stats = torch.empty(num_rows, 2, dtype=acc, device=hidden.device)  # (m, log sum exp)
-        entropy = torch.empty(num_rows if with_entropy else 0, dtype=acc, device=hidden.device)
-        for start in range(0, num_rows, rows):
-            end = min(num_rows, start + rows)
-            chunk = _chunk_logits(hidden[start:end], weight, bias)
-            lp, ent, chunk_stats = logprobs_impl.forward(chunk, labels[start:end], ignore_index,
-                                                         temperature, with_entropy)
-            logprobs_out[start:end] = lp
-            stats[start:end] = chunk_stats
-            if with_entropy:
-                entropy[start:end] = ent
-            del chunk
-        return logprobs_out, entropy, stats
+        epilogue_t = _effective_temperature(temperature, softcap, logit_scale)
+        logprobs_out = torch.empty(num_rows, dtype=acc, device=device)
+        stats = torch.empty(num_rows, 2, dtype=acc, device=device)  # (m, log sum exp)
+        entropy = torch.empty(num_rows if with_entropy else 0, dtype=acc, device=device)
+        metric_out = [torch.empty(num_rows if want else 0, dtype=dtype, device=device)
+                      for want, dtype in zip(metrics, (acc, acc, torch.bool), strict=True)]
+        kept = torch.empty(keep_rows, vocab, dtype=hidden.dtype, device=device)
+        chunk = (torch.empty(min(rows, num_rows - keep_rows), vocab, dtype=hidden.dtype,
+                             device=device) if keep_rows < num_rows else None)
+        capped = (torch.empty(min(rows, num_rows), vocab, dtype=acc, device=device)
+                  if softcap is not None else None)
+        for start, end, is_kept in _blocks(num_rows, rows, keep_rows):
+            raw = kept if is_kept else _raw_logits(hidden[start:end], weight, bias,
+                                                   chunk[:end - start])
+            if is_kept:
+                _raw_logits(hidden[:keep_rows], weight, bias, kept)
+            # the epilogue sees the head logits in sub-chunks of `rows` (the softcap's buffer)
+            step = rows if (softcap is not None or any(metrics)) else end - start
+            for sub in range(0, end - start, step):
+                lo, hi = start + sub, min(end, start + sub + step)
+                head = raw[sub:sub + hi - lo]
+                if softcap is not None:
+                    head = _softcapped(head, softcap, logit_scale, capped[:hi - lo]).mul_(softcap)
+                lp, ent, chunk_stats = logprobs_impl.forward(head, labels[lo:hi], ignore_index,
+                                                             epilogue_t, with_entropy)
+                logprobs_out[lo:hi] = lp
+                stats[lo:hi] = chunk_stats
+                if with_entropy:
+                    entropy[lo:hi] = ent
+                if any(metrics):
+                    valid = labels[lo:hi] != ignore_index
+                    for out, value in zip(metric_out, _metrics(head, labels[lo:hi], valid,
+                                                               stats[lo:hi], epilogue_t, metrics),
+                                          strict=True):
+                        if value is not None:
+                            out[lo:hi] = value
+        return (logprobs_out, entropy, stats, *metric_out, kept)
+
+    def _gradient_in_place(raw, grad_logprobs, grad_entropy, labels, stats, entropy,
+                           ignore_index, temperature, softcap, logit_scale, rows):
+        """Turn ``raw`` (a block of raw logits) into d objective / d raw, in place."""
+        epilogue_t = _effective_temperature(temperature, softcap, logit_scale)
+        if softcap is None:
+            return logprobs_impl.backward(grad_logprobs, grad_entropy, raw, labels, stats,
+                                          entropy, ignore_index, epilogue_t, True)
+        acc = accumulation_dtype(raw.dtype)
+        tanh_buf = torch.empty(min(rows, raw.shape[0]), raw.shape[1], dtype=acc, device=raw.device)
+        head_buf = torch.empty_like(tanh_buf)
+        for lo in range(0, raw.shape[0], rows):
+            hi = min(raw.shape[0], lo + rows)
+            tanh = _softcapped(raw[lo:hi], softcap, logit_scale, tanh_buf[:hi - lo])
+            head = torch.mul(tanh, softcap, out=head_buf[:hi - lo])
+            grad = logprobs_impl.backward(
+                grad_logprobs[lo:hi], None if grad_entropy is None else grad_entropy[lo:hi],
+                head, labels[lo:hi], stats[lo:hi], None if entropy is None else entropy[lo:hi],
+                ignore_index, epilogue_t, True)
+            # d z / d raw = logit_scale * (1 - tanh^2); an ignored row's factor may be NaN (a
+            # padded row's logits): its gradient stays 0 by selection
+            grad.mul_(tanh.square_().sub_(1.0).mul_(-logit_scale))
+            ignored = labels[lo:hi] == ignore_index
+            if bool(ignored.any()):
+                grad.masked_fill_(ignored[:, None], 0.0)
+            raw[lo:hi] = grad
+        return raw
 
     def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy,
-                 ignore_index, temperature, chunk_size):
-        num_rows = hidden.shape[0]
-        vocab = weight.shape[0]
-        rows = _chunk_size(chunk_size, num_rows, vocab)
+                 ignore_index, temperature, chunk_size, softcap, logit_scale, kept):
+        num_rows, vocab = hidden.shape[0], weight.shape[0]
+        rows = chunk_size or default_chunk_rows(vocab)
+        keep_rows = kept.shape[0]
         acc = accumulation_dtype(weight.dtype)
-        grad_hidden = torch.empty_like(hidden)
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         grad_bias = (torch.zeros(vocab, dtype=acc, device=weight.device)
                      if bias is not None else None)
-        for start in range(0, num_rows, rows):
-            end = min(num_rows, start + rows)
-            valid = (labels[start:end] != ignore_index)[:, None]
+        chunk = (torch.empty(min(rows, num_rows - keep_rows), vocab, dtype=hidden.dtype,
+                             device=hidden.device) if keep_rows < num_rows else None)
+        for start, end, is_kept in _blocks(num_rows, rows, keep_rows):
+            valid = labels[start:end] != ignore_index
+            all_valid = bool(valid.all())
             # An ignored token's hidden row may hold NaN/inf (padding): its d logits row is 0, but
             # 0 * NaN in d_weight = d_logits^T @ hidden is NaN, so its row is zeroed by selection.
-            chunk_hidden = torch.where(valid, hidden[start:end], 0.0)
-            chunk = _chunk_logits(chunk_hidden, weight, bias)
-            # The epilogue writes d logits into the chunk buffer itself: one chunk alive.
-            grad_chunk = logprobs_impl.backward(
-                grad_logprobs[start:end],
+            block_hidden = (hidden[start:end] if all_valid
+                            else torch.where(valid[:, None], hidden[start:end], 0.0))
+            raw = kept if is_kept else _raw_logits(block_hidden, weight, bias, chunk[:end - start])
+            grad_block = _gradient_in_place(
+                raw, grad_logprobs[start:end],
                 None if grad_entropy is None else grad_entropy[start:end],
-                chunk, labels[start:end], stats[start:end],
+                labels[start:end], stats[start:end],
                 None if entropy is None else entropy[start:end],
-                ignore_index, temperature, True)
-            grad_hidden[start:end] = torch.where(valid, grad_chunk @ weight, 0.0)
-            if grad_chunk.dtype == acc:
-                grad_weight.addmm_(grad_chunk.t(), chunk_hidden)
+                ignore_index, temperature, softcap, logit_scale, rows)
+            grad_rows = grad_hidden[start:end]
+            torch.mm(grad_block, weight, out=grad_rows)
+            if not all_valid:
+                grad_rows.masked_fill_(~valid[:, None], 0.0)
+            if grad_block.dtype == acc:
+                grad_weight.addmm_(grad_block.t(), block_hidden)
             else:
-                grad_weight.addmm_(grad_chunk.t().to(acc), chunk_hidden.to(acc))
+                grad_weight.addmm_(grad_block.t().to(acc), block_hidden.to(acc))
             if grad_bias is not None:
-                grad_bias += grad_chunk.sum(0, dtype=acc)
-            del chunk, grad_chunk
+                grad_bias += grad_block.sum(0, dtype=acc)
         grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
