@@ -8,14 +8,13 @@ logit, is-top-1). Family "linear_logprobs" of pyalign/backends.py.
 """
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Optional, Union, overload
+from typing import Literal, NamedTuple, Optional, overload
 
 import torch
 
 from pyalign import backends
 from pyalign._utils import accumulation_dtype
 from pyalign.ops import _checks
-
 
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # Metrics: per-token values without a gradient (TRL marks them non-differentiable too).
