@@ -128,23 +128,26 @@ def make_chunked_linear(logprobs_impl):
         return (logprobs_out, entropy, stats, *metric_out, kept)
 
     def _gradient_in_place(raw, grad_logprobs, grad_entropy, labels, stats, entropy,
-                           ignore_index, temperature, softcap, logit_scale, rows):
-        """Turn ``raw`` (a block of raw logits) into d objective / d raw, in place."""
+                           ignore_index, temperature, softcap, logit_scale, column_start):
+        """Turn ``raw`` (raw logits of columns column_start.. of some rows) into d objective /
+        d raw, in place."""
         epilogue_t = _effective_temperature(temperature, softcap, logit_scale)
         if softcap is None:
-            return logprobs_impl.backward(grad_logprobs, grad_entropy, raw, labels, stats,
-                                          entropy, ignore_index, epilogue_t, True)
+            return logprobs_impl.backward_columns(grad_logprobs, grad_entropy, raw, labels, stats,
+                                                  entropy, ignore_index, epilogue_t, column_start)
         acc = accumulation_dtype(raw.dtype)
-        tanh_buf = torch.empty(min(rows, raw.shape[0]), raw.shape[1], dtype=acc, device=raw.device)
+        # the transformed logits and the tanh, in fp32, row by row blocks of ~DEFAULT_CHUNK_BYTES
+        rows = default_chunk_rows(raw.shape[1], raw.shape[0])
+        tanh_buf = torch.empty(rows, raw.shape[1], dtype=acc, device=raw.device)
         head_buf = torch.empty_like(tanh_buf)
         for lo in range(0, raw.shape[0], rows):
             hi = min(raw.shape[0], lo + rows)
             tanh = _softcapped(raw[lo:hi], softcap, logit_scale, tanh_buf[:hi - lo])
             head = torch.mul(tanh, softcap, out=head_buf[:hi - lo])
-            grad = logprobs_impl.backward(
+            grad = logprobs_impl.backward_columns(
                 grad_logprobs[lo:hi], None if grad_entropy is None else grad_entropy[lo:hi],
                 head, labels[lo:hi], stats[lo:hi], None if entropy is None else entropy[lo:hi],
-                ignore_index, epilogue_t, True)
+                ignore_index, epilogue_t, column_start)
             # d z / d raw = logit_scale * (1 - tanh^2); an ignored row's factor may be NaN (a
             # padded row's logits): its gradient stays 0 by selection
             grad.mul_(tanh.square_().sub_(1.0).mul_(-logit_scale))
@@ -154,46 +157,79 @@ def make_chunked_linear(logprobs_impl):
             raw[lo:hi] = grad
         return raw
 
+    def _mm_into(out, a, b, accumulate):
+        """out (fp32 or the inputs' dtype) = or += a @ b, the product formed in out's dtype."""
+        if a.dtype != out.dtype:
+            a, b = a.to(out.dtype), b.to(out.dtype)
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+
     def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy,
                  ignore_index, temperature, chunk_size, softcap, logit_scale, kept):
+        """The kept rows from their kept logits (one block); the others by walking the
+        vocabulary: for each slice of columns, recompute the logits of all those rows, turn them
+        into their gradient, and add slice @ W_slice to d_hidden and write slice^T @ hidden into
+        d_weight's rows of the slice (every token in one matmul: no [V, H] read-modify-write per
+        token chunk)."""
         num_rows, vocab = hidden.shape[0], weight.shape[0]
-        rows = chunk_size or default_chunk_rows(vocab)
         keep_rows = kept.shape[0]
         acc = accumulation_dtype(weight.dtype)
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        grad_bias = (torch.zeros(vocab, dtype=acc, device=weight.device)
-                     if bias is not None else None)
-        chunk = (torch.empty(min(rows, num_rows - keep_rows), vocab, dtype=hidden.dtype,
-                             device=hidden.device) if keep_rows < num_rows else None)
-        for start, end, is_kept in _blocks(num_rows, rows, keep_rows):
-            valid = labels[start:end] != ignore_index
-            all_valid = bool(valid.all())
-            # An ignored token's hidden row may hold NaN/inf (padding): its d logits row is 0, but
-            # 0 * NaN in d_weight = d_logits^T @ hidden is NaN, so its row is zeroed by selection.
-            block_hidden = (hidden[start:end] if all_valid
-                            else torch.where(valid[:, None], hidden[start:end], 0.0))
-            raw = kept if is_kept else _raw_logits(block_hidden, weight, bias, chunk[:end - start])
-            grad_block = _gradient_in_place(
-                raw, grad_logprobs[start:end],
-                None if grad_entropy is None else grad_entropy[start:end],
-                labels[start:end], stats[start:end],
-                None if entropy is None else entropy[start:end],
-                ignore_index, temperature, softcap, logit_scale, rows)
-            grad_rows = grad_hidden[start:end]
-            torch.mm(grad_block, weight, out=grad_rows)
-            if not all_valid:
-                grad_rows.masked_fill_(~valid[:, None], 0.0)
-            if grad_block.dtype == acc:
-                grad_weight.addmm_(grad_block.t(), block_hidden)
-            else:
-                grad_weight.addmm_(grad_block.t().to(acc), block_hidden.to(acc))
+        device = hidden.device
+        valid = labels != ignore_index
+        all_valid = bool(valid.all())
+        # An ignored token's hidden row may hold NaN/inf (padding): its d logits row is 0, but
+        # 0 * NaN in d_weight = d_logits^T @ hidden is NaN, so its row is zeroed by selection.
+        masked_hidden = hidden if all_valid else torch.where(valid[:, None], hidden, 0.0)
+        grad_hidden = torch.empty(hidden.shape, dtype=acc, device=device)
+        grad_weight = torch.empty(weight.shape, dtype=acc, device=device)
+        grad_bias = torch.empty(vocab, dtype=acc, device=device) if bias is not None else None
+
+        def block_gradient(raw, lo, hi, column_start):
+            return _gradient_in_place(
+                raw, grad_logprobs[lo:hi], None if grad_entropy is None else grad_entropy[lo:hi],
+                labels[lo:hi], stats[lo:hi], None if entropy is None else entropy[lo:hi],
+                ignore_index, temperature, softcap, logit_scale, column_start)
+
+        if keep_rows > 0:
+            grad = block_gradient(kept, 0, keep_rows, 0)
+            _mm_into(grad_hidden[:keep_rows], grad, weight, False)
+            _mm_into(grad_weight, grad.t(), masked_hidden[:keep_rows], False)
             if grad_bias is not None:
-                grad_bias += grad_block.sum(0, dtype=acc)
+                torch.sum(grad, 0, dtype=acc, out=grad_bias)
+            del grad
+        rest = num_rows - keep_rows
+        if rest > 0:
+            # a slice holds as many logits as chunk_size rows would (default ~32 MiB of fp32)
+            elements = (chunk_size * vocab if chunk_size else DEFAULT_CHUNK_BYTES // 4)
+            width = max(1, min(vocab, elements // rest))
+            rest_hidden = masked_hidden[keep_rows:]
+            rest_grad_hidden = grad_hidden[keep_rows:]
+            buffer = torch.empty(rest * width, dtype=hidden.dtype, device=device)
+            for v0 in range(0, vocab, width):
+                v1 = min(vocab, v0 + width)
+                raw = _raw_logits(rest_hidden, weight[v0:v1], None if bias is None else bias[v0:v1],
+                                  buffer[:rest * (v1 - v0)].view(rest, v1 - v0))
+                grad = block_gradient(raw, keep_rows, num_rows, v0)
+                _mm_into(rest_grad_hidden, grad, weight[v0:v1], v0 > 0)
+                _mm_into(grad_weight[v0:v1], grad.t(), rest_hidden, keep_rows > 0)
+                if grad_bias is not None:
+                    if keep_rows > 0:
+                        grad_bias[v0:v1] += grad.sum(0, dtype=acc)
+                    else:
+                        torch.sum(grad, 0, dtype=acc, out=grad_bias[v0:v1])
+                del raw, grad
+        if num_rows == 0:  # no token: nothing wrote the weight and bias gradients
+            grad_weight.zero_()
+            if grad_bias is not None:
+                grad_bias.zero_()
+        if not all_valid:
+            grad_hidden.masked_fill_(~valid[:, None], 0.0)
         grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias
+        return grad_hidden.to(hidden.dtype), grad_weight, grad_bias
 
     return SimpleNamespace(forward=forward, backward=backward)
 
