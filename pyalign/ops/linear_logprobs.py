@@ -209,9 +209,11 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
     Cost and memory (chunked backends, eager and cpu; Triton keeps tiles on chip and uses
     neither option): by default the logits of ``chunk_size`` tokens exist at a time (default:
-    about 32 MiB of fp32 logits, 256 tokens at V = 32000), in forward and again in backward,
-    which recomputes them: 4 matmuls of N x H x V (the floor for bounded memory with an
-    arbitrary per-token upstream gradient), peak memory ~2 chunks plus the fp32 weight gradient.
+    about 16 MiB of fp32 logits, 131 tokens at V = 32000), in forward and again in backward,
+    which recomputes them (walking the vocabulary in slices of as many logits, so the weight
+    gradient is one matmul over all tokens per slice): 4 matmuls of N x H x V (the floor for
+    bounded memory with an arbitrary per-token upstream gradient), peak memory one chunk plus
+    the fp32 weight gradient.
     ``memory_budget`` (bytes, an int >= 0, or None = 0) keeps the raw logits of the first
     ``memory_budget // (V * itemsize)`` tokens from forward to backward, where they become their
     own gradient in place: those tokens cost 3 matmuls, not 4, and their logits stay allocated

@@ -677,8 +677,10 @@ def test_memory_budget_path_holds_the_kept_logits_and_little_else():
         gradients = (tokens + vocab) * hidden_size * 4
         assert kept_bytes <= budget_peak < kept_bytes + 3 * chunk_size * vocab * 4 + gradients, (
             f"{backend}: budget peak {budget_peak / 2**20:.0f} MiB, kept {kept_bytes / 2**20:.0f}")
-        # the default chunk is about 32 MiB of fp32 logits: forward and backward hold ~2
-        assert default_peak < 3 * (1 << 25) + gradients, (
+        # the default chunk is about 16 MiB of fp32 logits: one at a time (the eager epilogue
+        # adds its two fp32 temporaries of about a chunk each, pyalign/eager/_rows.py)
+        chunks = 2 if backend == "cpu" else 4
+        assert default_peak < chunks * (1 << 24) + gradients, (
             f"{backend}: default peak {default_peak / 2**20:.0f} MiB")
 
 
