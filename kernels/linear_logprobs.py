@@ -7,9 +7,15 @@ products like eager, not TF32) and folds it into an online log-sum-exp of s = (z
 (m: running max of the raw logits z; sum of exp(s), and sum exp(s) s for the entropy), picking
 out the label logit on the way; it stores the row stats (m, L = log sum exp(s)) and
 logp = min((z_y - m) / T - L, 0), so a common offset of the logits costs no accuracy beyond the
-logits' own rounding and z / T never overflows.
+logits' own rounding and z / T never overflows. TRL's head (docs/algorithms.md): with
+HAS_SOFTCAP each tile becomes softcap * tanh(logit_scale * z / softcap) first (tanh as
+2 sigmoid(2x) - 1); without, logit_scale is folded into 1 / T by the wrapper. WITH_METRICS also
+keeps sum exp(2 s) (log sum p^2), the sum of the head logits (their mean) and the max of the
+logits before the label column (is_top1: the label is the first maximum), a few registers per
+row.
 Backward: each program owns one (BLOCK_N x BLOCK_V) tile: it recomputes the logit tile, forms
-d/dz = (g_lp (onehot - p) - g_ent p (log p + H)) / T with log p = (z - m) / T - L, and adds
+d/dz = (g_lp (onehot - p) - g_ent p (log p + H)) / T with log p = (z - m) / T - L (times
+logit_scale * (1 - tanh^2) with a softcap: d head / d raw), and adds
 d/dz @ W into d_hidden and (d/dz)^T @ hidden into d_weight (and column sums into d_bias) with
 fp32 atomic adds. Every term is kept (no gradient filtering); the sum order across tiles is not
 deterministic. NaN or inf in an ignored (padded) token's hidden row reaches nothing: forward

@@ -1,17 +1,25 @@
 """Eager fused linear + log-probs (family ``linear_logprobs`` of pyalign/backends.py).
 
 ``make_chunked_linear`` builds the chunked path for any backend's logprobs primitives: the cpu
-backend (pyalign/_cpp_backend.py) uses it with its C++ logprobs kernels as the chunk epilogue;
-this module's own ``forward`` and ``backward`` use the eager logprobs.
+backend (pyalign/_cpp_backend.py) uses it with its C++ logprobs kernels as the epilogue; this
+module's own ``forward`` and ``backward`` use the eager logprobs.
+
+Both directions walk the vocabulary in slices of every token's logits (about
+DEFAULT_CHUNK_BYTES of them): on CPU a matmul over all tokens and a slice of W runs at the speed
+of the whole product, while row chunks re-pack all of W for every chunk (~1.8x slower measured
+at N = 2048, H = 512, V = 32000). Forward combines the slices' row stats exactly; backward
+writes each slice's weight gradient with one matmul. Tokens whose logits a memory budget keeps
+(the first ``keep_rows``) get their logits from one matmul in forward and need none in backward.
 
 The head's logits are z = softcap(logit_scale * (hidden @ W.T + b)) / T (docs/algorithms.md,
-"Fused linear log-probs"). Without a softcap the scale folds into the temperature the epilogue
+"The fused linear path"). Without a softcap the scale folds into the temperature the epilogue
 sees (T / logit_scale), so it costs nothing, and the epilogue's gradient is already d/d(raw
-logits). With one, the chunk is transformed into an fp32 buffer first and the gradient gets the
+logits). With one, each slice is transformed into an fp32 buffer first and the gradient gets the
 factor logit_scale * (1 - tanh^2) after the epilogue.
 """
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import torch
@@ -19,9 +27,9 @@ import torch
 from pyalign._utils import accumulation_dtype
 from pyalign.eager import logprobs as _eager_logprobs
 
-# Default chunk: about this many bytes of fp32 logits (16 MiB: 131 rows at V = 32000; in
-# backward a vocabulary slice of as many logits: 2048 columns at N = 2048). Large enough for the
-# matmuls to run at full speed on CPU, small next to the fp32 weight gradient every path returns.
+# Default working set: about this many bytes of fp32 logits (16 MiB: a vocabulary slice of 2048
+# columns at N = 2048 tokens). Large enough for the matmuls to run at full speed on CPU, small
+# next to the fp32 weight gradient every path returns.
 DEFAULT_CHUNK_BYTES = 1 << 24
 
 
@@ -40,28 +48,6 @@ def _softcapped(raw, softcap, logit_scale, out):
     return out
 
 
-def _metrics(head_logits, labels, valid, stats, temperature, want):
-    """(log sum p^2, mean of z, is_top1) of a chunk of head logits (before the temperature),
-    each None when not in ``want``; ignored rows 0 / False (selection)."""
-    acc = torch.float32 if head_logits.dtype != torch.float64 else torch.float64
-    log_sum_sq = mean = top1 = None
-    if want[0]:
-        # log sum_v p_v^2 = logsumexp(2 s) - 2 L with s = (z - m) / T the epilogue's shift
-        doubled = head_logits.to(acc, copy=True).sub_(stats[:, 0, None].to(acc))
-        doubled.mul_(2.0 / temperature)
-        log_sum_sq = torch.logsumexp(doubled, -1) - 2 * stats[:, 1].to(acc)
-        del doubled
-        log_sum_sq = torch.where(valid, log_sum_sq, 0.0)
-    if want[1]:
-        mean = head_logits.sum(-1, dtype=acc) / (head_logits.shape[-1] * temperature)
-        mean = torch.where(valid, mean, 0.0)
-    if want[2]:
-        # the first maximum (as argmax); a NaN anywhere in the row makes it no one's top-1
-        has_nan = torch.isnan(head_logits.amax(-1))
-        top1 = (head_logits.argmax(-1) == labels) & valid & ~has_nan
-    return log_sum_sq, mean, top1
-
-
 def make_chunked_linear(logprobs_impl):
     """linear_logprobs primitives that hold at most ``chunk_size x V`` logits at a time, plus
     the first ``keep_rows`` rows' logits kept from forward to backward (no recompute there).
@@ -72,23 +58,97 @@ def make_chunked_linear(logprobs_impl):
     accumulate in fp32 whatever their dtype.
     """
 
-    def _blocks(num_rows, rows, keep_rows):
-        """(start, end, kept) row blocks: the kept rows as one block, then chunks of ``rows``."""
-        if keep_rows > 0:
-            yield 0, keep_rows, True
-        for start in range(keep_rows, num_rows, rows):
-            yield start, min(num_rows, start + rows), False
-
     def _raw_logits(hidden_rows, weight, bias, out):
         torch.mm(hidden_rows, weight.t(), out=out)
         if bias is not None:
             out += bias
         return out
 
+    def _slice_width(rows, vocab, chunk_size):
+        """Columns per vocabulary slice: as many logits as ``chunk_size`` rows of the whole
+        vocabulary would hold (default DEFAULT_CHUNK_BYTES of fp32)."""
+        elements = chunk_size * vocab if chunk_size else DEFAULT_CHUNK_BYTES // 4
+        return max(1, min(vocab, elements // max(1, rows)))
+
+    def _walk_forward(raw_slice, labels, valid, vocab, width, temperature, with_entropy,
+                      softcap, logit_scale, metrics, dtype, device):
+        """Per-row results of one group of rows whose raw logits ``raw_slice(v0, v1)`` gives,
+        slice by slice of the vocabulary: the epilogue reduces each slice to its own row stats
+        (m_s, L_s, H_s), which combine exactly (float64, docs/algorithms.md):
+        L = logsumexp_s(L_s + (m_s - m) / T), H = sum_s pi_s (H_s - log pi_s) with pi_s the
+        slice's share of the probability. Returns (logprobs, entropy, stats, metrics...)."""
+        rows = labels.shape[0]
+        f64 = torch.float64
+        # the slices' own row stats come from the epilogue with a dummy label (column 0) and no
+        # ignored row; the label's logit is read from its slice
+        dummy = torch.zeros(rows, dtype=torch.int64, device=device)
+        label_logit = torch.zeros(rows, dtype=f64, device=device)
+        peaks, log_sums, entropies, log_sq, tops, top_columns = [], [], [], [], [], []
+        logit_sum = torch.zeros(rows, dtype=f64, device=device)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        capped = torch.empty(rows * width, dtype=acc, device=device) if softcap is not None else None
+        for v0 in range(0, vocab, width):
+            v1 = min(vocab, v0 + width)
+            head = raw_slice(v0, v1)
+            if softcap is not None:
+                tanh = _softcapped(head, softcap, logit_scale,
+                                   capped[:rows * (v1 - v0)].view(rows, v1 - v0))
+                head = tanh.mul_(softcap)
+            _, slice_entropy, slice_stats = logprobs_impl.forward(head, dummy, -1, temperature,
+                                                                  with_entropy)
+            peaks.append(slice_stats[:, 0])
+            log_sums.append(slice_stats[:, 1])
+            if with_entropy:
+                entropies.append(slice_entropy)
+            local = labels - v0
+            in_slice = valid & (local >= 0) & (local < v1 - v0)
+            picked = head.gather(1, local.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+            label_logit = torch.where(in_slice, picked.to(f64), label_logit)
+            if metrics[0]:  # log sum_v exp(2 (z_v - m_s) / T) over the slice
+                doubled = head.to(acc, copy=True).sub_(slice_stats[:, 0, None])
+                log_sq.append(torch.logsumexp(doubled.mul_(2.0 / temperature), -1))
+                del doubled
+            if metrics[1]:
+                logit_sum += head.sum(-1, dtype=f64)
+            if metrics[2]:
+                top, column = head.max(-1)  # the first maximum of the slice
+                tops.append(top.to(f64))
+                top_columns.append(column + v0)
+        log_sum = torch.stack(log_sums).to(f64)
+        no_mass = torch.isneginf(log_sum)  # a slice of -inf logits only: probability 0
+        peak = torch.where(no_mass, -math.inf, torch.stack(peaks).to(f64))
+        row_peak = peak.amax(0)
+        shift = torch.where(torch.isneginf(row_peak), 0.0, row_peak)
+        log_share = log_sum + (peak - shift) / temperature  # log of each slice's sum exp(s)
+        total = torch.logsumexp(log_share, 0)
+        log_pi = log_share - total  # log of each slice's share of the probability
+        logprobs = ((label_logit - shift) / temperature - total).clamp(max=0.0)
+        zero = torch.zeros((), dtype=f64, device=device)
+        outputs = [torch.where(valid, logprobs, zero)]
+        if with_entropy:
+            terms = torch.where(no_mass, zero, log_pi.exp() * (torch.stack(entropies) - log_pi))
+            outputs.append(torch.where(valid, terms.sum(0).clamp(min=0.0), zero))
+        else:
+            outputs.append(None)
+        stats = torch.stack([shift, total], 1)
+        metric_values = [None, None, None]
+        if metrics[0]:
+            per_slice = torch.where(no_mass, -math.inf,
+                                    2 * log_pi + torch.stack(log_sq).to(f64) - 2 * log_sum)
+            metric_values[0] = torch.where(valid, torch.logsumexp(per_slice, 0), zero)
+        if metrics[1]:
+            metric_values[1] = torch.where(valid, logit_sum / (vocab * temperature), zero)
+        if metrics[2]:
+            best_slice = torch.stack(tops).max(0).indices[None, :]  # the first slice of the max
+            argmax = torch.stack(top_columns).gather(0, best_slice).squeeze(0)
+            metric_values[2] = (argmax == labels) & valid & ~torch.isnan(row_peak)
+        return outputs, stats, metric_values
+
     def forward(hidden, weight, bias, labels, ignore_index, temperature, with_entropy,
                 chunk_size, softcap, logit_scale, metrics, keep_rows):
+        """The kept rows (their whole logits in one matmul, kept for backward) and the others
+        (recomputed slice by slice), each group walking the vocabulary (``_walk_forward``)."""
         num_rows, vocab = hidden.shape[0], weight.shape[0]
-        rows = chunk_size or default_chunk_rows(vocab)
         device = hidden.device
         acc = accumulation_dtype(hidden.dtype)
         epilogue_t = _effective_temperature(temperature, softcap, logit_scale)
@@ -98,35 +158,33 @@ def make_chunked_linear(logprobs_impl):
         metric_out = [torch.empty(num_rows if want else 0, dtype=dtype, device=device)
                       for want, dtype in zip(metrics, (acc, acc, torch.bool), strict=True)]
         kept = torch.empty(keep_rows, vocab, dtype=hidden.dtype, device=device)
-        chunk = (torch.empty(min(rows, num_rows - keep_rows), vocab, dtype=hidden.dtype,
-                             device=device) if keep_rows < num_rows else None)
-        capped = (torch.empty(min(rows, num_rows), vocab, dtype=acc, device=device)
-                  if softcap is not None else None)
-        for start, end, is_kept in _blocks(num_rows, rows, keep_rows):
-            raw = kept if is_kept else _raw_logits(hidden[start:end], weight, bias,
-                                                   chunk[:end - start])
-            if is_kept:
-                _raw_logits(hidden[:keep_rows], weight, bias, kept)
-            # the epilogue sees the head logits in sub-chunks of `rows` (the softcap's buffer)
-            step = rows if (softcap is not None or any(metrics)) else end - start
-            for sub in range(0, end - start, step):
-                lo, hi = start + sub, min(end, start + sub + step)
-                head = raw[sub:sub + hi - lo]
-                if softcap is not None:
-                    head = _softcapped(head, softcap, logit_scale, capped[:hi - lo]).mul_(softcap)
-                lp, ent, chunk_stats = logprobs_impl.forward(head, labels[lo:hi], ignore_index,
-                                                             epilogue_t, with_entropy)
-                logprobs_out[lo:hi] = lp
-                stats[lo:hi] = chunk_stats
-                if with_entropy:
-                    entropy[lo:hi] = ent
-                if any(metrics):
-                    valid = labels[lo:hi] != ignore_index
-                    for out, value in zip(metric_out, _metrics(head, labels[lo:hi], valid,
-                                                               stats[lo:hi], epilogue_t, metrics),
-                                          strict=True):
-                        if value is not None:
-                            out[lo:hi] = value
+        if keep_rows > 0:
+            _raw_logits(hidden[:keep_rows], weight, bias, kept)
+        valid = labels != ignore_index
+        for lo, hi in ((0, keep_rows), (keep_rows, num_rows)):
+            if hi == lo:
+                continue
+            width = _slice_width(hi - lo, vocab, chunk_size)
+            if lo < keep_rows:
+                def raw_slice(v0, v1):
+                    return kept[:, v0:v1]
+            else:
+                buffer = torch.empty((hi - lo) * width, dtype=hidden.dtype, device=device)
+
+                def raw_slice(v0, v1, lo=lo, hi=hi, buffer=buffer):
+                    out = buffer[:(hi - lo) * (v1 - v0)].view(hi - lo, v1 - v0)
+                    return _raw_logits(hidden[lo:hi], weight[v0:v1],
+                                       None if bias is None else bias[v0:v1], out)
+            (lp, ent), group_stats, values = _walk_forward(
+                raw_slice, labels[lo:hi], valid[lo:hi], vocab, width, epilogue_t, with_entropy,
+                softcap, logit_scale, metrics, hidden.dtype, device)
+            logprobs_out[lo:hi] = lp
+            stats[lo:hi] = group_stats
+            if with_entropy:
+                entropy[lo:hi] = ent
+            for out, value in zip(metric_out, values, strict=True):
+                if value is not None:
+                    out[lo:hi] = value
         return (logprobs_out, entropy, stats, *metric_out, kept)
 
     def _gradient_in_place(raw, grad_logprobs, grad_entropy, labels, stats, entropy,
@@ -203,9 +261,7 @@ def make_chunked_linear(logprobs_impl):
             del grad
         rest = num_rows - keep_rows
         if rest > 0:
-            # a slice holds as many logits as chunk_size rows would (default ~32 MiB of fp32)
-            elements = (chunk_size * vocab if chunk_size else DEFAULT_CHUNK_BYTES // 4)
-            width = max(1, min(vocab, elements // rest))
+            width = _slice_width(rest, vocab, chunk_size)
             rest_hidden = masked_hidden[keep_rows:]
             rest_grad_hidden = grad_hidden[keep_rows:]
             buffer = torch.empty(rest * width, dtype=hidden.dtype, device=device)

@@ -208,19 +208,18 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     chunk (the cpu backend: torch reductions; Triton: a few registers).
 
     Cost and memory (chunked backends, eager and cpu; Triton keeps tiles on chip and uses
-    neither option): by default the logits of ``chunk_size`` tokens exist at a time (default:
-    about 16 MiB of fp32 logits, 131 tokens at V = 32000), in forward and again in backward,
-    which recomputes them (walking the vocabulary in slices of as many logits, so the weight
-    gradient is one matmul over all tokens per slice): 4 matmuls of N x H x V (the floor for
-    bounded memory with an arbitrary per-token upstream gradient), peak memory one chunk plus
-    the fp32 weight gradient.
-    ``memory_budget`` (bytes, an int >= 0, or None = 0) keeps the raw logits of the first
+    neither option). By default about 16 MiB of fp32 logits exist at a time (``chunk_size``
+    tokens' worth when given: an int >= 1, or None): both directions walk the vocabulary in
+    slices of every token's logits, forward reducing them to row stats, backward recomputing them
+    (4 matmuls of N x H x V: the floor for bounded memory with an arbitrary per-token upstream
+    gradient; measured ~1.35-1.4x the 3 bare matmuls on CPU, benchmarks/README.md). Peak memory:
+    one slice plus the fp32 weight gradient every path returns.
+    ``memory_budget`` (bytes: an int >= 0, or None = 0) keeps the raw logits of the first
     ``memory_budget // (V * itemsize)`` tokens from forward to backward, where they become their
     own gradient in place: those tokens cost 3 matmuls, not 4, and their logits stay allocated
     between forward and backward (N * V * itemsize bytes for all of them: 250 MiB at N = 2048,
     V = 32000, fp32). Such a call supports one backward (a second one raises). With a softcap,
-    one more fp32 chunk (two in backward) holds the transformed logits. ``chunk_size``: an int >=
-    1 or None.
+    one more fp32 slice (two in backward) holds the transformed logits.
     """
     _checks.check_tensor("hidden", hidden, floating=True)
     _checks.check_tensor("weight", weight, floating=True)

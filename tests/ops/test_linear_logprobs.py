@@ -706,3 +706,60 @@ def test_bad_head_options_are_clear_errors(kwargs, error, match):
     hidden, weight, _, labels = random_case((4,), 8, 20, torch.float32, False)
     with pytest.raises(error, match=match):
         pyalign.linear_token_logprobs(hidden, weight, labels, **kwargs)
+
+
+@pytest.mark.parametrize("options", [
+    dict(outputs=ALL_OUTPUTS, softcap=3.0, logit_scale=0.5),
+    dict(outputs=("entropy",), memory_budget=1 << 20),
+], ids=["outputs-softcap", "budget"])
+def test_torch_compile_fullgraph_matches_eager_call(options):
+    hidden, weight, bias, labels = random_case((16,), 8, 50, torch.float32, True)
+
+    def objective(h, w):
+        out = pyalign.linear_token_logprobs(h, w, labels, bias=bias, **options)
+        return (out.log_probs * 2).sum() + out.entropy.sum()
+
+    results = []
+    for function in (objective, torch.compile(objective, fullgraph=True)):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+        value = function(*leaves)
+        value.backward()
+        results.append((value.detach(), [leaf.grad for leaf in leaves]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for compiled, plain in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(compiled, plain)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_vocabulary_slices_carry_no_probability(backend):
+    """A bias of -inf over whole vocabulary slices (the chunked backends walk the vocabulary in
+    slices: chunk_size=2 gives 8-column slices here) and inside one: every output and gradient
+    equals float64 of the model without those columns; their weight rows get zero gradient."""
+    hidden, weight, bias, labels = random_case((12,), 8, 48 if backend != "triton" else 40,
+                                               torch.float32, True)
+    vocab = weight.shape[0]
+    masked = torch.zeros(vocab, dtype=torch.bool)
+    masked[8:24] = True   # two whole slices
+    masked[30] = True     # one column inside a slice
+    bias = torch.where(masked, float("-inf"), bias)
+    kept_columns = (~masked).nonzero().squeeze(1)
+    remap = torch.full((vocab,), -1, dtype=torch.int64)
+    remap[kept_columns] = torch.arange(kept_columns.numel())
+    valid = labels != IGNORE
+    labels = torch.where(valid, kept_columns[torch.randint(0, kept_columns.numel(), (12,))], IGNORE)
+    grad_logprobs, grad_entropy = torch.randn(12), torch.randn(12)
+    # no softcap: it maps a -inf logit to -softcap (tanh saturates), as TRL's does
+    out, grads = run_head(hidden, weight, bias, labels, grad_logprobs, grad_entropy,
+                          logit_scale=0.5, temperature=0.8, chunk_size=2, backend=backend)
+    small_labels = torch.where(valid, remap[labels.clamp(min=0)], IGNORE)
+    expected, exp_grads = head_oracle(hidden, weight[kept_columns], bias[kept_columns],
+                                      small_labels, grad_logprobs, grad_entropy, None, 0.5, 0.8)
+    for name in ("log_probs", "log_sum_sq_probs", "entropy"):
+        torch.testing.assert_close(getattr(out, name).double(), expected[name], rtol=1e-5,
+                                   atol=2e-5, msg=name)
+    # the mean runs over the whole vocabulary: -inf where any logit is -inf (as TRL's)
+    assert torch.all(torch.isneginf(out.mean_logits[valid]))
+    assert torch.equal(out.is_top1, expected["is_top1"])
+    assert relative_error(grads[0], exp_grads[0]) < 5e-5
+    assert relative_error(grads[1][kept_columns], exp_grads[1]) < 5e-5
+    assert torch.all(grads[1][masked] == 0) and torch.all(grads[2][masked] == 0)
