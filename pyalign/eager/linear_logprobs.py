@@ -42,19 +42,21 @@ def _effective_temperature(temperature, softcap, logit_scale):
 
 
 def _softcapped(raw, softcap, logit_scale, out):
-    """out = softcap * tanh(logit_scale * raw / softcap), in out's dtype (fp32)."""
+    """out = tanh(logit_scale * raw / softcap), in out's dtype (fp32): the softcapped head
+    logits are softcap times it, their derivative logit_scale * (1 - tanh^2)."""
     out.copy_(raw)
     out.mul_(logit_scale / softcap).tanh_()
     return out
 
 
 def make_chunked_linear(logprobs_impl):
-    """linear_logprobs primitives that hold at most ``chunk_size x V`` logits at a time, plus
-    the first ``keep_rows`` rows' logits kept from forward to backward (no recompute there).
+    """linear_logprobs primitives that hold about ``chunk_size x V`` logits at a time (a
+    vocabulary slice of every token), plus the first ``keep_rows`` tokens' logits kept from
+    forward to backward (no recompute there).
 
-    The matmuls run through torch; ``logprobs_impl`` (any backend's logprobs primitives) is the
-    per-chunk epilogue: forward reduces a chunk's logits to (logprobs, entropy, row stats),
-    backward turns the chunk into its gradient in place. Gradients of hidden, weight and bias
+    The matmuls run through torch; ``logprobs_impl`` (a backend's logprobs primitives, with the
+    optional ``backward_columns``) is the epilogue: forward reduces a slice's logits to its row
+    stats, backward turns a slice into its gradient in place. Gradients of hidden, weight and bias
     accumulate in fp32 whatever their dtype.
     """
 
