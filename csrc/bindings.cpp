@@ -45,6 +45,9 @@ TORCH_LIBRARY(pyalign_C, m) {
         "Tensor labels, Tensor lse, Tensor? entropy, int ignore_index, float temperature) -> Tensor");
   m.def("logprobs_backward_(Tensor grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, "
         "Tensor labels, Tensor lse, Tensor? entropy, int ignore_index, float temperature) -> ()");
+  m.def("logprobs_backward_columns_(Tensor grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, "
+        "Tensor labels, Tensor lse, Tensor? entropy, int ignore_index, float temperature, "
+        "int column_start) -> ()");
   m.def("kl_forward(Tensor logprobs, Tensor ref_logprobs, Tensor? mask, str estimator) -> Tensor");
   m.def("kl_forward_out(Tensor logprobs, Tensor ref_logprobs, Tensor? mask, str estimator, "
         "Tensor(a!) kl) -> ()");

@@ -7,9 +7,15 @@ products like eager, not TF32) and folds it into an online log-sum-exp of s = (z
 (m: running max of the raw logits z; sum of exp(s), and sum exp(s) s for the entropy), picking
 out the label logit on the way; it stores the row stats (m, L = log sum exp(s)) and
 logp = min((z_y - m) / T - L, 0), so a common offset of the logits costs no accuracy beyond the
-logits' own rounding and z / T never overflows.
+logits' own rounding and z / T never overflows. TRL's head (docs/algorithms.md): with
+HAS_SOFTCAP each tile becomes softcap * tanh(logit_scale * z / softcap) first (tanh as
+2 sigmoid(2x) - 1); without, logit_scale is folded into 1 / T by the wrapper. WITH_METRICS also
+keeps sum exp(2 s) (log sum p^2), the sum of the head logits (their mean) and the max of the
+logits before the label column (is_top1: the label is the first maximum), a few registers per
+row.
 Backward: each program owns one (BLOCK_N x BLOCK_V) tile: it recomputes the logit tile, forms
-d/dz = (g_lp (onehot - p) - g_ent p (log p + H)) / T with log p = (z - m) / T - L, and adds
+d/dz = (g_lp (onehot - p) - g_ent p (log p + H)) / T with log p = (z - m) / T - L (times
+logit_scale * (1 - tanh^2) with a softcap: d head / d raw), and adds
 d/dz @ W into d_hidden and (d/dz)^T @ hidden into d_weight (and column sums into d_bias) with
 fp32 atomic adds. Every term is kept (no gradient filtering); the sum order across tiles is not
 deterministic. NaN or inf in an ignored (padded) token's hidden row reaches nothing: forward
@@ -75,10 +81,20 @@ def _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, hi
 
 
 @triton.jit
+def _softcapped(raw, col_ok, softcap, logit_scale):
+    """(softcap * tanh(logit_scale * raw / softcap), the tanh): TRL's head before the
+    temperature, -inf again outside the vocabulary. tanh(x) = 2 sigmoid(2x) - 1."""
+    tanh = 2.0 * tl.sigmoid(2.0 * (raw * (logit_scale / softcap))) - 1.0
+    return tl.where(col_ok[None, :], softcap * tanh, float("-inf")), tanh
+
+
+@triton.jit
 def linear_logprobs_forward_kernel(
         hidden_ptr, weight_ptr, bias_ptr, labels_ptr, logprobs_ptr, entropy_ptr, stats_ptr,
+        log_sum_sq_ptr, mean_ptr, top1_ptr,
         num_rows, vocab, hidden_size, stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
-        ignore_index, inv_temperature, WITH_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        ignore_index, inv_temperature, softcap, logit_scale, WITH_ENTROPY: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, WITH_METRICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < num_rows
@@ -88,6 +104,9 @@ def linear_logprobs_forward_kernel(
     sum_exp = tl.zeros([BLOCK_N], tl.float32)          # sum exp(s), s = (z - shift) / T
     sum_exp_shifted = tl.zeros([BLOCK_N], tl.float32)  # sum exp(s) * s
     label_logit = tl.zeros([BLOCK_N], tl.float32)
+    sum_sq = tl.zeros([BLOCK_N], tl.float32)            # sum exp(2 s), for log sum p^2
+    logit_sum = tl.zeros([BLOCK_N], tl.float32)         # sum of the head logits, for the mean
+    max_before_label = tl.zeros([BLOCK_N], tl.float32) - float("inf")  # for is_top1
     for v0 in range(0, vocab, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # cols * stride_wv can pass 2^31
         col_ok = cols < vocab
@@ -95,7 +114,14 @@ def linear_logprobs_forward_kernel(
         raw = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
                           hidden_size, stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
                           DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+        if HAS_SOFTCAP:
+            raw, _ = _softcapped(raw, col_ok, softcap, logit_scale)
         label_logit += tl.sum(tl.where(cols[None, :] == labels[:, None], raw, 0.0), 1)
+        if WITH_METRICS:
+            logit_sum += tl.sum(tl.where(col_ok[None, :], raw, 0.0), 1)
+            before_label = cols[None, :] < labels[:, None]
+            max_before_label = tl.maximum(
+                max_before_label, tl.max(tl.where(before_label, raw, float("-inf")), 1))
         new_max = tl.maximum(running_max, tl.max(raw, 1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         scaled = (raw - shift[:, None]) * inv_temperature
@@ -109,6 +135,8 @@ def linear_logprobs_forward_kernel(
             recentre = tl.where(sum_exp > 0, step * sum_exp, 0.0)
             terms = tl.where(exps > 0, exps * scaled, 0.0)
             sum_exp_shifted = rescale * (sum_exp_shifted + recentre) + tl.sum(terms, 1)
+        if WITH_METRICS:
+            sum_sq = sum_sq * (rescale * rescale) + tl.sum(exps * exps, 1)
         sum_exp = sum_exp * rescale + tl.sum(exps, 1)
         running_max = new_max
     log_sum_exp = tl.log(sum_exp)  # >= 0: the max term is e^0 = 1
@@ -121,6 +149,15 @@ def linear_logprobs_forward_kernel(
         entropy = log_sum_exp - sum_exp_shifted / sum_exp
         entropy = tl.where(entropy < 0.0, 0.0, entropy)
         tl.store(entropy_ptr + rows, tl.where(valid, entropy, 0.0), mask=row_ok)
+    if WITH_METRICS:
+        log_sum_sq = tl.log(sum_sq) - 2.0 * log_sum_exp
+        tl.store(log_sum_sq_ptr + rows, tl.where(valid, log_sum_sq, 0.0), mask=row_ok)
+        mean = logit_sum * inv_temperature / vocab
+        tl.store(mean_ptr + rows, tl.where(valid, mean, 0.0), mask=row_ok)
+        # the first maximum (argmax's tie rule); a NaN in the row (sum_exp NaN) makes it False
+        top1 = ((label_logit >= running_max) & (label_logit > max_before_label)
+                & (sum_exp == sum_exp) & valid)
+        tl.store(top1_ptr + rows, top1.to(tl.int8), mask=row_ok)
 
 
 @triton.jit
@@ -128,8 +165,9 @@ def linear_logprobs_backward_kernel(
         hidden_ptr, weight_ptr, bias_ptr, labels_ptr, grad_logprobs_ptr, grad_entropy_ptr,
         stats_ptr, entropy_ptr, grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
         num_rows, vocab, hidden_size, stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
-        ignore_index, inv_temperature, HAS_GRAD_ENTROPY: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+        ignore_index, inv_temperature, softcap, logit_scale, HAS_GRAD_ENTROPY: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -143,6 +181,8 @@ def linear_logprobs_backward_kernel(
     raw = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, valid, col_ok,
                       hidden_size, stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
                       DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+    if HAS_SOFTCAP:
+        raw, tanh = _softcapped(raw, col_ok, softcap, logit_scale)
     if vocab <= BLOCK_V:
         # The whole row is in this tile: take its stats from the recomputed logits themselves.
         # The recompute's tile shapes differ from the forward's, so its logits may differ by
@@ -160,7 +200,10 @@ def linear_logprobs_backward_kernel(
         entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
         d_entropy = tl.where(probs == 0.0, 0.0, probs * (log_probs + entropy[:, None]))
         grad -= grad_entropy[:, None] * d_entropy
-    grad = tl.where(valid[:, None] & col_ok[None, :], grad * inv_temperature, 0.0)
+    grad = grad * inv_temperature
+    if HAS_SOFTCAP:
+        grad = grad * (logit_scale * (1.0 - tanh * tanh))  # d head / d raw logit
+    grad = tl.where(valid[:, None] & col_ok[None, :], grad, 0.0)
     if has_bias != 0:
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(grad, 0), mask=col_ok)
     # low-precision inputs: the d/dz tile goes to the tensor cores in their dtype (as eager does)
@@ -204,13 +247,24 @@ def _eager_only(hidden, weight):
     return hidden.dtype != weight.dtype
 
 
+def _head_arguments(temperature, softcap, logit_scale):
+    """(inv_temperature, softcap, logit_scale, HAS_SOFTCAP) for a launch: without a softcap the
+    scale folds into 1 / T (one multiply fewer per logit, no extra variant)."""
+    if softcap is None:
+        return dict(inv_temperature=float(logit_scale) / float(temperature), softcap=1.0,
+                    logit_scale=1.0, HAS_SOFTCAP=False)
+    return dict(inv_temperature=1.0 / float(temperature), softcap=float(softcap),
+                logit_scale=float(logit_scale), HAS_SOFTCAP=True)
+
+
 def forward(hidden, weight, bias, labels, ignore_index, temperature, with_entropy, chunk_size,
-            *, tiles=None):
-    """Contract of backends.py (linear_logprobs.forward). ``chunk_size`` is not used: the fused
-    kernel holds BLOCK_N x BLOCK_V logits at a time. ``tiles`` overrides the tiles (tests)."""
+            softcap, logit_scale, metrics, keep_rows, *, tiles=None):
+    """Contract of backends.py (linear_logprobs.forward). ``chunk_size`` and ``keep_rows`` are not
+    used: the fused kernel holds BLOCK_N x BLOCK_V logits at a time and keeps none for backward
+    (the kept logits are [0, V]). ``tiles`` overrides the tiles (tests)."""
     if _eager_only(hidden, weight):
         return _eager.forward(hidden, weight, bias, labels, ignore_index, temperature,
-                              with_entropy, chunk_size)
+                              with_entropy, chunk_size, softcap, logit_scale, metrics, keep_rows)
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
@@ -219,24 +273,37 @@ def forward(hidden, weight, bias, labels, ignore_index, temperature, with_entrop
     logprobs = _kernels.new_output(num_rows, torch.float32, device)
     stats = _kernels.new_output((num_rows, 2), torch.float32, device)
     entropy = _kernels.new_output(num_rows if with_entropy else 0, torch.float32, device)
+    with_metrics = any(metrics)
+    # all three metrics come from the same pass: computed together, returned as asked
+    log_sum_sq = _kernels.new_output(num_rows if with_metrics else 0, torch.float32, device)
+    mean = _kernels.new_output(num_rows if with_metrics else 0, torch.float32, device)
+    # int8 storage viewed as bool after; one element stands in when unused (the pointer's dtype
+    # stays that of the AOT signature)
+    top1 = torch.empty(num_rows if with_metrics else 1, dtype=torch.int8, device=device)
     bias_arg = bias.contiguous() if bias is not None else weight
     linear_logprobs_forward_kernel[(triton.cdiv(num_rows, block_n),)](
         hidden, weight, bias_arg, labels.contiguous(), logprobs,
-        entropy if with_entropy else logprobs, stats, num_rows, vocab, hidden_size,
+        entropy if with_entropy else logprobs, stats,
+        log_sum_sq if with_metrics else logprobs, mean if with_metrics else logprobs,
+        top1, num_rows, vocab, hidden_size,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        int(bias is not None), int(ignore_index), 1.0 / float(temperature),
-        WITH_ENTROPY=bool(with_entropy), **_dot_flags(dtype_name),
+        int(bias is not None), int(ignore_index), **_head_arguments(temperature, softcap, logit_scale),
+        WITH_ENTROPY=bool(with_entropy), WITH_METRICS=with_metrics, **_dot_flags(dtype_name),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=num_warps)
-    return logprobs, entropy, stats
+    metric_out = (log_sum_sq if metrics[0] else logprobs.new_empty(0),
+                  mean if metrics[1] else logprobs.new_empty(0),
+                  top1.view(torch.bool) if metrics[2] else top1.new_empty(0, dtype=torch.bool))
+    return (logprobs, entropy, stats, *metric_out, hidden.new_empty(0, vocab))
 
 
 def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy,
-             ignore_index, temperature, chunk_size, *, tiles=None):
+             ignore_index, temperature, chunk_size, softcap, logit_scale, kept, *, tiles=None):
     """Contract of backends.py (linear_logprobs.backward) -> (grad_hidden, grad_weight,
     grad_bias | None) in the inputs' dtypes, accumulated in fp32."""
     if _eager_only(hidden, weight):
         return _eager.backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats,
-                               entropy, ignore_index, temperature, chunk_size)
+                               entropy, ignore_index, temperature, chunk_size, softcap,
+                               logit_scale, kept)
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
@@ -255,7 +322,7 @@ def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, e
         entropy if has_grad_entropy else stats, grad_hidden, grad_weight,
         grad_bias if bias is not None else grad_weight, num_rows, vocab, hidden_size,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        int(bias is not None), int(ignore_index), 1.0 / float(temperature),
+        int(bias is not None), int(ignore_index), **_head_arguments(temperature, softcap, logit_scale),
         HAS_GRAD_ENTROPY=has_grad_entropy, **_dot_flags(dtype_name),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=num_warps)
     return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
@@ -263,43 +330,54 @@ def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, e
 
 
 def compile_configs():
+    """Every launch variant: per dtype, forward entropy x softcap x metrics, backward
+    grad_entropy x softcap."""
     configs = []
     for dtype_name in ("fp32", "bf16", "fp16"):
         tensor = f"*{dtype_name}"
         common = {"num_rows": "i32", "vocab": "i32", "hidden_size": "i32", "stride_hn": "i32",
                   "stride_wv": "i32", "has_bias": "i32", "ignore_index": "i32",
-                  "inv_temperature": "fp32"}
+                  "inv_temperature": "fp32", "softcap": "fp32", "logit_scale": "fp32"}
         for flag in (False, True):
-            block_n, block_v, block_h, num_warps = FORWARD_TILES[dtype_name]
-            configs.append(dict(
-                name="linear_logprobs_forward", kernel=linear_logprobs_forward_kernel,
-                signature={"hidden_ptr": tensor, "weight_ptr": tensor, "bias_ptr": tensor,
-                           "labels_ptr": "*i64", "logprobs_ptr": "*fp32", "entropy_ptr": "*fp32",
-                           "stats_ptr": "*fp32", **common},
-                # unit column strides: the JIT specializes a stride of 1 the same way
-                constexprs={"stride_hk": 1, "stride_wk": 1, "WITH_ENTROPY": flag,
-                            "DOT_PRECISION": _dot_precision(dtype_name), "UPCAST": False,
-                            "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h},
-                aligned=("hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr", "logprobs_ptr",
-                         "entropy_ptr", "stats_ptr", "vocab", "hidden_size", "stride_hn",
-                         "stride_wv"),
-                num_warps=num_warps,
-                label=f"{dtype_name} {block_n}x{block_v}x{block_h} entropy={flag}"))
-            block_n, block_v, block_h, num_warps = BACKWARD_TILES[dtype_name]
-            configs.append(dict(
-                name="linear_logprobs_backward", kernel=linear_logprobs_backward_kernel,
-                signature={"hidden_ptr": tensor, "weight_ptr": tensor, "bias_ptr": tensor,
-                           "labels_ptr": "*i64", "grad_logprobs_ptr": "*fp32",
-                           "grad_entropy_ptr": "*fp32", "stats_ptr": "*fp32",
-                           "entropy_ptr": "*fp32", "grad_hidden_ptr": "*fp32",
-                           "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32", **common},
-                constexprs={"stride_hk": 1, "stride_wk": 1, "HAS_GRAD_ENTROPY": flag,
-                            "DOT_PRECISION": _dot_precision(dtype_name), "UPCAST": False,
-                            "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h},
-                aligned=("hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr",
-                         "grad_logprobs_ptr", "grad_entropy_ptr", "stats_ptr", "entropy_ptr",
-                         "grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr", "vocab",
-                         "hidden_size", "stride_hn", "stride_wv"),
-                num_warps=num_warps,
-                label=f"{dtype_name} {block_n}x{block_v}x{block_h} grad_entropy={flag}"))
+            for softcap in (False, True):
+                for metrics in (False, True):
+                    block_n, block_v, block_h, num_warps = FORWARD_TILES[dtype_name]
+                    configs.append(dict(
+                        name="linear_logprobs_forward", kernel=linear_logprobs_forward_kernel,
+                        signature={"hidden_ptr": tensor, "weight_ptr": tensor, "bias_ptr": tensor,
+                                   "labels_ptr": "*i64", "logprobs_ptr": "*fp32",
+                                   "entropy_ptr": "*fp32", "stats_ptr": "*fp32",
+                                   "log_sum_sq_ptr": "*fp32", "mean_ptr": "*fp32",
+                                   "top1_ptr": "*i8", **common},
+                        # unit column strides: the JIT specializes a stride of 1 the same way
+                        constexprs={"stride_hk": 1, "stride_wk": 1, "WITH_ENTROPY": flag,
+                                    "HAS_SOFTCAP": softcap, "WITH_METRICS": metrics,
+                                    "DOT_PRECISION": _dot_precision(dtype_name), "UPCAST": False,
+                                    "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h},
+                        aligned=("hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr",
+                                 "logprobs_ptr", "entropy_ptr", "stats_ptr", "log_sum_sq_ptr",
+                                 "mean_ptr", "top1_ptr", "vocab", "hidden_size", "stride_hn",
+                                 "stride_wv"),
+                        num_warps=num_warps,
+                        label=(f"{dtype_name} {block_n}x{block_v}x{block_h} entropy={flag} "
+                               f"softcap={softcap} metrics={metrics}")))
+                block_n, block_v, block_h, num_warps = BACKWARD_TILES[dtype_name]
+                configs.append(dict(
+                    name="linear_logprobs_backward", kernel=linear_logprobs_backward_kernel,
+                    signature={"hidden_ptr": tensor, "weight_ptr": tensor, "bias_ptr": tensor,
+                               "labels_ptr": "*i64", "grad_logprobs_ptr": "*fp32",
+                               "grad_entropy_ptr": "*fp32", "stats_ptr": "*fp32",
+                               "entropy_ptr": "*fp32", "grad_hidden_ptr": "*fp32",
+                               "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32", **common},
+                    constexprs={"stride_hk": 1, "stride_wk": 1, "HAS_GRAD_ENTROPY": flag,
+                                "HAS_SOFTCAP": softcap,
+                                "DOT_PRECISION": _dot_precision(dtype_name), "UPCAST": False,
+                                "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h},
+                    aligned=("hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr",
+                             "grad_logprobs_ptr", "grad_entropy_ptr", "stats_ptr", "entropy_ptr",
+                             "grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr", "vocab",
+                             "hidden_size", "stride_hn", "stride_wv"),
+                    num_warps=num_warps,
+                    label=(f"{dtype_name} {block_n}x{block_v}x{block_h} grad_entropy={flag} "
+                           f"softcap={softcap}")))
     return configs

@@ -42,7 +42,14 @@ def _make_logprobs(ops):
             return logits
         return grad_logits
 
-    return SimpleNamespace(forward=forward, backward=backward)
+    def backward_columns(grad_logprobs, grad_entropy, logits, labels, stats, entropy,
+                         ignore_index, temperature, column_start):
+        ops.logprobs_backward_columns_(grad_logprobs, grad_entropy, logits, labels, stats,
+                                       entropy, int(ignore_index), float(temperature),
+                                       int(column_start))
+        return logits
+
+    return SimpleNamespace(forward=forward, backward=backward, backward_columns=backward_columns)
 
 
 def _make_linear_logprobs(ops):

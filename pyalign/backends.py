@@ -32,11 +32,22 @@ logprobs
            entropy[N] | None, ignore_index, temperature, inplace) -> grad_logits (logits' dtype;
            when inplace, written into ``logits`` and returned); log p = (z - m)/T - L from stats;
            ignored rows exactly 0 whatever their logits or upstream gradients hold
+  backward_columns(..., temperature, column_start)   (optional: the chunked linear path's
+           epilogue, pyalign/eager/linear_logprobs.py, needs it) the same gradient, in place, for
+           logits[:, c0:c0+W] of a wider vocabulary: stats of whole rows, labels of the whole
+           vocabulary (the label term only where it falls in the slice)
 linear_logprobs
   forward(hidden[N,H], weight[V,H], bias[V] | None, labels, ignore_index, temperature,
-          with_entropy, chunk_size) -> (logprobs, entropy, stats[N,2])   stats as for logprobs
+          with_entropy, chunk_size, softcap | None, logit_scale, metrics, keep_rows)
+      -> (logprobs, entropy, stats[N,2], log_sum_sq_probs, mean_logits, is_top1 (bool), kept)
+      the head z = softcap·tanh(logit_scale·(hidden·Wᵀ + b) / softcap) / T (no tanh without a
+      softcap); stats as for logprobs, of the head logits before T; metrics = three bools
+      (log_sum_sq_probs, mean_logits, is_top1 wanted: [N] each, else empty[0]); kept = the raw
+      logits of the first keep_rows tokens, kept for backward ([keep_rows, V]; the ops layer
+      asks only the chunked backends, the fused Triton one returns [0, V])
   backward(grad_logprobs, grad_entropy | None, hidden, weight, bias, labels, stats, entropy | None,
-           ignore_index, temperature, chunk_size) -> (grad_hidden, grad_weight, grad_bias | None)
+           ignore_index, temperature, chunk_size, softcap | None, logit_scale, kept)
+      -> (grad_hidden, grad_weight, grad_bias | None); may overwrite ``kept``.
       ignored tokens contribute nothing to grad_weight / grad_bias (a NaN/inf hidden row is
       selected away) and get grad_hidden exactly 0
 kl

@@ -340,6 +340,40 @@ def linear_logits64(hidden, weight, bias=None):
     return logits if bias is None else logits + bias.double()
 
 
+def head_logits64(hidden, weight, bias=None, softcap=None, logit_scale=1.0, temperature=1.0):
+    """TRL's head in float64, in its order: z = softcap * tanh(logit_scale * logits / softcap)
+    (no tanh without a softcap), divided by the temperature (docs/algorithms.md)."""
+    scaled = linear_logits64(hidden, weight, bias) * logit_scale
+    if softcap is not None:
+        scaled = softcap * torch.tanh(scaled / softcap)
+    return scaled / temperature
+
+
+def head_outputs64(head_logits, labels, ignore_index=IGNORE):
+    """float64 per-token outputs of head logits z [N, V] (temperature already applied), as TRL's
+    FusedCausalLMOutput defines them: log_probs, entropy, log_sum_sq_probs = log sum_v p_v^2,
+    mean_logits = mean_v z_v, is_top1 = the label is the first argmax. 0 / False where ignored."""
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)
+    log_p = head_logits - torch.logsumexp(head_logits, -1, keepdim=True)
+    probs = log_p.exp()
+    outputs = {
+        "log_probs": log_p.gather(-1, safe[:, None]).squeeze(-1),
+        "entropy": -torch.where(probs > 0, probs * log_p, torch.zeros_like(probs)).sum(-1),
+        "log_sum_sq_probs": torch.log((probs * probs).sum(-1)),
+        "mean_logits": head_logits.mean(-1),
+    }
+    outputs = {name: torch.where(valid, value, torch.zeros_like(value))
+               for name, value in outputs.items()}
+    label_logit = head_logits.gather(-1, safe[:, None])
+    columns = torch.arange(head_logits.shape[-1], device=head_logits.device)
+    earlier_max = torch.where(columns[None, :] < safe[:, None], head_logits,
+                              torch.full_like(head_logits, -math.inf)).amax(-1)
+    outputs["is_top1"] = (valid & (label_logit.squeeze(-1) >= head_logits.amax(-1))
+                          & (label_logit.squeeze(-1) > earlier_max))
+    return outputs
+
+
 def sequence_logprobs64(token_logprobs, mask, average=False):
     """Masked sum (or masked mean) over the last dimension, in float64."""
     mask = mask.double()

@@ -11,6 +11,11 @@
 // backward: one pass per row, log p = (z - m) / T - log sum exp recomputed from the saved
 // stats; reads the logits once and writes the gradient once (into the logits buffer itself
 // when in place). Ignored rows are not read: gradient exactly +0.
+// backward over a column slice (logprobs_backward_columns_, in place): the same per-element
+// gradient for logits[:, c0:c0+W] of a wider vocabulary, the row stats being those of the whole
+// row; the label term lands only where the label falls in the slice. The fused linear path
+// (pyalign/eager/linear_logprobs.py) walks the vocabulary with it, so its weight-gradient
+// matmuls run over all tokens at once.
 // Threads: rows split over at::parallel_for (OpenMP); each row is one thread's serial work, so
 // results do not depend on the thread count. Inner loops are `omp simd` (fp32 accumulation).
 #include <ATen/Parallel.h>
@@ -96,12 +101,16 @@ template <typename scalar_t, bool kEntropy>
 void row_backward(const scalar_t* row, scalar_t* grad_row, int64_t vocab, int64_t label,
                   float grad_logprob, float grad_entropy, float row_max, float log_sum,
                   float entropy, float inv_temperature) {
-  // The label's own gradient first: in place, its logit is overwritten by the loop.
-  const float label_shifted = (to_float(row[label]) - row_max) * inv_temperature - log_sum;
-  const float label_prob = exp_nonpositive(label_shifted);
-  float label_grad = -label_prob * grad_logprob;
-  if (kEntropy && label_prob != 0.0f) label_grad -= label_prob * grad_entropy * (label_shifted + entropy);
-  label_grad = (label_grad + grad_logprob) * inv_temperature;
+  // The label's own gradient first: in place, its logit is overwritten by the loop. label < 0:
+  // the label is outside this (column slice of the) row.
+  float label_grad = 0.0f;
+  if (label >= 0) {
+    const float label_shifted = (to_float(row[label]) - row_max) * inv_temperature - log_sum;
+    const float label_prob = exp_nonpositive(label_shifted);
+    label_grad = -label_prob * grad_logprob;
+    if (kEntropy && label_prob != 0.0f) label_grad -= label_prob * grad_entropy * (label_shifted + entropy);
+    label_grad = (label_grad + grad_logprob) * inv_temperature;
+  }
 
   const float scale_logprob = -grad_logprob * inv_temperature;
   const float scale_entropy = -grad_entropy * inv_temperature;
@@ -113,10 +122,11 @@ void row_backward(const scalar_t* row, scalar_t* grad_row, int64_t vocab, int64_
     if (kEntropy) grad += prob == 0.0f ? 0.0f : prob * scale_entropy * (shifted + entropy);
     grad_row[v] = from_float<scalar_t>(grad);
   }
-  grad_row[label] = from_float<scalar_t>(label_grad);
+  if (label >= 0) grad_row[label] = from_float<scalar_t>(label_grad);
 }
 
-void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
+void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
+                         bool check_range = true) {
   TORCH_CHECK(logits.dim() == 2, "pyalign_C: logits must be 2-D [N, V], got ", logits.sizes());
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0),
               "pyalign_C: labels must be [N] with N = logits.size(0)");
@@ -127,6 +137,7 @@ void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels, int
               "pyalign_C: logits must be float32, bfloat16 or float16, got ", dtype);
   const int64_t vocab = logits.size(1);
   TORCH_CHECK(vocab > 0, "pyalign_C: empty vocabulary");
+  if (!check_range) return;  // a column slice: labels index the whole vocabulary
   const at::Tensor labels_c = labels.contiguous();
   const int64_t* label_data = labels_c.data_ptr<int64_t>();
   for (int64_t n = 0; n < labels_c.numel(); ++n) {
@@ -230,7 +241,8 @@ at::Tensor float_rows(const at::Tensor& tensor, int64_t rows, const char* name) 
 template <typename scalar_t>
 void backward_impl(const at::Tensor& logits, at::Tensor& grad_logits, const int64_t* labels,
                    int64_t ignore_index, float inv_temperature, const float* grad_logprobs,
-                   const float* grad_entropy, const float* stats, const float* entropy) {
+                   const float* grad_entropy, const float* stats, const float* entropy,
+                   int64_t column_start) {
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   const int64_t row_stride = logits.stride(0), grad_row_stride = grad_logits.stride(0);
   const scalar_t* data = logits.data_ptr<scalar_t>();
@@ -239,11 +251,12 @@ void backward_impl(const at::Tensor& logits, at::Tensor& grad_logits, const int6
     for (int64_t n = begin; n < end; ++n) {
       const scalar_t* row = data + n * row_stride;
       scalar_t* grad_row = grad_data + n * grad_row_stride;
-      const int64_t label = labels[n];
-      if (label == ignore_index) {
+      if (labels[n] == ignore_index) {
         std::memset(static_cast<void*>(grad_row), 0, sizeof(scalar_t) * vocab);  // +0.0 in every dtype
         continue;
       }
+      const int64_t local = labels[n] - column_start;
+      const int64_t label = local >= 0 && local < vocab ? local : -1;
       if (grad_entropy != nullptr) {
         row_backward<scalar_t, true>(row, grad_row, vocab, label, grad_logprobs[n],
                                      grad_entropy[n], stats[2 * n], stats[2 * n + 1], entropy[n],
@@ -259,8 +272,9 @@ void backward_impl(const at::Tensor& logits, at::Tensor& grad_logits, const int6
 void backward_into(const at::Tensor& grad_logprobs_in, const c10::optional<at::Tensor>& grad_entropy_in,
                    const at::Tensor& logits, at::Tensor& grad_logits, const at::Tensor& labels_in,
                    const at::Tensor& lse_in, const c10::optional<at::Tensor>& entropy_in,
-                   int64_t ignore_index, double temperature) {
-  check_logits_labels(logits, labels_in, ignore_index);
+                   int64_t ignore_index, double temperature, int64_t column_start = 0,
+                   bool column_slice = false) {
+  check_logits_labels(logits, labels_in, ignore_index, !column_slice);
   TORCH_CHECK(temperature > 0, "pyalign_C: temperature must be > 0");
   TORCH_CHECK(logits.stride(1) == 1 && grad_logits.stride(1) == 1,
               "pyalign_C: logits rows must be contiguous");
@@ -287,7 +301,7 @@ void backward_into(const at::Tensor& grad_logprobs_in, const c10::optional<at::T
 #define PYALIGN_BACKWARD(scalar_t)                                                              \
   backward_impl<scalar_t>(logits, grad_logits, labels.data_ptr<int64_t>(), ignore_index,        \
                           inv_temperature, grad_logprobs.data_ptr<float>(), grad_entropy_data,  \
-                          lse.data_ptr<float>(), entropy_data)
+                          lse.data_ptr<float>(), entropy_data, column_start)
   switch (logits.scalar_type()) {
     case at::kFloat: PYALIGN_BACKWARD(float); break;
     case at::kBFloat16: PYALIGN_BACKWARD(c10::BFloat16); break;
@@ -315,6 +329,18 @@ void logprobs_backward_(const at::Tensor& grad_logprobs, const c10::optional<at:
               "pyalign_C: in-place backward needs logits with contiguous rows");
   backward_into(grad_logprobs, grad_entropy, logits, logits, labels, lse, entropy, ignore_index,
                 temperature);
+}
+
+void logprobs_backward_columns_(const at::Tensor& grad_logprobs,
+                                const c10::optional<at::Tensor>& grad_entropy, at::Tensor& logits,
+                                const at::Tensor& labels, const at::Tensor& lse,
+                                const c10::optional<at::Tensor>& entropy, int64_t ignore_index,
+                                double temperature, int64_t column_start) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(-1) == 1,
+              "pyalign_C: in-place backward needs logits with contiguous rows");
+  TORCH_CHECK(column_start >= 0, "pyalign_C: column_start must be >= 0");
+  backward_into(grad_logprobs, grad_entropy, logits, logits, labels, lse, entropy, ignore_index,
+                temperature, column_start, true);
 }
 
 void logprobs_backward_out(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
@@ -347,6 +373,7 @@ TORCH_LIBRARY_IMPL(pyalign_C, CPU, m) {
   m.impl("logprobs_backward_out", &logprobs_backward_out);
   m.impl("logprobs_backward", &logprobs_backward);
   m.impl("logprobs_backward_", &logprobs_backward_);
+  m.impl("logprobs_backward_columns_", &logprobs_backward_columns_);
   m.impl("exp_nonpositive", &exp_nonpositive_op);
 }
 

@@ -1,8 +1,15 @@
-"""The linear_token_logprobs case (log-probs from the last hidden state): naive eager (full
-[N, V] logits, log_softmax, gather), torch.compile of it, Liger-Kernel's fused linear cross
-entropy (GPU, where installed), pyalign on every available backend, and the floor: the three
-bare matmuls of forward and backward."""
+"""The linear_token_logprobs case (log-probs from the last hidden state, fwd+bwd with a random
+per-token upstream gradient; with ``entropy=True`` also a random one for the entropy): naive eager
+(full [N, V] logits, log_softmax, gather), torch.compile of it, pyalign on every available
+backend, pyalign's cpu backend with a memory budget that keeps every token's logits for backward
+(3 matmuls instead of 4), the peers that run here (Liger-Kernel's
+LigerFusedLinearScaledCrossEntropyFunction, TRL's ChunkedLogProbFunction, Cut Cross-Entropy's
+``impl="torch_compile"``), and the floor: the three bare matmuls of forward and backward."""
 from __future__ import annotations
+
+import contextlib
+import sys
+import types
 
 import torch
 
@@ -17,14 +24,43 @@ from pyalign.bench.common import (
 from pyalign.bench.harness import Candidate, Case, optional_module, ratio_columns, third_party_notes
 from pyalign.bench.logprobs import naive_token_logprobs
 
+# TRL's default vocabulary tile (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+TRL_CHUNK_SIZE = 32768
+
 
 def naive_linear_token_logprobs(hidden, weight, labels, temperature: float = 1.0):
     """The usual eager code: full [N, V] logits from the lm_head, then log_softmax + gather."""
     return naive_token_logprobs(hidden @ weight.t(), labels, temperature)
 
 
+def naive_linear_logprobs_and_entropy(hidden, weight, labels):
+    """The usual eager code with the entropy: one log_softmax, gather, -sum p log p."""
+    log_probs = torch.log_softmax((hidden @ weight.t()).float(), dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return torch.stack([log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1), entropy])
+
+
+def _trl_function():
+    """TRL's ChunkedLogProbFunction, or None. Its backward imports trl.trainer.utils for
+    maybe_gather_lm_head_ctx (a null context without DeepSpeed ZeRO-3); where that module cannot
+    import (pandas, accelerate missing), a null context stands in. Returns (function, note)."""
+    module = optional_module("trl.kernels.chunked_logprob")
+    if module is None:
+        return None, "TRL ChunkedLogProbFunction: not importable"
+    note = None
+    try:
+        import trl.trainer.utils  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure: stand in for the one helper
+        sys.modules["trl.trainer.utils"] = types.SimpleNamespace(
+            maybe_gather_lm_head_ctx=lambda *params: contextlib.nullcontext())
+        note = (f"TRL: trl.trainer.utils does not import here ({type(exc).__name__}); its "
+                "maybe_gather_lm_head_ctx (a null context without ZeRO-3) is stood in for")
+    return module.ChunkedLogProbFunction, note
+
+
 def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab: int = 32000,
-                         dtype=torch.float32, device="cpu", *, compile: bool = True) -> Case:
+                         dtype=torch.float32, device="cpu", *, compile: bool = True,
+                         entropy: bool = False, peers: bool = True) -> Case:
     device = torch.device(device)
     generator = seeded_generator(device, 1)
     hidden = (torch.randn(num_tokens, hidden_size, device=device, generator=generator)
@@ -33,34 +69,43 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
               / hidden_size ** 0.5).to(dtype).requires_grad_(True)
     labels = torch.randint(0, vocab, (num_tokens,), device=device, generator=generator)
     grad_logprobs = torch.randn(num_tokens, device=device, generator=generator)
+    grad_entropy = torch.randn(num_tokens, device=device, generator=generator)
+    upstream = torch.stack([grad_logprobs, grad_entropy]) if entropy else grad_logprobs
     clear = clear_grads(hidden, weight)
+    naive = naive_linear_logprobs_and_entropy if entropy else naive_linear_token_logprobs
 
     def eager():
-        naive_linear_token_logprobs(hidden, weight, labels).backward(grad_logprobs)
+        naive(hidden, weight, labels).backward(upstream)
+
+    def backward_pair(logprobs, entropy_out):
+        if entropy:
+            torch.autograd.backward([logprobs, entropy_out], [grad_logprobs, grad_entropy])
+        else:
+            logprobs.backward(grad_logprobs)
 
     candidates = [Candidate("eager matmul+log_softmax+gather", eager, setup=clear,
                             kind="baseline", backend="eager"),
-                  compile_candidate("torch.compile matmul+log_softmax+gather",
-                                     naive_linear_token_logprobs, (hidden, weight, labels),
-                                     grad_logprobs, clear, compile)]
+                  compile_candidate("torch.compile matmul+log_softmax+gather", naive,
+                                    (hidden, weight, labels), upstream, clear, compile)]
     notes = []
-    liger_functional = optional_module("liger_kernel.transformers.functional")
-    if liger_functional is not None and device.type == "cuda":
-        def liger_flce():
-            # per-token cross entropy = -logprob (reduction "none")
-            loss = liger_functional.liger_fused_linear_cross_entropy(hidden, weight, labels,
-                                                                     reduction="none")
-            (-loss).backward(grad_logprobs)
-        candidates.append(Candidate("Liger fused_linear_cross_entropy", liger_flce, setup=clear,
-                                    kind="baseline"))
-    elif liger_functional is not None:
-        notes.append("Liger-Kernel fused_linear_cross_entropy: Triton kernels, GPU only: not run")
-    def fused(name):
-        pyalign.linear_token_logprobs(hidden, weight, labels, backend=name).backward(grad_logprobs)
+    outputs = ("entropy",) if entropy else ()
+
+    def fused(name, **options):
+        out = pyalign.linear_token_logprobs(hidden, weight, labels, outputs=outputs,
+                                            backend=name, **options)
+        backward_pair(out.log_probs, out.entropy)
     ours, backend_notes = backend_candidates("linear_logprobs", device,
                                              "pyalign linear_token_logprobs", fused, clear)
     candidates += ours
     notes += backend_notes
+    if device.type == "cpu" and any(c.backend == "cpu" for c in ours):
+        budget = num_tokens * vocab * hidden.element_size()
+        candidates.append(Candidate(
+            f"pyalign linear_token_logprobs [cpu] memory_budget={budget / 2 ** 20:.3g} MiB (all logits)",
+            lambda: fused("cpu", memory_budget=budget), setup=clear, backend="cpu"))
+    if peers:
+        candidates += _peer_candidates(hidden, weight, labels, entropy, backward_pair, clear,
+                                       compile, notes)
     plain_hidden, plain_weight = hidden.detach(), weight.detach()
     logits_out = torch.empty(num_tokens, vocab, device=device, dtype=dtype)
     grad_logits = torch.randn(num_tokens, vocab, device=device, generator=generator).to(dtype)
@@ -75,11 +120,55 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
     notes += third_party_notes()
     flops = 3 * 2 * num_tokens * hidden_size * vocab
     notes.append(f"matmul work: {flops / 1e9:.3g} GFLOP per fwd+bwd (3 matmuls); a chunked "
-                 "backend recomputes the forward matmul in backward (4 matmuls)")
-    return Case("linear_token_logprobs fwd+bwd",
+                 "backend recomputes the forward matmul in backward (4 matmuls) unless a "
+                 "memory_budget keeps the logits")
+    return Case("linear_token_logprobs fwd+bwd" + (" (with entropy)" if entropy else ""),
                 {"N": num_tokens, "H": hidden_size, "V": vocab, "dtype": dtype_name(dtype),
                  "device": device.type},
                 candidates,
                 ratio_to=ratio_columns(candidates, vs_eager="eager matmul+log_softmax+gather",
-                                        vs_compile="torch.compile matmul+log_softmax+gather"),
+                                       vs_compile="torch.compile matmul+log_softmax+gather"),
                 floor="floor: the 3 bare matmuls", notes=notes)
+
+
+def _peer_candidates(hidden, weight, labels, entropy, backward_pair, clear, compile, notes):
+    """Liger, TRL and CCE rows, each where it imports (and, for CCE, computes what is asked)."""
+    candidates = []
+    liger_ops = optional_module("liger_kernel.ops")
+    if liger_ops is not None and hasattr(liger_ops, "LigerFusedLinearScaledCrossEntropyFunction"):
+        scaled_ce = liger_ops.LigerFusedLinearScaledCrossEntropyFunction
+
+        def liger():
+            out = scaled_ce.apply(hidden, weight, labels, 1.0, -100, 1, entropy)
+            nll, ent = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+            backward_pair(-nll, ent)
+        candidates.append(Candidate("Liger LigerFusedLinearScaledCrossEntropyFunction", liger,
+                                    setup=clear, kind="baseline"))
+    else:
+        notes.append("Liger-Kernel LigerFusedLinearScaledCrossEntropyFunction: not installed")
+    trl_function, trl_note = _trl_function()
+    if trl_note:
+        notes.append(trl_note)
+    if trl_function is not None:
+        def trl():
+            out = trl_function.apply(hidden, weight, None, labels, 1.0, TRL_CHUNK_SIZE, None, 1.0,
+                                     ("entropy",) if entropy else ())
+            backward_pair(out[0], out[1])
+        candidates.append(Candidate("TRL ChunkedLogProbFunction", trl, setup=clear,
+                                    kind="baseline"))
+    cce = optional_module("cut_cross_entropy")
+    if cce is None:
+        notes.append("Cut Cross-Entropy: not installed")
+    elif entropy:
+        notes.append("Cut Cross-Entropy: no entropy output, not in the entropy table")
+    elif not compile:
+        candidates.append(Candidate('Cut Cross-Entropy impl="torch_compile"', kind="baseline",
+                                    status="skipped (--no-compile)"))
+    else:
+        def cut_cross_entropy():
+            nll = cce.linear_cross_entropy(hidden, weight, labels, reduction="none",
+                                           impl="torch_compile")
+            backward_pair(-nll, None)
+        candidates.append(Candidate('Cut Cross-Entropy impl="torch_compile"', cut_cross_entropy,
+                                    setup=clear, kind="baseline", compiled=True))
+    return candidates

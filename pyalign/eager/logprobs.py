@@ -50,11 +50,27 @@ def forward(logits, labels, ignore_index, temperature, with_entropy):
 
 def backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index,
              temperature, inplace):
+    return _backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index,
+                     temperature, logits if inplace else torch.empty_like(logits), 0)
+
+
+def backward_columns(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index,
+                     temperature, column_start):
+    """backward in place on logits[:, c0:c0+W] of a wider vocabulary (c0 = ``column_start``):
+    the row stats are those of whole rows, labels index the whole vocabulary and add their term
+    only where they fall in the slice. Used by the vocabulary walk of linear_logprobs."""
+    return _backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index,
+                     temperature, logits, column_start)
+
+
+def _backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index,
+              temperature, grad_logits, column_start):
     num_rows, vocab = logits.shape
     acc = accumulation_dtype(logits.dtype)
-    grad_logits = logits if inplace else torch.empty_like(logits)
     valid = labels != ignore_index
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    local = labels - column_start
+    in_slice = valid & (local >= 0) & (local < vocab)
+    safe_labels = torch.where(in_slice, local, torch.zeros_like(local))
     for start, end in row_chunks(num_rows, vocab):
         chunk_valid = valid[start:end]
         log_probs, _ = shifted_rows(logits[start:end], acc, temperature, stats[start:end, 0])
@@ -71,7 +87,8 @@ def backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore
         else:
             grad.mul_(-g_lp[:, None])
         del log_probs
-        grad.scatter_add_(1, safe_labels[start:end, None], g_lp[:, None])
+        label_term = torch.where(in_slice[start:end], g_lp, 0.0)
+        grad.scatter_add_(1, safe_labels[start:end, None], label_term[:, None])
         if temperature != 1.0:
             grad.div_(temperature)
         # Selection, not a zero factor: an ignored row's NaN/inf logits give NaN * 0 = NaN above.

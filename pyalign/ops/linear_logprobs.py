@@ -1,12 +1,14 @@
 """linear_token_logprobs: log-probs of the labels straight from the last hidden state.
 
-logits = hidden @ weight.T (+ bias) are never materialised whole: the eager and C++ backends
-hold at most ``chunk_size x V`` of them at a time (forward and backward, which recomputes them),
-the Triton backend keeps tiles on chip. Family "linear_logprobs" of pyalign/backends.py.
+logits = hidden @ weight.T (+ bias), optionally scaled and soft-capped (TRL's head options), are
+never materialised whole: the eager and C++ backends hold at most ``chunk_size x V`` of them at a
+time (forward and backward, which recomputes them) plus the rows a ``memory_budget`` keeps for
+backward; the Triton backend keeps tiles on chip. Also TRL's per-token metrics (log sum p^2, mean
+logit, is-top-1). Family "linear_logprobs" of pyalign/backends.py.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union, overload
+from typing import Literal, NamedTuple, Optional, overload
 
 import torch
 
@@ -14,46 +16,84 @@ from pyalign import backends
 from pyalign._utils import accumulation_dtype
 from pyalign.ops import _checks
 
+OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+# Metrics: per-token values without a gradient (TRL marks them non-differentiable too).
+METRIC_OUTPUTS = OPTIONAL_OUTPUTS[1:]
 
-# The third output is the [N, 2] row stats (m, log-sum-exp); the op name says so, which also keeps
-# compiled graphs cached for the former [N] lse output from being reused.
-@torch.library.custom_op("pyalign::linear_logprobs_stats_fwd", mutates_args=())
+
+class LinearLogprobsOutput(NamedTuple):
+    """Per-token outputs of ``linear_token_logprobs(..., outputs=...)``, named as TRL's
+    ``FusedCausalLMOutput``; a field not asked for is None. ``log_probs`` and ``entropy`` carry
+    gradients, the metrics (``log_sum_sq_probs``, ``mean_logits``, ``is_top1``) do not."""
+
+    log_probs: torch.Tensor
+    entropy: Optional[torch.Tensor] = None
+    log_sum_sq_probs: Optional[torch.Tensor] = None
+    mean_logits: Optional[torch.Tensor] = None
+    is_top1: Optional[torch.Tensor] = None
+
+
+def kept_rows(memory_budget: Optional[int], num_rows: int, vocab: int, itemsize: int) -> int:
+    """How many tokens' logits ``memory_budget`` bytes keep from forward to backward."""
+    if not memory_budget:
+        return 0
+    return min(num_rows, memory_budget // (vocab * itemsize))
+
+
+# Outputs: logprobs, entropy, the [N, 2] row stats (m, log-sum-exp), the three metrics ([N] or
+# [0]) and the kept raw logits [keep_rows, V]. The op name says "head" (the outputs and options of
+# issue 10), which also keeps compiled graphs of the former schema from being reused.
+@torch.library.custom_op("pyalign::linear_logprobs_head_fwd", mutates_args=())
 def _linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          labels: torch.Tensor, ignore_index: int, temperature: float,
-                         with_entropy: bool, chunk_size: int, backend: str
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         with_entropy: bool, chunk_size: int, softcap: float, logit_scale: float,
+                         with_log_sum_sq: bool, with_mean: bool, with_top1: bool, keep_rows: int,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                torch.Tensor, torch.Tensor, torch.Tensor,
+                                                torch.Tensor]:
     _checks.check_labels_in_range(labels, weight.shape[0], ignore_index)
     implementation = backends.implementation("linear_logprobs", backend, hidden)
-    return implementation.forward(hidden, weight, bias, labels, ignore_index, temperature,
-                                  with_entropy, chunk_size or None)
+    outputs = implementation.forward(hidden, weight, bias, labels, ignore_index, temperature,
+                                     with_entropy, chunk_size or None, softcap or None,
+                                     logit_scale, (with_log_sum_sq, with_mean, with_top1),
+                                     keep_rows)
+    return tuple(outputs)
 
 
 @_linear_logprobs_fwd.register_fake
-def _(hidden, weight, bias, labels, ignore_index, temperature, with_entropy, chunk_size, backend):
+def _(hidden, weight, bias, labels, ignore_index, temperature, with_entropy, chunk_size, softcap,
+      logit_scale, with_log_sum_sq, with_mean, with_top1, keep_rows, backend):
     acc = accumulation_dtype(hidden.dtype)
     rows = hidden.shape[0]
-    return (hidden.new_empty(rows, dtype=acc), hidden.new_empty(rows if with_entropy else 0, dtype=acc),
-            hidden.new_empty((rows, 2), dtype=acc))  # row stats (m, log sum exp)
+
+    def per_row(wanted, dtype=acc):
+        return hidden.new_empty(rows if wanted else 0, dtype=dtype)
+
+    return (per_row(True), per_row(with_entropy), hidden.new_empty((rows, 2), dtype=acc),
+            per_row(with_log_sum_sq), per_row(with_mean), per_row(with_top1, torch.bool),
+            hidden.new_empty((keep_rows, weight.shape[0])))
 
 
-@torch.library.custom_op("pyalign::linear_logprobs_bwd", mutates_args=())
+# The backward writes the gradient of the logits into the kept logits (no second copy).
+@torch.library.custom_op("pyalign::linear_logprobs_head_bwd", mutates_args=("kept",))
 def _linear_logprobs_bwd(grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor],
                          hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          labels: torch.Tensor, stats: torch.Tensor, entropy: Optional[torch.Tensor],
-                         ignore_index: int, temperature: float, chunk_size: int, backend: str
+                         kept: torch.Tensor, ignore_index: int, temperature: float,
+                         chunk_size: int, softcap: float, logit_scale: float, backend: str
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     implementation = backends.implementation("linear_logprobs", backend, hidden)
     grad_hidden, grad_weight, grad_bias = implementation.backward(
         grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, ignore_index,
-        temperature, chunk_size or None)
+        temperature, chunk_size or None, softcap or None, logit_scale, kept)
     if grad_bias is None:  # custom ops return tensors; an empty one stands for "no bias"
         grad_bias = weight.new_empty(0)
     return grad_hidden, grad_weight, grad_bias
 
 
 @_linear_logprobs_bwd.register_fake
-def _(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, ignore_index,
-      temperature, chunk_size, backend):
+def _(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, kept,
+      ignore_index, temperature, chunk_size, softcap, logit_scale, backend):
     return (torch.empty_like(hidden), torch.empty_like(weight),
             torch.empty_like(bias) if bias is not None else weight.new_empty(0))
 
@@ -61,61 +101,125 @@ def _(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy,
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, temperature, with_entropy,
-                chunk_size, backend):
-        logprobs, entropy, stats = _linear_logprobs_fwd(hidden, weight, bias, labels, ignore_index,
-                                                      temperature, with_entropy, chunk_size, backend)
+                chunk_size, softcap, logit_scale, metrics, keep_rows, backend):
+        logprobs, entropy, stats, log_sum_sq, mean, top1, kept = _linear_logprobs_fwd(
+            hidden, weight, bias, labels, ignore_index, temperature, with_entropy, chunk_size,
+            softcap, logit_scale, *metrics, keep_rows, backend)
         ctx.save_for_backward(hidden, weight, bias, labels, stats, entropy)
-        ctx.config = (ignore_index, temperature, with_entropy, chunk_size, backend)
-        return logprobs, entropy
+        ctx.config = (ignore_index, temperature, with_entropy, chunk_size, softcap, logit_scale,
+                      backend)
+        # Held on ctx, not saved: the backward overwrites it with its gradient (a saved tensor's
+        # version check would refuse) and drops it, so it is freed as soon as it is used.
+        ctx.kept = kept
+        ctx.kept_consumed = False
+        ctx.mark_non_differentiable(log_sum_sq, mean, top1)
+        return logprobs, entropy, log_sum_sq, mean, top1
 
     @staticmethod
-    def backward(ctx, grad_logprobs, grad_entropy):
+    def backward(ctx, grad_logprobs, grad_entropy, *_metric_grads):
         hidden, weight, bias, labels, stats, entropy = ctx.saved_tensors
-        ignore_index, temperature, with_entropy, chunk_size, backend = ctx.config
+        ignore_index, temperature, with_entropy, chunk_size, softcap, logit_scale, backend = ctx.config
+        if ctx.kept_consumed:
+            raise RuntimeError(
+                "linear_token_logprobs: a second backward through a call with memory_budget: "
+                "the first one turned the kept logits into their gradient; use "
+                "memory_budget=None (recompute) to backward more than once")
+        kept = ctx.kept
+        if kept.shape[0] > 0:
+            ctx.kept, ctx.kept_consumed = None, True
         if grad_logprobs is None:
             grad_logprobs = stats.new_zeros(stats.shape[0])  # stats: [N, 2] (m, log-sum-exp) per row
         if not with_entropy:
             grad_entropy, entropy = None, None
         grad_hidden, grad_weight, grad_bias = _linear_logprobs_bwd(
             grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
-            hidden, weight, bias, labels, stats, entropy, ignore_index, temperature, chunk_size,
-            backend)
+            hidden, weight, bias, labels, stats, entropy, kept, ignore_index, temperature,
+            chunk_size, softcap, logit_scale, backend)
         return (grad_hidden, grad_weight, grad_bias if bias is not None else None,
-                None, None, None, None, None, None)
+                *([None] * 10))
+
+
+def _check_outputs(outputs) -> tuple[bool, tuple[bool, bool, bool]]:
+    """(entropy wanted, (log_sum_sq_probs, mean_logits, is_top1) wanted) from ``outputs``."""
+    if isinstance(outputs, str) or not isinstance(outputs, (tuple, list, set, frozenset)):
+        raise TypeError(f"outputs must be a tuple of names among {OPTIONAL_OUTPUTS} (\"log_probs\" "
+                        f"is always computed), got {type(outputs).__name__} {outputs!r}")
+    for name in outputs:
+        if name not in OPTIONAL_OUTPUTS and name != "log_probs":
+            raise ValueError(f"outputs: unknown name {name!r}; expected names among "
+                             f"{('log_probs',) + OPTIONAL_OUTPUTS}")
+    return "entropy" in outputs, tuple(name in outputs for name in METRIC_OUTPUTS)
 
 
 @overload
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = ..., ignore_index: int = ...,
                           temperature: float = ..., entropy: Literal[False] = ...,
-                          chunk_size: Optional[int] = ..., backend: str = ...) -> torch.Tensor: ...
+                          outputs: None = ..., softcap: Optional[float] = ...,
+                          logit_scale: float = ..., chunk_size: Optional[int] = ...,
+                          memory_budget: Optional[int] = ..., backend: str = ...) -> torch.Tensor: ...
 @overload
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = ..., ignore_index: int = ...,
                           temperature: float = ..., entropy: Literal[True],
-                          chunk_size: Optional[int] = ..., backend: str = ...
+                          outputs: None = ..., softcap: Optional[float] = ...,
+                          logit_scale: float = ..., chunk_size: Optional[int] = ...,
+                          memory_budget: Optional[int] = ..., backend: str = ...
                           ) -> tuple[torch.Tensor, torch.Tensor]: ...
 @overload
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = ..., ignore_index: int = ...,
-                          temperature: float = ..., entropy: bool,
-                          chunk_size: Optional[int] = ..., backend: str = ...
-                          ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]: ...
+                          temperature: float = ..., entropy: Literal[False] = ...,
+                          outputs: tuple[str, ...], softcap: Optional[float] = ...,
+                          logit_scale: float = ..., chunk_size: Optional[int] = ...,
+                          memory_budget: Optional[int] = ..., backend: str = ...
+                          ) -> LinearLogprobsOutput: ...
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                           temperature: float = 1.0, entropy: bool = False,
-                          chunk_size: Optional[int] = None, backend: str = "auto"
-                          ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-token log-probs of ``labels`` under softmax((hidden @ weight.T + bias) / temperature).
+                          outputs: Optional[tuple[str, ...]] = None,
+                          softcap: Optional[float] = None, logit_scale: float = 1.0,
+                          chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
+                          backend: str = "auto"):
+    """Per-token log-probs of ``labels`` under softmax(z), z = softcap(logit_scale * (hidden @
+    weight.T + bias)) / temperature, never holding the [N, V] logits whole.
 
     hidden: [..., H]; weight: [V, H] (an lm_head); bias: [V] or None; labels: hidden.shape[:-1].
-    Returns fp32 logprobs shaped like labels (and entropy with ``entropy=True``). Gradients flow to
-    hidden, weight and bias, accumulated in fp32. ``chunk_size`` bounds the tokens whose logits
-    exist at once on the chunked backends (default: about 64 MiB of fp32 logits): an int >= 1 or
-    None. ``temperature``, ``ignore_index`` and ``entropy`` are checked as in token_logprobs
-    (temperature finite and >= 1e-4); H must be > 0.
+    Returns fp32 logprobs shaped like labels; with ``entropy=True`` the pair (logprobs, entropy).
+    Gradients flow to hidden, weight and bias, accumulated in fp32. Positions whose label is
+    ``ignore_index`` give 0 (False) in every output and nothing to any gradient.
+
+    The head, in TRL's order (``trl.kernels.ChunkedLogProbFunction``, docs/algorithms.md):
+    ``logit_scale`` multiplies the logits first (Cohere's ``logit_scale``, Granite's
+    1/``logits_scaling``, Falcon-H1's ``lm_head_multiplier``: finite, > 0), then ``softcap``
+    (None, or finite > 0) applies ``softcap * tanh(x / softcap)`` (Gemma 2/3's
+    ``final_logit_softcapping``), then the temperature divides (finite, >= 1e-4). Gradients of
+    logprobs and entropy flow through all three.
+
+    ``outputs``: a tuple of names among "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"
+    ("log_probs" is accepted and always computed); then the result is a ``LinearLogprobsOutput``
+    NamedTuple (fields as TRL's ``FusedCausalLMOutput``, None where not asked for; do not also
+    pass ``entropy=True``). All come from the same streaming pass over each chunk's logits:
+    ``log_sum_sq_probs`` = log sum_v p_v^2, ``mean_logits`` = mean_v z_v (after scale, softcap and
+    temperature), ``is_top1`` (bool) = whether the label is the first maximum of z (False for a
+    row holding NaN). Those three have no gradient (as in TRL); each costs one more pass over the
+    chunk (the cpu backend: torch reductions; Triton: a few registers).
+
+    Cost and memory (chunked backends, eager and cpu; Triton keeps tiles on chip and uses
+    neither option). By default about 16 MiB of fp32 logits exist at a time (``chunk_size``
+    tokens' worth when given: an int >= 1, or None): both directions walk the vocabulary in
+    slices of every token's logits, forward reducing them to row stats, backward recomputing them
+    (4 matmuls of N x H x V: the floor for bounded memory with an arbitrary per-token upstream
+    gradient; measured ~1.35-1.4x the 3 bare matmuls on CPU, benchmarks/README.md). Peak memory:
+    one slice plus the fp32 weight gradient every path returns.
+    ``memory_budget`` (bytes: an int >= 0, or None = 0) keeps the raw logits of the first
+    ``memory_budget // (V * itemsize)`` tokens from forward to backward, where they become their
+    own gradient in place: those tokens cost 3 matmuls, not 4, and their logits stay allocated
+    between forward and backward (N * V * itemsize bytes for all of them: 250 MiB at N = 2048,
+    V = 32000, fp32). Such a call supports one backward (a second one raises). With a softcap,
+    one more fp32 slice (two in backward) holds the transformed logits.
     """
     _checks.check_tensor("hidden", hidden, floating=True)
     _checks.check_tensor("weight", weight, floating=True)
@@ -142,13 +246,38 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     temperature = _checks.check_temperature(temperature)
     ignore_index = _checks.check_int("ignore_index", ignore_index)
     entropy = _checks.check_bool("entropy", entropy)
+    if softcap is not None:
+        softcap = _checks.check_finite_range("softcap", softcap, low=0.0, low_inclusive=False,
+                                             what="None or a finite number > 0")
+    logit_scale = _checks.check_finite_range("logit_scale", logit_scale, low=0.0,
+                                             low_inclusive=False, what="a finite number > 0")
+    if memory_budget is not None:
+        memory_budget = _checks.check_int("memory_budget", memory_budget, minimum=0,
+                                          what="None or an int >= 0 (bytes)")
+    named = outputs is not None
+    if named:
+        if entropy:
+            raise ValueError("pass either entropy=True or outputs=(...), not both: with outputs, "
+                             "ask for \"entropy\" among them")
+        entropy, metrics = _check_outputs(outputs)
+    else:
+        metrics = (False, False, False)
     backends.check_name(backend)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     labels_1d = labels.reshape(-1).to(torch.int64)
-    logprobs, entropy_out = LinearTokenLogprobsFunction.apply(
+    # The fused Triton kernels keep no logits: the budget is for the chunked backends.
+    fused = backend == "triton" or (backend == "auto" and hidden.device.type == "cuda")
+    keep = 0 if fused else kept_rows(memory_budget, hidden_2d.shape[0], weight.shape[0],
+                                     hidden.element_size())
+    logprobs, entropy_out, log_sum_sq, mean, top1 = LinearTokenLogprobsFunction.apply(
         hidden_2d, weight, bias, labels_1d, ignore_index, temperature, entropy, chunk_size or 0,
-        backend)
+        softcap or 0.0, logit_scale, metrics, keep, backend)
     logprobs = logprobs.view(labels.shape)
+    if named:
+        wanted = (entropy, *metrics)
+        extra = [value.view(labels.shape) if want else None
+                 for want, value in zip(wanted, (entropy_out, log_sum_sq, mean, top1), strict=True)]
+        return LinearLogprobsOutput(logprobs, *extra)
     if entropy:
         return logprobs, entropy_out.view(labels.shape)
     return logprobs

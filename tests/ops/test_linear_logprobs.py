@@ -3,7 +3,14 @@ backend of the test device (support.backends_for) against float64: values, entro
 hidden, weight and bias in fp32/bf16/fp16, chunk sizes that do not divide the token count,
 non-contiguous inputs, the Triton tiles (several along tokens, vocabulary and hidden, partial
 last ones); and a peak-memory measurement showing that no path holds the whole [N, V] logits.
+Then TRL's head options and outputs (softcap, logit_scale, log_sum_sq_probs, mean_logits,
+is_top1) against float64 and against TRL's own ChunkedLogProbFunction, the memory_budget path
+against the recompute path, its memory, and the errors for bad options.
 """
+import contextlib
+import sys
+import types
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -17,6 +24,8 @@ from support import (
     backends_for,
     entropy64,
     grads64,
+    head_logits64,
+    head_outputs64,
     linear_logits64,
     token_logprobs64,
     token_logprobs_and_grad64,
@@ -426,3 +435,331 @@ def test_vocab_of_one_is_exactly_zero(backend, temperature):
     assert torch.all(logprobs == 0) and torch.all(entropy == 0)
     for name, grad in zip(("hidden", "weight", "bias"), grads, strict=True):
         assert torch.all(grad == 0), name
+
+
+# ---------------------------------------------------------------- TRL's head options and outputs
+
+ALL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+METRICS = ("log_sum_sq_probs", "mean_logits", "is_top1")
+# (softcap, logit_scale, temperature): each option alone, all together, a Gemma-like strong cap
+HEADS = [(None, 1.0, 1.0), (2.5, 1.0, 1.0), (None, 0.3, 1.0), (None, 1.0, 0.7),
+         (2.5, 0.3, 0.7), (30.0, 2.0, 1.3)]
+HEAD_SHAPES = [((37,), 24, 300), ((2, 7), 16, 7)]
+TRITON_HEAD_SHAPES = [((2, 7), 16, 7), ((9,), 16, 100)]
+
+
+def head_oracle(hidden, weight, bias, labels, grad_logprobs, grad_entropy, softcap, logit_scale,
+                temperature):
+    """float64 outputs (dict) and the gradients of sum(lp*g_lp + ent*g_ent) by autograd."""
+    inputs = [hidden, weight] + ([bias] if bias is not None else [])
+    flat_labels = labels.reshape(-1)
+
+    def differentiable(h, w, b=None):
+        z = head_logits64(h.reshape(-1, h.shape[-1]), w, b, softcap, logit_scale, temperature)
+        out = head_outputs64(z, flat_labels)
+        return torch.stack([out["log_probs"], out["entropy"]])
+
+    upstream = torch.stack([grad_logprobs.reshape(-1), grad_entropy.reshape(-1)])
+    _, grads = grads64(differentiable, inputs, upstream)
+    z = head_logits64(hidden.reshape(-1, hidden.shape[-1]), weight, bias, softcap, logit_scale,
+                      temperature)
+    return {k: v.view(labels.shape) for k, v in head_outputs64(z, flat_labels).items()}, grads
+
+
+def run_head(hidden, weight, bias, labels, grad_logprobs, grad_entropy, outputs=ALL_OUTPUTS,
+             **kwargs):
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+    bias_leaf = bias.clone().requires_grad_(True) if bias is not None else None
+    out = pyalign.linear_token_logprobs(*leaves, labels, bias=bias_leaf, outputs=outputs, **kwargs)
+    differentiable = [out.log_probs] + ([out.entropy] if out.entropy is not None else [])
+    upstream = [grad_logprobs] + ([grad_entropy] if out.entropy is not None else [])
+    torch.autograd.backward(differentiable, upstream)
+    grads = [leaf.grad for leaf in leaves] + ([bias_leaf.grad] if bias is not None else [])
+    return out, grads
+
+
+@pytest.mark.parametrize("backend,lead,hidden_size,vocab",
+                         backend_cases("linear_logprobs", HEAD_SHAPES, TRITON_HEAD_SHAPES))
+@pytest.mark.parametrize("softcap,logit_scale,temperature", HEADS)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("with_entropy", [False, True], ids=["lp", "lp+ent"])
+def test_head_options_and_outputs_match_float64(backend, lead, hidden_size, vocab, softcap,
+                                                logit_scale, temperature, with_bias,
+                                                with_entropy):
+    """Every output, and the gradients of logprobs (and entropy) with per-token upstream
+    gradients, for softcap x logit_scale x temperature x bias x entropy, with ignored rows."""
+    hidden, weight, bias, labels = random_case(lead, hidden_size, vocab, torch.float32, with_bias)
+    hidden = hidden * 3  # logits of ~10: the softcap of 2.5 saturates, 30 nearly does not
+    flat = labels.view(-1)
+    # the label at the row's argmax for a few rows, so that is_top1 is True somewhere
+    logits = linear_logits64(hidden.reshape(-1, hidden_size), weight, bias)
+    flat[3::4] = logits[3::4].argmax(-1)
+    grad_logprobs, grad_entropy = torch.randn(lead), torch.randn(lead)
+    outputs = ALL_OUTPUTS if with_entropy else METRICS
+    out, grads = run_head(hidden, weight, bias, labels, grad_logprobs, grad_entropy, outputs,
+                          softcap=softcap, logit_scale=logit_scale, temperature=temperature,
+                          chunk_size=4, backend=backend)
+    expected, exp_grads = head_oracle(hidden, weight, bias, labels, grad_logprobs,
+                                      grad_entropy if with_entropy else torch.zeros(lead),
+                                      softcap, logit_scale, temperature)
+    assert isinstance(out, pyalign.ops.linear_logprobs.LinearLogprobsOutput)
+    assert (out.entropy is not None) == with_entropy
+    for name in ("log_probs",) + outputs:
+        value = getattr(out, name)
+        assert value.shape == labels.shape, name
+        if name == "is_top1":
+            assert value.dtype == torch.bool
+            assert torch.equal(value, expected[name]), name
+            continue
+        assert value.dtype == torch.float32, name
+        torch.testing.assert_close(value.double(), expected[name], rtol=1e-5, atol=2e-5,
+                                   msg=name)
+    assert expected["is_top1"].any() and not expected["is_top1"].all()
+    for name in METRICS:
+        assert not getattr(out, name).requires_grad, f"{name} is a metric: no gradient (as TRL)"
+    ignored = labels == IGNORE
+    for name in ("log_probs",) + outputs:
+        assert torch.all(getattr(out, name)[ignored] == 0), name
+    for name, grad, expected_grad in zip(("hidden", "weight", "bias"), grads, exp_grads,
+                                         strict=False):
+        assert relative_error(grad, expected_grad) < 5e-5, name
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4,
+                                   atol=1e-5 * float(expected_grad.abs().max()), msg=name)
+    assert torch.all(grads[0][ignored] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_head_options_in_half_precision(backend, dtype):
+    hidden, weight, bias, labels = random_case((2, 7), 16, 7 if backend == "triton" else 300,
+                                               dtype, True)
+    grad_logprobs, grad_entropy = torch.randn(2, 7), torch.randn(2, 7)
+    out, grads = run_head(hidden, weight, bias, labels, grad_logprobs, grad_entropy,
+                          softcap=2.0, logit_scale=0.7, temperature=0.9, backend=backend)
+    expected, exp_grads = head_oracle(hidden, weight, bias, labels, grad_logprobs, grad_entropy,
+                                      2.0, 0.7, 0.9)
+    for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits"):
+        torch.testing.assert_close(getattr(out, name).double(), expected[name], rtol=2e-2,
+                                   atol=3e-2, msg=name)
+    for name, grad, expected_grad in zip(("hidden", "weight", "bias"), grads, exp_grads,
+                                         strict=True):
+        assert grad.dtype == dtype
+        assert relative_error(grad, expected_grad) < 3e-2, name
+
+
+def test_matches_trl_chunked_logprob_function(monkeypatch):
+    """TRL 1.16's own ChunkedLogProbFunction (its torch fallback on CPU) on the same inputs:
+    every output and the gradients, with softcap, logit_scale, temperature and a bias. TRL has
+    no ignore_index (its caller selects the valid rows), so every label is valid here."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    # Its backward imports trl.trainer.utils (pandas, not installed here) for one helper,
+    # maybe_gather_lm_head_ctx: a null context without DeepSpeed ZeRO-3. Stand in for it.
+    monkeypatch.setitem(sys.modules, "trl.trainer.utils", types.SimpleNamespace(
+        maybe_gather_lm_head_ctx=lambda *params: contextlib.nullcontext()))
+
+    hidden, weight, bias, labels = random_case((33,), 24, 500, torch.float32, True)
+    labels = labels.clamp(min=0)
+    hidden = hidden * 3
+    labels[::5] = linear_logits64(hidden, weight, bias)[::5].argmax(-1)
+    grad_logprobs, grad_entropy = torch.randn(33), torch.randn(33)
+    options = dict(softcap=4.0, logit_scale=0.6, temperature=0.8)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    trl_out = ChunkedLogProbFunction.apply(leaves[0], leaves[1], leaves[2], labels, 0.8, 128, 4.0,
+                                           0.6, ALL_OUTPUTS)
+    torch.autograd.backward(trl_out[:2], [grad_logprobs, grad_entropy])
+    trl_grads = [leaf.grad for leaf in leaves]
+    for backend in BACKENDS:
+        if backend == "triton":
+            continue  # the interpreter at V = 500 is slow; the float64 tests cover it
+        out, grads = run_head(hidden, weight, bias, labels, grad_logprobs, grad_entropy,
+                              backend=backend, **options)
+        for name, theirs in zip(("log_probs",) + ALL_OUTPUTS, trl_out, strict=True):
+            ours = getattr(out, name)
+            if name == "is_top1":
+                assert torch.equal(ours, theirs), backend
+                assert ours.any(), "no top-1 label: the check would be vacuous"
+            else:
+                torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5,
+                                           msg=f"{backend} {name}")
+        for grad, theirs in zip(grads, trl_grads, strict=True):
+            assert relative_error(grad, theirs) < 1e-5, backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_a_valid_row_propagates(backend):
+    hidden, weight, bias, labels = random_case((6,), 8, 20, torch.float32, True)
+    labels[2] = 5
+    hidden[2, 1] = float("nan")
+    out = pyalign.linear_token_logprobs(hidden, weight, labels, bias=bias, outputs=ALL_OUTPUTS,
+                                        softcap=3.0, backend=backend)
+    for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits"):
+        assert torch.isnan(getattr(out, name)[2]), name
+        finite = torch.arange(6) != 2
+        assert torch.isfinite(getattr(out, name)[finite]).all(), name
+    assert not out.is_top1[2]
+
+
+def test_entropy_flag_keeps_its_return_shapes():
+    hidden, weight, bias, labels = random_case((4, 3), 8, 20, torch.float32, True)
+    logprobs = pyalign.linear_token_logprobs(hidden, weight, labels, softcap=2.0)
+    pair = pyalign.linear_token_logprobs(hidden, weight, labels, softcap=2.0, entropy=True)
+    named = pyalign.linear_token_logprobs(hidden, weight, labels, softcap=2.0,
+                                          outputs=("log_probs",))
+    assert isinstance(logprobs, torch.Tensor) and logprobs.shape == (4, 3)
+    assert isinstance(pair, tuple) and len(pair) == 2 and not hasattr(pair, "is_top1")
+    assert named.entropy is None and named.is_top1 is None
+    torch.testing.assert_close(named.log_probs, logprobs)
+    torch.testing.assert_close(pair[0], logprobs)
+
+
+# ---------------------------------------------------------------- memory_budget: no recompute
+
+CHUNKED = [b for b in BACKENDS if b != "triton"]
+
+
+@pytest.mark.parametrize("backend", CHUNKED)
+@pytest.mark.parametrize("kept_tokens", [45, 10, 1], ids=["all", "some", "one"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_memory_budget_equals_the_recompute_path(backend, kept_tokens, softcap):
+    hidden, weight, bias, labels = random_case((45,), 16, 300, torch.float32, True)
+    labels[20] = IGNORE
+    hidden[20] = float("nan")  # an ignored padded row inside the kept block
+    grad_logprobs, grad_entropy = torch.randn(45), torch.randn(45)
+    common = dict(softcap=softcap, logit_scale=0.8, temperature=0.9, chunk_size=7,
+                  backend=backend)
+    reference, ref_grads = run_head(hidden, weight, bias, labels, grad_logprobs, grad_entropy,
+                                    **common)
+    budget = kept_tokens * 300 * 4 + 3  # not a multiple of a row: it rounds down
+    out, grads = run_head(hidden, weight, bias, labels, grad_logprobs, grad_entropy,
+                          memory_budget=budget, **common)
+    for name in ("log_probs",) + ALL_OUTPUTS:
+        torch.testing.assert_close(getattr(out, name), getattr(reference, name), rtol=1e-5,
+                                   atol=1e-5, msg=name)
+    for grad, expected in zip(grads, ref_grads, strict=True):
+        assert torch.isfinite(grad).all()
+        assert relative_error(grad, expected) < 1e-5
+    assert torch.all(grads[0][20] == 0)
+
+
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_memory_budget_allows_one_backward(backend):
+    hidden, weight, bias, labels = random_case((8,), 8, 30, torch.float32, True)
+    hidden.requires_grad_(True)
+    logprobs = pyalign.linear_token_logprobs(hidden, weight, labels, memory_budget=1 << 20,
+                                             backend=backend)
+    logprobs.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="memory_budget"):
+        logprobs.sum().backward()
+
+
+def test_memory_budget_path_holds_the_kept_logits_and_little_else():
+    """The budget path holds the kept [N, V] logits (here all of them) and about one chunk more;
+    the default path stays under a few chunks (the test above); both far below eager."""
+    tokens, vocab, hidden_size, chunk_size = 2048, 32000, 16, 256
+    hidden = torch.randn(tokens, hidden_size, requires_grad=True)
+    weight = (torch.randn(vocab, hidden_size) / 4).requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,))
+    kept_bytes = tokens * vocab * 4
+    for backend in CHUNKED:
+        def budget(backend=backend):
+            pyalign.linear_token_logprobs(hidden, weight, labels, chunk_size=chunk_size,
+                                          memory_budget=kept_bytes, backend=backend
+                                          ).sum().backward()
+
+        def default(backend=backend):
+            pyalign.linear_token_logprobs(hidden, weight, labels, backend=backend).sum().backward()
+
+        hidden.grad = weight.grad = None
+        budget_peak = peak_allocated_bytes(budget)
+        hidden.grad = weight.grad = None
+        default_peak = peak_allocated_bytes(default)
+        gradients = (tokens + vocab) * hidden_size * 4
+        assert kept_bytes <= budget_peak < kept_bytes + 3 * chunk_size * vocab * 4 + gradients, (
+            f"{backend}: budget peak {budget_peak / 2**20:.0f} MiB, kept {kept_bytes / 2**20:.0f}")
+        # the default chunk is about 16 MiB of fp32 logits: one at a time (the eager epilogue
+        # adds its two fp32 temporaries of about a chunk each, pyalign/eager/_rows.py)
+        chunks = 2 if backend == "cpu" else 4
+        assert default_peak < chunks * (1 << 24) + gradients, (
+            f"{backend}: default peak {default_peak / 2**20:.0f} MiB")
+
+
+# ---------------------------------------------------------------- bad options
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(softcap=0.0), ValueError, "softcap"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(softcap=float("inf")), ValueError, "softcap"),
+    (dict(softcap=float("nan")), ValueError, "softcap"),
+    (dict(softcap=True), TypeError, "softcap"),
+    (dict(logit_scale=0.0), ValueError, "logit_scale"),
+    (dict(logit_scale=-2.0), ValueError, "logit_scale"),
+    (dict(logit_scale=float("nan")), ValueError, "logit_scale"),
+    (dict(logit_scale=None), TypeError, "logit_scale"),
+    (dict(memory_budget=-1), ValueError, "memory_budget"),
+    (dict(memory_budget=1.5), TypeError, "memory_budget"),
+    (dict(outputs=("entropy", "logits")), ValueError, "unknown name 'logits'"),
+    (dict(outputs="entropy"), TypeError, "outputs"),
+    (dict(outputs=("entropy",), entropy=True), ValueError, "entropy=True or outputs"),
+], ids=lambda value: str(value) if not isinstance(value, dict) else None)
+def test_bad_head_options_are_clear_errors(kwargs, error, match):
+    hidden, weight, _, labels = random_case((4,), 8, 20, torch.float32, False)
+    with pytest.raises(error, match=match):
+        pyalign.linear_token_logprobs(hidden, weight, labels, **kwargs)
+
+
+@pytest.mark.parametrize("options", [
+    dict(outputs=ALL_OUTPUTS, softcap=3.0, logit_scale=0.5),
+    dict(outputs=("entropy",), memory_budget=1 << 20),
+], ids=["outputs-softcap", "budget"])
+def test_torch_compile_fullgraph_matches_eager_call(options):
+    hidden, weight, bias, labels = random_case((16,), 8, 50, torch.float32, True)
+
+    def objective(h, w):
+        out = pyalign.linear_token_logprobs(h, w, labels, bias=bias, **options)
+        return (out.log_probs * 2).sum() + out.entropy.sum()
+
+    results = []
+    for function in (objective, torch.compile(objective, fullgraph=True)):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+        value = function(*leaves)
+        value.backward()
+        results.append((value.detach(), [leaf.grad for leaf in leaves]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for compiled, plain in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(compiled, plain)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_vocabulary_slices_carry_no_probability(backend):
+    """A bias of -inf over whole vocabulary slices (the chunked backends walk the vocabulary in
+    slices: chunk_size=2 gives 8-column slices here) and inside one: every output and gradient
+    equals float64 of the model without those columns; their weight rows get zero gradient."""
+    hidden, weight, bias, labels = random_case((12,), 8, 48 if backend != "triton" else 40,
+                                               torch.float32, True)
+    vocab = weight.shape[0]
+    masked = torch.zeros(vocab, dtype=torch.bool)
+    masked[8:24] = True   # two whole slices
+    masked[30] = True     # one column inside a slice
+    bias = torch.where(masked, float("-inf"), bias)
+    kept_columns = (~masked).nonzero().squeeze(1)
+    remap = torch.full((vocab,), -1, dtype=torch.int64)
+    remap[kept_columns] = torch.arange(kept_columns.numel())
+    valid = labels != IGNORE
+    labels = torch.where(valid, kept_columns[torch.randint(0, kept_columns.numel(), (12,))], IGNORE)
+    grad_logprobs, grad_entropy = torch.randn(12), torch.randn(12)
+    # no softcap: it maps a -inf logit to -softcap (tanh saturates), as TRL's does
+    out, grads = run_head(hidden, weight, bias, labels, grad_logprobs, grad_entropy,
+                          logit_scale=0.5, temperature=0.8, chunk_size=2, backend=backend)
+    small_labels = torch.where(valid, remap[labels.clamp(min=0)], IGNORE)
+    expected, exp_grads = head_oracle(hidden, weight[kept_columns], bias[kept_columns],
+                                      small_labels, grad_logprobs, grad_entropy, None, 0.5, 0.8)
+    for name in ("log_probs", "log_sum_sq_probs", "entropy"):
+        torch.testing.assert_close(getattr(out, name).double(), expected[name], rtol=1e-5,
+                                   atol=2e-5, msg=name)
+    # the mean runs over the whole vocabulary: -inf where any logit is -inf (as TRL's)
+    assert torch.all(torch.isneginf(out.mean_logits[valid]))
+    assert torch.equal(out.is_top1, expected["is_top1"])
+    assert relative_error(grads[0], exp_grads[0]) < 5e-5
+    assert relative_error(grads[1][kept_columns], exp_grads[1]) < 5e-5
+    assert torch.all(grads[1][masked] == 0) and torch.all(grads[2][masked] == 0)

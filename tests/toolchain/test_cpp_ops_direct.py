@@ -238,3 +238,30 @@ def test_cuda_launch_plan_covers_every_chunk_once(cpu_ops, max_tensors, max_bloc
         assert 0 < len(tensors) <= max_tensors and 0 < len(blocks) <= max_blocks
         seen += [(tensors[slot], chunk) for slot, chunk in blocks]
     assert seen == [(i, c) for i, n in enumerate(numels) for c in range(-(-n // chunk_size))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_logprobs_backward_columns_is_the_slice_of_the_whole_gradient(cpu_ops, dtype,
+                                                                      with_entropy):
+    """The column-slice backward (the vocabulary walk of linear_logprobs) on logits[:, c0:c1],
+    with the whole rows' stats, against float64's gradient of the whole rows, sliced: the label
+    term only in the slice that holds the label, ignored rows exactly 0."""
+    rows, vocab = 9, 70
+    logits, labels = make_case(rows, vocab, dtype)
+    labels[4] = 33  # inside the middle slice
+    grad_logprobs, grad_entropy = torch.randn(rows), torch.randn(rows)
+    _, entropy, lse = cpu_ops.logprobs_forward(logits, labels, IGNORE, 0.7, with_entropy)
+    _, _, grad64 = token_logprobs_and_grad64(logits, labels, grad_logprobs,
+                                             grad_entropy if with_entropy else None,
+                                             temperature=0.7)
+    for c0, c1 in ((0, 30), (30, 41), (41, 70)):
+        wide = poison_(torch.empty(rows, vocab + 5, dtype=dtype))
+        wide[:, :c1 - c0] = logits[:, c0:c1]
+        view = wide[:, :c1 - c0]  # row stride > width: a slice of a wider buffer
+        cpu_ops.logprobs_backward_columns_(grad_logprobs,
+                                           grad_entropy if with_entropy else None, view, labels,
+                                           lse, entropy if with_entropy else None, IGNORE, 0.7,
+                                           c0)
+        check_close(view, grad64[:, c0:c1], TOL[dtype]["bwd"], f"columns {c0}:{c1}")
+        assert torch.all(view[labels == IGNORE] == 0)
