@@ -37,6 +37,8 @@ def suite_builders(args) -> dict[str, Callable[[], Case]]:
             "kl": lambda: kl_case(4096, device, compile=compile),
             "preference": lambda: preference_case(64, device, compile=compile),
             "linear_preference": lambda: linear_preference_case(2, 16, 32, 500, dtype, device),
+            "linear_preference_128k": lambda: linear_preference_case(2, 16, 32, 1283, dtype,
+                                                                     device),
             "linear_kto": lambda: linear_kto_case(4, 16, 32, 500, dtype, device),
             "weights": lambda: weights_case(100_000, device, num_tensors=16),
         }
@@ -49,6 +51,8 @@ def suite_builders(args) -> dict[str, Callable[[], Case]]:
         "kl": lambda: kl_case(1 << 20, device, compile=compile),
         "preference": lambda: preference_case(4096, device, compile=compile),
         "linear_preference": lambda: linear_preference_case(4, 256, 512, 32000, dtype, device),
+        "linear_preference_128k": lambda: linear_preference_case(4, 256, 512, 128256, dtype,
+                                                                 device),
         "linear_kto": lambda: linear_kto_case(8, 256, 512, 32000, dtype, device),
         "weights": lambda: weights_case(20_000_000, device),
     }
