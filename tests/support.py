@@ -16,6 +16,7 @@ import os
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from pyalign._utils import limited_threads
 
@@ -512,3 +513,26 @@ def policy64(logprobs, old_logprobs, advantages, mask, loss_type, *, ref_logprob
                                  else nan),
                    mean_ratio=mean_of(w).detach())
     return loss, metrics
+# ------------------------------------------------------------------------------ memory
+
+def peak_allocated_bytes(function):
+    """Peak of bytes held during ``function()`` beyond what was held before. On CUDA, the caching
+    allocator's peak counter; on CPU, from the allocator's own records: the profiler's memory
+    events (one per allocation and per free, with its size), summed in time."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        function()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        function()
+    events = prof.profiler.kineto_results.events()
+    records = sorted((event.start_ns(), event.nbytes()) for event in events
+                     if event.name() == "[memory]")
+    held = peak = 0
+    for _, nbytes in records:
+        held += nbytes
+        peak = max(peak, held)
+    return peak

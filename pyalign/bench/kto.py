@@ -1,7 +1,7 @@
-"""The KTO case: linear_kto_loss from the hidden states of policy and reference (pyalign's fused
-path, never the [B*T, V] logits) against the eager full-logits path and Liger-Kernel's
-LigerFusedLinearKTOLoss where installed; the KL reference point is precomputed, as Liger takes
-it."""
+"""The KTO case: linear_kto_loss from the hidden states of policy and reference (pyalign's 3-matmul
+path with the reference from hidden states or precomputed, and its 4-matmul recompute path; never
+the [B*T, V] logits) against the eager full-logits path and Liger-Kernel's LigerFusedLinearKTOLoss
+where installed; the KL reference point is precomputed, as Liger takes it."""
 from __future__ import annotations
 
 import torch
@@ -65,15 +65,32 @@ def linear_kto_case(batch: int = 8, seq_len: int = 256, hidden_size: int = 512, 
             notes.append(f"Liger-Kernel LigerFusedLinearKTOLoss: could not construct ({exc})")
     names, backend_notes = benchmark_backends("linear_logprobs", device)
     notes += backend_notes
+    with torch.no_grad():  # the precomputed reference (outside the timing, as a trainer would)
+        ref_logps = pyalign.sequence_logprobs(
+            pyalign.linear_token_logprobs(ref_hidden, ref_weight, labels), mask)
+    references = {"ref from hidden": dict(ref_hidden=ref_hidden, ref_weight=ref_weight),
+                  "precomputed ref": dict(ref_logps=ref_logps)}
+    recompute_name = None
     for name in names:  # the named backend runs the per-token part; the loss is [B] eager math
-        def fused(name=name):
-            pyalign.linear_kto_loss(hidden, weight, labels, desirable, kl=kl, ref_hidden=ref_hidden,
-                                    ref_weight=ref_weight, beta=beta, backend=name).loss.backward()
-        candidates.append(Candidate(f"pyalign linear_kto_loss [{name}]", fused, setup=clear,
-                                    backend=name))
+        for label, kwargs in references.items():
+            def fused(name=name, kwargs=kwargs):
+                pyalign.linear_kto_loss(hidden, weight, labels, desirable, kl=kl, beta=beta,
+                                        backend=name, **kwargs).loss.backward()
+            candidates.append(Candidate(f"pyalign 3-matmul, {label} [{name}]", fused,
+                                        setup=clear, backend=name))
+
+        def recompute(name=name):  # reduction="none" takes the recompute path
+            pyalign.linear_kto_loss(hidden, weight, labels, desirable, kl=kl, beta=beta,
+                                    reduction="none", backend=name,
+                                    **references["ref from hidden"]).loss.mean().backward()
+        recompute_name = recompute_name or f"pyalign 4-matmul recompute, ref from hidden [{name}]"
+        candidates.append(Candidate(f"pyalign 4-matmul recompute, ref from hidden [{name}]",
+                                    recompute, setup=clear, backend=name))
     notes += third_party_notes()
-    return Case("linear_kto_loss (KTO, reference from hidden states) fwd+bwd",
+    columns = dict(vs_eager="eager full logits + KTO")
+    if recompute_name:
+        columns["vs_4-matmul"] = recompute_name
+    return Case("linear_kto_loss (KTO from hidden states) fwd+bwd",
                 {"B": batch, "T": seq_len, "H": hidden_size, "V": vocab, "dtype": dtype_name(dtype),
                  "device": device.type},
-                candidates, ratio_to=ratio_columns(candidates, vs_eager="eager full logits + KTO"),
-                notes=notes)
+                candidates, ratio_to=ratio_columns(candidates, **columns), notes=notes)

@@ -55,8 +55,11 @@ def linear_preference_case(pairs: int = 4, seq_len: int = 256, hidden_size: int 
                            vocab: int = 32000, dtype=torch.float32, device="cpu", *,
                            beta: float = 0.1) -> Case:
     """DPO from the last hidden states of the policy and of the reference model (same lm_head
-    weight; the reference without gradient): pyalign's fused path vs the eager full-logits path,
-    and Liger-Kernel's LigerFusedLinearDPOLoss where installed."""
+    weight; the reference without gradient), a quarter of each row prompt: pyalign's 3-matmul path
+    (reference from hidden states, and precomputed reference log-probs, which Liger's DPO cannot
+    take), its 4-matmul recompute path (reduction="none", reduced outside), Liger-Kernel's
+    LigerFusedLinearDPOLoss (which compiles its chunk step itself) and the eager full-logits path;
+    the floor is the 4 bare matmuls over the kept tokens (3 of the policy, 1 of the reference)."""
     device = torch.device(device)
     generator = seeded_generator(device, 4)
     rows = 2 * pairs
@@ -72,6 +75,9 @@ def linear_preference_case(pairs: int = 4, seq_len: int = 256, hidden_size: int 
     clear = clear_grads(hidden, weight)
     mask = labels != -100
     safe_labels = labels.clamp(min=0)
+    with torch.no_grad():  # the precomputed reference (outside the timing, as a trainer would)
+        ref_logps = pyalign.sequence_logprobs(
+            pyalign.linear_token_logprobs(ref_hidden, ref_weight, labels), mask)
 
     def eager():
         policy = (naive_linear_token_logprobs(hidden, weight, safe_labels) * mask).sum(-1)
@@ -79,8 +85,18 @@ def linear_preference_case(pairs: int = 4, seq_len: int = 256, hidden_size: int 
             ref = (naive_linear_token_logprobs(ref_hidden, ref_weight, safe_labels) * mask).sum(-1)
         naive_dpo_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], beta).backward()
 
+    kept = mask.reshape(-1).nonzero().squeeze(-1)
+
+    def bare_matmuls():
+        kept_hidden, kept_ref = hidden.detach().reshape(-1, hidden_size)[kept], ref_hidden.reshape(
+            -1, hidden_size)[kept]
+        logits = kept_hidden @ weight.detach().t()
+        _ = kept_ref @ ref_weight.t()
+        _ = logits @ weight.detach(), logits.t() @ kept_hidden
+
     candidates = [Candidate("eager full logits + DPO", eager, setup=clear, kind="baseline",
-                            backend="eager")]
+                            backend="eager"),
+                  Candidate("floor: 4 bare matmuls of the kept tokens", bare_matmuls, kind="floor")]
     notes = []
     liger_chunked = optional_module("liger_kernel.chunked_loss")
     if liger_chunked is not None and hasattr(liger_chunked, "LigerFusedLinearDPOLoss"):
@@ -99,17 +115,30 @@ def linear_preference_case(pairs: int = 4, seq_len: int = 256, hidden_size: int 
     notes += backend_notes
     # The named backend runs the per-token part; the loss part falls back to "auto" where the
     # backend has no loss kernel (see linear_preference_loss).
+    reference_kwargs = {"ref from hidden": dict(ref_hidden=ref_hidden, ref_weight=ref_weight),
+                        "precomputed ref": dict(ref_logps=ref_logps)}
+    recompute_name = None
     for name in names:
-        def fused(name=name):
-            pyalign.linear_preference_loss(hidden, weight, labels, ref_hidden=ref_hidden,
-                                           ref_weight=ref_weight, loss="sigmoid", beta=beta,
-                                           backend=name).loss.backward()
-        candidates.append(Candidate(f"pyalign linear_preference_loss [{name}]", fused,
-                                    setup=clear, backend=name))
+        for label, kwargs in reference_kwargs.items():
+            def fused(name=name, kwargs=kwargs):
+                pyalign.linear_preference_loss(hidden, weight, labels, loss="sigmoid", beta=beta,
+                                               backend=name, **kwargs).loss.backward()
+            candidates.append(Candidate(f"pyalign 3-matmul, {label} [{name}]", fused,
+                                        setup=clear, backend=name))
+
+        def recompute(name=name):  # reduction="none" takes the recompute path
+            pyalign.linear_preference_loss(hidden, weight, labels, loss="sigmoid", beta=beta,
+                                           reduction="none", backend=name,
+                                           **reference_kwargs["ref from hidden"]).loss.mean().backward()
+        recompute_name = recompute_name or f"pyalign 4-matmul recompute, ref from hidden [{name}]"
+        candidates.append(Candidate(f"pyalign 4-matmul recompute, ref from hidden [{name}]",
+                                    recompute, setup=clear, backend=name))
     notes += third_party_notes()
-    return Case("linear_preference_loss (DPO, reference from hidden states) fwd+bwd",
+    columns = dict(vs_eager="eager full logits + DPO")
+    if recompute_name:
+        columns["vs_4-matmul"] = recompute_name
+    return Case("linear_preference_loss (DPO from hidden states) fwd+bwd",
                 {"B": pairs, "T": seq_len, "H": hidden_size, "V": vocab,
                  "dtype": dtype_name(dtype), "device": device.type},
-                candidates,
-                ratio_to=ratio_columns(candidates, vs_eager="eager full logits + DPO"),
-                notes=notes)
+                candidates, ratio_to=ratio_columns(candidates, **columns),
+                floor="floor: 4 bare matmuls of the kept tokens", notes=notes)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from pyalign import backends
 from pyalign import losses as registry
-from pyalign.ops import _checks
+from pyalign.ops import _checks, _fused_head
 from pyalign.ops.linear_logprobs import linear_token_logprobs
 from pyalign.ops.preference import REDUCTIONS, _reduce, sequence_logprobs
 
@@ -114,15 +114,28 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     if kl is not None:  # checked even where the loss does not use it
         _checks.check_tensor("kl", kl, floating=True)
     _checks.check_same_device(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable, kl=kl)
-    acc = torch.float64 if torch.float64 in (policy_logps.dtype, ref_logps.dtype) else torch.float32
+    acc = _accumulation(policy_logps, ref_logps)
     if entry.uses_kl_reference:
         reference_point = kto_reference_point(kl, process_group).to(acc)
     else:
         reference_point = torch.zeros((), dtype=acc, device=policy_logps.device)
+    out = _unpaired_losses(entry, policy_logps, ref_logps, reference_point, desirable, beta,
+                           desirable_weight, undesirable_weight)
+    return out._replace(loss=_reduce(out.loss, reduction))
+
+
+def _accumulation(*tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _unpaired_losses(entry, policy_logps, ref_logps, reference_point, desirable, beta,
+                     desirable_weight, undesirable_weight) -> KTOLossOutput:
+    """The entry's per-example losses [B] on r = policy − ref (inputs validated, z0 reduced)."""
+    acc = _accumulation(policy_logps, ref_logps)
     log_ratio = policy_logps.to(acc) - ref_logps.to(acc)
     per_example = entry.forward(log_ratio, reference_point, desirable, beta, desirable_weight,
                                 undesirable_weight)
-    return KTOLossOutput(_reduce(per_example, reduction), (beta * log_ratio).detach(), reference_point,
+    return KTOLossOutput(per_example, (beta * log_ratio).detach(), reference_point,
                          policy_logps.detach().to(acc))
 
 
@@ -268,14 +281,50 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                                             chunk_size=chunk_size, backend=backend)
         return sequence_logprobs(token_logps, token_labels != ignore_index, average=average_log_prob)
 
-    policy_logps = sequence_logps(hidden, weight, bias, labels)
+    if ref_logps is not None:
+        ref_logps = ref_logps.detach()
     with torch.no_grad():
-        if ref_logps is None:
-            ref_logps = sequence_logps(ref_hidden, ref_weight, ref_bias, labels)
         if uses_kl and kl is None:
             kl_ref = (ref_kl_logps if ref_kl_logps is not None
                       else sequence_logps(ref_kl_hidden, ref_weight, ref_bias, kl_labels))
             kl = sequence_logps(kl_hidden, weight, bias, kl_labels) - kl_ref
-    return kto_loss(policy_logps, ref_logps, desirable, kl, loss=loss, beta=beta,
-                    desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-                    reduction=reduction, process_group=process_group)
+    config = dict(beta=beta, desirable_weight=desirable_weight,
+                  undesirable_weight=undesirable_weight)
+    if _fused_head.applies(reduction, hidden, weight, bias):
+        return _fused_linear_kto(hidden, weight, bias, labels, desirable, kl, ref_logps, ref_hidden,
+                                 ref_weight, ref_bias, entry, config, process_group, ignore_index,
+                                 temperature, average_log_prob, reduction, chunk_size, backend)
+    policy_logps = sequence_logps(hidden, weight, bias, labels)
+    if ref_logps is None:
+        with torch.no_grad():
+            ref_logps = sequence_logps(ref_hidden, ref_weight, ref_bias, labels)
+    return kto_loss(policy_logps, ref_logps, desirable, kl, loss=loss, reduction=reduction,
+                    process_group=process_group, **config)
+
+
+def _fused_linear_kto(hidden, weight, bias, labels, desirable, kl, ref_logps, ref_hidden,
+                      ref_weight, ref_bias, entry, config, process_group, ignore_index,
+                      temperature, average, reduction, chunk_size, backend) -> KTOLossOutput:
+    """linear_kto_loss in 3 matmuls (pyalign/ops/_fused_head.py): chunks of whole sequences, each
+    chunk's per-example losses by kto_loss's own ``_unpaired_losses``; z0 is reduced once, before
+    the loop (its all_reduce must not run per chunk: ranks may have different chunk counts)."""
+    acc = _accumulation(hidden, ref_logps if ref_hidden is None else ref_hidden)
+    if entry.uses_kl_reference:
+        reference_point = kto_reference_point(kl, process_group).to(acc)
+    else:
+        reference_point = torch.zeros((), dtype=acc, device=hidden.device)
+
+    def chunk_loss(rows, token_logps, mask, ref_tokens, _log_sum_sq):
+        policy = sequence_logprobs(token_logps, mask, average=average)
+        ref = (ref_logps[rows] if ref_tokens is None
+               else sequence_logprobs(ref_tokens, mask, average=average))
+        out = _unpaired_losses(entry, policy, ref, reference_point, desirable[rows], **config)
+        return out.loss, (out.rewards, out.logps)
+
+    reference = None if ref_hidden is None else _fused_head.ReferenceHead(ref_hidden, ref_weight,
+                                                                          ref_bias)
+    unit_rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+    plan = _fused_head.FusedHeadPlan(labels, unit_rows, chunk_loss, reduction, ignore_index,
+                                     temperature, chunk_size, backend, reference)
+    loss, rewards, logps = _fused_head.fused_head_loss(hidden, weight, bias, plan)
+    return KTOLossOutput(loss, rewards, reference_point, logps)

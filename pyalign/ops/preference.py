@@ -22,7 +22,7 @@ import torch
 from pyalign import backends
 from pyalign import losses as registry
 from pyalign._utils import accumulation_dtype
-from pyalign.ops import _checks
+from pyalign.ops import _checks, _fused_head
 from pyalign.ops.linear_logprobs import linear_token_logprobs
 
 LOSS_NAMES = registry.PAIRWISE_NAMES  # the pairwise entries of the registry, pyalign/losses.py
@@ -342,14 +342,16 @@ def _check_linear_inputs(hidden, weight, bias, labels, ref_logps, ref_hidden, re
         _checks.check_tensor("ref_logps", ref_logps, floating=True)
         _checks.check_same_device(hidden=hidden, ref_logps=ref_logps)
         _checks.check_shape("ref_logps", ref_logps, (hidden.shape[0],), "[2B], chosen rows first")
+        if ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_weight / ref_bias are given with ref_logps (the precomputed "
+                             "reference log-probs need no head); give ref_hidden with them instead")
         return
     _checks.check_tensor("ref_hidden", ref_hidden, floating=True)
     _checks.check_shape("ref_hidden", ref_hidden, hidden.shape, "hidden.shape")
     if ref_weight is None:
-        if ref_bias is not None:
-            raise ValueError("ref_bias is given without ref_weight (the reference uses weight and bias)")
-        _checks.check_same_device(hidden=hidden, ref_hidden=ref_hidden)
-        return
+        raise ValueError("ref_hidden given without ref_weight: the reference model's lm_head [V, H] "
+                         "is required (pass weight itself if the reference shares the policy's "
+                         "head; it is never taken from the policy silently)")
     _checks.check_tensor("ref_weight", ref_weight, floating=True)
     if ref_weight.dim() != 2 or ref_weight.shape != vocab_and_hidden:
         raise ValueError(f"ref_weight must be [V, H] = {vocab_and_hidden} like weight, got "
@@ -571,11 +573,21 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     hidden: [2B, T, H], chosen rows first then rejected; weight: the lm_head [V, H]; labels:
     [2B, T], already aligned with hidden (labels[i, t] is the token predicted from hidden[i, t]),
     ``ignore_index`` on prompt and padding positions. The reference is either precomputed
-    sequence log-probs ``ref_logps`` [2B] (same order) or ``ref_hidden`` (+ ``ref_weight``, by
-    default ``weight``), evaluated without gradient. Loss options as ``token_preference_loss``
-    (``use_weighting`` computes log Σ p² of the policy head itself, in a no-grad chunked pass).
-    ``average_log_prob=True`` length-normalises every loss's log-probs. No [2B*T, V] logits are
-    ever held.
+    sequence log-probs ``ref_logps`` [2B] (same order) or ``ref_hidden`` with the reference's
+    head ``ref_weight`` (required: pass ``weight`` if the reference shares the policy's head;
+    + ``ref_bias``), evaluated without gradient; no gradient flows to the reference. Loss options
+    as ``token_preference_loss`` (``use_weighting`` computes log Σ p² of the policy head itself).
+    ``average_log_prob=True`` length-normalises every loss's log-probs. ``chunk_size``: tokens
+    whose logits exist at once. No [2B*T, V] logits are ever held.
+
+    Cost. With ``reduction`` "mean"/"sum" and a gradient wanted, the loss runs in 3 matmuls
+    (pyalign/ops/_fused_head.py): per chunk of whole pairs (about ``chunk_size`` kept tokens, at
+    least one pair) the logits, the loss and its gradient are computed in the forward, only the
+    kept tokens enter the matmuls, and backward just scales the stored gradients; memory is one
+    chunk's logits plus gradient buffers of hidden's and W's (fp32) size. The batch-level losses
+    (aot, aot_unpaired, sft: their value needs the whole batch), ``reduction="none"``, no-grad
+    calls and torch.compile take the recompute path instead: per-token log-probs
+    (linear_token_logprobs, which recomputes the logits in backward: 4 matmuls) then the loss.
     """
     spec = _check_loss_spec(loss, loss_weights, beta, label_smoothing, reduction, f_divergence,
                             f_alpha_divergence_coef)
@@ -592,21 +604,51 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     ld_alpha, use_weighting = _check_token_options(spec, ld_alpha, use_weighting, average_log_prob)
     _check_linear_inputs(hidden, weight, bias, labels, ref_logps, ref_hidden, ref_weight, ref_bias)
     backends.check_name(backend)
+    if ref_logps is not None:
+        ref_logps = ref_logps.detach()
+    # A backend named for the per-token part (say "cpu") need not have a loss kernel: the tiny
+    # [2B, T] reduction then runs on whatever "auto" picks.
+    loss_backend = backend if backend == "auto" or backends.has("preference", backend) else "auto"
+    options = dict(ld_alpha=ld_alpha, average=average_log_prob, backend=loss_backend)
+    if (_fused_head.applies(reduction, hidden, weight, bias)
+            and all(entry.batch_step is None for entry, _, _ in spec.terms)):
+        return _fused_linear_preference(hidden, weight, bias, labels, ref_logps, ref_hidden,
+                                        ref_weight, ref_bias, spec, options, use_weighting,
+                                        ignore_index, temperature, reduction, chunk_size, backend)
     mask = labels != ignore_index
     token_logps = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                         temperature=temperature, chunk_size=chunk_size,
                                         backend=backend)
     if ref_logps is None:
         with torch.no_grad():  # per-token [2B, T]: the fused kernel reduces it with the policy's
-            ref_logps = linear_token_logprobs(
-                ref_hidden, weight if ref_weight is None else ref_weight, labels,
-                bias=bias if ref_weight is None else ref_bias, ignore_index=ignore_index,
-                temperature=temperature, chunk_size=chunk_size, backend=backend)
+            ref_logps = linear_token_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias,
+                                              ignore_index=ignore_index, temperature=temperature,
+                                              chunk_size=chunk_size, backend=backend)
     sum_sq = (linear_log_sum_sq_probs(hidden, weight, bias, mask, temperature, chunk_size)
               if use_weighting else None)
-    # A backend named for the per-token part (say "cpu") need not have a loss kernel: the tiny
-    # [2B, T] reduction then runs on whatever "auto" picks.
-    loss_backend = backend if backend == "auto" or backends.has("preference", backend) else "auto"
-    return _token_level_loss(token_logps, mask, ref_logps, spec, ld_alpha=ld_alpha,
-                             log_sum_sq_probs=sum_sq, average=average_log_prob,
-                             reduction=reduction, backend=loss_backend)
+    return _token_level_loss(token_logps, mask, ref_logps, spec, log_sum_sq_probs=sum_sq,
+                             reduction=reduction, **options)
+
+
+def _fused_linear_preference(hidden, weight, bias, labels, ref_logps, ref_hidden, ref_weight,
+                             ref_bias, spec, options, use_weighting, ignore_index, temperature,
+                             reduction, chunk_size, backend) -> PreferenceLossOutput:
+    """linear_preference_loss in 3 matmuls: chunks of whole pairs, each chunk's per-pair losses by
+    ``_token_level_loss`` itself (the recompute path's code), differentiated in the forward."""
+    pairs = hidden.shape[0] // 2
+    index = torch.arange(pairs, device=hidden.device)
+    unit_rows = torch.stack([index, index + pairs], dim=1)  # chunk rows: chosen, then rejected
+
+    def chunk_loss(rows, token_logps, mask, ref_tokens, sum_sq):
+        ref = ref_tokens if ref_tokens is not None else ref_logps[rows]
+        out = _token_level_loss(token_logps, mask, ref, spec, log_sum_sq_probs=sum_sq,
+                                reduction="none", **options)
+        return out.loss, (out.chosen_rewards, out.rejected_rewards)
+
+    reference = None if ref_hidden is None else _fused_head.ReferenceHead(ref_hidden, ref_weight,
+                                                                          ref_bias)
+    plan = _fused_head.FusedHeadPlan(labels, unit_rows, chunk_loss, reduction, ignore_index,
+                                     temperature, chunk_size, backend, reference, use_weighting)
+    loss, chosen_rewards, rejected_rewards = _fused_head.fused_head_loss(hidden, weight, bias, plan)
+    return PreferenceLossOutput(loss, chosen_rewards, rejected_rewards,
+                                chosen_rewards - rejected_rewards)

@@ -13,11 +13,9 @@ import types
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import pyalign
 from support import (
-    DEVICE,
     IGNORE,
     ON_CPU,
     backend_cases,
@@ -27,6 +25,7 @@ from support import (
     head_logits64,
     head_outputs64,
     linear_logits64,
+    peak_allocated_bytes,
     token_logprobs64,
     token_logprobs_and_grad64,
 )
@@ -218,29 +217,6 @@ def test_non_contiguous_hidden(backend):
     torch.testing.assert_close(logprobs.double(), exp_lp, rtol=1e-5, atol=1e-5)
     for grad, expected in zip(grads, exp_grads, strict=False):
         assert relative_error(grad, expected) < 1e-5
-
-
-def peak_allocated_bytes(function):
-    """Peak of bytes held during ``function()`` beyond what was held before. On CUDA, the caching
-    allocator's peak counter; on CPU, from the allocator's own records: the profiler's memory
-    events (one per allocation and per free, with its size), summed in time."""
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        function()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        function()
-    events = prof.profiler.kineto_results.events()
-    records = sorted((event.start_ns(), event.nbytes()) for event in events
-                     if event.name() == "[memory]")
-    held = peak = 0
-    for _, nbytes in records:
-        held += nbytes
-        peak = max(peak, held)
-    return peak
 
 
 def test_chunked_path_never_holds_the_full_logits():

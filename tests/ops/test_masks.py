@@ -184,8 +184,8 @@ def test_linear_preference_loss_poison_at_ignored_positions_is_inert(backend, av
     hidden_leaf = poisoned.requires_grad_(True)
     weight_leaf = weight.clone().requires_grad_(True)
     out = pyalign.linear_preference_loss(hidden_leaf, weight_leaf, labels, ref_hidden=poisoned_ref,
-                                         loss="sigmoid", beta=0.1, average_log_prob=average,
-                                         reduction="none", backend=backend)
+                                         ref_weight=weight, loss="sigmoid", beta=0.1,
+                                         average_log_prob=average, reduction="none", backend=backend)
     upstream = torch.randn(2)
     out.loss.backward(upstream)
     with torch.no_grad():

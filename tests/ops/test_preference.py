@@ -206,9 +206,7 @@ def test_linear_preference_loss_matches_float64(backend, loss, average_log_prob,
     if reference == "ref_logps":
         kwargs = dict(ref_logps=ref_logps64.float())
     else:
-        kwargs = dict(ref_hidden=ref_hidden)
-    if reference == "ref_weight":
-        kwargs["ref_weight"] = ref_weight
+        kwargs = dict(ref_hidden=ref_hidden, ref_weight=ref_weight)  # the policy's head, or another
     hidden_leaf = hidden.clone().requires_grad_(True)
     weight_leaf = weight.clone().requires_grad_(True)
     out = pyalign.linear_preference_loss(hidden_leaf, weight_leaf, labels, loss=loss, beta=0.2,
@@ -315,7 +313,8 @@ def test_sequence_reduce_and_every_loss(backend, loss, average, ref_per_token):
     ref_hidden = hidden + 0.3 * torch.randn(hidden.shape)
     ref_logps64 = sequence_logprobs64(token_logprobs64(linear_logits64(ref_hidden, weight), labels),
                                       mask, average)
-    kwargs = dict(ref_hidden=ref_hidden) if ref_per_token else dict(ref_logps=ref_logps64.float())
+    kwargs = (dict(ref_hidden=ref_hidden, ref_weight=weight) if ref_per_token
+              else dict(ref_logps=ref_logps64.float()))
     eps = SMOOTHING.get(loss, 0.0)
     beta = 0.1 if average else 0.05
     hidden_leaf = hidden.clone().requires_grad_(True)
@@ -522,7 +521,7 @@ def test_linear_preference_loss_options_match_float64(backend, names, weights, l
     ref_tokens64 = token_logprobs64(linear_logits64(ref_hidden, weight), labels)
     hidden_leaf = hidden.clone().requires_grad_(True)
     out = pyalign.linear_preference_loss(hidden_leaf, weight, labels, ref_hidden=ref_hidden,
-                                         loss=names, loss_weights=weights, beta=0.2,
+                                         ref_weight=weight, loss=names, loss_weights=weights, beta=0.2,
                                          ld_alpha=ld_alpha, use_weighting=weighting, chunk_size=7,
                                          reduction="none", backend=backend)
     upstream = torch.randn(3)

@@ -506,7 +506,12 @@ def test_sequence_logprobs_integer_mask_counts_nonzero_once():
                                expected / (mask != 0).sum(-1))
 
 
-def test_linear_preference_ref_bias_without_ref_weight_is_refused(no_kernels):
-    """ref_bias was silently dropped when ref_weight was not given (the reference used bias)."""
-    with pytest.raises(ValueError, match="ref_bias is given without ref_weight"):
-        _linear_preference_loss(ref_logps=None, ref_hidden=torch.randn(4, 5, 8), ref_bias=torch.randn(30))
+def test_linear_preference_reference_head_is_required(no_kernels):
+    """ref_hidden without ref_weight used to be scored by the policy's head silently; a head given
+    with precomputed reference log-probs would be ignored."""
+    for extra in ({}, {"ref_bias": torch.randn(30)}):
+        with pytest.raises(ValueError, match="ref_hidden given without ref_weight"):
+            _linear_preference_loss(ref_logps=None, ref_hidden=torch.randn(4, 5, 8), **extra)
+    for extra in ({"ref_weight": torch.randn(30, 8)}, {"ref_bias": torch.randn(30)}):
+        with pytest.raises(ValueError, match="given with ref_logps"):
+            _linear_preference_loss(**extra)
