@@ -51,7 +51,7 @@ def test_import_is_cheap_and_registers_lazily():
                          check=True)
     built, cpu_families, cuda_families = json.loads(out.stdout.strip().splitlines()[-1])
     assert built is False
-    assert cpu_families == ["kl", "linear_logprobs", "logprobs", "weights"]
+    assert cpu_families == ["kl", "linear_logprobs", "logprobs", "policy", "weights"]
     assert "weights" in cuda_families
 
 
