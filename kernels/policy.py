@@ -131,12 +131,10 @@ def _row_ratio_stats(logprobs_ptr, old_ptr, mask_ptr, row_start, length, BLOCK_T
 
 
 @triton.jit
-def policy_forward_kernel(logprobs_ptr, old_ptr, adv_ptr, mask_ptr, emask_ptr, ref_ptr,
-                          entropy_ptr, stats_ptr, length, adv_token_stride, term_id, estimator,
-                          sequence_mean, bias, eps_low, eps_high, delta, tau_pos, tau_neg, k_pos,
-                          lam_pos, k_neg, lam_neg,
-                          SEQUENCE: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENTROPY: tl.constexpr,
-                          BLOCK_T: tl.constexpr):
+def _row_setup(logprobs_ptr, old_ptr, mask_ptr, adv_ptr, length, adv_token_stride, sequence_mean,
+               BLOCK_T: tl.constexpr):
+    """What both kernels need of their row before the token loop: (row, row_start, adv_row, n,
+    the row's log-ratio (sum or mean), its clamped sum, vespo's log-weight, the sequence ratio)."""
     row = tl.program_id(0).to(tl.int64)
     row_start = row * length
     count, total, clamped = _row_ratio_stats(logprobs_ptr, old_ptr, mask_ptr, row_start, length,
@@ -146,6 +144,39 @@ def policy_forward_kernel(logprobs_ptr, old_ptr, adv_ptr, mask_ptr, emask_ptr, r
                            tl.where(clamped > 20.0, 20.0, clamped))
     row_ratio = tl.exp(row_log_ratio)
     adv_row = adv_ptr + row * (1 + (length - 1) * adv_token_stride)
+    return row, row_start, adv_row, count, row_log_ratio, clamped, vespo_log_w, row_ratio
+
+
+@triton.jit
+def _load_block(logprobs_ptr, old_ptr, mask_ptr, emask_ptr, adv_row, row_start, start, length,
+                adv_token_stride, row_ratio, SEQUENCE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One block of a row: (cols, in_row, keep (the mask), kept (mask and entropy mask), logp,
+    adv, the ratio w). Masked tokens read as 0 by selection, so NaN there stays out; the old
+    log-probs are read only for token-level ratios."""
+    cols = start + tl.arange(0, BLOCK_T)
+    in_row = cols < length
+    keep = tl.load(mask_ptr + row_start + cols, mask=in_row, other=0) != 0
+    kept = keep & (tl.load(emask_ptr + row_start + cols, mask=in_row, other=0) != 0)
+    logp = tl.where(keep, tl.load(logprobs_ptr + row_start + cols, mask=in_row, other=0.0), 0.0)
+    adv = tl.where(keep, tl.load(adv_row + cols * adv_token_stride, mask=in_row, other=0.0), 0.0)
+    if SEQUENCE:
+        w = tl.zeros_like(logp) + row_ratio
+    else:
+        old = tl.where(keep, tl.load(old_ptr + row_start + cols, mask=in_row, other=0.0), 0.0)
+        w = tl.exp(logp - old)
+    return cols, in_row, keep, kept, logp, adv, w
+
+
+@triton.jit
+def policy_forward_kernel(
+logprobs_ptr, old_ptr, adv_ptr, mask_ptr, emask_ptr, ref_ptr,
+                          entropy_ptr, stats_ptr, length, adv_token_stride, term_id, estimator,
+                          sequence_mean, bias, eps_low, eps_high, delta, tau_pos, tau_neg, k_pos,
+                          lam_pos, k_neg, lam_neg,
+                          SEQUENCE: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+                          BLOCK_T: tl.constexpr):
+    row, row_start, adv_row, count, row_log_ratio, clamped, vespo_log_w, row_ratio = _row_setup(
+        logprobs_ptr, old_ptr, mask_ptr, adv_ptr, length, adv_token_stride, sequence_mean, BLOCK_T)
     policy = tl.zeros((BLOCK_T,), tl.float32)
     kl_sum = tl.zeros((BLOCK_T,), tl.float32)
     low_sum = tl.zeros((BLOCK_T,), tl.float32)
@@ -156,17 +187,9 @@ def policy_forward_kernel(logprobs_ptr, old_ptr, adv_ptr, mask_ptr, emask_ptr, r
     entropy_kept = tl.zeros((BLOCK_T,), tl.float32)
     kept_sum = tl.zeros((BLOCK_T,), tl.float32)
     for start in range(0, length, BLOCK_T):
-        cols = start + tl.arange(0, BLOCK_T)
-        in_row = cols < length
-        keep = tl.load(mask_ptr + row_start + cols, mask=in_row, other=0) != 0
-        kept = keep & (tl.load(emask_ptr + row_start + cols, mask=in_row, other=0) != 0)
-        logp = tl.where(keep, tl.load(logprobs_ptr + row_start + cols, mask=in_row, other=0.0), 0.0)
-        old = tl.where(keep, tl.load(old_ptr + row_start + cols, mask=in_row, other=0.0), 0.0)
-        adv = tl.where(keep, tl.load(adv_row + cols * adv_token_stride, mask=in_row, other=0.0), 0.0)
-        if SEQUENCE:
-            w = tl.zeros_like(logp) + row_ratio
-        else:
-            w = tl.exp(logp - old)
+        cols, in_row, keep, kept, logp, adv, w = _load_block(
+            logprobs_ptr, old_ptr, mask_ptr, emask_ptr, adv_row, row_start, start, length,
+            adv_token_stride, row_ratio, SEQUENCE, BLOCK_T)
         value, d_ratio, direct, low, high = _policy_term(
             w, adv, logp, vespo_log_w, term_id, eps_low, eps_high, delta, tau_pos, tau_neg, k_pos,
             lam_pos, k_neg, lam_neg)
@@ -210,29 +233,16 @@ def policy_backward_kernel(row_weights_ptr, entropy_weights_ptr, logprobs_ptr, o
                            lam_neg,
                            SEQUENCE: tl.constexpr, HAS_KL: tl.constexpr,
                            HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    row_start = row * length
-    count, total, clamped = _row_ratio_stats(logprobs_ptr, old_ptr, mask_ptr, row_start, length,
-                                             BLOCK_T)
-    row_log_ratio = tl.where(sequence_mean != 0, total / tl.maximum(count, 1.0), total)
-    vespo_log_w = tl.where(clamped < -18.420680743952367, -18.420680743952367,
-                           tl.where(clamped > 20.0, 20.0, clamped))
-    row_ratio = tl.exp(row_log_ratio)
-    adv_row = adv_ptr + row * (1 + (length - 1) * adv_token_stride)
+    row, row_start, adv_row, count, row_log_ratio, clamped, vespo_log_w, row_ratio = _row_setup(
+        logprobs_ptr, old_ptr, mask_ptr, adv_ptr, length, adv_token_stride, sequence_mean, BLOCK_T)
     row_weight = tl.load(row_weights_ptr + row)
     through_row = 0.0
     if SEQUENCE:  # R_b = Σ_t m·(em·dP/dw + β·[bias]·kl), then dw_b/dlogp_t = w_b (/ n_b)
         row_sum = tl.zeros((BLOCK_T,), tl.float32)
         for start in range(0, length, BLOCK_T):
-            cols = start + tl.arange(0, BLOCK_T)
-            in_row = cols < length
-            keep = tl.load(mask_ptr + row_start + cols, mask=in_row, other=0) != 0
-            kept = keep & (tl.load(emask_ptr + row_start + cols, mask=in_row, other=0) != 0)
-            logp = tl.where(keep, tl.load(logprobs_ptr + row_start + cols, mask=in_row, other=0.0),
-                            0.0)
-            adv = tl.where(keep, tl.load(adv_row + cols * adv_token_stride, mask=in_row, other=0.0),
-                           0.0)
-            w = tl.zeros_like(logp) + row_ratio
+            cols, in_row, keep, kept, logp, adv, w = _load_block(
+                logprobs_ptr, old_ptr, mask_ptr, emask_ptr, adv_row, row_start, start, length,
+                adv_token_stride, row_ratio, True, BLOCK_T)
             _, d_ratio, _, _, _ = _policy_term(
                 w, adv, logp, vespo_log_w, term_id, eps_low, eps_high, delta, tau_pos, tau_neg,
                 k_pos, lam_pos, k_neg, lam_neg)
@@ -248,17 +258,9 @@ def policy_backward_kernel(row_weights_ptr, entropy_weights_ptr, logprobs_ptr, o
     if HAS_ENTROPY_GRAD:
         entropy_weight = tl.load(entropy_weights_ptr + row)
     for start in range(0, length, BLOCK_T):
-        cols = start + tl.arange(0, BLOCK_T)
-        in_row = cols < length
-        keep = tl.load(mask_ptr + row_start + cols, mask=in_row, other=0) != 0
-        kept = keep & (tl.load(emask_ptr + row_start + cols, mask=in_row, other=0) != 0)
-        logp = tl.where(keep, tl.load(logprobs_ptr + row_start + cols, mask=in_row, other=0.0), 0.0)
-        old = tl.where(keep, tl.load(old_ptr + row_start + cols, mask=in_row, other=0.0), 0.0)
-        adv = tl.where(keep, tl.load(adv_row + cols * adv_token_stride, mask=in_row, other=0.0), 0.0)
-        if SEQUENCE:
-            w = tl.zeros_like(logp) + row_ratio
-        else:
-            w = tl.exp(logp - old)
+        cols, in_row, keep, kept, logp, adv, w = _load_block(
+            logprobs_ptr, old_ptr, mask_ptr, emask_ptr, adv_row, row_start, start, length,
+            adv_token_stride, row_ratio, SEQUENCE, BLOCK_T)
         _, d_ratio, direct, _, _ = _policy_term(
             w, adv, logp, vespo_log_w, term_id, eps_low, eps_high, delta, tau_pos, tau_neg, k_pos,
             lam_pos, k_neg, lam_neg)

@@ -150,6 +150,26 @@ PYALIGN_POLICY_INLINE float ratio_at(bool keep, float logp, float old, float row
   }
 }
 
+// One token as both row loops see it: the masks, the ratio and the policy term (the log-prob is 0
+// where masked, by a select, so a NaN there stays out).
+struct TokenTerm {
+  bool keep, kept;
+  float w;
+  Term term;
+};
+
+template <int kTerm, bool kTokenLevel>
+PYALIGN_POLICY_INLINE TokenTerm token_term(const uint8_t* mask, const uint8_t* emask,
+                                           const float* lp, const float* old, const float* adv,
+                                           int64_t t, const RowRatio& r, const Params& params) {
+  const bool keep = mask[t] != 0, kept = keep & (emask[t] != 0);
+  const float logp_raw = lp[t], old_raw = old[t], adv_raw = adv[t];
+  const float logp = keep ? logp_raw : 0.0f;
+  const float w = ratio_at<kTokenLevel>(keep, logp, old_raw, r.ratio);
+  return {keep, kept, w,
+          policy_term<kTerm>(w, keep ? adv_raw : 0.0f, logp, r.vespo_log_w, params)};
+}
+
 template <int kTerm, bool kTokenLevel>
 void forward_row(const Inputs& in, int64_t row, float* out) {
   const RowRatio r = row_ratio(in, row);
@@ -161,11 +181,10 @@ void forward_row(const Inputs& in, int64_t row, float* out) {
   float policy = 0, low = 0, high = 0, region = 0, ratio = 0, kept_count = 0;
 #pragma omp simd reduction(+ : policy, low, high, region, ratio, kept_count)
   for (int64_t t = 0; t < in.length; ++t) {
-    const bool keep = mask[t] != 0, kept = keep & (emask[t] != 0);
-    const float logp_raw = lp[t], old_raw = old[t], adv_raw = adv[t];
-    const float logp = keep ? logp_raw : 0.0f;
-    const float w = ratio_at<kTokenLevel>(keep, logp, old_raw, r.ratio);
-    const Term term = policy_term<kTerm>(w, keep ? adv_raw : 0.0f, logp, r.vespo_log_w, params);
+    const TokenTerm at = token_term<kTerm, kTokenLevel>(mask, emask, lp, old, adv, t, r, params);
+    const bool keep = at.keep, kept = at.kept;
+    const float w = at.w;
+    const Term term = at.term;
     policy += kept ? term.value : 0.0f;
     kept_count += kept ? 1.0f : 0.0f;
     low += keep ? term.low : 0.0f;
@@ -242,11 +261,10 @@ void backward_row(const Inputs& in, int64_t row, float row_weight, float beta, b
   }
 #pragma omp simd
   for (int64_t t = 0; t < in.length; ++t) {
-    const bool keep = mask[t] != 0, kept = keep & (emask[t] != 0);
-    const float logp_raw = lp[t], old_raw = old[t], adv_raw = adv[t];
-    const float logp = keep ? logp_raw : 0.0f;
-    const float w = ratio_at<kTokenLevel>(keep, logp, old_raw, r.ratio);
-    const Term term = policy_term<kTerm>(w, keep ? adv_raw : 0.0f, logp, r.vespo_log_w, params);
+    const TokenTerm at = token_term<kTerm, kTokenLevel>(mask, emask, lp, old, adv, t, r, params);
+    const bool keep = at.keep, kept = at.kept;
+    const float w = at.w;
+    const Term term = at.term;
     const float d_ratio = kept ? term.d_ratio : 0.0f;
     const float g = (kept ? term.direct : 0.0f) + (token_level ? d_ratio * w : through_row);
     grad[t] = keep ? g * row_weight : 0.0f;
@@ -284,11 +302,21 @@ void with_term(int64_t term_id, Body body) {
   }
 }
 
-// Calls body(std::integral_constant<bool, token_level>).
-template <typename Body>
-void with_level(bool token_level, Body body) {
-  if (token_level) body(std::integral_constant<bool, true>{});
-  else body(std::integral_constant<bool, false>{});
+constexpr int64_t kRowGrain = 4;  // rows per parallel_for task
+
+// Calls row_body(term_tag, level_tag, row) for every row, in parallel: the runtime term id and
+// level become compile-time tags (std::integral_constant), so each row loop is specialised.
+template <typename RowBody>
+void for_each_row(int64_t term_id, bool token_level, int64_t rows, RowBody row_body) {
+  with_term(term_id, [&](auto term_tag) {
+    const auto over_rows = [&](auto level_tag) {
+      at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) row_body(term_tag, level_tag, row);
+      });
+    };
+    if (token_level) over_rows(std::integral_constant<bool, true>{});
+    else over_rows(std::integral_constant<bool, false>{});
+  });
 }
 
 const float* float_data(const at::Tensor& tensor, const at::Tensor& like, const char* name) {
@@ -342,8 +370,6 @@ Inputs make_inputs(const at::Tensor& logprobs, const at::Tensor& old, const at::
   return in;
 }
 
-constexpr int64_t kRowGrain = 4;
-
 void policy_forward_out(const at::Tensor& logprobs, const at::Tensor& old, const at::Tensor& adv,
                         const at::Tensor& mask, const c10::optional<at::Tensor>& emask,
                         const c10::optional<at::Tensor>& ref,
@@ -358,16 +384,9 @@ void policy_forward_out(const at::Tensor& logprobs, const at::Tensor& old, const
                   stats.size(1) == kNumStats,
               "pyalign_C: stats must be a contiguous float32 CPU tensor of shape [B, 12]");
   float* out = stats.data_ptr<float>();
-  with_term(term_id, [&](auto term_tag) {
-    constexpr int kTerm = decltype(term_tag)::value;
-    with_level(in.level == 0, [&](auto level_tag) {
-      constexpr bool kTokenLevel = decltype(level_tag)::value;
-      at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          forward_row<kTerm, kTokenLevel>(in, row, out + row * kNumStats);
-        }
-      });
-    });
+  for_each_row(term_id, in.level == 0, rows, [&](auto term_tag, auto level_tag, int64_t row) {
+    forward_row<decltype(term_tag)::value, decltype(level_tag)::value>(in, row,
+                                                                       out + row * kNumStats);
   });
 }
 
@@ -404,17 +423,9 @@ void policy_backward_out(const at::Tensor& row_weights, const c10::optional<at::
   }
   const bool has_kl = in.ref != nullptr && beta != 0.0;
   const float beta_f = static_cast<float>(beta);
-  with_term(term_id, [&](auto term_tag) {
-    constexpr int kTerm = decltype(term_tag)::value;
-    with_level(in.level == 0, [&](auto level_tag) {
-      constexpr bool kTokenLevel = decltype(level_tag)::value;
-      at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          backward_row<kTerm, kTokenLevel>(in, row, weights[row], beta_f, has_kl, entropy_w,
-                                           grad_out, grad_entropy_out);
-        }
-      });
-    });
+  for_each_row(term_id, in.level == 0, rows, [&](auto term_tag, auto level_tag, int64_t row) {
+    backward_row<decltype(term_tag)::value, decltype(level_tag)::value>(
+        in, row, weights[row], beta_f, has_kl, entropy_w, grad_out, grad_entropy_out);
   });
 }
 

@@ -69,3 +69,26 @@ def compile_candidate(name: str, fn: Callable, args: tuple, grad_output, setup,
         out = compiled(*args)
         out.backward(grad_output)
     return Candidate(name, run, setup=setup, kind="baseline", compiled=True)
+
+
+def fused_loss_candidates(run_loss: Callable, names: list[str], references: dict,
+                          setup: Callable) -> tuple[list[Candidate], str | None]:
+    """pyalign's rows of a fused-head loss case: per backend, the 3-matmul path with each reference
+    (label -> keyword arguments) and the 4-matmul recompute path (reduction="none" takes it) with
+    the first one. ``run_loss(backend, reduction, **reference)`` returns the op's output.
+    Returns (the rows, the first recompute row's name, or None without a backend)."""
+    candidates, recompute_name = [], None
+    first_label, first_reference = next(iter(references.items()))
+    for name in names:
+        for label, reference in references.items():
+            def fused(name=name, reference=reference):
+                run_loss(name, "mean", **reference).loss.backward()
+            candidates.append(Candidate(f"pyalign 3-matmul, {label} [{name}]", fused, setup=setup,
+                                        backend=name))
+
+        def recompute(name=name):
+            run_loss(name, "none", **first_reference).loss.mean().backward()
+        label = f"pyalign 4-matmul recompute, {first_label} [{name}]"
+        recompute_name = recompute_name or label
+        candidates.append(Candidate(label, recompute, setup=setup, backend=name))
+    return candidates, recompute_name

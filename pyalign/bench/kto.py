@@ -7,7 +7,13 @@ from __future__ import annotations
 import torch
 
 import pyalign
-from pyalign.bench.common import benchmark_backends, clear_grads, dtype_name, seeded_generator
+from pyalign.bench.common import (
+    benchmark_backends,
+    clear_grads,
+    dtype_name,
+    fused_loss_candidates,
+    seeded_generator,
+)
 from pyalign.bench.harness import Candidate, Case, optional_module, ratio_columns, third_party_notes
 from pyalign.bench.linear_logprobs import naive_linear_token_logprobs
 
@@ -70,22 +76,13 @@ def linear_kto_case(batch: int = 8, seq_len: int = 256, hidden_size: int = 512, 
             pyalign.linear_token_logprobs(ref_hidden, ref_weight, labels), mask)
     references = {"ref from hidden": dict(ref_hidden=ref_hidden, ref_weight=ref_weight),
                   "precomputed ref": dict(ref_logps=ref_logps)}
-    recompute_name = None
-    for name in names:  # the named backend runs the per-token part; the loss is [B] eager math
-        for label, kwargs in references.items():
-            def fused(name=name, kwargs=kwargs):
-                pyalign.linear_kto_loss(hidden, weight, labels, desirable, kl=kl, beta=beta,
-                                        backend=name, **kwargs).loss.backward()
-            candidates.append(Candidate(f"pyalign 3-matmul, {label} [{name}]", fused,
-                                        setup=clear, backend=name))
 
-        def recompute(name=name):  # reduction="none" takes the recompute path
-            pyalign.linear_kto_loss(hidden, weight, labels, desirable, kl=kl, beta=beta,
-                                    reduction="none", backend=name,
-                                    **references["ref from hidden"]).loss.mean().backward()
-        recompute_name = recompute_name or f"pyalign 4-matmul recompute, ref from hidden [{name}]"
-        candidates.append(Candidate(f"pyalign 4-matmul recompute, ref from hidden [{name}]",
-                                    recompute, setup=clear, backend=name))
+    def run_loss(backend, reduction, **reference):
+        return pyalign.linear_kto_loss(hidden, weight, labels, desirable, kl=kl, beta=beta,
+                                       backend=backend, reduction=reduction, **reference)
+
+    rows, recompute_name = fused_loss_candidates(run_loss, names, references, clear)
+    candidates += rows
     notes += third_party_notes()
     columns = dict(vs_eager="eager full logits + KTO")
     if recompute_name:

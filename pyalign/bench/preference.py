@@ -13,6 +13,7 @@ from pyalign.bench.common import (
     clear_grads,
     compile_candidate,
     dtype_name,
+    fused_loss_candidates,
     seeded_generator,
 )
 from pyalign.bench.harness import Candidate, Case, optional_module, ratio_columns, third_party_notes
@@ -117,22 +118,14 @@ def linear_preference_case(pairs: int = 4, seq_len: int = 256, hidden_size: int 
     # backend has no loss kernel (see linear_preference_loss).
     reference_kwargs = {"ref from hidden": dict(ref_hidden=ref_hidden, ref_weight=ref_weight),
                         "precomputed ref": dict(ref_logps=ref_logps)}
-    recompute_name = None
-    for name in names:
-        for label, kwargs in reference_kwargs.items():
-            def fused(name=name, kwargs=kwargs):
-                pyalign.linear_preference_loss(hidden, weight, labels, loss="sigmoid", beta=beta,
-                                               backend=name, **kwargs).loss.backward()
-            candidates.append(Candidate(f"pyalign 3-matmul, {label} [{name}]", fused,
-                                        setup=clear, backend=name))
 
-        def recompute(name=name):  # reduction="none" takes the recompute path
-            pyalign.linear_preference_loss(hidden, weight, labels, loss="sigmoid", beta=beta,
-                                           reduction="none", backend=name,
-                                           **reference_kwargs["ref from hidden"]).loss.mean().backward()
-        recompute_name = recompute_name or f"pyalign 4-matmul recompute, ref from hidden [{name}]"
-        candidates.append(Candidate(f"pyalign 4-matmul recompute, ref from hidden [{name}]",
-                                    recompute, setup=clear, backend=name))
+    def run_loss(backend, reduction, **reference):
+        return pyalign.linear_preference_loss(hidden, weight, labels, loss="sigmoid", beta=beta,
+                                              backend=backend, reduction=reduction,
+                                              **reference)
+
+    rows, recompute_name = fused_loss_candidates(run_loss, names, reference_kwargs, clear)
+    candidates += rows
     notes += third_party_notes()
     columns = dict(vs_eager="eager full logits + DPO")
     if recompute_name:

@@ -23,7 +23,6 @@ import pyalign
 from pyalign import losses
 from pyalign.ops.kto import LOSS_NAMES, kto_reference_point
 from support import (
-    DEVICE,
     IGNORE,
     ON_CPU,
     UNPAIRED_LOSS_FORMULAS,
@@ -31,6 +30,7 @@ from support import (
     grads64,
     kl_reference64,
     linear_logits64,
+    peak_allocated_bytes,
     sequence_logprobs64,
     token_logprobs64,
     unpaired64,
@@ -407,28 +407,6 @@ def test_the_kl_pairs_give_no_gradient():
     _, (through_z0,) = grads64(lambda w: loss_of(w, False), [c["weight"]])
     torch.testing.assert_close(weight.grad.double(), detached, rtol=1e-4, atol=1e-6)
     assert (through_z0 - detached).abs().max() > 0.1 * detached.abs().max()
-
-
-def peak_allocated_bytes(function):
-    """Peak bytes held during ``function()`` (as in test_linear_logprobs.py): the CUDA allocator's
-    peak, or on CPU the profiler's memory events summed in time."""
-    from torch.profiler import ProfilerActivity, profile
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        function()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        function()
-    records = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
-                     if event.name() == "[memory]")
-    held = peak = 0
-    for _, nbytes in records:
-        held += nbytes
-        peak = max(peak, held)
-    return peak
 
 
 def test_linear_kto_loss_never_holds_the_full_logits():
