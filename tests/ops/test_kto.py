@@ -447,12 +447,12 @@ def test_linear_kto_loss_never_holds_the_full_logits():
 
 def trl_kto_methods():
     """KTOTrainer._compute_loss and _compute_kl_logps of the installed TRL, compiled from its own
-    source file (importing trl.trainer.kto_trainer needs accelerate and datasets, which this
-    environment does not have; these two methods use only torch). The names they reference
+    source file (a KTOTrainer needs a model, a dataset and an accelerator; these two methods use
+    only torch, so they run on a stand-in ``self``). The names they reference
     outside the precomputed-reference path (peft adapters, gradient checkpointing) raise."""
     spec = importlib.util.find_spec("trl")
     if spec is None:
-        pytest.skip("trl is not installed")
+        pytest.fail("trl 1.16 is a test dependency of the parity tests ([test] extra)")
     assert importlib.metadata.version("trl") == "1.16.0", "the parity numbers are TRL 1.16's"
     path = Path(spec.submodule_search_locations[0]) / "trainer" / "kto_trainer.py"
     tree = ast.parse(path.read_text())

@@ -7,9 +7,6 @@ Then TRL's head options and outputs (softcap, logit_scale, log_sum_sq_probs, mea
 is_top1) against float64 and against TRL's own ChunkedLogProbFunction, the memory_budget path
 against the recompute path, its memory, and the errors for bad options.
 """
-import contextlib
-import sys
-import types
 
 import pytest
 import torch
@@ -523,16 +520,11 @@ def test_head_options_in_half_precision(backend, dtype):
         assert relative_error(grad, expected_grad) < 3e-2, name
 
 
-def test_matches_trl_chunked_logprob_function(monkeypatch):
+def test_matches_trl_chunked_logprob_function():
     """TRL 1.16's own ChunkedLogProbFunction (its torch fallback on CPU) on the same inputs:
     every output and the gradients, with softcap, logit_scale, temperature and a bias. TRL has
     no ignore_index (its caller selects the valid rows), so every label is valid here."""
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-
-    # Its backward imports trl.trainer.utils (pandas, not installed here) for one helper,
-    # maybe_gather_lm_head_ctx: a null context without DeepSpeed ZeRO-3. Stand in for it.
-    monkeypatch.setitem(sys.modules, "trl.trainer.utils", types.SimpleNamespace(
-        maybe_gather_lm_head_ctx=lambda *params: contextlib.nullcontext()))
 
     hidden, weight, bias, labels = random_case((33,), 24, 500, torch.float32, True)
     labels = labels.clamp(min=0)

@@ -2,8 +2,8 @@
 log-probs: the loss and its gradient for every loss_type, loss combinations with weights, every
 f_divergence_type, ld_alpha and WPO weighting, on every backend.
 
-TRL's trainer module cannot be imported here (it needs accelerate and a model), so the test
-compiles the body of ``DPOTrainer._compute_loss`` from TRL's installed source file, unchanged,
+Building a DPOTrainer needs a model, a dataset and an accelerator, so the test compiles the body
+of ``DPOTrainer._compute_loss`` from TRL's installed source file, unchanged,
 and calls it with a stand-in ``self`` (the config attributes, an accelerator that gathers
 nothing) and a stand-in model whose forward returns the given per-token log-probs (0 at
 non-completion positions, as TRL's fused LM head gives). TRL's numbers, not a re-derivation.
@@ -19,11 +19,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import trl  # a test dependency ([test] extra): these are TRL 1.16's numbers
 
 import pyalign
 from support import backends_for
 
-trl = pytest.importorskip("trl")
 BACKENDS = backends_for("preference")
 
 
