@@ -10,7 +10,8 @@
 // flags, byte masks: g++ leaves a loop scalar for a bool load or member, or a float/double mixed
 // reduction) under `omp simd`. Masked positions are selected away; clamps and minima are selects,
 // so NaN in kept data propagates. Threads: at::parallel_for over rows; the policy term (the
-// entry's kernel id) and the ratio level are template parameters.
+// entry's kernel id) and the ratio level are template parameters. simdlen(8): the byte masks would
+// make g++ pick 32 lanes (4 ymm per float value), which spills; 8 fp32 lanes do not.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -123,7 +124,7 @@ RowRatio row_ratio(const Inputs& in, int64_t row) {
   const float* old = in.old + start;
   // fp32 sums (a float/double mixed reduction keeps g++ from vectorizing)
   float count = 0.0f, total = 0.0f, clamped = 0.0f;
-#pragma omp simd reduction(+ : count, total, clamped)
+#pragma omp simd simdlen(8) reduction(+ : count, total, clamped)
   for (int64_t t = 0; t < in.length; ++t) {
     const bool keep = mask[t] != 0;
     const float logp = lp[t], previous = old[t];  // loaded unconditionally: selects, not branches
@@ -179,7 +180,7 @@ void forward_row(const Inputs& in, int64_t row, float* out) {
   constexpr bool token_level = kTokenLevel;
   const Params params = in.params;
   float policy = 0, low = 0, high = 0, region = 0, ratio = 0, kept_count = 0;
-#pragma omp simd reduction(+ : policy, low, high, region, ratio, kept_count)
+#pragma omp simd simdlen(8) reduction(+ : policy, low, high, region, ratio, kept_count)
   for (int64_t t = 0; t < in.length; ++t) {
     const TokenTerm at = token_term<kTerm, kTokenLevel>(mask, emask, lp, old, adv, t, r, params);
     const bool keep = at.keep, kept = at.kept;
@@ -197,7 +198,7 @@ void forward_row(const Inputs& in, int64_t row, float* out) {
     const float* ref = in.ref + start;
     const int estimator = in.estimator;
     const bool bias = in.bias;
-#pragma omp simd reduction(+ : kl_sum)
+#pragma omp simd simdlen(8) reduction(+ : kl_sum)
     for (int64_t t = 0; t < in.length; ++t) {
       const bool keep = mask[t] != 0;
       const float logp_raw = lp[t], old_raw = old[t], ref_raw = ref[t];
@@ -210,7 +211,7 @@ void forward_row(const Inputs& in, int64_t row, float* out) {
   float entropy = 0, entropy_kept = 0;
   if (in.entropy != nullptr) {
     const float* ent = in.entropy + start;
-#pragma omp simd reduction(+ : entropy, entropy_kept)
+#pragma omp simd simdlen(8) reduction(+ : entropy, entropy_kept)
     for (int64_t t = 0; t < in.length; ++t) {
       const float value = ent[t];
       entropy += mask[t] != 0 ? value : 0.0f;
@@ -238,7 +239,7 @@ void backward_row(const Inputs& in, int64_t row, float row_weight, float beta, b
   float through_row = 0.0f;
   if (!token_level) {  // R_b = Σ m·(em·dP/dw + β·[bias]·kl), then dw_b/dlogp_t = w_b (/ n_b)
     float row_sum = 0.0f;
-#pragma omp simd reduction(+ : row_sum)
+#pragma omp simd simdlen(8) reduction(+ : row_sum)
     for (int64_t t = 0; t < in.length; ++t) {
       const bool keep = mask[t] != 0, kept = keep & (emask[t] != 0);
       const float logp_raw = lp[t], adv_raw = adv[t];
@@ -248,7 +249,7 @@ void backward_row(const Inputs& in, int64_t row, float row_weight, float beta, b
       row_sum += kept ? term.d_ratio : 0.0f;
     }
     if (has_kl && bias) {
-#pragma omp simd reduction(+ : row_sum)
+#pragma omp simd simdlen(8) reduction(+ : row_sum)
       for (int64_t t = 0; t < in.length; ++t) {
         const bool keep = mask[t] != 0;
         const float logp_raw = lp[t], ref_raw = ref[t];
@@ -259,7 +260,7 @@ void backward_row(const Inputs& in, int64_t row, float row_weight, float beta, b
     through_row = static_cast<float>(row_sum) * r.ratio;
     if (in.level == 1) through_row /= static_cast<float>(r.count > 1.0 ? r.count : 1.0);
   }
-#pragma omp simd
+#pragma omp simd simdlen(8)
   for (int64_t t = 0; t < in.length; ++t) {
     const TokenTerm at = token_term<kTerm, kTokenLevel>(mask, emask, lp, old, adv, t, r, params);
     const bool keep = at.keep, kept = at.kept;
@@ -270,7 +271,7 @@ void backward_row(const Inputs& in, int64_t row, float row_weight, float beta, b
     grad[t] = keep ? g * row_weight : 0.0f;
   }
   if (has_kl) {
-#pragma omp simd
+#pragma omp simd simdlen(8)
     for (int64_t t = 0; t < in.length; ++t) {
       const bool keep = mask[t] != 0;
       const float logp_raw = lp[t], old_raw = old[t], ref_raw = ref[t], grad_raw = grad[t];
@@ -285,7 +286,7 @@ void backward_row(const Inputs& in, int64_t row, float row_weight, float beta, b
   if (grad_entropy_rows != nullptr) {
     float* grad_entropy = grad_entropy_rows + start;
     const float weight = entropy_weights[row];
-#pragma omp simd
+#pragma omp simd simdlen(8)
     for (int64_t t = 0; t < in.length; ++t) grad_entropy[t] = (mask[t] & emask[t]) != 0 ? weight : 0.0f;
   }
 }
