@@ -64,6 +64,13 @@ def suite_builders(args) -> dict[str, Callable[[], Case]]:
 DEFAULT_CASES = ("logprobs", "linear_logprobs")
 
 
+def case_names() -> tuple[str, ...]:
+    """Every case `pyalign bench --cases` accepts (the builders' names; building runs nothing)."""
+    defaults = argparse.Namespace(device=torch.device("cpu"), dtype="float32", no_compile=True,
+                                  quick=False)
+    return tuple(suite_builders(defaults))
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of `pyalign bench` and of every benchmarks/*.py script."""
     parser.add_argument("--device", default="auto",

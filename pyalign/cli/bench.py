@@ -25,8 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     suite.add_common_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     parser.add_argument("--cases", default=",".join(suite.DEFAULT_CASES),
-                        help="comma-separated from logprobs, linear_logprobs, kl, preference, "
-                             "linear_preference, weights, or 'all' (default: %(default)s)")
+                        help=f"comma-separated from {', '.join(suite.case_names())}, or 'all' "
+                             "(default: %(default)s)")
     parser.set_defaults(func=run_bench)
     return parser
 
