@@ -229,12 +229,14 @@ def make_chunked_linear(logprobs_impl):
             torch.mm(a, b, out=out)
 
     def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy,
-                 ignore_index, temperature, chunk_size, softcap, logit_scale, kept):
+                 ignore_index, temperature, chunk_size, softcap, logit_scale, kept, *,
+                 vocab_shard=False):
         """The kept rows from their kept logits (one block); the others by walking the
         vocabulary: for each slice of columns, recompute the logits of all those rows, turn them
         into their gradient, and add slice @ W_slice to d_hidden and write slice^T @ hidden into
         d_weight's rows of the slice (every token in one matmul: no [V, H] read-modify-write per
-        token chunk)."""
+        token chunk). Every slice already takes the whole rows' ``stats`` as given, so a shard
+        of a wider vocabulary (``vocab_shard``) needs nothing else."""
         num_rows, vocab = hidden.shape[0], weight.shape[0]
         keep_rows = kept.shape[0]
         acc = accumulation_dtype(weight.dtype)

@@ -31,7 +31,7 @@ import torch
 
 from pyalign import backends
 from pyalign._utils import accumulation_dtype
-from pyalign.ops import _checks
+from pyalign.ops import _checks, _vocab_parallel
 
 # Default token budget of a chunk: about 64 MiB of fp32 logits (at least one whole unit).
 _LOGITS_BUDGET = 1 << 24
@@ -48,7 +48,10 @@ class FusedHeadPlan(NamedTuple):
     unit (k = 2 for pairs, chosen first); ``chunk_loss(rows, token_logps, mask, ref_token_logps,
     log_sum_sq)`` -> (unit losses [u], metrics: tuple of [u, ...] tensors) for the chunk's rows
     (its units' first rows, then their second rows); ``ref_token_logps`` and ``log_sum_sq`` are
-    [rows, T] or None. ``loss_scale``: ∂(reduced loss)/∂(unit loss), 1/U for a mean."""
+    [rows, T] or None. ``loss_scale``: ∂(reduced loss)/∂(unit loss), 1/U for a mean.
+    ``vocab_shard``: for a vocab-parallel head, this rank's shard (weight, bias and the
+    reference's head are its vocabulary rows; pyalign/ops/_vocab_parallel.py, validated by the
+    caller with ``vocab_shard``), or None."""
     labels: torch.Tensor  # [R, T]
     unit_rows: torch.Tensor
     chunk_loss: Callable
@@ -59,6 +62,7 @@ class FusedHeadPlan(NamedTuple):
     backend: str
     reference: Optional[ReferenceHead] = None
     with_log_sum_sq: bool = False
+    vocab_shard: Optional[_vocab_parallel.VocabShard] = None
 
 
 def applies(reduction: str, *tensors) -> bool:
@@ -101,6 +105,7 @@ def _scatter(values, kept_local, shape, dtype):
 
 def _run(plan: FusedHeadPlan, hidden, weight, bias, needs_grad):
     labels = plan.labels
+    shard = plan.vocab_shard
     rows_total, seq_len, hidden_size = hidden.shape
     vocab = weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
@@ -118,7 +123,8 @@ def _run(plan: FusedHeadPlan, hidden, weight, bias, needs_grad):
                  if need_bias and bias is not None else None)
     unit_rows = plan.unit_rows
     counts = mask.sum(-1)[unit_rows].sum(-1).tolist() if unit_rows.numel() else []
-    budget = plan.chunk_size or max(1, _LOGITS_BUDGET // max(vocab, 1))
+    # a vocab shard: every rank must cut the same chunks (their collectives pair up)
+    budget = plan.chunk_size or max(1, _LOGITS_BUDGET // max(vocab if shard is None else shard.largest, 1))
     positions = torch.arange(seq_len, device=hidden.device)
     losses, metrics = [], []
     for start, end in _chunks(counts, budget):
@@ -128,26 +134,39 @@ def _run(plan: FusedHeadPlan, hidden, weight, bias, needs_grad):
         flat_index = (rows[:, None] * seq_len + positions).reshape(-1)[kept_local]
         chunk_labels = flat_labels[flat_index]
         shape = (rows.numel(), seq_len)
+        forward_labels = chunk_labels
+        if shard is not None:  # every token here is kept: the others' label is a dummy in forward
+            chunk_labels, owned = _vocab_parallel.local_labels(shard, chunk_labels, plan.ignore_index)
+            forward_labels = torch.where(owned, chunk_labels, 0)
+            kept_tokens = torch.ones_like(owned)
         ref_tokens = None
         if reference is not None:
             with torch.no_grad():
                 ref_logits = _head_logits(ref_flat[flat_index], reference.weight, reference.bias)
                 ref_impl = backends.implementation("logprobs", lp_backend, ref_logits)
-                ref_lp, _, _ = ref_impl.forward(ref_logits, chunk_labels, plan.ignore_index,
-                                                plan.temperature, False)
+                ref_lp, _, ref_stats = ref_impl.forward(ref_logits, forward_labels, plan.ignore_index,
+                                                        plan.temperature, False)
                 del ref_logits
+                if shard is not None:
+                    ref_lp = _vocab_parallel.combine_rows(shard, owned, kept_tokens, ref_lp, ref_stats,
+                                                          1.0 / plan.temperature).logprobs
                 ref_tokens = _scatter(ref_lp, kept_local, shape,
                                       accumulation_dtype(reference.hidden.dtype))
         chunk_hidden = flat_hidden[flat_index]
         logits = _head_logits(chunk_hidden, weight, bias)  # matmul 1
         impl = backends.implementation("logprobs", lp_backend, logits)
-        token_lp, _, stats = impl.forward(logits, chunk_labels, plan.ignore_index,
+        token_lp, _, stats = impl.forward(logits, forward_labels, plan.ignore_index,
                                           plan.temperature, False)
         log_sum_sq = None
         if plan.with_log_sum_sq:
             from pyalign.ops.preference import log_sum_sq_probs
-            log_sum_sq = _scatter(log_sum_sq_probs(logits, plan.temperature), kept_local, shape,
-                                  torch.float32)
+            log_sum_sq = log_sum_sq_probs(logits, plan.temperature)
+        if shard is not None:  # the whole vocabulary's log-probs, stats (and log Σ p²)
+            combined = _vocab_parallel.combine_rows(shard, owned, kept_tokens, token_lp, stats,
+                                                    1.0 / plan.temperature, log_sum_sq=log_sum_sq)
+            token_lp, stats, log_sum_sq = combined.logprobs, combined.stats, combined.log_sum_sq
+        if log_sum_sq is not None:
+            log_sum_sq = _scatter(log_sum_sq, kept_local, shape, torch.float32)
         with torch.enable_grad():
             leaf = _scatter(token_lp, kept_local, shape, acc).requires_grad_(True)
             unit_losses, unit_metrics = plan.chunk_loss(rows, leaf, chunk_mask, ref_tokens,
@@ -163,8 +182,12 @@ def _run(plan: FusedHeadPlan, hidden, weight, bias, needs_grad):
         grad_tokens = coefficients.reshape(-1)[kept_local].to(acc).contiguous()
         if plan.reduction == "mean":
             grad_tokens = grad_tokens / unit_rows.shape[0]
-        grad_logits = impl.backward(grad_tokens, None, logits, chunk_labels, stats, None,
-                                    plan.ignore_index, plan.temperature, True)  # in place
+        if shard is None:
+            grad_logits = impl.backward(grad_tokens, None, logits, chunk_labels, stats, None,
+                                        plan.ignore_index, plan.temperature, True)  # in place
+        else:
+            grad_logits = _vocab_parallel.shard_logits_gradient_(impl, grad_tokens, logits,
+                                                                 chunk_labels, stats, plan.temperature)
         if grad_hidden is not None:
             grad_hidden[flat_index] = (grad_logits @ weight).to(grad_hidden.dtype)  # matmul 2
         if grad_weight is not None:  # matmul 3
@@ -187,6 +210,8 @@ def _run(plan: FusedHeadPlan, hidden, weight, bias, needs_grad):
         merged = tuple(m.detach() for m in empty)
     # the units' order: chunks are consecutive unit ranges, so the concatenation is in order
     if grad_hidden is not None:
+        if shard is not None:  # Σ over the vocabulary: over the ranks' shards
+            _vocab_parallel.sum_over_ranks(grad_hidden, shard)
         grad_hidden = grad_hidden.view(hidden.shape)
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
@@ -219,5 +244,6 @@ class FusedHeadLossFunction(torch.autograd.Function):
 
 def fused_head_loss(hidden, weight, bias, plan: FusedHeadPlan) -> tuple[torch.Tensor, ...]:
     """(reduced loss, *metrics) of ``plan`` on the head hidden·Wᵀ (+ b), in 3 matmuls."""
-    _checks.check_labels_in_range(plan.labels, weight.shape[0], plan.ignore_index)
+    if plan.vocab_shard is None:  # a shard's labels were checked against the whole vocabulary
+        _checks.check_labels_in_range(plan.labels, weight.shape[0], plan.ignore_index)
     return FusedHeadLossFunction.apply(hidden, weight, bias, plan)

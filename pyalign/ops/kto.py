@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from pyalign import backends
 from pyalign import losses as registry
-from pyalign.ops import _checks, _fused_head
+from pyalign.ops import _checks, _fused_head, _vocab_parallel
 from pyalign.ops.linear_logprobs import linear_token_logprobs
 from pyalign.ops.preference import REDUCTIONS, _reduce, sequence_logprobs
 
@@ -203,7 +203,8 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     undesirable_weight: float = 1.0, ignore_index: int = -100,
                     temperature: float = 1.0, average_log_prob: bool = False,
                     reduction: str = "mean", chunk_size: Optional[int] = None,
-                    backend: str = "auto", process_group=None) -> KTOLossOutput:
+                    backend: str = "auto", process_group=None,
+                    vocab_process_group=None) -> KTOLossOutput:
     """``kto_loss`` straight from the policy's last hidden state: no [B*T, V] logits are held.
 
     hidden [B, T, H], weight (the lm_head) [V, H], bias [V] or None, labels [B, T] aligned with
@@ -219,7 +220,12 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     0-d, as in kto_loss), or the mismatched pairs ``kl_hidden`` [M, T', H] + ``kl_labels``
     [M, T'], scored by the policy's head without gradient, with their reference ``ref_kl_logps``
     [M] or ``ref_kl_hidden`` [M, T', H] (scored with ``ref_weight``). z0 is their mean over every
-    rank (``kto_reference_point``), clamped at 0.
+    rank of ``process_group`` (the data-parallel group, as in ``kto_loss``), clamped at 0.
+
+    ``vocab_process_group``: the vocab-parallel head, as ``process_group`` of
+    ``linear_token_logprobs`` (named apart: here ``process_group`` is the data-parallel group of
+    z0). ``weight``, ``bias``, ``ref_weight`` and ``ref_bias`` are this rank's vocabulary rows;
+    hidden states, labels and the rest are the same on every rank of it, and so is the result.
     """
     entry, beta, desirable_weight, undesirable_weight = _check_config(
         loss, beta, desirable_weight, undesirable_weight, reduction)
@@ -274,11 +280,16 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
     average_log_prob = _checks.check_bool("average_log_prob", average_log_prob)
     backends.check_name(backend)
+    shard = None
+    if vocab_process_group is not None:
+        shard = _vocab_parallel.vocab_shard(vocab_process_group, "vocab_process_group", weight,
+                                            hidden, labels, ignore_index)
 
     def sequence_logps(hidden_states, head, head_bias, token_labels):
         token_logps = linear_token_logprobs(hidden_states, head, token_labels, bias=head_bias,
                                             ignore_index=ignore_index, temperature=temperature,
-                                            chunk_size=chunk_size, backend=backend)
+                                            chunk_size=chunk_size, backend=backend,
+                                            process_group=vocab_process_group)
         return sequence_logprobs(token_logps, token_labels != ignore_index, average=average_log_prob)
 
     if ref_logps is not None:
@@ -293,7 +304,8 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if _fused_head.applies(reduction, hidden, weight, bias):
         return _fused_linear_kto(hidden, weight, bias, labels, desirable, kl, ref_logps, ref_hidden,
                                  ref_weight, ref_bias, entry, config, process_group, ignore_index,
-                                 temperature, average_log_prob, reduction, chunk_size, backend)
+                                 temperature, average_log_prob, reduction, chunk_size, backend,
+                                 shard)
     policy_logps = sequence_logps(hidden, weight, bias, labels)
     if ref_logps is None:
         with torch.no_grad():
@@ -304,7 +316,8 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
 def _fused_linear_kto(hidden, weight, bias, labels, desirable, kl, ref_logps, ref_hidden,
                       ref_weight, ref_bias, entry, config, process_group, ignore_index,
-                      temperature, average, reduction, chunk_size, backend) -> KTOLossOutput:
+                      temperature, average, reduction, chunk_size, backend,
+                      shard) -> KTOLossOutput:
     """linear_kto_loss in 3 matmuls (pyalign/ops/_fused_head.py): chunks of whole sequences, each
     chunk's per-example losses by kto_loss's own ``_unpaired_losses``; z0 is reduced once, before
     the loop (its all_reduce must not run per chunk: ranks may have different chunk counts)."""
@@ -325,6 +338,7 @@ def _fused_linear_kto(hidden, weight, bias, labels, desirable, kl, ref_logps, re
                                                                           ref_bias)
     unit_rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
     plan = _fused_head.FusedHeadPlan(labels, unit_rows, chunk_loss, reduction, ignore_index,
-                                     temperature, chunk_size, backend, reference)
+                                     temperature, chunk_size, backend, reference,
+                                     vocab_shard=shard)
     loss, rewards, logps = _fused_head.fused_head_loss(hidden, weight, bias, plan)
     return KTOLossOutput(loss, rewards, reference_point, logps)

@@ -14,7 +14,7 @@ import torch
 
 from pyalign import backends
 from pyalign._utils import accumulation_dtype
-from pyalign.ops import _checks
+from pyalign.ops import _checks, _vocab_parallel
 
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # Metrics: per-token values without a gradient (TRL marks them non-differentiable too).
@@ -98,6 +98,11 @@ def _(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy,
             torch.empty_like(bias) if bias is not None else weight.new_empty(0))
 
 
+_SECOND_BACKWARD = ("linear_token_logprobs: a second backward through a call with memory_budget: "
+                    "the first one turned the kept logits into their gradient; use "
+                    "memory_budget=None (recompute) to backward more than once")
+
+
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, temperature, with_entropy,
@@ -120,10 +125,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         hidden, weight, bias, labels, stats, entropy = ctx.saved_tensors
         ignore_index, temperature, with_entropy, chunk_size, softcap, logit_scale, backend = ctx.config
         if ctx.kept_consumed:
-            raise RuntimeError(
-                "linear_token_logprobs: a second backward through a call with memory_budget: "
-                "the first one turned the kept logits into their gradient; use "
-                "memory_budget=None (recompute) to backward more than once")
+            raise RuntimeError(_SECOND_BACKWARD)
         kept = ctx.kept
         if kept.shape[0] > 0:
             ctx.kept, ctx.kept_consumed = None, True
@@ -137,6 +139,69 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
             chunk_size, softcap, logit_scale, backend)
         return (grad_hidden, grad_weight, grad_bias if bias is not None else None,
                 *([None] * 10))
+
+
+def epilogue_inverse_temperature(temperature: float, softcap: float, logit_scale: float) -> float:
+    """1 / T of the stats the primitives return: log p = (z - m)·this - L (without a softcap the
+    logit scale is folded into the temperature, backends.py)."""
+    return (1.0 if softcap else logit_scale) / temperature
+
+
+class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
+    """linear_token_logprobs on this rank's vocabulary shard, combined across the ranks
+    (pyalign/ops/_vocab_parallel.py). Runs the backend primitives directly: the collectives
+    between them are not traceable custom ops."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, shard, ignore_index, temperature, with_entropy,
+                chunk_size, softcap, logit_scale, metrics, keep_rows, backend):
+        local, owned = _vocab_parallel.local_labels(shard, labels, ignore_index)
+        implementation = backends.implementation("linear_logprobs", backend, hidden)
+        logprobs, entropy, stats, log_sum_sq, mean, top1, kept = implementation.forward(
+            hidden, weight, bias, local, _vocab_parallel.LOCAL_IGNORE, temperature, with_entropy,
+            chunk_size or None, softcap or None, logit_scale, metrics, keep_rows)
+        combined = _vocab_parallel.combine_rows(
+            shard, owned, labels != ignore_index, logprobs, stats,
+            epilogue_inverse_temperature(temperature, softcap, logit_scale),
+            entropy=entropy if with_entropy else None, log_sum_sq=log_sum_sq if metrics[0] else None,
+            mean=mean if metrics[1] else None, top1=top1 if metrics[2] else None)
+
+        def given(value, default):
+            return default if value is None else value
+
+        entropy = given(combined.entropy, entropy)
+        ctx.save_for_backward(hidden, weight, bias, local, combined.stats,
+                              entropy if with_entropy else None)
+        ctx.config = (temperature, with_entropy, chunk_size, softcap, logit_scale, backend, shard)
+        ctx.kept = kept  # as in LinearTokenLogprobsFunction: overwritten by the backward
+        ctx.kept_consumed = False
+        extra = (given(combined.log_sum_sq, log_sum_sq), given(combined.mean, mean),
+                 given(combined.top1, top1))
+        ctx.mark_non_differentiable(*extra)
+        return (combined.logprobs, entropy, *extra)
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, *_metric_grads):
+        hidden, weight, bias, local, stats, entropy = ctx.saved_tensors
+        temperature, with_entropy, chunk_size, softcap, logit_scale, backend, shard = ctx.config
+        if ctx.kept_consumed:
+            raise RuntimeError(_SECOND_BACKWARD)
+        kept = ctx.kept
+        if kept.shape[0] > 0:
+            ctx.kept, ctx.kept_consumed = None, True
+        if grad_logprobs is None:
+            grad_logprobs = stats.new_zeros(stats.shape[0])
+        if not with_entropy:
+            grad_entropy = None
+        implementation = backends.implementation("linear_logprobs", backend, hidden)
+        # the whole rows' stats and entropy: each rank's logits become their own gradient
+        grad_hidden, grad_weight, grad_bias = implementation.backward(
+            grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
+            hidden, weight, bias, local, stats, entropy if grad_entropy is not None else None,
+            _vocab_parallel.LOCAL_IGNORE, temperature, chunk_size or None, softcap or None,
+            logit_scale, kept, vocab_shard=True)
+        _vocab_parallel.sum_over_ranks(grad_hidden, shard)
+        return (grad_hidden, grad_weight, grad_bias if bias is not None else None, *([None] * 11))
 
 
 def _check_outputs(outputs) -> tuple[bool, tuple[bool, bool, bool]]:
@@ -157,14 +222,16 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           temperature: float = ..., entropy: Literal[False] = ...,
                           outputs: None = ..., softcap: Optional[float] = ...,
                           logit_scale: float = ..., chunk_size: Optional[int] = ...,
-                          memory_budget: Optional[int] = ..., backend: str = ...) -> torch.Tensor: ...
+                          memory_budget: Optional[int] = ..., backend: str = ...,
+                          process_group=...) -> torch.Tensor: ...
 @overload
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = ..., ignore_index: int = ...,
                           temperature: float = ..., entropy: Literal[True],
                           outputs: None = ..., softcap: Optional[float] = ...,
                           logit_scale: float = ..., chunk_size: Optional[int] = ...,
-                          memory_budget: Optional[int] = ..., backend: str = ...
+                          memory_budget: Optional[int] = ..., backend: str = ...,
+                          process_group=...
                           ) -> tuple[torch.Tensor, torch.Tensor]: ...
 @overload
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -172,7 +239,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           temperature: float = ..., entropy: Literal[False] = ...,
                           outputs: tuple[str, ...], softcap: Optional[float] = ...,
                           logit_scale: float = ..., chunk_size: Optional[int] = ...,
-                          memory_budget: Optional[int] = ..., backend: str = ...
+                          memory_budget: Optional[int] = ..., backend: str = ...,
+                          process_group=...
                           ) -> LinearLogprobsOutput: ...
 
 
@@ -182,7 +250,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           outputs: Optional[tuple[str, ...]] = None,
                           softcap: Optional[float] = None, logit_scale: float = 1.0,
                           chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
-                          backend: str = "auto"):
+                          backend: str = "auto", process_group=None):
     """Per-token log-probs of ``labels`` under softmax(z), z = softcap(logit_scale * (hidden @
     weight.T + bias)) / temperature, never holding the [N, V] logits whole.
 
@@ -221,6 +289,17 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     between forward and backward (N * V * itemsize bytes for all of them: 250 MiB at N = 2048,
     V = 32000, fp32). Such a call supports one backward (a second one raises). With a softcap,
     one more fp32 slice (two in backward) holds the transformed logits.
+
+    ``process_group`` (a torch.distributed ProcessGroup, or None): the vocab-parallel head of a
+    tensor-parallel ``lm_head``. ``weight`` (and ``bias``) on each rank are that rank's rows of
+    the vocabulary, the shards in rank order (any sizes, adding up to the vocabulary); hidden and
+    labels (global vocabulary ids) are the same on every rank, and so must the upstream gradients
+    be (the loss computed alike on every rank). Every rank streams its shard and gets the same
+    full result; the per-token stats are combined by all-reduces of [N]-sized vectors and
+    backward exchanges no [N, V] data: each rank's weight and bias gradients are those of its
+    shard, the hidden gradient is summed across ranks (docs/algorithms.md, "Vocab-parallel
+    head"). One all-reduce of the shard sizes and hidden's shape checks the setup first. Not
+    traceable by torch.compile (the collectives run between the backend calls).
     """
     _checks.check_tensor("hidden", hidden, floating=True)
     _checks.check_tensor("weight", weight, floating=True)
@@ -264,15 +343,24 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     else:
         metrics = (False, False, False)
     backends.check_name(backend)
+    shard = None
+    if process_group is not None:
+        shard = _vocab_parallel.vocab_shard(process_group, "process_group", weight, hidden, labels,
+                                            ignore_index)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     labels_1d = labels.reshape(-1).to(torch.int64)
     # The fused Triton kernels keep no logits: the budget is for the chunked backends.
     fused = backend == "triton" or (backend == "auto" and hidden.device.type == "cuda")
     keep = 0 if fused else kept_rows(memory_budget, hidden_2d.shape[0], weight.shape[0],
                                      hidden.element_size())
-    logprobs, entropy_out, log_sum_sq, mean, top1 = LinearTokenLogprobsFunction.apply(
-        hidden_2d, weight, bias, labels_1d, ignore_index, temperature, entropy, chunk_size or 0,
-        softcap or 0.0, logit_scale, metrics, keep, backend)
+    if shard is None:
+        logprobs, entropy_out, log_sum_sq, mean, top1 = LinearTokenLogprobsFunction.apply(
+            hidden_2d, weight, bias, labels_1d, ignore_index, temperature, entropy, chunk_size or 0,
+            softcap or 0.0, logit_scale, metrics, keep, backend)
+    else:
+        logprobs, entropy_out, log_sum_sq, mean, top1 = VocabParallelLinearLogprobsFunction.apply(
+            hidden_2d, weight, bias, labels_1d, shard, ignore_index, temperature, entropy,
+            chunk_size or 0, softcap or 0.0, logit_scale, metrics, keep, backend)
     logprobs = logprobs.view(labels.shape)
     if named:
         wanted = (entropy, *metrics)

@@ -22,7 +22,7 @@ import torch
 from pyalign import backends
 from pyalign import losses as registry
 from pyalign._utils import accumulation_dtype
-from pyalign.ops import _checks, _fused_head
+from pyalign.ops import _checks, _fused_head, _vocab_parallel
 from pyalign.ops.linear_logprobs import linear_token_logprobs
 
 LOSS_NAMES = registry.PAIRWISE_NAMES  # the pairwise entries of the registry, pyalign/losses.py
@@ -567,7 +567,7 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
                            use_weighting: bool = False, ignore_index: int = -100,
                            average_log_prob: bool = False, temperature: float = 1.0,
                            reduction: str = "mean", chunk_size: Optional[int] = None,
-                           backend: str = "auto") -> PreferenceLossOutput:
+                           backend: str = "auto", process_group=None) -> PreferenceLossOutput:
     """The fused path from the policy's last hidden state to a preference loss.
 
     hidden: [2B, T, H], chosen rows first then rejected; weight: the lm_head [V, H]; labels:
@@ -588,6 +588,11 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     (aot, aot_unpaired, sft: their value needs the whole batch), ``reduction="none"``, no-grad
     calls and torch.compile take the recompute path instead: per-token log-probs
     (linear_token_logprobs, which recomputes the logits in backward: 4 matmuls) then the loss.
+
+    ``process_group``: the vocab-parallel head, as in ``linear_token_logprobs``: ``weight``,
+    ``bias``, ``ref_weight`` and ``ref_bias`` are this rank's vocabulary rows (the reference
+    sharded like the policy), everything else is the same on every rank, and every rank returns
+    the same loss; its weight gradients are its shard's.
     """
     spec = _check_loss_spec(loss, loss_weights, beta, label_smoothing, reduction, f_divergence,
                             f_alpha_divergence_coef)
@@ -604,6 +609,10 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     ld_alpha, use_weighting = _check_token_options(spec, ld_alpha, use_weighting, average_log_prob)
     _check_linear_inputs(hidden, weight, bias, labels, ref_logps, ref_hidden, ref_weight, ref_bias)
     backends.check_name(backend)
+    shard = None
+    if process_group is not None:
+        shard = _vocab_parallel.vocab_shard(process_group, "process_group", weight, hidden, labels,
+                                            ignore_index)
     if ref_logps is not None:
         ref_logps = ref_logps.detach()
     # A backend named for the per-token part (say "cpu") need not have a loss kernel: the tiny
@@ -614,25 +623,29 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
             and all(entry.batch_step is None for entry, _, _ in spec.terms)):
         return _fused_linear_preference(hidden, weight, bias, labels, ref_logps, ref_hidden,
                                         ref_weight, ref_bias, spec, options, use_weighting,
-                                        ignore_index, temperature, reduction, chunk_size, backend)
+                                        ignore_index, temperature, reduction, chunk_size, backend,
+                                        shard)
     mask = labels != ignore_index
-    token_logps = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                        temperature=temperature, chunk_size=chunk_size,
-                                        backend=backend)
+    head = dict(ignore_index=ignore_index, temperature=temperature, chunk_size=chunk_size,
+                backend=backend, process_group=process_group)
+    token_logps = linear_token_logprobs(hidden, weight, labels, bias=bias, **head)
     if ref_logps is None:
         with torch.no_grad():  # per-token [2B, T]: the fused kernel reduces it with the policy's
-            ref_logps = linear_token_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias,
-                                              ignore_index=ignore_index, temperature=temperature,
-                                              chunk_size=chunk_size, backend=backend)
-    sum_sq = (linear_log_sum_sq_probs(hidden, weight, bias, mask, temperature, chunk_size)
-              if use_weighting else None)
+            ref_logps = linear_token_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias, **head)
+    sum_sq = None
+    if use_weighting and shard is None:
+        sum_sq = linear_log_sum_sq_probs(hidden, weight, bias, mask, temperature, chunk_size)
+    elif use_weighting:  # the whole vocabulary's log Σ p²: the head's metric, combined
+        with torch.no_grad():
+            sum_sq = linear_token_logprobs(hidden, weight, labels, bias=bias,
+                                           outputs=("log_sum_sq_probs",), **head).log_sum_sq_probs
     return _token_level_loss(token_logps, mask, ref_logps, spec, log_sum_sq_probs=sum_sq,
                              reduction=reduction, **options)
 
 
 def _fused_linear_preference(hidden, weight, bias, labels, ref_logps, ref_hidden, ref_weight,
                              ref_bias, spec, options, use_weighting, ignore_index, temperature,
-                             reduction, chunk_size, backend) -> PreferenceLossOutput:
+                             reduction, chunk_size, backend, shard) -> PreferenceLossOutput:
     """linear_preference_loss in 3 matmuls: chunks of whole pairs, each chunk's per-pair losses by
     ``_token_level_loss`` itself (the recompute path's code), differentiated in the forward."""
     pairs = hidden.shape[0] // 2
@@ -648,7 +661,8 @@ def _fused_linear_preference(hidden, weight, bias, labels, ref_logps, ref_hidden
     reference = None if ref_hidden is None else _fused_head.ReferenceHead(ref_hidden, ref_weight,
                                                                           ref_bias)
     plan = _fused_head.FusedHeadPlan(labels, unit_rows, chunk_loss, reduction, ignore_index,
-                                     temperature, chunk_size, backend, reference, use_weighting)
+                                     temperature, chunk_size, backend, reference, use_weighting,
+                                     vocab_shard=shard)
     loss, chosen_rewards, rejected_rewards = _fused_head.fused_head_loss(hidden, weight, bias, plan)
     return PreferenceLossOutput(loss, chosen_rewards, rejected_rewards,
                                 chosen_rewards - rejected_rewards)
