@@ -35,7 +35,9 @@ logprobs
   backward_columns(..., temperature, column_start)   (optional: the chunked linear path's
            epilogue, pyalign/eager/linear_logprobs.py, needs it) the same gradient, in place, for
            logits[:, c0:c0+W] of a wider vocabulary: stats of whole rows, labels of the whole
-           vocabulary (the label term only where it falls in the slice)
+           vocabulary (the label term only where it falls in the slice). A vocab shard's
+           3-matmul loss (pyalign/ops/_fused_head.py) calls it at column 0 with labels outside
+           the shard; a backend without it must take such labels in ``backward`` (no label term)
 linear_logprobs
   forward(hidden[N,H], weight[V,H], bias[V] | None, labels, ignore_index, temperature,
           with_entropy, chunk_size, softcap | None, logit_scale, metrics, keep_rows)
@@ -44,12 +46,18 @@ linear_logprobs
       softcap); stats as for logprobs, of the head logits before T; metrics = three bools
       (log_sum_sq_probs, mean_logits, is_top1 wanted: [N] each, else empty[0]); kept = the raw
       logits of the first keep_rows tokens, kept for backward ([keep_rows, V]; the ops layer
-      asks only the chunked backends, the fused Triton one returns [0, V])
+      asks only the chunked backends, the fused Triton one returns [0, V]). A label outside
+      [0, V) that is not ignore_index (a vocab shard's token whose label another rank holds,
+      pyalign/ops/_vocab_parallel.py) is no error: that token gets its row's stats, entropy,
+      log_sum_sq_probs and mean_logits; its logprobs and is_top1 are unspecified
   backward(grad_logprobs, grad_entropy | None, hidden, weight, bias, labels, stats, entropy | None,
-           ignore_index, temperature, chunk_size, softcap | None, logit_scale, kept)
+           ignore_index, temperature, chunk_size, softcap | None, logit_scale, kept, *,
+           vocab_shard=False)
       -> (grad_hidden, grad_weight, grad_bias | None); may overwrite ``kept``.
       ignored tokens contribute nothing to grad_weight / grad_bias (a NaN/inf hidden row is
-      selected away) and get grad_hidden exactly 0
+      selected away) and get grad_hidden exactly 0. With vocab_shard, weight is a shard of a
+      wider vocabulary and stats / entropy are the whole rows' (used as given, never recomputed
+      from the shard); a label outside [0, V) adds no label term
 kl
   forward(logprobs, ref_logprobs, mask | None, estimator) -> kl (f32)
   backward(grad_kl, logprobs, ref_logprobs, mask | None, estimator)
