@@ -76,9 +76,9 @@ def vocab_shard(process_group, name: str, weight: torch.Tensor, hidden: torch.Te
     sizes[rank] = weight.shape[0]
     # MAX of (sizes one-hot, shape, -shape): the sizes, and the largest and smallest of each
     # shape entry (equal on every rank iff the shapes agree)
-    info = torch.tensor(sizes + signature + [-s for s in signature], dtype=torch.int64)
-    if weight.device.type != "cpu" and dist.get_backend(process_group) != "gloo":
-        info = info.to(weight.device)
+    # on weight's device: the group's backend takes the tensors the combine will reduce
+    info = torch.tensor(sizes + signature + [-s for s in signature], dtype=torch.int64,
+                        device=weight.device)
     dist.all_reduce(info, op=dist.ReduceOp.MAX, group=process_group)
     info = info.tolist()
     sizes = info[:world]
@@ -183,8 +183,11 @@ def combine_rows(shard: VocabShard, owned: torch.Tensor, valid: torch.Tensor,
 
 
 def sum_over_ranks(tensor: torch.Tensor, shard: VocabShard) -> torch.Tensor:
-    """The hidden gradient of the whole head: the SUM of every shard's, in place."""
-    return _all_reduce(tensor, "SUM", shard)
+    """The hidden gradient of the whole head: the SUM of every shard's, in place (summed in
+    fp32 for bf16/fp16 gradients: not every backend reduces them, and fp32 adds exactly)."""
+    if tensor.dtype in (torch.float32, torch.float64):
+        return _all_reduce(tensor, "SUM", shard)
+    return tensor.copy_(_all_reduce(tensor.float(), "SUM", shard))
 
 
 

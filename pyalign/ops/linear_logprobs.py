@@ -204,6 +204,11 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
         return (grad_hidden, grad_weight, grad_bias if bias is not None else None, *([None] * 11))
 
 
+@torch.compiler.disable  # collectives between backend calls: a graph break, never traced
+def _vocab_parallel_apply(*args):
+    return VocabParallelLinearLogprobsFunction.apply(*args)
+
+
 def _check_outputs(outputs) -> tuple[bool, tuple[bool, bool, bool]]:
     """(entropy wanted, (log_sum_sq_probs, mean_logits, is_top1) wanted) from ``outputs``."""
     if isinstance(outputs, str) or not isinstance(outputs, (tuple, list, set, frozenset)):
@@ -298,8 +303,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     full result; the per-token stats are combined by all-reduces of [N]-sized vectors and
     backward exchanges no [N, V] data: each rank's weight and bias gradients are those of its
     shard, the hidden gradient is summed across ranks (docs/algorithms.md, "Vocab-parallel
-    head"). One all-reduce of the shard sizes and hidden's shape checks the setup first. Not
-    traceable by torch.compile (the collectives run between the backend calls).
+    head"). One all-reduce of the shard sizes and hidden's shape checks the setup first. Under
+    torch.compile the sharded call is a graph break (its collectives run between the backend
+    calls).
     """
     _checks.check_tensor("hidden", hidden, floating=True)
     _checks.check_tensor("weight", weight, floating=True)
@@ -358,7 +364,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
             hidden_2d, weight, bias, labels_1d, ignore_index, temperature, entropy, chunk_size or 0,
             softcap or 0.0, logit_scale, metrics, keep, backend)
     else:
-        logprobs, entropy_out, log_sum_sq, mean, top1 = VocabParallelLinearLogprobsFunction.apply(
+        logprobs, entropy_out, log_sum_sq, mean, top1 = _vocab_parallel_apply(
             hidden_2d, weight, bias, labels_1d, shard, ignore_index, temperature, entropy,
             chunk_size or 0, softcap or 0.0, logit_scale, metrics, keep, backend)
     logprobs = logprobs.view(labels.shape)

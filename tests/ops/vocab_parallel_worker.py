@@ -101,8 +101,9 @@ def token_case(data, options, with_bias, ignore_index, weight, bias, backend, pr
 
 
 def loss_cases(data, heads, backend, process_group):
-    """The fused DPO (3 matmuls, reference from hidden states), DPO + WPO weighting on the
-    recompute path (reduction "none"), and KTO with KL pairs: loss and gradients."""
+    """The fused DPO with WPO weights (3 matmuls, reference from hidden states), the same on the
+    recompute path (reduction "none", precomputed reference), and KTO with KL pairs: loss and
+    gradients."""
     weight, bias, ref_weight, ref_bias = heads
     results = {}
 
@@ -119,6 +120,7 @@ def loss_cases(data, heads, backend, process_group):
     run("dpo_fused", lambda hidden, head, head_bias: pyalign.linear_preference_loss(
         hidden, head, data["pair_labels"], bias=head_bias, ref_hidden=data["ref_hidden"],
         ref_weight=ref_weight, ref_bias=ref_bias, beta=0.3, temperature=0.9, chunk_size=4,
+        use_weighting=True,
         backend=backend, process_group=process_group))
     run("wpo_recompute", lambda hidden, head, head_bias: pyalign.linear_preference_loss(
         hidden, head, data["pair_labels"], bias=head_bias, ref_logps=data["ref_logps"],
