@@ -50,8 +50,8 @@ class FusedHeadPlan(NamedTuple):
     (its units' first rows, then their second rows); ``ref_token_logps`` and ``log_sum_sq`` are
     [rows, T] or None. ``loss_scale``: ∂(reduced loss)/∂(unit loss), 1/U for a mean.
     ``vocab_shard``: for a vocab-parallel head, this rank's shard (weight, bias and the
-    reference's head are its vocabulary rows; pyalign/ops/_vocab_parallel.py, validated by the
-    caller with ``vocab_shard``), or None."""
+    reference's head are its vocabulary rows: the caller's ``_vocab_parallel.vocab_shard``),
+    or None."""
     labels: torch.Tensor  # [R, T]
     unit_rows: torch.Tensor
     chunk_loss: Callable
@@ -134,17 +134,18 @@ def _run(plan: FusedHeadPlan, hidden, weight, bias, needs_grad):
         flat_index = (rows[:, None] * seq_len + positions).reshape(-1)[kept_local]
         chunk_labels = flat_labels[flat_index]
         shape = (rows.numel(), seq_len)
-        forward_labels = chunk_labels
+        forward_labels, forward_ignore = chunk_labels, plan.ignore_index
         if shard is not None:  # every token here is kept: the others' label is a dummy in forward
             chunk_labels, owned = _vocab_parallel.local_labels(shard, chunk_labels, plan.ignore_index)
             forward_labels = torch.where(owned, chunk_labels, 0)
+            forward_ignore = _vocab_parallel.LOCAL_IGNORE  # never a local label
             kept_tokens = torch.ones_like(owned)
         ref_tokens = None
         if reference is not None:
             with torch.no_grad():
                 ref_logits = _head_logits(ref_flat[flat_index], reference.weight, reference.bias)
                 ref_impl = backends.implementation("logprobs", lp_backend, ref_logits)
-                ref_lp, _, ref_stats = ref_impl.forward(ref_logits, forward_labels, plan.ignore_index,
+                ref_lp, _, ref_stats = ref_impl.forward(ref_logits, forward_labels, forward_ignore,
                                                         plan.temperature, False)
                 del ref_logits
                 if shard is not None:
@@ -155,7 +156,7 @@ def _run(plan: FusedHeadPlan, hidden, weight, bias, needs_grad):
         chunk_hidden = flat_hidden[flat_index]
         logits = _head_logits(chunk_hidden, weight, bias)  # matmul 1
         impl = backends.implementation("logprobs", lp_backend, logits)
-        token_lp, _, stats = impl.forward(logits, forward_labels, plan.ignore_index,
+        token_lp, _, stats = impl.forward(logits, forward_labels, forward_ignore,
                                           plan.temperature, False)
         log_sum_sq = None
         if plan.with_log_sum_sq:

@@ -125,8 +125,11 @@ def loss_cases(data, heads, backend, process_group):
     run("wpo_recompute", lambda hidden, head, head_bias: pyalign.linear_preference_loss(
         hidden, head, data["pair_labels"], bias=head_bias, ref_logps=data["ref_logps"],
         use_weighting=True, reduction="none", backend=backend, process_group=process_group))
+    # ignore_index=5: labels 21, 26 and 29 are local label 5 on some shard (offsets 16, 21, 24)
+    kto_labels = data["pair_labels"].where(data["pair_labels"] != -100, 5)
+    kto_labels[:3, 2] = torch.tensor([26, 21, 29])
     run("kto_fused", lambda hidden, head, head_bias: pyalign.linear_kto_loss(
-        hidden, head, data["pair_labels"], data["desirable"], bias=head_bias,
+        hidden, head, kto_labels, data["desirable"], bias=head_bias, ignore_index=5,
         kl_hidden=data["kl_hidden"], kl_labels=data["kl_labels"], ref_hidden=data["ref_hidden"],
         ref_kl_hidden=data["kl_hidden"], ref_weight=ref_weight, ref_bias=ref_bias, beta=0.2,
         chunk_size=6, backend=backend, vocab_process_group=process_group)[:2])
