@@ -25,12 +25,14 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 
 # The ignore_index every backend call of a shard sees: owned labels are >= 0 and the others'
 # is the shard's size, so -1 never collides with a kept token.
 LOCAL_IGNORE = -1
 # hidden's shape, compared across ranks, in a fixed-length vector (the collective needs one
-# length on every rank): the rank, then up to this many dimensions, then the product of the rest.
+# length on every rank): the number of dimensions, up to this many of them (-1 past the last),
+# then the product of the rest.
 _SHAPE_SLOTS = 6
 
 
@@ -42,11 +44,6 @@ class VocabShard(NamedTuple):
     size: int     # this rank's rows
     total: int    # the whole vocabulary: the sum of every rank's rows
     largest: int  # the largest shard (chunk budgets must agree across ranks)
-
-
-def _dist():
-    import torch.distributed as dist
-    return dist
 
 
 def _shape_signature(shape) -> list[int]:
@@ -62,7 +59,6 @@ def vocab_shard(process_group, name: str, weight: torch.Tensor, hidden: torch.Te
     (the offsets and the total), and hidden's shape on every rank. Raises on every rank alike
     (they all see the reduced values): a non-initialised torch.distributed, hidden (and so
     labels) of different shapes across ranks, a label outside the total vocabulary."""
-    dist = _dist()
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"{name} is given but torch.distributed is not initialised: call "
                            f"torch.distributed.init_process_group first (or pass {name}=None for "
@@ -111,7 +107,6 @@ def local_labels(shard: VocabShard, labels: torch.Tensor, ignore_index: int):
 
 
 def _all_reduce(tensor: torch.Tensor, op: str, shard: VocabShard) -> torch.Tensor:
-    dist = _dist()
     dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op), group=shard.group)
     return tensor
 
