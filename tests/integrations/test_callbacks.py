@@ -200,8 +200,10 @@ def test_lora_reference_adapter_follows_the_schedule_and_resumes_exactly(tmp_pat
     resumed = lora_llama(0)                      # has no "ref" adapter: the checkpoint brings it
     shutil.copytree(tmp_path / "straight" / f"checkpoint-{SAVE_EVERY}",
                     tmp_path / "resumed" / f"checkpoint-{SAVE_EVERY}")
-    run_trainer(resumed, [TrustRegionCallback(alpha=0.5, tau=2)], tmp_path / "resumed", resume=True)
+    resumed_cb = TrustRegionCallback(alpha=0.5, tau=2)
+    run_trainer(resumed, [resumed_cb], tmp_path / "resumed", resume=True)
     assert_bits_equal(exact(resumed), want_all)
+    assert (resumed_cb.strategy.num_updates, resumed_cb.strategy.last_update_step) == (3, STEPS)
 
     # the reference log-probs: the model with the reference adapter active, no graph
     tokens = TokenDataset(rows=2)[0]["input_ids"][None]
@@ -266,11 +268,16 @@ def test_elastic_reset_resume_is_bit_identical(tmp_path, resume):
 
 # ---------------------------------------------------------------- TRL
 
-def dpo_parts():
+@pytest.fixture(scope="module")
+def tokenizer():
+    from hf_models import train_tokenizer
+    return train_tokenizer(vocab_size=300)
+
+
+def dpo_parts(tokenizer):
     from datasets import Dataset
 
-    from hf_models import build_tiny_model, train_tokenizer
-    tokenizer = train_tokenizer(vocab_size=300)
+    from hf_models import build_tiny_model
     policy = build_tiny_model("llama", tokenizer, seed=0, hidden=16, layers=1).train()
     ref = build_tiny_model("llama", tokenizer, seed=1, hidden=16, layers=1)
     data = Dataset.from_dict({"prompt": ["the cat sat", "a dog ran", "it was big", "one two"],
@@ -288,11 +295,10 @@ def dpo_config(output_dir, **overrides):
     return DPOConfig(**settings)
 
 
-def test_trl_dpo_trainer_with_trust_region_callback(tmp_path):
-    pytest.importorskip("trl")
+def test_trl_dpo_trainer_with_trust_region_callback(tmp_path, tokenizer):
     from trl import DPOTrainer
     from trl.trainer.callbacks import SyncRefModelCallback
-    tokenizer, policy, ref, data = dpo_parts()
+    tokenizer, policy, ref, data = dpo_parts(tokenizer)
     trainer = DPOTrainer(model=policy, ref_model=ref, args=dpo_config(tmp_path),
                          train_dataset=data, processing_class=tokenizer)
     assert not any(isinstance(c, SyncRefModelCallback) for c in trainer.callback_handler.callbacks)
@@ -306,12 +312,44 @@ def test_trl_dpo_trainer_with_trust_region_callback(tmp_path):
     assert_close64(dict(trainer.ref_model.named_parameters()), oracle[3])
 
     # TRL's own sync_ref_model on as well would update the reference twice: refused
-    _, policy, ref, _ = dpo_parts()
+    _, policy, ref, _ = dpo_parts(tokenizer)
     both = DPOTrainer(model=policy, ref_model=ref, args=dpo_config(tmp_path, sync_ref_model=True),
                       train_dataset=data, processing_class=tokenizer,
                       callbacks=[TrustRegionCallback(ref, alpha=0.5, tau=1)])
     with pytest.raises(ValueError, match="sync_ref_model=False"):
         both.train()
+
+
+def test_trl_dpo_peft_reference_is_the_lerped_adapter(tmp_path, tokenizer):
+    """DPOTrainer given a peft_config computes the reference log-probs with the adapter named
+    "ref" when the model has one: the callback adds it and moves it."""
+    from peft import LoraConfig
+    from trl import DPOTrainer
+    tokenizer, policy, _, data = dpo_parts(tokenizer)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                      task_type="CAUSAL_LM", init_lora_weights="gaussian")
+    trainer = DPOTrainer(model=policy, args=dpo_config(tmp_path), train_dataset=data,
+                         processing_class=tokenizer, peft_config=lora)
+    model = trainer.model
+    assert trainer.ref_model is None and "ref" not in model.peft_config
+    policy_adapter = adapter_tensors(model, "default")
+    ref0 = params64(policy_adapter)
+    policy_seen = Recorder(policy_adapter)
+    trainer.add_callback(policy_seen)
+    trainer.add_callback(TrustRegionCallback(alpha=0.5, tau=2))
+    trainer.train()
+    oracle = lerp_oracle(ref0, policy_seen.steps, alpha=0.5, tau=2)
+    ref_adapter = adapter_tensors(model, "ref")
+    assert_close64(ref_adapter, oracle[3])
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(model, batch)
+    with torch.no_grad():        # TRL reads the adapter: moving it moves the reference log-probs
+        for name, param in ref_adapter.items():
+            param.copy_(policy_adapter[name])
+    moved_chosen, _ = trainer.compute_ref_log_probs(model, batch)
+    assert not torch.equal(moved_chosen, ref_chosen)
+    assert torch.isfinite(ref_chosen).all() and torch.isfinite(ref_rejected).all()
 
 
 # ---------------------------------------------------------------- bad arguments
