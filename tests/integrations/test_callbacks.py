@@ -113,38 +113,39 @@ def assert_close64(got: dict, want: dict):
 
 # ---------------------------------------------------------------- trust region, full reference
 
-def test_trust_region_reference_follows_the_lerp_schedule(tmp_path):
+@pytest.fixture(scope="module")
+def straight_trust_region(tmp_path_factory):
+    """Six steps straight (checkpoints at 3 and 6), the policy recorded before the callback and
+    the reference after it at every step."""
+    out = tmp_path_factory.mktemp("tr_straight")
     policy, ref = tiny_llama(0), tiny_llama(1)
     ref0 = params64(dict(ref.named_parameters()))
     policy_seen = Recorder(dict(policy.named_parameters()))
     ref_seen = Recorder(dict(ref.named_parameters()))
     callback = TrustRegionCallback(ref, alpha=0.6, tau=2)
-    run_trainer(policy, [policy_seen, callback, ref_seen], tmp_path)
-    oracle = lerp_oracle(ref0, policy_seen.steps, alpha=0.6, tau=2)
-    assert sorted(ref_seen.steps) == list(range(1, STEPS + 1))
+    run_trainer(policy, [policy_seen, callback, ref_seen], out)
+    return dict(dir=out, policy=exact(policy), ref=exact(ref), ref0=ref0, callback=callback,
+                policy_seen=policy_seen.steps, ref_seen=ref_seen.steps)
+
+
+def test_trust_region_reference_follows_the_lerp_schedule(straight_trust_region):
+    run = straight_trust_region
+    oracle = lerp_oracle(run["ref0"], run["policy_seen"], alpha=0.6, tau=2)
+    assert sorted(run["ref_seen"]) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
-        assert_close64(ref_seen.steps[step], oracle[step])
-    assert callback.strategy.num_updates == STEPS // 2
+        assert_close64(run["ref_seen"][step], oracle[step])
+    assert run["callback"].strategy.num_updates == STEPS // 2
     # the state file holds the reference of its step and opens with weights_only=True
-    saved = torch.load(tmp_path / f"checkpoint-{SAVE_EVERY}" / f"{STATE_FILES['TrustRegion']}.pt",
+    saved = torch.load(run["dir"] / f"checkpoint-{SAVE_EVERY}" / f"{STATE_FILES['TrustRegion']}.pt",
                        weights_only=True)
     assert saved["global_step"] == SAVE_EVERY and saved["last_update_step"] == 2
     assert_close64(saved["ref"], oracle[SAVE_EVERY])
 
 
-@pytest.fixture(scope="module")
-def straight_trust_region(tmp_path_factory):
-    """Six steps straight (checkpoints at 3 and 6): the policy, reference and counters."""
-    out = tmp_path_factory.mktemp("tr_straight")
-    policy, ref = tiny_llama(0), tiny_llama(1)
-    callback = TrustRegionCallback(ref, alpha=0.6, tau=2)
-    run_trainer(policy, [callback], out)
-    return out, exact(policy), exact(ref), callback.strategy.num_updates
-
-
 @pytest.mark.parametrize("how", ["last", "path", "outside"])
 def test_trust_region_resume_is_bit_identical(straight_trust_region, tmp_path, how):
-    straight_dir, policy_want, ref_want, updates_want = straight_trust_region
+    run = straight_trust_region
+    straight_dir, policy_want, ref_want = run["dir"], run["policy"], run["ref"]
     checkpoint = straight_dir / f"checkpoint-{SAVE_EVERY}"
     overrides = {}
     if how == "last":          # train(resume_from_checkpoint=True): the last checkpoint of output_dir
@@ -162,12 +163,12 @@ def test_trust_region_resume_is_bit_identical(straight_trust_region, tmp_path, h
     run_trainer(policy, [callback], output_dir, resume=resume, **overrides)
     assert_bits_equal(exact(policy), policy_want)
     assert_bits_equal(exact(ref), ref_want)
-    assert callback.strategy.num_updates == updates_want
+    assert callback.strategy.num_updates == STEPS // 2
     assert callback.strategy.last_update_step == STEPS
 
 
 def test_resume_without_the_state_file_raises(straight_trust_region, tmp_path):
-    straight_dir = straight_trust_region[0]
+    straight_dir = straight_trust_region["dir"]
     policy, ref = tiny_llama(0), tiny_llama(1)
     with pytest.raises(FileNotFoundError, match="resume_from_checkpoint"):
         run_trainer(policy, [TrustRegionCallback(ref, alpha=0.6, tau=2)], tmp_path / "elsewhere",
@@ -241,21 +242,31 @@ def test_elastic_reset_resets_on_schedule(tmp_path):
     assert_close64(dict(zip(callback.strategy.names, callback.strategy.ema_tensors)), ema)
 
 
-@pytest.mark.parametrize("resume", ["last", "path"])
-def test_elastic_reset_resume_is_bit_identical(tmp_path, resume):
-    def callback():
-        return ElasticResetCallback(ema_decay=0.8, reset_every=4, ema_every=2, reset_optimizer=True)
+def elastic_callback():
+    return ElasticResetCallback(ema_decay=0.8, reset_every=4, ema_every=2, reset_optimizer=True)
 
-    straight = tiny_llama(0)
-    straight_cb = callback()
-    trainer = run_trainer(straight, [straight_cb], tmp_path / "straight")
-    # reset at step 4 dropped the AdamW state: steps 5 and 6 started it afresh
-    steps_done = {int(s["step"]) for s in trainer.optimizer.state.values()}
-    assert steps_done == {STEPS - 4}
-    checkpoint = tmp_path / "straight" / f"checkpoint-{SAVE_EVERY}"
+
+@pytest.fixture(scope="module")
+def straight_elastic(tmp_path_factory):
+    out = tmp_path_factory.mktemp("er_straight")
+    policy, callback = tiny_llama(0), elastic_callback()
+    trainer = run_trainer(policy, [callback], out)
+    return out, policy, callback, trainer
+
+
+def test_elastic_reset_drops_the_optimizer_state_at_a_reset(straight_elastic):
+    trainer = straight_elastic[3]
+    # the reset at step 4 dropped the AdamW state: steps 5 and 6 started it afresh
+    assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {STEPS - 4}
+
+
+@pytest.mark.parametrize("resume", ["last", "path"])
+def test_elastic_reset_resume_is_bit_identical(straight_elastic, tmp_path, resume):
+    straight_dir, straight, straight_cb, _ = straight_elastic
+    checkpoint = straight_dir / f"checkpoint-{SAVE_EVERY}"
     run_dir = tmp_path / "resumed"
     shutil.copytree(checkpoint, run_dir / checkpoint.name)
-    resumed, resumed_cb = tiny_llama(5), callback()       # other weights: the init must come back
+    resumed, resumed_cb = tiny_llama(5), elastic_callback()   # other weights: the init must come back
     run_trainer(resumed, [resumed_cb], run_dir,
                 resume=True if resume == "last" else str(run_dir / checkpoint.name))
     assert_bits_equal(exact(resumed), exact(straight))
@@ -387,3 +398,52 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no adapter 'reference'"):
         with use_reference_adapter(lora_llama(0), "reference"):
             pass
+
+
+# ---------------------------------------------------------------- FSDP2-style shards
+
+def test_state_is_saved_and_restored_per_rank_shard_local(tmp_path):
+    """DTensor parameters (what FSDP2 trains): the callback saves and restores each rank's local
+    shards, in a per-rank file when the run has several processes."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    from transformers import TrainerControl, TrainerState
+    created = not dist.is_initialized()
+    if created:                 # a one-rank gloo group: enough to build DTensor parameters
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                                world_size=1)
+    try:
+        mesh = DeviceMesh("cpu", [0])
+
+        def sharded(seed):
+            torch.manual_seed(seed)
+            layer = torch.nn.Linear(6, 5)
+            for name, param in list(layer.named_parameters()):
+                setattr(layer, name, torch.nn.Parameter(distribute_tensor(param.data, mesh, [Shard(0)])))
+            return layer
+
+        # what TrainingArguments says on rank 1 of 2
+        args = type("Args", (), dict(output_dir=str(tmp_path), world_size=2, process_index=1,
+                                     resume_from_checkpoint=None))()
+        policy, ref = sharded(1), sharded(2)
+        want = {n: 0.25 * policy.get_parameter(n).to_local().double()
+                + 0.75 * p.to_local().double() for n, p in ref.named_parameters()}
+        callback, state = TrustRegionCallback(ref, alpha=0.25, tau=1), TrainerState()
+        callback.on_train_begin(args, state, TrainerControl(), model=policy)
+        state.global_step = 1
+        callback.on_step_end(args, state, TrainerControl())
+        callback.on_save(args, state, TrainerControl())
+        saved = torch.load(tmp_path / "checkpoint-1" / "pyalign_trust_region_rank1.pt",
+                           weights_only=True)
+        assert_close64(saved["ref"], want)
+
+        fresh_ref = sharded(3)
+        resumed = TrustRegionCallback(fresh_ref, alpha=0.25, tau=1)
+        resumed.on_train_begin(args, state, TrainerControl(), model=policy)
+        for name, param in fresh_ref.named_parameters():
+            assert type(param.data).__name__ == "DTensor"
+            assert torch.equal(param.to_local(), ref.get_parameter(name).to_local())
+        assert resumed.strategy.last_update_step == 1
+    finally:
+        if created:
+            dist.destroy_process_group()
