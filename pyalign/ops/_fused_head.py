@@ -5,10 +5,12 @@ a scalar), its gradients need not wait for backward. Per chunk of whole *units* 
 row i with rejected row i + B; or one sequence), so that each chunk's loss is complete:
 
 1. logits = hidden_chunk · Wᵀ (+ b)                                        (matmul 1)
-2. the backend's logprobs forward primitive: per-token log-probs and row stats
+2. the backend's logprobs forward primitive: per-token log-probs and row stats (and the
+   per-token entropies, for a plan ``with_entropy``: the policy losses' entropy bonus)
 3. the caller's ``chunk_loss`` on the chunk's [rows, T] log-probs (the same torch code as the
-   recompute path: registry pair math, f-divergences, ld_alpha, WPO weights), differentiated by
-   autograd on those small tensors: per-token coefficients ∂L/∂log p
+   recompute path: registry pair math, f-divergences, ld_alpha, WPO weights, policy terms),
+   differentiated by autograd on those small tensors: per-token coefficients ∂L/∂log p (and
+   ∂L/∂H when the loss uses the entropies)
 4. the backend's logprobs backward primitive turns the logits buffer into d-logits in place
 5. grad_hidden_chunk = d-logits · W                                         (matmul 2)
    grad_W += d-logitsᵀ · hidden_chunk, grad_b += Σ d-logits                (matmul 3)

@@ -219,6 +219,25 @@ def test_masked_positions_are_never_read():
     assert_matches(poisoned[0], grads, clean, dict(rtol=0, atol=0))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_logits_have_probability_zero(backend):
+    """A vocabulary entry masked by a -inf bias: probability 0, its entropy term 0, zero and
+    finite gradients (the oracle takes a float64 floor whose exp underflows to 0 instead)."""
+    hidden, weight, bias, labels, old, ref, advantages = head_case()
+    masked_entry = 5
+    labels = torch.where(labels == masked_entry, masked_entry + 1, labels)
+    bias[masked_entry] = -math.inf
+    options = dict(loss_type="grpo", beta=0.04, entropy_coef=0.3)
+    out, grads = run_fused(hidden, weight, bias, labels, advantages, old, ref, chunk_size=4,
+                           backend=backend, **options)
+    assert grads[2][masked_entry] == 0 and torch.equal(grads[1][masked_entry],
+                                                       torch.zeros_like(grads[1][masked_entry]))
+    floored = bias.double()
+    floored[masked_entry] = torch.finfo(torch.float64).min / 4
+    assert_matches(out, grads, oracle(hidden, weight, floored, labels, advantages, old, ref,
+                                      **options), FP32)
+
+
 def test_upstream_gradient_scales_the_stored_gradients():
     hidden, weight, bias, labels, old, ref, advantages = head_case()
     once = run_fused(hidden, weight, bias, labels, advantages, old, ref, beta=0.04)
