@@ -10,7 +10,9 @@ TRL's default), an entropy mask (top_entropy_quantile) on P and an entropy bonus
 weight_b from the loss's normalisation (losses.POLICY_NORMALISATIONS). The metrics are the
 masked means TRL logs, detached. Gradients flow to ``logprobs`` (and ``entropy`` when
 entropy_coef != 0); none to old_logprobs, ref_logprobs or advantages. Family "policy" of
-pyalign/backends.py; the formulas are in docs/algorithms.md ("Policy-gradient losses").
+pyalign/backends.py; the formulas are in docs/algorithms.md ("Policy-gradient losses"). The
+loss is the sum of per-row losses with batch-global weights (loss_weights), which is what lets
+linear_policy_loss (pyalign/ops/linear_policy.py) compute it chunk by chunk from hidden states.
 """
 from __future__ import annotations
 
