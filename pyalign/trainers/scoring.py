@@ -16,11 +16,24 @@ IGNORE_INDEX = -100
 
 
 def response_mask(responses: torch.Tensor, eos_id: Optional[int]) -> torch.Tensor:
-    """True up to and including the first EOS of each response (all True when there is none)."""
+    """True up to and including the first EOS of each response (all True when there is none),
+    and never at padding (negative ids: pyalign.data pads with -100)."""
+    real = responses >= 0
     if eos_id is None:
-        return torch.ones_like(responses, dtype=torch.bool)
+        return real
     is_eos = (responses == eos_id).to(torch.int32)
-    return (torch.cumsum(is_eos, dim=-1) - is_eos) == 0
+    return ((torch.cumsum(is_eos, dim=-1) - is_eos) == 0) & real
+
+
+def padding_inputs(input_ids: torch.Tensor) -> dict:
+    """The model inputs of token ids padded with negative ids (left-padded prompts,
+    right-padded responses): the ids with padding replaced by 0, an attention mask without it
+    and positions counted over the real tokens; just the ids when there is no padding."""
+    real = input_ids >= 0
+    if bool(real.all()):
+        return {"input_ids": input_ids}
+    return {"input_ids": input_ids.clamp_min(0), "attention_mask": real.long(),
+            "position_ids": (real.long().cumsum(-1) - 1).clamp_min(0)}
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> float:
@@ -60,12 +73,13 @@ class ResponseScorer(torch.nn.Module):
                 entropy: bool = False, log_sum_sq: bool = False):
         """Per-token log-probs (and entropies with ``entropy``; and, with ``log_sum_sq``, log Σ p²
         per token, no gradient: WPO's input) of the response tokens, a tensor or a tuple."""
-        input_ids = torch.cat([prompts, responses], dim=1)
+        inputs = padding_inputs(torch.cat([prompts, responses], dim=1))
+        input_ids = inputs["input_ids"]
         start = prompts.shape[1] - 1
         labels = responses.masked_fill(~mask, IGNORE_INDEX)
         with self._autocast(input_ids.device):
             if self.fused_linear:
-                hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+                hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
                 hidden = hidden[:, start:start + responses.shape[1]]
                 head = self.model.get_output_embeddings()
                 weight = head.weight.to(hidden.dtype)
@@ -77,7 +91,7 @@ class ResponseScorer(torch.nn.Module):
                 if log_sum_sq:
                     sum_sq = linear_log_sum_sq_probs(hidden, weight, bias, mask, self.temperature)
             else:
-                logits = self.model(input_ids=input_ids, use_cache=False).logits
+                logits = self.model(**inputs, use_cache=False).logits
                 logits = logits[:, start:start + responses.shape[1]]
                 out = pyalign.token_logprobs(logits, labels, temperature=self.temperature,
                                              entropy=entropy, backend=self.backend)
@@ -88,4 +102,4 @@ class ResponseScorer(torch.nn.Module):
         return (*(out if entropy else (out,)), sum_sq)
 
 
-__all__ = ["IGNORE_INDEX", "response_mask", "ResponseScorer"]
+__all__ = ["IGNORE_INDEX", "response_mask", "padding_inputs", "ResponseScorer"]

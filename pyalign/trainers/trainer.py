@@ -219,8 +219,10 @@ class Trainer:
         self.ref_strategy = self._make_strategy()
         self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
                                            lr=config.lr, weight_decay=config.weight_decay)
-        self._eval_prompts = task.prompts(config.eval_batch_size, make_generator(config.seed, "eval-prompts"))
-        self._final_prompts = task.prompts(config.final_eval_batch_size,
+        # a dataset task draws them from its --eval-data (pyalign.data.DatasetTask)
+        eval_prompts = getattr(task, "eval_prompts", task.prompts)
+        self._eval_prompts = eval_prompts(config.eval_batch_size, make_generator(config.seed, "eval-prompts"))
+        self._final_prompts = eval_prompts(config.final_eval_batch_size,
                                            make_generator(config.seed, "final-eval-prompts"))
         self._build_data()
 
@@ -359,14 +361,17 @@ class Trainer:
                                         backend=cfg.backend)
                 if hasattr(task, "gold_reward"):
                     sums["gold"] += float(task.gold_reward(chunk.cpu(), responses.cpu()).double().sum())
-                sums["proxy"] += float(task.proxy_reward(chunk.cpu(), responses.cpu()).double().sum())
+                if hasattr(task, "proxy_reward"):  # user data without --reward has none
+                    sums["proxy"] += float(task.proxy_reward(chunk.cpu(), responses.cpu()).double().sum())
                 sums["kl"] += float(kl.double().sum())
                 sums["entropy"] += masked_sum(entropy, mask)
                 sums["tokens"] += float(mask.sum())
                 sums["n"] += chunk.shape[0]
         finally:
             self.policy.train()
-        counts = dict(proxy="n", kl="n", entropy="tokens", tokens="n")
+        counts = dict(kl="n", entropy="tokens", tokens="n")
+        if hasattr(task, "proxy_reward"):
+            counts["proxy"] = "n"
         if hasattr(task, "gold_reward"):
             counts["gold"] = "n"
         means = self._reduce_means(sums, counts)
