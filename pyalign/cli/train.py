@@ -1,8 +1,14 @@
-"""`pyalign train`: preference and RL training on the embedded task (or a local HF model).
+"""`pyalign train`: preference and RL training on the embedded task, or on a local HF model and data.
 
     pyalign train --algo tr-dpo --steps 100 --out runs/tr-dpo
     pyalign train --algo elastic-reset --config er.toml --resume
     torchrun --nproc-per-node 2 -m pyalign.cli train --algo dpo      # DDP (gloo on CPU)
+    pyalign train --algo tr-dpo --model DIR --data prefs.jsonl        # your model and data
+
+With --data (pyalign.data) the run trains the --model causal LM on the file's rows in TRL's
+dataset formats (preference, unpaired for KTO, prompt-only with --reward for RL) instead of the
+embedded task; the data keys (data, eval_data, reward, max_length, max_prompt_length,
+max_completion_length) are run keys too.
 
 A config file (TOML, or YAML when pyyaml is installed) holds flat ``key = value`` pairs: the run
 keys (algo, steps, seed, out, model, backend, bf16, fsdp, threads, task_seed, task_cache_dir), the
