@@ -42,6 +42,18 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float(torch.where(mask.bool(), values.detach(), 0.0).double().sum())
 
 
+def _drop_padding_columns(prompts: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor):
+    """Without the prompt columns that are padding in every row and the response columns after
+    the last real token of every row: a batch of short rows does not pay for the longest row of
+    its dataset."""
+    if not bool((prompts < 0).any() or (responses < 0).any()):
+        return prompts, responses, mask
+    real_prompt, real_response = (prompts >= 0).any(0), (responses >= 0).any(0)
+    first = int(real_prompt.nonzero()[0]) if bool(real_prompt.any()) else prompts.shape[1] - 1
+    last = int(real_response.nonzero()[-1]) + 1 if bool(real_response.any()) else 1
+    return prompts[:, first:], responses[:, :last], mask[:, :last]
+
+
 class ResponseScorer(torch.nn.Module):
     """Per-token log-probs (and entropies) of response tokens given prompts, via pyalign's ops.
 
@@ -73,6 +85,8 @@ class ResponseScorer(torch.nn.Module):
                 entropy: bool = False, log_sum_sq: bool = False):
         """Per-token log-probs (and entropies with ``entropy``; and, with ``log_sum_sq``, log Σ p²
         per token, no gradient: WPO's input) of the response tokens, a tensor or a tuple."""
+        width = responses.shape[1]
+        prompts, responses, mask = _drop_padding_columns(prompts, responses, mask)
         inputs = padding_inputs(torch.cat([prompts, responses], dim=1))
         input_ids = inputs["input_ids"]
         start = prompts.shape[1] - 1
@@ -97,9 +111,10 @@ class ResponseScorer(torch.nn.Module):
                                              entropy=entropy, backend=self.backend)
                 if log_sum_sq:
                     sum_sq = log_sum_sq_probs(logits, self.temperature)
-        if not log_sum_sq:
-            return out
-        return (*(out if entropy else (out,)), sum_sq)
+        outputs = (*(out if entropy else (out,)), *((sum_sq,) if log_sum_sq else ()))
+        if responses.shape[1] < width:  # back to the caller's width (the dropped columns: 0)
+            outputs = tuple(torch.nn.functional.pad(t, (0, width - responses.shape[1])) for t in outputs)
+        return outputs if len(outputs) > 1 else outputs[0]
 
 
 __all__ = ["IGNORE_INDEX", "response_mask", "padding_inputs", "ResponseScorer"]

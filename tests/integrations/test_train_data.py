@@ -114,7 +114,8 @@ def test_padded_scoring_equals_each_unpadded_row_forward_and_backward(model_dir)
     lengths = [(3, 5), (6, 2), (1, 4)]  # (prompt, response) tokens of each row
     vocab = model.config.vocab_size
     rows = [(torch.randint(3, vocab, (p,)), torch.randint(3, vocab, (r,))) for p, r in lengths]
-    width_p, width_r = max(p for p, _ in lengths), max(r for _, r in lengths)
+    # one column of padding more on each side than the batch needs (as a dataset-wide width)
+    width_p, width_r = max(p for p, _ in lengths) + 1, max(r for _, r in lengths) + 1
     prompts = torch.full((3, width_p), PAD)
     responses = torch.full((3, width_r), PAD)
     for i, (p, r) in enumerate(rows):
@@ -125,6 +126,7 @@ def test_padded_scoring_equals_each_unpadded_row_forward_and_backward(model_dir)
         model.zero_grad()
         scorer = ResponseScorer(model, fused_linear=fused, backend="eager")
         logprobs = scorer(prompts, responses, mask)
+        assert logprobs.shape == (3, width_r)
         (torch.where(mask, logprobs, 0.0) * upstream).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad()
