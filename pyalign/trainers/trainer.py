@@ -178,6 +178,12 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
 class Trainer:
     """The loop shared by PreferenceTrainer and RLTrainer.
 
+    ``task`` is the embedded task (pyalign.tasks.Task) or its stand-in for the user's data
+    (pyalign.data.DatasetTask); the trainers use ``prompts``, ``generate``, ``preference_pairs``
+    or ``unpaired``, ``bos_id``/``eos_id`` and, where the task has them, ``eval_prompts``,
+    ``proxy_reward`` and ``gold_reward`` (a metric the task cannot give is not logged). Token
+    tensors may pad with negative ids (prompts on the left, responses on the right).
+
     Subclasses implement ``_make_reference``, ``_make_strategy``, ``_build_data``,
     ``train_step(step)`` returning a
     dict of global (all-rank) metrics, and ``_extra_state`` / ``_load_extra_state``.
