@@ -364,6 +364,8 @@ def build_data_task(algo: str, run: dict, config, tokenizer, max_positions: Opti
     reward = load_reward(run["reward"], conversational=train.conversational) if run["reward"] else None
     task = DatasetTask(tokenizer, train, eval_data=evaluation, max_completion_length=generation,
                        reward=reward)
+    if reward is not None:  # one call before training: a reward that cannot score fails here
+        task.check_reward()
     if family == "preference":
         if len(train) < config.batch_size:
             raise ConfigError(f"{run['data']} has {len(train)} rows, fewer than batch_size "

@@ -129,6 +129,20 @@ class DatasetTask:
             texts = [[{"role": "assistant", "content": text}] for text in texts]
         return raw, texts
 
+    def check_reward(self) -> None:
+        """Score two training prompts with one-token completions: a --reward that raises or
+        returns something else than one float per completion fails before any training."""
+        from .rewards import RewardError
+        prompts = _trim_prompts(self.train.prompts[:2])
+        token = self.eos_id if self.eos_id is not None else self.bos_id
+        try:
+            self._score(prompts, torch.full((prompts.shape[0], 1), token, dtype=torch.long))
+        except RewardError:
+            raise
+        except Exception as exc:
+            raise RewardError(f"--reward failed on the first prompts of {self.train.path}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+
     def _score(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """FloatTensor[n]: the --reward score of each completion."""
         raw, texts = self.decode(prompts, responses)

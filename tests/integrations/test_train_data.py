@@ -284,9 +284,17 @@ def test_bad_data_is_reported_with_file_and_row_before_training(tmp_path, model_
         assert not os.path.exists(out / "metrics.jsonl"), name  # nothing was trained
 
 
-def test_config_errors_of_the_data_keys(tmp_path, model_dir, capsys):
+def test_config_errors_of_the_data_keys(tmp_path, model_dir, capsys, monkeypatch):
     data = write_jsonl(tmp_path / "p.jsonl", preference_rows(4))
+    (tmp_path / "bad_rewards.py").write_text(
+        "def one_short(prompts, completions):\n    return [1.0] * (len(completions) - 1)\n"
+        "def raises(prompts, completions):\n    raise KeyError('score')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rl = ("--algo", "rloo", "--model", model_dir, "--data", data, "--reward")
     cases = {
+        (*rl, "bad_rewards:one_short"): "--reward bad_rewards:one_short: returned 1 rewards for 2",
+        (*rl, "bad_rewards:raises"): "--reward failed on the first prompts of",
+        (*rl, "bad_rewards:missing"): "--reward bad_rewards:missing: bad_rewards has no function",
         ("--algo", "rloo", "--model", model_dir, "--data", data): "needs --reward",
         ("--algo", "dpo", "--data", data): "--data needs --model",
         ("--algo", "dpo", "--model", model_dir, "--data", data, "--reward", "m:f"):
