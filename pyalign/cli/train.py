@@ -11,7 +11,8 @@ embedded task; the data keys (data, eval_data, reward, max_length, max_prompt_le
 max_completion_length) are run keys too.
 
 A config file (TOML, or YAML when pyyaml is installed) holds flat ``key = value`` pairs: the run
-keys (algo, steps, seed, out, model, backend, bf16, fsdp, threads, task_seed, task_cache_dir), the
+keys (algo, steps, seed, out, model, backend, bf16, fsdp, threads, task_seed, task_cache_dir, and
+the data keys above), the
 trainer keys of the algorithm (``--print-config`` lists them with their defaults), an optional
 ``[task]`` table of pyalign.tasks.TaskConfig sizes and, in the configs `pyalign study` writes, a
 ``[study]`` table (the run is then a study point: pyalign/study/point.py evaluates it at the
@@ -340,7 +341,7 @@ def build_data_task(algo: str, run: dict, config, tokenizer, max_positions: Opti
     num_examples = the number of rows; DataError/RewardError for bad data, before training."""
     from pyalign.data import DatasetTask, load_rows, tokenize_rows
     from pyalign.data.rewards import load_reward
-    family, preset = ALGOS[algo]
+    family = ALGOS[algo][0]
     if family == "rl":
         kind = "prompt"
     else:
