@@ -12,11 +12,11 @@ max_completion_length) are run keys too.
 
 A config file (TOML, or YAML when pyyaml is installed) holds flat ``key = value`` pairs: the run
 keys (algo, steps, seed, out, model, backend, bf16, fsdp, threads, task_seed, task_cache_dir, and
-the data keys above), the
-trainer keys of the algorithm (``--print-config`` lists them with their defaults), an optional
-``[task]`` table of pyalign.tasks.TaskConfig sizes and, in the configs `pyalign study` writes, a
-``[study]`` table (the run is then a study point: pyalign/study/point.py evaluates it at the
-table's steps into OUT/evals.jsonl). Command-line flags override the file.
+the data keys above), the trainer keys of the algorithm (``--print-config`` lists them with
+their defaults), an optional ``[task]`` table of pyalign.tasks.TaskConfig sizes and, in the
+configs `pyalign study` writes, a ``[study]`` table (the run is then a study point:
+pyalign/study/point.py evaluates it at the table's steps into OUT/evals.jsonl). Command-line
+flags override the file.
 Writes metrics.jsonl, reward_vs_kl.png and checkpoints/ under --out and prints a summary line.
 Checkpoints are periodic (checkpoint_every = 50 steps, checkpoint_minutes = 10.0; 0 disables
 either), so a killed run continues with --resume from its newest complete checkpoint; a run
