@@ -178,6 +178,12 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
 class Trainer:
     """The loop shared by PreferenceTrainer and RLTrainer.
 
+    ``task`` is the embedded task (pyalign.tasks.Task) or its stand-in for the user's data
+    (pyalign.data.DatasetTask); the trainers use ``prompts``, ``generate``, ``preference_pairs``
+    or ``unpaired``, ``bos_id``/``eos_id`` and, where the task has them, ``eval_prompts``,
+    ``proxy_reward`` and ``gold_reward`` (a metric the task cannot give is not logged). Token
+    tensors may pad with negative ids (prompts on the left, responses on the right).
+
     Subclasses implement ``_make_reference``, ``_make_strategy``, ``_build_data``,
     ``train_step(step)`` returning a
     dict of global (all-rank) metrics, and ``_extra_state`` / ``_load_extra_state``.
@@ -219,8 +225,10 @@ class Trainer:
         self.ref_strategy = self._make_strategy()
         self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
                                            lr=config.lr, weight_decay=config.weight_decay)
-        self._eval_prompts = task.prompts(config.eval_batch_size, make_generator(config.seed, "eval-prompts"))
-        self._final_prompts = task.prompts(config.final_eval_batch_size,
+        # a dataset task draws them from its --eval-data (pyalign.data.DatasetTask)
+        eval_prompts = getattr(task, "eval_prompts", task.prompts)
+        self._eval_prompts = eval_prompts(config.eval_batch_size, make_generator(config.seed, "eval-prompts"))
+        self._final_prompts = eval_prompts(config.final_eval_batch_size,
                                            make_generator(config.seed, "final-eval-prompts"))
         self._build_data()
 
@@ -359,14 +367,17 @@ class Trainer:
                                         backend=cfg.backend)
                 if hasattr(task, "gold_reward"):
                     sums["gold"] += float(task.gold_reward(chunk.cpu(), responses.cpu()).double().sum())
-                sums["proxy"] += float(task.proxy_reward(chunk.cpu(), responses.cpu()).double().sum())
+                if hasattr(task, "proxy_reward"):  # user data without --reward has none
+                    sums["proxy"] += float(task.proxy_reward(chunk.cpu(), responses.cpu()).double().sum())
                 sums["kl"] += float(kl.double().sum())
                 sums["entropy"] += masked_sum(entropy, mask)
                 sums["tokens"] += float(mask.sum())
                 sums["n"] += chunk.shape[0]
         finally:
             self.policy.train()
-        counts = dict(proxy="n", kl="n", entropy="tokens", tokens="n")
+        counts = dict(kl="n", entropy="tokens", tokens="n")
+        if hasattr(task, "proxy_reward"):
+            counts["proxy"] = "n"
         if hasattr(task, "gold_reward"):
             counts["gold"] = "n"
         means = self._reduce_means(sums, counts)
