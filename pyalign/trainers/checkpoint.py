@@ -1,9 +1,20 @@
-"""The trainer checkpoint format: one file per saved step (``step-NNNNNN.pt``) holding a magic
-line, the 8-byte little-endian payload length, the payload's sha256 and the payload
-(``torch.save`` of a dict with ``format``/``version``). Files are written atomically
-(``pyalign._utils.atomic_write``) and verified on reading, so a crash or a damaged file gives a
-``CheckpointError`` naming the file, never a silently wrong resume. The global RNG states
-(torch, Python, NumPy, CUDA) are captured and restored here too.
+"""The trainer checkpoint format: one file per saved step (``step-NNNNNN.pt``), a plain
+``torch.save`` zip of a dict of tensors and plain containers, so
+
+    torch.load("runs/dpo/checkpoints/step-000100.pt", weights_only=True)
+
+opens it with nothing from pyalign. The dict holds ``format``/``version``, the run's state
+(``policy``, ``optimizer``, ``reference_strategy``, ``rng``, ``trainer``, ``config`` as a dict,
+and ``run``: the settings of ``pyalign train`` that made it) and ``sha256``, a digest of
+everything else in it (``payload_digest``: each key path, type and value, tensor bytes
+included). Files are written atomically (``pyalign._utils.atomic_write``); ``load_checkpoint``
+loads with ``weights_only=True`` and checks the zip's end record, the digest, the format and
+the version, so a crash or a damaged file gives a ``CheckpointError`` naming the file, never a
+silently wrong resume. The global RNG states (torch, Python, NumPy, CUDA) are captured and
+restored here too, as tensors, ints, strings and lists.
+
+Version 1 (pyalign before checkpoint version 2) wrapped the torch.save bytes in a magic line,
+a length and a checksum; such files are refused with a message saying so.
 """
 from __future__ import annotations
 
@@ -19,8 +30,11 @@ import torch
 from pyalign._utils import atomic_write
 
 CHECKPOINT_FORMAT = "pyalign-trainer-checkpoint"
-CHECKPOINT_VERSION = 1
-_MAGIC = b"PYALIGN-CKPT\x00v1\n"  # then 8-byte payload length, 32-byte sha256, payload (torch.save)
+CHECKPOINT_VERSION = 2
+DIGEST_KEY = "sha256"  # the payload key holding payload_digest of the rest
+_V1_MAGIC = b"PYALIGN-CKPT\x00v1\n"  # how a version-1 file starts
+_ZIP_START = b"PK\x03\x04"  # every torch.save zip starts with a local file header ...
+_ZIP_END = b"PK\x05\x06"  # ... and ends with this end-of-archive record (22 bytes, no comment)
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
 # Config fields that may change between a run and its resumption (they do not change the numbers).
 RESUMABLE_CHANGES = frozenset({"checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "progress"})
@@ -45,43 +59,82 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def _digest_update(digest, key: str, value) -> None:
+    """Feed one payload entry (its key path, type and value, recursively) to ``digest``."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{key}:tensor:{value.dtype}:{tuple(value.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+    elif isinstance(value, dict):
+        digest.update(f"{key}:dict:{len(value)}\n".encode())
+        for name, item in value.items():
+            _digest_update(digest, f"{key}/{name!r}", item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{key}:{type(value).__name__}:{len(value)}\n".encode())
+        for index, item in enumerate(value):
+            _digest_update(digest, f"{key}/{index}", item)
+    elif value is None or isinstance(value, (bool, int, float, str, bytes, torch.dtype)):
+        digest.update(f"{key}:{type(value).__name__}:{value!r}\n".encode())
+    else:  # torch.load(weights_only=True) could not read it back either
+        raise TypeError(f"checkpoint entry {key} is a {type(value).__name__}; a checkpoint holds "
+                        f"only tensors, plain containers, numbers, strings and None")
+
+
+def payload_digest(payload: dict) -> str:
+    """The hex sha256 of every entry of ``payload`` but ``DIGEST_KEY``: key paths, types and
+    values (tensors by dtype, shape and bytes), in the payload's order, which torch.save keeps."""
+    digest = hashlib.sha256()
+    for name, value in payload.items():
+        if name != DIGEST_KEY:
+            _digest_update(digest, repr(name), value)
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: str, payload: dict) -> None:
-    """Write ``payload`` atomically (``atomic_write``): a crash at any point leaves either the
-    old file set or the complete new file, never a partial file under a checkpoint name."""
+    """Write ``payload`` (tensors and plain containers) with its digest under ``DIGEST_KEY``,
+    atomically (``atomic_write``): a crash at any point leaves either the old file set or the
+    complete new file, never a partial file under a checkpoint name."""
+    framed = {name: value for name, value in payload.items() if name != DIGEST_KEY}
+    framed[DIGEST_KEY] = payload_digest(framed)
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    data = buffer.getvalue()
-    atomic_write(path, b"".join([_MAGIC, len(data).to_bytes(8, "little"), hashlib.sha256(data).digest(),
-                                 data]))
+    torch.save(framed, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str) -> dict:
-    """Read and verify a checkpoint; any damage raises CheckpointError naming the file."""
+    """Read and verify a checkpoint (``torch.load(..., weights_only=True)``, then its digest,
+    format and version); any damage raises CheckpointError naming the file."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
-    header = len(_MAGIC) + 8 + 32
-    if len(raw) < header or not raw.startswith(_MAGIC):
-        raise CheckpointError(f"checkpoint {path} is not a pyalign trainer checkpoint or is "
-                              f"truncated ({len(raw)} bytes)")
-    length = int.from_bytes(raw[len(_MAGIC):len(_MAGIC) + 8], "little")
-    digest = raw[len(_MAGIC) + 8:header]
-    data = raw[header:]
-    if len(data) != length:
-        raise CheckpointError(f"checkpoint {path} is partial: {len(data)} of {length} payload bytes")
-    if hashlib.sha256(data).digest() != digest:
-        raise CheckpointError(f"checkpoint {path} is corrupt: its checksum does not match")
+    if raw.startswith(_V1_MAGIC):
+        raise CheckpointError(f"checkpoint {path} has version 1 (written by an older pyalign), "
+                              f"this pyalign reads version {CHECKPOINT_VERSION}: resume it with the "
+                              f"pyalign that wrote it, or start the run again")
+    if not raw.startswith(_ZIP_START):
+        raise CheckpointError(f"checkpoint {path} is not a pyalign trainer checkpoint "
+                              f"({len(raw)} bytes, not a torch.save file)")
+    if len(raw) < 22 or raw[-22:-18] != _ZIP_END:
+        raise CheckpointError(f"checkpoint {path} is partial: it ends before its end-of-archive "
+                              f"record ({len(raw)} bytes)")
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # a valid checksum over bytes torch cannot read
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {exc}") from exc
+        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a complete file whose zip records or pickle are damaged
+        raise CheckpointError(f"checkpoint {path} is corrupt: torch.load cannot read it: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a pyalign trainer checkpoint")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {path} has version {payload.get('version')}, "
                               f"this pyalign reads version {CHECKPOINT_VERSION}")
+    try:
+        intact = payload.get(DIGEST_KEY) == payload_digest(payload)
+    except TypeError:
+        intact = False
+    if not intact:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its sha256 does not match its content")
+    del payload[DIGEST_KEY]
     return payload
 
 
@@ -118,5 +171,5 @@ def restore_rng_state(state: dict) -> None:
 
 
 __all__ = ["CheckpointError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "RESUMABLE_CHANGES",
-           "checkpoint_path", "list_checkpoints", "save_checkpoint", "load_checkpoint",
-           "resolve_resume_path", "capture_rng_state", "restore_rng_state"]
+           "DIGEST_KEY", "payload_digest", "checkpoint_path", "list_checkpoints", "save_checkpoint",
+           "load_checkpoint", "resolve_resume_path", "capture_rng_state", "restore_rng_state"]

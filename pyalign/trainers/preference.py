@@ -96,8 +96,12 @@ class PreferenceTrainer(Trainer):
 
     def _make_strategy(self):
         if self.config.reference == "trust_region":
+            # With adapters on a frozen base (LoRA), the reference is a full frozen copy whose
+            # adapter weights alone are lerped: the base weights of the two are equal forever.
+            adapters_only = not all(p.requires_grad for p in self.policy.parameters())
             return pyalign.refmodel.TrustRegion(self.policy, self.ref_model, alpha=self.config.tr_alpha,
-                                                tau=self.config.tr_tau, backend=self.config.backend)
+                                                tau=self.config.tr_tau, trainable_only=adapters_only,
+                                                backend=self.config.backend)
         return pyalign.refmodel.Frozen(self.ref_model)
 
     @property
