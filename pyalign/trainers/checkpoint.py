@@ -4,14 +4,16 @@
     torch.load("runs/dpo/checkpoints/step-000100.pt", weights_only=True)
 
 opens it with nothing from pyalign. The dict holds ``format``/``version``, the run's state
-(``policy``, ``optimizer``, ``reference_strategy``, ``rng``, ``trainer``, ``config`` as a dict,
-and ``run``: the settings of ``pyalign train`` that made it) and ``sha256``, a digest of
-everything else in it (``payload_digest``: each key path, type and value, tensor bytes
-included). Files are written atomically (``pyalign._utils.atomic_write``); ``load_checkpoint``
-loads with ``weights_only=True`` and checks the zip's end record, the digest, the format and
-the version, so a crash or a damaged file gives a ``CheckpointError`` naming the file, never a
-silently wrong resume. The global RNG states (torch, Python, NumPy, CUDA) are captured and
-restored here too, as tensors, ints, strings and lists.
+(``policy``: the trainer's scorer module, whose ``model.`` entries are the policy;
+``optimizer``, ``reference_strategy``, ``rng``, ``trainer``, ``step``, ``config`` as a dict) and
+``run``: the settings of the ``pyalign train`` run that wrote it (``pyalign export`` rebuilds
+the policy from them). The zip's archive comment (the file's last 79 bytes, which zip readers
+and torch.load skip) is ``pyalign-sha256:`` and the sha256 of every byte before it. Files are
+written atomically (``pyalign._utils.atomic_write``) and ``load_checkpoint`` checks the digest,
+then loads with ``weights_only=True`` and checks the format and version, so a crash or a damaged
+file gives a ``CheckpointError`` naming the file, never a silently wrong resume. The global RNG
+states (torch, Python, NumPy, CUDA) are captured and restored here too, as tensors, ints,
+strings and tuples.
 
 Version 1 (pyalign before checkpoint version 2) wrapped the torch.save bytes in a magic line,
 a length and a checksum; such files are refused with a message saying so.
@@ -31,10 +33,11 @@ from pyalign._utils import atomic_write
 
 CHECKPOINT_FORMAT = "pyalign-trainer-checkpoint"
 CHECKPOINT_VERSION = 2
-DIGEST_KEY = "sha256"  # the payload key holding payload_digest of the rest
 _V1_MAGIC = b"PYALIGN-CKPT\x00v1\n"  # how a version-1 file starts
-_ZIP_START = b"PK\x03\x04"  # every torch.save zip starts with a local file header ...
-_ZIP_END = b"PK\x05\x06"  # ... and ends with this end-of-archive record (22 bytes, no comment)
+_ZIP_START = b"PK\x03\x04"  # a torch.save zip starts with a local file header
+_ZIP_END = b"PK\x05\x06"  # ... and ends with this 22-byte end-of-archive record
+_DIGEST_TAG = b"pyalign-sha256:"  # the archive comment: this tag, then 64 hex digits
+_COMMENT_LEN = len(_DIGEST_TAG) + 64
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
 # Config fields that may change between a run and its resumption (they do not change the numbers).
 RESUMABLE_CHANGES = frozenset({"checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "progress"})
@@ -59,51 +62,39 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def _digest_update(digest, key: str, value) -> None:
-    """Feed one payload entry (its key path, type and value, recursively) to ``digest``."""
-    if isinstance(value, torch.Tensor):
-        flat = value.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{key}:tensor:{value.dtype}:{tuple(value.shape)}\n".encode())
-        digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
-    elif isinstance(value, dict):
-        digest.update(f"{key}:dict:{len(value)}\n".encode())
+def _check_plain(key: str, value) -> None:
+    """Raise TypeError unless ``value`` is what ``torch.load(weights_only=True)`` reads back:
+    tensors, dicts, lists, tuples, numbers, strings, bytes, None."""
+    if isinstance(value, dict):
         for name, item in value.items():
-            _digest_update(digest, f"{key}/{name!r}", item)
+            _check_plain(f"{key}[{name!r}]", item)
     elif isinstance(value, (list, tuple)):
-        digest.update(f"{key}:{type(value).__name__}:{len(value)}\n".encode())
         for index, item in enumerate(value):
-            _digest_update(digest, f"{key}/{index}", item)
-    elif value is None or isinstance(value, (bool, int, float, str, bytes, torch.dtype)):
-        digest.update(f"{key}:{type(value).__name__}:{value!r}\n".encode())
-    else:  # torch.load(weights_only=True) could not read it back either
+            _check_plain(f"{key}[{index}]", item)
+    elif not (value is None or isinstance(value, (torch.Tensor, bool, int, float, str, bytes,
+                                                  torch.dtype))):
         raise TypeError(f"checkpoint entry {key} is a {type(value).__name__}; a checkpoint holds "
                         f"only tensors, plain containers, numbers, strings and None")
 
 
-def payload_digest(payload: dict) -> str:
-    """The hex sha256 of every entry of ``payload`` but ``DIGEST_KEY``: key paths, types and
-    values (tensors by dtype, shape and bytes), in the payload's order, which torch.save keeps."""
-    digest = hashlib.sha256()
-    for name, value in payload.items():
-        if name != DIGEST_KEY:
-            _digest_update(digest, repr(name), value)
-    return digest.hexdigest()
-
-
 def save_checkpoint(path: str, payload: dict) -> None:
-    """Write ``payload`` (tensors and plain containers) with its digest under ``DIGEST_KEY``,
-    atomically (``atomic_write``): a crash at any point leaves either the old file set or the
-    complete new file, never a partial file under a checkpoint name."""
-    framed = {name: value for name, value in payload.items() if name != DIGEST_KEY}
-    framed[DIGEST_KEY] = payload_digest(framed)
+    """Write ``payload`` (tensors and plain containers) as a torch.save zip whose archive
+    comment is the sha256 of every byte before it, atomically (``atomic_write``): a crash at any
+    point leaves either the old file set or the complete new file, never a partial file under a
+    checkpoint name."""
+    _check_plain("payload", payload)
     buffer = io.BytesIO()
-    torch.save(framed, buffer)
-    atomic_write(path, buffer.getvalue())
+    torch.save(payload, buffer)
+    data = bytearray(buffer.getvalue())
+    if data[-22:-18] != _ZIP_END or data[-2:] != b"\x00\x00":
+        raise RuntimeError("torch.save did not end its zip with a comment-less end-of-archive record")
+    data[-2:] = _COMMENT_LEN.to_bytes(2, "little")  # the record's comment length, then the comment
+    atomic_write(path, bytes(data) + _DIGEST_TAG + hashlib.sha256(data).hexdigest().encode())
 
 
 def load_checkpoint(path: str) -> dict:
-    """Read and verify a checkpoint (``torch.load(..., weights_only=True)``, then its digest,
-    format and version); any damage raises CheckpointError naming the file."""
+    """Read and verify a checkpoint (its sha256, then ``torch.load(..., weights_only=True)``,
+    its format and version); any damage raises CheckpointError naming the file."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
@@ -116,25 +107,21 @@ def load_checkpoint(path: str) -> dict:
     if not raw.startswith(_ZIP_START):
         raise CheckpointError(f"checkpoint {path} is not a pyalign trainer checkpoint "
                               f"({len(raw)} bytes, not a torch.save file)")
-    if len(raw) < 22 or raw[-22:-18] != _ZIP_END:
-        raise CheckpointError(f"checkpoint {path} is partial: it ends before its end-of-archive "
+    body, comment = raw[:-_COMMENT_LEN], raw[-_COMMENT_LEN:]
+    if not comment.startswith(_DIGEST_TAG):
+        raise CheckpointError(f"checkpoint {path} is partial: it does not end with its sha256 "
                               f"record ({len(raw)} bytes)")
+    if hashlib.sha256(body).hexdigest().encode() != comment[len(_DIGEST_TAG):]:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its checksum does not match")
     try:
         payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as exc:  # a complete file whose zip records or pickle are damaged
-        raise CheckpointError(f"checkpoint {path} is corrupt: torch.load cannot read it: {exc}") from exc
+    except Exception as exc:  # a valid checksum over bytes torch cannot read
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a pyalign trainer checkpoint")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {path} has version {payload.get('version')}, "
                               f"this pyalign reads version {CHECKPOINT_VERSION}")
-    try:
-        intact = payload.get(DIGEST_KEY) == payload_digest(payload)
-    except TypeError:
-        intact = False
-    if not intact:
-        raise CheckpointError(f"checkpoint {path} is corrupt: its sha256 does not match its content")
-    del payload[DIGEST_KEY]
     return payload
 
 
@@ -171,5 +158,5 @@ def restore_rng_state(state: dict) -> None:
 
 
 __all__ = ["CheckpointError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "RESUMABLE_CHANGES",
-           "DIGEST_KEY", "payload_digest", "checkpoint_path", "list_checkpoints", "save_checkpoint",
-           "load_checkpoint", "resolve_resume_path", "capture_rng_state", "restore_rng_state"]
+           "checkpoint_path", "list_checkpoints", "save_checkpoint", "load_checkpoint",
+           "resolve_resume_path", "capture_rng_state", "restore_rng_state"]
