@@ -108,6 +108,9 @@ def load_checkpoint(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path} is not a pyalign trainer checkpoint "
                               f"({len(raw)} bytes, not a torch.save file)")
     body, comment = raw[:-_COMMENT_LEN], raw[-_COMMENT_LEN:]
+    if raw[-22:-18] == _ZIP_END and raw[-2:] == b"\x00\x00":
+        raise CheckpointError(f"checkpoint {path} has no sha256 record: a torch.save file, but not "
+                              f"one pyalign wrote (save_checkpoint)")
     if not comment.startswith(_DIGEST_TAG):
         raise CheckpointError(f"checkpoint {path} is partial: it does not end with its sha256 "
                               f"record ({len(raw)} bytes)")
