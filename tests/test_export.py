@@ -6,6 +6,7 @@ adapter (TR-DPO's reference adapter follows the policy's); bad run or output dir
 clear error."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -17,15 +18,18 @@ from pyalign.cli.export import main as export_main
 from pyalign.cli.train import build_trainer, resolve_config_values
 from pyalign.cli.train import main as train_main
 from pyalign.tasks.language import VOCAB_SIZE
+from support import torch_threads
 
 # lr 0.05 so that two steps move the policy (and a zero-initialised LoRA B) well past rounding
 SMALL = dict(batch_size=4, micro_batch_size=4, num_examples=8, eval_every=0,
              final_eval_batch_size=4, lr=0.05, checkpoint_every=0, checkpoint_minutes=0.0)
 
 
-@pytest.fixture(scope="module")
-def task_cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("task-cache"))
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread beats two fighting over shared cores (as in tests/trainers)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +208,6 @@ def test_export_errors_are_clear(task_run, tmp_path, capsys):
     raw = checkpoint.read_bytes()
     checkpoint.write_bytes(raw[:1000] + bytes([raw[1000] ^ 0x10]) + raw[1001:])
     cases.append(((damaged, "--out", tmp_path / "o4"), f"{checkpoint} is corrupt"))
-    import re
     for argv, message in cases:
         capsys.readouterr()
         assert _export(*argv) == 2, argv
@@ -216,3 +219,37 @@ def test_export_errors_are_clear(task_run, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "full")) == ["config.json", "generation_config.json",
                                                       "model.safetensors", "tokenizer.json",
                                                       "tokenizer_config.json"]
+
+
+def test_lora_resume_is_exact(tmp_path, task_cache_dir, model_dir):
+    """A LoRA TR-DPO run stopped at step 2 and resumed to 3 ends where an uninterrupted run does:
+    the same adapter, reference adapter and optimizer state, bit for bit."""
+    config = write_config(tmp_path / "run.toml", task_cache_dir, algo="tr-dpo", tr_tau=1, **SMALL)
+    common = ["--config", config, "--model", model_dir, "--lora", "r=4", "--no-progress"]
+    assert train_main(common + ["--steps", "3", "--out", str(tmp_path / "straight")]) == 0
+    assert train_main(common + ["--steps", "2", "--out", str(tmp_path / "resumed")]) == 0
+    assert train_main(common + ["--steps", "3", "--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    straight, resumed = (torch.load(tmp_path / run / "checkpoints" / "step-000003.pt", weights_only=True)
+                         for run in ("straight", "resumed"))
+    for key in ("policy", "reference_strategy"):
+        assert straight[key].keys() == resumed[key].keys()
+    assert all(torch.equal(straight["policy"][k], resumed["policy"][k]) for k in straight["policy"])
+    assert all(torch.equal(v, resumed["reference_strategy"]["ref"][k])
+               for k, v in straight["reference_strategy"]["ref"].items())
+    moments = [(a["exp_avg"], b["exp_avg"]) for a, b in zip(straight["optimizer"]["state"].values(),
+                                                            resumed["optimizer"]["state"].values())]
+    assert moments and all(torch.equal(a, b) for a, b in moments)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("r=0", "--lora: r must be >= 1, got 0"),
+    ("alpha=4", "--lora: r \\(the adapter rank\\) is required"),
+    ("r=4,target_modules=nope", "peft cannot wrap the model: Target modules \\{'nope'\\} not found"),
+])
+def test_bad_lora_is_a_clear_error(spec, message, tmp_path, task_cache_dir, model_dir, capsys):
+    config = write_config(tmp_path / "run.toml", task_cache_dir, algo="dpo", **SMALL)
+    assert train_main(["--config", config, "--model", model_dir, "--lora", spec, "--steps", "1",
+                       "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "pyalign train: error: " in err and re.search(message, err), err
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
