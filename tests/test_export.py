@@ -208,6 +208,10 @@ def test_export_errors_are_clear(task_run, tmp_path, capsys):
     raw = checkpoint.read_bytes()
     checkpoint.write_bytes(raw[:1000] + bytes([raw[1000] ^ 0x10]) + raw[1001:])
     cases.append(((damaged, "--out", tmp_path / "o4"), f"{checkpoint} is corrupt"))
+    cases.append(((run_dir, "--out", tmp_path / "o5", "--lora-mode", "adapter"),
+                  "trained the whole model, not a LoRA adapter"))
+    cases.append(((run_dir, "--out", os.path.dirname(run_dir), "--overwrite"),
+                  "is or holds .*run, which the export reads"))
     for argv, message in cases:
         capsys.readouterr()
         assert _export(*argv) == 2, argv

@@ -127,8 +127,15 @@ def _tokenizer(run: dict, model_dir: Optional[str]):
     return task_tokenizer(), "the embedded task's vocabulary"
 
 
-def _prepare_out(out: str, overwrite: bool) -> str:
-    """A fresh temporary directory beside ``out`` (renamed to it once complete)."""
+def _prepare_out(out: str, overwrite: bool, inputs: list[str]) -> str:
+    """A fresh temporary directory beside ``out`` (renamed to it once complete). ``out`` may not
+    be, or hold, one of the ``inputs`` directories (--overwrite would delete them)."""
+    final = os.path.realpath(out)
+    for directory in inputs:
+        source = os.path.realpath(directory)
+        if source == final or source.startswith(final + os.sep):
+            raise ExportError(f"--out {out} is or holds {directory}, which the export reads; "
+                              f"choose another directory")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"--out {out} is a file, not a directory")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
@@ -139,25 +146,29 @@ def _prepare_out(out: str, overwrite: bool) -> str:
                             suffix=".tmp")
 
 
-def export_run(run_dir: str, out: str, *, step: Optional[int] = None, lora_mode: str = "merged",
+def export_run(run_dir: str, out: str, *, step: Optional[int] = None, lora_mode: Optional[str] = None,
                dtype: str = "float32", overwrite: bool = False, model_dir: Optional[str] = None) -> dict:
     """Write the policy of ``run_dir``'s checkpoint to ``out`` (see the module docstring);
-    returns what was written. Raises ExportError / CheckpointError with a clear message."""
+    returns what was written. ``lora_mode`` None is "merged". Raises ExportError /
+    CheckpointError with a clear message."""
     import torch
 
     from pyalign.trainers.checkpoint import load_checkpoint
-    if lora_mode not in LORA_MODES:
+    if lora_mode is not None and lora_mode not in LORA_MODES:
         raise ExportError(f"--lora-mode must be one of {LORA_MODES}, got {lora_mode!r}")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     path = find_checkpoint(run_dir, step)
     payload = load_checkpoint(path)
     run = payload.get("run") or {}
+    if lora_mode == "adapter" and not run.get("lora"):
+        raise ExportError(f"--lora-mode adapter: the run of {path} trained the whole model, not a "
+                          f"LoRA adapter (no --lora); export it without --lora-mode")
     model_dir = model_dir or run.get("model")
     policy = rebuild_policy(payload, path, model_dir)
     tokenizer, tokenizer_source = _tokenizer(run, model_dir)
     final = os.path.abspath(out)
-    staging = _prepare_out(out, overwrite)
+    staging = _prepare_out(out, overwrite, [run_dir] + ([model_dir] if model_dir else []))
     try:
         written = {"checkpoint": path, "step": int(payload["step"]), "out": out,
                    "tokenizer": tokenizer_source}
@@ -201,9 +212,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the --out directory of a pyalign train run")
     parser.add_argument("--out", required=True, help="the directory to write the model into")
     parser.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
-    parser.add_argument("--lora-mode", dest="lora_mode", choices=LORA_MODES, default="merged",
-                        help="a LoRA run: the adapter merged into the weights, or the adapter files "
-                             "(default %(default)s)")
+    parser.add_argument("--lora-mode", dest="lora_mode", choices=LORA_MODES,
+                        help="a LoRA run: the adapter merged into the weights (the default), or the "
+                             "adapter files")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="the weights' dtype on disk (default %(default)s)")
     parser.add_argument("--model", help="the base model directory, where the run's (stored in the "
