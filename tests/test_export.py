@@ -257,3 +257,15 @@ def test_bad_lora_is_a_clear_error(spec, message, tmp_path, task_cache_dir, mode
     err = capsys.readouterr().err
     assert "pyalign train: error: " in err and re.search(message, err), err
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_lora_without_peft_is_refused_before_any_work(tmp_path, task_cache_dir, monkeypatch, capsys):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "peft" else find_spec(name, *args))
+    config = write_config(tmp_path / "run.toml", task_cache_dir, algo="dpo", **SMALL)
+    assert train_main(["--config", config, "--lora", "r=4", "--steps", "1", "--out",
+                       str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "--lora needs peft: pip install 'pyalign[lora]'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")

@@ -256,11 +256,16 @@ def _resolve_lora(spec, where: str) -> Optional[dict]:
     ``pyalign.integrations.lora.parse_lora_spec`` (what checkpoints store), or None."""
     if spec is None:
         return None
+    import importlib.util
+
     from pyalign.integrations.lora import LoraSpecError, parse_lora_spec
     try:
-        return parse_lora_spec(spec)
+        parsed = parse_lora_spec(spec)
     except LoraSpecError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+    if importlib.util.find_spec("peft") is None:  # checked here, before the task is built
+        raise ConfigError("--lora needs peft: pip install 'pyalign[lora]' (or pip install peft)")
+    return parsed
 
 
 def lora_factory(base_factory, spec: dict):
@@ -275,8 +280,6 @@ def lora_factory(base_factory, spec: dict):
         if not built:
             try:
                 built.append(apply_lora(base_factory(), spec))
-            except ImportError as exc:
-                raise ConfigError(f"--lora: {exc}") from exc
             except ValueError as exc:  # peft: e.g. a target module the model does not have
                 raise ConfigError(f"--lora {spec}: peft cannot wrap the model: {exc}") from exc
         return copy.deepcopy(built[0])
