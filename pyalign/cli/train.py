@@ -11,13 +11,17 @@ embedded task; the data keys (data, eval_data, reward, max_length, max_prompt_le
 max_completion_length) are run keys too.
 
 A config file (TOML, or YAML when pyyaml is installed) holds flat ``key = value`` pairs: the run
-keys (algo, steps, seed, out, model, backend, bf16, fsdp, threads, task_seed, task_cache_dir, and
-the data keys above), the trainer keys of the algorithm (``--print-config`` lists them with
-their defaults), an optional ``[task]`` table of pyalign.tasks.TaskConfig sizes and, in the
-configs `pyalign study` writes, a ``[study]`` table (the run is then a study point:
+keys (algo, steps, seed, out, model, lora, backend, bf16, fsdp, threads, task_seed,
+task_cache_dir, and the data keys above), the trainer keys of the algorithm (``--print-config``
+lists them with their defaults), an optional ``[task]`` table of pyalign.tasks.TaskConfig sizes
+and, in the configs `pyalign study` writes, a ``[study]`` table (the run is then a study point:
 pyalign/study/point.py evaluates it at the table's steps into OUT/evals.jsonl). Command-line
 flags override the file.
-Writes metrics.jsonl, reward_vs_kl.png and checkpoints/ under --out and prints a summary line.
+``lora = "r=16,alpha=32"`` (``--lora``) trains a peft LoRA adapter on the frozen model; TR-DPO
+then lerps the reference's adapter weights (a frozen copy of base + adapter).
+Writes metrics.jsonl, reward_vs_kl.png and checkpoints/ under --out and prints a summary line;
+each checkpoint stores these run settings (under "run"), and ``pyalign export OUT --out DIR``
+writes the trained policy as a transformers model (pyalign/cli/export.py).
 Checkpoints are periodic (checkpoint_every = 50 steps, checkpoint_minutes = 10.0; 0 disables
 either), so a killed run continues with --resume from its newest complete checkpoint; a run
 killed before its first one restarts from scratch under --resume (with a notice). --out holds one
@@ -46,7 +50,8 @@ from pyalign.trainers.presets import (
 
 # Settings of the run itself (not of the trainer's algorithm), with their types.
 RUN_KEYS = {"algo": str, "steps": int, "seed": int, "out": str, "model": str, "backend": str,
-            "bf16": bool, "fsdp": bool, "task_seed": int, "task_cache_dir": str, "threads": int}
+            "bf16": bool, "fsdp": bool, "task_seed": int, "task_cache_dir": str, "threads": int,
+            "lora": str}
 # Run keys of training on the user's model and data (pyalign.data), with their defaults.
 DATA_RUN_KEYS = {"data": str, "eval_data": str, "reward": str, "max_length": int,
                  "max_prompt_length": int, "max_completion_length": int}
@@ -187,7 +192,7 @@ def _resolve(file_values: dict, where: str, args: argparse.Namespace) -> tuple[s
 
     run = {"algo": algo, "steps": DEFAULT_STEPS[family], "seed": 0, "out": os.path.join("runs", algo),
            "model": None, "backend": "auto", "bf16": False, "fsdp": False, "task_seed": 0,
-           "task_cache_dir": None, "task": {}, "threads": None, **DATA_DEFAULTS}
+           "task_cache_dir": None, "task": {}, "threads": None, "lora": None, **DATA_DEFAULTS}
     trainer_values = dict(TUNED_DEFAULTS.get(algo, {}))
     unknown = []
     for key, value in file_values.items():
@@ -214,7 +219,7 @@ def _resolve(file_values: dict, where: str, args: argparse.Namespace) -> tuple[s
         raise ConfigError(f"{where}: unknown config key(s) {', '.join(map(repr, sorted(unknown)))} "
                           f"for algo {algo}; valid keys: {', '.join(valid)}")
     for key in ("steps", "seed", "out", "model", "backend", "task_seed", "task_cache_dir", "threads",
-                *DATA_RUN_KEYS):
+                "lora", *DATA_RUN_KEYS):
         value = getattr(args, key, None)
         if value is not None:
             run[key] = value
@@ -244,6 +249,7 @@ def _resolve(file_values: dict, where: str, args: argparse.Namespace) -> tuple[s
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ConfigError(f"key {key!r} must be an int >= {minimum}, got {value!r}")
     _check_out(run["out"])
+    run["lora"] = _resolve_lora(run["lora"], where)
     _check_data_settings(algo, family, run, trainer_values)
     try:
         config = config_cls(**values)
@@ -257,6 +263,41 @@ def _resolve(file_values: dict, where: str, args: argparse.Namespace) -> tuple[s
         raise ConfigError(f"key 'batch_size' must be divisible by the number of ranks "
                           f"({world_size}), got {config.batch_size}")
     return algo, run, config
+
+
+def _resolve_lora(spec, where: str) -> Optional[dict]:
+    """The ``lora`` key (``--lora r=16,alpha=32,...``) as the full spec dict of
+    ``pyalign.integrations.lora.parse_lora_spec`` (what checkpoints store), or None."""
+    if spec is None:
+        return None
+    import importlib.util
+
+    from pyalign.integrations.lora import LoraSpecError, parse_lora_spec
+    try:
+        parsed = parse_lora_spec(spec)
+    except LoraSpecError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    if importlib.util.find_spec("peft") is None:  # checked here, before the task is built
+        raise ConfigError("--lora needs peft: pip install 'pyalign[lora]' (or pip install peft)")
+    return parsed
+
+
+def lora_factory(base_factory, spec: dict):
+    """A model factory giving copies of ONE LoRA-wrapped model (``apply_lora``): built on the
+    first call (the trainer seeds the adapter's random init before it), copied after, so the
+    policy, the initial model and a trust-region reference start with the same adapter. Only the
+    adapter trains; the copies' frozen base weights are equal and stay so."""
+    from pyalign.integrations.lora import apply_lora
+    built = []
+
+    def factory():
+        if not built:
+            try:
+                built.append(apply_lora(base_factory(), spec))
+            except ValueError as exc:  # peft: e.g. a target module the model does not have
+                raise ConfigError(f"--lora {spec}: peft cannot wrap the model: {exc}") from exc
+        return copy.deepcopy(built[0])
+    return factory
 
 
 def load_hf_model(model_dir: str, task):
@@ -389,8 +430,11 @@ def build_trainer(algo: str, run: dict, config, *, dist_ctx=None, progress: bool
         base, tokenizer = load_user_model(run["model"])
         max_positions = getattr(base.config, "max_position_embeddings", None)
         task, config = build_data_task(algo, run, config, tokenizer, max_positions)
-        return cls(task, config, algo=algo, out_dir=run["out"],
-                   model_factory=lambda: copy.deepcopy(base), dist_ctx=dist_ctx)
+        factory = lambda: copy.deepcopy(base)  # noqa: E731
+        if run.get("lora"):
+            factory = lora_factory(factory, run["lora"])
+        return cls(task, config, algo=algo, out_dir=run["out"], model_factory=factory,
+                   dist_ctx=dist_ctx, run_settings=run)
     # rank 0 builds (and caches) the task first; the others then load it from the cache
     if not dist_ctx.is_main:
         dist_ctx.barrier()
@@ -403,7 +447,10 @@ def build_trainer(algo: str, run: dict, config, *, dist_ctx=None, progress: bool
     if run["model"]:
         base = load_hf_model(run["model"], task)
         factory = lambda: copy.deepcopy(base)  # noqa: E731
-    return cls(task, config, algo=algo, out_dir=run["out"], model_factory=factory, dist_ctx=dist_ctx)
+    if run.get("lora"):
+        factory = lora_factory(factory or task.new_policy, run["lora"])
+    return cls(task, config, algo=algo, out_dir=run["out"], model_factory=factory, dist_ctx=dist_ctx,
+               run_settings=run)
 
 
 def _prepare_out_dir(run: dict, resume, overwrite: bool, is_main: bool) -> None:
@@ -535,6 +582,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "of the task's SFT model (with --data: any causal LM and its tokenizer; "
                         "without: its vocabulary must be the task's)")
     add_data_arguments(parser)
+    parser.add_argument("--lora", metavar="SPEC", help="train a LoRA adapter (peft) instead of the "
+                        "whole model, e.g. r=16,alpha=32,dropout=0.05,target_modules=q_proj+v_proj "
+                        "(pyalign/integrations/lora.py lists the keys)")
     parser.add_argument("--backend", choices=BACKEND_CHOICES,
                         help="pyalign op backend (default auto)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the model forwards")

@@ -54,6 +54,14 @@ def _drop_padding_columns(prompts: torch.Tensor, responses: torch.Tensor, mask: 
     return prompts[:, first:], responses[:, :last], mask[:, :last]
 
 
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM of ``model``, under a PEFT wrapper if any: peft injects its
+    LoRA layers into that model in place, so its decoder (``.base_model``) gives the adapted
+    hidden states, where the PeftModel's own ``base_model`` is peft's tuner, which returns logits."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 class ResponseScorer(torch.nn.Module):
     """Per-token log-probs (and entropies) of response tokens given prompts, via pyalign's ops.
 
@@ -93,7 +101,7 @@ class ResponseScorer(torch.nn.Module):
         labels = responses.masked_fill(~mask, IGNORE_INDEX)
         with self._autocast(input_ids.device):
             if self.fused_linear:
-                hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
+                hidden = _causal_lm(self.model).base_model(**inputs, use_cache=False).last_hidden_state
                 hidden = hidden[:, start:start + responses.shape[1]]
                 head = self.model.get_output_embeddings()
                 weight = head.weight.to(hidden.dtype)

@@ -193,13 +193,16 @@ class Trainer:
 
     def __init__(self, task, config: TrainerConfig, *, algo: Optional[str] = None,
                  out_dir: Optional[str] = None, model_factory: Optional[Callable[[], torch.nn.Module]] = None,
-                 dist_ctx: Optional[DistContext] = None):
+                 dist_ctx: Optional[DistContext] = None, run_settings: Optional[dict] = None):
         config.validate()
         self.task = task
         self.config = config
         if algo is not None:
             self.algo = algo
         self.out_dir = out_dir
+        # What built this trainer (``pyalign train``'s run settings: model dir, LoRA spec, task
+        # sizes...), plain types: stored in every checkpoint so a run directory describes itself.
+        self.run_settings = dict(run_settings or {})
         self.dist = dist_ctx or init_distributed()
         self.model_factory = model_factory or task.new_policy
         self.step = 0
@@ -406,6 +409,7 @@ class Trainer:
             "optimizer": full_optimizer_state(self.scorer, self.optimizer, self._sharded),
             "rng": capture_rng_state(),
             "trainer": self._extra_state(),
+            "run": self.run_settings,
         }
         # The strategy's state holds the moving weights (trust-region reference, EMA) by itself.
         payload["reference_strategy"] = self._strategy_state()
