@@ -16,6 +16,7 @@ from pyalign.ops import (
     kto_loss,
     lerp_,
     linear_kto_loss,
+    linear_policy_loss,
     linear_preference_loss,
     linear_token_logprobs,
     policy_loss,
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "kl_penalty", "preference_loss", "kto_loss",
            "linear_preference_loss", "token_preference_loss", "linear_kto_loss", "sequence_logprobs",
-           "PreferenceLossOutput", "KTOLossOutput", "policy_loss", "PolicyLossOutput",
+           "PreferenceLossOutput", "KTOLossOutput", "policy_loss", "linear_policy_loss", "PolicyLossOutput",
            "ema_", "lerp_", "copy_", "backends", "refmodel", "__version__"]
 
 

@@ -2,8 +2,10 @@
 
 Each strategy has ``step(global_step, optimizer=None) -> bool`` (call it after every optimizer
 step with the number of optimizer steps done so far; it says whether it changed any weights),
-``state_dict()`` / ``load_state_dict()`` for exact resume, and ``as_callback()`` returning a
-``transformers.TrainerCallback`` that calls ``step`` at the end of every Trainer step.
+``state_dict()`` / ``load_state_dict()`` for exact resume. To drive one from a
+``transformers.Trainer`` (or a TRL trainer), with its state saved in and restored from the
+Trainer's checkpoints, use ``pyalign.integrations.callbacks`` (``TrustRegionCallback``,
+``ElasticResetCallback``).
 
     ref = TrustRegion(policy, ref_model, alpha=0.6, tau=512)
     for global_step in range(1, total_steps + 1):
@@ -14,7 +16,8 @@ The weight updates run through ``pyalign.lerp_`` / ``pyalign.ema_`` / ``pyalign.
 parameter's local tensor (``param.data``, or the local shard of a DTensor under FSDP2), so under
 DDP/FSDP each rank updates its own shards with no communication: the policy and the reference
 must be sharded alike. Parameters are paired by name (``module.`` and ``_orig_mod.`` prefixes left
-by DDP and torch.compile are ignored). The rules (docs/algorithms.md):
+by DDP and torch.compile are ignored); a mapping name -> parameter can stand for a module (two
+adapters of one peft model, paired by the caller). The rules (docs/algorithms.md):
 
 - TrustRegion: every ``tau`` steps ``ref <- alpha * policy + (1 - alpha) * ref``; alpha=1 is the
   hard update ``ref <- policy``.
@@ -35,9 +38,15 @@ from pyalign._utils import canonical_param_name, local_shard, named_tensors
 __all__ = ["ReferenceStrategy", "Frozen", "TrustRegion", "ElasticReset"]
 
 
-def _named_params(model: nn.Module, what: str) -> dict[str, nn.Parameter]:
+def _named_params(model, what: str) -> dict[str, nn.Parameter]:
+    if isinstance(model, Mapping):
+        bad = [k for k, v in model.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise TypeError(f"{what}: a mapping must hold tensors, {bad[0]!r} does not")
+        return {canonical_param_name(k): v for k, v in model.items()}
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{what} must be an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{what} must be an nn.Module or a mapping name -> parameter, got "
+                        f"{type(model).__name__}")
     return named_tensors(model, what)
 
 
@@ -45,6 +54,22 @@ def _check_int(name: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return value
+
+
+def trust_region_settings(alpha, tau) -> tuple[float, int]:
+    """``(alpha, tau)`` checked: alpha in (0, 1] (1 = hard update), tau an int >= 1."""
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1] (1 = hard update), got {alpha}")
+    return alpha, _check_int("tau", tau, 1)
+
+
+def elastic_reset_settings(ema_decay, reset_every, ema_every) -> tuple[float, int, int]:
+    """``(ema_decay, reset_every, ema_every)`` checked: decay in [0, 1), periods ints >= 1."""
+    ema_decay = float(ema_decay)
+    if not math.isfinite(ema_decay) or not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+    return ema_decay, _check_int("reset_every", reset_every, 1), _check_int("ema_every", ema_every, 1)
 
 
 def _check_step(global_step) -> int:
@@ -95,22 +120,6 @@ class ReferenceStrategy:
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
 
-    def as_callback(self):
-        """A ``transformers.TrainerCallback`` whose ``on_step_end`` calls ``step(state.global_step,
-        optimizer=...)`` with the Trainer's optimizer."""
-        from transformers import TrainerCallback
-
-        strategy = self
-
-        class ReferenceStrategyCallback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                strategy.step(state.global_step, optimizer=kwargs.get("optimizer"))
-                return control
-
-        callback = ReferenceStrategyCallback()
-        callback.strategy = strategy
-        return callback
-
     def _check_kind(self, state: dict) -> None:
         if not isinstance(state, Mapping) or state.get("kind") != type(self).__name__:
             got = state.get("kind") if isinstance(state, Mapping) else type(state).__name__
@@ -143,6 +152,9 @@ class TrustRegion(ReferenceStrategy):
     """TR-DPO reference updates: every ``tau`` optimizer steps ``ref <- alpha*policy +
     (1-alpha)*ref`` (``pyalign.lerp_``); ``alpha=1`` is the hard update (``pyalign.copy_``).
 
+    policy, ref: modules paired by parameter name, or mappings name -> parameter (e.g. the LoRA
+    weights of a peft model's policy adapter and of its reference adapter, under the same keys).
+
     trainable_only: update only the reference parameters whose policy counterpart has
     requires_grad (adapters trained on a shared frozen base). ``state_dict`` holds the current
     reference weights (references, not copies) so that a resumed run is exact.
@@ -152,11 +164,7 @@ class TrustRegion(ReferenceStrategy):
 
     def __init__(self, policy: nn.Module, ref: nn.Module, alpha: float = 0.6, tau: int = 512, *,
                  trainable_only: bool = False, backend: str = "auto"):
-        alpha = float(alpha)
-        if not math.isfinite(alpha) or not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1] (1 = hard update), got {alpha}")
-        self.tau = _check_int("tau", tau, 1)
-        self.alpha = alpha
+        self.alpha, self.tau = trust_region_settings(alpha, tau)
         self.backend = backends.check_name(backend)
         if policy is ref:
             raise ValueError("policy and ref are the same module: the reference needs its own weights")
@@ -237,12 +245,8 @@ class ElasticReset(ReferenceStrategy):
                  ema_every: int = 1, init=None, reset_optimizer: bool = False,
                  trainable_only: bool = True, ema_dtype: torch.dtype | None = None,
                  optimizer=None, backend: str = "auto"):
-        ema_decay = float(ema_decay)
-        if not math.isfinite(ema_decay) or not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        self.ema_decay = ema_decay
-        self.reset_every = _check_int("reset_every", reset_every, 1)
-        self.ema_every = _check_int("ema_every", ema_every, 1)
+        self.ema_decay, self.reset_every, self.ema_every = elastic_reset_settings(
+            ema_decay, reset_every, ema_every)
         self.backend = backends.check_name(backend)
         if init is policy:
             raise ValueError("init is the policy itself: pass the reference model or None")

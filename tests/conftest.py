@@ -21,3 +21,10 @@ def _seeded():
     """Every test starts from its own fixed seed: fresh random inputs, reproducible failures."""
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(scope="session")
+def task_cache_dir(tmp_path_factory):
+    """One embedded-task cache for the session: the trainer and export tests build the same tiny
+    task (tests/trainers/trainer_helpers.py TINY_TASK) once."""
+    return str(tmp_path_factory.mktemp("task-cache"))

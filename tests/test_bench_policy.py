@@ -32,3 +32,30 @@ def test_the_timed_rows_compute_the_same_loss():
     got = pyalign.policy_loss(logprobs, old, advantages, mask, loss_type="grpo", ref_logprobs=ref,
                               beta=0.04).loss
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_linear_policy_rows_compute_the_same_loss():
+    """linear_policy's rows (eager full logits, Liger's LigerFusedLinearGRPOLoss, pyalign's
+    3-matmul path) do the same work: GRPO with TRL's bias-corrected k3 KL, one value."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    from pyalign.bench.policy import naive_linear_grpo_loss
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 7, 16, generator=generator)
+    weight = torch.randn(50, 16, generator=generator) / 4
+    mask = torch.arange(7)[None, :] < torch.tensor([7, 4, 2])[:, None]
+    safe_labels = torch.randint(0, 50, (3, 7), generator=generator)
+    labels = safe_labels.masked_fill(~mask, -100)
+    old = -torch.rand(3, 7, generator=generator) * 4
+    ref = -torch.rand(3, 7, generator=generator) * 4
+    advantages = torch.randn(3, generator=generator)
+    want = naive_linear_grpo_loss(hidden, weight, safe_labels, old, ref, advantages, mask.float())
+    ours = pyalign.linear_policy_loss(hidden.requires_grad_(True), weight, labels, advantages, old,
+                                      ref, beta=0.04).loss
+    liger = LigerFusedLinearGRPOLoss(beta=0.04, loss_type="grpo", compiled=False,
+                                     use_bias_correction_kl=True)(
+        hidden, weight, safe_labels, mask.long(), advantages, ref_per_token_logps=ref,
+        old_per_token_logps=old)
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(liger[0] if isinstance(liger, tuple) else liger, want, rtol=1e-5,
+                               atol=1e-6)

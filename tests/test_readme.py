@@ -1,6 +1,9 @@
-"""The README's usage example runs as written, and its two set-up commands are the ones CI runs."""
+"""The README's usage example runs as written, its two set-up commands are the ones CI runs, and its
+"Train on your own model and data" command runs on a tiny model and the JSONL rows it shows."""
+import json
 import pathlib
 import re
+import shlex
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -25,3 +28,29 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install -q torch==2.13.0" in ci
     assert 'pip install -q -e ".[test]"' in ci and "python -m pytest" in ci
+
+
+def test_readme_own_model_and_data_command_runs(tmp_path):
+    """The command as written, on a tiny model (tests/hf_models.py) and the README's JSONL rows,
+    shortened to 2 steps, lengths that fit the tiny model, and small batches by a config file
+    (flags and the file compose)."""
+    from hf_models import save_tiny_model
+    from pyalign.cli.train import main
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Train on your own model and data", 1)[1].split("\n## ", 1)[0]
+    command = re.search(r"```bash\n(.*?)\n```", section, re.S).group(1)
+    rows = [json.loads(line) for line in
+            re.search(r"```json\n(.*?)\n```", section, re.S).group(1).splitlines()]
+    argv = shlex.split(command)
+    assert argv[:2] == ["pyalign", "train"]
+    model = save_tiny_model(tmp_path / "model", "llama")
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows * 2))
+    small = tmp_path / "small.toml"
+    small.write_text("batch_size = 4\nmicro_batch_size = 2\neval_every = 0\nfinal_eval_batch_size = 2\n"
+                     "max_completion_length = 4\n")
+    swap = {"path/to/model": model, "prefs.jsonl": str(data), "runs/my-tr-dpo": str(tmp_path / "run"),
+            "200": "2", "1024": "64", "512": "32"}  # the tiny model has 128 positions
+    argv = [swap.get(arg, arg) for arg in argv[2:]]
+    assert main(argv + ["--config", str(small), "--no-progress"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step-000002.pt").exists()

@@ -367,23 +367,6 @@ def test_elastic_reset_bad_arguments(policy_and_ref):
         ElasticReset(policy, reset_every=5).step(-2)
 
 
-def test_callbacks_drive_the_strategies_from_a_trainer(policy_and_ref):
-    from transformers import TrainerControl, TrainerState
-    policy, ref = policy_and_ref
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    _train_step(policy, optimizer, torch.Generator().manual_seed(10))
-    trust_region = TrustRegion(policy, ref, alpha=1.0, tau=2)
-    elastic = ElasticReset(policy, ema_decay=0.9, reset_every=100, init=ref, reset_optimizer=True)
-    callbacks = [trust_region.as_callback(), elastic.as_callback()]
-    for global_step in (1, 2):
-        state = TrainerState()
-        state.global_step = global_step
-        for callback in callbacks:
-            callback.on_step_end(None, state, TrainerControl(), model=policy, optimizer=optimizer)
-    assert trust_region.num_updates == 1 and elastic.num_ema_updates == 2
-    assert_same_bits(ref, params_exact(policy))
-
-
 def test_wrapper_prefixes_pair_by_name(policy_and_ref):
     policy, ref = policy_and_ref
 

@@ -5,7 +5,7 @@ floor the hardware allows and (where installed) Liger-Kernel and TRL.
 
 - ``harness``: candidates, timing, peak memory, ratio columns, table/JSON/CSV output;
 - ``common``: the pieces cases are built from (one row per available backend, ...);
-- ``logprobs``, ``linear_logprobs``, ``kl``, ``preference``, ``kto``, ``weights``: one module
+- ``logprobs``, ``linear_logprobs``, ``kl``, ``preference``, ``kto``, ``policy``, ``weights``: one module
   per op family, each building its ``Case``;
 - ``suite``: the cases by name, the shared arguments and the run loop.
 
@@ -23,6 +23,7 @@ from pyalign.bench.kl import kl_case
 from pyalign.bench.kto import linear_kto_case
 from pyalign.bench.linear_logprobs import linear_logprobs_case
 from pyalign.bench.logprobs import logprobs_case
+from pyalign.bench.policy import linear_policy_case, policy_case
 from pyalign.bench.preference import linear_preference_case, preference_case
 from pyalign.bench.suite import (
                                  DEFAULT_CASES,
@@ -35,5 +36,6 @@ from pyalign.bench.suite import (
 from pyalign.bench.weights import weights_case
 
 __all__ = ["DTYPES", "Candidate", "Case", "Row", "logprobs_case", "linear_logprobs_case", "kl_case",
-           "preference_case", "linear_preference_case", "linear_kto_case", "weights_case", "DEFAULT_CASES",
+           "preference_case", "linear_preference_case", "linear_kto_case", "policy_case",
+           "linear_policy_case", "weights_case", "DEFAULT_CASES",
            "add_common_arguments", "run_bench", "run_cases", "script_main", "suite_builders"]

@@ -19,7 +19,7 @@ from pyalign.bench.kl import kl_case
 from pyalign.bench.kto import linear_kto_case
 from pyalign.bench.linear_logprobs import linear_logprobs_case
 from pyalign.bench.logprobs import logprobs_case
-from pyalign.bench.policy import policy_case
+from pyalign.bench.policy import linear_policy_case, policy_case
 from pyalign.bench.preference import linear_preference_case, preference_case
 from pyalign.bench.weights import weights_case
 
@@ -42,6 +42,8 @@ def suite_builders(args) -> dict[str, Callable[[], Case]]:
                                                                      device),
             "linear_kto": lambda: linear_kto_case(4, 16, 32, 500, dtype, device),
             "policy": lambda: policy_case(8, 128, device, compile=compile),
+            "linear_policy": lambda: linear_policy_case(4, 16, 32, 500, dtype, device,
+                                                        compile=compile),
             "weights": lambda: weights_case(100_000, device, num_tensors=16),
         }
     return {
@@ -57,6 +59,8 @@ def suite_builders(args) -> dict[str, Callable[[], Case]]:
                                                                  device),
         "linear_kto": lambda: linear_kto_case(8, 256, 512, 32000, dtype, device),
         "policy": lambda: policy_case(64, 1024, device, compile=compile),
+        "linear_policy": lambda: linear_policy_case(8, 256, 512, 32000, dtype, device,
+                                                    compile=compile),
         "weights": lambda: weights_case(20_000_000, device),
     }
 

@@ -1,5 +1,5 @@
-"""`pyalign bench | train | study | doctor`: the command line. Each subcommand lives in its own
-module of this package (doctor, bench, train, study) and adds its own parser.
+"""`pyalign bench | train | study | export | doctor`: the command line. Each subcommand lives in
+its own module of this package (doctor, bench, train, study, export) and adds its own parser.
 
 `doctor` is a diagnosis: it must print even where the training or benchmark stack cannot be
 imported (a missing or broken dependency), so the other subcommands are imported defensively and
@@ -18,6 +18,7 @@ _OPTIONAL_SUBCOMMANDS = (
     ("bench", "pyalign.cli.bench", "kernel microbenchmarks"),
     ("train", "pyalign.cli.train", "train on the embedded task"),
     ("study", "pyalign.cli.study", "KL-budget study on the embedded task"),
+    ("export", "pyalign.cli.export", "write a run's policy as a transformers model"),
 )
 
 

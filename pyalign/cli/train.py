@@ -1,16 +1,27 @@
-"""`pyalign train`: preference and RL training on the embedded task (or a local HF model).
+"""`pyalign train`: preference and RL training on the embedded task, or on a local HF model and data.
 
     pyalign train --algo tr-dpo --steps 100 --out runs/tr-dpo
     pyalign train --algo elastic-reset --config er.toml --resume
     torchrun --nproc-per-node 2 -m pyalign.cli train --algo dpo      # DDP (gloo on CPU)
+    pyalign train --algo tr-dpo --model DIR --data prefs.jsonl        # your model and data
+
+With --data (pyalign.data) the run trains the --model causal LM on the file's rows in TRL's
+dataset formats (preference, unpaired for KTO, prompt-only with --reward for RL) instead of the
+embedded task; the data keys (data, eval_data, reward, max_length, max_prompt_length,
+max_completion_length) are run keys too.
 
 A config file (TOML, or YAML when pyyaml is installed) holds flat ``key = value`` pairs: the run
-keys (algo, steps, seed, out, model, backend, bf16, fsdp, threads, task_seed, task_cache_dir), the
-trainer keys of the algorithm (``--print-config`` lists them with their defaults), an optional
-``[task]`` table of pyalign.tasks.TaskConfig sizes and, in the configs `pyalign study` writes, a
-``[study]`` table (the run is then a study point: pyalign/study/point.py evaluates it at the
-table's steps into OUT/evals.jsonl). Command-line flags override the file.
-Writes metrics.jsonl, reward_vs_kl.png and checkpoints/ under --out and prints a summary line.
+keys (algo, steps, seed, out, model, lora, backend, bf16, fsdp, threads, task_seed,
+task_cache_dir, and the data keys above), the trainer keys of the algorithm (``--print-config``
+lists them with their defaults), an optional ``[task]`` table of pyalign.tasks.TaskConfig sizes
+and, in the configs `pyalign study` writes, a ``[study]`` table (the run is then a study point:
+pyalign/study/point.py evaluates it at the table's steps into OUT/evals.jsonl). Command-line
+flags override the file.
+``lora = "r=16,alpha=32"`` (``--lora``) trains a peft LoRA adapter on the frozen model; TR-DPO
+then lerps the reference's adapter weights (a frozen copy of base + adapter).
+Writes metrics.jsonl, reward_vs_kl.png and checkpoints/ under --out and prints a summary line;
+each checkpoint stores these run settings (under "run"), and ``pyalign export OUT --out DIR``
+writes the trained policy as a transformers model (pyalign/cli/export.py).
 Checkpoints are periodic (checkpoint_every = 50 steps, checkpoint_minutes = 10.0; 0 disables
 either), so a killed run continues with --resume from its newest complete checkpoint; a run
 killed before its first one restarts from scratch under --resume (with a notice). --out holds one
@@ -39,7 +50,14 @@ from pyalign.trainers.presets import (
 
 # Settings of the run itself (not of the trainer's algorithm), with their types.
 RUN_KEYS = {"algo": str, "steps": int, "seed": int, "out": str, "model": str, "backend": str,
-            "bf16": bool, "fsdp": bool, "task_seed": int, "task_cache_dir": str, "threads": int}
+            "bf16": bool, "fsdp": bool, "task_seed": int, "task_cache_dir": str, "threads": int,
+            "lora": str}
+# Run keys of training on the user's model and data (pyalign.data), with their defaults.
+DATA_RUN_KEYS = {"data": str, "eval_data": str, "reward": str, "max_length": int,
+                 "max_prompt_length": int, "max_completion_length": int}
+DATA_DEFAULTS = {"data": None, "eval_data": None, "reward": None, "max_length": None,
+                 "max_prompt_length": None, "max_completion_length": 64}
+RUN_KEYS.update(DATA_RUN_KEYS)
 # Below this many parameters a CPU run uses one intra-op thread unless told otherwise: the
 # matrices are too small to split, and threads contending for busy cores cost several-fold.
 SMALL_MODEL_PARAMS = 5_000_000
@@ -174,7 +192,7 @@ def _resolve(file_values: dict, where: str, args: argparse.Namespace) -> tuple[s
 
     run = {"algo": algo, "steps": DEFAULT_STEPS[family], "seed": 0, "out": os.path.join("runs", algo),
            "model": None, "backend": "auto", "bf16": False, "fsdp": False, "task_seed": 0,
-           "task_cache_dir": None, "task": {}, "threads": None}
+           "task_cache_dir": None, "task": {}, "threads": None, "lora": None, **DATA_DEFAULTS}
     trainer_values = dict(TUNED_DEFAULTS.get(algo, {}))
     unknown = []
     for key, value in file_values.items():
@@ -200,7 +218,8 @@ def _resolve(file_values: dict, where: str, args: argparse.Namespace) -> tuple[s
                                         and (k not in ONLY_FOR or algo in ONLY_FOR[k])})
         raise ConfigError(f"{where}: unknown config key(s) {', '.join(map(repr, sorted(unknown)))} "
                           f"for algo {algo}; valid keys: {', '.join(valid)}")
-    for key in ("steps", "seed", "out", "model", "backend", "task_seed", "task_cache_dir", "threads"):
+    for key in ("steps", "seed", "out", "model", "backend", "task_seed", "task_cache_dir", "threads",
+                "lora", *DATA_RUN_KEYS):
         value = getattr(args, key, None)
         if value is not None:
             run[key] = value
@@ -230,6 +249,8 @@ def _resolve(file_values: dict, where: str, args: argparse.Namespace) -> tuple[s
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ConfigError(f"key {key!r} must be an int >= {minimum}, got {value!r}")
     _check_out(run["out"])
+    run["lora"] = _resolve_lora(run["lora"], where)
+    _check_data_settings(algo, family, run, trainer_values)
     try:
         config = config_cls(**values)
         config.validate()
@@ -242,6 +263,41 @@ def _resolve(file_values: dict, where: str, args: argparse.Namespace) -> tuple[s
         raise ConfigError(f"key 'batch_size' must be divisible by the number of ranks "
                           f"({world_size}), got {config.batch_size}")
     return algo, run, config
+
+
+def _resolve_lora(spec, where: str) -> Optional[dict]:
+    """The ``lora`` key (``--lora r=16,alpha=32,...``) as the full spec dict of
+    ``pyalign.integrations.lora.parse_lora_spec`` (what checkpoints store), or None."""
+    if spec is None:
+        return None
+    import importlib.util
+
+    from pyalign.integrations.lora import LoraSpecError, parse_lora_spec
+    try:
+        parsed = parse_lora_spec(spec)
+    except LoraSpecError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    if importlib.util.find_spec("peft") is None:  # checked here, before the task is built
+        raise ConfigError("--lora needs peft: pip install 'pyalign[lora]' (or pip install peft)")
+    return parsed
+
+
+def lora_factory(base_factory, spec: dict):
+    """A model factory giving copies of ONE LoRA-wrapped model (``apply_lora``): built on the
+    first call (the trainer seeds the adapter's random init before it), copied after, so the
+    policy, the initial model and a trust-region reference start with the same adapter. Only the
+    adapter trains; the copies' frozen base weights are equal and stay so."""
+    from pyalign.integrations.lora import apply_lora
+    built = []
+
+    def factory():
+        if not built:
+            try:
+                built.append(apply_lora(base_factory(), spec))
+            except ValueError as exc:  # peft: e.g. a target module the model does not have
+                raise ConfigError(f"--lora {spec}: peft cannot wrap the model: {exc}") from exc
+        return copy.deepcopy(built[0])
+    return factory
 
 
 def load_hf_model(model_dir: str, task):
@@ -266,6 +322,101 @@ def load_hf_model(model_dir: str, task):
     return model
 
 
+def _check_data_settings(algo: str, family: str, run: dict, trainer_values: dict) -> None:
+    """The --data/--reward/--max-*length keys fit together and fit the algorithm (the data
+    itself is checked when it is loaded, before any training)."""
+    for key in ("max_length", "max_prompt_length", "max_completion_length"):
+        value = run[key]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"key {key!r} must be an int >= 1, got {value!r}")
+    if not run["data"]:
+        for key in ("eval_data", "reward", "max_length", "max_prompt_length"):
+            if run[key] is not None:
+                raise ConfigError(f"key {key!r} needs --data (the user's dataset); the embedded "
+                                  f"task has its own data and rewards")
+        return
+    if not run["model"]:
+        raise ConfigError("--data needs --model DIR: the model (and its tokenizer) to train on it")
+    if run.get("study") or run.get("task"):
+        raise ConfigError("--data trains on the user's data: the [task] and [study] tables are for "
+                          "the embedded task")
+    if family == "rl":
+        if not run["reward"]:
+            raise ConfigError(f"--algo {algo} samples completions and needs --reward: a local "
+                              f"reward-model directory or module:function")
+        if trainer_values.get("reward", "proxy") != "proxy":
+            raise ConfigError(f"key 'reward' = {trainer_values['reward']!r} names a reward of the "
+                              f"embedded task; with --data the reward is --reward")
+    elif run["reward"]:
+        raise ConfigError(f"--reward is for the RL algorithms; --algo {algo} learns from the "
+                          f"preferences in --data")
+    if "num_examples" in trainer_values:
+        raise ConfigError("key 'num_examples' is the number of rows of --data; do not set it")
+
+
+def load_user_model(model_dir: str):
+    """(model, tokenizer) of a local Hugging Face causal-LM directory, for --data."""
+    if not os.path.isdir(model_dir):
+        raise ConfigError(f"--model {model_dir}: not a directory (a local Hugging Face model directory)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:
+        raise ConfigError(f"--model {model_dir}: no tokenizer could be loaded from it (--data needs "
+                          f"the model's tokenizer saved beside it: tokenizer.save_pretrained): {exc}"
+                          ) from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:
+        raise ConfigError(f"--model {model_dir}: cannot load a causal LM from it: {exc}") from exc
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+    if vocab < len(tokenizer):
+        raise ConfigError(f"--model {model_dir}: its vocabulary has {vocab} tokens, fewer than its "
+                          f"tokenizer's {len(tokenizer)}")
+    return model.float(), tokenizer
+
+
+def build_data_task(algo: str, run: dict, config, tokenizer, max_positions: Optional[int]):
+    """The DatasetTask of --data (and --eval-data, --reward), and the trainer config with
+    num_examples = the number of rows; DataError/RewardError for bad data, before training."""
+    from pyalign.data import DatasetTask, load_rows, tokenize_rows
+    from pyalign.data.rewards import load_reward
+    family = ALGOS[algo][0]
+    if family == "rl":
+        kind = "prompt"
+    else:
+        from pyalign.losses import UNPAIRED_NAMES
+        kind = "unpaired" if config.loss in UNPAIRED_NAMES else "preference"
+    limits = dict(max_length=run["max_length"], max_prompt_length=run["max_prompt_length"],
+                  max_positions=max_positions,
+                  generation_length=run["max_completion_length"] if kind == "prompt" else 0)
+    if max_positions is not None and run["max_length"] is not None and run["max_length"] > max_positions:
+        raise ConfigError(f"key 'max_length' is {run['max_length']}, more than the model's "
+                          f"{max_positions} positions")
+    train = tokenize_rows(load_rows(run["data"]), tokenizer, kind=kind, **limits)
+    evaluation = None
+    if run["eval_data"]:  # prompts for the evaluations (samples, KL, reward)
+        evaluation = tokenize_rows(load_rows(run["eval_data"]), tokenizer, kind="prompt",
+                                   **{**limits, "generation_length": run["max_completion_length"]})
+    generation = run["max_completion_length"]
+    if max_positions is not None:  # room after the longest prompt
+        longest = max(d.prompts.shape[1] for d in filter(None, (train, evaluation)))
+        generation = max(1, min(generation, max_positions - longest))
+    reward = load_reward(run["reward"], conversational=train.conversational) if run["reward"] else None
+    task = DatasetTask(tokenizer, train, eval_data=evaluation, max_completion_length=generation,
+                       reward=reward)
+    if reward is not None:  # one call before training: a reward that cannot score fails here
+        task.check_reward()
+    if family == "preference":
+        if len(train) < config.batch_size:
+            raise ConfigError(f"{run['data']} has {len(train)} rows, fewer than batch_size "
+                              f"{config.batch_size}")
+        config = dataclasses.replace(config, num_examples=len(train))
+        config.validate()
+    return task, config
+
+
 def build_trainer(algo: str, run: dict, config, *, dist_ctx=None, progress: bool = True):
     """The task, the model factory and the trainer of a resolved configuration."""
     import pyalign.tasks
@@ -273,6 +424,17 @@ def build_trainer(algo: str, run: dict, config, *, dist_ctx=None, progress: bool
     from pyalign.trainers.distributed import init_distributed
 
     dist_ctx = dist_ctx or init_distributed()
+    family = ALGOS[algo][0]
+    cls = PreferenceTrainer if family == "preference" else RLTrainer
+    if run.get("data"):  # the user's model and data (pyalign.data)
+        base, tokenizer = load_user_model(run["model"])
+        max_positions = getattr(base.config, "max_position_embeddings", None)
+        task, config = build_data_task(algo, run, config, tokenizer, max_positions)
+        factory = lambda: copy.deepcopy(base)  # noqa: E731
+        if run.get("lora"):
+            factory = lora_factory(factory, run["lora"])
+        return cls(task, config, algo=algo, out_dir=run["out"], model_factory=factory,
+                   dist_ctx=dist_ctx, run_settings=run)
     # rank 0 builds (and caches) the task first; the others then load it from the cache
     if not dist_ctx.is_main:
         dist_ctx.barrier()
@@ -285,9 +447,10 @@ def build_trainer(algo: str, run: dict, config, *, dist_ctx=None, progress: bool
     if run["model"]:
         base = load_hf_model(run["model"], task)
         factory = lambda: copy.deepcopy(base)  # noqa: E731
-    family = ALGOS[algo][0]
-    cls = PreferenceTrainer if family == "preference" else RLTrainer
-    return cls(task, config, algo=algo, out_dir=run["out"], model_factory=factory, dist_ctx=dist_ctx)
+    if run.get("lora"):
+        factory = lora_factory(factory or task.new_policy, run["lora"])
+    return cls(task, config, algo=algo, out_dir=run["out"], model_factory=factory, dist_ctx=dist_ctx,
+               run_settings=run)
 
 
 def _prepare_out_dir(run: dict, resume, overwrite: bool, is_main: bool) -> None:
@@ -328,6 +491,8 @@ def _resume_decision(out: str, resume) -> tuple[Optional[str], Optional[str]]:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
+    from pyalign.data import DataError
+    from pyalign.data.rewards import RewardError
     from pyalign.trainers.checkpoint import CheckpointError
     from pyalign.trainers.distributed import init_distributed
     from pyalign.trainers.metrics import format_summary
@@ -377,7 +542,7 @@ def run_train(args: argparse.Namespace) -> int:
                 sum(p.numel() for p in trainer.policy.parameters()) < SMALL_MODEL_PARAMS:
             torch.set_num_threads(1)
         summary = trainer.train(run["steps"], resume=resume)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, DataError, RewardError) as exc:
         print(f"pyalign train: error: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -385,6 +550,9 @@ def run_train(args: argparse.Namespace) -> int:
             lock.release()
         dist_ctx.close()
     if dist_ctx.is_main:
+        if summary.get("metrics") and not summary.get("plot"):
+            print("pyalign train: note: no reward_vs_kl.png: this run has no gold or proxy reward "
+                  "(user data without --reward)", file=sys.stderr, flush=True)
         print(format_summary(summary), flush=True)
     return 0
 
@@ -411,7 +579,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start afresh in an --out that holds checkpoints (deletes them)")
     parser.add_argument("--seed", type=int, help="training seed (default 0)")
     parser.add_argument("--model", help="a local Hugging Face causal-LM directory to train instead "
-                        "of the task's SFT model (its vocabulary must be the task's)")
+                        "of the task's SFT model (with --data: any causal LM and its tokenizer; "
+                        "without: its vocabulary must be the task's)")
+    add_data_arguments(parser)
+    parser.add_argument("--lora", metavar="SPEC", help="train a LoRA adapter (peft) instead of the "
+                        "whole model, e.g. r=16,alpha=32,dropout=0.05,target_modules=q_proj+v_proj "
+                        "(pyalign/integrations/lora.py lists the keys)")
     parser.add_argument("--backend", choices=BACKEND_CHOICES,
                         help="pyalign op backend (default auto)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the model forwards")
@@ -424,6 +597,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", dest="no_progress", help="no tqdm bar")
     parser.add_argument("--print-config", action="store_true", dest="print_config",
                         help="print the resolved settings and exit")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Training on the user's data (pyalign.data), in TRL's dataset formats."""
+    parser.add_argument("--data", help="JSONL/JSON/Parquet file or datasets directory: preference "
+                        "prompt/chosen/rejected (or chosen/rejected), unpaired prompt/completion/label "
+                        "(KTO), prompt-only (RL); standard or conversational; needs --model")
+    parser.add_argument("--eval-data", dest="eval_data", help="a dataset whose prompts the "
+                        "evaluations sample on (default: --data's)")
+    parser.add_argument("--reward", help="RL with --data: a local sequence-classification reward-model "
+                        "directory, or module:function taking (prompts, completions) -> list of floats")
+    parser.add_argument("--max-length", type=int, dest="max_length",
+                        help="truncate prompt + completion to this many tokens (completion from the right)")
+    parser.add_argument("--max-prompt-length", type=int, dest="max_prompt_length",
+                        help="truncate prompts to this many tokens (from the left)")
+    parser.add_argument("--max-completion-length", type=int, dest="max_completion_length",
+                        help=f"tokens sampled per completion with --data "
+                        f"(default {DATA_DEFAULTS['max_completion_length']})")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -5,10 +5,12 @@ a scalar), its gradients need not wait for backward. Per chunk of whole *units* 
 row i with rejected row i + B; or one sequence), so that each chunk's loss is complete:
 
 1. logits = hidden_chunk · Wᵀ (+ b)                                        (matmul 1)
-2. the backend's logprobs forward primitive: per-token log-probs and row stats
+2. the backend's logprobs forward primitive: per-token log-probs and row stats (and the
+   per-token entropies, for a plan ``with_entropy``: the policy losses' entropy bonus)
 3. the caller's ``chunk_loss`` on the chunk's [rows, T] log-probs (the same torch code as the
-   recompute path: registry pair math, f-divergences, ld_alpha, WPO weights), differentiated by
-   autograd on those small tensors: per-token coefficients ∂L/∂log p
+   recompute path: registry pair math, f-divergences, ld_alpha, WPO weights, policy terms),
+   differentiated by autograd on those small tensors: per-token coefficients ∂L/∂log p (and
+   ∂L/∂H when the loss uses the entropies)
 4. the backend's logprobs backward primitive turns the logits buffer into d-logits in place
 5. grad_hidden_chunk = d-logits · W                                         (matmul 2)
    grad_W += d-logitsᵀ · hidden_chunk, grad_b += Σ d-logits                (matmul 3)
@@ -48,7 +50,9 @@ class FusedHeadPlan(NamedTuple):
     unit (k = 2 for pairs, chosen first); ``chunk_loss(rows, token_logps, mask, ref_token_logps,
     log_sum_sq)`` -> (unit losses [u], metrics: tuple of [u, ...] tensors) for the chunk's rows
     (its units' first rows, then their second rows); ``ref_token_logps`` and ``log_sum_sq`` are
-    [rows, T] or None. ``loss_scale``: ∂(reduced loss)/∂(unit loss), 1/U for a mean.
+    [rows, T] or None. With ``with_entropy`` it also gets ``entropy=`` the per-token entropies
+    [rows, T], differentiable like the log-probs (their gradient goes through the head too).
+    ``loss_scale``: ∂(reduced loss)/∂(unit loss), 1/U for a mean.
     ``vocab_shard``: for a vocab-parallel head, this rank's shard (weight, bias and the
     reference's head are its vocabulary rows: the caller's ``_vocab_parallel.vocab_shard``),
     or None."""
@@ -62,6 +66,7 @@ class FusedHeadPlan(NamedTuple):
     backend: str
     reference: Optional[ReferenceHead] = None
     with_log_sum_sq: bool = False
+    with_entropy: bool = False
     vocab_shard: Optional[_vocab_parallel.VocabShard] = None
 
 
@@ -156,24 +161,31 @@ def _run(plan: FusedHeadPlan, hidden, weight, bias, needs_grad):
         chunk_hidden = flat_hidden[flat_index]
         logits = _head_logits(chunk_hidden, weight, bias)  # matmul 1
         impl = backends.implementation("logprobs", lp_backend, logits)
-        token_lp, _, stats = impl.forward(logits, forward_labels, forward_ignore,
-                                          plan.temperature, False)
+        token_lp, entropy, stats = impl.forward(logits, forward_labels, forward_ignore,
+                                                plan.temperature, plan.with_entropy)
         log_sum_sq = None
         if plan.with_log_sum_sq:
             from pyalign.ops.preference import log_sum_sq_probs
             log_sum_sq = log_sum_sq_probs(logits, plan.temperature)
         if shard is not None:  # the whole vocabulary's log-probs, stats (and log Σ p²)
             combined = _vocab_parallel.combine_rows(shard, owned, kept_tokens, token_lp, stats,
-                                                    1.0 / plan.temperature, log_sum_sq=log_sum_sq)
+                                                    1.0 / plan.temperature, log_sum_sq=log_sum_sq,
+                                                    entropy=entropy if plan.with_entropy else None)
             token_lp, stats, log_sum_sq = combined.logprobs, combined.stats, combined.log_sum_sq
+            if plan.with_entropy:
+                entropy = combined.entropy
         if log_sum_sq is not None:
             log_sum_sq = _scatter(log_sum_sq, kept_local, shape, torch.float32)
         with torch.enable_grad():
             leaf = _scatter(token_lp, kept_local, shape, acc).requires_grad_(True)
+            leaves, extra = [leaf], {}
+            if plan.with_entropy:
+                extra["entropy"] = _scatter(entropy, kept_local, shape, acc).requires_grad_(True)
+                leaves.append(extra["entropy"])
             unit_losses, unit_metrics = plan.chunk_loss(rows, leaf, chunk_mask, ref_tokens,
-                                                        log_sum_sq)
-            coefficients, = torch.autograd.grad(
-                unit_losses, leaf, grad_outputs=torch.ones_like(unit_losses), allow_unused=True)
+                                                        log_sum_sq, **extra)
+            coefficients, *entropy_coefficients = torch.autograd.grad(
+                unit_losses, leaves, grad_outputs=torch.ones_like(unit_losses), allow_unused=True)
         losses.append(unit_losses.detach())
         metrics.append(tuple(m.detach() for m in unit_metrics))
         if grad_hidden is None and grad_weight is None and grad_bias is None:
@@ -181,14 +193,21 @@ def _run(plan: FusedHeadPlan, hidden, weight, bias, needs_grad):
         if coefficients is None:
             coefficients = torch.zeros_like(leaf)
         grad_tokens = coefficients.reshape(-1)[kept_local].to(acc).contiguous()
+        grad_entropy = None  # None unless the loss uses the entropy: the backward skips its term
+        if entropy_coefficients and entropy_coefficients[0] is not None:
+            grad_entropy = entropy_coefficients[0].reshape(-1)[kept_local].to(acc).contiguous()
         if plan.reduction == "mean":
             grad_tokens = grad_tokens / unit_rows.shape[0]
+            if grad_entropy is not None:
+                grad_entropy = grad_entropy / unit_rows.shape[0]
         if shard is None:
-            grad_logits = impl.backward(grad_tokens, None, logits, chunk_labels, stats, None,
-                                        plan.ignore_index, plan.temperature, True)  # in place
+            grad_logits = impl.backward(grad_tokens, grad_entropy, logits, chunk_labels, stats,
+                                        None if grad_entropy is None else entropy, plan.ignore_index,
+                                        plan.temperature, True)  # in place
         else:
-            grad_logits = _vocab_parallel.shard_logits_gradient_(impl, grad_tokens, logits,
-                                                                 chunk_labels, stats, plan.temperature)
+            grad_logits = _vocab_parallel.shard_logits_gradient_(
+                impl, grad_tokens, logits, chunk_labels, stats, plan.temperature,
+                grad_entropy=grad_entropy, entropy=None if grad_entropy is None else entropy)
         if grad_hidden is not None:
             grad_hidden[flat_index] = (grad_logits @ weight).to(grad_hidden.dtype)  # matmul 2
         if grad_weight is not None:  # matmul 3
@@ -205,9 +224,11 @@ def _run(plan: FusedHeadPlan, hidden, weight, bias, needs_grad):
     if losses:
         merged = tuple(torch.cat(parts) for parts in zip(*metrics))
     else:  # an empty batch: run the loss on nothing for the metrics' shapes
+        nothing = hidden.new_zeros((0, seq_len), dtype=acc)
+        extra = {"entropy": nothing} if plan.with_entropy else {}
         with torch.enable_grad():
-            _, empty = plan.chunk_loss(unit_rows.new_zeros(0), hidden.new_zeros((0, seq_len), dtype=acc),
-                                       mask[:0], None, None)
+            _, empty = plan.chunk_loss(unit_rows.new_zeros(0), nothing, mask[:0], None, None,
+                                       **extra)
         merged = tuple(m.detach() for m in empty)
     # the units' order: chunks are consecutive unit ranges, so the concatenation is in order
     if grad_hidden is not None:

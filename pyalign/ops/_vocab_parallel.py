@@ -185,15 +185,18 @@ def sum_over_ranks(tensor: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     return tensor.copy_(_all_reduce(tensor.float(), "SUM", shard))
 
 
-
 def shard_logits_gradient_(implementation, grad_logprobs: torch.Tensor, logits: torch.Tensor,
-                           labels: torch.Tensor, stats: torch.Tensor, temperature: float):
+                           labels: torch.Tensor, stats: torch.Tensor, temperature: float, *,
+                           grad_entropy: Optional[torch.Tensor] = None,
+                           entropy: Optional[torch.Tensor] = None):
     """A logprobs implementation's backward, in place, on a shard's logits with the whole rows'
-    ``stats`` and ``local_labels``: the ones outside the shard add no label term. That is
-    ``backward_columns`` at column 0 where the backend has it (the cpu kernel's plain backward
-    refuses labels outside [0, V)), else ``backward`` (eager's and Triton's match no column)."""
+    ``stats`` (and entropies, when ``grad_entropy`` is given) and ``local_labels``: the ones
+    outside the shard add no label term. That is ``backward_columns`` at column 0 where the
+    backend has it (the cpu kernel's plain backward refuses labels outside [0, V)), else
+    ``backward`` (eager's and Triton's match no column)."""
     columns = getattr(implementation, "backward_columns", None)
     if columns is not None:
-        return columns(grad_logprobs, None, logits, labels, stats, None, LOCAL_IGNORE, temperature, 0)
-    return implementation.backward(grad_logprobs, None, logits, labels, stats, None, LOCAL_IGNORE,
-                                   temperature, True)
+        return columns(grad_logprobs, grad_entropy, logits, labels, stats, entropy, LOCAL_IGNORE,
+                       temperature, 0)
+    return implementation.backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy,
+                                   LOCAL_IGNORE, temperature, True)

@@ -10,7 +10,9 @@ TRL's default), an entropy mask (top_entropy_quantile) on P and an entropy bonus
 weight_b from the loss's normalisation (losses.POLICY_NORMALISATIONS). The metrics are the
 masked means TRL logs, detached. Gradients flow to ``logprobs`` (and ``entropy`` when
 entropy_coef != 0); none to old_logprobs, ref_logprobs or advantages. Family "policy" of
-pyalign/backends.py; the formulas are in docs/algorithms.md ("Policy-gradient losses").
+pyalign/backends.py; the formulas are in docs/algorithms.md ("Policy-gradient losses"). The
+loss is the sum of per-row losses with batch-global weights (loss_weights), which is what lets
+linear_policy_loss (pyalign/ops/linear_policy.py) compute it chunk by chunk from hidden states.
 """
 from __future__ import annotations
 
@@ -96,10 +98,10 @@ def _acc_dtype(*tensors):
     return accumulation_dtype(dtype)
 
 
-def _row_weights(stats, normalisation, max_completion_length, num_items_in_batch):
-    """The weight of one kept token of each row (losses.POLICY_NORMALISATIONS)."""
-    rows = max(stats.shape[0], 1)
-    tokens = stats[:, _STAT["tokens"]]
+def _row_weights(tokens, normalisation, max_completion_length, num_items_in_batch):
+    """The weight of one kept token of each row (losses.POLICY_NORMALISATIONS), from the rows'
+    kept-token counts ``tokens`` [B]."""
+    rows = max(tokens.shape[0], 1)
     if normalisation == "sequence_mean":
         return 1.0 / (rows * tokens.clamp(min=1))
     if normalisation == "tokens":
@@ -113,43 +115,54 @@ def _row_weights(stats, normalisation, max_completion_length, num_items_in_batch
     return torch.full_like(tokens, 1.0 / rows)  # "batch"
 
 
+def loss_weights(mask, entropy_mask, normalisation, max_completion_length, num_items_in_batch,
+                 entropy_coef, dtype):
+    """(row_weights [B], entropy_weight []): ∂loss/∂(a row's Σ m·em·P + β·Σ m·kl) and
+    ∂loss/∂(Σ m·em·H), from the whole batch's mask. Both are batch-global (the batch's row and
+    token counts), so with them a row's loss is a complete contribution: the loss is the sum of
+    the rows' losses however the rows are split (linear_policy_loss's chunks)."""
+    tokens = mask.sum(-1, dtype=dtype)
+    row_weights = _row_weights(tokens, normalisation, max_completion_length, num_items_in_batch)
+    if entropy_coef == 0:
+        return row_weights, tokens.new_zeros(())
+    kept = tokens.sum() if entropy_mask is None else (mask & entropy_mask).sum(dtype=dtype)
+    return row_weights, -entropy_coef / kept.clamp(min=1)
+
+
 class PolicyLossFunction(torch.autograd.Function):
+    """(logprobs, entropy, ..., row_weights, entropy_weight, config) -> (per-row losses [B],
+    row stats); the loss is the sum of the per-row losses (loss_weights)."""
+
     @staticmethod
     def forward(ctx, logprobs, entropy, old_logprobs, advantages, mask, entropy_mask, ref_logprobs,
-                config):
-        (loss, level, params, beta, estimator, bias, normalisation, max_length, num_items,
-         entropy_coef, backend) = config
+                row_weights, entropy_weight, config):
+        loss, level, params, beta, estimator, bias, entropy_coef, backend = config
         stats = _policy_fwd(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs,
                             entropy, loss, level, params, beta, estimator, bias, backend)
-        row_weights = _row_weights(stats, normalisation, max_length, num_items)
-        policy_loss = (row_weights * (stats[:, _STAT["policy"]] + beta * stats[:, _STAT["kl"]])).sum()
-        entropy_weight = stats.new_zeros(())
-        total = policy_loss
+        row_losses = row_weights * (stats[:, _STAT["policy"]] + beta * stats[:, _STAT["kl"]])
         if entropy_coef != 0:
-            entropy_weight = -entropy_coef / stats[:, _STAT["kept"]].sum().clamp(min=1)
-            total = policy_loss + entropy_weight * stats[:, _STAT["entropy_kept"]].sum()
+            row_losses = row_losses + entropy_weight * stats[:, _STAT["entropy_kept"]]
         ctx.save_for_backward(logprobs, entropy, old_logprobs, advantages, mask, entropy_mask,
                               ref_logprobs, row_weights, entropy_weight)
         ctx.config = config
-        policy_only = policy_loss.detach().clone()  # a metric: its own tensor, no gradient
-        ctx.mark_non_differentiable(stats, policy_only)
-        return total, policy_only, stats
+        ctx.mark_non_differentiable(stats)
+        return row_losses, stats
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_policy_loss, _grad_stats):
+    def backward(ctx, grad_row_losses, _grad_stats):
         (logprobs, entropy, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, row_weights,
          entropy_weight) = ctx.saved_tensors
-        (loss, level, params, beta, estimator, bias, _, _, _, entropy_coef, backend) = ctx.config
-        grad_loss = grad_loss.to(row_weights.dtype)
+        loss, level, params, beta, estimator, bias, entropy_coef, backend = ctx.config
+        grad_row_losses = grad_row_losses.to(row_weights.dtype)
         entropy_weights = None
         if entropy_coef != 0 and entropy is not None:
-            entropy_weights = (entropy_weight * grad_loss).expand_as(row_weights).contiguous()
-        grad, grad_entropy = _policy_bwd((row_weights * grad_loss).contiguous(), entropy_weights,
-                                         logprobs, old_logprobs, advantages, mask, entropy_mask,
-                                         ref_logprobs, entropy, loss, level, params, beta,
-                                         estimator, bias, backend)
+            entropy_weights = (entropy_weight * grad_row_losses).contiguous()
+        grad, grad_entropy = _policy_bwd((row_weights * grad_row_losses).contiguous(),
+                                         entropy_weights, logprobs, old_logprobs, advantages,
+                                         mask, entropy_mask, ref_logprobs, entropy, loss, level,
+                                         params, beta, estimator, bias, backend)
         grad_entropy = grad_entropy if entropy_weights is not None else None
-        return grad, grad_entropy, None, None, None, None, None, None
+        return grad, grad_entropy, *([None] * 8)
 
 
 def _check_per_token(name, tensor, shape):
@@ -229,7 +242,6 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor],
     batch's; TRL uses num_items_in_batch · gradient_accumulation_steps / (num_processes ·
     steps_per_generation)). Gradient accumulation scaling is the caller's.
     """
-    entry = registry.get_policy(loss_type)
     _checks.check_tensor("logprobs", logprobs, floating=True)
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be 2-D [B, T], got shape {tuple(logprobs.shape)}")
@@ -237,9 +249,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor],
     if old_logprobs is not None:
         _check_per_token("old_logprobs", old_logprobs, shape)
     _checks.check_tensor("advantages", advantages, floating=True)
-    if tuple(advantages.shape) not in ((shape[0],), shape):
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected ({shape[0]},) "
-                         f"or {shape} (one per sequence or one per token)")
+    check_advantages(advantages, shape)
     _checks.check_mask("mask", mask)
     _checks.check_shape("mask", mask, shape, "logprobs.shape")
     if ref_logprobs is not None:
@@ -248,9 +258,87 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor],
         _check_per_token("entropy", entropy, shape)
     _checks.check_same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages,
                               mask=mask, ref_logprobs=ref_logprobs, entropy=entropy)
+    options = check_options(
+        ref_logprobs is not None, entropy is not None, loss_type=loss_type, beta=beta,
+        kl_estimator=kl_estimator, use_bias_correction_kl=use_bias_correction_kl, epsilon=epsilon,
+        epsilon_high=epsilon_high, delta=delta, importance_sampling_level=importance_sampling_level,
+        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+        vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg, entropy_coef=entropy_coef,
+        top_entropy_quantile=top_entropy_quantile, max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch)
+    backends.check_name(backend)
+
+    mask = mask.to(torch.bool).contiguous()
+    entropy_mask = (_entropy_mask(entropy, mask, options.top_entropy_quantile)
+                    if options.top_entropy_quantile < 1 else None)
+    logprobs = logprobs.contiguous()
+    old = logprobs.detach() if old_logprobs is None else old_logprobs.detach().contiguous()
+    ref = None if ref_logprobs is None else ref_logprobs.detach().contiguous()
+    advantages = advantages.detach().contiguous()
+    if entropy is not None:
+        entropy = entropy.contiguous()
+    row_weights, entropy_weight = options.weights(mask, entropy_mask,
+                                                  _acc_dtype(logprobs, old, ref))
+    row_losses, stats = PolicyLossFunction.apply(logprobs, entropy, old, advantages, mask,
+                                                 entropy_mask, ref, row_weights, entropy_weight,
+                                                 options.config(backend))
+    return options.output(row_losses.sum(), row_weights, stats, advantages, ref is not None,
+                          entropy is not None)
+
+
+def check_advantages(advantages, shape):
+    """advantages: one per sequence [B] or one per token [B, T] (``shape``)."""
+    if tuple(advantages.shape) not in ((shape[0],), shape):
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected ({shape[0]},) "
+                         f"or {shape} (one per sequence or one per token)")
+
+
+class PolicyOptions(NamedTuple):
+    """policy_loss's scalar options, checked (check_options), and what derives from them."""
+    entry: registry.PolicyLoss
+    level: str
+    params: registry.PolicyParams
+    beta: float
+    kl_estimator: str
+    bias_correction: bool
+    entropy_coef: float
+    top_entropy_quantile: float
+    max_completion_length: Optional[int]
+    num_items_in_batch: Optional[float]
+
+    def config(self, backend):
+        """PolicyLossFunction's config."""
+        return (self.entry.name, self.level, self.params.as_list(), self.beta, self.kl_estimator,
+                self.bias_correction, self.entropy_coef, backend)
+
+    def weights(self, mask, entropy_mask, dtype):
+        return loss_weights(mask, entropy_mask, self.entry.normalisation,
+                            self.max_completion_length, self.num_items_in_batch,
+                            self.entropy_coef, dtype)
+
+    def output(self, loss, row_weights, stats, advantages, has_kl, has_entropy):
+        """The PolicyLossOutput of the loss, from the whole batch's row stats."""
+        stats = stats.detach()
+        policy_only = (row_weights * (stats[:, _STAT["policy"]]
+                                      + self.beta * stats[:, _STAT["kl"]])).sum()
+        metrics = _metrics(self.entry, self.level, stats, advantages, self.params, has_kl,
+                           has_entropy)
+        return PolicyLossOutput(loss, policy_only, *metrics)
+
+
+def check_options(has_ref: bool, has_entropy: bool, *, ref_name="ref_logprobs", loss_type, beta, kl_estimator,
+                  use_bias_correction_kl, epsilon, epsilon_high, delta, importance_sampling_level,
+                  sapo_temperature_pos, sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos,
+                  vespo_k_neg, vespo_lambda_neg, entropy_coef, top_entropy_quantile,
+                  max_completion_length, num_items_in_batch) -> PolicyOptions:
+    """policy_loss's scalar options (its signature holds their defaults), checked; ``has_ref``,
+    ``has_entropy``: whether the reference log-probs (the caller's argument ``ref_name``) and the
+    entropies are there."""
+    entry = registry.get_policy(loss_type)
     beta = _checks.check_finite_range("beta", beta, low=0.0, what="a finite number >= 0")
-    if beta > 0 and ref_logprobs is None:
-        raise ValueError("beta > 0 needs ref_logprobs (the KL term's reference log-probs)")
+    if beta > 0 and not has_ref:
+        raise ValueError(f"beta > 0 needs {ref_name} (the KL term's reference log-probs)")
     _checks.check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     bias = _checks.check_bool("use_bias_correction_kl", use_bias_correction_kl)
     epsilon = _checks.check_finite_range("epsilon", epsilon, low=0.0, what="a finite number >= 0")
@@ -281,7 +369,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor],
     entropy_coef = _checks.check_finite_range("entropy_coef", entropy_coef)
     top_entropy_quantile = _checks.check_finite_range(
         "top_entropy_quantile", top_entropy_quantile, low=0.0, high=1.0, low_inclusive=False)
-    if (entropy_coef != 0 or top_entropy_quantile < 1) and entropy is None:
+    if (entropy_coef != 0 or top_entropy_quantile < 1) and not has_entropy:
         raise ValueError("entropy_coef != 0 and top_entropy_quantile < 1 need entropy (the "
                          "per-token entropies, e.g. pyalign.token_logprobs(..., entropy=True))")
     if max_completion_length is not None:
@@ -293,25 +381,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor],
     if num_items_in_batch is not None:
         num_items_in_batch = _checks.check_finite_range("num_items_in_batch", num_items_in_batch,
                                                         low=0.0, what="a finite number >= 0")
-    backends.check_name(backend)
-
     params = registry.PolicyParams(epsilon, epsilon_high, delta, float(sapo_temperature_pos),
                                    float(sapo_temperature_neg), float(vespo_k_pos),
                                    float(vespo_lambda_pos), float(vespo_k_neg),
                                    float(vespo_lambda_neg))
-    mask = mask.to(torch.bool).contiguous()
-    entropy_mask = (_entropy_mask(entropy, mask, top_entropy_quantile)
-                    if top_entropy_quantile < 1 else None)
-    logprobs = logprobs.contiguous()
-    old = logprobs.detach() if old_logprobs is None else old_logprobs.detach().contiguous()
-    ref = None if ref_logprobs is None else ref_logprobs.detach().contiguous()
-    advantages = advantages.detach().contiguous()
-    if entropy is not None:
-        entropy = entropy.contiguous()
-    config = (loss_type, level, params.as_list(), beta, kl_estimator, bias, entry.normalisation,
-              max_completion_length, num_items_in_batch, entropy_coef, backend)
-    loss, policy_only, stats = PolicyLossFunction.apply(logprobs, entropy, old, advantages, mask,
-                                                        entropy_mask, ref, config)
-    metrics = _metrics(entry, level, stats.detach(), advantages, params, ref is not None,
-                       entropy is not None)
-    return PolicyLossOutput(loss, policy_only, *metrics)
+    return PolicyOptions(entry, level, params, beta, kl_estimator, bias, entropy_coef,
+                         top_entropy_quantile, max_completion_length, num_items_in_batch)

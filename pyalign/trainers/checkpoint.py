@@ -1,9 +1,22 @@
-"""The trainer checkpoint format: one file per saved step (``step-NNNNNN.pt``) holding a magic
-line, the 8-byte little-endian payload length, the payload's sha256 and the payload
-(``torch.save`` of a dict with ``format``/``version``). Files are written atomically
-(``pyalign._utils.atomic_write``) and verified on reading, so a crash or a damaged file gives a
-``CheckpointError`` naming the file, never a silently wrong resume. The global RNG states
-(torch, Python, NumPy, CUDA) are captured and restored here too.
+"""The trainer checkpoint format: one file per saved step (``step-NNNNNN.pt``), a plain
+``torch.save`` zip of a dict of tensors and plain containers, so
+
+    torch.load("runs/dpo/checkpoints/step-000100.pt", weights_only=True)
+
+opens it with nothing from pyalign. The dict holds ``format``/``version``, the run's state
+(``policy``: the trainer's scorer module, whose ``model.`` entries are the policy;
+``optimizer``, ``reference_strategy``, ``rng``, ``trainer``, ``step``, ``config`` as a dict) and
+``run``: the settings of the ``pyalign train`` run that wrote it (``pyalign export`` rebuilds
+the policy from them). The zip's archive comment (the file's last 79 bytes, which zip readers
+and torch.load skip) is ``pyalign-sha256:`` and the sha256 of every byte before it. Files are
+written atomically (``pyalign._utils.atomic_write``) and ``load_checkpoint`` checks the digest,
+then loads with ``weights_only=True`` and checks the format and version, so a crash or a damaged
+file gives a ``CheckpointError`` naming the file, never a silently wrong resume. The global RNG
+states (torch, Python, NumPy, CUDA) are captured and restored here too, as tensors, ints,
+strings and tuples.
+
+Version 1 (pyalign before checkpoint version 2) wrapped the torch.save bytes in a magic line,
+a length and a checksum; such files are refused with a message saying so.
 """
 from __future__ import annotations
 
@@ -19,8 +32,12 @@ import torch
 from pyalign._utils import atomic_write
 
 CHECKPOINT_FORMAT = "pyalign-trainer-checkpoint"
-CHECKPOINT_VERSION = 1
-_MAGIC = b"PYALIGN-CKPT\x00v1\n"  # then 8-byte payload length, 32-byte sha256, payload (torch.save)
+CHECKPOINT_VERSION = 2
+_V1_MAGIC = b"PYALIGN-CKPT\x00v1\n"  # how a version-1 file starts
+_ZIP_START = b"PK\x03\x04"  # a torch.save zip starts with a local file header
+_ZIP_END = b"PK\x05\x06"  # ... and ends with this 22-byte end-of-archive record
+_DIGEST_TAG = b"pyalign-sha256:"  # the archive comment: this tag, then 64 hex digits
+_COMMENT_LEN = len(_DIGEST_TAG) + 64
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
 # Config fields that may change between a run and its resumption (they do not change the numbers).
 RESUMABLE_CHANGES = frozenset({"checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "progress"})
@@ -45,36 +62,62 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def _check_plain(key: str, value) -> None:
+    """Raise TypeError unless ``value`` is what ``torch.load(weights_only=True)`` reads back:
+    tensors, dicts, lists, tuples, numbers, strings, bytes, None."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_plain(f"{key}[{name!r}]", item)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(f"{key}[{index}]", item)
+    elif not (value is None or isinstance(value, (torch.Tensor, bool, int, float, str, bytes,
+                                                  torch.dtype))):
+        raise TypeError(f"checkpoint entry {key} is a {type(value).__name__}; a checkpoint holds "
+                        f"only tensors, plain containers, numbers, strings and None")
+
+
 def save_checkpoint(path: str, payload: dict) -> None:
-    """Write ``payload`` atomically (``atomic_write``): a crash at any point leaves either the
-    old file set or the complete new file, never a partial file under a checkpoint name."""
+    """Write ``payload`` (tensors and plain containers) as a torch.save zip whose archive
+    comment is the sha256 of every byte before it, atomically (``atomic_write``): a crash at any
+    point leaves either the old file set or the complete new file, never a partial file under a
+    checkpoint name."""
+    _check_plain("payload", payload)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    data = buffer.getvalue()
-    atomic_write(path, b"".join([_MAGIC, len(data).to_bytes(8, "little"), hashlib.sha256(data).digest(),
-                                 data]))
+    data = bytearray(buffer.getvalue())
+    if data[-22:-18] != _ZIP_END or data[-2:] != b"\x00\x00":
+        raise RuntimeError("torch.save did not end its zip with a comment-less end-of-archive record")
+    data[-2:] = _COMMENT_LEN.to_bytes(2, "little")  # the record's comment length, then the comment
+    atomic_write(path, bytes(data) + _DIGEST_TAG + hashlib.sha256(data).hexdigest().encode())
 
 
 def load_checkpoint(path: str) -> dict:
-    """Read and verify a checkpoint; any damage raises CheckpointError naming the file."""
+    """Read and verify a checkpoint (its sha256, then ``torch.load(..., weights_only=True)``,
+    its format and version); any damage raises CheckpointError naming the file."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
-    header = len(_MAGIC) + 8 + 32
-    if len(raw) < header or not raw.startswith(_MAGIC):
-        raise CheckpointError(f"checkpoint {path} is not a pyalign trainer checkpoint or is "
-                              f"truncated ({len(raw)} bytes)")
-    length = int.from_bytes(raw[len(_MAGIC):len(_MAGIC) + 8], "little")
-    digest = raw[len(_MAGIC) + 8:header]
-    data = raw[header:]
-    if len(data) != length:
-        raise CheckpointError(f"checkpoint {path} is partial: {len(data)} of {length} payload bytes")
-    if hashlib.sha256(data).digest() != digest:
+    if raw.startswith(_V1_MAGIC):
+        raise CheckpointError(f"checkpoint {path} has version 1 (written by an older pyalign), "
+                              f"this pyalign reads version {CHECKPOINT_VERSION}: resume it with the "
+                              f"pyalign that wrote it, or start the run again")
+    if not raw.startswith(_ZIP_START):
+        raise CheckpointError(f"checkpoint {path} is not a pyalign trainer checkpoint "
+                              f"({len(raw)} bytes, not a torch.save file)")
+    body, comment = raw[:-_COMMENT_LEN], raw[-_COMMENT_LEN:]
+    if raw[-22:-18] == _ZIP_END and raw[-2:] == b"\x00\x00":
+        raise CheckpointError(f"checkpoint {path} has no sha256 record: a torch.save file, but not "
+                              f"one pyalign wrote (save_checkpoint)")
+    if not comment.startswith(_DIGEST_TAG):
+        raise CheckpointError(f"checkpoint {path} is partial: it does not end with its sha256 "
+                              f"record ({len(raw)} bytes)")
+    if hashlib.sha256(body).hexdigest().encode() != comment[len(_DIGEST_TAG):]:
         raise CheckpointError(f"checkpoint {path} is corrupt: its checksum does not match")
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # a valid checksum over bytes torch cannot read
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:

@@ -2,7 +2,9 @@
 (IPO, SLiC/hinge, robust, ...), weighted combinations of them (MPO), their f-divergence, LD-DPO
 and WPO options (``pyalign.token_preference_loss``), KTO and APO-zero on unpaired data
 (``pyalign.kto_loss``), and their trust-region variants (TR-DPO/TR-IPO/TR-KTO: the reference is
-pulled towards the policy every ``tr_tau`` steps by ``pyalign.refmodel.TrustRegion``).
+pulled towards the policy every ``tr_tau`` steps by ``pyalign.refmodel.TrustRegion``). With a
+LoRA policy (``pyalign train --lora``) only the adapter trains and the trust-region reference is
+a frozen copy of base and adapter whose adapter factors alone are lerped (docs/algorithms.md).
 
 One optimizer step consumes ``batch_size`` examples (pairs, or unpaired examples for KTO) split
 evenly over ranks and, on each rank, into micro-batches of ``micro_batch_size``. The summed
@@ -96,8 +98,12 @@ class PreferenceTrainer(Trainer):
 
     def _make_strategy(self):
         if self.config.reference == "trust_region":
+            # With adapters on a frozen base (LoRA), the reference is a full frozen copy whose
+            # adapter weights alone are lerped: the base weights of the two are equal forever.
+            adapters_only = not all(p.requires_grad for p in self.policy.parameters())
             return pyalign.refmodel.TrustRegion(self.policy, self.ref_model, alpha=self.config.tr_alpha,
-                                                tau=self.config.tr_tau, backend=self.config.backend)
+                                                tau=self.config.tr_tau, trainable_only=adapters_only,
+                                                backend=self.config.backend)
         return pyalign.refmodel.Frozen(self.ref_model)
 
     @property

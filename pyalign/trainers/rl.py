@@ -181,7 +181,9 @@ class RLTrainer(Trainer):
             # reward the policy is trained on
             prompts_cpu, responses_cpu = repeated.cpu(), responses.cpu()
             rewards = self.reward_fn(prompts_cpu, responses_cpu).to(torch.float32).to(self.dist.device)
-            proxy = task.proxy_reward(prompts_cpu, responses_cpu)
+            proxy = getattr(task, "proxy_reward", None)
+            if proxy is not None:  # the trained-on reward is not computed twice
+                proxy = rewards.cpu() if proxy == self.reward_fn else proxy(prompts_cpu, responses_cpu)
             gold = task.gold_reward(prompts_cpu, responses_cpu) if hasattr(task, "gold_reward") else None
             ref_logprobs = self.ref_scorer(repeated, responses, mask)
         return dict(prompts=prompts, repeated=repeated, responses=responses, mask=mask,
@@ -232,11 +234,12 @@ class RLTrainer(Trainer):
         values.update({
             "loss": float(surrogate), "policy_loss": float(out.loss.detach()) * rows,
             "n": float(rows), "reward": float(shaped.sum()),
-            "proxy_reward": float(rollout["proxy"].double().sum()),
             "kl_penalty": float(penalty.double().sum()), "kl_to_init": float(kl_to_init.double().sum()),
             "entropy": masked_sum(entropy, mask), "tokens": float(mask.sum()),
             "advantage_abs": float(advantages.abs().sum()),
             "all_tokens": float(rows * (rollout["prompts"].shape[1] + responses.shape[1]))})
+        if rollout["proxy"] is not None:
+            values["proxy_reward"] = float(rollout["proxy"].double().sum())
         if rollout["gold"] is not None:
             values["gold_reward"] = float(rollout["gold"].double().sum())
         return values

@@ -16,17 +16,50 @@ IGNORE_INDEX = -100
 
 
 def response_mask(responses: torch.Tensor, eos_id: Optional[int]) -> torch.Tensor:
-    """True up to and including the first EOS of each response (all True when there is none)."""
+    """True up to and including the first EOS of each response (all True when there is none),
+    and never at padding (negative ids: pyalign.data pads with -100)."""
+    real = responses >= 0
     if eos_id is None:
-        return torch.ones_like(responses, dtype=torch.bool)
+        return real
     is_eos = (responses == eos_id).to(torch.int32)
-    return (torch.cumsum(is_eos, dim=-1) - is_eos) == 0
+    return ((torch.cumsum(is_eos, dim=-1) - is_eos) == 0) & real
+
+
+def padding_inputs(input_ids: torch.Tensor) -> dict:
+    """The model inputs of token ids padded with negative ids (left-padded prompts,
+    right-padded responses): the ids with padding replaced by 0, an attention mask without it
+    and positions counted over the real tokens; just the ids when there is no padding."""
+    real = input_ids >= 0
+    if bool(real.all()):
+        return {"input_ids": input_ids}
+    return {"input_ids": input_ids.clamp_min(0), "attention_mask": real.long(),
+            "position_ids": (real.long().cumsum(-1) - 1).clamp_min(0)}
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> float:
     """Sum of ``values`` where ``mask`` holds, in float64: selection, not ``values * mask`` (a NaN
     or inf at a masked position must not reach a logged metric)."""
     return float(torch.where(mask.bool(), values.detach(), 0.0).double().sum())
+
+
+def _drop_padding_columns(prompts: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor):
+    """Without the prompt columns that are padding in every row and the response columns after
+    the last real token of every row: a batch of short rows does not pay for the longest row of
+    its dataset."""
+    if not bool((prompts < 0).any() or (responses < 0).any()):
+        return prompts, responses, mask
+    real_prompt, real_response = (prompts >= 0).any(0), (responses >= 0).any(0)
+    first = int(real_prompt.nonzero()[0]) if bool(real_prompt.any()) else prompts.shape[1] - 1
+    last = int(real_response.nonzero()[-1]) + 1 if bool(real_response.any()) else 1
+    return prompts[:, first:], responses[:, :last], mask[:, :last]
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM of ``model``, under a PEFT wrapper if any: peft injects its
+    LoRA layers into that model in place, so its decoder (``.base_model``) gives the adapted
+    hidden states, where the PeftModel's own ``base_model`` is peft's tuner, which returns logits."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
 
 
 class ResponseScorer(torch.nn.Module):
@@ -60,12 +93,15 @@ class ResponseScorer(torch.nn.Module):
                 entropy: bool = False, log_sum_sq: bool = False):
         """Per-token log-probs (and entropies with ``entropy``; and, with ``log_sum_sq``, log Σ p²
         per token, no gradient: WPO's input) of the response tokens, a tensor or a tuple."""
-        input_ids = torch.cat([prompts, responses], dim=1)
+        width = responses.shape[1]
+        prompts, responses, mask = _drop_padding_columns(prompts, responses, mask)
+        inputs = padding_inputs(torch.cat([prompts, responses], dim=1))
+        input_ids = inputs["input_ids"]
         start = prompts.shape[1] - 1
         labels = responses.masked_fill(~mask, IGNORE_INDEX)
         with self._autocast(input_ids.device):
             if self.fused_linear:
-                hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+                hidden = _causal_lm(self.model).base_model(**inputs, use_cache=False).last_hidden_state
                 hidden = hidden[:, start:start + responses.shape[1]]
                 head = self.model.get_output_embeddings()
                 weight = head.weight.to(hidden.dtype)
@@ -77,15 +113,16 @@ class ResponseScorer(torch.nn.Module):
                 if log_sum_sq:
                     sum_sq = linear_log_sum_sq_probs(hidden, weight, bias, mask, self.temperature)
             else:
-                logits = self.model(input_ids=input_ids, use_cache=False).logits
+                logits = self.model(**inputs, use_cache=False).logits
                 logits = logits[:, start:start + responses.shape[1]]
                 out = pyalign.token_logprobs(logits, labels, temperature=self.temperature,
                                              entropy=entropy, backend=self.backend)
                 if log_sum_sq:
                     sum_sq = log_sum_sq_probs(logits, self.temperature)
-        if not log_sum_sq:
-            return out
-        return (*(out if entropy else (out,)), sum_sq)
+        outputs = (*(out if entropy else (out,)), *((sum_sq,) if log_sum_sq else ()))
+        if responses.shape[1] < width:  # back to the caller's width (the dropped columns: 0)
+            outputs = tuple(torch.nn.functional.pad(t, (0, width - responses.shape[1])) for t in outputs)
+        return outputs if len(outputs) > 1 else outputs[0]
 
 
-__all__ = ["IGNORE_INDEX", "response_mask", "ResponseScorer"]
+__all__ = ["IGNORE_INDEX", "response_mask", "padding_inputs", "ResponseScorer"]

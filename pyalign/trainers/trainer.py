@@ -178,6 +178,12 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
 class Trainer:
     """The loop shared by PreferenceTrainer and RLTrainer.
 
+    ``task`` is the embedded task (pyalign.tasks.Task) or its stand-in for the user's data
+    (pyalign.data.DatasetTask); the trainers use ``prompts``, ``generate``, ``preference_pairs``
+    or ``unpaired``, ``bos_id``/``eos_id`` and, where the task has them, ``eval_prompts``,
+    ``proxy_reward`` and ``gold_reward`` (a metric the task cannot give is not logged). Token
+    tensors may pad with negative ids (prompts on the left, responses on the right).
+
     Subclasses implement ``_make_reference``, ``_make_strategy``, ``_build_data``,
     ``train_step(step)`` returning a
     dict of global (all-rank) metrics, and ``_extra_state`` / ``_load_extra_state``.
@@ -187,13 +193,16 @@ class Trainer:
 
     def __init__(self, task, config: TrainerConfig, *, algo: Optional[str] = None,
                  out_dir: Optional[str] = None, model_factory: Optional[Callable[[], torch.nn.Module]] = None,
-                 dist_ctx: Optional[DistContext] = None):
+                 dist_ctx: Optional[DistContext] = None, run_settings: Optional[dict] = None):
         config.validate()
         self.task = task
         self.config = config
         if algo is not None:
             self.algo = algo
         self.out_dir = out_dir
+        # What built this trainer (``pyalign train``'s run settings: model dir, LoRA spec, task
+        # sizes...), plain types: stored in every checkpoint so a run directory describes itself.
+        self.run_settings = dict(run_settings or {})
         self.dist = dist_ctx or init_distributed()
         self.model_factory = model_factory or task.new_policy
         self.step = 0
@@ -219,8 +228,10 @@ class Trainer:
         self.ref_strategy = self._make_strategy()
         self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
                                            lr=config.lr, weight_decay=config.weight_decay)
-        self._eval_prompts = task.prompts(config.eval_batch_size, make_generator(config.seed, "eval-prompts"))
-        self._final_prompts = task.prompts(config.final_eval_batch_size,
+        # a dataset task draws them from its --eval-data (pyalign.data.DatasetTask)
+        eval_prompts = getattr(task, "eval_prompts", task.prompts)
+        self._eval_prompts = eval_prompts(config.eval_batch_size, make_generator(config.seed, "eval-prompts"))
+        self._final_prompts = eval_prompts(config.final_eval_batch_size,
                                            make_generator(config.seed, "final-eval-prompts"))
         self._build_data()
 
@@ -359,14 +370,17 @@ class Trainer:
                                         backend=cfg.backend)
                 if hasattr(task, "gold_reward"):
                     sums["gold"] += float(task.gold_reward(chunk.cpu(), responses.cpu()).double().sum())
-                sums["proxy"] += float(task.proxy_reward(chunk.cpu(), responses.cpu()).double().sum())
+                if hasattr(task, "proxy_reward"):  # user data without --reward has none
+                    sums["proxy"] += float(task.proxy_reward(chunk.cpu(), responses.cpu()).double().sum())
                 sums["kl"] += float(kl.double().sum())
                 sums["entropy"] += masked_sum(entropy, mask)
                 sums["tokens"] += float(mask.sum())
                 sums["n"] += chunk.shape[0]
         finally:
             self.policy.train()
-        counts = dict(proxy="n", kl="n", entropy="tokens", tokens="n")
+        counts = dict(kl="n", entropy="tokens", tokens="n")
+        if hasattr(task, "proxy_reward"):
+            counts["proxy"] = "n"
         if hasattr(task, "gold_reward"):
             counts["gold"] = "n"
         means = self._reduce_means(sums, counts)
@@ -395,6 +409,7 @@ class Trainer:
             "optimizer": full_optimizer_state(self.scorer, self.optimizer, self._sharded),
             "rng": capture_rng_state(),
             "trainer": self._extra_state(),
+            "run": self.run_settings,
         }
         # The strategy's state holds the moving weights (trust-region reference, EMA) by itself.
         payload["reference_strategy"] = self._strategy_state()

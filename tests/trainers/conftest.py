@@ -1,5 +1,6 @@
-"""Fixtures of the trainer tests: a tiny embedded task built once per session in a temporary
-cache directory. Helpers live in trainer_helpers.py."""
+"""Fixtures of the trainer tests: a tiny embedded task built once per session in the session's
+temporary cache directory (``task_cache_dir``, tests/conftest.py). Helpers live in
+trainer_helpers.py."""
 import os
 import sys
 
@@ -18,11 +19,6 @@ def _one_thread():
     cores, and keeps the trainer tests inside their time budget."""
     with torch_threads(1):
         yield
-
-
-@pytest.fixture(scope="session")
-def task_cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("task-cache"))
 
 
 @pytest.fixture(scope="session")
