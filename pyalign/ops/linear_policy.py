@@ -20,7 +20,7 @@ import torch
 
 from pyalign import backends
 from pyalign._utils import accumulation_dtype
-from pyalign.ops import _checks, _fused_head
+from pyalign.ops import _checks, _fused_head, _vocab_parallel
 from pyalign.ops.linear_logprobs import linear_token_logprobs
 from pyalign.ops.policy import (
     PolicyLossFunction,
@@ -72,7 +72,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
                        bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                        temperature: float = 1.0, softcap: Optional[float] = None,
                        logit_scale: float = 1.0, chunk_size: Optional[int] = None,
-                       backend: str = "auto", **options) -> PolicyLossOutput:
+                       backend: str = "auto", process_group=None, **options) -> PolicyLossOutput:
     """The policy-gradient loss of ``policy_loss`` from the last hidden state (a PolicyLossOutput).
 
     hidden: [B, T, H] at the completion positions; weight: the lm_head [V, H] (+ ``bias`` [V]);
@@ -81,6 +81,9 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     the sampling policy (None: on-policy, ratio 1); ref_logps: [B, T] the reference's (None: no KL
     term; needed for beta > 0). Gradients flow to hidden, weight and bias only. The head:
     ``temperature``, ``softcap``, ``logit_scale`` as in linear_token_logprobs.
+    ``process_group``: the vocab-parallel head, as in ``linear_token_logprobs``: ``weight`` and
+    ``bias`` are this rank's vocabulary rows, everything else is the same on every rank, and every
+    rank returns the same loss and metrics; its weight gradients are its shard's.
 
     ``options``: every keyword option of policy_loss, by its name and with its default
     (``loss_type`` "grpo", ``beta``, ``epsilon``, ``epsilon_high``, ``delta``,
@@ -109,6 +112,10 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     temperature = _checks.check_temperature(temperature)
     chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
     backends.check_name(backend)
+    shard = None
+    if process_group is not None:
+        shard = _vocab_parallel.vocab_shard(process_group, "process_group", weight, hidden, labels,
+                                            ignore_index)
     # A backend named for the head (linear_logprobs) need not have a policy kernel: the [B, T]
     # loss then runs on whatever "auto" picks.
     loss_backend = backend if backend == "auto" or backends.has("policy", backend) else "auto"
@@ -116,17 +123,17 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
             and softcap is None and logit_scale == 1):
         return _fused_linear_policy(hidden, weight, bias, labels, advantages, old_logps, ref_logps,
                                     checked, ignore_index, temperature, chunk_size, backend,
-                                    loss_backend)
+                                    loss_backend, shard)
     token_logps, entropy = linear_token_logprobs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
         entropy=True, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
-        backend=backend)
+        backend=backend, process_group=process_group)
     return policy_loss(token_logps, old_logps, advantages, labels != ignore_index,
                        ref_logprobs=ref_logps, entropy=entropy, backend=loss_backend, **options)
 
 
 def _fused_linear_policy(hidden, weight, bias, labels, advantages, old_logps, ref_logps, checked,
-                         ignore_index, temperature, chunk_size, backend, loss_backend):
+                         ignore_index, temperature, chunk_size, backend, loss_backend, shard):
     """linear_policy_loss in 3 matmuls: units are single sequences; each chunk's per-row losses
     come from policy_loss's own PolicyLossFunction with the batch-global weights."""
     dtype = accumulation_dtype(hidden.dtype)  # the chunk log-probs' dtype
@@ -150,6 +157,7 @@ def _fused_linear_policy(hidden, weight, bias, labels, advantages, old_logps, re
 
     unit_rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
     plan = _fused_head.FusedHeadPlan(labels, unit_rows, chunk_loss, "sum", ignore_index,
-                                     temperature, chunk_size, backend, with_entropy=True)
+                                     temperature, chunk_size, backend, with_entropy=True,
+                                     vocab_shard=shard)
     loss, stats = _fused_head.fused_head_loss(hidden, weight, bias, plan)
     return checked.output(loss, row_weights, stats, advantages, ref_logps is not None, True)

@@ -63,7 +63,9 @@ def build_cases(seed=0):
                  ref_weight=weight + randn(VOCAB, HIDDEN, scale=0.05), ref_bias=bias + 0.1,
                  ref_hidden=randn(4, 5, HIDDEN), ref_logps=-20 - 5 * torch.rand(4, generator=generator),
                  desirable=torch.tensor([True, False, True, False]),
-                 kl_hidden=randn(3, 5, HIDDEN), kl_labels=pair_labels[:3].roll(1, 1).clamp(min=0))
+                 kl_hidden=randn(3, 5, HIDDEN), kl_labels=pair_labels[:3].roll(1, 1).clamp(min=0),
+                 advantages=randn(4), old_token_logps=-3 * torch.rand(4, 5, generator=generator),
+                 ref_token_logps=-3 * torch.rand(4, 5, generator=generator))
     return cases
 
 
@@ -102,8 +104,8 @@ def token_case(data, options, with_bias, ignore_index, weight, bias, backend, pr
 
 def loss_cases(data, heads, backend, process_group):
     """The fused DPO with WPO weights (3 matmuls, reference from hidden states), the same on the
-    recompute path (reduction "none", precomputed reference), and KTO with KL pairs: loss and
-    gradients."""
+    recompute path (reduction "none", precomputed reference), KTO with KL pairs and GRPO with an
+    entropy bonus (3 matmuls): loss and gradients."""
     weight, bias, ref_weight, ref_bias = heads
     results = {}
 
@@ -133,6 +135,11 @@ def loss_cases(data, heads, backend, process_group):
         kl_hidden=data["kl_hidden"], kl_labels=data["kl_labels"], ref_hidden=data["ref_hidden"],
         ref_kl_hidden=data["kl_hidden"], ref_weight=ref_weight, ref_bias=ref_bias, beta=0.2,
         chunk_size=6, backend=backend, vocab_process_group=process_group)[:2])
+    # GRPO with the k3 KL and an entropy bonus: the entropy's gradient crosses the shards too
+    run("policy_fused", lambda hidden, head, head_bias: pyalign.linear_policy_loss(
+        hidden, head, data["pair_labels"], data["advantages"], data["old_token_logps"],
+        data["ref_token_logps"], bias=head_bias, beta=0.1, entropy_coef=0.05, temperature=0.9,
+        chunk_size=6, backend=backend, process_group=process_group))
     return results
 
 
