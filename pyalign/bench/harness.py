@@ -160,8 +160,12 @@ def memory_skip_status(candidate: Candidate, limit: Optional[int]) -> Optional[s
     """Why ``candidate`` must not run under ``limit`` bytes (None: it may run)."""
     if candidate.memory_need is None or limit is None or candidate.memory_need <= limit:
         return None
-    return (f"skipped: needs ~{candidate.memory_need / GIB:.1f} GiB (estimated from N, H, V), "
-            f"only {limit / GIB:.1f} GiB available (--memory-limit)")
+    return (f"skipped: needs ~{_bytes_text(candidate.memory_need)} (estimated from N, H, V), "
+            f"only {_bytes_text(limit)} available (--memory-limit)")
+
+
+def _bytes_text(nbytes: int) -> str:
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / MIB:.1f} MiB"
 
 
 def cpu_memory_probe() -> dict:
