@@ -139,9 +139,10 @@ def test_compile_before_any_eager_call():
 
 # ------------------------------------------------- every loss of the registry, fullgraph=True
 # Each loss runs through every path that can reach a different autograd.Function argument list:
-# sequence log-probs with the token counts (length normalisation, the batch steps), the head
-# (hidden states; under torch.compile its recompute path, eagerly its 3-matmul path) with an
-# f-divergence where the loss takes one (the prepared ratios against a zero reference).
+# sequence log-probs with the token counts (length normalisation, the batch steps), per-token
+# log-probs (the counts from the mask; the fused sequence primitive for the plain losses), and
+# the head (hidden states; under torch.compile its recompute path, eagerly its 3-matmul path)
+# with an f-divergence where the loss takes one (the prepared ratios against a zero reference).
 
 def _value_and_grads(function, tensors):
     """(value, *grads) of ``function`` on fresh leaf copies of the floating ``tensors``."""
@@ -179,22 +180,27 @@ def test_every_pairwise_loss_fullgraph_matches_eager(name):
     pairs = 3
     sequence = [torch.randn(pairs) * 3 - 40 for _ in range(4)]
     lengths = [torch.randint(1, 9, (pairs,)).float() for _ in range(2)]
+    token_logps, ref_token_logps = -torch.rand(2 * pairs, 5) * 4, -torch.rand(2 * pairs, 5) * 4
+    token_mask = torch.rand(2 * pairs, 5) > 0.3
     hidden, weight, labels = _head_case(2 * pairs)
     ref_hidden = torch.randn_like(hidden)
     options = dict(loss=name, beta=0.3,
                    label_smoothing=0.1 if entry.uses_label_smoothing else 0.0)
     divergence = "js_divergence" if entry.f_divergence else "reverse_kl"
 
-    def objective(policy_chosen, policy_rejected, ref_chosen, ref_rejected, hidden, weight):
+    def objective(policy_chosen, policy_rejected, ref_chosen, ref_rejected, token_logps, hidden,
+                  weight):
         from_sequences = pyalign.preference_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths=lengths[0],
             rejected_lengths=lengths[1], **options).loss
+        from_tokens = pyalign.token_preference_loss(token_logps, ref_token_logps, token_mask,
+                                                    **options).loss
         from_head = pyalign.linear_preference_loss(
             hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=weight.detach(),
             f_divergence=divergence, **options).loss
-        return from_sequences + from_head
+        return from_sequences + from_tokens + from_head
 
-    _assert_compiled_matches_eager(objective, [*sequence, hidden, weight])
+    _assert_compiled_matches_eager(objective, [*sequence, token_logps, hidden, weight])
 
 
 def test_reference_given_twice_fullgraph_matches_eager():
