@@ -6,6 +6,17 @@ ChunkedLogProbFunction and Cut Cross-Entropy's torch_compile path (where install
 floor: the bare matmuls (hidden @ weight.T forward, the two backward matmuls).
 
     python benchmarks/bench_linear_logprobs.py --tokens 2048 --hidden 512 --vocab 32000 [--entropy]
+
+The 128k-vocabulary case of the fused-head goals (N=4096, H=1024, V=128256; 3.2 TFLOP of bare
+matmuls a call, over a minute per call on 2 CPU cores, 5 calls a row), without and with entropy:
+
+    python benchmarks/bench_linear_logprobs.py --tokens 4096 --hidden 1024 --vocab 128256 --threads 2
+    python benchmarks/bench_linear_logprobs.py --tokens 4096 --hidden 1024 --vocab 128256 --threads 2 \
+        --entropy
+
+It holds 2.5 GiB of inputs (W is 0.5 GiB, the floor's [N, V] buffer 2 GiB); the rows that hold
+whole [N, V] logits need several times 2 GiB, and a row whose estimate is above the memory
+available (or --memory-limit GIB) is skipped with its need printed (TRL's ~25 GiB here).
 """
 import sys
 

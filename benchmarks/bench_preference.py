@@ -4,6 +4,9 @@ pyalign backends. With --linear, also the fused path from hidden states
 LigerFusedLinearDPOLoss (where installed).
 
     python benchmarks/bench_preference.py --batch 4096 --linear --pairs 4 --seq 256
+    python benchmarks/bench_preference.py --linear --vocab 128256 --threads 2   # DPO at 128k
+
+(`pyalign bench --cases linear_preference_128k --threads 2` is the same DPO case at V=128256.)
 """
 import sys
 

@@ -349,12 +349,30 @@ def pair_inputs(entry: "Loss", batch: PairBatch, f_divergence: str = "reverse_kl
                 alpha: float = 0.5) -> tuple[torch.Tensor, ...]:
     """The four [B] inputs (policy_chosen, policy_rejected, ref_chosen, ref_rejected) of the
     backends' pair primitive for ``entry.math``: the batch's own log-probs when the entry runs on
-    the plain log-ratios (no extra [B] work), else its ``pair_ratios`` against a zero reference."""
+    the plain log-ratios (no extra [B] work), else its ``pair_ratios`` against a zero reference.
+
+    The four are distinct tensors: torch.compile cannot trace an autograd.Function given the
+    same tensor twice (a graph break, an error with fullgraph=True), so a repeated one (a
+    caller's shared zero reference, say) is passed as a copy; the gradients are unchanged."""
     if runs_on_plain_ratios(entry, f_divergence, _has_lengths(batch), batch.averaged):
-        return batch.policy_chosen, batch.policy_rejected, batch.ref_chosen, batch.ref_rejected
-    chosen_ratio, rejected_ratio = pair_ratios(entry, batch, f_divergence, alpha)
-    zeros = torch.zeros_like(chosen_ratio)
-    return chosen_ratio, rejected_ratio, zeros, zeros
+        inputs = (batch.policy_chosen, batch.policy_rejected, batch.ref_chosen, batch.ref_rejected)
+    else:
+        chosen_ratio, rejected_ratio = pair_ratios(entry, batch, f_divergence, alpha)
+        inputs = (chosen_ratio, rejected_ratio, torch.zeros_like(chosen_ratio),
+                  torch.zeros_like(rejected_ratio))
+    return _distinct(inputs)
+
+
+def _distinct(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``tensors`` with each repeat of an earlier one (the same object) replaced by its clone."""
+    seen: list[torch.Tensor] = []
+    out = []
+    for tensor in tensors:
+        if any(tensor is earlier for earlier in seen):
+            tensor = tensor.clone()
+        seen.append(tensor)
+        out.append(tensor)
+    return tuple(out)
 
 
 def pair_ratios(entry: "Loss", batch: PairBatch, f_divergence: str = "reverse_kl",

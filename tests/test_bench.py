@@ -114,3 +114,42 @@ def test_bench_compile_row_runs(tmp_path, capsys):
 def test_bench_unknown_case_is_an_error(capsys):
     assert cli.main(["bench", "--quick", "--cases", "logprobs,nonsense"]) == 2
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_bench_sizes_and_memory_limit(tmp_path, capsys):
+    """--tokens/--hidden/--vocab size the head case; a row whose estimated memory is above
+    --memory-limit is skipped with the reason, the others run."""
+    json_path = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--device", "cpu", "--no-compile", "--no-progress", "--reps", "1",
+                   "--threads", "1", "--cases", "linear_logprobs", "--tokens", "48", "--hidden",
+                   "8", "--vocab", "600", "--memory-limit", str(150e3 / 2 ** 30),
+                   "--json", str(json_path)])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    (case,) = json.loads(json_path.read_text())["cases"]
+    assert (case["params"]["N"], case["params"]["H"], case["params"]["V"]) == (48, 8, 600)
+    rows = _rows_by_name(case)
+    # fp32 logits 48 x 600 = 115 kB: eager holds ~3.5 copies, TRL ~12, the pyalign rows none
+    for name in ("eager matmul+log_softmax+gather", "TRL ChunkedLogProbFunction"):
+        if name in rows:
+            assert rows[name]["status"].startswith("skipped: needs ~") and rows[name]["median_ms"] is None
+            assert f"{name}: skipped: needs ~" in stdout
+    ours = [row for name, row in rows.items() if name.startswith("pyalign linear_token_logprobs [")
+            and "memory_budget" not in name]
+    assert ours and all(row["status"] == "ok" and row["median_ms"] > 0 for row in ours)
+    assert rows["floor: the 3 bare matmuls"]["median_ms"] > 0
+
+
+def test_memory_skip_status_names_need_and_limit():
+    small = harness.Candidate("small", lambda: None, memory_need=10)
+    large = harness.Candidate("large", lambda: None, memory_need=3 * harness.GIB)
+    unknown = harness.Candidate("unknown", lambda: None)
+    assert harness.memory_skip_status(small, harness.GIB) is None
+    assert harness.memory_skip_status(unknown, 1) is None
+    assert harness.memory_skip_status(large, None) is None  # nothing known: run it
+    status = harness.memory_skip_status(large, harness.GIB)
+    assert "~3.0 GiB" in status and "1.0 GiB available" in status
+    rows = harness.run_case(harness.Case("t", {}, [small, large]), torch.device("cpu"), reps=1,
+                            measure_memory=False, memory_limit=harness.GIB)
+    assert rows[0].status == "ok" and rows[0].median_ms is not None
+    assert rows[1].status == status and rows[1].median_ms is None

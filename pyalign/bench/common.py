@@ -58,8 +58,16 @@ def clear_grads(*tensors: torch.Tensor) -> Callable[[], None]:
     return clear
 
 
+def logits_memory_need(logits_copies: float, num_tokens: int, hidden_size: int,
+                       vocab: int) -> int:
+    """Estimated peak extra bytes of a head call that holds ``logits_copies`` fp32 [N, V]
+    buffers at once, plus fp32 gradients of hidden [N, H] and weight [V, H] and a copy of each
+    (Candidate.memory_need)."""
+    return int(logits_copies * num_tokens * vocab * 4 + 2 * (num_tokens + vocab) * hidden_size * 4)
+
+
 def compile_candidate(name: str, fn: Callable, args: tuple, grad_output, setup,
-                      enabled: bool) -> Candidate:
+                      enabled: bool, memory_need: int | None = None) -> Candidate:
     """torch.compile of the eager baseline ``fn`` (compiled once, timed after warm-up)."""
     if not enabled:
         return Candidate(name, kind="baseline", status="skipped (--no-compile)")
@@ -68,7 +76,8 @@ def compile_candidate(name: str, fn: Callable, args: tuple, grad_output, setup,
     def run():
         out = compiled(*args)
         out.backward(grad_output)
-    return Candidate(name, run, setup=setup, kind="baseline", compiled=True)
+    return Candidate(name, run, setup=setup, kind="baseline", compiled=True,
+                     memory_need=memory_need)
 
 
 def fused_loss_candidates(run_loss: Callable, names: list[str], references: dict,

@@ -38,6 +38,7 @@ import pyalign
 from pyalign._utils import atomic_write
 
 MIB = 1 << 20
+GIB = 1 << 30
 
 # Third-party baselines: import-guarded, reported as "not installed" when absent.
 OPTIONAL_BASELINES = {"liger_kernel": "Liger-Kernel", "trl": "TRL"}
@@ -57,6 +58,9 @@ class Candidate:
     bytes_moved: Optional[int] = None  # for a GB/s column
     status: str = "ok"
     compiled: bool = False  # torch.compile: the first call compiles
+    # Estimated peak extra bytes of one call (for the candidates whose memory grows with N·V):
+    # run_case skips the candidate, saying why, when it is above the memory left.
+    memory_need: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -137,6 +141,33 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return cpu_peak_extra_bytes(fn)
 
 
+def available_memory_bytes(device: torch.device) -> Optional[int]:
+    """The memory a call may still take: on CUDA the device's free memory; on CPU the kernel's
+    MemAvailable (Linux /proc/meminfo); None where it is unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_skip_status(candidate: Candidate, limit: Optional[int]) -> Optional[str]:
+    """Why ``candidate`` must not run under ``limit`` bytes (None: it may run)."""
+    if candidate.memory_need is None or limit is None or candidate.memory_need <= limit:
+        return None
+    return (f"skipped: needs ~{_bytes_text(candidate.memory_need)} (estimated from N, H, V), "
+            f"only {_bytes_text(limit)} available (--memory-limit)")
+
+
+def _bytes_text(nbytes: int) -> str:
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / MIB:.1f} MiB"
+
+
 def cpu_memory_probe() -> dict:
     """Measure a known allocation pattern (peak 12 MiB above the start: 8 MiB, then 4 MiB more,
     the 8 freed, then 2 MiB) and say whether the CPU method reports exactly that."""
@@ -178,17 +209,27 @@ def _error_status(exc: Exception) -> str:
 
 
 def run_case(case: Case, device: torch.device, *, warmup: int = 1, reps: int = 3,
-             measure_memory: bool = True, progress=None) -> list[Row]:
+             measure_memory: bool = True, progress=None,
+             memory_limit: Optional[int] = None) -> list[Row]:
     """Run every candidate of ``case``: ``warmup`` untimed calls (at least two for a
     torch.compile candidate, whose first call compiles), the last of them under the memory
-    probe, then ``reps`` timed calls round-robin over the candidates. Returns one Row per
-    candidate, ratios filled."""
+    probe, then ``reps`` timed calls round-robin over the candidates. A candidate whose
+    ``memory_need`` exceeds ``memory_limit`` bytes (default: the memory available now, with the
+    case's inputs allocated) is reported as skipped instead. Returns one Row per candidate,
+    ratios filled."""
     rows = {c.name: Row(c.name, c.kind, c.backend, c.status) for c in case.candidates}
+    limit = memory_limit if memory_limit is not None else available_memory_bytes(device)
     runnable = []
     for candidate in case.candidates:
         if candidate.status != "ok" or candidate.run is None:
             continue
         row = rows[candidate.name]
+        skipped = memory_skip_status(candidate, limit)
+        if skipped is not None:
+            row.status = skipped
+            if progress is not None:
+                progress.update(1 + reps)
+            continue
         calls = max(warmup, 2 if candidate.compiled else 1)
         try:
             for call in range(calls):

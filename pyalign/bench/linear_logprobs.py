@@ -19,6 +19,7 @@ from pyalign.bench.common import (
     clear_grads,
     compile_candidate,
     dtype_name,
+    logits_memory_need,
     seeded_generator,
 )
 from pyalign.bench.harness import Candidate, Case, optional_module, ratio_columns, third_party_notes
@@ -26,6 +27,13 @@ from pyalign.bench.logprobs import naive_token_logprobs
 
 # TRL's default vocabulary tile (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 TRL_CHUNK_SIZE = 32768
+
+# Peak extra memory of one call in fp32 [N, V] logits (without, with entropy): this case's
+# probe at N=1024, H=64, V=8000 (eager 3.0 / 5.0, compile 2.0 / 3.0, memory_budget 1.07, Liger
+# 3.1 / 3.6, TRL 11.4 / 12.4), rounded up. At N=4096, V=128256 one copy is 1.96 GiB: run_case
+# skips, with the reason, what would not fit (TRL's ~24 GiB there).
+LOGITS_COPIES = {"eager": (3.5, 5.5), "compile": (2.5, 3.5), "memory_budget": (1.25, 1.25),
+                 "liger": (3.5, 4.0), "trl": (12.0, 13.0)}
 
 
 def naive_linear_token_logprobs(hidden, weight, labels, temperature: float = 1.0):
@@ -74,6 +82,9 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
     clear = clear_grads(hidden, weight)
     naive = naive_linear_logprobs_and_entropy if entropy else naive_linear_token_logprobs
 
+    def need(kind):
+        return logits_memory_need(LOGITS_COPIES[kind][entropy], num_tokens, hidden_size, vocab)
+
     def eager():
         naive(hidden, weight, labels).backward(upstream)
 
@@ -84,9 +95,10 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
             logprobs.backward(grad_logprobs)
 
     candidates = [Candidate("eager matmul+log_softmax+gather", eager, setup=clear,
-                            kind="baseline", backend="eager"),
+                            kind="baseline", backend="eager", memory_need=need("eager")),
                   compile_candidate("torch.compile matmul+log_softmax+gather", naive,
-                                    (hidden, weight, labels), upstream, clear, compile)]
+                                    (hidden, weight, labels), upstream, clear, compile,
+                                    memory_need=need("compile"))]
     notes = []
     outputs = ("entropy",) if entropy else ()
 
@@ -102,20 +114,22 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
         budget = num_tokens * vocab * hidden.element_size()
         candidates.append(Candidate(
             f"pyalign linear_token_logprobs [cpu] memory_budget={budget / 2 ** 20:.3g} MiB (all logits)",
-            lambda: fused("cpu", memory_budget=budget), setup=clear, backend="cpu"))
+            lambda: fused("cpu", memory_budget=budget), setup=clear, backend="cpu",
+            memory_need=need("memory_budget")))
     if peers:
         candidates += _peer_candidates(hidden, weight, labels, entropy, backward_pair, clear,
-                                       compile, notes)
+                                       compile, notes, need)
     plain_hidden, plain_weight = hidden.detach(), weight.detach()
-    logits_out = torch.empty(num_tokens, vocab, device=device, dtype=dtype)
-    grad_logits = torch.randn(num_tokens, vocab, device=device, generator=generator).to(dtype)
+    # one [N, V] buffer (held for the whole case: 1.96 GiB at N=4096, V=128256): the forward
+    # writes the logits into it, the backward matmuls read them as the logits' gradient
+    logits_out = torch.randn(num_tokens, vocab, device=device, generator=generator).to(dtype)
     grad_hidden_out = torch.empty_like(plain_hidden)
     grad_weight_out = torch.empty_like(plain_weight)
 
     def floor():
         torch.mm(plain_hidden, plain_weight.t(), out=logits_out)  # forward
-        torch.mm(grad_logits, plain_weight, out=grad_hidden_out)  # backward: d hidden
-        torch.mm(grad_logits.t(), plain_hidden, out=grad_weight_out)  # backward: d weight
+        torch.mm(logits_out, plain_weight, out=grad_hidden_out)  # backward: d hidden
+        torch.mm(logits_out.t(), plain_hidden, out=grad_weight_out)  # backward: d weight
     candidates.append(Candidate("floor: the 3 bare matmuls", floor, kind="floor"))
     notes += third_party_notes()
     flops = 3 * 2 * num_tokens * hidden_size * vocab
@@ -131,8 +145,10 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
                 floor="floor: the 3 bare matmuls", notes=notes)
 
 
-def _peer_candidates(hidden, weight, labels, entropy, backward_pair, clear, compile, notes):
-    """Liger, TRL and CCE rows, each where it imports (and, for CCE, computes what is asked)."""
+def _peer_candidates(hidden, weight, labels, entropy, backward_pair, clear, compile, notes,
+                     need):
+    """Liger, TRL and CCE rows, each where it imports (and, for CCE, computes what is asked);
+    ``need(kind)``: a row's estimated memory."""
     candidates = []
     liger_ops = optional_module("liger_kernel.ops")
     if liger_ops is not None and hasattr(liger_ops, "LigerFusedLinearScaledCrossEntropyFunction"):
@@ -143,7 +159,7 @@ def _peer_candidates(hidden, weight, labels, entropy, backward_pair, clear, comp
             nll, ent = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
             backward_pair(-nll, ent)
         candidates.append(Candidate("Liger LigerFusedLinearScaledCrossEntropyFunction", liger,
-                                    setup=clear, kind="baseline"))
+                                    setup=clear, kind="baseline", memory_need=need("liger")))
     else:
         notes.append("Liger-Kernel LigerFusedLinearScaledCrossEntropyFunction: not installed")
     trl_function, trl_note = _trl_function()
@@ -155,7 +171,7 @@ def _peer_candidates(hidden, weight, labels, entropy, backward_pair, clear, comp
                                      ("entropy",) if entropy else ())
             backward_pair(out[0], out[1])
         candidates.append(Candidate("TRL ChunkedLogProbFunction", trl, setup=clear,
-                                    kind="baseline"))
+                                    kind="baseline", memory_need=need("trl")))
     cce = optional_module("cut_cross_entropy")
     if cce is None:
         notes.append("Cut Cross-Entropy: not installed")

@@ -14,6 +14,7 @@ from pyalign.bench.common import (
     compile_candidate,
     dtype_name,
     fused_loss_candidates,
+    logits_memory_need,
     seeded_generator,
 )
 from pyalign.bench.harness import Candidate, Case, optional_module, ratio_columns, third_party_notes
@@ -50,6 +51,12 @@ def preference_case(batch: int = 4096, device="cpu", *, beta: float = 0.1,
     return Case("preference_loss (DPO) fwd+bwd", {"B": batch, "device": device.type}, candidates,
                 ratio_to={"vs eager": "eager DPO formula",
                           "vs compile": "torch.compile DPO formula"}, notes=notes)
+
+
+# Peak extra memory of one call in fp32 [2B·T, V] logits: this case's probe at B=2, T=128,
+# H=64, V=8000 (eager 4.0, the floor's two kept-token products 1.6, Liger 2.1), rounded up; at
+# B=4, T=256, V=128256 one copy is 1.0 GiB.
+DPO_LOGITS_COPIES = {"eager": 4.5, "floor": 2.0, "liger": 2.5}
 
 
 def linear_preference_case(pairs: int = 4, seq_len: int = 256, hidden_size: int = 512,
@@ -95,9 +102,13 @@ def linear_preference_case(pairs: int = 4, seq_len: int = 256, hidden_size: int 
         _ = kept_ref @ ref_weight.t()
         _ = logits @ weight.detach(), logits.t() @ kept_hidden
 
+    def need(kind):
+        return logits_memory_need(DPO_LOGITS_COPIES[kind], rows * seq_len, hidden_size, vocab)
+
     candidates = [Candidate("eager full logits + DPO", eager, setup=clear, kind="baseline",
-                            backend="eager"),
-                  Candidate("floor: 4 bare matmuls of the kept tokens", bare_matmuls, kind="floor")]
+                            backend="eager", memory_need=need("eager")),
+                  Candidate("floor: 4 bare matmuls of the kept tokens", bare_matmuls, kind="floor",
+                            memory_need=need("floor"))]
     notes = []
     liger_chunked = optional_module("liger_kernel.chunked_loss")
     if liger_chunked is not None and hasattr(liger_chunked, "LigerFusedLinearDPOLoss"):
@@ -109,7 +120,8 @@ def linear_preference_case(pairs: int = 4, seq_len: int = 256, hidden_size: int 
                                  ref_weight=ref_weight)
                 (out[0] if isinstance(out, tuple) else out).backward()
             candidates.append(Candidate("Liger LigerFusedLinearDPOLoss", liger_run, setup=clear,
-                                        kind="baseline", compiled=True))
+                                        kind="baseline", compiled=True,
+                                        memory_need=need("liger")))
         except Exception as exc:  # an API this code does not know: say so, run the rest
             notes.append(f"Liger-Kernel LigerFusedLinearDPOLoss: could not construct ({exc})")
     names, backend_notes = benchmark_backends("linear_logprobs", device)

@@ -46,18 +46,21 @@ def suite_builders(args) -> dict[str, Callable[[], Case]]:
                                                         compile=compile),
             "weights": lambda: weights_case(100_000, device, num_tensors=16),
         }
+    # N and H of linear_logprobs below 4096 x 1024: that size is ~1 TFLOP per fwd+bwd, ~20 s a
+    # call at the ~50 GFLOP/s of 2 cores; --tokens 4096 --hidden 1024 --vocab 128256 runs it.
+    tokens, hidden = _size(args, "tokens", 1024), _size(args, "hidden", 512)
+    vocab, pairs, seq_len = _size(args, "vocab", 32000), _size(args, "pairs", 4), _size(args, "seq", 256)
     return {
         "logprobs": lambda: logprobs_case(4096, 32000, dtype, device, compile=compile),
-        # N and H below 4096 x 1024: that size is ~1 TFLOP per fwd+bwd, ~20 s a call
-        # at the ~50 GFLOP/s of 2 cores. benchmarks/bench_linear_logprobs.py runs any size.
-        "linear_logprobs": lambda: linear_logprobs_case(1024, 512, 32000, dtype, device,
+        "linear_logprobs": lambda: linear_logprobs_case(tokens, hidden, vocab, dtype, device,
                                                         compile=compile),
         "kl": lambda: kl_case(1 << 20, device, compile=compile),
         "preference": lambda: preference_case(4096, device, compile=compile),
-        "linear_preference": lambda: linear_preference_case(4, 256, 512, 32000, dtype, device),
-        "linear_preference_128k": lambda: linear_preference_case(4, 256, 512, 128256, dtype,
-                                                                 device),
-        "linear_kto": lambda: linear_kto_case(8, 256, 512, 32000, dtype, device),
+        "linear_preference": lambda: linear_preference_case(pairs, seq_len, hidden, vocab, dtype,
+                                                            device),
+        "linear_preference_128k": lambda: linear_preference_case(pairs, seq_len, hidden, 128256,
+                                                                 dtype, device),
+        "linear_kto": lambda: linear_kto_case(2 * pairs, seq_len, hidden, vocab, dtype, device),
         "policy": lambda: policy_case(64, 1024, device, compile=compile),
         "linear_policy": lambda: linear_policy_case(8, 256, 512, 32000, dtype, device,
                                                     compile=compile),
@@ -66,6 +69,28 @@ def suite_builders(args) -> dict[str, Callable[[], Case]]:
 
 
 DEFAULT_CASES = ("logprobs", "linear_logprobs")
+
+
+def _size(args, name: str, default: int) -> int:
+    """A size of the head cases from `pyalign bench --tokens/--hidden/--vocab/--pairs/--seq`
+    (``add_size_arguments``), or the default where it is not given."""
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
+def add_size_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`pyalign bench`'s sizes of the LM-head cases (the default sizes; not with --quick)."""
+    group = parser.add_argument_group("sizes of the LM-head cases (default sizes, not --quick)")
+    group.add_argument("--tokens", type=int, help="N of linear_logprobs (default 1024)")
+    group.add_argument("--hidden", type=int, help="H of every head case (default 512)")
+    group.add_argument("--vocab", type=int,
+                       help="V of linear_logprobs, linear_preference, linear_kto (default 32000; "
+                            "linear_preference_128k is always 128256)")
+    group.add_argument("--pairs", type=int,
+                       help="B pairs of linear_preference(_128k); linear_kto takes 2B rows "
+                            "(default 4)")
+    group.add_argument("--seq", type=int, help="T of the loss cases (default 256)")
+    return parser
 
 
 def case_names() -> tuple[str, ...]:
@@ -96,6 +121,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                              "--threads 1 avoids the stalls of OpenMP threads waiting for "
                              "descheduled peers")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
+                        help="skip (and say so) the candidates whose estimated peak memory is "
+                             "above this many GiB (default: the memory available when the case "
+                             "starts, its inputs allocated)")
     return parser
 
 
@@ -140,13 +169,15 @@ def _run_cases(builders, args, device: torch.device, out) -> int:
     for note in notes:
         print(note, file=out)
     records, failed = [], False
+    memory_limit = None if args.memory_limit is None else int(args.memory_limit * harness.GIB)
     for build in builders:
         case = build()
         progress = harness.make_progress(harness.progress_steps(case, reps), case.title,
                                          enabled=not args.no_progress)
         try:
             rows = harness.run_case(case, device, warmup=args.warmup, reps=reps,
-                                    measure_memory=not args.no_memory, progress=progress)
+                                    measure_memory=not args.no_memory, progress=progress,
+                                    memory_limit=memory_limit)
         finally:
             progress.close()
         failed |= any(row.status.startswith("error") for row in rows)

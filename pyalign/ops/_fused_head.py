@@ -18,8 +18,10 @@ row i with rejected row i + B; or one sequence), so that each chunk's loss is co
 Backward only multiplies the stored gradients by the upstream scalar: no recompute. Only the
 kept (label != ignore_index) tokens enter the matmuls, so prompt and padding cost nothing and a
 NaN hidden row there is never read. Memory: one chunk's logits (reused as its d-logits), the
-reference's chunk logits before them, and gradient buffers of hidden's and W's size (W's in
-fp32). The reference (``ref_hidden`` + ``ref_weight``) is scored in the same loop, no grad.
+reference's chunk logits before them (freed first), and gradient buffers of hidden's and W's
+size (W's in fp32), which backward scales in place and hands over unless the graph is kept
+(retain_graph=True: it scales copies). The reference (``ref_hidden`` + ``ref_weight``) is
+scored in the same loop, no grad.
 docs/algorithms.md, "3-matmul scalar losses".
 
 The path runs eagerly (autograd inside the forward is not traceable): under torch.compile the
@@ -259,9 +261,29 @@ class FusedHeadLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_metrics):
-        scaled = tuple(None if grad is None else grad * grad_loss.to(grad.dtype)
-                       for grad in ctx.grads)
-        return (*scaled, None)
+        if ctx.grads is None:
+            raise RuntimeError("backward through a 3-matmul loss a second time: the first "
+                               "backward handed its stored gradients over; pass "
+                               "retain_graph=True to it to backward again")
+        if _graph_is_kept() or torch.is_grad_enabled():
+            # a later backward needs the stored gradients (or create_graph: a graph through
+            # grad_loss): scale a copy
+            scaled = tuple(None if grad is None else grad * grad_loss.to(grad.dtype)
+                           for grad in ctx.grads)
+            return (*scaled, None)
+        # The last backward through this graph: scale the stored buffers in place and hand them
+        # over (ctx lets go, so autograd adopts them as .grad): a copy of W's size would be the
+        # peak of the whole loss.
+        grads, ctx.grads = ctx.grads, None
+        return (*(None if grad is None else grad.mul_(grad_loss.to(grad.dtype))
+                  for grad in grads), None)
+
+
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True, create_graph=True). The
+    engine's flag has no public accessor; without it, assume kept (a copy: correct, more memory)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep_graph is None else bool(keep_graph())
 
 
 def fused_head_loss(hidden, weight, bias, plan: FusedHeadPlan) -> tuple[torch.Tensor, ...]:

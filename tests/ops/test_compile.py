@@ -3,13 +3,16 @@
 
 Inductor (the default compiler) runs once per op; the per-backend variants (every backend of the
 test device, support.backends_for) use "aot_eager", which traces the same forward and backward
-graphs without generating C++ (a few seconds, not tens).
+graphs without generating C++ (a few seconds, not tens). Every loss of the registry
+(pyalign/losses.py: pairwise, unpaired, policy) is traced whole and matches eager, value and
+gradients.
 """
 import pytest
 import torch
 
 import pyalign
 from pyalign import backends
+from pyalign import losses as registry
 from support import backends_for
 
 LOGPROB_BACKENDS = backends_for("logprobs")
@@ -132,3 +135,121 @@ def test_compile_before_any_eager_call():
     expected = value_and_grad(logprobs_objective, logits, labels, grad_logprobs)
     torch.testing.assert_close(actual[0], expected[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(actual[1], expected[1], rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------- every loss of the registry, fullgraph=True
+# Each loss runs through every path that can reach a different autograd.Function argument list:
+# sequence log-probs with the token counts (length normalisation, the batch steps), per-token
+# log-probs (the counts from the mask; the fused sequence primitive for the plain losses), and
+# the head (hidden states; under torch.compile its recompute path, eagerly its 3-matmul path)
+# with an f-divergence where the loss takes one (the prepared ratios against a zero reference).
+
+def _value_and_grads(function, tensors):
+    """(value, *grads) of ``function`` on fresh leaf copies of the floating ``tensors``."""
+    leaves = [t.clone().requires_grad_(True) if t.is_floating_point() else t for t in tensors]
+    value = function(*leaves)
+    value.backward()
+    return (value.detach(), *[leaf.grad for leaf in leaves if leaf.is_floating_point()])
+
+
+def _assert_compiled_matches_eager(objective, tensors):
+    expected = _value_and_grads(objective, tensors)
+    compiled = _value_and_grads(torch.compile(objective, fullgraph=True, backend="aot_eager"),
+                                tensors)
+    assert sum(grad is not None for grad in expected[1:]) >= 1
+    for actual, wanted in zip(compiled, expected, strict=True):
+        if wanted is None:  # an input the loss does not read (sft: the rejected log-probs)
+            assert actual is None
+            continue
+        assert torch.isfinite(wanted).all()
+        torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-6)
+
+
+def _head_case(rows, seq_len=5, hidden_size=8, vocab=37):
+    hidden = torch.randn(rows, seq_len, hidden_size)
+    weight = torch.randn(vocab, hidden_size) * 0.5
+    labels = torch.randint(0, vocab, (rows, seq_len))
+    labels[:, 0] = -100  # a prompt position
+    labels[1, -2:] = -100  # padding
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("name", registry.PAIRWISE_NAMES)
+def test_every_pairwise_loss_fullgraph_matches_eager(name):
+    entry = registry.REGISTRY[name]
+    pairs = 3
+    sequence = [torch.randn(pairs) * 3 - 40 for _ in range(4)]
+    lengths = [torch.randint(1, 9, (pairs,)).float() for _ in range(2)]
+    token_logps, ref_token_logps = -torch.rand(2 * pairs, 5) * 4, -torch.rand(2 * pairs, 5) * 4
+    token_mask = torch.rand(2 * pairs, 5) > 0.3
+    hidden, weight, labels = _head_case(2 * pairs)
+    ref_hidden = torch.randn_like(hidden)
+    options = dict(loss=name, beta=0.3,
+                   label_smoothing=0.1 if entry.uses_label_smoothing else 0.0)
+    divergence = "js_divergence" if entry.f_divergence else "reverse_kl"
+
+    def objective(policy_chosen, policy_rejected, ref_chosen, ref_rejected, token_logps, hidden,
+                  weight):
+        from_sequences = pyalign.preference_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths=lengths[0],
+            rejected_lengths=lengths[1], **options).loss
+        from_tokens = pyalign.token_preference_loss(token_logps, ref_token_logps, token_mask,
+                                                    **options).loss
+        from_head = pyalign.linear_preference_loss(
+            hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=weight.detach(),
+            f_divergence=divergence, **options).loss
+        return from_sequences + from_tokens + from_head
+
+    _assert_compiled_matches_eager(objective, [*sequence, token_logps, hidden, weight])
+
+
+def test_reference_given_twice_fullgraph_matches_eager():
+    """A reference-free call passes one zero tensor as both references: still one graph."""
+    policy_chosen, policy_rejected = torch.randn(4) - 30, torch.randn(4) - 30
+    zeros = torch.zeros(4)
+
+    def objective(policy_chosen, policy_rejected):
+        return pyalign.preference_loss(policy_chosen, policy_rejected, zeros, zeros,
+                                       loss="sigmoid").loss
+
+    _assert_compiled_matches_eager(objective, [policy_chosen, policy_rejected])
+
+
+@pytest.mark.parametrize("name", registry.UNPAIRED_NAMES)
+def test_every_unpaired_loss_fullgraph_matches_eager(name):
+    rows = 4
+    policy_logps, ref_logps = torch.randn(rows) - 20, torch.randn(rows) - 20
+    desirable = torch.tensor([True, False, True, False])
+    kl = torch.rand(rows)
+    hidden, weight, labels = _head_case(rows)
+    ref_hidden = torch.randn_like(hidden)
+
+    def objective(policy_logps, hidden, weight):
+        from_sequences = pyalign.kto_loss(policy_logps, ref_logps, desirable, kl, loss=name,
+                                          beta=0.3).loss
+        from_head = pyalign.linear_kto_loss(hidden, weight, labels, desirable, kl=kl,
+                                            ref_hidden=ref_hidden, ref_weight=weight.detach(),
+                                            loss=name, beta=0.3).loss
+        return from_sequences + from_head
+
+    _assert_compiled_matches_eager(objective, [policy_logps, hidden, weight])
+
+
+@pytest.mark.parametrize("name", registry.POLICY_NAMES)
+def test_every_policy_loss_fullgraph_matches_eager(name):
+    shape = (3, 6)
+    logprobs = -torch.rand(shape) * 3
+    old_logprobs = logprobs + torch.randn(shape) * 0.2
+    ref_logprobs = logprobs + torch.randn(shape) * 0.2
+    advantages = torch.randn(shape[0])
+    mask = torch.rand(shape) > 0.3
+    entropy = torch.rand(shape) * 2
+    options = dict(loss_type=name, ref_logprobs=ref_logprobs, beta=0.04, entropy_coef=0.01)
+    if registry.POLICY_REGISTRY[name].normalisation == "max_length":
+        options["max_completion_length"] = shape[1]
+
+    def objective(logprobs, entropy):
+        return pyalign.policy_loss(logprobs, old_logprobs, advantages, mask, entropy=entropy,
+                                   **options).loss
+
+    _assert_compiled_matches_eager(objective, [logprobs, entropy])

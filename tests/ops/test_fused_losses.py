@@ -319,6 +319,35 @@ def test_memory_stays_bounded():
                                     f"{chunk_bytes / 1e6:.0f} MB, all {full_logits_bytes / 1e6:.0f} MB")
 
 
+@pytest.mark.parametrize("reference", ["hidden", "precomputed"])
+def test_peak_is_one_weight_gradient_and_one_chunk(reference):
+    """A head much larger than a chunk's logits (H=256, V=8000: W is 7.8 MiB, a pair's logits
+    0.7 MiB): forward + backward hold W's gradient once (backward scales the stored buffer in
+    place and hands it over as weight.grad; a copy would make it twice), hidden's, and a few
+    buffers of a chunk's logits at a time (the logits, the eager backend's softmax temporaries)."""
+    pairs, seq_len, hidden_size, vocab = 3, 16, 256, 8000
+    generator = torch.Generator().manual_seed(12)
+    hidden = torch.randn(2 * pairs, seq_len, hidden_size, generator=generator).to(DEVICE)
+    weight = (torch.randn(vocab, hidden_size, generator=generator) / 16).to(DEVICE)
+    labels = torch.randint(0, vocab, (2 * pairs, seq_len), generator=generator).to(DEVICE)
+    labels[:, :4] = IGNORE
+    kwargs = (dict(ref_hidden=hidden + 0.1, ref_weight=weight + 0.01) if reference == "hidden"
+              else dict(ref_logps=torch.randn(2 * pairs, generator=generator).to(DEVICE) - 50))
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    pair_logits_bytes = 2 * (seq_len - 4) * vocab * 4
+
+    def fused():
+        pyalign.linear_preference_loss(hidden, weight, labels, chunk_size=1, backend="eager",
+                                       **kwargs).loss.backward()
+
+    peak = peak_allocated_bytes(fused)
+    assert hidden.grad is not None and weight.grad is not None
+    bound = weight.numel() * 4 + hidden.numel() * 4 + 4 * pair_logits_bytes
+    assert peak < bound, (f"peak {peak / 2**20:.1f} MiB, W {weight.numel() * 4 / 2**20:.1f} MiB, "
+                          f"a pair's logits {pair_logits_bytes / 2**20:.1f} MiB")
+
+
 # --------------------------------------------------------- autograd semantics, compile, errors
 
 def test_upstream_scalar_and_backward_twice_scale_the_stored_gradients():
@@ -334,6 +363,9 @@ def test_upstream_scalar_and_backward_twice_scale_the_stored_gradients():
     out.loss.backward(retain_graph=True)
     out.loss.backward()  # accumulates: twice the gradient, the stored one untouched
     torch.testing.assert_close(leaf.grad, 2 * once[2][0], **EXACT)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):  # as any op with saved tensors
+        out.loss.backward()
+    out = pyalign.linear_preference_loss(leaf, weight, labels, bias=bias, **kwargs)
     total = out.loss * 3 + out.loss  # one loss used twice in a graph
     leaf.grad = None
     total.backward()
