@@ -4,8 +4,10 @@ parameter gradients of per-token upstream gradients, on every architecture of hf
 the refusals; add_fused_lm_head against TRL's own add_fused_lm_head."""
 import copy
 
+import peft
 import pytest
 import torch
+import trl.trainer.utils as trl_utils
 from torch import nn
 
 from hf_models import ARCHITECTURES, build_tiny_model, train_tokenizer
@@ -97,7 +99,6 @@ def test_given_labels_and_ignore_index_and_no_entropy(tokenizer):
 
 
 def test_peft_lora_model_with_the_head_adapted(tokenizer):
-    peft = pytest.importorskip("peft")
     model = build_tiny_model("qwen2", tokenizer).to(DEVICE)
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
                              target_modules=["q_proj", "v_proj", "lm_head"])
@@ -116,7 +117,6 @@ def test_peft_lora_model_with_the_head_adapted(tokenizer):
 
 
 def test_lora_head_with_dropout_in_training_is_refused(tokenizer):
-    peft = pytest.importorskip("peft")
     model = build_tiny_model("llama", tokenizer).to(DEVICE)
     model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_dropout=0.1,
                                                        target_modules=["lm_head"]))
@@ -167,7 +167,6 @@ FIELDS = ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is
 
 @pytest.mark.parametrize("arch", ["gemma2", "granite", "gpt2"])
 def test_add_fused_lm_head_matches_trls_own(arch, tokenizer):
-    trl_utils = pytest.importorskip("trl.trainer.utils")
     ours_model = build_tiny_model(arch, tokenizer).to(DEVICE)
     trl_model = copy.deepcopy(ours_model)
     add_fused_lm_head(ours_model, temperature=0.8, outputs=ALL_OUTPUTS)
