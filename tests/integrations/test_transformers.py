@@ -198,3 +198,19 @@ def test_add_fused_lm_head_matches_trls_own(arch, tokenizer):
     remove_fused_lm_head(ours_model)
     assert "forward" not in ours_model.__dict__
     torch.testing.assert_close(ours_model(input_ids=input_ids, labels=labels).loss, plain.loss)
+
+
+@pytest.mark.slow
+def test_fsdp2_fully_shard_two_processes(tmp_path):
+    """causal_lm_logprobs through FSDP2's hooks on a sharded model (DTensor head), in 2 gloo
+    processes: tests/integrations/fsdp_worker.py checks forward and gradients."""
+    import os
+    import subprocess
+    import sys
+
+    worker = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           worker]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
