@@ -22,6 +22,8 @@ import contextlib
 import importlib
 import sys
 
+import torch
+
 from pyalign.integrations import transformers as _hf
 from pyalign.ops.linear_logprobs import linear_token_logprobs
 
@@ -43,13 +45,19 @@ def _import_trl():
 class ChunkedLogProbFunction:
     """Stands in for ``trl.kernels.ChunkedLogProbFunction`` (same ``apply`` arguments and
     5-tuple result) on ``pyalign.linear_token_logprobs``; ``chunk_size`` (TRL's vocabulary
-    tile) is not needed by pyalign's kernels and is ignored."""
+    tile) is not needed by pyalign's kernels and is ignored. As TRL's, the head runs in the
+    autocast dtype when autocast is on, else in hidden's dtype."""
 
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
               logit_scale=1.0, outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits",
                                         "is_top1")):
         del chunk_size
+        device = hidden.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else hidden.dtype)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
         extra = tuple(name for name in outputs if name != "log_probs")
         return tuple(linear_token_logprobs(hidden, weight, targets, bias=bias,
                                            temperature=temperature,

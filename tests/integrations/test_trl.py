@@ -123,3 +123,23 @@ def test_trainer_logs_the_same_with_and_without_pyalign(name, llama_dir, tokeniz
         for key in theirs.keys() - set(TIMINGS):
             assert math.isclose(ours[key], theirs[key], rel_tol=1e-4, abs_tol=1e-5), (key, ours,
                                                                                      theirs)
+
+
+def test_kernel_stand_in_matches_trls_chunked_logprob_function():
+    import torch
+    from trl.kernels import ChunkedLogProbFunction as TRLs
+
+    hidden = torch.randn(13, 24, dtype=torch.float64)
+    weight = torch.randn(203, 24, dtype=torch.float64)  # V not a multiple of any tile
+    bias = torch.randn(203, dtype=torch.float64)
+    targets = torch.randint(0, 203, (13,))
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    results = []
+    for function in (pyalign_trl.ChunkedLogProbFunction, TRLs):
+        leaves = [t.clone().float().requires_grad_() for t in (hidden, weight, bias)]
+        got = function.apply(*leaves, targets, 0.7, 64, 3.0, 0.5, outputs)
+        (got[0] * torch.linspace(-1, 2, 13)).sum().add(got[1].sum()).backward()
+        results.append((*got, *(leaf.grad for leaf in leaves)))
+    for ours, theirs in zip(*results, strict=True):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
