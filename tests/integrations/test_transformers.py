@@ -214,3 +214,20 @@ def test_fsdp2_fully_shard_two_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
+def test_add_fused_lm_head_under_peft_with_the_head_adapted(tokenizer):
+    """Patched before wrapping (as TRL's trainers do), the LoRA delta on lm_head is used: TRL
+    1.16's own fused head reads lm_head.weight, the base weight, and misses it."""
+    model = build_tiny_model("llama", tokenizer).to(DEVICE)
+    add_fused_lm_head(model)
+    config = peft.LoraConfig(r=4, lora_dropout=0.0, init_lora_weights=False,
+                             target_modules=["q_proj", "lm_head"])
+    model = peft.get_peft_model(model, config)
+    input_ids, attention_mask = _batch(len(tokenizer))
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    fused = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                  fused_lm_head=True)
+    want, _, mask = _reference(model, input_ids, attention_mask, labels, 1.0)
+    assert torch.equal(fused.label_mask, mask)
+    torch.testing.assert_close(fused.log_probs.double(), want, atol=2e-5, rtol=1e-5)
