@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from pyalign import backends
 from pyalign.ops import _checks
 from pyalign.ops.linear_logprobs import linear_token_logprobs
 
@@ -262,6 +263,7 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, *, labels: Optional[torch
     ignore_index = _checks.check_int("ignore_index", ignore_index)
     entropy = _checks.check_bool("entropy", entropy)
     temperature = _checks.check_temperature(temperature)
+    backends.check_name(backend)
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(
             attention_mask == 0, ignore_index)
@@ -302,6 +304,7 @@ def _patch_forward(model, *, temperature: float, cast_lm_head_to_fp32: bool,
     """Install the fused forward on ``model`` (see ``add_fused_lm_head``), returning
     ``output_class`` (ours, or TRL's own class when installed from ``pyalign.integrations.trl``)."""
     temperature = _checks.check_temperature(temperature)
+    backends.check_name(backend)
     outputs = tuple(outputs)
     unknown = [name for name in outputs if name not in _OUTPUT_NAMES]
     if unknown:

@@ -156,6 +156,10 @@ def test_bad_arguments_are_named(tokenizer):
         causal_lm_logprobs(model, input_ids, temperature=0.0)
     with pytest.raises(ValueError, match="labels"):
         causal_lm_logprobs(model, input_ids, labels=input_ids[:, 1:])
+    with pytest.raises(ValueError, match="backend"):
+        causal_lm_logprobs(model, input_ids, backend="fastest")
+    with pytest.raises(ValueError, match="backend"):
+        add_fused_lm_head(model, backend="fastest")
     with pytest.raises(ValueError, match="outputs must name"):
         add_fused_lm_head(model, outputs=("log_probs", "logits"))
 
