@@ -37,6 +37,10 @@ ARCHITECTURES = {
     "gpt2": "tied embeddings (lm_head is wte)",
     "cohere": "logit_scale multiplier",
     "granite": "logits_scaling divisor",
+    "mistral": "untied head, sliding-window attention",
+    "qwen3": "untied head, q/k norms",
+    "phi3": "untied head, fused qkv projection",
+    "gemma3_text": "final_logit_softcapping with tied embeddings",
 }
 
 
@@ -83,6 +87,14 @@ def tiny_config(arch: str, vocab_size: int, *, hidden: int = 32, layers: int = 2
         common.update(head_dim=hidden // heads, final_logit_softcapping=5.0,
                       attn_logit_softcapping=50.0, query_pre_attn_scalar=hidden // heads,
                       sliding_window=max_positions)
+    elif arch == "gemma3_text":
+        common.update(head_dim=hidden // heads, final_logit_softcapping=5.0,
+                      query_pre_attn_scalar=hidden // heads, sliding_window=max_positions,
+                      tie_word_embeddings=True)
+    elif arch == "mistral":
+        common.update(sliding_window=max_positions)
+    elif arch == "qwen3":
+        common.update(head_dim=hidden // heads)
     elif arch == "cohere":
         common.update(logit_scale=0.5)
     elif arch == "granite":

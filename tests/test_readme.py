@@ -54,3 +54,46 @@ def test_readme_own_model_and_data_command_runs(tmp_path):
     argv = [swap.get(arg, arg) for arg in argv[2:]]
     assert main(argv + ["--config", str(small), "--no-progress"]) == 0
     assert (tmp_path / "run" / "checkpoints" / "step-000002.pt").exists()
+
+
+def _section(readme: str, title: str) -> str:
+    return re.split(r"\n##+ ", readme.split(f"### {title}\n", 1)[1], maxsplit=1)[0]
+
+
+def test_readme_transformers_and_trl_examples_run(tmp_path, monkeypatch):
+    """The two code blocks of "Use with transformers / TRL" on a tiny local model."""
+    import torch
+    from datasets import Dataset
+
+    import pyalign.integrations.trl
+    from hf_models import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", "llama")
+    monkeypatch.chdir(tmp_path)
+    readme = (ROOT / "README.md").read_text()
+    for title in ("TRL's trainers on pyalign kernels", "Log-probs from any causal LM"):
+        block = re.search(r"```python\n(.*?)```", _section(readme, title), re.S).group(1)
+        assert "path/to/model" in block
+        # On this CPU-only machine: no bf16 autocast, one step.
+        config = 'DPOConfig(output_dir="runs/dpo", report_to="none")'
+        block = block.replace(config, config[:-1] + ", use_cpu=True, max_steps=1)")
+        dataset = Dataset.from_dict({"prompt": ["the cat", "a dog"], "chosen": [" sat", " ran"],
+                                     "rejected": [" no", " red"]})
+        namespace = {"dataset": dataset}
+        try:
+            exec(compile(block.replace("path/to/model", model_dir), "README.md", "exec"),
+                 namespace)
+            assert pyalign.integrations.trl.is_enabled() == title.startswith("TRL")
+        finally:
+            pyalign.integrations.trl.disable()
+        if title.startswith("TRL"):
+            assert config in readme
+            assert torch.isfinite(torch.tensor(namespace["trainer"].state.log_history[-1]
+                                               ["train_loss"]))
+        else:
+            out, fused = namespace["out"], namespace["fused"]
+            length = namespace["batch"].input_ids.shape[1]
+            assert out.logprobs.shape == out.mask.shape == (2, length - 1)
+            assert not out.mask[1].all()  # the padded row
+            torch.testing.assert_close(fused.log_probs, out.logprobs)
+            assert namespace["model"].get_output_embeddings().weight.grad is not None

@@ -1,0 +1,145 @@
+"""pyalign.integrations.trl: enable()/disable() swap TRL 1.16's fused LM head for pyalign's and
+back, and TRL's DPO, KTO and GRPO trainers log the same losses and metrics either way."""
+import math
+
+import pytest
+import trl.trainer.utils as trl_utils  # TRL is in the [test] extra
+
+import pyalign.integrations.trl as pyalign_trl
+from hf_models import save_tiny_model, train_tokenizer
+
+TRAINER_MODULES = ("sft_trainer", "dpo_trainer", "kto_trainer", "grpo_trainer", "rloo_trainer")
+# Wall-clock entries of the log, which differ between any two runs.
+TIMINGS = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+@pytest.fixture(autouse=True)
+def _disabled_after():
+    yield
+    pyalign_trl.disable()
+
+
+def _trainer_lookups():
+    import importlib
+    return [importlib.import_module(f"trl.trainer.{name}").add_fused_lm_head
+            for name in TRAINER_MODULES]
+
+
+def test_enable_disable_swap_the_names_the_trainers_look_up_idempotently():
+    trls_head, trls_kernel = trl_utils.add_fused_lm_head, trl_utils._ChunkedLogProbFunction
+    assert not pyalign_trl.is_enabled()
+    for _ in range(2):
+        pyalign_trl.enable()
+        assert pyalign_trl.is_enabled()
+        heads = {trl_utils.add_fused_lm_head, *_trainer_lookups()}
+        assert len(heads) == 1 and trls_head not in heads
+        assert trl_utils._ChunkedLogProbFunction is pyalign_trl.ChunkedLogProbFunction
+        from trl.trainer import add_fused_lm_head  # the lazily exported name too
+        assert add_fused_lm_head in heads
+    for _ in range(2):
+        pyalign_trl.disable()
+        assert not pyalign_trl.is_enabled()
+        assert {trl_utils.add_fused_lm_head, *_trainer_lookups()} == {trls_head}
+        assert trl_utils._ChunkedLogProbFunction is trls_kernel
+    with pyalign_trl.enabled():
+        assert pyalign_trl.is_enabled()
+    assert not pyalign_trl.is_enabled()
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer()
+
+
+PROMPTS = ["the cat", "a dog ran", "big red", "one two"]
+COMPLETIONS = [" sat on the mat", " under the log", " sun", " three four"]
+
+
+def _common(tmp_path):
+    # fp32 (TRL's configs default to bf16 autocast, where the two heads round differently).
+    # SGD, not Adam: Adam's first step divides by |g|, so a 1e-7 gradient difference on a
+    # near-zero entry becomes a full-size step and the second step's metrics no longer compare.
+    return dict(output_dir=str(tmp_path), report_to="none", max_steps=2,
+                per_device_train_batch_size=2, optim="sgd", learning_rate=0.1, logging_steps=1,
+                save_strategy="no", use_cpu=True, bf16=False, seed=0, disable_tqdm=True)
+
+
+def _reward_length(completions, **kwargs):
+    return [len(completion) / 10 for completion in completions]
+
+
+def _run(name, model_dir, tokenizer, tmp_path):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer
+
+    common = _common(tmp_path)
+    if name == "dpo":
+        data = Dataset.from_dict({"prompt": PROMPTS, "chosen": COMPLETIONS,
+                                  "rejected": COMPLETIONS[1:] + COMPLETIONS[:1]})
+        trainer = DPOTrainer(model=model_dir, args=DPOConfig(**common, max_length=32),
+                             train_dataset=data, processing_class=tokenizer)
+    elif name == "kto":
+        data = Dataset.from_dict({"prompt": PROMPTS, "completion": COMPLETIONS,
+                                  "label": [True, False, True, False]})
+        trainer = KTOTrainer(model=model_dir, args=KTOConfig(**common, max_length=32),
+                             train_dataset=data, processing_class=tokenizer)
+    else:
+        data = Dataset.from_dict({"prompt": PROMPTS})
+        args = GRPOConfig(**common, num_generations=2, max_completion_length=6, beta=0.1)
+        trainer = GRPOTrainer(model=model_dir, reward_funcs=_reward_length, args=args,
+                              train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    return trainer.state.log_history
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dpo", "kto", "grpo"])
+def test_trainer_logs_the_same_with_and_without_pyalign(name, llama_dir, tokenizer, tmp_path,
+                                                       monkeypatch):
+    import pyalign.integrations.transformers as hf
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return linear_token_logprobs(*args, **kwargs)
+
+    linear_token_logprobs = hf.linear_token_logprobs
+    monkeypatch.setattr(hf, "linear_token_logprobs", counted)
+    trls_log = _run(name, llama_dir, tokenizer, tmp_path / "trl")
+    assert not calls
+    with pyalign_trl.enabled():
+        ours_log = _run(name, llama_dir, tokenizer, tmp_path / "pyalign")
+    assert calls  # the trainer's fused head ran on pyalign's kernel
+    assert len(ours_log) == len(trls_log) == 3  # two steps and the summary
+    assert "loss" in trls_log[0] and "logps/chosen" in trls_log[0] or "entropy" in trls_log[0]
+    for ours, theirs in zip(ours_log, trls_log, strict=True):
+        assert ours.keys() == theirs.keys()
+        for key in theirs.keys() - set(TIMINGS):
+            assert math.isclose(ours[key], theirs[key], rel_tol=1e-4, abs_tol=1e-5), (key, ours,
+                                                                                     theirs)
+
+
+def test_kernel_stand_in_matches_trls_chunked_logprob_function():
+    import torch
+    from trl.kernels import ChunkedLogProbFunction as TRLs
+
+    hidden = torch.randn(13, 24, dtype=torch.float64)
+    weight = torch.randn(203, 24, dtype=torch.float64)  # V not a multiple of any tile
+    bias = torch.randn(203, dtype=torch.float64)
+    targets = torch.randint(0, 203, (13,))
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    results = []
+    for function in (pyalign_trl.ChunkedLogProbFunction, TRLs):
+        leaves = [t.clone().float().requires_grad_() for t in (hidden, weight, bias)]
+        got = function.apply(*leaves, targets, 0.7, 64, 3.0, 0.5, outputs)
+        (got[0] * torch.linspace(-1, 2, 13)).sum().add(got[1].sum()).backward()
+        results.append((*got, *(leaf.grad for leaf in leaves)))
+    for ours, theirs in zip(*results, strict=True):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
