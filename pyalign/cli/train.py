@@ -300,8 +300,8 @@ def lora_factory(base_factory, spec: dict):
     return factory
 
 
-def load_hf_model(model_dir: str, task):
-    """A local Hugging Face causal LM whose vocabulary covers the task's token ids."""
+def _load_causal_lm(model_dir: str):
+    """(model in fp32, its vocabulary size) of a local Hugging Face causal-LM directory."""
     if not os.path.isdir(model_dir):
         raise ConfigError(f"--model {model_dir}: not a directory (a local Hugging Face model directory)")
     try:
@@ -310,7 +310,12 @@ def load_hf_model(model_dir: str, task):
     except Exception as exc:
         raise ConfigError(f"--model {model_dir}: cannot load a causal LM from it: {exc}") from exc
     head = model.get_output_embeddings()
-    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+    return model.float(), head.weight.shape[0] if head is not None else model.config.vocab_size
+
+
+def load_hf_model(model_dir: str, task):
+    """A local Hugging Face causal LM whose vocabulary covers the task's token ids."""
+    model, vocab = _load_causal_lm(model_dir)
     if vocab != task.vocab_size:
         raise ConfigError(f"--model {model_dir}: its vocabulary has {vocab} tokens but the task uses "
                           f"{task.vocab_size}; the model's vocabulary must be the task's")
@@ -318,7 +323,6 @@ def load_hf_model(model_dir: str, task):
     if max_positions is not None and max_positions < task.prompt_len + task.response_len:
         raise ConfigError(f"--model {model_dir}: max_position_embeddings {max_positions} < the task's "
                           f"prompt_len + response_len = {task.prompt_len + task.response_len}")
-    model.float()
     return model
 
 
@@ -358,23 +362,18 @@ def load_user_model(model_dir: str):
     """(model, tokenizer) of a local Hugging Face causal-LM directory, for --data."""
     if not os.path.isdir(model_dir):
         raise ConfigError(f"--model {model_dir}: not a directory (a local Hugging Face model directory)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:
         raise ConfigError(f"--model {model_dir}: no tokenizer could be loaded from it (--data needs "
                           f"the model's tokenizer saved beside it: tokenizer.save_pretrained): {exc}"
                           ) from exc
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
-    except Exception as exc:
-        raise ConfigError(f"--model {model_dir}: cannot load a causal LM from it: {exc}") from exc
-    head = model.get_output_embeddings()
-    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+    model, vocab = _load_causal_lm(model_dir)
     if vocab < len(tokenizer):
         raise ConfigError(f"--model {model_dir}: its vocabulary has {vocab} tokens, fewer than its "
                           f"tokenizer's {len(tokenizer)}")
-    return model.float(), tokenizer
+    return model, tokenizer
 
 
 def build_data_task(algo: str, run: dict, config, tokenizer, max_positions: Optional[int]):

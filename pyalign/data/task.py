@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+from pyalign.tasks.task import sample_next_token
+
 from .tokenize import PAD, TokenizedData
 
 
@@ -99,12 +101,7 @@ class DatasetTask:
         out = model(input_ids=ids, attention_mask=attention.long(), position_ids=positions,
                     use_cache=True)
         for i in range(self.response_len):
-            logits = out.logits[:, -1].float()
-            if temperature == 0:
-                tokens = logits.argmax(-1).cpu()
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1).to(generator.device)
-                tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1).cpu()
+            tokens = sample_next_token(out.logits[:, -1], temperature, generator)
             responses[:, i] = torch.where(done, PAD, tokens)
             if self.eos_id is not None:
                 done |= tokens == self.eos_id

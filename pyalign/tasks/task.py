@@ -94,6 +94,17 @@ def _one_thread():
     return limited_threads(1)
 
 
+def sample_next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator
+                      ) -> torch.Tensor:
+    """LongTensor[n] on the CPU: one token per row of the [n, V] last-position ``logits``, greedy
+    at temperature 0, else drawn on ``generator`` (the probabilities moved to its device)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1).cpu()
+    probs = torch.softmax(logits / temperature, dim=-1).to(generator.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).cpu()
+
+
 @torch.no_grad()
 def generate(model, prompts: torch.Tensor, response_len: int, *, temperature: float = 1.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -114,12 +125,7 @@ def generate(model, prompts: torch.Tensor, response_len: int, *, temperature: fl
         return responses.to(prompts.device)
     out = model(input_ids=prompts.to(device), use_cache=True)
     for i in range(response_len):
-        logits = out.logits[:, -1].float()
-        if temperature == 0:
-            tokens = logits.argmax(-1).cpu()
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1).to(generator.device)
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1).cpu()
+        tokens = sample_next_token(out.logits[:, -1], temperature, generator)
         responses[:, i] = tokens
         if i + 1 < response_len:
             out = model(input_ids=tokens[:, None].to(device), past_key_values=out.past_key_values,
