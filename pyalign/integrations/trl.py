@@ -15,6 +15,8 @@ keeps its meaning. ``disable()`` puts TRL's back; both are idempotent, and ``ena
 same as a context manager. A trainer built while enabled keeps pyalign's forward on its model.
 
 TRL is a test dependency, never a runtime one: it is imported when ``enable()`` runs.
+The Trainer callbacks (``TrustRegionCallback``, ``ElasticResetCallback``) live in
+``pyalign.integrations.callbacks`` and are re-exported here, where a TRL user looks for them.
 """
 from __future__ import annotations
 
@@ -25,7 +27,10 @@ import sys
 import torch
 
 from pyalign.integrations import transformers as _hf
+from pyalign.integrations.callbacks import ElasticResetCallback, TrustRegionCallback
 from pyalign.ops.linear_logprobs import linear_token_logprobs
+
+__all__ = ["enable", "disable", "is_enabled", "enabled", "TrustRegionCallback", "ElasticResetCallback"]
 
 # The trainer modules that import add_fused_lm_head at their top level.
 _TRAINER_MODULES = ("trl.trainer.sft_trainer", "trl.trainer.dpo_trainer", "trl.trainer.kto_trainer",

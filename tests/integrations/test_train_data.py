@@ -452,3 +452,34 @@ def test_torchrun_two_processes_on_user_data(tmp_path, model_dir):
         for key in ("loss", "chosen_reward", "rejected_reward", "margin", "grad_norm"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=2e-5, abs=2e-6), (a["step"], key)
+
+
+@pytest.mark.slow
+def test_lora_tr_dpo_on_user_data_then_export_round_trips(tmp_path, model_dir):
+    """The README's path with --lora: TR-DPO on the user's model and data trains only the
+    adapter, and `pyalign export` (merged) gives a from_pretrained model whose logits are the
+    trained policy's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pyalign.cli.export import main as export_main
+    from pyalign.cli.export import rebuild_policy
+    from pyalign.trainers.checkpoint import list_checkpoints, load_checkpoint
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(12))
+    run = tmp_path / "lora-tr-dpo"
+    assert train(tmp_path, "--algo", "tr-dpo", "--model", model_dir, "--data", data, "--lora",
+                 "r=4,alpha=8", "--out", run, *SMALL, tr_tau=2, eval_every=0) == 0
+    assert [r["reference_updated"] for r in records(run)[:3]] == [False, True, False]
+    _, newest = list_checkpoints(str(run / "checkpoints"))[-1]
+    payload = load_checkpoint(newest)
+    assert payload["run"]["lora"]["r"] == 4 and payload["run"]["data"] == data
+    policy = rebuild_policy(payload, newest).merge_and_unload().eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    for name, tensor in base.state_dict().items():  # only the adapter trained: merged weights moved
+        if name.endswith("q_proj.weight"):
+            assert not torch.equal(policy.state_dict()[name], tensor), name
+    assert export_main([str(run), "--out", str(tmp_path / "exported"), "--lora-mode", "merged"]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "exported")
+    ids = tokenizer([preference_rows(1)[0]["prompt"]], return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, policy(ids).logits, rtol=1e-5, atol=1e-5)
