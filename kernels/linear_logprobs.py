@@ -165,7 +165,7 @@ def linear_logprobs_backward_kernel(
         hidden_ptr, weight_ptr, bias_ptr, labels_ptr, grad_logprobs_ptr, grad_entropy_ptr,
         stats_ptr, entropy_ptr, grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
         num_rows, vocab, hidden_size, stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
-        ignore_index, inv_temperature, softcap, logit_scale, own_row_stats,
+        ignore_index, inv_temperature, softcap, logit_scale,
         HAS_GRAD_ENTROPY: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -184,7 +184,7 @@ def linear_logprobs_backward_kernel(
                       DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
     if HAS_SOFTCAP:
         raw, tanh = _softcapped(raw, col_ok, softcap, logit_scale)
-    if own_row_stats != 0:
+    if vocab <= BLOCK_V:  # never a vocab shard's: the launcher runs those eagerly
         # The whole row is in this tile (V <= BLOCK_V, not a vocab shard): take its stats from
         # the recomputed logits themselves. The recompute's tile shapes differ from the
         # forward's, so its logits may differ by rounding; self-consistent stats keep sum p = 1
@@ -303,7 +303,10 @@ def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, e
     """Contract of backends.py (linear_logprobs.backward) -> (grad_hidden, grad_weight,
     grad_bias | None) in the inputs' dtypes, accumulated in fp32. ``vocab_shard``: the stats are
     a wider vocabulary's, so a row held in one tile does not take its own."""
-    if _eager_only(hidden, weight):
+    if _eager_only(hidden, weight) or (
+            vocab_shard and weight.shape[0] <= (tiles or BACKWARD_TILES[_dtype_name(hidden)])[1]):
+        # a vocab shard within one tile (a toy size) runs eagerly: the kernel would take the
+        # row's stats from its own tile, and a flag to skip that made it spill on sm_80
         return _eager.backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats,
                                entropy, ignore_index, temperature, chunk_size, softcap,
                                logit_scale, kept, vocab_shard=vocab_shard)
@@ -326,7 +329,6 @@ def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, e
         grad_bias if bias is not None else grad_weight, num_rows, vocab, hidden_size,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         int(bias is not None), int(ignore_index), **_head_arguments(temperature, softcap, logit_scale),
-        own_row_stats=int(vocab <= block_v and not vocab_shard),
         HAS_GRAD_ENTROPY=has_grad_entropy, **_dot_flags(dtype_name),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=num_warps)
     return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
@@ -372,8 +374,7 @@ def compile_configs():
                                "labels_ptr": "*i64", "grad_logprobs_ptr": "*fp32",
                                "grad_entropy_ptr": "*fp32", "stats_ptr": "*fp32",
                                "entropy_ptr": "*fp32", "grad_hidden_ptr": "*fp32",
-                               "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32", **common,
-                               "own_row_stats": "i32"},
+                               "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32", **common},
                     constexprs={"stride_hk": 1, "stride_wk": 1, "HAS_GRAD_ENTROPY": flag,
                                 "HAS_SOFTCAP": softcap,
                                 "DOT_PRECISION": _dot_precision(dtype_name), "UPCAST": False,

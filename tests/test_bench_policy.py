@@ -1,6 +1,7 @@
 """The policy_loss row of `pyalign bench` (pyalign/bench/policy.py): it runs at the quick size,
 every CPU backend of the family is a row, and pyalign's loss equals the eager TRL formula the
 case times against (so the rows do the same work)."""
+import importlib.util
 import json
 
 import torch
@@ -37,8 +38,6 @@ def test_the_timed_rows_compute_the_same_loss():
 def test_the_linear_policy_rows_compute_the_same_loss():
     """linear_policy's rows (eager full logits, Liger's LigerFusedLinearGRPOLoss, pyalign's
     3-matmul path) do the same work: GRPO with TRL's bias-corrected k3 KL, one value."""
-    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
     from pyalign.bench.policy import naive_linear_grpo_loss
     generator = torch.Generator().manual_seed(3)
     hidden = torch.randn(3, 7, 16, generator=generator)
@@ -52,10 +51,13 @@ def test_the_linear_policy_rows_compute_the_same_loss():
     want = naive_linear_grpo_loss(hidden, weight, safe_labels, old, ref, advantages, mask.float())
     ours = pyalign.linear_policy_loss(hidden.requires_grad_(True), weight, labels, advantages, old,
                                       ref, beta=0.04).loss
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+    if importlib.util.find_spec("liger_kernel") is None:
+        return  # a benchmark peer, not a dependency: CI's [test] venv has no Liger (no Liger row)
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
     liger = LigerFusedLinearGRPOLoss(beta=0.04, loss_type="grpo", compiled=False,
                                      use_bias_correction_kl=True)(
         hidden, weight, safe_labels, mask.long(), advantages, ref_per_token_logps=ref,
         old_per_token_logps=old)
-    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(liger[0] if isinstance(liger, tuple) else liger, want, rtol=1e-5,
                                atol=1e-6)

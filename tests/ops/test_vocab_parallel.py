@@ -55,8 +55,8 @@ def token_oracle(data, options, with_bias, ignore_index, labels):
     return outputs, grads
 
 
-def close(actual, expected):
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=1e-5, atol=1e-5)
+def close(actual, expected, atol=1e-5):
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=1e-5, atol=atol)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -81,7 +81,9 @@ def test_each_rank_equals_the_whole_head(tmp_path, world):
                             top1_seen.update(value.reshape(-1).tolist())
                         else:
                             close(value.reshape(-1), expected[output])
-                    close(got["grad_hidden"].reshape(-1, worker.HIDDEN), grads[0])
+                    # a sum over the ranks' shards of fp32 products (for shards within one
+                    # tile: a Triton forward's kept rows, then an eager backward)
+                    close(got["grad_hidden"].reshape(-1, worker.HIDDEN), grads[0], atol=3e-5)
                     close(got["grad_weight"], grads[1][rows])
                     if with_bias:
                         close(got["grad_bias"], grads[2][rows])
