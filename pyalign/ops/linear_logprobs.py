@@ -103,6 +103,17 @@ _SECOND_BACKWARD = ("linear_token_logprobs: a second backward through a call wit
                     "memory_budget=None (recompute) to backward more than once")
 
 
+def _take_kept(ctx):
+    """The forward's kept logits, handed to the one backward that may overwrite them: a second
+    backward through a call that kept rows raises _SECOND_BACKWARD."""
+    if ctx.kept_consumed:
+        raise RuntimeError(_SECOND_BACKWARD)
+    kept = ctx.kept
+    if kept.shape[0] > 0:
+        ctx.kept, ctx.kept_consumed = None, True
+    return kept
+
+
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, temperature, with_entropy,
@@ -124,11 +135,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy, *_metric_grads):
         hidden, weight, bias, labels, stats, entropy = ctx.saved_tensors
         ignore_index, temperature, with_entropy, chunk_size, softcap, logit_scale, backend = ctx.config
-        if ctx.kept_consumed:
-            raise RuntimeError(_SECOND_BACKWARD)
-        kept = ctx.kept
-        if kept.shape[0] > 0:
-            ctx.kept, ctx.kept_consumed = None, True
+        kept = _take_kept(ctx)
         if grad_logprobs is None:
             grad_logprobs = stats.new_zeros(stats.shape[0])  # stats: [N, 2] (m, log-sum-exp) per row
         if not with_entropy:
@@ -184,11 +191,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy, *_metric_grads):
         hidden, weight, bias, local, stats, entropy = ctx.saved_tensors
         temperature, with_entropy, chunk_size, softcap, logit_scale, backend, shard = ctx.config
-        if ctx.kept_consumed:
-            raise RuntimeError(_SECOND_BACKWARD)
-        kept = ctx.kept
-        if kept.shape[0] > 0:
-            ctx.kept, ctx.kept_consumed = None, True
+        kept = _take_kept(ctx)
         if grad_logprobs is None:
             grad_logprobs = stats.new_zeros(stats.shape[0])
         if not with_entropy:
