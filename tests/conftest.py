@@ -15,6 +15,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
 
+# Under pytest-xdist (`-n 2`, .ci/run) each worker gets one core's worth of torch threads: two
+# workers of 2 threads each on 2 cores would oversubscribe. Tests of thread-count behaviour set
+# their own counts (tests/support.py torch_threads).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seeded():
