@@ -166,18 +166,10 @@ def make_chunked_linear(logprobs_impl):
         for lo, hi in ((0, keep_rows), (keep_rows, num_rows)):
             if hi == lo:
                 continue
-            if lo < keep_rows and softcap is None and not any(metrics):
-                # whole kept rows: the epilogue reads each row once, no slices to combine. A
-                # vocab shard's label for a token another rank owns is V (outside the shard):
-                # clamped into range, its log-prob is a placeholder the combine never reads.
-                lp, ent, group_stats = logprobs_impl.forward(
-                    kept, labels[:hi].clamp(max=vocab - 1), ignore_index, epilogue_t, with_entropy)
-                logprobs_out[:hi] = lp
-                stats[:hi] = group_stats
-                if with_entropy:
-                    entropy[:hi] = ent
-                continue
-            width = _slice_width(hi - lo, vocab, chunk_size)
+            # The kept rows are whole in memory already: one slice of the whole vocabulary, read
+            # once, unless a softcap or a metric needs an fp32 temporary of the slice's size.
+            whole = lo < keep_rows and softcap is None and not any(metrics)
+            width = vocab if whole else _slice_width(hi - lo, vocab, chunk_size)
             if lo < keep_rows:
                 def raw_slice(v0, v1):
                     return kept[:, v0:v1]
