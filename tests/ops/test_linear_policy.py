@@ -296,7 +296,7 @@ def test_three_matmuls_on_the_kept_tokens_only():
     assert counter.get_total_flops() == 3 * one_matmul
 
 
-@pytest.mark.skipif(not ON_CPU, reason="runs on CPU only: aot_eager tracing is device-independent, so the CPU run covers it")
+@pytest.mark.skipif(not ON_CPU, reason="CPU only: aot_eager tracing is device-independent")
 def test_compiled_call_takes_the_recompute_path_with_the_same_numbers():
     hidden, weight, bias, labels, old, ref, advantages = head_case()
     options = dict(beta=0.04, entropy_coef=0.1)
