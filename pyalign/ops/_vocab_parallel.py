@@ -52,47 +52,98 @@ def _shape_signature(shape) -> list[int]:
     return [len(dims), *head, math.prod(dims[_SHAPE_SLOTS:])]
 
 
-def vocab_shard(process_group, name: str, weight: torch.Tensor, hidden: torch.Tensor,
-                labels: torch.Tensor, ignore_index: int, *, hidden_name: str = "hidden",
-                labels_name: str = "labels") -> VocabShard:
-    """Validate ``process_group`` and the shards, in one all-reduce: every rank's shard size
-    (the offsets and the total), and hidden's shape on every rank. Raises on every rank alike
-    (they all see the reduced values): a non-initialised torch.distributed, hidden (and so
-    labels) of different shapes across ranks, a label outside the total vocabulary."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"{name} is given but torch.distributed is not initialised: call "
-                           f"torch.distributed.init_process_group first (or pass {name}=None for "
-                           f"an unsharded head)")
-    if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"{name} must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD or "
-                        f"one from dist.new_group) or None, got {type(process_group).__name__}")
-    rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
-    signature = _shape_signature(hidden.shape)
-    sizes = [0] * world
-    sizes[rank] = weight.shape[0]
-    # MAX of (sizes one-hot, shape, -shape): the sizes, and the largest and smallest of each
-    # shape entry (equal on every rank iff the shapes agree)
-    # on weight's device: the group's backend takes the tensors the combine will reduce
-    info = torch.tensor(sizes + signature + [-s for s in signature], dtype=torch.int64,
-                        device=weight.device)
-    dist.all_reduce(info, op=dist.ReduceOp.MAX, group=process_group)
-    info = info.tolist()
-    sizes = info[:world]
-    largest_shape = info[world:world + len(signature)]
-    smallest_shape = [-s for s in info[world + len(signature):]]
-    if largest_shape != smallest_shape:
-        raise ValueError(f"{hidden_name} and {labels_name} must have the same shape on every rank of "
-                         f"{name} (the vocab-parallel head shards the weight, not the tokens): this "
-                         f"rank has {hidden_name} {tuple(hidden.shape)}, another rank differs")
-    total = sum(sizes)
-    invalid = (labels != ignore_index) & ((labels < 0) | (labels >= total))
-    if labels.numel() and bool(invalid.any()):
-        value = int(labels.reshape(-1)[invalid.reshape(-1).nonzero()[0, 0]])
-        raise ValueError(f"{labels_name} out of range for the vocab-parallel head: label {value} is "
-                         f"outside [0, {total}), the vocabulary the shards' rows add up to across "
-                         f"the ranks of {name} (rows per rank: {sizes}), and is not "
-                         f"ignore_index={ignore_index}")
-    return VocabShard(process_group, rank, world, sum(sizes[:rank]), sizes[rank], total, max(sizes))
+class ShardChecks:
+    """The checks of a vocab-parallel call, made to agree across the ranks: a context manager
+    around the caller's local argument checks, then ``shard()``. Every rank joins the same one
+    all-reduce whether or not its own checks passed, so an error on one rank (a bad dtype, a
+    label out of range on that rank only) is raised on every rank instead of leaving the others
+    waiting in a collective:
+
+        with _vocab_parallel.ShardChecks(process_group, "process_group") as checks:
+            ...  # the local checks; may raise
+        shard = checks.shard(weight, hidden, labels, ignore_index)
+
+    The rank whose checks failed re-raises its own error (after the all-reduce); the others raise
+    one that names the failing ranks. With ``process_group=None`` it does nothing and ``shard()``
+    returns None. A process group that is not one, or a torch.distributed that is not
+    initialised, raises at once: no collective can run then, on any rank."""
+
+    def __init__(self, process_group, name: str):
+        self.group, self.name = process_group, name
+        if process_group is None:
+            return
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"{name} is given but torch.distributed is not initialised: call "
+                               f"torch.distributed.init_process_group first (or pass {name}=None "
+                               f"for an unsharded head)")
+        if not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"{name} must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD "
+                            f"or one from dist.new_group) or None, got {type(process_group).__name__}")
+        self.rank = dist.get_rank(process_group)
+        self.world = dist.get_world_size(process_group)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        if self.group is not None and isinstance(exc, Exception):
+            # join the others' all-reduce, flagged as failed; then this rank's error propagates
+            device = (torch.device("cuda", torch.cuda.current_device())
+                      if dist.get_backend(self.group) == "nccl" else torch.device("cpu"))
+            self._exchange(0, [0] * len(_shape_signature(())), (-1, 0), device, failed=True)
+        return False
+
+    def _exchange(self, rows, signature, label_range, device, failed=False):
+        """One MAX all-reduce of (failed one-hot, sizes one-hot, shape, -shape, the largest kept
+        label, minus the smallest)."""
+        one_hot = [0] * self.world
+        failed_flags, sizes = list(one_hot), list(one_hot)
+        failed_flags[self.rank] = int(failed)
+        sizes[self.rank] = rows
+        info = torch.tensor(failed_flags + sizes + signature + [-s for s in signature]
+                            + [label_range[0], -label_range[1]], dtype=torch.int64, device=device)
+        dist.all_reduce(info, op=dist.ReduceOp.MAX, group=self.group)
+        return info.tolist()
+
+    def shard(self, weight: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor,
+              ignore_index: int, *, hidden_name: str = "hidden",
+              labels_name: str = "labels") -> Optional[VocabShard]:
+        """This rank's VocabShard, from the one all-reduce: every rank's shard size (the offsets
+        and the total), hidden's shape and the largest kept label on every rank. Raises on every
+        rank alike (they all see the reduced values): another rank's failed checks, hidden (and
+        so labels) of different shapes across ranks, a label outside the total vocabulary on any
+        rank."""
+        if self.group is None:
+            return None
+        kept = labels[labels != ignore_index]
+        label_range = (int(kept.max()), int(kept.min())) if kept.numel() else (-1, 0)
+        signature = _shape_signature(hidden.shape)
+        # on weight's device: the group's backend takes the tensors the combine will reduce
+        info = self._exchange(weight.shape[0], signature, label_range, weight.device)
+        world, width = self.world, len(signature)
+        failed = [rank for rank, flag in enumerate(info[:world]) if flag]
+        if failed:
+            raise RuntimeError(f"the inputs of this vocab-parallel call failed their checks on "
+                               f"rank(s) {failed} of {self.name} (see the error there); every rank "
+                               f"stops here so that none waits in a collective")
+        sizes = info[world:2 * world]
+        largest_shape = info[2 * world:2 * world + width]
+        smallest_shape = [-s for s in info[2 * world + width:2 * world + 2 * width]]
+        if largest_shape != smallest_shape:
+            raise ValueError(f"{hidden_name} and {labels_name} must have the same shape on every rank "
+                             f"of {self.name} (the vocab-parallel head shards the weight, not the "
+                             f"tokens): this rank has {hidden_name} {tuple(hidden.shape)}, another "
+                             f"rank differs")
+        total = sum(sizes)
+        largest_label, smallest_label = info[-2], -info[-1]
+        if largest_label >= total or smallest_label < 0:
+            value = largest_label if largest_label >= total else smallest_label
+            raise ValueError(f"{labels_name} out of range for the vocab-parallel head: label "
+                             f"{value} is outside [0, {total}), the vocabulary the shards' rows "
+                             f"add up to across the ranks of {self.name} (rows per rank: {sizes}), "
+                             f"and is not ignore_index={ignore_index}")
+        return VocabShard(self.group, self.rank, world, sum(sizes[:self.rank]), sizes[self.rank],
+                          total, max(sizes))
 
 
 def local_labels(shard: VocabShard, labels: torch.Tensor, ignore_index: int):

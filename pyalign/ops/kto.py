@@ -227,63 +227,62 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     z0). ``weight``, ``bias``, ``ref_weight`` and ``ref_bias`` are this rank's vocabulary rows;
     hidden states, labels and the rest are the same on every rank of it, and so is the result.
     """
-    entry, beta, desirable_weight, undesirable_weight = _check_config(
-        loss, beta, desirable_weight, undesirable_weight, reduction)
-    _checks.check_tensor("weight", weight, floating=True)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
-    _check_head_inputs("hidden", hidden, "labels", labels, weight, "B")
-    _check_desirable(desirable, hidden.shape[0])
-    if (ref_logps is None) == (ref_hidden is None):
-        raise ValueError("give exactly one of ref_logps (precomputed [B]) or ref_hidden")
-    if ref_logps is not None:
-        _check_precomputed("ref_logps", ref_logps, hidden.shape[0], "[B]")
-    else:
-        _checks.check_tensor("ref_hidden", ref_hidden, floating=True)
-        _checks.check_shape("ref_hidden", ref_hidden, hidden.shape, "hidden.shape")
-    uses_kl = entry.uses_kl_reference
-    reference_hiddens = {"ref_hidden": ref_hidden, "ref_kl_hidden": ref_kl_hidden}  # as given
-    if not uses_kl:  # apo_zero_unpaired: no reference point, nothing to score
-        for name, tensor in (("kl", kl), ("kl_hidden", kl_hidden), ("kl_labels", kl_labels),
-                             ("ref_kl_logps", ref_kl_logps), ("ref_kl_hidden", ref_kl_hidden)):
-            if tensor is not None:  # checked, then unused
-                _checks.check_tensor(name, tensor)
-        kl = kl_hidden = kl_labels = ref_kl_logps = ref_kl_hidden = None
-    elif kl is not None:
-        extra = [name for name, tensor in (("kl_hidden", kl_hidden), ("kl_labels", kl_labels),
-                                           ("ref_kl_logps", ref_kl_logps),
-                                           ("ref_kl_hidden", ref_kl_hidden)) if tensor is not None]
-        if extra:
-            raise ValueError(f"give either kl (precomputed estimates) or kl_hidden + kl_labels, not "
-                             f"kl and {', '.join(extra)}")
-        _checks.check_tensor("kl", kl, floating=True)
-    else:
-        if kl_hidden is None or kl_labels is None:
-            raise ValueError(f"loss {loss!r} needs KL estimates: give kl (precomputed [M]) or "
-                             f"kl_hidden [M, T', H] with kl_labels [M, T'] (mismatched pairs)")
-        _check_head_inputs("kl_hidden", kl_hidden, "kl_labels", kl_labels, weight, "M")
-        if (ref_kl_logps is None) == (ref_kl_hidden is None):
-            raise ValueError("give exactly one of ref_kl_logps (precomputed [M]) or ref_kl_hidden for "
-                             "the reference of the KL pairs")
-        if ref_kl_logps is not None:
-            _check_precomputed("ref_kl_logps", ref_kl_logps, kl_hidden.shape[0], "[M] = kl_hidden.shape[0]")
+    with _vocab_parallel.ShardChecks(vocab_process_group, "vocab_process_group") as shard_checks:
+        entry, beta, desirable_weight, undesirable_weight = _check_config(
+            loss, beta, desirable_weight, undesirable_weight, reduction)
+        _checks.check_tensor("weight", weight, floating=True)
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+        _check_head_inputs("hidden", hidden, "labels", labels, weight, "B")
+        _check_desirable(desirable, hidden.shape[0])
+        if (ref_logps is None) == (ref_hidden is None):
+            raise ValueError("give exactly one of ref_logps (precomputed [B]) or ref_hidden")
+        if ref_logps is not None:
+            _check_precomputed("ref_logps", ref_logps, hidden.shape[0], "[B]")
         else:
-            _checks.check_tensor("ref_kl_hidden", ref_kl_hidden, floating=True)
-            _checks.check_shape("ref_kl_hidden", ref_kl_hidden, kl_hidden.shape, "kl_hidden.shape")
-    _check_reference_head(ref_weight, ref_bias, weight, reference_hiddens)
-    _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, desirable=desirable,
-                              bias=bias, kl=kl, kl_hidden=kl_hidden, kl_labels=kl_labels,
-                              ref_logps=ref_logps, ref_hidden=ref_hidden, ref_kl_logps=ref_kl_logps,
-                              ref_kl_hidden=ref_kl_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
-    ignore_index = _checks.check_int("ignore_index", ignore_index)
-    temperature = _checks.check_temperature(temperature)
-    chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
-    average_log_prob = _checks.check_bool("average_log_prob", average_log_prob)
-    backends.check_name(backend)
-    shard = None
-    if vocab_process_group is not None:
-        shard = _vocab_parallel.vocab_shard(vocab_process_group, "vocab_process_group", weight,
-                                            hidden, labels, ignore_index)
+            _checks.check_tensor("ref_hidden", ref_hidden, floating=True)
+            _checks.check_shape("ref_hidden", ref_hidden, hidden.shape, "hidden.shape")
+        uses_kl = entry.uses_kl_reference
+        reference_hiddens = {"ref_hidden": ref_hidden, "ref_kl_hidden": ref_kl_hidden}  # as given
+        if not uses_kl:  # apo_zero_unpaired: no reference point, nothing to score
+            for name, tensor in (("kl", kl), ("kl_hidden", kl_hidden), ("kl_labels", kl_labels),
+                                 ("ref_kl_logps", ref_kl_logps), ("ref_kl_hidden", ref_kl_hidden)):
+                if tensor is not None:  # checked, then unused
+                    _checks.check_tensor(name, tensor)
+            kl = kl_hidden = kl_labels = ref_kl_logps = ref_kl_hidden = None
+        elif kl is not None:
+            extra = [name for name, tensor in (("kl_hidden", kl_hidden), ("kl_labels", kl_labels),
+                                               ("ref_kl_logps", ref_kl_logps),
+                                               ("ref_kl_hidden", ref_kl_hidden)) if tensor is not None]
+            if extra:
+                raise ValueError(f"give either kl (precomputed estimates) or kl_hidden + kl_labels, not "
+                                 f"kl and {', '.join(extra)}")
+            _checks.check_tensor("kl", kl, floating=True)
+        else:
+            if kl_hidden is None or kl_labels is None:
+                raise ValueError(f"loss {loss!r} needs KL estimates: give kl (precomputed [M]) or "
+                                 f"kl_hidden [M, T', H] with kl_labels [M, T'] (mismatched pairs)")
+            _check_head_inputs("kl_hidden", kl_hidden, "kl_labels", kl_labels, weight, "M")
+            if (ref_kl_logps is None) == (ref_kl_hidden is None):
+                raise ValueError("give exactly one of ref_kl_logps (precomputed [M]) or ref_kl_hidden for "
+                                 "the reference of the KL pairs")
+            if ref_kl_logps is not None:
+                _check_precomputed("ref_kl_logps", ref_kl_logps, kl_hidden.shape[0],
+                                   "[M] = kl_hidden.shape[0]")
+            else:
+                _checks.check_tensor("ref_kl_hidden", ref_kl_hidden, floating=True)
+                _checks.check_shape("ref_kl_hidden", ref_kl_hidden, kl_hidden.shape, "kl_hidden.shape")
+        _check_reference_head(ref_weight, ref_bias, weight, reference_hiddens)
+        _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, desirable=desirable,
+                                  bias=bias, kl=kl, kl_hidden=kl_hidden, kl_labels=kl_labels,
+                                  ref_logps=ref_logps, ref_hidden=ref_hidden, ref_kl_logps=ref_kl_logps,
+                                  ref_kl_hidden=ref_kl_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+        ignore_index = _checks.check_int("ignore_index", ignore_index)
+        temperature = _checks.check_temperature(temperature)
+        chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
+        average_log_prob = _checks.check_bool("average_log_prob", average_log_prob)
+        backends.check_name(backend)
+    shard = shard_checks.shard(weight, hidden, labels, ignore_index)
 
     def sequence_logps(hidden_states, head, head_bias, token_labels):
         token_logps = linear_token_logprobs(hidden_states, head, token_labels, bias=head_bias,

@@ -306,56 +306,55 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     full result; the per-token stats are combined by all-reduces of [N]-sized vectors and
     backward exchanges no [N, V] data: each rank's weight and bias gradients are those of its
     shard, the hidden gradient is summed across ranks (docs/algorithms.md, "Vocab-parallel
-    head"). One all-reduce of the shard sizes and hidden's shape checks the setup first. Under
+    head"). One all-reduce checks the setup first, after every rank's own argument checks, so a
+    bad argument on one rank raises on all of them (none waits in a collective). Under
     torch.compile the sharded call is a graph break (its collectives run between the backend
     calls).
     """
-    _checks.check_tensor("hidden", hidden, floating=True)
-    _checks.check_tensor("weight", weight, floating=True)
-    _checks.check_tensor("labels", labels, integer=True)
-    if bias is not None:
-        _checks.check_tensor("bias", bias, floating=True)
-    _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-    if hidden.dim() < 1 or hidden.shape[-1] == 0:
-        raise ValueError(f"hidden must have a non-empty last (hidden size) dimension, got shape "
-                         f"{tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-                         f"got {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError("weight has an empty vocabulary dimension")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
-    if bias is not None:
-        _checks.check_shape("bias", bias, (weight.shape[0],), "[V]")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
-    _checks.check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
-    chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
-    temperature = _checks.check_temperature(temperature)
-    ignore_index = _checks.check_int("ignore_index", ignore_index)
-    entropy = _checks.check_bool("entropy", entropy)
-    if softcap is not None:
-        softcap = _checks.check_finite_range("softcap", softcap, low=0.0, low_inclusive=False,
-                                             what="None or a finite number > 0")
-    logit_scale = _checks.check_finite_range("logit_scale", logit_scale, low=0.0,
-                                             low_inclusive=False, what="a finite number > 0")
-    if memory_budget is not None:
-        memory_budget = _checks.check_int("memory_budget", memory_budget, minimum=0,
-                                          what="None or an int >= 0 (bytes)")
-    named = outputs is not None
-    if named:
-        if entropy:
-            raise ValueError("pass either entropy=True or outputs=(...), not both: with outputs, "
-                             "ask for \"entropy\" among them")
-        entropy, metrics = _check_outputs(outputs)
-    else:
-        metrics = (False, False, False)
-    backends.check_name(backend)
-    shard = None
-    if process_group is not None:
-        shard = _vocab_parallel.vocab_shard(process_group, "process_group", weight, hidden, labels,
-                                            ignore_index)
+    with _vocab_parallel.ShardChecks(process_group, "process_group") as shard_checks:
+        _checks.check_tensor("hidden", hidden, floating=True)
+        _checks.check_tensor("weight", weight, floating=True)
+        _checks.check_tensor("labels", labels, integer=True)
+        if bias is not None:
+            _checks.check_tensor("bias", bias, floating=True)
+        _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+        if hidden.dim() < 1 or hidden.shape[-1] == 0:
+            raise ValueError(f"hidden must have a non-empty last (hidden size) dimension, got shape "
+                             f"{tuple(hidden.shape)}")
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+            raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                             f"got {tuple(weight.shape)}")
+        if weight.shape[0] == 0:
+            raise ValueError("weight has an empty vocabulary dimension")
+        if weight.dtype != hidden.dtype:
+            raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+        if bias is not None:
+            _checks.check_shape("bias", bias, (weight.shape[0],), "[V]")
+            if bias.dtype != hidden.dtype:
+                raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+        _checks.check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
+        chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
+        temperature = _checks.check_temperature(temperature)
+        ignore_index = _checks.check_int("ignore_index", ignore_index)
+        entropy = _checks.check_bool("entropy", entropy)
+        if softcap is not None:
+            softcap = _checks.check_finite_range("softcap", softcap, low=0.0, low_inclusive=False,
+                                                 what="None or a finite number > 0")
+        logit_scale = _checks.check_finite_range("logit_scale", logit_scale, low=0.0,
+                                                 low_inclusive=False, what="a finite number > 0")
+        if memory_budget is not None:
+            memory_budget = _checks.check_int("memory_budget", memory_budget, minimum=0,
+                                              what="None or an int >= 0 (bytes)")
+        named = outputs is not None
+        if named:
+            if entropy:
+                raise ValueError("pass either entropy=True or outputs=(...), not both: with outputs, "
+                                 "ask for \"entropy\" among them")
+            entropy, metrics = _check_outputs(outputs)
+        else:
+            metrics = (False, False, False)
+        backends.check_name(backend)
+    shard = shard_checks.shard(weight, hidden, labels, ignore_index)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     labels_1d = labels.reshape(-1).to(torch.int64)
     # The fused Triton kernels keep no logits: the budget is for the chunked backends.

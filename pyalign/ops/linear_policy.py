@@ -101,21 +101,19 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     calls and torch.compile take the recompute path instead: linear_token_logprobs (4 matmuls,
     the logits recomputed in backward) then policy_loss. Both give the same numbers.
     """
-    unknown = sorted(set(options) - set(POLICY_OPTIONS))
-    if unknown:
-        raise TypeError(f"linear_policy_loss got unknown option(s) {unknown}; the loss options are "
-                        f"policy_loss's: {sorted(POLICY_OPTIONS)}")
-    _check_inputs(hidden, weight, bias, labels, advantages, old_logps, ref_logps)
-    checked = check_options(ref_logps is not None, True, ref_name="ref_logps",
-                            **{**POLICY_OPTIONS, **options})
-    ignore_index = _checks.check_int("ignore_index", ignore_index)
-    temperature = _checks.check_temperature(temperature)
-    chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
-    backends.check_name(backend)
-    shard = None
-    if process_group is not None:
-        shard = _vocab_parallel.vocab_shard(process_group, "process_group", weight, hidden, labels,
-                                            ignore_index)
+    with _vocab_parallel.ShardChecks(process_group, "process_group") as shard_checks:
+        unknown = sorted(set(options) - set(POLICY_OPTIONS))
+        if unknown:
+            raise TypeError(f"linear_policy_loss got unknown option(s) {unknown}; the loss options are "
+                            f"policy_loss's: {sorted(POLICY_OPTIONS)}")
+        _check_inputs(hidden, weight, bias, labels, advantages, old_logps, ref_logps)
+        checked = check_options(ref_logps is not None, True, ref_name="ref_logps",
+                                **{**POLICY_OPTIONS, **options})
+        ignore_index = _checks.check_int("ignore_index", ignore_index)
+        temperature = _checks.check_temperature(temperature)
+        chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
+        backends.check_name(backend)
+    shard = shard_checks.shard(weight, hidden, labels, ignore_index)
     # A backend named for the head (linear_logprobs) need not have a policy kernel: the [B, T]
     # loss then runs on whatever "auto" picks.
     loss_backend = backend if backend == "auto" or backends.has("policy", backend) else "auto"

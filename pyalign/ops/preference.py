@@ -594,25 +594,23 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     sharded like the policy), everything else is the same on every rank, and every rank returns
     the same loss; its weight gradients are its shard's.
     """
-    spec = _check_loss_spec(loss, loss_weights, beta, label_smoothing, reduction, f_divergence,
-                            f_alpha_divergence_coef)
-    _checks.check_tensor("hidden", hidden, floating=True)
-    if hidden.dim() != 3 or hidden.shape[0] % 2 or hidden.shape[-1] == 0:
-        raise ValueError(f"hidden must be [2B, T, H] with chosen rows first and H > 0, got shape "
-                         f"{tuple(hidden.shape)}")
-    if (ref_logps is None) == (ref_hidden is None):
-        raise ValueError("give exactly one of ref_logps (precomputed [2B]) or ref_hidden")
-    ignore_index = _checks.check_int("ignore_index", ignore_index)
-    temperature = _checks.check_temperature(temperature)
-    chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
-    average_log_prob = _checks.check_bool("average_log_prob", average_log_prob)
-    ld_alpha, use_weighting = _check_token_options(spec, ld_alpha, use_weighting, average_log_prob)
-    _check_linear_inputs(hidden, weight, bias, labels, ref_logps, ref_hidden, ref_weight, ref_bias)
-    backends.check_name(backend)
-    shard = None
-    if process_group is not None:
-        shard = _vocab_parallel.vocab_shard(process_group, "process_group", weight, hidden, labels,
-                                            ignore_index)
+    with _vocab_parallel.ShardChecks(process_group, "process_group") as shard_checks:
+        spec = _check_loss_spec(loss, loss_weights, beta, label_smoothing, reduction, f_divergence,
+                                f_alpha_divergence_coef)
+        _checks.check_tensor("hidden", hidden, floating=True)
+        if hidden.dim() != 3 or hidden.shape[0] % 2 or hidden.shape[-1] == 0:
+            raise ValueError(f"hidden must be [2B, T, H] with chosen rows first and H > 0, got shape "
+                             f"{tuple(hidden.shape)}")
+        if (ref_logps is None) == (ref_hidden is None):
+            raise ValueError("give exactly one of ref_logps (precomputed [2B]) or ref_hidden")
+        ignore_index = _checks.check_int("ignore_index", ignore_index)
+        temperature = _checks.check_temperature(temperature)
+        chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
+        average_log_prob = _checks.check_bool("average_log_prob", average_log_prob)
+        ld_alpha, use_weighting = _check_token_options(spec, ld_alpha, use_weighting, average_log_prob)
+        _check_linear_inputs(hidden, weight, bias, labels, ref_logps, ref_hidden, ref_weight, ref_bias)
+        backends.check_name(backend)
+    shard = shard_checks.shard(weight, hidden, labels, ignore_index)
     if ref_logps is not None:
         ref_logps = ref_logps.detach()
     # A backend named for the per-token part (say "cpu") need not have a loss kernel: the tiny

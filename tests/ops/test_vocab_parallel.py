@@ -1,10 +1,12 @@
 """The vocab-parallel head (``process_group=``, pyalign/ops/_vocab_parallel.py) with real gloo
-ranks: 2 and 3 processes, each holding uneven rows of a V = 37 head (vocab_parallel_worker.py),
-every linear_logprobs backend of the CPU. Each rank's per-token outputs (log-probs, entropy, the
+ranks: 2 and 3 processes, each holding uneven rows of a V = 37 head and of a V = 203 head whose
+shards are wider than the Triton tiles (vocab_parallel_worker.py), every linear_logprobs backend
+of the CPU. Each rank's per-token outputs (log-probs, entropy, the
 three metrics) and gradients (hidden, its weight and bias rows) equal the float64 oracle of the
 whole head, with softcap, logit scale, temperature, ignore_index and kept rows; the fused DPO,
 WPO (recompute path) and KTO losses equal the unsharded single-process result; bad input raises
-alike on every rank. One spawn per world size runs every case."""
+on every rank, also where only one rank's input is bad (no rank left waiting in a collective).
+One spawn per world size runs every case."""
 import os
 import subprocess
 import sys
@@ -36,15 +38,17 @@ def run_ranks(tmp_path, world, names):
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
 
 
-def token_oracle(data, options, with_bias, ignore_index, labels):
-    """float64 outputs of the whole head and the gradients of the per-token objective."""
+def token_oracle(data, options, with_bias, ignore_index, labels, head_key=""):
+    """float64 outputs of the whole head (``data[head_key + "weight"]``, its bias) and the
+    gradients of the per-token objective."""
     head = {key: options[key] for key in ("softcap", "logit_scale", "temperature") if key in options}
     valid = labels.reshape(-1) != ignore_index
     # the padded (NaN) row is ignored: it contributes nothing, so the oracle reads it as 0
     hidden = torch.where(valid[:, None], data["hidden"].reshape(-1, worker.HIDDEN), 0.0)
-    inputs = [hidden, data["weight"]] + ([data["bias"]] if with_bias else [])
-    outputs = head_outputs64(head_logits64(hidden, data["weight"], data["bias"] if with_bias else None,
-                                           **head), labels.reshape(-1), ignore_index)
+    weight, bias = data[head_key + "weight"], data[head_key + "bias"] if with_bias else None
+    inputs = [hidden, weight] + ([bias] if with_bias else [])
+    outputs = head_outputs64(head_logits64(hidden, weight, bias, **head), labels.reshape(-1),
+                             ignore_index)
 
     def objective(h, w, b=None):
         out = head_outputs64(head_logits64(h, w, b, **head), labels.reshape(-1), ignore_index)
@@ -66,11 +70,13 @@ def test_each_rank_equals_the_whole_head(tmp_path, world):
         results = run_ranks(tmp_path, world, names)
         data = worker.build_cases()
         top1_seen = set()
-        for name, options, with_bias, ignore_index in worker.TOKEN_CASES:
+        cases = [(case, "", worker.SHARDS) for case in worker.TOKEN_CASES]
+        cases += [(case, "wide_", worker.WIDE_SHARDS) for case in worker.WIDE_TOKEN_CASES]
+        for (name, options, with_bias, ignore_index), head_key, shards in cases:
             labels = results[0]["tokens"][name, names[0]]["labels"]
-            expected, grads = token_oracle(data, options, with_bias, ignore_index, labels)
+            expected, grads = token_oracle(data, options, with_bias, ignore_index, labels, head_key)
             for rank, result in enumerate(results):
-                rows = worker.shard_rows(world, rank)
+                rows = worker.shard_rows(world, rank, shards)
                 for backend in names:
                     got = result["tokens"][name, backend]
                     for output, value in got.items():
@@ -112,6 +118,23 @@ def test_each_rank_equals_the_whole_head(tmp_path, world):
             assert "same shape on every rank" in errors["hidden_shapes_differ"]
             assert errors["not_a_group"].startswith("TypeError: process_group must be a torch.distributed")
             assert "vocab_process_group" in errors["kto_label_past_vocabulary"]
+            assert "label -3 is outside [0, 37)" in errors["negative_label"]
+            assert "label 37 is outside [0, 37)" in errors["label_past_vocabulary_on_rank_0"]
+        last = world - 1
+        one_rank_cases = {  # case: (the failing rank, the start of its own error)
+            "dtype_on_rank_1": (1, "TypeError: hidden and weight must share a dtype"),
+            "policy_temperature_on_last_rank": (last, "ValueError: temperature"),
+            "dpo_ref_weight_missing_on_rank_0": (0, "ValueError: ref_hidden given without ref_weight"),
+            "kto_desirable_shape_on_rank_1": (1, "ValueError: desirable"),
+        }
+        for case, (failing, own_error) in one_rank_cases.items():
+            for rank, result in enumerate(results):
+                error = result["errors"][case]
+                if rank == failing:
+                    assert error.startswith(own_error), (case, error)
+                else:
+                    assert error.startswith(f"RuntimeError: the inputs of this vocab-parallel call "
+                                            f"failed their checks on rank(s) [{failing}]"), (case, error)
 
 
 def single_process_losses(data, backend):

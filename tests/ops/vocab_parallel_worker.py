@@ -20,6 +20,11 @@ from support import poisoned_outputs  # noqa: E402
 
 VOCAB, HIDDEN = 37, 16
 SHARDS = {2: (21, 16), 3: (16, 8, 13)}
+# A second head whose every shard is wider than the Triton tiles (fp32: forward 64, backward 32
+# columns), so the kernels stream several tiles of a shard with the whole rows' stats (the shards
+# of the first head fit in one tile, whose backward runs eagerly)
+WIDE_VOCAB = 203
+WIDE_SHARDS = {2: (110, 93), 3: (70, 66, 67)}
 ALL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # (name, linear_token_logprobs options): every head option, ignore_index (-100, and 5: a value
 # a shard's local label could take), memory_budget's kept rows and small chunks
@@ -29,6 +34,10 @@ TOKEN_CASES = (
      True, -100),
     ("kept_rows_chunks_ignore_5", dict(entropy=True, memory_budget=5 * VOCAB * 4, chunk_size=3),
      False, 5),
+)
+# (name, options, with_bias, ignore_index) on the wide head
+WIDE_TOKEN_CASES = (
+    ("wide_softcap_temperature", dict(softcap=5.0, temperature=0.8, outputs=ALL_OUTPUTS), True, -100),
 )
 
 
@@ -66,18 +75,23 @@ def build_cases(seed=0):
                  kl_hidden=randn(3, 5, HIDDEN), kl_labels=pair_labels[:3].roll(1, 1).clamp(min=0),
                  advantages=randn(4), old_token_logps=-3 * torch.rand(4, 5, generator=generator),
                  ref_token_logps=-3 * torch.rand(4, 5, generator=generator))
+    wide_labels = torch.randint(0, WIDE_VOCAB, (2, 6), generator=generator)
+    wide_labels[0, :3] = torch.tensor([0, WIDE_VOCAB - 1, 109])  # the ends, a shard's last row
+    cases.update(wide_weight=randn(WIDE_VOCAB, HIDDEN, scale=0.5), wide_bias=randn(WIDE_VOCAB, scale=0.3),
+                 wide_labels=wide_labels)
     return cases
 
 
-def shard_rows(world, rank):
-    sizes = SHARDS[world]
+def shard_rows(world, rank, shards=SHARDS):
+    sizes = shards[world]
     start = sum(sizes[:rank])
     return slice(start, start + sizes[rank])
 
 
-def token_case(data, options, with_bias, ignore_index, weight, bias, backend, process_group):
+def token_case(data, options, with_bias, ignore_index, weight, bias, backend, process_group,
+               labels_key="labels"):
     """linear_token_logprobs and its gradients for one case: {output name: value, "grad_*"}."""
-    labels = data["labels"].clone()
+    labels = data[labels_key].clone()
     labels[1, 5] = ignore_index
     labels[1, 0] = 5  # ignored with ignore_index=5, a label otherwise
     hidden = data["hidden"].clone()
@@ -152,12 +166,17 @@ def error_of(call):
 
 
 def bad_input_errors(data, weight, rank):
-    """The bad-input cases, each raised alike on every rank after the one check all-reduce."""
+    """The bad-input cases, each raising on every rank after the one check all-reduce (a rank
+    left out of it would wait there for ever: the test's timeout)."""
     hidden, labels = data["hidden"], data["labels"]
     world = dist.group.WORLD
+    last = world.size() - 1
     big = labels.clone()
     big[0, 4] = VOCAB  # one past the vocabulary the shards add up to
+    negative = labels.clone()
+    negative[1, 3] = -3
     other_shape = hidden[:, :5] if rank == 1 else hidden  # rank 1 has fewer tokens
+    pair_hidden, pair_labels = data["pair_hidden"], data["pair_labels"]
     return {
         "label_past_vocabulary": error_of(lambda: pyalign.linear_token_logprobs(
             hidden, weight, big, process_group=world)),
@@ -169,6 +188,23 @@ def bad_input_errors(data, weight, rank):
             data["pair_hidden"], weight, big[:, :5].clamp(max=VOCAB).repeat(2, 1),
             data["desirable"], ref_logps=data["ref_logps"], kl=torch.zeros(()),
             vocab_process_group=world)),
+        "negative_label": error_of(lambda: pyalign.linear_token_logprobs(
+            hidden, weight, negative, process_group=world)),
+        # bad on one rank only: that rank raises its own error, every other rank says which failed
+        "label_past_vocabulary_on_rank_0": error_of(lambda: pyalign.linear_token_logprobs(
+            hidden, weight, big if rank == 0 else labels, process_group=world)),
+        "dtype_on_rank_1": error_of(lambda: pyalign.linear_token_logprobs(
+            hidden.double() if rank == 1 else hidden, weight, labels, entropy=True,
+            process_group=world)),
+        "policy_temperature_on_last_rank": error_of(lambda: pyalign.linear_policy_loss(
+            pair_hidden, weight, pair_labels, data["advantages"], data["old_token_logps"],
+            temperature=0.0 if rank == last else 1.0, process_group=world)),
+        "dpo_ref_weight_missing_on_rank_0": error_of(lambda: pyalign.linear_preference_loss(
+            pair_hidden, weight, pair_labels, ref_hidden=data["ref_hidden"],
+            ref_weight=None if rank == 0 else weight, process_group=world)),
+        "kto_desirable_shape_on_rank_1": error_of(lambda: pyalign.linear_kto_loss(
+            pair_hidden, weight, pair_labels, data["desirable"][:3] if rank == 1 else data["desirable"],
+            ref_logps=data["ref_logps"], kl=torch.zeros(()), vocab_process_group=world)),
     }
 
 
@@ -186,6 +222,11 @@ def main() -> int:
         for name, options, with_bias, ignore_index in TOKEN_CASES:
             result["tokens"][name, backend] = token_case(data, options, with_bias, ignore_index,
                                                          weight, bias, backend, group)
+        wide = shard_rows(world, rank, WIDE_SHARDS)
+        for name, options, with_bias, ignore_index in WIDE_TOKEN_CASES:
+            result["tokens"][name, backend] = token_case(
+                data, options, with_bias, ignore_index, data["wide_weight"][wide],
+                data["wide_bias"][wide], backend, group, labels_key="wide_labels")
         result["losses"][backend] = loss_cases(data, heads, backend, group)
     result["errors"] = bad_input_errors(data, weight, rank)
     torch.save(result, out)
