@@ -4,7 +4,8 @@ per-token upstream gradient; with ``entropy=True`` also a random one for the ent
 backend, pyalign's cpu backend with a memory budget that keeps every token's logits for backward
 (3 matmuls instead of 4), the peers that run here (Liger-Kernel's
 LigerFusedLinearScaledCrossEntropyFunction, TRL's ChunkedLogProbFunction, Cut Cross-Entropy's
-``impl="torch_compile"``), and the floor: the three bare matmuls of forward and backward."""
+``impl="torch_compile"``), and the floor: the three bare matmuls of forward and backward (into
+preallocated outputs; and as autograd runs them, each output allocated per call)."""
 from __future__ import annotations
 
 import contextlib
@@ -33,7 +34,7 @@ TRL_CHUNK_SIZE = 32768
 # 3.1 / 3.6, TRL 11.4 / 12.4), rounded up. At N=4096, V=128256 one copy is 1.96 GiB: run_case
 # skips, with the reason, what would not fit (TRL's ~24 GiB there).
 LOGITS_COPIES = {"eager": (3.5, 5.5), "compile": (2.5, 3.5), "memory_budget": (1.25, 1.25),
-                 "liger": (3.5, 4.0), "trl": (12.0, 13.0)}
+                 "liger": (3.5, 4.0), "trl": (12.0, 13.0), "allocating floor": (1.25, 1.25)}
 
 
 def naive_linear_token_logprobs(hidden, weight, labels, temperature: float = 1.0):
@@ -131,6 +132,16 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
         torch.mm(logits_out, plain_weight, out=grad_hidden_out)  # backward: d hidden
         torch.mm(logits_out.t(), plain_hidden, out=grad_weight_out)  # backward: d weight
     candidates.append(Candidate("floor: the 3 bare matmuls", floor, kind="floor"))
+
+    def floor_allocating():
+        # as autograd runs them: every output a fresh tensor. On CPU a large one comes fresh from
+        # the kernel (mmap), so each call pays the page faults of its [N, V] logits and the
+        # weight gradient (measured 1.12x the floor above, N=2048, V=32000), as every candidate
+        # pays them for the gradients it returns.
+        logits = plain_hidden @ plain_weight.t()
+        return logits @ plain_weight, logits.t() @ plain_hidden
+    candidates.append(Candidate("the 3 bare matmuls, outputs allocated per call", floor_allocating,
+                                kind="floor", memory_need=need("allocating floor")))
     notes += third_party_notes()
     flops = 3 * 2 * num_tokens * hidden_size * vocab
     notes.append(f"matmul work: {flops / 1e9:.3g} GFLOP per fwd+bwd (3 matmuls); a chunked "

@@ -33,6 +33,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
+import math
 import os
 import sys
 import typing
@@ -226,6 +228,10 @@ def _resolve(file_values: dict, where: str, args: argparse.Namespace) -> tuple[s
     for flag in ("bf16", "fsdp"):
         if getattr(args, flag, False):
             run[flag] = True
+    # "reward" is two keys: a reward of the embedded task ("proxy", "gold": the RL trainer's
+    # key) or the user's reward for --data (a model directory or module:function)
+    if "reward" in types_by_key and run["reward"] in _embedded_rewards():
+        trainer_values["reward"], run["reward"] = run["reward"], None
     if "loss" in trainer_values:
         from pyalign.losses import PAIRWISE_NAMES, UNPAIRED_NAMES  # the loss registry
         kind, names = (("an unpaired", UNPAIRED_NAMES) if preset["loss"] in UNPAIRED_NAMES
@@ -263,6 +269,38 @@ def _resolve(file_values: dict, where: str, args: argparse.Namespace) -> tuple[s
         raise ConfigError(f"key 'batch_size' must be divisible by the number of ranks "
                           f"({world_size}), got {config.batch_size}")
     return algo, run, config
+
+
+def _embedded_rewards() -> tuple:
+    from pyalign.trainers.rl import REWARDS
+    return REWARDS
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return ("-" if value < 0 else "") + ("nan" if math.isnan(value) else "inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: the same escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) + "}"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def config_line(key: str, value) -> str:
+    """One resolved setting as a config-file line: TOML that load_config_file reads back to the
+    same value (an unset key, None, commented out: TOML has no null); ``lora`` as its spec text."""
+    if value is None:
+        return f"# {key} =   (not set)"
+    if key == "lora":
+        from pyalign.integrations.lora import format_lora_spec
+        value = format_lora_spec(value)
+    return f"{key} = {_toml_value(value)}"
 
 
 def _resolve_lora(spec, where: str) -> Optional[dict]:
@@ -504,11 +542,15 @@ def run_train(args: argparse.Namespace) -> int:
         from pyalign.study.point import run_point
         return run_point(algo, run, config)
     if getattr(args, "print_config", False):
-        print(f"# pyalign train --algo {algo}: the keys a config file may set, resolved")
-        for key, value in {**run, **dataclasses.asdict(config)}.items():
+        print(f"# pyalign train --algo {algo}: the keys a config file may set, resolved (TOML: "
+              f"save it and pass --config FILE)")
+        settings = {**run, **dataclasses.asdict(config)}
+        if run["reward"]:  # the user's reward (--data), not the embedded task's
+            settings["reward"] = run["reward"]
+        for key, value in settings.items():
             if key in ALGO_KEYS or key == "progress" or (key in ONLY_FOR and algo not in ONLY_FOR[key]):
                 continue
-            print(f"{key} = {value!r}")
+            print(config_line(key, value))
         return 0
     from pyalign.trainers.lock import LockHeld, RunLock, remove_stale_temporaries
     dist_ctx = init_distributed()

@@ -74,6 +74,11 @@ def parse_lora_spec(text) -> dict:
             "bias": bias}
 
 
+def format_lora_spec(spec: dict) -> str:
+    """The ``key=value`` text of a parsed spec (``parse_lora_spec`` reads it back the same)."""
+    return ",".join(f"{key}={spec[key]}" for key in ("r", *LORA_DEFAULTS))
+
+
 def lora_config(spec):
     """The peft ``LoraConfig`` (task CAUSAL_LM) of a spec."""
     try:
