@@ -4,8 +4,9 @@ per-token upstream gradient; with ``entropy=True`` also a random one for the ent
 backend, pyalign's cpu backend with a memory budget that keeps every token's logits for backward
 (3 matmuls instead of 4), the peers that run here (Liger-Kernel's
 LigerFusedLinearScaledCrossEntropyFunction, TRL's ChunkedLogProbFunction, Cut Cross-Entropy's
-``impl="torch_compile"``), and the floor: the three bare matmuls of forward and backward (into
-preallocated outputs; and as autograd runs them, each output allocated per call)."""
+``impl="torch_compile"``), and the floors: the three bare matmuls of forward and backward (into
+preallocated outputs; and as autograd runs them, each output allocated per call), and the four
+of the default path (its vocabulary slices, the forward matmul recomputed in backward)."""
 from __future__ import annotations
 
 import contextlib
@@ -25,6 +26,7 @@ from pyalign.bench.common import (
 )
 from pyalign.bench.harness import Candidate, Case, optional_module, ratio_columns, third_party_notes
 from pyalign.bench.logprobs import naive_token_logprobs
+from pyalign.eager.linear_logprobs import DEFAULT_CHUNK_BYTES
 
 # TRL's default vocabulary tile (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 TRL_CHUNK_SIZE = 32768
@@ -142,6 +144,31 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
         return logits @ plain_weight, logits.t() @ plain_hidden
     candidates.append(Candidate("the 3 bare matmuls, outputs allocated per call", floor_allocating,
                                 kind="floor", memory_need=need("allocating floor")))
+
+    # The floor of the default (memory-bounded, exact) path: its 4 matmuls, in its vocabulary
+    # slices of about DEFAULT_CHUNK_BYTES of logits (the forward's, then in backward the
+    # recompute and the two gradient matmuls), without the epilogue that turns logits into
+    # log-probs and gradients.
+    slice_width = max(1, min(vocab, DEFAULT_CHUNK_BYTES // logits_out.element_size() // num_tokens))
+
+    def floor_sliced_recompute():
+        buffer = plain_hidden.new_empty(num_tokens * slice_width)
+        grad_hidden = torch.empty_like(plain_hidden)
+        grad_weight = torch.empty_like(plain_weight)
+        for backward in (False, True):
+            for v0 in range(0, vocab, slice_width):
+                v1 = min(vocab, v0 + slice_width)
+                block = buffer[:num_tokens * (v1 - v0)].view(num_tokens, v1 - v0)
+                torch.mm(plain_hidden, plain_weight[v0:v1].t(), out=block)
+                if backward:
+                    if v0:
+                        grad_hidden.addmm_(block, plain_weight[v0:v1])
+                    else:
+                        torch.mm(block, plain_weight[v0:v1], out=grad_hidden)
+                    torch.mm(block.t(), plain_hidden, out=grad_weight[v0:v1])
+        return grad_hidden, grad_weight
+    candidates.append(Candidate(f"the 4 bare matmuls of the default path ({slice_width}-column "
+                                "slices, recompute)", floor_sliced_recompute, kind="floor"))
     notes += third_party_notes()
     flops = 3 * 2 * num_tokens * hidden_size * vocab
     notes.append(f"matmul work: {flops / 1e9:.3g} GFLOP per fwd+bwd (3 matmuls); a chunked "
