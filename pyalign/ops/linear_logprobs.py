@@ -288,15 +288,16 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     tokens' worth when given: an int >= 1, or None): both directions walk the vocabulary in
     slices of every token's logits, forward reducing them to row stats, backward recomputing them
     (4 matmuls of N x H x V: the floor for bounded memory with an arbitrary per-token upstream
-    gradient; measured 1.44x the 3 bare matmuls on a 2-core Xeon VM, benchmarks/README.md). Peak memory:
-    one slice plus the fp32 weight gradient every path returns.
+    gradient; on a 2-core Xeon VM 1.3-1.6x the time of the 3 bare matmuls at N = 2048, V = 32000,
+    1.4x at V = 128256: benchmarks/README.md). Peak memory: one slice plus the fp32 weight
+    gradient every path returns.
     ``memory_budget`` (bytes: an int >= 0, or None = 0) keeps the raw logits of the first
     ``memory_budget // (V * itemsize)`` tokens from forward to backward, where they become their
-    own gradient in place: those tokens cost 3 matmuls, not 4 (measured 1.19x the bare matmuls), and
-    their logits stay allocated
-    between forward and backward (N * V * itemsize bytes for all of them: 250 MiB at N = 2048,
-    V = 32000, fp32). Such a call supports one backward (a second one raises). With a softcap,
-    one more fp32 slice (two in backward) holds the transformed logits.
+    own gradient in place: those tokens cost 3 matmuls, not 4 (all tokens kept: 1.03-1.24x the
+    bare matmuls, 1.1x at V = 128256), and their logits stay allocated between forward and
+    backward (N * V * itemsize bytes for all of them: 250 MiB at N = 2048, V = 32000, fp32).
+    Such a call supports one backward (a second one raises). With a softcap, one more fp32 slice
+    (two in backward) holds the transformed logits.
 
     ``process_group`` (a torch.distributed ProcessGroup, or None): the vocab-parallel head of a
     tensor-parallel ``lm_head``. ``weight`` (and ``bias``) on each rank are that rank's rows of
