@@ -592,8 +592,10 @@ def run_train(args: argparse.Namespace) -> int:
         dist_ctx.close()
     if dist_ctx.is_main:
         if summary.get("metrics") and not summary.get("plot"):
-            print("pyalign train: note: no reward_vs_kl.png: this run has no gold or proxy reward "
-                  "(user data without --reward)", file=sys.stderr, flush=True)
+            why = ("no evaluation during training (eval_every = 0): the plot needs at least one "
+                   "besides the final one" if "gold_reward" in summary or "proxy_reward" in summary
+                   else "this run has no gold or proxy reward (user data without --reward)")
+            print(f"pyalign train: note: no reward_vs_kl.png: {why}", file=sys.stderr, flush=True)
         print(format_summary(summary), flush=True)
     return 0
 

@@ -33,7 +33,12 @@ CONFIGS["er-fsdp"] = dict(algo="elastic-reset", steps=4, batch_size=4, micro_bat
                           samples_per_prompt=2, er_reset_every=3, er_ema_decay=0.5, lr=0.01,
                           final_eval_batch_size=4, fsdp=True)
 CONFIGS["er-fsdp-resume"] = CONFIGS["er-fsdp"]
+# FSDP2 with a LoRA adapter on the frozen model (only the adapter trains, sharded with the rest):
+# the same loss curve as the 1-process LoRA run.
+CONFIGS["tr-dpo-fsdp-lora"] = dict(CONFIGS["tr-dpo"], fsdp=True, lora="r=4,alpha=8")
+ONE_PROCESS_ONLY = {"tr-dpo-lora": dict(CONFIGS["tr-dpo"], lora="r=4,alpha=8")}
 TRAIN_KEYS = {"tr-dpo": ("loss", "chosen_reward", "rejected_reward", "margin", "grad_norm"),
+              "tr-dpo-lora": ("loss", "chosen_reward", "rejected_reward", "margin", "grad_norm"),
               "tr-kto": ("loss", "kto_kl", "grad_norm"),
               "rloo": ("loss", "reward", "proxy_reward", "kl_penalty", "kl_coef", "grad_norm")}
 
@@ -52,13 +57,16 @@ def test_two_ranks_match_one(tmp_path, task_cache_dir, tiny_task):
                for name, values in CONFIGS.items()]
     _torchrun(tmp_path / "two", configs)
     from trainer_helpers import run_cli
+    for name, values in ONE_PROCESS_ONLY.items():
+        config = write_config(tmp_path / f"{name}.toml", task_cache_dir, **values)
+        assert run_cli("--config", config, "--out", tmp_path / "one" / name) == 0
     for name, config in zip(CONFIGS, configs):
         if name.startswith("er-fsdp"):
             continue
-        if name == "tr-dpo-fsdp":
-            one = read_records(tmp_path / "one" / "tr-dpo")
-            name = "tr-dpo"
-            two = read_records(tmp_path / "two" / "tr-dpo-fsdp")
+        if name in ("tr-dpo-fsdp", "tr-dpo-fsdp-lora"):  # against the 1-process run without FSDP
+            two = read_records(tmp_path / "two" / name)
+            name = name.replace("-fsdp", "")
+            one = read_records(tmp_path / "one" / name)
         else:
             assert run_cli("--config", config, "--out", tmp_path / "one" / name) == 0
             one = read_records(tmp_path / "one" / name)

@@ -64,6 +64,8 @@ def test_stale_lock_is_taken_over(tmp_path, task_cache_dir, capsys):
     assert run_cli("--config", config, "--steps", 1, "--out", out) == 0
     err = capsys.readouterr().err
     assert "stale" in err and str(dead.pid) in err
+    # the embedded task has a gold reward; the plot is missing for want of evaluations
+    assert "no reward_vs_kl.png: no evaluation during training (eval_every = 0)" in err
     assert not (out / ".lock").exists()
     assert (out / "checkpoints" / "step-000001.pt").exists()
 
