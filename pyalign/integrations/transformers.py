@@ -184,13 +184,13 @@ def _unwrap_peft(model):
     return model
 
 
-def _backbone(model):
+def backbone(model):
     """The decoder of a causal LM: ``base_model`` (the module named by base_model_prefix)."""
-    backbone = getattr(model, "base_model", None)
-    if backbone is None or backbone is model:
+    decoder = getattr(model, "base_model", None)
+    if decoder is None or decoder is model:
         raise UnsupportedHeadError(f"{type(model).__name__} exposes no decoder through base_model "
                                    f"(base_model_prefix={getattr(model, 'base_model_prefix', None)!r})")
-    return backbone
+    return decoder
 
 
 def _match_dtypes(hidden, weight, bias, cast_to_fp32: bool):
@@ -204,9 +204,12 @@ def _match_dtypes(hidden, weight, bias, cast_to_fp32: bool):
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def _score(model, hidden, labels, mask, *, temperature, outputs, backend, cast_to_fp32=False):
-    """Per-token outputs (``_OUTPUT_NAMES`` order) of ``hidden`` [B, T', H] against ``labels``
-    [B, T'] where ``mask``; only the masked-in positions reach the kernel."""
+def score_hidden(model, hidden, labels, mask, *, temperature, outputs, backend,
+                 cast_to_fp32=False):
+    """Per-token outputs (``_OUTPUT_NAMES`` order, None where not in ``outputs``) of the
+    causal LM ``model``'s head on ``hidden`` [B, T', H] against ``labels`` [B, T'] where ``mask``
+    (0 elsewhere); only the masked-in positions reach the kernel. The one place the head's
+    weight and options are read (causal_lm_logprobs, add_fused_lm_head, pyalign's trainers)."""
     options = head_options(model.config)
     weight, bias = head_weight(model)
     hidden = hidden.to(weight.device)
@@ -279,8 +282,8 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, *, labels: Optional[torch
 
     def fused_forward(*args, **kwargs):
         kwargs.pop("labels", None)  # peft's forward passes labels=None through
-        hidden = _backbone(inner)(*args, **kwargs).last_hidden_state[:, :-1]
-        return _score(inner, hidden, next_labels, mask, temperature=temperature, outputs=outputs,
+        hidden = backbone(inner)(*args, **kwargs).last_hidden_state[:, :-1]
+        return score_hidden(inner, hidden, next_labels, mask, temperature=temperature, outputs=outputs,
                       backend=backend)
 
     with _forward_replaced(inner, fused_forward):
@@ -327,14 +330,14 @@ def _patch_forward(model, *, temperature: float, cast_lm_head_to_fp32: bool,
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
         # Looked up on each call: FSDP and PEFT replace the decoder and the head after patching.
-        backbone_outputs = _backbone(self)(*args, **kwargs)
+        backbone_outputs = backbone(self)(*args, **kwargs)
         hidden = backbone_outputs.last_hidden_state
         if shift_labels is None:
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
         mask = labels != -100
-        log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = _score(
+        log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = score_hidden(
             self, hidden, labels, mask, temperature=temperature, outputs=outputs, backend=backend,
             cast_to_fp32=cast_lm_head_to_fp32)
         mask = mask.to(log_probs.device)

@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 
 import pyalign
-from pyalign.ops.preference import linear_log_sum_sq_probs, log_sum_sq_probs
+from pyalign.integrations import transformers as hf_head
+from pyalign.ops.preference import log_sum_sq_probs
 
 IGNORE_INDEX = -100
 
@@ -62,24 +63,34 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return get_base_model() if callable(get_base_model) else model
 
 
+def _fusable_head(causal_lm: torch.nn.Module) -> bool:
+    """Whether the fused head reproduces ``causal_lm``'s logits exactly (its config's head
+    options, a linear head, a decoder behind ``base_model``)."""
+    try:
+        hf_head.head_options(causal_lm.config)
+        hf_head.head_weight(causal_lm)
+        hf_head.backbone(causal_lm)
+    except (hf_head.UnsupportedHeadError, AttributeError):
+        return False
+    return True
+
+
 class ResponseScorer(torch.nn.Module):
     """Per-token log-probs (and entropies) of response tokens given prompts, via pyalign's ops.
 
     With ``fused_linear`` the logits are never materialised: the causal LM's last hidden state
-    and lm_head weight go to ``pyalign.linear_token_logprobs``. Wrapping this module (not the
-    bare model) in DDP/FSDP keeps the lm_head inside the wrapped forward.
+    and lm_head go to ``pyalign.linear_token_logprobs`` with the head's own soft-cap and logit
+    scale, read as pyalign.integrations.transformers reads them (Gemma 2/3, Cohere, Granite,
+    Falcon-H1, ...); a head it cannot reproduce exactly is scored from the model's logits
+    instead. Wrapping this module (not the bare model) in DDP/FSDP keeps the lm_head inside the
+    wrapped forward.
     """
 
     def __init__(self, model: torch.nn.Module, *, fused_linear: bool = True, backend: str = "auto",
                  temperature: float = 1.0, bf16: bool = False):
         super().__init__()
         self.model = model
-        config = getattr(model, "config", None)
-        capped = bool(getattr(config, "final_logit_softcapping", None)) or \
-            getattr(config, "logit_scale", None) not in (None, 1.0)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        self.fused_linear = bool(fused_linear and head is not None and not capped
-                                 and hasattr(model, "base_model") and model.base_model is not model)
+        self.fused_linear = bool(fused_linear) and _fusable_head(_causal_lm(model))
         self.backend = backend
         self.temperature = float(temperature)
         self.bf16 = bool(bf16)
@@ -101,17 +112,16 @@ class ResponseScorer(torch.nn.Module):
         labels = responses.masked_fill(~mask, IGNORE_INDEX)
         with self._autocast(input_ids.device):
             if self.fused_linear:
-                hidden = _causal_lm(self.model).base_model(**inputs, use_cache=False).last_hidden_state
+                causal_lm = _causal_lm(self.model)
+                hidden = causal_lm.base_model(**inputs, use_cache=False).last_hidden_state
                 hidden = hidden[:, start:start + responses.shape[1]]
-                head = self.model.get_output_embeddings()
-                weight = head.weight.to(hidden.dtype)
-                bias = getattr(head, "bias", None)
-                bias = bias.to(hidden.dtype) if bias is not None else None
-                out = pyalign.linear_token_logprobs(hidden, weight, labels, bias=bias,
-                                                    temperature=self.temperature, entropy=entropy,
-                                                    backend=self.backend)
-                if log_sum_sq:
-                    sum_sq = linear_log_sum_sq_probs(hidden, weight, bias, mask, self.temperature)
+                names = ("log_probs", *(("entropy",) if entropy else ()),
+                         *(("log_sum_sq_probs",) if log_sum_sq else ()))
+                scored = hf_head.score_hidden(causal_lm, hidden, labels, mask,
+                                              temperature=self.temperature, outputs=names,
+                                              backend=self.backend)
+                out = (scored[0], scored[1]) if entropy else scored[0]
+                sum_sq = scored[2]
             else:
                 logits = self.model(**inputs, use_cache=False).logits
                 logits = logits[:, start:start + responses.shape[1]]

@@ -85,6 +85,45 @@ def test_equals_the_models_own_logits_forward_and_gradients(arch, backend, token
     _assert_grads_close(model, reference, atol=5e-5)
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_trainers_response_scorer_fuses_every_head(arch, tokenizer):
+    """The trainers' ResponseScorer takes the fused head with the model's own soft-cap and scale
+    (Granite's logits_scaling was once left out of it) and equals the model's float64 logits:
+    log-probs, entropy, log sum p^2, and the gradients of per-token upstream gradients."""
+    from pyalign.trainers.scoring import ResponseScorer
+    model = build_tiny_model(arch, tokenizer).to(DEVICE)
+    reference = copy.deepcopy(model).double()
+    scorer = ResponseScorer(model, backend="auto", temperature=0.7)
+    assert scorer.fused_linear, arch
+    vocab = len(tokenizer)
+    prompts = torch.randint(3, vocab, (2, 4), device=DEVICE)
+    responses = torch.randint(3, vocab, (2, 5), device=DEVICE)
+    prompts[1, 0] = -100  # left padding of a prompt, right padding of a response
+    responses[1, 4] = -100
+    mask = responses >= 0
+    logprobs, entropy, log_sum_sq = scorer(prompts, responses, mask, entropy=True,
+                                           log_sum_sq=True)
+    want_logprobs = torch.zeros(2, 5, dtype=torch.float64, device=DEVICE)
+    want_entropy, want_sum_sq = torch.zeros_like(want_logprobs), torch.zeros_like(want_logprobs)
+    for row in range(2):
+        prompt, response = prompts[row][prompts[row] >= 0], responses[row][mask[row]]
+        ids = torch.cat([prompt, response])[None]
+        logits = reference(input_ids=ids).logits[0, len(prompt) - 1:-1] / 0.7
+        logp = logits.log_softmax(-1)
+        n = len(response)
+        want_logprobs[row, :n] = logp.gather(-1, response[:, None])[:, 0]
+        want_entropy[row, :n] = -(logp.exp() * logp).sum(-1)
+        want_sum_sq[row, :n] = torch.logsumexp(2 * logp, -1).detach()
+    torch.testing.assert_close(logprobs.double(), want_logprobs, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy.double(), want_entropy, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(log_sum_sq.double(), want_sum_sq, atol=2e-5, rtol=1e-5)
+    grad_logprobs = torch.randn(2, 5, device=DEVICE, dtype=torch.float64)
+    grad_entropy = torch.randn(2, 5, device=DEVICE, dtype=torch.float64)
+    ((logprobs * grad_logprobs.float()).sum() + (entropy * grad_entropy.float()).sum()).backward()
+    ((want_logprobs * grad_logprobs).sum() + (want_entropy * grad_entropy).sum()).backward()
+    _assert_grads_close(model, reference, atol=5e-5)
+
+
 def test_given_labels_and_ignore_index_and_no_entropy(tokenizer):
     model = build_tiny_model("llama", tokenizer).to(DEVICE)
     reference = copy.deepcopy(model)
