@@ -297,7 +297,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     bare matmuls, 1.1x at V = 128256), and their logits stay allocated between forward and
     backward (N * V * itemsize bytes for all of them: 250 MiB at N = 2048, V = 32000, fp32).
     Such a call supports one backward (a second one raises). With a softcap, one more fp32 slice
-    (two in backward) holds the transformed logits.
+    (two in backward) holds the transformed logits. On CPU under glibc, every large buffer a call
+    allocates comes back as fresh pages (~0.1x of the matmul time for the kept logits and the
+    weight gradient); an allocator that keeps freed pages (jemalloc, benchmarks/README.md) saves it.
 
     ``process_group`` (a torch.distributed ProcessGroup, or None): the vocab-parallel head of a
     tensor-parallel ``lm_head``. ``weight`` (and ``bias``) on each rank are that rank's rows of
