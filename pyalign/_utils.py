@@ -8,10 +8,13 @@
 - ``limited_threads``: run a block under a given intra-op thread count.
 - ``cache_root``: where pyalign caches builds and tasks.
 - ``atomic_write``: the one way pyalign writes a file that must never be seen half-written.
+- ``toml_value``: a value as TOML text (config files pyalign writes for itself and for users).
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import stat
 import tempfile
@@ -137,3 +140,21 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
     _fsync_dir(directory)
+
+
+def toml_value(value) -> str:
+    """``value`` (bool, int, float, str, list/tuple, dict) as TOML text that tomllib reads back
+    to the same value (a dict as an inline table; inf and nan as TOML writes them)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return ("-" if value < 0 else "") + ("nan" if math.isnan(value) else "inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string: the same escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} to TOML")

@@ -26,7 +26,7 @@ from pyalign.bench.common import (
 )
 from pyalign.bench.harness import Candidate, Case, optional_module, ratio_columns, third_party_notes
 from pyalign.bench.logprobs import naive_token_logprobs
-from pyalign.eager.linear_logprobs import DEFAULT_CHUNK_BYTES
+from pyalign.eager.linear_logprobs import slice_width as default_slice_width
 
 # TRL's default vocabulary tile (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 TRL_CHUNK_SIZE = 32768
@@ -146,10 +146,9 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
                                 kind="floor", memory_need=need("allocating floor")))
 
     # The floor of the default (memory-bounded, exact) path: its 4 matmuls, in its vocabulary
-    # slices of about DEFAULT_CHUNK_BYTES of logits (the forward's, then in backward the
-    # recompute and the two gradient matmuls), without the epilogue that turns logits into
-    # log-probs and gradients.
-    slice_width = max(1, min(vocab, DEFAULT_CHUNK_BYTES // logits_out.element_size() // num_tokens))
+    # slices (the forward's, then in backward the recompute and the two gradient matmuls),
+    # without the epilogue that turns logits into log-probs and gradients.
+    slice_width = default_slice_width(num_tokens, vocab)
 
     def floor_sliced_recompute():
         buffer = plain_hidden.new_empty(num_tokens * slice_width)

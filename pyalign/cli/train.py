@@ -33,13 +33,12 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
-import math
 import os
 import sys
 import typing
 from typing import Any, Optional
 
+from pyalign._utils import toml_value
 from pyalign.backends import CHOICES as BACKEND_CHOICES
 from pyalign.trainers.presets import (
     ALGO_KEYS,
@@ -230,7 +229,8 @@ def _resolve(file_values: dict, where: str, args: argparse.Namespace) -> tuple[s
             run[flag] = True
     # "reward" is two keys: a reward of the embedded task ("proxy", "gold": the RL trainer's
     # key) or the user's reward for --data (a model directory or module:function)
-    if "reward" in types_by_key and run["reward"] in _embedded_rewards():
+    from pyalign.trainers.rl import REWARDS  # the embedded task's
+    if "reward" in types_by_key and run["reward"] in REWARDS:
         trainer_values["reward"], run["reward"] = run["reward"], None
     if "loss" in trainer_values:
         from pyalign.losses import PAIRWISE_NAMES, UNPAIRED_NAMES  # the loss registry
@@ -271,27 +271,6 @@ def _resolve(file_values: dict, where: str, args: argparse.Namespace) -> tuple[s
     return algo, run, config
 
 
-def _embedded_rewards() -> tuple:
-    from pyalign.trainers.rl import REWARDS
-    return REWARDS
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return ("-" if value < 0 else "") + ("nan" if math.isnan(value) else "inf")
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string: the same escapes
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) + "}"
-    raise TypeError(f"no TOML form for {value!r}")
-
-
 def config_line(key: str, value) -> str:
     """One resolved setting as a config-file line: TOML that load_config_file reads back to the
     same value (an unset key, None, commented out: TOML has no null); ``lora`` as its spec text."""
@@ -300,7 +279,7 @@ def config_line(key: str, value) -> str:
     if key == "lora":
         from pyalign.integrations.lora import format_lora_spec
         value = format_lora_spec(value)
-    return f"{key} = {_toml_value(value)}"
+    return f"{key} = {toml_value(value)}"
 
 
 def _resolve_lora(spec, where: str) -> Optional[dict]:

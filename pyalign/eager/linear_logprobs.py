@@ -37,6 +37,13 @@ def default_chunk_rows(vocab: int, max_rows: int = 1024) -> int:
     return max(1, min(max_rows, DEFAULT_CHUNK_BYTES // (4 * max(1, vocab))))
 
 
+def slice_width(rows: int, vocab: int, chunk_size=None) -> int:
+    """Columns per vocabulary slice of ``rows`` tokens: as many logits as ``chunk_size`` rows of
+    the whole vocabulary would hold (default DEFAULT_CHUNK_BYTES of fp32)."""
+    elements = chunk_size * vocab if chunk_size else DEFAULT_CHUNK_BYTES // 4
+    return max(1, min(vocab, elements // max(1, rows)))
+
+
 def _effective_temperature(temperature, softcap, logit_scale):
     return temperature / logit_scale if softcap is None else temperature
 
@@ -65,12 +72,6 @@ def make_chunked_linear(logprobs_impl):
         if bias is not None:
             out += bias
         return out
-
-    def _slice_width(rows, vocab, chunk_size):
-        """Columns per vocabulary slice: as many logits as ``chunk_size`` rows of the whole
-        vocabulary would hold (default DEFAULT_CHUNK_BYTES of fp32)."""
-        elements = chunk_size * vocab if chunk_size else DEFAULT_CHUNK_BYTES // 4
-        return max(1, min(vocab, elements // max(1, rows)))
 
     def _walk_forward(raw_slice, labels, valid, vocab, width, temperature, with_entropy,
                       softcap, logit_scale, metrics, dtype, device):
@@ -169,7 +170,7 @@ def make_chunked_linear(logprobs_impl):
             # The kept rows are whole in memory already: one slice of the whole vocabulary, read
             # once, unless a softcap or a metric needs an fp32 temporary of the slice's size.
             whole = lo < keep_rows and softcap is None and not any(metrics)
-            width = vocab if whole else _slice_width(hi - lo, vocab, chunk_size)
+            width = vocab if whole else slice_width(hi - lo, vocab, chunk_size)
             if lo < keep_rows:
                 def raw_slice(v0, v1):
                     return kept[:, v0:v1]
@@ -268,7 +269,7 @@ def make_chunked_linear(logprobs_impl):
             del grad
         rest = num_rows - keep_rows
         if rest > 0:
-            width = _slice_width(rest, vocab, chunk_size)
+            width = slice_width(rest, vocab, chunk_size)
             rest_hidden = masked_hidden[keep_rows:]
             rest_grad_hidden = grad_hidden[keep_rows:]
             buffer = torch.empty(rest * width, dtype=hidden.dtype, device=device)

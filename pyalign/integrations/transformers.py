@@ -193,6 +193,14 @@ def backbone(model):
     return decoder
 
 
+def check_head(model) -> None:
+    """Raise UnsupportedHeadError unless the fused head reproduces the causal LM ``model``'s
+    logits exactly (its config's head options, a linear head, a decoder behind base_model)."""
+    head_options(model.config)
+    head_weight(model)
+    backbone(model)
+
+
 def _match_dtypes(hidden, weight, bias, cast_to_fp32: bool):
     """hidden, weight and bias in one dtype, as the model's own head matmul would run them."""
     if cast_to_fp32:
@@ -276,8 +284,7 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, *, labels: Optional[torch
     next_labels = labels[:, 1:]
     mask = next_labels != ignore_index
     inner = _unwrap_peft(model)
-    head_options(inner.config)  # refuse an unsupported head before the decoder runs
-    head_weight(inner)
+    check_head(inner)  # refuse an unsupported head before the decoder runs
     outputs = ("log_probs", "entropy") if entropy else ("log_probs",)
 
     def fused_forward(*args, **kwargs):

@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Optional
 
-from pyalign._utils import atomic_write
+from pyalign._utils import atomic_write, toml_value
 from pyalign.study.grid import Grid, GridError, Point, parse_grid, train_config
 from pyalign.study.point import DONE_NAME, is_done, read_rows
 
@@ -33,21 +33,9 @@ METRICS = ("kl_to_init", "kl_to_init_se", "kl_to_ref", "sqrt_kl", "gold_reward",
            "gold_win_rate", "proxy_reward", "response_length", "perplexity")
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} to TOML")
-
-
 def to_toml(values: dict) -> str:
-    flat = [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict) and v is not None]
-    tables = [f"\n[{k}]\n" + "".join(f"{kk} = {_toml_value(vv)}\n" for kk, vv in v.items() if vv is not None)
+    flat = [f"{k} = {toml_value(v)}" for k, v in values.items() if not isinstance(v, dict) and v is not None]
+    tables = [f"\n[{k}]\n" + "".join(f"{kk} = {toml_value(vv)}\n" for kk, vv in v.items() if vv is not None)
               for k, v in values.items() if isinstance(v, dict)]
     return "\n".join(flat) + "\n" + "".join(tables)
 

@@ -64,12 +64,10 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _fusable_head(causal_lm: torch.nn.Module) -> bool:
-    """Whether the fused head reproduces ``causal_lm``'s logits exactly (its config's head
-    options, a linear head, a decoder behind ``base_model``)."""
+    """Whether the fused head reproduces ``causal_lm``'s logits exactly (``check_head``); a
+    module without a config or an output head is not a causal LM the head can fuse."""
     try:
-        hf_head.head_options(causal_lm.config)
-        hf_head.head_weight(causal_lm)
-        hf_head.backbone(causal_lm)
+        hf_head.check_head(causal_lm)
     except (hf_head.UnsupportedHeadError, AttributeError):
         return False
     return True
@@ -113,7 +111,7 @@ class ResponseScorer(torch.nn.Module):
         with self._autocast(input_ids.device):
             if self.fused_linear:
                 causal_lm = _causal_lm(self.model)
-                hidden = causal_lm.base_model(**inputs, use_cache=False).last_hidden_state
+                hidden = hf_head.backbone(causal_lm)(**inputs, use_cache=False).last_hidden_state
                 hidden = hidden[:, start:start + responses.shape[1]]
                 names = ("log_probs", *(("entropy",) if entropy else ()),
                          *(("log_sum_sq_probs",) if log_sum_sq else ()))

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from hf_models import sample_text, save_tiny_model, train_tokenizer
+from pyalign._utils import toml_value
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -75,12 +76,6 @@ def unpaired_rows(n=12, seed=1):
     rng = random.Random(seed)
     return [{"prompt": sample_text(rng, 3), "completion": " " + sample_text(rng, rng.randint(1, 4)),
              "label": i % 3 != 0} for i in range(n)]
-
-
-def toml_value(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 def write_config(path, **values):

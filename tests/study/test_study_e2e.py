@@ -105,7 +105,7 @@ def test_emit_configs_then_train_each_then_aggregate_equals_the_pool_run(pool_ru
 
 @pytest.mark.slow
 def test_ray_launcher_on_a_local_ray_instance_equals_the_pool_run(pool_run, tiny_grid, study_env, tmp_path):
-    pytest.importorskip("ray")
+    pytest.importorskip("ray", reason="ray is not installed (the [test] extra installs it)")
     out = str(tmp_path / "ray")
     result = run_study_cli(["--grid", tiny_grid, "--out", out, "--launcher", "ray", "--workers", "2"],
                            study_env, timeout=600)

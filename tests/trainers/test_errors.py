@@ -7,6 +7,7 @@ import pytest
 import torch
 from trainer_helpers import run_cli, write_config
 
+from pyalign._utils import toml_value
 from pyalign.trainers import CheckpointError, load_checkpoint, save_checkpoint
 from pyalign.trainers.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 
@@ -208,15 +209,6 @@ BAD_VALUES = [
 ]
 
 
-def _toml(value):
-    if value != value:
-        return "nan"
-    if value in (INF, -INF):
-        return "inf" if value > 0 else "-inf"
-    from trainer_helpers import toml_value
-    return toml_value(value)
-
-
 @pytest.mark.parametrize("algo, values, task, flags, key, shown", BAD_VALUES,
                          ids=[f"{row[4]}={row[5]}" for row in BAD_VALUES])
 def test_bad_values_are_one_line_before_any_work(tmp_path, capsys, algo, values, task, flags, key, shown):
@@ -226,8 +218,8 @@ def test_bad_values_are_one_line_before_any_work(tmp_path, capsys, algo, values,
              "num_examples = 8"] if algo not in ("rloo", "elastic-reset") else \
         [f'task_cache_dir = "{cache}"', f'algo = "{algo}"']
     lines = [line for line in lines if line.split(" = ")[0] not in values]
-    lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
-    lines += ["[task]"] + [f"{k} = {_toml(v)}" for k, v in {**TINY_TASK, **task}.items()]
+    lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    lines += ["[task]"] + [f"{k} = {toml_value(v)}" for k, v in {**TINY_TASK, **task}.items()]
     config = _write(tmp_path / "bad.toml", "\n".join(lines) + "\n")
     capsys.readouterr()
     assert run_cli("--config", config, "--out", tmp_path / "out", *flags) == 2

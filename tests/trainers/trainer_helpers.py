@@ -2,6 +2,8 @@
 import json
 import os
 
+from pyalign._utils import toml_value
+
 # A task small enough to build in seconds: the trainers' behaviour, not the task's quality, is
 # under test here (tests/test_tasks.py covers the default task).
 TINY_TASK = {"prompt_len": 4, "response_len": 6, "hidden_size": 32, "num_layers": 2,
@@ -9,14 +11,6 @@ TINY_TASK = {"prompt_len": 4, "response_len": 6, "hidden_size": 32, "num_layers"
              "rm_pairs": 200}
 # Metrics that measure wall-clock time, not the computation.
 TIMING_KEYS = ("tokens_per_s", "step_time_s")
-
-
-def toml_value(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return repr(value)
 
 
 def write_config(path, task_cache_dir, **values):
