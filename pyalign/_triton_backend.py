@@ -1,4 +1,4 @@
-"""Registers the Triton kernels (kernels/, installed as pyalign.kernels) in the backend table.
+"""Registers the Triton kernels (pyalign/kernels/) in the backend table.
 
 Imported by pyalign/backends.py at import time. Nothing here imports triton: each loader does,
 on first use, so a machine without triton imports pyalign fine and the op falls back (the

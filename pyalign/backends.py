@@ -1,7 +1,7 @@
 """Which backend runs an op: a table of (op family, backend) -> implementation.
 
 Backends are records in ``TABLE`` (name, device types, the module that registers them):
-``triton`` (kernels/, CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``), ``cuda`` and
+``triton`` (pyalign/kernels/, CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``), ``cuda`` and
 ``cpu`` (csrc/, JIT-built on first use, registered by pyalign/_cpp_backend.py) and ``eager``
 (pyalign/eager/, always there). ``BACKENDS``, ``CHOICES``, ``AUTO_ORDER`` and the device checks
 derive from the table. ``backend="auto"`` takes the first available entry of ``AUTO_ORDER`` for

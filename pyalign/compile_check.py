@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90, with no GPU needed.
 
-Each kernel module in kernels/ lists, in ``compile_configs()``, every (kernel, dtype signature,
+Each kernel module in pyalign/kernels/ lists, in ``compile_configs()``, every (kernel, dtype signature,
 constexprs, num_warps) its launch wrappers can pick. For each of them and each target this
 module runs ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` and reads the
 resources of the result:

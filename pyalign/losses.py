@@ -21,7 +21,7 @@ on its ratios: sigmoid_norm and aot are the sigmoid branch on other inputs) and
 
 Everything else derives from here: ``pyalign.ops.preference.LOSS_NAMES`` (validation), the
 trainers' ``PAIRWISE_LOSSES``/``LOSSES`` and the CLI's choices, ``LOSS_IDS`` of
-kernels/preference.py (checked against the kernel's branches by ``kernel_ids``), the eager
+pyalign/kernels/preference.py (checked against the kernel's branches by ``kernel_ids``), the eager
 backend's ``pair_losses``/``pair_loss_ratio_grads``, and the tests' parametrization.
 
 Numerics: the forwards and gradients are written to stay finite wherever the value is finite,
@@ -58,7 +58,7 @@ class Loss:
     uses_label_smoothing: bool = False
     zero_smoothing_substitute: Optional[float] = None  # the eps used for label_smoothing = 0
     pairwise: bool = True  # False: not a preference_loss name (kto: unpaired examples)
-    kernel_id: Optional[int] = None  # branch of kernels/preference.py; None: eager only
+    kernel_id: Optional[int] = None  # branch of pyalign/kernels/preference.py; None: eager only
     uses_kl_reference: bool = False  # unpaired: the loss needs KTO's KL reference point z0
     f_divergence: bool = False  # runs on f-divergence scores: accepts f_divergence != reverse_kl
     length_normalized: str = "never"  # "always" | "when_given": scores / completion token counts
@@ -547,7 +547,7 @@ class PolicyLoss:
     normalisation: str  # a key of POLICY_NORMALISATIONS
     ratio: str = "argument"  # "argument": importance_sampling_level; "sequence_sum": RLOO's
     clip_metric: Optional[str] = "ppo"  # "ppo", "cispo" or None (the clip-fraction metrics)
-    kernel_id: int = 0  # the policy-term branch of kernels/policy.py and csrc/cpu/policy.cpp
+    kernel_id: int = 0  # the policy-term branch of pyalign/kernels/policy.py and csrc/cpu/policy.cpp
 
     @property
     def equation(self) -> str:

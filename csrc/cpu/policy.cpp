@@ -1,5 +1,5 @@
 // Policy-gradient losses (the registry's policy terms, pyalign/losses.py) fused with the per-token
-// KL and entropy terms and the masked row reductions, CPU backend. Same math as kernels/policy.py:
+// KL and entropy terms and the masked row reductions, CPU backend. Same math as pyalign/kernels/policy.py:
 // per row, pass 1 gives the token count n, the log-ratio sum (the ratio level's) and vespo's
 // clamped sum; the forward's next passes (policy term, KL, entropy) write the row's 12 reduction
 // pieces (POLICY_ROW_STATS); the backward adds, for sequence-level ratios, the row sum R_b =

@@ -2,7 +2,7 @@
 registry's policy terms (pyalign/losses.py): ``forward`` returns the per-row reduction pieces
 (``losses.POLICY_ROW_STATS``), ``backward`` the per-token gradient for given per-row token
 weights. fp32 math (fp64 for fp64 inputs); masked positions are selected away, so NaN there never
-leaks. The oracle-grade reference of the kernels in kernels/policy.py and csrc/cpu/policy.cpp.
+leaks. The oracle-grade reference of the kernels in pyalign/kernels/policy.py and csrc/cpu/policy.cpp.
 """
 from __future__ import annotations
 
