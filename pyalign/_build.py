@@ -22,9 +22,10 @@ A missing compiler or a failed build raises, and the backend table falls back to
 warning. ``PYALIGN_DISABLE_EXT=1`` makes the extension unavailable (tests of the fallback).
 ``build_status()`` and ``describe()`` report all of this for ``pyalign doctor``.
 
-Compiler flags: ``-O3 -march=native``. The build runs on the user's own machine at first use, so
-targeting the host CPU is safe (a cache built on one CPU model is keyed by that model's name and
-never reused on another); it lets the ``omp simd`` loops use AVX2/AVX-512.
+Compiler flags: ``-O3 -march=native -fno-trapping-math``. The build runs on the user's own
+machine at first use, so targeting the host CPU is safe (a cache built on one CPU model is keyed
+by that model's name and never reused on another); it lets the ``omp simd`` loops use
+AVX2/AVX-512. ``-fno-trapping-math`` is what lets them vectorize at all (see CPU_CFLAGS).
 """
 from __future__ import annotations
 
@@ -66,7 +67,12 @@ VERBOSE_ENV = "PYALIGN_BUILD_VERBOSE"
 
 # -fopenmp: at::parallel_for is an inline `omp parallel` region that must be compiled with
 # OpenMP to run on several threads; it resolves against the libgomp torch already loaded.
-CPU_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"]
+# -fno-trapping-math: without it g++ 12 keeps every loop with a float compare-and-select (the
+# clamps of exp_nonpositive, the max of a row) scalar, since a compare of a NaN may raise the
+# "invalid" flag and it will not evaluate one speculatively on all lanes. Nothing here reads the
+# FP exception flags, and values are unchanged (IEEE results, NaN and inf as before; unlike
+# -ffast-math). Measured: the exp-sum loop of a [2048, 32000] row set 410 -> 44 ms, one thread.
+CPU_CFLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-DNDEBUG"]
 CPU_LDFLAGS = ["-fopenmp"]
 CUDA_CFLAGS = ["-O3", "-DNDEBUG", "-std=c++17"]
 LOCK_NAME = "pyalign.lock"

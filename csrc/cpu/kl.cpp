@@ -30,8 +30,10 @@ Estimator parse_estimator(const std::string& name) {
   return Estimator::kK3;
 }
 
+// Forced inline (PYALIGN_HD), like the math they call: a plain `inline` left them as one call per
+// element, which kept the loops below scalar.
 template <Estimator kEstimator>
-inline float kl_value(float diff) {
+PYALIGN_HD float kl_value(float diff) {
   if constexpr (kEstimator == Estimator::kK1) return -diff;
   else if constexpr (kEstimator == Estimator::kK2) return 0.5f * diff * diff;
   else return k3_value(diff);
@@ -39,7 +41,7 @@ inline float kl_value(float diff) {
 
 // d kl / d d, the derivative with respect to d = ref_logp - logp.
 template <Estimator kEstimator>
-inline float kl_slope(float diff) {
+PYALIGN_HD float kl_slope(float diff) {
   if constexpr (kEstimator == Estimator::kK1) return -1.0f;
   else if constexpr (kEstimator == Estimator::kK2) return diff;
   else return expm1_value(diff);

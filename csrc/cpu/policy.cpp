@@ -33,9 +33,6 @@ constexpr int kNumStats = 12;  // len(pyalign.losses.POLICY_ROW_STATS), in that 
 constexpr float kVespoClamp = 20.0f;
 constexpr float kVespoMinLogWeight = -18.420680743952367f;  // log(1e-8)
 
-// Everything a row loop calls is inlined, so the loops stay branch-free and vectorize.
-#define PYALIGN_POLICY_INLINE inline __attribute__((always_inline))
-
 struct Params {
   float eps_low, eps_high, delta, tau_pos, tau_neg, k_pos, lam_pos, k_neg, lam_neg;
 };
@@ -45,13 +42,13 @@ struct Term {
   float value, d_ratio, direct, low, high;
 };
 
-PYALIGN_POLICY_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_any(-x)); }
+PYALIGN_HD float sigmoid(float x) { return 1.0f / (1.0f + exp_any(-x)); }
 
 // The policy term of branch kTerm (kernel ids of pyalign/losses.py): value P, dP/dw, D = dP/dlogp
 // at fixed w, and the clip flags as TRL counts them. Selects only (no branches, no libm), so the
 // row loops below vectorize.
 template <int kTerm>
-PYALIGN_POLICY_INLINE Term policy_term(float w, float adv, float logp, float vespo_log_w, const Params& p) {
+PYALIGN_HD Term policy_term(float w, float adv, float logp, float vespo_log_w, const Params& p) {
   Term t{0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   if constexpr (kTerm == 0) {  // PPO clip
     const float lo = 1.0f - p.eps_low, hi = 1.0f + p.eps_high;
@@ -91,12 +88,12 @@ PYALIGN_POLICY_INLINE Term policy_term(float w, float adv, float logp, float ves
 }
 
 // kl at the sampled token and its slope d kl / d logp, d = ref_logp - logp.
-PYALIGN_POLICY_INLINE float kl_value(float logp, float ref, int estimator) {
+PYALIGN_HD float kl_value(float logp, float ref, int estimator) {
   const float diff = ref - logp;
   return estimator == 1 ? -diff : (estimator == 2 ? 0.5f * diff * diff : k3_value(diff));
 }
 
-PYALIGN_POLICY_INLINE float kl_slope(float logp, float ref, int estimator) {
+PYALIGN_HD float kl_slope(float logp, float ref, int estimator) {
   const float diff = ref - logp;
   return estimator == 1 ? 1.0f : (estimator == 2 ? -diff : -expm1_value(diff));
 }
@@ -143,7 +140,7 @@ RowRatio row_ratio(const Inputs& in, int64_t row) {
 
 // The ratio at one token: exp(l) per token, or the row's.
 template <bool kTokenLevel>
-PYALIGN_POLICY_INLINE float ratio_at(bool keep, float logp, float old, float row_ratio) {
+PYALIGN_HD float ratio_at(bool keep, float logp, float old, float row_ratio) {
   if constexpr (kTokenLevel) {
     return exp_any(keep ? logp - old : 0.0f);
   } else {
@@ -160,7 +157,7 @@ struct TokenTerm {
 };
 
 template <int kTerm, bool kTokenLevel>
-PYALIGN_POLICY_INLINE TokenTerm token_term(const uint8_t* mask, const uint8_t* emask,
+PYALIGN_HD TokenTerm token_term(const uint8_t* mask, const uint8_t* emask,
                                            const float* lp, const float* old, const float* adv,
                                            int64_t t, const RowRatio& r, const Params& params) {
   const bool keep = mask[t] != 0, kept = keep & (emask[t] != 0);
