@@ -6,6 +6,7 @@
     pyalign.lerp_(ref_model, policy_model, 0.6)                            # TR-DPO soft update
 """
 from pyalign import backends
+from pyalign._workspace import empty_cache
 from pyalign.ops import (
     KTOLossOutput,
     PolicyLossOutput,
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = ["token_logprobs", "linear_token_logprobs", "kl_penalty", "preference_loss", "kto_loss",
            "linear_preference_loss", "token_preference_loss", "linear_kto_loss", "sequence_logprobs",
            "PreferenceLossOutput", "KTOLossOutput", "policy_loss", "linear_policy_loss", "PolicyLossOutput",
-           "ema_", "lerp_", "copy_", "backends", "refmodel", "__version__"]
+           "ema_", "lerp_", "copy_", "empty_cache", "backends", "refmodel", "__version__"]
 
 
 def __getattr__(name):

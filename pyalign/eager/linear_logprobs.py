@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
+from pyalign import _workspace
 from pyalign._utils import accumulation_dtype
 from pyalign.eager import logprobs as _eager_logprobs
 
@@ -160,7 +161,8 @@ def make_chunked_linear(logprobs_impl):
         entropy = torch.empty(num_rows if with_entropy else 0, dtype=acc, device=device)
         metric_out = [torch.empty(num_rows if want else 0, dtype=dtype, device=device)
                       for want, dtype in zip(metrics, (acc, acc, torch.bool), strict=True)]
-        kept = torch.empty(keep_rows, vocab, dtype=hidden.dtype, device=device)
+        # from the workspace cache: on CPU a fresh [keep_rows, V] buffer would fault in every page
+        kept = _workspace.take(keep_rows, vocab, hidden.dtype, device)
         if keep_rows > 0:
             _raw_logits(hidden[:keep_rows], weight, bias, kept)
         valid = labels != ignore_index
@@ -267,6 +269,7 @@ def make_chunked_linear(logprobs_impl):
             if grad_bias is not None:
                 torch.sum(grad, 0, dtype=acc, out=grad_bias)
             del grad
+            _workspace.give_back(kept)  # used up: the next call's kept logits reuse its pages
         rest = num_rows - keep_rows
         if rest > 0:
             width = slice_width(rest, vocab, chunk_size)

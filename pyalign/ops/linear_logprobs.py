@@ -288,18 +288,19 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     tokens' worth when given: an int >= 1, or None): both directions walk the vocabulary in
     slices of every token's logits, forward reducing them to row stats, backward recomputing them
     (4 matmuls of N x H x V: the floor for bounded memory with an arbitrary per-token upstream
-    gradient; on a 2-core Xeon VM 1.3-1.6x the time of the 3 bare matmuls at N = 2048, V = 32000,
-    1.4x at V = 128256: benchmarks/README.md). Peak memory: one slice plus the fp32 weight
+    gradient; on 2-core VMs 1.3-1.6x the time of the 3 bare matmuls at N = 2048, V = 32000,
+    1.4-1.55x at V = 128256: benchmarks/README.md). Peak memory: one slice plus the fp32 weight
     gradient every path returns.
     ``memory_budget`` (bytes: an int >= 0, or None = 0) keeps the raw logits of the first
     ``memory_budget // (V * itemsize)`` tokens from forward to backward, where they become their
-    own gradient in place: those tokens cost 3 matmuls, not 4 (all tokens kept: 1.03-1.24x the
-    bare matmuls, 1.1x at V = 128256), and their logits stay allocated between forward and
+    own gradient in place: those tokens cost 3 matmuls, not 4 (all tokens kept: 1.0-1.2x the
+    bare matmuls, 0.96-1.1x at V = 128256), and their logits stay allocated between forward and
     backward (N * V * itemsize bytes for all of them: 250 MiB at N = 2048, V = 32000, fp32).
-    Such a call supports one backward (a second one raises). With a softcap, one more fp32 slice
-    (two in backward) holds the transformed logits. On CPU under glibc, every large buffer a call
-    allocates comes back as fresh pages (~0.1x of the matmul time for the kept logits and the
-    weight gradient); an allocator that keeps freed pages (jemalloc, benchmarks/README.md) saves it.
+    Such a call supports one backward (a second one raises), and a call without one to come
+    (no_grad, or no input requiring grad) keeps nothing. With a softcap, one more fp32 slice (two
+    in backward) holds the transformed logits. On CPU the kept logits' buffer, once the backward
+    has used it, stays cached for the next call (a fresh one would fault in every page: ~5% of
+    the matmul time at V = 32000); ``pyalign.empty_cache()`` frees it.
 
     ``process_group`` (a torch.distributed ProcessGroup, or None): the vocab-parallel head of a
     tensor-parallel ``lm_head``. ``weight`` (and ``bias``) on each rank are that rank's rows of
@@ -360,10 +361,13 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     shard = shard_checks.shard(weight, hidden, labels, ignore_index)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     labels_1d = labels.reshape(-1).to(torch.int64)
-    # The fused Triton kernels keep no logits: the budget is for the chunked backends.
+    # The fused Triton kernels keep no logits: the budget is for the chunked backends, and only
+    # for a call with a backward to come (without one the kept logits would be dead weight).
     fused = backend == "triton" or (backend == "auto" and hidden.device.type == "cuda")
-    keep = 0 if fused else kept_rows(memory_budget, hidden_2d.shape[0], weight.shape[0],
-                                     hidden.element_size())
+    differentiable = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    keep = 0 if fused or not differentiable else kept_rows(
+        memory_budget, hidden_2d.shape[0], weight.shape[0], hidden.element_size())
     if shard is None:
         logprobs, entropy_out, log_sum_sq, mean, top1 = LinearTokenLogprobsFunction.apply(
             hidden_2d, weight, bias, labels_1d, ignore_index, temperature, entropy, chunk_size or 0,

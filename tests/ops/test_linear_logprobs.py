@@ -621,6 +621,67 @@ def test_memory_budget_allows_one_backward(backend):
         logprobs.sum().backward()
 
 
+def _check_against_oracle(leaves, bias_leaf, labels, upstream, outputs, temperature):
+    """Values and gradients of one budget-path call against float64 (oracle above)."""
+    hidden, weight = (leaf.detach() for leaf in leaves)
+    logprobs64, entropy64_, grads64_ = oracle(hidden, weight, bias_leaf.detach(), labels,
+                                              *upstream, temperature)
+    torch.testing.assert_close(outputs[0].double(), logprobs64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[1].double(), entropy64_, rtol=1e-5, atol=1e-5)
+    for leaf, expected in zip([*leaves, bias_leaf], grads64_, strict=True):
+        assert relative_error(leaf.grad, expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_memory_budget_buffer_is_reused_across_calls_and_graphs(backend):
+    """On CPU the kept logits' buffer is cached from one call's backward to the next call
+    (pyalign/_workspace.py). Calls that shrink and grow it, a cached buffer NaN-poisoned before
+    reuse, and two graphs alive at once (each must hold its own buffer) all match float64."""
+    from pyalign import _workspace
+
+    vocab, hidden_size, temperature = 300, 16, 0.9
+    pyalign.empty_cache()
+
+    def start(tokens):
+        hidden, weight, bias, labels = random_case((tokens,), hidden_size, vocab, torch.float32,
+                                                   True)
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+        bias_leaf = bias.clone().requires_grad_(True)
+        outputs = pyalign.linear_token_logprobs(*leaves, labels, bias=bias_leaf, entropy=True,
+                                                temperature=temperature,
+                                                memory_budget=tokens * vocab * 4, backend=backend)
+        upstream = (torch.randn(tokens), torch.randn(tokens))
+        return leaves, bias_leaf, labels, upstream, outputs
+
+    def finish(call):
+        leaves, bias_leaf, labels, upstream, outputs = call
+        torch.autograd.backward(list(outputs), list(upstream))
+        _check_against_oracle(leaves, bias_leaf, labels, upstream, outputs, temperature)
+
+    for tokens in (40, 12, 40, 64):  # shrinks (a view of the cached buffer), then grows past it
+        call = start(tokens)
+        if ON_CPU:
+            assert _workspace.cached_bytes() == 0  # the call holds the buffer
+        finish(call)
+        if ON_CPU:
+            assert _workspace.cached_bytes() >= tokens * vocab * 4
+            for flat in _workspace._free.values():
+                flat.fill_(float("nan"))  # every element must be rewritten before it is read
+    first, second = start(40), start(40)  # two graphs alive: two buffers
+    finish(second)
+    finish(first)
+    if ON_CPU:
+        with torch.no_grad():  # no backward to come: nothing is kept, the cache is left alone
+            held = _workspace.cached_bytes()
+            pyalign.linear_token_logprobs(torch.randn(8, hidden_size),
+                                          torch.randn(vocab, hidden_size),
+                                          torch.randint(0, vocab, (8,)), memory_budget=1 << 30,
+                                          backend=backend)
+            assert _workspace.cached_bytes() == held
+        pyalign.empty_cache()
+        assert _workspace.cached_bytes() == 0
+
+
 def test_memory_budget_path_holds_the_kept_logits_and_little_else():
     """The budget path holds the kept [N, V] logits (here all of them) and about one chunk more;
     the default path stays under a few chunks (the test above); both far below eager."""
@@ -639,6 +700,7 @@ def test_memory_budget_path_holds_the_kept_logits_and_little_else():
             pyalign.linear_token_logprobs(hidden, weight, labels, backend=backend).sum().backward()
 
         hidden.grad = weight.grad = None
+        pyalign.empty_cache()  # a buffer cached by an earlier call would hide the kept logits
         budget_peak = peak_allocated_bytes(budget)
         hidden.grad = weight.grad = None
         default_peak = peak_allocated_bytes(default)
