@@ -72,12 +72,8 @@ def _libraries(cache: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.glob("cpu-*/*.so")}
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """Two checkouts with identical csrc/ start their first build at the same time."""
-    if _build.compiler() is None:
-        pytest.skip("no C++ compiler on PATH: the CPU extension cannot be built here")
-    root = tmp_path_factory.mktemp("cppcache")
+def _first_builds(root: Path) -> dict:
+    """Two checkouts with identical csrc/ start their first build at the same time, in root."""
     tmpdir = root / "tmp"
     tmpdir.mkdir()
     cache = tmpdir / f"pyalign-cache-{os.getuid()}"  # also the per-user fallback of TMPDIR=tmpdir
@@ -88,8 +84,35 @@ def built(tmp_path_factory):
     env = {"PYALIGN_CACHE_DIR": str(cache), "TMPDIR": str(tmpdir)}
     procs = [_run([checkout], **env) for checkout in checkouts]
     results = [_finish(proc) for proc in procs]
-    return SimpleNamespace(root=root, tmpdir=tmpdir, cache=cache, checkouts=checkouts, env=env,
-                           results=results, libraries=_libraries(cache))
+    return dict(root=str(root), tmpdir=str(tmpdir), cache=str(cache),
+                checkouts=[str(c) for c in checkouts], env=env, results=results)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The first builds, done once per test run: pytest-xdist workers share the base temp
+    directory's parent, and the first worker here builds (about two minutes) while another one
+    waits on the lock and reuses its result. Later tests only load from that cache."""
+    if _build.compiler() is None:
+        pytest.skip("no C++ compiler on PATH: the CPU extension cannot be built here")
+    from filelock import FileLock  # a torch dependency
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # common to every worker of this run
+    record = shared / "cppcache-first-builds.json"
+    with FileLock(str(shared / "cppcache-first-builds.lock")):
+        if record.exists():
+            state = json.loads(record.read_text())
+        else:
+            root = shared / "cppcache"
+            root.mkdir()
+            state = _first_builds(root)
+            record.write_text(json.dumps(state))
+    cache = Path(state["cache"])
+    return SimpleNamespace(root=Path(state["root"]), tmpdir=Path(state["tmpdir"]), cache=cache,
+                           checkouts=[Path(c) for c in state["checkouts"]], env=state["env"],
+                           results=state["results"], libraries=_libraries(cache))
 
 
 def test_concurrent_first_builds_compile_once_and_say_so_in_one_line(built):
