@@ -37,6 +37,12 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def gradients_wanted(*tensors) -> bool:
+    """Whether a backward can reach any of ``tensors`` (None allowed): grad mode on and one of
+    them requiring grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def canonical_param_name(name: str) -> str:
     """``name`` without the wrapper components (``module.``, ``_orig_mod.``)."""
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_PREFIXES)

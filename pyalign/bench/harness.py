@@ -35,7 +35,6 @@ from typing import Callable, Optional
 import torch
 
 import pyalign
-from pyalign import _workspace
 from pyalign._utils import atomic_write
 
 MIB = 1 << 20
@@ -239,7 +238,7 @@ def run_case(case: Case, device: torch.device, *, warmup: int = 1, reps: int = 3
                 if call == calls - 1 and measure_memory:
                     gc.collect()
                     # buffers pyalign caches between calls are allocated inside the probe
-                    _workspace.empty_cache()
+                    pyalign.empty_cache()
                     row.peak_extra_mib = peak_extra_bytes(candidate.run, device) / MIB
                     continue
                 begin = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Triton kernels for pyalign, one module per op family (installed as ``pyalign.kernels``).
+"""Triton kernels for pyalign, one module per op family.
 
 Each module holds the ``@triton.jit`` kernels, their launch wrappers (the primitive functions of
 the contract in pyalign/backends.py) and ``COMPILE_CONFIGS``: every (kernel, signature,

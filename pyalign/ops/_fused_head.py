@@ -34,7 +34,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from pyalign import backends
-from pyalign._utils import accumulation_dtype
+from pyalign._utils import accumulation_dtype, gradients_wanted
 from pyalign.ops import _checks, _vocab_parallel
 
 # Default token budget of a chunk: about 64 MiB of fp32 logits (at least one whole unit).
@@ -74,8 +74,7 @@ class FusedHeadPlan(NamedTuple):
 
 def applies(reduction: str, *tensors) -> bool:
     """Whether the 3-matmul path runs: a scalar loss, gradients wanted, not being traced."""
-    return (reduction in ("mean", "sum") and torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in tensors)
+    return (reduction in ("mean", "sum") and gradients_wanted(*tensors)
             and not torch.compiler.is_compiling())
 
 

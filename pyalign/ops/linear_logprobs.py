@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple, Optional, overload
 import torch
 
 from pyalign import backends
-from pyalign._utils import accumulation_dtype
+from pyalign._utils import accumulation_dtype, gradients_wanted
 from pyalign.ops import _checks, _vocab_parallel
 
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -364,9 +364,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     # The fused Triton kernels keep no logits: the budget is for the chunked backends, and only
     # for a call with a backward to come (without one the kept logits would be dead weight).
     fused = backend == "triton" or (backend == "auto" and hidden.device.type == "cuda")
-    differentiable = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    keep = 0 if fused or not differentiable else kept_rows(
+    keep = 0 if fused or not gradients_wanted(hidden, weight, bias) else kept_rows(
         memory_budget, hidden_2d.shape[0], weight.shape[0], hidden.element_size())
     if shard is None:
         logprobs, entropy_out, log_sum_sq, mean, top1 = LinearTokenLogprobsFunction.apply(

@@ -621,17 +621,6 @@ def test_memory_budget_allows_one_backward(backend):
         logprobs.sum().backward()
 
 
-def _check_against_oracle(leaves, bias_leaf, labels, upstream, outputs, temperature):
-    """Values and gradients of one budget-path call against float64 (oracle above)."""
-    hidden, weight = (leaf.detach() for leaf in leaves)
-    logprobs64, entropy64_, grads64_ = oracle(hidden, weight, bias_leaf.detach(), labels,
-                                              *upstream, temperature)
-    torch.testing.assert_close(outputs[0].double(), logprobs64, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(outputs[1].double(), entropy64_, rtol=1e-5, atol=1e-5)
-    for leaf, expected in zip([*leaves, bias_leaf], grads64_, strict=True):
-        assert relative_error(leaf.grad, expected) < 1e-5
-
-
 @pytest.mark.parametrize("backend", CHUNKED)
 def test_memory_budget_buffer_is_reused_across_calls_and_graphs(backend):
     """On CPU the kept logits' buffer is cached from one call's backward to the next call
@@ -643,20 +632,21 @@ def test_memory_budget_buffer_is_reused_across_calls_and_graphs(backend):
     pyalign.empty_cache()
 
     def start(tokens):
-        hidden, weight, bias, labels = random_case((tokens,), hidden_size, vocab, torch.float32,
-                                                   True)
-        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight)]
-        bias_leaf = bias.clone().requires_grad_(True)
-        outputs = pyalign.linear_token_logprobs(*leaves, labels, bias=bias_leaf, entropy=True,
-                                                temperature=temperature,
+        case = random_case((tokens,), hidden_size, vocab, torch.float32, True)
+        leaves = [t.clone().requires_grad_(True) for t in case[:3]]  # hidden, weight, bias
+        outputs = pyalign.linear_token_logprobs(leaves[0], leaves[1], case[3], bias=leaves[2],
+                                                entropy=True, temperature=temperature,
                                                 memory_budget=tokens * vocab * 4, backend=backend)
-        upstream = (torch.randn(tokens), torch.randn(tokens))
-        return leaves, bias_leaf, labels, upstream, outputs
+        return case, leaves, (torch.randn(tokens), torch.randn(tokens)), outputs
 
     def finish(call):
-        leaves, bias_leaf, labels, upstream, outputs = call
+        case, leaves, upstream, outputs = call
         torch.autograd.backward(list(outputs), list(upstream))
-        _check_against_oracle(leaves, bias_leaf, labels, upstream, outputs, temperature)
+        logprobs64, entropy64_, grads64_ = oracle(*case, *upstream, temperature)
+        torch.testing.assert_close(outputs[0].double(), logprobs64, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outputs[1].double(), entropy64_, rtol=1e-5, atol=1e-5)
+        for leaf, expected in zip(leaves, grads64_, strict=True):
+            assert relative_error(leaf.grad, expected) < 1e-5
 
     for tokens in (40, 12, 40, 64):  # shrinks (a view of the cached buffer), then grows past it
         call = start(tokens)
