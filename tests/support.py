@@ -436,6 +436,28 @@ def bema_weights64(ema, param, init, alpha):
     return ema.double() + alpha * (param.double() - init.double())
 
 
+def bema_trajectory64(policy_at: dict, initial: dict, schedule: dict) -> dict:
+    """step -> BEMA's weights in float64 after that step (None until its first update), from the
+    policy's weights at each step (dicts name -> tensor) and TRL's schedule settings
+    (docs/algorithms.md "BEMA"): at update_after init and EMA <- theta; every update_freq steps
+    after, beta_t, alpha_t of t = the step."""
+    init = ema = initial
+    weights, trajectory = None, {}
+    for step in sorted(policy_at):
+        theta = policy_at[step]
+        after = schedule["update_after"]
+        if step == after:
+            init = ema = theta
+        elif step > after and (step - after) % schedule["update_freq"] == 0:
+            age = schedule["lag"] + schedule["multiplier"] * step
+            beta = max(age ** -schedule["ema_power"], schedule["min_ema_multiplier"])
+            alpha = age ** -schedule["bias_power"]
+            ema = {n: bema_ema64(ema[n], theta[n], beta) for n in ema}
+            weights = {n: bema_weights64(ema[n], theta[n], init[n], alpha) for n in ema}
+        trajectory[step] = weights
+    return trajectory
+
+
 # -------------------------------------------------------------------------- policy-gradient losses
 # The GRPO-family and RLOO losses of TRL 1.16 (docs/algorithms.md, "Policy-gradient losses"),
 # written out per loss type in float64 (differentiable: take gradients by autograd). Masked
