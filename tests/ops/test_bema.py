@@ -169,3 +169,16 @@ def test_bad_input_is_named():
     if "cuda" in backends.BACKENDS and DEVICE.type == "cpu":
         with pytest.raises(backends.BackendUnavailable):
             pyalign.bema_([t], [e], [p], [i], alpha=0.5, beta=0.5, backend="cuda")
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.bfloat16, torch.float32, torch.bfloat16)],
+                         ids=["fp32", "bf16-ref-fp32-state"])
+def test_bench_case_runs_at_toy_size(dtypes):
+    """The bench case (pyalign bench --cases bema) builds and runs every row; no timing kept."""
+    from pyalign.bench.harness import run_case
+    from pyalign.bench.weights import bema_case
+    case = bema_case(20_000, DEVICE, num_tensors=8, target_dtype=dtypes[0], state_dtype=dtypes[1],
+                     param_dtype=dtypes[2])
+    rows = run_case(case, DEVICE, warmup=1, reps=1, measure_memory=False)
+    assert {row.name for row in rows} >= {f"pyalign.bema_ [{name}]" for name in BACKENDS}
+    assert all(row.status == "ok" for row in rows), [(row.name, row.status) for row in rows]
