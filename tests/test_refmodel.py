@@ -385,6 +385,7 @@ def test_wrapper_prefixes_pair_by_name(policy_and_ref):
 
 
 def test_dtensor_parameters_update_shard_local(tmp_path):
+    """TrustRegion and BEMA on DTensor (FSDP2) parameters update each rank's local shards."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available():
         pytest.skip("torch.distributed is not built into this torch")
@@ -414,6 +415,20 @@ def test_dtensor_parameters_update_shard_local(tmp_path):
             want = 0.25 * policy64[name] + 0.75 * ref64[name]
             assert type(param.data).__name__ == "DTensor"
             torch.testing.assert_close(param.to_local().double(), want, rtol=1e-6, atol=1e-7)
+
+        # BEMA: its EMA and snapshot are plain local shards, its update writes ref's shards
+        bema = BEMA(policy, ref, update_freq=1, lag=3)
+        assert not any(type(t).__name__ == "DTensor" for t in bema.ema_tensors + bema.init_tensors)
+        with torch.no_grad():
+            for param in policy.parameters():
+                param.to_local().add_(torch.randn(param.to_local().shape))
+        assert bema.step(1)
+        alpha, beta = 4.0 ** -0.2, 4.0 ** -0.5
+        for name, param in ref.named_parameters():
+            theta = policy.get_parameter(name).to_local().double()
+            want = (1 - beta) * policy64[name] + beta * theta + alpha * (theta - policy64[name])
+            assert type(param.data).__name__ == "DTensor"
+            torch.testing.assert_close(param.to_local().double(), want, rtol=1e-6, atol=1e-6)
     finally:
         if created:
             dist.destroy_process_group()
