@@ -40,8 +40,9 @@ class BEMASchedule:
                              f"beta_t = (lag + multiplier * t)^-ema_power would exceed 1")
 
     def action(self, global_step: int) -> str | None:
-        """"snapshot" at ``update_after`` (init and EMA <- policy), "update" every
-        ``update_freq`` steps after it, None otherwise (TRL's on_step_end)."""
+        """What happens after optimizer step ``global_step`` (TRL's on_step_end): "snapshot"
+        at ``update_after`` (init and EMA <- policy), "update" every ``update_freq`` steps
+        after it, None otherwise."""
         if global_step < self.update_after:
             return None
         if global_step == self.update_after:

@@ -117,7 +117,8 @@ def _check_layers(config, position_ids: torch.Tensor, real: torch.Tensor, window
 
 def _sequence_lengths(position_ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """The number of real tokens of every packed sequence."""
-    sequence = (position_ids == 0).long().cumsum(-1) + position_ids.shape[1] * torch.arange(
+    # a row's sequence numbers run from 0 to T: offset each row by T + 1
+    sequence = (position_ids == 0).long().cumsum(-1) + (position_ids.shape[1] + 1) * torch.arange(
         position_ids.shape[0], device=position_ids.device)[:, None]
     return torch.bincount(sequence[real])
 

@@ -16,6 +16,8 @@ config for the head's options), never per architecture:
 - a PEFT model works (LoRA on the head too: its delta ``B @ A * scaling`` is added to the weight,
   so the gradient reaches the adapter); prompt-learning adapters, DoRA and a head adapter with
   active dropout in training are refused;
+- packed rows (``position_ids`` restarting at 0 at each sequence) score each sequence as if
+  alone (pyalign/integrations/packing.py);
 - FSDP2 (``fully_shard``): the model is called through its own ``__call__`` so the FSDP hooks
   unshard and reshard as in a normal forward; a head weight still sharded as a ``DTensor`` is
   gathered with ``full_tensor()`` (its gradient is reduce-scattered back).
@@ -270,8 +272,14 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, *, labels: Optional[torch
 
     ``position_ids`` [B, T] (or [1, T]) may pack several sequences into a row, each starting at
     position 0 (TRL's padding-free batches): a token at position 0 is never a label, and each
-    sequence's log-probs are those it has alone in its own row (the attention is kept inside each
-    sequence; sdpa, eager and flash attention; pyalign/integrations/packing.py says how).
+    sequence's log-probs are those it has alone in its own row. The attention is kept inside each
+    sequence by the model's attention implementation (pyalign/integrations/packing.py, read
+    against transformers 5.25): sdpa and eager get a block-diagonal causal mask built here from
+    ``position_ids`` (transformers' own packed detection, which 5.x applies only without an
+    attention mask and a cache, is not relied on); flash attention gets the rows flattened into
+    one, whose varlen kernel (transformers >= 4.44) starts a sequence at each position 0; any
+    other implementation raises ValueError, as do recurrent / linear-attention layer types and,
+    on sdpa / eager, a sliding window shorter than a sequence.
     """
     _checks.check_tensor("input_ids", input_ids, integer=True)
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
