@@ -71,6 +71,8 @@ TORCH_LIBRARY(pyalign_C, m) {
         "bool bias_correction, Tensor(a!) grad_logprobs, Tensor(b!) grad_entropy) -> ()");
   m.def("multi_tensor_apply_(str kind, Tensor(a!)[] targets, Tensor[] sources, float scalar, "
         "int chunk_size=0) -> ()");
+  m.def("multi_tensor_bema_(Tensor(a!)[] targets, Tensor(b!)[] emas, Tensor[] params, "
+        "Tensor[] inits, float alpha, float beta, int chunk_size=0) -> ()");
   m.def("exp_nonpositive(Tensor x) -> Tensor");
   m.def("multi_tensor_plan(int[] numels, int chunk_size, int max_tensors, int max_blocks) -> int[]",
         &multi_tensor_plan);

@@ -11,6 +11,7 @@ from pyalign.ops import (
     KTOLossOutput,
     PolicyLossOutput,
     PreferenceLossOutput,
+    bema_,
     copy_,
     ema_,
     kl_penalty,
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = ["token_logprobs", "linear_token_logprobs", "kl_penalty", "preference_loss", "kto_loss",
            "linear_preference_loss", "token_preference_loss", "linear_kto_loss", "sequence_logprobs",
            "PreferenceLossOutput", "KTOLossOutput", "policy_loss", "linear_policy_loss", "PolicyLossOutput",
-           "ema_", "lerp_", "copy_", "empty_cache", "backends", "refmodel", "__version__"]
+           "ema_", "lerp_", "copy_", "bema_", "empty_cache", "backends", "refmodel", "__version__"]
 
 
 def __getattr__(name):

@@ -125,7 +125,20 @@ def _make_weights(ops, device_type: str):
         if rest_targets:  # fp64, non-contiguous views: the eager path
             _eager("weights").apply_(kind, rest_targets, rest_sources, scalar)
 
-    return SimpleNamespace(apply_=apply_)
+    def bema_(targets, emas, params, inits, alpha, beta):
+        fast, rest = ([], [], [], []), ([], [], [], [])
+        for group in zip(targets, emas, params, inits, strict=True):
+            ready = (all(t.device == group[0].device and t.dtype in KERNEL_DTYPES
+                         and t.is_contiguous() for t in group)
+                     and group[0].device.type == device_type and group[1].dtype == group[3].dtype)
+            for kept, tensor in zip(fast if ready else rest, group):
+                kept.append(tensor)
+        if fast[0]:
+            ops.multi_tensor_bema_(*fast, float(alpha), float(beta))
+        if rest[0]:  # fp64, non-contiguous views: the eager path
+            _eager("weights").bema_(*rest, alpha, beta)
+
+    return SimpleNamespace(apply_=apply_, bema_=bema_)
 
 
 def _make_cpu_weights(ops):

@@ -90,6 +90,9 @@ policy
 weights
   apply_(kind, targets, sources, scalar)   kind in {"lerp", "copy"} (ema_ runs as lerp with
            weight 1 - decay); in place, no autograd
+  bema_(targets, emas, params, inits, alpha, beta)   four lists of one length, each index's
+           tensors of one shape and device, emas[i] and inits[i] of one dtype; in place:
+           ema = lerp(ema, param, beta) stored, then target = ema + alpha * (param - init)
 """
 from __future__ import annotations
 
@@ -138,7 +141,7 @@ PRIMITIVES = {
     "preference": ("forward", "backward", "sequence_preference_forward",
                    "sequence_preference_backward"),
     "policy": ("forward", "backward"),
-    "weights": ("apply_",),
+    "weights": ("apply_", "bema_"),
 }
 
 

@@ -1,11 +1,11 @@
-"""Reference-model strategies: Frozen, TrustRegion (TR-DPO/IPO/KTO) and ElasticReset.
+"""Reference-model strategies: Frozen, TrustRegion (TR-DPO/IPO/KTO), ElasticReset and BEMA.
 
 Each strategy has ``step(global_step, optimizer=None) -> bool`` (call it after every optimizer
 step with the number of optimizer steps done so far; it says whether it changed any weights),
 ``state_dict()`` / ``load_state_dict()`` for exact resume. To drive one from a
 ``transformers.Trainer`` (or a TRL trainer), with its state saved in and restored from the
 Trainer's checkpoints, use ``pyalign.integrations.callbacks`` (``TrustRegionCallback``,
-``ElasticResetCallback``).
+``ElasticResetCallback``, ``BEMACallback``).
 
     ref = TrustRegion(policy, ref_model, alpha=0.6, tau=512)
     for global_step in range(1, total_steps + 1):
@@ -23,9 +23,12 @@ adapters of one peft model, paired by the caller). The rules (docs/algorithms.md
   hard update ``ref <- policy``.
 - ElasticReset: every ``ema_every`` steps ``ema <- decay * ema + (1 - decay) * policy``; every
   ``reset_every`` steps (after that step's EMA update) ``policy <- ema`` then ``ema <- init``.
+- BEMA: every ``update_freq`` steps after ``update_after``, ``ema <- (1 - beta_t) ema + beta_t
+  policy`` and ``ref <- ema + alpha_t (policy - init)`` in one ``pyalign.bema_`` pass.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -33,9 +36,10 @@ import torch
 from torch import nn
 
 from pyalign import backends
+from pyalign._bema import BEMASchedule
 from pyalign._utils import canonical_param_name, local_shard, named_tensors
 
-__all__ = ["ReferenceStrategy", "Frozen", "TrustRegion", "ElasticReset"]
+__all__ = ["ReferenceStrategy", "Frozen", "TrustRegion", "ElasticReset", "BEMA"]
 
 
 def _named_params(model, what: str) -> dict[str, nn.Parameter]:
@@ -369,6 +373,114 @@ class ElasticReset(ReferenceStrategy):
         return (f"ElasticReset(ema_decay={self.ema_decay}, reset_every={self.reset_every}, "
                 f"ema_every={self.ema_every}, tensors={len(self.names)}, "
                 f"resets={self.num_resets})")
+
+
+class BEMA(ReferenceStrategy):
+    """Bias-corrected EMA reference (BEMA, Block & Zhang, arXiv 2508.00180; TRL 1.16's
+    ``BEMACallback``: same names, defaults and schedule, ``pyalign._bema.BEMASchedule``;
+    docs/algorithms.md "BEMA").
+
+    At ``global_step == update_after`` the policy is snapshotted: ``init <- policy``,
+    ``ema <- policy`` (construction takes the first snapshot). Every ``update_freq`` steps after
+    that, with ``t = global_step``, ``beta_t = max((lag + multiplier t)^-ema_power,
+    min_ema_multiplier)`` and ``alpha_t = (lag + multiplier t)^-bias_power``::
+
+        ema <- (1 - beta_t) ema + beta_t policy;   ref <- ema + alpha_t (policy - init)
+
+    in one ``pyalign.bema_`` pass (a fused kernel on cpu and cuda). Between updates ``ref`` does
+    not move. Tracks the parameters with requires_grad (``trainable_only=False``: all), paired
+    with ``ref`` (a module or a mapping name -> parameter) by name; ``ref``'s other parameters
+    are left alone. ``ema`` and ``init`` are held in ``ema_dtype`` (default: each parameter's
+    own, as TRL) on ``device`` (default: each parameter's own, where the fused kernel runs; TRL
+    keeps them on the CPU: ``device="cpu"`` does too, copying the policy there at each update).
+    ``state_dict`` holds ref, ema and init (references, not copies) and the counters, so a
+    resumed run is exact.
+    """
+
+    def __init__(self, policy: nn.Module, ref: nn.Module, update_freq: int = 400,
+                 ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10,
+                 update_after: int = 0, multiplier: float = 1.0, min_ema_multiplier: float = 0.0,
+                 *, trainable_only: bool = True, ema_dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, backend: str = "auto"):
+        self.schedule = BEMASchedule(update_freq, ema_power, bias_power, lag, update_after,
+                                     multiplier, min_ema_multiplier)
+        self.backend = backends.check_name(backend)
+        if policy is ref:
+            raise ValueError("policy and ref are the same module: the reference needs its own weights")
+        policy_params, ref_params = _named_params(policy, "policy"), _named_params(ref, "ref")
+        self.names = [n for n, p in policy_params.items() if p.requires_grad or not trainable_only]
+        if not self.names:
+            raise ValueError("the policy has no parameters to track (none requires grad?)")
+        _pair_names(policy_params, ref_params, "ref", self.names)
+        self.policy, self.ref = policy, ref
+        self.device = None if device is None else torch.device(device)
+        self.ema_tensors = [t.detach().to(dtype=ema_dtype or t.dtype, device=self.device or t.device,
+                                          copy=True) for t in self._tensors(policy)]
+        self.init_tensors = [t.clone() for t in self.ema_tensors]
+        self.last_update_step = 0
+        self.num_updates = 0
+
+    def _tensors(self, model) -> list[torch.Tensor]:
+        params = _named_params(model, "model")
+        return [local_shard(params[n]) for n in self.names]
+
+    def snapshot(self) -> None:
+        """``init <- policy``, ``ema <- policy`` now (what ``step`` does at ``update_after``)."""
+        with torch.no_grad():
+            for state in (self.init_tensors, self.ema_tensors):
+                torch._foreach_copy_(state, self._tensors(self.policy))
+
+    def update(self, global_step: int) -> None:
+        """Apply the BEMA update of step ``global_step`` now (what ``step`` does on schedule)."""
+        import pyalign
+        alpha, beta = self.schedule.coefficients(global_step)
+        refs, state = self._tensors(self.ref), self.ema_tensors
+        # a policy or ref tensor on another device than the state is staged beside it
+        params = [p.to(e.device) for p, e in zip(self._tensors(self.policy), state, strict=True)]
+        targets = [r if r.device == e.device else torch.empty_like(e, dtype=r.dtype)
+                   for r, e in zip(refs, state, strict=True)]
+        pyalign.bema_(targets, state, params, self.init_tensors, alpha=alpha, beta=beta,
+                      backend=self.backend)
+        with torch.no_grad():
+            for ref, target in zip(refs, targets, strict=True):
+                if target is not ref:
+                    ref.copy_(target)
+        self.num_updates += 1
+
+    def step(self, global_step: int, optimizer=None) -> bool:
+        global_step = _check_step(global_step)
+        action = self.schedule.action(global_step)
+        if action == "snapshot":
+            self.snapshot()
+        if action != "update" or global_step == self.last_update_step:
+            return False
+        self.update(global_step)
+        self.last_update_step = global_step
+        return True
+
+    def _state_tensors(self) -> dict:
+        return {key: dict(zip(self.names, tensors, strict=True)) for key, tensors in
+                (("ref", self._tensors(self.ref)), ("ema", self.ema_tensors), ("init", self.init_tensors))}
+
+    def state_dict(self) -> dict:
+        return {"kind": "BEMA", **dataclasses.asdict(self.schedule),
+                "last_update_step": self.last_update_step, "num_updates": self.num_updates,
+                **self._state_tensors()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_kind(state)
+        targets = self._state_tensors()
+        for key, tensors in targets.items():
+            _check_tensor_dict(state.get(key), tensors, key)
+        with torch.no_grad():
+            for key, tensors in targets.items():
+                for name, tensor in tensors.items():
+                    tensor.copy_(state[key][name])
+        self.last_update_step = int(state["last_update_step"])
+        self.num_updates = int(state["num_updates"])
+
+    def __repr__(self) -> str:
+        return f"BEMA({self.schedule}, tensors={len(self.names)}, updates={self.num_updates})"
 
 
 def _check_tensor_dict(given, expected: dict, what: str, allow_extra: bool = False) -> None:

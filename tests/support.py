@@ -401,12 +401,61 @@ def grads64(function, inputs, upstream=None):
 
 # -------------------------------------------------------------------------- weight updates
 
+# The exact result rounded once into the target: half an ulp of the target dtype, relative.
+WEIGHT_ROUNDING = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8,
+                   torch.float16: 2.0 ** -11}
+
+
+def assert_rounded_from(actual, exact, operands, name=""):
+    """``actual`` equals ``exact`` (float64) up to one rounding into actual's dtype, after fp32
+    arithmetic (fp64 for fp64) whose error scales with the operands (|t| + |s|: lerp cancels near
+    t = s), and float16's subnormal spacing."""
+    scale = sum(operand.double().abs() for operand in operands)
+    subnormal = 2.0 ** -25 if actual.dtype == torch.float16 else 0.0
+    arithmetic = 4 * min(WEIGHT_ROUNDING[actual.dtype], 2.0 ** -24)
+    bound = WEIGHT_ROUNDING[actual.dtype] * exact.abs() + arithmetic * scale + subnormal
+    error = (actual.double() - exact).abs()
+    assert torch.all(error <= bound), f"{name}: max error {float(error.max()):.3g} ({actual.dtype})"
+
+
 def ema64(target, source, decay):
     return decay * target.double() + (1 - decay) * source.double()
 
 
 def lerp64(target, source, weight):
     return target.double() + weight * (source.double() - target.double())
+
+
+def bema_ema64(ema, param, beta):
+    """BEMA's EMA step (docs/algorithms.md "BEMA"): (1 - beta_t) EMA + beta_t theta_t."""
+    return (1 - beta) * ema.double() + beta * param.double()
+
+
+def bema_weights64(ema, param, init, alpha):
+    """BEMA's weights from the (stored) EMA: EMA_t + alpha_t (theta_t - theta_0)."""
+    return ema.double() + alpha * (param.double() - init.double())
+
+
+def bema_trajectory64(policy_at: dict, initial: dict, schedule: dict) -> dict:
+    """step -> BEMA's weights in float64 after that step (None until its first update), from the
+    policy's weights at each step (dicts name -> tensor) and TRL's schedule settings
+    (docs/algorithms.md "BEMA"): at update_after init and EMA <- theta; every update_freq steps
+    after, beta_t, alpha_t of t = the step."""
+    init = ema = initial
+    weights, trajectory = None, {}
+    for step in sorted(policy_at):
+        theta = policy_at[step]
+        after = schedule["update_after"]
+        if step == after:
+            init = ema = theta
+        elif step > after and (step - after) % schedule["update_freq"] == 0:
+            age = schedule["lag"] + schedule["multiplier"] * step
+            beta = max(age ** -schedule["ema_power"], schedule["min_ema_multiplier"])
+            alpha = age ** -schedule["bias_power"]
+            ema = {n: bema_ema64(ema[n], theta[n], beta) for n in ema}
+            weights = {n: bema_weights64(ema[n], theta[n], init[n], alpha) for n in ema}
+        trajectory[step] = weights
+    return trajectory
 
 
 # -------------------------------------------------------------------------- policy-gradient losses

@@ -1,5 +1,8 @@
 """pyalign.refmodel on a real (tiny) LlamaForCausalLM: every update checked against an
-independent float64 computation (ALGORITHMS.md), resets checked bit for bit."""
+independent float64 computation (docs/algorithms.md), resets checked bit for bit; BEMA's reference
+follows the float64 schedule (tests/support.py) in fp32 and for a bf16 policy with an fp32 state,
+and a BEMA run stopped and resumed from its state_dict is bit-identical to a straight one (TRL's
+own BEMACallback is run against ours in tests/integrations/test_callbacks.py)."""
 import copy
 import io
 
@@ -7,7 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pyalign.refmodel import ElasticReset, Frozen, TrustRegion
+from pyalign.refmodel import BEMA, ElasticReset, Frozen, TrustRegion
+from support import DEVICE, bema_trajectory64
 
 
 def tiny_llama(seed, dtype=torch.float32):
@@ -381,6 +385,7 @@ def test_wrapper_prefixes_pair_by_name(policy_and_ref):
 
 
 def test_dtensor_parameters_update_shard_local(tmp_path):
+    """TrustRegion and BEMA on DTensor (FSDP2) parameters update each rank's local shards."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available():
         pytest.skip("torch.distributed is not built into this torch")
@@ -410,6 +415,158 @@ def test_dtensor_parameters_update_shard_local(tmp_path):
             want = 0.25 * policy64[name] + 0.75 * ref64[name]
             assert type(param.data).__name__ == "DTensor"
             torch.testing.assert_close(param.to_local().double(), want, rtol=1e-6, atol=1e-7)
+
+        # BEMA: its EMA and snapshot are plain local shards, its update writes ref's shards
+        bema = BEMA(policy, ref, update_freq=1, lag=3)
+        assert not any(type(t).__name__ == "DTensor" for t in bema.ema_tensors + bema.init_tensors)
+        with torch.no_grad():
+            for param in policy.parameters():
+                param.to_local().add_(torch.randn(param.to_local().shape))
+        assert bema.step(1)
+        alpha, beta = 4.0 ** -0.2, 4.0 ** -0.5
+        for name, param in ref.named_parameters():
+            theta = policy.get_parameter(name).to_local().double()
+            want = (1 - beta) * policy64[name] + beta * theta + alpha * (theta - policy64[name])
+            assert type(param.data).__name__ == "DTensor"
+            torch.testing.assert_close(param.to_local().double(), want, rtol=1e-6, atol=1e-6)
     finally:
         if created:
             dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------- BEMA
+
+# Small enough that 9 steps see the burn-in, the snapshot and four updates.
+SCHEDULE = dict(update_freq=2, ema_power=0.5, bias_power=0.2, lag=4, update_after=3,
+                multiplier=1.5, min_ema_multiplier=0.05)
+STEPS = 9
+
+
+def run_bema(policy, ref, steps, strategy=None, first=1, **options):
+    """Fake optimizer steps first..steps, each followed by strategy.step; returns the strategy,
+    the steps it reported an update at and the float64 policy at each step."""
+    strategy = strategy or BEMA(policy, ref, **SCHEDULE, **options)
+    generator = torch.Generator().manual_seed(77)
+    for _ in range(1, first):  # the perturbations already applied before a resume
+        perturb_(copy.deepcopy(policy), generator)
+    updated, policy_at = [], {}
+    for step in range(first, steps + 1):
+        perturb_(policy, generator)
+        policy_at[step] = params64(policy)
+        if strategy.step(step):
+            updated.append(step)
+    return strategy, updated, policy_at
+
+
+@pytest.mark.parametrize("dtype,ema_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "bf16-policy-fp32-state"])
+def test_reference_follows_the_float64_schedule(dtype, ema_dtype):
+    policy, ref = tiny_llama(0, dtype).to(DEVICE), tiny_llama(1, dtype).to(DEVICE)
+    initial, ref_before = params64(policy), params64(ref)
+    checked = []
+
+    class Checking(BEMA):
+        def step(self, global_step, optimizer=None):
+            changed = super().step(global_step, optimizer)
+            checked.append((global_step, params64(self.ref)))
+            return changed
+
+    strategy = Checking(policy, ref, **SCHEDULE, ema_dtype=ema_dtype)
+    _, updated, policy_at = run_bema(policy, ref, STEPS, strategy=strategy)
+    assert updated == [5, 7, 9] and strategy.num_updates == 3
+    oracle = bema_trajectory64(policy_at, initial, SCHEDULE)
+    # bf16 weights: half a bf16 ulp of rounding (2^-9) and the fp32 state's error; fp32 ones: a
+    # few fp32 ulps per update
+    rtol, atol = (2 ** -8, 1e-6) if dtype == torch.bfloat16 else (1e-6, 1e-7)
+    for step, ref_now in checked:
+        want = oracle[step] or ref_before  # untouched until the first update
+        for name in want:
+            torch.testing.assert_close(ref_now[name], want[name], rtol=rtol, atol=atol,
+                                       msg=f"step {step} {name}")
+
+
+def saved_and_loaded(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("stop", [4, 5], ids=["after-the-snapshot", "right-after-an-update"])
+def test_stop_and_resume_is_bit_identical(stop):
+    options = dict(ema_dtype=torch.float32)
+    straight_policy, straight_ref = tiny_llama(0, torch.bfloat16), tiny_llama(1, torch.bfloat16)
+    straight, _, _ = run_bema(straight_policy, straight_ref, STEPS, **options)
+
+    policy, ref = tiny_llama(0, torch.bfloat16), tiny_llama(1, torch.bfloat16)
+    first, _, _ = run_bema(policy, ref, stop, **options)
+    saved, policy_saved = saved_and_loaded(first.state_dict()), saved_and_loaded(policy.state_dict())
+    # a fresh process: new models (the reference from another seed), a new strategy, the state
+    resumed_policy, resumed_ref = tiny_llama(5, torch.bfloat16), tiny_llama(6, torch.bfloat16)
+    resumed_policy.load_state_dict(policy_saved)
+    resumed = BEMA(resumed_policy, resumed_ref, **SCHEDULE, **options)
+    resumed.load_state_dict(saved)
+    run_bema(resumed_policy, resumed_ref, STEPS, strategy=resumed, first=stop + 1)
+
+    for name, param in straight_ref.named_parameters():
+        assert torch.equal(dict(resumed_ref.named_parameters())[name], param), name
+    for key in ("ema", "init"):
+        for name, tensor in straight.state_dict()[key].items():
+            assert torch.equal(resumed.state_dict()[key][name], tensor), (key, name)
+    assert (resumed.num_updates, resumed.last_update_step) == (straight.num_updates, 9)
+
+
+def test_frozen_parameters_are_not_tracked():
+    policy, ref = tiny_llama(0), tiny_llama(1)
+    policy.model.embed_tokens.weight.requires_grad_(False)
+    frozen_before = ref.model.embed_tokens.weight.detach().clone()
+    strategy, updated, _ = run_bema(policy, ref, STEPS)
+    assert updated and "model.embed_tokens.weight" not in strategy.state_dict()["ema"]
+    assert torch.equal(ref.model.embed_tokens.weight, frozen_before)
+    assert not torch.equal(ref.lm_head.weight, tiny_llama(1).lm_head.weight)
+
+
+def test_state_on_the_cpu_equals_state_beside_the_weights():
+    """device="cpu" (TRL's placement; on a GPU the policy is staged to the CPU at each update)
+    gives the same reference as the state kept beside each parameter."""
+    beside_policy, beside_ref = tiny_llama(0).to(DEVICE), tiny_llama(1).to(DEVICE)
+    run_bema(beside_policy, beside_ref, STEPS)
+    policy, ref = tiny_llama(0).to(DEVICE), tiny_llama(1).to(DEVICE)
+    strategy, _, _ = run_bema(policy, ref, STEPS, device="cpu")
+    assert all(t.device.type == "cpu" for t in strategy.ema_tensors)
+    for name, param in beside_ref.named_parameters():
+        assert torch.equal(dict(ref.named_parameters())[name].cpu(), param.cpu()), name
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("update_freq", 0, "update_freq must be an int >= 1"),
+    ("update_after", -1, "update_after must be an int >= 0"),
+    ("update_freq", 2.0, "update_freq must be an int"),
+    ("lag", -1.0, "lag must be a finite number >= 0"),
+    ("ema_power", float("nan"), "ema_power must be a finite number"),
+    ("min_ema_multiplier", 1.5, r"min_ema_multiplier must be in \[0, 1\]"),
+    ("multiplier", 0.0, r"lag \+ multiplier \* \(update_after \+ update_freq\) = 0.0 < 1"),
+])
+def test_bad_settings_are_named(setting, value, message):
+    schedule = {**SCHEDULE, setting: value}
+    if setting == "multiplier":
+        schedule["lag"] = 0
+    with pytest.raises(ValueError, match=message):
+        BEMA(tiny_llama(0), tiny_llama(1), **schedule)
+
+
+def test_bad_models_and_states_are_named():
+    policy, ref = tiny_llama(0), tiny_llama(1)
+    with pytest.raises(ValueError, match="the same module"):
+        BEMA(policy, policy)
+    with pytest.raises(ValueError, match="ref lacks 1 parameter"):
+        BEMA(policy, {n: p for n, p in ref.named_parameters() if n != "lm_head.weight"})
+    strategy = BEMA(policy, ref)
+    with pytest.raises(ValueError, match="not a BEMA state_dict"):
+        strategy.load_state_dict({"kind": "TrustRegion"})
+    state = strategy.state_dict()
+    state["ema"] = {**state["ema"], "lm_head.weight": torch.zeros(3)}
+    with pytest.raises(ValueError, match=r"ema\['lm_head.weight'\]: shape \(3,\)"):
+        strategy.load_state_dict(state)
+    with pytest.raises(ValueError, match="global_step must be an int >= 0"):
+        strategy.step(-1)

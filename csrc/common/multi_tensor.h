@@ -1,4 +1,4 @@
-// Index arithmetic of the multi-tensor weight ops (ema_/lerp_/copy_), shared verbatim by the
+// Index arithmetic of the multi-tensor weight ops (ema_/lerp_/copy_, bema_), shared verbatim by the
 // CUDA kernels (csrc/cuda/weights.cu) and the CPU kernels (csrc/cpu/weights.cpp), so the CPU
 // tests exercise the exact arithmetic the GPU runs.
 //
@@ -102,6 +102,18 @@ PYALIGN_HD float weight_update(float target, float source, float weight) {
     return weight < 0.5f ? target + weight * span : source - span * (1.0f - weight);
   }
   return source;
+}
+
+// BEMA's second half (pyalign.bema_, docs/algorithms.md "BEMA"): after the EMA moved by
+// weight_update<kLerp>(ema, param, beta) and was stored in its own dtype, the reference weight is
+// that stored EMA plus the bias correction alpha * (param - init), in fp32.
+PYALIGN_HD float bema_target(float stored_ema, float param, float init, float alpha) {
+  return stored_ema + alpha * (param - init);
+}
+
+// Elements per 16-byte vector when a kernel touches tensors of three element sizes at once.
+PYALIGN_HD int64_t vector_elements3(int64_t a_bytes, int64_t b_bytes, int64_t c_bytes) {
+  return vector_elements(a_bytes > b_bytes ? a_bytes : b_bytes, c_bytes);
 }
 
 // Host-side launch planning (CUDA launcher; exposed to Python for the CPU tests). Plain host

@@ -21,7 +21,7 @@ from pyalign.bench.linear_logprobs import linear_logprobs_case
 from pyalign.bench.logprobs import logprobs_case
 from pyalign.bench.policy import linear_policy_case, policy_case
 from pyalign.bench.preference import linear_preference_case, preference_case
-from pyalign.bench.weights import weights_case
+from pyalign.bench.weights import bema_case, weights_case
 
 GPU_NOTE = ("GPU rows (the triton and cuda backends, Liger-Kernel kernels, CUDA-event timing) "
             "need a CUDA GPU: not run on this machine")
@@ -45,6 +45,7 @@ def suite_builders(args) -> dict[str, Callable[[], Case]]:
             "linear_policy": lambda: linear_policy_case(4, 16, 32, 500, dtype, device,
                                                         compile=compile),
             "weights": lambda: weights_case(100_000, device, num_tensors=16),
+            "bema": lambda: bema_case(100_000, device, num_tensors=16),
         }
     # N and H of linear_logprobs below 4096 x 1024: that size is ~1 TFLOP per fwd+bwd, ~20 s a
     # call at the ~50 GFLOP/s of 2 cores; --tokens 4096 --hidden 1024 --vocab 128256 runs it.
@@ -65,6 +66,7 @@ def suite_builders(args) -> dict[str, Callable[[], Case]]:
         "linear_policy": lambda: linear_policy_case(8, 256, 512, 32000, dtype, device,
                                                     compile=compile),
         "weights": lambda: weights_case(20_000_000, device),
+        "bema": lambda: bema_case(20_000_000, device),
     }
 
 

@@ -1,6 +1,8 @@
-"""The weights case: ema_ / lerp_ / copy_ in place over model-like tensors, pyalign on every
-available backend vs torch._foreach_lerp_ and a per-tensor Tensor.lerp_ loop, against the floor
-of one Tensor.copy_ of the same bytes, with a GB/s column."""
+"""The weights cases: ema_ / lerp_ / copy_ in place over model-like tensors, pyalign on every
+available backend vs torch._foreach_lerp_ and a per-tensor Tensor.lerp_ loop; and BEMA's update
+(pyalign.bema_: the fused kernels beside their eager form) vs TRL's BEMACallback arithmetic, a
+per-tensor loop. Each against the floor of one Tensor.copy_ of the same bytes, with a GB/s
+column."""
 from __future__ import annotations
 
 import torch
@@ -76,5 +78,58 @@ def weights_case(total_params: int = 20_000_000, device="cpu", *, num_tensors: i
     return Case("weights ema_/lerp_/copy_ (in place, no autograd)",
                 {"tensors": len(shapes), "params": numel, "target": dtype_name(target_dtype),
                  "source": dtype_name(source_dtype), "device": device.type},
+                candidates, ratio_to=ratio_to,
+                floor="floor: one Tensor.copy_ of the same bytes", notes=notes)
+
+
+def bema_case(total_params: int = 20_000_000, device="cpu", *, num_tensors: int = 200,
+              target_dtype=torch.float32, state_dtype=torch.float32, param_dtype=torch.float32,
+              alpha: float = 0.3, beta: float = 0.05) -> Case:
+    """pyalign.bema_ (ema and the reference written from ema, param and init in one pass) on
+    every backend, its eager form among them, beside TRL's BEMACallback arithmetic (per tensor:
+    ema.mul_(1 - beta).add_(param, alpha=beta), ref.copy_(ema + alpha * (param - init)))."""
+    device = torch.device(device)
+    generator = seeded_generator(device, 6)
+    shapes = model_like_shapes(total_params, num_tensors)
+
+    def tensors(dtype):
+        return [torch.randn(s, device=device, generator=generator).to(dtype) for s in shapes]
+    targets, emas, params, inits = (tensors(target_dtype), tensors(state_dtype), tensors(param_dtype),
+                                    tensors(state_dtype))
+    numel = sum(t.numel() for t in targets)
+    state_bytes = torch.empty((), dtype=state_dtype).element_size()
+    # read ema, param, init; write ema and the reference
+    bema_bytes = numel * (3 * state_bytes + targets[0].element_size() + params[0].element_size())
+    candidates = []
+    names, notes = benchmark_backends("weights", device)
+    for name in names:
+        candidates.append(Candidate(f"pyalign.bema_ [{name}]",
+                                    lambda name=name: pyalign.bema_(targets, emas, params, inits,
+                                                                    alpha=alpha, beta=beta,
+                                                                    backend=name),
+                                    backend=name, bytes_moved=bema_bytes))
+
+    @torch.no_grad()
+    def trl_loop():
+        for target, ema, param, init in zip(targets, emas, params, inits, strict=True):
+            ema.mul_(1 - beta).add_(param.to(ema.dtype), alpha=beta)
+            target.copy_(ema + alpha * (param.to(ema.dtype) - init))
+    candidates.append(Candidate("TRL BEMACallback arithmetic (per-tensor loop)", trl_loop,
+                                kind="baseline", bytes_moved=bema_bytes))
+    floor_numel = bema_bytes // 8  # an fp32 copy reads and writes 8 bytes per element
+    flat_target = torch.empty(floor_numel, device=device)
+    flat_source = torch.randn(floor_numel, device=device, generator=generator)
+    candidates.append(Candidate("floor: one Tensor.copy_ of the same bytes",
+                                lambda: flat_target.copy_(flat_source), kind="floor",
+                                bytes_moved=bema_bytes))
+    notes.append("GB/s = bytes moved / median time: bema_ reads ema, param and init and writes "
+                 "ema and the reference")
+    ratio_to = {"vs TRL loop": "TRL BEMACallback arithmetic (per-tensor loop)"}
+    if "eager" in names:
+        ratio_to["vs eager"] = "pyalign.bema_ [eager]"
+    return Case("weights bema_ (BEMA update, in place, no autograd)",
+                {"tensors": len(shapes), "params": numel, "target": dtype_name(target_dtype),
+                 "state": dtype_name(state_dtype), "param": dtype_name(param_dtype),
+                 "device": device.type},
                 candidates, ratio_to=ratio_to,
                 floor="floor: one Tensor.copy_ of the same bytes", notes=notes)

@@ -1,7 +1,8 @@
 """Eager multi-tensor weight updates (family ``weights`` of pyalign/backends.py): ``apply_`` runs
 lerp/copy in place over lists (ema_ arrives as lerp), grouped by dtype and device, with torch's
-foreach ops for fp32 and fp32 math with one rounding otherwise. Also the path for fp64 and
-non-contiguous tensors that the kernel backends leave to eager.
+foreach ops for fp32 and fp32 math with one rounding otherwise; ``bema_`` is BEMA's update
+(docs/algorithms.md "BEMA") as torch ops, a few passes over the tensors where the kernels make
+one. Also the path for fp64 and non-contiguous tensors that the kernel backends leave to eager.
 """
 from __future__ import annotations
 
@@ -39,3 +40,29 @@ def apply_(kind, targets, sources, scalar):
                 updated = target.to(acc)
                 updated.lerp_(source.to(acc), weight)
                 target.copy_(updated)
+
+
+def _bema_fp32(targets, emas, params, inits, alpha, beta):
+    """Every tensor fp32: torch's foreach ops, one list-wide pass per step."""
+    torch._foreach_lerp_(emas, params, beta)
+    corrections = torch._foreach_sub(params, inits)
+    torch._foreach_mul_(corrections, alpha)
+    torch._foreach_add_(corrections, emas)
+    torch._foreach_copy_(targets, corrections)
+
+
+@torch.no_grad()
+def bema_(targets, emas, params, inits, alpha, beta):
+    """In place over lists: ema = lerp(ema, param, beta), stored; target = ema + alpha*(param - init)."""
+    groups = [group for group in zip(targets, emas, params, inits, strict=True) if group[0].numel()]
+    if all(t.dtype == torch.float32 for group in groups for t in group):
+        if groups:
+            _bema_fp32(*map(list, zip(*groups)), alpha, beta)
+        return
+    for target, ema, param, init in groups:
+        # fp32 math (fp64 for fp64 tensors), one rounding into each written tensor
+        acc = torch.promote_types(torch.promote_types(target.dtype, ema.dtype),
+                                  torch.promote_types(param.dtype, torch.float32))
+        theta = param.to(acc)
+        ema.copy_(ema.to(acc).lerp(theta, beta))
+        target.copy_(torch.add(ema.to(acc), theta - init.to(acc), alpha=alpha))

@@ -1,4 +1,4 @@
-"""Trust-region (TR-DPO) and Elastic Reset reference updates as ``transformers`` Trainer
+"""Trust-region (TR-DPO), Elastic Reset and BEMA reference updates as ``transformers`` Trainer
 callbacks, for plain ``transformers.Trainer`` and TRL's trainers, with exact resume.
 
     trainer = DPOTrainer(model, ref_model=ref, args=DPOConfig(..., sync_ref_model=False), ...)
@@ -22,8 +22,13 @@ callbacks, for plain ``transformers.Trainer`` and TRL's trainers, with exact res
   (``pyalign.refmodel.ElasticReset``): an EMA of the trainable parameters; every
   ``reset_every`` steps ``policy <- EMA`` then ``EMA <- initial weights``, optionally dropping
   the optimizer state of the reset parameters (``reset_optimizer=True``).
+- ``BEMACallback(update_freq=400, ema_power=0.5, ...)``: TRL 1.16's ``BEMACallback`` (same
+  parameters in the same order, same defaults and schedule) run by ``pyalign.refmodel.BEMA``
+  (one fused pass per update). Its weights go into ``ref_model=`` (the trainer's reference, as
+  TRL's experimental ``update_ref_model=True``), a peft policy's reference adapter, or else, as
+  TRL's, a frozen copy ``running_model`` saved to ``args.output_dir/bema`` at train end.
 
-Both build their strategy in ``on_train_begin`` from the Trainer's model and step it in
+All build their strategy in ``on_train_begin`` from the Trainer's model and step it in
 ``on_step_end`` (after the optimizer step, before that step's checkpoint is written). In
 ``on_save`` each writes its state (the reference or EMA and initial tensors, and the step
 counters) to ``STATE_FILES[kind]`` inside ``args.output_dir/checkpoint-{global_step}/``
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import os
 from collections.abc import Mapping
@@ -49,14 +55,22 @@ from torch import nn
 from transformers import TrainerCallback
 
 from pyalign import backends
+from pyalign._bema import BEMASchedule
 from pyalign._utils import atomic_write
-from pyalign.refmodel import ElasticReset, TrustRegion, elastic_reset_settings, trust_region_settings
+from pyalign.refmodel import (
+    BEMA,
+    ElasticReset,
+    TrustRegion,
+    elastic_reset_settings,
+    trust_region_settings,
+)
 
-__all__ = ["TrustRegionCallback", "ElasticResetCallback", "add_reference_adapter",
+__all__ = ["TrustRegionCallback", "ElasticResetCallback", "BEMACallback", "add_reference_adapter",
            "use_reference_adapter", "STATE_FILES"]
 
 # File stem of each callback's state inside a checkpoint folder.
-STATE_FILES = {"TrustRegion": "pyalign_trust_region", "ElasticReset": "pyalign_elastic_reset"}
+STATE_FILES = {"TrustRegion": "pyalign_trust_region", "ElasticReset": "pyalign_elastic_reset",
+               "BEMA": "pyalign_bema"}
 
 
 def _is_peft_model(model) -> bool:
@@ -135,6 +149,24 @@ def use_reference_adapter(model, adapter_name: str = "ref"):
         # set_adapter also makes the active adapter trainable and the others frozen: restoring
         # the policy adapter restores that too.
         model.set_adapter(policy_adapter)
+
+
+def _check_moving_reference(args, callback: str) -> None:
+    """Refuse TRL settings that contradict a reference the callback moves."""
+    if getattr(args, "sync_ref_model", False):
+        raise ValueError(f"{callback} updates the reference itself: set the TRL config's "
+                         "sync_ref_model=False (TRL's SyncRefModelCallback would update it a "
+                         "second time)")
+    if getattr(args, "precompute_ref_log_probs", False):
+        raise ValueError(f"{callback} moves the reference: precomputed reference log-probs "
+                         "would be stale; set precompute_ref_log_probs=False")
+
+
+def _reference_adapter_pairs(model, adapter_name: str) -> tuple[dict, dict]:
+    """(policy, ref) parameters of a peft policy whose reference is its adapter
+    ``adapter_name``, added as a copy of the policy adapter when missing."""
+    add_reference_adapter(model, adapter_name)
+    return _adapter_pairs(model, adapter_name)
 
 
 class _StrategyCallback(TrainerCallback):
@@ -228,13 +260,7 @@ class TrustRegionCallback(_StrategyCallback):
         self.backend = backends.check_name(backend)
 
     def _check_args(self, args) -> None:
-        if getattr(args, "sync_ref_model", False):
-            raise ValueError("TrustRegionCallback updates the reference itself: set the TRL "
-                             "config's sync_ref_model=False (TRL's SyncRefModelCallback would "
-                             "update it a second time)")
-        if getattr(args, "precompute_ref_log_probs", False):
-            raise ValueError("TrustRegionCallback moves the reference: precomputed reference "
-                             "log-probs would be stale; set precompute_ref_log_probs=False")
+        _check_moving_reference(args, type(self).__name__)
 
     def _build(self, model) -> TrustRegion:
         if self.ref_model is not None:
@@ -243,8 +269,7 @@ class TrustRegionCallback(_StrategyCallback):
             raise ValueError(f"TrustRegionCallback(ref_model=None) needs a peft policy (the "
                              f"reference is then its adapter {self.adapter_name!r}); got a "
                              f"{type(model).__name__}: pass ref_model=")
-        add_reference_adapter(model, self.adapter_name)
-        policy, ref = _adapter_pairs(model, self.adapter_name)
+        policy, ref = _reference_adapter_pairs(model, self.adapter_name)
         return TrustRegion(policy, ref, self.alpha, self.tau, backend=self.backend)
 
     def __repr__(self) -> str:
@@ -292,3 +317,77 @@ class ElasticResetCallback(_StrategyCallback):
     def __repr__(self) -> str:
         return (f"ElasticResetCallback(ema_decay={self.ema_decay}, reset_every={self.reset_every}, "
                 f"ema_every={self.ema_every})")
+
+
+class BEMACallback(_StrategyCallback):
+    """BEMA (bias-corrected EMA, arXiv 2508.00180) as a Trainer callback: TRL 1.16's
+    ``BEMACallback`` parameters, in its order, with its defaults and schedule
+    (``pyalign._bema.BEMASchedule``, docs/algorithms.md "BEMA"), run by
+    ``pyalign.refmodel.BEMA`` in one fused pass per update, resumable from checkpoints.
+
+    Where the BEMA weights go: ``ref_model`` (the trainer's reference; TRL's experimental
+    callback with ``update_ref_model=True`` and the reference updated at every BEMA update); with
+    ``ref_model=None``, a peft policy's reference adapter ``adapter_name`` (as
+    TrustRegionCallback), or else, as TRL's ``BEMACallback``, ``self.running_model``: a frozen
+    copy of the policy made at train begin and saved with ``save_pretrained`` to
+    ``args.output_dir/bema`` at train end. Only parameters with requires_grad are tracked.
+
+    device: where the EMA and the initial snapshot live; None (default) keeps them beside each
+    parameter, where the fused kernel updates them with no transfer (TRL defaults to "cpu":
+    pass ``device="cpu"`` to save accelerator memory; each update then copies the policy there).
+    ema_dtype: the dtype of the EMA and snapshot (default: each parameter's own, as TRL).
+    backend: the pyalign backend of the weight ops.
+    """
+
+    kind = "BEMA"
+
+    def __init__(self, update_freq: int = 400, ema_power: float = 0.5, bias_power: float = 0.2,
+                 lag: float = 10, update_after: int = 0, multiplier: float = 1.0,
+                 min_ema_multiplier: float = 0.0, device: str | torch.device | None = None, *,
+                 ref_model: nn.Module | None = None, adapter_name: str = "ref",
+                 ema_dtype: torch.dtype | None = None, backend: str = "auto"):
+        self.schedule = BEMASchedule(update_freq, ema_power, bias_power, lag, update_after,
+                                     multiplier, min_ema_multiplier)
+        if ref_model is not None and not isinstance(ref_model, nn.Module):
+            raise TypeError(f"ref_model must be an nn.Module or None, got {type(ref_model).__name__}")
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+        if ema_dtype is not None and not (isinstance(ema_dtype, torch.dtype)
+                                          and ema_dtype.is_floating_point):
+            raise TypeError(f"ema_dtype must be a floating torch.dtype or None, got {ema_dtype!r}")
+        self.device = None if device is None else torch.device(device)
+        self.ref_model, self.adapter_name = ref_model, adapter_name
+        self.ema_dtype = ema_dtype
+        self.backend = backends.check_name(backend)
+        self.running_model = None
+
+    def _moves_trainer_reference(self, model) -> bool:
+        return self.ref_model is not None or _is_peft_model(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and self._moves_trainer_reference(model):
+            _check_moving_reference(args, type(self).__name__)
+        return super().on_train_begin(args, state, control, model=model, **kwargs)
+
+    def _build(self, model) -> BEMA:
+        if self.ref_model is not None:
+            policy, ref = model, self.ref_model
+        elif _is_peft_model(model):
+            policy, ref = _reference_adapter_pairs(model, self.adapter_name)
+        else:
+            self.running_model = copy.deepcopy(model).requires_grad_(False)
+            if self.device is not None:
+                self.running_model.to(self.device)
+            policy, ref = model, self.running_model
+        return BEMA(policy, ref, *dataclasses.astuple(self.schedule), ema_dtype=self.ema_dtype,
+                    device=self.device, backend=self.backend)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.running_model is not None and state.is_world_process_zero:
+            self.running_model.save_pretrained(os.path.join(args.output_dir, "bema"))
+        return control
+
+    def __repr__(self) -> str:
+        target = ("ref_model" if self.ref_model is not None
+                  else f"adapter {self.adapter_name!r} or running_model")
+        return f"BEMACallback({self.schedule}, {target})"

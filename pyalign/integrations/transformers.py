@@ -16,6 +16,8 @@ config for the head's options), never per architecture:
 - a PEFT model works (LoRA on the head too: its delta ``B @ A * scaling`` is added to the weight,
   so the gradient reaches the adapter); prompt-learning adapters, DoRA and a head adapter with
   active dropout in training are refused;
+- packed rows (``position_ids`` restarting at 0 at each sequence) score each sequence as if
+  alone (pyalign/integrations/packing.py);
 - FSDP2 (``fully_shard``): the model is called through its own ``__call__`` so the FSDP hooks
   unshard and reshard as in a normal forward; a head weight still sharded as a ``DTensor`` is
   gathered with ``full_tensor()`` (its gradient is reduce-scattered back).
@@ -41,6 +43,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from pyalign import backends
+from pyalign.integrations import packing
 from pyalign.ops import _checks
 from pyalign.ops.linear_logprobs import linear_token_logprobs
 
@@ -252,19 +255,31 @@ def _forward_replaced(module, forward):
 
 
 def causal_lm_logprobs(model, input_ids: torch.Tensor, *, labels: Optional[torch.Tensor] = None,
-                       attention_mask: Optional[torch.Tensor] = None, entropy: bool = False,
+                       attention_mask: Optional[torch.Tensor] = None,
+                       position_ids: Optional[torch.Tensor] = None, entropy: bool = False,
                        temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto",
                        **model_kwargs) -> CausalLMLogprobs:
     """Next-token log-probs ``[B, T-1]`` of a Hugging Face causal LM, through the fused head.
 
     ``input_ids`` [B, T]. ``labels`` [B, T] in the transformers convention (unshifted: position t
     labels the prediction made at t-1; ``ignore_index`` masks); by default ``input_ids`` with the
-    padding (``attention_mask == 0``) masked. Given labels are used as given. ``temperature``
-    divides the logits (after the model's own soft-cap and scale), as TRL's trainers do.
-    ``model_kwargs`` go to the model's decoder (``position_ids``, ...). Returns
+    padding (``attention_mask == 0``) masked. Given labels are used as given, except where
+    ``position_ids`` is 0. ``temperature`` divides the logits (after the model's own soft-cap and
+    scale), as TRL's trainers do. ``model_kwargs`` go to the model's decoder. Returns
     ``CausalLMLogprobs(logprobs, entropy, mask)``; log-probs and entropy carry gradients to the
     model's parameters. Equals ``log_softmax(model(...).logits[:, :-1] / temperature)`` gathered
     at the labels, without ever holding those logits.
+
+    ``position_ids`` [B, T] (or [1, T]) may pack several sequences into a row, each starting at
+    position 0 (TRL's padding-free batches): a token at position 0 is never a label, and each
+    sequence's log-probs are those it has alone in its own row. The attention is kept inside each
+    sequence by the model's attention implementation (pyalign/integrations/packing.py, read
+    against transformers 5.25): sdpa and eager get a block-diagonal causal mask built here from
+    ``position_ids`` (transformers' own packed detection, which 5.x applies only without an
+    attention mask and a cache, is not relied on); flash attention gets the rows flattened into
+    one, whose varlen kernel (transformers >= 4.44) starts a sequence at each position 0; any
+    other implementation raises ValueError, as do recurrent / linear-attention layer types and,
+    on sdpa / eager, a sliding window shorter than a sequence.
     """
     _checks.check_tensor("input_ids", input_ids, integer=True)
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
@@ -281,21 +296,24 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, *, labels: Optional[torch
     else:
         _checks.check_tensor("labels", labels, integer=True)
         _checks.check_shape("labels", labels, input_ids.shape, "input_ids.shape")
+    if position_ids is not None:
+        position_ids = packing.check_position_ids(position_ids, input_ids)
+        labels = packing.boundary_labels(labels, position_ids, ignore_index)
     next_labels = labels[:, 1:]
     mask = next_labels != ignore_index
     inner = _unwrap_peft(model)
     check_head(inner)  # refuse an unsupported head before the decoder runs
+    decoder = packing.decoder_inputs(backbone(inner).config, input_ids, attention_mask, position_ids)
     outputs = ("log_probs", "entropy") if entropy else ("log_probs",)
 
     def fused_forward(*args, **kwargs):
         kwargs.pop("labels", None)  # peft's forward passes labels=None through
-        hidden = backbone(inner)(*args, **kwargs).last_hidden_state[:, :-1]
+        hidden = decoder.restore(backbone(inner)(*args, **kwargs).last_hidden_state)[:, :-1]
         return score_hidden(inner, hidden, next_labels, mask, temperature=temperature, outputs=outputs,
-                      backend=backend)
+                            backend=backend)
 
     with _forward_replaced(inner, fused_forward):
-        result = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                       **model_kwargs)
+        result = model(**decoder.kwargs, use_cache=False, **model_kwargs)
     return CausalLMLogprobs(result[0], result[1], mask.to(result[0].device))
 
 

@@ -12,9 +12,9 @@ from pyalign.ops.preference import (
                                     sequence_logprobs,
                                     token_preference_loss,
 )
-from pyalign.ops.weights import copy_, ema_, lerp_
+from pyalign.ops.weights import bema_, copy_, ema_, lerp_
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "kl_penalty", "preference_loss", "kto_loss",
            "linear_preference_loss", "token_preference_loss", "linear_kto_loss", "sequence_logprobs",
            "PreferenceLossOutput", "KTOLossOutput", "policy_loss", "linear_policy_loss", "PolicyLossOutput",
-           "ema_", "lerp_", "copy_"]
+           "ema_", "lerp_", "copy_", "bema_"]

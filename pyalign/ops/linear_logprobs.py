@@ -267,6 +267,18 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     Gradients flow to hidden, weight and bias, accumulated in fp32. Positions whose label is
     ``ignore_index`` give 0 (False) in every output and nothing to any gradient.
 
+    Packed (padding-free) batches: the tokens of all sequences flattened, hidden [N, H] and
+    labels [N] the next token of each position, with ``ignore_index`` at every sequence's last
+    position (the token after it starts the next sequence, which nothing before it predicts):
+
+        hidden = last_hidden[0, :-1]; labels = input_ids[0, 1:].clone()  # one packed row
+        labels[position_ids[0, 1:] == 0] = -100       # no label across a sequence boundary
+        logprobs = linear_token_logprobs(hidden, lm_head.weight, labels)
+
+    The hidden states themselves must come from attention kept inside each sequence
+    (``pyalign.integrations.transformers.causal_lm_logprobs(position_ids=...)`` sees to it for a
+    Hugging Face model; docs/algorithms.md, "Packed sequences").
+
     The head, in TRL's order (``trl.kernels.ChunkedLogProbFunction``, docs/algorithms.md):
     ``logit_scale`` multiplies the logits first (Cohere's ``logit_scale``, Granite's
     1/``logits_scaling``, Falcon-H1's ``lm_head_multiplier``: finite, > 0), then ``softcap``

@@ -1,11 +1,13 @@
-"""In-place multi-tensor weight updates: the primitives of Trust-Region reference updates and
-Elastic Reset. No autograd; targets and sources may differ in dtype (an fp32 EMA of bf16
-weights); math runs in fp32 with one rounding into the target. Family "weights" of
+"""In-place multi-tensor weight updates: the primitives of Trust-Region reference updates,
+Elastic Reset and BEMA. No autograd; targets and sources may differ in dtype (an fp32 EMA of bf16
+weights); math runs in fp32 with one rounding into each written tensor. Family "weights" of
 pyalign/backends.py.
 
     ema_(targets, sources, decay)    t = decay * t + (1 - decay) * s
     lerp_(targets, sources, weight)  t = t + weight * (s - t)
     copy_(targets, sources)          t = s
+    bema_(targets, emas, params, inits, alpha=, beta=)
+                                     e = (1 - beta) * e + beta * p;  t = e + alpha * (p - i)
 
 Pairing: two modules pair by parameter (and, with include_buffers, floating buffer) name,
 canonicalised by pyalign._utils.canonical_param_name so DDP's ``module.`` and torch.compile's
@@ -148,6 +150,15 @@ def _check_no_aliasing(target_list: list, source_list: list, names) -> None:
     def label(side: str, i: int) -> str:
         return f"{side}[{i}]" + (f" ({names[i]!r})" if names is not None and i < len(names) else "")
 
+    _check_disjoint(target_list, source_list, lambda i: label("targets", i),
+                    lambda j: label("sources", j), own_source_allowed=True)
+
+
+def _check_disjoint(target_list: list, source_list: list, target_label, source_label, *,
+                    own_source_allowed: bool) -> None:
+    """No two written tensors (``target_list``) share a byte, and none shares one with a read
+    tensor (``source_list``) except, where ``own_source_allowed``, its own source as the very
+    same view. ``target_label(i)`` / ``source_label(j)`` name them in the error."""
     target_extents = [_extent(t) for t in target_list]
     source_extents = [_extent(s) for s in source_list]
     # sort by start so that only neighbours in address order need comparing pairwise
@@ -160,7 +171,7 @@ def _check_no_aliasing(target_list: list, source_list: list, names) -> None:
                 break
             if _share_bytes(target_list[i], ei, target_list[j], ej):
                 first, second = sorted((i, j))
-                raise ValueError(f"{label('targets', first)} and {label('targets', second)} "
+                raise ValueError(f"{target_label(first)} and {target_label(second)} "
                                  f"overlap in memory (the same tensor twice, or views sharing "
                                  f"elements): an in-place update of both depends on thread timing")
     # Per storage, targets sorted by first byte: the ones a source range [a, b) can touch start
@@ -181,34 +192,42 @@ def _check_no_aliasing(target_list: list, source_list: list, names) -> None:
         while position >= 0 and furthest[position] > extent[2]:
             i = members[position]
             position -= 1
-            if i == j and _same_view(target_list[i], source_list[j]):
+            if own_source_allowed and i == j and _same_view(target_list[i], source_list[j]):
                 continue  # a target that is its own source: a no-op, allowed
             if _share_bytes(target_list[i], target_extents[i], source_list[j], extent):
-                raise ValueError(f"{label('targets', i)} overlaps {label('sources', j)} in "
-                                 f"memory: an update would read elements it has already written "
-                                 f"(only a target that is its own source, the same view, is allowed)")
+                raise ValueError(f"{target_label(i)} overlaps {source_label(j)} in "
+                                 f"memory: an update would read elements it has already written"
+                                 + (" (only a target that is its own source, the same view, is "
+                                    "allowed)" if own_source_allowed else ""))
+
+
+def _by_device(*lists) -> dict:
+    """device -> the lists' entries whose first tensor is on it (as lists, in order)."""
+    groups: dict = {}
+    for entries in zip(*lists):
+        device_lists = groups.setdefault(entries[0].device, tuple([] for _ in lists))
+        for device_list, tensor in zip(device_lists, entries):
+            device_list.append(tensor)
+    return groups
+
+
+def _backend_for(backend: str, device, kernel_ok: bool) -> str:
+    if kernel_ok:
+        return backends.resolve("weights", backend, device)
+    if backend in ("auto", "eager"):
+        return "eager"  # fp64 or strided tensors: the foreach/eager path handles them
+    raise ValueError(f"backend {backend!r} takes contiguous float32/bfloat16/float16 "
+                     f"tensors; use backend='eager' for others")
+
+
+def _kernel_ready(*tensors) -> bool:
+    return all(t.dtype in KERNEL_DTYPES and t.is_contiguous() for t in tensors)
 
 
 def _apply(kind: str, targets, sources, scalar: float, backend: str, include_buffers: bool) -> None:
     target_list, source_list = _pairs(targets, sources, include_buffers)
-    if not target_list:
-        return
-    by_device: dict = {}
-    for target, source in zip(target_list, source_list):
-        by_device.setdefault(target.device, ([], []))
-        by_device[target.device][0].append(target)
-        by_device[target.device][1].append(source)
-    for device, (device_targets, device_sources) in by_device.items():
-        kernel_ok = all(t.dtype in KERNEL_DTYPES and s.dtype in KERNEL_DTYPES
-                        and t.is_contiguous() and s.is_contiguous()
-                        for t, s in zip(device_targets, device_sources))
-        if kernel_ok:
-            name = backends.resolve("weights", backend, device)
-        elif backend in ("auto", "eager"):
-            name = "eager"  # fp64 or strided tensors: the foreach/eager path handles them
-        else:
-            raise ValueError(f"backend {backend!r} takes contiguous float32/bfloat16/float16 "
-                             f"tensors; use backend='eager' for others")
+    for device, (device_targets, device_sources) in _by_device(target_list, source_list).items():
+        name = _backend_for(backend, device, _kernel_ready(*device_targets, *device_sources))
         with torch.no_grad():
             backends.load("weights", name).apply_(kind, device_targets, device_sources, scalar)
 
@@ -242,3 +261,57 @@ def copy_(targets: TensorsOrModule, sources: TensorsOrModule, *, include_buffers
           backend: str = "auto") -> None:
     """In place: ``t = s`` for every pair (TR hard update, Elastic Reset)."""
     _apply("copy", targets, sources, 0.0, backend, include_buffers)
+
+
+_BEMA_ROLES = ("targets", "emas", "params", "inits")
+
+
+def _bema_lists(targets, emas, params, inits) -> list[list]:
+    """The four lists, checked: one length, floating tensors of one shape and device per index,
+    ema and init of one dtype, the written ones (targets, emas) disjoint from each other and
+    from the read ones (params, inits)."""
+    lists = [_as_tensor_list(role, given, False)
+             for role, given in zip(_BEMA_ROLES, (targets, emas, params, inits))]
+    lengths = [len(values) for values in lists]
+    if len(set(lengths)) > 1:
+        raise ValueError(f"bema_ takes lists of one length, got "
+                         f"{dict(zip(_BEMA_ROLES, lengths))}")
+    for i, group in enumerate(zip(*lists)):
+        for role, tensor in zip(_BEMA_ROLES, group):
+            if not tensor.dtype.is_floating_point:
+                raise TypeError(f"{role}[{i}]: weight ops take floating tensors, got {tensor.dtype}")
+            if tensor.shape != group[0].shape or tensor.device != group[0].device:
+                raise ValueError(f"{role}[{i}]: shape {tuple(tensor.shape)} on {tensor.device}, "
+                                 f"but targets[{i}] is {tuple(group[0].shape)} on {group[0].device}")
+        if group[1].dtype != group[3].dtype:
+            raise TypeError(f"emas[{i}] and inits[{i}] must share a dtype (the BEMA state), got "
+                            f"{group[1].dtype} and {group[3].dtype}")
+    count = lengths[0]
+    written, read = lists[0] + lists[1], lists[2] + lists[3]
+
+    def label(roles):
+        return lambda k: f"{roles[k // count]}[{k % count}]"
+    _check_disjoint(written, read, label(_BEMA_ROLES[:2]), label(_BEMA_ROLES[2:]),
+                    own_source_allowed=False)
+    return lists
+
+
+def bema_(targets: TensorsOrModule, emas: TensorsOrModule, params: TensorsOrModule,
+          inits: TensorsOrModule, *, alpha: float, beta: float, backend: str = "auto") -> None:
+    """BEMA's update (docs/algorithms.md "BEMA") in place, one pass over each element:
+    ``ema = ema + beta * (param - ema)`` (TRL's ``(1 - beta) * ema + beta * param``, two-sided
+    as torch.lerp) stored in the ema's dtype, then ``target = ema + alpha * (param - init)``
+    from that stored ema. Lists paired by position (a module gives its parameters in
+    registration order); each index's four tensors share shape and device, ema and init share a
+    dtype, and targets may differ in dtype from both (a bf16 reference of an fp32 state).
+    ``alpha`` finite, ``beta`` in [0, 1]. pyalign.refmodel.BEMA schedules the two."""
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    beta = _check_fraction("beta", beta, False)
+    lists = _bema_lists(targets, emas, params, inits)
+    for device, device_lists in _by_device(*lists).items():
+        tensors = [t for device_list in device_lists for t in device_list]
+        name = _backend_for(backend, device, _kernel_ready(*tensors))
+        with torch.no_grad():
+            backends.load("weights", name).bema_(*device_lists, alpha, beta)

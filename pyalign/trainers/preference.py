@@ -2,7 +2,8 @@
 (IPO, SLiC/hinge, robust, ...), weighted combinations of them (MPO), their f-divergence, LD-DPO
 and WPO options (``pyalign.token_preference_loss``), KTO and APO-zero on unpaired data
 (``pyalign.kto_loss``), and their trust-region variants (TR-DPO/TR-IPO/TR-KTO: the reference is
-pulled towards the policy every ``tr_tau`` steps by ``pyalign.refmodel.TrustRegion``). With a
+pulled towards the policy every ``tr_tau`` steps by ``pyalign.refmodel.TrustRegion``) or a BEMA
+reference (``reference="bema"``: ``pyalign.refmodel.BEMA``, the ``bema_*`` keys). With a
 LoRA policy (``pyalign train --lora``) only the adapter trains and the trust-region reference is
 a frozen copy of base and adapter whose adapter factors alone are lerped (docs/algorithms.md).
 
@@ -16,19 +17,21 @@ as TRL's do under gradient accumulation).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional, Union
 
 import torch
 
 import pyalign
 from pyalign import losses
+from pyalign._bema import BEMASchedule
 from pyalign.trainers.distributed import micro_slices, split_evenly
 from pyalign.trainers.scoring import masked_sum
 from pyalign.trainers.trainer import Trainer, TrainerConfig, _freeze, check_range, make_generator
 
 PAIRWISE_LOSSES = losses.PAIRWISE_NAMES  # from the registry, pyalign/losses.py
 LOSSES = losses.NAMES  # the pairwise losses, then the unpaired ones (kto, apo_zero_unpaired)
-REFERENCES = ("frozen", "trust_region")
+REFERENCES = ("frozen", "trust_region", "bema")
 
 
 @dataclasses.dataclass
@@ -44,9 +47,17 @@ class PreferenceConfig(TrainerConfig):
     length_normalize: bool = False  # average the log-probs over response tokens (IPO does)
     desirable_weight: float = 1.0  # KTO
     undesirable_weight: float = 1.0  # KTO
-    reference: str = "frozen"  # or "trust_region" (TR-DPO/IPO/KTO)
+    reference: str = "frozen"  # or "trust_region" (TR-DPO/IPO/KTO) or "bema"
     tr_alpha: float = 0.6  # soft-update weight; 1.0 is the hard update
     tr_tau: int = 10  # optimizer steps between reference updates
+    # BEMA reference: TRL's BEMACallback settings and defaults (pyalign._bema.BEMASchedule)
+    bema_update_freq: int = 400  # optimizer steps between BEMA updates
+    bema_ema_power: float = 0.5  # kappa: beta_t = (lag + multiplier t)^-ema_power
+    bema_bias_power: float = 0.2  # eta: alpha_t = (lag + multiplier t)^-bias_power
+    bema_lag: float = 10  # rho
+    bema_update_after: int = 0  # tau: the burn-in, where the snapshot is taken
+    bema_multiplier: float = 1.0  # gamma
+    bema_min_ema_multiplier: float = 0.0  # beta_t's floor
     precompute_ref: bool = True  # frozen reference only: score the dataset once up front
     num_examples: int = 1024  # dataset size (pairs, or unpaired examples for KTO); epochs repeat it
 
@@ -63,6 +74,13 @@ class PreferenceConfig(TrainerConfig):
             check_range(self, name, "> 0", lambda v: v > 0)
         check_range(self, "tr_alpha", "in (0, 1]", lambda v: 0 < v <= 1)
         check_range(self, "tr_tau", ">= 1", lambda v: v >= 1)
+        try:
+            self.bema_schedule()
+        except ValueError as exc:  # the schedule's message names its fields: name the config keys
+            message = str(exc)
+            for field in dataclasses.fields(BEMASchedule):
+                message = re.sub(rf"\b{field.name}\b", f"bema_{field.name}", message)
+            raise ValueError(f"config: {message}") from None
         check_range(self, "num_examples", f">= batch_size ({self.batch_size})",
                     lambda v: v >= self.batch_size)
         if isinstance(self.loss, str) and self.loss in losses.UNPAIRED_NAMES:
@@ -83,6 +101,11 @@ class PreferenceConfig(TrainerConfig):
                                  ) from None
 
 
+    def bema_schedule(self) -> BEMASchedule:
+        return BEMASchedule(**{field.name: getattr(self, f"bema_{field.name}")
+                               for field in dataclasses.fields(BEMASchedule)})
+
+
 class PreferenceTrainer(Trainer):
     """DPO-family and KTO training on the task's preference data; see PreferenceConfig."""
 
@@ -91,7 +114,7 @@ class PreferenceTrainer(Trainer):
 
     # -- set-up -------------------------------------------------------------------------------
     def _make_reference(self) -> torch.nn.Module:
-        if self.config.reference == "trust_region":
+        if self.config.reference in ("trust_region", "bema"):
             # A moving reference: its own copy, so the KL-to-init metric keeps the initial model.
             return _freeze(self.model_factory().to(self.dist.device))
         return self.init_model
@@ -104,6 +127,10 @@ class PreferenceTrainer(Trainer):
             return pyalign.refmodel.TrustRegion(self.policy, self.ref_model, alpha=self.config.tr_alpha,
                                                 tau=self.config.tr_tau, trainable_only=adapters_only,
                                                 backend=self.config.backend)
+        if self.config.reference == "bema":  # tracks the trainable parameters (the adapter)
+            return pyalign.refmodel.BEMA(self.policy, self.ref_model,
+                                         *dataclasses.astuple(self.config.bema_schedule()),
+                                         backend=self.config.backend)
         return pyalign.refmodel.Frozen(self.ref_model)
 
     @property

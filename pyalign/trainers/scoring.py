@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 import pyalign
+from pyalign.integrations import packing
 from pyalign.integrations import transformers as hf_head
 from pyalign.ops.preference import log_sum_sq_probs
 
@@ -73,6 +74,17 @@ def _fusable_head(causal_lm: torch.nn.Module) -> bool:
     return True
 
 
+def _padding_free_inputs(config, input_ids: torch.Tensor) -> packing.DecoderInputs:
+    """Every row's real tokens (ids >= 0) packed into one row, positions restarting at 0 with
+    each row (pyalign/integrations/packing.py keeps them apart); ``restore`` puts the decoder's
+    output back into the padded rows."""
+    real = input_ids >= 0
+    positions = real.long().cumsum(-1) - 1
+    decoder = packing.decoder_inputs(config, input_ids[real][None], None, positions[real][None])
+    back = packing.scatter_rows(real)
+    return packing.DecoderInputs(decoder.kwargs, lambda output: back(decoder.restore(output)))
+
+
 class ResponseScorer(torch.nn.Module):
     """Per-token log-probs (and entropies) of response tokens given prompts, via pyalign's ops.
 
@@ -82,16 +94,31 @@ class ResponseScorer(torch.nn.Module):
     Falcon-H1, ...); a head it cannot reproduce exactly is scored from the model's logits
     instead. Wrapping this module (not the bare model) in DDP/FSDP keeps the lm_head inside the
     wrapped forward.
+
+    With ``padding_free`` the padding never reaches the model: the real tokens of all the rows
+    (prompt and response) run as one packed row, each row's a sequence of its own
+    (pyalign/integrations/packing.py: sdpa and eager get a block-diagonal mask, flash attention
+    its varlen path), with the same log-probs as the padded rows. Every row needs a prompt token.
     """
 
     def __init__(self, model: torch.nn.Module, *, fused_linear: bool = True, backend: str = "auto",
-                 temperature: float = 1.0, bf16: bool = False):
+                 temperature: float = 1.0, bf16: bool = False, padding_free: bool = False):
         super().__init__()
         self.model = model
         self.fused_linear = bool(fused_linear) and _fusable_head(_causal_lm(model))
         self.backend = backend
         self.temperature = float(temperature)
         self.bf16 = bool(bf16)
+        self.padding_free = bool(padding_free)
+
+    def _inputs(self, prompts: torch.Tensor, responses: torch.Tensor) -> packing.DecoderInputs:
+        input_ids = torch.cat([prompts, responses], dim=1)
+        if not self.padding_free:
+            return packing.DecoderInputs(padding_inputs(input_ids), lambda output: output)
+        if not bool((prompts >= 0).any(-1).all()):
+            raise ValueError("padding_free scoring needs a prompt token in every row (a "
+                             "response's first token is predicted from the prompt's last)")
+        return _padding_free_inputs(_causal_lm(self.model).config, input_ids)
 
     def _autocast(self, device: torch.device):
         if not self.bf16:
@@ -104,15 +131,14 @@ class ResponseScorer(torch.nn.Module):
         per token, no gradient: WPO's input) of the response tokens, a tensor or a tuple."""
         width = responses.shape[1]
         prompts, responses, mask = _drop_padding_columns(prompts, responses, mask)
-        inputs = padding_inputs(torch.cat([prompts, responses], dim=1))
-        input_ids = inputs["input_ids"]
+        inputs = self._inputs(prompts, responses)
         start = prompts.shape[1] - 1
         labels = responses.masked_fill(~mask, IGNORE_INDEX)
-        with self._autocast(input_ids.device):
+        with self._autocast(prompts.device):
             if self.fused_linear:
                 causal_lm = _causal_lm(self.model)
-                hidden = hf_head.backbone(causal_lm)(**inputs, use_cache=False).last_hidden_state
-                hidden = hidden[:, start:start + responses.shape[1]]
+                hidden = hf_head.backbone(causal_lm)(**inputs.kwargs, use_cache=False).last_hidden_state
+                hidden = inputs.restore(hidden)[:, start:start + responses.shape[1]]
                 names = ("log_probs", *(("entropy",) if entropy else ()),
                          *(("log_sum_sq_probs",) if log_sum_sq else ()))
                 scored = hf_head.score_hidden(causal_lm, hidden, labels, mask,
@@ -121,7 +147,7 @@ class ResponseScorer(torch.nn.Module):
                 out = (scored[0], scored[1]) if entropy else scored[0]
                 sum_sq = scored[2]
             else:
-                logits = self.model(**inputs, use_cache=False).logits
+                logits = inputs.restore(self.model(**inputs.kwargs, use_cache=False).logits)
                 logits = logits[:, start:start + responses.shape[1]]
                 out = pyalign.token_logprobs(logits, labels, temperature=self.temperature,
                                              entropy=entropy, backend=self.backend)

@@ -1,21 +1,33 @@
-"""TrustRegionCallback and ElasticResetCallback driven by a real transformers.Trainer (and TRL's
-DPOTrainer) on a tiny Llama: the reference / EMA follow an independent float64 computation of
-the schedule from the recorded policy weights, and a run resumed from a checkpoint is
-bit-identical to a straight one."""
+"""TrustRegionCallback, ElasticResetCallback and BEMACallback driven by a real
+transformers.Trainer (and TRL's DPOTrainer) on a tiny Llama: the reference / EMA / BEMA weights
+follow an independent float64 computation of the schedule from the recorded policy weights, and a
+run resumed from a checkpoint is bit-identical to a straight one. BEMACallback also gives the
+same weights as TRL 1.16's own BEMACallback run on another copy of the model with the same
+updates (in TRL's running-model mode and written into a reference model)."""
 import copy
 import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from trl.trainer.callbacks import BEMACallback as TRLBEMACallback
 
 from hf_models import tiny_config
 from pyalign.integrations.callbacks import (
     STATE_FILES,
+    BEMACallback,
     ElasticResetCallback,
     TrustRegionCallback,
     use_reference_adapter,
 )
+from support import bema_trajectory64
 
 VOCAB = 64
 STEPS = 6
@@ -407,6 +419,128 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no adapter 'reference'"):
         with use_reference_adapter(lora_llama(0), "reference"):
             pass
+
+
+# ---------------------------------------------------------------- BEMA
+
+SCHEDULES = {
+    "trl-defaults-every-2": dict(update_freq=2, update_after=2),
+    "ema-floor-and-multiplier": dict(update_freq=3, update_after=1, ema_power=0.8, bias_power=0.5,
+                                     lag=3, multiplier=2.0, min_ema_multiplier=0.4),
+}
+
+
+def drive(callbacks, model, args, steps, **handed):
+    """on_train_begin, then per step: a fake optimizer step of the trainable parameters (the same
+    draws for every model driven this way) and on_step_end of each callback in order, as the
+    Trainer calls them."""
+    state, control = TrainerState(), TrainerControl()
+    for callback in callbacks:
+        callback.on_train_begin(args, state, control, model=model, **handed)
+    generator = torch.Generator().manual_seed(3)
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(0.05 * torch.randn(param.shape, generator=generator))
+        state.global_step = step
+        for callback in callbacks:
+            callback.on_step_end(args, state, control, model=model, **handed)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES.values(), ids=SCHEDULES.keys())
+def test_weights_equal_trls_own_bema_callback(tmp_path, schedule):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trl_policy = tiny_llama(0)
+    ours_policy, ref_policy = copy.deepcopy(trl_policy), copy.deepcopy(trl_policy)
+    trl = TRLBEMACallback(**schedule)
+    drive([trl], trl_policy, args, 10)
+    running = BEMACallback(**schedule)
+    drive([running], ours_policy, args, 10)
+    ref_model = tiny_llama(1)
+    into_ref = BEMACallback(**schedule, ref_model=ref_model)
+    drive([into_ref], ref_policy, args, 10)
+
+    assert torch.equal(next(trl_policy.parameters()), next(ours_policy.parameters()))  # same updates
+    want = dict(trl.running_model.named_parameters())
+    for got in (dict(running.running_model.named_parameters()), dict(ref_model.named_parameters())):
+        assert got.keys() == want.keys()
+        for name in want:  # TRL's (1 - b) e + b p vs our e + b (p - e): a few fp32 ulps apart
+            torch.testing.assert_close(got[name], want[name], rtol=2e-6, atol=2e-7, msg=name)
+    assert not torch.equal(want["lm_head.weight"], trl_policy.lm_head.weight)  # BEMA moved it
+
+
+@pytest.fixture(scope="module")
+def straight_bema(tmp_path_factory):
+    """Six Trainer steps straight (checkpoints at 3 and 6), BEMA into its running model."""
+    out = tmp_path_factory.mktemp("bema_straight")
+    policy = tiny_llama(0)
+    initial = params64(dict(policy.named_parameters()))
+    policy_seen = Recorder(dict(policy.named_parameters()))
+    callback = BEMACallback(update_freq=2, update_after=1, lag=2)
+    run_trainer(policy, [policy_seen, callback], out)
+    return dict(dir=out, callback=callback, initial=initial, policy_seen=policy_seen.steps,
+                running=exact(callback.running_model))
+
+
+def test_trainer_run_follows_the_schedule_and_saves_the_bema_model(straight_bema):
+    schedule = dict(update_freq=2, update_after=1, lag=2, multiplier=1.0, ema_power=0.5,
+                    bias_power=0.2, min_ema_multiplier=0.0)
+    oracle = bema_trajectory64(straight_bema["policy_seen"], straight_bema["initial"], schedule)
+    for name, tensor in straight_bema["running"].items():
+        torch.testing.assert_close(tensor.double(), oracle[6][name], rtol=1e-6, atol=1e-7, msg=name)
+    saved = AutoModelForCausalLM.from_pretrained(str(straight_bema["dir"] / "bema"))
+    for name, param in saved.named_parameters():  # TRL's place for it: output_dir/bema
+        assert torch.equal(param, straight_bema["running"][name]), name
+    assert (straight_bema["dir"] / "checkpoint-3" / f"{STATE_FILES['BEMA']}.pt").is_file()
+
+
+def test_trainer_resume_is_bit_identical(straight_bema, tmp_path):
+    shutil.copytree(straight_bema["dir"] / "checkpoint-3", tmp_path / "checkpoint-3")
+    callback = BEMACallback(update_freq=2, update_after=1, lag=2)
+    run_trainer(tiny_llama(0), [callback], tmp_path, resume=True)
+    got = exact(callback.running_model)
+    for name, tensor in straight_bema["running"].items():
+        assert torch.equal(got[name], tensor), name
+    # updates at steps 3 and 5
+    assert callback.strategy.num_updates == straight_bema["callback"].strategy.num_updates == 2
+
+
+def test_peft_policy_moves_its_reference_adapter(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    model = lora_llama(0)
+    policy_adapter = adapter_tensors(model, "default")
+    initial = params64(policy_adapter)
+    seen = Recorder(policy_adapter)  # before the callback: the policy each update reads
+    callback = BEMACallback(update_freq=2, update_after=1, lag=2)
+    drive([seen, callback], model, args, 5)
+    assert callback.running_model is None
+    oracle = bema_trajectory64(seen.steps, initial, dict(update_freq=2, update_after=1, lag=2,
+                                                     multiplier=1.0, ema_power=0.5, bias_power=0.2,
+                                                     min_ema_multiplier=0.0))
+    ref_adapter = adapter_tensors(model, "ref")
+    for name, tensor in ref_adapter.items():
+        policy_name = name.replace(".ref.", ".default.")
+        torch.testing.assert_close(tensor.double(), oracle[5][policy_name], rtol=1e-6, atol=1e-7)
+
+
+def test_bema_bad_arguments_are_named(tmp_path):
+    with pytest.raises(ValueError, match="update_freq must be an int >= 1"):
+        BEMACallback(update_freq=0)
+    with pytest.raises(ValueError, match=r"min_ema_multiplier must be in \[0, 1\]"):
+        BEMACallback(min_ema_multiplier=2.0)
+    with pytest.raises(TypeError, match="ref_model must be an nn.Module"):
+        BEMACallback(ref_model="ref")
+    with pytest.raises(ValueError, match="adapter_name"):
+        BEMACallback(adapter_name="")
+    with pytest.raises(TypeError, match="ema_dtype"):
+        BEMACallback(ema_dtype=torch.int64)
+    with pytest.raises(ValueError, match="backend"):
+        BEMACallback(backend="fast")
+    args = type("Args", (), dict(output_dir=str(tmp_path), world_size=1, sync_ref_model=True))()
+    with pytest.raises(ValueError, match="sync_ref_model=False"):
+        BEMACallback(ref_model=tiny_llama(1)).on_train_begin(args, TrainerState(), TrainerControl(),
+                                                            model=tiny_llama(0))
 
 
 # ---------------------------------------------------------------- FSDP2-style shards

@@ -1,7 +1,9 @@
 """pyalign.integrations.transformers on tiny Hugging Face models: causal_lm_logprobs against the
 model's own logits (a copy of the model, log_softmax in float64, gathered), forward and the
-parameter gradients of per-token upstream gradients, on every architecture of hf_models; PEFT;
-the refusals; add_fused_lm_head against TRL's own add_fused_lm_head."""
+parameter gradients of per-token upstream gradients, on every architecture of hf_models; packed
+sequences (position_ids restarting at 0) against each sequence scored alone in float64, with sdpa
+and eager, and the trainers' padding-free scorer against padded rows; PEFT; the refusals;
+add_fused_lm_head against TRL's own add_fused_lm_head."""
 import copy
 
 import peft
@@ -11,6 +13,7 @@ import trl.trainer.utils as trl_utils
 from torch import nn
 
 from hf_models import ARCHITECTURES, build_tiny_model, train_tokenizer
+from pyalign.integrations import packing
 from pyalign.integrations.transformers import (
     UnsupportedHeadError,
     add_fused_lm_head,
@@ -274,3 +277,161 @@ def test_add_fused_lm_head_under_peft_with_the_head_adapted(tokenizer):
     want, _, mask = _reference(model, input_ids, attention_mask, labels, 1.0)
     assert torch.equal(fused.label_mask, mask)
     torch.testing.assert_close(fused.log_probs.double(), want, atol=2e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ packed sequences
+
+# Row 0 packs three sequences; row 1 two and right padding (3 tokens).
+PACKED_LENGTHS = ((5, 7, 3), (6, 4))
+PACKED_WIDTH = 15
+# (arch, attention implementation): gemma2's soft-capped attention has no sdpa
+PACKED_CASES = [(arch, impl) for arch in ("llama", "gpt2", "mistral", "qwen3", "gemma2")
+                for impl in ("sdpa", "eager") if (arch, impl) != ("gemma2", "sdpa")]
+
+
+def _packed_batch(vocab):
+    """(input_ids, attention_mask, position_ids [2, 15], the sequences as (row, start, ids))."""
+    input_ids = torch.zeros(2, PACKED_WIDTH, dtype=torch.long, device=DEVICE)
+    position_ids, attention_mask = torch.zeros_like(input_ids), torch.zeros_like(input_ids)
+    sequences = []
+    for row, lengths in enumerate(PACKED_LENGTHS):
+        start = 0
+        for length in lengths:
+            ids = torch.randint(3, vocab, (length,), device=DEVICE)
+            input_ids[row, start:start + length] = ids
+            position_ids[row, start:start + length] = torch.arange(length)
+            attention_mask[row, start:start + length] = 1
+            sequences.append((row, start, ids))
+            start += length
+    return input_ids, attention_mask, position_ids, sequences
+
+
+def _scored_alone64(model64, sequences):
+    """Each sequence's log-probs and entropies [len - 1] from float64 logits of it alone."""
+    scored = []
+    for _, _, ids in sequences:
+        logp = model64(input_ids=ids[None]).logits[0, :-1].log_softmax(-1)
+        scored.append((logp.gather(-1, ids[1:, None])[:, 0], -(logp.exp() * logp).sum(-1)))
+    return scored
+
+
+def _packed_error(model, tokenizer, upstream_seed=0):
+    """Score a packed batch and every sequence alone (float64 copy of the model); return the
+    largest log-prob / entropy difference, after checking which positions are labels, and
+    backpropagate the same per-token upstream gradients through both."""
+    model64 = copy.deepcopy(model).double()
+    input_ids, attention_mask, position_ids, sequences = _packed_batch(len(tokenizer))
+    out = causal_lm_logprobs(model, input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids, entropy=True)
+    want_mask = torch.zeros(2, PACKED_WIDTH - 1, dtype=torch.bool, device=DEVICE)
+    error, packed_sum, alone_sum = 0.0, 0.0, 0.0
+    generator = torch.Generator(device=DEVICE).manual_seed(upstream_seed)
+    for (row, start, ids), (logprobs, entropy) in zip(sequences, _scored_alone64(model64, sequences)):
+        labels = slice(start, start + len(ids) - 1)  # label j scores token j + 1
+        want_mask[row, labels] = True
+        for got, want in ((out.logprobs[row, labels], logprobs), (out.entropy[row, labels], entropy)):
+            error = max(error, float((got.detach().double() - want.detach()).abs().max()))
+            upstream = torch.randn(want.shape, generator=generator, device=DEVICE, dtype=torch.float64)
+            packed_sum = packed_sum + (got * upstream.float()).sum()
+            alone_sum = alone_sum + (want * upstream).sum()
+    assert torch.equal(out.mask, want_mask)  # no label at a boundary or in the padding
+    assert bool((out.logprobs[~want_mask] == 0).all() and (out.entropy[~want_mask] == 0).all())
+    packed_sum.backward()
+    alone_sum.backward()
+    return error, model64
+
+
+@pytest.mark.parametrize("arch,impl", PACKED_CASES)
+def test_packed_sequences_score_as_if_alone(arch, impl, tokenizer):
+    model = build_tiny_model(arch, tokenizer).to(DEVICE)
+    model.config._attn_implementation = impl
+    error, model64 = _packed_error(model, tokenizer)
+    assert error < 2e-5, error
+    _assert_grads_close(model, model64, atol=5e-5)
+
+
+def test_packing_left_to_the_model_mixes_the_sequences(tokenizer, monkeypatch):
+    """The check above catches attention that crosses sequences: transformers 5.25's sdpa given
+    the packed position_ids with an attention mask (its packed detection is off then) is far
+    from each sequence alone."""
+    monkeypatch.setattr(packing, "decoder_inputs", lambda config, input_ids, attention_mask,
+                        position_ids: packing.DecoderInputs(
+                            {"input_ids": input_ids, "attention_mask": attention_mask,
+                             "position_ids": position_ids}, lambda output: output))
+    model = build_tiny_model("llama", tokenizer).to(DEVICE)
+    model.config._attn_implementation = "sdpa"
+    error, _ = _packed_error(model, tokenizer)
+    assert error > 1e-2, error
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_flash_attention_route_flattens_the_rows(arch, tokenizer, monkeypatch):
+    """The flash-attention route (one row of every row's real tokens, hidden states scattered
+    back), run here through transformers 5.25's own sdpa / eager packed masking of one row with
+    no attention mask and no cache (flash-attn is not installed): each sequence as alone."""
+    monkeypatch.setattr(packing, "attention_route", lambda implementation: "flatten")
+    model = build_tiny_model(arch, tokenizer).to(DEVICE)
+    model.config._attn_implementation = "eager" if arch == "gemma2" else "sdpa"
+    error, model64 = _packed_error(model, tokenizer)
+    assert error < 2e-5, error
+    _assert_grads_close(model, model64, atol=5e-5)
+
+
+@pytest.mark.parametrize("fused_linear", [True, False])
+@pytest.mark.parametrize("arch,impl", [("llama", "sdpa"), ("gemma2", "eager")])
+def test_padding_free_scorer_equals_padded_rows(arch, impl, fused_linear, tokenizer):
+    from pyalign.trainers.scoring import ResponseScorer
+    model = build_tiny_model(arch, tokenizer).to(DEVICE)
+    model.config._attn_implementation = impl
+    vocab = len(tokenizer)
+    prompts = torch.randint(3, vocab, (3, 5), device=DEVICE)
+    responses = torch.randint(3, vocab, (3, 6), device=DEVICE)
+    prompts[1, :2], prompts[2, :4] = -100, -100  # left-padded prompts, right-padded responses
+    responses[0, 4:], responses[2, 1:] = -100, -100
+    mask = responses >= 0
+    padded = ResponseScorer(model, fused_linear=fused_linear, temperature=0.7)
+    free = ResponseScorer(model, fused_linear=fused_linear, temperature=0.7, padding_free=True)
+    want_logprobs, want_entropy = padded(prompts, responses, mask, entropy=True)
+    logprobs, entropy = free(prompts, responses, mask, entropy=True)
+    torch.testing.assert_close(logprobs, want_logprobs, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, want_entropy, atol=2e-5, rtol=1e-5)
+    assert bool((logprobs[~mask] == 0).all())
+    prompts[1] = -100
+    with pytest.raises(ValueError, match="needs a prompt token in every row"):
+        free(prompts, responses, mask)
+
+
+def test_packed_refusals_are_named_before_the_model_runs(tokenizer, monkeypatch):
+    model = build_tiny_model("mistral", tokenizer).to(DEVICE)
+    input_ids, attention_mask, position_ids, _ = _packed_batch(len(tokenizer))
+
+    def score(**overrides):
+        return causal_lm_logprobs(model, input_ids, **{"attention_mask": attention_mask,
+                                                        "position_ids": position_ids, **overrides})
+
+    monkeypatch.setattr(type(model.model), "forward", lambda *a, **k: pytest.fail("the model ran"))
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="need attn_implementation sdpa, eager or a flash"):
+        score()
+    model.config._attn_implementation = "sdpa"
+    monkeypatch.setattr(model.config, "sliding_window", 6)
+    with pytest.raises(ValueError, match="a sequence of 7 tokens is longer than the model's "
+                                         r"sliding_window \(6\)"):
+        score()
+    monkeypatch.setattr(model.config, "sliding_window", None)
+    monkeypatch.setattr(model.config, "layer_types", ["full_attention", "linear_attention"],
+                        raising=False)
+    with pytest.raises(ValueError, match=r"\['linear_attention'\] layers"):
+        score()
+    monkeypatch.setattr(packing, "attention_route", lambda implementation: "flatten")
+    monkeypatch.setattr(model.config, "layer_types", None)
+    shifted = position_ids.clone()
+    shifted[1, :6] += 2  # row 1 starts mid-sequence: it cannot be flattened after row 0
+    with pytest.raises(ValueError, match="each row must start a sequence"):
+        score(position_ids=shifted)
+    with pytest.raises(TypeError, match="position_ids must be an integer tensor"):
+        score(position_ids=position_ids.float())
+    with pytest.raises(ValueError, match=r"position_ids must be \[B, T\] or \[1, T\]"):
+        score(position_ids=position_ids[:, :4])
+    with pytest.raises(ValueError, match="position_ids must be >= 0"):
+        score(position_ids=position_ids - 1)

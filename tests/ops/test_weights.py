@@ -13,30 +13,22 @@ import torch
 from torch import nn
 
 import pyalign
-from support import DEVICE, backends_for, ema64, lerp64, same_under_thread_counts
+from support import (
+    DEVICE,
+    assert_rounded_from,
+    backends_for,
+    ema64,
+    lerp64,
+    same_under_thread_counts,
+)
 
 BACKENDS = backends_for("weights")
-# The exact result rounded once into the target: half an ulp of the target dtype, relative.
-ROUNDING = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-
-
 def expected64(kind, target, source, scalar):
     if kind == "ema":
         return ema64(target, source, scalar)
     if kind == "lerp":
         return lerp64(target, source, scalar)
     return source.double()
-
-
-def assert_rounded_from(actual, exact, operands, name=""):
-    """``actual`` equals ``exact`` (float64) up to one rounding into actual's dtype, after fp32
-    arithmetic whose error scales with the operands (|t| + |s|: lerp cancels near t = s), and
-    float16's subnormal spacing."""
-    scale = sum(operand.double().abs() for operand in operands)
-    subnormal = 2.0 ** -25 if actual.dtype == torch.float16 else 0.0
-    bound = ROUNDING[actual.dtype] * exact.abs() + 4 * 2.0 ** -24 * scale + subnormal
-    error = (actual.double() - exact).abs()
-    assert torch.all(error <= bound), f"{name}: max error {float(error.max()):.3g} ({actual.dtype})"
 
 
 def apply(kind, targets, sources, scalar, **kwargs):
