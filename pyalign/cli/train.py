@@ -66,8 +66,14 @@ def _option_owners() -> dict:
 def _argument(option: str, owners: list) -> dict:
     group, name, field, expected = owners[0]
     kinds = [as_field_type([], t)[0] for _, _, _, t in owners]  # does it take a list?
-    helps = [(f"= --{n.replace('_', '-')}" + (f" ({g})" if len(owners) > 1 else "") + ": "
-              if n != option else "") + f.metadata["help"] for g, n, f, _ in owners]
+    helps = []
+    for owner_group, owner_name, owner_field, _ in owners:
+        own = owner_field.metadata["help"] if owner_name == option else \
+            f"TRL's name of --{owner_name.replace('_', '-')}"
+        choices = owner_field.metadata["choices"]
+        if owner_name == option and choices and option != "algo":
+            own += f" (one of {', '.join(map(str, choices))})"
+        helps.append(f"{owner_group}: {own}" if len(owners) > 1 else own)
     kwargs = {"dest": option, "default": argparse.SUPPRESS, "help": " | ".join(helps)}
     base = [t for t in typing.get_args(expected) if t is not type(None)] or [expected]
     if base[0] is bool:
@@ -129,6 +135,8 @@ def _stored_settings(args: argparse.Namespace):
     out = next((values[k] for values in (given, file_values) for k in ("out", "output_dir")
                 if values.get(k)), None)
     algo = given.get("algo") or file_values.get("algo")
+    if out is None and args.resume not in ("", "latest"):  # OUT/checkpoints/step-NNNNNN.pt
+        out = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
     out = out or (os.path.join("runs", algo) if algo in ALGOS else None)
     if out is None:
         raise ConfigError("--resume needs --out DIR: the directory of the run to continue")
@@ -185,7 +193,8 @@ def describe(algo: str, run: dict, config) -> str:
     parts = [f"pyalign train: {algo} on {source}"]
     if family == "preference":
         epochs = run["steps"] * config.batch_size / config.num_examples
-        parts.append(f"{config.num_examples} {unit}, {run['steps']} steps = {epochs:.3g} epochs")
+        parts.append(f"{config.num_examples} {unit}, {run['steps']} steps = {epochs:.3g} "
+                     f"epoch{'' if epochs == 1 else 's'}")
     else:
         parts.append(f"{run['steps']} steps")
     parts.append(f"batch {config.batch_size} {unit} (micro-batch {config.micro_batch_size})")

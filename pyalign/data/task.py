@@ -8,6 +8,7 @@ generator, so a batch is a function of (seed, step) and a resumed run draws the 
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from typing import Callable, Optional
@@ -107,6 +108,8 @@ class DatasetTask:
         done = torch.zeros(prompts.shape[0], dtype=torch.bool)
         out = model(input_ids=ids, attention_mask=attention.long(), position_ids=positions,
                     use_cache=True)
+        # the key-value cache: ``cache`` since transformers 5.2x, ``past_key_values`` before
+        cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         for i in range(self.response_len):
             tokens = sample_next_token(out.logits[:, -1], temperature, generator)
             responses[:, i] = torch.where(done, PAD, tokens)
@@ -117,7 +120,7 @@ class DatasetTask:
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
             out = model(input_ids=tokens[:, None].to(device), attention_mask=attention.long(),
-                        position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
+                        position_ids=positions, use_cache=True, **{cache_key: getattr(out, cache_key)})
         return responses.to(prompts.device)
 
     # rewards ----------------------------------------------------------------------------------

@@ -200,9 +200,9 @@ class RLTrainer(Trainer):
                           f"before applying that step (its last checkpoint is unchanged)")
 
     def _grpo_advantages(self, rollouts: list) -> None:
-        """GRPO's advantages (TRL's GRPOTrainer): each reward minus its group's mean, divided by
-        the std (unbiased) of its group, of the whole batch over all ranks, or by nothing
-        (``scale_rewards``), plus 1e-4."""
+        """GRPO's advantages (TRL's GRPOTrainer; docs/algorithms.md, "GRPO advantages"): each
+        reward minus its group's mean, divided by the std (unbiased) of its group, of the whole
+        batch over all ranks, or by nothing (``scale_rewards``), plus 1e-4."""
         k, scale = self.config.samples_per_prompt, self.config.scale_rewards
         rewards = torch.cat([rollout["rewards"] for rollout in rollouts]).double().view(-1, k)
         centred = rewards - rewards.mean(-1, keepdim=True)
