@@ -30,7 +30,9 @@ from pyalign.trainers.trainer import Trainer, TrainerConfig, frozen
 
 PAIRWISE_LOSSES = losses.PAIRWISE_NAMES  # from the registry, pyalign/losses.py
 LOSSES = losses.NAMES  # the pairwise losses, then the unpaired ones (kto, apo_zero_unpaired)
-REFERENCES = ("frozen", "trust_region")
+# "none": a reference-free loss (the policy's log-probs against a reference of log-prob 0:
+# SimPO/CPO/ORPO-style algorithms; the initial model is kept for the KL-to-init metric only)
+REFERENCES = ("frozen", "trust_region", "none")
 LOSS_KINDS = ("pairwise", "unpaired")
 PAIRWISE, UNPAIRED, TRUST_REGION, FROZEN = (("loss_kind", ("pairwise",)), ("loss_kind", ("unpaired",)),
                                             ("reference", ("trust_region",)), ("reference", ("frozen",)))
@@ -59,8 +61,8 @@ class PreferenceConfig(TrainerConfig):
                                       bounds="> 0", applies=UNPAIRED)
     undesirable_weight: float = setting(1.0, "KTO: the weight of the undesirable examples",
                                         bounds="> 0", applies=UNPAIRED)
-    reference: str = setting("frozen", "the reference: frozen, or trust_region (TR-DPO/IPO/KTO)",
-                             choices=REFERENCES)
+    reference: str = setting("frozen", "the reference: frozen, trust_region (TR-DPO/IPO/KTO), or "
+                             "none (a reference-free pairwise loss)", choices=REFERENCES)
     tr_alpha: float = setting(0.6, "trust region: the soft-update weight (1.0: the hard update)",
                               applies=TRUST_REGION, aliases=("ref_model_mixup_alpha",))
     tr_tau: int = setting(10, "trust region: optimizer steps between reference updates",
@@ -84,6 +86,9 @@ class PreferenceConfig(TrainerConfig):
                              f"ones, got {self.loss!r}")
         pyalign.refmodel.trust_region_settings(self.tr_alpha, self.tr_tau,
                                                keys=("config key 'tr_alpha'", "config key 'tr_tau'"))
+        if self.reference == "none" and (self.loss_kind == "unpaired" or self.ld_alpha is not None):
+            raise ValueError("config key 'reference' = 'none' takes a pairwise loss without ld_alpha "
+                             "(KTO's losses and LD-DPO's weights need a reference model)")
         if self.num_examples < self.batch_size:
             raise ValueError(f"config key 'num_examples' must be >= batch_size ({self.batch_size}), "
                              f"got {self.num_examples!r}")
@@ -229,6 +234,8 @@ class PreferenceTrainer(Trainer):
         return self.data[key][rows].to(self.dist.device)
 
     def _reference(self, rows: torch.Tensor, key: str) -> torch.Tensor:
+        if self.config.reference == "none":  # a reference-free loss: log-ratios are the log-probs
+            return torch.zeros(rows.shape[0], device=self.dist.device)
         if self.ref_logps is not None:
             return self.ref_logps[key][rows].to(self.dist.device)
         with torch.no_grad():
@@ -317,15 +324,17 @@ TRL_DEFAULTS = dict(lr=1e-6, per_device_batch_size=8, gradient_accumulation_step
 TRL_TRUST_REGION = dict(tr_alpha=0.6, tr_tau=512)
 
 
-def _algorithm(name: str, summary: str, loss: str, *, trust_region: bool = False,
-               length_normalize: bool = False, tuned: Optional[dict] = None) -> Algorithm:
+def _algorithm(name: str, summary: str, loss: str, *, reference: str = "frozen",
+               length_normalize: bool = False, tuned: Optional[dict] = None,
+               trl: Optional[dict] = None) -> Algorithm:
     """A preference algorithm: its loss (any other of the same kind may replace it), its
-    reference and whether it averages the log-probs over the response."""
-    fixed = {"reference": "trust_region" if trust_region else "frozen",
-             "length_normalize": length_normalize}
-    return Algorithm(name, PreferenceTrainer, summary, fixed, defaults={"loss": loss},
-                     tuned={"steps": EMBEDDED_STEPS, **(tuned or {})},
-                     trl={**TRL_DEFAULTS, **(TRL_TRUST_REGION if trust_region else {})})
+    reference (frozen, trust_region, none) and whether it averages the log-probs over the
+    response; ``tuned`` and ``trl`` its own values over the family's."""
+    trl_values = {**TRL_DEFAULTS, **(TRL_TRUST_REGION if reference == "trust_region" else {})}
+    return Algorithm(name, PreferenceTrainer, summary,
+                     fixed={"reference": reference, "length_normalize": length_normalize},
+                     defaults={"loss": loss}, tuned={"steps": EMBEDDED_STEPS, **(tuned or {})},
+                     trl={**trl_values, **(trl or {})})
 
 
 ALGORITHMS = (
@@ -334,8 +343,12 @@ ALGORITHMS = (
                length_normalize=True, tuned={"beta": 0.5}),
     _algorithm("slic", "SLiC: the hinge loss on the margin", "hinge"),
     _algorithm("kto", "KTO on desirable / undesirable examples (a pair gives one of each)", "kto"),
-    _algorithm("tr-dpo", "TR-DPO: DPO with a trust-region reference", "sigmoid", trust_region=True),
-    _algorithm("tr-ipo", "TR-IPO: IPO with a trust-region reference", "ipo", trust_region=True,
-               length_normalize=True, tuned={"beta": 0.5}),
-    _algorithm("tr-kto", "TR-KTO: KTO with a trust-region reference", "kto", trust_region=True),
+    _algorithm("tr-dpo", "TR-DPO: DPO with a trust-region reference", "sigmoid",
+               reference="trust_region"),
+    _algorithm("tr-ipo", "TR-IPO: IPO with a trust-region reference", "ipo",
+               reference="trust_region", length_normalize=True, tuned={"beta": 0.5}),
+    _algorithm("tr-kto", "TR-KTO: KTO with a trust-region reference", "kto", reference="trust_region"),
+    # A reference-free loss of the registry is one more entry, e.g. SimPO (TRL's CPOConfig with
+    # loss_type "simpo"): _algorithm("simpo", "SimPO: ...", "simpo", reference="none",
+    # length_normalize=True, trl={"beta": 2.0, ...}).
 )

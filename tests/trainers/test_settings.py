@@ -15,7 +15,7 @@ from pyalign.trainers import PreferenceConfig, RLConfig
 from pyalign.trainers.fields import declared
 from pyalign.trainers.presets import ALGOS, algorithms_for
 from pyalign.trainers.resolve import resolve, resolve_config_values
-from pyalign.trainers.settings import ConfigError, RunSettings
+from pyalign.trainers.settings import ConfigError, RunSettings, load_config_file, printed_settings
 
 TRL_FLAGS = ["--learning-rate", "1e-6", "--beta", "0.2", "--per-device-batch-size", "2",
              "--gradient-accumulation-steps", "3", "--num-epochs", "1", "--warmup-ratio", "0.1",
@@ -106,6 +106,12 @@ def test_own_model_preference_defaults_are_trls(algo, trl_class, tiny_model_dir,
     examples = 2 * len(rows) if algo == "kto" else len(rows)  # KTO: a pair gives two rows
     assert config.num_examples == examples
     assert run["steps"] == math.ceil(examples * run["num_epochs"] / config.batch_size)
+    # --print-config of such a run reads back to the same settings (the row count commented)
+    printed = "\n".join(printed_settings(algo, run, config))
+    assert f"# num_examples = {examples}   (the rows of {data})" in printed
+    (tmp_path / "printed.toml").write_text(printed)
+    assert resolve_config_values(load_config_file(str(tmp_path / "printed.toml")), "x") == \
+        (algo, run, config)
 
 
 @pytest.mark.parametrize("algo, trl_class", [("grpo", "GRPOConfig"), ("rloo", "RLOOConfig")])
