@@ -35,6 +35,7 @@ from pyalign.trainers.fields import (
     field_default,
     field_types,
 )
+from pyalign.trainers.fingerprints import run_digests
 from pyalign.trainers.presets import ALGOS, algorithms_for
 from pyalign.trainers.rl import REWARDS
 from pyalign.trainers.settings import TABLES, ConfigError, RunSettings, names_of, owner_types
@@ -67,10 +68,7 @@ def resolve(sources: list, *, stored: Optional[dict] = None) -> tuple[str, dict,
         values[TASK_REWARD], values["reward"] = values["reward"], None
     _batch_spelling(values, given, algorithm, where)
     if fresh and values["eval_data"]:
-        if "eval_every" not in given and not values["eval_every"]:
-            values["eval_every"] = TRL_EVAL_STEPS
-        if "final_eval_batch_size" not in given and not values["final_eval_batch_size"]:
-            values["final_eval_batch_size"] = values["eval_batch_size"]
+        _evaluation_on(values, given)
     _data_settings(values, given, algorithm, where)
     rows = _data_rows(values, given, algorithm, where_of)
     _steps(values, given, algorithm, rows, fresh, where)
@@ -87,7 +85,6 @@ def resolve(sources: list, *, stored: Optional[dict] = None) -> tuple[str, dict,
         raise ConfigError(f"key 'batch_size' must be divisible by the number of ranks "
                           f"({world_size}), got {config.batch_size}")
     if values["data"] or values["model"]:
-        from pyalign.trainers.fingerprints import run_digests
         run["fingerprints"] = run_digests(run)
     if stored is not None:
         _check_resume(stored, run, dataclasses.asdict(config))
@@ -199,6 +196,15 @@ def _batch_spelling(values: dict, given: dict, algorithm: Algorithm, where: str)
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     values["micro_batch_size"] = per_device // group
     values["batch_size"] = values["micro_batch_size"] * (accumulation or 1) * world_size
+
+
+def _evaluation_on(values: dict, given: dict) -> None:
+    """--eval-data turns evaluation on: every TRL_EVAL_STEPS steps and after the last one,
+    unless those are given."""
+    if "eval_every" not in given and not values["eval_every"]:
+        values["eval_every"] = TRL_EVAL_STEPS
+    if "final_eval_batch_size" not in given and not values["final_eval_batch_size"]:
+        values["final_eval_batch_size"] = values["eval_batch_size"]
 
 
 def _data_settings(values: dict, given: dict, algorithm: Algorithm, where: str) -> None:
