@@ -9,6 +9,7 @@
 - ``cache_root``: where pyalign caches builds and tasks.
 - ``atomic_write``: the one way pyalign writes a file that must never be seen half-written.
 - ``toml_value``: a value as TOML text (config files pyalign writes for itself and for users).
+- ``check_int``: the one "an int >= n" check, naming the argument.
 """
 from __future__ import annotations
 
@@ -41,6 +42,13 @@ def gradients_wanted(*tensors) -> bool:
     """Whether a backward can reach any of ``tensors`` (None allowed): grad mode on and one of
     them requiring grad."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """``value`` when it is an int (never a bool) >= ``minimum``; else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
 
 
 def canonical_param_name(name: str) -> str:

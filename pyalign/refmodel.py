@@ -60,20 +60,23 @@ def _check_int(name: str, value, low: int) -> int:
     return value
 
 
-def trust_region_settings(alpha, tau) -> tuple[float, int]:
-    """``(alpha, tau)`` checked: alpha in (0, 1] (1 = hard update), tau an int >= 1."""
+def trust_region_settings(alpha, tau, *, keys=("alpha", "tau")) -> tuple[float, int]:
+    """``(alpha, tau)`` checked: alpha in (0, 1] (1 = hard update), tau an int >= 1; ``keys``
+    name them in the error (a trainer's config keys)."""
     alpha = float(alpha)
     if not math.isfinite(alpha) or not 0.0 < alpha <= 1.0:
-        raise ValueError(f"alpha must be in (0, 1] (1 = hard update), got {alpha}")
-    return alpha, _check_int("tau", tau, 1)
+        raise ValueError(f"{keys[0]} must be in (0, 1] (1 = hard update), got {alpha}")
+    return alpha, _check_int(keys[1], tau, 1)
 
 
-def elastic_reset_settings(ema_decay, reset_every, ema_every) -> tuple[float, int, int]:
-    """``(ema_decay, reset_every, ema_every)`` checked: decay in [0, 1), periods ints >= 1."""
+def elastic_reset_settings(ema_decay, reset_every, ema_every, *,
+                           keys=("ema_decay", "reset_every", "ema_every")) -> tuple[float, int, int]:
+    """``(ema_decay, reset_every, ema_every)`` checked: decay in [0, 1), periods ints >= 1;
+    ``keys`` name them in the error (a trainer's config keys)."""
     ema_decay = float(ema_decay)
     if not math.isfinite(ema_decay) or not 0.0 <= ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-    return ema_decay, _check_int("reset_every", reset_every, 1), _check_int("ema_every", ema_every, 1)
+        raise ValueError(f"{keys[0]} must be in [0, 1), got {ema_decay}")
+    return ema_decay, _check_int(keys[1], reset_every, 1), _check_int(keys[2], ema_every, 1)
 
 
 def _check_step(global_step) -> int:

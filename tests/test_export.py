@@ -15,14 +15,18 @@ from trainers.trainer_helpers import TINY_TASK, write_config
 
 from hf_models import tiny_config
 from pyalign.cli.export import main as export_main
-from pyalign.cli.train import build_trainer, resolve_config_values
 from pyalign.cli.train import main as train_main
 from pyalign.tasks.language import VOCAB_SIZE
+from pyalign.trainers.build import build_trainer
+from pyalign.trainers.resolve import resolve_config_values
 from support import torch_threads
 
-# lr 0.05 so that two steps move the policy (and a zero-initialised LoRA B) well past rounding
+# lr 0.05 so that two steps move the policy (and a zero-initialised LoRA B) well past rounding; a
+# constant learning rate (a --model run's default is TRL's linear decay over the run's steps), so
+# that a run stopped at step 2 and extended to 3 is the uninterrupted 3-step run
 SMALL = dict(batch_size=4, micro_batch_size=4, num_examples=8, eval_every=0,
-             final_eval_batch_size=4, lr=0.05, checkpoint_every=0, checkpoint_minutes=0.0)
+             final_eval_batch_size=4, lr=0.05, checkpoint_every=0, checkpoint_minutes=0.0,
+             lr_scheduler_type="constant")
 
 
 @pytest.fixture(autouse=True)
@@ -120,6 +124,9 @@ def test_embedded_task_export_round_trips(task_run, tmp_path):
 def test_lora_merged_export_round_trips(lora_run, model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     policy, trainer, run_dir = lora_run
+    before = sorted(os.listdir(model_dir))
+    assert _export(run_dir, "--out", os.path.join(model_dir, "merged")) == 2  # inside the base model
+    assert sorted(os.listdir(model_dir)) == before
     out = tmp_path / "merged"
     assert _export(run_dir, "--out", out, "--lora-mode", "merged") == 0
     loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
@@ -210,14 +217,21 @@ def test_export_errors_are_clear(task_run, tmp_path, capsys):
     cases.append(((damaged, "--out", tmp_path / "o4"), f"{checkpoint} is corrupt"))
     cases.append(((run_dir, "--out", tmp_path / "o5", "--lora-mode", "adapter"),
                   "trained the whole model, not a LoRA adapter"))
-    cases.append(((run_dir, "--out", os.path.dirname(run_dir), "--overwrite"),
-                  "is or holds .*run, which the export reads"))
+    # an --out that is, holds or lies inside what the export reads: refused, --overwrite or not
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    cases += [((run_dir, "--out", os.path.dirname(run_dir), "--overwrite"),
+               "holds .*run, which the export reads"),
+              ((run_dir, "--out", checkpoints, "--overwrite"), "is .*checkpoints, which the export reads"),
+              ((run_dir, "--out", run_dir, "--overwrite"), f"is {run_dir}, which the export reads"),
+              ((run_dir, "--out", os.path.join(run_dir, "exported")), f"lies inside {run_dir}")]
+    kept = sorted(os.listdir(checkpoints))
     for argv, message in cases:
         capsys.readouterr()
         assert _export(*argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("pyalign export: error: ") and re.search(message, err), err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"  # a refused --out is untouched
+    assert sorted(os.listdir(checkpoints)) == kept and kept
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # no staging left behind
     assert _export(run_dir, "--out", tmp_path / "full", "--overwrite") == 0
     assert sorted(os.listdir(tmp_path / "full")) == ["config.json", "generation_config.json",

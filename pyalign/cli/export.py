@@ -127,15 +127,23 @@ def _tokenizer(run: dict, model_dir: Optional[str]):
     return task_tokenizer(), "the embedded task's vocabulary"
 
 
+def _overlap(a: str, b: str) -> bool:
+    """Whether the directories ``a`` and ``b`` are one, or one lies inside the other."""
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
+
+
 def _prepare_out(out: str, overwrite: bool, inputs: list[str]) -> str:
     """A fresh temporary directory beside ``out`` (renamed to it once complete). ``out`` may not
-    be, or hold, one of the ``inputs`` directories (--overwrite would delete them)."""
+    be, hold or lie inside one of the ``inputs`` directories: --overwrite would delete them, or
+    the export would write into what it reads."""
     final = os.path.realpath(out)
-    for directory in inputs:
+    hits = [d for d in inputs if _overlap(final, os.path.realpath(d))]
+    if hits:  # named by the one it is, if any
+        directory = next((d for d in hits if os.path.realpath(d) == final), hits[0])
         source = os.path.realpath(directory)
-        if source == final or source.startswith(final + os.sep):
-            raise ExportError(f"--out {out} is or holds {directory}, which the export reads; "
-                              f"choose another directory")
+        where = "is" if source == final else "holds" if source.startswith(final) else "lies inside"
+        raise ExportError(f"--out {out} {where} {directory}, which the export reads; choose a "
+                          f"directory outside it")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"--out {out} is a file, not a directory")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
@@ -168,7 +176,8 @@ def export_run(run_dir: str, out: str, *, step: Optional[int] = None, lora_mode:
     policy = rebuild_policy(payload, path, model_dir)
     tokenizer, tokenizer_source = _tokenizer(run, model_dir)
     final = os.path.abspath(out)
-    staging = _prepare_out(out, overwrite, [run_dir] + ([model_dir] if model_dir else []))
+    staging = _prepare_out(out, overwrite, [run_dir, os.path.join(run_dir, "checkpoints")]
+                           + ([model_dir] if model_dir else []))
     try:
         written = {"checkpoint": path, "step": int(payload["step"]), "out": out,
                    "tokenizer": tokenizer_source}

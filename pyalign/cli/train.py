@@ -1,486 +1,153 @@
-"""`pyalign train`: preference and RL training on the embedded task, or on a local HF model and data.
+"""`pyalign train`: preference and RL training on the embedded task, or on your own model and data.
 
-    pyalign train --algo tr-dpo --steps 100 --out runs/tr-dpo
-    pyalign train --algo elastic-reset --config er.toml --resume
-    torchrun --nproc-per-node 2 -m pyalign.cli train --algo dpo      # DDP (gloo on CPU)
-    pyalign train --algo tr-dpo --model DIR --data prefs.jsonl        # your model and data
+    pyalign train --algo tr-dpo --model DIR --data prefs.jsonl --lr 1e-6 --beta 0.1 --num-epochs 1
+    pyalign train --algo grpo --model DIR --data prompts.jsonl --reward reward.py:score
+    pyalign train --algo kto --model DIR --data prefs.jsonl        # pairs: one good, one bad row each
+    pyalign train --algo tr-dpo --steps 100 --out runs/tr-dpo      # the embedded task
+    pyalign train --out runs/tr-dpo --resume                        # continue, with the run's settings
+    torchrun --nproc-per-node 2 -m pyalign.cli train --algo dpo     # DDP (gloo on CPU)
+
+Every setting is a flag (TRL's names too: --learning-rate, --per-device-batch-size,
+--gradient-accumulation-steps, --num-train-epochs, --max-steps, --num-generations...) and a
+config-file key (--config run.toml: flat key = value pairs, flags override them);
+--print-config prints the resolved settings as such a file. Defaults: on the embedded task its
+tuned values (a run of about a minute on 2 CPU cores); with --model, TRL 1.16's defaults for
+the algorithm (pyalign/trainers/preference.py and rl.py say which), evaluation off unless
+--eval-data, and steps = rows x epochs / batch.
 
 With --data (pyalign.data) the run trains the --model causal LM on the file's rows in TRL's
-dataset formats (preference, unpaired for KTO, prompt-only with --reward for RL) instead of the
-embedded task; the data keys (data, eval_data, reward, max_length, max_prompt_length,
-max_completion_length) are run keys too.
+dataset formats (preference, unpaired for KTO (which takes pairs too), prompt-only with --reward
+for RL). --reward is path/to/file.py:function, module:function (a module of the working
+directory too) or a reward-model directory; the function is called with prompts=[...],
+completions=[...] and returns one float per completion. ``--lora r=16,alpha=32`` trains a peft
+LoRA adapter on the frozen model.
 
-A config file (TOML, or YAML when pyyaml is installed) holds flat ``key = value`` pairs: the run
-keys (algo, steps, seed, out, model, lora, backend, bf16, fsdp, threads, task_seed,
-task_cache_dir, and the data keys above), the trainer keys of the algorithm (``--print-config``
-lists them with their defaults), an optional ``[task]`` table of pyalign.tasks.TaskConfig sizes
-and, in the configs `pyalign study` writes, a ``[study]`` table (the run is then a study point:
-pyalign/study/point.py evaluates it at the table's steps into OUT/evals.jsonl). Command-line
-flags override the file.
-``lora = "r=16,alpha=32"`` (``--lora``) trains a peft LoRA adapter on the frozen model; TR-DPO
-then lerps the reference's adapter weights (a frozen copy of base + adapter).
-Writes metrics.jsonl, reward_vs_kl.png and checkpoints/ under --out and prints a summary line;
-each checkpoint stores these run settings (under "run"), and ``pyalign export OUT --out DIR``
-writes the trained policy as a transformers model (pyalign/cli/export.py).
-Checkpoints are periodic (checkpoint_every = 50 steps, checkpoint_minutes = 10.0; 0 disables
-either), so a killed run continues with --resume from its newest complete checkpoint; a run
-killed before its first one restarts from scratch under --resume (with a notice). --out holds one
-run at a time: OUT/.lock names the live holder; a dead holder's lock is taken over (a notice) and
-atomic-write leftovers (.NAME.*.tmp) are removed at start. Every key is checked before any work.
+Writes metrics.jsonl (and, with --report-to, TensorBoard event files or a W&B run),
+reward_vs_kl.png and checkpoints/ under --out; each checkpoint stores the run's settings, so
+``--out DIR --resume`` continues with them (an option given must match them) and ``pyalign
+export OUT --out DIR`` writes the trained policy as a transformers model. Checkpoints are
+periodic (every 50 steps and every 10 minutes). Ctrl-C (or SIGTERM) finishes the current step,
+writes a checkpoint, says how to resume and exits 130 (143); a second Ctrl-C stops at once.
+--out holds one run at a time (OUT/.lock). Every key is checked before any work.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import os
 import sys
 import typing
-from typing import Any, Optional
+from typing import Optional
 
-from pyalign._utils import toml_value
-from pyalign.backends import CHOICES as BACKEND_CHOICES
-from pyalign.trainers.presets import (
-    ALGO_KEYS,
-    ALGOS,
-    DEFAULT_STEPS,
-    LOSS_CONFIGURABLE,
-    ONLY_FOR,
-    TUNED_DEFAULTS,
-)
+from pyalign.trainers.fields import as_field_type, declared, field_types
+from pyalign.trainers.presets import ALGOS
+from pyalign.trainers.settings import ConfigError, RunSettings, load_config_file, printed_settings
+from pyalign.trainers.trainer import TrainerConfig
 
-# Settings of the run itself (not of the trainer's algorithm), with their types.
-RUN_KEYS = {"algo": str, "steps": int, "seed": int, "out": str, "model": str, "backend": str,
-            "bf16": bool, "fsdp": bool, "task_seed": int, "task_cache_dir": str, "threads": int,
-            "lora": str}
-# Run keys of training on the user's model and data (pyalign.data), with their defaults.
-DATA_RUN_KEYS = {"data": str, "eval_data": str, "reward": str, "max_length": int,
-                 "max_prompt_length": int, "max_completion_length": int}
-DATA_DEFAULTS = {"data": None, "eval_data": None, "reward": None, "max_length": None,
-                 "max_prompt_length": None, "max_completion_length": 64}
-RUN_KEYS.update(DATA_RUN_KEYS)
-# Below this many parameters a CPU run uses one intra-op thread unless told otherwise: the
-# matrices are too small to split, and threads contending for busy cores cost several-fold.
-SMALL_MODEL_PARAMS = 5_000_000
+CLI_ONLY = ("config", "resume", "overwrite", "print_config")
 
 
-class ConfigError(ValueError):
-    """A bad command line or config file."""
+def _option_owners() -> dict:
+    """option name -> [(group, field name, field, type)] over the run's settings and every
+    family's config: each field's name and aliases (one option each)."""
+    owners: dict = {}
+    classes = [("run", RunSettings), ("every algorithm", TrainerConfig)]
+    classes += [(f"{a.family} algorithms", a.config_class) for a in ALGOS.values()]
+    for group, cls in classes:
+        hints = field_types(cls)
+        for name, field in declared(cls).items():
+            for option in (name, *field.metadata["aliases"]):
+                entry = (group, name, field, hints[name])
+                if all(owner[1:3] != entry[1:3] for owner in owners.get(option, [])):
+                    owners.setdefault(option, []).append(entry)
+    return owners
 
 
-def _config_class(family: str):
-    from pyalign.trainers import PreferenceConfig, RLConfig
-    return PreferenceConfig if family == "preference" else RLConfig
-
-
-def _field_types(config_cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(config_cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
-
-
-def _check_type(key: str, value, expected, where: str):
-    """Return ``value`` as ``expected`` (the trainers' ``as_field_type`` rule), or raise
-    ConfigError naming the key and the file or command line it came from."""
-    from pyalign.trainers.trainer import as_field_type
-    ok, result = as_field_type(value, expected)
-    if ok:
-        return result
-    if value is None:
-        raise ConfigError(f"{where}: key {key!r} has no value (expected {result})")
-    raise ConfigError(f"{where}: key {key!r} must be {result}, got {value!r}")
-
-
-def load_config_file(path: str) -> dict:
-    """Flat mapping of a TOML (or YAML) config file."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist")
-    with open(path, "rb") as handle:
-        raw = handle.read()
-    if path.endswith((".yaml", ".yml")):
-        try:
-            import yaml
-        except ImportError as exc:
-            raise ConfigError(f"{path}: YAML configs need pyyaml (pip install pyyaml), or use TOML") from exc
-        try:
-            data = yaml.safe_load(raw.decode()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+def _argument(option: str, owners: list) -> dict:
+    group, name, field, expected = owners[0]
+    kinds = [as_field_type([], t)[0] for _, _, _, t in owners]  # does it take a list?
+    helps = []
+    for owner_group, owner_name, owner_field, _ in owners:
+        own = owner_field.metadata["help"] if owner_name == option else \
+            f"TRL's name of --{owner_name.replace('_', '-')}"
+        choices = owner_field.metadata["choices"]
+        if owner_name == option and choices and option != "algo":
+            own += f" (one of {', '.join(map(str, choices))})"
+        helps.append(f"{owner_group}: {own}" if len(owners) > 1 else own)
+    kwargs = {"dest": option, "default": argparse.SUPPRESS, "help": " | ".join(helps)}
+    base = [t for t in typing.get_args(expected) if t is not type(None)] or [expected]
+    if base[0] is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif any(kinds):
+        kwargs.update(nargs="+", type=field.metadata["item_type"] or str)
     else:
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib
-        try:
-            data = tomllib.loads(raw.decode())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected key = value pairs at the top level")
-    nested = [k for k, v in data.items() if isinstance(v, dict) and k not in ("task", "study")]
-    if nested:
-        raise ConfigError(f"{path}: the only tables are [task] and [study]; {nested} must be flat "
-                          f"key = value pairs")
-    return data
+        kwargs["type"] = base[0]
+    if option == "algo":
+        kwargs["choices"] = list(ALGOS)
+    return kwargs
 
 
-def _task_overrides(values, where: str) -> dict:
-    """The [task] table: fields of pyalign.tasks.TaskConfig (sizes of the embedded task)."""
-    from pyalign.tasks import TaskConfig
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: 'task' must be a table of TaskConfig fields")
-    types_by_key = _field_types(TaskConfig)
-    unknown = sorted(set(values) - set(types_by_key))
-    if unknown:
-        raise ConfigError(f"{where}: unknown [task] key(s) {', '.join(map(repr, unknown))}; "
-                          f"valid: {', '.join(sorted(types_by_key))}")
-    checked = {k: _check_type(f"task.{k}", v, types_by_key[k], where) for k, v in values.items()}
-    merged = dataclasses.asdict(TaskConfig(**checked))
-    ranges = {"prompt_len": (">= 2 (the bos token and at least one more)", lambda v: v >= 2),
-              "rm_l2": (">= 0", lambda v: v >= 0)}
-    for key, value in merged.items():
-        accepted, ok = ranges.get(key, ("> 0", lambda v: v > 0))
-        if not ok(value):
-            raise ConfigError(f"{where}: key 'task.{key}' must be {accepted}, got {value!r}")
-    if merged["hidden_size"] % merged["num_heads"]:
-        raise ConfigError(f"{where}: key 'task.hidden_size' must be a multiple of task.num_heads "
-                          f"({merged['num_heads']}), got {merged['hidden_size']!r}")
-    return checked
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML (or YAML) file of key = value settings")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="continue the run in --out (or CHECKPOINT) with its stored settings")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an --out that holds checkpoints (deletes them)")
+    parser.add_argument("--print-config", action="store_true", dest="print_config",
+                        help="print the resolved settings as a config file and exit")
+    groups = {}
+    for option, owners in _option_owners().items():
+        group = owners[0][0] if len({o[0] for o in owners}) == 1 else "several families"
+        if group not in groups:
+            groups[group] = parser.add_argument_group(f"settings: {group}")
+        flag = "--" + option.replace("_", "-")
+        groups[group].add_argument(flag, **_argument(option, owners))
 
 
-def _check_out(out) -> None:
-    """--out must name a directory this process can create or write into; nothing is created
-    here (the run lock creates it)."""
-    if not isinstance(out, str) or not out.strip():
-        raise ConfigError(f"key 'out' must be a directory path, got {out!r}")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"key 'out' must be a directory, got {out!r}, which is a file")
-    existing = os.path.abspath(out)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ConfigError(f"key 'out' must be a directory path, got {out!r}, which lies under "
-                          f"the file {existing}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"key 'out' must be a writable directory, got {out!r} "
-                          f"({existing} is not writable)")
-
-
-def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, Any]:
-    """(algo, run settings, trainer config) from defaults < config file < command line."""
-    file_values = load_config_file(args.config) if args.config else {}
-    return _resolve(file_values, args.config or "command line", args)
-
-
-def resolve_config_values(values: dict, where: str) -> tuple[str, dict, Any]:
-    """(algo, run settings, trainer config) of a config mapping (a parsed config file), resolved
-    and checked exactly as ``pyalign train --config`` does it (pyalign.study checks its points
-    with it before any run)."""
-    return _resolve(values, where, argparse.Namespace(algo=None, config=None))
-
-
-def _resolve(file_values: dict, where: str, args: argparse.Namespace) -> tuple[str, dict, Any]:
-    algo = args.algo or file_values.get("algo")
-    if algo is None:
-        raise ConfigError(f"no algorithm: pass --algo or set algo in the config file "
-                          f"(one of {', '.join(ALGOS)})")
-    if algo not in ALGOS:
-        raise ConfigError(f"unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")
-    if args.algo and file_values.get("algo") not in (None, args.algo):
-        raise ConfigError(f"--algo {args.algo} contradicts algo = {file_values['algo']!r} in {args.config}")
-    family, preset = ALGOS[algo]
-    config_cls = _config_class(family)
-    types_by_key = _field_types(config_cls)
-
-    run = {"algo": algo, "steps": DEFAULT_STEPS[family], "seed": 0, "out": os.path.join("runs", algo),
-           "model": None, "backend": "auto", "bf16": False, "fsdp": False, "task_seed": 0,
-           "task_cache_dir": None, "task": {}, "threads": None, "lora": None, **DATA_DEFAULTS}
-    trainer_values = dict(TUNED_DEFAULTS.get(algo, {}))
-    unknown = []
-    for key, value in file_values.items():
-        if key == "task":
-            run["task"] = _task_overrides(value, where)
-        elif key == "study":  # a point of `pyalign study` (its evaluations; pyalign/study/point.py)
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: 'study' must be a table")
-            run["study"] = dict(value)
-        elif key in RUN_KEYS:
-            run[key] = _check_type(key, value, RUN_KEYS[key], where)
-        elif key in ALGO_KEYS and not (key == "loss" and algo in LOSS_CONFIGURABLE):
-            raise ConfigError(f"{where}: key {key!r} is set by --algo {algo} and cannot be changed here")
-        elif key in types_by_key and key not in ("seed", "bf16", "backend", "fsdp"):
-            if key in ONLY_FOR and algo not in ONLY_FOR[key]:
-                raise ConfigError(f"{where}: key {key!r} does not apply to algo {algo} "
-                                  f"(it is for {', '.join(ONLY_FOR[key])})")
-            trainer_values[key] = _check_type(key, value, types_by_key[key], where)
-        else:
-            unknown.append(key)
-    if unknown:
-        valid = sorted(set(RUN_KEYS) | {k for k in types_by_key if k not in ALGO_KEYS
-                                        and (k not in ONLY_FOR or algo in ONLY_FOR[k])})
-        raise ConfigError(f"{where}: unknown config key(s) {', '.join(map(repr, sorted(unknown)))} "
-                          f"for algo {algo}; valid keys: {', '.join(valid)}")
-    for key in ("steps", "seed", "out", "model", "backend", "task_seed", "task_cache_dir", "threads",
-                "lora", *DATA_RUN_KEYS):
-        value = getattr(args, key, None)
-        if value is not None:
-            run[key] = value
-    for flag in ("bf16", "fsdp"):
-        if getattr(args, flag, False):
-            run[flag] = True
-    # "reward" is two keys: a reward of the embedded task ("proxy", "gold": the RL trainer's
-    # key) or the user's reward for --data (a model directory or module:function)
-    from pyalign.trainers.rl import REWARDS  # the embedded task's
-    if "reward" in types_by_key and run["reward"] in REWARDS:
-        trainer_values["reward"], run["reward"] = run["reward"], None
-    if "loss" in trainer_values:
-        from pyalign.losses import PAIRWISE_NAMES, UNPAIRED_NAMES  # the loss registry
-        kind, names = (("an unpaired", UNPAIRED_NAMES) if preset["loss"] in UNPAIRED_NAMES
-                       else ("a pairwise", PAIRWISE_NAMES))
-        chosen = trainer_values["loss"]
-        if kind == "an unpaired" and not isinstance(chosen, str):
-            raise ConfigError(f"{where}: loss must be one unpaired loss ({', '.join(names)}), "
-                              f"got the list {chosen!r}")
-        for name in [chosen] if isinstance(chosen, str) else chosen:
-            if name not in names:
-                raise ConfigError(f"{where}: loss {name!r} is not {kind} loss "
-                                  f"({', '.join(names)})")
-    values = {**preset, **trainer_values, "seed": run["seed"], "bf16": run["bf16"],
-              "backend": run["backend"], "fsdp": run["fsdp"]}
-    if getattr(args, "no_progress", False):
-        values["progress"] = False
-    for key, minimum in (("threads", 1), ("steps", 1), ("seed", 0), ("task_seed", 0)):
-        value = run[key]
-        if value is None and key == "threads":
+def given_on_command_line(args: argparse.Namespace) -> dict:
+    """The settings given as flags: a one-item list becomes its item where a setting takes one."""
+    owners = _option_owners()
+    given = {}
+    for key, value in vars(args).items():
+        if key in CLI_ONLY or key not in owners:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ConfigError(f"key {key!r} must be an int >= {minimum}, got {value!r}")
-    _check_out(run["out"])
-    run["lora"] = _resolve_lora(run["lora"], where)
-    _check_data_settings(algo, family, run, trainer_values)
-    try:
-        config = config_cls(**values)
-        config.validate()
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-    # Under torchrun the world size is known before any process group exists: a global batch
-    # that does not split over the ranks is a config error, not a failure at the first step.
-    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if config.batch_size % world_size:
-        raise ConfigError(f"key 'batch_size' must be divisible by the number of ranks "
-                          f"({world_size}), got {config.batch_size}")
-    return algo, run, config
+        if isinstance(value, list) and len(value) == 1 and \
+                any(as_field_type(value[0], t)[0] for *_, t in owners[key]):
+            value = value[0]
+        given[key] = value
+    return given
 
 
-def config_line(key: str, value) -> str:
-    """One resolved setting as a config-file line: TOML that load_config_file reads back to the
-    same value (an unset key, None, commented out: TOML has no null); ``lora`` as its spec text."""
-    if value is None:
-        return f"# {key} =   (not set)"
-    if key == "lora":
-        from pyalign.integrations.lora import format_lora_spec
-        value = format_lora_spec(value)
-    return f"{key} = {toml_value(value)}"
+def resolve_settings(args: argparse.Namespace, stored: Optional[dict] = None):
+    """(algo, run settings, trainer config) of parsed arguments: defaults < --config < flags."""
+    from pyalign.trainers.resolve import resolve
+    sources = [(args.config, load_config_file(args.config))] if args.config else []
+    return resolve(sources + [("command line", given_on_command_line(args))], stored=stored)
 
 
-def _resolve_lora(spec, where: str) -> Optional[dict]:
-    """The ``lora`` key (``--lora r=16,alpha=32,...``) as the full spec dict of
-    ``pyalign.integrations.lora.parse_lora_spec`` (what checkpoints store), or None."""
-    if spec is None:
-        return None
-    import importlib.util
-
-    from pyalign.integrations.lora import LoraSpecError, parse_lora_spec
-    try:
-        parsed = parse_lora_spec(spec)
-    except LoraSpecError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-    if importlib.util.find_spec("peft") is None:  # checked here, before the task is built
-        raise ConfigError("--lora needs peft: pip install 'pyalign[lora]' (or pip install peft)")
-    return parsed
-
-
-def lora_factory(base_factory, spec: dict):
-    """A model factory giving copies of ONE LoRA-wrapped model (``apply_lora``): built on the
-    first call (the trainer seeds the adapter's random init before it), copied after, so the
-    policy, the initial model and a trust-region reference start with the same adapter. Only the
-    adapter trains; the copies' frozen base weights are equal and stay so."""
-    from pyalign.integrations.lora import apply_lora
-    built = []
-
-    def factory():
-        if not built:
-            try:
-                built.append(apply_lora(base_factory(), spec))
-            except ValueError as exc:  # peft: e.g. a target module the model does not have
-                raise ConfigError(f"--lora {spec}: peft cannot wrap the model: {exc}") from exc
-        return copy.deepcopy(built[0])
-    return factory
-
-
-def _load_causal_lm(model_dir: str):
-    """(model in fp32, its vocabulary size) of a local Hugging Face causal-LM directory."""
-    if not os.path.isdir(model_dir):
-        raise ConfigError(f"--model {model_dir}: not a directory (a local Hugging Face model directory)")
-    try:
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
-    except Exception as exc:
-        raise ConfigError(f"--model {model_dir}: cannot load a causal LM from it: {exc}") from exc
-    head = model.get_output_embeddings()
-    return model.float(), head.weight.shape[0] if head is not None else model.config.vocab_size
-
-
-def load_hf_model(model_dir: str, task):
-    """A local Hugging Face causal LM whose vocabulary covers the task's token ids."""
-    model, vocab = _load_causal_lm(model_dir)
-    if vocab != task.vocab_size:
-        raise ConfigError(f"--model {model_dir}: its vocabulary has {vocab} tokens but the task uses "
-                          f"{task.vocab_size}; the model's vocabulary must be the task's")
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions is not None and max_positions < task.prompt_len + task.response_len:
-        raise ConfigError(f"--model {model_dir}: max_position_embeddings {max_positions} < the task's "
-                          f"prompt_len + response_len = {task.prompt_len + task.response_len}")
-    return model
-
-
-def _check_data_settings(algo: str, family: str, run: dict, trainer_values: dict) -> None:
-    """The --data/--reward/--max-*length keys fit together and fit the algorithm (the data
-    itself is checked when it is loaded, before any training)."""
-    for key in ("max_length", "max_prompt_length", "max_completion_length"):
-        value = run[key]
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"key {key!r} must be an int >= 1, got {value!r}")
-    if not run["data"]:
-        for key in ("eval_data", "reward", "max_length", "max_prompt_length"):
-            if run[key] is not None:
-                raise ConfigError(f"key {key!r} needs --data (the user's dataset); the embedded "
-                                  f"task has its own data and rewards")
-        return
-    if not run["model"]:
-        raise ConfigError("--data needs --model DIR: the model (and its tokenizer) to train on it")
-    if run.get("study") or run.get("task"):
-        raise ConfigError("--data trains on the user's data: the [task] and [study] tables are for "
-                          "the embedded task")
-    if family == "rl":
-        if not run["reward"]:
-            raise ConfigError(f"--algo {algo} samples completions and needs --reward: a local "
-                              f"reward-model directory or module:function")
-        if trainer_values.get("reward", "proxy") != "proxy":
-            raise ConfigError(f"key 'reward' = {trainer_values['reward']!r} names a reward of the "
-                              f"embedded task; with --data the reward is --reward")
-    elif run["reward"]:
-        raise ConfigError(f"--reward is for the RL algorithms; --algo {algo} learns from the "
-                          f"preferences in --data")
-    if "num_examples" in trainer_values:
-        raise ConfigError("key 'num_examples' is the number of rows of --data; do not set it")
-
-
-def load_user_model(model_dir: str):
-    """(model, tokenizer) of a local Hugging Face causal-LM directory, for --data."""
-    if not os.path.isdir(model_dir):
-        raise ConfigError(f"--model {model_dir}: not a directory (a local Hugging Face model directory)")
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except Exception as exc:
-        raise ConfigError(f"--model {model_dir}: no tokenizer could be loaded from it (--data needs "
-                          f"the model's tokenizer saved beside it: tokenizer.save_pretrained): {exc}"
-                          ) from exc
-    model, vocab = _load_causal_lm(model_dir)
-    if vocab < len(tokenizer):
-        raise ConfigError(f"--model {model_dir}: its vocabulary has {vocab} tokens, fewer than its "
-                          f"tokenizer's {len(tokenizer)}")
-    return model, tokenizer
-
-
-def build_data_task(algo: str, run: dict, config, tokenizer, max_positions: Optional[int]):
-    """The DatasetTask of --data (and --eval-data, --reward), and the trainer config with
-    num_examples = the number of rows; DataError/RewardError for bad data, before training."""
-    from pyalign.data import DatasetTask, load_rows, tokenize_rows
-    from pyalign.data.rewards import load_reward
-    family = ALGOS[algo][0]
-    if family == "rl":
-        kind = "prompt"
-    else:
-        from pyalign.losses import UNPAIRED_NAMES
-        kind = "unpaired" if config.loss in UNPAIRED_NAMES else "preference"
-    limits = dict(max_length=run["max_length"], max_prompt_length=run["max_prompt_length"],
-                  max_positions=max_positions,
-                  generation_length=run["max_completion_length"] if kind == "prompt" else 0)
-    if max_positions is not None and run["max_length"] is not None and run["max_length"] > max_positions:
-        raise ConfigError(f"key 'max_length' is {run['max_length']}, more than the model's "
-                          f"{max_positions} positions")
-    train = tokenize_rows(load_rows(run["data"]), tokenizer, kind=kind, **limits)
-    evaluation = None
-    if run["eval_data"]:  # prompts for the evaluations (samples, KL, reward)
-        evaluation = tokenize_rows(load_rows(run["eval_data"]), tokenizer, kind="prompt",
-                                   **{**limits, "generation_length": run["max_completion_length"]})
-    generation = run["max_completion_length"]
-    if max_positions is not None:  # room after the longest prompt
-        longest = max(d.prompts.shape[1] for d in filter(None, (train, evaluation)))
-        generation = max(1, min(generation, max_positions - longest))
-    reward = load_reward(run["reward"], conversational=train.conversational) if run["reward"] else None
-    task = DatasetTask(tokenizer, train, eval_data=evaluation, max_completion_length=generation,
-                       reward=reward)
-    if reward is not None:  # one call before training: a reward that cannot score fails here
-        task.check_reward()
-    if family == "preference":
-        if len(train) < config.batch_size:
-            raise ConfigError(f"{run['data']} has {len(train)} rows, fewer than batch_size "
-                              f"{config.batch_size}")
-        config = dataclasses.replace(config, num_examples=len(train))
-        config.validate()
-    return task, config
-
-
-def build_trainer(algo: str, run: dict, config, *, dist_ctx=None, progress: bool = True):
-    """The task, the model factory and the trainer of a resolved configuration."""
-    import pyalign.tasks
-    from pyalign.trainers import PreferenceTrainer, RLTrainer
-    from pyalign.trainers.distributed import init_distributed
-
-    dist_ctx = dist_ctx or init_distributed()
-    family = ALGOS[algo][0]
-    cls = PreferenceTrainer if family == "preference" else RLTrainer
-    if run.get("data"):  # the user's model and data (pyalign.data)
-        base, tokenizer = load_user_model(run["model"])
-        max_positions = getattr(base.config, "max_position_embeddings", None)
-        task, config = build_data_task(algo, run, config, tokenizer, max_positions)
-        factory = lambda: copy.deepcopy(base)  # noqa: E731
-        if run.get("lora"):
-            factory = lora_factory(factory, run["lora"])
-        return cls(task, config, algo=algo, out_dir=run["out"], model_factory=factory,
-                   dist_ctx=dist_ctx, run_settings=run)
-    # rank 0 builds (and caches) the task first; the others then load it from the cache
-    if not dist_ctx.is_main:
-        dist_ctx.barrier()
-    task_config = pyalign.tasks.TaskConfig(**run["task"]) if run.get("task") else None
-    task = pyalign.tasks.make_task(run["task_seed"], cache_dir=run["task_cache_dir"],
-                                   progress=progress and dist_ctx.is_main, config=task_config)
-    if dist_ctx.is_main:
-        dist_ctx.barrier()
-    factory = None
-    if run["model"]:
-        base = load_hf_model(run["model"], task)
-        factory = lambda: copy.deepcopy(base)  # noqa: E731
-    if run.get("lora"):
-        factory = lora_factory(factory or task.new_policy, run["lora"])
-    return cls(task, config, algo=algo, out_dir=run["out"], model_factory=factory, dist_ctx=dist_ctx,
-               run_settings=run)
-
-
-def _prepare_out_dir(run: dict, resume, overwrite: bool, is_main: bool) -> None:
-    from pyalign.trainers.checkpoint import list_checkpoints
-    out = run["out"]
-    checkpoints = list_checkpoints(os.path.join(out, "checkpoints"))
-    if resume or not checkpoints:
-        return
-    if not overwrite:
-        raise ConfigError(f"{out} already holds checkpoints of an earlier run ({checkpoints[-1][1]}); "
-                          f"pass --resume to continue it, --overwrite to start again, or another --out")
-    if is_main:
-        for _, path in checkpoints:
-            os.remove(path)
+def _stored_settings(args: argparse.Namespace):
+    """For --resume: (the stored settings of the checkpoint to continue, or None, a notice)."""
+    from pyalign.trainers.checkpoint import read_settings, resolve_resume_path
+    if not args.resume:
+        return None, None
+    given = given_on_command_line(args)
+    file_values = load_config_file(args.config) if args.config else {}
+    out = next((values[k] for values in (given, file_values) for k in ("out", "output_dir")
+                if values.get(k)), None)
+    algo = given.get("algo") or file_values.get("algo")
+    if out is None and args.resume not in ("", "latest"):  # OUT/checkpoints/step-NNNNNN.pt
+        out = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+    out = out or (os.path.join("runs", algo) if algo in ALGOS else None)
+    if out is None:
+        raise ConfigError("--resume needs --out DIR: the directory of the run to continue")
+    resume, notice = _resume_decision(out, args.resume)
+    if resume is None:
+        return None, notice
+    path = resolve_resume_path(resume, os.path.join(out, "checkpoints"))
+    stored = read_settings(path)
+    if not stored["run"].get("algo"):  # written by a trainer built in Python: no run settings
+        return None, notice
+    return dict(stored, path=path), notice
 
 
 def _resume_decision(out: str, resume) -> tuple[Optional[str], Optional[str]]:
@@ -504,38 +171,84 @@ def _resume_decision(out: str, resume) -> tuple[Optional[str], Optional[str]]:
                   f"run there stopped before its first one); starting from scratch")
 
 
-def run_train(args: argparse.Namespace) -> int:
-    import torch
+def _prepare_out_dir(run: dict, resume, overwrite: bool, is_main: bool) -> None:
+    from pyalign.trainers.checkpoint import list_checkpoints
+    out = run["out"]
+    checkpoints = list_checkpoints(os.path.join(out, "checkpoints"))
+    if resume or not checkpoints:
+        return
+    if not overwrite:
+        raise ConfigError(f"{out} already holds checkpoints of an earlier run ({checkpoints[-1][1]}); "
+                          f"pass --resume to continue it, --overwrite to start again, or another --out")
+    if is_main:
+        for _, path in checkpoints:
+            os.remove(path)
 
+
+def describe(algo: str, run: dict, config) -> str:
+    """One line saying what the run will do (data, examples, epochs, steps, batch, learning rate)."""
+    family = ALGOS[algo].family
+    source = run["data"] or "the embedded task"
+    unit = "examples" if family == "preference" else "prompts"
+    parts = [f"pyalign train: {algo} on {source}"]
+    if family == "preference":
+        epochs = run["steps"] * config.batch_size / config.num_examples
+        parts.append(f"{config.num_examples} {unit}, {run['steps']} steps = {epochs:.3g} "
+                     f"epoch{'' if epochs == 1 else 's'}")
+    else:
+        parts.append(f"{run['steps']} steps")
+    parts.append(f"batch {config.batch_size} {unit} (micro-batch {config.micro_batch_size})")
+    parts.append(f"lr {config.lr:g} {config.lr_scheduler_type}")
+    if family == "preference":
+        parts.append(f"beta {config.beta:g}")
+    else:
+        parts.append(f"{config.samples_per_prompt} samples per prompt, kl_coef {config.kl_coef:g}")
+    parts.append(f"evaluation every {config.eval_every} steps" if config.eval_every else "no evaluation")
+    return ", ".join(parts) + f"; out {run['out']}"
+
+
+def run_train(args: argparse.Namespace) -> int:
     from pyalign.data import DataError
     from pyalign.data.rewards import RewardError
     from pyalign.trainers.checkpoint import CheckpointError
-    from pyalign.trainers.distributed import init_distributed
-    from pyalign.trainers.metrics import format_summary
     try:
-        algo, run, config = resolve_settings(args)
-    except ConfigError as exc:
+        stored, notice = _stored_settings(args)
+        algo, run, config = resolve_settings(args, stored)
+    except (ConfigError, CheckpointError, DataError, RewardError) as exc:
         print(f"pyalign train: error: {exc}", file=sys.stderr)
         return 2
     if run.get("study"):  # a `pyalign study` point: trained and evaluated by pyalign.study
         from pyalign.study.point import run_point
         return run_point(algo, run, config)
-    if getattr(args, "print_config", False):
+    if args.print_config:
         print(f"# pyalign train --algo {algo}: the keys a config file may set, resolved (TOML: "
               f"save it and pass --config FILE)")
-        settings = {**run, **dataclasses.asdict(config)}
-        if run["reward"]:  # the user's reward (--data), not the embedded task's
-            settings["reward"] = run["reward"]
-        for key, value in settings.items():
-            if key in ALGO_KEYS or key == "progress" or (key in ONLY_FOR and algo not in ONLY_FOR[key]):
-                continue
-            print(config_line(key, value))
+        print("\n".join(printed_settings(algo, run, config)))
         return 0
+    try:
+        return _train(args, algo, run, config, stored, notice)
+    except (ConfigError, CheckpointError, DataError, RewardError) as exc:
+        print(f"pyalign train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pyalign train: stopped at once; --resume continues from the newest checkpoint in "
+              f"{os.path.join(run['out'], 'checkpoints')}", file=sys.stderr, flush=True)
+        return 130
+
+
+def _train(args, algo: str, run: dict, config, stored: Optional[dict], notice) -> int:
+    """Lock --out, build the trainer, train (stopping cleanly on a signal); the exit code."""
+    import torch
+
+    from pyalign.trainers.build import build_trainer, set_threads
+    from pyalign.trainers.distributed import init_distributed
     from pyalign.trainers.lock import LockHeld, RunLock, remove_stale_temporaries
+    from pyalign.trainers.stop import StopSignals
+    from pyalign.trainers.tracking import open_trackers
     dist_ctx = init_distributed()
-    lock = None
-    try:  # the backend reaches the ops through the trainer config (``config.backend``)
-        resume, notice = _resume_decision(run["out"], args.resume)
+    lock, trackers, stop = None, [], StopSignals()
+    resume = stored["path"] if stored else None
+    try:
         dist_ctx.barrier()  # every rank has looked at --out before rank 0 locks it
         failure = None
         if dist_ctx.is_main:  # one lock per run: rank 0 takes it for all ranks
@@ -549,94 +262,58 @@ def run_train(args: argparse.Namespace) -> int:
             raise ConfigError(failure or f"rank 0 could not lock {run['out']}")
         if dist_ctx.is_main:
             remove_stale_temporaries(run["out"], os.path.join(run["out"], "checkpoints"))
-            if notice:
-                print(notice, file=sys.stderr, flush=True)
-        _prepare_out_dir(run, resume, getattr(args, "overwrite", False), dist_ctx.is_main)
+            for line in filter(None, (notice, describe(algo, run, config))):
+                print(line, file=sys.stderr, flush=True)
+            if stored:
+                print(f"pyalign train: resuming from step {stored['step']} of {run['steps']} "
+                      f"({stored['path']})", file=sys.stderr, flush=True)
+        _prepare_out_dir(run, resume, args.overwrite, dist_ctx.is_main)
         on_cpu = dist_ctx.device.type == "cpu"
-        if run["threads"]:
-            torch.set_num_threads(run["threads"])
-        elif on_cpu and not run["model"]:  # the embedded task's model is tiny
-            torch.set_num_threads(1)
+        set_threads(run["threads"], on_cpu and not run["model"])
         trainer = build_trainer(algo, run, config, dist_ctx=dist_ctx, progress=config.progress)
-        if not run["threads"] and on_cpu and \
-                sum(p.numel() for p in trainer.policy.parameters()) < SMALL_MODEL_PARAMS:
-            torch.set_num_threads(1)
-        summary = trainer.train(run["steps"], resume=resume)
-    except (ConfigError, CheckpointError, DataError, RewardError) as exc:
-        print(f"pyalign train: error: {exc}", file=sys.stderr)
-        return 2
+        set_threads(run["threads"], on_cpu, trainer.policy)
+        if dist_ctx.is_main:
+            settings = {"run": run, "config": dataclasses.asdict(trainer.config)}
+            trackers = open_trackers(run["report_to"], run["out"], settings,
+                                     stored["step"] if stored else None)
+        with stop:
+            summary = trainer.train(run["steps"], resume=resume, stop=stop, trackers=trackers)
     finally:
+        for tracker in trackers:
+            tracker.close()
         if lock is not None:
             lock.release()
         dist_ctx.close()
     if dist_ctx.is_main:
-        if summary.get("metrics") and not summary.get("plot"):
-            why = ("no evaluation during training (eval_every = 0): the plot needs at least one "
-                   "besides the final one" if "gold_reward" in summary or "proxy_reward" in summary
-                   else "this run has no gold or proxy reward (user data without --reward)")
-            print(f"pyalign train: note: no reward_vs_kl.png: {why}", file=sys.stderr, flush=True)
-        print(format_summary(summary), flush=True)
-    return 0
+        _report(summary, run)
+    return (stop.exit_code or 130) if summary.get("interrupted") else 0
+
+
+def _report(summary: dict, run: dict) -> None:
+    from pyalign.trainers.metrics import format_summary
+    if summary.get("interrupted"):
+        print(f"pyalign train: {summary['interrupted']}: stopped after step {summary['steps']} of "
+              f"{summary['total_steps']}, checkpoint {summary['checkpoint']}; resume with: "
+              f"pyalign train --out {run['out']} --resume", file=sys.stderr, flush=True)
+        return
+    if summary.get("metrics") and not summary.get("plot"):
+        has_reward = "gold_reward" in summary.get("last_step", {}) or \
+            "proxy_reward" in summary.get("last_step", {}) or "gold_reward" in summary
+        why = ("no evaluation during training (eval_every = 0): the plot needs at least one "
+               "besides the final one" if has_reward
+               else "this run has no gold or proxy reward (user data without --reward)")
+        print(f"pyalign train: note: no reward_vs_kl.png: {why}", file=sys.stderr, flush=True)
+    print(format_summary(summary), flush=True)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """The ``train`` subcommand of ``pyalign``."""
-    parser = subparsers.add_parser("train", help="train on the embedded task (DPO, IPO, SLiC, KTO, "
-                                   "TR-*, RLOO, Elastic Reset)", description=__doc__,
+    parser = subparsers.add_parser("train", help="train on your model and data or the embedded task "
+                                   f"({', '.join(ALGOS)})", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
     parser.set_defaults(func=run_train)
     return parser
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--algo", choices=list(ALGOS), help="training algorithm")
-    parser.add_argument("--config", help="TOML (or YAML) file of key = value settings")
-    parser.add_argument("--steps", type=int, help="total optimizer steps (default: preference "
-                        f"{DEFAULT_STEPS['preference']}, RL {DEFAULT_STEPS['rl']})")
-    parser.add_argument("--out", help="output directory (default: runs/<algo>)")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                        help="continue from CHECKPOINT, or from the newest one under --out")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh in an --out that holds checkpoints (deletes them)")
-    parser.add_argument("--seed", type=int, help="training seed (default 0)")
-    parser.add_argument("--model", help="a local Hugging Face causal-LM directory to train instead "
-                        "of the task's SFT model (with --data: any causal LM and its tokenizer; "
-                        "without: its vocabulary must be the task's)")
-    add_data_arguments(parser)
-    parser.add_argument("--lora", metavar="SPEC", help="train a LoRA adapter (peft) instead of the "
-                        "whole model, e.g. r=16,alpha=32,dropout=0.05,target_modules=q_proj+v_proj "
-                        "(pyalign/integrations/lora.py lists the keys)")
-    parser.add_argument("--backend", choices=BACKEND_CHOICES,
-                        help="pyalign op backend (default auto)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the model forwards")
-    parser.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
-    parser.add_argument("--task-seed", type=int, dest="task_seed",
-                        help="seed of the embedded task (default 0)")
-    parser.add_argument("--task-cache-dir", dest="task_cache_dir", help="where the embedded task is cached")
-    parser.add_argument("--threads", type=int, help="intra-op CPU threads (default: 1 for models "
-                        f"under {SMALL_MODEL_PARAMS // 1_000_000}M parameters on CPU, else torch's)")
-    parser.add_argument("--no-progress", action="store_true", dest="no_progress", help="no tqdm bar")
-    parser.add_argument("--print-config", action="store_true", dest="print_config",
-                        help="print the resolved settings and exit")
-
-
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """Training on the user's data (pyalign.data), in TRL's dataset formats."""
-    parser.add_argument("--data", help="JSONL/JSON/Parquet file or datasets directory: preference "
-                        "prompt/chosen/rejected (or chosen/rejected), unpaired prompt/completion/label "
-                        "(KTO), prompt-only (RL); standard or conversational; needs --model")
-    parser.add_argument("--eval-data", dest="eval_data", help="a dataset whose prompts the "
-                        "evaluations sample on (default: --data's)")
-    parser.add_argument("--reward", help="RL with --data: a local sequence-classification reward-model "
-                        "directory, or module:function taking (prompts, completions) -> list of floats")
-    parser.add_argument("--max-length", type=int, dest="max_length",
-                        help="truncate prompt + completion to this many tokens (completion from the right)")
-    parser.add_argument("--max-prompt-length", type=int, dest="max_prompt_length",
-                        help="truncate prompts to this many tokens (from the left)")
-    parser.add_argument("--max-completion-length", type=int, dest="max_completion_length",
-                        help=f"tokens sampled per completion with --data "
-                        f"(default {DATA_DEFAULTS['max_completion_length']})")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

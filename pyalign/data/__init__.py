@@ -9,14 +9,14 @@ tokenized and served to the trainers.
 file and row); ``tokenize`` renders conversational rows with the tokenizer's chat template,
 splits implicit prompts, truncates (prompt from the left, completion from the right) and pads;
 ``task`` is ``DatasetTask``, the dataset-backed stand-in for the embedded task
-(``pyalign.tasks``); ``rewards`` loads ``--reward`` (a reward-model directory or
-``module:function``).
+(``pyalign.tasks``); ``rewards`` loads ``--reward`` (``path/to/file.py:function``,
+``module:function`` or a reward-model directory).
 
 Padding: token tensors pad with ``PAD = -100`` (prompts on the left, completions on the
 right); the trainers' scorer treats negative ids as padding (attention mask, no loss).
 """
-from .loading import DataError, load_rows
+from .loading import DataError, example_count, load_rows
 from .task import DatasetTask
 from .tokenize import PAD, TokenizedData, tokenize_rows
 
-__all__ = ["DataError", "load_rows", "tokenize_rows", "TokenizedData", "DatasetTask", "PAD"]
+__all__ = ["DataError", "load_rows", "example_count", "tokenize_rows", "TokenizedData", "DatasetTask", "PAD"]

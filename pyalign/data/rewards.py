@@ -1,14 +1,17 @@
 """``--reward``: what RL trains on with user data, as a function of (prompts, completions) lists
-(TRL's reward-function convention, ``reward_funcs``): either ``module:function`` (imported; it
-is called ``function(prompts=..., completions=...)`` and returns one float per completion) or a
-local sequence-classification reward-model directory (AutoModelForSequenceClassification and its
+(TRL's reward-function convention, ``reward_funcs``): ``path/to/file.py:function`` (the file is
+loaded as a module), ``module:function`` (imported, from the working directory too), called
+``function(prompts=..., completions=...)`` and returning one float per completion; or a local
+sequence-classification reward-model directory (AutoModelForSequenceClassification and its
 own tokenizer; the score is logit 0 of prompt + completion, rendered with the reward
 tokenizer's chat template for conversational data, as TRL's GRPO/RLOO trainers score it).
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
 from typing import Callable
 
 import torch
@@ -22,21 +25,45 @@ def load_reward(spec: str, *, conversational: bool) -> Callable[[list, list], li
     """The reward function (prompts, completions) -> list of floats of ``spec``."""
     if os.path.isdir(spec):
         return _reward_model(spec, conversational)
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise RewardError(f"--reward {spec!r}: expected a reward-model directory or module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RewardError(f"--reward {spec}: cannot import {module_name}: {exc}") from exc
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise RewardError(f"--reward {spec!r}: expected path/to/file.py:function, module:function "
+                          f"or a reward-model directory")
+    module = _module(target, spec)
     function = getattr(module, attr, None)
     if not callable(function):
-        raise RewardError(f"--reward {spec}: {module_name} has no function {attr!r}")
+        raise RewardError(f"--reward {spec}: {target} has no function {attr!r}")
 
     def reward(prompts: list, completions: list) -> list:
         values = function(prompts=prompts, completions=completions)
         return _checked(values, len(completions), spec)
     return reward
+
+
+def _module(target: str, spec: str):
+    """The module of a --reward spec: a ``.py`` file loaded by path, or a module imported with
+    the working directory first on the path (where a user's reward file usually is)."""
+    if target.endswith(".py"):
+        if not os.path.isfile(target):
+            raise RewardError(f"--reward {spec}: no such file {target}")
+        name = "pyalign_reward_" + os.path.splitext(os.path.basename(target))[0]
+        loader = importlib.util.spec_from_file_location(name, target)
+        module = importlib.util.module_from_spec(loader)
+        try:
+            loader.loader.exec_module(module)
+        except Exception as exc:
+            raise RewardError(f"--reward {spec}: {target} failed to load: {type(exc).__name__}: "
+                              f"{exc}") from exc
+        return module
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(target)
+    except ImportError as exc:
+        raise RewardError(f"--reward {spec}: cannot import {target}: {exc} (a file "
+                          f"{target.replace('.', '/')}.py of the working directory, a module on the "
+                          f"Python path, or pass path/to/file.py:function)") from exc
+    finally:
+        sys.path.remove(os.getcwd())
 
 
 def _checked(values, count: int, spec: str) -> list:

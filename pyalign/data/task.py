@@ -3,11 +3,14 @@
 ``unpaired`` (the dataset), ``prompts`` / ``eval_prompts`` (prompts drawn with the trainer's
 generator, so a batch is a function of (seed, step) and a resumed run draws the same ones),
 ``generate`` (sampling from the policy with the trainer's generator) and, with ``--reward``,
-``proxy_reward`` (the reward it gives, the only reward there is: no ``gold_reward``).
+``proxy_reward`` (the reward it gives, the only reward there is: no ``gold_reward``), named by
+``reward_name`` in errors and ``reward_labels`` in plots.
 """
 from __future__ import annotations
 
+import inspect
 import math
+import os
 from typing import Callable, Optional
 
 import torch
@@ -28,7 +31,8 @@ class DatasetTask:
     completions) lists of strings (pyalign.data.rewards)."""
 
     def __init__(self, tokenizer, train: TokenizedData, *, eval_data: Optional[TokenizedData] = None,
-                 max_completion_length: int = 64, reward: Optional[Callable] = None):
+                 max_completion_length: int = 64, reward: Optional[Callable] = None,
+                 reward_spec: Optional[str] = None):
         self.tokenizer = tokenizer
         self.train = train
         self.eval = eval_data
@@ -47,6 +51,10 @@ class DatasetTask:
         if reward is not None:
             self._reward = reward
             self.proxy_reward = self._score
+            spec = reward_spec or "the reward function"
+            self.reward_name = f"--reward {spec}" if reward_spec else spec
+            what = "reward model score" if reward_spec and os.path.isdir(reward_spec) else "reward"
+            self.reward_labels = {"proxy_reward": f"{what} ({self.reward_name})"}
 
     def __repr__(self) -> str:
         return f"DatasetTask({self.train.path!r}, {len(self.train)} rows, {self.train.kind})"
@@ -100,6 +108,8 @@ class DatasetTask:
         done = torch.zeros(prompts.shape[0], dtype=torch.bool)
         out = model(input_ids=ids, attention_mask=attention.long(), position_ids=positions,
                     use_cache=True)
+        # the key-value cache: ``cache`` since transformers 5.2x, ``past_key_values`` before
+        cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         for i in range(self.response_len):
             tokens = sample_next_token(out.logits[:, -1], temperature, generator)
             responses[:, i] = torch.where(done, PAD, tokens)
@@ -110,7 +120,7 @@ class DatasetTask:
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
             out = model(input_ids=tokens[:, None].to(device), attention_mask=attention.long(),
-                        position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
+                        position_ids=positions, use_cache=True, **{cache_key: getattr(out, cache_key)})
         return responses.to(prompts.device)
 
     # rewards ----------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """From checked rows to padded token tensors, with TRL's semantics: conversational rows are
 rendered with the tokenizer's chat template (the prompt with the generation prompt, each
 completion as the rest of prompt + completion), an implicit prompt is the beginning chosen and
-rejected share, standard prompts start with bos and standard completions end with eos, and
-truncation cuts the prompt from the left (``max_prompt_length``) and the completion from the
-right (to ``max_length`` tokens in all).
+rejected share, KTO's unpaired rows may come from pairs (one desirable, one undesirable each),
+standard prompts start with bos and standard completions end with eos, and truncation cuts the
+prompt from the left (``max_prompt_length``) and the completion from the right (to
+``max_length`` tokens in all).
 """
 from __future__ import annotations
 
@@ -12,9 +13,19 @@ from typing import Optional
 
 import torch
 
-from .loading import DataError, Rows, check_rows, detect_format
+from .loading import DataError, Rows, check_rows, detect_format, split_implicit_prompt, unpair
 
 PAD = -100  # the padding id of every tensor here: negative, so never a token
+
+
+# What each kind of run accepts (a KTO run takes pairs too), and what it needs.
+ACCEPTED = {"preference": ("preference",), "unpaired": ("unpaired", "preference"),
+            "prompt": ("prompt", "preference", "unpaired")}
+FORMAT_NEEDS = {"preference": ("chosen", "rejected"), "unpaired": ("prompt", "completion", "label"),
+                "prompt": ("prompt",)}
+NEEDS = {"preference": "preference data (prompt/chosen/rejected or chosen/rejected)",
+         "unpaired": "unpaired data (prompt/completion/label) or preference pairs",
+         "prompt": "a 'prompt' column"}
 
 
 @dataclass
@@ -31,19 +42,6 @@ class TokenizedData:
 
     def __len__(self) -> int:
         return self.prompts.shape[0]
-
-
-def _common_prefix(chosen, rejected):
-    """TRL's implicit prompt: the longest shared beginning of chosen and rejected (messages, or
-    characters; a space just before the split goes to the completions)."""
-    length = 0
-    for a, b in zip(chosen, rejected, strict=False):
-        if a != b:
-            break
-        length += 1
-    if isinstance(chosen, str) and length and chosen[length - 1] == " ":
-        length -= 1
-    return chosen[:length], chosen[length:], rejected[length:]
 
 
 def _render(tokenizer, prompt, completions: list, where: str) -> tuple[str, list]:
@@ -92,15 +90,14 @@ def tokenize_rows(rows: Rows, tokenizer, *, kind: str, max_length: Optional[int]
     unpaired or prompt). ``max_positions`` (the model's) bounds prompt + completion, and for
     prompt-only data prompt + ``generation_length``; a longer row is a DataError."""
     found = detect_format(rows)
-    accepted = {"preference": ("preference",), "unpaired": ("unpaired",),
-                "prompt": ("prompt", "preference", "unpaired")}[kind]
-    if found not in accepted:
-        need = {"preference": "preference data (prompt/chosen/rejected or chosen/rejected)",
-                "unpaired": "unpaired data (prompt/completion/label)",
-                "prompt": "a 'prompt' column"}[kind]
-        raise DataError(f"{rows.path}: this algorithm needs {need}, but the file holds {found} data "
-                        f"(columns {sorted(rows.records[0])})")
+    if found not in ACCEPTED[kind]:
+        first = rows.records[0]
+        missing = [c for c in FORMAT_NEEDS[kind] if first.get(c) is None]
+        raise DataError(f"{rows.where(0)}: this algorithm needs {NEEDS[kind]}, but this row has "
+                        f"columns {sorted(first)} (missing {', '.join(map(repr, missing))})")
     conversational = check_rows(rows, found if kind != "prompt" else "prompt")
+    if kind == "unpaired" and found == "preference":  # KTO on pairs: TRL's unpairing
+        rows = unpair(rows)
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{rows.path}: conversational data (lists of messages) needs a tokenizer "
                         f"with a chat template; this model's tokenizer has none")
@@ -110,9 +107,8 @@ def tokenize_rows(rows: Rows, tokenizer, *, kind: str, max_length: Optional[int]
     completions = {column: [] for column in columns}
     for index, record in enumerate(rows.records):
         where = rows.where(index)
-        if kind == "preference" and "prompt" not in record:
-            prompt, chosen, rejected = _common_prefix(record["chosen"], record["rejected"])
-            texts = [chosen, rejected]
+        if kind == "preference":
+            prompt, *texts = split_implicit_prompt(record)
         else:
             prompt, texts = record["prompt"], [record[column] for column in columns]
         raw_prompts.append(prompt)
@@ -157,7 +153,7 @@ def tokenize_rows(rows: Rows, tokenizer, *, kind: str, max_length: Optional[int]
         padded = {c: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=PAD)
                   for c, t in padded.items()}
     labels = None
-    if kind == "unpaired":
+    if kind == "unpaired":  # (rows may be the unpaired rows of pairs)
         labels = torch.tensor([bool(r["label"]) for r in rows.records], dtype=torch.bool)
     return TokenizedData(rows.path, kind, conversational, _left_pad(prompts), padded, labels,
                          raw_prompts)

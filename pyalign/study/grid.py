@@ -181,7 +181,7 @@ def parse_grid(raw: dict, name: str = "custom") -> Grid:
 
 def steps_per_epoch(algo: str, spec: dict, settings: dict) -> int:
     from pyalign.trainers import PreferenceConfig, RLConfig
-    family = ALGOS[algo][0]
+    family = ALGOS[algo].family
     config_cls = PreferenceConfig if family == "preference" else RLConfig
     defaults = config_cls()
     batch = settings.get("batch_size", defaults.batch_size)
@@ -199,7 +199,7 @@ def steps_per_epoch(algo: str, spec: dict, settings: dict) -> int:
 def expand(spec: dict) -> list[Point]:
     points = []
     for algo, knobs in spec["algos"].items():
-        family = ALGOS[algo][0]
+        family = ALGOS[algo].family
         (knob,) = [k for k, v in knobs.items() if isinstance(v, list)]
         fixed = {**spec[family], **{k: v for k, v in knobs.items() if k != knob}}
         for value in knobs[knob]:
@@ -226,7 +226,8 @@ def train_config(point: Point, spec: dict, out: str) -> dict:
 
 def check_point(point: Point, spec: dict) -> None:
     """Resolve the point's config exactly as ``pyalign train`` would; a bad key is a GridError."""
-    from pyalign.cli.train import ConfigError, resolve_config_values
+    from pyalign.trainers.resolve import resolve_config_values
+    from pyalign.trainers.settings import ConfigError
     values = train_config(point, spec, out="unused")
     values.pop("study")
     try:

@@ -40,7 +40,7 @@ def read_rows(out: str) -> list[dict]:
 
 
 def _check_study_table(study: dict, steps: int) -> None:
-    from pyalign.cli.train import ConfigError
+    from pyalign.trainers.settings import ConfigError
     missing = [k for k in STUDY_KEYS if k not in study]
     if missing:
         raise ConfigError(f"[study] table lacks {', '.join(missing)} (written by pyalign study)")
@@ -54,19 +54,18 @@ def _check_study_table(study: dict, steps: int) -> None:
 
 def run_point(algo: str, run: dict, config) -> int:
     """Train and evaluate one point into run['out']; 0 when done (or already done), 2 on error."""
-    import torch
 
     import pyalign.tasks
-    from pyalign.cli.train import ConfigError
     from pyalign.study.evaluation import Evaluator
-    from pyalign.trainers import PreferenceTrainer, RLTrainer
+    from pyalign.trainers.build import set_threads
     from pyalign.trainers.lock import LockHeld, RunLock, remove_stale_temporaries
     from pyalign.trainers.presets import ALGOS
+    from pyalign.trainers.settings import ConfigError
 
     out, study = run["out"], run["study"]
     try:
         _check_study_table(study, run["steps"])
-        if run["model"] or run["fsdp"]:
+        if run["model"] or config.fsdp:
             raise ConfigError("a study point trains the embedded task's model in one process: "
                               "'model' and 'fsdp' do not apply")
     except ConfigError as exc:
@@ -82,12 +81,11 @@ def run_point(algo: str, run: dict, config) -> int:
     try:
         remove_stale_temporaries(out)
         started = time.perf_counter()
-        torch.set_num_threads(run["threads"] or 1)  # the embedded task's model is tiny
+        set_threads(run["threads"], on_cpu=True)  # the embedded task's model is tiny
         task_config = pyalign.tasks.TaskConfig(**run["task"]) if run.get("task") else None
         task = pyalign.tasks.make_task(run["task_seed"], cache_dir=run["task_cache_dir"],
                                        progress=False, config=task_config)
-        cls = PreferenceTrainer if ALGOS[algo][0] == "preference" else RLTrainer
-        trainer = cls(task, config, algo=algo, out_dir=None)
+        trainer = ALGOS[algo].trainer(task, config, algo=algo, out_dir=None)
         evaluator = Evaluator(trainer, prompts=study["prompts"], heldout=study["heldout"])
         rows_path = os.path.join(out, EVALS_NAME)
         atomic_write(rows_path, "")  # a rerun of an unfinished point starts from scratch

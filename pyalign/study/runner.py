@@ -80,8 +80,16 @@ def load_grid(out: str) -> Grid:
 
 def run_config(path: str) -> int:
     """Run one point's config in this process (what a pool worker and a Ray task call)."""
-    from pyalign.cli.train import main
-    return main(["--config", path, "--no-progress"])
+    from pyalign.study.point import run_point
+    from pyalign.trainers.resolve import resolve_config_values
+    from pyalign.trainers.settings import ConfigError, load_config_file
+    try:
+        algo, run, config = resolve_config_values(load_config_file(path), path)
+    except ConfigError as exc:
+        print(f"pyalign train: error: {exc}", file=sys.stderr)
+        return 2
+    config.progress = False
+    return run_point(algo, run, config)
 
 
 class _Progress:

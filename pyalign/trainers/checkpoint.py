@@ -39,8 +39,12 @@ _ZIP_END = b"PK\x05\x06"  # ... and ends with this 22-byte end-of-archive record
 _DIGEST_TAG = b"pyalign-sha256:"  # the archive comment: this tag, then 64 hex digits
 _COMMENT_LEN = len(_DIGEST_TAG) + 64
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
-# Config fields that may change between a run and its resumption (they do not change the numbers).
-RESUMABLE_CHANGES = frozenset({"checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "progress"})
+# Settings that may change between a run and its resumption: they do not change the numbers
+# (checkpointing, progress, threads, tracking, where the run and the task cache live) or extend
+# the run (steps, num_epochs).
+RESUMABLE_CHANGES = frozenset({"checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "progress",
+                               "steps", "num_epochs", "threads", "out", "report_to",
+                               "task_cache_dir"})
 
 
 class CheckpointError(RuntimeError):
@@ -128,6 +132,44 @@ def load_checkpoint(path: str) -> dict:
     return payload
 
 
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """The keys whose values differ between two settings dicts, except RESUMABLE_CHANGES and
+    keys only one of them knows (a setting older or newer than the checkpoint)."""
+    return sorted(k for k in set(saved) & set(current)
+                  if k not in RESUMABLE_CHANGES and saved[k] != current[k])
+
+
+def check_resumable(path: str, payload: dict, config: dict, run: dict) -> None:
+    """CheckpointError unless the checkpoint ``payload`` (read from ``path``) was written with
+    this trainer ``config`` and, where both are known, these ``pyalign train`` run settings."""
+    for what, saved, current in (("config", payload["config"], config),
+                                 ("run settings", payload.get("run") or {}, run)):
+        if what == "run settings" and not (saved and current):
+            continue  # a trainer built in Python has none
+        changed = changed_settings(saved, current)
+        if changed:
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            raise CheckpointError(f"checkpoint {path} was written with different {what} ({diffs}); "
+                                  f"resume with the same settings")
+
+
+def read_settings(path: str) -> dict:
+    """The ``algo``, ``step``, ``config`` and ``run`` entries of a checkpoint, read without
+    loading its tensors (memory-mapped); any damage raises load_checkpoint's CheckpointError.
+    The full check of the file (its sha256) is load_checkpoint's, when the run resumes."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        settings = {key: payload[key] for key in ("algo", "step", "config")}
+        settings["run"] = payload.get("run") or {}
+        if payload.get("format") == CHECKPOINT_FORMAT and payload.get("version") == CHECKPOINT_VERSION:
+            return settings
+    except Exception:  # noqa: BLE001 - any damage: the full check says what it is
+        pass
+    payload = load_checkpoint(path)
+    return {"algo": payload["algo"], "step": payload["step"], "config": payload["config"],
+            "run": payload.get("run") or {}}
+
+
 def resolve_resume_path(resume: str | bool, checkpoint_dir: str) -> str:
     """The file to resume from: an explicit path, or the newest checkpoint in checkpoint_dir."""
     if isinstance(resume, str) and resume not in ("", "latest"):
@@ -161,5 +203,6 @@ def restore_rng_state(state: dict) -> None:
 
 
 __all__ = ["CheckpointError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "RESUMABLE_CHANGES",
-           "checkpoint_path", "list_checkpoints", "save_checkpoint", "load_checkpoint",
-           "resolve_resume_path", "capture_rng_state", "restore_rng_state"]
+           "changed_settings", "check_resumable", "read_settings", "checkpoint_path",
+           "list_checkpoints", "save_checkpoint", "load_checkpoint", "resolve_resume_path",
+           "capture_rng_state", "restore_rng_state"]

@@ -5,6 +5,7 @@ depend on the number of ranks).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -156,6 +157,62 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer, state: dict, sh
     optimizer.load_state_dict(state)
 
 
+def wrap_scorer(scorer: torch.nn.Module, dist_ctx: DistContext, *, fsdp: bool, trainable: bool,
+                bos_id: int) -> torch.nn.Module:
+    """DDP for the trained scorer; under FSDP2 every model is sharded the same way (layers,
+    then the scorer as root) so reference updates between them stay shard-local."""
+    if not dist_ctx.distributed:
+        return scorer
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in _decoder_layers(scorer.model):
+            fully_shard(layer)
+        # reshard the root after forward too (its default is to keep it gathered for the
+        # backward): the reference/EMA updates must see every model as shards.
+        fully_shard(scorer, reshard_after_forward=True)
+        # One forward through the root before anything calls the bare model (generate):
+        # FSDP2 initialises its root on the first forward and refuses a layer-first one.
+        with torch.no_grad():
+            token = torch.full((1, 1), bos_id, dtype=torch.long, device=dist_ctx.device)
+            scorer(token, token, torch.ones_like(token, dtype=torch.bool))
+        return scorer
+    if not trainable:
+        return scorer
+    from torch.nn.parallel import DistributedDataParallel
+    device_ids = [dist_ctx.device.index] if dist_ctx.device.type == "cuda" else None
+    return DistributedDataParallel(scorer, device_ids=device_ids)
+
+
+@contextlib.contextmanager
+def unsharded(scorer: torch.nn.Module):
+    """Plain (gathered) parameters for code that calls the bare model outside the scorer's
+    forward (task.generate). A no-op without FSDP."""
+    if not hasattr(scorer, "unshard"):
+        yield
+        return
+    scorer.unshard()
+    try:
+        yield
+    finally:
+        scorer.reshard()
+
+
+@contextlib.contextmanager
+def accumulating(scorer: torch.nn.Module, last: bool):
+    """Skip the gradient all-reduce (DDP's, FSDP2's) on all but the last micro-batch."""
+    if not last and hasattr(scorer, "no_sync"):
+        with scorer.no_sync():
+            yield
+    elif not last and hasattr(scorer, "set_requires_gradient_sync"):
+        scorer.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            scorer.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
 __all__ = ["DistContext", "init_distributed", "split_evenly", "micro_slices", "gather_strategy_state",
            "shard_strategy_state", "full_model_state", "load_full_model_state", "full_optimizer_state",
-           "load_full_optimizer_state"]
+           "load_full_optimizer_state", "wrap_scorer", "unsharded", "accumulating"]

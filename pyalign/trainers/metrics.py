@@ -1,6 +1,7 @@
 """What a training run reports: ``metrics.jsonl`` (``MetricsLog``, one JSON object per logged
-step; ``read_metrics``), the gold-reward-vs-KL plot (``plot_reward_vs_kl``) and the one-line
-summary the CLI prints (``format_summary``).
+step, also handed to the run's trackers: TensorBoard, W&B; ``read_metrics``), the
+reward-vs-KL plot (``plot_reward_vs_kl``) and the one-line summary the CLI prints
+(``format_summary``).
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ class MetricsLog:
     (logged by the interrupted run after its last checkpoint) are dropped, so the file reads as
     one uninterrupted run."""
 
-    def __init__(self, path: Optional[str], *, resume_step: Optional[int] = None):
+    def __init__(self, path: Optional[str], *, resume_step: Optional[int] = None, trackers=()):
         self.path = path
+        self.trackers = tuple(trackers)
         if path is None:
             return
         kept = []
@@ -35,6 +37,8 @@ class MetricsLog:
         atomic_write(path, "".join(kept))
 
     def write(self, record: dict) -> None:
+        for tracker in self.trackers:
+            tracker.log(record)
         if self.path is None:
             return
         with open(self.path, "a") as handle:
@@ -46,9 +50,11 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def plot_reward_vs_kl(records: list[dict], path: str, title: str) -> Optional[str]:
-    """Gold (else proxy) reward against KL to the initial model, one point per evaluation.
-    Written atomically: a reader never sees half an image."""
+def plot_reward_vs_kl(records: list[dict], path: str, algo: str, labels: dict) -> Optional[str]:
+    """Gold (else proxy) reward against KL to the initial model, one point per evaluation, its
+    title and axis naming the reward by ``labels`` (metric key -> what it is: the task's gold
+    reward, its reward model, the user's --reward). Written atomically: a reader never sees half
+    an image."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -68,14 +74,20 @@ def plot_reward_vs_kl(records: list[dict], path: str, title: str) -> Optional[st
         ax.scatter([final[-1]["kl_to_init"]], [final[-1][reward_key]], marker="*", s=120,
                    color="crimson", zorder=3, label="final evaluation")
         ax.legend(loc="best")
-    ax.set_xlabel("KL(policy || initial model), nats per response")
-    ax.set_ylabel(reward_key.replace("_", " "))
-    ax.set_title(title)
+    x_label = "KL(policy || initial model), nats per response"
+    y_label = labels.get(reward_key, reward_key.replace("_", " "))
+    title = f"{algo}: {y_label.split(' (')[0]} vs KL to the initial model"
+    ax.set(xlabel=x_label, ylabel=y_label)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     image = io.BytesIO()
     # the format savefig(path) would infer from the extension (else matplotlib's default, png)
-    fig.savefig(image, dpi=110, format=os.path.splitext(path)[1].lstrip(".").lower() or None)
+    image_format = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    # a PNG names what it plots in its text chunks too (what a reader or a test can check)
+    metadata = {"Title": title, "Description": f"y: {y_label}; x: {x_label}"} \
+        if image_format == "png" else None
+    fig.savefig(image, dpi=110, format=image_format, metadata=metadata)
     plt.close(fig)
     atomic_write(path, image.getvalue())
     return path

@@ -26,54 +26,82 @@ import pyalign
 from pyalign import losses
 from pyalign._bema import BEMASchedule
 from pyalign.trainers.distributed import micro_slices, split_evenly
+from pyalign.trainers.fields import Algorithm, check_applies, setting
 from pyalign.trainers.scoring import masked_sum
-from pyalign.trainers.trainer import Trainer, TrainerConfig, _freeze, check_range, make_generator
+from pyalign.trainers.seeding import make_generator
+from pyalign.trainers.trainer import Trainer, TrainerConfig, frozen
 
 PAIRWISE_LOSSES = losses.PAIRWISE_NAMES  # from the registry, pyalign/losses.py
 LOSSES = losses.NAMES  # the pairwise losses, then the unpaired ones (kto, apo_zero_unpaired)
-REFERENCES = ("frozen", "trust_region", "bema")
+# "none": a reference-free loss (the policy's log-probs against a reference of log-prob 0:
+# SimPO/CPO/ORPO-style algorithms; the initial model is kept for the KL-to-init metric only)
+REFERENCES = ("frozen", "trust_region", "bema", "none")
+LOSS_KINDS = ("pairwise", "unpaired")
+PAIRWISE, UNPAIRED, TRUST_REGION, FROZEN = (("loss_kind", ("pairwise",)), ("loss_kind", ("unpaired",)),
+                                            ("reference", ("trust_region",)), ("reference", ("frozen",)))
+BEMA = ("reference", ("bema",))
 
 
 @dataclasses.dataclass
 class PreferenceConfig(TrainerConfig):
-    loss: Union[str, list] = "sigmoid"  # a pyalign.preference_loss name, a list of them, or "kto"
-    loss_weights: Optional[list] = None  # one per loss of a list (default 1.0 each)
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    f_divergence: str = "reverse_kl"  # TRL's f_divergence_type
-    f_alpha_divergence_coef: float = 0.5
-    ld_alpha: Optional[float] = None  # LD-DPO: weight of the tokens past the pair's shared length
-    use_weighting: bool = False  # WPO pair weights
-    length_normalize: bool = False  # average the log-probs over response tokens (IPO does)
-    desirable_weight: float = 1.0  # KTO
-    undesirable_weight: float = 1.0  # KTO
-    reference: str = "frozen"  # or "trust_region" (TR-DPO/IPO/KTO) or "bema"
-    tr_alpha: float = 0.6  # soft-update weight; 1.0 is the hard update
-    tr_tau: int = 10  # optimizer steps between reference updates
-    # BEMA reference: TRL's BEMACallback settings and defaults (pyalign._bema.BEMASchedule)
-    bema_update_freq: int = 400  # optimizer steps between BEMA updates
-    bema_ema_power: float = 0.5  # kappa: beta_t = (lag + multiplier t)^-ema_power
-    bema_bias_power: float = 0.2  # eta: alpha_t = (lag + multiplier t)^-bias_power
-    bema_lag: float = 10  # rho
-    bema_update_after: int = 0  # tau: the burn-in, where the snapshot is taken
-    bema_multiplier: float = 1.0  # gamma
-    bema_min_ema_multiplier: float = 0.0  # beta_t's floor
-    precompute_ref: bool = True  # frozen reference only: score the dataset once up front
-    num_examples: int = 1024  # dataset size (pairs, or unpaired examples for KTO); epochs repeat it
+    loss: Union[str, list] = setting("sigmoid", "the loss: a pairwise loss of "
+                                     "pyalign.preference_loss or a list of them (MPO), or an "
+                                     "unpaired one (kto, apo_zero_unpaired); any loss of the "
+                                     "algorithm's kind", aliases=("loss_type",), item_type=str)
+    loss_weights: Optional[list] = setting(None, "one weight per loss of a list (default 1.0 each)",
+                                           applies=PAIRWISE, item_type=float)
+    beta: float = setting(0.1, "the strength of the KL regularisation (IPO: its tau)", bounds="> 0")
+    label_smoothing: float = setting(0.0, "the probability a label is flipped (robust, EXO)",
+                                     bounds="in [0, 0.5)")
+    f_divergence: str = setting("reverse_kl", "the f-divergence of f-DPO", applies=PAIRWISE,
+                                aliases=("f_divergence_type",))
+    f_alpha_divergence_coef: float = setting(0.5, "alpha of the alpha-divergence", applies=PAIRWISE)
+    ld_alpha: Optional[float] = setting(None, "LD-DPO: the weight of the tokens past the pair's "
+                                        "shared length", applies=PAIRWISE)
+    use_weighting: bool = setting(False, "WPO pair weights", applies=PAIRWISE)
+    length_normalize: bool = setting(False, "average the log-probs over the response tokens "
+                                     "(IPO does)")
+    desirable_weight: float = setting(1.0, "KTO: the weight of the desirable examples",
+                                      bounds="> 0", applies=UNPAIRED)
+    undesirable_weight: float = setting(1.0, "KTO: the weight of the undesirable examples",
+                                        bounds="> 0", applies=UNPAIRED)
+    reference: str = setting("frozen", "the reference: frozen, trust_region (TR-DPO/IPO/KTO), bema "
+                             "(a bias-corrected EMA of the policy, TRL's BEMACallback), or none (a "
+                             "reference-free pairwise loss)", choices=REFERENCES)
+    tr_alpha: float = setting(0.6, "trust region: the soft-update weight (1.0: the hard update)",
+                              applies=TRUST_REGION, aliases=("ref_model_mixup_alpha",))
+    tr_tau: int = setting(10, "trust region: optimizer steps between reference updates",
+                          applies=TRUST_REGION, aliases=("ref_model_sync_steps",))
+    # BEMA: TRL's BEMACallback settings and defaults (pyalign._bema.BEMASchedule)
+    bema_update_freq: int = setting(400, "BEMA: optimizer steps between updates", applies=BEMA)
+    bema_ema_power: float = setting(0.5, "BEMA: kappa, beta_t = (lag + multiplier t)^-ema_power",
+                                    applies=BEMA)
+    bema_bias_power: float = setting(0.2, "BEMA: eta, alpha_t = (lag + multiplier t)^-bias_power",
+                                     applies=BEMA)
+    bema_lag: float = setting(10.0, "BEMA: rho, the lag of the schedule", applies=BEMA)
+    bema_update_after: int = setting(0, "BEMA: tau, the burn-in steps (the snapshot is taken there)",
+                                     applies=BEMA)
+    bema_multiplier: float = setting(1.0, "BEMA: gamma, the schedule's step multiplier", applies=BEMA)
+    bema_min_ema_multiplier: float = setting(0.0, "BEMA: beta_t's floor", applies=BEMA)
+    precompute_ref: bool = setting(True, "score the dataset with the frozen reference once up "
+                                   "front", applies=FROZEN, aliases=("precompute_ref_log_probs",))
+    num_examples: int = setting(1024, "the dataset's size (pairs, or unpaired examples for KTO); "
+                                "epochs repeat it (with --data: its number of rows)", bounds=">= 1")
+
+    @property
+    def loss_kind(self) -> str:
+        """'unpaired' for KTO's losses (unpaired examples), else 'pairwise'."""
+        return "unpaired" if isinstance(self.loss, str) and self.loss in losses.UNPAIRED_NAMES \
+            else "pairwise"
 
     def validate(self) -> None:
         super().validate()
+        check_applies(self, ("loss_kind",))  # a pairwise option with KTO's losses, or the reverse
         if isinstance(self.loss, str) and self.loss not in LOSSES:
             raise ValueError(f"config key 'loss' must be one of {LOSSES} or a list of the pairwise "
                              f"ones, got {self.loss!r}")
-        if self.reference not in REFERENCES:
-            raise ValueError(f"config key 'reference' must be one of {REFERENCES}, got {self.reference!r}")
-        check_range(self, "beta", "> 0", lambda v: v > 0)
-        check_range(self, "label_smoothing", "in [0, 0.5)", lambda v: 0 <= v < 0.5)
-        for name in ("desirable_weight", "undesirable_weight"):
-            check_range(self, name, "> 0", lambda v: v > 0)
-        check_range(self, "tr_alpha", "in (0, 1]", lambda v: 0 < v <= 1)
-        check_range(self, "tr_tau", ">= 1", lambda v: v >= 1)
+        pyalign.refmodel.trust_region_settings(self.tr_alpha, self.tr_tau,
+                                               keys=("config key 'tr_alpha'", "config key 'tr_tau'"))
         try:
             self.bema_schedule()
         except ValueError as exc:  # the schedule's message names its fields: name the config keys
@@ -81,15 +109,13 @@ class PreferenceConfig(TrainerConfig):
             for field in dataclasses.fields(BEMASchedule):
                 message = re.sub(rf"\b{field.name}\b", f"bema_{field.name}", message)
             raise ValueError(f"config: {message}") from None
-        check_range(self, "num_examples", f">= batch_size ({self.batch_size})",
-                    lambda v: v >= self.batch_size)
-        if isinstance(self.loss, str) and self.loss in losses.UNPAIRED_NAMES:
-            for key, default in (("loss_weights", None), ("f_divergence", "reverse_kl"),
-                                 ("ld_alpha", None), ("use_weighting", False)):
-                if getattr(self, key) != default:
-                    raise ValueError(f"config key {key!r} applies to the pairwise losses, not "
-                                     f"{self.loss}")
-        else:
+        if self.reference == "none" and (self.loss_kind == "unpaired" or self.ld_alpha is not None):
+            raise ValueError("config key 'reference' = 'none' takes a pairwise loss without ld_alpha "
+                             "(KTO's losses and LD-DPO's weights need a reference model)")
+        if self.num_examples < self.batch_size:
+            raise ValueError(f"config key 'num_examples' must be >= batch_size ({self.batch_size}), "
+                             f"got {self.num_examples!r}")
+        if self.loss_kind == "pairwise":
             try:  # the op's own checks, each naming its argument (= the config key)
                 pyalign.ops.preference.check_loss_options(
                     self.loss, self.loss_weights, beta=self.beta, label_smoothing=self.label_smoothing,
@@ -100,7 +126,6 @@ class PreferenceConfig(TrainerConfig):
                 raise ValueError(f"config: {str(exc).replace('average_log_prob', 'length_normalize')}"
                                  ) from None
 
-
     def bema_schedule(self) -> BEMASchedule:
         return BEMASchedule(**{field.name: getattr(self, f"bema_{field.name}")
                                for field in dataclasses.fields(BEMASchedule)})
@@ -110,13 +135,15 @@ class PreferenceTrainer(Trainer):
     """DPO-family and KTO training on the task's preference data; see PreferenceConfig."""
 
     algo = "dpo"
+    family = "preference"
+    config_class = PreferenceConfig
     config: PreferenceConfig
 
     # -- set-up -------------------------------------------------------------------------------
     def _make_reference(self) -> torch.nn.Module:
         if self.config.reference in ("trust_region", "bema"):
             # A moving reference: its own copy, so the KL-to-init metric keeps the initial model.
-            return _freeze(self.model_factory().to(self.dist.device))
+            return frozen(self.model_factory().to(self.dist.device))
         return self.init_model
 
     def _make_strategy(self):
@@ -136,7 +163,7 @@ class PreferenceTrainer(Trainer):
     @property
     def is_kto(self) -> bool:
         """KTO's family: an unpaired loss (kto, apo_zero_unpaired) on unpaired examples."""
-        return self.config.loss in losses.UNPAIRED_NAMES
+        return self.config.loss_kind == "unpaired"
 
     @property
     def uses_kl_reference(self) -> bool:
@@ -238,6 +265,8 @@ class PreferenceTrainer(Trainer):
         return self.data[key][rows].to(self.dist.device)
 
     def _reference(self, rows: torch.Tensor, key: str) -> torch.Tensor:
+        if self.config.reference == "none":  # a reference-free loss: log-ratios are the log-probs
+            return torch.zeros(rows.shape[0], device=self.dist.device)
         if self.ref_logps is not None:
             return self.ref_logps[key][rows].to(self.dist.device)
         with torch.no_grad():
@@ -311,3 +340,46 @@ class PreferenceTrainer(Trainer):
                 "n_undesirable": float((~desirable).sum()),
                 "entropy": masked_sum(entropy, mask), "tokens": float(mask.sum()),
                 "all_tokens": float(2 * n * (prompts.shape[1] + completions.shape[1]))}
+
+
+# --algo presets. The embedded task's tuned values run about a minute on 2 CPU cores; on one's
+# own model (--model) the defaults are TRL 1.16's DPOConfig (and KTOConfig, the same numbers):
+# learning_rate 1e-6, per_device_train_batch_size 8, gradient_accumulation_steps 1,
+# num_train_epochs 3, lr_scheduler_type "linear", warmup 0, max_grad_norm 1.0, beta 0.1,
+# max_length 1024, no evaluation; the trust region's ref_model_mixup_alpha 0.6 and
+# ref_model_sync_steps 512.
+EMBEDDED_STEPS = 100
+TRL_DEFAULTS = dict(lr=1e-6, per_device_batch_size=8, gradient_accumulation_steps=1, num_epochs=3.0,
+                    lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                    beta=0.1, max_length=1024, eval_every=0, final_eval_batch_size=0)
+TRL_TRUST_REGION = dict(tr_alpha=0.6, tr_tau=512)
+
+
+def _algorithm(name: str, summary: str, loss: str, *, reference: str = "frozen",
+               length_normalize: bool = False, tuned: Optional[dict] = None,
+               trl: Optional[dict] = None) -> Algorithm:
+    """A preference algorithm: its loss (any other of the same kind may replace it), its
+    reference (frozen, trust_region, none) and whether it averages the log-probs over the
+    response; ``tuned`` and ``trl`` its own values over the family's."""
+    trl_values = {**TRL_DEFAULTS, **(TRL_TRUST_REGION if reference == "trust_region" else {})}
+    return Algorithm(name, PreferenceTrainer, summary,
+                     fixed={"reference": reference, "length_normalize": length_normalize},
+                     defaults={"loss": loss}, tuned={"steps": EMBEDDED_STEPS, **(tuned or {})},
+                     trl={**trl_values, **(trl or {})})
+
+
+ALGORITHMS = (
+    _algorithm("dpo", "DPO: the sigmoid loss on the implicit reward margin", "sigmoid"),
+    _algorithm("ipo", "IPO: the squared loss on the length-normalised margin", "ipo",
+               length_normalize=True, tuned={"beta": 0.5}),
+    _algorithm("slic", "SLiC: the hinge loss on the margin", "hinge"),
+    _algorithm("kto", "KTO on desirable / undesirable examples (a pair gives one of each)", "kto"),
+    _algorithm("tr-dpo", "TR-DPO: DPO with a trust-region reference", "sigmoid",
+               reference="trust_region"),
+    _algorithm("tr-ipo", "TR-IPO: IPO with a trust-region reference", "ipo",
+               reference="trust_region", length_normalize=True, tuned={"beta": 0.5}),
+    _algorithm("tr-kto", "TR-KTO: KTO with a trust-region reference", "kto", reference="trust_region"),
+    # A reference-free loss of the registry is one more entry, e.g. SimPO (TRL's CPOConfig with
+    # loss_type "simpo"): _algorithm("simpo", "SimPO: ...", "simpo", reference="none",
+    # length_normalize=True, trl={"beta": 2.0, ...}).
+)

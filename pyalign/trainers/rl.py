@@ -1,14 +1,21 @@
-"""RL from a reward: REINFORCE with a leave-one-out baseline (RLOO) and a per-token KL penalty
-to the initial model, optionally with Elastic Reset (``pyalign.refmodel.ElasticReset``).
+"""RL from a reward: RLOO (REINFORCE with a leave-one-out baseline and a KL penalty in the reward)
+and GRPO (group-normalised advantages, the KL term in the loss), with any policy loss of the
+registry, optionally with Elastic Reset (``pyalign.refmodel.ElasticReset``).
 
 Each step samples ``samples_per_prompt`` (k) completions for each of ``batch_size`` prompts
-from the current policy, scores them with the reward function (the task's proxy reward by
-default), and shapes the reward of completion i as ``R_i = r_i - kl_coef * sum_t kl_t`` with
-``kl_t = pyalign.kl_penalty(logp_t, ref_logp_t, estimator=k1|k3)``. The advantage is
-``A_i = R_i - mean_{j != i} R_j`` over the k completions of the same prompt, and the loss is
-``pyalign.policy_loss(..., loss_type)`` on it: by default ``rloo`` (TRL's RLOOTrainer loss), which at
-ratio 1 has the gradient of ``-mean_i A_i * log pi(y_i | x_i)``; any policy loss of the registry
-(``loss_type``: grpo, dapo, cispo, ...) takes the same advantages. With ``num_iterations`` > 1
+from the current policy and scores them with the reward function (the task's proxy reward by
+default; a non-finite reward stops the run before the step is applied). ``adv_estimator``:
+
+- ``rloo`` (TRL's RLOOTrainer): the reward of completion i is shaped as
+  ``R_i = r_i - kl_coef * sum_t kl_t`` with ``kl_t = pyalign.kl_penalty(logp_t, ref_logp_t,
+  estimator=k1|k3)``, and ``A_i = R_i - mean_{j != i} R_j`` over the k completions of a prompt;
+- ``grpo`` (TRL's GRPOTrainer): ``A_i = (r_i - mean_group r) / (std + 1e-4)``, the std of the
+  group, of the batch or none (``scale_rewards``), and ``kl_coef`` (TRL's ``beta``) weighs the
+  KL term of ``pyalign.policy_loss``.
+
+The loss is ``pyalign.policy_loss(..., loss_type)`` on the advantages: ``rloo`` (TRL's
+RLOOTrainer loss) at ratio 1 has the gradient of ``-mean_i A_i * log pi(y_i | x_i)``; any policy
+loss of the registry (grpo, dapo, cispo, ...) takes the same advantages. With ``num_iterations`` > 1
 each batch of rollouts serves that many optimizer steps, PPO-style: the log-probs of the first
 pass (before any update on the batch) are the old log-probs, and the later passes clip the ratio
 to ``[1 - epsilon, 1 + epsilon_high]``. With ``kl_target`` set, the coefficient follows the
@@ -24,67 +31,82 @@ import torch
 
 import pyalign
 from pyalign import losses
-from pyalign.trainers.distributed import micro_slices, split_evenly
+from pyalign.data.rewards import RewardError
+from pyalign.trainers.distributed import micro_slices, split_evenly, unsharded
+from pyalign.trainers.fields import Algorithm, setting
 from pyalign.trainers.scoring import masked_sum
-from pyalign.trainers.trainer import Trainer, TrainerConfig, check_range, make_generator
+from pyalign.trainers.seeding import make_generator
+from pyalign.trainers.trainer import Trainer, TrainerConfig
+
+ELASTIC = ("elastic_reset", (True,))
 
 KL_ESTIMATORS = ("k1", "k3")
 REWARDS = ("proxy", "gold")
+ADV_ESTIMATORS = ("rloo", "grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+GRPO_STD_EPSILON = 1e-4  # TRL's: advantages / (std + 1e-4)
 
 
 @dataclasses.dataclass
 class RLConfig(TrainerConfig):
-    batch_size: int = 16  # prompts per optimizer step (all ranks)
-    micro_batch_size: int = 16  # prompts per rollout + forward/backward chunk on one rank
-    eval_every: int = 0  # the training samples already give reward and KL every step
-    samples_per_prompt: int = 4  # k of RLOO (>= 2)
-    reward: str = "proxy"  # the task's "proxy" reward model, or the "gold" reward
-    kl_coef: float = 0.05  # initial KL penalty coefficient
-    kl_estimator: str = "k1"
-    loss_type: str = "rloo"  # a policy loss of the registry (pyalign.losses.POLICY_NAMES)
-    num_iterations: int = 1  # optimizer steps per batch of rollouts (> 1: PPO-style clipping)
-    epsilon: float = 0.2  # the clip range [1 - epsilon, 1 + epsilon_high] of the ratio
-    epsilon_high: Optional[float] = None  # None: epsilon (cispo: the cap of its IS weight)
-    kl_target: Optional[float] = None  # adaptive coefficient when set (nats per response)
-    kl_horizon: int = 10000  # adaptive controller horizon, in samples
-    elastic_reset: bool = False
-    er_ema_decay: float = 0.95  # the paper's 0.995 is for runs of thousands of steps
-    er_reset_every: int = 25
-    er_ema_every: int = 1
-    er_reset_optimizer: bool = False
+    batch_size: int = setting(16, "prompts per optimizer step, over all ranks", bounds=">= 1")
+    micro_batch_size: int = setting(16, "prompts per rollout and forward/backward chunk on one "
+                                    "rank", bounds=">= 1")
+    eval_every: int = setting(0, "evaluate on fresh prompts every N steps (0: never; the training "
+                              "samples give reward and KL every step)", bounds=">= 0",
+                              aliases=("eval_steps",))
+    samples_per_prompt: int = setting(4, "completions sampled per prompt (the group; >= 2)",
+                                      bounds=">= 2", aliases=("num_generations",))
+    reward: str = setting("proxy", "the embedded task's reward to train on: its proxy reward "
+                          "model, or the gold reward (set by --reward proxy|gold)", choices=REWARDS,
+                          flag=False)
+    adv_estimator: str = setting("rloo", "rloo: the leave-one-out baseline on the KL-shaped "
+                                 "reward; grpo: the group mean, scaled by scale_rewards, with the "
+                                 "KL term in the loss", choices=ADV_ESTIMATORS)
+    scale_rewards: str = setting("group", "grpo: divide the advantages by the std of the group, "
+                                 "of the batch, or not (none)", choices=SCALE_REWARDS,
+                                 applies=("adv_estimator", ("grpo",)))
+    kl_coef: float = setting(0.05, "the KL coefficient: of the penalty in the reward (rloo), of "
+                             "the KL term of the loss (grpo)", bounds=">= 0", aliases=("beta",))
+    kl_estimator: str = setting("k1", "the KL estimator (k1: log-ratio, k3: Schulman's)",
+                                choices=KL_ESTIMATORS)
+    loss_type: str = setting("rloo", "the policy loss (pyalign.policy_loss)",
+                             choices=losses.POLICY_NAMES)
+    num_iterations: int = setting(1, "optimizer steps per batch of rollouts (> 1: PPO-style "
+                                  "clipping)", bounds=">= 1")
+    epsilon: float = setting(0.2, "the clip range [1 - epsilon, 1 + epsilon_high] of the ratio",
+                             bounds=">= 0")
+    epsilon_high: Optional[float] = setting(None, "the upper clip (unset: epsilon; cispo: the cap "
+                                            "of its IS weight)", bounds=">= 0")
+    kl_target: Optional[float] = setting(None, "adaptive KL coefficient towards this KL (nats per "
+                                         "response; unset: a fixed coefficient)", bounds="> 0")
+    kl_horizon: int = setting(10000, "the adaptive controller's horizon, in samples", bounds=">= 1")
+    elastic_reset: bool = setting(False, "Elastic Reset: an EMA of the policy, and periodic "
+                                  "resets of the policy to it")
+    er_ema_decay: float = setting(0.95, "Elastic Reset: the EMA's decay (the paper's 0.995 is for "
+                                  "runs of thousands of steps)", applies=ELASTIC)
+    er_reset_every: int = setting(25, "Elastic Reset: steps between resets", applies=ELASTIC)
+    er_ema_every: int = setting(1, "Elastic Reset: steps between EMA updates", applies=ELASTIC)
+    er_reset_optimizer: bool = setting(False, "Elastic Reset: reset AdamW's moments at each reset",
+                                       applies=ELASTIC)
 
     def validate(self) -> None:
         super().validate()
-        check_range(self, "samples_per_prompt", ">= 2 (the leave-one-out baseline needs two)",
-                    lambda v: v >= 2)
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"config key 'kl_estimator' must be one of {KL_ESTIMATORS}, "
-                             f"got {self.kl_estimator!r}")
-        if self.loss_type not in losses.POLICY_NAMES:
-            raise ValueError(f"config key 'loss_type' must be one of {losses.POLICY_NAMES}, "
-                             f"got {self.loss_type!r}")
-        check_range(self, "num_iterations", ">= 1", lambda v: v >= 1)
-        check_range(self, "epsilon", ">= 0", lambda v: v >= 0)
-        if self.epsilon_high is not None:
-            check_range(self, "epsilon_high", ">= 0 (or unset: epsilon)", lambda v: v >= 0)
         if self.loss_type == "cispo" and (self.epsilon if self.epsilon_high is None
                                           else self.epsilon_high) <= 0:
             raise ValueError("config key 'epsilon_high' must be > 0 for cispo (its IS-weight cap)")
-        if self.reward not in REWARDS:
-            raise ValueError(f"config key 'reward' must be one of {REWARDS}, got {self.reward!r}")
-        check_range(self, "kl_coef", ">= 0", lambda v: v >= 0)
-        if self.kl_target is not None:
-            check_range(self, "kl_target", "> 0 (or unset for a fixed coefficient)", lambda v: v > 0)
-        check_range(self, "kl_horizon", ">= 1", lambda v: v >= 1)
-        check_range(self, "er_ema_decay", "in [0, 1)", lambda v: 0 <= v < 1)
-        for name in ("er_reset_every", "er_ema_every"):
-            check_range(self, name, ">= 1", lambda v: v >= 1)
+        pyalign.refmodel.elastic_reset_settings(
+            self.er_ema_decay, self.er_reset_every, self.er_ema_every,
+            keys=("config key 'er_ema_decay'", "config key 'er_reset_every'",
+                  "config key 'er_ema_every'"))
 
 
 class RLTrainer(Trainer):
     """RLOO with a KL penalty (and Elastic Reset); see RLConfig."""
 
     algo = "rloo"
+    family = "rl"
+    config_class = RLConfig
     config: RLConfig
 
     def __init__(self, task, config: RLConfig, *, reward_fn: Optional[Callable] = None, **kwargs):
@@ -127,6 +149,9 @@ class RLTrainer(Trainer):
             chunk_prompts = prompts[offset + part.start: offset + part.stop].to(self.dist.device)
             chunk_index = (offset + part.start) // (part.stop - part.start)
             rollouts.append(self._rollout(step, chunk_index, chunk_prompts))
+        self._check_rewards(rollouts, step)
+        if cfg.adv_estimator == "grpo":
+            self._grpo_advantages(rollouts)
         tokens_per_rank = float(sum(float(r["mask"].sum()) for r in rollouts))
         sums: dict[str, float] = {}
         for iteration in range(cfg.num_iterations):
@@ -161,6 +186,38 @@ class RLTrainer(Trainer):
             self.kl_coef *= 1.0 + error * (cfg.batch_size * k) / cfg.kl_horizon
         return record
 
+    def _check_rewards(self, rollouts: list, step: int) -> None:
+        """RewardError on every rank when a reward of this step is not finite, before anything
+        of the step is applied (a NaN would reach the weights, then the next step's sampling)."""
+        rewards = torch.cat([rollout["rewards"] for rollout in rollouts])
+        bad = rewards[~torch.isfinite(rewards)]
+        flag = torch.tensor([float(bad.numel())], dtype=torch.float64, device=rewards.device)
+        if not float(self.dist.all_reduce_sum(flag)[0]):
+            return
+        value = f"{float(bad[0])}" if bad.numel() else "a non-finite value (on another rank)"
+        name = getattr(self.task, "reward_name", "the reward function")
+        raise RewardError(f"{name} returned {value} for a completion of step {step}: the run stops "
+                          f"before applying that step (its last checkpoint is unchanged)")
+
+    def _grpo_advantages(self, rollouts: list) -> None:
+        """GRPO's advantages (TRL's GRPOTrainer; docs/algorithms.md, "GRPO advantages"): each
+        reward minus its group's mean, divided by the std (unbiased) of its group, of the whole
+        batch over all ranks, or by nothing (``scale_rewards``), plus 1e-4."""
+        k, scale = self.config.samples_per_prompt, self.config.scale_rewards
+        rewards = torch.cat([rollout["rewards"] for rollout in rollouts]).double().view(-1, k)
+        centred = rewards - rewards.mean(-1, keepdim=True)
+        if scale == "group":
+            centred = centred / (rewards.std(-1, keepdim=True) + GRPO_STD_EPSILON)
+        elif scale == "batch":
+            sums = self.dist.all_reduce_sum(torch.stack(
+                [rewards.new_tensor(rewards.numel()), rewards.sum(), (rewards ** 2).sum()]))
+            count, total, squares = sums.tolist()
+            variance = (squares - total * total / count) / max(count - 1, 1)
+            centred = centred / (max(variance, 0.0) ** 0.5 + GRPO_STD_EPSILON)
+        advantages = centred.reshape(-1).to(torch.float32).split([r["rewards"].numel() for r in rollouts])
+        for rollout, part in zip(rollouts, advantages, strict=True):
+            rollout["advantages"] = part
+
     def _rollout(self, step: int, chunk_index: int, prompts: torch.Tensor) -> dict:
         """Sample k completions per prompt and score them (no gradient): what every pass over the
         batch reuses."""
@@ -171,7 +228,7 @@ class RLTrainer(Trainer):
         with torch.no_grad():
             self.policy.eval()
             try:
-                with self._unsharded(self.scorer):
+                with unsharded(self.scorer):
                     responses = task.generate(self.policy, repeated, temperature=cfg.temperature,
                                               generator=generator).to(self.dist.device)
             finally:
@@ -205,17 +262,22 @@ class RLTrainer(Trainer):
                 kl_to_init = (penalty if cfg.kl_estimator == "k3" else pyalign.kl_penalty(
                     logprobs.detach(), ref_logprobs, estimator="k3", mask=mask,
                     backend=cfg.backend).sum(-1))
-                shaped = (rollout["rewards"] - self.kl_coef * penalty).view(-1, k)
-                leave_one_out = (shaped.sum(-1, keepdim=True) - shaped) / (k - 1)
-                advantages = (shaped - leave_one_out).reshape(-1)
-            rollout.update(advantages=advantages, penalty=penalty, kl_to_init=kl_to_init,
-                           shaped=shaped)
+                if cfg.adv_estimator == "rloo":  # the KL-shaped reward, leave-one-out baseline
+                    shaped = (rollout["rewards"] - self.kl_coef * penalty).view(-1, k)
+                    leave_one_out = (shaped.sum(-1, keepdim=True) - shaped) / (k - 1)
+                    rollout["advantages"] = (shaped - leave_one_out).reshape(-1)
+                else:  # grpo: the advantages of _grpo_advantages; the KL is in the loss
+                    shaped = rollout["rewards"]
+            rollout.update(penalty=penalty, kl_to_init=kl_to_init, shaped=shaped)
             if cfg.num_iterations > 1:
                 rollout["old_logprobs"] = logprobs.detach()
         advantages = rollout["advantages"]
+        kl_in_loss = cfg.adv_estimator == "grpo" and self.kl_coef > 0
         out = pyalign.policy_loss(
             logprobs, rollout.get("old_logprobs") if iteration > 0 else None, advantages, mask,
             loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+            ref_logprobs=rollout["ref_logprobs"] if kl_in_loss else None,
+            beta=self.kl_coef if kl_in_loss else 0.0, kl_estimator=cfg.kl_estimator,
             max_completion_length=responses.shape[1], num_items_in_batch=tokens_per_rank,
             backend=cfg.backend)
         rows = responses.shape[0]
@@ -243,3 +305,34 @@ class RLTrainer(Trainer):
         if rollout["gold"] is not None:
             values["gold_reward"] = float(rollout["gold"].double().sum())
         return values
+
+
+# --algo presets. The embedded task's tuned values run about a minute on 2 CPU cores; on one's
+# own model (--model) the defaults are TRL 1.16's: RLOOConfig for rloo and elastic-reset,
+# GRPOConfig for grpo (learning_rate 1e-6, per_device_train_batch_size 8 completions,
+# gradient_accumulation_steps 1, num_train_epochs 3, lr_scheduler_type "linear", max_grad_norm
+# 1.0, temperature 1.0, epsilon 0.2, num_iterations 1, max_completion_length 512; RLOO:
+# num_generations 2, beta 0.05 in the reward (k1); GRPO: num_generations 8, beta 0.0 in the loss
+# (k3), loss_type "dapo", scale_rewards "group"), no evaluation. Elastic Reset on one's own
+# model takes the paper's decay 0.995 and reset period 260.
+EMBEDDED_STEPS = 60
+TRL_DEFAULTS = dict(lr=1e-6, per_device_batch_size=8, gradient_accumulation_steps=1, num_epochs=3.0,
+                    lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                    temperature=1.0, epsilon=0.2, num_iterations=1, max_completion_length=512,
+                    eval_every=0, final_eval_batch_size=0)
+TRL_RLOO = dict(TRL_DEFAULTS, samples_per_prompt=2, kl_coef=0.05, kl_estimator="k1", loss_type="rloo")
+TRL_GRPO = dict(TRL_DEFAULTS, samples_per_prompt=8, kl_coef=0.0, kl_estimator="k3", loss_type="dapo",
+                scale_rewards="group")
+ELASTIC_RESET_PAPER = dict(er_ema_decay=0.995, er_reset_every=260)
+
+ALGORITHMS = (
+    Algorithm("rloo", RLTrainer, "RLOO: leave-one-out baseline, KL penalty in the reward",
+              fixed={"adv_estimator": "rloo"}, tuned={"steps": EMBEDDED_STEPS}, trl=TRL_RLOO),
+    Algorithm("grpo", RLTrainer, "GRPO: group-normalised advantages, KL term in the loss (any "
+              "--loss-type)", fixed={"adv_estimator": "grpo"},
+              defaults={"loss_type": "dapo", "kl_estimator": "k3"},
+              tuned={"steps": EMBEDDED_STEPS}, trl=TRL_GRPO),
+    Algorithm("elastic-reset", RLTrainer, "Elastic Reset on RLOO (or, with --adv-estimator grpo, "
+              "on GRPO): an EMA of the policy and periodic resets", fixed={"elastic_reset": True},
+              tuned={"steps": EMBEDDED_STEPS}, trl={**TRL_RLOO, **ELASTIC_RESET_PAPER}),
+)

@@ -4,11 +4,10 @@ reward and KL to the initial model on policy samples), JSONL + tqdm logging and 
 run from here; their pieces live in the sibling modules ``scoring``, ``metrics``,
 ``checkpoint`` and ``distributed``.
 
-Determinism: every random draw of the training loop comes from a ``torch.Generator`` seeded by
-``(seed, purpose, step, chunk)`` (see ``make_generator``), never from a stateful stream, so a run
-resumed from a checkpoint, or split over more ranks, draws exactly what an uninterrupted
-single-process run draws. The global RNG states are checkpointed too, for user code and models
-that use them (dropout).
+Determinism: every random draw of the training loop comes from a generator seeded by its
+purpose (``pyalign.trainers.seeding``), so a run resumed from a checkpoint, or split over more
+ranks, draws exactly what an uninterrupted single-process run draws. The global RNG states are
+checkpointed too, for user code and models that use them (dropout).
 
 Backend: ``TrainerConfig.backend`` goes to every pyalign op the trainers call (the scorer's
 log-prob ops, the losses, ``kl_penalty``, the reference strategies' weight ops).
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import random
@@ -30,12 +28,13 @@ import torch
 
 import pyalign
 from pyalign._utils import canonical_param_name
+from pyalign.backends import CHOICES as BACKEND_CHOICES
 from pyalign.trainers.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
-    RESUMABLE_CHANGES,
     CheckpointError,
     capture_rng_state,
+    check_resumable,
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
@@ -45,7 +44,7 @@ from pyalign.trainers.checkpoint import (
 )
 from pyalign.trainers.distributed import (
     DistContext,
-    _decoder_layers,
+    accumulating,
     full_model_state,
     full_optimizer_state,
     gather_strategy_state,
@@ -53,122 +52,99 @@ from pyalign.trainers.distributed import (
     load_full_model_state,
     load_full_optimizer_state,
     shard_strategy_state,
-    split_evenly,
+    wrap_scorer,
 )
+from pyalign.trainers.evaluation import sample_and_score
+from pyalign.trainers.fields import check_fields, setting
 from pyalign.trainers.metrics import MetricsLog, plot_reward_vs_kl, read_metrics
-from pyalign.trainers.scoring import ResponseScorer, masked_sum, response_mask
+from pyalign.trainers.scoring import ResponseScorer, response_mask
+from pyalign.trainers.seeding import make_generator, stable_seed
+
+LR_SCHEDULES = ("constant", "linear")
 
 
 @dataclasses.dataclass
 class TrainerConfig:
-    """Settings common to every trainer. Batch sizes are global (summed over ranks)."""
+    """Settings common to every trainer (``fields.setting``: each carries its help and checks).
+    Batch sizes are global (summed over ranks). The defaults are those tuned on the embedded
+    task; a run on one's own model starts from TRL's (``fields.Algorithm.trl``)."""
 
-    seed: int = 0
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    batch_size: int = 32  # examples (preference) or prompts (RL) per optimizer step, all ranks
-    micro_batch_size: int = 32  # per forward/backward on one rank; gradient accumulation fills the rest
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    temperature: float = 1.0  # sampling temperature (RL rollouts and evaluation)
-    eval_every: int = 1  # evaluate gold/proxy reward and KL on policy samples every N steps (0: never)
-    eval_batch_size: int = 64  # prompts per evaluation
-    final_eval_batch_size: int = 256  # prompts in the evaluation after the last step
-    # Periodic checkpoints, so a killed run (kill -9, preemption) loses at most a few minutes:
-    # one every checkpoint_every steps and one whenever checkpoint_minutes have passed since the
-    # last (0 disables either; both 0: only the final checkpoint). The newest keep_checkpoints
-    # files are kept.
-    checkpoint_every: int = 50
-    checkpoint_minutes: float = 10.0
-    keep_checkpoints: int = 2
-    bf16: bool = False  # bf16 autocast for the policy and reference forwards
-    backend: str = "auto"  # pyalign op backend
-    fused_linear: bool = True  # log-probs from the last hidden state and lm_head (no logits tensor)
-    fsdp: bool = False  # shard the policy/reference with FSDP2 (fully_shard) instead of DDP
-    mask_after_eos: bool = False  # score responses only up to their first EOS (the embedded task
-    # scores all response_len tokens, so by default every token counts)
-    progress: bool = True
+    seed: int = setting(0, "training seed: every random draw of the run derives from it",
+                        bounds=">= 0")
+    lr: float = setting(1e-3, "AdamW's peak learning rate", bounds="> 0",
+                        aliases=("learning_rate",))
+    weight_decay: float = setting(0.0, "AdamW's weight decay", bounds=">= 0")
+    warmup_steps: int = setting(0, "linear warmup over the first N optimizer steps", bounds=">= 0")
+    warmup_ratio: float = setting(0.0, "linear warmup over this fraction of the run's steps "
+                                  "(instead of warmup_steps)", bounds="in [0, 1)")
+    lr_scheduler_type: str = setting("constant", "the learning rate after warmup: constant, or "
+                                     "linear decay to 0 at the last step (transformers' "
+                                     "'linear')", choices=LR_SCHEDULES)
+    batch_size: int = setting(32, "examples (preference) or prompts (RL) per optimizer step, "
+                              "over all ranks", bounds=">= 1")
+    micro_batch_size: int = setting(32, "examples or prompts per forward/backward on one rank; "
+                                    "gradient accumulation fills the rest", bounds=">= 1")
+    max_grad_norm: float = setting(1.0, "clip the gradient norm to this (0: no clipping)",
+                                   bounds=">= 0")
+    temperature: float = setting(1.0, "sampling temperature (rollouts and evaluations)",
+                                 bounds="> 0")
+    eval_every: int = setting(1, "evaluate (reward, KL to the initial model and entropy of "
+                              "policy samples) every N steps (0: never)", bounds=">= 0",
+                              aliases=("eval_steps",))
+    eval_batch_size: int = setting(64, "prompts per evaluation", bounds=">= 1")
+    final_eval_batch_size: int = setting(256, "prompts of the evaluation after the last step "
+                                         "(0: none)", bounds=">= 0")
+    # Periodic checkpoints, so that a killed run (kill -9, preemption) loses at most a few minutes.
+    checkpoint_every: int = setting(50, "write a checkpoint every N steps (0: not by steps)",
+                                    bounds=">= 0", aliases=("save_steps",))
+    checkpoint_minutes: float = setting(10.0, "write a checkpoint whenever this many minutes "
+                                        "have passed since the last (0: not by time)", bounds=">= 0")
+    keep_checkpoints: int = setting(2, "keep the newest N checkpoints", bounds=">= 1",
+                                    aliases=("save_total_limit",))
+    bf16: bool = setting(False, "bf16 autocast for the model forwards")
+    backend: str = setting("auto", "pyalign op backend", choices=BACKEND_CHOICES)
+    fused_linear: bool = setting(True, "log-probs from the last hidden state and lm_head, no "
+                                 "logits tensor")
+    fsdp: bool = setting(False, "under torchrun: shard the models with FSDP2 instead of DDP")
+    mask_after_eos: bool = setting(False, "score responses only up to their first eos (the "
+                                   "embedded task scores every token)")
+    progress: bool = setting(True, "a tqdm progress bar")
 
     def validate(self) -> None:
-        check_types(self)
-        for name in ("lr", "temperature"):
-            check_range(self, name, "> 0", lambda v: v > 0)
-        for name in ("batch_size", "micro_batch_size", "eval_batch_size", "final_eval_batch_size",
-                     "keep_checkpoints"):
-            check_range(self, name, ">= 1", lambda v: v >= 1)
-        for name in ("seed", "weight_decay", "warmup_steps", "eval_every", "checkpoint_every",
-                     "checkpoint_minutes"):
-            check_range(self, name, ">= 0", lambda v: v >= 0)
-        check_range(self, "max_grad_norm", ">= 0 (0 disables clipping)", lambda v: v >= 0)
+        check_fields(self)
         if self.micro_batch_size < self.batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError(f"config key 'micro_batch_size' must be a divisor of batch_size "
                              f"({self.batch_size}) or be at least it, got {self.micro_batch_size!r}")
-        choices = pyalign.backends.CHOICES
-        if self.backend not in choices:
-            raise ValueError(f"config key 'backend': backend must be one of {choices}, got {self.backend!r}")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("config keys 'warmup_steps' and 'warmup_ratio' are two ways of one "
+                             "setting: set one of them")
 
 
-def as_field_type(value, expected) -> tuple[bool, Any]:
-    """``(True, value)`` when ``value`` fits a config field declared ``expected`` (an int for a
-    float field becomes a float), else ``(False, what the field must be)``. ``Optional[X]``
-    admits None; bool is never an int; a float must be finite. The CLI checks file and flag
-    values with it too, so a type means the same everywhere."""
-    import types
-    import typing
-    if typing.get_origin(expected) in (typing.Union, types.UnionType):
-        if value is None:
-            return True, None
-        members = [t for t in typing.get_args(expected) if t is not type(None)]
-        if len(members) > 1:  # e.g. Union[str, list]: the first member the value fits
-            results = [as_field_type(value, member) for member in members]
-            fits = [result for result in results if result[0]]
-            return fits[0] if fits else (False, " or ".join(what for _, what in results))
-        expected = members[0]
-    if expected is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return True, float(value)
-        return False, "float (a finite number)"
-    if expected is int:
-        return (True, value) if isinstance(value, int) and not isinstance(value, bool) else (False, "int")
-    return (True, value) if isinstance(value, expected) else (False, expected.__name__)
+def learning_rate(config: TrainerConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (1-based) of a run of ``total_steps``: a
+    linear warmup (``step / warmup``) over the first ``warmup_steps`` (or ``warmup_ratio`` of the
+    run), then constant or, with ``lr_scheduler_type = "linear"``, transformers' linear decay
+    ``(total - step + 1) / (total - warmup)``, which reaches ``lr / (total - warmup)`` at the last."""
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+    if warmup and step <= warmup:
+        return config.lr * step / warmup
+    if config.lr_scheduler_type == "linear":
+        return config.lr * max(0.0, (total_steps - step + 1) / max(1, total_steps - warmup))
+    return config.lr
 
 
-def check_types(config) -> None:
-    """Every field of a config dataclass has its declared type (``as_field_type``)."""
-    import typing
-    hints = typing.get_type_hints(type(config))
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        ok, what = as_field_type(value, hints[field.name])
-        if not ok:
-            raise ValueError(f"config key {field.name!r} must be {what}, got {value!r}")
-
-
-def check_range(config, name: str, accepted: str, ok) -> None:
-    value = getattr(config, name)
-    if not ok(value):
-        raise ValueError(f"config key {name!r} must be {accepted}, got {value!r}")
+# What the reward-vs-KL plot calls each reward of the embedded task; a task may name its own
+# (``reward_labels``: the user's --reward).
+REWARD_LABELS = {"gold_reward": "gold reward (the task's true reward)",
+                 "proxy_reward": "proxy reward (the task's reward model)"}
 
 
 def config_to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-# ---------------------------------------------------------------------------------------------
-# randomness
-
-
-def stable_seed(*keys) -> int:
-    """A 63-bit seed from any printable keys, the same in every process and Python version."""
-    digest = hashlib.sha256(repr(keys).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def make_generator(*keys) -> torch.Generator:
-    return torch.Generator().manual_seed(stable_seed(*keys))
-
-
-def _freeze(model: torch.nn.Module) -> torch.nn.Module:
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode with no parameter requiring a gradient (a reference model)."""
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -212,7 +188,7 @@ class Trainer:
 
         self.policy = self.model_factory().to(self.dist.device)
         self.policy.train()
-        self.init_model = _freeze(self.model_factory().to(self.dist.device))
+        self.init_model = frozen(self.model_factory().to(self.dist.device))
         self.ref_model = self._make_reference()
         temperature = self._score_temperature()
 
@@ -231,8 +207,9 @@ class Trainer:
         # a dataset task draws them from its --eval-data (pyalign.data.DatasetTask)
         eval_prompts = getattr(task, "eval_prompts", task.prompts)
         self._eval_prompts = eval_prompts(config.eval_batch_size, make_generator(config.seed, "eval-prompts"))
-        self._final_prompts = eval_prompts(config.final_eval_batch_size,
-                                           make_generator(config.seed, "final-eval-prompts"))
+        self._final_prompts = eval_prompts(config.final_eval_batch_size, make_generator(
+            config.seed, "final-eval-prompts")) if config.final_eval_batch_size else None
+        self.total_steps: Optional[int] = None  # the steps of the run train() makes
         self._build_data()
 
     # -- hooks for subclasses -----------------------------------------------------------------
@@ -264,61 +241,16 @@ class Trainer:
         return self.config.fsdp and self.dist.distributed
 
     def _wrap(self, scorer: ResponseScorer, *, trainable: bool) -> torch.nn.Module:
-        """DDP for the trained scorer; under FSDP2 every model is sharded the same way (layers,
-        then the scorer as root) so reference updates between them stay shard-local."""
-        if not self.dist.distributed:
-            return scorer
-        if self.config.fsdp:
-            from torch.distributed.fsdp import fully_shard
-            for layer in _decoder_layers(scorer.model):
-                fully_shard(layer)
-            # reshard the root after forward too (its default is to keep it gathered for the
-            # backward): the reference/EMA updates must see every model as shards.
-            fully_shard(scorer, reshard_after_forward=True)
-            # One forward through the root before anything calls the bare model (generate):
-            # FSDP2 initialises its root on the first forward and refuses a layer-first one.
-            with torch.no_grad():
-                token = torch.full((1, 1), self.task.bos_id, dtype=torch.long, device=self.dist.device)
-                scorer(token, token, torch.ones_like(token, dtype=torch.bool))
-            return scorer
-        if not trainable:
-            return scorer
-        from torch.nn.parallel import DistributedDataParallel
-        device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-        return DistributedDataParallel(scorer, device_ids=device_ids)
+        return wrap_scorer(scorer, self.dist, fsdp=self.config.fsdp, trainable=trainable,
+                           bos_id=self.task.bos_id)
 
-    @contextlib.contextmanager
-    def _unsharded(self, scorer: torch.nn.Module):
-        """Plain (gathered) parameters for code that calls the bare model outside the scorer's
-        forward (task.generate). A no-op without FSDP."""
-        if not hasattr(scorer, "unshard"):
-            yield
-            return
-        scorer.unshard()
-        try:
-            yield
-        finally:
-            scorer.reshard()
-
-    @contextlib.contextmanager
     def _accumulating(self, last: bool):
-        """Skip DDP's gradient all-reduce on all but the last micro-batch."""
-        if not last and hasattr(self.scorer, "no_sync"):
-            with self.scorer.no_sync():
-                yield
-        elif not last and hasattr(self.scorer, "set_requires_gradient_sync"):
-            self.scorer.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                self.scorer.set_requires_gradient_sync(True)
-        else:
-            yield
+        return accumulating(self.scorer, last)
 
     # -- optimisation ---------------------------------------------------------------------------
     def _optimizer_step(self, step: int) -> float:
         cfg = self.config
-        lr = cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        lr = learning_rate(cfg, step, self.total_steps or step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -343,50 +275,10 @@ class Trainer:
         return out
 
     # -- evaluation ---------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, prompts: torch.Tensor, key: Any) -> dict:
-        """Sample from the policy on ``prompts`` (this rank's share), score them; global means.
-
-        Sampling is chunked by micro_batch_size with one generator per global chunk, so the
-        numbers do not depend on the number of ranks.
-        """
-        cfg, task = self.config, self.task
-        local = split_evenly(prompts.shape[0], self.dist.world_size, "the evaluation batch")
-        offset = self.dist.rank * local
-        sums = dict(gold=0.0, proxy=0.0, kl=0.0, entropy=0.0, tokens=0.0, n=0.0)
-        chunk_size = min(cfg.micro_batch_size, local)
-        self.policy.eval()
-        try:
-            for start in range(0, local, chunk_size):
-                chunk = prompts[offset + start: offset + min(start + chunk_size, local)].to(self.dist.device)
-                generator = make_generator(cfg.seed, "eval", key, (offset + start) // chunk_size)
-                with self._unsharded(self.scorer):
-                    responses = task.generate(self.policy, chunk, temperature=cfg.temperature,
-                                              generator=generator).to(self.dist.device)
-                mask = self.response_mask(responses)
-                logprobs, entropy = self._scorer_module()(chunk, responses, mask, entropy=True)
-                init_logprobs = self.init_scorer(chunk, responses, mask)
-                kl = pyalign.kl_penalty(logprobs, init_logprobs, estimator="k3", mask=mask,
-                                        backend=cfg.backend)
-                if hasattr(task, "gold_reward"):
-                    sums["gold"] += float(task.gold_reward(chunk.cpu(), responses.cpu()).double().sum())
-                if hasattr(task, "proxy_reward"):  # user data without --reward has none
-                    sums["proxy"] += float(task.proxy_reward(chunk.cpu(), responses.cpu()).double().sum())
-                sums["kl"] += float(kl.double().sum())
-                sums["entropy"] += masked_sum(entropy, mask)
-                sums["tokens"] += float(mask.sum())
-                sums["n"] += chunk.shape[0]
-        finally:
-            self.policy.train()
-        counts = dict(kl="n", entropy="tokens", tokens="n")
-        if hasattr(task, "proxy_reward"):
-            counts["proxy"] = "n"
-        if hasattr(task, "gold_reward"):
-            counts["gold"] = "n"
-        means = self._reduce_means(sums, counts)
-        renamed = dict(gold="gold_reward", proxy="proxy_reward", kl="kl_to_init",
-                       entropy="sample_entropy", tokens="response_length")
-        return {renamed[k]: v for k, v in means.items()}
+        """Means over ``prompts`` of policy samples' rewards, KL to the initial model and
+        entropy (``pyalign.trainers.evaluation.sample_and_score``)."""
+        return sample_and_score(self, prompts, key)
 
     def response_mask(self, responses: torch.Tensor) -> torch.Tensor:
         return response_mask(responses, self.task.eos_id if self.config.mask_after_eos else None)
@@ -448,13 +340,7 @@ class Trainer:
         payload = load_checkpoint(path)
         if payload["algo"] != self.algo:
             raise CheckpointError(f"checkpoint {path} is from a {payload['algo']} run, not {self.algo}")
-        saved, current = payload["config"], config_to_dict(self.config)
-        changed = sorted(k for k in set(saved) | set(current)
-                         if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
-        if changed:
-            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-            raise CheckpointError(f"checkpoint {path} was written with a different config ({diffs}); "
-                                  f"resume with the same settings")
+        check_resumable(path, payload, config_to_dict(self.config), self.run_settings)
         try:
             load_full_model_state(self._scorer_module(), payload["policy"], self._sharded)
             self._load_strategy_state(payload["reference_strategy"])
@@ -481,9 +367,24 @@ class Trainer:
         return due
 
     # -- the loop -----------------------------------------------------------------------------
+    def _stop_agreed(self, stop) -> bool:
+        """Whether to stop after this step: a stop was asked on any rank (every rank stops at
+        the same step; a collective under torchrun)."""
+        if stop is None:
+            return False
+        asked = stop.requested is not None
+        if self.dist.distributed:
+            flag = torch.tensor([1.0 if asked else 0.0], device=self.dist.device)
+            asked = bool(self.dist.all_reduce_sum(flag).item())
+        return asked
+
     def train(self, steps: int, *, resume: Optional[str | bool] = None,
-              progress: Optional[bool] = None) -> dict:
-        """Run to ``steps`` optimizer steps in total (continuing a checkpoint with ``resume``)."""
+              progress: Optional[bool] = None, stop=None, trackers: tuple = ()) -> dict:
+        """Run to ``steps`` optimizer steps in total (continuing a checkpoint with ``resume``).
+
+        ``stop`` (``pyalign.trainers.stop.StopSignals``): once it holds a request, the current
+        step finishes, a checkpoint is written and the summary says ``interrupted``; ``trackers``
+        (``pyalign.trainers.tracking``) get every record metrics.jsonl gets."""
         cfg = self.config
         if resume:
             if not self.checkpoint_dir and not isinstance(resume, str):
@@ -491,9 +392,11 @@ class Trainer:
             self.load(resolve_resume_path(resume, self.checkpoint_dir or ""))
         if steps < self.step:
             raise CheckpointError(f"the checkpoint is at step {self.step}, past the {steps} steps asked for")
+        self.total_steps = steps
         writes = self.out_dir and self.dist.is_main
         metrics_path = os.path.join(self.out_dir, "metrics.jsonl") if writes else None
-        log = MetricsLog(metrics_path, resume_step=self.step if resume else None)
+        log = MetricsLog(metrics_path, resume_step=self.step if resume else None,
+                         trackers=trackers if self.dist.is_main else ())
         show = cfg.progress if progress is None else progress
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, initial=self.step, file=sys.stderr, desc=f"pyalign {self.algo}",
@@ -502,38 +405,48 @@ class Trainer:
         last_save = time.monotonic()
         try:
             while self.step < steps:
-                step = self.step + 1
-                started = time.perf_counter()
-                record = {"step": step}
-                record.update(self.train_step(step))
-                self.step = step
-                if cfg.eval_every and step % cfg.eval_every == 0:
-                    for key, value in self.evaluate(self._eval_prompts, step).items():
-                        record["eval_" + key if key in record else key] = value
-                elapsed = time.perf_counter() - started
-                record["tokens_per_s"] = record.pop("_tokens", 0.0) / max(elapsed, 1e-9)
-                record["step_time_s"] = elapsed
-                log.write(record)
-                last_record = record
+                last_record = self._logged_step(log)
                 bar.update(1)
-                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "gold_reward", "kl_to_init")
-                                 if k in record})
-                if step < steps and self._checkpoint_due(step, last_save):
+                bar.set_postfix({k: f"{last_record[k]:.3g}" for k in ("loss", "gold_reward", "kl_to_init")
+                                 if k in last_record})
+                if self._stop_agreed(stop):
+                    return {"algo": self.algo, "steps": self.step, "total_steps": steps,
+                            "interrupted": stop.requested or "a stop on another rank",
+                            "last_step": last_record, "checkpoint": self.save(),
+                            "metrics": metrics_path, "plot": None}
+                if self.step < steps and self._checkpoint_due(self.step, last_save):
                     self.save()
                     last_save = time.monotonic()
         finally:
             bar.close()
         checkpoint = self.save()
-        final = self.evaluate(self._final_prompts, "final")
-        final_record = {"step": self.step, "final": True, **final}
-        log.write(final_record)
+        final = self.evaluate(self._final_prompts, "final") if self._final_prompts is not None else {}
+        log.write({"step": self.step, "final": True, **final})
         plot = None
         if metrics_path:
+            labels = {**REWARD_LABELS, **getattr(self.task, "reward_labels", {})}
             plot = plot_reward_vs_kl(read_metrics(metrics_path),
-                                     os.path.join(self.out_dir, "reward_vs_kl.png"),
-                                     f"{self.algo}: gold reward vs KL to the initial model")
+                                     os.path.join(self.out_dir, "reward_vs_kl.png"), self.algo, labels)
         return {"algo": self.algo, "steps": self.step, **final, "last_step": last_record,
                 "checkpoint": checkpoint, "metrics": metrics_path, "plot": plot}
 
+    def _logged_step(self, log: MetricsLog) -> dict:
+        """One optimizer step, its evaluation when one is due, and its record logged."""
+        cfg = self.config
+        step = self.step + 1
+        started = time.perf_counter()
+        record = {"step": step}
+        record.update(self.train_step(step))
+        self.step = step
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            for key, value in self.evaluate(self._eval_prompts, step).items():
+                record["eval_" + key if key in record else key] = value
+        elapsed = time.perf_counter() - started
+        record["tokens_per_s"] = record.pop("_tokens", 0.0) / max(elapsed, 1e-9)
+        record["step_time_s"] = elapsed
+        log.write(record)
+        return record
 
-__all__ = ["TrainerConfig", "Trainer", "config_to_dict", "stable_seed", "make_generator"]
+
+__all__ = ["TrainerConfig", "Trainer", "config_to_dict", "learning_rate", "frozen", "stable_seed",
+           "make_generator", "LR_SCHEDULES", "REWARD_LABELS"]

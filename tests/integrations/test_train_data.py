@@ -224,6 +224,10 @@ def test_generation_is_a_function_of_the_generator_and_pads_after_eos(model_dir,
 
 # -- bad data -----------------------------------------------------------------------------------
 
+def _lines(rows) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
 def _bad_cases(tmp_path, model_dir, tokenizer):
     good = preference_rows(4)
     no_template = tmp_path / "no-template"
@@ -239,8 +243,10 @@ def _bad_cases(tmp_path, model_dir, tokenizer):
     for name in os.listdir(model_dir):
         if name.startswith(("config", "model", "generation")):
             os.link(os.path.join(model_dir, name), no_tokenizer / name)
-    long_row = dict(good[0], chosen=" " + " ".join(["cat"] * 200))
+    long_row = dict(good[0], prompt=" ".join(["cat"] * 200))
     (tmp_path / "empty.jsonl").write_text("\n")
+    latin = json.dumps(good[:2], indent=1).replace(good[1]["prompt"], "caf\xe9 au lait")
+    latin_line = next(i for i, line in enumerate(latin.splitlines(), 1) if "caf" in line)
     return {
         "missing column": ("dpo", [good[0], {"prompt": "a", "chosen": " b"}, good[1]],
                            model_dir, "line 2: missing column(s) 'rejected'"),
@@ -250,14 +256,34 @@ def _bad_cases(tmp_path, model_dir, tokenizer):
         "bad label": ("kto", [dict(r, label="yes") for r in unpaired_rows(2)], model_dir,
                       "line 1: column 'label' must be true or false"),
         "too long": ("dpo", [good[0], good[1], good[2], long_row], model_dir,
-                     "line 4: its prompt + completion is"),
+                     "line 4: the prompt has"),
         "no chat template": ("dpo", preference_rows(4, conversational=True), str(no_template),
                              "needs a tokenizer with a chat template"),
         "no tokenizer": ("dpo", good, str(no_tokenizer), "no tokenizer could be loaded"),
         "prompt-only for dpo": ("dpo", [{"prompt": r["prompt"]} for r in good], model_dir,
-                                "needs preference data"),
-        "pairs for kto": ("kto", good, model_dir, "needs unpaired data"),
+                                "line 1: this algorithm needs preference data"),
+        "prompts for kto": ("kto", [{"prompt": r["prompt"]} for r in good], model_dir,
+                            "line 1: this algorithm needs unpaired data"),
         "invalid json": ("dpo", "bad", model_dir, "line 2: invalid JSON"),
+        # a file in another encoding, JSONL and JSON: the line of the first bad byte
+        "latin-1 jsonl": ("dpo", (".jsonl", _lines(good[:1]) + '{"prompt": "caf\xe9", "chosen": " a", '
+                                  '"rejected": " b"}\n'.encode("latin-1")), model_dir,
+                          "line 2: not UTF-8 text"),
+        "latin-1 json": ("dpo", (".json", latin.encode("latin-1")), model_dir,
+                         f"line {latin_line}: not UTF-8 text (invalid continuation byte: byte e9"),
+        # JSON's escapes can spell half a surrogate pair, which is no text
+        "lone surrogate": ("dpo", [good[0], dict(good[1], prompt="a \ud800 b")], model_dir,
+                           "line 2: column 'prompt' holds a lone surrogate (U+D800 at character 3)"),
+        "surrogate in a message": ("dpo", [preference_rows(1, conversational=True)[0],
+                                           preference_rows(1, conversational=True)[0]
+                                           | {"chosen": [{"role": "assistant", "content": "\udfff"}]}],
+                                   model_dir, "line 2: column 'chosen' message 0 content holds a lone"),
+        # the types of every row, whatever the first row holds (implicit prompt on line 1)
+        "later row type": ("dpo", [{"chosen": "a b", "rejected": "a c"},
+                                   {"prompt": 5, "chosen": " b", "rejected": " c"}], model_dir,
+                           "line 2: column 'prompt' must be a string"),
+        "first row lacks rejected": ("dpo", [{"prompt": "a", "chosen": " b"}, good[1]], model_dir,
+                                     "line 1: this algorithm needs preference data"),
     }
 
 
@@ -268,6 +294,9 @@ def test_bad_data_is_reported_with_file_and_row_before_training(tmp_path, model_
             path = tmp_path / "empty.jsonl"
         elif rows == "bad":
             path.write_text(json.dumps(preference_rows(1)[0]) + "\n{not json\n")
+        elif isinstance(rows, tuple):  # (suffix, the file's bytes)
+            path = path.with_suffix(rows[0])
+            path.write_bytes(rows[1])
         else:
             write_jsonl(path, rows)
         out = tmp_path / "runs" / name.replace(" ", "-")
@@ -310,7 +339,7 @@ def test_config_errors_of_the_data_keys(tmp_path, model_dir, capsys, monkeypatch
     # the data keys are config-file keys too, and --print-config lists them
     from pyalign.cli.train import main
     config = write_config(tmp_path / "data.toml", model=model_dir, data=data, max_length=64,
-                          max_prompt_length=16, max_completion_length=8)
+                          max_prompt_length=16, max_completion_length=8, per_device_batch_size=4)
     assert main(["--algo", "dpo", "--config", config, "--print-config"]) == 0
     printed = capsys.readouterr().out
     for line in (f"data = {json.dumps(data)}", "max_length = 64", "max_prompt_length = 16",
@@ -391,34 +420,152 @@ def test_kto_unpaired_parquet_and_datasets_dir(tmp_path, model_dir):
     first = runs["kto.parquet"][0]
     for key in ("loss", "kto_kl", "desirable_reward", "undesirable_reward"):
         assert key in first
+    # preference pairs: each a desirable and an undesirable row (TRL's unpairing)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(6))
+    assert train(tmp_path, "--algo", "kto", "--model", model_dir, "--data", pairs, "--out",
+                 tmp_path / "run-pairs", *SMALL, eval_every=0) == 0
+    paired = records(tmp_path / "run-pairs")
+    assert all(r["desirable_reward"] != 0 or r["step"] == 1 for r in paired[:3])
+    from pyalign.trainers import load_checkpoint
+    stored = load_checkpoint(str(tmp_path / "run-pairs" / "checkpoints" / "step-000003.pt"))
+    assert stored["config"]["num_examples"] == 12
+
+
+def test_resume_refuses_other_data_tokenizer_or_reward_files(tmp_path, model_dir, capsys):
+    """The checkpoint stores what the run's files held: a data file rewritten with other rows of
+    the same length, or another tokenizer in the model directory, is refused by name."""
+    import shutil
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    data = tmp_path / "prefs.jsonl"
+    write_jsonl(data, preference_rows(4))
+    out = tmp_path / "run"
+    flags = ("--algo", "dpo", "--model", model, "--data", data, "--out", out, "--no-progress")
+    assert train(tmp_path, *flags, "--steps", 1, batch_size=2, micro_batch_size=2, eval_every=0) == 0
+    from pyalign.cli.train import main
+    resume = ["--out", str(out), "--resume", "--steps", "2", "--no-progress"]  # the stored settings
+    write_jsonl(data, preference_rows(4, seed=9))
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert f"key 'data': the content of {data} is not what the run trained on" in err, err
+    write_jsonl(data, preference_rows(4))
+    original = (model / "tokenizer_config.json").read_bytes()
+    (model / "tokenizer_config.json").write_text(json.dumps(dict(json.loads(original),
+                                                                 model_max_length=77)))
+    assert main(resume) == 2
+    assert f"key 'tokenizer': the tokenizer of {model} is not" in capsys.readouterr().err
+    (model / "tokenizer_config.json").write_bytes(original)
+    assert main(resume) == 0
+
+
+def _png_text(path) -> dict:
+    from PIL import Image
+    with Image.open(path) as image:
+        return dict(image.text)
 
 
 @pytest.mark.slow
-def test_rl_with_a_reward_function_and_with_a_reward_model(tmp_path, model_dir, reward_module):
+def test_rl_with_a_reward_function_and_with_a_reward_model(tmp_path, model_dir, monkeypatch):
+    """GRPO with --reward FILE.py:function (a file of the working directory), Elastic Reset on
+    GRPO with a reward-model directory: the reward is the proxy reward, the only one, and the
+    plot says which reward it shows."""
+    (tmp_path / "my_rewards.py").write_text(REWARD_MODULE)
+    monkeypatch.chdir(tmp_path)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in preference_rows(8)])
-    assert train(tmp_path, "--algo", "rloo", "--model", model_dir, "--data", prompts, "--reward",
-                 reward_module, "--out", tmp_path / "rloo", *SMALL, samples_per_prompt=2,
-                 batch_size=2, micro_batch_size=2, eval_every=0) == 0
-    rloo = records(tmp_path / "rloo")
+    assert train(tmp_path, "--algo", "grpo", "--model", model_dir, "--data", prompts, "--reward",
+                 "my_rewards.py:length_reward", "--out", tmp_path / "grpo", *SMALL,
+                 samples_per_prompt=2, batch_size=2, micro_batch_size=2, eval_every=0) == 0
+    grpo = records(tmp_path / "grpo")
     # the reward function's score (words per completion) is the proxy reward, the only reward
-    assert all(r["proxy_reward"] >= 1 for r in rloo[:3]) and "gold_reward" not in rloo[0]
-    assert os.path.exists(tmp_path / "rloo" / "reward_vs_kl.png")
+    assert all(r["proxy_reward"] >= 1 for r in grpo[:3]) and "gold_reward" not in grpo[0]
+    text = _png_text(tmp_path / "grpo" / "reward_vs_kl.png")
+    assert text["Title"] == "grpo: reward vs KL to the initial model"
+    assert "y: reward (--reward my_rewards.py:length_reward)" in text["Description"]
     reward_dir = _reward_model_dir(tmp_path / "rm")
     chat = write_jsonl(tmp_path / "chat.jsonl",
                        [{"prompt": r["prompt"]} for r in preference_rows(8, conversational=True)])
-    assert train(tmp_path, "--algo", "elastic-reset", "--model", model_dir, "--data", chat, "--reward",
-                 reward_dir, "--out", tmp_path / "er", *SMALL, samples_per_prompt=2, batch_size=2,
-                 micro_batch_size=2, er_reset_every=2, eval_every=0) == 0
+    assert train(tmp_path, "--algo", "elastic-reset", "--adv-estimator", "grpo", "--model", model_dir,
+                 "--data", chat, "--reward", reward_dir, "--out", tmp_path / "er", *SMALL,
+                 samples_per_prompt=2, batch_size=2, micro_batch_size=2, er_reset_every=2,
+                 eval_every=0) == 0
     er = records(tmp_path / "er")
     assert [r["reset"] for r in er[:3]] == [False, True, False]
     assert len({r["proxy_reward"] for r in er[:3]}) == 3  # a reward model's real scores
+    assert f"y: reward model score (--reward {reward_dir})" in \
+        _png_text(tmp_path / "er" / "reward_vs_kl.png")["Description"]
+
+
+NAN_REWARD = """
+calls = 0
+
+
+def score(prompts, completions, **kwargs):
+    # called once before training, then once a step: the second completion of step 2 is NaN
+    global calls
+    calls += 1
+    return [float("nan") if calls == 3 and i == 1 else 1.0 for i in range(len(completions))]
+"""
+
+
+def test_a_non_finite_reward_stops_the_run_before_the_step(tmp_path, model_dir, capsys, monkeypatch):
+    (tmp_path / "nan_reward.py").write_text(NAN_REWARD)
+    monkeypatch.chdir(tmp_path)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in preference_rows(4)])
+    out = tmp_path / "run"
+    assert train(tmp_path, "--algo", "rloo", "--model", model_dir, "--data", prompts, "--reward",
+                 "nan_reward:score", "--out", out, "--steps", 4, "--no-progress", samples_per_prompt=2,
+                 batch_size=2, micro_batch_size=2, eval_every=0, checkpoint_every=1) == 2
+    err = capsys.readouterr().err
+    assert "--reward nan_reward:score returned nan for a completion of step 2" in err, err
+    assert os.listdir(out / "checkpoints") == ["step-000001.pt"]  # step 2 was never applied
+    assert [r["step"] for r in records(out)] == [1]
+    from pyalign.trainers import load_checkpoint
+    policy = load_checkpoint(str(out / "checkpoints" / "step-000001.pt"))["policy"]
+    assert all(torch.isfinite(tensor).all() for tensor in policy.values())
+
+
+def test_reward_specs_a_file_or_a_module_of_the_working_directory(tmp_path, monkeypatch):
+    from pyalign.data.rewards import RewardError, load_reward
+    (tmp_path / "workdir_reward.py").write_text(REWARD_MODULE)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "nested_reward.py").write_text(REWARD_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "workdir_reward", raising=False)
+    for spec in ("workdir_reward:length_reward", "workdir_reward.py:length_reward",
+                 "sub/nested_reward.py:length_reward", f"{tmp_path}/workdir_reward.py:length_reward"):
+        assert load_reward(spec, conversational=False)(["p", "q"], ["a b", "c"]) == [2.0, 1.0], spec
+    for spec, message in (("missing.py:f", "no such file missing.py"),
+                          ("workdir_reward.py:nope", "workdir_reward.py has no function 'nope'"),
+                          ("no_such_module:f", "cannot import no_such_module"), ("score", "expected")):
+        with pytest.raises(RewardError, match=message):
+            load_reward(spec, conversational=False)
+    assert str(tmp_path) not in sys.path  # the working directory was on the path for the import only
+
+
+def test_kto_on_pairs_unpairs_them_as_trl_does(tokenizer, tmp_path):
+    from datasets import Dataset
+    from trl.data_utils import unpair_preference_dataset
+
+    from pyalign.data import load_rows, tokenize_rows
+    from pyalign.data.loading import example_count, unpair
+    rows = preference_rows(5)
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    expected = unpair_preference_dataset(Dataset.from_list(rows)).to_list()
+    loaded = load_rows(path)
+    assert unpair(loaded).records == expected and example_count(loaded, "unpaired") == 10
+    assert unpair(loaded).numbers == [1, 2, 3, 4, 5] * 2  # each row named by its pair's line
+    data = tokenize_rows(loaded, tokenizer, kind="unpaired")
+    assert data.labels.tolist() == [True] * 5 + [False] * 5
+    ids = tokenizer(rows[2]["rejected"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert data.completions["completion"][7][:len(ids)].tolist() == ids
 
 
 @pytest.mark.slow
 def test_resume_of_a_user_data_run_gives_the_same_numbers(tmp_path, model_dir):
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(12, conversational=True))
     common = ("--algo", "tr-dpo", "--model", model_dir, "--data", data, "--no-progress")
-    extra = dict(tr_tau=2, eval_every=2)
+    # a constant learning rate: TRL's linear decay would end the 2-step run at a lower lr than
+    # the 4-step run has at step 2 (the run that the resume extends is another schedule)
+    extra = dict(tr_tau=2, eval_every=2, lr_scheduler_type="constant")
     assert train(tmp_path, *common, "--steps", 4, "--out", tmp_path / "straight", **extra) == 0
     assert train(tmp_path, *common, "--steps", 2, "--out", tmp_path / "pieces", **extra) == 0
     assert train(tmp_path, *common, "--steps", 4, "--out", tmp_path / "pieces", "--resume", **extra) == 0

@@ -25,3 +25,10 @@ def _one_thread():
 def tiny_task(task_cache_dir):
     from pyalign.tasks import TaskConfig, make_task
     return make_task(0, cache_dir=task_cache_dir, progress=False, config=TaskConfig(**TINY_TASK))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A user's model directory: a tiny Llama and its own tokenizer (tests/hf_models.py)."""
+    from hf_models import save_tiny_model
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "llama", "llama")

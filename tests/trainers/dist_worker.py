@@ -20,7 +20,8 @@ def _full(state):
 
 
 def main() -> int:
-    from pyalign.cli.train import add_train_arguments, build_trainer, resolve_settings
+    from pyalign.cli.train import add_train_arguments, resolve_settings
+    from pyalign.trainers.build import build_trainer
     from pyalign.trainers.distributed import init_distributed
 
     out_root, configs = sys.argv[1], sys.argv[2:]

@@ -46,5 +46,5 @@ def test_rl_trainer_runs_every_op_on_the_configured_backend(tiny_task, requested
 
 def test_unknown_backend_is_refused():
     from pyalign.trainers import TrainerConfig
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="'backend' must be one of"):
         TrainerConfig(backend="fortran").validate()

@@ -102,7 +102,7 @@ def _write(path, text):
 @pytest.mark.parametrize("text, message", [
     ('algo = "dpo"\nbeta_typo = 0.1\n', "unknown config key(s) 'beta_typo'"),
     ('algo = "dpo"\ntr_tau = 4\n', "'tr_tau' does not apply to algo dpo"),
-    ('algo = "rloo"\nbeta = 0.1\n', "unknown config key(s) 'beta'"),
+    ('algo = "rloo"\nlabel_smoothing = 0.1\n', "unknown config key(s) 'label_smoothing'"),
     ('algo = "dpo"\nreference = "trust_region"\n', "'reference' is set by --algo dpo"),
     ('algo = "dpo"\nbeta = "big"\n', "'beta' must be float"),
     ('algo = "dpo"\nloss = "kto"\n', "not a pairwise loss"),

@@ -69,3 +69,31 @@ def test_bad_loss_options_are_config_errors(tmp_path, task_cache_dir, capsys, va
     error = capsys.readouterr().err
     assert len(error.strip().splitlines()) == 1, error
     assert re.search(match, error), error
+
+
+def test_reference_free_step_scores_the_policy_alone(tiny_task):
+    """reference = "none" (what SimPO/CPO/ORPO presets fix): the implicit rewards are beta times
+    the policy's own sequence log-probs, and the sigmoid loss is on their margin (float64
+    oracle on the same rows); KTO's losses, which need a reference, are refused."""
+    import torch
+    import torch.nn.functional as F
+
+    from pyalign.trainers import PreferenceConfig, PreferenceTrainer
+    config = PreferenceConfig(reference="none", beta=0.5, batch_size=4, micro_batch_size=2,
+                              num_examples=8, eval_every=0, lr=0.01, progress=False)
+    trainer = PreferenceTrainer(tiny_task, config)
+    rows = trainer.batch_indices(1)
+    with torch.no_grad():
+        logps = {}
+        for key in ("chosen", "rejected"):
+            prompts, responses = trainer.data["prompt"][rows], trainer.data[key][rows]
+            model = trainer.policy.double()
+            logits = model(input_ids=torch.cat([prompts, responses], 1)).logits[:, prompts.shape[1] - 1:-1]
+            logps[key] = torch.log_softmax(logits, -1).gather(-1, responses[..., None])[..., 0].sum(-1)
+        trainer.policy.float()
+    first = trainer.train_step(1)
+    margin = 0.5 * (logps["chosen"] - logps["rejected"])
+    assert first["chosen_reward"] == pytest.approx(float(0.5 * logps["chosen"].mean()), rel=1e-5)
+    assert first["loss"] == pytest.approx(float(-F.logsigmoid(margin).mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="'reference' = 'none' takes a pairwise loss"):
+        PreferenceConfig(reference="none", loss="kto").validate()

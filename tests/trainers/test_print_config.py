@@ -2,8 +2,10 @@
 resolves to the same settings, for every algorithm."""
 import pytest
 
-from pyalign.cli.train import load_config_file, main, resolve_config_values
+from pyalign.cli.train import main
 from pyalign.trainers.presets import ALGOS
+from pyalign.trainers.resolve import resolve_config_values
+from pyalign.trainers.settings import load_config_file
 
 
 def printed_config(capsys, *argv):

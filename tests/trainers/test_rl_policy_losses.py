@@ -82,3 +82,22 @@ def test_bad_values_are_one_line_config_errors(tmp_path, capsys, values, key, sh
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"'{key}'" in err[0] and shown in err[0], err
     assert not cache.exists() and not (tmp_path / "out").exists()
+
+
+def test_grpo_advantages_are_trls(tiny_task):
+    """GRPO's advantages for scale_rewards group, batch and none: (r - group mean) / (std +
+    1e-4) with TRL's own nanstd (unbiased), in float64; a group of equal rewards gets 0."""
+    from trl.trainer.utils import nanstd
+    trainer = RLTrainer(tiny_task, RLConfig(**{**RL, "adv_estimator": "grpo", "samples_per_prompt": 3}))
+    rewards = torch.randn(4, 3) * torch.tensor([[1.0], [0.0], [3.0], [0.5]]) + 2.0
+    double = rewards.double()
+    centred = double - double.mean(1, keepdim=True)
+    expected = {"group": centred / (nanstd(double, dim=1, keepdim=True) + 1e-4),
+                "batch": centred / (nanstd(double) + 1e-4), "none": centred}
+    for scale, want in expected.items():
+        trainer.config.scale_rewards = scale
+        rollouts = [{"rewards": rewards[:1].reshape(-1)}, {"rewards": rewards[1:].reshape(-1)}]
+        trainer._grpo_advantages(rollouts)
+        got = torch.cat([r["advantages"] for r in rollouts]).view(4, 3)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6, msg=scale)
+        assert torch.equal(got[1], torch.zeros(3))  # equal rewards: no signal

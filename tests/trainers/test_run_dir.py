@@ -82,14 +82,14 @@ def test_bad_out_is_refused_before_any_work(tmp_path, capsys, monkeypatch, kind)
         if os.geteuid() == 0:
             # root bypasses permission bits (CI runs as root): make the access check report
             # what it reports for any other user, for this directory only.
-            import pyalign.cli.train as train_cli
+            import pyalign.trainers.resolve as resolve_module
             real_access = os.access
 
             def access_as_a_user(path, mode, **kwargs):
                 if os.path.abspath(path) == str(read_only) and mode & os.W_OK:
                     return False
                 return real_access(path, mode, **kwargs)
-            monkeypatch.setattr(train_cli.os, "access", access_as_a_user)
+            monkeypatch.setattr(resolve_module.os, "access", access_as_a_user)
     out = {"empty": "", "file": tmp_path / "afile", "under-a-file": tmp_path / "afile" / "run",
            "not-writable": tmp_path / "ro" / "run"}[kind]
     assert run_cli("--config", config, "--steps", 1, "--out", out) == 2

@@ -32,7 +32,7 @@ def _extra(algo):
 
 @pytest.mark.parametrize("algo", list(ALGOS))
 def test_every_algo_runs_and_logs_gold_reward(tmp_path, task_cache_dir, algo, capsys):
-    family = ALGOS[algo][0]
+    family = ALGOS[algo].family
     values = dict(PREFERENCE if family == "preference" else RL, **_extra(algo))
     config = write_config(tmp_path / "c.toml", task_cache_dir, algo=algo, **values)
     out = tmp_path / "out"
@@ -52,6 +52,10 @@ def test_every_algo_runs_and_logs_gold_reward(tmp_path, task_cache_dir, algo, ca
         assert record["kl_to_init"] >= 0
     assert records[-1]["final"] and "gold_reward" in records[-1]
     assert os.path.getsize(out / "reward_vs_kl.png") > 1000
+    from PIL import Image
+    with Image.open(out / "reward_vs_kl.png") as image:  # the plot names what it plots
+        assert image.text["Title"] == f"{algo}: gold reward vs KL to the initial model"
+        assert image.text["Description"].startswith("y: gold reward (the task's true reward)")
     assert (out / "checkpoints" / "step-000002.pt").exists()
 
 
