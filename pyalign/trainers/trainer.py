@@ -108,6 +108,9 @@ class TrainerConfig:
     fsdp: bool = setting(False, "under torchrun: shard the models with FSDP2 instead of DDP")
     mask_after_eos: bool = setting(False, "score responses only up to their first eos (the "
                                    "embedded task scores every token)")
+    padding_free: bool = setting(False, "score each batch's rows packed into one sequence "
+                                 "(TRL's padding_free): no compute on padding, attention kept "
+                                 "inside each row (pyalign/integrations/packing.py)")
     progress: bool = setting(True, "a tqdm progress bar")
 
     def validate(self) -> None:
@@ -194,7 +197,8 @@ class Trainer:
 
         def scorer_for(model):
             return ResponseScorer(model, fused_linear=config.fused_linear, backend=config.backend,
-                                  temperature=temperature, bf16=config.bf16)
+                                  temperature=temperature, bf16=config.bf16,
+                                  padding_free=config.padding_free)
 
         self.scorer = self._wrap(scorer_for(self.policy), trainable=True)
         self.ref_scorer = self._wrap(scorer_for(self.ref_model), trainable=False)

@@ -171,6 +171,18 @@ def test_which_keys_apply_is_derived_from_the_presets():
         resolve_config_values({"algo": "grpo", "adv_estimator": "rloo"}, "test")
 
 
+def test_a_frozen_reference_may_become_bema_and_only_that_one():
+    # TRL's BEMACallback on a DPO run: --algo dpo --reference bema with the bema_* keys
+    _, _, config = resolve([("command line", _parse("--algo", "dpo", "--reference", "bema",
+                                                    "--bema-update-freq", "7"))])
+    assert (config.reference, config.bema_update_freq) == ("bema", 7)
+    assert algorithms_for("bema_lag", "preference") == []  # no preset moves by BEMA itself
+    with pytest.raises(ConfigError, match="'bema_lag' does not apply"):
+        resolve_config_values({"algo": "dpo", "bema_lag": 3.0}, "test")
+    with pytest.raises(ConfigError, match="'reference' is set by --algo tr-dpo"):
+        resolve_config_values({"algo": "tr-dpo", "reference": "bema"}, "test")
+
+
 def test_linear_schedule_is_transformers():
     import torch
     from transformers import get_linear_schedule_with_warmup

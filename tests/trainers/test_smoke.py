@@ -139,17 +139,20 @@ def test_local_hf_model_directory(tmp_path, task_cache_dir, tiny_task):
     assert "gold_reward" in read_records(tmp_path / "out")[0]
 
 
-def test_logits_path_and_eager_backend_match_the_fused_default(tmp_path, task_cache_dir):
-    """fused_linear=false (logits + pyalign.token_logprobs) on the eager backend gives the loss
-    curve of the default (pyalign.linear_token_logprobs on the auto backend)."""
+def test_logits_path_eager_backend_and_packed_rows_match_the_fused_default(tmp_path, task_cache_dir):
+    """fused_linear=false (logits + pyalign.token_logprobs) on the eager backend, and
+    padding_free=true (each batch's rows packed into one sequence), give the loss curve of the
+    default (pyalign.linear_token_logprobs on the auto backend, padded rows)."""
     backend_before = os.environ.get("PYALIGN_BACKEND")
     curves = []
-    variants = (("fused", {}, []), ("logits", {"fused_linear": False}, ["--backend", "eager"]))
+    variants = (("fused", {}, []), ("logits", {"fused_linear": False}, ["--backend", "eager"]),
+                ("packed", {"padding_free": True}, []))
     for name, extra, flags in variants:
         config = write_config(tmp_path / f"{name}.toml", task_cache_dir, algo="tr-dpo",
                               **dict(PREFERENCE, eval_every=0, tr_tau=1, **extra))
         assert run_cli("--config", config, "--steps", 3, "--out", tmp_path / name, *flags) == 0
         curves.append([r["loss"] for r in read_records(tmp_path / name) if not r.get("final")])
-    assert curves[1] == pytest.approx(curves[0], rel=1e-5, abs=1e-6)
+    for curve in curves[1:]:
+        assert curve == pytest.approx(curves[0], rel=1e-5, abs=1e-6)
     assert len(set(curves[0])) == 3
     assert os.environ.get("PYALIGN_BACKEND") == backend_before  # --backend does not leak
