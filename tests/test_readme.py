@@ -5,6 +5,8 @@ import pathlib
 import re
 import shlex
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -63,7 +65,9 @@ def _section(readme: str, title: str) -> str:
 def test_readme_transformers_and_trl_examples_run(tmp_path, monkeypatch):
     """The two code blocks of "Use with transformers / TRL" on a tiny local model."""
     import torch
-    from datasets import Dataset
+    pytest.importorskip("trl.trainer.dpo_trainer",
+                        reason="trl or datasets is not installed ([test] extra)")
+    Dataset = pytest.importorskip("datasets", reason="datasets is not installed ([test] extra)").Dataset
 
     import pyalign.integrations.trl
     from hf_models import save_tiny_model

@@ -6,10 +6,19 @@ backend, pyalign's cpu backend with a memory budget that keeps every token's log
 LigerFusedLinearScaledCrossEntropyFunction, TRL's ChunkedLogProbFunction, Cut Cross-Entropy's
 ``impl="torch_compile"``), and the floors: the three bare matmuls of forward and backward (into
 preallocated outputs; and as autograd runs them, each output allocated per call), and the four
-of the default path (its vocabulary slices, the forward matmul recomputed in backward)."""
+of the default path (its vocabulary slices, the forward matmul recomputed in backward).
+
+On CUDA the peers are their GPU paths (Liger's Triton fused linear cross-entropy with
+``reduction="none"`` as well, Cut Cross-Entropy's ``impl="cce"``), and where
+``linear_token_logprobs`` takes a ``strategy`` argument the triton backend has one row per
+strategy, the ``auto`` row noting which one it chose. ``anchor_builders`` gives the GPU
+check's cases: docs/gpu.md's anchor shapes (pyalign.bench.gpu_cost), bf16."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import os
 import sys
 import types
 
@@ -24,6 +33,7 @@ from pyalign.bench.common import (
     logits_memory_need,
     seeded_generator,
 )
+from pyalign.bench.gpu_cost import ANCHOR_HIDDEN, ANCHOR_TOKENS, ANCHOR_VOCAB
 from pyalign.bench.harness import Candidate, Case, optional_module, ratio_columns, third_party_notes
 from pyalign.bench.logprobs import naive_token_logprobs
 from pyalign.eager.linear_logprobs import slice_width as default_slice_width
@@ -37,6 +47,17 @@ TRL_CHUNK_SIZE = 32768
 # skips, with the reason, what would not fit (TRL's ~24 GiB there).
 LOGITS_COPIES = {"eager": (3.5, 5.5), "compile": (2.5, 3.5), "memory_budget": (1.25, 1.25),
                  "liger": (3.5, 4.0), "trl": (12.0, 13.0), "allocating floor": (1.25, 1.25)}
+# The peers whose GPU paths chunk the logits: on CUDA their CPU-measured estimates above do not
+# hold, and running out of GPU memory is an exception the harness reports, not a dead process.
+CHUNKED_PEERS = ("liger", "trl")
+
+# linear_token_logprobs's CUDA strategies (docs/gpu.md), timed side by side where the function
+# takes a ``strategy`` argument; PYALIGN_HEAD_STRATEGY forces one process-wide.
+HEAD_STRATEGIES = ("fused", "chunked", "auto")
+STRATEGY_ENV = "PYALIGN_HEAD_STRATEGY"
+# Where the bench asks which strategy ``auto`` chose for a call's tensors, when pyalign has it:
+# ``pyalign.backends.<name>(hidden, weight) -> str``.
+AUTO_CHOICE_HOOK = "chosen_head_strategy"
 
 
 def naive_linear_token_logprobs(hidden, weight, labels, temperature: float = 1.0):
@@ -86,6 +107,8 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
     naive = naive_linear_logprobs_and_entropy if entropy else naive_linear_token_logprobs
 
     def need(kind):
+        if device.type == "cuda" and kind in CHUNKED_PEERS:
+            return None
         return logits_memory_need(LOGITS_COPIES[kind][entropy], num_tokens, hidden_size, vocab)
 
     def eager():
@@ -111,7 +134,7 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
         backward_pair(out.log_probs, out.entropy)
     ours, backend_notes = backend_candidates("linear_logprobs", device,
                                              "pyalign linear_token_logprobs", fused, clear)
-    candidates += ours
+    candidates += _with_strategies(ours, fused, clear, hidden, weight, notes)
     notes += backend_notes
     if device.type == "cpu" and any(c.backend == "cpu" for c in ours):
         budget = num_tokens * vocab * hidden.element_size()
@@ -182,23 +205,72 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
                 floor="floor: the 3 bare matmuls", notes=notes)
 
 
+def head_strategies() -> tuple[str, ...]:
+    """The strategies to time: HEAD_STRATEGIES where linear_token_logprobs takes ``strategy``
+    (a look at its signature), else none (one row per backend, as before strategies)."""
+    parameters = inspect.signature(pyalign.linear_token_logprobs).parameters
+    return HEAD_STRATEGIES if "strategy" in parameters else ()
+
+
+def _with_strategies(ours: list, fused, clear, hidden, weight, notes: list) -> list:
+    """pyalign's rows, the triton one split into one row per strategy (and the chunked one
+    with every token's logits kept for backward). The ``auto`` row adds to ``notes``, after
+    its first call, the strategy it chose (AUTO_CHOICE_HOOK), or where to read it."""
+    strategies = head_strategies()
+    if not strategies:
+        return ours
+    if os.environ.get(STRATEGY_ENV):
+        notes.append(f"{STRATEGY_ENV}={os.environ[STRATEGY_ENV]} is set: it forces every "
+                     "strategy row to that one")
+    chosen = getattr(pyalign.backends, AUTO_CHOICE_HOOK, None)
+    rows = []
+    for candidate in ours:
+        if candidate.backend != "triton":
+            rows.append(candidate)
+            continue
+        for strategy in strategies:
+            run = functools.partial(fused, "triton", strategy=strategy)
+            if strategy == "auto":
+                run = _noting_choice(run, chosen, hidden, weight, notes)
+            rows.append(Candidate(f"{candidate.name} strategy={strategy}", run, setup=clear,
+                                  backend="triton"))
+        budget = hidden.shape[0] * weight.shape[0] * hidden.element_size()
+        rows.append(Candidate(f"{candidate.name} strategy=chunked memory_budget=all logits",
+                              functools.partial(fused, "triton", strategy="chunked",
+                                                memory_budget=budget),
+                              setup=clear, backend="triton"))
+    return rows
+
+
+def _noting_choice(run, chosen, hidden, weight, notes: list):
+    """``run``, adding "strategy auto chose: <strategy>" to ``notes`` after its first call."""
+    def run_and_note():
+        run()
+        if not any(note.startswith("strategy auto chose") for note in notes):
+            notes.append("strategy auto chose: " + (
+                chosen(hidden, weight) if chosen is not None else
+                f"see `pyalign doctor` (pyalign.backends has no {AUTO_CHOICE_HOOK}())"))
+    return run_and_note
+
+
+def anchor_builders(tokens=ANCHOR_TOKENS, hidden_size: int = ANCHOR_HIDDEN,
+                    vocab: int = ANCHOR_VOCAB, dtype=torch.bfloat16, device="cuda", *,
+                    entropy=(False, True), compile: bool = False, peers: bool = True) -> list:
+    """The GPU check's head cases, ``[(tokens, entropy, build)]``: docs/gpu.md's anchor shapes,
+    every token count without entropy first, then with, so that a run cut short by its time
+    budget loses the least compared (torch.compile rows off by default: a compile per shape)."""
+    return [(n, with_entropy, functools.partial(
+                linear_logprobs_case, n, hidden_size, vocab, dtype, device, compile=compile,
+                entropy=with_entropy, peers=peers))
+            for with_entropy in entropy for n in tokens]
+
+
 def _peer_candidates(hidden, weight, labels, entropy, backward_pair, clear, compile, notes,
                      need):
-    """Liger, TRL and CCE rows, each where it imports (and, for CCE, computes what is asked);
+    """Liger, TRL and CCE rows, each where it imports (and computes what is asked);
     ``need(kind)``: a row's estimated memory."""
-    candidates = []
-    liger_ops = optional_module("liger_kernel.ops")
-    if liger_ops is not None and hasattr(liger_ops, "LigerFusedLinearScaledCrossEntropyFunction"):
-        scaled_ce = liger_ops.LigerFusedLinearScaledCrossEntropyFunction
-
-        def liger():
-            out = scaled_ce.apply(hidden, weight, labels, 1.0, -100, 1, entropy)
-            nll, ent = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
-            backward_pair(-nll, ent)
-        candidates.append(Candidate("Liger LigerFusedLinearScaledCrossEntropyFunction", liger,
-                                    setup=clear, kind="baseline", memory_need=need("liger")))
-    else:
-        notes.append("Liger-Kernel LigerFusedLinearScaledCrossEntropyFunction: not installed")
+    candidates = _liger_candidates(hidden, weight, labels, entropy, backward_pair, clear, notes,
+                                   need)
     trl_function, trl_note = _trl_function()
     if trl_note:
         notes.append(trl_note)
@@ -209,19 +281,67 @@ def _peer_candidates(hidden, weight, labels, entropy, backward_pair, clear, comp
             backward_pair(out[0], out[1])
         candidates.append(Candidate("TRL ChunkedLogProbFunction", trl, setup=clear,
                                     kind="baseline", memory_need=need("trl")))
+    candidates += _cce_candidates(hidden, weight, labels, entropy, backward_pair, clear, compile,
+                                  notes)
+    return candidates
+
+
+def _liger_candidates(hidden, weight, labels, entropy, backward_pair, clear, notes, need):
+    """Liger's per-token head (LigerFusedLinearScaledCrossEntropyFunction: log-probs and
+    entropy) and, on CUDA without entropy, its Triton fused linear cross-entropy with
+    ``reduction="none"`` (per-token NLL, gradients recomputed in backward)."""
+    liger_ops = optional_module("liger_kernel.ops")
+    if liger_ops is None or not hasattr(liger_ops, "LigerFusedLinearScaledCrossEntropyFunction"):
+        notes.append("Liger-Kernel LigerFusedLinearScaledCrossEntropyFunction: not installed")
+        return []
+    name = "Liger LigerFusedLinearScaledCrossEntropyFunction"
+    scaled_ce, reason = liger_ops.LigerFusedLinearScaledCrossEntropyFunction, None
+    try:  # Liger's own dispatch: on an sm90 GPU it loads its CuTe DSL kernel
+        module = sys.modules[scaled_ce.__module__]
+        getattr(module, "_resolve_implementation", lambda device: None)(hidden.device)
+    except Exception as exc:  # noqa: BLE001 - whatever stops it loading: the row says what
+        reason = f"{type(exc).__name__}: {exc}"
+    candidates = []
+    if reason is None:
+        def liger():
+            out = scaled_ce.apply(hidden, weight, labels, 1.0, -100, 1, entropy)
+            nll, ent = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+            backward_pair(-nll, ent)
+        candidates.append(Candidate(name, liger, setup=clear, kind="baseline",
+                                    memory_need=need("liger")))
+    else:
+        candidates.append(Candidate(name, kind="baseline", status=(
+            f"skipped: on this GPU Liger runs its CuTe DSL kernel, which does not load here "
+            f"({reason}): nvidia-cutlass-dsl's CUDA 13 libraries are a 92 MB wheel, more than "
+            "the GPU check carries")))
+    flce = getattr(liger_ops, "LigerFusedLinearCrossEntropyFunction", None)
+    if flce is not None and hidden.device.type == "cuda" and not entropy:
+        def liger_triton():
+            nll = flce.apply(hidden, weight, labels, None, None, -100, 0.0, 0.0, "none")[0]
+            backward_pair(-nll, None)
+        candidates.append(Candidate('Liger LigerFusedLinearCrossEntropyFunction (Triton, '
+                                    'reduction="none")', liger_triton, setup=clear,
+                                    kind="baseline"))
+    return candidates
+
+
+def _cce_candidates(hidden, weight, labels, entropy, backward_pair, clear, compile, notes):
+    """Cut Cross-Entropy's per-token NLL: its Triton kernels (``impl="cce"``, default gradient
+    filtering) on CUDA, its torch.compile path on CPU."""
     cce = optional_module("cut_cross_entropy")
     if cce is None:
         notes.append("Cut Cross-Entropy: not installed")
-    elif entropy:
+        return []
+    if entropy:
         notes.append("Cut Cross-Entropy: no entropy output, not in the entropy table")
-    elif not compile:
-        candidates.append(Candidate('Cut Cross-Entropy impl="torch_compile"', kind="baseline",
-                                    status="skipped (--no-compile)"))
-    else:
-        def cut_cross_entropy():
-            nll = cce.linear_cross_entropy(hidden, weight, labels, reduction="none",
-                                           impl="torch_compile")
-            backward_pair(-nll, None)
-        candidates.append(Candidate('Cut Cross-Entropy impl="torch_compile"', cut_cross_entropy,
-                                    setup=clear, kind="baseline", compiled=True))
-    return candidates
+        return []
+    impl = "cce" if hidden.device.type == "cuda" else "torch_compile"
+    name = f'Cut Cross-Entropy impl="{impl}"'
+    if impl == "torch_compile" and not compile:
+        return [Candidate(name, kind="baseline", status="skipped (--no-compile)")]
+
+    def cut_cross_entropy():
+        nll = cce.linear_cross_entropy(hidden, weight, labels, reduction="none", impl=impl)
+        backward_pair(-nll, None)
+    return [Candidate(name, cut_cross_entropy, setup=clear, kind="baseline",
+                      compiled=impl == "torch_compile")]

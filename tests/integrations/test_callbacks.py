@@ -307,7 +307,7 @@ def tokenizer():
 
 
 def dpo_parts(tokenizer):
-    from datasets import Dataset
+    Dataset = pytest.importorskip("datasets", reason="datasets is not installed ([test] extra)").Dataset
 
     from hf_models import build_tiny_model
     policy = build_tiny_model("llama", tokenizer, seed=0, hidden=16, layers=1).train()
@@ -328,7 +328,8 @@ def dpo_config(output_dir, **overrides):
 
 
 def test_trl_dpo_trainer_with_trust_region_callback(tmp_path, tokenizer):
-    from trl import DPOTrainer
+    DPOTrainer = pytest.importorskip("trl.trainer.dpo_trainer",
+                                     reason="trl or datasets is not installed ([test] extra)").DPOTrainer
     from trl.trainer.callbacks import SyncRefModelCallback
     tokenizer, policy, ref, data = dpo_parts(tokenizer)
     trainer = DPOTrainer(model=policy, ref_model=ref, args=dpo_config(tmp_path),
@@ -356,7 +357,8 @@ def test_trl_dpo_peft_reference_is_the_lerped_adapter(tmp_path, tokenizer):
     """DPOTrainer given a peft_config computes the reference log-probs with the adapter named
     "ref" when the model has one: the callback adds it and moves it."""
     from peft import LoraConfig
-    from trl import DPOTrainer
+    DPOTrainer = pytest.importorskip("trl.trainer.dpo_trainer",
+                                     reason="trl or datasets is not installed ([test] extra)").DPOTrainer
     tokenizer, policy, _, data = dpo_parts(tokenizer)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                       task_type="CAUSAL_LM", init_lora_weights="gaussian")

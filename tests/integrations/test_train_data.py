@@ -178,7 +178,7 @@ def test_tokenization_follows_trl(tokenizer, tmp_path):
 
 
 def test_every_input_format_loads_the_same_rows(tmp_path):
-    import datasets
+    datasets = pytest.importorskip("datasets", reason="datasets is not installed ([data] extra)")
 
     from pyalign.data import load_rows
     rows = preference_rows(5, conversational=True)
@@ -406,7 +406,7 @@ def test_dpo_standard_jsonl_subprocess_and_tr_dpo_conversational(tmp_path, model
 
 @pytest.mark.slow
 def test_kto_unpaired_parquet_and_datasets_dir(tmp_path, model_dir):
-    import datasets
+    datasets = pytest.importorskip("datasets", reason="datasets is not installed ([data] extra)")
     rows = unpaired_rows(12)
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "kto.parquet"))
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "kto-dir"))

@@ -9,7 +9,6 @@ import copy
 import peft
 import pytest
 import torch
-import trl.trainer.utils as trl_utils
 from torch import nn
 
 from hf_models import ARCHITECTURES, build_tiny_model, train_tokenizer
@@ -213,6 +212,7 @@ FIELDS = ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is
 
 @pytest.mark.parametrize("arch", ["gemma2", "granite", "gpt2"])
 def test_add_fused_lm_head_matches_trls_own(arch, tokenizer):
+    trl_utils = pytest.importorskip("trl.trainer.utils", reason="trl is not installed ([test] extra)")
     ours_model = build_tiny_model(arch, tokenizer).to(DEVICE)
     trl_model = copy.deepcopy(ours_model)
     add_fused_lm_head(ours_model, temperature=0.8, outputs=ALL_OUTPUTS)

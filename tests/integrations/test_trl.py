@@ -3,10 +3,11 @@ back, and TRL's DPO, KTO and GRPO trainers log the same losses and metrics eithe
 import math
 
 import pytest
-import trl.trainer.utils as trl_utils  # TRL is in the [test] extra
 
 import pyalign.integrations.trl as pyalign_trl
 from hf_models import save_tiny_model, train_tokenizer
+
+trl_utils = pytest.importorskip("trl.trainer.utils", reason="trl is not installed ([test] extra)")
 
 TRAINER_MODULES = ("sft_trainer", "dpo_trainer", "kto_trainer", "grpo_trainer", "rloo_trainer")
 # Wall-clock entries of the log, which differ between any two runs.

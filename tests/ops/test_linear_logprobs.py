@@ -524,7 +524,8 @@ def test_matches_trl_chunked_logprob_function():
     """TRL 1.16's own ChunkedLogProbFunction (its torch fallback on CPU) on the same inputs:
     every output and the gradients, with softcap, logit_scale, temperature and a bias. TRL has
     no ignore_index (its caller selects the valid rows), so every label is valid here."""
-    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    trl_kernel = pytest.importorskip("trl.kernels.chunked_logprob", reason="trl is not installed")
+    ChunkedLogProbFunction = trl_kernel.ChunkedLogProbFunction
 
     hidden, weight, bias, labels = random_case((33,), 24, 500, torch.float32, True)
     labels = labels.clamp(min=0)
