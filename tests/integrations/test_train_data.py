@@ -542,8 +542,9 @@ def test_reward_specs_a_file_or_a_module_of_the_working_directory(tmp_path, monk
 
 
 def test_kto_on_pairs_unpairs_them_as_trl_does(tokenizer, tmp_path):
-    from datasets import Dataset
-    from trl.data_utils import unpair_preference_dataset
+    Dataset = pytest.importorskip("datasets", reason="datasets is not installed ([test] extra)").Dataset
+    unpair_preference_dataset = pytest.importorskip(
+        "trl.data_utils", reason="trl is not installed ([test] extra)").unpair_preference_dataset
 
     from pyalign.data import load_rows, tokenize_rows
     from pyalign.data.loading import example_count, unpair

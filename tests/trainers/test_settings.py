@@ -84,7 +84,7 @@ def _model_run(algo, model_dir, data=None, **flags):
 @pytest.mark.parametrize("algo, trl_class", [("dpo", "DPOConfig"), ("tr-dpo", "DPOConfig"),
                                              ("kto", "KTOConfig"), ("ipo", "DPOConfig")])
 def test_own_model_preference_defaults_are_trls(algo, trl_class, tiny_model_dir, tmp_path):
-    import trl
+    trl = pytest.importorskip("trl", reason="trl is not installed ([test] extra)")
     trl_defaults = _trl_defaults(getattr(trl, trl_class))
     rows = [{"prompt": "a b", "chosen": " c", "rejected": " d"}] * 20
     data = tmp_path / "p.jsonl"
@@ -116,7 +116,7 @@ def test_own_model_preference_defaults_are_trls(algo, trl_class, tiny_model_dir,
 
 @pytest.mark.parametrize("algo, trl_class", [("grpo", "GRPOConfig"), ("rloo", "RLOOConfig")])
 def test_own_model_rl_defaults_are_trls(algo, trl_class, tiny_model_dir, tmp_path):
-    import trl
+    trl = pytest.importorskip("trl", reason="trl is not installed ([test] extra)")
     trl_defaults = _trl_defaults(getattr(trl, trl_class))
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"p {i}"}) + "\n" for i in range(12)))
