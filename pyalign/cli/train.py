@@ -557,6 +557,11 @@ def run_train(args: argparse.Namespace) -> int:
             torch.set_num_threads(run["threads"])
         elif on_cpu and not run["model"]:  # the embedded task's model is tiny
             torch.set_num_threads(1)
+        from pyalign._prepare import prepare_run  # the builds, before the bar and step 1's clock
+        prepare_run(dist_ctx.device, config.backend, progress=config.progress,
+                    task_seed=None if run.get("data") else run["task_seed"],
+                    task_config=run.get("task"), task_cache_dir=run["task_cache_dir"],
+                    main_process=dist_ctx.is_main)
         trainer = build_trainer(algo, run, config, dist_ctx=dist_ctx, progress=config.progress)
         if not run["threads"] and on_cpu and \
                 sum(p.numel() for p in trainer.policy.parameters()) < SMALL_MODEL_PARAMS:
