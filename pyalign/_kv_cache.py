@@ -36,8 +36,8 @@ def _forwards(model: torch.nn.Module):
 
 def cache_keyword(model: torch.nn.Module) -> str:
     """``"cache"`` or ``"past_key_values"``: the KV-cache keyword of ``model``'s forward (the first
-    of its wrapped models that names one; ``past_key_values``, the keyword of every release
-    before the rename, when none does)."""
+    of its wrapped models that names one), else that of the installed transformers release (a
+    wrapper whose forward passes ``**kwargs`` to a model held under another attribute)."""
     for forward in _forwards(model):
         try:
             parameters = inspect.signature(forward).parameters
@@ -46,7 +46,9 @@ def cache_keyword(model: torch.nn.Module) -> str:
         for keyword in _KEYWORDS:
             if keyword in parameters:
                 return keyword
-    return "past_key_values"
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def sampling_cache(model: torch.nn.Module) -> dict:
