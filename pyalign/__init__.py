@@ -4,29 +4,12 @@
     logprobs = pyalign.token_logprobs(logits, labels)                      # [..., V] -> [...]
     out = pyalign.preference_loss(pc, pr, rc, rr, loss="sigmoid", beta=0.1)
     pyalign.lerp_(ref_model, policy_model, 0.6)                            # TR-DPO soft update
+
+Every name below is loaded on first use: ``import pyalign`` imports neither torch nor
+transformers, so the command line (`pyalign --help`) answers at once and a program pays for the
+parts it touches.
 """
-from pyalign import backends
-from pyalign._workspace import empty_cache
-from pyalign.ops import (
-    KTOLossOutput,
-    PolicyLossOutput,
-    PreferenceLossOutput,
-    bema_,
-    copy_,
-    ema_,
-    kl_penalty,
-    kto_loss,
-    lerp_,
-    linear_kto_loss,
-    linear_policy_loss,
-    linear_preference_loss,
-    linear_token_logprobs,
-    policy_loss,
-    preference_loss,
-    sequence_logprobs,
-    token_logprobs,
-    token_preference_loss,
-)
+import importlib
 
 __version__ = "0.1.0"
 
@@ -35,10 +18,23 @@ __all__ = ["token_logprobs", "linear_token_logprobs", "kl_penalty", "preference_
            "PreferenceLossOutput", "KTOLossOutput", "policy_loss", "linear_policy_loss", "PolicyLossOutput",
            "ema_", "lerp_", "copy_", "bema_", "empty_cache", "backends", "refmodel", "__version__"]
 
+# Subpackages reachable as attributes of ``pyalign``; the ops are pyalign.ops's, empty_cache
+# pyalign._workspace's.
+_SUBMODULES = ("backends", "refmodel", "tasks", "trainers")
+
 
 def __getattr__(name):
-    # refmodel, tasks, trainers import transformers: load them on first use only.
-    if name in ("refmodel", "tasks", "trainers"):
-        import importlib
-        return importlib.import_module(f"pyalign.{name}")
-    raise AttributeError(f"module 'pyalign' has no attribute {name!r}")
+    if name in _SUBMODULES:
+        value = importlib.import_module(f"pyalign.{name}")
+    elif name == "empty_cache":
+        value = importlib.import_module("pyalign._workspace").empty_cache
+    elif name in __all__:
+        value = getattr(importlib.import_module("pyalign.ops"), name)
+    else:
+        raise AttributeError(f"module 'pyalign' has no attribute {name!r}")
+    globals()[name] = value  # found once: later lookups do not come here
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

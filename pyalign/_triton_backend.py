@@ -1,8 +1,9 @@
 """Registers the Triton kernels (pyalign/kernels/) in the backend table.
 
 Imported by pyalign/backends.py at import time. Nothing here imports triton: each loader does,
-on first use, so a machine without triton imports pyalign fine and the op falls back (the
-backend table records the reason).
+on first use, so the backend is there wherever triton imports (a CUDA build of torch brings it;
+pyalign does not depend on it), and a machine without triton imports pyalign fine: the op falls
+back and the backend table records why (`pyalign doctor` prints it).
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def _loader(module_name: str):
         try:
             import triton  # noqa: F401
         except ImportError as exc:
-            raise backends.BackendUnavailable(f"triton is not installed ({exc})") from exc
+            raise backends.BackendUnavailable(
+                f"triton is not installed ({exc}): a CUDA build of torch brings its own, and on "
+                f"CPU it only runs the interpreter tests (the [test] extra)") from exc
         # The kernel module itself is the implementation: its forward/backward follow the
         # primitive contract of its family.
         return importlib.import_module(module_name)

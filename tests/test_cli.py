@@ -37,3 +37,39 @@ def test_doctor_extension_status_agrees_with_the_backend_table():
         assert "cache" in summary or "built this run" in summary, summary
     else:
         assert "unavailable" in summary, summary
+
+
+def _run_cli_in_fresh_process(argv: list[str], tmp_path) -> tuple[subprocess.CompletedProcess, set]:
+    """`pyalign ARGV` in a new interpreter: its result and the modules it had imported."""
+    record = tmp_path / "modules.txt"
+    code = ("import sys\nfrom pyalign.cli import main\ntry:\n    code = main(sys.argv[2:])\n"
+            "except SystemExit as exc:\n    code = exc.code\n"
+            "open(sys.argv[1], 'w').write('\\n'.join(sorted(sys.modules)))\nsys.exit(code)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(record), *argv], capture_output=True,
+                            text=True, timeout=120)
+    return result, set(record.read_text().split())
+
+
+def _imported(modules: set, names: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == n or m.startswith(n + ".") for n in names))
+
+
+def test_top_level_help_lists_every_subcommand_and_imports_none_of_them(tmp_path):
+    from pyalign.cli import SUBCOMMANDS
+
+    result, modules = _run_cli_in_fresh_process(["--help"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name, _, help_text in SUBCOMMANDS:
+        assert name in result.stdout and help_text.split()[0] in result.stdout
+    # the subcommands' modules, torch (its compiler above all), transformers, the study, the bench
+    heavy = ("torch", "transformers", "pyalign.ops", "pyalign.backends", "pyalign.trainers",
+             "pyalign.study", "pyalign.bench") + tuple(module for _, module, _ in SUBCOMMANDS)
+    assert not _imported(modules, heavy)
+
+
+def test_subcommand_help_imports_only_its_own_subcommand(tmp_path):
+    result, modules = _run_cli_in_fresh_process(["train", "--help"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--algo" in result.stdout and "--steps" in result.stdout  # its own flags, in full
+    assert not _imported(modules, ("pyalign.cli.study", "pyalign.cli.bench", "pyalign.cli.export",
+                                   "pyalign.study", "pyalign.bench"))

@@ -38,6 +38,7 @@ import pyalign
 from pyalign._utils import atomic_write
 
 MIB = 1 << 20
+KINETO_QUIET = "6"
 GIB = 1 << 30
 
 # Third-party baselines: import-guarded, reported as "not installed" when absent.
@@ -117,6 +118,11 @@ def cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
     (whatever ``fn`` returns is dropped inside the measurement)."""
     from torch.profiler import ProfilerActivity, profile
 
+    # Kineto, the profiler's C++ side, prints a "USDT: ... profiler_start" and a "profiler_stop"
+    # line to stderr on every profile at its default log level, into the progress bar; level 6
+    # (above its ERROR and USDT levels) keeps it quiet. It reads the level once, at the first
+    # profile of the process; a KINETO_LOG_LEVEL the user set wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_QUIET)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     running = peak = 0
@@ -375,21 +381,36 @@ def write_csv(path: str, case_records: list[dict]) -> None:
     atomic_write(path, handle.getvalue())
 
 
+class _SilentProgress:
+    """make_progress's bar when there is none to show."""
+    n = total = 0
+
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
 def make_progress(total: int, description: str, enabled: bool = True):
-    """A tqdm bar on stderr (a no-op object when tqdm is missing or disabled)."""
+    """A tqdm bar on stderr (a no-op object when tqdm is missing or disabled), left on screen
+    when closed (close_progress) as the case's record of how long it took."""
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         enabled = False
     if not enabled:
-        class _Silent:
-            def update(self, n=1):
-                pass
+        return _SilentProgress()
+    return tqdm(total=total, desc=description, file=sys.stderr, leave=True, dynamic_ncols=True)
 
-            def close(self):
-                pass
-        return _Silent()
-    return tqdm(total=total, desc=description, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+def close_progress(progress) -> None:
+    """Close a make_progress bar at 100 %: the steps a candidate did not run (one that failed,
+    was skipped or stopped early) are counted as done, so a finished case never shows a bar
+    stopped short."""
+    if progress.n < progress.total:
+        progress.update(progress.total - progress.n)
+    progress.close()
 
 
 # ------------------------------------------------------------------------------- environment

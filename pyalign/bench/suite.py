@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from pyalign._prepare import prepare_extension
 from pyalign._utils import limited_threads
 from pyalign.bench import harness
 from pyalign.bench.common import DTYPES
@@ -23,6 +24,8 @@ from pyalign.bench.policy import linear_policy_case, policy_case
 from pyalign.bench.preference import linear_preference_case, preference_case
 from pyalign.bench.weights import bema_case, weights_case
 
+QUICK_NOTE = ("--quick: tiny sizes, to check that every candidate runs; its times and ratios say "
+              "nothing about speed (time without --quick)")
 GPU_NOTE = ("GPU rows (the triton and cuda backends, Liger-Kernel kernels, CUDA-event timing) "
             "need a CUDA GPU: not run on this machine")
 
@@ -31,22 +34,8 @@ def suite_builders(args) -> dict[str, Callable[[], Case]]:
     """Case builders for `pyalign bench` by name, at the default or --quick size."""
     device, dtype, compile = args.device, DTYPES[args.dtype], not args.no_compile
     if args.quick:
-        return {
-            "logprobs": lambda: logprobs_case(64, 1000, dtype, device, compile=compile),
-            "linear_logprobs": lambda: linear_logprobs_case(64, 32, 1000, dtype, device,
-                                                            compile=compile),
-            "kl": lambda: kl_case(4096, device, compile=compile),
-            "preference": lambda: preference_case(64, device, compile=compile),
-            "linear_preference": lambda: linear_preference_case(2, 16, 32, 500, dtype, device),
-            "linear_preference_128k": lambda: linear_preference_case(2, 16, 32, 1283, dtype,
-                                                                     device),
-            "linear_kto": lambda: linear_kto_case(4, 16, 32, 500, dtype, device),
-            "policy": lambda: policy_case(8, 128, device, compile=compile),
-            "linear_policy": lambda: linear_policy_case(4, 16, 32, 500, dtype, device,
-                                                        compile=compile),
-            "weights": lambda: weights_case(100_000, device, num_tensors=16),
-            "bema": lambda: bema_case(100_000, device, num_tensors=16),
-        }
+        return {name: _noted(build, QUICK_NOTE)
+                for name, build in _quick_builders(device, dtype, compile).items()}
     # N and H of linear_logprobs below 4096 x 1024: that size is ~1 TFLOP per fwd+bwd, ~20 s a
     # call at the ~50 GFLOP/s of 2 cores; --tokens 4096 --hidden 1024 --vocab 128256 runs it.
     tokens, hidden = _size(args, "tokens", 1024), _size(args, "hidden", 512)
@@ -68,6 +57,33 @@ def suite_builders(args) -> dict[str, Callable[[], Case]]:
         "weights": lambda: weights_case(20_000_000, device),
         "bema": lambda: bema_case(20_000_000, device),
     }
+
+
+def _quick_builders(device, dtype, compile: bool) -> dict[str, Callable[[], Case]]:
+    """The --quick sizes: every case small enough to run in seconds."""
+    return {
+        "logprobs": lambda: logprobs_case(64, 1000, dtype, device, compile=compile),
+        "linear_logprobs": lambda: linear_logprobs_case(64, 32, 1000, dtype, device,
+                                                        compile=compile),
+        "kl": lambda: kl_case(4096, device, compile=compile),
+        "preference": lambda: preference_case(64, device, compile=compile),
+        "linear_preference": lambda: linear_preference_case(2, 16, 32, 500, dtype, device),
+        "linear_preference_128k": lambda: linear_preference_case(2, 16, 32, 1283, dtype, device),
+        "linear_kto": lambda: linear_kto_case(4, 16, 32, 500, dtype, device),
+        "policy": lambda: policy_case(8, 128, device, compile=compile),
+        "linear_policy": lambda: linear_policy_case(4, 16, 32, 500, dtype, device, compile=compile),
+        "weights": lambda: weights_case(100_000, device, num_tensors=16),
+        "bema": lambda: bema_case(100_000, device, num_tensors=16),
+    }
+
+
+def _noted(build: Callable[[], Case], note: str) -> Callable[[], Case]:
+    """``build`` with ``note`` added to its case's notes (printed under its table)."""
+    def build_noted() -> Case:
+        case = build()
+        case.notes.append(note)
+        return case
+    return build_noted
 
 
 DEFAULT_CASES = ("logprobs", "linear_logprobs")
@@ -145,6 +161,7 @@ def run_cases(builders: list[Callable[[], Case]], args, out=None) -> int:
     out = out or sys.stdout
     device = _resolve_device(args.device)
     args.device = str(device)
+    prepare_extension(device)  # a first build happens here, with its own lines, never in a case
     # the previous thread count comes back after: callers in the same process keep theirs
     with limited_threads(args.threads or torch.get_num_threads()):
         return _run_cases(builders, args, device, out)
@@ -162,7 +179,9 @@ def _run_cases(builders, args, device: torch.device, out) -> int:
         verdict = "ok" if probe["ok"] else "FAILED: CPU peak memory numbers are not trustworthy"
         print(f"CPU peak-memory probe: {probe['measured_mib']:.1f} MiB measured for a known "
               f"{probe['expected_mib']:.1f} MiB peak: {verdict}", file=out)
-    notes = [] if device.type == "cuda" else [GPU_NOTE]
+    notes = [QUICK_NOTE] if getattr(args, "quick", False) else []
+    if device.type != "cuda":
+        notes.append(GPU_NOTE)
     load = env["load_average"]
     if device.type == "cpu" and load is not None and load > (os.cpu_count() or 1):
         notes.append(f"warning: this machine is loaded (1-minute load average {load:.1f} on "
@@ -181,7 +200,7 @@ def _run_cases(builders, args, device: torch.device, out) -> int:
                                     measure_memory=not args.no_memory, progress=progress,
                                     memory_limit=memory_limit)
         finally:
-            progress.close()
+            harness.close_progress(progress)
         failed |= any(row.status.startswith("error") for row in rows)
         print("\n" + harness.format_table(case, rows), file=out, flush=True)
         records.append(harness.case_record(case, rows))

@@ -1,9 +1,17 @@
-"""`pyalign bench | train | study | export | doctor`: the command line. Each subcommand lives in
-its own module of this package (doctor, bench, train, study, export) and adds its own parser.
+"""`pyalign doctor | train | study | bench | export`: the command line.
+
+Each subcommand lives in its own module of this package and adds its own parser
+(``add_parser(subparsers)``; the one line `pyalign --help` shows for it is in ``SUBCOMMANDS``).
+
+Only the module of the subcommand being run is imported: `pyalign --help` lists the subcommands
+from ``SUBCOMMANDS`` below without importing any of them (nor torch), and `pyalign train ...`
+imports pyalign.cli.train alone. A subcommand module keeps its heavy imports (torch's compiler,
+transformers, the trainers, the study, the benchmarks) inside the function that runs it, so its
+``--help`` is quick too.
 
 `doctor` is a diagnosis: it must print even where the training or benchmark stack cannot be
-imported (a missing or broken dependency), so the other subcommands are imported defensively and
-one that fails to import is listed with the reason and exits 2 when called.
+imported (a missing or broken dependency), so a subcommand module that fails to import is
+registered with the reason and exits 2 when called.
 """
 from __future__ import annotations
 
@@ -11,18 +19,25 @@ import argparse
 import importlib
 import sys
 
-from pyalign.cli import doctor
-
-# (subcommand, module, help shown when the module cannot be imported)
-_OPTIONAL_SUBCOMMANDS = (
-    ("bench", "pyalign.cli.bench", "kernel microbenchmarks"),
-    ("train", "pyalign.cli.train", "train on the embedded task"),
-    ("study", "pyalign.cli.study", "KL-budget study on the embedded task"),
-    ("export", "pyalign.cli.export", "write a run's policy as a transformers model"),
+# (subcommand, module, the one line `pyalign --help` shows for it)
+SUBCOMMANDS = (
+    ("doctor", "pyalign.cli.doctor", "versions, backends and why any cannot load"),
+    ("train", "pyalign.cli.train", "train on the embedded task or your own model and data "
+                                   "(DPO, IPO, SLiC, KTO, TR-*, RLOO, Elastic Reset)"),
+    ("study", "pyalign.cli.study", "KL-budget study: sweeps, fits, frontiers, report"),
+    ("bench", "pyalign.cli.bench", "kernel microbenchmarks (median time, peak memory, ratios)"),
+    ("export", "pyalign.cli.export", "write a run's policy as a transformers model (save_pretrained)"),
 )
 
 
-def _add_optional(subparsers, name: str, module: str, help_text: str) -> None:
+def _chosen_subcommand(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first argument that is not an option)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def _add_subcommand(subparsers, name: str, module: str, help_text: str) -> None:
+    """The subcommand's own parser, from its module; a module that cannot be imported gets a
+    parser that says why."""
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
@@ -37,15 +52,22 @@ def _add_optional(subparsers, name: str, module: str, help_text: str) -> None:
     mod.add_parser(subparsers)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of ``argv``: the full parser of the subcommand it names, a one-line entry for
+    every other one."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="pyalign", description=__doc__.split("\n\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    doctor.add_parser(subparsers)
-    for name, module, help_text in _OPTIONAL_SUBCOMMANDS:
-        _add_optional(subparsers, name, module, help_text)
+    chosen = _chosen_subcommand(argv)
+    for name, module, help_text in SUBCOMMANDS:
+        if name == chosen:
+            _add_subcommand(subparsers, name, module, help_text)
+        else:
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     return int(args.func(args) or 0)

@@ -64,7 +64,9 @@ def run_doctor(args) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """The ``doctor`` subcommand of ``pyalign``."""
-    parser = subparsers.add_parser("doctor", help="versions, backends and why any cannot load")
+    parser = subparsers.add_parser("doctor", description="The versions of pyalign's dependencies, the "
+                                   "C++ extension, and which backend runs each op on each device "
+                                   "(and why the others cannot).")
     parser.add_argument("--compile", action="store_true",
                         help="also compile every Triton kernel ahead of time for sm_80 and sm_90 "
                              "and print registers, shared memory and spills")

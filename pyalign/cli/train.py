@@ -240,6 +240,7 @@ def _train(args, algo: str, run: dict, config, stored: Optional[dict], notice) -
     """Lock --out, build the trainer, train (stopping cleanly on a signal); the exit code."""
     import torch
 
+    from pyalign._prepare import prepare_run
     from pyalign.trainers.build import build_trainer, set_threads
     from pyalign.trainers.distributed import init_distributed
     from pyalign.trainers.lock import LockHeld, RunLock, remove_stale_temporaries
@@ -270,6 +271,11 @@ def _train(args, algo: str, run: dict, config, stored: Optional[dict], notice) -
         _prepare_out_dir(run, resume, args.overwrite, dist_ctx.is_main)
         on_cpu = dist_ctx.device.type == "cpu"
         set_threads(run["threads"], on_cpu and not run["model"])
+        # the builds (C++ extension, embedded task) before the bar and step 1's clock
+        prepare_run(dist_ctx.device, config.backend, progress=config.progress,
+                    task_seed=None if run.get("data") else run["task_seed"],
+                    task_config=run.get("task"), task_cache_dir=run["task_cache_dir"],
+                    main_process=dist_ctx.is_main)
         trainer = build_trainer(algo, run, config, dist_ctx=dist_ctx, progress=config.progress)
         set_threads(run["threads"], on_cpu, trainer.policy)
         if dist_ctx.is_main:

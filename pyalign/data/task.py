@@ -8,13 +8,13 @@ generator, so a batch is a function of (seed, step) and a resumed run draws the 
 """
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from typing import Callable, Optional
 
 import torch
 
+from pyalign._kv_cache import sampling_cache
 from pyalign.tasks.task import sample_next_token
 
 from .tokenize import PAD, TokenizedData
@@ -106,10 +106,9 @@ class DatasetTask:
         ids = prompts.clamp_min(0).to(device)
         responses = torch.full((prompts.shape[0], self.response_len), PAD, dtype=torch.long)
         done = torch.zeros(prompts.shape[0], dtype=torch.bool)
+        cache = sampling_cache(model)
         out = model(input_ids=ids, attention_mask=attention.long(), position_ids=positions,
-                    use_cache=True)
-        # the key-value cache: ``cache`` since transformers 5.2x, ``past_key_values`` before
-        cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+                    use_cache=True, **cache)
         for i in range(self.response_len):
             tokens = sample_next_token(out.logits[:, -1], temperature, generator)
             responses[:, i] = torch.where(done, PAD, tokens)
@@ -120,7 +119,7 @@ class DatasetTask:
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
             out = model(input_ids=tokens[:, None].to(device), attention_mask=attention.long(),
-                        position_ids=positions, use_cache=True, **{cache_key: getattr(out, cache_key)})
+                        position_ids=positions, use_cache=True, **cache)
         return responses.to(prompts.device)
 
     # rewards ----------------------------------------------------------------------------------

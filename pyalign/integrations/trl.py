@@ -11,8 +11,10 @@ module that imported ``add_fused_lm_head``): the trainers then get
 ``pyalign.integrations.transformers``'s fused forward, returning TRL's own
 ``FusedCausalLMOutput`` with the same fields, so every TRL option (temperature,
 ``cast_lm_head_to_fp32``, ``shift_labels``, ``num_items_in_batch``, the WPO and entropy outputs)
-keeps its meaning. ``disable()`` puts TRL's back; both are idempotent, and ``enabled()`` is the
-same as a context manager. A trainer built while enabled keeps pyalign's forward on its model.
+keeps its meaning. ``disable()`` puts TRL's back; both are idempotent and each logs one line
+naming what it replaced or restored (logger "pyalign", shown on stderr by default:
+pyalign/_logging.py). ``enabled()`` is the same as a context manager. A trainer built while
+enabled keeps pyalign's forward on its model.
 
 TRL is a test dependency, never a runtime one: it is imported when ``enable()`` runs.
 The Trainer callbacks (``TrustRegionCallback``, ``ElasticResetCallback``) live in
@@ -26,6 +28,7 @@ import sys
 
 import torch
 
+from pyalign._logging import get_logger
 from pyalign.integrations import transformers as _hf
 from pyalign.integrations.callbacks import ElasticResetCallback, TrustRegionCallback
 from pyalign.ops.linear_logprobs import linear_token_logprobs
@@ -37,6 +40,7 @@ _TRAINER_MODULES = ("trl.trainer.sft_trainer", "trl.trainer.dpo_trainer", "trl.t
                     "trl.trainer.grpo_trainer", "trl.trainer.rloo_trainer")
 # (module, attribute) -> TRL's original object, while enabled.
 _replaced: dict = {}
+_log = get_logger(__name__)
 
 
 def _import_trl():
@@ -97,14 +101,29 @@ def enable() -> None:
             module.add_fused_lm_head = ours
     _replaced[(utils, "_ChunkedLogProbFunction")] = utils._ChunkedLogProbFunction
     utils._ChunkedLogProbFunction = ChunkedLogProbFunction
+    _log.info("TRL's fused LM head now runs on pyalign's kernels: replaced %s (trainers built "
+              "from now on; disable() restores them)", _names(_replaced))
+
+
+def _names(replaced: dict) -> str:
+    """"attribute (in module, module), ..." of the replaced objects, for the log."""
+    modules: dict[str, list[str]] = {}
+    for module, name in replaced:
+        modules.setdefault(name, []).append(module.__name__)
+    return ", ".join(f"{name} (in {', '.join(sorted(found))})" for name, found in sorted(modules.items()))
 
 
 def disable() -> None:
     """Put TRL's own fused LM head back (models already patched keep the forward they got).
     Idempotent."""
+    if not _replaced:
+        return
+    restored = _names(_replaced)
     while _replaced:
         (module, name), original = _replaced.popitem()
         setattr(module, name, original)
+    _log.info("restored TRL's own fused LM head: %s (trainers built while enabled keep "
+              "pyalign's forward)", restored)
 
 
 def is_enabled() -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from pyalign._kv_cache import sampling_cache
 from pyalign._utils import atomic_write, cache_root, limited_threads
 
 from . import language
@@ -123,13 +124,13 @@ def generate(model, prompts: torch.Tensor, response_len: int, *, temperature: fl
     responses = torch.empty(prompts.shape[0], response_len, dtype=torch.long)
     if prompts.shape[0] == 0 or response_len == 0:
         return responses.to(prompts.device)
-    out = model(input_ids=prompts.to(device), use_cache=True)
+    cache = sampling_cache(model)
+    out = model(input_ids=prompts.to(device), use_cache=True, **cache)
     for i in range(response_len):
         tokens = sample_next_token(out.logits[:, -1], temperature, generator)
         responses[:, i] = tokens
         if i + 1 < response_len:
-            out = model(input_ids=tokens[:, None].to(device), past_key_values=out.past_key_values,
-                        use_cache=True)
+            out = model(input_ids=tokens[:, None].to(device), use_cache=True, **cache)
     return responses.to(prompts.device)
 
 

@@ -1,6 +1,9 @@
 """pyalign.integrations.trl: enable()/disable() swap TRL 1.16's fused LM head for pyalign's and
 back, and TRL's DPO, KTO and GRPO trainers log the same losses and metrics either way."""
+import logging
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -45,6 +48,30 @@ def test_enable_disable_swap_the_names_the_trainers_look_up_idempotently():
     with pyalign_trl.enabled():
         assert pyalign_trl.is_enabled()
     assert not pyalign_trl.is_enabled()
+
+
+def test_enable_and_disable_each_log_one_line_naming_what_they_replaced(caplog):
+    with caplog.at_level(logging.INFO, logger="pyalign"):
+        pyalign_trl.enable()
+        pyalign_trl.enable()                     # already enabled: nothing done, nothing said
+        pyalign_trl.disable()
+        pyalign_trl.disable()
+    (enabled, disabled) = [r for r in caplog.records if r.name.startswith("pyalign")]
+    assert enabled.levelno == disabled.levelno == logging.INFO
+    for record, verb in ((enabled, "replaced"), (disabled, "restored")):
+        text = record.getMessage()
+        assert verb in text and "_ChunkedLogProbFunction (in trl.trainer.utils)" in text, text
+        for name in ("utils", *TRAINER_MODULES):
+            assert f"trl.trainer.{name}" in text, text
+
+
+def test_the_log_lines_reach_stderr_when_the_program_configured_no_logging():
+    code = "import pyalign.integrations.trl as t\nt.enable()\nt.disable()\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("pyalign: ")]
+    assert len(lines) == 2 and "replaced" in lines[0] and "restored" in lines[1], result.stderr
 
 
 @pytest.fixture(scope="module")
