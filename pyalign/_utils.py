@@ -10,6 +10,8 @@
 - ``atomic_write``: the one way pyalign writes a file that must never be seen half-written.
 - ``toml_value``: a value as TOML text (config files pyalign writes for itself and for users).
 - ``check_int``: the one "an int >= n" check, naming the argument.
+- ``DISTRIBUTION`` / ``pip_extra``: the name pyalign is published under on PyPI, and the install
+  command of one of its extras (error messages name it).
 """
 from __future__ import annotations
 
@@ -27,6 +29,14 @@ import torch
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 CACHE_ENV = "PYALIGN_CACHE_DIR"
+
+# The distribution name on PyPI ("pyalign" there is an unrelated project); the import name is pyalign.
+DISTRIBUTION = "pyalign-lm"
+
+
+def pip_extra(extra: str) -> str:
+    """The command that installs one of pyalign's optional extras, e.g. "lora"."""
+    return f"pip install '{DISTRIBUTION}[{extra}]'"
 
 # Prefixes that wrappers add to parameter names without changing the weight they name:
 # DDP ("module.x") and torch.compile ("_orig_mod.x").

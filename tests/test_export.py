@@ -281,5 +281,5 @@ def test_lora_without_peft_is_refused_before_any_work(tmp_path, task_cache_dir, 
     config = write_config(tmp_path / "run.toml", task_cache_dir, algo="dpo", **SMALL)
     assert train_main(["--config", config, "--lora", "r=4", "--steps", "1", "--out",
                        str(tmp_path / "run"), "--no-progress"]) == 2
-    assert "--lora needs peft: pip install 'pyalign[lora]'" in capsys.readouterr().err
+    assert "--lora needs peft: pip install 'pyalign-lm[lora]'" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "run")

@@ -115,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="study directory (default: runs/study-<name>)")
     parser.add_argument("--workers", type=int, help="parallel points (default: the usable CPUs)")
     parser.add_argument("--launcher", choices=("pool", "ray"), default="pool",
-                        help="worker processes on this machine, or Ray tasks (pip install 'pyalign[ray]')")
+                        help="worker processes on this machine, or Ray tasks (pip install 'pyalign-lm[ray]')")
     parser.add_argument("--ray-address", dest="ray_address",
                         help="an existing Ray cluster (e.g. auto); default: a local Ray instance")
     parser.add_argument("--emit-configs", dest="emit_configs", metavar="DIR",

@@ -52,8 +52,9 @@ def _datasets(path: str, what: str):
     try:
         import datasets
     except ImportError as exc:
-        raise DataError(f"{path}: {what} needs the datasets package (pip install "
-                        f"'pyalign[data]' or pip install datasets)") from exc
+        from pyalign._utils import pip_extra
+        raise DataError(f"{path}: {what} needs the datasets package ({pip_extra('data')} or "
+                        f"pip install datasets)") from exc
     return datasets
 
 

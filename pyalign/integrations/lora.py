@@ -84,7 +84,8 @@ def lora_config(spec):
     try:
         from peft import LoraConfig
     except ImportError as exc:
-        raise ImportError("LoRA needs peft: pip install 'pyalign[lora]' (or pip install peft)") from exc
+        from pyalign._utils import pip_extra
+        raise ImportError(f"LoRA needs peft: {pip_extra('lora')} (or pip install peft)") from exc
     spec = parse_lora_spec(spec)
     names = spec["target_modules"].split("+")
     targets = "all-linear" if names == ["all-linear"] else names

@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Optional
 
-from pyalign._utils import atomic_write, toml_value
+from pyalign._utils import atomic_write, pip_extra, toml_value
 from pyalign.study.grid import Grid, GridError, Point, parse_grid, train_config
 from pyalign.study.point import DONE_NAME, is_done, read_rows
 
@@ -165,7 +165,7 @@ def run_ray(jobs, *, address: Optional[str] = None, workers: Optional[int] = Non
     try:
         import ray
     except ImportError as exc:
-        raise GridError("--launcher ray needs ray: pip install 'pyalign[ray]'") from exc
+        raise GridError(f"--launcher ray needs ray: {pip_extra('ray')}") from exc
     pending = _pending(jobs)
     bar = _Progress(jobs, progress)
     failed = []

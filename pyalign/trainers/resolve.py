@@ -23,6 +23,7 @@ import os
 from typing import Any, Optional
 
 from pyalign import losses
+from pyalign._utils import pip_extra
 from pyalign.trainers.checkpoint import changed_settings
 from pyalign.trainers.fields import (
     Algorithm,
@@ -300,7 +301,7 @@ def _lora(spec, where: str) -> Optional[dict]:
     except LoraSpecError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
     if importlib.util.find_spec("peft") is None:  # checked here, before the task is built
-        raise ConfigError("--lora needs peft: pip install 'pyalign[lora]' (or pip install peft)")
+        raise ConfigError(f"--lora needs peft: {pip_extra('lora')} (or pip install peft)")
     return parsed
 
 

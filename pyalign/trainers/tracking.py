@@ -9,7 +9,7 @@ step; the final evaluation's under ``final/``.
   OUT) whose config is the run's settings; its id is kept in OUT/wandb-run-id so a resumed run
   logs into the same W&B run. ``WANDB_MODE=offline`` and ``WANDB_DIR`` work as usual.
 
-Both are optional dependencies (``pip install 'pyalign[tensorboard]'`` / ``'pyalign[wandb]'``);
+Both are optional dependencies (``pip install 'pyalign-lm[tensorboard]'`` / ``'pyalign-lm[wandb]'``);
 ``check_trackers`` refuses a tracker whose package is missing before any work.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 import secrets
 from typing import Optional
 
-from pyalign._utils import atomic_write
+from pyalign._utils import atomic_write, pip_extra
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 WANDB_ID_NAME = "wandb-run-id"
@@ -33,8 +33,8 @@ def check_trackers(report_to: list) -> None:
     for name in report_to:
         package = PACKAGES.get(name)
         if package and importlib.util.find_spec(package) is None:
-            raise ValueError(f"key 'report_to': {name} needs the {package} package: pip install "
-                             f"'pyalign[{name}]' (or pip install {package})")
+            raise ValueError(f"key 'report_to': {name} needs the {package} package: "
+                             f"{pip_extra(name)} (or pip install {package})")
 
 
 def scalars(record: dict) -> tuple[Optional[int], dict]:

@@ -89,7 +89,7 @@ def test_a_missing_tracker_package_is_refused_before_any_work(tmp_path, monkeypa
                         lambda name, *a: None if name == "wandb" else real(name, *a))
     config = write_config(tmp_path / "run.toml", str(tmp_path / "cache"), **RUN)
     assert run_cli("--config", config, "--out", tmp_path / "out", "--report-to", "wandb") == 2
-    assert "pip install 'pyalign[wandb]'" in capsys.readouterr().err
+    assert "pip install 'pyalign-lm[wandb]'" in capsys.readouterr().err
     assert run_cli("--config", config, "--out", tmp_path / "out", "--report-to", "none", "wandb") == 2
     assert "'none' cannot go with" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
