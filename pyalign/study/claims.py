@@ -8,8 +8,8 @@
   interval lies above ``DROP_NOISE`` standard errors of one evaluation's gold mean.
 - **Length** (per method and size): per seed, the least-squares slope of the response length
   (tokens up to EOS) on KL over every evaluation of the method; "lengthens as KL grows" is
-  shown where the slope's interval lies above 0. Not testable on the fixed-length task (every
-  response has the same length).
+  shown where the slope's interval lies above 0. Not testable on the fixed-length task: its
+  responses are scored over all their tokens, and a sampled EOS there ends nothing.
 - **Scale** (per method, over the grid's model sizes): per seed, the KL of the best gold
   evaluation (where the method peaks), the best gold, and the drop; "larger models over-optimise
   later" is shown where the largest size's peak KL exceeds the smallest's by Welch's interval
@@ -97,9 +97,10 @@ def _slope(x, y) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
-def length_claims(rows: list[dict]) -> list[dict]:
+def length_claims(rows: list[dict], fixed_length: bool = False) -> list[dict]:
     """One entry per (size, method): the length at the initial model, the per-seed slope of
-    length on KL (tokens per nat) with its interval, the KL range, and the verdict."""
+    length on KL (tokens per nat) with its interval, the KL range, and the verdict (not
+    testable with ``fixed_length`` or when every response has the same length)."""
     out = []
     for size, method in groups(rows):
         mine = _select(rows, size, method)
@@ -107,7 +108,7 @@ def length_claims(rows: list[dict]) -> list[dict]:
         seeds = sorted({r["seed"] for r in mine})
         slopes = [_slope([r["kl_to_init"] for r in mine if r["seed"] == s],
                          [r["response_length"] for r in mine if r["seed"] == s]) for s in seeds]
-        fixed = bool(lengths) and max(lengths) == min(lengths)
+        fixed = fixed_length or (bool(lengths) and max(lengths) == min(lengths))
         slope = NO_DATA if fixed else mean_interval(slopes)
         out.append({"size": size, "method": method, "fixed_length": fixed, "slope": slope,
                     "initial": mean_interval([r["response_length"] for r in mine if r["step"] == 0]),

@@ -145,8 +145,8 @@ def _claims_markdown(over, lengths, scale) -> list[str]:
     for entry in lengths:
         where = f"{_label(entry['size'], entry['method'])}"
         if entry["fixed_length"]:
-            lines.append(f"- **Length, {where}: not testable**: every response has "
-                         f"{_num(entry['longest'])} tokens.")
+            lines.append(f"- **Length, {where}: not testable**: the task's responses have a fixed "
+                         f"length ({_num(entry['longest'])} tokens at most).")
             continue
         lines.append(f"- **Length grows with KL, {where}: {entry['verdict']}.** Slope "
                      f"{entry['slope'].text()} tokens per nat over KL 0–{_num(entry['kl_max'])} "
@@ -208,7 +208,8 @@ def write_report(out: str, grid, rows: list[dict], missing: list[str], run_info:
                  damaged: dict | None = None) -> str:
     """Claims, fits, comparisons, figures and report.md for the rows of a study in ``out``."""
     spec, damaged = grid.spec, damaged or {}
-    over, lengths = claims.overoptimisation(rows), claims.length_claims(rows)
+    fixed_length = not spec["task"].get("variable_length", False)
+    over, lengths = claims.overoptimisation(rows), claims.length_claims(rows, fixed_length)
     scale = claims.scale_claims(rows, spec.get("sizes", []))
     sections, fits, pairs, by_size = _size_sections(rows, spec, spec.get("budgets"))
     figures = write_plots(rows, by_size, lengths, scale, out, grid.name)

@@ -56,7 +56,8 @@ def _report(tmp_path, rows, spec) -> str:
 
 def test_a_clear_hump_gets_its_fit_and_verdict_and_no_hump_gets_neither(tmp_path):
     seeds = [0, 1, 2, 3]
-    spec = {"seeds": seeds, "algos": {"dpo": {"beta": [0.05, 0.1, 0.2]}, "ipo": {"beta": [0.05, 0.1, 0.2]}}}
+    spec = {"seeds": seeds, "algos": {"dpo": {"beta": [0.05, 0.1, 0.2]}, "ipo": {"beta": [0.05, 0.1, 0.2]}},
+            "task": {"variable_length": True}}
     rows = synthetic_rows("dpo", seeds=seeds, hump=True) + synthetic_rows("ipo", seeds=seeds, hump=False)
     report = _report(tmp_path, rows, spec)
     assert "- **Over-optimisation, dpo: shown.**" in report
@@ -73,7 +74,7 @@ def test_a_clear_hump_gets_its_fit_and_verdict_and_no_hump_gets_neither(tmp_path
 
 
 def test_two_seeds_give_no_fit_and_no_verdict(tmp_path):
-    spec = {"seeds": [0, 1], "algos": {"dpo": {"beta": [0.05, 0.1, 0.2]}}}
+    spec = {"seeds": [0, 1], "algos": {"dpo": {"beta": [0.05, 0.1, 0.2]}}, "task": {"variable_length": True}}
     report = _report(tmp_path, synthetic_rows("dpo", seeds=[0, 1], hump=True), spec)
     assert "- **Over-optimisation, dpo: too few seeds.**" in report
     assert "2 seed(s), where the bootstrap of b needs 3" in report
@@ -102,9 +103,7 @@ def test_length_and_scale_claims_print_their_intervals(tmp_path):
 
 def test_a_fixed_length_task_makes_the_length_claim_not_testable(tmp_path):
     seeds = [0, 1, 2]
-    rows = synthetic_rows("dpo", seeds=seeds, hump=True)
-    for row in rows:
-        row["response_length"] = 16.0
+    rows = synthetic_rows("dpo", seeds=seeds, hump=True, length_per_nat=0.3)
     report = _report(tmp_path, rows, {"seeds": seeds, "algos": {"dpo": {"beta": [0.05, 0.1, 0.2]}}})
-    assert "- **Length, dpo: not testable**: every response has 16 tokens." in report
+    assert "- **Length, dpo: not testable**: the task's responses have a fixed length" in report
     assert "length_vs_kl.png" not in report
