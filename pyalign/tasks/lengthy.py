@@ -133,6 +133,31 @@ def heldout_documents(lang: Language, n: int, prompt_len: int, cap: int, generat
     return torch.cat([prompts, responses], dim=1)
 
 
+def length_stats(pairs: dict, proxy, length_bias: float) -> dict:
+    """How length sits in the SFT samples ``pairs`` (with their gold rewards) that the proxy
+    ``proxy`` was fitted on: their length distribution, the gold and proxy rewards'
+    least-squares slopes on it (gold units per word), and how often the labellers chose the
+    longer response of a pair of unequal lengths."""
+    prompts = torch.cat([pairs["prompt"], pairs["prompt"]])
+    responses = torch.cat([pairs["chosen"], pairs["rejected"]])
+    words = word_counts(responses).double()
+    gold = torch.cat([pairs["chosen_gold"], pairs["rejected_gold"]]).double()
+    with torch.no_grad():
+        proxy_score = proxy(prompts, responses).double()
+    judged = judged_reward(prompts, responses, length_bias).double()
+
+    def slope(y):
+        centred = words - words.mean()
+        return float((centred * (y - y.mean())).sum() / centred.square().sum())
+    longer = word_counts(pairs["chosen"]) - word_counts(pairs["rejected"])
+    quantiles = torch.quantile(words, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64))
+    return {"sft_words_mean": float(words.mean()), "sft_words_quantiles": quantiles.tolist(),
+            "sft_unfinished": float((responses != EOS_ID).all(1).double().mean()),
+            "sft_judged_mean": float(judged.mean()), "gold_words_slope": slope(gold),
+            "proxy_words_slope": slope(proxy_score),
+            "chosen_longer": float((longer > 0).double().sum() / (longer != 0).double().sum())}
+
+
 __all__ = ["PAD", "STOP_SHARE", "END_PROB", "LENGTHY", "make_language", "end_at_eos", "documents",
            "sft_batch", "check_responses", "word_counts", "gold_reward", "judged_reward",
-           "heldout_documents"]
+           "heldout_documents", "length_stats"]

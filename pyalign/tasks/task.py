@@ -362,8 +362,9 @@ def _build_single_threaded(seed: int, config: TaskConfig, progress: bool):
     proxy = ProxyRewardModel(VOCAB_SIZE)
     rm_loss = fit_bradley_terry(proxy, pairs["prompt"], pairs["chosen"], pairs["rejected"],
                                 l2=config.rm_l2)
-    # Put the proxy in gold units: the fitted logit difference estimates (gold_a - gold_b) /
-    # label_noise, and the bias makes the means agree on the SFT samples.
+    # Put the proxy in gold units: the fitted logit difference estimates (judged_a - judged_b) /
+    # label_noise (judged: the gold reward, plus the labellers' length bias in the variable-length
+    # task), and the bias makes the means agree with gold on the SFT samples.
     gold_all = torch.cat([pairs["chosen_gold"], pairs["rejected_gold"]])
     with torch.no_grad():
         logits_all = torch.cat([proxy.logits(pairs["prompt"], pairs["chosen"]),
@@ -379,33 +380,9 @@ def _build_single_threaded(seed: int, config: TaskConfig, progress: bool):
         "rm_loss": rm_loss, "rm_label_agreement": float(agree.float().mean()),
     }
     if config.variable_length:
-        stats.update(_length_stats(config, pairs, proxy))
+        stats.update(lengthy.length_stats(pairs, proxy, config.length_bias))
     sft_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     return sft_state, proxy.state_dict(), stats
-
-
-def _length_stats(config: TaskConfig, pairs: dict, proxy: ProxyRewardModel) -> dict:
-    """How length sits in the variable-length task's SFT samples: their length distribution, the
-    gold and proxy rewards' least-squares slopes on it (gold units per word), and how often the
-    labellers chose the longer response of a pair of unequal lengths."""
-    prompts = torch.cat([pairs["prompt"], pairs["prompt"]])
-    responses = torch.cat([pairs["chosen"], pairs["rejected"]])
-    words = lengthy.word_counts(responses).double()
-    gold = torch.cat([pairs["chosen_gold"], pairs["rejected_gold"]]).double()
-    with torch.no_grad():
-        proxy_score = proxy(prompts, responses).double()
-    judged = _judged(config, prompts, responses).double()
-
-    def slope(y):
-        centred = words - words.mean()
-        return float((centred * (y - y.mean())).sum() / centred.square().sum())
-    longer = lengthy.word_counts(pairs["chosen"]) - lengthy.word_counts(pairs["rejected"])
-    quantiles = torch.quantile(words, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64))
-    return {"sft_words_mean": float(words.mean()), "sft_words_quantiles": quantiles.tolist(),
-            "sft_unfinished": float((responses != EOS_ID).all(1).double().mean()),
-            "sft_judged_mean": float(judged.mean()), "gold_words_slope": slope(gold),
-            "proxy_words_slope": slope(proxy_score),
-            "chosen_longer": float((longer > 0).double().sum() / (longer != 0).double().sum())}
 
 
 def _save_atomically(path: Path, sft_state: dict, proxy_state: dict, meta: dict) -> None:
