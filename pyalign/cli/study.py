@@ -1,9 +1,12 @@
-"""`pyalign study`: sweep a strength knob per algorithm over seeds on the embedded task, evaluate
-each run at checkpoints inside and after the first epoch, fit the over-optimisation curve and
-compare the methods' reward-vs-drift frontiers; writes points.csv, PNGs and report.md.
+"""`pyalign study`: sweep a strength knob per algorithm over seeds (and model sizes) on the
+embedded task, evaluate each run at checkpoints inside and after the first epoch, and give
+verdicts with 95% intervals over seeds on over-optimisation, length, scale and the methods'
+reward-vs-drift frontiers; writes points.csv, PNGs and report.md.
 
+    pyalign study --preset quick                   # a first look (about 2 min on 2 cores)
     pyalign study                                  # the default study (about 10 min on 2 cores)
     pyalign study --preset elastic-reset --workers 4
+    pyalign study --preset lengthy                 # length and model size, variable-length task
     pyalign study --grid my_grid.toml --out runs/my-study
     pyalign study --emit-configs runs/s            # one `pyalign train` config per point
     pyalign study --aggregate runs/s               # collect what the points wrote
@@ -77,7 +80,7 @@ def run_study(args: argparse.Namespace) -> int:
             lock = runner.lock_study(args.aggregate)
             grid, rows, missing, damaged = runner.aggregate(args.aggregate)
             info = _run_info(args.aggregate)
-            report = write_report(args.aggregate, grid, rows, missing + list(damaged), info, damaged)
+            report = write_report(args.aggregate, grid, rows, missing, info, damaged)
             _report_damaged(damaged)
             print(f"pyalign study: {len(rows)} evaluations of "
                   f"{len(grid.points()) - len(missing) - len(damaged)} finished points; report={report}")
@@ -109,7 +112,7 @@ def run_study(args: argparse.Namespace) -> int:
         from pyalign._utils import atomic_write
         atomic_write(os.path.join(out, "run.json"), json.dumps(info) + "\n")
         grid, rows, missing, damaged = runner.aggregate(out)
-        report = write_report(out, grid, rows, missing + list(damaged), info, damaged)
+        report = write_report(out, grid, rows, missing, info, damaged)
         _report_damaged(damaged)
         code = code or (1 if damaged else 0)
     except GridError as exc:

@@ -26,6 +26,7 @@ import math
 
 import numpy as np
 
+from pyalign.study.fits import slope
 from pyalign.study.stats import MIN_SEEDS, NO_DATA, Interval, mean_interval, welch_difference
 
 DROP_NOISE = 2.0
@@ -90,13 +91,6 @@ def overoptimisation(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _slope(x, y) -> float:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if x.size < 2 or np.ptp(x) == 0:
-        return math.nan
-    return float(np.polyfit(x, y, 1)[0])
-
-
 def length_claims(rows: list[dict], fixed_length: bool = False) -> list[dict]:
     """One entry per (size, method): the length at the initial model, the per-seed slope of
     length on KL (tokens per nat) with its interval, the KL range, and the verdict (not
@@ -106,15 +100,15 @@ def length_claims(rows: list[dict], fixed_length: bool = False) -> list[dict]:
         mine = _select(rows, size, method)
         lengths = [r["response_length"] for r in mine]
         seeds = sorted({r["seed"] for r in mine})
-        slopes = [_slope([r["kl_to_init"] for r in mine if r["seed"] == s],
+        slopes = [slope([r["kl_to_init"] for r in mine if r["seed"] == s],
                          [r["response_length"] for r in mine if r["seed"] == s]) for s in seeds]
         fixed = fixed_length or (bool(lengths) and max(lengths) == min(lengths))
-        slope = NO_DATA if fixed else mean_interval(slopes)
-        out.append({"size": size, "method": method, "fixed_length": fixed, "slope": slope,
+        tokens_per_nat = NO_DATA if fixed else mean_interval(slopes)
+        out.append({"size": size, "method": method, "fixed_length": fixed, "slope": tokens_per_nat,
                     "initial": mean_interval([r["response_length"] for r in mine if r["step"] == 0]),
                     "longest": max(lengths) if lengths else math.nan,
                     "kl_max": max((r["kl_to_init"] for r in mine), default=math.nan),
-                    "verdict": "not testable (fixed length)" if fixed else verdict_word(slope)})
+                    "verdict": "not testable (fixed length)" if fixed else verdict_word(tokens_per_nat)})
     return out
 
 

@@ -208,6 +208,7 @@ def write_report(out: str, grid, rows: list[dict], missing: list[str], run_info:
                  damaged: dict | None = None) -> str:
     """Claims, fits, comparisons, figures and report.md for the rows of a study in ``out``."""
     spec, damaged = grid.spec, damaged or {}
+    missing = list(dict.fromkeys([*missing, *damaged]))  # a damaged point is not finished
     fixed_length = not spec["task"].get("variable_length", False)
     over, lengths = claims.overoptimisation(rows), claims.length_claims(rows, fixed_length)
     scale = claims.scale_claims(rows, spec.get("sizes", []))
