@@ -8,8 +8,10 @@
   interval lies above ``DROP_NOISE`` standard errors of one evaluation's gold mean.
 - **Length** (per method and size): per seed, the least-squares slope of the response length
   (tokens up to EOS) on KL over every evaluation of the method; "lengthens as KL grows" is
-  shown where the slope's interval lies above 0. Not testable on the fixed-length task: its
-  responses are scored over all their tokens, and a sampled EOS there ends nothing.
+  shown where the slope's interval lies above 0. Where the mean length of some evaluation comes
+  within 10% of the response cap, the report says so: past that the cap, not the policy, sets
+  the length, and a straight line understates the growth. Not testable on the fixed-length
+  task: its responses are scored over all their tokens, and a sampled EOS there ends nothing.
 - **Scale** (per method, over the grid's model sizes): per seed, the KL of the best gold
   evaluation (where the method peaks), the best gold, and the drop; "larger models over-optimise
   later" is shown where the largest size's peak KL exceeds the smallest's by Welch's interval
@@ -26,7 +28,6 @@ import math
 
 import numpy as np
 
-from pyalign.study.fits import slope
 from pyalign.study.stats import MIN_SEEDS, NO_DATA, Interval, mean_interval, welch_difference
 
 DROP_NOISE = 2.0
@@ -91,25 +92,37 @@ def overoptimisation(rows: list[dict]) -> list[dict]:
     return out
 
 
-def length_claims(rows: list[dict], fixed_length: bool = False) -> list[dict]:
+def length_claims(rows: list[dict], fixed_length: bool = False, cap: float = math.inf) -> list[dict]:
     """One entry per (size, method): the length at the initial model, the per-seed slope of
-    length on KL (tokens per nat) with its interval, the KL range, and the verdict (not
-    testable with ``fixed_length`` or when every response has the same length)."""
+    length on KL (tokens per nat) and intercept with their intervals, the KL range, the longest
+    mean length and whether it nears ``cap``, and the verdict (not testable with
+    ``fixed_length`` or when every response has the same length)."""
     out = []
     for size, method in groups(rows):
         mine = _select(rows, size, method)
         lengths = [r["response_length"] for r in mine]
         seeds = sorted({r["seed"] for r in mine})
-        slopes = [slope([r["kl_to_init"] for r in mine if r["seed"] == s],
-                         [r["response_length"] for r in mine if r["seed"] == s]) for s in seeds]
+        lines = [line([r["kl_to_init"] for r in mine if r["seed"] == s],
+                      [r["response_length"] for r in mine if r["seed"] == s]) for s in seeds]
         fixed = fixed_length or (bool(lengths) and max(lengths) == min(lengths))
-        tokens_per_nat = NO_DATA if fixed else mean_interval(slopes)
+        tokens_per_nat = NO_DATA if fixed else mean_interval([slope for slope, _ in lines])
+        longest = max(lengths) if lengths else math.nan
         out.append({"size": size, "method": method, "fixed_length": fixed, "slope": tokens_per_nat,
+                    "intercept": mean_interval([intercept for _, intercept in lines]),
                     "initial": mean_interval([r["response_length"] for r in mine if r["step"] == 0]),
-                    "longest": max(lengths) if lengths else math.nan,
+                    "longest": longest, "cap": cap, "at_cap": longest >= 0.9 * cap,
                     "kl_max": max((r["kl_to_init"] for r in mine), default=math.nan),
                     "verdict": "not testable (fixed length)" if fixed else verdict_word(tokens_per_nat)})
     return out
+
+
+def line(x, y) -> tuple[float, float]:
+    """(slope, intercept) of the least-squares line of y on x; nan with fewer than two distinct x."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if x.size < 2 or np.ptp(x) == 0:
+        return math.nan, math.nan
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(slope), float(intercept)
 
 
 def peaks(rows: list[dict]) -> dict:

@@ -23,6 +23,7 @@ from pyalign.study.frontiers import (
 from pyalign.study.grid import format_value
 from pyalign.study.plots import write_plots
 from pyalign.study.stats import MIN_SEEDS
+from pyalign.tasks import TaskConfig
 
 FIGURES = (("gold_vs_sqrt_kl", "Gold quality against √KL, with R(d) = d(a − b log d) where the fit holds"),
            ("progress", "Gold and proxy reward over training (the over-optimisation gap)"),
@@ -148,9 +149,12 @@ def _claims_markdown(over, lengths, scale) -> list[str]:
             lines.append(f"- **Length, {where}: not testable**: the task's responses have a fixed "
                          f"length ({_num(entry['longest'])} tokens at most).")
             continue
+        saturation = (f" The mean length reaches {_num(entry['longest'])} of the {entry['cap']}-token "
+                      f"cap: there the cap, not the policy, sets it, and the slope understates the "
+                      f"growth." if entry["at_cap"] else "")
         lines.append(f"- **Length grows with KL, {where}: {entry['verdict']}.** Slope "
                      f"{entry['slope'].text()} tokens per nat over KL 0–{_num(entry['kl_max'])} "
-                     f"(initial length {entry['initial'].text()} tokens).")
+                     f"(initial length {entry['initial'].text()} tokens).{saturation}")
     for entry in scale:
         lines.append(f"- **{entry['method']}: larger models over-optimise later "
                      f"({entry['largest']} vs {entry['smallest']}): {entry['later_verdict']}.** "
@@ -210,7 +214,8 @@ def write_report(out: str, grid, rows: list[dict], missing: list[str], run_info:
     spec, damaged = grid.spec, damaged or {}
     missing = list(dict.fromkeys([*missing, *damaged]))  # a damaged point is not finished
     fixed_length = not spec["task"].get("variable_length", False)
-    over, lengths = claims.overoptimisation(rows), claims.length_claims(rows, fixed_length)
+    cap = spec["task"].get("response_len", TaskConfig.response_len)
+    over, lengths = claims.overoptimisation(rows), claims.length_claims(rows, fixed_length, cap)
     scale = claims.scale_claims(rows, spec.get("sizes", []))
     sections, fits, pairs, by_size = _size_sections(rows, spec, spec.get("budgets"))
     figures = write_plots(rows, by_size, lengths, scale, out, grid.name)

@@ -84,7 +84,7 @@ def test_two_seeds_give_no_fit_and_no_verdict(tmp_path):
 def test_length_and_scale_claims_print_their_intervals(tmp_path):
     seeds = [0, 1, 2]
     spec = {"seeds": seeds, "sizes": ["small", "large"], "algos": {"dpo": {"beta": [0.05, 0.1, 0.2]}},
-            "task": {"variable_length": True, "response_len": 24}}
+            "task": {"variable_length": True, "response_len": 32}}
     # the large model drifts half as far per update: it peaks at the same d, so later in training
     # but not at a larger KL, and every run of it ends nearer its peak (a smaller drop)
     rows = (synthetic_rows("dpo", seeds=seeds, hump=True, size="small", length_per_nat=0.3)
@@ -93,6 +93,11 @@ def test_length_and_scale_claims_print_their_intervals(tmp_path):
     assert ("- **Length grows with KL, dpo [small]: shown.** Slope 0.299 [0.296, 0.302] tokens per "
             "nat over KL 0–120") in report
     assert "- **Length grows with KL, dpo [large]: not shown.**" in report
+    claim = "- **Length grows with KL, dpo [{}]"
+    small, large = ([line for line in report.splitlines() if line.startswith(claim.format(size))][0]
+                    for size in ("small", "large"))
+    assert "of the 32-token cap: there the cap, not the policy, sets it" in small  # 10 + 0.3 * 120 tokens
+    assert "cap" not in large
     assert "- **dpo: larger models over-optimise less (large vs small): shown.**" in report
     assert "- **dpo: larger models over-optimise later (large vs small): not shown.**" in report
     assert "## Over-optimisation (small)" in report and "## Over-optimisation (large)" in report
