@@ -108,6 +108,7 @@ def length_claims(rows: list[dict], fixed_length: bool = False, cap: float = mat
         tokens_per_nat = NO_DATA if fixed else mean_interval([slope for slope, _ in lines])
         longest = max(lengths) if lengths else math.nan
         out.append({"size": size, "method": method, "fixed_length": fixed, "slope": tokens_per_nat,
+                    "per_seed": {s: slope for s, (slope, _) in zip(seeds, lines)},
                     "intercept": mean_interval([intercept for _, intercept in lines]),
                     "initial": mean_interval([r["response_length"] for r in mine if r["step"] == 0]),
                     "longest": longest, "cap": cap, "at_cap": longest >= 0.9 * cap,

@@ -5,8 +5,9 @@ Documents. Sentences of the base language end (a noun followed by a full stop) w
 share ``STOP_SHARE`` of a noun's next-category mass, whatever the task seed drew for the other
 transitions (``Language(seed, stop_share=...)``); after each full stop past the prompt the
 document ends with probability ``END_PROB``: EOS follows the stop. Response lengths (words
-before EOS, capped at 24) are then right-skewed as real responses are: on task seed 0 the
-10/25/50/75/90th percentiles are 2, 4, 8, 16 and 24 words, one response in nine reaching the cap.
+before EOS) are then right-skewed as real responses are: the SFT model's, on task seed 0 with
+the cap of 32, have 10/25/50/75/90th percentiles 2, 4, 8, 16 and 25 words, mean 10.8, and one
+in twenty reaches the cap.
 
 Responses. A response holds at most ``response_len`` tokens (the cap) and ends at its first
 EOS; the positions after it hold ``PAD = -100``, pyalign.data's padding id, which the trainers
@@ -29,7 +30,11 @@ Saito et al. 2023, arXiv 2310.10076; Park et al. 2024, arXiv 2403.19159). The pr
 model is fitted on their labels exactly as in the fixed-length task (proxy.py: counts of the
 tokens and bigrams up to EOS), so it learns the bias from its data, as real reward models do,
 not from its formula: with count features, a preference for length is a positive weight on
-every common token. DPO, IPO and SLiC train on the same labels.
+every common token. On task seed 0 (base size, cap 32, the default length_bias 0.0025: a mild
+bias) the chosen response is the longer one in 56% of the pairs of unequal length, and on SFT
+samples the proxy gains 0.0022 per word where the gold reward moves by -0.0004; fitted on labels
+with length_bias 0 the proxy moves by -0.0007 per word (the chosen is the longer in 50%). DPO,
+IPO and SLiC train on the same labels.
 """
 from __future__ import annotations
 
@@ -41,9 +46,10 @@ from .language import CATEGORIES, EOS_ID, PAD_ID, VOCAB_SIZE, Language
 PAD = -100          # after a response's end (pyalign.data.tokenize.PAD)
 STOP_SHARE = 0.35   # P(full stop | noun): how often a sentence ends
 END_PROB = 0.7      # P(the document ends | a full stop past the prompt)
-# The lengthy preset's [task] table. DPO lengthens its responses by 1-2 tokens per nat of KL
-# here: at a cap of 24 they reached it at 3-5 nats, and the length claim saw the cap, not the
-# policy; 32 leaves the SFT model's mean length (about 11 words) room to grow 3-fold.
+# The lengthy preset's [task] table. DPO lengthened its responses by 1-2 tokens per nat of KL
+# (at length_bias 0.005): at a cap of 24 they reached it at 3-5 nats, and the length claim saw
+# the cap, not the policy; 32 leaves the SFT model's mean length (about 11 words) room to grow
+# 3-fold.
 LENGTHY = {"variable_length": True, "response_len": 32}
 
 
