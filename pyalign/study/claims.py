@@ -86,8 +86,10 @@ def overoptimisation(rows: list[dict]) -> list[dict]:
     """One entry per (size, method): the drop after the peak, the proxy's change, the verdict."""
     out = []
     for size, method in groups(rows):
-        found = drops(_select(rows, size, method))
+        mine = _select(rows, size, method)
+        found = drops(mine)
         out.append({"size": size, "method": method, **found,
+                    "kl_max": max((r["kl_to_init"] for r in mine), default=math.nan),
                     "verdict": verdict_word(found["drop"], found["floor"])})
     return out
 

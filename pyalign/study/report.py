@@ -140,9 +140,9 @@ def _claims_markdown(over, lengths, scale) -> list[str]:
     for entry in over:
         where = _label(entry["size"], entry["method"])
         lines.append(f"- **Over-optimisation, {where}: {entry['verdict']}.** "
-                     f"Gold falls from each run's best evaluation to its last by {entry['drop'].text()} "
-                     f"(seed mean [95% interval]; noise floor {entry['floor']:.3g}) while the proxy "
-                     f"changes by {entry['proxy_change'].text()}.")
+                     f"Over KL 0–{_num(entry['kl_max'])}, gold falls from each run's best evaluation to "
+                     f"its last by {entry['drop'].text()} (seed mean [95% interval]; noise floor "
+                     f"{entry['floor']:.3g}) while the proxy changes by {entry['proxy_change'].text()}.")
     for entry in lengths:
         where = f"{_label(entry['size'], entry['method'])}"
         if entry["fixed_length"]:

@@ -159,6 +159,7 @@ def test_aggregate_of_a_directory_that_is_no_study_is_a_clear_error(tmp_path, st
     assert "is not a study directory" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_damaged_point_is_named_by_aggregate_and_rerun_by_the_next_study(pool_run, tiny_grid, study_env,
                                                                           tmp_path):
     out = str(tmp_path / "study")
