@@ -2,6 +2,7 @@
 a fit, a d* and an over-optimisation verdict; points with no hump get neither; two seeds get no
 verdict; the length and scale claims print their intervals. The intervals themselves against
 independent computations (Student's t from a numeric integration of its density)."""
+import json
 import math
 import os
 
@@ -112,3 +113,19 @@ def test_a_fixed_length_task_makes_the_length_claim_not_testable(tmp_path):
     report = _report(tmp_path, rows, {"seeds": seeds, "algos": {"dpo": {"beta": [0.05, 0.1, 0.2]}}})
     assert "- **Length, dpo: not testable**: the task's responses have a fixed length" in report
     assert "length_vs_kl.png" not in report
+
+
+def test_compare_sets_two_runs_verdicts_side_by_side(tmp_path, capsys):
+    from pyalign.study.compare import compare_verdicts, main
+    first = {"length grows with KL: dpo": "shown", "over-optimisation: dpo": "shown",
+             "tr-dpo vs dpo, gold_reward, KL <= 1": "ahead", "tr-dpo vs dpo, gold_reward, KL <= 3": "ahead"}
+    second = {"length grows with KL: dpo": "shown", "over-optimisation: dpo": "not shown",
+              "tr-dpo vs dpo, gold_reward, KL <= 1": "behind"}
+    assert [row[3] for row in compare_verdicts(first, second)] == ["same", "different", "contradicts",
+                                                                    "different"]
+    for name, verdicts in (("a", first), ("b", second), ("c", first)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"verdicts": verdicts}))
+    assert main([str(tmp_path / "a"), str(tmp_path / "c")]) == 0
+    assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    assert "1 of 4 verdicts agree; 2 differ; 1 contradict" in capsys.readouterr().out
