@@ -1,11 +1,13 @@
 """pyalign.tasks: the embedded, download-free task (determinism, exact gold reward, proxy
-reward quality and exploitability, SFT model quality, cache, sampling)."""
+reward quality and exploitability, SFT model quality, cache, sampling), its variable-length
+variant (documents that end, the per-word gold reward, the labellers' length bias that the proxy
+learns) and the model-size ladder."""
 import math
 
 import pytest
 import torch
 
-from pyalign.tasks import TaskConfig, gold_reward, language, make_task
+from pyalign.tasks import MODEL_SIZES, TaskConfig, gold_reward, language, lengthy, make_task
 from pyalign.tasks.task import generate
 from support import torch_threads
 
@@ -291,3 +293,125 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path):
     a, b = built.sft_state_dict(), rebuilt.sft_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert make_task(4, config=SMALL, cache_dir=tmp_path, progress=False).from_cache
+
+
+# ---------------------------------------------------------------- the variable-length task
+
+LENGTHY_SMALL = dict(**lengthy.LENGTHY, **MODEL_SIZES["small"], sft_steps=100, rm_pairs=500)
+
+
+@pytest.fixture(scope="module")
+def lengthy_tasks(cache_dir):
+    """The variable-length task with the labellers' length bias, and without it (the control)."""
+    return {bias: make_task(0, cache_dir=cache_dir, progress=False,
+                            config=TaskConfig(**LENGTHY_SMALL, length_bias=bias))
+            for bias in (0.005, 0.0)}
+
+
+def test_lengthy_gold_reward_on_hand_built_responses():
+    det, pos, neg = ids("det")[0], ids("pos")[1], ids("neg")[2]
+    noun, verb, stop = ids("noun")[3], ids("verb")[0], ids("stop")[1]
+    bos, eos, pad = language.BOS_ID, language.EOS_ID, lengthy.PAD
+    cases = [
+        # stop | det pos pos noun stop EOS: 5 words, 2 positive, the EOS after a stop grammatical
+        ([bos, det, noun, stop], [det, pos, pos, noun, stop, eos, pad, pad], 2 / 5),
+        # the same sentence twice: the same density, the same reward (length is not rewarded)
+        ([bos, det, noun, stop], [det, pos, pos, noun, stop, det, pos, pos, noun, stop, eos], 4 / 10),
+        # EOS after a noun is ungrammatical: (1 - 1) / 3
+        ([bos, det], [pos, noun, verb, eos, pad, pad], (1 - 1) / 3),
+        # what follows the first EOS does not count (as the trainers' mask): 1/2
+        ([bos, det], [pos, noun, eos, neg, neg, neg], (1 - 1) / 2),
+        # unfinished (no EOS within the cap): not penalised; det neg noun stop det -> -1/5
+        ([bos, det], [det, neg, noun, stop, det], (0 - 1 - 1) / 5),
+        # EOS first, after a prompt that ends a sentence: 0 words (counted as 1), grammatical -> 0
+        ([bos, det, noun, stop], [eos, pad], 0.0),
+    ]
+    for prompt, response, expected in cases:
+        got = lengthy.gold_reward(torch.tensor([prompt]), torch.tensor([response]))
+        assert math.isclose(float(got), expected, abs_tol=1e-7), (prompt, response, float(got))
+    with pytest.raises(ValueError, match="padding"):
+        lengthy.gold_reward(torch.tensor([[bos, det]]), torch.tensor([[pos, pad, noun]]))
+    with pytest.raises(ValueError, match="outside"):
+        lengthy.gold_reward(torch.tensor([[bos, det]]), torch.tensor([[pos, -5]]))
+
+
+def test_lengthy_documents_end_after_a_full_stop_with_a_skewed_length():
+    lang = lengthy.make_language(0)
+    prompts, responses = lengthy.documents(lang, 2000, 8, 24, torch.Generator().manual_seed(0))
+    assert prompts.shape == (2000, 8) and responses.shape == (2000, 24)
+    assert not bool((prompts == language.EOS_ID).any())
+    is_eos = responses == language.EOS_ID
+    assert bool((is_eos.sum(1) <= 1).all())
+    text = torch.cat([prompts, responses.clamp_min(0)], dim=1)
+    before_eos = text[:, 7:-1][is_eos]
+    assert bool(torch.isin(before_eos, torch.tensor(ids("stop"))).all())  # only after a full stop
+    ended = is_eos.any(1)
+    padding = responses < 0
+    assert torch.equal(padding.any(1), ended & ~is_eos[:, -1])      # PAD only after an EOS
+    words = lengthy.word_counts(responses).double()
+    unfinished = float((~ended).double().mean())
+    assert 0.02 < unfinished < 0.2                                    # a few reach the cap
+    assert float(words.median()) < float(words.mean())               # right-skewed
+    assert 6 < float(words.mean()) < 14
+
+
+def test_lengthy_sampling_pads_after_eos_and_matches_the_uncut_draws(lengthy_tasks):
+    task = lengthy_tasks[0.005]
+    policy = task.new_policy().eval()
+    prompts = task.prompts(300, torch.Generator().manual_seed(1))
+    responses = task.generate(policy, prompts, generator=torch.Generator().manual_seed(2))
+    uncut = generate(policy, prompts, task.response_len, generator=torch.Generator().manual_seed(2))
+    real = responses >= 0
+    assert torch.equal(responses[real], uncut[real])
+    first_eos = (uncut == task.eos_id).int().cumsum(1)
+    assert torch.equal(real, (first_eos - (uncut == task.eos_id).int()) == 0)
+    assert 0.5 < float(real.all(1).logical_not().double().mean())   # most responses end early
+    from pyalign.trainers.scoring import ResponseScorer, response_mask
+    assert torch.equal(response_mask(responses, None), real)       # the trainers' mask
+    # the trainers' scorer gives each row of a padded batch the log-probs it has alone, unpadded
+    scorer = ResponseScorer(policy, backend="eager")
+    rows = [int(real[:, 0].nonzero()[0])] + [int(i) for i in (~real.all(1)).nonzero()[:3, 0]]
+    with torch.no_grad():
+        batch = scorer(prompts[rows], responses[rows], real[rows])
+        for i, row in enumerate(rows):
+            length = int(real[row].sum())
+            alone = scorer(prompts[row:row + 1], responses[row:row + 1, :length], real[row:row + 1, :length])
+            torch.testing.assert_close(batch[i, :length], alone[0], rtol=1e-5, atol=1e-5)
+            assert bool((batch[i, length:] == 0).all())
+    text = task.heldout_text(64, torch.Generator().manual_seed(3))
+    assert text.shape == (64, task.prompt_len + task.response_len) and bool((text < 0).any())
+
+
+def test_lengthy_proxy_learns_the_labellers_length_bias_and_gold_does_not_reward_length(lengthy_tasks):
+    biased, control = lengthy_tasks[0.005], lengthy_tasks[0.0]
+    gen = torch.Generator().manual_seed(4)
+    prompts = biased.prompts(1500, gen)
+    responses = biased.generate(biased.new_policy().eval(), prompts, generator=gen)
+    words = lengthy.word_counts(responses).double()
+
+    def slope(y):
+        centred = words - words.mean()
+        return float((centred * (y.double() - y.double().mean())).sum() / centred.square().sum())
+    bias = biased.config.length_bias
+    assert abs(slope(biased.gold_reward(prompts, responses))) < 0.3 * bias
+    # the proxy fitted on the biased labels rewards length; the same fit on unbiased labels
+    # does not: the bias comes from the data, not from the proxy's formula
+    assert slope(biased.proxy_reward(prompts, responses)) > 0.5 * bias
+    assert abs(slope(control.proxy_reward(prompts, responses))) < 0.4 * bias
+    assert 0.53 < biased.stats["chosen_longer"] < 0.7 and abs(control.stats["chosen_longer"] - 0.5) < 0.05
+    pairs = biased.preference_pairs(400, gen)
+    longer = lengthy.word_counts(pairs["chosen"]) - lengthy.word_counts(pairs["rejected"])
+    assert float((longer > 0).double().sum() / (longer != 0).double().sum()) > 0.5
+
+
+def test_model_sizes_grow_and_bad_task_fields_are_named():
+    counts = []
+    for name in ("small", "base", "large"):
+        config = TaskConfig(**MODEL_SIZES[name], sft_steps=1, rm_pairs=8)
+        from pyalign.tasks.task import _new_model
+        counts.append(sum(p.numel() for p in _new_model(config, 0).parameters()))
+    assert counts[0] * 2 < counts[1] and counts[1] * 2 < counts[2]
+    for field, value, accepted in (("length_bias", -0.1, ">= 0"), ("variable_length", 1, "true or false"),
+                                   ("response_len", 0, "> 0")):
+        with pytest.raises(ValueError, match=f"task.{field}' must be {accepted}"):
+            make_task(0, config=TaskConfig(**{field: value}), use_cache=False, progress=False)

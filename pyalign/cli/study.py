@@ -1,15 +1,19 @@
-"""`pyalign study`: sweep a strength knob per algorithm over seeds on the embedded task, evaluate
-each run at checkpoints inside and after the first epoch, fit the over-optimisation curve and
-compare the methods' reward-vs-drift frontiers; writes points.csv, PNGs and report.md.
+"""`pyalign study`: sweep a strength knob per algorithm over seeds (and model sizes) on the
+embedded task, evaluate each run at checkpoints inside and after the first epoch, and give
+verdicts with 95% intervals over seeds on over-optimisation, length, scale and the methods'
+reward-vs-drift frontiers; writes points.csv, PNGs and report.md.
 
+    pyalign study --preset quick                   # a first look (about 2 min on 2 cores)
     pyalign study                                  # the default study (about 10 min on 2 cores)
     pyalign study --preset elastic-reset --workers 4
+    pyalign study --preset lengthy                 # length and model size, variable-length task
     pyalign study --grid my_grid.toml --out runs/my-study
     pyalign study --emit-configs runs/s            # one `pyalign train` config per point
     pyalign study --aggregate runs/s               # collect what the points wrote
     pyalign study --launcher ray [--ray-address auto]
 
-A rerun into the same --out skips finished points. The grid file format and the presets:
+A rerun into the same --out skips finished points (and reruns one whose files were damaged);
+one study at a time uses an --out (OUT/.lock). The grid file format and the presets:
 pyalign/study/grid.py and pyalign/study/presets.py.
 """
 from __future__ import annotations
@@ -47,10 +51,20 @@ def load_grid_file(path: str) -> dict:
 
 
 def _build_task(spec: dict, progress: bool) -> None:
-    """Build (or load) the task once here, before the workers all want it."""
+    """Build (or load) each task of the grid (one per model size) once here, before the workers
+    all want it."""
     import pyalign.tasks
-    config = pyalign.tasks.TaskConfig(**spec["task"]) if spec["task"] else None
-    pyalign.tasks.make_task(spec["task_seed"], progress=progress, config=config)
+    from pyalign.study.grid import Grid, task_settings
+    settings = {json.dumps(task_settings(p, spec), sort_keys=True) for p in Grid(spec).points()}
+    for fields in sorted(settings):
+        pyalign.tasks.make_task(spec["task_seed"], progress=progress,
+                                config=pyalign.tasks.TaskConfig(**json.loads(fields)))
+
+
+def _report_damaged(damaged: dict) -> None:
+    for point_id, damage in damaged.items():
+        print(f"pyalign study: error: point {point_id} is damaged ({damage}); its rows are left out: "
+              f"rerun the study into this --out to run it again", file=sys.stderr)
 
 
 def run_study(args: argparse.Namespace) -> int:
@@ -58,15 +72,19 @@ def run_study(args: argparse.Namespace) -> int:
     from pyalign.study.grid import GridError, parse_grid
     from pyalign.study.report import write_report
     progress = not args.no_progress
+    lock = None
     try:
         if args.aggregate:
-            grid, rows, missing = runner.aggregate(args.aggregate)
-            info_path = os.path.join(args.aggregate, "run.json")
-            info = json.load(open(info_path)) if os.path.isfile(info_path) else None
-            report = write_report(args.aggregate, grid, rows, missing, info)
-            print(f"pyalign study: {len(rows)} evaluations of {len(grid.points()) - len(missing)} "
-                  f"finished points; report={report}")
-            return 0
+            if not os.path.isdir(args.aggregate):
+                raise GridError(f"{args.aggregate} is not a study directory (it does not exist)")
+            lock = runner.lock_study(args.aggregate)
+            grid, rows, missing, damaged = runner.aggregate(args.aggregate)
+            info = _run_info(args.aggregate)
+            report = write_report(args.aggregate, grid, rows, missing, info, damaged)
+            _report_damaged(damaged)
+            print(f"pyalign study: {len(rows)} evaluations of "
+                  f"{len(grid.points()) - len(missing) - len(damaged)} finished points; report={report}")
+            return 1 if damaged else 0
         if args.grid:
             grid = parse_grid(load_grid_file(args.grid), os.path.splitext(os.path.basename(args.grid))[0])
         else:
@@ -78,6 +96,7 @@ def run_study(args: argparse.Namespace) -> int:
         prepare_run("cpu", task_seed=grid.spec["task_seed"], task_config=grid.spec["task"],
                     progress=progress)
         _build_task(grid.spec, progress)
+        lock = runner.lock_study(out)
         jobs = runner.prepare(grid, out)
         if args.emit_configs:
             print(f"pyalign study: wrote {len(jobs)} point configs under {out}/points; run each line of "
@@ -95,14 +114,32 @@ def run_study(args: argparse.Namespace) -> int:
                 "cpus": _cpus()}
         from pyalign._utils import atomic_write
         atomic_write(os.path.join(out, "run.json"), json.dumps(info) + "\n")
-        grid, rows, missing = runner.aggregate(out)
-        report = write_report(out, grid, rows, missing, info)
+        grid, rows, missing, damaged = runner.aggregate(out)
+        report = write_report(out, grid, rows, missing, info, damaged)
+        _report_damaged(damaged)
+        code = code or (1 if damaged else 0)
     except GridError as exc:
         print(f"pyalign study: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
     print(f"pyalign study: {len(rows)} evaluations, {info['wall_s']:.0f} s; "
           f"csv={os.path.join(out, runner.CSV_NAME)} report={report}")
     return code
+
+
+def _run_info(out: str) -> Optional[dict]:
+    path = os.path.join(out, "run.json")
+    try:
+        with open(path, "rb") as handle:
+            return json.loads(handle.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # a damaged launch record only loses the report's launch line
+        print(f"pyalign study: warning: {path} is unreadable; the report omits the launch line",
+              file=sys.stderr)
+        return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

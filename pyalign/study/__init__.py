@@ -1,16 +1,19 @@
-"""The KL-budget study (``pyalign study``): does a method reach more gold reward at less drift?
+"""The KL-budget study (``pyalign study``): does a method reach more gold reward at less drift,
+and do the over-optimisation, length and scale claims hold?
 
     grid = pyalign.study.parse_grid(pyalign.study.PRESETS["default"], "default")
     jobs = pyalign.study.prepare(grid, "runs/study")      # one `pyalign train` config per point
     pyalign.study.run_pool(jobs, workers=2)               # or run_ray(jobs), or any scheduler
-    grid, rows, missing = pyalign.study.aggregate("runs/study")   # points.csv
-    pyalign.study.write_report("runs/study", grid, rows, missing)  # PNGs, report.md
+    grid, rows, missing, damaged = pyalign.study.aggregate("runs/study")   # points.csv
+    pyalign.study.write_report("runs/study", grid, rows, missing, damaged=damaged)  # PNGs, report.md
 
 Modules: ``grid`` (the grid, its points, their checks), ``presets`` (the built-in grids),
 ``point`` (one point: train, evaluate at its steps), ``evaluation`` (what an evaluation
-measures), ``runner`` (study layout, process pool, Ray, aggregation), ``fits`` (R(d) = d(a − b
-log d) and its bootstrap), ``frontiers`` (Pareto frontiers, budget tables, verdicts), ``plots``
-and ``report``.
+measures), ``runner`` (study layout and lock, process pool, Ray, aggregation), ``stats`` (the
+intervals over seeds), ``fits`` (R(d) = d(a − b log d), its bootstrap and when it holds),
+``frontiers`` (Pareto frontiers, budget tables, method-pair verdicts), ``claims``
+(over-optimisation, length and scale verdicts), ``plots``, ``report`` and ``compare`` (two runs'
+verdicts side by side).
 """
 from pyalign.study.fits import fit_hump, fit_table
 from pyalign.study.frontiers import budget_table, compare_pairs, pareto_frontier

@@ -8,12 +8,14 @@
   unbiased too and never negative per token: at the KLs a study reaches (several nats) its
   ``exp`` term gives it a heavy tail. Measured on a DPO policy at KL ~ 7.6 nats (1024 samples):
   k3's standard error is 2.9 nats on 128 samples (k1's 0.45) and one sample reached 376 nats.
-- ``gold_reward``, ``proxy_reward``: means over the samples; ``gold_gain``: gold minus the SFT
-  model's mean gold on its own responses to the same prompts.
+- ``gold_reward``, ``proxy_reward``: means over the samples (``gold_reward_se``: the standard
+  error of the gold mean over the prompts); ``gold_gain``: gold minus the SFT model's mean gold
+  on its own responses to the same prompts.
 - ``gold_win_rate``: the fraction of prompts where the policy's response has a higher gold reward
   than the SFT model's response to the same prompt (ties count one half).
 - ``response_length``: tokens up to and including the first EOS (all of them when there is none).
-- ``perplexity``: exp of the mean next-token NLL of held-out base-language documents.
+- ``perplexity``: exp of the mean next-token NLL of held-out base-language documents (up to
+  their EOS in the variable-length task, whose held-out documents are padded with -100 after it).
 
 The prompts, the held-out text and the SFT responses are drawn from fixed generators, the same
 for every point and seed (a shared test set, so points compare pairwise); the policy's samples
@@ -70,8 +72,8 @@ class Evaluator:
                     kl = pyalign.kl_penalty(logprobs, other, estimator="k1", mask=mask,
                                             backend=trainer.config.backend)
                     out.append(torch.where(mask, kl, 0.0).double().sum(-1).cpu())
-            heldout = self.heldout.to(device)
-            nll = float(policy(input_ids=heldout, labels=heldout).loss)
+            heldout = self.heldout.to(device)  # padding (-100) only after a document's end
+            nll = float(policy(input_ids=heldout.clamp_min(0), labels=heldout).loss)
         finally:
             policy.train()
         kl_init, kl_ref = torch.cat(kl_init), torch.cat(kl_ref)
@@ -87,6 +89,7 @@ class Evaluator:
             "kl_to_ref": max(float(kl_ref.mean()), 0.0),
             "sqrt_kl": math.sqrt(kl_mean),
             "gold_reward": float(gold.mean()),
+            "gold_reward_se": float(gold.std()) / math.sqrt(n) if n > 1 else 0.0,
             "gold_gain": float(gold.mean() - sft_gold.mean()),
             "gold_win_rate": float(wins.mean()),
             "proxy_reward": float(proxy.mean()),

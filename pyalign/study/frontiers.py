@@ -4,9 +4,10 @@ initial model, "best quality within a KL budget" tables with their seed spread, 
 Every evaluation of every run of a method (all knob values, all checkpoints, the initial model
 included) is a candidate: a practitioner who can afford KL <= budget picks the best of them. The
 frontier is the set of candidates that no other candidate beats at lower or equal KL. The budget
-table takes that best per seed, and reports the seed mean, min and max; a method is ahead of
-another at a budget only when its worst seed beats the other's best (the seed ranges do not
-overlap), behind in the mirror case, and "overlapping" otherwise.
+table takes that best per seed, and reports the seed mean with its 95% t-interval (stats.py). A
+method is ahead of another at a budget when the 95% interval of their difference lies above 0
+(the paired difference over the seeds both ran, else Welch's), behind when it lies below, "not
+separable" when it holds 0, and there is no verdict with fewer than ``stats.MIN_SEEDS`` seeds.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import math
 from typing import Optional
 
 import numpy as np
+
+from pyalign.study.stats import MIN_SEEDS, mean_interval, paired_difference, welch_difference
 
 BUDGET_QUANTILES = (0.25, 0.5, 0.75, 1.0)
 
@@ -37,7 +40,8 @@ def best_within(kl, value, budget: float) -> float:
 
 
 def budget_table(rows: list[dict], method: str, budgets, metric: str = "gold_reward") -> list[dict]:
-    """Per budget: the best ``metric`` within the budget for each seed, and their mean/min/max."""
+    """Per budget: the best ``metric`` within the budget for each seed, their mean and its 95%
+    t-interval (``interval``), min and max."""
     mine = [r for r in rows if r["method"] == method]
     seeds = sorted({r["seed"] for r in mine})
     table = []
@@ -45,8 +49,9 @@ def budget_table(rows: list[dict], method: str, budgets, metric: str = "gold_rew
         per_seed = {s: best_within([r["kl_to_init"] for r in mine if r["seed"] == s],
                                    [r[metric] for r in mine if r["seed"] == s], budget) for s in seeds}
         values = [v for v in per_seed.values() if not math.isnan(v)]
-        table.append({"budget": float(budget), "per_seed": per_seed,
-                      "mean": float(np.mean(values)) if values else math.nan,
+        interval = mean_interval(values)
+        table.append({"budget": float(budget), "per_seed": per_seed, "interval": interval,
+                      "mean": interval.mean, "low": interval.low, "high": interval.high,
                       "min": min(values) if values else math.nan,
                       "max": max(values) if values else math.nan})
     return table
@@ -68,50 +73,64 @@ def default_budgets(rows: list[dict], methods) -> list[float]:
     return budgets
 
 
+def difference(method_row: dict, baseline_row: dict):
+    """The 95% interval of (method - baseline) at one budget (rows of two budget tables): paired
+    over the seeds both ran when there are ``MIN_SEEDS`` of them, else Welch's."""
+    mine, theirs = method_row["per_seed"], baseline_row["per_seed"]
+    shared = [s for s in mine if s in theirs and not math.isnan(mine[s]) and not math.isnan(theirs[s])]
+    if len(shared) >= MIN_SEEDS:
+        return paired_difference(mine, theirs)
+    return welch_difference(list(mine.values()), list(theirs.values()))
+
+
 def compare(method_row: dict, baseline_row: dict) -> str:
-    """'ahead' / 'behind' / 'overlapping' / 'n/a' at one budget (rows of two budget tables)."""
-    if any(math.isnan(x) for x in (method_row["min"], method_row["max"], baseline_row["min"],
-                                   baseline_row["max"])):
+    """'ahead' / 'behind' / 'not separable' / 'too few seeds' / 'n/a' at one budget."""
+    diff = difference(method_row, baseline_row)
+    if diff.n == 0:
         return "n/a"
-    if method_row["min"] > baseline_row["max"]:
-        return "ahead"
-    if method_row["max"] < baseline_row["min"]:
-        return "behind"
-    return "overlapping"
+    if diff.n < MIN_SEEDS:
+        return "too few seeds"
+    return {1: "ahead", -1: "behind", 0: "not separable"}[diff.sign()]
 
 
 def verdict(method: str, baseline: str, method_table: list[dict], baseline_table: list[dict],
             metric: str = "gold_reward") -> str:
-    """One line: which frontier dominates where."""
-    outcomes = [(m["budget"], compare(m, b)) for m, b in zip(method_table, baseline_table)]
+    """One line: where each method is ahead, each budget with the interval of the difference."""
+    outcomes = [(m["budget"], compare(m, b), difference(m, b)) for m, b in zip(method_table, baseline_table)]
+    label = metric.replace("_", " ")
 
     def at(kind):
-        return ", ".join(f"{budget:g}" for budget, outcome in outcomes if outcome == kind)
-    kinds = {outcome for _, outcome in outcomes if outcome != "n/a"}
-    label = metric.replace("_", " ")
+        return ", ".join(f"KL <= {budget:g}: {diff.text()}" for budget, outcome, diff in outcomes
+                         if outcome == kind)
+    kinds = {outcome for _, outcome, _ in outcomes if outcome != "n/a"}
     if not kinds:
         return f"{method} vs {baseline}: no budget where both have evaluations."
-    if kinds == {"overlapping"}:
-        return (f"{method} and {baseline} are not separable on {label}: the seed ranges overlap at "
-                f"every budget (KL <= {at('overlapping')}).")
-    if kinds == {"ahead"}:
-        return f"{method} dominates {baseline} on {label} at every budget (KL <= {at('ahead')})."
-    if kinds == {"behind"}:
-        return f"{baseline} dominates {method} on {label} at every budget (KL <= {at('behind')})."
+    seeds = max(diff.n for _, _, diff in outcomes)
+    if kinds == {"too few seeds"}:
+        return (f"{method} vs {baseline} on {label}: no verdict: {seeds} seed(s) where a verdict "
+                f"needs {MIN_SEEDS} (a 95% t-interval of the seed mean).")
+    how = (f"{method} − {baseline} in the best {label} within each budget, seed mean and 95% "
+           f"t-interval over {seeds} seeds")
     parts = []
     if "ahead" in kinds:
-        parts.append(f"{method} ahead at KL <= {at('ahead')}")
+        parts.append(f"{method} ahead at {at('ahead')}")
     if "behind" in kinds:
-        parts.append(f"{baseline} ahead at KL <= {at('behind')}")
-    if "overlapping" in kinds:
-        parts.append(f"overlapping at KL <= {at('overlapping')}")
-    if "ahead" in kinds and "behind" in kinds:
+        parts.append(f"{baseline} ahead at {at('behind')}")
+    if "not separable" in kinds:
+        parts.append(f"not separable at {at('not separable')}")
+    if "too few seeds" in kinds:
+        parts.append(f"too few seeds at {at('too few seeds')}")
+    if kinds == {"not separable"}:
+        head = f"{method} and {baseline} are not separable on {label} at any budget"
+    elif "ahead" in kinds and "behind" in kinds:
         head = f"{method} vs {baseline} on {label}: mixed"
     elif "ahead" in kinds:
         head = f"{method} above {baseline} on {label} where they separate"
-    else:
+    elif "behind" in kinds:
         head = f"{baseline} above {method} on {label} where they separate"
-    return f"{head} ({'; '.join(parts)})."
+    else:
+        head = f"{method} vs {baseline} on {label}: no verdict"
+    return f"{head} ({how}): {'; '.join(parts)}."
 
 
 def with_matched_baselines(rows: list[dict], matched: dict) -> list[dict]:
@@ -161,5 +180,5 @@ def compare_pairs(rows: list[dict], budgets: Optional[list[float]] = None,
     return out
 
 
-__all__ = ["pareto_frontier", "best_within", "budget_table", "default_budgets", "compare", "verdict",
-           "method_pairs", "compare_pairs"]
+__all__ = ["pareto_frontier", "best_within", "budget_table", "default_budgets", "difference", "compare",
+           "verdict", "method_pairs", "compare_pairs"]

@@ -1,6 +1,8 @@
 """The study grid: which runs a KL-budget study makes, checked before any of them starts.
 
-A grid is algorithms x one strength knob per algorithm (swept over a list of values) x seeds.
+A grid is algorithms x one strength knob per algorithm (swept over a list of values) x seeds,
+and optionally x model sizes (``sizes``: names of pyalign.tasks.MODEL_SIZES, the SFT model at
+each; without it every point trains the model the [task] table describes).
 Every point is one ``pyalign train`` run (same keys, same validation) evaluated at fractions of
 an epoch (``epochs``); the knobs an algorithm may sweep are ``STRENGTH_KNOBS``: beta for the
 direct alignment algorithms, tr_alpha / tr_tau for the trust-region ones, kl_coef for RLOO,
@@ -12,8 +14,9 @@ prompts, seen online). Evaluations happen at the first step at or past each frac
 
 Grid file (TOML), every table optional but ``[algos]``::
 
-    seeds = [0, 1]
+    seeds = [0, 1, 2, 3, 4]
     epochs = [0.125, 0.25, 0.5, 1, 2]
+    sizes = ["small", "base", "large"]   # optional: the model-size ladder
     [algos.dpo]
     beta = [0.05, 0.1, 0.2, 0.4]         # a list: the swept knob
     [algos.tr-dpo]
@@ -21,7 +24,7 @@ Grid file (TOML), every table optional but ``[algos]``::
     beta = 0.1                           # a scalar: a fixed setting of that algorithm
     [preference]                         # fixed settings of every preference point (lr, ...)
     [rl]                                 # ... of every RL point
-    [task]                               # pyalign.tasks.TaskConfig sizes
+    [task]                               # pyalign.tasks.TaskConfig fields (variable_length, ...)
     [eval]                               # prompts, heldout (sizes of each evaluation)
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from typing import Optional
 
 from pyalign.trainers.presets import ALGOS
 
@@ -38,8 +42,8 @@ STRENGTH_KNOBS = {
     "rloo": ("kl_coef",),
     "elastic-reset": ("er_reset_every", "er_ema_decay", "kl_coef"),
 }
-GRID_KEYS = ("name", "seeds", "epochs", "algos", "preference", "rl", "task", "eval", "task_seed",
-             "epoch_prompts", "budgets")
+GRID_KEYS = ("name", "seeds", "epochs", "sizes", "algos", "preference", "rl", "task", "eval",
+             "task_seed", "epoch_prompts", "budgets")
 EVAL_DEFAULTS = {"prompts": 256, "heldout": 128}
 # Study points set these: no per-step evaluation (the study evaluates at its own steps), no
 # periodic checkpoints and a one-prompt final evaluation (the study's evaluations replace both).
@@ -53,7 +57,7 @@ class GridError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-    """One run of the grid: an algorithm at one knob value and one seed."""
+    """One run of the grid: an algorithm at one knob value, one seed (and one model size)."""
 
     algo: str
     knob: str
@@ -63,6 +67,7 @@ class Point:
     steps: int  # total optimizer steps (the last evaluation)
     eval_steps: tuple  # optimizer steps after which the point is evaluated (0: the initial model)
     epochs: tuple  # the epoch fraction of each evaluation step
+    size: Optional[str] = None  # a name of pyalign.tasks.MODEL_SIZES, where the grid sweeps sizes
 
     @property
     def method(self) -> str:
@@ -74,11 +79,22 @@ class Point:
 
     @property
     def point_id(self) -> str:
-        return f"{self.algo}__{self.knob}={format_value(self.value)}__seed{self.seed}"
+        size = f"__size={self.size}" if self.size else ""
+        return f"{self.algo}__{self.knob}={id_value(self.value)}{size}__seed{self.seed}"
 
 
 def format_value(value) -> str:
+    """A knob value for people (``:g``: 0.10000001 shows as 0.1)."""
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def id_value(value) -> str:
+    """A knob value in a point id: ``:g`` where that reads back as the same float, else the
+    shortest text that does (``repr``), so two values of a sweep never share an id."""
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return str(value)
 
 
 @dataclasses.dataclass
@@ -172,11 +188,30 @@ def parse_grid(raw: dict, name: str = "custom") -> Grid:
         _check_number_list(f"[algos.{algo}] {knob}", values, (int, float))
         if len(set(values)) != len(values):
             raise GridError(f"[algos.{algo}] {knob}: values repeat: {values!r}")
+    _check_sizes(spec)
     grid = Grid(spec)
     points = grid.points()
+    ids = [p.point_id for p in points]
+    if len(set(ids)) != len(ids):  # a guard: id_value and the checks above make ids distinct
+        raise GridError(f"two points of the grid share an id: {sorted({i for i in ids if ids.count(i) > 1})}")
     for point in points[:: len(spec["seeds"])]:  # the seed changes no key's validity
         check_point(point, spec)
     return grid
+
+
+def _check_sizes(spec: dict) -> None:
+    from pyalign.tasks import MODEL_SIZES
+    if "sizes" not in spec:
+        return
+    sizes = spec["sizes"]
+    if not isinstance(sizes, list) or not sizes or any(s not in MODEL_SIZES for s in sizes) \
+            or len(set(sizes)) != len(sizes):
+        raise GridError(f"grid key 'sizes' must be distinct names of model sizes "
+                        f"({', '.join(MODEL_SIZES)}), got {sizes!r}")
+    fixed = sorted(set(spec["task"]) & set(MODEL_SIZES[sizes[0]]))
+    if fixed:
+        raise GridError(f"grid key 'sizes' sets the model's {', '.join(fixed)}: the [task] table "
+                        f"cannot set them too")
 
 
 def steps_per_epoch(algo: str, spec: dict, settings: dict) -> int:
@@ -208,20 +243,29 @@ def expand(spec: dict) -> list[Point]:
             steps = [0] + [max(1, math.ceil(e * per_epoch)) for e in spec["epochs"]]
             eval_steps = tuple(sorted(set(steps)))
             epochs = tuple(s / per_epoch for s in eval_steps)
-            for seed in spec["seeds"]:
-                points.append(Point(algo=algo, knob=knob, value=value, seed=seed, settings=settings,
-                                    steps=eval_steps[-1], eval_steps=eval_steps, epochs=epochs))
+            for size in spec.get("sizes", [None]):
+                for seed in spec["seeds"]:
+                    points.append(Point(algo=algo, knob=knob, value=value, seed=seed,
+                                        settings=settings, steps=eval_steps[-1],
+                                        eval_steps=eval_steps, epochs=epochs, size=size))
     return points
+
+
+def task_settings(point: Point, spec: dict) -> dict:
+    """The TaskConfig fields of a point: the grid's [task] table and its model size."""
+    from pyalign.tasks import MODEL_SIZES
+    return {**spec["task"], **(MODEL_SIZES[point.size] if point.size else {})}
 
 
 def train_config(point: Point, spec: dict, out: str) -> dict:
     """The ``pyalign train`` config file of a point (flat keys, a [task] and a [study] table)."""
     return {"algo": point.algo, "steps": point.steps, "seed": point.seed, "out": out,
             "task_seed": spec["task_seed"], **point.settings, **RUN_OVERRIDES,
-            "task": dict(spec["task"]),
+            "task": task_settings(point, spec),
             "study": {"point_id": point.point_id, "method": point.method, "knob": point.knob,
                       "value": point.value, "eval_steps": list(point.eval_steps),
-                      "epochs": list(point.epochs), **spec["eval"]}}
+                      "epochs": list(point.epochs), **spec["eval"],
+                      **({"size": point.size} if point.size else {})}}
 
 
 def check_point(point: Point, spec: dict) -> None:
@@ -236,4 +280,5 @@ def check_point(point: Point, spec: dict) -> None:
         raise GridError(str(exc)) from exc
 
 
-__all__ = ["Grid", "GridError", "Point", "STRENGTH_KNOBS", "parse_grid", "train_config", "format_value"]
+__all__ = ["Grid", "GridError", "Point", "STRENGTH_KNOBS", "parse_grid", "train_config", "task_settings",
+           "format_value", "id_value"]

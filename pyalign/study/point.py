@@ -3,15 +3,19 @@
 The run trains to each of the table's ``eval_steps`` in turn and evaluates there
 (``evaluation.Evaluator``), appending one JSON row per evaluation to ``OUT/evals.jsonl``; when
 the last evaluation is written, ``OUT/done.json`` marks the point finished (written atomically,
-so a point is either done or rerun from scratch). ``pyalign train --config OUT/config.toml``
-runs it from any scheduler; a finished point is skipped.
+so a point is either done or rerun from scratch) and holds the row count and the SHA-256 of
+``evals.jsonl``, which ``check_done`` verifies before a study counts the point's rows.
+``pyalign train --config OUT/config.toml`` runs it from any scheduler; a finished point is
+skipped.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import time
+from typing import Optional
 
 from pyalign._utils import atomic_write
 
@@ -25,18 +29,56 @@ def is_done(out: str) -> bool:
 
 
 def read_rows(out: str) -> list[dict]:
+    """The rows an unfinished point has written so far (progress): a line a kill cut short, or
+    one that does not parse, is not counted. A finished point's rows: ``finished_rows``."""
     path = os.path.join(out, EVALS_NAME)
     if not os.path.isfile(path):
         return []
-    with open(path) as handle:
+    with open(path, "rb") as handle:
         rows = []
         for line in handle:
-            if line.endswith("\n"):  # an unterminated last line is a write a kill cut short
+            if line.endswith(b"\n"):  # an unterminated last line is a write a kill cut short
                 try:
                     rows.append(json.loads(line))
                 except ValueError:
                     pass
         return rows
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def finished_rows(out: str) -> tuple[Optional[list[dict]], str]:
+    """(rows, "") of a finished point whose evals.jsonl is the one its done.json describes (row
+    count and SHA-256), else (None, what is wrong with it). A done.json without a hash (written
+    before it had one) is checked by its evaluation count and by every line parsing."""
+    evals, done = os.path.join(out, EVALS_NAME), os.path.join(out, DONE_NAME)
+    try:
+        with open(done, "rb") as handle:
+            record = json.loads(handle.read())
+        expected = int(record["evaluations"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, f"{done} is unreadable ({type(exc).__name__}: {exc})"
+    try:
+        with open(evals, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        return None, f"{evals} is unreadable ({exc.strerror or exc})"
+    if "sha256" in record and record["sha256"] != _digest(data):
+        return None, f"{evals} is not the file its {DONE_NAME} describes (its SHA-256 differs)"
+    lines = data.split(b"\n")
+    if lines[-1]:
+        return None, f"{evals}: its last line is cut short"
+    rows = []
+    for number, line in enumerate(lines[:-1], start=1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            return None, f"{evals}: line {number} is not a JSON row"
+    if len(rows) != record.get("rows", expected):
+        return None, f"{evals} holds {len(rows)} rows; its {DONE_NAME} says {record.get('rows', expected)}"
+    return rows, ""
 
 
 def _check_study_table(study: dict, steps: int) -> None:
@@ -90,19 +132,23 @@ def run_point(algo: str, run: dict, config) -> int:
         rows_path = os.path.join(out, EVALS_NAME)
         atomic_write(rows_path, "")  # a rerun of an unfinished point starts from scratch
         identity = {"point_id": study["point_id"], "method": study["method"], "algo": algo,
-                    "knob": study["knob"], "value": study["value"], "seed": config.seed}
+                    "knob": study["knob"], "value": study["value"], "seed": config.seed,
+                    **({"size": study["size"]} if study.get("size") else {})}
         for step, epoch in zip(study["eval_steps"], study["epochs"]):
             if step > trainer.step:
                 trainer.train(step, progress=False)
             row = {**identity, "step": step, "epoch": epoch, **evaluator.evaluate(step)}
             with open(rows_path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
+        with open(rows_path, "rb") as handle:
+            written = handle.read()
         atomic_write(os.path.join(out, DONE_NAME),
                      json.dumps({"point_id": study["point_id"], "evaluations": len(study["eval_steps"]),
+                                 "rows": written.count(b"\n"), "sha256": _digest(written),
                                  "wall_s": time.perf_counter() - started}) + "\n")
     finally:
         lock.release()
     return 0
 
 
-__all__ = ["run_point", "is_done", "read_rows", "EVALS_NAME", "DONE_NAME"]
+__all__ = ["run_point", "is_done", "read_rows", "finished_rows", "EVALS_NAME", "DONE_NAME"]

@@ -1,5 +1,8 @@
-"""report.md of a study (and summary.json, the same numbers for programs): the grid, the figures,
-the fit table, the budget tables and the verdicts."""
+"""report.md of a study (and summary.json, the same numbers for programs): the grid, the claims
+with their verdicts, the fits that hold, the model-free tables, the method pairs, the figures.
+
+Every verdict names the KL range or budgets it rests on and the 95% interval over seeds behind
+it (stats.py); a fit's parameters appear only where the fit holds (fits.py)."""
 from __future__ import annotations
 
 import json
@@ -7,15 +10,27 @@ import math
 import os
 
 from pyalign._utils import atomic_write
-from pyalign.study.fits import fit_table
-from pyalign.study.frontiers import compare_pairs, with_matched_baselines
+from pyalign.study import claims
+from pyalign.study.fits import R2_MIN, fit_table
+from pyalign.study.frontiers import (
+    budget_table,
+    compare,
+    compare_pairs,
+    default_budgets,
+    difference,
+    with_matched_baselines,
+)
 from pyalign.study.grid import format_value
 from pyalign.study.plots import write_plots
+from pyalign.study.stats import MIN_SEEDS
+from pyalign.tasks import TaskConfig
 
-FIGURES = (("gold_vs_sqrt_kl", "Gold quality against √KL, with the fitted R(d) = d(a − b log d)"),
+FIGURES = (("gold_vs_sqrt_kl", "Gold quality against √KL, with R(d) = d(a − b log d) where the fit holds"),
            ("progress", "Gold and proxy reward over training (the over-optimisation gap)"),
            ("frontiers", "Best gold reward within a KL budget, per method pair"),
-           ("length_vs_kl", "Response length against KL"))
+           ("length_vs_kl", "Response length against KL"),
+           ("scale", "Where each model size peaks, and how far it falls"))
+TARGET_NAMES = {"gold_gain": "gold gain", "gold_win_rate": "win rate − ½"}
 
 
 def _num(x, digits: int = 3) -> str:
@@ -27,37 +42,45 @@ def _num(x, digits: int = 3) -> str:
 
 
 def _interval(pair) -> str:
-    if not pair:
-        return "–"
-    return f"[{_num(pair[0])}, {_num(pair[1])}]"
+    return f"[{_num(pair[0])}, {_num(pair[1])}]" if pair else "–"
+
+
+def _label(size: str, method: str) -> str:
+    return f"{method} [{size}]" if size else method
 
 
 def fit_table_markdown(fits) -> str:
-    lines = ["| method | R on | a | b | d* = exp(a/b − 1) | R(d*) | R² | evaluations | a 95% | b 95% | "
-             "d* 95% | length slope (tokens/nat) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    names = {"gold_gain": "gold gain", "gold_win_rate": "win rate − ½"}
+    lines = ["| method | R on | a | b | d* = exp(a/b − 1) | R(d*) | R² | seeds | b 95% | d* 95% |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for entry in fits:
-        fit, interval = entry["fit"], entry["interval"]
-        if fit is None:
-            lines.append(f"| {entry['method']} | {names[entry['target']]} | no fit (too few points) |"
-                         + " – |" * 9)
+        fit, interval, name = entry["fit"], entry["interval"], TARGET_NAMES[entry["target"]]
+        if not entry["holds"]:
+            lines.append(f"| {entry['method']} | {name} | not reported: {entry['why_not']} |" + " – |" * 7)
             continue
-        lines.append(f"| {entry['method']} | {names[entry['target']]} | {_num(fit.a)} | {_num(fit.b)} | "
-                     f"{_num(fit.peak_d)} | {_num(fit.peak_value)} | {_num(fit.r2, 2)} | {fit.n} | "
-                     f"{_interval(interval.get('a'))} | {_interval(interval.get('b'))} | "
-                     f"{_interval(interval.get('peak_d'))} | {_num(entry['length_slope'])} |")
+        lines.append(f"| {entry['method']} | {name} | {_num(fit.a)} | {_num(fit.b)} | {_num(fit.peak_d)} | "
+                     f"{_num(fit.peak_value)} | {_num(fit.r2, 2)} | {entry['seeds']} | "
+                     f"{_interval(interval.get('b'))} | {_interval(interval.get('peak_d'))} |")
     return "\n".join(lines)
 
 
-def budget_markdown(pair, metric: str) -> str:
-    mine, theirs = pair["tables"][metric]
-    from pyalign.study.frontiers import compare
-    lines = [f"| KL budget (nats) | {pair['method']}: mean [min, max] | {pair['baseline']}: mean "
-             f"[min, max] | {pair['method']} is |", "|---|---|---|---|"]
+def budgets_markdown(rows, methods, budgets) -> str:
+    """Best gold reward within each budget, per method: seed mean [95% t-interval]."""
+    lines = ["| KL budget (nats) | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    tables = {m: budget_table(rows, m, budgets) for m in methods}
+    for i, budget in enumerate(budgets):
+        cells = " | ".join(tables[m][i]["interval"].text() for m in methods)
+        lines.append(f"| ≤ {budget:g} | {cells} |")
+    return "\n".join(lines)
+
+
+def pair_markdown(pair) -> str:
+    mine, theirs = pair["tables"]["gold_reward"]
+    method = pair["method"]
+    lines = [f"| KL budget (nats) | {method} | {pair['baseline']} | difference | {method} is |",
+             "|---|---|---|---|---|"]
     for m, b in zip(mine, theirs):
-        lines.append(f"| ≤ {m['budget']:g} | {_num(m['mean'])} [{_num(m['min'])}, {_num(m['max'])}] | "
-                     f"{_num(b['mean'])} [{_num(b['min'])}, {_num(b['max'])}] | {compare(m, b)} |")
+        lines.append(f"| ≤ {m['budget']:g} | {m['interval'].text()} | {b['interval'].text()} | "
+                     f"{difference(m, b).text()} | {compare(m, b)} |")
     return "\n".join(lines)
 
 
@@ -72,6 +95,8 @@ def _grid_markdown(spec: dict) -> str:
     lines.append(f"- seeds {spec['seeds']}; evaluations at {epochs} "
                  f"epochs (and at step 0); {spec['eval']['prompts']} prompts per evaluation, "
                  f"{spec['eval']['heldout']} held-out documents for perplexity")
+    if spec.get("sizes"):
+        lines.append(f"- model sizes {', '.join(spec['sizes'])} (pyalign.tasks.MODEL_SIZES)")
     for family in ("preference", "rl", "task"):
         if spec.get(family):
             lines.append(f"- {family} settings: " + ", ".join(f"{k} = {v}" for k, v in spec[family].items()))
@@ -99,17 +124,109 @@ def _matched(spec: dict) -> dict:
     return matched
 
 
-def write_report(out: str, grid, rows: list[dict], missing: list[str], run_info: dict | None = None) -> str:
-    """Fits, comparisons, figures and report.md for the rows of a study in ``out``."""
-    spec = grid.spec
-    fits = fit_table(rows)
-    compared = with_matched_baselines(rows, _matched(spec))
-    pairs = compare_pairs(compared, spec.get("budgets"))
-    figures = write_plots(rows, fits, pairs, out, grid.name, compared=compared)
-    parts = [f"# pyalign study `{grid.name}`", "", _grid_markdown(spec), ""]
+def _reading_guide(seeds: int) -> list[str]:
+    return ["## How to read the verdicts", "",
+            f"The unit of replication is the seed ({seeds} here). Every interval is the 95% Student-t "
+            f"interval of a mean over seeds (of a paired difference where two methods ran the same "
+            f"seeds; Welch's for two model sizes); a verdict needs at least {MIN_SEEDS} seeds. "
+            f"**shown**: the interval excludes 0 in the claimed direction; **not shown**: it holds 0 "
+            f"(the data do not separate); **opposite**: it excludes 0 the other way. A fit of "
+            f"R(d) = d(a − b log d) is reported only where it holds: R² ≥ {R2_MIN} and b's 95% seed-"
+            f"bootstrap interval above 0; elsewhere the model-free numbers stand alone.", ""]
+
+
+def _claims_markdown(over, lengths, scale) -> list[str]:
+    lines = ["## Verdicts", ""]
+    for entry in over:
+        where = _label(entry["size"], entry["method"])
+        lines.append(f"- **Over-optimisation, {where}: {entry['verdict']}.** "
+                     f"Over KL 0–{_num(entry['kl_max'])}, gold falls from each run's best evaluation to "
+                     f"its last by {entry['drop'].text()} (seed mean [95% interval]; noise floor "
+                     f"{entry['floor']:.3g}) while the proxy changes by {entry['proxy_change'].text()}.")
+    for entry in lengths:
+        where = f"{_label(entry['size'], entry['method'])}"
+        if entry["fixed_length"]:
+            lines.append(f"- **Length, {where}: not testable**: the task's responses have a fixed "
+                         f"length ({_num(entry['longest'])} tokens at most).")
+            continue
+        saturation = (f" The mean length reaches {_num(entry['longest'])} of the {entry['cap']}-token "
+                      f"cap: there the cap, not the policy, sets it, and the slope understates the "
+                      f"growth." if entry["at_cap"] else "")
+        lines.append(f"- **Length grows with KL, {where}: {entry['verdict']}.** Slope "
+                     f"{entry['slope'].text()} tokens per nat over KL 0–{_num(entry['kl_max'])} "
+                     f"(initial length {entry['initial'].text()} tokens).{saturation}")
+    for entry in scale:
+        lines.append(f"- **{entry['method']}: larger models over-optimise later "
+                     f"({entry['largest']} vs {entry['smallest']}): {entry['later_verdict']}.** "
+                     f"Peak-KL difference {entry['later'].text()} nats (Welch).")
+        lines.append(f"- **{entry['method']}: larger models over-optimise less "
+                     f"({entry['largest']} vs {entry['smallest']}): {entry['less_verdict']}.** "
+                     f"Drop of {entry['smallest']} minus drop of {entry['largest']}: "
+                     f"{entry['less'].text()} gold (Welch).")
+    return lines + [""]
+
+
+def _scale_markdown(scale) -> list[str]:
+    lines = []
+    for entry in scale:
+        lines += [f"### {entry['method']} by model size", "",
+                  "| size | KL at the best gold (nats) | best gold | drop after the peak |",
+                  "|---|---|---|---|"]
+        for size, table in entry["table"].items():
+            lines.append(f"| {size} | {table['peak_kl'].text()} | {table['best_gold'].text()} | "
+                         f"{table['drop'].text()} |")
+        lines.append("")
+    return lines
+
+
+def _size_sections(rows, spec, budgets_spec) -> tuple[list[str], list, list, list]:
+    """Per model size: the fits, the model-free budget table and the method pairs."""
+    parts, all_fits, all_pairs, fits_by_size = [], [], [], []
+    for size in list(dict.fromkeys(claims.size_of(r) for r in rows)):
+        mine = [r for r in rows if claims.size_of(r) == size]
+        fits = fit_table(mine)
+        compared = with_matched_baselines(mine, _matched(spec))
+        pairs = compare_pairs(compared, budgets_spec)
+        methods = list(dict.fromkeys(r["method"] for r in mine))
+        budgets = list(budgets_spec) if budgets_spec else default_budgets(mine, methods)
+        title = f" ({size})" if size else ""
+        parts += [f"## Over-optimisation{title}", "", fit_table_markdown(fits), "",
+                  "Best gold reward within each KL budget (per seed: the best evaluation of any run at "
+                  "that KL or less), seed mean [95% t-interval]:", "",
+                  budgets_markdown(mine, methods, budgets), ""]
+        parts += [f"## Method pairs{title}", ""]
+        if not pairs:
+            parts += ["No method pair in this grid (TR-X with X, Elastic Reset with RLOO).", ""]
+        for pair in pairs:
+            parts += [f"### {pair['method']} vs {pair['baseline']}{title}", ""]
+            for metric, line in pair["verdicts"].items():
+                parts += [f"**Verdict ({metric.replace('_', ' ')}):** {line}", ""]
+            parts += [pair_markdown(pair), ""]
+        all_fits += [{**f, "size": size} for f in fits]
+        all_pairs += [{**p, "size": size} for p in pairs]
+        fits_by_size.append((size, fits, compared, pairs))
+    return parts, all_fits, all_pairs, fits_by_size
+
+
+def write_report(out: str, grid, rows: list[dict], missing: list[str], run_info: dict | None = None,
+                 damaged: dict | None = None) -> str:
+    """Claims, fits, comparisons, figures and report.md for the rows of a study in ``out``."""
+    spec, damaged = grid.spec, damaged or {}
+    missing = list(dict.fromkeys([*missing, *damaged]))  # a damaged point is not finished
+    fixed_length = not spec["task"].get("variable_length", False)
+    cap = spec["task"].get("response_len", TaskConfig.response_len)
+    over, lengths = claims.overoptimisation(rows), claims.length_claims(rows, fixed_length, cap)
+    scale = claims.scale_claims(rows, spec.get("sizes", []))
+    sections, fits, pairs, by_size = _size_sections(rows, spec, spec.get("budgets"))
+    figures = write_plots(rows, by_size, lengths, scale, out, grid.name)
     n_points = len(grid.points())
-    parts.append(f"Points finished: {n_points - len(missing)} of {n_points}"
-                 + (f" (not finished: {', '.join(missing)})" if missing else "") + ".")
+    parts = [f"# pyalign study `{grid.name}`", "", _grid_markdown(spec), "",
+             f"Points finished: {n_points - len(missing)} of {n_points}"
+             + (f" (not finished: {', '.join(p for p in missing if p not in damaged)})"
+                if len(missing) > len(damaged) else "") + "."]
+    for point_id, damage in damaged.items():
+        parts.append(f"**Damaged point {point_id}: {damage}; its rows are left out** (a rerun into this "
+                     f"directory runs it again).")
     if run_info:
         parts.append(f"Last launch: {run_info.get('launcher')} with {run_info.get('workers')} workers, "
                      f"{run_info.get('wall_s', 0):.0f} s wall; load average before "
@@ -118,37 +235,62 @@ def write_report(out: str, grid, rows: list[dict], missing: list[str], run_info:
     parts += ["", "KL is KL(policy ‖ initial model) in nats per response, estimated on one policy sample "
               "per evaluation prompt; d = √KL. Gold gain is the policy's mean gold reward minus the SFT "
               "model's on the same prompts; the win rate is against the SFT model's responses to them.", ""]
-    parts += ["## Fits", "", fit_table_markdown(fits), ""]
-    parts += ["## Method pairs", ""]
-    if not pairs:
-        parts += ["No method pair in this grid (TR-X with X, Elastic Reset with RLOO).", ""]
-    for pair in pairs:
-        parts += [f"### {pair['method']} vs {pair['baseline']}", ""]
-        for metric, verdict in pair["verdicts"].items():
-            parts += [f"**Verdict ({metric.replace('_', ' ')}):** {verdict}", ""]
-        parts += ["Best gold reward within each KL budget (per seed: the best evaluation of any run "
-                  "at that KL or less):", "", budget_markdown(pair, "gold_reward"), ""]
+    parts += _reading_guide(len(spec["seeds"])) + _claims_markdown(over, lengths, scale) + sections
+    if scale:
+        parts += ["## Model size", ""] + _scale_markdown(scale)
     parts += ["## Figures", ""]
     for key, caption in FIGURES:
         if figures.get(key):
             parts += [f"### {caption}", "", f"![{caption}]({os.path.basename(figures[key])})", ""]
     path = os.path.join(out, "report.md")
     atomic_write(path, "\n".join(parts))
-    summary = {
-        "name": grid.name, "points": n_points, "missing": missing, "run": run_info,
-        "fits": [{"method": f["method"], "target": f["target"], "length_slope": f["length_slope"],
+    atomic_write(os.path.join(out, "summary.json"), json.dumps(
+        _summary(grid, n_points, missing, damaged, run_info, fits, pairs, over, lengths, scale, figures),
+        indent=1, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(value):
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: getattr(value, k) for k in value.__dataclass_fields__}
+    return str(value)
+
+
+def flat_verdicts(over, lengths, scale, pairs) -> dict:
+    """Every verdict of a report as claim -> word (``shown``, ``ahead``, ...): what
+    pyalign.study.compare sets side by side for two runs of one grid."""
+    out = {}
+    for entry in over:
+        out[f"over-optimisation: {_label(entry['size'], entry['method'])}"] = entry["verdict"]
+    for entry in lengths:
+        out[f"length grows with KL: {_label(entry['size'], entry['method'])}"] = entry["verdict"]
+    for entry in scale:
+        out[f"larger over-optimise later: {entry['method']}"] = entry["later_verdict"]
+        out[f"larger over-optimise less: {entry['method']}"] = entry["less_verdict"]
+    for pair in pairs:
+        name = f"{_label(pair['size'], pair['method'])} vs {pair['baseline']}"
+        for metric, (mine, theirs) in pair["tables"].items():
+            for m, b in zip(mine, theirs):
+                out[f"{name}, {metric}, KL <= {m['budget']:g}"] = compare(m, b)
+    return out
+
+
+def _summary(grid, n_points, missing, damaged, run_info, fits, pairs, over, lengths, scale, figures) -> dict:
+    return {
+        "name": grid.name, "points": n_points, "missing": missing, "damaged": damaged, "run": run_info,
+        "verdicts": flat_verdicts(over, lengths, scale, pairs),
+        "fits": [{"method": f["method"], "size": f["size"], "target": f["target"], "holds": f["holds"],
+                  "why_not": f["why_not"], "seeds": f["seeds"],
                   **({"a": f["fit"].a, "b": f["fit"].b, "peak_d": f["fit"].peak_d,
                       "peak_value": f["fit"].peak_value, "r2": f["fit"].r2, "n": f["fit"].n,
-                      "interval": f["interval"]} if f["fit"] else {})} for f in fits],
-        "pairs": [{"method": p["method"], "baseline": p["baseline"], "budgets": p["budgets"],
-                   "verdicts": p["verdicts"],
+                      "interval": f["interval"]} if f["holds"] else {})} for f in fits],
+        "overoptimisation": over, "length": lengths, "scale": scale,
+        "pairs": [{"method": p["method"], "baseline": p["baseline"], "size": p["size"],
+                   "budgets": p["budgets"], "verdicts": p["verdicts"],
                    "tables": {m: {"method": t[0], "baseline": t[1]} for m, t in p["tables"].items()}}
                   for p in pairs],
         "figures": figures,
     }
-    atomic_write(os.path.join(out, "summary.json"),
-                 json.dumps(summary, indent=1, default=lambda x: str(x)) + "\n")
-    return path
 
 
 __all__ = ["write_report", "fit_table_markdown"]

@@ -2,6 +2,7 @@
 
 Layout of a study directory::
 
+    OUT/.lock                      held by the one ``pyalign study`` that uses OUT (``StudyLock``)
     OUT/study.json                 the grid (what --aggregate reads back)
     OUT/points/<point_id>/config.toml   a `pyalign train --config` file per point
     OUT/points/<point_id>/evals.jsonl   one row per evaluation (written by the point)
@@ -10,8 +11,10 @@ Layout of a study directory::
     OUT/evals.jsonl, OUT/points.csv     every finished point's evaluations (``aggregate``)
 
 ``prepare`` writes the layout (``--emit-configs`` stops there); ``run_pool`` runs the unfinished
-points in worker processes, ``run_ray`` as Ray tasks; both skip finished points, so a rerun
-resumes. Progress is read from the points' files, the same for every launcher.
+points in worker processes, which die with the study (``_die_with_parent``), ``run_ray`` as Ray
+tasks; both skip finished points whose files check out against their done.json, and rerun a
+damaged one, so a rerun resumes. Progress is read from the points' files, the same for every
+launcher.
 """
 from __future__ import annotations
 
@@ -24,13 +27,52 @@ from typing import Optional
 
 from pyalign._utils import atomic_write, pip_extra, toml_value
 from pyalign.study.grid import Grid, GridError, Point, parse_grid, train_config
-from pyalign.study.point import DONE_NAME, is_done, read_rows
+from pyalign.study.point import DONE_NAME, finished_rows, is_done, read_rows
+from pyalign.trainers.lock import LockHeld, RunLock
 
 STUDY_NAME = "study.json"
 CSV_NAME = "points.csv"
-IDENTITY = ("point_id", "method", "algo", "knob", "value", "seed", "step", "epoch")
-METRICS = ("kl_to_init", "kl_to_init_se", "kl_to_ref", "sqrt_kl", "gold_reward", "gold_gain",
-           "gold_win_rate", "proxy_reward", "response_length", "perplexity")
+IDENTITY = ("point_id", "method", "algo", "knob", "value", "size", "seed", "step", "epoch")
+METRICS = ("kl_to_init", "kl_to_init_se", "kl_to_ref", "sqrt_kl", "gold_reward", "gold_reward_se",
+           "gold_gain", "gold_win_rate", "proxy_reward", "response_length", "perplexity")
+
+
+class StudyLock(RunLock):
+    """OUT/.lock, held by the one ``pyalign study`` that writes into OUT (from before it writes
+    the layout until its report is written): a second study into OUT is refused at once, naming
+    the holder, and cannot take the point locks of the first. An flock, freed when its holder
+    dies however it dies (pyalign.trainers.lock)."""
+
+    def _held_message(self, text: str) -> str:
+        holder = text.split() or ["?"]  # "<pid> <host>", as RunLock writes it
+        who = f"pid {holder[0]} on {holder[1] if len(holder) > 1 else 'this host'}"
+        return (f"{self.directory} is in use by another pyalign study ({who}, lock {self.path}); "
+                f"wait for it to finish, or pass another --out")
+
+
+def lock_study(out: str) -> StudyLock:
+    """Take OUT's study lock, or raise GridError naming the study that holds it."""
+    try:
+        return StudyLock(out, notice=lambda message: None).acquire()
+    except LockHeld as exc:
+        raise GridError(str(exc)) from None
+    except OSError as exc:
+        raise GridError(f"--out {out} must be a writable directory: {exc}") from None
+
+
+def _read_study_file(path: str) -> dict:
+    """OUT/study.json, or a GridError naming it when it is damaged."""
+    try:
+        with open(path, "rb") as handle:
+            spec = json.loads(handle.read())
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise GridError(f"{path} is damaged ({type(exc).__name__}: {exc}); it records the study's "
+                        f"grid: restore it, or remove it to start this directory over with the grid "
+                        f"you pass") from None
+    if not isinstance(spec, dict):
+        raise GridError(f"{path} is damaged (not a grid mapping); restore it, or remove it to start "
+                        f"this directory over with the grid you pass")
+    return spec
 
 
 def to_toml(values: dict) -> str:
@@ -49,8 +91,7 @@ def prepare(grid: Grid, out: str) -> list[tuple[Point, str]]:
     OUT that holds another grid is an error (resuming means the same grid)."""
     study_path = os.path.join(out, STUDY_NAME)
     if os.path.isfile(study_path):
-        with open(study_path) as handle:
-            existing = json.load(handle)
+        existing = _read_study_file(study_path)
         if existing != json.loads(json.dumps(grid.spec)):
             raise GridError(f"{out} holds a study of another grid ({study_path}); use another --out "
                             f"or the same grid to resume it")
@@ -73,9 +114,11 @@ def load_grid(out: str) -> Grid:
     if not os.path.isfile(path):
         raise GridError(f"{out} is not a study directory (no {STUDY_NAME}; write one with "
                         f"pyalign study --emit-configs {out})")
-    with open(path) as handle:
-        spec = json.load(handle)
-    return parse_grid(spec, spec.get("name", "custom"))
+    spec = _read_study_file(path)
+    try:
+        return parse_grid(spec, spec.get("name", "custom"))
+    except GridError as exc:
+        raise GridError(f"{path}: {exc}") from None
 
 
 def run_config(path: str) -> int:
@@ -118,7 +161,45 @@ class _Progress:
 
 
 def _pending(jobs):
-    return [(point, path) for point, path in jobs if not is_done(os.path.dirname(path))]
+    """The points to run: the unfinished ones, and the finished ones whose files do not check out
+    against their done.json (named on stderr, their done.json removed, so they rerun from
+    scratch)."""
+    pending = []
+    for point, path in jobs:
+        directory = os.path.dirname(path)
+        if is_done(directory):
+            rows, damage = finished_rows(directory)
+            if rows is not None:
+                continue
+            print(f"pyalign study: point {point.point_id} is damaged ({damage}): running it again",
+                  file=sys.stderr)
+            os.remove(os.path.join(directory, DONE_NAME))
+        pending.append((point, path))
+    return pending
+
+
+def _die_with_parent(parent: int) -> None:
+    """A pool worker's initializer: the worker dies with the study process, however that dies
+    (kill -9 included), instead of running on with no one to collect its points. Linux: the
+    kernel's parent-death signal; elsewhere a thread that watches the parent's pid."""
+    import signal
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        set_death_signal = libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        set_death_signal = False
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+    if not set_death_signal:
+        import threading
+        import time
+
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True, name="pyalign-parent-watch").start()
 
 
 def _report_failures(failed: list[str]) -> int:
@@ -139,7 +220,9 @@ def run_pool(jobs, workers: int, *, progress: bool = True) -> int:
     try:
         if pending:
             context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                                        initializer=_die_with_parent,
+                                                        initargs=(os.getpid(),)) as pool:
                 futures = {pool.submit(run_config, path): point for point, path in pending}
                 waiting = set(futures)
                 while waiting:
@@ -205,17 +288,22 @@ def _worker_env() -> dict:
     return env
 
 
-def aggregate(out: str) -> tuple[Grid, list[dict], list[str]]:
-    """(grid, every finished point's rows in grid order, ids of the unfinished points); writes
-    OUT/evals.jsonl and OUT/points.csv."""
+def aggregate(out: str) -> tuple[Grid, list[dict], list[str], dict]:
+    """(grid, every finished point's rows in grid order, ids of the unfinished points, id ->
+    what is wrong for the finished points whose files do not check out against their
+    done.json: their rows are left out); writes OUT/evals.jsonl and OUT/points.csv."""
     grid = load_grid(out)
-    rows, missing = [], []
+    rows, missing, damaged = [], [], {}
     for point in grid.points():
         directory = point_dir(out, point)
-        if os.path.isfile(os.path.join(directory, DONE_NAME)):
-            rows.extend(read_rows(directory))
-        else:
+        if not os.path.isfile(os.path.join(directory, DONE_NAME)):
             missing.append(point.point_id)
+            continue
+        mine, damage = finished_rows(directory)
+        if mine is None:
+            damaged[point.point_id] = damage
+        else:
+            rows.extend(mine)
     atomic_write(os.path.join(out, "evals.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=IDENTITY + METRICS, extrasaction="ignore", lineterminator="\n")
@@ -223,10 +311,8 @@ def aggregate(out: str) -> tuple[Grid, list[dict], list[str]]:
     for row in rows:
         writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
     atomic_write(os.path.join(out, CSV_NAME), buffer.getvalue())
-    return grid, rows, missing
-
-
+    return grid, rows, missing, damaged
 
 
 __all__ = ["prepare", "run_pool", "run_ray", "aggregate", "load_grid", "run_config", "to_toml",
-           "STUDY_NAME", "CSV_NAME"]
+           "lock_study", "StudyLock", "STUDY_NAME", "CSV_NAME"]

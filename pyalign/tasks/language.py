@@ -175,9 +175,12 @@ class Language:
 
     The seed draws the transition weights among the allowed category transitions and the
     emission weights of the words in each category; the grammar and lexicon are fixed.
+    ``stop_share`` fixes P(full stop | noun), the other transitions from a noun keeping their
+    drawn proportions (the variable-length task, lengthy.py: sentence lengths that do not
+    depend on the seed).
     """
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, stop_share: float | None = None):
         gen = torch.Generator().manual_seed(10_007 * seed + 17)
         ids = category_token_ids()
         n_cat = len(CATEGORIES)
@@ -190,6 +193,12 @@ class Language:
             weights = _dirichlet(len(coarse), 2.0, gen)
             for target, w in zip(coarse, weights):
                 base[a, CATEGORIES.index(target)] = w
+        if stop_share is not None:
+            noun, stop = CATEGORIES.index("noun"), CATEGORIES.index("stop")
+            others = base[noun].clone()
+            others[stop] = 0.0
+            base[noun] = others / others.sum() * (1.0 - stop_share)
+            base[noun, stop] = stop_share
         transitions = torch.zeros(len(MOODS), n_cat, n_cat, dtype=torch.float64)
         adj_cols = [CATEGORIES.index(c) for c in _ADJECTIVES]
         for m, mood in enumerate(MOODS):

@@ -14,13 +14,15 @@ import torch
 
 
 def features(prompts: torch.Tensor, responses: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """FloatTensor[n, V + V*V]: unigram then bigram counts of each response."""
+    """FloatTensor[n, V + V*V]: unigram then bigram counts of each response; negative ids (the
+    padding after a variable-length response's end) count nowhere."""
     n = responses.shape[0]
     feats = torch.zeros(n, vocab_size + vocab_size * vocab_size)
-    ones = torch.ones_like(responses, dtype=feats.dtype)
-    feats.scatter_add_(1, responses, ones)
+    counts = (responses >= 0).to(feats.dtype)
+    responses = responses.clamp_min(0)
+    feats.scatter_add_(1, responses, counts)
     prev = torch.cat([prompts[:, -1:], responses[:, :-1]], dim=1)
-    feats.scatter_add_(1, vocab_size + prev * vocab_size + responses, ones)
+    feats.scatter_add_(1, vocab_size + prev * vocab_size + responses, counts)
     return feats
 
 

@@ -5,6 +5,9 @@ without downloads: the base language (language.py), a 2-layer LlamaForCausalLM p
 as the SFT/initial policy, and a proxy reward model fitted on noisy preference pairs sampled from
 that SFT model and labelled by the gold reward (proxy.py). Building takes a few seconds on CPU;
 the cache makes the second call take milliseconds.
+
+``TaskConfig(variable_length=True)`` is the variant whose responses end at EOS and whose
+labellers like length (lengthy.py); ``MODEL_SIZES`` names three sizes of the SFT model.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 from pyalign._kv_cache import sampling_cache
 from pyalign._utils import atomic_write, cache_root, limited_threads
 
-from . import language
+from . import language, lengthy
 from .language import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, Language
 from .proxy import ProxyRewardModel, fit_bradley_terry
 
@@ -46,6 +49,32 @@ class TaskConfig:
     rm_pairs: int = 2000              # noisy preference pairs the proxy is fitted on
     rm_l2: float = 1e-3
     label_noise: float = 0.05         # P(a preferred to b) = sigmoid((gold_a - gold_b) / label_noise)
+    variable_length: bool = False     # responses end at EOS; response_len is their cap (lengthy.py)
+    length_bias: float = 0.0025       # variable_length: what the labellers add per word (lengthy.py)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field out of its range."""
+        ranges = {"prompt_len": (">= 2 (the bos token and at least one more)", lambda v: v >= 2),
+                  "rm_l2": (">= 0", lambda v: v >= 0), "length_bias": (">= 0", lambda v: v >= 0),
+                  "variable_length": ("true or false", lambda v: isinstance(v, bool))}
+        for key, value in dataclasses.asdict(self).items():
+            accepted, ok = ranges.get(key, ("> 0", lambda v: v > 0))
+            if not ok(value):
+                raise ValueError(f"key 'task.{key}' must be {accepted}, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"key 'task.hidden_size' must be a multiple of task.num_heads "
+                             f"({self.num_heads}), got {self.hidden_size!r}")
+
+
+# The model-size ladder: TaskConfig fields of three SFT models, "base" the default task's. Each
+# step is 4-6x the parameters (small 25k, base 90k, large 0.51M with the embeddings); a DPO study
+# point of the variable-length task (cap 32) took 12, 18 and 33 CPU seconds on one thread. All three
+# reach the same held-out perplexity on this language (within 1%).
+MODEL_SIZES = {
+    "small": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
+    "base": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
+    "large": {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "intermediate_size": 256},
+}
 
 
 def _source_digest() -> str:
@@ -134,6 +163,29 @@ def generate(model, prompts: torch.Tensor, response_len: int, *, temperature: fl
     return responses.to(prompts.device)
 
 
+def _sample(model, prompts: torch.Tensor, config: TaskConfig, *, temperature: float = 1.0,
+            generator=None) -> torch.Tensor:
+    """The task's responses of ``model``: response_len tokens, or (variable_length) up to the
+    first EOS, PAD after it."""
+    responses = generate(model, prompts, config.response_len, temperature=temperature,
+                         generator=generator)
+    return lengthy.end_at_eos(responses) if config.variable_length else responses
+
+
+def _gold(config: TaskConfig, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+    if config.variable_length:
+        return lengthy.gold_reward(prompts, responses)
+    return language.gold_reward(prompts, responses)
+
+
+def _judged(config: TaskConfig, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+    """What the noisy labellers rank by: the gold reward, plus the length they like in the
+    variable-length task (lengthy.py)."""
+    if config.variable_length:
+        return lengthy.judged_reward(prompts, responses, config.length_bias)
+    return language.gold_reward(prompts, responses)
+
+
 def _noisy_preference(gold_a, gold_b, label_noise: float, generator) -> torch.Tensor:
     """BoolTensor: a preferred to b, drawn with probability sigmoid((gold_a - gold_b) / noise)."""
     prob_a = torch.sigmoid((gold_a - gold_b) / label_noise)
@@ -141,13 +193,18 @@ def _noisy_preference(gold_a, gold_b, label_noise: float, generator) -> torch.Te
 
 
 def _sample_pairs(model, lang: Language, config: TaskConfig, n: int, generator) -> dict:
-    """Two samples of ``model`` per base-language prompt, ordered by a noisy gold preference."""
+    """Two samples of ``model`` per base-language prompt, ordered by a noisy judged preference
+    (``_judged``: the gold reward, in the fixed-length task)."""
     prompts = lang.sample(n, config.prompt_len, generator)
-    both = generate(model, prompts.repeat(2, 1), config.response_len, generator=generator)
+    both = _sample(model, prompts.repeat(2, 1), config, generator=generator)
     first, second = both[:n], both[n:]
-    gold_first = language.gold_reward(prompts, first)
-    gold_second = language.gold_reward(prompts, second)
-    first_wins = _noisy_preference(gold_first, gold_second, config.label_noise, generator)
+    gold_first = _gold(config, prompts, first)
+    gold_second = _gold(config, prompts, second)
+    if config.variable_length:
+        first_wins = _noisy_preference(_judged(config, prompts, first), _judged(config, prompts, second),
+                                       config.label_noise, generator)
+    else:
+        first_wins = _noisy_preference(gold_first, gold_second, config.label_noise, generator)
     return {"prompt": prompts,
             "chosen": torch.where(first_wins[:, None], first, second),
             "rejected": torch.where(first_wins[:, None], second, first),
@@ -167,7 +224,7 @@ class Task:
         self.response_len = config.response_len
         self.bos_id, self.eos_id, self.pad_id = BOS_ID, EOS_ID, PAD_ID
         self.categories = language.category_token_ids()   # category name -> token ids
-        self.language = Language(seed)
+        self.language = lengthy.make_language(seed) if config.variable_length else Language(seed)
         self.stats = dict(stats)      # numbers measured while building (losses, gold means)
         self.from_cache = from_cache
         self.cache_path = cache_path
@@ -199,15 +256,19 @@ class Task:
         return self.language.sample(n, self.prompt_len, _generator_or_default(generator))
 
     def heldout_text(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """LongTensor[n, prompt_len + response_len]: base-language documents (for perplexity)."""
-        return self.language.sample(n, self.prompt_len + self.response_len,
-                                    _generator_or_default(generator))
+        """LongTensor[n, prompt_len + response_len]: base-language documents (for perplexity);
+        in the variable-length task whole documents, padded with -100 after their EOS."""
+        generator = _generator_or_default(generator)
+        if self.config.variable_length:
+            return lengthy.heldout_documents(self.language, n, self.prompt_len, self.response_len,
+                                             generator)
+        return self.language.sample(n, self.prompt_len + self.response_len, generator)
 
     def generate(self, model, prompts: torch.Tensor, *, temperature: float = 1.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """LongTensor[n, response_len] sampled from ``model`` after ``prompts``."""
-        return generate(model, prompts, self.response_len, temperature=temperature,
-                        generator=generator)
+        """LongTensor[n, response_len] sampled from ``model`` after ``prompts`` (in the
+        variable-length task: -100 after each response's first EOS)."""
+        return _sample(model, prompts, self.config, temperature=temperature, generator=generator)
 
     def preference_pairs(self, n: int, generator: torch.Generator | None = None) -> dict:
         """dict(prompt=[n,P], chosen=[n,R], rejected=[n,R]): two SFT samples per prompt,
@@ -219,24 +280,29 @@ class Task:
 
     def unpaired(self, n: int, generator: torch.Generator | None = None) -> dict:
         """dict(prompt, completion, desirable): one SFT sample per prompt, marked desirable with
-        probability sigmoid((gold - mean SFT gold) / label_noise) (KTO data)."""
+        probability sigmoid((judged - its SFT mean) / label_noise) (KTO data; judged: the gold
+        reward, plus the labellers' length bias in the variable-length task)."""
         generator = _generator_or_default(generator)
         prompts = self.prompts(n, generator)
         with _one_thread():
             completions = self.generate(self._sft_model, prompts, generator=generator)
-        gold = self.gold_reward(prompts, completions)
-        baseline = torch.full_like(gold, self.stats["sft_gold_mean"])
-        desirable = _noisy_preference(gold, baseline, self.config.label_noise, generator)
+        judged = _judged(self.config, prompts, completions)
+        baseline = torch.full_like(judged, self.stats.get("sft_judged_mean", self.stats["sft_gold_mean"]))
+        desirable = _noisy_preference(judged, baseline, self.config.label_noise, generator)
         return {"prompt": prompts, "completion": completions, "desirable": desirable}
 
     # rewards
     def gold_reward(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
-        """FloatTensor[n]: the exact gold reward (pyalign.tasks.language)."""
-        return language.gold_reward(prompts, responses)
+        """FloatTensor[n]: the exact gold reward (pyalign.tasks.language; lengthy.py in the
+        variable-length task)."""
+        return _gold(self.config, prompts, responses)
 
     def proxy_reward(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """FloatTensor[n]: the fitted proxy reward model's score (in gold units; no grad)."""
         language._check_tokens(prompts, "prompts")
+        if self.config.variable_length:
+            lengthy.check_responses(responses)
+            return self.proxy_model(prompts.cpu(), lengthy.end_at_eos(responses.cpu()))
         language._check_tokens(responses, "responses")
         return self.proxy_model(prompts.cpu(), responses.cpu())
 
@@ -267,8 +333,12 @@ def _train_sft(config: TaskConfig, lang: Language, seed: int, progress: bool):
                      file=sys.stderr)
     with torch.enable_grad():
         for _ in steps:
-            batch = lang.sample(config.sft_batch, seq_len, generator)
-            loss = model(input_ids=batch, labels=batch).loss
+            if config.variable_length:
+                batch, labels = lengthy.sft_batch(lang, config.sft_batch, config.prompt_len,
+                                                  config.response_len, generator)
+            else:
+                batch = labels = lang.sample(config.sft_batch, seq_len, generator)
+            loss = model(input_ids=batch, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -286,15 +356,16 @@ def _build(seed: int, config: TaskConfig, progress: bool):
 
 def _build_single_threaded(seed: int, config: TaskConfig, progress: bool):
     started, started_cpu = time.perf_counter(), time.process_time()
-    lang = Language(seed)
+    lang = lengthy.make_language(seed) if config.variable_length else Language(seed)
     model, losses = _train_sft(config, lang, seed, progress)
     sft_seconds = time.perf_counter() - started
     pairs = _sample_pairs(model, lang, config, config.rm_pairs, _generator(seed * 1_000_003 + 2))
     proxy = ProxyRewardModel(VOCAB_SIZE)
     rm_loss = fit_bradley_terry(proxy, pairs["prompt"], pairs["chosen"], pairs["rejected"],
                                 l2=config.rm_l2)
-    # Put the proxy in gold units: the fitted logit difference estimates (gold_a - gold_b) /
-    # label_noise, and the bias makes the means agree on the SFT samples.
+    # Put the proxy in gold units: the fitted logit difference estimates (judged_a - judged_b) /
+    # label_noise (judged: the gold reward, plus the labellers' length bias in the variable-length
+    # task), and the bias makes the means agree with gold on the SFT samples.
     gold_all = torch.cat([pairs["chosen_gold"], pairs["rejected_gold"]])
     with torch.no_grad():
         logits_all = torch.cat([proxy.logits(pairs["prompt"], pairs["chosen"]),
@@ -309,6 +380,8 @@ def _build_single_threaded(seed: int, config: TaskConfig, progress: bool):
         "sft_gold_mean": float(gold_all.mean()), "sft_gold_std": float(gold_all.std()),
         "rm_loss": rm_loss, "rm_label_agreement": float(agree.float().mean()),
     }
+    if config.variable_length:
+        stats.update(lengthy.length_stats(pairs, proxy, config.length_bias))
     sft_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     return sft_state, proxy.state_dict(), stats
 
@@ -359,6 +432,7 @@ def make_task(seed: int = 0, *, cache_dir=None, progress: bool = True,
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     config = config or TaskConfig()
+    config.validate()
     path = _cache_root(cache_dir) / cache_key(seed, config)
     if use_cache and (path / "meta.json").exists():
         try:

@@ -393,16 +393,10 @@ def _task_table(values, where: str) -> dict:
         if not ok:
             raise ConfigError(f"{where}: key 'task.{key}' must be {result}, got {value!r}")
         checked[key] = result
-    merged = dataclasses.asdict(TaskConfig(**checked))
-    ranges = {"prompt_len": (">= 2 (the bos token and at least one more)", lambda v: v >= 2),
-              "rm_l2": (">= 0", lambda v: v >= 0)}
-    for key, value in merged.items():
-        accepted, ok = ranges.get(key, ("> 0", lambda v: v > 0))
-        if not ok(value):
-            raise ConfigError(f"{where}: key 'task.{key}' must be {accepted}, got {value!r}")
-    if merged["hidden_size"] % merged["num_heads"]:
-        raise ConfigError(f"{where}: key 'task.hidden_size' must be a multiple of task.num_heads "
-                          f"({merged['num_heads']}), got {merged['hidden_size']!r}")
+    try:
+        TaskConfig(**checked).validate()
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     return checked
 
 

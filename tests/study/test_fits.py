@@ -1,11 +1,12 @@
 """The R(d) = d(a - b log d) fit recovers known a, b from noisy synthetic points; its peak and
-R² agree with independent computations; the seed bootstrap brackets the truth."""
+R² agree with independent computations; the seed bootstrap brackets the truth; a fit holds only
+with R² >= 0.9, b above 0 across the bootstrap of at least 3 seeds and its peak inside the data."""
 import math
 
 import numpy as np
 import pytest
 
-from pyalign.study.fits import bootstrap_hump, fit_hump, fit_table, slope
+from pyalign.study.fits import R2_MIN, bootstrap_hump, fit_hump, fit_table, slope
 
 
 def _curve(d, a, b):
@@ -76,19 +77,38 @@ def test_bootstrap_over_seeds_brackets_the_truth():
     assert interval["a"][1] - interval["a"][0] < 0.1
 
 
-def test_fit_table_per_method_and_length_slope():
+def _table_rows(seeds, curves, noise=0.0, d_values=(0.0, 0.5, 1.0, 2.0, 3.0)):
+    rng = np.random.default_rng(5)
     rows = []
-    for method, a in (("x", 0.4), ("y", 0.2)):
-        for seed in (0, 1):
-            for d in (0.0, 0.5, 1.0, 2.0, 3.0):
+    for method, (a, b) in curves.items():
+        for seed in seeds:
+            for d in d_values:
+                gain = float(_curve(d, a, b)) + rng.normal(0, noise) if d else 0.0
                 rows.append({"method": method, "seed": seed, "sqrt_kl": d, "kl_to_init": d * d,
-                             "gold_gain": float(_curve(d, a, 0.2)) if d else 0.0,
-                             "gold_win_rate": 0.5 + (float(_curve(d, a / 2, 0.1)) if d else 0.0),
-                             "response_length": 10 + 0.5 * d * d})
-    table = fit_table(rows)
+                             "gold_gain": gain, "gold_win_rate": 0.5 + gain / 2})
+    return rows
+
+
+def test_fit_table_per_method_and_target():
+    table = fit_table(_table_rows([0, 1, 2], {"x": (0.4, 0.2), "y": (0.2, 0.2)}, noise=0.002))
     assert [(e["method"], e["target"]) for e in table] == [
         ("x", "gold_gain"), ("x", "gold_win_rate"), ("y", "gold_gain"), ("y", "gold_win_rate")]
-    assert table[0]["fit"].a == pytest.approx(0.4) and table[0]["fit"].b == pytest.approx(0.2)
-    assert table[1]["fit"].a == pytest.approx(0.2) and table[1]["fit"].b == pytest.approx(0.1)
-    assert table[0]["length_slope"] == pytest.approx(0.5)
+    assert (table[0]["fit"].a, table[0]["fit"].b) == pytest.approx((0.4, 0.2), abs=0.01)
+    assert (table[1]["fit"].a, table[1]["fit"].b) == pytest.approx((0.2, 0.1), abs=0.01)
+    assert table[0]["seeds"] == 3 and table[0]["n"] == 15
     assert slope([1.0, 1.0], [2.0, 3.0]) != slope([1.0, 1.0], [2.0, 3.0])  # nan: no spread in x
+
+
+def test_a_fit_holds_only_with_r2_a_turn_down_across_seeds_and_a_peak_inside_the_data():
+    # x peaks at d* = exp(0.4/0.2 - 1) = 2.7 inside [0, 3]; y at exp(0) = 1
+    clean = fit_table(_table_rows([0, 1, 2], {"x": (0.4, 0.2), "y": (0.2, 0.2)}, noise=0.002))
+    assert all(e["holds"] and e["why_not"] == "" for e in clean)
+    two_seeds = fit_table(_table_rows([0, 1], {"x": (0.4, 0.2)}, noise=0.002))
+    assert not two_seeds[0]["holds"] and "2 seed(s)" in two_seeds[0]["why_not"]
+    noisy = fit_table(_table_rows([0, 1, 2], {"x": (0.4, 0.2)}, noise=0.3))
+    assert not noisy[0]["holds"] and f"< {R2_MIN}" in noisy[0]["why_not"]
+    # a turn-down past the data: d* = exp(0.5/0.05 - 1) = 8103 >> 3
+    beyond = fit_table(_table_rows([0, 1, 2], {"x": (0.5, 0.05)}, noise=0.001))
+    assert not beyond[0]["holds"] and "no hump inside the data" in beyond[0]["why_not"]
+    rising = fit_table(_table_rows([0, 1, 2], {"x": (0.2, -0.05)}, noise=0.001))
+    assert not rising[0]["holds"] and "is not above 0" in rising[0]["why_not"]

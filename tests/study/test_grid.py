@@ -68,3 +68,33 @@ def test_cli_rejects_a_bad_grid_before_any_run(tmp_path, run_cli, study_env):
     assert result.returncode == 2
     assert "pyalign study: error: unknown algorithm 'frobnicate'" in result.stderr
     assert not os.path.exists(out)
+
+
+def test_point_ids_cannot_collide_and_keep_their_short_form():
+    grid = parse_grid({"seeds": [0], "algos": {"dpo": {"beta": [0.1, 0.10000001, 1.0, 2.5e-05]}}})
+    ids = [p.point_id for p in grid.points()]
+    assert ids == ["dpo__beta=0.1__seed0", "dpo__beta=0.10000001__seed0", "dpo__beta=1__seed0",
+                   "dpo__beta=2.5e-05__seed0"]
+    with pytest.raises(GridError, match="values repeat"):
+        parse_grid({"seeds": [0], "algos": {"dpo": {"beta": [1, 1.0]}}})
+
+
+def test_a_size_ladder_is_one_point_per_size_with_that_model():
+    from pyalign.study.grid import train_config
+    from pyalign.tasks import MODEL_SIZES
+    grid = parse_grid({**GOOD, "sizes": ["small", "large"], "task": {"variable_length": True}})
+    points = [p for p in grid.points() if p.algo == "dpo"]
+    assert [(p.value, p.size) for p in points] == [(0.1, "small"), (0.1, "large"), (0.2, "small"),
+                                                   (0.2, "large")]
+    assert points[1].point_id == "dpo__beta=0.1__size=large__seed0"
+    config = train_config(points[1], grid.spec, "out")
+    assert config["task"] == {"variable_length": True, **MODEL_SIZES["large"]}
+    assert config["study"]["size"] == "large"
+    for sizes, message in ((["huge"], "must be distinct names of model sizes"),
+                           (["small", "small"], "must be distinct names")):
+        with pytest.raises(GridError, match=message):
+            parse_grid({**GOOD, "sizes": sizes})
+    with pytest.raises(GridError, match="sets the model's hidden_size"):
+        parse_grid({**GOOD, "sizes": ["small"], "task": {"hidden_size": 16}})
+    with pytest.raises(GridError, match="task.length_bias' must be >= 0"):
+        parse_grid({**GOOD, "task": {"variable_length": True, "length_bias": -1.0}})

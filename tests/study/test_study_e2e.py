@@ -1,16 +1,19 @@
-"""The tiny grid end to end: 2 workers; killed in the middle and resumed (finished points
-skipped) to the same CSV as an uninterrupted run; --emit-configs + `pyalign train --config` +
---aggregate gives the same CSV; the Ray launcher on a local Ray instance too; the report embeds
-the fit table and the PNGs."""
+"""The tiny grid end to end: 2 workers; a second study into the same --out refused at once; the
+study killed in the middle (kill -9 of the study alone) takes its workers with it and resumes
+(finished points skipped) to the same CSV as an uninterrupted run; a damaged point is named by
+--aggregate and rerun by the next study; a damaged study.json is a clear error; --emit-configs +
+`pyalign train --config` + --aggregate gives the same CSV; the Ray launcher on a local Ray
+instance too; the report embeds the fit table and the PNGs."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from study_helpers import EVALUATIONS, POINTS, read_csv, run_study_cli
+from study_helpers import EVALUATIONS, POINTS, alive, descendants, read_csv, run_study_cli
 
 
 def test_pool_run_writes_one_row_per_evaluation_and_the_csv(pool_run):
@@ -49,28 +52,65 @@ def test_report_and_pngs_exist_and_embed_the_fit_table(pool_run):
     assert {f["method"] for f in summary["fits"]} == {"dpo", "rloo", "rloo (no KL)"}
 
 
-@pytest.mark.slow
-def test_killed_in_the_middle_and_resumed_gives_the_uninterrupted_csv(pool_run, tiny_grid, study_env,
-                                                                      tmp_path):
-    out = str(tmp_path / "study")
+def _start_study(tiny_grid, out, env, log):
     command = [sys.executable, "-m", "pyalign.cli", "study", "--grid", tiny_grid, "--out", out,
                "--workers", "2", "--no-progress"]
-    process = subprocess.Popen(command, env=study_env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    points = os.path.join(out, "points")
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+                            start_new_session=True)
 
-    def finished():
-        if not os.path.isdir(points):
-            return 0
-        return sum(os.path.isfile(os.path.join(points, n, "done.json")) for n in os.listdir(points))
-    deadline = time.monotonic() + 240
-    while finished() == 0 and time.monotonic() < deadline and process.poll() is None:
+
+def _points_with(out, name):
+    points = os.path.join(out, "points")
+    if not os.path.isdir(points):
+        return 0
+    return sum(os.path.isfile(os.path.join(points, n, name)) for n in os.listdir(points))
+
+
+def _finished(out):
+    return _points_with(out, "done.json")
+
+
+def _wait_for(condition, process, seconds=240):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the study and its workers, mid-grid
+    assert condition(), "the study ended or stalled before the moment the test waits for"
+
+
+@pytest.mark.slow
+def test_a_second_study_into_the_same_out_is_refused_and_the_first_finishes(pool_run, tiny_grid, study_env,
+                                                                           tmp_path):
+    out, log = str(tmp_path / "study"), str(tmp_path / "first.log")
+    first = _start_study(tiny_grid, out, study_env, log)
+    _wait_for(lambda: _points_with(out, "evals.jsonl") > 0, first)  # a point is running
+    os.killpg(first.pid, signal.SIGSTOP)  # hold the first study (and its workers) mid-point
+    try:
+        second = run_study_cli(["--grid", tiny_grid, "--out", out, "--workers", "2"], study_env)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    assert second.returncode == 2
+    assert f"is in use by another pyalign study (pid {first.pid} on" in second.stderr
+    assert first.wait(timeout=600) == 0, open(log).read()[-2000:]
+    assert read_csv(out) == read_csv(pool_run)
+
+
+@pytest.mark.slow
+def test_a_killed_study_takes_its_workers_with_it_and_resumes(pool_run, tiny_grid, study_env, tmp_path):
+    out = str(tmp_path / "study")
+    process = _start_study(tiny_grid, out, study_env, str(tmp_path / "study.log"))
+    _wait_for(lambda: _finished(out) > 0, process)
+    workers = descendants(process.pid)
+    os.kill(process.pid, signal.SIGKILL)  # the study alone: its workers must follow it
     process.wait()
-    done_at_kill = finished()
+    assert workers, "the study runs its points in worker processes"
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if alive(pid)], "worker processes outlived the killed study"
+    done_at_kill = _finished(out)
     assert 0 < done_at_kill < POINTS, "the kill must land between the first and the last point"
     assert not os.path.exists(os.path.join(out, "points.csv"))
+    points = os.path.join(out, "points")
     stamps = {name: os.stat(os.path.join(points, name, "done.json")).st_mtime_ns
               for name in os.listdir(points) if os.path.isfile(os.path.join(points, name, "done.json"))}
     result = run_study_cli(["--grid", tiny_grid, "--out", out, "--workers", "2"], study_env)
@@ -117,3 +157,51 @@ def test_aggregate_of_a_directory_that_is_no_study_is_a_clear_error(tmp_path, st
     result = run_study_cli(["--aggregate", str(tmp_path)], study_env)
     assert result.returncode == 2
     assert "is not a study directory" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_damaged_point_is_named_by_aggregate_and_rerun_by_the_next_study(pool_run, tiny_grid, study_env,
+                                                                          tmp_path):
+    out = str(tmp_path / "study")
+    shutil.copytree(pool_run, out)
+    name = sorted(os.listdir(os.path.join(out, "points")))[0]
+    evals = os.path.join(out, "points", name, "evals.jsonl")
+    lines = open(evals).read().splitlines(keepends=True)
+    lines[0] = lines[0][: len(lines[0]) // 2] + "\n"  # a torn line, newline-terminated
+    with open(evals, "w") as handle:
+        handle.write("".join(lines))
+    result = run_study_cli(["--aggregate", out], study_env)
+    assert result.returncode == 1
+    assert f"point {name} is damaged ({evals}" in result.stderr
+    assert f"**Damaged point {name}: " in open(os.path.join(out, "report.md")).read()
+    assert name not in read_csv(out)
+    rerun = run_study_cli(["--grid", tiny_grid, "--out", out, "--workers", "1"], study_env)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"point {name} is damaged" in rerun.stderr and "running it again" in rerun.stderr
+    assert read_csv(out) == read_csv(pool_run)
+
+
+def test_a_damaged_study_json_is_a_clear_error(tiny_grid, study_env, tmp_path):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "study.json").write_bytes(b'{"seeds": [0], "alg')
+    for argv in (["--aggregate", str(out)], ["--grid", tiny_grid, "--out", str(out)]):
+        result = run_study_cli(argv, study_env)
+        assert result.returncode == 2
+        assert f"pyalign study: error: {out / 'study.json'} is damaged (JSONDecodeError" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_a_study_into_an_out_another_study_holds_is_refused_at_once(tiny_grid, study_env, tmp_path):
+    from pyalign.study.runner import lock_study
+    out = tmp_path / "study"
+    lock = lock_study(str(out))  # as a running study holds it
+    try:
+        result = run_study_cli(["--grid", tiny_grid, "--out", str(out)], study_env)
+        assert result.returncode == 2
+        assert f"{out} is in use by another pyalign study (pid {os.getpid()} on" in result.stderr
+        assert os.listdir(out) == [".lock"]  # nothing written
+        aggregate = run_study_cli(["--aggregate", str(out)], study_env)
+        assert aggregate.returncode == 2 and "is in use by another pyalign study" in aggregate.stderr
+    finally:
+        lock.release()
