@@ -92,11 +92,11 @@ def run_study(args: argparse.Namespace) -> int:
         if args.workers is not None and args.workers < 1:
             raise GridError(f"--workers must be >= 1, got {args.workers}")
         out = args.emit_configs or args.out or os.path.join("runs", f"study-{grid.name}")
+        lock = runner.lock_study(out)  # before any work: a second study into --out is refused at once
         from pyalign._prepare import prepare_run  # the builds, before the workers and their bars
         prepare_run("cpu", task_seed=grid.spec["task_seed"], task_config=grid.spec["task"],
                     progress=progress)
         _build_task(grid.spec, progress)
-        lock = runner.lock_study(out)
         jobs = runner.prepare(grid, out)
         if args.emit_configs:
             print(f"pyalign study: wrote {len(jobs)} point configs under {out}/points; run each line of "
