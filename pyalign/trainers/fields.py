@@ -159,13 +159,16 @@ class Algorithm:
     may change them: a preference algorithm's loss, within its kind), and the defaults of each
     kind of run: ``tuned`` on the embedded task, ``trl`` on one's own model (``--model``), TRL
     1.16's defaults for the algorithm. Values of run settings (``steps``, ``num_epochs``,
-    ``max_length``...) may appear in the last two."""
+    ``max_length``...) may appear in the last two. ``choices`` narrows a setting the algorithm
+    leaves open (DPO's reference: frozen or bema, its trust-region variant being tr-dpo)."""
 
     name: str
     trainer: type
     summary: str
     fixed: dict
     defaults: dict = dataclasses.field(default_factory=dict)
+    # settings the algorithm narrows to fewer values than their field accepts: {name: values}
+    choices: dict = dataclasses.field(default_factory=dict)
     tuned: dict = dataclasses.field(default_factory=dict)
     trl: dict = dataclasses.field(default_factory=dict)
 

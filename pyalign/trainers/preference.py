@@ -361,14 +361,15 @@ def _algorithm(name: str, summary: str, loss: str, *, reference: str = "frozen",
     """A preference algorithm: its loss (any other of the same kind may replace it), its
     reference (frozen, trust_region, none) and whether it averages the log-probs over the
     response; ``tuned`` and ``trl`` its own values over the family's. A frozen reference is a
-    default, not fixed: ``--reference bema`` moves it by BEMA instead (TRL's BEMACallback on a
-    DPO run); the trust-region and reference-free algorithms fix theirs."""
+    default that ``--reference bema`` may change (TRL's BEMACallback on a DPO run; a trust region
+    is the tr- algorithm's); the trust-region and reference-free algorithms fix theirs."""
     trl_values = {**TRL_DEFAULTS, **(TRL_TRUST_REGION if reference == "trust_region" else {})}
     moving = reference != "frozen"
     return Algorithm(name, PreferenceTrainer, summary,
                      fixed={"length_normalize": length_normalize,
                             **({"reference": reference} if moving else {})},
                      defaults={"loss": loss, **({} if moving else {"reference": reference})},
+                     choices={} if moving else {"reference": ("frozen", "bema")},
                      tuned={"steps": EMBEDDED_STEPS, **(tuned or {})},
                      trl={**trl_values, **(trl or {})})
 

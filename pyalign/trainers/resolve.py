@@ -131,6 +131,10 @@ def _given(sources: list, algorithm: Algorithm) -> tuple[dict, dict]:
             if name in seen:
                 raise ConfigError(f"{where}: keys {seen[name]!r} and {key!r} are two names of one "
                                   f"setting; give one")
+            allowed = algorithm.choices.get(name)
+            if allowed is not None and value not in allowed:
+                raise ConfigError(f"{where}: key {key!r} of --algo {algorithm.name} must be one of "
+                                  f"{', '.join(map(repr, allowed))}, got {value!r}")
             expected, field = types_[name]
             if isinstance(value, str) and isinstance(field_default(field), list):
                 value = [value]  # a list setting given one item
