@@ -28,10 +28,10 @@ import sys
 import tempfile
 import time
 
-from pyalign._triton_backend import FAMILY_MODULES
+from pyalign._triton_backend import kernel_modules
 
 # The Triton kernel modules, one per op family, in the order the table prints them.
-KERNEL_MODULES = tuple(FAMILY_MODULES.values())
+KERNEL_MODULES = tuple(kernel_modules().values())
 DEFAULT_CCS = (80, 90)
 
 _VECTOR_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*?\.v(\d+)\.")

@@ -1,5 +1,12 @@
-"""Eager per-token KL estimators (family ``kl`` of pyalign/backends.py): ``forward`` and
-``backward`` of k1, k2 and k3 with d = ref_logprobs - logprobs, in fp32 (fp64 for fp64 inputs).
+"""Eager per-token KL estimators: the reference implementation of the ``kl`` family.
+
+The family's contract (every backend's primitives):
+
+forward(logprobs, ref_logprobs, mask | None, estimator) -> kl (f32)
+backward(grad_kl, logprobs, ref_logprobs, mask | None, estimator)
+    -> (grad_logprobs, grad_ref_logprobs)
+
+k1, k2 and k3 of d = ref_logprobs - logprobs, in fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
@@ -8,6 +15,8 @@ import math
 import torch
 
 from pyalign._utils import accumulation_dtype
+
+PRIMITIVES = ("forward", "backward")
 
 
 def _k3_series(diff):

@@ -1,11 +1,19 @@
-"""Eager multi-tensor weight updates (family ``weights`` of pyalign/backends.py): ``apply_`` runs
-lerp/copy in place over lists (ema_ arrives as lerp), grouped by dtype and device, with torch's
-foreach ops for fp32 and fp32 math with one rounding otherwise. Also the path for fp64 and
-non-contiguous tensors that the kernel backends leave to eager.
+"""Eager multi-tensor weight updates: the reference implementation of the ``weights`` family.
+
+The family's contract (every backend's primitive):
+
+apply_(kind, targets, sources, scalar)   kind in {"lerp", "copy"} (ema_ runs as lerp with weight
+    1 - decay); in place, no autograd. The kernel backends get contiguous float32/bfloat16/float16
+    tensors only (pyalign/backends.py sends the others here).
+
+``apply_`` runs lerp/copy in place over lists, grouped by dtype and device, with torch's foreach
+ops for fp32 and fp32 math with one rounding otherwise.
 """
 from __future__ import annotations
 
 import torch
+
+PRIMITIVES = ("apply_",)
 
 
 def _group_by_dtype(targets, sources):

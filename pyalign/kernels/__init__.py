@@ -1,7 +1,7 @@
 """Triton kernels for pyalign, one module per op family.
 
 Each module holds the ``@triton.jit`` kernels, their launch wrappers (the primitive functions of
-the contract in pyalign/backends.py) and ``COMPILE_CONFIGS``: every (kernel, signature,
+their family's contract, pyalign/eager/<family>.py) and ``COMPILE_CONFIGS``: every (kernel, signature,
 constexprs, num_warps) its wrappers can launch, which pyalign/compile_check.py compiles ahead of
 time for sm_80 and sm_90.
 

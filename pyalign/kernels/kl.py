@@ -97,7 +97,7 @@ def _mask_flat(mask):
 
 
 def forward(logprobs, ref_logprobs, mask, estimator):
-    """Contract of backends.py (kl.forward): kl (fp32) shaped like logprobs."""
+    """The kl family's forward (pyalign/eager/kl.py): kl (fp32) shaped like logprobs."""
     numel = logprobs.numel()
     logprobs_flat = _kernels.as_fp32_vector(logprobs)
     ref_flat = _kernels.as_fp32_vector(ref_logprobs)
@@ -111,7 +111,7 @@ def forward(logprobs, ref_logprobs, mask, estimator):
 
 
 def backward(grad_kl, logprobs, ref_logprobs, mask, estimator):
-    """Contract of backends.py (kl.backward): (grad_logprobs, grad_ref_logprobs) in the inputs'
+    """The kl family's backward (pyalign/eager/kl.py): (grad_logprobs, grad_ref_logprobs) in the inputs'
     dtypes."""
     numel = logprobs.numel()
     logprobs_flat = _kernels.as_fp32_vector(logprobs)

@@ -41,12 +41,12 @@ import triton
 import triton.language as tl
 
 from pyalign import kernels as _kernels
-from pyalign.eager import linear_logprobs as _eager
 
 # Tiles per input dtype: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps), forward and backward. fp32 runs
 # IEEE fp32 dots (no tensor cores), so it gets smaller tiles.
 FORWARD_TILES = {"fp32": (32, 64, 32, 8), "bf16": (64, 128, 64, 8), "fp16": (64, 128, 64, 8)}
 BACKWARD_TILES = {"fp32": (32, 32, 32, 4), "bf16": (64, 64, 64, 8), "fp16": (64, 64, 64, 8)}
+KEEPS_LOGITS = False  # the fused kernels recompute in backward: memory_budget keeps nothing
 
 
 @triton.jit
@@ -184,7 +184,7 @@ def linear_logprobs_backward_kernel(
                       DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
     if HAS_SOFTCAP:
         raw, tanh = _softcapped(raw, col_ok, softcap, logit_scale)
-    if vocab <= BLOCK_V:  # never a vocab shard's: the launcher runs those eagerly
+    if vocab <= BLOCK_V:  # never a vocab shard's: the backend table runs those on eager
         # The whole row is in this tile (V <= BLOCK_V, not a vocab shard): take its stats from
         # the recomputed logits themselves. The recompute's tile shapes differ from the
         # forward's, so its logits may differ by rounding; self-consistent stats keep sum p = 1
@@ -242,12 +242,6 @@ def _dot_flags(dtype_name):
     return dict(DOT_PRECISION=_dot_precision(dtype_name), UPCAST=False)
 
 
-def _eager_only(hidden, weight):
-    # float64 and empty inputs never get here (the backend table runs them on eager); the ops
-    # give hidden and weight one dtype, direct callers may not.
-    return hidden.dtype != weight.dtype
-
-
 def _head_arguments(temperature, softcap, logit_scale):
     """(inv_temperature, softcap, logit_scale, HAS_SOFTCAP) for a launch: without a softcap the
     scale folds into 1 / T (one multiply fewer per logit, no extra variant)."""
@@ -259,18 +253,15 @@ def _head_arguments(temperature, softcap, logit_scale):
 
 
 def forward(hidden, weight, bias, labels, ignore_index, temperature, with_entropy, chunk_size,
-            softcap, logit_scale, metrics, keep_rows, *, tiles=None):
-    """Contract of backends.py (linear_logprobs.forward). ``chunk_size`` and ``keep_rows`` are not
-    used: the fused kernel holds BLOCK_N x BLOCK_V logits at a time and keeps none for backward
-    (the kept logits are [0, V]). ``tiles`` overrides the tiles (tests)."""
-    if _eager_only(hidden, weight):
-        return _eager.forward(hidden, weight, bias, labels, ignore_index, temperature,
-                              with_entropy, chunk_size, softcap, logit_scale, metrics, keep_rows)
+            softcap, logit_scale, metrics, keep_rows):
+    """The linear_logprobs family's forward (pyalign/eager/linear_logprobs.py). ``chunk_size``
+    and ``keep_rows`` are not used: the fused kernel holds BLOCK_N x BLOCK_V logits at a time and
+    keeps none for backward (KEEPS_LOGITS: the kept logits are [0, V])."""
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
     dtype_name = _dtype_name(hidden)
-    block_n, block_v, block_h, num_warps = tiles or FORWARD_TILES[dtype_name]
+    block_n, block_v, block_h, num_warps = FORWARD_TILES[dtype_name]
     logprobs = _kernels.new_output(num_rows, torch.float32, device)
     stats = _kernels.new_output((num_rows, 2), torch.float32, device)
     entropy = _kernels.new_output(num_rows if with_entropy else 0, torch.float32, device)
@@ -299,22 +290,16 @@ def forward(hidden, weight, bias, labels, ignore_index, temperature, with_entrop
 
 def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy,
              ignore_index, temperature, chunk_size, softcap, logit_scale, kept, *,
-             vocab_shard=False, tiles=None):
-    """Contract of backends.py (linear_logprobs.backward) -> (grad_hidden, grad_weight,
-    grad_bias | None) in the inputs' dtypes, accumulated in fp32. ``vocab_shard``: the stats are
-    a wider vocabulary's, so a row held in one tile does not take its own."""
-    if _eager_only(hidden, weight) or (
-            vocab_shard and weight.shape[0] <= (tiles or BACKWARD_TILES[_dtype_name(hidden)])[1]):
-        # a vocab shard within one tile (a toy size) runs eagerly: the kernel would take the
-        # row's stats from its own tile, and a flag to skip that made it spill on sm_80
-        return _eager.backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats,
-                               entropy, ignore_index, temperature, chunk_size, softcap,
-                               logit_scale, kept, vocab_shard=vocab_shard)
+             vocab_shard=False):
+    """The linear_logprobs family's backward (pyalign/eager/linear_logprobs.py) -> (grad_hidden,
+    grad_weight, grad_bias | None) in the inputs' dtypes, accumulated in fp32. A vocab shard
+    wider than one tile only (pyalign/_triton_backend.py sends the others to eager): a row held
+    in one tile would take its own stats, not the wider vocabulary's."""
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
     dtype_name = _dtype_name(hidden)
-    block_n, block_v, block_h, num_warps = tiles or BACKWARD_TILES[dtype_name]
+    block_n, block_v, block_h, num_warps = BACKWARD_TILES[dtype_name]
     # atomic accumulation targets: zero-initialized fp32
     grad_hidden = torch.zeros((num_rows, hidden_size), dtype=torch.float32, device=device)
     grad_weight = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device)

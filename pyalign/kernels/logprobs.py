@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 from pyalign import kernels as _kernels
-from pyalign.eager import logprobs as _eager
 
 # (largest V it serves, BLOCK_V, num_warps): rows up to 1024 in one chunk with 4 warps, longer
 # rows in 4096-wide chunks with 8 warps (16 fp32 / 16 half values per thread: 128-bit loads).
@@ -134,8 +133,8 @@ def _kernel_ready(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.stride(1) == 1 else logits.contiguous()
 
 
-def forward(logits, labels, ignore_index, temperature, with_entropy, *, block_v=None):
-    """Contract of backends.py (logprobs.forward); ``block_v`` overrides the block (tests)."""
+def forward(logits, labels, ignore_index, temperature, with_entropy):
+    """The logprobs family's forward (pyalign/eager/logprobs.py)."""
     ready = _kernel_ready(logits)
     num_rows, vocab = ready.shape
     device = ready.device
@@ -143,8 +142,6 @@ def forward(logits, labels, ignore_index, temperature, with_entropy, *, block_v=
     stats = _kernels.new_output((num_rows, 2), torch.float32, device)
     entropy = _kernels.new_output(num_rows if with_entropy else 0, torch.float32, device)
     block, num_warps = pick_block(vocab)
-    if block_v is not None:
-        block = block_v
     logprobs_forward_kernel[(num_rows,)](
         ready, labels.contiguous(), logprobs, entropy if with_entropy else logprobs, stats,
         vocab, ready.stride(0), int(ignore_index), 1.0 / float(temperature),
@@ -153,27 +150,24 @@ def forward(logits, labels, ignore_index, temperature, with_entropy, *, block_v=
 
 
 def backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index, temperature,
-             inplace, *, block_v=None):
-    """Contract of backends.py (logprobs.backward); ``block_v`` overrides the block (tests)."""
+             inplace):
+    """The logprobs family's backward (pyalign/eager/logprobs.py). In place on logits without a
+    unit column stride: into their contiguous copy, copied back."""
     ready = _kernel_ready(logits)
-    if inplace and ready is not logits:
-        # An inplace request on a strided buffer we cannot write row by row.
-        return _eager.backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy,
-                               ignore_index, temperature, inplace)
     num_rows, vocab = ready.shape
     grad_logits = ready if inplace else _kernels.new_output(ready.shape, ready.dtype, ready.device)
     has_grad_entropy = grad_entropy is not None
     grad_logprobs, grad_entropy, stats, entropy = _kernels.backward_row_vectors(
         grad_logprobs, grad_entropy, stats, entropy)
     block, num_warps = pick_block(vocab)
-    if block_v is not None:
-        block = block_v
     logprobs_backward_kernel[(num_rows,)](
         ready, grad_logits, labels.contiguous(), grad_logprobs,
         grad_entropy if has_grad_entropy else grad_logprobs, stats,
         entropy if has_grad_entropy else stats,
         vocab, ready.stride(0), grad_logits.stride(0), int(ignore_index), 1.0 / float(temperature),
         HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=block, num_warps=num_warps)
+    if inplace and ready is not logits:
+        return logits.copy_(ready)
     return grad_logits
 
 

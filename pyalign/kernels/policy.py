@@ -305,7 +305,7 @@ def _row_inputs(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logp
 
 def forward(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, entropy, loss,
             level, params, beta, kl_estimator, bias_correction):
-    """Contract of backends.py (policy.forward): row stats [B, 12] fp32."""
+    """The policy family's forward (pyalign/eager/policy.py): row stats [B, 12] fp32."""
     rows, length = logprobs.shape
     lp, old, adv, mask_b, emask_b, ref, adv_stride = _row_inputs(
         logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs)
@@ -321,7 +321,7 @@ def forward(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs
 
 def backward(row_weights, entropy_weights, logprobs, old_logprobs, advantages, mask, entropy_mask,
              ref_logprobs, entropy, loss, level, params, beta, kl_estimator, bias_correction):
-    """Contract of backends.py (policy.backward): (grad_logprobs, grad_entropy or None)."""
+    """The policy family's backward (pyalign/eager/policy.py): (grad_logprobs, grad_entropy or None)."""
     rows, length = logprobs.shape
     lp, old, adv, mask_b, emask_b, ref, adv_stride = _row_inputs(
         logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs)

@@ -39,12 +39,11 @@ import triton.language as tl
 
 from pyalign import kernels as _kernels
 from pyalign import losses as _losses
-from pyalign.eager import preference as _eager
 from pyalign.losses import DISCOPOP_TAU
 
 # _pair_loss_and_grads has one branch per id 0..KERNEL_BRANCHES-1; the registry says which loss
 # each id is (and asserts that every branch has exactly one entry). A pairwise loss without a
-# kernel id is eager only: the wrappers below hand it to the eager backend.
+# kernel id runs on eager: the backend table sends it there (pyalign/_triton_backend.py).
 KERNEL_BRANCHES = 11
 LOSS_IDS = _losses.kernel_ids(KERNEL_BRANCHES)
 BLOCK = 256
@@ -294,10 +293,7 @@ def _loss_scalars(loss, beta, label_smoothing):
 
 
 def forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta, label_smoothing):
-    """Contract of backends.py (preference.forward): losses [B] fp32."""
-    if loss not in LOSS_IDS:  # eager-only entry (an unknown name: eager raises)
-        return _eager.forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta,
-                              label_smoothing)
+    """The preference family's forward (pyalign/eager/preference.py): losses [B] fp32."""
     inputs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     scalars = _loss_scalars(loss, beta, label_smoothing)
     num_pairs = policy_chosen.numel()
@@ -310,10 +306,8 @@ def forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta
 
 def backward(grad_losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta,
              label_smoothing):
-    """Contract of backends.py (preference.backward): grads of the four inputs, in their dtypes."""
-    if loss not in LOSS_IDS:
-        return _eager.backward(grad_losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                               loss, beta, label_smoothing)
+    """The preference family's backward (pyalign/eager/preference.py): grads of the four
+    inputs, in their dtypes."""
     inputs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     scalars = _loss_scalars(loss, beta, label_smoothing)
     num_pairs = policy_chosen.numel()
@@ -342,7 +336,7 @@ def _sequence_inputs(token_logprobs, mask, ref_logps):
 
 
 def sequence_preference_forward(token_logprobs, mask, ref_logps, loss, beta, label_smoothing,
-                                average, *, block_t=None):
+                                average):
     """Fused masked sequence reduction + pair loss.
 
     token_logprobs [2B, T] (chosen rows first), mask [2B, T] (bool or float weights), ref_logps
@@ -350,9 +344,6 @@ def sequence_preference_forward(token_logprobs, mask, ref_logps, loss, beta, lab
     Per row: sum_t lp*mask, or with ``average`` that divided by max(sum_t mask, 1).
     Returns (losses [B], policy_logps [2B], ref_logps [2B]), all fp32.
     """
-    if loss not in LOSS_IDS:
-        return _eager.sequence_preference_forward(token_logprobs, mask, ref_logps, loss, beta,
-                                                  label_smoothing, average)
     token_logprobs, mask, ref_logps, ref_per_token = _sequence_inputs(token_logprobs, mask, ref_logps)
     scalars = _loss_scalars(loss, beta, label_smoothing)
     rows, seq_len = token_logprobs.shape
@@ -367,19 +358,15 @@ def sequence_preference_forward(token_logprobs, mask, ref_logps, loss, beta, lab
         token_logprobs, mask, ref_logps, losses, policy_seq, ref_seq, num_pairs, seq_len,
         token_logprobs.stride(0), mask.stride(0), ref_logps.stride(0) if ref_per_token else 0,
         int(bool(average)), **scalars, REF_PER_TOKEN=ref_per_token,
-        BLOCK_T=block_t or BLOCK_T, num_warps=NUM_WARPS)
+        BLOCK_T=BLOCK_T, num_warps=NUM_WARPS)
     return losses, policy_seq, ref_seq
 
 
 def sequence_preference_backward(grad_losses, token_logprobs, mask, ref_logps, policy_seq, ref_seq,
-                                 loss, beta, label_smoothing, average, *, block_t=None):
+                                 loss, beta, label_smoothing, average):
     """Backward of sequence_preference_forward: (grad_token_logprobs [2B, T] fp32,
     grad_ref_logps shaped like ref_logps, fp32). ``policy_seq``/``ref_seq`` are the forward's
     second and third outputs."""
-    if loss not in LOSS_IDS:
-        return _eager.sequence_preference_backward(grad_losses, token_logprobs, mask, ref_logps,
-                                                   policy_seq, ref_seq, loss, beta, label_smoothing,
-                                                   average)
     token_logprobs, mask, ref_logps, ref_per_token = _sequence_inputs(token_logprobs, mask, ref_logps)
     scalars = _loss_scalars(loss, beta, label_smoothing)
     rows, seq_len = token_logprobs.shape
@@ -392,7 +379,7 @@ def sequence_preference_backward(grad_losses, token_logprobs, mask, ref_logps, p
         _kernels.as_fp32_vector(grad_losses), mask, _kernels.as_fp32_vector(policy_seq),
         _kernels.as_fp32_vector(ref_seq), grad_tokens, grad_ref,
         rows // 2, seq_len, mask.stride(0), int(bool(average)), **scalars,
-        REF_PER_TOKEN=ref_per_token, BLOCK_T=block_t or BLOCK_T, num_warps=NUM_WARPS)
+        REF_PER_TOKEN=ref_per_token, BLOCK_T=BLOCK_T, num_warps=NUM_WARPS)
     return grad_tokens, grad_ref
 
 

@@ -17,15 +17,10 @@ from pyalign.ops import _checks
 ESTIMATORS = ("k1", "k2", "k3")
 
 
-def _widest(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """The input whose dtype decides the backend (float64 anywhere runs eager)."""
-    return logprobs if logprobs.dtype == torch.float64 else ref_logprobs
-
-
 @torch.library.custom_op("pyalign::kl_penalty_fwd", mutates_args=())
 def _kl_fwd(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: Optional[torch.Tensor],
             estimator: str, backend: str) -> torch.Tensor:
-    impl = backends.implementation("kl", backend, _widest(logprobs, ref_logprobs))
+    impl = backends.implementation("kl", backend, logprobs, ref_logprobs)
     return impl.forward(logprobs, ref_logprobs, mask, estimator)
 
 
@@ -39,7 +34,7 @@ def _(logprobs, ref_logprobs, mask, estimator, backend):
 def _kl_bwd(grad_kl: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
             mask: Optional[torch.Tensor], estimator: str, backend: str
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = backends.implementation("kl", backend, _widest(logprobs, ref_logprobs))
+    impl = backends.implementation("kl", backend, logprobs, ref_logprobs)
     return impl.backward(grad_kl, logprobs, ref_logprobs, mask, estimator)
 
 

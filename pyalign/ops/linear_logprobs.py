@@ -33,11 +33,16 @@ class LinearLogprobsOutput(NamedTuple):
     is_top1: Optional[torch.Tensor] = None
 
 
-def kept_rows(memory_budget: Optional[int], num_rows: int, vocab: int, itemsize: int) -> int:
-    """How many tokens' logits ``memory_budget`` bytes keep from forward to backward."""
-    if not memory_budget:
+def _kept_rows(memory_budget: Optional[int], hidden: torch.Tensor, weight: torch.Tensor,
+               bias: Optional[torch.Tensor], backend: str) -> int:
+    """How many tokens' logits ``memory_budget`` bytes keep from forward to backward: none
+    without a backward to come (they would be dead weight) or where the backend that runs the
+    head keeps none (its implementation's KEEPS_LOGITS: the fused Triton kernels)."""
+    if not memory_budget or not gradients_wanted(hidden, weight, bias):
         return 0
-    return min(num_rows, memory_budget // (vocab * itemsize))
+    if not backends.implementation("linear_logprobs", backend, hidden).KEEPS_LOGITS:
+        return 0
+    return min(hidden.shape[0], memory_budget // (weight.shape[0] * hidden.element_size()))
 
 
 # Outputs: logprobs, entropy, the [N, 2] row stats (m, log-sum-exp), the three metrics ([N] or
@@ -196,7 +201,9 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
             grad_logprobs = stats.new_zeros(stats.shape[0])
         if not with_entropy:
             grad_entropy = None
-        implementation = backends.implementation("linear_logprobs", backend, hidden)
+        implementation = backends.implementation("linear_logprobs", backend, hidden, weight,
+                                                 primitive="backward", weight=weight,
+                                                 vocab_shard=True)
         # the whole rows' stats and entropy: each rank's logits become their own gradient
         grad_hidden, grad_weight, grad_bias = implementation.backward(
             grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
@@ -361,11 +368,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     shard = shard_checks.shard(weight, hidden, labels, ignore_index)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     labels_1d = labels.reshape(-1).to(torch.int64)
-    # The fused Triton kernels keep no logits: the budget is for the chunked backends, and only
-    # for a call with a backward to come (without one the kept logits would be dead weight).
-    fused = backend == "triton" or (backend == "auto" and hidden.device.type == "cuda")
-    keep = 0 if fused or not gradients_wanted(hidden, weight, bias) else kept_rows(
-        memory_budget, hidden_2d.shape[0], weight.shape[0], hidden.element_size())
+    keep = _kept_rows(memory_budget, hidden_2d, weight, bias, backend)
     if shard is None:
         logprobs, entropy_out, log_sum_sq, mean, top1 = LinearTokenLogprobsFunction.apply(
             hidden_2d, weight, bias, labels_1d, ignore_index, temperature, entropy, chunk_size or 0,

@@ -116,7 +116,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     shard = shard_checks.shard(weight, hidden, labels, ignore_index)
     # A backend named for the head (linear_logprobs) need not have a policy kernel: the [B, T]
     # loss then runs on whatever "auto" picks.
-    loss_backend = backend if backend == "auto" or backends.has("policy", backend) else "auto"
+    loss_backend = backends.backend_for("policy", backend)
     if (_fused_head.applies("sum", hidden, weight, bias) and checked.top_entropy_quantile == 1
             and softcap is None and logit_scale == 1):
         return _fused_linear_policy(hidden, weight, bias, labels, advantages, old_logps, ref_logps,

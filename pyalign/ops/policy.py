@@ -42,20 +42,13 @@ class PolicyLossOutput(NamedTuple):
     mean_ratio: torch.Tensor  # masked mean of the importance ratio w
 
 
-def _inputs_dtype(*tensors):
-    """The tensor whose dtype decides the backend (float64 anywhere runs eager)."""
-    present = [t for t in tensors if t is not None]
-    return next((t for t in present if t.dtype == torch.float64), present[0])
-
-
 @torch.library.custom_op("pyalign::policy_loss_fwd", mutates_args=())
 def _policy_fwd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, entropy_mask: Optional[torch.Tensor],
                 ref_logprobs: Optional[torch.Tensor], entropy: Optional[torch.Tensor], loss: str,
                 level: str, params: list[float], beta: float, kl_estimator: str,
                 bias_correction: bool, backend: str) -> torch.Tensor:
-    impl = backends.implementation("policy", backend,
-                                   _inputs_dtype(logprobs, old_logprobs, ref_logprobs))
+    impl = backends.implementation("policy", backend, logprobs, old_logprobs, ref_logprobs)
     return impl.forward(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs,
                         entropy, loss, level, params, beta, kl_estimator, bias_correction)
 
@@ -74,8 +67,7 @@ def _policy_bwd(row_weights: torch.Tensor, entropy_weights: Optional[torch.Tenso
                 ref_logprobs: Optional[torch.Tensor], entropy: Optional[torch.Tensor], loss: str,
                 level: str, params: list[float], beta: float, kl_estimator: str,
                 bias_correction: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = backends.implementation("policy", backend,
-                                   _inputs_dtype(logprobs, old_logprobs, ref_logprobs))
+    impl = backends.implementation("policy", backend, logprobs, old_logprobs, ref_logprobs)
     grad, grad_entropy = impl.backward(row_weights, entropy_weights, logprobs, old_logprobs,
                                        advantages, mask, entropy_mask, ref_logprobs, entropy, loss,
                                        level, params, beta, kl_estimator, bias_correction)

@@ -22,6 +22,7 @@ import torch
 from pyalign import backends
 from pyalign import losses as registry
 from pyalign._utils import accumulation_dtype
+from pyalign.eager.logprobs import log_sum_sq_probs
 from pyalign.ops import _checks, _fused_head, _vocab_parallel
 from pyalign.ops.linear_logprobs import linear_token_logprobs
 
@@ -41,7 +42,7 @@ class PreferenceLossOutput(NamedTuple):
 def _preference_fwd(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                     ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, loss: str, beta: float,
                     label_smoothing: float, backend: str) -> torch.Tensor:
-    impl = backends.implementation("preference", backend, policy_chosen)
+    impl = backends.implementation("preference", backend, policy_chosen, loss=loss)
     return impl.forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta,
                         label_smoothing)
 
@@ -57,7 +58,7 @@ def _preference_bwd(grad_losses: torch.Tensor, policy_chosen: torch.Tensor,
                     policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                     ref_rejected: torch.Tensor, loss: str, beta: float, label_smoothing: float,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = backends.implementation("preference", backend, policy_chosen)
+    impl = backends.implementation("preference", backend, policy_chosen, loss=loss)
     return tuple(impl.backward(grad_losses, policy_chosen, policy_rejected, ref_chosen,
                                ref_rejected, loss, beta, label_smoothing))
 
@@ -271,7 +272,7 @@ def _sequence_preference_fwd(token_logprobs: torch.Tensor, mask: torch.Tensor,
                              ref_logps: torch.Tensor, loss: str, beta: float,
                              label_smoothing: float, average: bool, backend: str
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = backends.implementation("preference", backend, token_logprobs)
+    impl = backends.implementation("preference", backend, token_logprobs, loss=loss)
     return impl.sequence_preference_forward(token_logprobs, mask, ref_logps, loss, beta,
                                             label_smoothing, average)
 
@@ -289,7 +290,7 @@ def _sequence_preference_bwd(grad_losses: torch.Tensor, token_logprobs: torch.Te
                              mask: torch.Tensor, ref_logps: torch.Tensor, policy_seq: torch.Tensor,
                              ref_seq: torch.Tensor, loss: str, beta: float, label_smoothing: float,
                              average: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = backends.implementation("preference", backend, token_logprobs)
+    impl = backends.implementation("preference", backend, token_logprobs, loss=loss)
     grad_tokens, grad_ref = impl.sequence_preference_backward(
         grad_losses, token_logprobs, mask, ref_logps, policy_seq, ref_seq, loss, beta,
         label_smoothing, average)
@@ -514,14 +515,6 @@ def token_preference_loss(policy_token_logps: torch.Tensor, ref_logps: torch.Ten
 
 
 @torch.no_grad()
-def log_sum_sq_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log Σ_v p_v² of softmax(logits / T) over the last dimension, fp32, no gradient:
-    logsumexp(2z) − 2·logsumexp(z) with z = logits/T (WPO's per-token input, as TRL's head)."""
-    scaled = logits.float() / temperature
-    return torch.logsumexp(2 * scaled, -1) - 2 * torch.logsumexp(scaled, -1)
-
-
-@torch.no_grad()
 def linear_log_sum_sq_probs(hidden: torch.Tensor, weight: torch.Tensor,
                             bias: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
                             temperature: float = 1.0, chunk_size: Optional[int] = None) -> torch.Tensor:
@@ -615,8 +608,8 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         ref_logps = ref_logps.detach()
     # A backend named for the per-token part (say "cpu") need not have a loss kernel: the tiny
     # [2B, T] reduction then runs on whatever "auto" picks.
-    loss_backend = backend if backend == "auto" or backends.has("preference", backend) else "auto"
-    options = dict(ld_alpha=ld_alpha, average=average_log_prob, backend=loss_backend)
+    options = dict(ld_alpha=ld_alpha, average=average_log_prob,
+                   backend=backends.backend_for("preference", backend))
     if (_fused_head.applies(reduction, hidden, weight, bias)
             and all(entry.batch_step is None for entry, _, _ in spec.terms)):
         return _fused_linear_preference(hidden, weight, bias, labels, ref_logps, ref_hidden,

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pyalign import backends
-from pyalign._utils import KERNEL_DTYPES, local_shard, named_tensors
+from pyalign._utils import local_shard, named_tensors
 
 TensorsOrModule = Union[nn.Module, Iterable[torch.Tensor]]
 
@@ -198,19 +198,13 @@ def _apply(kind: str, targets, sources, scalar: float, backend: str, include_buf
         by_device.setdefault(target.device, ([], []))
         by_device[target.device][0].append(target)
         by_device[target.device][1].append(source)
-    for device, (device_targets, device_sources) in by_device.items():
-        kernel_ok = all(t.dtype in KERNEL_DTYPES and s.dtype in KERNEL_DTYPES
-                        and t.is_contiguous() and s.is_contiguous()
-                        for t, s in zip(device_targets, device_sources))
-        if kernel_ok:
-            name = backends.resolve("weights", backend, device)
-        elif backend in ("auto", "eager"):
-            name = "eager"  # fp64 or strided tensors: the foreach/eager path handles them
-        else:
-            raise ValueError(f"backend {backend!r} takes contiguous float32/bfloat16/float16 "
-                             f"tensors; use backend='eager' for others")
+    for device_targets, device_sources in by_device.values():
+        # the multi-tensor kernels take contiguous float32/bfloat16/float16 tensors: the backend
+        # table sends other lists to eager (or refuses a named kernel backend)
+        implementation = backends.implementation("weights", backend, *device_targets,
+                                                 *device_sources, contiguous=True)
         with torch.no_grad():
-            backends.load("weights", name).apply_(kind, device_targets, device_sources, scalar)
+            implementation.apply_(kind, device_targets, device_sources, scalar)
 
 
 def _check_fraction(name: str, value, low_open: bool) -> float:

@@ -15,7 +15,7 @@ from support import DEVICE, ON_CPU, token_logprobs64
 FIRST = backends.AUTO_ORDER[DEVICE.type][0]
 OTHER, OTHER_REASON = ("cuda", "needs CUDA tensors") if ON_CPU else ("cpu", "needs CPU tensors")
 
-FAMILIES = list(backends.PRIMITIVES)
+FAMILIES = list(backends.families())
 
 
 @pytest.fixture

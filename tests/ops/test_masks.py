@@ -130,7 +130,8 @@ def test_sequence_preference_primitives_masked_poison_is_inert(backend, loss, av
     mask, clean, clean_ref = sequence_primitive_case(pairs, 41, torch.float32)
     token_logprobs = poison_masked(clean, mask)
     ref = poison_masked(clean_ref, mask) if ref_per_token else -torch.rand(2 * pairs) * 20
-    impl = backends.load("preference", backend)
+    # the backend table's choice for the loss (a loss without a Triton branch runs on eager)
+    impl = backends.implementation("preference", backend, token_logprobs, loss=loss)
     losses, policy_seq, ref_seq = impl.sequence_preference_forward(
         token_logprobs, mask, ref, loss, beta, eps, average)
     upstream = torch.randn(pairs)
