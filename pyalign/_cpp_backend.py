@@ -92,6 +92,10 @@ def _make_policy(ops):
     # The policy term and the KL estimator go by the registry's ids (pyalign/losses.py).
     from pyalign import losses
 
+    if ops.policy_num_stats() != len(losses.POLICY_ROW_STATS):
+        raise RuntimeError(f"the C++ policy kernels write {ops.policy_num_stats()} row stats, "
+                           f"pyalign.losses.POLICY_ROW_STATS names {len(losses.POLICY_ROW_STATS)} "
+                           f"(csrc/common/policy_stats.h)")
     term_ids = losses.policy_kernel_ids()
 
     def fp32(tensor):
@@ -106,8 +110,7 @@ def _make_policy(ops):
                                   per_token(advantages, logprobs), mask, entropy_mask,
                                   fp32(ref_logprobs), fp32(entropy), term_ids[loss], level,
                                   [float(v) for v in params],
-                                  losses.POLICY_KL_ESTIMATOR_IDS[kl_estimator],
-                                  bool(bias_correction))
+                                  losses.KL_ESTIMATOR_IDS[kl_estimator], bool(bias_correction))
 
     def backward(row_weights, entropy_weights, logprobs, old_logprobs, advantages, mask,
                  entropy_mask, ref_logprobs, entropy, loss, level, params, beta, kl_estimator,
@@ -117,7 +120,7 @@ def _make_policy(ops):
             fp32(row_weights), fp32(entropy_weights) if with_entropy else None, fp32(logprobs),
             fp32(old_logprobs), per_token(advantages, logprobs), mask, entropy_mask,
             fp32(ref_logprobs), term_ids[loss], level, [float(v) for v in params], float(beta),
-            losses.POLICY_KL_ESTIMATOR_IDS[kl_estimator], bool(bias_correction))
+            losses.KL_ESTIMATOR_IDS[kl_estimator], bool(bias_correction))
         return (grad.to(logprobs.dtype),
                 grad_entropy.to(entropy.dtype) if with_entropy else None)
 

@@ -28,7 +28,7 @@ def _k3_series(diff):
 
 
 def forward(logprobs, ref_logprobs, mask, estimator):
-    acc = accumulation_dtype(torch.promote_types(logprobs.dtype, ref_logprobs.dtype))
+    acc = accumulation_dtype(logprobs, ref_logprobs)
     diff = ref_logprobs.to(acc) - logprobs.to(acc)  # d = ref_logp - logp
     if estimator == "k1":
         kl = -diff
@@ -42,7 +42,7 @@ def forward(logprobs, ref_logprobs, mask, estimator):
 
 
 def backward(grad_kl, logprobs, ref_logprobs, mask, estimator):
-    acc = accumulation_dtype(torch.promote_types(logprobs.dtype, ref_logprobs.dtype))
+    acc = accumulation_dtype(logprobs, ref_logprobs)
     diff = ref_logprobs.to(acc) - logprobs.to(acc)
     if estimator == "k1":
         d_kl_d_diff = torch.full_like(diff, -1.0)

@@ -33,13 +33,6 @@ PRIMITIVES = ("forward", "backward")
 _STAT = {name: index for index, name in enumerate(losses.POLICY_ROW_STATS)}
 
 
-def _acc(logprobs, old_logprobs, ref_logprobs):
-    dtype = torch.promote_types(logprobs.dtype, old_logprobs.dtype)
-    if ref_logprobs is not None:
-        dtype = torch.promote_types(dtype, ref_logprobs.dtype)
-    return accumulation_dtype(dtype)
-
-
 def _kl_slope(logprobs, ref_logprobs, estimator):
     """d kl / d logp at fixed ref_logp, d = ref_logp − logp."""
     diff = ref_logprobs - logprobs
@@ -53,7 +46,7 @@ def _kl_slope(logprobs, ref_logprobs, estimator):
 def _terms(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, loss, level,
            params, estimator, bias_correction):
     """The per-token pieces both primitives need, masked positions selected to 0."""
-    acc = _acc(logprobs, old_logprobs, ref_logprobs)
+    acc = accumulation_dtype(logprobs, old_logprobs, ref_logprobs)
     entry = losses.get_policy(loss)
     p = losses.PolicyParams.from_list(params)
     zero = torch.zeros((), dtype=acc, device=logprobs.device)

@@ -94,9 +94,9 @@ def sequence_preference_forward(token_logprobs, mask, ref_logps, loss, beta, lab
     ref_seq = (_masked_row_reduce(ref_logps.to(acc), mask, average)[0] if ref_logps.dim() == 2
                else ref_logps.to(acc, copy=True))
     pairs = token_logprobs.shape[0] // 2
-    losses = pair_losses(policy_seq[:pairs], policy_seq[pairs:], ref_seq[:pairs], ref_seq[pairs:],
+    per_pair = pair_losses(policy_seq[:pairs], policy_seq[pairs:], ref_seq[:pairs], ref_seq[pairs:],
                          loss, beta, label_smoothing)
-    return losses, policy_seq, ref_seq
+    return per_pair, policy_seq, ref_seq
 
 
 def sequence_preference_backward(grad_losses, token_logprobs, mask, ref_logps, policy_seq, ref_seq,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from pyalign._utils import accumulation_dtype
+
 PRIMITIVES = ("apply_",)
 
 
@@ -42,8 +44,7 @@ def apply_(kind, targets, sources, scalar):
         else:
             # Mixed or low-precision dtypes: fp32 math, one rounding at the end.
             for target, source in zip(group_targets, group_sources, strict=True):
-                acc = torch.promote_types(torch.promote_types(target.dtype, source.dtype),
-                                          torch.float32)
+                acc = accumulation_dtype(target, source)
                 updated = target.to(acc)
                 updated.lerp_(source.to(acc), weight)
                 target.copy_(updated)

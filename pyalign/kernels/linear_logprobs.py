@@ -324,51 +324,34 @@ def compile_configs():
     """Every launch variant: per dtype, forward entropy x softcap x metrics, backward
     grad_entropy x softcap."""
     configs = []
+    aligned_scalars = ("vocab", "hidden_size", "stride_hn", "stride_wv")
     for dtype_name in ("fp32", "bf16", "fp16"):
         tensor = f"*{dtype_name}"
-        common = {"num_rows": "i32", "vocab": "i32", "hidden_size": "i32", "stride_hn": "i32",
-                  "stride_wv": "i32", "has_bias": "i32", "ignore_index": "i32",
-                  "inv_temperature": "fp32", "softcap": "fp32", "logit_scale": "fp32"}
+        types = {"hidden_ptr": tensor, "weight_ptr": tensor, "bias_ptr": tensor,
+                 "labels_ptr": "*i64", "top1_ptr": "*i8", "inv_temperature": "fp32",
+                 "softcap": "fp32", "logit_scale": "fp32"}
+        # unit column strides: the JIT specializes a stride of 1 the same way
+        common = {"stride_hk": 1, "stride_wk": 1, "DOT_PRECISION": _dot_precision(dtype_name),
+                  "UPCAST": False}
         for flag in (False, True):
             for softcap in (False, True):
                 for metrics in (False, True):
                     block_n, block_v, block_h, num_warps = FORWARD_TILES[dtype_name]
-                    configs.append(dict(
-                        name="linear_logprobs_forward", kernel=linear_logprobs_forward_kernel,
-                        signature={"hidden_ptr": tensor, "weight_ptr": tensor, "bias_ptr": tensor,
-                                   "labels_ptr": "*i64", "logprobs_ptr": "*fp32",
-                                   "entropy_ptr": "*fp32", "stats_ptr": "*fp32",
-                                   "log_sum_sq_ptr": "*fp32", "mean_ptr": "*fp32",
-                                   "top1_ptr": "*i8", **common},
-                        # unit column strides: the JIT specializes a stride of 1 the same way
-                        constexprs={"stride_hk": 1, "stride_wk": 1, "WITH_ENTROPY": flag,
-                                    "HAS_SOFTCAP": softcap, "WITH_METRICS": metrics,
-                                    "DOT_PRECISION": _dot_precision(dtype_name), "UPCAST": False,
-                                    "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h},
-                        aligned=("hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr",
-                                 "logprobs_ptr", "entropy_ptr", "stats_ptr", "log_sum_sq_ptr",
-                                 "mean_ptr", "top1_ptr", "vocab", "hidden_size", "stride_hn",
-                                 "stride_wv"),
-                        num_warps=num_warps,
-                        label=(f"{dtype_name} {block_n}x{block_v}x{block_h} entropy={flag} "
-                               f"softcap={softcap} metrics={metrics}")))
+                    configs.append(_kernels.compile_config(
+                        linear_logprobs_forward_kernel, "linear_logprobs_forward",
+                        f"{dtype_name} {block_n}x{block_v}x{block_h} entropy={flag} "
+                        f"softcap={softcap} metrics={metrics}", num_warps,
+                        {**common, "WITH_ENTROPY": flag, "HAS_SOFTCAP": softcap,
+                         "WITH_METRICS": metrics, "BLOCK_N": block_n, "BLOCK_V": block_v,
+                         "BLOCK_H": block_h},
+                        types=types, aligned_scalars=aligned_scalars))
                 block_n, block_v, block_h, num_warps = BACKWARD_TILES[dtype_name]
-                configs.append(dict(
-                    name="linear_logprobs_backward", kernel=linear_logprobs_backward_kernel,
-                    signature={"hidden_ptr": tensor, "weight_ptr": tensor, "bias_ptr": tensor,
-                               "labels_ptr": "*i64", "grad_logprobs_ptr": "*fp32",
-                               "grad_entropy_ptr": "*fp32", "stats_ptr": "*fp32",
-                               "entropy_ptr": "*fp32", "grad_hidden_ptr": "*fp32",
-                               "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32", **common},
-                    constexprs={"stride_hk": 1, "stride_wk": 1, "HAS_GRAD_ENTROPY": flag,
-                                "HAS_SOFTCAP": softcap,
-                                "DOT_PRECISION": _dot_precision(dtype_name), "UPCAST": False,
-                                "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h},
-                    aligned=("hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr",
-                             "grad_logprobs_ptr", "grad_entropy_ptr", "stats_ptr", "entropy_ptr",
-                             "grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr", "vocab",
-                             "hidden_size", "stride_hn", "stride_wv"),
-                    num_warps=num_warps,
-                    label=(f"{dtype_name} {block_n}x{block_v}x{block_h} grad_entropy={flag} "
-                           f"softcap={softcap}")))
+                configs.append(_kernels.compile_config(
+                    linear_logprobs_backward_kernel, "linear_logprobs_backward",
+                    f"{dtype_name} {block_n}x{block_v}x{block_h} grad_entropy={flag} "
+                    f"softcap={softcap}", num_warps,
+                    {**common, "HAS_GRAD_ENTROPY": flag, "HAS_SOFTCAP": softcap,
+                     "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h},
+                    types={name: kind for name, kind in types.items() if name != "top1_ptr"},
+                    aligned_scalars=aligned_scalars))
     return configs

@@ -175,30 +175,20 @@ def compile_configs():
     """Every (kernel, signature, constexprs, num_warps) the wrappers above can launch."""
     configs = []
     for dtype_name in ("fp32", "bf16", "fp16"):
+        logits = f"*{dtype_name}"
         for _, block_v, num_warps in BLOCK_CONFIGS:
             for flag in (False, True):
-                configs.append(dict(
-                    name="logprobs_forward", kernel=logprobs_forward_kernel,
-                    signature={"logits_ptr": f"*{dtype_name}", "labels_ptr": "*i64",
-                               "logprobs_ptr": "*fp32", "entropy_ptr": "*fp32",
-                               "stats_ptr": "*fp32", "vocab": "i32", "stride_row": "i32",
-                               "ignore_index": "i32", "inv_temperature": "fp32"},
-                    constexprs={"WITH_ENTROPY": flag, "BLOCK_V": block_v},
-                    aligned=("logits_ptr", "labels_ptr", "logprobs_ptr", "entropy_ptr",
-                             "stats_ptr", "vocab", "stride_row"),
-                    num_warps=num_warps, label=f"{dtype_name} BLOCK_V={block_v} entropy={flag}"))
-                configs.append(dict(
-                    name="logprobs_backward", kernel=logprobs_backward_kernel,
-                    signature={"logits_ptr": f"*{dtype_name}", "grad_logits_ptr": f"*{dtype_name}",
-                               "labels_ptr": "*i64", "grad_logprobs_ptr": "*fp32",
-                               "grad_entropy_ptr": "*fp32", "stats_ptr": "*fp32",
-                               "entropy_ptr": "*fp32", "vocab": "i32", "stride_row": "i32",
-                               "stride_grad_row": "i32", "ignore_index": "i32",
-                               "inv_temperature": "fp32"},
-                    constexprs={"HAS_GRAD_ENTROPY": flag, "BLOCK_V": block_v},
-                    aligned=("logits_ptr", "grad_logits_ptr", "labels_ptr", "grad_logprobs_ptr",
-                             "grad_entropy_ptr", "stats_ptr", "entropy_ptr", "vocab", "stride_row",
-                             "stride_grad_row"),
-                    num_warps=num_warps,
-                    label=f"{dtype_name} BLOCK_V={block_v} grad_entropy={flag}"))
+                configs.append(_kernels.compile_config(
+                    logprobs_forward_kernel, "logprobs_forward",
+                    f"{dtype_name} BLOCK_V={block_v} entropy={flag}", num_warps,
+                    {"WITH_ENTROPY": flag, "BLOCK_V": block_v},
+                    types={"logits_ptr": logits, "labels_ptr": "*i64", "inv_temperature": "fp32"},
+                    aligned_scalars=("vocab", "stride_row")))
+                configs.append(_kernels.compile_config(
+                    logprobs_backward_kernel, "logprobs_backward",
+                    f"{dtype_name} BLOCK_V={block_v} grad_entropy={flag}", num_warps,
+                    {"HAS_GRAD_ENTROPY": flag, "BLOCK_V": block_v},
+                    types={"logits_ptr": logits, "grad_logits_ptr": logits, "labels_ptr": "*i64",
+                           "inv_temperature": "fp32"},
+                    aligned_scalars=("vocab", "stride_row", "stride_grad_row")))
     return configs

@@ -7,11 +7,11 @@ from pyalign.ops.kl import kl_penalty
 from pyalign.ops.kto import KTOLossOutput, kto_loss, linear_kto_loss
 from pyalign.ops.linear_logprobs import linear_token_logprobs
 from pyalign.ops.linear_policy import linear_policy_loss
+from pyalign.ops.linear_preference import linear_preference_loss
 from pyalign.ops.logprobs import token_logprobs
 from pyalign.ops.policy import PolicyLossOutput, policy_loss
 from pyalign.ops.preference import (
     PreferenceLossOutput,
-    linear_preference_loss,
     preference_loss,
     sequence_logprobs,
     token_preference_loss,

@@ -13,13 +13,12 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from pyalign import backends
-from pyalign import losses as registry
+from pyalign import backends, losses
+from pyalign._utils import accumulation_dtype
 from pyalign.ops import _checks, _fused_head, _vocab_parallel
+from pyalign.ops._loss_options import REDUCTIONS, reduced
 from pyalign.ops.linear_logprobs import linear_token_logprobs
-from pyalign.ops.preference import REDUCTIONS, _reduce, sequence_logprobs
-
-LOSS_NAMES = registry.UNPAIRED_NAMES  # the unpaired entries of the registry: kto, apo_zero_unpaired
+from pyalign.ops.preference import sequence_logprobs
 
 
 class KTOLossOutput(NamedTuple):
@@ -56,15 +55,15 @@ def kto_reference_point(kl: torch.Tensor, process_group=None) -> torch.Tensor:
         dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=process_group)
     # no estimates anywhere: 0 (a tensor select, not a Python branch: torch.compile keeps one graph)
     mean = torch.where(totals[1] > 0, totals[0] / totals[1].clamp(min=1), 0.0)
-    out_dtype = torch.float64 if kl.dtype == torch.float64 else torch.float32
+    out_dtype = accumulation_dtype(kl)
     return mean.clamp(min=0).to(out_dtype)
 
 
 def _check_config(loss, beta, desirable_weight, undesirable_weight, reduction):
-    if isinstance(loss, str) and loss in registry.PAIRWISE_NAMES:
+    if isinstance(loss, str) and loss in losses.PAIRWISE_NAMES:
         raise ValueError(f"loss {loss!r} is a pairwise loss (preference_loss); the unpaired losses "
-                         f"are {LOSS_NAMES}")
-    entry = registry.get(_checks.check_choice("loss", loss, LOSS_NAMES), pairwise=False)
+                         f"are {losses.UNPAIRED_NAMES}")
+    entry = losses.get(_checks.check_choice("loss", loss, losses.UNPAIRED_NAMES), pairwise=False)
     beta = _checks.check_positive("beta", beta)
     desirable_weight, undesirable_weight = (
         _checks.check_finite_range(name, weight, low=0.0, what=">= 0 and finite")
@@ -114,24 +113,20 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     if kl is not None:  # checked even where the loss does not use it
         _checks.check_tensor("kl", kl, floating=True)
     _checks.check_same_device(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable, kl=kl)
-    acc = _accumulation(policy_logps, ref_logps)
+    acc = accumulation_dtype(policy_logps, ref_logps)
     if entry.uses_kl_reference:
         reference_point = kto_reference_point(kl, process_group).to(acc)
     else:
         reference_point = torch.zeros((), dtype=acc, device=policy_logps.device)
     out = _unpaired_losses(entry, policy_logps, ref_logps, reference_point, desirable, beta,
                            desirable_weight, undesirable_weight)
-    return out._replace(loss=_reduce(out.loss, reduction))
-
-
-def _accumulation(*tensors) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return out._replace(loss=reduced(out.loss, reduction))
 
 
 def _unpaired_losses(entry, policy_logps, ref_logps, reference_point, desirable, beta,
                      desirable_weight, undesirable_weight) -> KTOLossOutput:
     """The entry's per-example losses [B] on r = policy − ref (inputs validated, z0 reduced)."""
-    acc = _accumulation(policy_logps, ref_logps)
+    acc = accumulation_dtype(policy_logps, ref_logps)
     log_ratio = policy_logps.to(acc) - ref_logps.to(acc)
     per_example = entry.forward(log_ratio, reference_point, desirable, beta, desirable_weight,
                                 undesirable_weight)
@@ -352,7 +347,7 @@ def _fused_linear_kto(hidden, weight, bias, labels, desirable, kl, ref_logps, re
     """linear_kto_loss in 3 matmuls (pyalign/ops/_fused_head.py): chunks of whole sequences, each
     chunk's per-example losses by kto_loss's own ``_unpaired_losses``; z0 is reduced once, before
     the loop (its all_reduce must not run per chunk: ranks may have different chunk counts)."""
-    acc = _accumulation(hidden, ref_logps if ref_hidden is None else ref_hidden)
+    acc = accumulation_dtype(hidden, ref_logps if ref_hidden is None else ref_hidden)
     if entry.uses_kl_reference:
         reference_point = kto_reference_point(kl, process_group).to(acc)
     else:

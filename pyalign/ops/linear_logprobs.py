@@ -46,8 +46,7 @@ def _kept_rows(memory_budget: Optional[int], hidden: torch.Tensor, weight: torch
 
 
 # Outputs: logprobs, entropy, the [N, 2] row stats (m, log-sum-exp), the three metrics ([N] or
-# [0]) and the kept raw logits [keep_rows, V]. The op name says "head" (the outputs and options of
-# issue 10), which also keeps compiled graphs of the former schema from being reused.
+# [0]) and the kept raw logits [keep_rows, V].
 @torch.library.custom_op("pyalign::linear_logprobs_head_fwd", mutates_args=())
 def _linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          labels: torch.Tensor, ignore_index: int, temperature: float,
@@ -295,19 +294,17 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     tokens' worth when given: an int >= 1, or None): both directions walk the vocabulary in
     slices of every token's logits, forward reducing them to row stats, backward recomputing them
     (4 matmuls of N x H x V: the floor for bounded memory with an arbitrary per-token upstream
-    gradient; on 2-core VMs 1.3-1.6x the time of the 3 bare matmuls at N = 2048, V = 32000,
-    1.4-1.55x at V = 128256: benchmarks/README.md). Peak memory: one slice plus the fp32 weight
-    gradient every path returns.
+    gradient; its time against the 3 bare matmuls is in benchmarks/README.md). Peak memory: one
+    slice plus the fp32 weight gradient every path returns.
     ``memory_budget`` (bytes: an int >= 0, or None = 0) keeps the raw logits of the first
     ``memory_budget // (V * itemsize)`` tokens from forward to backward, where they become their
-    own gradient in place: those tokens cost 3 matmuls, not 4 (all tokens kept: 1.0-1.2x the
-    bare matmuls, 0.96-1.1x at V = 128256), and their logits stay allocated between forward and
-    backward (N * V * itemsize bytes for all of them: 250 MiB at N = 2048, V = 32000, fp32).
-    Such a call supports one backward (a second one raises), and a call without one to come
-    (no_grad, or no input requiring grad) keeps nothing. With a softcap, one more fp32 slice (two
-    in backward) holds the transformed logits. On CPU the kept logits' buffer, once the backward
-    has used it, stays cached for the next call (a fresh one would fault in every page: ~5% of
-    the matmul time at V = 32000); ``pyalign.empty_cache()`` frees it.
+    own gradient in place: those tokens cost 3 matmuls, not 4, and their logits stay allocated
+    between forward and backward (N * V * itemsize bytes for all of them: 250 MiB at N = 2048,
+    V = 32000, fp32). Such a call supports one backward (a second one raises), and a call without
+    one to come (no_grad, or no input requiring grad) keeps nothing. With a softcap, one more fp32
+    slice (two in backward) holds the transformed logits. On CPU the kept logits' buffer, once the backward
+    has used it, stays cached for the next call (a fresh one would fault in every page,
+    pyalign/_workspace.py); ``pyalign.empty_cache()`` frees it.
 
     ``process_group`` (a torch.distributed ProcessGroup, or None): the vocab-parallel head of a
     tensor-parallel ``lm_head``. ``weight`` (and ``bias``) on each rank are that rank's rows of

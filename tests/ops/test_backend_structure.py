@@ -143,7 +143,7 @@ def _make_toy(ops):
 
 
 @pytest.fixture
-def toy_family(tmp_path, monkeypatch):
+def toy_family(tmp_path, monkeypatch, restored_table):
     """The toy family's modules on the package paths, registered as importing pyalign does;
     the backend table and the modules are restored afterwards."""
     monkeypatch.delenv("PYALIGN_BACKEND", raising=False)
@@ -151,7 +151,6 @@ def toy_family(tmp_path, monkeypatch):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / ("toy_cpp.py" if folder == "adapters" else "toy.py")).write_text(
             textwrap.dedent(source))
-    saved = (dict(backends._loaders), dict(backends._loaded), dict(backends._failures))
     monkeypatch.setattr(importlib.import_module("pyalign.eager"), "__path__",
                         [*importlib.import_module("pyalign.eager").__path__, str(tmp_path / "eager")])
     monkeypatch.setattr(importlib.import_module("pyalign.kernels"), "__path__",
@@ -160,9 +159,6 @@ def toy_family(tmp_path, monkeypatch):
     _triton_backend.register_kernels()  # what importing pyalign._triton_backend does
     importlib.import_module("toy_cpp")  # the adapter module, as pyalign/_cpp_backend.py
     yield
-    for current, original in zip((backends._loaders, backends._loaded, backends._failures), saved):
-        current.clear()
-        current.update(original)
     for name in ("pyalign.eager.toy", "pyalign.kernels.toy", "toy_cpp"):
         sys.modules.pop(name, None)
 
@@ -188,3 +184,38 @@ def test_an_op_family_added_as_the_checklist_says_dispatches_everywhere(toy_fami
     assert backends.resolved_name("toy", "auto", x.double()) == "eager"
     if ON_CPU:
         assert "pyalign.kernels.toy" in _triton_backend.kernel_modules().values()
+
+
+# ------------------------------------------------------------- the ops ask, they do not guess
+FIRST = backends.AUTO_ORDER[DEVICE.type][0]
+
+
+def _recording_head(keeps: bool, seen: list):
+    """The eager head, recording the keep_rows each forward is given, keeping logits or not."""
+    from types import SimpleNamespace
+
+    eager = importlib.import_module("pyalign.eager.linear_logprobs")
+
+    def forward(*args):
+        seen.append(args[-1])
+        return eager.forward(*args)
+    return SimpleNamespace(forward=forward, backward=eager.backward, KEEPS_LOGITS=keeps)
+
+
+@pytest.mark.parametrize("forced", [None, "eager"])
+def test_memory_budget_goes_to_the_head_that_runs_if_it_keeps_logits(forced, monkeypatch,
+                                                                     restored_table):
+    """linear_token_logprobs keeps logits only for the head the table resolves, and only if it
+    keeps them (KEEPS_LOGITS): the first backend of the device's order keeping none gets 0 rows;
+    forced to eager (PYALIGN_BACKEND), eager's head gets the budget's rows."""
+    if forced:
+        monkeypatch.setenv("PYALIGN_BACKEND", forced)
+    else:
+        monkeypatch.delenv("PYALIGN_BACKEND", raising=False)
+    first_seen, eager_seen = [], []
+    backends.register("linear_logprobs", FIRST, lambda: _recording_head(False, first_seen))
+    backends.register("linear_logprobs", "eager", lambda: _recording_head(True, eager_seen))
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight, labels = torch.randn(30, 8), torch.randint(0, 30, (6,))
+    pyalign.linear_token_logprobs(hidden, weight, labels, memory_budget=1 << 20).sum().backward()
+    assert (first_seen, eager_seen) == (([], [6]) if forced else ([0], []))

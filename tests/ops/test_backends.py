@@ -18,18 +18,6 @@ OTHER, OTHER_REASON = ("cuda", "needs CUDA tensors") if ON_CPU else ("cpu", "nee
 FAMILIES = list(backends.families())
 
 
-@pytest.fixture
-def restored_table():
-    """Snapshot the backend table and restore it afterwards: tests here register fakes."""
-    saved = (dict(backends._loaders), dict(backends._loaded), dict(backends._failures),
-             set(backends._warned))
-    yield
-    for current, original in zip((backends._loaders, backends._loaded, backends._failures,
-                                  backends._warned), saved, strict=False):
-        current.clear()
-        current.update(original)
-
-
 def logits_and_labels():
     logits = torch.randn(4, 19)
     labels = torch.tensor([0, 18, -100, 5])

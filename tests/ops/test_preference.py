@@ -1,4 +1,4 @@
-"""pyalign.preference_loss (every loss name of pyalign.ops.preference.LOSS_NAMES) and
+"""pyalign.preference_loss (every loss name of pyalign.losses.PAIRWISE_NAMES) and
 linear_preference_loss against float64 (KTO: tests/ops/test_kto.py): the loss table of
 docs/algorithms.md (the oracle in tests/support.py) for values, autograd through it for
 gradients, on every backend of the test device (support.backends_for). Also: a full Triton block
@@ -12,7 +12,6 @@ import torch
 
 import pyalign
 from pyalign import losses
-from pyalign.ops.preference import LOSS_NAMES
 from support import (
     BATCH_LOSSES,
     IGNORE,
@@ -38,12 +37,12 @@ EXO_DEFAULT_EPS = 1e-3  # TRL's substitute for exo_pair's label_smoothing = 0
 
 
 def test_the_oracle_covers_exactly_the_package_losses():
-    assert len(LOSS_NAMES) == len(set(LOSS_NAMES)) == 15
+    assert len(losses.PAIRWISE_NAMES) == len(set(losses.PAIRWISE_NAMES)) == 15
     assert set(PAIR_LOSS_FORMULAS) == set(ELEMENTWISE)
-    assert set(PAIR_LOSS_FORMULAS) | BATCH_LOSSES == set(LOSS_NAMES) == set(losses.PAIRWISE_NAMES)
-    assert len(SMOOTHED) == 6 and set(SMOOTHED) <= set(LOSS_NAMES)
+    assert set(PAIR_LOSS_FORMULAS) | BATCH_LOSSES == set(losses.PAIRWISE_NAMES)
+    assert len(SMOOTHED) == 6 and set(SMOOTHED) <= set(losses.PAIRWISE_NAMES)
     assert all(losses.REGISTRY[name].zero_smoothing_substitute in (None, EXO_DEFAULT_EPS)
-               for name in LOSS_NAMES)
+               for name in losses.PAIRWISE_NAMES)
 
 
 def oracle_eps(loss, label_smoothing):
@@ -67,7 +66,7 @@ def run(inputs, upstream, **kwargs):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_losses_and_grads_match_float64(backend, loss, beta, dtype):
@@ -110,7 +109,7 @@ def test_label_smoothing(backend, loss, label_smoothing):
         torch.testing.assert_close(grad.double(), exp_grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 def test_gradcheck_float64(loss):
     """The eager backend's closed-form gradients, in float64, against finite differences."""
     inputs = [t.double().requires_grad_(True) for t in random_pairs(5)]
@@ -248,7 +247,7 @@ PAIR_TOL = dict(rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 @pytest.mark.parametrize("beta", [0.1, 2.0])
 def test_a_full_block_and_a_partial_one(backend, loss, beta):
     """300 pairs: one full Triton block of 256 and a partial one; smoothing where it applies."""
@@ -258,7 +257,7 @@ def test_a_full_block_and_a_partial_one(backend, loss, beta):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 def test_every_backend_matches_eager(backend, loss):
     inputs = random_pairs(40)
     upstream = torch.randn(40)
@@ -271,7 +270,7 @@ def test_every_backend_matches_eager(backend, loss):
         torch.testing.assert_close(mine, theirs, **PAIR_TOL)
 
 
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_inputs_and_extreme_margins(backend, loss):
     inputs = [t.to(torch.bfloat16) for t in random_pairs(16, scale=300.0)]  # |beta*h| up to ~100
@@ -304,7 +303,7 @@ def sequence_case(pairs, seq_len, hidden_size=4, vocab=11):
 
 
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 @pytest.mark.parametrize("average", [False, True], ids=["sum", "avg"])
 @pytest.mark.parametrize("ref_per_token", [False, True], ids=["ref_logps", "ref_hidden"])
 def test_sequence_reduce_and_every_loss(backend, loss, average, ref_per_token):
@@ -490,7 +489,7 @@ def test_token_preference_loss_matches_float64(backend, names, weights, ld_alpha
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 def test_token_preference_loss_average_log_prob(backend, loss):
     """Per-token means: ipo and sigmoid_norm take them as they are, sft still counts tokens."""
     policy, ref, mask, _ = token_inputs(4, 9)
