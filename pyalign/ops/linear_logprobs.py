@@ -218,6 +218,32 @@ def _vocab_parallel_apply(*args):
     return VocabParallelLinearLogprobsFunction.apply(*args)
 
 
+def _check_head_tensors(hidden, weight, bias, labels) -> None:
+    """hidden [..., H], weight [V, H] (V > 0) and bias [V] of one dtype, labels hidden.shape[:-1],
+    on one device."""
+    _checks.check_tensor("hidden", hidden, floating=True)
+    _checks.check_tensor("weight", weight, floating=True)
+    _checks.check_tensor("labels", labels, integer=True)
+    if bias is not None:
+        _checks.check_tensor("bias", bias, floating=True)
+    _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    if hidden.dim() < 1 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have a non-empty last (hidden size) dimension, got shape "
+                         f"{tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary dimension")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    if bias is not None:
+        _checks.check_shape("bias", bias, (weight.shape[0],), "[V]")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+    _checks.check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
+
+
 def _check_outputs(outputs) -> tuple[bool, tuple[bool, bool, bool]]:
     """(entropy wanted, (log_sum_sq_probs, mean_logits, is_top1) wanted) from ``outputs``."""
     if isinstance(outputs, str) or not isinstance(outputs, (tuple, list, set, frozenset)):
@@ -320,27 +346,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     calls).
     """
     with _vocab_parallel.ShardChecks(process_group, "process_group") as shard_checks:
-        _checks.check_tensor("hidden", hidden, floating=True)
-        _checks.check_tensor("weight", weight, floating=True)
-        _checks.check_tensor("labels", labels, integer=True)
-        if bias is not None:
-            _checks.check_tensor("bias", bias, floating=True)
-        _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-        if hidden.dim() < 1 or hidden.shape[-1] == 0:
-            raise ValueError(f"hidden must have a non-empty last (hidden size) dimension, got shape "
-                             f"{tuple(hidden.shape)}")
-        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-            raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-                             f"got {tuple(weight.shape)}")
-        if weight.shape[0] == 0:
-            raise ValueError("weight has an empty vocabulary dimension")
-        if weight.dtype != hidden.dtype:
-            raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
-        if bias is not None:
-            _checks.check_shape("bias", bias, (weight.shape[0],), "[V]")
-            if bias.dtype != hidden.dtype:
-                raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
-        _checks.check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
+        _check_head_tensors(hidden, weight, bias, labels)
         chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
         temperature = _checks.check_temperature(temperature)
         ignore_index = _checks.check_int("ignore_index", ignore_index)

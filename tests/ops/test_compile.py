@@ -3,16 +3,17 @@
 
 Inductor (the default compiler) runs once per op; the per-backend variants (every backend of the
 test device, support.backends_for) use "aot_eager", which traces the same forward and backward
-graphs without generating C++ (a few seconds, not tens). Every loss of the registry
-(pyalign/losses/: pairwise, unpaired, policy) is traced whole and matches eager, value and
-gradients.
+graphs without generating C++ (a few seconds, not tens). Every unpaired and policy loss of the
+registry (pyalign/losses/) and one pairwise loss of each kind (support.pairwise_loss_kinds: the
+others trace the same graph, the loss name a constant of the opaque pair op) is traced whole and
+matches eager, value and gradients.
 """
 import pytest
 import torch
 
 import pyalign
 from pyalign import backends, losses
-from support import backends_for
+from support import backends_for, pairwise_loss_kinds
 
 LOGPROB_BACKENDS = backends_for("logprobs")
 
@@ -173,8 +174,8 @@ def _head_case(rows, seq_len=5, hidden_size=8, vocab=37):
     return hidden, weight, labels
 
 
-@pytest.mark.parametrize("name", losses.PAIRWISE_NAMES)
-def test_every_pairwise_loss_fullgraph_matches_eager(name):
+@pytest.mark.parametrize("name", pairwise_loss_kinds())
+def test_every_kind_of_pairwise_loss_fullgraph_matches_eager(name):
     entry = losses.REGISTRY[name]
     pairs = 3
     sequence = [torch.randn(pairs) * 3 - 40 for _ in range(4)]

@@ -20,6 +20,7 @@ from support import (
     grad_of,
     grads64,
     linear_logits64,
+    pairwise_loss_kinds,
     preference64,
     random_lengths,
     random_pairs,
@@ -302,11 +303,13 @@ def sequence_case(pairs, seq_len, hidden_size=4, vocab=11):
     return hidden, weight, labels
 
 
+# The head's backend changes the per-token log-probs' source, not the code of a loss: one loss of
+# each kind (every loss's pair math runs on every backend in test_losses.py and test_masks.py).
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
-@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
+@pytest.mark.parametrize("loss", pairwise_loss_kinds())
 @pytest.mark.parametrize("average", [False, True], ids=["sum", "avg"])
 @pytest.mark.parametrize("ref_per_token", [False, True], ids=["ref_logps", "ref_hidden"])
-def test_sequence_reduce_and_every_loss(backend, loss, average, ref_per_token):
+def test_sequence_reduce_and_every_kind_of_loss(backend, loss, average, ref_per_token):
     hidden, weight, labels = sequence_case(3, 37)
     mask = labels != IGNORE
     ref_hidden = hidden + 0.3 * torch.randn(hidden.shape)
@@ -335,25 +338,29 @@ def test_sequence_reduce_and_every_loss(backend, loss, average, ref_per_token):
     assert torch.isfinite(out.chosen_rewards).all() and torch.isfinite(out.rejected_rewards).all()
 
 
-@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
-def test_sequences_longer_than_a_block(backend):
-    """T = 1100: the sequence reduction loops over three Triton blocks of 512, the last partial."""
-    hidden, weight, labels = sequence_case(1, 1100, hidden_size=2, vocab=3)
-    mask = labels != IGNORE
-    ref_logps = -torch.rand(2) * 100
-    hidden_leaf = hidden.clone().requires_grad_(True)
-    out = pyalign.linear_preference_loss(hidden_leaf, weight, labels, ref_logps=ref_logps,
-                                         loss="sigmoid", beta=0.01, backend=backend)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_token_ref", [False, True], ids=["ref_seq", "ref_tokens"])
+def test_sequences_longer_than_a_block(backend, per_token_ref):
+    """T = 1100: the fused sequence reduction loops over three Triton blocks of 512, the last
+    partial, forward and backward."""
+    token_logps = -torch.rand(2, 1100) * 0.2
+    mask = torch.rand(2, 1100) > 0.1
+    mask[:, :3] = False  # a prompt
+    ref = -torch.rand(2, 1100) * 0.2 if per_token_ref else -torch.rand(2) * 100
+    leaf = token_logps.clone().requires_grad_(True)
+    out = pyalign.token_preference_loss(leaf, ref, mask, loss="sigmoid", beta=0.01,
+                                        backend=backend)
     out.loss.backward()
 
-    def loss_of(h):
-        policy = sequence_logprobs64(token_logprobs64(linear_logits64(h, weight), labels), mask)
-        return preference64(policy[:1], policy[1:], ref_logps[:1], ref_logps[1:], "sigmoid",
+    def loss_of(token_logps):
+        policy = sequence_logprobs64(token_logps, mask)
+        reference = sequence_logprobs64(ref, mask) if per_token_ref else ref
+        return preference64(policy[:1], policy[1:], reference[:1], reference[1:], "sigmoid",
                             0.01).mean()
 
-    expected, (exp_grad_hidden,) = grads64(loss_of, [hidden])
-    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(hidden_leaf.grad.double(), exp_grad_hidden, rtol=1e-4, atol=1e-6)
+    expected, (exp_grad,) = grads64(loss_of, [token_logps])
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(leaf.grad.double(), exp_grad, rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------- combinations, f-divergences, per-token options
