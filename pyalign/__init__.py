@@ -7,7 +7,7 @@
 """
 from pyalign import backends, ops
 from pyalign._workspace import empty_cache
-from pyalign.ops import *  # noqa: F403  (the public ops: ops.__all__)
+from pyalign.ops import *  # noqa: F403  (the public ops, ops.__all__: loads them all)
 
 __version__ = "0.1.0"
 
