@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/multi_tensor.h"
+#include "common/policy_stats.h"
 
 namespace pyalign {
 namespace {
@@ -31,22 +32,25 @@ std::vector<int64_t> multi_tensor_plan(std::vector<int64_t> numels, int64_t chun
   return flat;
 }
 
+// How many row stats the policy kernels write (checked against Python at load).
+int64_t policy_num_stats() { return kPolicyNumStats; }
+
 }  // namespace
 
 TORCH_LIBRARY(pyalign_C, m) {
   m.def("logprobs_forward(Tensor logits, Tensor labels, int ignore_index, float temperature, "
-        "bool with_entropy) -> (Tensor logprobs, Tensor entropy, Tensor lse)");
+        "bool with_entropy) -> (Tensor logprobs, Tensor entropy, Tensor stats)");
   m.def("logprobs_forward_out(Tensor logits, Tensor labels, int ignore_index, float temperature, "
-        "bool with_entropy, Tensor(a!) logprobs, Tensor(b!) entropy, Tensor(c!) lse) -> ()");
+        "bool with_entropy, Tensor(a!) logprobs, Tensor(b!) entropy, Tensor(c!) stats) -> ()");
   m.def("logprobs_backward_out(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
-        "Tensor labels, Tensor lse, Tensor? entropy, int ignore_index, float temperature, "
+        "Tensor labels, Tensor stats, Tensor? entropy, int ignore_index, float temperature, "
         "Tensor(a!) grad_logits) -> ()");
   m.def("logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
-        "Tensor labels, Tensor lse, Tensor? entropy, int ignore_index, float temperature) -> Tensor");
+        "Tensor labels, Tensor stats, Tensor? entropy, int ignore_index, float temperature) -> Tensor");
   m.def("logprobs_backward_(Tensor grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, "
-        "Tensor labels, Tensor lse, Tensor? entropy, int ignore_index, float temperature) -> ()");
+        "Tensor labels, Tensor stats, Tensor? entropy, int ignore_index, float temperature) -> ()");
   m.def("logprobs_backward_columns_(Tensor grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, "
-        "Tensor labels, Tensor lse, Tensor? entropy, int ignore_index, float temperature, "
+        "Tensor labels, Tensor stats, Tensor? entropy, int ignore_index, float temperature, "
         "int column_start) -> ()");
   m.def("kl_forward(Tensor logprobs, Tensor ref_logprobs, Tensor? mask, str estimator) -> Tensor");
   m.def("kl_forward_out(Tensor logprobs, Tensor ref_logprobs, Tensor? mask, str estimator, "
@@ -74,6 +78,7 @@ TORCH_LIBRARY(pyalign_C, m) {
   m.def("multi_tensor_bema_(Tensor(a!)[] targets, Tensor(b!)[] emas, Tensor[] params, "
         "Tensor[] inits, float alpha, float beta, int chunk_size=0) -> ()");
   m.def("exp_nonpositive(Tensor x) -> Tensor");
+  m.def("policy_num_stats() -> int", &policy_num_stats);
   m.def("multi_tensor_plan(int[] numels, int chunk_size, int max_tensors, int max_blocks) -> int[]",
         &multi_tensor_plan);
 }

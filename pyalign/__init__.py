@@ -11,12 +11,11 @@ parts it touches.
 """
 import importlib
 
+from pyalign.ops import PUBLIC as _OPS  # the ops' one list (importing it loads no op, no torch)
+
 __version__ = "0.1.0"
 
-__all__ = ["token_logprobs", "linear_token_logprobs", "kl_penalty", "preference_loss", "kto_loss",
-           "linear_preference_loss", "token_preference_loss", "linear_kto_loss", "sequence_logprobs",
-           "PreferenceLossOutput", "KTOLossOutput", "policy_loss", "linear_policy_loss", "PolicyLossOutput",
-           "ema_", "lerp_", "copy_", "bema_", "empty_cache", "backends", "refmodel", "__version__"]
+__all__ = [*_OPS, "empty_cache", "backends", "refmodel", "__version__"]
 
 # Subpackages reachable as attributes of ``pyalign``; the ops are pyalign.ops's, empty_cache
 # pyalign._workspace's.

@@ -2,13 +2,14 @@
 
 Imported by pyalign/backends.py at import time, like pyalign/_triton_backend.py. Importing it is
 cheap: it registers lazy loaders only; the first op that needs one builds (or loads from the
-cache) the extension. ``cpu`` backend: logprobs, linear_logprobs (torch matmuls with the C++
-logprobs kernels as the chunk epilogue), kl, policy and weights; ``cuda`` backend: weights.
+cache) the extension. ``cpu`` backend: logprobs, linear_logprobs (the chunked head,
+pyalign/_chunked_head.py, with the C++ logprobs kernels as its epilogue), kl, policy and weights;
+``cuda`` backend: weights.
 
-The adapters below turn ``torch.ops.pyalign_C`` into the primitive contract of
-pyalign/backends.py. float64 and empty inputs never reach them (the backend table sends those to
-eager); what remains is per-tensor routing: a mixed weight list is split into kernel-eligible and
-eager tensors.
+Each adapter below turns ``torch.ops.pyalign_C`` into the primitive contract of its family
+(pyalign/eager/<family>.py) and is registered by ``@implements(backend, family)``: adding a
+family to a C++ backend is one decorated factory. float64, empty and (weights) strided inputs
+never reach them: the backend table sends those to eager.
 """
 from __future__ import annotations
 
@@ -17,13 +18,24 @@ from types import SimpleNamespace
 import torch
 
 from pyalign import _build, backends
-from pyalign._utils import KERNEL_DTYPES
+from pyalign._chunked_head import ChunkedHead
+
+# How each C++ backend loads torch.ops.pyalign_C (building the extension on first use).
+OPS_LOADERS = {"cpu": lambda: _build.load_cpu_ops(), "cuda": lambda: _build.load_cuda_ops()}
 
 
-def _eager(family: str):
-    return backends.load(family, "eager")
+def implements(backend: str, family: str):
+    """Register the decorated factory (torch.ops.pyalign_C -> the family's implementation object)
+    as ``backend``'s implementation of ``family``, loaded on first use."""
+    load_ops = OPS_LOADERS[backend]
+
+    def decorate(factory):
+        backends.register(family, backend, lambda: factory(load_ops()))
+        return factory
+    return decorate
 
 
+@implements("cpu", "logprobs")
 def _make_logprobs(ops):
     def forward(logits, labels, ignore_index, temperature, with_entropy):
         return ops.logprobs_forward(logits, labels, int(ignore_index), float(temperature),
@@ -52,13 +64,13 @@ def _make_logprobs(ops):
     return SimpleNamespace(forward=forward, backward=backward, backward_columns=backward_columns)
 
 
+@implements("cpu", "linear_logprobs")
 def _make_linear_logprobs(ops):
-    from pyalign.eager.linear_logprobs import make_chunked_linear
-
-    # The matmuls stay in torch (MKL); the CPU logprobs kernels are the chunk epilogue.
-    return make_chunked_linear(_make_logprobs(ops))
+    # The matmuls stay in torch (MKL); the CPU logprobs kernels are the slices' epilogue.
+    return ChunkedHead(_make_logprobs(ops))
 
 
+@implements("cpu", "kl")
 def _make_kl(ops):
     # kl_penalty takes inputs and mask of one shape only (pyalign/ops/kl.py), so every call fits
     # the kernels; an integer mask becomes the bool mask they read.
@@ -73,12 +85,17 @@ def _make_kl(ops):
     return SimpleNamespace(forward=forward, backward=backward)
 
 
+@implements("cpu", "policy")
 def _make_policy(ops):
     # The kernels read contiguous fp32 per-token inputs (advantages too: a [B] one is expanded)
     # and bool masks; the gradients come back in fp32 and are cast to the inputs' dtypes here.
     # The policy term and the KL estimator go by the registry's ids (pyalign/losses.py).
     from pyalign import losses
 
+    if ops.policy_num_stats() != len(losses.POLICY_ROW_STATS):
+        raise RuntimeError(f"the C++ policy kernels write {ops.policy_num_stats()} row stats, "
+                           f"pyalign.losses.POLICY_ROW_STATS names {len(losses.POLICY_ROW_STATS)} "
+                           f"(csrc/common/policy_stats.h)")
     term_ids = losses.policy_kernel_ids()
 
     def fp32(tensor):
@@ -93,8 +110,7 @@ def _make_policy(ops):
                                   per_token(advantages, logprobs), mask, entropy_mask,
                                   fp32(ref_logprobs), fp32(entropy), term_ids[loss], level,
                                   [float(v) for v in params],
-                                  losses.POLICY_KL_ESTIMATOR_IDS[kl_estimator],
-                                  bool(bias_correction))
+                                  losses.KL_ESTIMATOR_IDS[kl_estimator], bool(bias_correction))
 
     def backward(row_weights, entropy_weights, logprobs, old_logprobs, advantages, mask,
                  entropy_mask, ref_logprobs, entropy, loss, level, params, beta, kl_estimator,
@@ -104,74 +120,21 @@ def _make_policy(ops):
             fp32(row_weights), fp32(entropy_weights) if with_entropy else None, fp32(logprobs),
             fp32(old_logprobs), per_token(advantages, logprobs), mask, entropy_mask,
             fp32(ref_logprobs), term_ids[loss], level, [float(v) for v in params], float(beta),
-            losses.POLICY_KL_ESTIMATOR_IDS[kl_estimator], bool(bias_correction))
+            losses.KL_ESTIMATOR_IDS[kl_estimator], bool(bias_correction))
         return (grad.to(logprobs.dtype),
                 grad_entropy.to(entropy.dtype) if with_entropy else None)
 
     return SimpleNamespace(forward=forward, backward=backward)
 
 
-def _make_weights(ops, device_type: str):
+@implements("cpu", "weights")
+@implements("cuda", "weights")
+def _make_weights(ops):
     def apply_(kind, targets, sources, scalar):
-        fast_targets, fast_sources, rest_targets, rest_sources = [], [], [], []
-        for target, source in zip(targets, sources, strict=True):
-            fast = (target.device.type == device_type and source.device == target.device
-                    and target.dtype in KERNEL_DTYPES and source.dtype in KERNEL_DTYPES
-                    and target.is_contiguous() and source.is_contiguous())
-            (fast_targets if fast else rest_targets).append(target)
-            (fast_sources if fast else rest_sources).append(source)
-        if fast_targets:
-            ops.multi_tensor_apply_(kind, fast_targets, fast_sources, float(scalar))
-        if rest_targets:  # fp64, non-contiguous views: the eager path
-            _eager("weights").apply_(kind, rest_targets, rest_sources, scalar)
+        ops.multi_tensor_apply_(kind, list(targets), list(sources), float(scalar))
 
     def bema_(targets, emas, params, inits, alpha, beta):
-        fast, rest = ([], [], [], []), ([], [], [], [])
-        for group in zip(targets, emas, params, inits, strict=True):
-            ready = (all(t.device == group[0].device and t.dtype in KERNEL_DTYPES
-                         and t.is_contiguous() for t in group)
-                     and group[0].device.type == device_type and group[1].dtype == group[3].dtype)
-            for kept, tensor in zip(fast if ready else rest, group):
-                kept.append(tensor)
-        if fast[0]:
-            ops.multi_tensor_bema_(*fast, float(alpha), float(beta))
-        if rest[0]:  # fp64, non-contiguous views: the eager path
-            _eager("weights").bema_(*rest, alpha, beta)
+        ops.multi_tensor_bema_(list(targets), list(emas), list(params), list(inits), float(alpha),
+                               float(beta))
 
     return SimpleNamespace(apply_=apply_, bema_=bema_)
-
-
-def _make_cpu_weights(ops):
-    return _make_weights(ops, "cpu")
-
-
-def _make_cuda_weights(ops):
-    return _make_weights(ops, "cuda")
-
-
-# {family: factory taking torch.ops.pyalign_C}, per backend, with the loader of its ops.
-CPU_FACTORIES = {
-    "logprobs": _make_logprobs,
-    "linear_logprobs": _make_linear_logprobs,
-    "kl": _make_kl,
-    "policy": _make_policy,
-    "weights": _make_cpu_weights,
-}
-CUDA_FACTORIES = {
-    "weights": _make_cuda_weights,
-}
-BACKEND_FACTORIES = {
-    "cpu": (lambda: _build.load_cpu_ops(), CPU_FACTORIES),
-    "cuda": (lambda: _build.load_cuda_ops(), CUDA_FACTORIES),
-}
-
-
-def _loader(load_ops, factory):
-    def load_cpp_backend():
-        return factory(load_ops())
-    return load_cpp_backend
-
-
-for _backend, (_load_ops, _factories) in BACKEND_FACTORIES.items():
-    for _family, _factory in _factories.items():
-        backends.register(_family, _backend, _loader(_load_ops, _factory))

@@ -31,7 +31,7 @@ def prepare_extension(device, backend: str = "auto") -> None:
     from pyalign import backends
 
     device_type = torch.device(device).type
-    for family in backends.PRIMITIVES:
+    for family in backends.families():
         try:
             backends.resolve(family, backend, device_type)
         except backends.BackendUnavailable:

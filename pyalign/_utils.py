@@ -2,6 +2,8 @@
 
 - ``KERNEL_DTYPES`` / ``accumulation_dtype``: which float dtypes the kernel backends take, and the
   dtype every backend does its math in.
+- ``check_int``: the one "an int in [minimum, maximum]" check (never bool, never a float).
+- ``available_cores``: the CPU cores this process may run on.
 - ``canonical_param_name`` / ``named_tensors`` / ``local_shard``: how a parameter is named, how
   two models pair by name, and which storage a rank updates, whatever wraps the model (DDP,
   torch.compile, FSDP2).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import stat
 import tempfile
@@ -43,22 +46,48 @@ def pip_extra(extra: str) -> str:
 _WRAPPER_PREFIXES = ("module", "_orig_mod")
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16 inputs; fp64 inputs (gradcheck) stay fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def accumulation_dtype(*inputs) -> torch.dtype:
+    """The dtype math runs in for ``inputs`` (dtypes, tensors, None skipped): fp64 when one of
+    them is fp64 (gradcheck), else fp32 (fp32/bf16/fp16 inputs)."""
+    dtypes = [getattr(given, "dtype", given) for given in inputs if given is not None]
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def check_int(name: str, value, *, minimum: int = INT64_MIN, maximum: int = INT64_MAX,
+              what: str | None = None, error: type[Exception] | None = None) -> int:
+    """An integer (Python int, NumPy integer or 0-d integer tensor; never bool) in [minimum,
+    maximum] (by default the int64 range), returned as a Python int. Refused: TypeError for
+    another type, ValueError out of range, or ``error`` for both (a config file's own error)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype.is_floating_point or value.dtype.is_complex \
+                or value.dtype == torch.bool:
+            raise (error or TypeError)(
+                f"{name} must be an int (or a 0-d integer tensor), got a tensor of shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}")
+    elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise (error or TypeError)(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if not minimum <= value <= maximum:
+        raise (error or ValueError)(
+            f"{name} must be {what or f'an int in [{minimum}, {maximum}]'}, got {value}")
+    return value
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def gradients_wanted(*tensors) -> bool:
     """Whether a backward can reach any of ``tensors`` (None allowed): grad mode on and one of
     them requiring grad."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def check_int(name: str, value, minimum: int) -> int:
-    """``value`` when it is an int (never a bool) >= ``minimum``; else ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def canonical_param_name(name: str) -> str:

@@ -1,9 +1,8 @@
 """Reused CPU scratch buffers: the fused head's kept logits (``memory_budget=``) between calls.
 
 glibc hands every freed block over 32 MiB back to the kernel, so a large buffer allocated anew
-each call comes back as fresh pages, and the first write to each 4 KiB page faults: for the
-250 MiB of kept logits at N = 2048, V = 32000 that is ~100 ms a call on a 2-core VM, about 5% of
-the head's matmul time (benchmarks/README.md). The chunked head takes its kept logits from here
+each call comes back as fresh pages, and the first write to each 4 KiB page faults (what that
+costs the head is in benchmarks/README.md). The chunked head takes its kept logits from here
 and gives them back once its backward has turned them into their gradient and used it, so the
 next call reuses the same pages, as CUDA's caching allocator does on a GPU. A buffer is handed to
 one call at a time (a taken one leaves the cache, so two graphs alive at once get two buffers);

@@ -1,107 +1,46 @@
-"""Which backend runs an op: a table of (op family, backend) -> implementation.
+"""Which backend runs an op: the one place that decides.
 
 Backends are records in ``TABLE`` (name, device types, the module that registers them):
 ``triton`` (pyalign/kernels/, CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``), ``cuda`` and
 ``cpu`` (csrc/, JIT-built on first use, registered by pyalign/_cpp_backend.py) and ``eager``
 (pyalign/eager/, always there). ``BACKENDS``, ``CHOICES``, ``AUTO_ORDER`` and the device checks
-derive from the table. ``backend="auto"`` takes the first available entry of ``AUTO_ORDER`` for
-the tensors' device; ``PYALIGN_BACKEND`` overrides the choice process-wide. A backend that cannot
-load warns once, with the reason, and the op runs on the next one in the order. float64 and empty
-inputs run on eager: that rule lives here, in ``resolve_for`` and ``implementation``, and nowhere
-else. A backend module that fails to import (other than by being absent) warns once and records
-the error as the reason for every family of its backends.
+derive from the table.
 
-Each op family's implementation is an object (usually a module) with the functions named in
-``PRIMITIVES``; the ops layer (pyalign/ops/) calls only those, so a backend plugs in by
-registering a loader:
+Op families. A family is a module of pyalign/eager/ (``families()``): its eager implementation,
+which every family has, names in ``PRIMITIVES`` the functions every backend of the family
+implements and states their contract in its docstring. The ops layer (pyalign/ops/) calls only
+those functions, on the object ``implementation()`` returns. A backend implements a family by
+registering a lazy loader (``register``): the Triton backend registers each module of
+pyalign/kernels/ under its name, the C++ backends one adapter factory per family.
 
-    backends.register("logprobs", "cpu", lambda: importlib.import_module("pyalign._cpu_impl"))
+The decision, ``resolved_name(family, backend, *inputs, primitive=..., **args)``:
 
-Primitive contracts (all tensors already validated, 2-D row-major where noted):
+1. inputs without an element: eager (no kernel needed);
+2. inputs the kernel backends do not take (float64; with ``contiguous=True`` also a strided
+   tensor): eager for "auto" and "eager", ValueError for another named backend;
+3. ``resolve``: the device and what loads. "auto" takes the first loadable backend of
+   ``AUTO_ORDER`` for the device, ``PYALIGN_BACKEND`` replacing "auto" process-wide; a backend
+   that cannot load warns once, with the reason, and the next one runs. A backend named in the
+   call must run, or BackendUnavailable says why;
+4. the arguments: a backend's module may define the capability hook
+   ``unsupported(backend, family, primitive, args) -> reason | None`` (see
+   pyalign/_triton_backend.py). A backend that cannot do these arguments is passed over without
+   a warning (nothing is broken): "auto" takes the next backend of the order that can, a named
+   backend hands the call to eager.
 
-logprobs
-  forward(logits[N,V], labels[N] int64, ignore_index, temperature, with_entropy)
-      -> (logprobs[N] f32, entropy[N] f32 or empty[0], stats[N,2] f32)
-      stats[n] = (m, L): m = max_v logits[n, v] (raw, before the temperature), L = log sum_v
-      exp((logits[n, v] - m) / T), so logsumexp(logits/T) = m/T + L. Every backend computes from
-      the shifted (z - m) / T <= 0: logprobs = min((z_y - m)/T - L, 0) keeps fp32 accuracy at any
-      common logit offset and never overflows; entropy >= 0. Ignored rows: logprobs and entropy
-      exactly 0 (their logits may hold NaN/inf: selected away, never multiplied by 0), stats
-      unspecified.
-  backward(grad_logprobs[N] f32, grad_entropy[N] f32 | None, logits, labels, stats,
-           entropy[N] | None, ignore_index, temperature, inplace) -> grad_logits (logits' dtype;
-           when inplace, written into ``logits`` and returned); log p = (z - m)/T - L from stats;
-           ignored rows exactly 0 whatever their logits or upstream gradients hold
-  backward_columns(..., temperature, column_start)   (optional: the chunked linear path's
-           epilogue, pyalign/eager/linear_logprobs.py, needs it) the same gradient, in place, for
-           logits[:, c0:c0+W] of a wider vocabulary: stats of whole rows, labels of the whole
-           vocabulary (the label term only where it falls in the slice). A vocab shard's
-           3-matmul loss (pyalign/ops/_fused_head.py) calls it at column 0 with labels outside
-           the shard; a backend without it must take such labels in ``backward`` (no label term)
-linear_logprobs
-  forward(hidden[N,H], weight[V,H], bias[V] | None, labels, ignore_index, temperature,
-          with_entropy, chunk_size, softcap | None, logit_scale, metrics, keep_rows)
-      -> (logprobs, entropy, stats[N,2], log_sum_sq_probs, mean_logits, is_top1 (bool), kept)
-      the head z = softcap·tanh(logit_scale·(hidden·Wᵀ + b) / softcap) / T (no tanh without a
-      softcap); stats as for logprobs, of the head logits before T; metrics = three bools
-      (log_sum_sq_probs, mean_logits, is_top1 wanted: [N] each, else empty[0]); kept = the raw
-      logits of the first keep_rows tokens, kept for backward ([keep_rows, V]; the ops layer
-      asks only the chunked backends, the fused Triton one returns [0, V]). A label outside
-      [0, V) that is not ignore_index (a vocab shard's token whose label another rank holds,
-      pyalign/ops/_vocab_parallel.py) is no error: that token gets its row's stats, entropy,
-      log_sum_sq_probs and mean_logits; its logprobs and is_top1 are unspecified
-  backward(grad_logprobs, grad_entropy | None, hidden, weight, bias, labels, stats, entropy | None,
-           ignore_index, temperature, chunk_size, softcap | None, logit_scale, kept, *,
-           vocab_shard=False)
-      -> (grad_hidden, grad_weight, grad_bias | None); may overwrite ``kept``.
-      ignored tokens contribute nothing to grad_weight / grad_bias (a NaN/inf hidden row is
-      selected away) and get grad_hidden exactly 0. With vocab_shard, weight is a shard of a
-      wider vocabulary and stats / entropy are the whole rows' (used as given, never recomputed
-      from the shard); a label outside [0, V) adds no label term
-kl
-  forward(logprobs, ref_logprobs, mask | None, estimator) -> kl (f32)
-  backward(grad_kl, logprobs, ref_logprobs, mask | None, estimator)
-      -> (grad_logprobs, grad_ref_logprobs)
-preference
-  forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta, label_smoothing)
-      -> losses[B] f32
-  backward(grad_losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta,
-           label_smoothing) -> (grad_pc, grad_pr, grad_rc, grad_rr)
-  sequence_preference_forward(token_logprobs[2B,T], mask[2B,T], ref_logps[2B] | [2B,T], loss,
-           beta, label_smoothing, average) -> (losses[B], policy_logps[2B], ref_logps[2B])
-      masked sum (mean with ``average``) over T, chosen rows first, then the pair loss
-  sequence_preference_backward(grad_losses, token_logprobs, mask, ref_logps, policy_logps,
-           ref_logps_reduced, loss, beta, label_smoothing, average)
-      -> (grad_token_logprobs[2B,T], grad_ref_logps shaped like ref_logps)
-policy
-  forward(logprobs[B,T], old_logprobs[B,T], advantages[B] | [B,T], mask[B,T] bool,
-          entropy_mask[B,T] bool | None, ref_logprobs[B,T] | None, entropy[B,T] | None, loss,
-          level, params, beta, kl_estimator, bias_correction) -> row_stats[B, S] (f32; f64 for
-          f64 inputs), the per-row reductions named by pyalign.losses.POLICY_ROW_STATS
-      loss: a name of losses.POLICY_REGISTRY (its policy term, by kernel_id); level "token",
-      "sequence" (w = exp of the row's masked mean log-ratio) or "sequence_sum" (exp of the sum);
-      params: losses.PolicyParams.as_list(); the KL stat (and term) only with ref_logprobs, times
-      the ratio with bias_correction; entropy_mask already within mask. Masked positions: their
-      inputs never reach a stat (selected away, NaN included).
-  backward(row_weights[B] f32, entropy_weights[B] f32 | None, the forward's inputs)
-      -> (grad_logprobs like logprobs, grad_entropy like entropy or None)
-      the gradient of Σ_b row_weights[b]·Σ_t m·(em·P + β·kl) + Σ_b entropy_weights[b]·Σ_t m·em·H;
-      masked positions exactly 0
-weights
-  apply_(kind, targets, sources, scalar)   kind in {"lerp", "copy"} (ema_ runs as lerp with
-           weight 1 - decay); in place, no autograd
-  bema_(targets, emas, params, inits, alpha, beta)   four lists of one length, each index's
-           tensors of one shape and device, emas[i] and inits[i] of one dtype; in place:
-           ema = lerp(ema, param, beta) stored, then target = ema + alpha * (param - init)
+A backend module that fails to import (other than by being absent) warns once and records the
+error as the reason for every family of its backends.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import os
+import pkgutil
+import sys
 import threading
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -117,11 +56,13 @@ class Backend:
     device_types: tuple[str, ...] | None
     # Also CPU tensors under TRITON_INTERPRET=1 (for tests: "auto" never picks it there).
     interpreter_on_cpu: bool = False
-    # Imported at import time to register the implementations (None: registered here).
+    # Imported at import time to register the implementations and define the capability hook
+    # (None: the eager backend, found by family name in EAGER_PACKAGE).
     module: str | None = None
 
 
 INTERPRETER_ENV = "TRITON_INTERPRET"
+EAGER_PACKAGE = "pyalign.eager"
 
 TABLE = (
     Backend("triton", ("cuda",), interpreter_on_cpu=True, module="pyalign._triton_backend"),
@@ -133,16 +74,7 @@ _BY_NAME = {backend.name: backend for backend in TABLE}
 
 BACKENDS = tuple(_BY_NAME)
 CHOICES = ("auto", *BACKENDS)
-
-PRIMITIVES = {
-    "logprobs": ("forward", "backward"),
-    "linear_logprobs": ("forward", "backward"),
-    "kl": ("forward", "backward"),
-    "preference": ("forward", "backward", "sequence_preference_forward",
-                   "sequence_preference_backward"),
-    "policy": ("forward", "backward"),
-    "weights": ("apply_", "bema_"),
-}
+EAGER = "eager"
 
 
 def _auto_order(device_type: str | None) -> tuple[str, ...]:
@@ -168,15 +100,47 @@ class BackendUnavailable(RuntimeError):
     """Raised when a backend asked for by name cannot run an op."""
 
 
+def package_modules(package: str) -> tuple[str, ...]:
+    """The public modules (no leading underscore) of ``package``, by name: how the eager and
+    Triton backends find their families without a table."""
+    path = importlib.import_module(package).__path__
+    return tuple(sorted(info.name for info in pkgutil.iter_modules(path)
+                        if not info.name.startswith("_")))
+
+
+def families() -> tuple[str, ...]:
+    """The op families: one per module of pyalign/eager/."""
+    return package_modules(EAGER_PACKAGE)
+
+
+def primitives(family: str) -> tuple[str, ...]:
+    """The functions every backend of ``family`` implements: its eager module's PRIMITIVES."""
+    return importlib.import_module(f"{EAGER_PACKAGE}.{family}").PRIMITIVES
+
+
 def register(family: str, backend: str, loader: Callable[[], object]) -> None:
     """Register a lazy loader returning the implementation of ``family`` on ``backend``."""
-    if family not in PRIMITIVES:
-        raise ValueError(f"unknown op family {family!r}; expected one of {sorted(PRIMITIVES)}")
+    if family not in families():
+        raise ValueError(f"unknown op family {family!r}; expected one of {families()} (a family "
+                         f"is a module of {EAGER_PACKAGE}, its eager implementation)")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _loaders[(family, backend)] = loader
     _loaded.pop((family, backend), None)
     _failures.pop((family, backend), None)
+
+
+def _loader(family: str, backend: str) -> Optional[Callable[[], object]]:
+    loader = _loaders.get((family, backend))
+    if loader is None and backend == EAGER and family in families():
+        # the eager module of a family is its implementation object
+        return lambda: importlib.import_module(f"{EAGER_PACKAGE}.{family}")
+    return loader
+
+
+def has(family: str, backend: str) -> bool:
+    """Whether ``backend`` implements ``family`` at all."""
+    return _loader(family, backend) is not None
 
 
 def _device_reason(backend: str, device_type: str) -> str | None:
@@ -202,7 +166,7 @@ def load(family: str, backend: str):
         return _loaded[key]
     if key in _failures:
         raise BackendUnavailable(_failures[key])
-    loader = _loaders.get(key)
+    loader = _loader(family, backend)
     if loader is None:
         raise BackendUnavailable(f"no {backend} implementation of {family}")
     with _lock:
@@ -210,7 +174,7 @@ def load(family: str, backend: str):
             return _loaded[key]
         try:
             impl = loader()
-            missing = [p for p in PRIMITIVES[family] if not hasattr(impl, p)]
+            missing = [p for p in primitives(family) if not hasattr(impl, p)]
             if missing:
                 raise RuntimeError(f"implementation lacks {missing}")
         except BackendUnavailable as exc:
@@ -248,13 +212,21 @@ def _warn_once(family: str, backend: str, reason: str, fallback: str) -> None:
                   f"using {fallback}", RuntimeWarning, stacklevel=4)
 
 
-def resolve(family: str, backend: str, device: torch.device | str) -> str:
-    """The backend name that will run ``family`` for tensors on ``device``.
+def _auto_candidates(device_type: str) -> tuple[list[str], str | None]:
+    """(the order "auto" tries on ``device_type``, the backend PYALIGN_BACKEND puts first or
+    None)."""
+    order = list(AUTO_ORDER.get(device_type, _ANY_DEVICE_ORDER))
+    forced = os.environ.get("PYALIGN_BACKEND", "auto").strip().lower() or "auto"
+    if forced == "auto":
+        return order, None
+    if forced not in BACKENDS:
+        raise ValueError(f"PYALIGN_BACKEND must be one of {CHOICES}, got {forced!r}")
+    return [forced] + [b for b in order if b != forced], forced
 
-    ``backend`` is a name from BACKENDS or "auto". "auto" (and PYALIGN_BACKEND, which replaces
-    "auto") falls through AUTO_ORDER, warning once per unloadable backend. A backend named
-    explicitly in the call must run, or BackendUnavailable says why.
-    """
+
+def resolve(family: str, backend: str, device: torch.device | str) -> str:
+    """The backend name that will run ``family`` for tensors on ``device`` (step 3 of the
+    module docstring: the device and what loads)."""
     device_type = torch.device(device).type
     check_name(backend)
     if backend != "auto":
@@ -262,37 +234,81 @@ def resolve(family: str, backend: str, device: torch.device | str) -> str:
         if not ok:
             raise BackendUnavailable(f"backend {backend!r} cannot run {family} on {device_type}: {reason}")
         return backend
-    order = list(AUTO_ORDER.get(device_type, _ANY_DEVICE_ORDER))
-    forced = os.environ.get("PYALIGN_BACKEND", "auto").strip().lower() or "auto"
-    if forced != "auto":
-        if forced not in BACKENDS:  # "auto" was handled above
-            raise ValueError(f"PYALIGN_BACKEND must be one of {CHOICES}, got {forced!r}")
-        order = [forced] + [b for b in order if b != forced]
+    order, forced = _auto_candidates(device_type)
     for i, name in enumerate(order):
         if _device_reason(name, device_type) is not None and name != forced:
             continue
         ok, reason = status(family, name, device_type)
         if ok:
             return name
-        if (family, name) in _loaders or name == forced:
-            _warn_once(family, name, reason, next((b for b in order[i + 1:]), "eager"))
-    return "eager"
+        if has(family, name) or name == forced:
+            _warn_once(family, name, reason, next((b for b in order[i + 1:]), EAGER))
+    return EAGER
 
 
-def resolve_for(family: str, backend: str, tensor: torch.Tensor) -> str:
-    """resolve() for ``tensor``'s device and dtype: float64 inputs run on eager only (the
-    kernels take fp32/bf16/fp16); naming another backend for them is an error."""
-    if tensor.dtype not in KERNEL_DTYPES:
-        if backend in ("auto", "eager"):
-            return "eager"
-        raise ValueError(f"backend {backend!r} takes float32, bfloat16 or float16 inputs, got "
-                         f"{tensor.dtype}; use backend='eager' for {tensor.dtype}")
-    return resolve(family, backend, tensor.device)
+def unsupported(backend: str, family: str, primitive: str | None, args: dict) -> str | None:
+    """Why ``backend`` cannot run ``primitive`` of ``family`` (None: any of them) with ``args``,
+    from its module's capability hook; None when it can (eager can do everything)."""
+    module = _BY_NAME[backend].module
+    hook = getattr(sys.modules.get(module), "unsupported", None) if module else None
+    return None if hook is None else hook(backend, family, primitive, args)
 
 
-def has(family: str, backend: str) -> bool:
-    """Whether ``backend`` registers an implementation of ``family`` at all."""
-    return (family, backend) in _loaders
+def _kernel_input_reason(tensors, contiguous: bool) -> str | None:
+    """What the kernel backends do not take among ``tensors`` (None: they take all of them)."""
+    for tensor in tensors:
+        if tensor.dtype.is_floating_point and tensor.dtype not in KERNEL_DTYPES:
+            return f"{tensor.dtype}"
+        if contiguous and not tensor.is_contiguous():
+            return "a non-contiguous tensor"
+    return None
+
+
+def resolved_name(family: str, backend: str, *inputs: torch.Tensor | None,
+                  primitive: str | None = None, contiguous: bool = False, **args) -> str:
+    """The backend that runs ``family`` (``primitive`` of it, when given) on ``inputs`` (the
+    tensors whose device, dtypes and sizes decide; None entries are skipped) for the requested
+    ``backend``, with ``args`` for the capability hooks (the four steps of the module
+    docstring). ``contiguous``: the family's kernels take contiguous tensors only."""
+    tensors = [t for t in inputs if t is not None]
+    if all(t.numel() == 0 for t in tensors):
+        return EAGER
+    check_name(backend)
+    refused = _kernel_input_reason(tensors, contiguous)
+    if refused is not None:
+        if backend in ("auto", EAGER):
+            return EAGER
+        layout = "contiguous " if contiguous else ""
+        raise ValueError(f"backend {backend!r} takes {layout}float32, bfloat16 or float16 inputs, "
+                         f"got {refused}; use backend='eager' for {refused}")
+    device = tensors[0].device
+    name = resolve(family, backend, device)
+    if unsupported(name, family, primitive, args) is None:
+        return name
+    if backend != "auto":
+        return EAGER
+    order, _ = _auto_candidates(device.type)
+    for later in order[order.index(name) + 1:] if name in order else ():
+        if (status(family, later, device.type)[0]
+                and unsupported(later, family, primitive, args) is None):
+            return later
+    return EAGER
+
+
+def implementation(family: str, backend: str, *inputs: torch.Tensor | None,
+                   primitive: str | None = None, contiguous: bool = False, **args):
+    """The implementation object that runs ``family`` on ``inputs`` (``resolved_name``).
+
+    Called inside the custom ops, so it runs eagerly even under torch.compile (dynamo never
+    traces the table, its lock or a JIT build)."""
+    return load(family, resolved_name(family, backend, *inputs, primitive=primitive,
+                                      contiguous=contiguous, **args))
+
+
+def backend_for(family: str, backend: str) -> str:
+    """The backend to ask for ``family`` inside an op given ``backend`` for another family (a
+    head's log-probs, then its loss): ``backend`` where it implements ``family``, else "auto"."""
+    return backend if backend == "auto" or has(family, backend) else "auto"
 
 
 def check_name(backend: str) -> str:
@@ -300,31 +316,6 @@ def check_name(backend: str) -> str:
     if backend not in CHOICES:
         raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
     return backend
-
-
-def implementation(family: str, backend: str, tensor: torch.Tensor):
-    """The implementation object that runs ``family`` on ``tensor`` for the requested backend.
-
-    Called inside the custom ops, so it runs eagerly even under torch.compile (dynamo never
-    traces the table, its lock or a JIT build). Empty inputs need no kernel: eager answers.
-    With resolve_for this is the one place of the rule "float64 or empty inputs run eager": the
-    kernel backends' implementations never see such inputs.
-    """
-    if tensor.numel() == 0:
-        return load(family, "eager")
-    return load(family, resolve_for(family, backend, tensor))
-
-
-# Built-in registrations. Loaders are lazy: nothing is imported or compiled until first use.
-def _eager_loader(family: str):
-    def load_eager():
-        # Each family module of pyalign/eager/ is the implementation object itself.
-        return importlib.import_module(f"pyalign.eager.{family}")
-    return load_eager
-
-
-for _family in PRIMITIVES:
-    register(_family, "eager", _eager_loader(_family))
 
 
 _import_warned: set[str] = set()
@@ -350,7 +341,7 @@ def _register_optional(module: str, names: tuple[str, ...]) -> None:
 def _record_import_failure(module: str, names: tuple[str, ...], exc: BaseException) -> None:
     reason = f"importing {module} failed: {type(exc).__name__}: {exc}"
     for name in names:
-        for family in PRIMITIVES:
+        for family in families():
             _loaded.pop((family, name), None)
             _failures[(family, name)] = reason
     if module not in _import_warned:

@@ -28,10 +28,11 @@ import sys
 import tempfile
 import time
 
-from pyalign._triton_backend import FAMILY_MODULES
+from pyalign._triton_backend import kernel_modules
+from pyalign._utils import available_cores
 
 # The Triton kernel modules, one per op family, in the order the table prints them.
-KERNEL_MODULES = tuple(FAMILY_MODULES.values())
+KERNEL_MODULES = tuple(kernel_modules().values())
 DEFAULT_CCS = (80, 90)
 
 _VECTOR_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*?\.v(\d+)\.")
@@ -187,7 +188,7 @@ def _compile_all(ccs, jobs=None) -> list[dict]:
         raise RuntimeError("unset TRITON_INTERPRET to compile (use compile_table(), which does)")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated
     work = _jobs_for(ccs)
-    workers = max(1, min(jobs or os.cpu_count() or 1, len(work)))
+    workers = max(1, min(jobs or available_cores(), len(work)))
     if workers == 1:
         return [_compile_one(job) for job in work]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:

@@ -37,7 +37,7 @@ from torch import nn
 
 from pyalign import backends
 from pyalign._bema import BEMASchedule
-from pyalign._utils import canonical_param_name, local_shard, named_tensors
+from pyalign._utils import canonical_param_name, check_int, local_shard, named_tensors
 
 __all__ = ["ReferenceStrategy", "Frozen", "TrustRegion", "ElasticReset", "BEMA"]
 
@@ -54,10 +54,8 @@ def _named_params(model, what: str) -> dict[str, nn.Parameter]:
     return named_tensors(model, what)
 
 
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
+def _check_period(name: str, value) -> int:
+    return check_int(name, value, minimum=1, what="an int >= 1", error=ValueError)
 
 
 def trust_region_settings(alpha, tau, *, keys=("alpha", "tau")) -> tuple[float, int]:
@@ -66,7 +64,7 @@ def trust_region_settings(alpha, tau, *, keys=("alpha", "tau")) -> tuple[float, 
     alpha = float(alpha)
     if not math.isfinite(alpha) or not 0.0 < alpha <= 1.0:
         raise ValueError(f"{keys[0]} must be in (0, 1] (1 = hard update), got {alpha}")
-    return alpha, _check_int(keys[1], tau, 1)
+    return alpha, _check_period(keys[1], tau)
 
 
 def elastic_reset_settings(ema_decay, reset_every, ema_every, *,
@@ -76,7 +74,7 @@ def elastic_reset_settings(ema_decay, reset_every, ema_every, *,
     ema_decay = float(ema_decay)
     if not math.isfinite(ema_decay) or not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"{keys[0]} must be in [0, 1), got {ema_decay}")
-    return ema_decay, _check_int(keys[1], reset_every, 1), _check_int(keys[2], ema_every, 1)
+    return ema_decay, _check_period(keys[1], reset_every), _check_period(keys[2], ema_every)
 
 
 def _check_step(global_step) -> int:

@@ -34,6 +34,21 @@ def backends_for(family: str) -> list[str]:
     return backends.available(family, DEVICE.type)
 
 
+def pairwise_loss_kinds() -> list[str]:
+    """One pairwise loss of each kind, for tests of the torch code around the pair primitive:
+    entries whose registry flags (f-divergence, length normalisation, needs, batch step, pair
+    math, label smoothing) are equal run the same code there, their names aside; the first name
+    of each kind."""
+    from pyalign import losses
+    kinds = {}
+    for name, entry in losses.REGISTRY.items():
+        if entry.pairwise:
+            key = (entry.f_divergence, entry.length_normalized, entry.needs, entry.batch_step,
+                   entry.pair_math, entry.uses_label_smoothing)
+            kinds.setdefault(key, name)
+    return list(kinds.values())
+
+
 def backend_cases(family: str, cases, small_cases=None):
     """pytest.param(backend, *case) for every backend of ``family`` and every case; the Triton
     interpreter (triton on CPU: slow) gets ``small_cases`` instead when given."""

@@ -51,3 +51,44 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
         _utils.atomic_write(target, b"new")
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.bin"]
+
+
+class ConfigProblem(ValueError):
+    pass
+
+
+@pytest.mark.parametrize("value", [3, 0, -7])
+def test_check_int_takes_ints_in_range_and_returns_them(value):
+    import numpy as np
+    import torch
+
+    for given in (value, np.int32(value), torch.tensor(value)):
+        assert _utils.check_int("n", given, minimum=-7, maximum=3) == value
+        assert type(_utils.check_int("n", given)) is int
+
+
+@pytest.mark.parametrize("value", [True, 1.0, "1", None, [1]])
+def test_check_int_refuses_other_types_naming_the_argument(value):
+    with pytest.raises(TypeError, match="chunk_size must be an int"):
+        _utils.check_int("chunk_size", value)
+    with pytest.raises(ConfigProblem, match="key 'steps' must be an int"):
+        _utils.check_int("key 'steps'", value, error=ConfigProblem)
+
+
+def test_check_int_refuses_values_out_of_range_saying_what_is_accepted():
+    import torch
+
+    with pytest.raises(ValueError, match=r"tau must be an int >= 1, got 0"):
+        _utils.check_int("tau", 0, minimum=1, what="an int >= 1")
+    with pytest.raises(ValueError, match=r"n must be an int in \[0, 5\], got 6"):
+        _utils.check_int("n", 6, minimum=0, maximum=5)
+    with pytest.raises(ConfigProblem, match="got -1"):
+        _utils.check_int("steps", -1, minimum=0, error=ConfigProblem)
+    with pytest.raises(TypeError, match="0-d integer tensor"):
+        _utils.check_int("n", torch.tensor([1, 2]))
+
+
+def test_available_cores_is_this_process_share():
+    assert 1 <= _utils.available_cores() <= (os.cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):
+        assert _utils.available_cores() == len(os.sched_getaffinity(0))

@@ -11,7 +11,7 @@
 namespace pyalign {
 
 // expm1 and k3 = expm1(d) - d with plain arithmetic, so the loops vectorize (libm's expm1f
-// keeps them scalar and was 8x slower than eager). For |d| < 1/2 both use the Taylor series
+// keeps them scalar). For |d| < 1/2 both use the Taylor series
 // (expm1(d) - d cancels catastrophically in fp32 there; truncation < 1e-11 relative); beyond,
 // exp(d) - 1 through the shared vectorizable exp. Both sides are computed and one selected.
 constexpr float kSeriesLimit = 0.5f;

@@ -4,7 +4,7 @@
 // L1: a max pass over the block, then an exp-sum pass relative to the running max m of the raw
 // logits (online logsumexp, rescaled only when a block raises the max). Everything is computed
 // from s = (z - m) / T <= 0: log p_y = s_y - log sum exp(s) keeps fp32 accuracy at any common
-// offset of the logits (z/T - lse with both ~1e4 would lose 4 digits), never overflows where
+// offset of the logits (z/T - logsumexp(z/T) with both ~1e4 would lose 4 digits), never overflows where
 // z / T would, and is <= 0 (the clamp below only removes rounding). Saves the row stats
 // (m, log sum exp(s)) [N, 2]. Reads logits once from memory: N*V*sizeof(dtype) bytes, writes
 // 3-4 floats per row. Ignored rows are not read: outputs 0.
@@ -13,8 +13,8 @@
 // when in place). Ignored rows are not read: gradient exactly +0.
 // backward over a column slice (logprobs_backward_columns_, in place): the same per-element
 // gradient for logits[:, c0:c0+W] of a wider vocabulary, the row stats being those of the whole
-// row; the label term lands only where the label falls in the slice. The fused linear path
-// (pyalign/eager/linear_logprobs.py) walks the vocabulary with it, so its weight-gradient
+// row; the label term lands only where the label falls in the slice. The chunked head
+// (pyalign/_chunked_head.py) walks the vocabulary with it, so its weight-gradient
 // matmuls run over all tokens at once.
 // Threads: rows split over at::parallel_for (OpenMP); each row is one thread's serial work, so
 // results do not depend on the thread count. Inner loops are `omp simd` (fp32 accumulation).
@@ -186,18 +186,17 @@ void check_output(const at::Tensor& out, int64_t rows, const char* name) {
               "pyalign_C: ", name, " must be a contiguous float32 CPU tensor of shape [", rows, "]");
 }
 
-// The row stats (m, log sum exp((z - m) / T)) travel as one [N, 2] float32 tensor (argument
-// `lse` of the schema).
+// The row stats (m, log sum exp((z - m) / T)) travel as one [N, 2] float32 tensor.
 void check_stats_output(const at::Tensor& out, int64_t rows) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == rows &&
                   out.size(1) == 2 && out.is_contiguous() && out.device().is_cpu(),
-              "pyalign_C: lse (the row stats) must be a contiguous float32 CPU tensor of shape [",
+              "pyalign_C: stats (the row stats) must be a contiguous float32 CPU tensor of shape [",
               rows, ", 2]");
 }
 
 void logprobs_forward_out(const at::Tensor& logits_in, const at::Tensor& labels_in,
                           int64_t ignore_index, double temperature, bool with_entropy,
-                          at::Tensor& logprobs, at::Tensor& entropy, at::Tensor& lse) {
+                          at::Tensor& logprobs, at::Tensor& entropy, at::Tensor& stats) {
   check_logits_labels(logits_in, labels_in, ignore_index);
   TORCH_CHECK(temperature > 0, "pyalign_C: temperature must be > 0");
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
@@ -205,13 +204,13 @@ void logprobs_forward_out(const at::Tensor& logits_in, const at::Tensor& labels_
   const int64_t rows = logits.size(0);
   check_output(logprobs, rows, "logprobs");
   check_output(entropy, with_entropy ? rows : 0, "entropy");
-  check_stats_output(lse, rows);
+  check_stats_output(stats, rows);
   const float inv_temperature = static_cast<float>(1.0 / temperature);
   const int64_t* label_data = labels.data_ptr<int64_t>();
   float* entropy_data = with_entropy ? entropy.data_ptr<float>() : nullptr;
 #define PYALIGN_FORWARD(scalar_t)                                                              \
   forward_impl<scalar_t>(logits, label_data, ignore_index, inv_temperature, with_entropy,      \
-                         logprobs.data_ptr<float>(), entropy_data, lse.data_ptr<float>())
+                         logprobs.data_ptr<float>(), entropy_data, stats.data_ptr<float>())
   switch (logits.scalar_type()) {
     case at::kFloat: PYALIGN_FORWARD(float); break;
     case at::kBFloat16: PYALIGN_FORWARD(c10::BFloat16); break;
@@ -227,9 +226,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
   const auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor logprobs = at::empty({rows}, f32);
   at::Tensor entropy = at::empty({with_entropy ? rows : 0}, f32);
-  at::Tensor lse = at::empty({rows, 2}, f32);
-  logprobs_forward_out(logits, labels, ignore_index, temperature, with_entropy, logprobs, entropy, lse);
-  return std::make_tuple(logprobs, entropy, lse);
+  at::Tensor stats = at::empty({rows, 2}, f32);
+  logprobs_forward_out(logits, labels, ignore_index, temperature, with_entropy, logprobs, entropy, stats);
+  return std::make_tuple(logprobs, entropy, stats);
 }
 
 at::Tensor float_rows(const at::Tensor& tensor, int64_t rows, const char* name) {
@@ -271,7 +270,7 @@ void backward_impl(const at::Tensor& logits, at::Tensor& grad_logits, const int6
 
 void backward_into(const at::Tensor& grad_logprobs_in, const c10::optional<at::Tensor>& grad_entropy_in,
                    const at::Tensor& logits, at::Tensor& grad_logits, const at::Tensor& labels_in,
-                   const at::Tensor& lse_in, const c10::optional<at::Tensor>& entropy_in,
+                   const at::Tensor& stats_in, const c10::optional<at::Tensor>& entropy_in,
                    int64_t ignore_index, double temperature, int64_t column_start = 0,
                    bool column_slice = false) {
   check_logits_labels(logits, labels_in, ignore_index, !column_slice);
@@ -287,9 +286,9 @@ void backward_into(const at::Tensor& grad_logprobs_in, const c10::optional<at::T
               "pyalign_C: grad_entropy needs the saved entropy");
   const at::Tensor labels = labels_in.contiguous();
   const at::Tensor grad_logprobs = float_rows(grad_logprobs_in, rows, "grad_logprobs");
-  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == rows && lse_in.size(1) == 2 && lse_in.device().is_cpu(),
-              "pyalign_C: lse (the row stats) must be a [N, 2] CPU tensor");
-  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(stats_in.dim() == 2 && stats_in.size(0) == rows && stats_in.size(1) == 2 && stats_in.device().is_cpu(),
+              "pyalign_C: stats (the row stats) must be a [N, 2] CPU tensor");
+  const at::Tensor stats = stats_in.to(at::kFloat).contiguous();
   at::Tensor grad_entropy, entropy;
   if (with_entropy) {
     grad_entropy = float_rows(*grad_entropy_in, rows, "grad_entropy");
@@ -301,7 +300,7 @@ void backward_into(const at::Tensor& grad_logprobs_in, const c10::optional<at::T
 #define PYALIGN_BACKWARD(scalar_t)                                                              \
   backward_impl<scalar_t>(logits, grad_logits, labels.data_ptr<int64_t>(), ignore_index,        \
                           inv_temperature, grad_logprobs.data_ptr<float>(), grad_entropy_data,  \
-                          lse.data_ptr<float>(), entropy_data, column_start)
+                          stats.data_ptr<float>(), entropy_data, column_start)
   switch (logits.scalar_type()) {
     case at::kFloat: PYALIGN_BACKWARD(float); break;
     case at::kBFloat16: PYALIGN_BACKWARD(c10::BFloat16); break;
@@ -312,43 +311,43 @@ void backward_into(const at::Tensor& grad_logprobs_in, const c10::optional<at::T
 
 at::Tensor logprobs_backward(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
                              const at::Tensor& logits_in, const at::Tensor& labels,
-                             const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
+                             const at::Tensor& stats, const c10::optional<at::Tensor>& entropy,
                              int64_t ignore_index, double temperature) {
   const at::Tensor logits = logits_in.stride(-1) == 1 ? logits_in : logits_in.contiguous();
   at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());
-  backward_into(grad_logprobs, grad_entropy, logits, grad_logits, labels, lse, entropy,
+  backward_into(grad_logprobs, grad_entropy, logits, grad_logits, labels, stats, entropy,
                 ignore_index, temperature);
   return grad_logits;
 }
 
 void logprobs_backward_(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
-                        at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                        at::Tensor& logits, const at::Tensor& labels, const at::Tensor& stats,
                         const c10::optional<at::Tensor>& entropy, int64_t ignore_index,
                         double temperature) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(-1) == 1,
               "pyalign_C: in-place backward needs logits with contiguous rows");
-  backward_into(grad_logprobs, grad_entropy, logits, logits, labels, lse, entropy, ignore_index,
+  backward_into(grad_logprobs, grad_entropy, logits, logits, labels, stats, entropy, ignore_index,
                 temperature);
 }
 
 void logprobs_backward_columns_(const at::Tensor& grad_logprobs,
                                 const c10::optional<at::Tensor>& grad_entropy, at::Tensor& logits,
-                                const at::Tensor& labels, const at::Tensor& lse,
+                                const at::Tensor& labels, const at::Tensor& stats,
                                 const c10::optional<at::Tensor>& entropy, int64_t ignore_index,
                                 double temperature, int64_t column_start) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(-1) == 1,
               "pyalign_C: in-place backward needs logits with contiguous rows");
   TORCH_CHECK(column_start >= 0, "pyalign_C: column_start must be >= 0");
-  backward_into(grad_logprobs, grad_entropy, logits, logits, labels, lse, entropy, ignore_index,
+  backward_into(grad_logprobs, grad_entropy, logits, logits, labels, stats, entropy, ignore_index,
                 temperature, column_start, true);
 }
 
 void logprobs_backward_out(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
-                           const at::Tensor& logits_in, const at::Tensor& labels, const at::Tensor& lse,
+                           const at::Tensor& logits_in, const at::Tensor& labels, const at::Tensor& stats,
                            const c10::optional<at::Tensor>& entropy, int64_t ignore_index,
                            double temperature, at::Tensor& grad_logits) {
   const at::Tensor logits = logits_in.stride(-1) == 1 ? logits_in : logits_in.contiguous();
-  backward_into(grad_logprobs, grad_entropy, logits, grad_logits, labels, lse, entropy,
+  backward_into(grad_logprobs, grad_entropy, logits, grad_logits, labels, stats, entropy,
                 ignore_index, temperature);
 }
 

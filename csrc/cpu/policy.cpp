@@ -25,11 +25,12 @@
 #include <vector>
 
 #include "../common/kl_math.h"
+#include "../common/policy_stats.h"
 
 namespace pyalign {
 namespace {
 
-constexpr int kNumStats = 12;  // len(pyalign.losses.POLICY_ROW_STATS), in that order
+constexpr int kNumStats = kPolicyNumStats;
 constexpr float kVespoClamp = 20.0f;
 constexpr float kVespoMinLogWeight = -18.420680743952367f;  // log(1e-8)
 
@@ -380,7 +381,8 @@ void policy_forward_out(const at::Tensor& logprobs, const at::Tensor& old, const
   TORCH_CHECK(stats.device().is_cpu() && stats.scalar_type() == at::kFloat &&
                   stats.is_contiguous() && stats.dim() == 2 && stats.size(0) == rows &&
                   stats.size(1) == kNumStats,
-              "pyalign_C: stats must be a contiguous float32 CPU tensor of shape [B, 12]");
+              "pyalign_C: stats must be a contiguous float32 CPU tensor of shape [B, ", kNumStats,
+              "]");
   float* out = stats.data_ptr<float>();
   for_each_row(term_id, in.level == 0, rows, [&](auto term_tag, auto level_tag, int64_t row) {
     forward_row<decltype(term_tag)::value, decltype(level_tag)::value>(in, row,

@@ -25,6 +25,7 @@ import types
 import torch
 
 import pyalign
+from pyalign._chunked_head import slice_width as default_slice_width
 from pyalign.bench.common import (
     backend_candidates,
     clear_grads,
@@ -36,7 +37,6 @@ from pyalign.bench.common import (
 from pyalign.bench.gpu_cost import ANCHOR_HIDDEN, ANCHOR_TOKENS, ANCHOR_VOCAB
 from pyalign.bench.harness import Candidate, Case, optional_module, ratio_columns, third_party_notes
 from pyalign.bench.logprobs import naive_token_logprobs
-from pyalign.eager.linear_logprobs import slice_width as default_slice_width
 
 # TRL's default vocabulary tile (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 TRL_CHUNK_SIZE = 32768

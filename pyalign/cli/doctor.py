@@ -30,7 +30,7 @@ def run_doctor(args) -> int:
     # The table first: it loads (or builds) the extension, and the status printed above it must
     # describe that load, not the state before it.
     table = []
-    for family in backends.PRIMITIVES:
+    for family in backends.families():
         for device in devices:
             for backend in backends.BACKENDS:
                 ok, reason = backends.status(family, backend, device)

@@ -1,5 +1,12 @@
-"""Eager per-token KL estimators (family ``kl`` of pyalign/backends.py): ``forward`` and
-``backward`` of k1, k2 and k3 with d = ref_logprobs - logprobs, in fp32 (fp64 for fp64 inputs).
+"""Eager per-token KL estimators: the reference implementation of the ``kl`` family.
+
+The family's contract (every backend's primitives):
+
+forward(logprobs, ref_logprobs, mask | None, estimator) -> kl (f32)
+backward(grad_kl, logprobs, ref_logprobs, mask | None, estimator)
+    -> (grad_logprobs, grad_ref_logprobs)
+
+k1, k2 and k3 of d = ref_logprobs - logprobs, in fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
@@ -8,6 +15,8 @@ import math
 import torch
 
 from pyalign._utils import accumulation_dtype
+
+PRIMITIVES = ("forward", "backward")
 
 
 def _k3_series(diff):
@@ -19,7 +28,7 @@ def _k3_series(diff):
 
 
 def forward(logprobs, ref_logprobs, mask, estimator):
-    acc = accumulation_dtype(torch.promote_types(logprobs.dtype, ref_logprobs.dtype))
+    acc = accumulation_dtype(logprobs, ref_logprobs)
     diff = ref_logprobs.to(acc) - logprobs.to(acc)  # d = ref_logp - logp
     if estimator == "k1":
         kl = -diff
@@ -33,7 +42,7 @@ def forward(logprobs, ref_logprobs, mask, estimator):
 
 
 def backward(grad_kl, logprobs, ref_logprobs, mask, estimator):
-    acc = accumulation_dtype(torch.promote_types(logprobs.dtype, ref_logprobs.dtype))
+    acc = accumulation_dtype(logprobs, ref_logprobs)
     diff = ref_logprobs.to(acc) - logprobs.to(acc)
     if estimator == "k1":
         d_kl_d_diff = torch.full_like(diff, -1.0)

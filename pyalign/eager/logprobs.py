@@ -1,11 +1,32 @@
-"""Eager per-token log-probs (family ``logprobs`` of pyalign/backends.py): ``forward`` and
-``backward`` over chunks of rows, each with about two fp32 temporaries of the chunk alive at once.
+"""Eager per-token log-probs: the reference implementation of the ``logprobs`` family.
 
-Everything is computed from the shifted logits s = (z - m) / T (m = max_v z_v, so s <= 0 with
-max 0): log p = s - log sum exp(s) keeps fp32 accuracy at any common offset of the logits and at
-any temperature, and is <= 0 by construction. Ignored rows are masked by selection
-(``torch.where``), never by multiplying by 0, so NaN or inf in them reaches neither the outputs
-nor the gradient.
+The family's contract (every backend's primitives; tensors validated, 2-D row-major):
+
+forward(logits[N,V], labels[N] int64, ignore_index, temperature, with_entropy)
+    -> (logprobs[N] f32, entropy[N] f32 or empty[0], stats[N,2] f32)
+    stats[n] = (m, L): m = max_v logits[n, v] (raw, before the temperature), L = log sum_v
+    exp((logits[n, v] - m) / T), so logsumexp(logits/T) = m/T + L. Every backend computes from
+    the shifted (z - m) / T <= 0: logprobs = min((z_y - m)/T - L, 0) keeps fp32 accuracy at any
+    common logit offset and never overflows; entropy >= 0. Ignored rows: logprobs and entropy
+    exactly 0 (their logits may hold NaN/inf: selected away, never multiplied by 0), stats
+    unspecified.
+backward(grad_logprobs[N] f32, grad_entropy[N] f32 | None, logits, labels, stats,
+         entropy[N] | None, ignore_index, temperature, inplace) -> grad_logits (logits' dtype;
+    when inplace, written into ``logits`` and returned); log p = (z - m)/T - L from stats;
+    ignored rows exactly 0 whatever their logits or upstream gradients hold.
+backward_columns(..., temperature, column_start)   (optional: the chunked head's epilogue,
+    pyalign/_chunked_head.py, needs it) the same gradient, in place, for logits[:, c0:c0+W]
+    of a wider vocabulary: stats of whole rows, labels of the whole vocabulary (the label term
+    only where it falls in the slice). A vocab shard's 3-matmul loss (pyalign/ops/_fused_head.py)
+    calls it at column 0 with labels outside the shard; a backend without it must take such
+    labels in ``backward`` (no label term).
+
+Here ``forward`` and ``backward`` run over chunks of rows, each with about two fp32 temporaries
+of the chunk alive at once. Everything is computed from the shifted logits s = (z - m) / T
+(m = max_v z_v, so s <= 0 with max 0): log p = s - log sum exp(s) keeps fp32 accuracy at any
+common offset of the logits and at any temperature, and is <= 0 by construction. Ignored rows are
+masked by selection (``torch.where``), never by multiplying by 0, so NaN or inf in them reaches
+neither the outputs nor the gradient.
 """
 from __future__ import annotations
 
@@ -13,6 +34,8 @@ import torch
 
 from pyalign._utils import accumulation_dtype
 from pyalign.eager._rows import row_chunks, shifted_rows
+
+PRIMITIVES = ("forward", "backward")
 
 
 def _entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
@@ -95,3 +118,12 @@ def _backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignor
         grad_logits[start:end] = torch.where(chunk_valid[:, None], grad, 0.0)
         del grad
     return grad_logits
+
+
+@torch.no_grad()
+def log_sum_sq_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log Σ_v p_v² of softmax(logits / T) over the last dimension, fp32, no gradient:
+    logsumexp(2z) − 2·logsumexp(z) with z = logits/T (WPO's per-token input, as TRL's head).
+    Not a primitive: the 3-matmul losses and the trainers' scorer call it on a chunk's logits."""
+    scaled = logits.float() / temperature
+    return torch.logsumexp(2 * scaled, -1) - 2 * torch.logsumexp(scaled, -1)

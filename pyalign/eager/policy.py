@@ -1,8 +1,24 @@
-"""Eager policy-gradient loss pieces (family ``policy`` of pyalign/backends.py), straight from the
-registry's policy terms (pyalign/losses.py): ``forward`` returns the per-row reduction pieces
-(``losses.POLICY_ROW_STATS``), ``backward`` the per-token gradient for given per-row token
-weights. fp32 math (fp64 for fp64 inputs); masked positions are selected away, so NaN there never
-leaks. The oracle-grade reference of the kernels in pyalign/kernels/policy.py and csrc/cpu/policy.cpp.
+"""Eager policy-gradient loss pieces: the reference implementation of the ``policy`` family,
+straight from the registry's policy terms (pyalign/losses.py).
+
+The family's contract (every backend's primitives):
+
+forward(logprobs[B,T], old_logprobs[B,T], advantages[B] | [B,T], mask[B,T] bool,
+        entropy_mask[B,T] bool | None, ref_logprobs[B,T] | None, entropy[B,T] | None, loss,
+        level, params, beta, kl_estimator, bias_correction) -> row_stats[B, S] (f32; f64 for
+        f64 inputs), the per-row reductions named by pyalign.losses.POLICY_ROW_STATS
+    loss: a name of losses.POLICY_REGISTRY (its policy term, by kernel_id); level "token",
+    "sequence" (w = exp of the row's masked mean log-ratio) or "sequence_sum" (exp of the sum);
+    params: losses.PolicyParams.as_list(); the KL stat (and term) only with ref_logprobs, times
+    the ratio with bias_correction; entropy_mask already within mask. Masked positions: their
+    inputs never reach a stat (selected away, NaN included).
+backward(row_weights[B] f32, entropy_weights[B] f32 | None, the forward's inputs)
+    -> (grad_logprobs like logprobs, grad_entropy like entropy or None)
+    the gradient of Σ_b row_weights[b]·Σ_t m·(em·P + β·kl) + Σ_b entropy_weights[b]·Σ_t m·em·H;
+    masked positions exactly 0
+
+fp32 math (fp64 for fp64 inputs); masked positions are selected away, so NaN there never leaks.
+The oracle-grade reference of the kernels in pyalign/kernels/policy.py and csrc/cpu/policy.cpp.
 """
 from __future__ import annotations
 
@@ -12,14 +28,9 @@ from pyalign import losses
 from pyalign._utils import accumulation_dtype
 from pyalign.eager import kl as _kl
 
+PRIMITIVES = ("forward", "backward")
+
 _STAT = {name: index for index, name in enumerate(losses.POLICY_ROW_STATS)}
-
-
-def _acc(logprobs, old_logprobs, ref_logprobs):
-    dtype = torch.promote_types(logprobs.dtype, old_logprobs.dtype)
-    if ref_logprobs is not None:
-        dtype = torch.promote_types(dtype, ref_logprobs.dtype)
-    return accumulation_dtype(dtype)
 
 
 def _kl_slope(logprobs, ref_logprobs, estimator):
@@ -35,7 +46,7 @@ def _kl_slope(logprobs, ref_logprobs, estimator):
 def _terms(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, loss, level,
            params, estimator, bias_correction):
     """The per-token pieces both primitives need, masked positions selected to 0."""
-    acc = _acc(logprobs, old_logprobs, ref_logprobs)
+    acc = accumulation_dtype(logprobs, old_logprobs, ref_logprobs)
     entry = losses.get_policy(loss)
     p = losses.PolicyParams.from_list(params)
     zero = torch.zeros((), dtype=acc, device=logprobs.device)

@@ -1,10 +1,24 @@
-"""Eager preference losses (family ``preference`` of pyalign/backends.py): the pairwise losses
-of the registry (pyalign/losses.py), ``forward``/``backward`` on sequence log-probs [B] and the fused
-``sequence_preference_forward``/``sequence_preference_backward`` from per-token log-probs.
+"""Eager preference losses: the reference implementation of the ``preference`` family.
+
+The family's contract (every backend's primitives); ``loss`` names a registry entry's pair math
+(pyalign/losses.py, ``Loss.math``):
+
+forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta, label_smoothing)
+    -> losses[B] f32
+backward(grad_losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta,
+         label_smoothing) -> (grad_pc, grad_pr, grad_rc, grad_rr)
+sequence_preference_forward(token_logprobs[2B,T], mask[2B,T], ref_logps[2B] | [2B,T], loss,
+         beta, label_smoothing, average) -> (losses[B], policy_logps[2B], ref_logps[2B])
+    masked sum (mean with ``average``) over T, chosen rows first, then the pair loss
+sequence_preference_backward(grad_losses, token_logprobs, mask, ref_logps, policy_logps,
+         ref_logps_reduced, loss, beta, label_smoothing, average)
+    -> (grad_token_logprobs[2B,T], grad_ref_logps shaped like ref_logps)
+
+A backend whose kernels lack a loss's pair math says so in its capability hook
+(pyalign/_triton_backend.py); the call then runs here.
 
 ``pair_losses`` (differentiable by autograd) and ``pair_loss_ratio_grads`` (closed-form
-gradients) are the per-pair math every entry point shares; both call the registry entry (the
-ops layer passes the name of the entry's pair math, registry ``Loss.math``).
+gradients) are the per-pair math every entry point shares; both call the registry entry.
 
 The C++ CPU backend has no preference family on purpose: the pair math is O(B), and the only
 O(B·T) part, the masked sequence reduction, is one vectorised torch where+sum over the per-token
@@ -17,6 +31,9 @@ import torch
 
 from pyalign import losses
 from pyalign._utils import accumulation_dtype
+
+PRIMITIVES = ("forward", "backward", "sequence_preference_forward",
+              "sequence_preference_backward")
 
 
 def pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta,
@@ -77,9 +94,9 @@ def sequence_preference_forward(token_logprobs, mask, ref_logps, loss, beta, lab
     ref_seq = (_masked_row_reduce(ref_logps.to(acc), mask, average)[0] if ref_logps.dim() == 2
                else ref_logps.to(acc, copy=True))
     pairs = token_logprobs.shape[0] // 2
-    losses = pair_losses(policy_seq[:pairs], policy_seq[pairs:], ref_seq[:pairs], ref_seq[pairs:],
+    per_pair = pair_losses(policy_seq[:pairs], policy_seq[pairs:], ref_seq[:pairs], ref_seq[pairs:],
                          loss, beta, label_smoothing)
-    return losses, policy_seq, ref_seq
+    return per_pair, policy_seq, ref_seq
 
 
 def sequence_preference_backward(grad_losses, token_logprobs, mask, ref_logps, policy_seq, ref_seq,

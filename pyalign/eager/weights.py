@@ -1,12 +1,27 @@
-"""Eager multi-tensor weight updates (family ``weights`` of pyalign/backends.py): ``apply_`` runs
-lerp/copy in place over lists (ema_ arrives as lerp), grouped by dtype and device, with torch's
-foreach ops for fp32 and fp32 math with one rounding otherwise; ``bema_`` is BEMA's update
+"""Eager multi-tensor weight updates: the reference implementation of the ``weights`` family.
+
+The family's contract (every backend's primitives):
+
+apply_(kind, targets, sources, scalar)   kind in {"lerp", "copy"} (ema_ runs as lerp with weight
+    1 - decay); in place, no autograd.
+bema_(targets, emas, params, inits, alpha, beta)   four lists of one length, each index's tensors
+    of one shape and device, emas[i] and inits[i] of one dtype; in place: ema = lerp(ema, param,
+    beta) stored, then target = ema + alpha * (param - init).
+The kernel backends get contiguous float32/bfloat16/float16 tensors only (pyalign/backends.py
+sends the others here).
+
+``apply_`` runs lerp/copy in place over lists, grouped by dtype and device, with torch's foreach
+ops for fp32 and fp32 math with one rounding otherwise; ``bema_`` is BEMA's update
 (docs/algorithms.md "BEMA") as torch ops, a few passes over the tensors where the kernels make
-one. Also the path for fp64 and non-contiguous tensors that the kernel backends leave to eager.
+one.
 """
 from __future__ import annotations
 
 import torch
+
+from pyalign._utils import accumulation_dtype
+
+PRIMITIVES = ("apply_", "bema_")
 
 
 def _group_by_dtype(targets, sources):
@@ -35,8 +50,7 @@ def apply_(kind, targets, sources, scalar):
         else:
             # Mixed or low-precision dtypes: fp32 math, one rounding at the end.
             for target, source in zip(group_targets, group_sources, strict=True):
-                acc = torch.promote_types(torch.promote_types(target.dtype, source.dtype),
-                                          torch.float32)
+                acc = accumulation_dtype(target, source)
                 updated = target.to(acc)
                 updated.lerp_(source.to(acc), weight)
                 target.copy_(updated)

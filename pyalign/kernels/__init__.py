@@ -1,9 +1,11 @@
 """Triton kernels for pyalign, one module per op family.
 
 Each module holds the ``@triton.jit`` kernels, their launch wrappers (the primitive functions of
-the contract in pyalign/backends.py) and ``COMPILE_CONFIGS``: every (kernel, signature,
-constexprs, num_warps) its wrappers can launch, which pyalign/compile_check.py compiles ahead of
-time for sm_80 and sm_90.
+their family's contract, pyalign/eager/<family>.py) and ``compile_configs()``: every (kernel,
+signature, constexprs, num_warps) its wrappers can launch, each built by ``compile_config`` from
+the kernel's own argument list, which pyalign/compile_check.py compiles ahead of time for sm_80
+and sm_90. A module is the Triton implementation of the family it is named after
+(pyalign/_triton_backend.py).
 
 Helpers shared by the wrappers live here.
 """
@@ -43,3 +45,22 @@ def backward_row_vectors(grad_logprobs, grad_entropy, stats, entropy):
     if grad_entropy is not None:
         grad_entropy, entropy = as_fp32_vector(grad_entropy), as_fp32_vector(entropy)
     return as_fp32_vector(grad_logprobs), grad_entropy, as_fp32_vector(stats), entropy
+
+
+def compile_config(kernel, name: str, label: str, num_warps: int, constexprs: dict, *,
+                   types: dict | None = None, unaligned: tuple = (),
+                   aligned_scalars: tuple = ()) -> dict:
+    """One entry of a kernel module's ``compile_configs()``. The signature is every argument of
+    ``kernel`` that ``constexprs`` does not fix, in its order: a pointer (``*_ptr``) is
+    ``*fp32`` and a scalar ``i32`` unless ``types`` names another type. Every pointer but the
+    ``unaligned`` ones, and the ``aligned_scalars`` (sizes and strides), are 16-byte aligned /
+    divisible by 16, as the JIT specializes them for torch's allocations."""
+    types = types or {}
+    names = [arg for arg in kernel.arg_names if arg not in constexprs]
+    unknown = set(types) | set(unaligned) | set(aligned_scalars)
+    assert unknown <= set(names), f"{name}: not arguments of the kernel: {unknown - set(names)}"
+    signature = {arg: types.get(arg, "*fp32" if arg.endswith("_ptr") else "i32") for arg in names}
+    aligned = tuple(arg for arg in names if (arg.endswith("_ptr") and arg not in unaligned)
+                    or arg in aligned_scalars)
+    return dict(name=name, kernel=kernel, signature=signature, constexprs=constexprs,
+                aligned=aligned, num_warps=num_warps, label=label)

@@ -20,14 +20,14 @@ import triton
 import triton.language as tl
 
 from pyalign import kernels as _kernels
+from pyalign import losses
 
-ESTIMATOR_IDS = {"k1": 1, "k2": 2, "k3": 3}
 BLOCK = 1024
 NUM_WARPS = 4
 
 
 @triton.jit
-def _k3_and_expm1(diff):
+def k3_and_expm1(diff):
     """(exp(d) - d - 1, exp(d) - 1) without cancellation near d = 0."""
     # (e^d - 1 - d) / d^2 = 1/2! + d/3! + ... + d^8/10!; 10 terms reach fp32 precision at |d| 1/2
     series = 1.0 / 3628800.0
@@ -59,7 +59,7 @@ def kl_forward_kernel(logprobs_ptr, ref_logprobs_ptr, mask_ptr, kl_ptr, numel,
     elif ESTIMATOR == 2:
         kl = 0.5 * diff * diff
     else:
-        kl, _ = _k3_and_expm1(diff)
+        kl, _ = k3_and_expm1(diff)
     if HAS_MASK:
         keep = tl.load(mask_ptr + offs, mask=in_range, other=0) != 0
         kl = tl.where(keep, kl, 0.0)
@@ -82,7 +82,7 @@ def kl_backward_kernel(grad_kl_ptr, logprobs_ptr, ref_logprobs_ptr, mask_ptr, gr
         if ESTIMATOR == 2:
             d_kl_d_diff = diff
         else:
-            _, d_kl_d_diff = _k3_and_expm1(diff)
+            _, d_kl_d_diff = k3_and_expm1(diff)
     grad_diff = grad_kl * d_kl_d_diff
     if HAS_MASK:
         keep = tl.load(mask_ptr + offs, mask=in_range, other=0) != 0
@@ -97,7 +97,7 @@ def _mask_flat(mask):
 
 
 def forward(logprobs, ref_logprobs, mask, estimator):
-    """Contract of backends.py (kl.forward): kl (fp32) shaped like logprobs."""
+    """The kl family's forward (pyalign/eager/kl.py): kl (fp32) shaped like logprobs."""
     numel = logprobs.numel()
     logprobs_flat = _kernels.as_fp32_vector(logprobs)
     ref_flat = _kernels.as_fp32_vector(ref_logprobs)
@@ -105,13 +105,13 @@ def forward(logprobs, ref_logprobs, mask, estimator):
     kl = _kernels.new_output(numel, torch.float32, logprobs.device)
     kl_forward_kernel[(triton.cdiv(numel, BLOCK),)](
         logprobs_flat, ref_flat, logprobs_flat if mask_flat is None else mask_flat, kl, numel,
-        ESTIMATOR=ESTIMATOR_IDS[estimator], HAS_MASK=mask_flat is not None, BLOCK=BLOCK,
+        ESTIMATOR=losses.KL_ESTIMATOR_IDS[estimator], HAS_MASK=mask_flat is not None, BLOCK=BLOCK,
         num_warps=NUM_WARPS)
     return kl.view(logprobs.shape)
 
 
 def backward(grad_kl, logprobs, ref_logprobs, mask, estimator):
-    """Contract of backends.py (kl.backward): (grad_logprobs, grad_ref_logprobs) in the inputs'
+    """The kl family's backward (pyalign/eager/kl.py): (grad_logprobs, grad_ref_logprobs) in the inputs'
     dtypes."""
     numel = logprobs.numel()
     logprobs_flat = _kernels.as_fp32_vector(logprobs)
@@ -123,7 +123,7 @@ def backward(grad_kl, logprobs, ref_logprobs, mask, estimator):
     kl_backward_kernel[(triton.cdiv(numel, BLOCK),)](
         grad_flat, logprobs_flat, ref_flat, grad_flat if mask_flat is None else mask_flat,
         grad_logprobs, grad_ref, numel,
-        ESTIMATOR=ESTIMATOR_IDS[estimator], HAS_MASK=mask_flat is not None, BLOCK=BLOCK,
+        ESTIMATOR=losses.KL_ESTIMATOR_IDS[estimator], HAS_MASK=mask_flat is not None, BLOCK=BLOCK,
         num_warps=NUM_WARPS)
     return (grad_logprobs.view(logprobs.shape).to(logprobs.dtype),
             grad_ref.view(ref_logprobs.shape).to(ref_logprobs.dtype))
@@ -131,24 +131,14 @@ def backward(grad_kl, logprobs, ref_logprobs, mask, estimator):
 
 def compile_configs():
     configs = []
-    for estimator, estimator_id in ESTIMATOR_IDS.items():
+    for estimator, estimator_id in losses.KL_ESTIMATOR_IDS.items():
         for has_mask in (False, True):
-            mask_type = "*u8" if has_mask else "*fp32"
-            configs.append(dict(
-                name="kl_forward", kernel=kl_forward_kernel,
-                signature={"logprobs_ptr": "*fp32", "ref_logprobs_ptr": "*fp32",
-                           "mask_ptr": mask_type, "kl_ptr": "*fp32", "numel": "i32"},
-                constexprs={"ESTIMATOR": estimator_id, "HAS_MASK": has_mask, "BLOCK": BLOCK},
-                aligned=("logprobs_ptr", "ref_logprobs_ptr", "mask_ptr", "kl_ptr", "numel"),
-                num_warps=NUM_WARPS, label=f"{estimator} mask={has_mask}"))
-            configs.append(dict(
-                name="kl_backward", kernel=kl_backward_kernel,
-                signature={"grad_kl_ptr": "*fp32", "logprobs_ptr": "*fp32",
-                           "ref_logprobs_ptr": "*fp32", "mask_ptr": mask_type,
-                           "grad_logprobs_ptr": "*fp32", "grad_ref_logprobs_ptr": "*fp32",
-                           "numel": "i32"},
-                constexprs={"ESTIMATOR": estimator_id, "HAS_MASK": has_mask, "BLOCK": BLOCK},
-                aligned=("grad_kl_ptr", "logprobs_ptr", "ref_logprobs_ptr", "mask_ptr",
-                         "grad_logprobs_ptr", "grad_ref_logprobs_ptr", "numel"),
-                num_warps=NUM_WARPS, label=f"{estimator} mask={has_mask}"))
+            # without a mask the launch passes an fp32 tensor in its place
+            mask = {"mask_ptr": "*u8" if has_mask else "*fp32"}
+            constexprs = {"ESTIMATOR": estimator_id, "HAS_MASK": has_mask, "BLOCK": BLOCK}
+            for kernel, name in ((kl_forward_kernel, "kl_forward"),
+                                 (kl_backward_kernel, "kl_backward")):
+                configs.append(_kernels.compile_config(
+                    kernel, name, f"{estimator} mask={has_mask}", NUM_WARPS, constexprs,
+                    types=mask, aligned_scalars=("numel",)))
     return configs

@@ -41,12 +41,12 @@ import triton
 import triton.language as tl
 
 from pyalign import kernels as _kernels
-from pyalign.eager import linear_logprobs as _eager
 
 # Tiles per input dtype: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps), forward and backward. fp32 runs
 # IEEE fp32 dots (no tensor cores), so it gets smaller tiles.
 FORWARD_TILES = {"fp32": (32, 64, 32, 8), "bf16": (64, 128, 64, 8), "fp16": (64, 128, 64, 8)}
 BACKWARD_TILES = {"fp32": (32, 32, 32, 4), "bf16": (64, 64, 64, 8), "fp16": (64, 64, 64, 8)}
+KEEPS_LOGITS = False  # the fused kernels recompute in backward: memory_budget keeps nothing
 
 
 @triton.jit
@@ -184,7 +184,7 @@ def linear_logprobs_backward_kernel(
                       DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
     if HAS_SOFTCAP:
         raw, tanh = _softcapped(raw, col_ok, softcap, logit_scale)
-    if vocab <= BLOCK_V:  # never a vocab shard's: the launcher runs those eagerly
+    if vocab <= BLOCK_V:  # never a vocab shard's: the backend table runs those on eager
         # The whole row is in this tile (V <= BLOCK_V, not a vocab shard): take its stats from
         # the recomputed logits themselves. The recompute's tile shapes differ from the
         # forward's, so its logits may differ by rounding; self-consistent stats keep sum p = 1
@@ -242,12 +242,6 @@ def _dot_flags(dtype_name):
     return dict(DOT_PRECISION=_dot_precision(dtype_name), UPCAST=False)
 
 
-def _eager_only(hidden, weight):
-    # float64 and empty inputs never get here (the backend table runs them on eager); the ops
-    # give hidden and weight one dtype, direct callers may not.
-    return hidden.dtype != weight.dtype
-
-
 def _head_arguments(temperature, softcap, logit_scale):
     """(inv_temperature, softcap, logit_scale, HAS_SOFTCAP) for a launch: without a softcap the
     scale folds into 1 / T (one multiply fewer per logit, no extra variant)."""
@@ -259,18 +253,15 @@ def _head_arguments(temperature, softcap, logit_scale):
 
 
 def forward(hidden, weight, bias, labels, ignore_index, temperature, with_entropy, chunk_size,
-            softcap, logit_scale, metrics, keep_rows, *, tiles=None):
-    """Contract of backends.py (linear_logprobs.forward). ``chunk_size`` and ``keep_rows`` are not
-    used: the fused kernel holds BLOCK_N x BLOCK_V logits at a time and keeps none for backward
-    (the kept logits are [0, V]). ``tiles`` overrides the tiles (tests)."""
-    if _eager_only(hidden, weight):
-        return _eager.forward(hidden, weight, bias, labels, ignore_index, temperature,
-                              with_entropy, chunk_size, softcap, logit_scale, metrics, keep_rows)
+            softcap, logit_scale, metrics, keep_rows):
+    """The linear_logprobs family's forward (pyalign/eager/linear_logprobs.py). ``chunk_size``
+    and ``keep_rows`` are not used: the fused kernel holds BLOCK_N x BLOCK_V logits at a time and
+    keeps none for backward (KEEPS_LOGITS: the kept logits are [0, V])."""
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
     dtype_name = _dtype_name(hidden)
-    block_n, block_v, block_h, num_warps = tiles or FORWARD_TILES[dtype_name]
+    block_n, block_v, block_h, num_warps = FORWARD_TILES[dtype_name]
     logprobs = _kernels.new_output(num_rows, torch.float32, device)
     stats = _kernels.new_output((num_rows, 2), torch.float32, device)
     entropy = _kernels.new_output(num_rows if with_entropy else 0, torch.float32, device)
@@ -299,22 +290,16 @@ def forward(hidden, weight, bias, labels, ignore_index, temperature, with_entrop
 
 def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy,
              ignore_index, temperature, chunk_size, softcap, logit_scale, kept, *,
-             vocab_shard=False, tiles=None):
-    """Contract of backends.py (linear_logprobs.backward) -> (grad_hidden, grad_weight,
-    grad_bias | None) in the inputs' dtypes, accumulated in fp32. ``vocab_shard``: the stats are
-    a wider vocabulary's, so a row held in one tile does not take its own."""
-    if _eager_only(hidden, weight) or (
-            vocab_shard and weight.shape[0] <= (tiles or BACKWARD_TILES[_dtype_name(hidden)])[1]):
-        # a vocab shard within one tile (a toy size) runs eagerly: the kernel would take the
-        # row's stats from its own tile, and a flag to skip that made it spill on sm_80
-        return _eager.backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats,
-                               entropy, ignore_index, temperature, chunk_size, softcap,
-                               logit_scale, kept, vocab_shard=vocab_shard)
+             vocab_shard=False):
+    """The linear_logprobs family's backward (pyalign/eager/linear_logprobs.py) -> (grad_hidden,
+    grad_weight, grad_bias | None) in the inputs' dtypes, accumulated in fp32. A vocab shard
+    wider than one tile only (pyalign/_triton_backend.py sends the others to eager): a row held
+    in one tile would take its own stats, not the wider vocabulary's."""
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
     dtype_name = _dtype_name(hidden)
-    block_n, block_v, block_h, num_warps = tiles or BACKWARD_TILES[dtype_name]
+    block_n, block_v, block_h, num_warps = BACKWARD_TILES[dtype_name]
     # atomic accumulation targets: zero-initialized fp32
     grad_hidden = torch.zeros((num_rows, hidden_size), dtype=torch.float32, device=device)
     grad_weight = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device)
@@ -339,51 +324,34 @@ def compile_configs():
     """Every launch variant: per dtype, forward entropy x softcap x metrics, backward
     grad_entropy x softcap."""
     configs = []
+    aligned_scalars = ("vocab", "hidden_size", "stride_hn", "stride_wv")
     for dtype_name in ("fp32", "bf16", "fp16"):
         tensor = f"*{dtype_name}"
-        common = {"num_rows": "i32", "vocab": "i32", "hidden_size": "i32", "stride_hn": "i32",
-                  "stride_wv": "i32", "has_bias": "i32", "ignore_index": "i32",
-                  "inv_temperature": "fp32", "softcap": "fp32", "logit_scale": "fp32"}
+        types = {"hidden_ptr": tensor, "weight_ptr": tensor, "bias_ptr": tensor,
+                 "labels_ptr": "*i64", "top1_ptr": "*i8", "inv_temperature": "fp32",
+                 "softcap": "fp32", "logit_scale": "fp32"}
+        # unit column strides: the JIT specializes a stride of 1 the same way
+        common = {"stride_hk": 1, "stride_wk": 1, "DOT_PRECISION": _dot_precision(dtype_name),
+                  "UPCAST": False}
         for flag in (False, True):
             for softcap in (False, True):
                 for metrics in (False, True):
                     block_n, block_v, block_h, num_warps = FORWARD_TILES[dtype_name]
-                    configs.append(dict(
-                        name="linear_logprobs_forward", kernel=linear_logprobs_forward_kernel,
-                        signature={"hidden_ptr": tensor, "weight_ptr": tensor, "bias_ptr": tensor,
-                                   "labels_ptr": "*i64", "logprobs_ptr": "*fp32",
-                                   "entropy_ptr": "*fp32", "stats_ptr": "*fp32",
-                                   "log_sum_sq_ptr": "*fp32", "mean_ptr": "*fp32",
-                                   "top1_ptr": "*i8", **common},
-                        # unit column strides: the JIT specializes a stride of 1 the same way
-                        constexprs={"stride_hk": 1, "stride_wk": 1, "WITH_ENTROPY": flag,
-                                    "HAS_SOFTCAP": softcap, "WITH_METRICS": metrics,
-                                    "DOT_PRECISION": _dot_precision(dtype_name), "UPCAST": False,
-                                    "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h},
-                        aligned=("hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr",
-                                 "logprobs_ptr", "entropy_ptr", "stats_ptr", "log_sum_sq_ptr",
-                                 "mean_ptr", "top1_ptr", "vocab", "hidden_size", "stride_hn",
-                                 "stride_wv"),
-                        num_warps=num_warps,
-                        label=(f"{dtype_name} {block_n}x{block_v}x{block_h} entropy={flag} "
-                               f"softcap={softcap} metrics={metrics}")))
+                    configs.append(_kernels.compile_config(
+                        linear_logprobs_forward_kernel, "linear_logprobs_forward",
+                        f"{dtype_name} {block_n}x{block_v}x{block_h} entropy={flag} "
+                        f"softcap={softcap} metrics={metrics}", num_warps,
+                        {**common, "WITH_ENTROPY": flag, "HAS_SOFTCAP": softcap,
+                         "WITH_METRICS": metrics, "BLOCK_N": block_n, "BLOCK_V": block_v,
+                         "BLOCK_H": block_h},
+                        types=types, aligned_scalars=aligned_scalars))
                 block_n, block_v, block_h, num_warps = BACKWARD_TILES[dtype_name]
-                configs.append(dict(
-                    name="linear_logprobs_backward", kernel=linear_logprobs_backward_kernel,
-                    signature={"hidden_ptr": tensor, "weight_ptr": tensor, "bias_ptr": tensor,
-                               "labels_ptr": "*i64", "grad_logprobs_ptr": "*fp32",
-                               "grad_entropy_ptr": "*fp32", "stats_ptr": "*fp32",
-                               "entropy_ptr": "*fp32", "grad_hidden_ptr": "*fp32",
-                               "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32", **common},
-                    constexprs={"stride_hk": 1, "stride_wk": 1, "HAS_GRAD_ENTROPY": flag,
-                                "HAS_SOFTCAP": softcap,
-                                "DOT_PRECISION": _dot_precision(dtype_name), "UPCAST": False,
-                                "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h},
-                    aligned=("hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr",
-                             "grad_logprobs_ptr", "grad_entropy_ptr", "stats_ptr", "entropy_ptr",
-                             "grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr", "vocab",
-                             "hidden_size", "stride_hn", "stride_wv"),
-                    num_warps=num_warps,
-                    label=(f"{dtype_name} {block_n}x{block_v}x{block_h} grad_entropy={flag} "
-                           f"softcap={softcap}")))
+                configs.append(_kernels.compile_config(
+                    linear_logprobs_backward_kernel, "linear_logprobs_backward",
+                    f"{dtype_name} {block_n}x{block_v}x{block_h} grad_entropy={flag} "
+                    f"softcap={softcap}", num_warps,
+                    {**common, "HAS_GRAD_ENTROPY": flag, "HAS_SOFTCAP": softcap,
+                     "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h},
+                    types={name: kind for name, kind in types.items() if name != "top1_ptr"},
+                    aligned_scalars=aligned_scalars))
     return configs

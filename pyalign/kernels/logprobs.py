@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 from pyalign import kernels as _kernels
-from pyalign.eager import logprobs as _eager
 
 # (largest V it serves, BLOCK_V, num_warps): rows up to 1024 in one chunk with 4 warps, longer
 # rows in 4096-wide chunks with 8 warps (16 fp32 / 16 half values per thread: 128-bit loads).
@@ -134,8 +133,8 @@ def _kernel_ready(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.stride(1) == 1 else logits.contiguous()
 
 
-def forward(logits, labels, ignore_index, temperature, with_entropy, *, block_v=None):
-    """Contract of backends.py (logprobs.forward); ``block_v`` overrides the block (tests)."""
+def forward(logits, labels, ignore_index, temperature, with_entropy):
+    """The logprobs family's forward (pyalign/eager/logprobs.py)."""
     ready = _kernel_ready(logits)
     num_rows, vocab = ready.shape
     device = ready.device
@@ -143,8 +142,6 @@ def forward(logits, labels, ignore_index, temperature, with_entropy, *, block_v=
     stats = _kernels.new_output((num_rows, 2), torch.float32, device)
     entropy = _kernels.new_output(num_rows if with_entropy else 0, torch.float32, device)
     block, num_warps = pick_block(vocab)
-    if block_v is not None:
-        block = block_v
     logprobs_forward_kernel[(num_rows,)](
         ready, labels.contiguous(), logprobs, entropy if with_entropy else logprobs, stats,
         vocab, ready.stride(0), int(ignore_index), 1.0 / float(temperature),
@@ -153,27 +150,24 @@ def forward(logits, labels, ignore_index, temperature, with_entropy, *, block_v=
 
 
 def backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index, temperature,
-             inplace, *, block_v=None):
-    """Contract of backends.py (logprobs.backward); ``block_v`` overrides the block (tests)."""
+             inplace):
+    """The logprobs family's backward (pyalign/eager/logprobs.py). In place on logits without a
+    unit column stride: into their contiguous copy, copied back."""
     ready = _kernel_ready(logits)
-    if inplace and ready is not logits:
-        # An inplace request on a strided buffer we cannot write row by row.
-        return _eager.backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy,
-                               ignore_index, temperature, inplace)
     num_rows, vocab = ready.shape
     grad_logits = ready if inplace else _kernels.new_output(ready.shape, ready.dtype, ready.device)
     has_grad_entropy = grad_entropy is not None
     grad_logprobs, grad_entropy, stats, entropy = _kernels.backward_row_vectors(
         grad_logprobs, grad_entropy, stats, entropy)
     block, num_warps = pick_block(vocab)
-    if block_v is not None:
-        block = block_v
     logprobs_backward_kernel[(num_rows,)](
         ready, grad_logits, labels.contiguous(), grad_logprobs,
         grad_entropy if has_grad_entropy else grad_logprobs, stats,
         entropy if has_grad_entropy else stats,
         vocab, ready.stride(0), grad_logits.stride(0), int(ignore_index), 1.0 / float(temperature),
         HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=block, num_warps=num_warps)
+    if inplace and ready is not logits:
+        return logits.copy_(ready)
     return grad_logits
 
 
@@ -181,30 +175,20 @@ def compile_configs():
     """Every (kernel, signature, constexprs, num_warps) the wrappers above can launch."""
     configs = []
     for dtype_name in ("fp32", "bf16", "fp16"):
+        logits = f"*{dtype_name}"
         for _, block_v, num_warps in BLOCK_CONFIGS:
             for flag in (False, True):
-                configs.append(dict(
-                    name="logprobs_forward", kernel=logprobs_forward_kernel,
-                    signature={"logits_ptr": f"*{dtype_name}", "labels_ptr": "*i64",
-                               "logprobs_ptr": "*fp32", "entropy_ptr": "*fp32",
-                               "stats_ptr": "*fp32", "vocab": "i32", "stride_row": "i32",
-                               "ignore_index": "i32", "inv_temperature": "fp32"},
-                    constexprs={"WITH_ENTROPY": flag, "BLOCK_V": block_v},
-                    aligned=("logits_ptr", "labels_ptr", "logprobs_ptr", "entropy_ptr",
-                             "stats_ptr", "vocab", "stride_row"),
-                    num_warps=num_warps, label=f"{dtype_name} BLOCK_V={block_v} entropy={flag}"))
-                configs.append(dict(
-                    name="logprobs_backward", kernel=logprobs_backward_kernel,
-                    signature={"logits_ptr": f"*{dtype_name}", "grad_logits_ptr": f"*{dtype_name}",
-                               "labels_ptr": "*i64", "grad_logprobs_ptr": "*fp32",
-                               "grad_entropy_ptr": "*fp32", "stats_ptr": "*fp32",
-                               "entropy_ptr": "*fp32", "vocab": "i32", "stride_row": "i32",
-                               "stride_grad_row": "i32", "ignore_index": "i32",
-                               "inv_temperature": "fp32"},
-                    constexprs={"HAS_GRAD_ENTROPY": flag, "BLOCK_V": block_v},
-                    aligned=("logits_ptr", "grad_logits_ptr", "labels_ptr", "grad_logprobs_ptr",
-                             "grad_entropy_ptr", "stats_ptr", "entropy_ptr", "vocab", "stride_row",
-                             "stride_grad_row"),
-                    num_warps=num_warps,
-                    label=f"{dtype_name} BLOCK_V={block_v} grad_entropy={flag}"))
+                configs.append(_kernels.compile_config(
+                    logprobs_forward_kernel, "logprobs_forward",
+                    f"{dtype_name} BLOCK_V={block_v} entropy={flag}", num_warps,
+                    {"WITH_ENTROPY": flag, "BLOCK_V": block_v},
+                    types={"logits_ptr": logits, "labels_ptr": "*i64", "inv_temperature": "fp32"},
+                    aligned_scalars=("vocab", "stride_row")))
+                configs.append(_kernels.compile_config(
+                    logprobs_backward_kernel, "logprobs_backward",
+                    f"{dtype_name} BLOCK_V={block_v} grad_entropy={flag}", num_warps,
+                    {"HAS_GRAD_ENTROPY": flag, "BLOCK_V": block_v},
+                    types={"logits_ptr": logits, "grad_logits_ptr": logits, "labels_ptr": "*i64",
+                           "inv_temperature": "fp32"},
+                    aligned_scalars=("vocab", "stride_row", "stride_grad_row")))
     return configs

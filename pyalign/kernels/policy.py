@@ -28,20 +28,19 @@ import triton
 import triton.language as tl
 
 from pyalign import kernels as _kernels
-from pyalign import losses as _losses
-from pyalign.kernels.kl import _k3_and_expm1
+from pyalign import losses
+from pyalign.kernels.kl import k3_and_expm1
 
-TERM_IDS = _losses.policy_kernel_ids()  # {loss name: branch of _policy_term}
-ESTIMATOR_IDS = _losses.POLICY_KL_ESTIMATOR_IDS
-NUM_STATS = len(_losses.POLICY_ROW_STATS)
-_S = {name: index for index, name in enumerate(_losses.POLICY_ROW_STATS)}
+TERM_IDS = losses.policy_kernel_ids()  # {loss name: branch of _policy_term}
+NUM_STATS = len(losses.POLICY_ROW_STATS)
+_S = {name: index for index, name in enumerate(losses.POLICY_ROW_STATS)}
 assert list(_S) == ["tokens", "log_ratio", "log_ratio_clamped_sum", "policy", "kl", "clip_low",
                     "clip_high", "clip_region", "ratio", "entropy", "entropy_kept", "kept"], \
     "the kernels store the row stats in this order"
 BLOCK_T = 512
 NUM_WARPS = 4
-VESPO_CLAMP = _losses.VESPO_LOG_RATIO_CLAMP
-VESPO_MIN_LOG_W = _losses.VESPO_MIN_LOG_WEIGHT
+VESPO_CLAMP = losses.VESPO_LOG_RATIO_CLAMP
+VESPO_MIN_LOG_W = losses.VESPO_MIN_LOG_WEIGHT
 
 
 @triton.jit
@@ -106,7 +105,7 @@ def _kl_and_slope(logp, ref, estimator):
         kl = 0.5 * diff * diff
         slope = -diff
     else:
-        kl, expm1 = _k3_and_expm1(diff)
+        kl, expm1 = k3_and_expm1(diff)
         slope = -expm1
     return kl, slope
 
@@ -288,7 +287,7 @@ def _bytes(mask):
 
 def _scalars(loss, level, params, kl_estimator, bias_correction):
     p = list(params)
-    return dict(term_id=TERM_IDS[loss], estimator=ESTIMATOR_IDS[kl_estimator],
+    return dict(term_id=TERM_IDS[loss], estimator=losses.KL_ESTIMATOR_IDS[kl_estimator],
                 sequence_mean=int(level == "sequence"), bias=int(bool(bias_correction)),
                 eps_low=p[0], eps_high=p[1], delta=p[2], tau_pos=p[3], tau_neg=p[4], k_pos=p[5],
                 lam_pos=p[6], k_neg=p[7], lam_neg=p[8])
@@ -305,7 +304,7 @@ def _row_inputs(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logp
 
 def forward(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, entropy, loss,
             level, params, beta, kl_estimator, bias_correction):
-    """Contract of backends.py (policy.forward): row stats [B, 12] fp32."""
+    """The policy family's forward (pyalign/eager/policy.py): row stats [B, 12] fp32."""
     rows, length = logprobs.shape
     lp, old, adv, mask_b, emask_b, ref, adv_stride = _row_inputs(
         logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs)
@@ -321,7 +320,7 @@ def forward(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs
 
 def backward(row_weights, entropy_weights, logprobs, old_logprobs, advantages, mask, entropy_mask,
              ref_logprobs, entropy, loss, level, params, beta, kl_estimator, bias_correction):
-    """Contract of backends.py (policy.backward): (grad_logprobs, grad_entropy or None)."""
+    """The policy family's backward (pyalign/eager/policy.py): (grad_logprobs, grad_entropy or None)."""
     rows, length = logprobs.shape
     lp, old, adv, mask_b, emask_b, ref, adv_stride = _row_inputs(
         logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs)
@@ -344,10 +343,10 @@ def backward(row_weights, entropy_weights, logprobs, old_logprobs, advantages, m
     return grad, grad_entropy
 
 
-_SCALAR_TYPES = {"length": "i32", "adv_token_stride": "i32", "term_id": "i32", "estimator": "i32",
-                 "sequence_mean": "i32", "bias": "i32", "beta": "fp32", "eps_low": "fp32",
-                 "eps_high": "fp32", "delta": "fp32", "tau_pos": "fp32", "tau_neg": "fp32",
-                 "k_pos": "fp32", "lam_pos": "fp32", "k_neg": "fp32", "lam_neg": "fp32"}
+# the kernels' float arguments (the others are i32 scalars and fp32 pointers but the byte masks)
+_TYPES = {"mask_ptr": "*u8", "emask_ptr": "*u8",
+          **{name: "fp32" for name in ("beta", "eps_low", "eps_high", "delta", "tau_pos", "tau_neg",
+                                       "k_pos", "lam_pos", "k_neg", "lam_neg")}}
 
 
 def compile_configs():
@@ -355,34 +354,24 @@ def compile_configs():
     for sequence in (False, True):
         for has_ref in (False, True):
             for has_entropy in (False, True):
-                signature = {"logprobs_ptr": "*fp32", "old_ptr": "*fp32", "adv_ptr": "*fp32",
-                             "mask_ptr": "*u8", "emask_ptr": "*u8", "ref_ptr": "*fp32",
-                             "entropy_ptr": "*fp32", "stats_ptr": "*fp32",
-                             **{k: v for k, v in _SCALAR_TYPES.items() if k != "beta"}}
-                configs.append(dict(
-                    name="policy_forward", kernel=policy_forward_kernel, signature=signature,
-                    constexprs={"SEQUENCE": sequence, "HAS_REF": has_ref,
-                                "HAS_ENTROPY": has_entropy, "BLOCK_T": BLOCK_T},
-                    aligned=("logprobs_ptr", "old_ptr", "adv_ptr", "mask_ptr", "emask_ptr",
-                             "ref_ptr", "entropy_ptr", "stats_ptr"),
-                    num_warps=NUM_WARPS,
-                    label=f"seq={sequence} ref={has_ref} entropy={has_entropy}"))
+                configs.append(_kernels.compile_config(
+                    policy_forward_kernel, "policy_forward",
+                    f"seq={sequence} ref={has_ref} entropy={has_entropy}", NUM_WARPS,
+                    {"SEQUENCE": sequence, "HAS_REF": has_ref, "HAS_ENTROPY": has_entropy,
+                     "BLOCK_T": BLOCK_T}, types=_types_of(policy_forward_kernel)))
         for has_kl in (False, True):
             for entropy_grad in (False, True):
-                signature = {"row_weights_ptr": "*fp32", "entropy_weights_ptr": "*fp32",
-                             "logprobs_ptr": "*fp32", "old_ptr": "*fp32", "adv_ptr": "*fp32",
-                             "mask_ptr": "*u8", "emask_ptr": "*u8", "ref_ptr": "*fp32",
-                             "grad_ptr": "*fp32", "grad_entropy_ptr": "*fp32", **_SCALAR_TYPES}
-                configs.append(dict(
-                    name="policy_backward", kernel=policy_backward_kernel, signature=signature,
-                    constexprs={"SEQUENCE": sequence, "HAS_KL": has_kl,
-                                "HAS_ENTROPY_GRAD": entropy_grad, "BLOCK_T": BLOCK_T},
-                    aligned=("row_weights_ptr", "entropy_weights_ptr", "logprobs_ptr", "old_ptr",
-                             "adv_ptr", "mask_ptr", "emask_ptr", "ref_ptr", "grad_ptr",
-                             "grad_entropy_ptr"),
-                    num_warps=NUM_WARPS,
-                    label=f"seq={sequence} kl={has_kl} entropy_grad={entropy_grad}"))
+                configs.append(_kernels.compile_config(
+                    policy_backward_kernel, "policy_backward",
+                    f"seq={sequence} kl={has_kl} entropy_grad={entropy_grad}", NUM_WARPS,
+                    {"SEQUENCE": sequence, "HAS_KL": has_kl, "HAS_ENTROPY_GRAD": entropy_grad,
+                     "BLOCK_T": BLOCK_T}, types=_types_of(policy_backward_kernel)))
     return configs
+
+
+def _types_of(kernel):
+    """_TYPES restricted to the arguments of ``kernel``."""
+    return {name: kind for name, kind in _TYPES.items() if name in kernel.arg_names}
 
 
 assert math.isclose(VESPO_MIN_LOG_W, -18.420680743952367) and VESPO_CLAMP == 20.0, \

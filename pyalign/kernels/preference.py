@@ -38,15 +38,13 @@ import triton
 import triton.language as tl
 
 from pyalign import kernels as _kernels
-from pyalign import losses as _losses
-from pyalign.eager import preference as _eager
-from pyalign.losses import DISCOPOP_TAU
+from pyalign import losses
 
 # _pair_loss_and_grads has one branch per id 0..KERNEL_BRANCHES-1; the registry says which loss
 # each id is (and asserts that every branch has exactly one entry). A pairwise loss without a
-# kernel id is eager only: the wrappers below hand it to the eager backend.
+# kernel id runs on eager: the backend table sends it there (pyalign/_triton_backend.py).
 KERNEL_BRANCHES = 11
-LOSS_IDS = _losses.kernel_ids(KERNEL_BRANCHES)
+LOSS_IDS = losses.kernel_ids(KERNEL_BRANCHES)
 BLOCK = 256
 BLOCK_T = 512
 NUM_WARPS = 4
@@ -290,30 +288,25 @@ def _loss_scalars(loss, beta, label_smoothing):
     log_one_minus_eps = math.log1p(-eps) if eps < 1 else float("nan")
     log_eps = math.log(eps) if eps > 0 else float("nan")
     return dict(loss_id=LOSS_IDS[loss], beta=float(beta), eps=eps,
-                log_one_minus_eps=log_one_minus_eps, log_eps=log_eps, inv_tau=1.0 / DISCOPOP_TAU)
+                log_one_minus_eps=log_one_minus_eps, log_eps=log_eps, inv_tau=1.0 / losses.DISCOPOP_TAU)
 
 
 def forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta, label_smoothing):
-    """Contract of backends.py (preference.forward): losses [B] fp32."""
-    if loss not in LOSS_IDS:  # eager-only entry (an unknown name: eager raises)
-        return _eager.forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta,
-                              label_smoothing)
+    """The preference family's forward (pyalign/eager/preference.py): losses [B] fp32."""
     inputs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     scalars = _loss_scalars(loss, beta, label_smoothing)
     num_pairs = policy_chosen.numel()
-    losses = _kernels.new_output(num_pairs, torch.float32, policy_chosen.device)
+    per_pair = _kernels.new_output(num_pairs, torch.float32, policy_chosen.device)
     preference_forward_kernel[(triton.cdiv(num_pairs, BLOCK),)](
-        *(_kernels.as_fp32_vector(t) for t in inputs), losses, num_pairs, **scalars, BLOCK=BLOCK,
+        *(_kernels.as_fp32_vector(t) for t in inputs), per_pair, num_pairs, **scalars, BLOCK=BLOCK,
         num_warps=NUM_WARPS)
-    return losses.view(policy_chosen.shape)
+    return per_pair.view(policy_chosen.shape)
 
 
 def backward(grad_losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss, beta,
              label_smoothing):
-    """Contract of backends.py (preference.backward): grads of the four inputs, in their dtypes."""
-    if loss not in LOSS_IDS:
-        return _eager.backward(grad_losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                               loss, beta, label_smoothing)
+    """The preference family's backward (pyalign/eager/preference.py): grads of the four
+    inputs, in their dtypes."""
     inputs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     scalars = _loss_scalars(loss, beta, label_smoothing)
     num_pairs = policy_chosen.numel()
@@ -342,7 +335,7 @@ def _sequence_inputs(token_logprobs, mask, ref_logps):
 
 
 def sequence_preference_forward(token_logprobs, mask, ref_logps, loss, beta, label_smoothing,
-                                average, *, block_t=None):
+                                average):
     """Fused masked sequence reduction + pair loss.
 
     token_logprobs [2B, T] (chosen rows first), mask [2B, T] (bool or float weights), ref_logps
@@ -350,36 +343,29 @@ def sequence_preference_forward(token_logprobs, mask, ref_logps, loss, beta, lab
     Per row: sum_t lp*mask, or with ``average`` that divided by max(sum_t mask, 1).
     Returns (losses [B], policy_logps [2B], ref_logps [2B]), all fp32.
     """
-    if loss not in LOSS_IDS:
-        return _eager.sequence_preference_forward(token_logprobs, mask, ref_logps, loss, beta,
-                                                  label_smoothing, average)
     token_logprobs, mask, ref_logps, ref_per_token = _sequence_inputs(token_logprobs, mask, ref_logps)
     scalars = _loss_scalars(loss, beta, label_smoothing)
     rows, seq_len = token_logprobs.shape
     num_pairs = rows // 2
     device = token_logprobs.device
-    losses = _kernels.new_output(num_pairs, torch.float32, device)
+    per_pair = _kernels.new_output(num_pairs, torch.float32, device)
     policy_seq = _kernels.new_output(rows, torch.float32, device)
     ref_seq = _kernels.new_output(rows, torch.float32, device)
     if num_pairs == 0:
-        return losses, policy_seq, ref_seq
+        return per_pair, policy_seq, ref_seq
     sequence_preference_forward_kernel[(num_pairs,)](
-        token_logprobs, mask, ref_logps, losses, policy_seq, ref_seq, num_pairs, seq_len,
+        token_logprobs, mask, ref_logps, per_pair, policy_seq, ref_seq, num_pairs, seq_len,
         token_logprobs.stride(0), mask.stride(0), ref_logps.stride(0) if ref_per_token else 0,
         int(bool(average)), **scalars, REF_PER_TOKEN=ref_per_token,
-        BLOCK_T=block_t or BLOCK_T, num_warps=NUM_WARPS)
-    return losses, policy_seq, ref_seq
+        BLOCK_T=BLOCK_T, num_warps=NUM_WARPS)
+    return per_pair, policy_seq, ref_seq
 
 
 def sequence_preference_backward(grad_losses, token_logprobs, mask, ref_logps, policy_seq, ref_seq,
-                                 loss, beta, label_smoothing, average, *, block_t=None):
+                                 loss, beta, label_smoothing, average):
     """Backward of sequence_preference_forward: (grad_token_logprobs [2B, T] fp32,
     grad_ref_logps shaped like ref_logps, fp32). ``policy_seq``/``ref_seq`` are the forward's
     second and third outputs."""
-    if loss not in LOSS_IDS:
-        return _eager.sequence_preference_backward(grad_losses, token_logprobs, mask, ref_logps,
-                                                   policy_seq, ref_seq, loss, beta, label_smoothing,
-                                                   average)
     token_logprobs, mask, ref_logps, ref_per_token = _sequence_inputs(token_logprobs, mask, ref_logps)
     scalars = _loss_scalars(loss, beta, label_smoothing)
     rows, seq_len = token_logprobs.shape
@@ -392,50 +378,30 @@ def sequence_preference_backward(grad_losses, token_logprobs, mask, ref_logps, p
         _kernels.as_fp32_vector(grad_losses), mask, _kernels.as_fp32_vector(policy_seq),
         _kernels.as_fp32_vector(ref_seq), grad_tokens, grad_ref,
         rows // 2, seq_len, mask.stride(0), int(bool(average)), **scalars,
-        REF_PER_TOKEN=ref_per_token, BLOCK_T=block_t or BLOCK_T, num_warps=NUM_WARPS)
+        REF_PER_TOKEN=ref_per_token, BLOCK_T=BLOCK_T, num_warps=NUM_WARPS)
     return grad_tokens, grad_ref
 
 
 def compile_configs():
-    scalar_sig = {"loss_id": "i32", "beta": "fp32", "eps": "fp32", "log_one_minus_eps": "fp32",
-                  "log_eps": "fp32", "inv_tau": "fp32"}
-    pair_inputs = ("policy_chosen_ptr", "policy_rejected_ptr", "ref_chosen_ptr", "ref_rejected_ptr")
-    grads = ("grad_policy_chosen_ptr", "grad_policy_rejected_ptr", "grad_ref_chosen_ptr",
-             "grad_ref_rejected_ptr")
+    floats = {name: "fp32" for name in ("beta", "eps", "log_one_minus_eps", "log_eps", "inv_tau")}
+    label = f"all {len(LOSS_IDS)} losses (runtime id)"
     configs = [
-        dict(name="preference_forward", kernel=preference_forward_kernel,
-             signature={**{name: "*fp32" for name in pair_inputs + ("losses_ptr",)},
-                        "num_pairs": "i32", **scalar_sig},
-             constexprs={"BLOCK": BLOCK}, aligned=pair_inputs + ("losses_ptr",),
-             num_warps=NUM_WARPS, label=f"all {len(LOSS_IDS)} losses (runtime id)"),
-        dict(name="preference_backward", kernel=preference_backward_kernel,
-             signature={**{name: "*fp32" for name in ("grad_losses_ptr",) + pair_inputs + grads},
-                        "num_pairs": "i32", **scalar_sig},
-             constexprs={"BLOCK": BLOCK}, aligned=("grad_losses_ptr",) + pair_inputs + grads,
-             num_warps=NUM_WARPS, label=f"all {len(LOSS_IDS)} losses (runtime id)"),
+        _kernels.compile_config(preference_forward_kernel, "preference_forward", label, NUM_WARPS,
+                                {"BLOCK": BLOCK}, types=floats),
+        _kernels.compile_config(preference_backward_kernel, "preference_backward", label,
+                                NUM_WARPS, {"BLOCK": BLOCK}, types=floats),
     ]
     for ref_per_token in (False, True):
         label = f"ref={'per-token' if ref_per_token else 'sequence'} BLOCK_T={BLOCK_T}"
-        configs.append(dict(
-            name="sequence_preference_forward", kernel=sequence_preference_forward_kernel,
-            signature={"token_logprobs_ptr": "*fp32", "mask_ptr": "*fp32", "ref_ptr": "*fp32",
-                       "losses_ptr": "*fp32", "policy_logps_ptr": "*fp32",
-                       "ref_logps_ptr": "*fp32", "num_pairs": "i32", "seq_len": "i32",
-                       "stride_row": "i32", "mask_stride_row": "i32", "ref_stride_row": "i32",
-                       "average": "i32", **scalar_sig},
-            constexprs={"REF_PER_TOKEN": ref_per_token, "BLOCK_T": BLOCK_T},
-            aligned=("token_logprobs_ptr", "mask_ptr", "ref_ptr", "seq_len", "stride_row",
-                     "mask_stride_row"),
-            num_warps=NUM_WARPS, label=label))
-        configs.append(dict(
-            name="sequence_preference_backward", kernel=sequence_preference_backward_kernel,
-            signature={"grad_losses_ptr": "*fp32", "mask_ptr": "*fp32",
-                       "policy_logps_ptr": "*fp32", "ref_logps_ptr": "*fp32",
-                       "grad_token_logprobs_ptr": "*fp32", "grad_ref_ptr": "*fp32",
-                       "num_pairs": "i32", "seq_len": "i32", "mask_stride_row": "i32",
-                       "average": "i32", **scalar_sig},
-            constexprs={"REF_PER_TOKEN": ref_per_token, "BLOCK_T": BLOCK_T},
-            aligned=("mask_ptr", "grad_token_logprobs_ptr", "grad_ref_ptr", "seq_len",
-                     "mask_stride_row"),
-            num_warps=NUM_WARPS, label=label))
+        constexprs = {"REF_PER_TOKEN": ref_per_token, "BLOCK_T": BLOCK_T}
+        configs.append(_kernels.compile_config(
+            sequence_preference_forward_kernel, "sequence_preference_forward", label, NUM_WARPS,
+            constexprs, types=floats,
+            unaligned=("losses_ptr", "policy_logps_ptr", "ref_logps_ptr"),
+            aligned_scalars=("seq_len", "stride_row", "mask_stride_row")))
+        configs.append(_kernels.compile_config(
+            sequence_preference_backward_kernel, "sequence_preference_backward", label, NUM_WARPS,
+            constexprs, types=floats,
+            unaligned=("grad_losses_ptr", "policy_logps_ptr", "ref_logps_ptr"),
+            aligned_scalars=("seq_len", "mask_stride_row")))
     return configs

@@ -6,6 +6,8 @@ import numbers
 
 import torch
 
+from pyalign._utils import check_int  # noqa: F401  (the ops' int checks: _checks.check_int)
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -59,30 +61,11 @@ def check_labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: i
 # argument of an op goes through one of these instead, so a flag, a count and a real number
 # each take exactly the values they mean.
 
-INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
-
 # Below this temperature the gradient, which scales as 1/T, overflows float16 (max 65504; the
 # largest |dlogp/dz| is 1/T), and z/T of logits of a few tens reaches 1e5-1e6, where fp32
 # rounding alone moves a log-prob by more than 1e-2. Nothing useful is that sharp: T -> 0 is the
 # argmax, ask for it directly.
 MIN_TEMPERATURE = 1e-4
-
-
-def check_int(name: str, value, *, minimum: int = INT64_MIN, maximum: int = INT64_MAX,
-              what: str | None = None) -> int:
-    """An integer (Python int, NumPy integer or 0-d integer tensor; never bool) in [minimum,
-    maximum] (by default the int64 range). Returns it as a Python int."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or value.dtype.is_floating_point or value.dtype.is_complex \
-                or value.dtype == torch.bool:
-            raise TypeError(f"{name} must be an int (or a 0-d integer tensor), got a tensor of shape "
-                            f"{tuple(value.shape)} and dtype {value.dtype}")
-    elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if not minimum <= value <= maximum:
-        raise ValueError(f"{name} must be {what or f'an int in [{minimum}, {maximum}]'}, got {value}")
-    return value
 
 
 def check_optional_positive_int(name: str, value) -> int | None:

@@ -35,10 +35,12 @@ import torch
 
 from pyalign import backends
 from pyalign._utils import accumulation_dtype, gradients_wanted
+from pyalign.eager.logprobs import log_sum_sq_probs
 from pyalign.ops import _checks, _vocab_parallel
 
-# Default token budget of a chunk: about 64 MiB of fp32 logits (at least one whole unit).
-_LOGITS_BUDGET = 1 << 24
+# Default budget of a chunk, in logits (elements): 64 MiB of fp32; a chunk holds this many
+# logits' worth of kept tokens (at least one whole unit).
+FUSED_HEAD_CHUNK_ELEMENTS = 1 << 24
 
 
 class ReferenceHead(NamedTuple):
@@ -78,11 +80,6 @@ def applies(reduction: str, *tensors) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def _logprobs_backend(backend: str) -> str:
-    """The logprobs family's backend for a backend named for linear_logprobs."""
-    return backend if backend == "auto" or backends.has("logprobs", backend) else "auto"
-
-
 def _chunks(token_counts: list[int], budget: int):
     """Consecutive unit ranges [start, end) whose kept tokens fit ``budget`` (at least 1 unit)."""
     start, used = 0, 0
@@ -109,129 +106,229 @@ def _scatter(values, kept_local, shape, dtype):
     return out.view(shape)
 
 
-def _run(plan: FusedHeadPlan, hidden, weight, bias, needs_grad):
-    labels = plan.labels
-    shard = plan.vocab_shard
-    rows_total, seq_len, hidden_size = hidden.shape
-    vocab = weight.shape[0]
-    acc = accumulation_dtype(hidden.dtype)
-    lp_backend = _logprobs_backend(plan.backend)
-    mask = labels != plan.ignore_index
-    flat_hidden = hidden.reshape(-1, hidden_size)
-    flat_labels = labels.reshape(-1).to(torch.int64)
-    reference = plan.reference
-    ref_flat = None if reference is None else reference.hidden.reshape(-1, hidden_size)
-    need_hidden, need_weight, need_bias = needs_grad
-    grad_hidden = torch.zeros_like(flat_hidden) if need_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=accumulation_dtype(weight.dtype),
-                              device=weight.device) if need_weight else None
-    grad_bias = (torch.zeros(vocab, dtype=accumulation_dtype(weight.dtype), device=weight.device)
-                 if need_bias and bias is not None else None)
-    unit_rows = plan.unit_rows
-    counts = mask.sum(-1)[unit_rows].sum(-1).tolist() if unit_rows.numel() else []
-    # a vocab shard: every rank must cut the same chunks (their collectives pair up)
-    budget = plan.chunk_size or max(1, _LOGITS_BUDGET // max(vocab if shard is None else shard.largest, 1))
-    positions = torch.arange(seq_len, device=hidden.device)
-    losses, metrics = [], []
-    for start, end in _chunks(counts, budget):
-        rows = unit_rows[start:end].t().reshape(-1)  # first rows of the units, then second rows
-        chunk_mask = mask[rows]
+class _Chunk(NamedTuple):
+    """One chunk of whole units: its rows (the units' first rows, then their second rows), their
+    mask [rows, T], the kept tokens (positions in the chunk's [rows, T], and in the flat
+    [R·T] tokens), their labels for the backward primitive and, for the forward primitive, the
+    labels and ignore_index (a vocab shard's tokens whose label another rank holds get a dummy
+    label in forward), and the shard's ``owned`` flags (None unsharded)."""
+    rows: torch.Tensor
+    mask: torch.Tensor
+    kept_local: torch.Tensor
+    flat_index: torch.Tensor
+    labels: torch.Tensor
+    forward_labels: torch.Tensor
+    forward_ignore: int
+    owned: Optional[torch.Tensor]
+
+    @property
+    def shape(self):
+        return tuple(self.mask.shape)
+
+
+class _Run(NamedTuple):
+    """The whole call's views, fixed before the chunk loop."""
+    plan: FusedHeadPlan
+    mask: torch.Tensor  # [R, T]
+    flat_hidden: torch.Tensor  # [R·T, H]
+    flat_labels: torch.Tensor
+    ref_flat: Optional[torch.Tensor]  # the reference's hidden, [R·T, H]
+    lp_backend: str  # the logprobs family's backend
+    acc: torch.dtype
+
+    @classmethod
+    def of(cls, plan, hidden):
+        hidden_size = hidden.shape[-1]
+        reference = plan.reference
+        return cls(plan, plan.labels != plan.ignore_index, hidden.reshape(-1, hidden_size),
+                   plan.labels.reshape(-1).to(torch.int64),
+                   None if reference is None else reference.hidden.reshape(-1, hidden_size),
+                   backends.backend_for("logprobs", plan.backend),
+                   accumulation_dtype(hidden.dtype))
+
+    def chunks(self, vocab: int):
+        """The chunks (``_chunks`` of the units' kept-token counts, the plan's budget)."""
+        plan, unit_rows = self.plan, self.plan.unit_rows
+        counts = self.mask.sum(-1)[unit_rows].sum(-1).tolist() if unit_rows.numel() else []
+        # a vocab shard: every rank must cut the same chunks (their collectives pair up)
+        width = vocab if plan.vocab_shard is None else plan.vocab_shard.largest
+        budget = plan.chunk_size or max(1, FUSED_HEAD_CHUNK_ELEMENTS // max(width, 1))
+        for start, end in _chunks(counts, budget):
+            yield self.chunk(unit_rows[start:end].t().reshape(-1))
+
+    def chunk(self, rows) -> _Chunk:
+        plan, seq_len = self.plan, self.mask.shape[1]
+        chunk_mask = self.mask[rows]
         kept_local = chunk_mask.reshape(-1).nonzero().squeeze(-1)
+        positions = torch.arange(seq_len, device=rows.device)
         flat_index = (rows[:, None] * seq_len + positions).reshape(-1)[kept_local]
-        chunk_labels = flat_labels[flat_index]
-        shape = (rows.numel(), seq_len)
-        forward_labels, forward_ignore = chunk_labels, plan.ignore_index
-        if shard is not None:  # every token here is kept: the others' label is a dummy in forward
-            chunk_labels, owned = _vocab_parallel.local_labels(shard, chunk_labels, plan.ignore_index)
-            forward_labels = torch.where(owned, chunk_labels, 0)
-            forward_ignore = _vocab_parallel.LOCAL_IGNORE  # never a local label
-            kept_tokens = torch.ones_like(owned)
-        ref_tokens = None
-        if reference is not None:
-            with torch.no_grad():
-                ref_logits = _head_logits(ref_flat[flat_index], reference.weight, reference.bias)
-                ref_impl = backends.implementation("logprobs", lp_backend, ref_logits)
-                ref_lp, _, ref_stats = ref_impl.forward(ref_logits, forward_labels, forward_ignore,
-                                                        plan.temperature, False)
-                del ref_logits
-                if shard is not None:
-                    ref_lp = _vocab_parallel.combine_rows(shard, owned, kept_tokens, ref_lp, ref_stats,
-                                                          1.0 / plan.temperature).logprobs
-                ref_tokens = _scatter(ref_lp, kept_local, shape,
-                                      accumulation_dtype(reference.hidden.dtype))
-        chunk_hidden = flat_hidden[flat_index]
-        logits = _head_logits(chunk_hidden, weight, bias)  # matmul 1
-        impl = backends.implementation("logprobs", lp_backend, logits)
-        token_lp, entropy, stats = impl.forward(logits, forward_labels, forward_ignore,
-                                                plan.temperature, plan.with_entropy)
-        log_sum_sq = None
-        if plan.with_log_sum_sq:
-            from pyalign.ops.preference import log_sum_sq_probs
-            log_sum_sq = log_sum_sq_probs(logits, plan.temperature)
-        if shard is not None:  # the whole vocabulary's log-probs, stats (and log Σ p²)
-            combined = _vocab_parallel.combine_rows(shard, owned, kept_tokens, token_lp, stats,
-                                                    1.0 / plan.temperature, log_sum_sq=log_sum_sq,
-                                                    entropy=entropy if plan.with_entropy else None)
-            token_lp, stats, log_sum_sq = combined.logprobs, combined.stats, combined.log_sum_sq
-            if plan.with_entropy:
-                entropy = combined.entropy
-        if log_sum_sq is not None:
-            log_sum_sq = _scatter(log_sum_sq, kept_local, shape, torch.float32)
-        with torch.enable_grad():
-            leaf = _scatter(token_lp, kept_local, shape, acc).requires_grad_(True)
-            leaves, extra = [leaf], {}
-            if plan.with_entropy:
-                extra["entropy"] = _scatter(entropy, kept_local, shape, acc).requires_grad_(True)
-                leaves.append(extra["entropy"])
-            unit_losses, unit_metrics = plan.chunk_loss(rows, leaf, chunk_mask, ref_tokens,
-                                                        log_sum_sq, **extra)
-            coefficients, *entropy_coefficients = torch.autograd.grad(
-                unit_losses, leaves, grad_outputs=torch.ones_like(unit_losses), allow_unused=True)
-        losses.append(unit_losses.detach())
-        metrics.append(tuple(m.detach() for m in unit_metrics))
-        if grad_hidden is None and grad_weight is None and grad_bias is None:
-            continue
-        if coefficients is None:
-            coefficients = torch.zeros_like(leaf)
-        grad_tokens = coefficients.reshape(-1)[kept_local].to(acc).contiguous()
-        grad_entropy = None  # None unless the loss uses the entropy: the backward skips its term
-        if entropy_coefficients and entropy_coefficients[0] is not None:
-            grad_entropy = entropy_coefficients[0].reshape(-1)[kept_local].to(acc).contiguous()
-        if plan.reduction == "mean":
-            grad_tokens = grad_tokens / unit_rows.shape[0]
-            if grad_entropy is not None:
-                grad_entropy = grad_entropy / unit_rows.shape[0]
-        if shard is None:
-            grad_logits = impl.backward(grad_tokens, grad_entropy, logits, chunk_labels, stats,
-                                        None if grad_entropy is None else entropy, plan.ignore_index,
-                                        plan.temperature, True)  # in place
+        labels = self.flat_labels[flat_index]
+        if plan.vocab_shard is None:
+            return _Chunk(rows, chunk_mask, kept_local, flat_index, labels, labels,
+                          plan.ignore_index, None)
+        # every token here is kept: the others' label is a dummy in forward, and LOCAL_IGNORE is
+        # never a local label
+        local, owned = _vocab_parallel.local_labels(plan.vocab_shard, labels, plan.ignore_index)
+        return _Chunk(rows, chunk_mask, kept_local, flat_index, local,
+                      torch.where(owned, local, 0), _vocab_parallel.LOCAL_IGNORE, owned)
+
+
+class _Forward(NamedTuple):
+    """A chunk's forward: its tokens' hidden states, their logits (turned into their gradient
+    later), the logprobs implementation that ran, the per-token outputs of the kept tokens and
+    the whole rows' stats."""
+    hidden_rows: torch.Tensor  # the kept tokens' hidden states [kept, H]
+    logits: torch.Tensor
+    implementation: object
+    token_logprobs: torch.Tensor
+    entropy: torch.Tensor
+    stats: torch.Tensor
+    log_sum_sq: Optional[torch.Tensor]  # [rows, T] or None
+
+
+def _reference_pass(run: _Run, chunk: _Chunk) -> Optional[torch.Tensor]:
+    """The reference's per-token log-probs [rows, T] of a chunk (no gradient), or None."""
+    plan, reference = run.plan, run.plan.reference
+    if reference is None:
+        return None
+    with torch.no_grad():
+        logits = _head_logits(run.ref_flat[chunk.flat_index], reference.weight, reference.bias)
+        implementation = backends.implementation("logprobs", run.lp_backend, logits)
+        logprobs, _, stats = implementation.forward(logits, chunk.forward_labels,
+                                                    chunk.forward_ignore, plan.temperature, False)
+        del logits
+        if plan.vocab_shard is not None:
+            logprobs = _vocab_parallel.combine_rows(plan.vocab_shard, chunk.owned,
+                                                    torch.ones_like(chunk.owned), logprobs, stats,
+                                                    1.0 / plan.temperature).logprobs
+        return _scatter(logprobs, chunk.kept_local, chunk.shape,
+                        accumulation_dtype(reference.hidden.dtype))
+
+
+def _forward_pass(run: _Run, chunk: _Chunk, weight, bias) -> _Forward:
+    """Matmul 1 and the logprobs forward primitive on a chunk (combined over the ranks for a
+    vocab shard)."""
+    plan, shard = run.plan, run.plan.vocab_shard
+    hidden_rows = run.flat_hidden[chunk.flat_index]
+    logits = _head_logits(hidden_rows, weight, bias)  # matmul 1
+    implementation = backends.implementation("logprobs", run.lp_backend, logits)
+    token_logprobs, entropy, stats = implementation.forward(
+        logits, chunk.forward_labels, chunk.forward_ignore, plan.temperature, plan.with_entropy)
+    log_sum_sq = log_sum_sq_probs(logits, plan.temperature) if plan.with_log_sum_sq else None
+    if shard is not None:  # the whole vocabulary's log-probs, stats (and log Σ p², entropy)
+        combined = _vocab_parallel.combine_rows(
+            shard, chunk.owned, torch.ones_like(chunk.owned), token_logprobs, stats,
+            1.0 / plan.temperature, log_sum_sq=log_sum_sq,
+            entropy=entropy if plan.with_entropy else None)
+        token_logprobs, stats, log_sum_sq = combined.logprobs, combined.stats, combined.log_sum_sq
+        if plan.with_entropy:
+            entropy = combined.entropy
+    if log_sum_sq is not None:
+        log_sum_sq = _scatter(log_sum_sq, chunk.kept_local, chunk.shape, torch.float32)
+    return _Forward(hidden_rows, logits, implementation, token_logprobs, entropy, stats,
+                    log_sum_sq)
+
+
+def _chunk_loss(run: _Run, chunk: _Chunk, forward: _Forward, ref_tokens):
+    """(unit losses, unit metrics, ∂(reduced loss)/∂log p and ∂/∂H of the kept tokens or None):
+    the plan's loss on the chunk's [rows, T] tensors, differentiated by autograd."""
+    plan = run.plan
+    with torch.enable_grad():
+        leaf = _scatter(forward.token_logprobs, chunk.kept_local, chunk.shape,
+                        run.acc).requires_grad_(True)
+        leaves, extra = [leaf], {}
+        if plan.with_entropy:
+            extra["entropy"] = _scatter(forward.entropy, chunk.kept_local, chunk.shape,
+                                        run.acc).requires_grad_(True)
+            leaves.append(extra["entropy"])
+        unit_losses, unit_metrics = plan.chunk_loss(chunk.rows, leaf, chunk.mask, ref_tokens,
+                                                    forward.log_sum_sq, **extra)
+        grads = torch.autograd.grad(unit_losses, leaves, grad_outputs=torch.ones_like(unit_losses),
+                                    allow_unused=True)
+    def per_kept_token(grad):  # times ∂(reduced loss)/∂(unit loss)
+        value = grad.reshape(-1)[chunk.kept_local].to(run.acc)
+        return value / plan.unit_rows.shape[0] if plan.reduction == "mean" else value
+
+    grad_tokens = per_kept_token(torch.zeros_like(leaf) if grads[0] is None else grads[0])
+    # None unless the loss uses the entropy: the backward then skips its term
+    grad_entropy = None if len(grads) < 2 or grads[1] is None else per_kept_token(grads[1])
+    return (unit_losses.detach(), tuple(m.detach() for m in unit_metrics),
+            (grad_tokens, grad_entropy))
+
+
+def _gradient_epilogue(run: _Run, chunk: _Chunk, forward: _Forward, coefficients, grads,
+                       weight) -> None:
+    """The logprobs backward primitive turns the chunk's logits into d-logits in place, then
+    matmuls 2 and 3 add them into the gradients of hidden, W and b."""
+    plan = run.plan
+    grad_tokens, grad_entropy = (None if c is None else c.contiguous() for c in coefficients)
+    entropy = None if grad_entropy is None else forward.entropy
+    if plan.vocab_shard is None:
+        grad_logits = forward.implementation.backward(
+            grad_tokens, grad_entropy, forward.logits, chunk.labels, forward.stats, entropy,
+            plan.ignore_index, plan.temperature, True)  # in place
+    else:
+        grad_logits = _vocab_parallel.shard_logits_gradient_(
+            forward.implementation, grad_tokens, forward.logits, chunk.labels, forward.stats,
+            plan.temperature, grad_entropy=grad_entropy, entropy=entropy)
+    grad_hidden, grad_weight, grad_bias = grads
+    if grad_hidden is not None:
+        grad_hidden[chunk.flat_index] = (grad_logits @ weight).to(grad_hidden.dtype)  # matmul 2
+    if grad_weight is not None:  # matmul 3
+        hidden_rows = forward.hidden_rows
+        if grad_logits.dtype == grad_weight.dtype:
+            grad_weight.addmm_(grad_logits.t(), hidden_rows)
         else:
-            grad_logits = _vocab_parallel.shard_logits_gradient_(
-                impl, grad_tokens, logits, chunk_labels, stats, plan.temperature,
-                grad_entropy=grad_entropy, entropy=None if grad_entropy is None else entropy)
-        if grad_hidden is not None:
-            grad_hidden[flat_index] = (grad_logits @ weight).to(grad_hidden.dtype)  # matmul 2
-        if grad_weight is not None:  # matmul 3
-            if grad_logits.dtype == grad_weight.dtype:
-                grad_weight.addmm_(grad_logits.t(), chunk_hidden)
-            else:
-                grad_weight.addmm_(grad_logits.t().to(grad_weight.dtype),
-                                   chunk_hidden.to(grad_weight.dtype))
-        if grad_bias is not None:
-            grad_bias += grad_logits.sum(0, dtype=grad_bias.dtype)
-        del logits, grad_logits
-    loss_dtype = losses[0].dtype if losses else acc
-    per_unit = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=loss_dtype)
-    if losses:
-        merged = tuple(torch.cat(parts) for parts in zip(*metrics))
-    else:  # an empty batch: run the loss on nothing for the metrics' shapes
-        nothing = hidden.new_zeros((0, seq_len), dtype=acc)
-        extra = {"entropy": nothing} if plan.with_entropy else {}
-        with torch.enable_grad():
-            _, empty = plan.chunk_loss(unit_rows.new_zeros(0), nothing, mask[:0], None, None,
-                                       **extra)
-        merged = tuple(m.detach() for m in empty)
+            grad_weight.addmm_(grad_logits.t().to(grad_weight.dtype),
+                               hidden_rows.to(grad_weight.dtype))
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0, dtype=grad_bias.dtype)
+
+
+def _gradient_buffers(run: _Run, weight, bias, needs_grad):
+    """Zeroed fp32 (W, b) and hidden-dtype gradients for the inputs that want one."""
+    need_hidden, need_weight, need_bias = needs_grad
+    acc = accumulation_dtype(weight.dtype)
+    return (torch.zeros_like(run.flat_hidden) if need_hidden else None,
+            torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None,
+            torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
+            if need_bias and bias is not None else None)
+
+
+def _run(plan: FusedHeadPlan, hidden, weight, bias, needs_grad):
+    """(per-unit losses [U], metrics, (grad_hidden, grad_weight, grad_bias)): the chunk loop."""
+    run = _Run.of(plan, hidden)
+    grads = _gradient_buffers(run, weight, bias, needs_grad)
+    losses, metrics = [], []
+    for chunk in run.chunks(weight.shape[0]):
+        ref_tokens = _reference_pass(run, chunk)
+        forward = _forward_pass(run, chunk, weight, bias)
+        unit_losses, unit_metrics, coefficients = _chunk_loss(run, chunk, forward, ref_tokens)
+        losses.append(unit_losses)
+        metrics.append(unit_metrics)
+        if any(grad is not None for grad in grads):
+            _gradient_epilogue(run, chunk, forward, coefficients, grads, weight)
+        del forward
     # the units' order: chunks are consecutive unit ranges, so the concatenation is in order
+    per_unit = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=run.acc)
+    merged = tuple(torch.cat(parts) for parts in zip(*metrics)) if losses else _empty_metrics(run)
+    return per_unit, merged, _finished(grads, plan.vocab_shard, hidden, weight, bias)
+
+
+def _empty_metrics(run: _Run):
+    """An empty batch: the loss run on nothing, for the metrics' shapes."""
+    plan = run.plan
+    nothing = torch.zeros((0, run.mask.shape[1]), dtype=run.acc, device=run.mask.device)
+    extra = {"entropy": nothing} if plan.with_entropy else {}
+    with torch.enable_grad():
+        _, empty = plan.chunk_loss(plan.unit_rows.new_zeros(0), nothing, run.mask[:0], None, None,
+                                   **extra)
+    return tuple(m.detach() for m in empty)
+
+
+def _finished(grads, shard, hidden, weight, bias):
+    """The gradients in the inputs' shapes and dtypes (hidden's summed over a shard's ranks)."""
+    grad_hidden, grad_weight, grad_bias = grads
     if grad_hidden is not None:
         if shard is not None:  # Σ over the vocabulary: over the ranks' shards
             _vocab_parallel.sum_over_ranks(grad_hidden, shard)
@@ -240,7 +337,7 @@ def _run(plan: FusedHeadPlan, hidden, weight, bias, needs_grad):
         grad_weight = grad_weight.to(weight.dtype)
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
-    return per_unit, merged, (grad_hidden, grad_weight, grad_bias)
+    return grad_hidden, grad_weight, grad_bias
 
 
 class FusedHeadLossFunction(torch.autograd.Function):

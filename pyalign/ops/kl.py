@@ -10,28 +10,21 @@ from typing import Optional
 
 import torch
 
-from pyalign import backends
+from pyalign import backends, losses
 from pyalign._utils import accumulation_dtype
 from pyalign.ops import _checks
-
-ESTIMATORS = ("k1", "k2", "k3")
-
-
-def _widest(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """The input whose dtype decides the backend (float64 anywhere runs eager)."""
-    return logprobs if logprobs.dtype == torch.float64 else ref_logprobs
 
 
 @torch.library.custom_op("pyalign::kl_penalty_fwd", mutates_args=())
 def _kl_fwd(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: Optional[torch.Tensor],
             estimator: str, backend: str) -> torch.Tensor:
-    impl = backends.implementation("kl", backend, _widest(logprobs, ref_logprobs))
+    impl = backends.implementation("kl", backend, logprobs, ref_logprobs)
     return impl.forward(logprobs, ref_logprobs, mask, estimator)
 
 
 @_kl_fwd.register_fake
 def _(logprobs, ref_logprobs, mask, estimator, backend):
-    acc = accumulation_dtype(torch.promote_types(logprobs.dtype, ref_logprobs.dtype))
+    acc = accumulation_dtype(logprobs, ref_logprobs)
     return logprobs.new_empty(logprobs.shape, dtype=acc)
 
 
@@ -39,7 +32,7 @@ def _(logprobs, ref_logprobs, mask, estimator, backend):
 def _kl_bwd(grad_kl: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
             mask: Optional[torch.Tensor], estimator: str, backend: str
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = backends.implementation("kl", backend, _widest(logprobs, ref_logprobs))
+    impl = backends.implementation("kl", backend, logprobs, ref_logprobs)
     return impl.backward(grad_kl, logprobs, ref_logprobs, mask, estimator)
 
 
@@ -75,7 +68,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
     """
     _checks.check_tensor("logprobs", logprobs, floating=True)
     _checks.check_tensor("ref_logprobs", ref_logprobs, floating=True)
-    _checks.check_choice("estimator", estimator, ESTIMATORS)
+    _checks.check_choice("estimator", estimator, tuple(losses.KL_ESTIMATOR_IDS))
     if mask is not None:
         _checks.check_mask("mask", mask)
     _checks.check_same_device(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)

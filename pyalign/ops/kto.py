@@ -13,13 +13,12 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from pyalign import backends
-from pyalign import losses as registry
+from pyalign import backends, losses
+from pyalign._utils import accumulation_dtype
 from pyalign.ops import _checks, _fused_head, _vocab_parallel
+from pyalign.ops._loss_options import REDUCTIONS, reduced
 from pyalign.ops.linear_logprobs import linear_token_logprobs
-from pyalign.ops.preference import REDUCTIONS, _reduce, sequence_logprobs
-
-LOSS_NAMES = registry.UNPAIRED_NAMES  # the unpaired entries of the registry: kto, apo_zero_unpaired
+from pyalign.ops.preference import sequence_logprobs
 
 
 class KTOLossOutput(NamedTuple):
@@ -56,15 +55,15 @@ def kto_reference_point(kl: torch.Tensor, process_group=None) -> torch.Tensor:
         dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=process_group)
     # no estimates anywhere: 0 (a tensor select, not a Python branch: torch.compile keeps one graph)
     mean = torch.where(totals[1] > 0, totals[0] / totals[1].clamp(min=1), 0.0)
-    out_dtype = torch.float64 if kl.dtype == torch.float64 else torch.float32
+    out_dtype = accumulation_dtype(kl)
     return mean.clamp(min=0).to(out_dtype)
 
 
 def _check_config(loss, beta, desirable_weight, undesirable_weight, reduction):
-    if isinstance(loss, str) and loss in registry.PAIRWISE_NAMES:
+    if isinstance(loss, str) and loss in losses.PAIRWISE_NAMES:
         raise ValueError(f"loss {loss!r} is a pairwise loss (preference_loss); the unpaired losses "
-                         f"are {LOSS_NAMES}")
-    entry = registry.get(_checks.check_choice("loss", loss, LOSS_NAMES), pairwise=False)
+                         f"are {losses.UNPAIRED_NAMES}")
+    entry = losses.get(_checks.check_choice("loss", loss, losses.UNPAIRED_NAMES), pairwise=False)
     beta = _checks.check_positive("beta", beta)
     desirable_weight, undesirable_weight = (
         _checks.check_finite_range(name, weight, low=0.0, what=">= 0 and finite")
@@ -114,24 +113,20 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     if kl is not None:  # checked even where the loss does not use it
         _checks.check_tensor("kl", kl, floating=True)
     _checks.check_same_device(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable, kl=kl)
-    acc = _accumulation(policy_logps, ref_logps)
+    acc = accumulation_dtype(policy_logps, ref_logps)
     if entry.uses_kl_reference:
         reference_point = kto_reference_point(kl, process_group).to(acc)
     else:
         reference_point = torch.zeros((), dtype=acc, device=policy_logps.device)
     out = _unpaired_losses(entry, policy_logps, ref_logps, reference_point, desirable, beta,
                            desirable_weight, undesirable_weight)
-    return out._replace(loss=_reduce(out.loss, reduction))
-
-
-def _accumulation(*tensors) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return out._replace(loss=reduced(out.loss, reduction))
 
 
 def _unpaired_losses(entry, policy_logps, ref_logps, reference_point, desirable, beta,
                      desirable_weight, undesirable_weight) -> KTOLossOutput:
     """The entry's per-example losses [B] on r = policy − ref (inputs validated, z0 reduced)."""
-    acc = _accumulation(policy_logps, ref_logps)
+    acc = accumulation_dtype(policy_logps, ref_logps)
     log_ratio = policy_logps.to(acc) - ref_logps.to(acc)
     per_example = entry.forward(log_ratio, reference_point, desirable, beta, desirable_weight,
                                 undesirable_weight)
@@ -230,114 +225,146 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     with _vocab_parallel.ShardChecks(vocab_process_group, "vocab_process_group") as shard_checks:
         entry, beta, desirable_weight, undesirable_weight = _check_config(
             loss, beta, desirable_weight, undesirable_weight, reduction)
-        _checks.check_tensor("weight", weight, floating=True)
-        if weight.dim() != 2:
-            raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
-        _check_head_inputs("hidden", hidden, "labels", labels, weight, "B")
-        _check_desirable(desirable, hidden.shape[0])
-        if (ref_logps is None) == (ref_hidden is None):
-            raise ValueError("give exactly one of ref_logps (precomputed [B]) or ref_hidden")
-        if ref_logps is not None:
-            _check_precomputed("ref_logps", ref_logps, hidden.shape[0], "[B]")
-        else:
-            _checks.check_tensor("ref_hidden", ref_hidden, floating=True)
-            _checks.check_shape("ref_hidden", ref_hidden, hidden.shape, "hidden.shape")
-        uses_kl = entry.uses_kl_reference
-        reference_hiddens = {"ref_hidden": ref_hidden, "ref_kl_hidden": ref_kl_hidden}  # as given
-        if not uses_kl:  # apo_zero_unpaired: no reference point, nothing to score
-            for name, tensor in (("kl", kl), ("kl_hidden", kl_hidden), ("kl_labels", kl_labels),
-                                 ("ref_kl_logps", ref_kl_logps), ("ref_kl_hidden", ref_kl_hidden)):
-                if tensor is not None:  # checked, then unused
-                    _checks.check_tensor(name, tensor)
-            kl = kl_hidden = kl_labels = ref_kl_logps = ref_kl_hidden = None
-        elif kl is not None:
-            extra = [name for name, tensor in (("kl_hidden", kl_hidden), ("kl_labels", kl_labels),
-                                               ("ref_kl_logps", ref_kl_logps),
-                                               ("ref_kl_hidden", ref_kl_hidden)) if tensor is not None]
-            if extra:
-                raise ValueError(f"give either kl (precomputed estimates) or kl_hidden + kl_labels, not "
-                                 f"kl and {', '.join(extra)}")
-            _checks.check_tensor("kl", kl, floating=True)
-        else:
-            if kl_hidden is None or kl_labels is None:
-                raise ValueError(f"loss {loss!r} needs KL estimates: give kl (precomputed [M]) or "
-                                 f"kl_hidden [M, T', H] with kl_labels [M, T'] (mismatched pairs)")
-            _check_head_inputs("kl_hidden", kl_hidden, "kl_labels", kl_labels, weight, "M")
-            if (ref_kl_logps is None) == (ref_kl_hidden is None):
-                raise ValueError("give exactly one of ref_kl_logps (precomputed [M]) or ref_kl_hidden for "
-                                 "the reference of the KL pairs")
-            if ref_kl_logps is not None:
-                _check_precomputed("ref_kl_logps", ref_kl_logps, kl_hidden.shape[0],
-                                   "[M] = kl_hidden.shape[0]")
-            else:
-                _checks.check_tensor("ref_kl_hidden", ref_kl_hidden, floating=True)
-                _checks.check_shape("ref_kl_hidden", ref_kl_hidden, kl_hidden.shape, "kl_hidden.shape")
-        _check_reference_head(ref_weight, ref_bias, weight, reference_hiddens)
+        _check_policy_head(hidden, weight, labels, desirable, ref_logps, ref_hidden)
+        estimates = _check_kl_inputs(entry, loss, weight, _KLInputs(
+            kl, kl_hidden, kl_labels, ref_kl_logps, ref_kl_hidden))
+        _check_reference_head(ref_weight, ref_bias, weight,
+                              {"ref_hidden": ref_hidden, "ref_kl_hidden": ref_kl_hidden})
         _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, desirable=desirable,
-                                  bias=bias, kl=kl, kl_hidden=kl_hidden, kl_labels=kl_labels,
-                                  ref_logps=ref_logps, ref_hidden=ref_hidden, ref_kl_logps=ref_kl_logps,
-                                  ref_kl_hidden=ref_kl_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
-        ignore_index = _checks.check_int("ignore_index", ignore_index)
-        temperature = _checks.check_temperature(temperature)
-        chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
-        average_log_prob = _checks.check_bool("average_log_prob", average_log_prob)
-        backends.check_name(backend)
-    shard = shard_checks.shard(weight, hidden, labels, ignore_index)
-
-    def sequence_logps(hidden_states, head, head_bias, token_labels):
-        token_logps = linear_token_logprobs(hidden_states, head, token_labels, bias=head_bias,
-                                            ignore_index=ignore_index, temperature=temperature,
-                                            chunk_size=chunk_size, backend=backend,
-                                            process_group=vocab_process_group)
-        return sequence_logprobs(token_logps, token_labels != ignore_index, average=average_log_prob)
-
+                                  bias=bias, ref_logps=ref_logps, ref_hidden=ref_hidden,
+                                  ref_weight=ref_weight, ref_bias=ref_bias, **estimates._asdict())
+        head = _SequenceHead(_checks.check_int("ignore_index", ignore_index),
+                             _checks.check_temperature(temperature),
+                             _checks.check_optional_positive_int("chunk_size", chunk_size),
+                             _checks.check_bool("average_log_prob", average_log_prob),
+                             backends.check_name(backend), vocab_process_group)
+    shard = shard_checks.shard(weight, hidden, labels, head.ignore_index)
     if ref_logps is not None:
         ref_logps = ref_logps.detach()
-    with torch.no_grad():
-        if uses_kl and kl is None:
-            kl_ref = (ref_kl_logps if ref_kl_logps is not None
-                      else sequence_logps(ref_kl_hidden, ref_weight, ref_bias, kl_labels))
-            kl = sequence_logps(kl_hidden, weight, bias, kl_labels) - kl_ref
+    if entry.uses_kl_reference and estimates.kl is None:
+        kl = head.kl_estimates(estimates, weight, bias, ref_weight, ref_bias)
+    else:
+        kl = estimates.kl
     config = dict(beta=beta, desirable_weight=desirable_weight,
                   undesirable_weight=undesirable_weight)
     if _fused_head.applies(reduction, hidden, weight, bias):
         return _fused_linear_kto(hidden, weight, bias, labels, desirable, kl, ref_logps, ref_hidden,
-                                 ref_weight, ref_bias, entry, config, process_group, ignore_index,
-                                 temperature, average_log_prob, reduction, chunk_size, backend,
-                                 shard)
-    policy_logps = sequence_logps(hidden, weight, bias, labels)
+                                 ref_weight, ref_bias, entry, config, process_group, head,
+                                 reduction, shard)
+    policy_logps = head.sequence_logps(hidden, weight, bias, labels)
     if ref_logps is None:
         with torch.no_grad():
-            ref_logps = sequence_logps(ref_hidden, ref_weight, ref_bias, labels)
+            ref_logps = head.sequence_logps(ref_hidden, ref_weight, ref_bias, labels)
     return kto_loss(policy_logps, ref_logps, desirable, kl, loss=loss, reduction=reduction,
                     process_group=process_group, **config)
 
 
+def _check_policy_head(hidden, weight, labels, desirable, ref_logps, ref_hidden) -> None:
+    """The policy's head inputs and the completions' reference (precomputed or hidden states)."""
+    _checks.check_tensor("weight", weight, floating=True)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    _check_head_inputs("hidden", hidden, "labels", labels, weight, "B")
+    _check_desirable(desirable, hidden.shape[0])
+    if (ref_logps is None) == (ref_hidden is None):
+        raise ValueError("give exactly one of ref_logps (precomputed [B]) or ref_hidden")
+    if ref_logps is not None:
+        _check_precomputed("ref_logps", ref_logps, hidden.shape[0], "[B]")
+    else:
+        _checks.check_tensor("ref_hidden", ref_hidden, floating=True)
+        _checks.check_shape("ref_hidden", ref_hidden, hidden.shape, "hidden.shape")
+
+
+class _KLInputs(NamedTuple):
+    """KTO's KL estimates: precomputed ``kl``, or the mismatched pairs and their reference."""
+    kl: Optional[torch.Tensor]
+    kl_hidden: Optional[torch.Tensor]
+    kl_labels: Optional[torch.Tensor]
+    ref_kl_logps: Optional[torch.Tensor]
+    ref_kl_hidden: Optional[torch.Tensor]
+
+
+def _check_kl_inputs(entry, loss, weight, given: _KLInputs) -> _KLInputs:
+    """The KL inputs checked; all None for a loss without a reference point (checked anyway)."""
+    if not entry.uses_kl_reference:  # apo_zero_unpaired: no reference point, nothing to score
+        for name, tensor in given._asdict().items():
+            if tensor is not None:  # checked, then unused
+                _checks.check_tensor(name, tensor)
+        return _KLInputs(None, None, None, None, None)
+    if given.kl is not None:
+        extra = [name for name, tensor in given._asdict().items() if name != "kl" and tensor is not None]
+        if extra:
+            raise ValueError(f"give either kl (precomputed estimates) or kl_hidden + kl_labels, not "
+                             f"kl and {', '.join(extra)}")
+        _checks.check_tensor("kl", given.kl, floating=True)
+        return given
+    if given.kl_hidden is None or given.kl_labels is None:
+        raise ValueError(f"loss {loss!r} needs KL estimates: give kl (precomputed [M]) or "
+                         f"kl_hidden [M, T', H] with kl_labels [M, T'] (mismatched pairs)")
+    _check_head_inputs("kl_hidden", given.kl_hidden, "kl_labels", given.kl_labels, weight, "M")
+    if (given.ref_kl_logps is None) == (given.ref_kl_hidden is None):
+        raise ValueError("give exactly one of ref_kl_logps (precomputed [M]) or ref_kl_hidden for "
+                         "the reference of the KL pairs")
+    if given.ref_kl_logps is not None:
+        _check_precomputed("ref_kl_logps", given.ref_kl_logps, given.kl_hidden.shape[0],
+                           "[M] = kl_hidden.shape[0]")
+    else:
+        _checks.check_tensor("ref_kl_hidden", given.ref_kl_hidden, floating=True)
+        _checks.check_shape("ref_kl_hidden", given.ref_kl_hidden, given.kl_hidden.shape,
+                            "kl_hidden.shape")
+    return given
+
+
+class _SequenceHead(NamedTuple):
+    """linear_kto_loss's head options: sequence log-probs of hidden states through a head."""
+    ignore_index: int
+    temperature: float
+    chunk_size: Optional[int]
+    average: bool
+    backend: str
+    process_group: object  # the vocab-parallel group, or None
+
+    def sequence_logps(self, hidden_states, head, head_bias, token_labels):
+        token_logps = linear_token_logprobs(hidden_states, head, token_labels, bias=head_bias,
+                                            ignore_index=self.ignore_index,
+                                            temperature=self.temperature,
+                                            chunk_size=self.chunk_size, backend=self.backend,
+                                            process_group=self.process_group)
+        return sequence_logprobs(token_logps, token_labels != self.ignore_index,
+                                 average=self.average)
+
+    def kl_estimates(self, given: _KLInputs, weight, bias, ref_weight, ref_bias):
+        """The mismatched pairs' log-ratios [M] (policy minus reference), no gradient."""
+        with torch.no_grad():
+            kl_ref = (given.ref_kl_logps if given.ref_kl_logps is not None else
+                      self.sequence_logps(given.ref_kl_hidden, ref_weight, ref_bias, given.kl_labels))
+            return self.sequence_logps(given.kl_hidden, weight, bias, given.kl_labels) - kl_ref
+
+
 def _fused_linear_kto(hidden, weight, bias, labels, desirable, kl, ref_logps, ref_hidden,
-                      ref_weight, ref_bias, entry, config, process_group, ignore_index,
-                      temperature, average, reduction, chunk_size, backend,
-                      shard) -> KTOLossOutput:
+                      ref_weight, ref_bias, entry, config, process_group, head: _SequenceHead,
+                      reduction, shard) -> KTOLossOutput:
     """linear_kto_loss in 3 matmuls (pyalign/ops/_fused_head.py): chunks of whole sequences, each
     chunk's per-example losses by kto_loss's own ``_unpaired_losses``; z0 is reduced once, before
     the loop (its all_reduce must not run per chunk: ranks may have different chunk counts)."""
-    acc = _accumulation(hidden, ref_logps if ref_hidden is None else ref_hidden)
+    acc = accumulation_dtype(hidden, ref_logps if ref_hidden is None else ref_hidden)
     if entry.uses_kl_reference:
         reference_point = kto_reference_point(kl, process_group).to(acc)
     else:
         reference_point = torch.zeros((), dtype=acc, device=hidden.device)
 
     def chunk_loss(rows, token_logps, mask, ref_tokens, _log_sum_sq):
-        policy = sequence_logprobs(token_logps, mask, average=average)
+        policy = sequence_logprobs(token_logps, mask, average=head.average)
         ref = (ref_logps[rows] if ref_tokens is None
-               else sequence_logprobs(ref_tokens, mask, average=average))
+               else sequence_logprobs(ref_tokens, mask, average=head.average))
         out = _unpaired_losses(entry, policy, ref, reference_point, desirable[rows], **config)
         return out.loss, (out.rewards, out.logps)
 
     reference = None if ref_hidden is None else _fused_head.ReferenceHead(ref_hidden, ref_weight,
                                                                           ref_bias)
     unit_rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
-    plan = _fused_head.FusedHeadPlan(labels, unit_rows, chunk_loss, reduction, ignore_index,
-                                     temperature, chunk_size, backend, reference,
+    plan = _fused_head.FusedHeadPlan(labels, unit_rows, chunk_loss, reduction, head.ignore_index,
+                                     head.temperature, head.chunk_size, head.backend, reference,
                                      vocab_shard=shard)
     loss, rewards, logps = _fused_head.fused_head_loss(hidden, weight, bias, plan)
     return KTOLossOutput(loss, rewards, reference_point, logps)

@@ -33,16 +33,20 @@ class LinearLogprobsOutput(NamedTuple):
     is_top1: Optional[torch.Tensor] = None
 
 
-def kept_rows(memory_budget: Optional[int], num_rows: int, vocab: int, itemsize: int) -> int:
-    """How many tokens' logits ``memory_budget`` bytes keep from forward to backward."""
-    if not memory_budget:
+def _kept_rows(memory_budget: Optional[int], hidden: torch.Tensor, weight: torch.Tensor,
+               bias: Optional[torch.Tensor], backend: str) -> int:
+    """How many tokens' logits ``memory_budget`` bytes keep from forward to backward: none
+    without a backward to come (they would be dead weight) or where the backend that runs the
+    head keeps none (its implementation's KEEPS_LOGITS: the fused Triton kernels)."""
+    if not memory_budget or not gradients_wanted(hidden, weight, bias):
         return 0
-    return min(num_rows, memory_budget // (vocab * itemsize))
+    if not backends.implementation("linear_logprobs", backend, hidden).KEEPS_LOGITS:
+        return 0
+    return min(hidden.shape[0], memory_budget // (weight.shape[0] * hidden.element_size()))
 
 
 # Outputs: logprobs, entropy, the [N, 2] row stats (m, log-sum-exp), the three metrics ([N] or
-# [0]) and the kept raw logits [keep_rows, V]. The op name says "head" (the outputs and options of
-# issue 10), which also keeps compiled graphs of the former schema from being reused.
+# [0]) and the kept raw logits [keep_rows, V].
 @torch.library.custom_op("pyalign::linear_logprobs_head_fwd", mutates_args=())
 def _linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          labels: torch.Tensor, ignore_index: int, temperature: float,
@@ -196,7 +200,9 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
             grad_logprobs = stats.new_zeros(stats.shape[0])
         if not with_entropy:
             grad_entropy = None
-        implementation = backends.implementation("linear_logprobs", backend, hidden)
+        implementation = backends.implementation("linear_logprobs", backend, hidden, weight,
+                                                 primitive="backward", weight=weight,
+                                                 vocab_shard=True)
         # the whole rows' stats and entropy: each rank's logits become their own gradient
         grad_hidden, grad_weight, grad_bias = implementation.backward(
             grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
@@ -210,6 +216,32 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
 @torch.compiler.disable  # collectives between backend calls: a graph break, never traced
 def _vocab_parallel_apply(*args):
     return VocabParallelLinearLogprobsFunction.apply(*args)
+
+
+def _check_head_tensors(hidden, weight, bias, labels) -> None:
+    """hidden [..., H], weight [V, H] (V > 0) and bias [V] of one dtype, labels hidden.shape[:-1],
+    on one device."""
+    _checks.check_tensor("hidden", hidden, floating=True)
+    _checks.check_tensor("weight", weight, floating=True)
+    _checks.check_tensor("labels", labels, integer=True)
+    if bias is not None:
+        _checks.check_tensor("bias", bias, floating=True)
+    _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    if hidden.dim() < 1 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have a non-empty last (hidden size) dimension, got shape "
+                         f"{tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary dimension")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    if bias is not None:
+        _checks.check_shape("bias", bias, (weight.shape[0],), "[V]")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+    _checks.check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
 
 
 def _check_outputs(outputs) -> tuple[bool, tuple[bool, bool, bool]]:
@@ -300,19 +332,17 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     tokens' worth when given: an int >= 1, or None): both directions walk the vocabulary in
     slices of every token's logits, forward reducing them to row stats, backward recomputing them
     (4 matmuls of N x H x V: the floor for bounded memory with an arbitrary per-token upstream
-    gradient; on 2-core VMs 1.3-1.6x the time of the 3 bare matmuls at N = 2048, V = 32000,
-    1.4-1.55x at V = 128256: benchmarks/README.md). Peak memory: one slice plus the fp32 weight
-    gradient every path returns.
+    gradient; its time against the 3 bare matmuls is in benchmarks/README.md). Peak memory: one
+    slice plus the fp32 weight gradient every path returns.
     ``memory_budget`` (bytes: an int >= 0, or None = 0) keeps the raw logits of the first
     ``memory_budget // (V * itemsize)`` tokens from forward to backward, where they become their
-    own gradient in place: those tokens cost 3 matmuls, not 4 (all tokens kept: 1.0-1.2x the
-    bare matmuls, 0.96-1.1x at V = 128256), and their logits stay allocated between forward and
-    backward (N * V * itemsize bytes for all of them: 250 MiB at N = 2048, V = 32000, fp32).
-    Such a call supports one backward (a second one raises), and a call without one to come
-    (no_grad, or no input requiring grad) keeps nothing. With a softcap, one more fp32 slice (two
-    in backward) holds the transformed logits. On CPU the kept logits' buffer, once the backward
-    has used it, stays cached for the next call (a fresh one would fault in every page: ~5% of
-    the matmul time at V = 32000); ``pyalign.empty_cache()`` frees it.
+    own gradient in place: those tokens cost 3 matmuls, not 4, and their logits stay allocated
+    between forward and backward (N * V * itemsize bytes for all of them: 250 MiB at N = 2048,
+    V = 32000, fp32). Such a call supports one backward (a second one raises), and a call without
+    one to come (no_grad, or no input requiring grad) keeps nothing. With a softcap, one more fp32
+    slice (two in backward) holds the transformed logits. On CPU the kept logits' buffer, once the backward
+    has used it, stays cached for the next call (a fresh one would fault in every page,
+    pyalign/_workspace.py); ``pyalign.empty_cache()`` frees it.
 
     ``process_group`` (a torch.distributed ProcessGroup, or None): the vocab-parallel head of a
     tensor-parallel ``lm_head``. ``weight`` (and ``bias``) on each rank are that rank's rows of
@@ -328,27 +358,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     calls).
     """
     with _vocab_parallel.ShardChecks(process_group, "process_group") as shard_checks:
-        _checks.check_tensor("hidden", hidden, floating=True)
-        _checks.check_tensor("weight", weight, floating=True)
-        _checks.check_tensor("labels", labels, integer=True)
-        if bias is not None:
-            _checks.check_tensor("bias", bias, floating=True)
-        _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-        if hidden.dim() < 1 or hidden.shape[-1] == 0:
-            raise ValueError(f"hidden must have a non-empty last (hidden size) dimension, got shape "
-                             f"{tuple(hidden.shape)}")
-        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-            raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-                             f"got {tuple(weight.shape)}")
-        if weight.shape[0] == 0:
-            raise ValueError("weight has an empty vocabulary dimension")
-        if weight.dtype != hidden.dtype:
-            raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
-        if bias is not None:
-            _checks.check_shape("bias", bias, (weight.shape[0],), "[V]")
-            if bias.dtype != hidden.dtype:
-                raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
-        _checks.check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
+        _check_head_tensors(hidden, weight, bias, labels)
         chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
         temperature = _checks.check_temperature(temperature)
         ignore_index = _checks.check_int("ignore_index", ignore_index)
@@ -373,11 +383,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     shard = shard_checks.shard(weight, hidden, labels, ignore_index)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     labels_1d = labels.reshape(-1).to(torch.int64)
-    # The fused Triton kernels keep no logits: the budget is for the chunked backends, and only
-    # for a call with a backward to come (without one the kept logits would be dead weight).
-    fused = backend == "triton" or (backend == "auto" and hidden.device.type == "cuda")
-    keep = 0 if fused or not gradients_wanted(hidden, weight, bias) else kept_rows(
-        memory_budget, hidden_2d.shape[0], weight.shape[0], hidden.element_size())
+    keep = _kept_rows(memory_budget, hidden_2d, weight, bias, backend)
     if shard is None:
         logprobs, entropy_out, log_sum_sq, mean, top1 = LinearTokenLogprobsFunction.apply(
             hidden_2d, weight, bias, labels_1d, ignore_index, temperature, entropy, chunk_size or 0,

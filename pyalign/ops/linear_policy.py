@@ -116,7 +116,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     shard = shard_checks.shard(weight, hidden, labels, ignore_index)
     # A backend named for the head (linear_logprobs) need not have a policy kernel: the [B, T]
     # loss then runs on whatever "auto" picks.
-    loss_backend = backend if backend == "auto" or backends.has("policy", backend) else "auto"
+    loss_backend = backends.backend_for("policy", backend)
     if (_fused_head.applies("sum", hidden, weight, bias) and checked.top_entropy_quantile == 1
             and softcap is None and logit_scale == 1):
         return _fused_linear_policy(hidden, weight, bias, labels, advantages, old_logps, ref_logps,
@@ -134,10 +134,7 @@ def _fused_linear_policy(hidden, weight, bias, labels, advantages, old_logps, re
                          ignore_index, temperature, chunk_size, backend, loss_backend, shard):
     """linear_policy_loss in 3 matmuls: units are single sequences; each chunk's per-row losses
     come from policy_loss's own PolicyLossFunction with the batch-global weights."""
-    dtype = accumulation_dtype(hidden.dtype)  # the chunk log-probs' dtype
-    for tensor in (old_logps, ref_logps):
-        if tensor is not None:
-            dtype = accumulation_dtype(torch.promote_types(dtype, tensor.dtype))
+    dtype = accumulation_dtype(hidden, old_logps, ref_logps)  # the chunk log-probs' dtype
     mask = labels != ignore_index
     row_weights, entropy_weight = checked.weights(mask, None, dtype)
     config = checked.config(loss_backend)

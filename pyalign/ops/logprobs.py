@@ -17,8 +17,7 @@ from pyalign._utils import accumulation_dtype
 from pyalign.ops import _checks
 
 
-# The third output is the [N, 2] row stats (m, log-sum-exp); the op name says so, which also keeps
-# compiled graphs cached for the former [N] lse output from being reused.
+# The third output is the [N, 2] row stats (m, log-sum-exp).
 @torch.library.custom_op("pyalign::token_logprobs_stats_fwd", mutates_args=())
 def _token_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                         temperature: float, with_entropy: bool, backend: str

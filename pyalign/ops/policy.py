@@ -21,14 +21,11 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from pyalign import backends
-from pyalign import losses as registry
+from pyalign import backends, losses
 from pyalign._utils import accumulation_dtype
 from pyalign.ops import _checks
 
-LOSS_TYPES = registry.POLICY_NAMES
-KL_ESTIMATORS = tuple(registry.POLICY_KL_ESTIMATOR_IDS)
-_STAT = {name: index for index, name in enumerate(registry.POLICY_ROW_STATS)}
+_STAT = {name: index for index, name in enumerate(losses.POLICY_ROW_STATS)}
 
 
 class PolicyLossOutput(NamedTuple):
@@ -42,20 +39,13 @@ class PolicyLossOutput(NamedTuple):
     mean_ratio: torch.Tensor  # masked mean of the importance ratio w
 
 
-def _inputs_dtype(*tensors):
-    """The tensor whose dtype decides the backend (float64 anywhere runs eager)."""
-    present = [t for t in tensors if t is not None]
-    return next((t for t in present if t.dtype == torch.float64), present[0])
-
-
 @torch.library.custom_op("pyalign::policy_loss_fwd", mutates_args=())
 def _policy_fwd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, entropy_mask: Optional[torch.Tensor],
                 ref_logprobs: Optional[torch.Tensor], entropy: Optional[torch.Tensor], loss: str,
                 level: str, params: list[float], beta: float, kl_estimator: str,
                 bias_correction: bool, backend: str) -> torch.Tensor:
-    impl = backends.implementation("policy", backend,
-                                   _inputs_dtype(logprobs, old_logprobs, ref_logprobs))
+    impl = backends.implementation("policy", backend, logprobs, old_logprobs, ref_logprobs)
     return impl.forward(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs,
                         entropy, loss, level, params, beta, kl_estimator, bias_correction)
 
@@ -63,8 +53,8 @@ def _policy_fwd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 @_policy_fwd.register_fake
 def _(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, entropy, loss, level,
       params, beta, kl_estimator, bias_correction, backend):
-    acc = _acc_dtype(logprobs, old_logprobs, ref_logprobs)
-    return logprobs.new_empty((logprobs.shape[0], len(registry.POLICY_ROW_STATS)), dtype=acc)
+    acc = accumulation_dtype(logprobs, old_logprobs, ref_logprobs)
+    return logprobs.new_empty((logprobs.shape[0], len(losses.POLICY_ROW_STATS)), dtype=acc)
 
 
 @torch.library.custom_op("pyalign::policy_loss_bwd", mutates_args=())
@@ -74,8 +64,7 @@ def _policy_bwd(row_weights: torch.Tensor, entropy_weights: Optional[torch.Tenso
                 ref_logprobs: Optional[torch.Tensor], entropy: Optional[torch.Tensor], loss: str,
                 level: str, params: list[float], beta: float, kl_estimator: str,
                 bias_correction: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = backends.implementation("policy", backend,
-                                   _inputs_dtype(logprobs, old_logprobs, ref_logprobs))
+    impl = backends.implementation("policy", backend, logprobs, old_logprobs, ref_logprobs)
     grad, grad_entropy = impl.backward(row_weights, entropy_weights, logprobs, old_logprobs,
                                        advantages, mask, entropy_mask, ref_logprobs, entropy, loss,
                                        level, params, beta, kl_estimator, bias_correction)
@@ -88,14 +77,6 @@ def _(row_weights, entropy_weights, logprobs, old_logprobs, advantages, mask, en
     with_entropy = entropy is not None and entropy_weights is not None
     return (torch.empty_like(logprobs),
             torch.empty_like(entropy) if with_entropy else logprobs.new_empty(0))
-
-
-def _acc_dtype(*tensors):
-    dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        if tensor is not None:
-            dtype = torch.promote_types(dtype, tensor.dtype)
-    return accumulation_dtype(dtype)
 
 
 def _row_weights(tokens, normalisation, max_completion_length, num_items_in_batch):
@@ -174,7 +155,7 @@ def _entropy_mask(entropy, mask, top_entropy_quantile):
     """TRL's high-entropy mask: kept tokens whose entropy is at least the (1 − q) quantile of the
     kept tokens' entropies (torch.quantile's linear interpolation); none when no token is kept.
     Written with a sort and gathers (no boolean indexing), so torch.compile keeps one graph."""
-    work_dtype = torch.float64 if entropy.dtype == torch.float64 else torch.float32
+    work_dtype = accumulation_dtype(entropy)
     values = torch.where(mask, entropy.detach().to(work_dtype), math.inf).reshape(-1)
     ordered = values.sort().values  # the kept values first
     count = mask.sum().to(work_dtype)
@@ -202,7 +183,7 @@ def _metrics(entry, level, stats, advantages, params, has_kl, has_entropy):
     else:
         rows = max(stats.shape[0], 1)
         ratio = torch.exp(stats[:, _STAT["log_ratio"]])
-        low_flags, high_flags = registry.policy_clip_flags(
+        low_flags, high_flags = losses.policy_clip_flags(
             entry, ratio, advantages.to(stats.dtype), params)
         low, high, region = (flags.to(stats.dtype).sum() / rows
                              for flags in (low_flags, high_flags, low_flags | high_flags))
@@ -279,7 +260,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor],
     if entropy is not None:
         entropy = entropy.contiguous()
     row_weights, entropy_weight = options.weights(mask, entropy_mask,
-                                                  _acc_dtype(logprobs, old, ref))
+                                                  accumulation_dtype(logprobs, old, ref))
     row_losses, stats = PolicyLossFunction.apply(logprobs, entropy, old, advantages, mask,
                                                  entropy_mask, ref, row_weights, entropy_weight,
                                                  options.config(backend))
@@ -296,9 +277,9 @@ def check_advantages(advantages, shape):
 
 class PolicyOptions(NamedTuple):
     """policy_loss's scalar options, checked (check_options), and what derives from them."""
-    entry: registry.PolicyLoss
+    entry: losses.PolicyLoss
     level: str
-    params: registry.PolicyParams
+    params: losses.PolicyParams
     beta: float
     kl_estimator: str
     bias_correction: bool
@@ -335,11 +316,11 @@ def check_options(has_ref: bool, has_entropy: bool, *, ref_name="ref_logprobs", 
     """policy_loss's scalar options (its signature holds their defaults), checked; ``has_ref``,
     ``has_entropy``: whether the reference log-probs (the caller's argument ``ref_name``) and the
     entropies are there."""
-    entry = registry.get_policy(loss_type)
+    entry = losses.get_policy(loss_type)
     beta = _checks.check_finite_range("beta", beta, low=0.0, what="a finite number >= 0")
     if beta > 0 and not has_ref:
         raise ValueError(f"beta > 0 needs {ref_name} (the KL term's reference log-probs)")
-    _checks.check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    _checks.check_choice("kl_estimator", kl_estimator, tuple(losses.KL_ESTIMATOR_IDS))
     bias = _checks.check_bool("use_bias_correction_kl", use_bias_correction_kl)
     epsilon = _checks.check_finite_range("epsilon", epsilon, low=0.0, what="a finite number >= 0")
     epsilon_high = epsilon if epsilon_high is None else _checks.check_finite_range(
@@ -359,7 +340,7 @@ def check_options(has_ref: bool, has_entropy: bool, *, ref_name="ref_logprobs", 
         level = "sequence_sum"
     else:
         level = "token" if importance_sampling_level is None else _checks.check_choice(
-            "importance_sampling_level", importance_sampling_level, registry.POLICY_RATIO_LEVELS)
+            "importance_sampling_level", importance_sampling_level, losses.POLICY_RATIO_LEVELS)
     for name, value in (("sapo_temperature_pos", sapo_temperature_pos),
                         ("sapo_temperature_neg", sapo_temperature_neg)):
         _checks.check_positive(name, value)
@@ -381,7 +362,7 @@ def check_options(has_ref: bool, has_entropy: bool, *, ref_name="ref_logprobs", 
     if num_items_in_batch is not None:
         num_items_in_batch = _checks.check_finite_range("num_items_in_batch", num_items_in_batch,
                                                         low=0.0, what="a finite number >= 0")
-    params = registry.PolicyParams(epsilon, epsilon_high, delta, float(sapo_temperature_pos),
+    params = losses.PolicyParams(epsilon, epsilon_high, delta, float(sapo_temperature_pos),
                                    float(sapo_temperature_neg), float(vespo_k_pos),
                                    float(vespo_lambda_pos), float(vespo_k_neg),
                                    float(vespo_lambda_neg))

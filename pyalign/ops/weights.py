@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from pyalign import backends
-from pyalign._utils import KERNEL_DTYPES, local_shard, named_tensors
+from pyalign._utils import local_shard, named_tensors
 
 TensorsOrModule = Union[nn.Module, Iterable[torch.Tensor]]
 
@@ -211,25 +211,15 @@ def _by_device(*lists) -> dict:
     return groups
 
 
-def _backend_for(backend: str, device, kernel_ok: bool) -> str:
-    if kernel_ok:
-        return backends.resolve("weights", backend, device)
-    if backend in ("auto", "eager"):
-        return "eager"  # fp64 or strided tensors: the foreach/eager path handles them
-    raise ValueError(f"backend {backend!r} takes contiguous float32/bfloat16/float16 "
-                     f"tensors; use backend='eager' for others")
-
-
-def _kernel_ready(*tensors) -> bool:
-    return all(t.dtype in KERNEL_DTYPES and t.is_contiguous() for t in tensors)
-
-
 def _apply(kind: str, targets, sources, scalar: float, backend: str, include_buffers: bool) -> None:
     target_list, source_list = _pairs(targets, sources, include_buffers)
-    for device, (device_targets, device_sources) in _by_device(target_list, source_list).items():
-        name = _backend_for(backend, device, _kernel_ready(*device_targets, *device_sources))
+    for device_targets, device_sources in _by_device(target_list, source_list).values():
+        # the multi-tensor kernels take contiguous float32/bfloat16/float16 tensors: the backend
+        # table sends other lists to eager (or refuses a named kernel backend)
+        implementation = backends.implementation("weights", backend, *device_targets,
+                                                 *device_sources, contiguous=True)
         with torch.no_grad():
-            backends.load("weights", name).apply_(kind, device_targets, device_sources, scalar)
+            implementation.apply_(kind, device_targets, device_sources, scalar)
 
 
 def _check_fraction(name: str, value, low_open: bool) -> float:
@@ -310,8 +300,9 @@ def bema_(targets: TensorsOrModule, emas: TensorsOrModule, params: TensorsOrModu
         raise ValueError(f"alpha must be finite, got {alpha}")
     beta = _check_fraction("beta", beta, False)
     lists = _bema_lists(targets, emas, params, inits)
-    for device, device_lists in _by_device(*lists).items():
+    for device_lists in _by_device(*lists).values():
         tensors = [t for device_list in device_lists for t in device_list]
-        name = _backend_for(backend, device, _kernel_ready(*tensors))
+        implementation = backends.implementation("weights", backend, *tensors, contiguous=True,
+                                                 primitive="bema_")
         with torch.no_grad():
-            backends.load("weights", name).bema_(*device_lists, alpha, beta)
+            implementation.bema_(*device_lists, alpha, beta)

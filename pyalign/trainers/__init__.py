@@ -20,10 +20,9 @@ on SIGINT/SIGTERM) and ``distributed`` (process group, batch splitting, FSDP2 he
 """
 from pyalign.trainers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyalign.trainers.metrics import read_metrics
-from pyalign.trainers.preference import LOSSES, PAIRWISE_LOSSES, PreferenceConfig, PreferenceTrainer
+from pyalign.trainers.preference import PreferenceConfig, PreferenceTrainer
 from pyalign.trainers.rl import RLConfig, RLTrainer
 from pyalign.trainers.trainer import Trainer, TrainerConfig
 
 __all__ = ["Trainer", "TrainerConfig", "PreferenceTrainer", "PreferenceConfig", "RLTrainer",
-           "RLConfig", "CheckpointError", "load_checkpoint", "save_checkpoint", "read_metrics",
-           "LOSSES", "PAIRWISE_LOSSES"]
+           "RLConfig", "CheckpointError", "load_checkpoint", "save_checkpoint", "read_metrics"]

@@ -110,7 +110,7 @@ def check_value(key: str, field: dataclasses.Field, value) -> None:
         return
     bounds, choices = field.metadata.get("bounds"), field.metadata.get("choices")
     if bounds and isinstance(value, int) and not isinstance(value, bool) and bounds.startswith(">= "):
-        check_int(key, value, int(bounds[3:]))
+        check_int(key, value, minimum=int(bounds[3:]), what=f"an int {bounds}", error=ValueError)
     elif bounds and isinstance(value, (int, float)) and not within(value, bounds):
         raise ValueError(f"{key} must be {bounds}, got {value!r}")
     if choices is not None:

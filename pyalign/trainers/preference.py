@@ -31,8 +31,6 @@ from pyalign.trainers.scoring import masked_sum
 from pyalign.trainers.seeding import make_generator
 from pyalign.trainers.trainer import Trainer, TrainerConfig, frozen
 
-PAIRWISE_LOSSES = losses.PAIRWISE_NAMES  # from the registry, pyalign/losses.py
-LOSSES = losses.NAMES  # the pairwise losses, then the unpaired ones (kto, apo_zero_unpaired)
 # "none": a reference-free loss (the policy's log-probs against a reference of log-prob 0:
 # SimPO/CPO/ORPO-style algorithms; the initial model is kept for the KL-to-init metric only)
 REFERENCES = ("frozen", "trust_region", "bema", "none")
@@ -97,8 +95,8 @@ class PreferenceConfig(TrainerConfig):
     def validate(self) -> None:
         super().validate()
         check_applies(self, ("loss_kind",))  # a pairwise option with KTO's losses, or the reverse
-        if isinstance(self.loss, str) and self.loss not in LOSSES:
-            raise ValueError(f"config key 'loss' must be one of {LOSSES} or a list of the pairwise "
+        if isinstance(self.loss, str) and self.loss not in losses.NAMES:
+            raise ValueError(f"config key 'loss' must be one of {losses.NAMES} or a list of the pairwise "
                              f"ones, got {self.loss!r}")
         pyalign.refmodel.trust_region_settings(self.tr_alpha, self.tr_tau,
                                                keys=("config key 'tr_alpha'", "config key 'tr_tau'"))

@@ -10,9 +10,9 @@ from typing import Optional
 import torch
 
 import pyalign
+from pyalign.eager.logprobs import log_sum_sq_probs
 from pyalign.integrations import packing
 from pyalign.integrations import transformers as hf_head
-from pyalign.ops.preference import log_sum_sq_probs
 
 IGNORE_INDEX = -100
 

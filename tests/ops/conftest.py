@@ -28,3 +28,17 @@ def _poison_outputs():
     """An element a kernel forgets to write shows up as NaN (see support.poisoned_outputs)."""
     with poisoned_outputs():
         yield
+
+
+@pytest.fixture
+def restored_table():
+    """Snapshot the backend table (pyalign/backends.py) and restore it afterwards: for tests that
+    register fake implementations."""
+    from pyalign import backends
+
+    tables = (backends._loaders, backends._loaded, backends._failures, backends._warned)
+    saved = [table.copy() for table in tables]
+    yield
+    for table, original in zip(tables, saved, strict=True):
+        table.clear()
+        table.update(original)

@@ -15,19 +15,7 @@ from support import DEVICE, ON_CPU, token_logprobs64
 FIRST = backends.AUTO_ORDER[DEVICE.type][0]
 OTHER, OTHER_REASON = ("cuda", "needs CUDA tensors") if ON_CPU else ("cpu", "needs CPU tensors")
 
-FAMILIES = list(backends.PRIMITIVES)
-
-
-@pytest.fixture
-def restored_table():
-    """Snapshot the backend table and restore it afterwards: tests here register fakes."""
-    saved = (dict(backends._loaders), dict(backends._loaded), dict(backends._failures),
-             set(backends._warned))
-    yield
-    for current, original in zip((backends._loaders, backends._loaded, backends._failures,
-                                  backends._warned), saved, strict=False):
-        current.clear()
-        current.update(original)
+FAMILIES = list(backends.families())
 
 
 def logits_and_labels():

@@ -3,17 +3,17 @@
 
 Inductor (the default compiler) runs once per op; the per-backend variants (every backend of the
 test device, support.backends_for) use "aot_eager", which traces the same forward and backward
-graphs without generating C++ (a few seconds, not tens). Every loss of the registry
-(pyalign/losses.py: pairwise, unpaired, policy) is traced whole and matches eager, value and
-gradients.
+graphs without generating C++ (a few seconds, not tens). Every unpaired and policy loss of the
+registry (pyalign/losses/) and one pairwise loss of each kind (support.pairwise_loss_kinds: the
+others trace the same graph, the loss name a constant of the opaque pair op) is traced whole and
+matches eager, value and gradients.
 """
 import pytest
 import torch
 
 import pyalign
-from pyalign import backends
-from pyalign import losses as registry
-from support import backends_for
+from pyalign import backends, losses
+from support import backends_for, pairwise_loss_kinds
 
 LOGPROB_BACKENDS = backends_for("logprobs")
 
@@ -174,9 +174,9 @@ def _head_case(rows, seq_len=5, hidden_size=8, vocab=37):
     return hidden, weight, labels
 
 
-@pytest.mark.parametrize("name", registry.PAIRWISE_NAMES)
-def test_every_pairwise_loss_fullgraph_matches_eager(name):
-    entry = registry.REGISTRY[name]
+@pytest.mark.parametrize("name", pairwise_loss_kinds())
+def test_every_kind_of_pairwise_loss_fullgraph_matches_eager(name):
+    entry = losses.REGISTRY[name]
     pairs = 3
     sequence = [torch.randn(pairs) * 3 - 40 for _ in range(4)]
     lengths = [torch.randint(1, 9, (pairs,)).float() for _ in range(2)]
@@ -215,7 +215,7 @@ def test_reference_given_twice_fullgraph_matches_eager():
     _assert_compiled_matches_eager(objective, [policy_chosen, policy_rejected])
 
 
-@pytest.mark.parametrize("name", registry.UNPAIRED_NAMES)
+@pytest.mark.parametrize("name", losses.UNPAIRED_NAMES)
 def test_every_unpaired_loss_fullgraph_matches_eager(name):
     rows = 4
     policy_logps, ref_logps = torch.randn(rows) - 20, torch.randn(rows) - 20
@@ -235,7 +235,7 @@ def test_every_unpaired_loss_fullgraph_matches_eager(name):
     _assert_compiled_matches_eager(objective, [policy_logps, hidden, weight])
 
 
-@pytest.mark.parametrize("name", registry.POLICY_NAMES)
+@pytest.mark.parametrize("name", losses.POLICY_NAMES)
 def test_every_policy_loss_fullgraph_matches_eager(name):
     shape = (3, 6)
     logprobs = -torch.rand(shape) * 3
@@ -245,7 +245,7 @@ def test_every_policy_loss_fullgraph_matches_eager(name):
     mask = torch.rand(shape) > 0.3
     entropy = torch.rand(shape) * 2
     options = dict(loss_type=name, ref_logprobs=ref_logprobs, beta=0.04, entropy_coef=0.01)
-    if registry.POLICY_REGISTRY[name].normalisation == "max_length":
+    if losses.POLICY_REGISTRY[name].normalisation == "max_length":
         options["max_completion_length"] = shape[1]
 
     def objective(logprobs, entropy):

@@ -10,8 +10,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import pyalign
-from pyalign import losses as registry
-from pyalign.ops import preference as preference_ops
+from pyalign import losses
+from pyalign.ops import linear_preference
 from support import (
     DEVICE,
     IGNORE,
@@ -28,9 +28,9 @@ from support import (
 )
 
 BACKENDS = backends_for("linear_logprobs")
-BATCH_LEVEL = tuple(name for name in registry.PAIRWISE_NAMES if registry.REGISTRY[name].batch_step)
-PER_PAIR = tuple(name for name in registry.PAIRWISE_NAMES if name not in BATCH_LEVEL)
-SMOOTHING = {name: 0.1 for name in registry.LABEL_SMOOTHING_NAMES}
+BATCH_LEVEL = tuple(name for name in losses.PAIRWISE_NAMES if losses.REGISTRY[name].batch_step)
+PER_PAIR = tuple(name for name in losses.PAIRWISE_NAMES if name not in BATCH_LEVEL)
+SMOOTHING = {name: 0.1 for name in losses.LABEL_SMOOTHING_NAMES}
 EXACT = dict(rtol=1e-10, atol=1e-12)  # float64: the two paths differ by summation order only
 FP32 = dict(rtol=1e-5, atol=1e-5)
 
@@ -91,7 +91,7 @@ def preference_kwargs(ref, labels, ref_hidden, ref_weight, average, **extra):
 
 @pytest.mark.parametrize("ref", ["logps", "hidden"])
 @pytest.mark.parametrize("average", [False, True], ids=["sum", "avg"])
-@pytest.mark.parametrize("loss", registry.PAIRWISE_NAMES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 def test_every_pairwise_loss_equals_the_recompute_path_float64(loss, average, ref):
     hidden, weight, bias, labels, ref_hidden, ref_weight = head_case(6)
     kwargs = preference_kwargs(ref, labels, ref_hidden, ref_weight, average, loss=loss, beta=0.3,
@@ -198,7 +198,7 @@ def test_poison_at_ignored_positions_is_inert():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ref", ["logps", "hidden"])
-@pytest.mark.parametrize("loss", registry.UNPAIRED_NAMES)
+@pytest.mark.parametrize("loss", losses.UNPAIRED_NAMES)
 def test_kto_equals_recompute_and_float64(backend, loss, ref):
     small = backend == "triton" and ON_CPU
     dtype = torch.float64 if backend == "eager" else torch.float32
@@ -251,7 +251,7 @@ def test_the_fused_path_never_calls_the_per_token_op(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the 3-matmul path called linear_token_logprobs")
 
-    monkeypatch.setattr(preference_ops, "linear_token_logprobs", refuse)
+    monkeypatch.setattr(linear_preference, "linear_token_logprobs", refuse)
     run(pyalign.linear_preference_loss, "mean", hidden, weight, bias, labels,
         ref_hidden=ref_hidden, ref_weight=ref_weight)
     with pytest.raises(AssertionError, match="called linear_token_logprobs"):  # the fallbacks do

@@ -9,9 +9,12 @@ import pyalign
 from support import backends_for, grads64, kl64, same_under_thread_counts
 
 BACKENDS = backends_for("kl")
+# The backends whose work splits over torch's intra-op threads (the Triton kernels' does not).
+THREADED = [b for b in BACKENDS if b in ("eager", "cpu")]
 ESTIMATORS = ["k1", "k2", "k3"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-SHAPES = [(1,), (7,), (3, 129), (2, 5, 33), (3, 1001)]
+# one element, a partial block, 3-D (a view), several blocks with a partial last one
+SHAPES = [(1,), (2, 5, 33), (3, 1001)]
 
 
 def random_logprobs(shape, dtype):
@@ -189,7 +192,7 @@ def test_mixed_dtypes_and_non_contiguous(backend):
     torch.testing.assert_close(grad_ref.double(), exp_grad_ref, rtol=1e-2, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", THREADED)
 def test_thread_count_does_not_change_results(backend):
     logprobs, ref_logprobs = random_logprobs((200_000,), torch.float32)
     upstream = torch.randn(200_000)

@@ -21,7 +21,7 @@ import torch
 
 import pyalign
 from pyalign import losses
-from pyalign.ops.kto import LOSS_NAMES, kto_reference_point
+from pyalign.ops.kto import kto_reference_point
 from support import (
     IGNORE,
     ON_CPU,
@@ -41,10 +41,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def test_the_oracle_covers_exactly_the_unpaired_losses():
-    assert LOSS_NAMES == losses.UNPAIRED_NAMES == ("kto", "apo_zero_unpaired")
-    assert set(UNPAIRED_LOSS_FORMULAS) == set(LOSS_NAMES)
-    assert [losses.REGISTRY[name].uses_kl_reference for name in LOSS_NAMES] == [True, False]
-    assert not set(LOSS_NAMES) & set(losses.PAIRWISE_NAMES)
+    assert losses.UNPAIRED_NAMES == ("kto", "apo_zero_unpaired")
+    assert set(UNPAIRED_LOSS_FORMULAS) == set(losses.UNPAIRED_NAMES)
+    assert [losses.REGISTRY[name].uses_kl_reference for name in losses.UNPAIRED_NAMES] == [True, False]
+    assert not set(losses.UNPAIRED_NAMES) & set(losses.PAIRWISE_NAMES)
 
 
 def reference_point64(loss, kl):
@@ -73,7 +73,7 @@ def unpaired_case(batch, desirable="mixed", kl_size=7, kl_mean=0.8, dtype=torch.
 CASES = [(1, "mixed"), (1, "none"), (9, "mixed"), (8, "all"), (8, "none"), (37, "mixed")]
 
 
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.UNPAIRED_NAMES)
 @pytest.mark.parametrize("batch,desirable", CASES, ids=[f"B{b}-{d}" for b, d in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (1.7, 0.4)], ids=str)
@@ -107,7 +107,7 @@ def test_kto_loss_matches_float64(loss, batch, desirable, dtype, weights):
 
 def test_gradcheck_float64():
     policy, ref, flags, kl = unpaired_case(6, dtype=torch.float64)
-    for loss in LOSS_NAMES:
+    for loss in losses.UNPAIRED_NAMES:
         assert torch.autograd.gradcheck(
             lambda p, r, loss=loss: pyalign.kto_loss(p, r, flags, kl, loss=loss, beta=0.4,
                                                      desirable_weight=1.3, reduction="none").loss,
@@ -141,7 +141,7 @@ def test_no_gradient_flows_into_kl():
     assert policy.grad is not None and policy.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.UNPAIRED_NAMES)
 def test_a_negative_kl_mean_is_clamped_to_zero(loss):
     policy, ref, flags, kl = unpaired_case(7, kl_mean=-2.0)
     assert kl.mean() < 0
@@ -182,7 +182,7 @@ def test_apo_zero_unpaired_needs_no_kl():
         policy, ref, flags, zero, "apo_zero_unpaired", 0.2).mean(), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.UNPAIRED_NAMES)
 def test_large_scaled_log_ratios_stay_finite_and_exact(loss):
     """|beta * r| from 1e-3 to 1e4: each term is a sigmoid of +-beta*r, so a loss of 1e-13 (or
     0 in fp32) keeps its digits, and the gradients stay finite. The expected values are the
@@ -279,7 +279,7 @@ KL_INPUTS = ["kl", "kl_hidden+ref_kl_logps", "kl_hidden+ref_kl_hidden"]
 
 
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.UNPAIRED_NAMES)
 @pytest.mark.parametrize("reference", REFERENCES)
 @pytest.mark.parametrize("kl_input", KL_INPUTS)
 @pytest.mark.parametrize("average", [False, True], ids=["sum", "avg"])
@@ -324,7 +324,7 @@ def test_linear_kto_loss_matches_float64(backend, loss, reference, kl_input, ave
 
 
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.UNPAIRED_NAMES)
 def test_linear_kto_loss_bf16_matches_float64(backend, loss):
     """bf16 hidden states and heads (policy, reference, KL pairs): fp32 accumulation, so the loss
     is the float64 value of the bf16 inputs to fp32 accuracy; the gradients come back in bf16."""

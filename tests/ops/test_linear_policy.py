@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import pyalign
-from pyalign import losses as registry
+from pyalign import losses
 from pyalign.ops import linear_policy
 from support import (
     DEVICE,
@@ -68,7 +68,7 @@ def options_of(loss_type, level, with_kl, entropy_coef, **extra):
                    **extra)
     if level is not None:
         options["importance_sampling_level"] = level
-    if registry.get_policy(loss_type).normalisation == "max_length":
+    if losses.get_policy(loss_type).normalisation == "max_length":
         options["max_completion_length"] = MAX_LENGTH
     return options
 
@@ -134,7 +134,7 @@ def assert_matches(out, grads, expected, tol):
 
 # ---------------------------------------------------------- every loss, both ratio levels
 
-MATRIX = [(lt, level, kl, ent) for lt in registry.POLICY_NAMES for level in levels_of(lt)
+MATRIX = [(lt, level, kl, ent) for lt in losses.POLICY_NAMES for level in levels_of(lt)
           for kl in (False, True) for ent in (0.0, 0.3)]
 
 

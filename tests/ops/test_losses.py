@@ -1,4 +1,4 @@
-"""The loss registry (pyalign/losses.py): what derives from it, every hand-derived gradient
+"""The loss registry (pyalign/losses/): what derives from it, every hand-derived gradient
 against autograd of the entry's forward in float64, and every loss on every backend over a sweep
 of scaled margins |beta*h| from 1e-3 to 1e4 (both signs) against the float64 oracle of
 tests/support.py, plus a rejected log-prob of -inf."""
@@ -9,7 +9,6 @@ import torch
 
 import pyalign
 from pyalign import losses
-from pyalign.ops.preference import LOSS_NAMES
 from support import backends_for, grad_of, grads64, preference64
 
 BACKENDS = backends_for("preference")
@@ -19,11 +18,10 @@ OWN_MATH = [entry for entry in PAIRWISE if entry.pair_math is None]  # own forwa
 
 def test_everything_derives_from_the_registry():
     from pyalign.kernels import preference as triton_preference
-    from pyalign.trainers import preference as trainer
+    from pyalign.trainers.presets import ALGOS
 
-    assert LOSS_NAMES == losses.PAIRWISE_NAMES
-    assert trainer.PAIRWISE_LOSSES == losses.PAIRWISE_NAMES
-    assert trainer.LOSSES == losses.NAMES
+    # every preference algorithm's loss (and so the CLI's choices) comes from the registry
+    assert {a.defaults["loss"] for a in ALGOS.values() if a.family == "preference"} <= set(losses.NAMES)
     assert set(losses.NAMES) - set(losses.PAIRWISE_NAMES) == set(losses.UNPAIRED_NAMES) == {
         "kto", "apo_zero_unpaired"}
     assert len(losses.PAIRWISE_NAMES) == 15  # TRL 1.16's DPO loss types
@@ -137,7 +135,7 @@ def assert_grad_close(grad, expected, margins, beta):
 
 
 @pytest.mark.parametrize("beta", [0.1, 50.0])
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_margin_sweep_matches_float64(backend, loss, beta):
     """Every loss, the batch-level ones included (aot sorts these margins: the reference ones
@@ -167,7 +165,7 @@ def test_extreme_margin_sweep_matches_float64(backend, loss, beta):
             assert_grad_close(grad.double(), exp_grad, margins, beta)
 
 
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rejected_logprob_of_minus_inf_gives_the_limit(backend, loss):
     """A rejected completion the policy gives probability 0: r_l = -inf, x = +inf. Where the loss

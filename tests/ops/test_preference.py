@@ -1,4 +1,4 @@
-"""pyalign.preference_loss (every loss name of pyalign.ops.preference.LOSS_NAMES) and
+"""pyalign.preference_loss (every loss name of pyalign.losses.PAIRWISE_NAMES) and
 linear_preference_loss against float64 (KTO: tests/ops/test_kto.py): the loss table of
 docs/algorithms.md (the oracle in tests/support.py) for values, autograd through it for
 gradients, on every backend of the test device (support.backends_for). Also: a full Triton block
@@ -12,7 +12,6 @@ import torch
 
 import pyalign
 from pyalign import losses
-from pyalign.ops.preference import LOSS_NAMES
 from support import (
     BATCH_LOSSES,
     IGNORE,
@@ -21,6 +20,7 @@ from support import (
     grad_of,
     grads64,
     linear_logits64,
+    pairwise_loss_kinds,
     preference64,
     random_lengths,
     random_pairs,
@@ -38,12 +38,12 @@ EXO_DEFAULT_EPS = 1e-3  # TRL's substitute for exo_pair's label_smoothing = 0
 
 
 def test_the_oracle_covers_exactly_the_package_losses():
-    assert len(LOSS_NAMES) == len(set(LOSS_NAMES)) == 15
+    assert len(losses.PAIRWISE_NAMES) == len(set(losses.PAIRWISE_NAMES)) == 15
     assert set(PAIR_LOSS_FORMULAS) == set(ELEMENTWISE)
-    assert set(PAIR_LOSS_FORMULAS) | BATCH_LOSSES == set(LOSS_NAMES) == set(losses.PAIRWISE_NAMES)
-    assert len(SMOOTHED) == 6 and set(SMOOTHED) <= set(LOSS_NAMES)
+    assert set(PAIR_LOSS_FORMULAS) | BATCH_LOSSES == set(losses.PAIRWISE_NAMES)
+    assert len(SMOOTHED) == 6 and set(SMOOTHED) <= set(losses.PAIRWISE_NAMES)
     assert all(losses.REGISTRY[name].zero_smoothing_substitute in (None, EXO_DEFAULT_EPS)
-               for name in LOSS_NAMES)
+               for name in losses.PAIRWISE_NAMES)
 
 
 def oracle_eps(loss, label_smoothing):
@@ -67,7 +67,7 @@ def run(inputs, upstream, **kwargs):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_losses_and_grads_match_float64(backend, loss, beta, dtype):
@@ -110,7 +110,7 @@ def test_label_smoothing(backend, loss, label_smoothing):
         torch.testing.assert_close(grad.double(), exp_grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 def test_gradcheck_float64(loss):
     """The eager backend's closed-form gradients, in float64, against finite differences."""
     inputs = [t.double().requires_grad_(True) for t in random_pairs(5)]
@@ -248,7 +248,7 @@ PAIR_TOL = dict(rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 @pytest.mark.parametrize("beta", [0.1, 2.0])
 def test_a_full_block_and_a_partial_one(backend, loss, beta):
     """300 pairs: one full Triton block of 256 and a partial one; smoothing where it applies."""
@@ -258,7 +258,7 @@ def test_a_full_block_and_a_partial_one(backend, loss, beta):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 def test_every_backend_matches_eager(backend, loss):
     inputs = random_pairs(40)
     upstream = torch.randn(40)
@@ -271,7 +271,7 @@ def test_every_backend_matches_eager(backend, loss):
         torch.testing.assert_close(mine, theirs, **PAIR_TOL)
 
 
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_inputs_and_extreme_margins(backend, loss):
     inputs = [t.to(torch.bfloat16) for t in random_pairs(16, scale=300.0)]  # |beta*h| up to ~100
@@ -303,11 +303,13 @@ def sequence_case(pairs, seq_len, hidden_size=4, vocab=11):
     return hidden, weight, labels
 
 
+# The head's backend changes the per-token log-probs' source, not the code of a loss: one loss of
+# each kind (every loss's pair math runs on every backend in test_losses.py and test_masks.py).
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", pairwise_loss_kinds())
 @pytest.mark.parametrize("average", [False, True], ids=["sum", "avg"])
 @pytest.mark.parametrize("ref_per_token", [False, True], ids=["ref_logps", "ref_hidden"])
-def test_sequence_reduce_and_every_loss(backend, loss, average, ref_per_token):
+def test_sequence_reduce_and_every_kind_of_loss(backend, loss, average, ref_per_token):
     hidden, weight, labels = sequence_case(3, 37)
     mask = labels != IGNORE
     ref_hidden = hidden + 0.3 * torch.randn(hidden.shape)
@@ -336,25 +338,29 @@ def test_sequence_reduce_and_every_loss(backend, loss, average, ref_per_token):
     assert torch.isfinite(out.chosen_rewards).all() and torch.isfinite(out.rejected_rewards).all()
 
 
-@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
-def test_sequences_longer_than_a_block(backend):
-    """T = 1100: the sequence reduction loops over three Triton blocks of 512, the last partial."""
-    hidden, weight, labels = sequence_case(1, 1100, hidden_size=2, vocab=3)
-    mask = labels != IGNORE
-    ref_logps = -torch.rand(2) * 100
-    hidden_leaf = hidden.clone().requires_grad_(True)
-    out = pyalign.linear_preference_loss(hidden_leaf, weight, labels, ref_logps=ref_logps,
-                                         loss="sigmoid", beta=0.01, backend=backend)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_token_ref", [False, True], ids=["ref_seq", "ref_tokens"])
+def test_sequences_longer_than_a_block(backend, per_token_ref):
+    """T = 1100: the fused sequence reduction loops over three Triton blocks of 512, the last
+    partial, forward and backward."""
+    token_logps = -torch.rand(2, 1100) * 0.2
+    mask = torch.rand(2, 1100) > 0.1
+    mask[:, :3] = False  # a prompt
+    ref = -torch.rand(2, 1100) * 0.2 if per_token_ref else -torch.rand(2) * 100
+    leaf = token_logps.clone().requires_grad_(True)
+    out = pyalign.token_preference_loss(leaf, ref, mask, loss="sigmoid", beta=0.01,
+                                        backend=backend)
     out.loss.backward()
 
-    def loss_of(h):
-        policy = sequence_logprobs64(token_logprobs64(linear_logits64(h, weight), labels), mask)
-        return preference64(policy[:1], policy[1:], ref_logps[:1], ref_logps[1:], "sigmoid",
+    def loss_of(token_logps):
+        policy = sequence_logprobs64(token_logps, mask)
+        reference = sequence_logprobs64(ref, mask) if per_token_ref else ref
+        return preference64(policy[:1], policy[1:], reference[:1], reference[1:], "sigmoid",
                             0.01).mean()
 
-    expected, (exp_grad_hidden,) = grads64(loss_of, [hidden])
-    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(hidden_leaf.grad.double(), exp_grad_hidden, rtol=1e-4, atol=1e-6)
+    expected, (exp_grad,) = grads64(loss_of, [token_logps])
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(leaf.grad.double(), exp_grad, rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------- combinations, f-divergences, per-token options
@@ -490,7 +496,7 @@ def test_token_preference_loss_matches_float64(backend, names, weights, ld_alpha
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 def test_token_preference_loss_average_log_prob(backend, loss):
     """Per-token means: ipo and sigmoid_norm take them as they are, sft still counts tokens."""
     policy, ref, mask, _ = token_inputs(4, 9)

@@ -121,7 +121,7 @@ SMOOTHING = {"robust": 0.1, "exo_pair": 1e-3, "aot": 0.1, "aot_unpaired": 0.2}
 
 
 @pytest.mark.parametrize("pairs", [1, 3, 5])
-@pytest.mark.parametrize("loss", pyalign.ops.preference.LOSS_NAMES)
+@pytest.mark.parametrize("loss", pyalign.losses.PAIRWISE_NAMES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_loss_type_is_trls(backend, loss, pairs):
     check_against_trl(backend, pairs, [loss], label_smoothing=SMOOTHING.get(loss, 0.0))

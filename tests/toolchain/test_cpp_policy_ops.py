@@ -58,3 +58,16 @@ def test_ops_check_their_inputs(cpu_ops):
                                params, 3, True)
     with pytest.raises(RuntimeError, match="9 floats"):
         cpu_ops.policy_forward(logprobs, old, adv, mask, None, None, None, 0, "token", [0.2], 3, True)
+
+
+def test_the_row_stat_count_is_checked_at_load(cpu_ops):
+    """The extension's count of row stats (csrc/common/policy_stats.h) is the registry's; a
+    mismatch makes the cpu policy backend unavailable, saying why."""
+    from types import SimpleNamespace
+
+    from pyalign import _cpp_backend
+
+    assert cpu_ops.policy_num_stats() == len(losses.POLICY_ROW_STATS)
+    stale = SimpleNamespace(policy_num_stats=lambda: len(losses.POLICY_ROW_STATS) - 1)
+    with pytest.raises(RuntimeError, match="C\\+\\+ policy kernels write 11 row stats.*names 12"):
+        _cpp_backend._make_policy(stale)

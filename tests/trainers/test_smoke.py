@@ -7,9 +7,9 @@ import os
 import pytest
 from trainer_helpers import read_records, run_cli, write_config
 
+from pyalign import losses
 from pyalign.losses import LABEL_SMOOTHING_NAMES
 from pyalign.losses import UNPAIRED_NAMES as UNPAIRED_LOSSES
-from pyalign.trainers import PAIRWISE_LOSSES
 from pyalign.trainers.presets import ALGOS
 
 PREFERENCE = dict(batch_size=4, micro_batch_size=2, num_examples=8, eval_batch_size=4,
@@ -59,7 +59,7 @@ def test_every_algo_runs_and_logs_gold_reward(tmp_path, task_cache_dir, algo, ca
     assert (out / "checkpoints" / "step-000002.pt").exists()
 
 
-@pytest.mark.parametrize("loss", PAIRWISE_LOSSES)
+@pytest.mark.parametrize("loss", losses.PAIRWISE_NAMES)
 def test_every_pairwise_loss_trains(tiny_task, loss):
     """Step 1 has policy == frozen reference: every implicit reward is exactly 0; then it moves."""
     from pyalign.trainers import PreferenceConfig, PreferenceTrainer

@@ -1,0 +1,200 @@
+"""linear_preference_loss: the preference losses of pyalign/ops/preference.py straight from the
+policy's last hidden state, never holding the [2B·T, V] logits: in 3 matmuls
+(pyalign/ops/_fused_head.py) when the loss is a scalar with a gradient to come, else per-token
+log-probs (linear_token_logprobs) then token_preference_loss's own tail.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from pyalign import backends
+from pyalign.eager.logprobs import log_sum_sq_probs
+from pyalign.ops import _checks, _fused_head, _vocab_parallel
+from pyalign.ops._loss_options import check_loss_spec, check_token_options
+from pyalign.ops.linear_logprobs import linear_token_logprobs
+from pyalign.ops.preference import PreferenceLossOutput, token_level_loss
+
+# The no-grad log Σ p² pass (WPO's weights on the recompute path): logits per chunk, in
+# elements (16 MiB of fp32).
+LOG_SUM_SQ_CHUNK_ELEMENTS = 1 << 22
+
+
+def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                           bias: Optional[torch.Tensor] = None,
+                           ref_logps: Optional[torch.Tensor] = None,
+                           ref_hidden: Optional[torch.Tensor] = None,
+                           ref_weight: Optional[torch.Tensor] = None,
+                           ref_bias: Optional[torch.Tensor] = None,
+                           loss: Union[str, Sequence[str]] = "sigmoid",
+                           loss_weights: Optional[Sequence[float]] = None, beta: float = 0.1,
+                           label_smoothing: float = 0.0, f_divergence: str = "reverse_kl",
+                           f_alpha_divergence_coef: float = 0.5, ld_alpha: Optional[float] = None,
+                           use_weighting: bool = False, ignore_index: int = -100,
+                           average_log_prob: bool = False, temperature: float = 1.0,
+                           reduction: str = "mean", chunk_size: Optional[int] = None,
+                           backend: str = "auto", process_group=None) -> PreferenceLossOutput:
+    """The fused path from the policy's last hidden state to a preference loss.
+
+    hidden: [2B, T, H], chosen rows first then rejected; weight: the lm_head [V, H]; labels:
+    [2B, T], already aligned with hidden (labels[i, t] is the token predicted from hidden[i, t]),
+    ``ignore_index`` on prompt and padding positions. The reference is either precomputed
+    sequence log-probs ``ref_logps`` [2B] (same order) or ``ref_hidden`` with the reference's
+    head ``ref_weight`` (required: pass ``weight`` if the reference shares the policy's head;
+    + ``ref_bias``), evaluated without gradient; no gradient flows to the reference. Loss options
+    as ``token_preference_loss`` (``use_weighting`` computes log Σ p² of the policy head itself).
+    ``average_log_prob=True`` length-normalises every loss's log-probs. ``chunk_size``: tokens
+    whose logits exist at once. No [2B*T, V] logits are ever held.
+
+    Cost. With ``reduction`` "mean"/"sum" and a gradient wanted, the loss runs in 3 matmuls
+    (pyalign/ops/_fused_head.py): per chunk of whole pairs (about ``chunk_size`` kept tokens, at
+    least one pair) the logits, the loss and its gradient are computed in the forward, only the
+    kept tokens enter the matmuls, and backward just scales the stored gradients; memory is one
+    chunk's logits plus gradient buffers of hidden's and W's (fp32) size. The batch-level losses
+    (aot, aot_unpaired, sft: their value needs the whole batch), ``reduction="none"``, no-grad
+    calls and torch.compile take the recompute path instead: per-token log-probs
+    (linear_token_logprobs, which recomputes the logits in backward: 4 matmuls) then the loss.
+
+    ``process_group``: the vocab-parallel head, as in ``linear_token_logprobs``: ``weight``,
+    ``bias``, ``ref_weight`` and ``ref_bias`` are this rank's vocabulary rows (the reference
+    sharded like the policy), everything else is the same on every rank, and every rank returns
+    the same loss; its weight gradients are its shard's.
+    """
+    with _vocab_parallel.ShardChecks(process_group, "process_group") as shard_checks:
+        spec = check_loss_spec(loss, loss_weights, beta, label_smoothing, reduction, f_divergence,
+                                f_alpha_divergence_coef)
+        _checks.check_tensor("hidden", hidden, floating=True)
+        if hidden.dim() != 3 or hidden.shape[0] % 2 or hidden.shape[-1] == 0:
+            raise ValueError(f"hidden must be [2B, T, H] with chosen rows first and H > 0, got shape "
+                             f"{tuple(hidden.shape)}")
+        if (ref_logps is None) == (ref_hidden is None):
+            raise ValueError("give exactly one of ref_logps (precomputed [2B]) or ref_hidden")
+        ignore_index = _checks.check_int("ignore_index", ignore_index)
+        temperature = _checks.check_temperature(temperature)
+        chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
+        average_log_prob = _checks.check_bool("average_log_prob", average_log_prob)
+        ld_alpha, use_weighting = check_token_options(spec, ld_alpha, use_weighting, average_log_prob)
+        _check_linear_inputs(hidden, weight, bias, labels, ref_logps, ref_hidden, ref_weight, ref_bias)
+        backends.check_name(backend)
+    shard = shard_checks.shard(weight, hidden, labels, ignore_index)
+    if ref_logps is not None:
+        ref_logps = ref_logps.detach()
+    # A backend named for the per-token part (say "cpu") need not have a loss kernel: the tiny
+    # [2B, T] reduction then runs on whatever "auto" picks.
+    options = dict(ld_alpha=ld_alpha, average=average_log_prob,
+                   backend=backends.backend_for("preference", backend))
+    if (_fused_head.applies(reduction, hidden, weight, bias)
+            and all(entry.batch_step is None for entry, _, _ in spec.terms)):
+        return _fused_linear_preference(hidden, weight, bias, labels, ref_logps, ref_hidden,
+                                        ref_weight, ref_bias, spec, options, use_weighting,
+                                        ignore_index, temperature, reduction, chunk_size, backend,
+                                        shard)
+    mask = labels != ignore_index
+    head = dict(ignore_index=ignore_index, temperature=temperature, chunk_size=chunk_size,
+                backend=backend, process_group=process_group)
+    token_logps = linear_token_logprobs(hidden, weight, labels, bias=bias, **head)
+    if ref_logps is None:
+        with torch.no_grad():  # per-token [2B, T]: the fused kernel reduces it with the policy's
+            ref_logps = linear_token_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias, **head)
+    sum_sq = None
+    if use_weighting and shard is None:
+        sum_sq = linear_log_sum_sq_probs(hidden, weight, bias, mask, temperature, chunk_size)
+    elif use_weighting:  # the whole vocabulary's log Σ p²: the head's metric, combined
+        with torch.no_grad():
+            sum_sq = linear_token_logprobs(hidden, weight, labels, bias=bias,
+                                           outputs=("log_sum_sq_probs",), **head).log_sum_sq_probs
+    return token_level_loss(token_logps, mask, ref_logps, spec, log_sum_sq_probs=sum_sq,
+                             reduction=reduction, **options)
+
+
+def _fused_linear_preference(hidden, weight, bias, labels, ref_logps, ref_hidden, ref_weight,
+                             ref_bias, spec, options, use_weighting, ignore_index, temperature,
+                             reduction, chunk_size, backend, shard) -> PreferenceLossOutput:
+    """linear_preference_loss in 3 matmuls: chunks of whole pairs, each chunk's per-pair losses by
+    ``_token_level_loss`` itself (the recompute path's code), differentiated in the forward."""
+    pairs = hidden.shape[0] // 2
+    index = torch.arange(pairs, device=hidden.device)
+    unit_rows = torch.stack([index, index + pairs], dim=1)  # chunk rows: chosen, then rejected
+
+    def chunk_loss(rows, token_logps, mask, ref_tokens, sum_sq):
+        ref = ref_tokens if ref_tokens is not None else ref_logps[rows]
+        out = token_level_loss(token_logps, mask, ref, spec, log_sum_sq_probs=sum_sq,
+                                reduction="none", **options)
+        return out.loss, (out.chosen_rewards, out.rejected_rewards)
+
+    reference = None if ref_hidden is None else _fused_head.ReferenceHead(ref_hidden, ref_weight,
+                                                                          ref_bias)
+    plan = _fused_head.FusedHeadPlan(labels, unit_rows, chunk_loss, reduction, ignore_index,
+                                     temperature, chunk_size, backend, reference, use_weighting,
+                                     vocab_shard=shard)
+    loss, chosen_rewards, rejected_rewards = _fused_head.fused_head_loss(hidden, weight, bias, plan)
+    return PreferenceLossOutput(loss, chosen_rewards, rejected_rewards,
+                                chosen_rewards - rejected_rewards)
+
+
+def _check_linear_inputs(hidden, weight, bias, labels, ref_logps, ref_hidden, ref_weight,
+                         ref_bias) -> None:
+    """Every tensor of linear_preference_loss, named as the caller named it, before the policy's
+    forward runs (the inner linear_token_logprobs calls would name the reference's "weight")."""
+    _checks.check_tensor("weight", weight, floating=True)
+    _checks.check_tensor("labels", labels, integer=True)
+    if bias is not None:
+        _checks.check_tensor("bias", bias, floating=True)
+    _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    _checks.check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1], [2B, T]")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    vocab_and_hidden = tuple(weight.shape)
+    if bias is not None:
+        _checks.check_shape("bias", bias, (weight.shape[0],), "[V]")
+    if ref_logps is not None:
+        _checks.check_tensor("ref_logps", ref_logps, floating=True)
+        _checks.check_same_device(hidden=hidden, ref_logps=ref_logps)
+        _checks.check_shape("ref_logps", ref_logps, (hidden.shape[0],), "[2B], chosen rows first")
+        if ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_weight / ref_bias are given with ref_logps (the precomputed "
+                             "reference log-probs need no head); give ref_hidden with them instead")
+        return
+    _checks.check_tensor("ref_hidden", ref_hidden, floating=True)
+    _checks.check_shape("ref_hidden", ref_hidden, hidden.shape, "hidden.shape")
+    if ref_weight is None:
+        raise ValueError("ref_hidden given without ref_weight: the reference model's lm_head [V, H] "
+                         "is required (pass weight itself if the reference shares the policy's "
+                         "head; it is never taken from the policy silently)")
+    _checks.check_tensor("ref_weight", ref_weight, floating=True)
+    if ref_weight.dim() != 2 or ref_weight.shape != vocab_and_hidden:
+        raise ValueError(f"ref_weight must be [V, H] = {vocab_and_hidden} like weight, got "
+                         f"{tuple(ref_weight.shape)}")
+    if ref_weight.dtype != ref_hidden.dtype:
+        raise TypeError(f"ref_hidden and ref_weight must share a dtype, got {ref_hidden.dtype} and "
+                        f"{ref_weight.dtype}")
+    if ref_bias is not None:
+        _checks.check_tensor("ref_bias", ref_bias, floating=True)
+        _checks.check_shape("ref_bias", ref_bias, (ref_weight.shape[0],), "[V]")
+        if ref_bias.dtype != ref_hidden.dtype:
+            raise TypeError(f"ref_bias must have ref_hidden's dtype {ref_hidden.dtype}, got {ref_bias.dtype}")
+    _checks.check_same_device(hidden=hidden, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                              ref_bias=ref_bias)
+
+
+@torch.no_grad()
+def linear_log_sum_sq_probs(hidden: torch.Tensor, weight: torch.Tensor,
+                            bias: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                            temperature: float = 1.0, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """``log_sum_sq_probs`` of the head's logits hidden·Wᵀ (+ b) per token [..., ] (fp32; 0 where
+    ``mask`` is False), in a no-grad pass over chunks of the kept tokens: at most chunk x V logits
+    at a time, never [N, V]. It reads W once more than the log-prob kernel; a later issue fuses
+    it into the streaming log-prob kernel."""
+    kept = torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device) if mask is None \
+        else mask != 0
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    rows = kept.reshape(-1).nonzero().squeeze(-1)
+    out = torch.zeros(flat_hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    chunk = chunk_size or max(1, LOG_SUM_SQ_CHUNK_ELEMENTS // max(weight.shape[0], 1))
+    for start in range(0, rows.numel(), chunk):
+        index = rows[start:start + chunk]
+        logits = flat_hidden[index] @ weight.t()
+        out[index] = log_sum_sq_probs(logits if bias is None else logits + bias, temperature)
+    return out.view(kept.shape)
