@@ -28,10 +28,12 @@ ALLOWED = {
     ("_workspace.py", "flat.device.type != 'cpu'"): "the same cache rule when a buffer comes back",
     ("cli/train.py", "dist_ctx.device.type == 'cpu'"): "the training run's device placement",
     ("integrations/callbacks.py", "p.device.type == 'cuda'"): "which GPUs a model occupies",
+    ("integrations/packing.py", "implementation == 'eager'"): "transformers' attention "
+                                                              "implementation, not pyalign's",
     ("trainers/checkpoint.py", "'cuda' in state"): "whether a checkpoint holds CUDA RNG state",
     ("trainers/distributed.py", "os.environ.get('PYALIGN_DEVICE', '') != 'cpu'"): "the device a "
                                                                                   "rank trains on",
-    ("trainers/trainer.py", "self.dist.device.type == 'cuda'"): "DDP's device_ids",
+    ("trainers/distributed.py", "dist_ctx.device.type == 'cuda'"): "DDP's device_ids",
 }
 ALLOWED_FOLDERS = ("bench/",)
 NAMES = set(backends.CHOICES)
