@@ -309,6 +309,7 @@ def train_config(point: Point, spec: dict, out: str, files: Optional[dict] = Non
 
 def check_point(point: Point, spec: dict) -> None:
     """Resolve the point's config exactly as ``pyalign train`` would; a bad key is a GridError."""
+    from pyalign.data import DataError
     from pyalign.trainers.resolve import resolve_config_values
     from pyalign.trainers.settings import ConfigError
     values = train_config(point, spec, out="unused")
@@ -316,7 +317,7 @@ def check_point(point: Point, spec: dict) -> None:
     values.pop("eval_data", None)  # the held-out data: read by check_inputs, not the settings
     try:
         resolve_config_values(values, where=f"grid point {point.point_id}")
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         raise GridError(str(exc)) from exc
 
 

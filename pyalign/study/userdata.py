@@ -8,7 +8,7 @@ the RL algorithms' ``--reward``; ``gold_reward``, a reward-model directory or
 the held-out preference accuracy, measures.py); ``eval_data``, the held-out data, else
 ``heldout_fraction`` of --data's rows (0.1), drawn by a fixed seed, are held out and the points
 train on the others. ``parse_grid`` records the split in the grid (``data_split``: the data's
-format, its rows, the training and held-out rows); ``write_split`` writes the two parts as
+format, its rows, the training and held-out rows, the files' SHA-256); ``write_split`` writes the two parts as
 OUT/data/train.jsonl and OUT/data/heldout.jsonl, which each point's config names as its
 ``data`` and ``eval_data``: a point is a plain ``pyalign train --config`` run.
 
@@ -105,8 +105,10 @@ def absolute(spec: str) -> str:
 
 
 def data_split(spec: dict) -> dict:
-    """The data's format and rows, and the rows of the training and held-out parts."""
+    """The data's format and rows, the rows of the training and held-out parts, and the files'
+    SHA-256 (a study resumed on other data is another grid)."""
     from pyalign.data.loading import detect_format
+    from pyalign.trainers.fingerprints import content_digest
     rows = _load(spec["data"], "--data")
     found = detect_format(rows)
     if spec.get("eval_data"):
@@ -121,7 +123,8 @@ def data_split(spec: dict) -> dict:
                             f"--eval-data or more rows")
         split = {"rows": len(rows), "train_rows": len(rows) - count, "heldout_rows": count,
                  "heldout_format": found}
-    return {"format": found, **split}
+    digests = {key: content_digest(spec[key]) for key in ("data", "eval_data") if spec.get(key)}
+    return {"format": found, **split, "sha256": digests}
 
 
 def heldout_rows(rows: int, count: int) -> list[int]:
@@ -150,11 +153,7 @@ def write_split(spec: dict, out: str) -> dict:
     if spec.get("eval_data"):
         return files
     rows = _load(spec["data"], "--data")
-    split = spec["data_split"]
-    if len(rows) != split["rows"]:
-        raise GridError(f"--data {spec['data']} has {len(rows)} rows; the study in {out} was made "
-                        f"on {split['rows']}: use the same data to resume it, or another --out")
-    held = set(heldout_rows(len(rows), split["heldout_rows"]))
+    held = set(heldout_rows(len(rows), spec["data_split"]["heldout_rows"]))
     os.makedirs(os.path.dirname(files["data"]), exist_ok=True)
     for path, keep in ((files["data"], lambda i: i not in held), (files["eval_data"], held.__contains__)):
         lines = [json.dumps(r, ensure_ascii=False) + "\n" for i, r in enumerate(rows.records) if keep(i)]
@@ -166,12 +165,13 @@ def write_split(spec: dict, out: str) -> dict:
 def _resolved(key: str) -> tuple[int, bool]:
     """(batch size, whether the examples are unpaired) of the run settings ``key`` (JSON),
     resolved as ``pyalign train --model`` resolves them."""
+    from pyalign.data import DataError
     from pyalign.trainers.resolve import resolve_config_values
     from pyalign.trainers.settings import ConfigError
     values = json.loads(key)
     try:
         _, _, config = resolve_config_values(values, where=f"[algos.{values['algo']}]")
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         raise GridError(str(exc)) from None
     return config.batch_size, getattr(config, "loss_kind", None) == "unpaired"
 

@@ -40,8 +40,10 @@ def _rows(path) -> list:
 
 def test_a_tenth_is_held_out_by_a_fixed_seed_and_the_points_train_on_the_rest(user_files, tmp_path):
     grid = parse_grid(_spec(user_files))
+    from pyalign.trainers.fingerprints import content_digest  # pyalign train's fingerprint of --data
     assert grid.spec["data_split"] == {"format": "preference", "rows": 64, "train_rows": 58,
-                                       "heldout_rows": 6, "heldout_format": "preference"}
+                                       "heldout_rows": 6, "heldout_format": "preference",
+                                       "sha256": {"data": content_digest(user_files["prefs"])}}
     held = heldout_rows(64, 6)
     assert held == heldout_rows(64, 6) and len(set(held)) == 6 and held != list(range(6))
     files = write_split(grid.spec, str(tmp_path))
@@ -53,6 +55,18 @@ def test_a_tenth_is_held_out_by_a_fixed_seed_and_the_points_train_on_the_rest(us
     assert with_eval.spec["data_split"]["train_rows"] == 64
     assert write_split(with_eval.spec, str(tmp_path / "other")) == {
         "data": user_files["prefs"], "eval_data": files["eval_data"]}
+
+
+def test_a_study_resumed_on_other_data_is_refused(user_files, tmp_path):
+    import shutil
+    data = tmp_path / "prefs.jsonl"
+    shutil.copy(user_files["prefs"], data)
+    out = str(tmp_path / "study")
+    prepare(parse_grid(_spec(user_files, data=str(data))), out)
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # the same rows, reordered
+    with pytest.raises(GridError, match="holds a study of another grid"):
+        prepare(parse_grid(_spec(user_files, data=str(data))), out)
 
 
 @pytest.mark.parametrize("algos, table, steps", [
