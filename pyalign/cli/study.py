@@ -12,7 +12,7 @@ scale and the methods' reward-vs-drift frontiers; writes points.csv, PNGs and re
     pyalign study --aggregate runs/s               # collect what the points wrote
     pyalign study --launcher ray [--ray-address auto]
     pyalign study --preset quick --model DIR --data prefs.jsonl --gold-reward gold.py:score
-    pyalign study --grid my_grid.toml --model DIR --data prompts.jsonl --reward rm.py:score
+    pyalign study --grid rl.toml --model DIR --data prompts.jsonl --reward rm.py:score --gold-reward GOLD_RM
 
 On one's own model (--model, --data) the points train with `pyalign train --model`'s settings
 (TRL's defaults, and any setting in the grid's tables); quality is --gold-reward's score (used

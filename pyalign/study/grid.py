@@ -56,9 +56,10 @@ EVAL_DEFAULTS = {"prompts": 256, "heldout": 128}
 RUN_OVERRIDES = {"eval_every": 0, "checkpoint_every": 0, "checkpoint_minutes": 0.0,
                  "final_eval_batch_size": 1, "progress": False}
 USER_RUN_OVERRIDES = {**RUN_OVERRIDES, "final_eval_batch_size": 0}  # one's own model: none at all
-# Run settings a study sets for each point: a grid's tables may not.
+# Run settings a study sets for each point: a grid's tables may not (on one's own model, nor
+# 'reward': the grid's own key, --reward).
 STUDY_SET = ("algo", "steps", "max_steps", "seed", "out", "output_dir", "model", "data", "eval_data",
-             "reward", "task", "study", *RUN_OVERRIDES)
+             "task", "study", *RUN_OVERRIDES)
 
 
 class GridError(ValueError):
@@ -162,7 +163,8 @@ def parse_grid(raw: dict, name: str = "custom") -> Grid:
             raise GridError(f"grid key {table!r} must be a table of settings, got {spec[table]!r}")
     for table in ("preference", "rl", *(f"algos.{a}" for a in spec.get("algos") or {})):
         knobs = spec[table] if "." not in table else spec["algos"][table[6:]]
-        reserved = sorted(set(knobs) & set(STUDY_SET)) if isinstance(knobs, dict) else []
+        study_set = {*STUDY_SET, *(("reward",) if user else ())}
+        reserved = sorted(set(knobs) & study_set) if isinstance(knobs, dict) else []
         if reserved:
             raise GridError(f"[{table}] sets {', '.join(map(repr, reserved))}, which the study sets for "
                             f"each point (the steps from the grid's epochs, the seed from its seeds)")

@@ -123,6 +123,7 @@ def test_a_preset_keeps_its_knobs_and_rescales_its_periods_to_ones_own_epoch(use
     ({"eval_data": "PREFS", "heldout_fraction": 0.2}, "give one of them"),
     ({"heldout_fraction": 1.5}, "must be a fraction in"),
     ({"preference": {"steps": 5}}, "the study sets for each point"),
+    ({"rl": {"reward": "gold.py:score"}}, r"\[rl\] sets 'reward', which the study sets"),
     ({"data": "missing.jsonl"}, "--data .*missing.jsonl: no such file"),
     ({"rl": {"lr": 0.1}, "algos": {"rloo": {"kl_coef": [0.1]}}}, "needs --reward"),
 ])
