@@ -21,22 +21,23 @@ class RewardError(ValueError):
     """A --reward that cannot be loaded or that returned something else than one float each."""
 
 
-def load_reward(spec: str, *, conversational: bool) -> Callable[[list, list], list]:
-    """The reward function (prompts, completions) -> list of floats of ``spec``."""
+def load_reward(spec: str, *, conversational: bool, flag: str = "--reward") -> Callable[[list, list], list]:
+    """The reward function (prompts, completions) -> list of floats of ``spec``; errors name
+    ``flag`` (``pyalign study --gold-reward`` loads its gold reward here too)."""
     if os.path.isdir(spec):
-        return _reward_model(spec, conversational)
+        return _reward_model(f"{flag} {spec}", spec, conversational)
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise RewardError(f"--reward {spec!r}: expected path/to/file.py:function, module:function "
+        raise RewardError(f"{flag} {spec!r}: expected path/to/file.py:function, module:function "
                           f"or a reward-model directory")
-    module = _module(target, spec)
+    module = _module(target, f"{flag} {spec}")
     function = getattr(module, attr, None)
     if not callable(function):
-        raise RewardError(f"--reward {spec}: {target} has no function {attr!r}")
+        raise RewardError(f"{flag} {spec}: {target} has no function {attr!r}")
 
     def reward(prompts: list, completions: list) -> list:
         values = function(prompts=prompts, completions=completions)
-        return _checked(values, len(completions), spec)
+        return _checked(values, len(completions), f"{flag} {spec}")
     return reward
 
 
@@ -45,21 +46,21 @@ def _module(target: str, spec: str):
     the working directory first on the path (where a user's reward file usually is)."""
     if target.endswith(".py"):
         if not os.path.isfile(target):
-            raise RewardError(f"--reward {spec}: no such file {target}")
+            raise RewardError(f"{spec}: no such file {target}")
         name = "pyalign_reward_" + os.path.splitext(os.path.basename(target))[0]
         loader = importlib.util.spec_from_file_location(name, target)
         module = importlib.util.module_from_spec(loader)
         try:
             loader.loader.exec_module(module)
         except Exception as exc:
-            raise RewardError(f"--reward {spec}: {target} failed to load: {type(exc).__name__}: "
+            raise RewardError(f"{spec}: {target} failed to load: {type(exc).__name__}: "
                               f"{exc}") from exc
         return module
     sys.path.insert(0, os.getcwd())
     try:
         return importlib.import_module(target)
     except ImportError as exc:
-        raise RewardError(f"--reward {spec}: cannot import {target}: {exc} (a file "
+        raise RewardError(f"{spec}: cannot import {target}: {exc} (a file "
                           f"{target.replace('.', '/')}.py of the working directory, a module on the "
                           f"Python path, or pass path/to/file.py:function)") from exc
     finally:
@@ -70,22 +71,22 @@ def _checked(values, count: int, spec: str) -> list:
     try:
         values = [float(v) for v in values]
     except (TypeError, ValueError) as exc:
-        raise RewardError(f"--reward {spec}: must return a list of floats, got {values!r}") from exc
+        raise RewardError(f"{spec}: must return a list of floats, got {values!r}") from exc
     if len(values) != count:
-        raise RewardError(f"--reward {spec}: returned {len(values)} rewards for {count} completions")
+        raise RewardError(f"{spec}: returned {len(values)} rewards for {count} completions")
     return values
 
 
-def _reward_model(path: str, conversational: bool):
+def _reward_model(spec: str, path: str, conversational: bool):
     try:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
-        raise RewardError(f"--reward {path}: cannot load a sequence-classification model and its "
+        raise RewardError(f"{spec}: cannot load a sequence-classification model and its "
                           f"tokenizer from it: {exc}") from exc
     if conversational and not getattr(tokenizer, "chat_template", None):
-        raise RewardError(f"--reward {path}: conversational data needs a reward tokenizer with a "
+        raise RewardError(f"{spec}: conversational data needs a reward tokenizer with a "
                           f"chat template; this one has none")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -9,11 +9,13 @@ and do the over-optimisation, length and scale claims hold?
 
 Modules: ``grid`` (the grid, its points, their checks), ``presets`` (the built-in grids),
 ``point`` (one point: train, evaluate at its steps), ``evaluation`` (what an evaluation
-measures), ``runner`` (study layout and lock, process pool, Ray, aggregation), ``stats`` (the
-intervals over seeds), ``fits`` (R(d) = d(a − b log d), its bootstrap and when it holds),
-``frontiers`` (Pareto frontiers, budget tables, method-pair verdicts), ``claims``
-(over-optimisation, length and scale verdicts), ``plots``, ``report`` and ``compare`` (two runs'
-verdicts side by side).
+measures; ``data_evaluation`` on one's own model), ``userdata`` (a study of one's own model and
+data: its grid keys, held-out split and checks), ``measures`` (what quality is: gold, or the
+held-out preference accuracy), ``runner`` (study layout and lock, process pool, Ray,
+aggregation), ``stats`` (the intervals over seeds), ``fits`` (R(d) = d(a − b log d), its
+bootstrap and when it holds), ``frontiers`` (Pareto frontiers, budget tables, method-pair
+verdicts), ``claims`` (over-optimisation, length and scale verdicts), ``plots``, ``report`` and
+``compare`` (two runs' verdicts side by side).
 """
 from pyalign.study.fits import fit_hump, fit_table
 from pyalign.study.frontiers import budget_table, compare_pairs, pareto_frontier

@@ -20,7 +20,9 @@
   any, lies past the data.
 
 Each verdict is one of ``shown``, ``not shown`` (the interval holds 0: the data do not
-separate), ``opposite`` (the interval excludes 0 the other way) and ``too few seeds``.
+separate), ``opposite`` (the interval excludes 0 the other way) and ``too few seeds``. "Gold"
+is the study's quality measure (``measures.Measures``: on one's own data without a gold reward,
+the held-out preference accuracy, and the proxy the training preference accuracy).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import math
 
 import numpy as np
 
+from pyalign.study.measures import GOLD, Measures
 from pyalign.study.stats import MIN_SEEDS, NO_DATA, Interval, mean_interval, welch_difference
 
 DROP_NOISE = 2.0
@@ -66,28 +69,32 @@ def verdict_word(interval: Interval, floor: float = 0.0) -> str:
     return "not shown"
 
 
-def drops(rows: list[dict]) -> dict:
+def drops(rows: list[dict], measures: Measures = GOLD) -> dict:
     """Per seed: the mean over the runs of (gold at the run's best evaluation - gold at its last),
-    and the mean proxy change over the same span; the noise floor of the drop."""
+    and the mean proxy change over the same span (over the runs that have a proxy); the noise
+    floor of the drop."""
+    quality = measures.quality
     per_seed: dict = {}
     for (_, seed), run in _runs(rows).items():
-        peak = max(range(len(run)), key=lambda i: run[i]["gold_reward"])
+        peak = max(range(len(run)), key=lambda i: run[i][quality])
         last = run[-1]
-        per_seed.setdefault(seed, []).append((run[peak]["gold_reward"] - last["gold_reward"],
-                                              last["proxy_reward"] - run[peak]["proxy_reward"]))
-    errors = [r["gold_reward_se"] for r in rows if r.get("gold_reward_se") is not None]
+        proxy = last[measures.proxy] - run[peak][measures.proxy] \
+            if measures.has_proxy(last) and measures.has_proxy(run[peak]) else None
+        per_seed.setdefault(seed, []).append((run[peak][quality] - last[quality], proxy))
+    errors = [r[measures.quality_se] for r in rows if r.get(measures.quality_se) is not None]
+    proxies = [[p for _, p in v if p is not None] for v in per_seed.values()]
     return {"drop": mean_interval([float(np.mean([d for d, _ in v])) for v in per_seed.values()]),
-            "proxy_change": mean_interval([float(np.mean([p for _, p in v])) for v in per_seed.values()]),
+            "proxy_change": mean_interval([float(np.mean(p)) for p in proxies if p]),
             "per_seed": {s: float(np.mean([d for d, _ in v])) for s, v in per_seed.items()},
             "floor": DROP_NOISE * float(np.median(errors)) if errors else 0.0}
 
 
-def overoptimisation(rows: list[dict]) -> list[dict]:
+def overoptimisation(rows: list[dict], measures: Measures = GOLD) -> list[dict]:
     """One entry per (size, method): the drop after the peak, the proxy's change, the verdict."""
     out = []
     for size, method in groups(rows):
         mine = _select(rows, size, method)
-        found = drops(mine)
+        found = drops(mine, measures)
         out.append({"size": size, "method": method, **found,
                     "kl_max": max((r["kl_to_init"] for r in mine), default=math.nan),
                     "verdict": verdict_word(found["drop"], found["floor"])})
@@ -128,20 +135,20 @@ def line(x, y) -> tuple[float, float]:
     return float(slope), float(intercept)
 
 
-def peaks(rows: list[dict]) -> dict:
+def peaks(rows: list[dict], quality: str = GOLD.quality) -> dict:
     """Per seed: the KL and gold of the best-gold evaluation of any of the rows' runs, and
     whether that is the seed's largest-KL evaluation (the peak is censored by the data's end)."""
     best, farthest = {}, {}
     for r in rows:
-        if r["seed"] not in best or r["gold_reward"] > best[r["seed"]]["gold_reward"]:
+        if r["seed"] not in best or r[quality] > best[r["seed"]][quality]:
             best[r["seed"]] = r
         farthest[r["seed"]] = max(farthest.get(r["seed"], -math.inf), r["kl_to_init"])
     return {"kl": {s: r["kl_to_init"] for s, r in best.items()},
-            "gold": {s: r["gold_reward"] for s, r in best.items()},
+            "gold": {s: r[quality] for s, r in best.items()},
             "censored": sum(r["kl_to_init"] >= farthest[s] for s, r in best.items())}
 
 
-def scale_claims(rows: list[dict], size_order) -> list[dict]:
+def scale_claims(rows: list[dict], size_order, measures: Measures = GOLD) -> list[dict]:
     """Per method run at two or more sizes: per size the peak KL, best gold and drop intervals;
     the largest size against the smallest on "over-optimises later" and "less"."""
     out = []
@@ -153,7 +160,7 @@ def scale_claims(rows: list[dict], size_order) -> list[dict]:
         per_size, censored = {}, {}
         for size in sizes:
             mine = _select(rows, size, method)
-            found, top = drops(mine), peaks(mine)
+            found, top = drops(mine, measures), peaks(mine, measures.quality)
             per_size[size] = {"peak_kl": list(top["kl"].values()), "best_gold": list(top["gold"].values()),
                               "drop": list(found["per_seed"].values())}
             if 2 * top["censored"] > len(top["kl"]):

@@ -19,10 +19,12 @@
 
 The prompts, the held-out text and the SFT responses are drawn from fixed generators, the same
 for every point and seed (a shared test set, so points compare pairwise); the policy's samples
-from a generator keyed by the point's seed and the step.
+from a generator keyed by the point's seed and the step. On one's own model and data:
+data_evaluation.py, with the same KLs and sampling (``policy_samples``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -40,62 +42,87 @@ class Evaluator:
         task = trainer.task
         self.prompts = task.prompts(prompts, make_generator("study", "eval-prompts"))
         self.heldout = task.heldout_text(heldout, make_generator("study", "heldout-text"))
-        self.sft_responses = self._generate(trainer.init_model, ("study", "sft-responses"))
+        self.sft_responses = sample(trainer, trainer.init_model, self.prompts, ("study", "sft-responses"))
         self.sft_gold = task.gold_reward(self.prompts, self.sft_responses)
-
-    def _generate(self, model, key) -> torch.Tensor:
-        task, temperature = self.trainer.task, self.trainer.config.temperature
-        device = self.trainer.dist.device
-        chunks = []
-        for index, start in enumerate(range(0, self.prompts.shape[0], CHUNK)):
-            chunk = self.prompts[start:start + CHUNK].to(device)
-            chunks.append(task.generate(model, chunk, temperature=temperature,
-                                        generator=make_generator(*key, index)).cpu())
-        return torch.cat(chunks)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
         trainer, task = self.trainer, self.trainer.task
         policy = trainer.policy
-        policy.eval()
-        try:
-            responses = self._generate(policy, ("study", "eval", trainer.config.seed, step))
-            kl_init, kl_ref = [], []
-            device = trainer.dist.device
-            for start in range(0, responses.shape[0], CHUNK):
-                prompts = self.prompts[start:start + CHUNK].to(device)
-                chunk = responses[start:start + CHUNK].to(device)
-                mask = trainer.response_mask(chunk)
-                logprobs = trainer._scorer_module()(prompts, chunk, mask)
-                for scorer, out in ((trainer.init_scorer, kl_init), (trainer.ref_scorer, kl_ref)):
-                    other = scorer(prompts, chunk, mask)
-                    kl = pyalign.kl_penalty(logprobs, other, estimator="k1", mask=mask,
-                                            backend=trainer.config.backend)
-                    out.append(torch.where(mask, kl, 0.0).double().sum(-1).cpu())
-            heldout = self.heldout.to(device)  # padding (-100) only after a document's end
+        with policy_samples(trainer, self.prompts, step) as (responses, kl_init, kl_ref):
+            heldout = self.heldout.to(trainer.dist.device)  # padding (-100) only after a document's end
             nll = float(policy(input_ids=heldout.clamp_min(0), labels=heldout).loss)
-        finally:
-            policy.train()
-        kl_init, kl_ref = torch.cat(kl_init), torch.cat(kl_ref)
         gold = task.gold_reward(self.prompts, responses).double()
         proxy = task.proxy_reward(self.prompts, responses).double()
-        sft_gold = self.sft_gold.double()
-        wins = (gold > sft_gold).double() + 0.5 * (gold == sft_gold).double()
-        n = gold.shape[0]
-        kl_mean = max(float(kl_init.mean()), 0.0)
-        return {
-            "kl_to_init": kl_mean,
+        return {**drift(kl_init, kl_ref), **gold_metrics(gold, self.sft_gold.double()),
+                "proxy_reward": float(proxy.mean()),
+                "response_length": float(response_mask(responses, task.eos_id).sum(-1).double().mean()),
+                "perplexity": math.exp(nll)}
+
+
+@contextlib.contextmanager
+def policy_samples(trainer, prompts: torch.Tensor, step: int):
+    """With the policy in eval mode: its samples on ``prompts`` at ``step`` (drawn on the
+    point's evaluation generator) and their per-response KLs (``sequence_kls``)."""
+    policy = trainer.policy
+    policy.eval()
+    try:
+        responses = sample(trainer, policy, prompts, ("study", "eval", trainer.config.seed, step))
+        yield (responses, *sequence_kls(trainer, prompts, responses))
+    finally:
+        policy.train()
+
+
+def sample(trainer, model, prompts: torch.Tensor, key) -> torch.Tensor:
+    """One response of ``model`` per prompt (the task's sampling at the run's temperature), in
+    chunks of CHUNK prompts, each drawn on a generator keyed by ``key`` and the chunk."""
+    task, temperature = trainer.task, trainer.config.temperature
+    chunks = []
+    for index, start in enumerate(range(0, prompts.shape[0], CHUNK)):
+        chunk = prompts[start:start + CHUNK].to(trainer.dist.device)
+        chunks.append(task.generate(model, chunk, temperature=temperature,
+                                    generator=make_generator(*key, index)).cpu())
+    return torch.cat(chunks)
+
+
+def sequence_kls(trainer, prompts: torch.Tensor, responses: torch.Tensor) -> tuple:
+    """Per response: log pi(y|x) - log pi_0(y|x) and log pi(y|x) - log pi_ref(y|x), summed over
+    the response's tokens (trainer.response_mask), float64 on the CPU."""
+    kl_init, kl_ref = [], []
+    device = trainer.dist.device
+    for start in range(0, responses.shape[0], CHUNK):
+        chunk_prompts = prompts[start:start + CHUNK].to(device)
+        chunk = responses[start:start + CHUNK].to(device)
+        mask = trainer.response_mask(chunk)
+        logprobs = trainer._scorer_module()(chunk_prompts, chunk, mask)
+        for scorer, out in ((trainer.init_scorer, kl_init), (trainer.ref_scorer, kl_ref)):
+            other = scorer(chunk_prompts, chunk, mask)
+            kl = pyalign.kl_penalty(logprobs, other, estimator="k1", mask=mask,
+                                    backend=trainer.config.backend)
+            out.append(torch.where(mask, kl, 0.0).double().sum(-1).cpu())
+    return torch.cat(kl_init), torch.cat(kl_ref)
+
+
+def drift(kl_init: torch.Tensor, kl_ref: torch.Tensor) -> dict:
+    """The KL metrics of an evaluation from the per-response KLs (a negative mean, possible for
+    an unbiased estimate near 0, is reported as 0)."""
+    n = kl_init.shape[0]
+    kl_mean = max(float(kl_init.mean()), 0.0)
+    return {"kl_to_init": kl_mean,
             "kl_to_init_se": float(kl_init.std()) / math.sqrt(n) if n > 1 else 0.0,
             "kl_to_ref": max(float(kl_ref.mean()), 0.0),
-            "sqrt_kl": math.sqrt(kl_mean),
-            "gold_reward": float(gold.mean()),
+            "sqrt_kl": math.sqrt(kl_mean)}
+
+
+def gold_metrics(gold: torch.Tensor, sft_gold: torch.Tensor) -> dict:
+    """The gold metrics of an evaluation from the policy's and the SFT model's gold rewards on
+    the same prompts (float64)."""
+    n = gold.shape[0]
+    wins = (gold > sft_gold).double() + 0.5 * (gold == sft_gold).double()
+    return {"gold_reward": float(gold.mean()),
             "gold_reward_se": float(gold.std()) / math.sqrt(n) if n > 1 else 0.0,
             "gold_gain": float(gold.mean() - sft_gold.mean()),
-            "gold_win_rate": float(wins.mean()),
-            "proxy_reward": float(proxy.mean()),
-            "response_length": float(response_mask(responses, task.eos_id).sum(-1).double().mean()),
-            "perplexity": math.exp(nll),
-        }
+            "gold_win_rate": float(wins.mean())}
 
 
-__all__ = ["Evaluator"]
+__all__ = ["Evaluator", "policy_samples", "sample", "sequence_kls", "drift", "gold_metrics"]

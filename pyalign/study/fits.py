@@ -2,7 +2,9 @@
 (Gao et al. 2023 for best-of-n and RL; Rafailov et al. 2024 for direct alignment), per algorithm.
 
 R is a gain over the initial model, so R(0) = 0: the gold reward minus the SFT model's gold on
-the same prompts (``gold_gain``), or the gold win rate against the SFT model minus one half. The
+the same prompts (``gold_gain``), or the gold win rate against the SFT model minus one half
+(the targets of ``measures.Measures``; without a gold reward the held-out preference margin
+and accuracy minus one half). The
 model is linear in (a, b), so the least-squares fit is exact (``numpy.linalg.lstsq``); points
 at d = 0 carry no information and are left out. With b > 0 the curve peaks at
 ``d* = exp(a / b - 1)`` with ``R(d*) = b * d*``; with b <= 0 it never turns down (no peak in
@@ -28,9 +30,9 @@ from typing import Optional
 
 import numpy as np
 
+from pyalign.study.measures import GOLD, Measures
 from pyalign.study.stats import MIN_SEEDS
 
-TARGETS = {"gold_gain": 0.0, "gold_win_rate": 0.5}  # metric -> its value at d = 0
 BOOTSTRAP_SAMPLES = 500
 R2_MIN = 0.9
 
@@ -134,16 +136,16 @@ def fit_holds(fit: Optional[HumpFit], interval: dict, seeds: int, d_max: float) 
     return True, ""
 
 
-def fit_table(rows: list[dict]) -> list[dict]:
-    """One entry per (method, target): the fit, its bootstrap interval, whether it holds (and
-    why not), the seed count and the best value observed."""
+def fit_table(rows: list[dict], measures: Measures = GOLD) -> list[dict]:
+    """One entry per (method, target of ``measures``): the fit, its bootstrap interval, whether
+    it holds (and why not), the seed count and the best value observed."""
     table = []
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         d = [r["sqrt_kl"] for r in mine]
         seeds = [r["seed"] for r in mine]
-        for target, at_zero in TARGETS.items():
+        for target, at_zero in measures.targets.items():
             values = [r[target] - at_zero for r in mine]
             fit = fit_hump(d, values)
             interval = bootstrap_hump(d, values, seeds) if fit is not None else {}
@@ -154,4 +156,4 @@ def fit_table(rows: list[dict]) -> list[dict]:
     return table
 
 
-__all__ = ["HumpFit", "fit_hump", "bootstrap_hump", "slope", "fit_holds", "fit_table", "TARGETS", "R2_MIN"]
+__all__ = ["HumpFit", "fit_hump", "bootstrap_hump", "slope", "fit_holds", "fit_table", "R2_MIN"]

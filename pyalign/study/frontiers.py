@@ -16,6 +16,7 @@ from typing import Optional
 
 import numpy as np
 
+from pyalign.study.measures import GOLD
 from pyalign.study.stats import MIN_SEEDS, mean_interval, paired_difference, welch_difference
 
 BUDGET_QUANTILES = (0.25, 0.5, 0.75, 1.0)
@@ -39,7 +40,7 @@ def best_within(kl, value, budget: float) -> float:
     return float(inside.max()) if inside.size else math.nan
 
 
-def budget_table(rows: list[dict], method: str, budgets, metric: str = "gold_reward") -> list[dict]:
+def budget_table(rows: list[dict], method: str, budgets, metric: str = GOLD.quality) -> list[dict]:
     """Per budget: the best ``metric`` within the budget for each seed, their mean and its 95%
     t-interval (``interval``), min and max."""
     mine = [r for r in rows if r["method"] == method]
@@ -94,10 +95,11 @@ def compare(method_row: dict, baseline_row: dict) -> str:
 
 
 def verdict(method: str, baseline: str, method_table: list[dict], baseline_table: list[dict],
-            metric: str = "gold_reward") -> str:
-    """One line: where each method is ahead, each budget with the interval of the difference."""
+            metric: str = GOLD.quality, label: Optional[str] = None) -> str:
+    """One line: where each method is ahead, each budget with the interval of the difference;
+    ``label``: the metric in words (default: its key's)."""
     outcomes = [(m["budget"], compare(m, b), difference(m, b)) for m, b in zip(method_table, baseline_table)]
-    label = metric.replace("_", " ")
+    label = label or metric.replace("_", " ")
 
     def at(kind):
         return ", ".join(f"KL <= {budget:g}: {diff.text()}" for budget, outcome, diff in outcomes
@@ -163,8 +165,9 @@ def method_pairs(methods) -> list[tuple[str, str]]:
 
 
 def compare_pairs(rows: list[dict], budgets: Optional[list[float]] = None,
-                  metrics=("gold_reward", "gold_win_rate")) -> list[dict]:
-    """Every method pair of the rows: budgets, both budget tables per metric, and the verdicts."""
+                  metrics=GOLD.pair_metrics, labels: Optional[dict] = None) -> list[dict]:
+    """Every method pair of the rows: budgets, both budget tables per metric, and the verdicts
+    (``labels``: metric -> its words in them)."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     out = []
     for method, baseline in method_pairs(methods):
@@ -175,7 +178,8 @@ def compare_pairs(rows: list[dict], budgets: Optional[list[float]] = None,
             mine = budget_table(rows, method, pair_budgets, metric)
             theirs = budget_table(rows, baseline, pair_budgets, metric)
             entry["tables"][metric] = (mine, theirs)
-            entry["verdicts"][metric] = verdict(method, baseline, mine, theirs, metric)
+            entry["verdicts"][metric] = verdict(method, baseline, mine, theirs, metric,
+                                                (labels or {}).get(metric))
         out.append(entry)
     return out
 

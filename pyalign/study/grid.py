@@ -5,8 +5,8 @@ and optionally x model sizes (``sizes``: names of pyalign.tasks.MODEL_SIZES, the
 each; without it every point trains the model the [task] table describes).
 Every point is one ``pyalign train`` run (same keys, same validation) evaluated at fractions of
 an epoch (``epochs``); the knobs an algorithm may sweep are ``STRENGTH_KNOBS``: beta for the
-direct alignment algorithms, tr_alpha / tr_tau for the trust-region ones, kl_coef for RLOO,
-er_reset_every / er_ema_decay (or kl_coef) for Elastic Reset.
+direct alignment algorithms, tr_alpha / tr_tau for the trust-region ones, kl_coef for RLOO
+and GRPO, er_reset_every / er_ema_decay (or kl_coef) for Elastic Reset.
 
 An epoch is ``num_examples / batch_size`` optimizer steps for the preference algorithms (one pass
 over the preference data) and ``epoch_prompts / batch_size`` steps for RL (the same number of
@@ -26,6 +26,12 @@ Grid file (TOML), every table optional but ``[algos]``::
     [rl]                                 # ... of every RL point
     [task]                               # pyalign.tasks.TaskConfig fields (variable_length, ...)
     [eval]                               # prompts, heldout (sizes of each evaluation)
+
+The tables hold any ``pyalign train`` setting (lr, max_length, per_device_batch_size, ...) but
+those the study sets itself (``STUDY_SET``); ``num_epochs`` there is the run's length in epochs
+(the evaluations: the grid's epochs below it, and it). On one's own model the grid also holds
+``model``, ``data`` and the other keys of pyalign/study/userdata.py (``pyalign study --model DIR
+--data FILE`` sets them), and no [task], sizes, task_seed or epoch_prompts.
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ from pyalign.trainers.presets import ALGOS
 STRENGTH_KNOBS = {
     "dpo": ("beta",), "ipo": ("beta",), "slic": ("beta",), "kto": ("beta",),
     "tr-dpo": ("tr_alpha", "tr_tau"), "tr-ipo": ("tr_alpha", "tr_tau"), "tr-kto": ("tr_alpha", "tr_tau"),
-    "rloo": ("kl_coef",),
+    "rloo": ("kl_coef",), "grpo": ("kl_coef",),
     "elastic-reset": ("er_reset_every", "er_ema_decay", "kl_coef"),
 }
 GRID_KEYS = ("name", "seeds", "epochs", "sizes", "algos", "preference", "rl", "task", "eval",
@@ -49,6 +55,11 @@ EVAL_DEFAULTS = {"prompts": 256, "heldout": 128}
 # periodic checkpoints and a one-prompt final evaluation (the study's evaluations replace both).
 RUN_OVERRIDES = {"eval_every": 0, "checkpoint_every": 0, "checkpoint_minutes": 0.0,
                  "final_eval_batch_size": 1, "progress": False}
+USER_RUN_OVERRIDES = {**RUN_OVERRIDES, "final_eval_batch_size": 0}  # one's own model: none at all
+# Run settings a study sets for each point: a grid's tables may not (on one's own model, nor
+# 'reward': the grid's own key, --reward).
+STUDY_SET = ("algo", "steps", "max_steps", "seed", "out", "output_dir", "model", "data", "eval_data",
+             "task", "study", *RUN_OVERRIDES)
 
 
 class GridError(ValueError):
@@ -126,11 +137,18 @@ def parse_grid(raw: dict, name: str = "custom") -> Grid:
     raise GridError naming what is wrong. Nothing runs here."""
     if not isinstance(raw, dict):
         raise GridError("a grid is a mapping of keys (seeds, epochs, algos, ...)")
-    unknown = sorted(set(raw) - set(GRID_KEYS))
+    from pyalign.study import userdata
+    valid = (*GRID_KEYS, *userdata.USER_KEYS)
+    unknown = sorted(set(raw) - set(valid) - {"data_split"})
     if unknown:
-        raise GridError(f"unknown grid key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(GRID_KEYS)}")
+        raise GridError(f"unknown grid key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
     spec = copy.deepcopy(raw)
     spec.setdefault("name", name)
+    user = userdata.is_user(spec)
+    if user:
+        userdata.check_user_keys(spec)
+    else:
+        userdata.check_embedded(spec)
     spec["seeds"] = _check_number_list("grid key 'seeds'", spec.get("seeds", [0, 1]), int)
     if any(s < 0 for s in spec["seeds"]) or len(set(spec["seeds"])) != len(spec["seeds"]):
         raise GridError(f"grid key 'seeds' must be distinct ints >= 0, got {spec['seeds']!r}")
@@ -143,6 +161,13 @@ def parse_grid(raw: dict, name: str = "custom") -> Grid:
         spec.setdefault(table, {})
         if not isinstance(spec[table], dict):
             raise GridError(f"grid key {table!r} must be a table of settings, got {spec[table]!r}")
+    for table in ("preference", "rl", *(f"algos.{a}" for a in spec.get("algos") or {})):
+        knobs = spec[table] if "." not in table else spec["algos"][table[6:]]
+        study_set = {*STUDY_SET, *(("reward",) if user else ())}
+        reserved = sorted(set(knobs) & study_set) if isinstance(knobs, dict) else []
+        if reserved:
+            raise GridError(f"[{table}] sets {', '.join(map(repr, reserved))}, which the study sets for "
+                            f"each point (the steps from the grid's epochs, the seed from its seeds)")
     bad_eval = sorted(set(spec["eval"]) - set(EVAL_DEFAULTS))
     if bad_eval:
         raise GridError(f"unknown [eval] key(s) {bad_eval}; valid: {', '.join(EVAL_DEFAULTS)}")
@@ -153,9 +178,10 @@ def parse_grid(raw: dict, name: str = "custom") -> Grid:
     for key in ("task_seed", "epoch_prompts"):
         if key in spec and (isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < 0):
             raise GridError(f"grid key {key!r} must be an int >= 0, got {spec[key]!r}")
-    spec.setdefault("task_seed", 0)
-    spec.setdefault("epoch_prompts", 1024)
-    if spec["epoch_prompts"] < 1:
+    if not user:
+        spec.setdefault("task_seed", 0)
+        spec.setdefault("epoch_prompts", 1024)
+    if spec.get("epoch_prompts", 1) < 1:
         raise GridError("grid key 'epoch_prompts' must be >= 1")
     if "budgets" in spec:
         budgets = _check_number_list("grid key 'budgets'", spec["budgets"], (int, float))
@@ -215,6 +241,10 @@ def _check_sizes(spec: dict) -> None:
 
 
 def steps_per_epoch(algo: str, spec: dict, settings: dict) -> int:
+    """Optimizer steps per epoch of the point's data (the embedded task's, or one's own)."""
+    from pyalign.study import userdata
+    if userdata.is_user(spec):
+        return userdata.steps_per_epoch(algo, spec, settings)
     from pyalign.trainers import PreferenceConfig, RLConfig
     family = ALGOS[algo].family
     config_cls = PreferenceConfig if family == "preference" else RLConfig
@@ -239,8 +269,11 @@ def expand(spec: dict) -> list[Point]:
         fixed = {**spec[family], **{k: v for k, v in knobs.items() if k != knob}}
         for value in knobs[knob]:
             settings = {**fixed, knob: value}
+            length = settings.pop("num_epochs", None)  # the run's length: the last evaluation
+            fractions = spec["epochs"] if length is None else \
+                [e for e in spec["epochs"] if e < length] + [float(length)]
             per_epoch = steps_per_epoch(algo, spec, settings)
-            steps = [0] + [max(1, math.ceil(e * per_epoch)) for e in spec["epochs"]]
+            steps = [0] + [max(1, math.ceil(e * per_epoch)) for e in fractions]
             eval_steps = tuple(sorted(set(steps)))
             epochs = tuple(s / per_epoch for s in eval_steps)
             for size in spec.get("sizes", [None]):
@@ -257,26 +290,36 @@ def task_settings(point: Point, spec: dict) -> dict:
     return {**spec["task"], **(MODEL_SIZES[point.size] if point.size else {})}
 
 
-def train_config(point: Point, spec: dict, out: str) -> dict:
-    """The ``pyalign train`` config file of a point (flat keys, a [task] and a [study] table)."""
-    return {"algo": point.algo, "steps": point.steps, "seed": point.seed, "out": out,
-            "task_seed": spec["task_seed"], **point.settings, **RUN_OVERRIDES,
-            "task": task_settings(point, spec),
-            "study": {"point_id": point.point_id, "method": point.method, "knob": point.knob,
-                      "value": point.value, "eval_steps": list(point.eval_steps),
-                      "epochs": list(point.epochs), **spec["eval"],
-                      **({"size": point.size} if point.size else {})}}
+def train_config(point: Point, spec: dict, out: str, files: Optional[dict] = None) -> dict:
+    """The ``pyalign train`` config file of a point (flat keys, a [task] and a [study] table);
+    on one's own model ``files``: its ``data`` and ``eval_data`` (userdata.point_files; default
+    --data and --eval-data themselves)."""
+    study = {"point_id": point.point_id, "method": point.method, "knob": point.knob,
+             "value": point.value, "eval_steps": list(point.eval_steps),
+             "epochs": list(point.epochs), **spec["eval"],
+             **({"size": point.size} if point.size else {})}
+    head = {"algo": point.algo, "steps": point.steps, "seed": point.seed, "out": out}
+    if not spec.get("data"):
+        return {**head, "task_seed": spec["task_seed"], **point.settings, **RUN_OVERRIDES,
+                "task": task_settings(point, spec), "study": study}
+    files = files or {"data": spec["data"], "eval_data": spec.get("eval_data")}
+    rl = ALGOS[point.algo].family == "rl"
+    gold = {"gold_reward": spec["gold_reward"]} if spec.get("gold_reward") else {}
+    return {**head, "model": spec["model"], **files, **({"reward": spec.get("reward")} if rl else {}),
+            **point.settings, **USER_RUN_OVERRIDES, "study": {**study, **gold}}
 
 
 def check_point(point: Point, spec: dict) -> None:
     """Resolve the point's config exactly as ``pyalign train`` would; a bad key is a GridError."""
+    from pyalign.data import DataError
     from pyalign.trainers.resolve import resolve_config_values
     from pyalign.trainers.settings import ConfigError
     values = train_config(point, spec, out="unused")
     values.pop("study")
+    values.pop("eval_data", None)  # the held-out data: read by check_inputs, not the settings
     try:
         resolve_config_values(values, where=f"grid point {point.point_id}")
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         raise GridError(str(exc)) from exc
 
 

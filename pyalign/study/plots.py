@@ -2,7 +2,7 @@
 hold, gold and proxy reward over training (the over-optimisation gap), the frontiers of each
 method pair with their seed intervals, response length vs KL, and where each model size peaks.
 One row of panels per model size where the grid sweeps sizes. Each returns the path it wrote, or
-None when there is nothing to plot.
+None when there is nothing to plot. "Gold" is the study's quality measure (``measures``).
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import numpy as np
 
 from pyalign._utils import atomic_write
 from pyalign.study.claims import size_of
-from pyalign.study.fits import TARGETS
 from pyalign.study.frontiers import budget_table, pareto_frontier
 from pyalign.study.grid import format_value
+from pyalign.study.measures import GOLD, Measures
 
 KL_UNIT = "nats per response"
 
@@ -58,7 +58,7 @@ def _title(size: str, text: str) -> str:
     return f"{text} ({size})" if size else text
 
 
-def plot_gold_vs_sqrt_kl(rows, by_size, path: str, title: str) -> Optional[str]:
+def plot_gold_vs_sqrt_kl(rows, by_size, path: str, title: str, measures: Measures = GOLD) -> Optional[str]:
     """Per size (rows) and target (columns): every evaluation, and the fitted curve where the fit
     holds (fits.fit_holds)."""
     if not rows:
@@ -66,13 +66,12 @@ def plot_gold_vs_sqrt_kl(rows, by_size, path: str, title: str) -> Optional[str]:
     plt = _pyplot()
     colors = _colors(_methods(rows))
     fig, axes = plt.subplots(len(by_size), 2, figsize=(12, 4.6 * len(by_size)), squeeze=False)
-    labels = {"gold_gain": "gold reward gain over the SFT model",
-              "gold_win_rate": "gold win rate against the SFT model"}
+    labels, targets = measures.target_axes, measures.targets
     for (size, fits, _, _), row_axes in zip(by_size, axes):
         mine = [r for r in rows if size_of(r) == size]
         d_max = max(r["sqrt_kl"] for r in mine) or 1.0
         grid = np.linspace(0, d_max * 1.05, 200)
-        for ax, target in zip(row_axes, TARGETS):
+        for ax, target in zip(row_axes, targets):
             for method in _methods(mine):
                 points = [r for r in mine if r["method"] == method]
                 ax.scatter([r["sqrt_kl"] for r in points], [r[target] for r in points], s=12, alpha=0.45,
@@ -81,16 +80,16 @@ def plot_gold_vs_sqrt_kl(rows, by_size, path: str, title: str) -> Optional[str]:
                 label = method
                 if entry is not None and entry["holds"]:
                     fit = entry["fit"]
-                    ax.plot(grid, fit(grid) + TARGETS[target], color=colors[method], linewidth=1.8)
+                    ax.plot(grid, fit(grid) + targets[target], color=colors[method], linewidth=1.8)
                     label += f" (a={fit.a:.3g}, b={fit.b:.3g}, R²={fit.r2:.2f})"
                 elif entry is not None:
                     label += " (no fit: it does not hold)"
                 ax.plot([], [], color=colors[method], marker="o", label=label)
-            ax.axhline(TARGETS[target], color="0.5", linewidth=0.8, linestyle=":")
+            ax.axhline(targets[target], color="0.5", linewidth=0.8, linestyle=":")
             observed = [r[target] for r in mine]
             margin = 0.08 * (max(observed) - min(observed) or 1.0)
             low, high = min(observed) - margin, max(observed) + margin  # the curves may run past the data
-            ax.set_ylim(*((max(low, -0.05), min(high, 1.05)) if target == "gold_win_rate" else (low, high)))
+            ax.set_ylim(*((max(low, -0.05), min(high, 1.05)) if targets[target] == 0.5 else (low, high)))
             ax.set_xlabel(f"√KL(policy ‖ initial model), √({KL_UNIT})")
             ax.set_ylabel(labels[target])
             ax.set_title(_title(size, f"{labels[target].split(' over')[0].split(' against')[0]} vs √KL"),
@@ -103,9 +102,9 @@ def plot_gold_vs_sqrt_kl(rows, by_size, path: str, title: str) -> Optional[str]:
     return _save(fig, path)
 
 
-def plot_progress(rows, path: str, title: str) -> Optional[str]:
+def plot_progress(rows, path: str, title: str, measures: Measures = GOLD) -> Optional[str]:
     """Gold (solid) and proxy (dashed) reward against epochs, per method (and size) and knob
-    value, seed means."""
+    value, seed means (the proxy where the rows have one)."""
     if not rows:
         return None
     plt = _pyplot()
@@ -123,15 +122,18 @@ def plot_progress(rows, path: str, title: str) -> Optional[str]:
             runs = [r for r in mine if r["value"] == value]
             steps = sorted({r["step"] for r in runs})
             epochs = [next(r["epoch"] for r in runs if r["step"] == s) for s in steps]
-            for metric, style in (("gold_reward", "-"), ("proxy_reward", "--")):
+            for metric, style in ((measures.quality, "-"), (measures.proxy, "--")):
+                if metric != measures.quality and not all(measures.has_proxy(r) for r in runs):
+                    continue
                 means = [np.mean([r[metric] for r in runs if r["step"] == s]) for s in steps]
                 ax.plot(epochs, means, style, color=color, marker="o", markersize=3,
-                        label=f"{knob}={format_value(value)}" if metric == "gold_reward" else None)
-        ax.plot([], [], "k-", label="gold reward")
-        ax.plot([], [], "k--", label="proxy reward")
+                        label=f"{knob}={format_value(value)}" if metric == measures.quality else None)
+        ax.plot([], [], "k-", label=measures.noun)
+        if all(measures.has_proxy(r) for r in mine):
+            ax.plot([], [], "k--", label=measures.proxy_noun)
         ax.set_xscale("symlog", linthresh=0.125)
         ax.set_xlabel("training progress, epochs (symlog scale)")
-        ax.set_ylabel("reward (gold units), mean over seeds")
+        ax.set_ylabel(measures.axis)
         ax.set_title(_title(size, method))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
@@ -142,9 +144,10 @@ def plot_progress(rows, path: str, title: str) -> Optional[str]:
     return _save(fig, path)
 
 
-def plot_frontiers(by_size, path: str, title: str, metric: str = "gold_reward") -> Optional[str]:
+def plot_frontiers(by_size, path: str, title: str, measures: Measures = GOLD) -> Optional[str]:
     """Per method pair (and size): every evaluation (dots), the pooled Pareto frontier (steps)
     and the best-within-budget seed mean with its 95% t-interval."""
+    metric = measures.quality
     panels = [(size, compared, pair) for size, _, compared, pairs in by_size for pair in pairs]
     if not panels:
         return None
@@ -177,7 +180,7 @@ def plot_frontiers(by_size, path: str, title: str, metric: str = "gold_reward") 
         ax.fill_between([], [], [], color="0.5", alpha=0.2, label="95% t-interval of the seed mean")
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xlabel(f"KL budget: KL(policy ‖ initial model), {KL_UNIT} (symlog scale)")
-        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_ylabel(measures.label(metric))
         ax.set_title(_title(size, f"{pair['method']} vs {pair['baseline']}"), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
@@ -220,7 +223,7 @@ def plot_length_vs_kl(rows, lengths, path: str, title: str) -> Optional[str]:
     return _save(fig, path)
 
 
-def plot_scale(scale, path: str, title: str) -> Optional[str]:
+def plot_scale(scale, path: str, title: str, measures: Measures = GOLD) -> Optional[str]:
     """Per method run at several sizes: the KL of the best gold evaluation and the drop after
     the peak, seed mean with its 95% t-interval, by size."""
     if not scale:
@@ -236,7 +239,8 @@ def plot_scale(scale, path: str, title: str) -> Optional[str]:
             errors = np.asarray([[s.mean - s.low, s.high - s.mean] for s in stats]).T
             ax.errorbar(x, means, yerr=np.nan_to_num(errors), marker="o", capsize=3,
                         color=colors[entry["method"]], label=entry["method"])
-    for ax, label in zip(axes, ("KL at the best gold evaluation, nats", "gold drop after each run's peak")):
+    for ax, label in zip(axes, (f"KL at the best {measures.short} evaluation, nats",
+                                f"{measures.short} drop after each run's peak")):
         ax.set_xticks(range(len(scale[0]["sizes"])), scale[0]["sizes"])
         ax.set_xlabel("model size (pyalign.tasks.MODEL_SIZES)")
         ax.set_ylabel(label)
@@ -247,20 +251,21 @@ def plot_scale(scale, path: str, title: str) -> Optional[str]:
     return _save(fig, path)
 
 
-def write_plots(rows, by_size, lengths, scale, out: str, name: str) -> dict:
+def write_plots(rows, by_size, lengths, scale, out: str, name: str, measures: Measures = GOLD) -> dict:
     """Every figure of a study into ``out``; name -> path (None where there was nothing to plot).
     ``by_size``: (size, fits, rows with the matched baselines, pairs) per model size."""
     return {
         "gold_vs_sqrt_kl": plot_gold_vs_sqrt_kl(rows, by_size, os.path.join(out, "gold_vs_sqrt_kl.png"),
-                                                f"study {name}: gold quality vs drift, every evaluation"),
+                                                f"study {name}: {measures.phrase} vs drift, every "
+                                                f"evaluation", measures),
         "progress": plot_progress(rows, os.path.join(out, "gold_proxy_vs_progress.png"),
-                                  f"study {name}: gold and proxy reward over training"),
+                                  f"study {name}: {measures.progress_phrase} over training", measures),
         "frontiers": plot_frontiers(by_size, os.path.join(out, "frontiers.png"),
-                                    f"study {name}: best gold reward within a KL budget"),
+                                    f"study {name}: best {measures.noun} within a KL budget", measures),
         "length_vs_kl": plot_length_vs_kl(rows, lengths, os.path.join(out, "length_vs_kl.png"),
                                           f"study {name}: response length vs KL"),
         "scale": plot_scale(scale, os.path.join(out, "scale.png"),
-                            f"study {name}: where each model size peaks, and how far it falls"),
+                            f"study {name}: where each model size peaks, and how far it falls", measures),
     }
 
 

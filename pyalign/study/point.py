@@ -6,7 +6,8 @@ the last evaluation is written, ``OUT/done.json`` marks the point finished (writ
 so a point is either done or rerun from scratch) and holds the row count and the SHA-256 of
 ``evals.jsonl``, which ``check_done`` verifies before a study counts the point's rows.
 ``pyalign train --config OUT/config.toml`` runs it from any scheduler; a finished point is
-skipped.
+skipped. A point trains the embedded task's model, or one's own (``model`` with ``data``:
+evaluated by data_evaluation.DataEvaluator on its ``eval_data``, the held-out data).
 """
 from __future__ import annotations
 
@@ -94,22 +95,43 @@ def _check_study_table(study: dict, steps: int) -> None:
         raise ConfigError(f"[study] eval_steps must end at steps ({steps}) and match epochs in length")
 
 
+def _trainer_and_evaluator(algo: str, run: dict, config):
+    """The point's trainer (no output directory: the study writes its rows) and evaluator."""
+    import pyalign.tasks
+    from pyalign.trainers.build import build_trainer, set_threads
+    from pyalign.trainers.presets import ALGOS
+    study = run["study"]
+    if run["data"]:  # one's own model and data
+        from transformers.utils import logging as transformers_logging
+
+        from pyalign.study.data_evaluation import DataEvaluator
+        transformers_logging.disable_progress_bar()  # a bar per model load, from every worker
+        trainer = build_trainer(algo, {**run, "out": None}, config, progress=False)
+        set_threads(run["threads"], trainer.dist.device.type == "cpu", trainer.policy)
+        return trainer, DataEvaluator(trainer, run, prompts=study["prompts"], heldout=study["heldout"],
+                                      gold=study.get("gold_reward"))
+    from pyalign.study.evaluation import Evaluator
+    set_threads(run["threads"], on_cpu=True)  # the embedded task's model is tiny
+    task_config = pyalign.tasks.TaskConfig(**run["task"]) if run.get("task") else None
+    task = pyalign.tasks.make_task(run["task_seed"], cache_dir=run["task_cache_dir"],
+                                   progress=False, config=task_config)
+    trainer = ALGOS[algo].trainer(task, config, algo=algo, out_dir=None)
+    return trainer, Evaluator(trainer, prompts=study["prompts"], heldout=study["heldout"])
+
+
 def run_point(algo: str, run: dict, config) -> int:
     """Train and evaluate one point into run['out']; 0 when done (or already done), 2 on error."""
-
-    import pyalign.tasks
-    from pyalign.study.evaluation import Evaluator
-    from pyalign.trainers.build import set_threads
+    from pyalign.data import DataError
+    from pyalign.data.rewards import RewardError
     from pyalign.trainers.lock import LockHeld, RunLock, remove_stale_temporaries
-    from pyalign.trainers.presets import ALGOS
     from pyalign.trainers.settings import ConfigError
 
     out, study = run["out"], run["study"]
     try:
         _check_study_table(study, run["steps"])
-        if run["model"] or config.fsdp:
-            raise ConfigError("a study point trains the embedded task's model in one process: "
-                              "'model' and 'fsdp' do not apply")
+        if (run["model"] and not run["data"]) or config.fsdp:
+            raise ConfigError("a study point trains the embedded task's model, or 'model' on 'data', "
+                              "in one process: 'model' without 'data', and 'fsdp', do not apply")
     except ConfigError as exc:
         print(f"pyalign train: error: {exc}", file=sys.stderr)
         return 2
@@ -123,21 +145,25 @@ def run_point(algo: str, run: dict, config) -> int:
     try:
         remove_stale_temporaries(out)
         started = time.perf_counter()
-        set_threads(run["threads"], on_cpu=True)  # the embedded task's model is tiny
-        task_config = pyalign.tasks.TaskConfig(**run["task"]) if run.get("task") else None
-        task = pyalign.tasks.make_task(run["task_seed"], cache_dir=run["task_cache_dir"],
-                                       progress=False, config=task_config)
-        trainer = ALGOS[algo].trainer(task, config, algo=algo, out_dir=None)
-        evaluator = Evaluator(trainer, prompts=study["prompts"], heldout=study["heldout"])
+        try:
+            trainer, evaluator = _trainer_and_evaluator(algo, run, config)
+        except (ConfigError, DataError, RewardError) as exc:
+            print(f"pyalign train: error: {exc}", file=sys.stderr)
+            return 2
         rows_path = os.path.join(out, EVALS_NAME)
         atomic_write(rows_path, "")  # a rerun of an unfinished point starts from scratch
         identity = {"point_id": study["point_id"], "method": study["method"], "algo": algo,
                     "knob": study["knob"], "value": study["value"], "seed": config.seed,
                     **({"size": study["size"]} if study.get("size") else {})}
+        last = study["eval_steps"][-1]  # the learning-rate schedule's length, whatever the stop
         for step, epoch in zip(study["eval_steps"], study["epochs"]):
             if step > trainer.step:
-                trainer.train(step, progress=False)
-            row = {**identity, "step": step, "epoch": epoch, **evaluator.evaluate(step)}
+                trainer.train(step, progress=False, schedule_steps=last)
+            try:
+                row = {**identity, "step": step, "epoch": epoch, **evaluator.evaluate(step)}
+            except RewardError as exc:  # a gold reward that turned NaN on these samples
+                print(f"pyalign train: error: {exc}", file=sys.stderr)
+                return 2
             with open(rows_path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
         with open(rows_path, "rb") as handle:

@@ -27,6 +27,9 @@ DPO on the variable-length task 12 / 18 / 33 at the small / base / large model s
 - ``full``: every preference algorithm and both RL ones, wider sweeps, 4 epochs: for a machine
   with tens of cores.
 
+On one's own model (``--model``, ``--data``) a preset gives its algorithms, knob values, seeds and
+epochs, not the settings tuned here (userdata.from_preset); ``quick`` then runs one epoch.
+
 Why batches of 16 pairs (``pyalign train``'s default is 32): how far a policy moves is set by
 the number of Adam updates more than by the examples seen, and the papers that report
 over-optimisation within one epoch make hundreds to thousands of updates per epoch. At 32 pairs

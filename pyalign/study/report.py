@@ -2,7 +2,9 @@
 with their verdicts, the fits that hold, the model-free tables, the method pairs, the figures.
 
 Every verdict names the KL range or budgets it rests on and the 95% interval over seeds behind
-it (stats.py); a fit's parameters appear only where the fit holds (fits.py)."""
+it (stats.py); a fit's parameters appear only where the fit holds (fits.py). Its words for
+quality are those of the study's measure (measures.py): "gold" on the embedded task and with a
+gold reward, "held-out accuracy" without one."""
 from __future__ import annotations
 
 import json
@@ -21,16 +23,20 @@ from pyalign.study.frontiers import (
     with_matched_baselines,
 )
 from pyalign.study.grid import format_value
+from pyalign.study.measures import GOLD, Measures, measures_of
 from pyalign.study.plots import write_plots
 from pyalign.study.stats import MIN_SEEDS
 from pyalign.tasks import TaskConfig
 
-FIGURES = (("gold_vs_sqrt_kl", "Gold quality against √KL, with R(d) = d(a − b log d) where the fit holds"),
-           ("progress", "Gold and proxy reward over training (the over-optimisation gap)"),
-           ("frontiers", "Best gold reward within a KL budget, per method pair"),
-           ("length_vs_kl", "Response length against KL"),
-           ("scale", "Where each model size peaks, and how far it falls"))
-TARGET_NAMES = {"gold_gain": "gold gain", "gold_win_rate": "win rate − ½"}
+
+def figures_of(m: Measures) -> tuple:
+    """(figure, caption) of every figure a report may embed."""
+    return (("gold_vs_sqrt_kl", f"{m.sentence(m.phrase)} against √KL, with R(d) = d(a − b log d) where "
+                                f"the fit holds"),
+            ("progress", f"{m.sentence(m.progress_phrase)} over training (the over-optimisation gap)"),
+            ("frontiers", f"Best {m.noun} within a KL budget, per method pair"),
+            ("length_vs_kl", "Response length against KL"),
+            ("scale", "Where each model size peaks, and how far it falls"))
 
 
 def _num(x, digits: int = 3) -> str:
@@ -49,11 +55,11 @@ def _label(size: str, method: str) -> str:
     return f"{method} [{size}]" if size else method
 
 
-def fit_table_markdown(fits) -> str:
+def fit_table_markdown(fits, m: Measures = GOLD) -> str:
     lines = ["| method | R on | a | b | d* = exp(a/b − 1) | R(d*) | R² | seeds | b 95% | d* 95% |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for entry in fits:
-        fit, interval, name = entry["fit"], entry["interval"], TARGET_NAMES[entry["target"]]
+        fit, interval, name = entry["fit"], entry["interval"], m.target_names[entry["target"]]
         if not entry["holds"]:
             lines.append(f"| {entry['method']} | {name} | not reported: {entry['why_not']} |" + " – |" * 7)
             continue
@@ -63,18 +69,18 @@ def fit_table_markdown(fits) -> str:
     return "\n".join(lines)
 
 
-def budgets_markdown(rows, methods, budgets) -> str:
-    """Best gold reward within each budget, per method: seed mean [95% t-interval]."""
+def budgets_markdown(rows, methods, budgets, metric: str = GOLD.quality) -> str:
+    """Best ``metric`` within each budget, per method: seed mean [95% t-interval]."""
     lines = ["| KL budget (nats) | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    tables = {m: budget_table(rows, m, budgets) for m in methods}
+    tables = {m: budget_table(rows, m, budgets, metric) for m in methods}
     for i, budget in enumerate(budgets):
         cells = " | ".join(tables[m][i]["interval"].text() for m in methods)
         lines.append(f"| ≤ {budget:g} | {cells} |")
     return "\n".join(lines)
 
 
-def pair_markdown(pair) -> str:
-    mine, theirs = pair["tables"]["gold_reward"]
+def pair_markdown(pair, metric: str = GOLD.quality) -> str:
+    mine, theirs = pair["tables"][metric]
     method = pair["method"]
     lines = [f"| KL budget (nats) | {method} | {pair['baseline']} | difference | {method} is |",
              "|---|---|---|---|---|"]
@@ -85,16 +91,21 @@ def pair_markdown(pair) -> str:
 
 
 def _grid_markdown(spec: dict) -> str:
-    lines = []
+    lines = _data_markdown(spec)
     for algo, knobs in spec["algos"].items():
         swept = [k for k, v in knobs.items() if isinstance(v, list)][0]
         fixed = ", ".join(f"{k} = {format_value(v)}" for k, v in knobs.items() if k != swept)
         values = ", ".join(format_value(v) for v in knobs[swept])
         lines.append(f"- **{algo}**: {swept} ∈ {{{values}}}" + (f" ({fixed})" if fixed else ""))
     epochs = ", ".join(format_value(e) for e in spec["epochs"])
+    prompts, heldout = spec["eval"]["prompts"], f"{spec['eval']['heldout']} held-out documents for perplexity"
+    if spec.get("data"):  # as many as the held-out data hold
+        prompts = min(prompts, spec["data_split"]["heldout_rows"])
+        pairs = min(spec["eval"]["heldout"], spec["data_split"]["heldout_rows"])
+        heldout = (f"{pairs} held-out pairs for accuracy and perplexity"
+                   if spec["data_split"]["heldout_format"] == "preference" else "no held-out pairs")
     lines.append(f"- seeds {spec['seeds']}; evaluations at {epochs} "
-                 f"epochs (and at step 0); {spec['eval']['prompts']} prompts per evaluation, "
-                 f"{spec['eval']['heldout']} held-out documents for perplexity")
+                 f"epochs (and at step 0); {prompts} prompts per evaluation, {heldout}")
     if spec.get("sizes"):
         lines.append(f"- model sizes {', '.join(spec['sizes'])} (pyalign.tasks.MODEL_SIZES)")
     for family in ("preference", "rl", "task"):
@@ -103,11 +114,45 @@ def _grid_markdown(spec: dict) -> str:
     return "\n".join(lines)
 
 
+def _data_markdown(spec: dict) -> list[str]:
+    """On one's own model: the model, the data and its split, the rewards (userdata.py)."""
+    if not spec.get("data"):
+        return []
+    split = spec["data_split"]
+    if spec.get("eval_data"):
+        held = f"held-out data `{spec['eval_data']}` ({split['heldout_rows']} rows)"
+    else:
+        held = (f"{split['heldout_rows']} of its {split['rows']} rows held out "
+                f"({spec['heldout_fraction']:g}, drawn by a fixed seed: OUT/data/heldout.jsonl), the "
+                f"points train on the other {split['train_rows']} (OUT/data/train.jsonl)")
+    lines = [f"- model `{spec['model']}`, data `{spec['data']}`: {held}"]
+    if spec.get("reward"):
+        lines.append(f"- RL reward (the proxy): `{spec['reward']}`")
+    lines.append(f"- gold reward, for evaluation only: `{spec['gold_reward']}`" if spec.get("gold_reward")
+                 else "- no gold reward: quality is the held-out preference accuracy")
+    return lines
+
+
+def _definitions(spec: dict, m: Measures) -> str:
+    """What the report's KL and quality are."""
+    kl = ("KL is KL(policy ‖ initial model) in nats per response, estimated on one policy sample "
+          "per evaluation prompt; d = √KL. ")
+    if m is GOLD:
+        return (kl + "Gold gain is the policy's mean gold reward minus the SFT "
+                "model's on the same prompts; the win rate is against the SFT model's responses to them.")
+    return (kl + "**No gold reward was given (--gold-reward), so quality here is the held-out "
+            "preference accuracy**: on the held-out pairs, the fraction whose implicit reward margin "
+            "[log π(chosen) − log π0(chosen)] − [log π(rejected) − log π0(rejected)] is positive (ties "
+            "½; ½ at the initial model π0), and the held-out margin is that margin's mean in nats. It "
+            "measures agreement with the held-out labels, not the quality of the samples: every "
+            "verdict below is on it. The proxy is the same accuracy on training pairs.")
+
+
 def _matched(spec: dict) -> dict:
     """method -> (baseline, knob, value): the fixed beta of each trust-region algorithm, the
     fixed KL coefficient of Elastic Reset, where the grid does not sweep them."""
     from pyalign.trainers import PreferenceConfig, RLConfig
-    from pyalign.trainers.presets import TUNED_DEFAULTS
+    from pyalign.trainers.presets import ALGOS, TUNED_DEFAULTS
     matched = {}
     for algo, knobs in spec["algos"].items():
         if algo.startswith("tr-"):
@@ -118,8 +163,9 @@ def _matched(spec: dict) -> dict:
             baseline = "rloo"
         else:
             continue
+        defaults = ALGOS[algo].trl if spec.get("data") else TUNED_DEFAULTS.get(algo, {})
         if not isinstance(knobs.get(knob), list):
-            value = knobs.get(knob, spec[family].get(knob, TUNED_DEFAULTS.get(algo, {}).get(knob, default)))
+            value = knobs.get(knob, spec[family].get(knob, defaults.get(knob, default)))
             matched[algo] = (baseline, knob, float(value))
     return matched
 
@@ -135,14 +181,16 @@ def _reading_guide(seeds: int) -> list[str]:
             f"bootstrap interval above 0; elsewhere the model-free numbers stand alone.", ""]
 
 
-def _claims_markdown(over, lengths, scale) -> list[str]:
+def _claims_markdown(over, lengths, scale, m: Measures = GOLD) -> list[str]:
     lines = ["## Verdicts", ""]
     for entry in over:
         where = _label(entry["size"], entry["method"])
+        proxy = (f" while the {m.proxy_short} changes by {entry['proxy_change'].text()}"
+                 if entry["proxy_change"].n else f" (no {m.proxy_noun} for this method)")
         lines.append(f"- **Over-optimisation, {where}: {entry['verdict']}.** "
-                     f"Over KL 0–{_num(entry['kl_max'])}, gold falls from each run's best evaluation to "
-                     f"its last by {entry['drop'].text()} (seed mean [95% interval]; noise floor "
-                     f"{entry['floor']:.3g}) while the proxy changes by {entry['proxy_change'].text()}.")
+                     f"Over KL 0–{_num(entry['kl_max'])}, {m.short} falls from each run's best evaluation "
+                     f"to its last by {entry['drop'].text()} (seed mean [95% interval]; noise floor "
+                     f"{entry['floor']:.3g}){proxy}.")
     for entry in lengths:
         where = f"{_label(entry['size'], entry['method'])}"
         if entry["fixed_length"]:
@@ -162,15 +210,15 @@ def _claims_markdown(over, lengths, scale) -> list[str]:
         lines.append(f"- **{entry['method']}: larger models over-optimise less "
                      f"({entry['largest']} vs {entry['smallest']}): {entry['less_verdict']}.** "
                      f"Drop of {entry['smallest']} minus drop of {entry['largest']}: "
-                     f"{entry['less'].text()} gold (Welch).")
+                     f"{entry['less'].text()} {m.short} (Welch).")
     return lines + [""]
 
 
-def _scale_markdown(scale) -> list[str]:
+def _scale_markdown(scale, m: Measures = GOLD) -> list[str]:
     lines = []
     for entry in scale:
         lines += [f"### {entry['method']} by model size", "",
-                  "| size | KL at the best gold (nats) | best gold | drop after the peak |",
+                  f"| size | KL at the best {m.short} (nats) | best {m.short} | drop after the peak |",
                   "|---|---|---|---|"]
         for size, table in entry["table"].items():
             lines.append(f"| {size} | {table['peak_kl'].text()} | {table['best_gold'].text()} | "
@@ -179,29 +227,30 @@ def _scale_markdown(scale) -> list[str]:
     return lines
 
 
-def _size_sections(rows, spec, budgets_spec) -> tuple[list[str], list, list, list]:
+def _size_sections(rows, spec, budgets_spec, m: Measures = GOLD) -> tuple[list[str], list, list, list]:
     """Per model size: the fits, the model-free budget table and the method pairs."""
     parts, all_fits, all_pairs, fits_by_size = [], [], [], []
     for size in list(dict.fromkeys(claims.size_of(r) for r in rows)):
         mine = [r for r in rows if claims.size_of(r) == size]
-        fits = fit_table(mine)
+        fits = fit_table(mine, m)
         compared = with_matched_baselines(mine, _matched(spec))
-        pairs = compare_pairs(compared, budgets_spec)
+        pairs = compare_pairs(compared, budgets_spec, m.pair_metrics,
+                              {metric: m.label(metric) for metric in m.pair_metrics})
         methods = list(dict.fromkeys(r["method"] for r in mine))
         budgets = list(budgets_spec) if budgets_spec else default_budgets(mine, methods)
         title = f" ({size})" if size else ""
-        parts += [f"## Over-optimisation{title}", "", fit_table_markdown(fits), "",
-                  "Best gold reward within each KL budget (per seed: the best evaluation of any run at "
+        parts += [f"## Over-optimisation{title}", "", fit_table_markdown(fits, m), "",
+                  f"Best {m.noun} within each KL budget (per seed: the best evaluation of any run at "
                   "that KL or less), seed mean [95% t-interval]:", "",
-                  budgets_markdown(mine, methods, budgets), ""]
+                  budgets_markdown(mine, methods, budgets, m.quality), ""]
         parts += [f"## Method pairs{title}", ""]
         if not pairs:
             parts += ["No method pair in this grid (TR-X with X, Elastic Reset with RLOO).", ""]
         for pair in pairs:
             parts += [f"### {pair['method']} vs {pair['baseline']}{title}", ""]
             for metric, line in pair["verdicts"].items():
-                parts += [f"**Verdict ({metric.replace('_', ' ')}):** {line}", ""]
-            parts += [pair_markdown(pair), ""]
+                parts += [f"**Verdict ({m.label(metric)}):** {line}", ""]
+            parts += [pair_markdown(pair, m.quality), ""]
         all_fits += [{**f, "size": size} for f in fits]
         all_pairs += [{**p, "size": size} for p in pairs]
         fits_by_size.append((size, fits, compared, pairs))
@@ -213,12 +262,15 @@ def write_report(out: str, grid, rows: list[dict], missing: list[str], run_info:
     """Claims, fits, comparisons, figures and report.md for the rows of a study in ``out``."""
     spec, damaged = grid.spec, damaged or {}
     missing = list(dict.fromkeys([*missing, *damaged]))  # a damaged point is not finished
-    fixed_length = not spec["task"].get("variable_length", False)
+    fixed_length = not spec["task"].get("variable_length", False) and not spec.get("data")
     cap = spec["task"].get("response_len", TaskConfig.response_len)
-    over, lengths = claims.overoptimisation(rows), claims.length_claims(rows, fixed_length, cap)
-    scale = claims.scale_claims(rows, spec.get("sizes", []))
-    sections, fits, pairs, by_size = _size_sections(rows, spec, spec.get("budgets"))
-    figures = write_plots(rows, by_size, lengths, scale, out, grid.name)
+    if spec.get("data"):  # one's own model samples up to its run's max_completion_length
+        cap = max((r.get("response_cap", 0) for r in rows), default=0) or math.inf
+    m = measures_of(spec)
+    over, lengths = claims.overoptimisation(rows, m), claims.length_claims(rows, fixed_length, cap)
+    scale = claims.scale_claims(rows, spec.get("sizes", []), m)
+    sections, fits, pairs, by_size = _size_sections(rows, spec, spec.get("budgets"), m)
+    figures = write_plots(rows, by_size, lengths, scale, out, grid.name, m)
     n_points = len(grid.points())
     parts = [f"# pyalign study `{grid.name}`", "", _grid_markdown(spec), "",
              f"Points finished: {n_points - len(missing)} of {n_points}"
@@ -232,14 +284,12 @@ def write_report(out: str, grid, rows: list[dict], missing: list[str], run_info:
                      f"{run_info.get('wall_s', 0):.0f} s wall; load average before "
                      f"{run_info.get('load_before')}, after {run_info.get('load_after')} on "
                      f"{run_info.get('cpus')} CPUs.")
-    parts += ["", "KL is KL(policy ‖ initial model) in nats per response, estimated on one policy sample "
-              "per evaluation prompt; d = √KL. Gold gain is the policy's mean gold reward minus the SFT "
-              "model's on the same prompts; the win rate is against the SFT model's responses to them.", ""]
-    parts += _reading_guide(len(spec["seeds"])) + _claims_markdown(over, lengths, scale) + sections
+    parts += ["", _definitions(spec, m), ""]
+    parts += _reading_guide(len(spec["seeds"])) + _claims_markdown(over, lengths, scale, m) + sections
     if scale:
-        parts += ["## Model size", ""] + _scale_markdown(scale)
+        parts += ["## Model size", ""] + _scale_markdown(scale, m)
     parts += ["## Figures", ""]
-    for key, caption in FIGURES:
+    for key, caption in figures_of(m):
         if figures.get(key):
             parts += [f"### {caption}", "", f"![{caption}]({os.path.basename(figures[key])})", ""]
     path = os.path.join(out, "report.md")

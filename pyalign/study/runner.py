@@ -4,6 +4,7 @@ Layout of a study directory::
 
     OUT/.lock                      held by the one ``pyalign study`` that uses OUT (``StudyLock``)
     OUT/study.json                 the grid (what --aggregate reads back)
+    OUT/data/train.jsonl, heldout.jsonl   on one's own model: the split of --data (userdata.py)
     OUT/points/<point_id>/config.toml   a `pyalign train --config` file per point
     OUT/points/<point_id>/evals.jsonl   one row per evaluation (written by the point)
     OUT/points/<point_id>/done.json     the point finished
@@ -26,6 +27,7 @@ import sys
 from typing import Optional
 
 from pyalign._utils import atomic_write, pip_extra, toml_value
+from pyalign.study import userdata
 from pyalign.study.grid import Grid, GridError, Point, parse_grid, train_config
 from pyalign.study.point import DONE_NAME, finished_rows, is_done, read_rows
 from pyalign.trainers.lock import LockHeld, RunLock
@@ -35,6 +37,9 @@ CSV_NAME = "points.csv"
 IDENTITY = ("point_id", "method", "algo", "knob", "value", "size", "seed", "step", "epoch")
 METRICS = ("kl_to_init", "kl_to_init_se", "kl_to_ref", "sqrt_kl", "gold_reward", "gold_reward_se",
            "gold_gain", "gold_win_rate", "proxy_reward", "response_length", "perplexity")
+# on one's own model (evaluation.DataEvaluator): the held-out preference accuracy and its kin
+DATA_METRICS = ("preference_accuracy", "preference_accuracy_se", "preference_margin",
+                "train_preference_accuracy")
 
 
 class StudyLock(RunLock):
@@ -96,13 +101,16 @@ def prepare(grid: Grid, out: str) -> list[tuple[Point, str]]:
             raise GridError(f"{out} holds a study of another grid ({study_path}); use another --out "
                             f"or the same grid to resume it")
     os.makedirs(os.path.join(out, "points"), exist_ok=True)
+    files = None
+    if userdata.is_user(grid.spec):
+        files = userdata.write_split(grid.spec, out)
     atomic_write(study_path, json.dumps(grid.spec, indent=1) + "\n")
     jobs, commands = [], []
     for point in grid.points():
         directory = point_dir(out, point)
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "config.toml")
-        atomic_write(path, to_toml(train_config(point, grid.spec, directory)))
+        atomic_write(path, to_toml(train_config(point, grid.spec, directory, files)))
         jobs.append((point, path))
         commands.append(f"pyalign train --config {path} --no-progress")
     atomic_write(os.path.join(out, "commands.txt"), "\n".join(commands) + "\n")
@@ -306,7 +314,8 @@ def aggregate(out: str) -> tuple[Grid, list[dict], list[str], dict]:
             rows.extend(mine)
     atomic_write(os.path.join(out, "evals.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=IDENTITY + METRICS, extrasaction="ignore", lineterminator="\n")
+    columns = IDENTITY + METRICS + (DATA_METRICS if userdata.is_user(grid.spec) else ())
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})

@@ -224,9 +224,9 @@ def _data_settings(values: dict, given: dict, algorithm: Algorithm, where: str) 
         return
     if not values["model"]:
         raise ConfigError("--data needs --model DIR: the model (and its tokenizer) to train on it")
-    if values["study"] or values["task"]:
-        raise ConfigError("--data trains on the user's data: the [task] and [study] tables are for "
-                          "the embedded task")
+    if values["task"]:
+        raise ConfigError("--data trains on the user's data: the [task] table is for the embedded "
+                          "task")
     if algorithm.family == "rl":
         if not values["reward"]:
             raise ConfigError(f"--algo {algorithm.name} samples completions and needs --reward: "

@@ -383,8 +383,11 @@ class Trainer:
         return asked
 
     def train(self, steps: int, *, resume: Optional[str | bool] = None,
-              progress: Optional[bool] = None, stop=None, trackers: tuple = ()) -> dict:
+              progress: Optional[bool] = None, stop=None, trackers: tuple = (),
+              schedule_steps: Optional[int] = None) -> dict:
         """Run to ``steps`` optimizer steps in total (continuing a checkpoint with ``resume``).
+        ``schedule_steps``: the run's length for the learning-rate schedule (warmup ratio, linear
+        decay), where training to ``steps`` is one stop on the way (a study's evaluations).
 
         ``stop`` (``pyalign.trainers.stop.StopSignals``): once it holds a request, the current
         step finishes, a checkpoint is written and the summary says ``interrupted``; ``trackers``
@@ -396,7 +399,7 @@ class Trainer:
             self.load(resolve_resume_path(resume, self.checkpoint_dir or ""))
         if steps < self.step:
             raise CheckpointError(f"the checkpoint is at step {self.step}, past the {steps} steps asked for")
-        self.total_steps = steps
+        self.total_steps = schedule_steps or steps
         writes = self.out_dir and self.dist.is_main
         metrics_path = os.path.join(self.out_dir, "metrics.jsonl") if writes else None
         log = MetricsLog(metrics_path, resume_step=self.step if resume else None,

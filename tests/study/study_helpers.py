@@ -103,3 +103,57 @@ def synthetic_rows(method, *, seeds, hump, values=(0.05, 0.1, 0.2), length_per_n
                     row["size"] = size
                 rows.append(row)
     return rows
+
+
+GOLD_PY = '''
+def score(prompts, completions):
+    """A gold reward for the tests: one point per word, minus two per "no"."""
+    return [len(c.split()) - 3.0 * c.split().count("no") for c in completions]
+
+
+def nan(prompts, completions):
+    return [float("nan")] * len(completions)
+
+
+def boom(prompts, completions):
+    raise RuntimeError("this gold reward is broken")
+'''
+
+
+def write_user_files(folder):
+    """A user's study inputs under ``folder``: a tiny Llama and its tokenizer (``model``), 64
+    preference rows (``prefs.jsonl``; the rejected completion ends in "no"), 24 prompt-only rows
+    (``prompts.jsonl``), gold reward functions (``gold.py``) and a tiny sequence-classification
+    reward model (``rm``); name -> path."""
+    import json
+    import os
+    import random
+
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    from hf_models import sample_text, save_tiny_model, tiny_config, train_tokenizer
+
+    folder = str(folder)
+    files = {"model": save_tiny_model(os.path.join(folder, "model"), "llama"),
+             "prefs": os.path.join(folder, "prefs.jsonl"), "prompts": os.path.join(folder, "prompts.jsonl"),
+             "gold": os.path.join(folder, "gold.py"), "rm": os.path.join(folder, "rm")}
+    rng = random.Random(0)
+    with open(files["prefs"], "w") as handle:
+        for _ in range(64):
+            prompt = sample_text(rng, rng.randint(2, 6))
+            chosen, rejected = (sample_text(rng, rng.randint(1, 5)) for _ in range(2))
+            handle.write(json.dumps({"prompt": prompt, "chosen": " " + chosen,
+                                     "rejected": " " + rejected + " no"}) + "\n")
+    with open(files["prompts"], "w") as handle:
+        for _ in range(24):
+            handle.write(json.dumps({"prompt": sample_text(rng, rng.randint(2, 6))}) + "\n")
+    with open(files["gold"], "w") as handle:
+        handle.write(GOLD_PY)
+    tokenizer = train_tokenizer()
+    torch.manual_seed(5)
+    config = tiny_config("llama", len(tokenizer))
+    config.num_labels = 1
+    LlamaForSequenceClassification(config).save_pretrained(files["rm"])
+    tokenizer.save_pretrained(files["rm"])
+    return files
