@@ -236,7 +236,7 @@ MASK_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torc
 
 
 def _kl_penalty_case(backend, mask):
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator(device=DEVICE).manual_seed(1)
     leaves = [(-3 * torch.rand(4, 9, generator=generator)).to(DEVICE).requires_grad_(True)
               for _ in range(2)]
     out = pyalign.kl_penalty(*leaves, estimator="k3", mask=mask, backend=backend)
@@ -245,7 +245,7 @@ def _kl_penalty_case(backend, mask):
 
 
 def _sequence_logprobs_case(backend, mask):
-    leaf = (-3 * torch.rand(4, 9, generator=torch.Generator().manual_seed(2))).to(DEVICE)
+    leaf = (-3 * torch.rand(4, 9, generator=torch.Generator(device=DEVICE).manual_seed(2))).to(DEVICE)
     leaf.requires_grad_(True)
     out = [pyalign.sequence_logprobs(leaf, mask, average=average) for average in (False, True)]
     (out[0] * 2 + out[1]).sum().backward()
@@ -254,7 +254,7 @@ def _sequence_logprobs_case(backend, mask):
 
 def _token_preference_case(loss):
     def run(backend, mask):
-        generator = torch.Generator().manual_seed(3)
+        generator = torch.Generator(device=DEVICE).manual_seed(3)
         leaf = (-3 * torch.rand(4, 9, generator=generator)).to(DEVICE).requires_grad_(True)
         ref = (-3 * torch.rand(4, 9, generator=generator)).to(DEVICE)
         reference_free = all(REGISTRY[name].reference_free for name in loss)
@@ -266,7 +266,7 @@ def _token_preference_case(loss):
 
 
 def _policy_loss_case(backend, mask):
-    generator = torch.Generator().manual_seed(4)
+    generator = torch.Generator(device=DEVICE).manual_seed(4)
     leaf = (-3 * torch.rand(4, 9, generator=generator)).to(DEVICE).requires_grad_(True)
     old = leaf.detach() + 0.3 * torch.randn(4, 9, generator=generator).to(DEVICE)
     advantages = torch.randn(4, generator=generator).to(DEVICE)
@@ -277,7 +277,7 @@ def _policy_loss_case(backend, mask):
 
 def _kto_case(backend, mask):
     """``mask``'s first row as KTO's desirable flags."""
-    generator = torch.Generator().manual_seed(5)
+    generator = torch.Generator(device=DEVICE).manual_seed(5)
     leaf = (-30 * torch.rand(9, generator=generator)).to(DEVICE).requires_grad_(True)
     ref = (-30 * torch.rand(9, generator=generator)).to(DEVICE)
     out = pyalign.kto_loss(leaf, ref, mask[0], torch.tensor(0.2, device=DEVICE), reduction="none")
@@ -287,7 +287,7 @@ def _kto_case(backend, mask):
 
 def _linear_kto_case(backend, mask):
     """``mask``'s first row (its first 4 flags) as linear_kto_loss's desirable flags."""
-    generator = torch.Generator().manual_seed(6)
+    generator = torch.Generator(device=DEVICE).manual_seed(6)
     hidden = torch.randn(4, 5, 8, generator=generator).to(DEVICE).requires_grad_(True)
     weight = torch.randn(13, 8, generator=generator).to(DEVICE).requires_grad_(True)
     labels = torch.randint(0, 13, (4, 5), generator=generator).to(DEVICE)

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import pyalign
 from pyalign.ops import linear_preference
 from support import (
+    DEVICE,
     IGNORE,
     backends_for,
     grad_of,
@@ -148,7 +149,7 @@ def test_token_preference_loss_without_a_reference_matches_float64(backend, name
 
 
 def head_case(pairs=4, tokens=7, hidden_size=8, vocab=19, seed=0):
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
     hidden = torch.randn(2 * pairs, tokens, hidden_size, generator=generator)
     weight = torch.randn(vocab, hidden_size, generator=generator) / 2
     labels = torch.randint(0, vocab, (2 * pairs, tokens), generator=generator)
@@ -250,3 +251,28 @@ def test_simpo_gamma_is_the_target_margin(backend, gamma):
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
     for leaf, exp_grad in zip(leaves, exp_grads, strict=True):
         torch.testing.assert_close(leaf.grad.double(), exp_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss,kwargs,liger_name,liger_kwargs", [
+    (["orpo", "sft"], dict(average_log_prob=True), "LigerFusedLinearORPOLoss", {}),
+    (["cpo", "sft"], {}, "LigerFusedLinearCPOLoss", dict(alpha=1.0)),
+    ("simpo", dict(simpo_gamma=0.7), "LigerFusedLinearSimPOLoss",
+     dict(gamma=0.7, compute_nll_loss=False)),
+    (["simpo", "sft"], dict(simpo_gamma=0.7), "LigerFusedLinearSimPOLoss", dict(gamma=0.7)),
+], ids=["orpo", "cpo", "simpo", "cpo-simpo"])
+def test_liger_kernel_fused_losses_agree(loss, kwargs, liger_name, liger_kwargs):
+    """Liger-Kernel's fused ORPO, CPO and SimPO (its nll over the same completion tokens) give the
+    same loss and gradients from the same hidden states and head."""
+    chunked = pytest.importorskip("liger_kernel.chunked_loss", reason="Liger-Kernel is not installed")
+    hidden, weight, labels = head_case(pairs=3, tokens=9, hidden_size=8, vocab=23)
+    liger_leaves = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+    liger_loss = getattr(chunked, liger_name)(beta=0.4, compiled=False, **liger_kwargs)
+    expected = liger_loss(liger_leaves[1], liger_leaves[0], labels)
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    expected.backward()
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+    out = pyalign.linear_preference_loss(*leaves, labels, loss=loss, beta=0.4, **kwargs)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, expected.detach(), rtol=1e-5, atol=1e-6)
+    for leaf, liger_leaf in zip(leaves, liger_leaves, strict=True):
+        torch.testing.assert_close(leaf.grad, liger_leaf.grad, rtol=1e-4, atol=1e-6)

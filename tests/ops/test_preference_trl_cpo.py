@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import pyalign
-from support import backends_for
+from support import DEVICE, backends_for
 
 trl = pytest.importorskip("trl", reason="trl is not installed ([test] extra)")
 with warnings.catch_warnings():
@@ -34,7 +34,7 @@ IGNORE = -100
 
 def trl_trainer(cls, **config):
     trainer = cls.__new__(cls)
-    accelerator = types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
+    accelerator = types.SimpleNamespace(device=DEVICE, gather_for_metrics=lambda x: x)
     attributes = dict(accelerator=accelerator, aux_loss_enabled=False, is_encoder_decoder=False,
                       pad_token_id=0, padding_value=0, alpha=0.0, **config)
     for name, value in attributes.items():
@@ -45,7 +45,7 @@ def trl_trainer(cls, **config):
 def token_batch(pairs, prompt=1, tokens=9, vocab=17, seed=0):
     """TRL's tokenized pairs: input ids [B, L] per side (prompt + completion + padding), their
     attention masks and labels (-100 on the prompt and the padding)."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
     batch = {}
     for side in ("chosen", "rejected"):
         ids = torch.randint(1, vocab, (pairs, tokens), generator=generator)
@@ -112,7 +112,7 @@ def case_params(backends):
 @pytest.mark.parametrize("pairs", [1, 4])
 def test_token_preference_loss_is_trls(backend, cls, trl_config, ours, pairs):
     batch = token_batch(pairs)
-    logits = torch.randn(2 * pairs, 9, 17, generator=torch.Generator().manual_seed(pairs)) * 2
+    logits = torch.randn(2 * pairs, 9, 17, generator=torch.Generator(device=DEVICE).manual_seed(pairs)) * 2
     trl_leaf = logits.clone().requires_grad_(True)
     expected, metrics = trl_run(cls, trl_leaf, batch, **trl_config)
     expected.backward()
@@ -134,7 +134,7 @@ def test_token_preference_loss_is_trls(backend, cls, trl_config, ours, pairs):
 def test_linear_preference_loss_is_trls(backend, cls, trl_config, ours):
     """From hidden states: the 3-matmul path (no reference, sft's chunk shares) on logits
     hidden @ W^T, TRL on the same logits."""
-    pairs, generator = 3, torch.Generator().manual_seed(5)
+    pairs, generator = 3, torch.Generator(device=DEVICE).manual_seed(5)
     batch = token_batch(pairs, tokens=7, vocab=13, seed=1)
     hidden = torch.randn(2 * pairs, 7, 6, generator=generator)
     weight = torch.randn(13, 6, generator=generator)
@@ -155,7 +155,7 @@ def test_trls_orpo_nll_counts_the_prompt_tokens():
     model predicts; pyalign's is the response's, as CPO's (and SimPO's paper): the difference
     is exactly TRL's cross-entropy over prompt + response minus ours over the response."""
     batch = token_batch(2, prompt=3)
-    logits = torch.randn(4, 9, 17, generator=torch.Generator().manual_seed(3))
+    logits = torch.randn(4, 9, 17, generator=torch.Generator(device=DEVICE).manual_seed(3))
     trl_loss, metrics = trl_run(ORPOTrainer, logits, batch, beta=0.1)
     labels = shifted(batch)
     out = ours_from_logits(logits, labels, "auto", loss=["orpo", "sft"], beta=0.1)
