@@ -37,14 +37,15 @@ def backends_for(family: str) -> list[str]:
 def pairwise_loss_kinds() -> list[str]:
     """One pairwise loss of each kind, for tests of the torch code around the pair primitive:
     entries whose registry flags (f-divergence, length normalisation, needs, batch step, pair
-    math, label smoothing) are equal run the same code there, their names aside; the first name
-    of each kind."""
+    math, label smoothing, reference-free, target margin) are equal run the same code there,
+    their names aside; the first name of each kind."""
     from pyalign import losses
     kinds = {}
     for name, entry in losses.REGISTRY.items():
         if entry.pairwise:
             key = (entry.f_divergence, entry.length_normalized, entry.needs, entry.batch_step,
-                   entry.pair_math, entry.uses_label_smoothing)
+                   entry.pair_math, entry.uses_label_smoothing, entry.reference_free,
+                   entry.target_margin)
             kinds.setdefault(key, name)
     return list(kinds.values())
 

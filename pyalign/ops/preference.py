@@ -1,7 +1,8 @@
-"""Preference losses: DPO and its relatives (names and numbers follow TRL 1.16's DPOTrainer). The
-path from the policy's last hidden state lives in pyalign/ops/linear_preference.py, KTO
-(unpaired) in pyalign/ops/kto.py, the options every entry point checks in
-pyalign/ops/_loss_options.py.
+"""Preference losses: DPO and its relatives (names and numbers follow TRL 1.16's DPOTrainer), and
+the reference-free SimPO, CPO and ORPO (its CPOTrainer and ORPOTrainer), which need no reference
+log-probs. The path from the policy's last hidden state lives in
+pyalign/ops/linear_preference.py, KTO (unpaired) in pyalign/ops/kto.py, the options every entry
+point checks in pyalign/ops/_loss_options.py.
 
 Per pair, with r_w = policy_chosen - ref_chosen, r_l = policy_rejected - ref_rejected and
 h = r_w - r_l, the loss table of docs/algorithms.md. Implicit rewards reported: beta*r_w, beta*r_l
