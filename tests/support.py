@@ -37,14 +37,15 @@ def backends_for(family: str) -> list[str]:
 def pairwise_loss_kinds() -> list[str]:
     """One pairwise loss of each kind, for tests of the torch code around the pair primitive:
     entries whose registry flags (f-divergence, length normalisation, needs, batch step, pair
-    math, label smoothing) are equal run the same code there, their names aside; the first name
-    of each kind."""
+    math, label smoothing, reference-free, target margin) are equal run the same code there,
+    their names aside; the first name of each kind."""
     from pyalign import losses
     kinds = {}
     for name, entry in losses.REGISTRY.items():
         if entry.pairwise:
             key = (entry.f_divergence, entry.length_normalized, entry.needs, entry.batch_step,
-                   entry.pair_math, entry.uses_label_smoothing)
+                   entry.pair_math, entry.uses_label_smoothing, entry.reference_free,
+                   entry.target_margin)
             kinds.setdefault(key, name)
     return list(kinds.values())
 
@@ -205,13 +206,23 @@ PAIR_LOSS_FORMULAS = {
     "apo_down": lambda rw, rl, h, x, beta, eps: _sig(beta * rw) + 1 - _sig(x),
     "discopop": lambda rw, rl, h, x, beta, eps:
         _sig(-x / 0.05) * (-_logsig(x)) + torch.exp(_logsig(x / 0.05) - x),
+    # ORPO (Hong et al. 2024, eq. 4-7), r_w, r_l: the policy's log-probs p, odds = p/(1 − p)
+    "orpo": lambda rw, rl, h, x, beta, eps: -beta * _logsig(_log_odds(rw) - _log_odds(rl)),
 }
+
+
+def _log_odds(log_prob):
+    """log(P/(1 − P)) of a log-probability, in float64: log P − log(−expm1(log P))."""
+    return log_prob - torch.log(-torch.expm1(log_prob))
 
 
 # TRL 1.16 DPOTrainer._compute_loss, re-derived from its source: the losses that run on the
 # f-divergence scores of the log-ratios (delta_score), the score transforms, and the losses that
 # are not a function of one pair (sort over the batch, a batch token mean).
 SCORE_LOSSES = {"sigmoid", "ipo", "hinge", "robust", "exo_pair", "discopop", "sigmoid_norm", "sft"}
+# TRL 1.16's CPOTrainer (loss_type sigmoid and simpo) and ORPOTrainer: no reference model, the
+# policy's log-probs (per-token means for simpo and orpo) in place of the log-ratios
+REFERENCE_FREE = {"cpo", "simpo", "orpo"}
 F_DIVERGENCES64 = {
     "reverse_kl": lambda r, alpha: r,
     "forward_kl": lambda r, alpha: 1 - torch.exp(-r),
@@ -219,7 +230,8 @@ F_DIVERGENCES64 = {
     "alpha_divergence": lambda r, alpha: r if abs(alpha - 1) < 1e-6 else
         (torch.exp(torch.clamp((alpha - 1) * r, max=80.0)) - 1) / (alpha - 1),
 }
-BATCH_LOSSES = {"aot", "aot_unpaired", "sft", "sigmoid_norm"}
+# the losses the oracle computes otherwise than by a PAIR_LOSS_FORMULAS entry on r_w, r_l
+COMPOSITE_LOSSES = {"aot", "aot_unpaired", "sft", "sigmoid_norm", "simpo", "cpo"}
 
 
 def _smoothed_sigmoid64(x, eps):
@@ -227,15 +239,18 @@ def _smoothed_sigmoid64(x, eps):
 
 
 def preference64(pc, pr, rc, rr, loss, beta, eps=0.0, chosen_lengths=None, rejected_lengths=None,
-                 f_divergence="reverse_kl", alpha=0.5, chosen_token_sum=None, averaged=False):
+                 f_divergence="reverse_kl", alpha=0.5, chosen_token_sum=None, averaged=False,
+                 gamma=0.5):
     """Per-pair losses [B] of one loss in float64 from sequence log-probs (sums over the
     completion tokens; ``averaged``: per-token means), TRL's semantics: the f-divergence scores
     for SCORE_LOSSES, ipo and sigmoid_norm divide the scores by the lengths (ipo only when they
     are given, neither when ``averaged``), aot/aot_unpaired sort over the batch, sft is the mean
     NLL of the batch's chosen tokens (``chosen_token_sum`` its numerator, default ``pc``; 0 when
-    there are no tokens). KeyError for a loss the oracle does not know."""
+    there are no tokens); REFERENCE_FREE ignore ``rc``, ``rr`` (simpo and orpo divide by the
+    lengths when given; simpo's target margin is ``gamma``, TRL's simpo_gamma). KeyError for a
+    loss the oracle does not know."""
     pc, pr, rc, rr = (t.double() for t in (pc, pr, rc, rr))
-    rw, rl = pc - rc, pr - rr
+    rw, rl = (pc, pr) if loss in REFERENCE_FREE else (pc - rc, pr - rr)
     if loss in ("aot", "aot_unpaired"):
         if loss == "aot":
             first, second = torch.sort(pc - pr).values, torch.sort(rc - rr).values
@@ -248,18 +263,21 @@ def preference64(pc, pr, rc, rr, loss, beta, eps=0.0, chosen_lengths=None, rejec
         return nll * torch.ones_like(pc)
     if loss in SCORE_LOSSES:
         rw, rl = F_DIVERGENCES64[f_divergence](rw, alpha), F_DIVERGENCES64[f_divergence](rl, alpha)
-    normalize = loss == "sigmoid_norm" or (loss == "ipo" and chosen_lengths is not None)
+    normalize = loss == "sigmoid_norm" or (loss in ("ipo", "simpo", "orpo")
+                                           and chosen_lengths is not None)
     if normalize and not averaged:
         rw = rw / torch.clamp(chosen_lengths.double(), min=1)
         rl = rl / torch.clamp(rejected_lengths.double(), min=1)
     h = rw - rl
-    return PAIR_LOSS_FORMULAS["sigmoid" if loss == "sigmoid_norm" else loss](rw, rl, h, beta * h,
-                                                                             beta, eps)
+    if loss == "simpo":  # SimPO eq. 6: −logσ(β·(mean log π_w − mean log π_l) − γ), with cDPO's ε
+        return _smoothed_sigmoid64(beta * h - gamma, eps)
+    formula = PAIR_LOSS_FORMULAS["sigmoid" if loss in ("sigmoid_norm", "cpo") else loss]
+    return formula(rw, rl, h, beta * h, beta, eps)
 
 
 def token_preference64(policy_tokens, ref, mask, losses, beta, eps_of=lambda loss: 0.0,
                        weights=None, f_divergence="reverse_kl", alpha=0.5, ld_alpha=None,
-                       log_sum_sq_probs=None, average=False):
+                       log_sum_sq_probs=None, average=False, gamma=0.5):
     """Per-pair combined loss sum_k w_k * loss_k [B] in float64 from per-token log-probs [2B, T]
     (chosen rows first), the reference per token [2B, T] or per sequence [2B] and the mask: TRL's
     _compute_loss, including LD-DPO (tokens past the pair's shared length weigh ld_alpha) and
@@ -279,7 +297,10 @@ def token_preference64(policy_tokens, ref, mask, losses, beta, eps_of=lambda los
         return summed / torch.clamp(counts, min=1) if average else summed
 
     policy = reduce(policy_tokens)
-    reference = reduce(ref) if ref.dim() == 2 else ref.double()
+    if ref is None:  # the reference-free losses ignore it
+        reference = torch.zeros_like(policy)
+    else:
+        reference = reduce(ref) if ref.dim() == 2 else ref.double()
     chosen_sum = torch.where(kept, policy_tokens.double(), 0.0).sum(-1)[:pairs]
     pair_weight = 1.0
     if log_sum_sq_probs is not None:
@@ -291,7 +312,8 @@ def token_preference64(policy_tokens, ref, mask, losses, beta, eps_of=lambda los
     for loss, weight in zip(losses, weights, strict=True):
         total = total + weight * pair_weight * preference64(
             policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], loss, beta,
-            eps_of(loss), counts[:pairs], counts[pairs:], f_divergence, alpha, chosen_sum, average)
+            eps_of(loss), counts[:pairs], counts[pairs:], f_divergence, alpha, chosen_sum, average,
+            gamma)
     return total
 
 

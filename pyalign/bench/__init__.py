@@ -24,7 +24,7 @@ from pyalign.bench.kto import linear_kto_case
 from pyalign.bench.linear_logprobs import linear_logprobs_case
 from pyalign.bench.logprobs import logprobs_case
 from pyalign.bench.policy import linear_policy_case, policy_case
-from pyalign.bench.preference import linear_preference_case, preference_case
+from pyalign.bench.preference import linear_orpo_case, linear_preference_case, preference_case
 from pyalign.bench.suite import (
                                  DEFAULT_CASES,
                                  add_common_arguments,
@@ -36,6 +36,7 @@ from pyalign.bench.suite import (
 from pyalign.bench.weights import weights_case
 
 __all__ = ["DTYPES", "Candidate", "Case", "Row", "logprobs_case", "linear_logprobs_case", "kl_case",
-           "preference_case", "linear_preference_case", "linear_kto_case", "policy_case",
+           "preference_case", "linear_preference_case", "linear_orpo_case", "linear_kto_case",
+           "policy_case",
            "linear_policy_case", "weights_case", "DEFAULT_CASES",
            "add_common_arguments", "run_bench", "run_cases", "script_main", "suite_builders"]

@@ -1,7 +1,8 @@
 """The preference cases: preference_loss (DPO) on sequence log-probs (eager formula,
-torch.compile, pyalign backends), and linear_preference_loss from the hidden states of policy and
+torch.compile, pyalign backends), linear_preference_loss from the hidden states of policy and
 reference (pyalign's fused path vs the eager full-logits path and Liger-Kernel's
-LigerFusedLinearDPOLoss where installed)."""
+LigerFusedLinearDPOLoss where installed), and the reference-free ORPO from the policy's alone
+(vs LigerFusedLinearORPOLoss)."""
 from __future__ import annotations
 
 import torch
@@ -147,3 +148,85 @@ def linear_preference_case(pairs: int = 4, seq_len: int = 256, hidden_size: int 
                  "dtype": dtype_name(dtype), "device": device.type},
                 candidates, ratio_to=ratio_columns(candidates, **columns),
                 floor="floor: 4 bare matmuls of the kept tokens", notes=notes)
+
+
+def naive_orpo_loss(token_logps, mask, beta: float = 0.1):
+    """ORPO + the chosen tokens' NLL from per-token log-probs [2B, T] (chosen rows first), the
+    usual eager code (TRL's odds_ratio_loss on per-token means)."""
+    pairs = token_logps.shape[0] // 2
+    means = (token_logps * mask).sum(-1) / mask.sum(-1)
+    log_odds = means - torch.log(-torch.expm1(means))
+    odds_ratio = -beta * F.logsigmoid(log_odds[:pairs] - log_odds[pairs:]).mean()
+    return odds_ratio - (token_logps[:pairs] * mask[:pairs]).sum() / mask[:pairs].sum()
+
+
+def linear_orpo_case(pairs: int = 4, seq_len: int = 256, hidden_size: int = 512,
+                     vocab: int = 32000, dtype=torch.float32, device="cpu", *,
+                     beta: float = 0.1) -> Case:
+    """ORPO (odds ratio + the chosen responses' NLL, ``loss=["orpo", "sft"]``) from the policy's
+    last hidden states, no reference model, a quarter of each row prompt: pyalign's 3-matmul path
+    and its 4-matmul recompute path, Liger-Kernel's LigerFusedLinearORPOLoss and the eager
+    full-logits path; the floor is the 3 bare matmuls over the kept tokens."""
+    device = torch.device(device)
+    generator = seeded_generator(device, 5)
+    rows = 2 * pairs
+    hidden = torch.randn(rows, seq_len, hidden_size, device=device, generator=generator
+                         ).to(dtype).requires_grad_(True)
+    weight = (torch.randn(vocab, hidden_size, device=device, generator=generator)
+              / hidden_size ** 0.5).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, (rows, seq_len), device=device, generator=generator)
+    labels[:, : seq_len // 4] = -100  # the prompt
+    clear = clear_grads(hidden, weight)
+    mask = labels != -100
+
+    def eager():
+        naive_orpo_loss(naive_linear_token_logprobs(hidden, weight, labels.clamp(min=0)), mask,
+                        beta).backward()
+
+    kept = mask.reshape(-1).nonzero().squeeze(-1)
+
+    def bare_matmuls():
+        kept_hidden = hidden.detach().reshape(-1, hidden_size)[kept]
+        logits = kept_hidden @ weight.detach().t()
+        _ = logits @ weight.detach(), logits.t() @ kept_hidden
+
+    def need(kind):  # as DPO's, less the reference's logits
+        return logits_memory_need(DPO_LOGITS_COPIES[kind], rows * seq_len, hidden_size, vocab)
+
+    candidates = [Candidate("eager full logits + ORPO", eager, setup=clear, kind="baseline",
+                            backend="eager", memory_need=need("eager")),
+                  Candidate("floor: 3 bare matmuls of the kept tokens", bare_matmuls, kind="floor",
+                            memory_need=need("floor"))]
+    notes = []
+    liger_chunked = optional_module("liger_kernel.chunked_loss")
+    if liger_chunked is not None and hasattr(liger_chunked, "LigerFusedLinearORPOLoss"):
+        try:
+            liger_loss = liger_chunked.LigerFusedLinearORPOLoss(beta=beta)
+
+            def liger_run():
+                out = liger_loss(weight, hidden, labels)
+                (out[0] if isinstance(out, tuple) else out).backward()
+            candidates.append(Candidate("Liger LigerFusedLinearORPOLoss", liger_run, setup=clear,
+                                        kind="baseline", compiled=True,
+                                        memory_need=need("liger")))
+        except Exception as exc:  # an API this code does not know: say so, run the rest
+            notes.append(f"Liger-Kernel LigerFusedLinearORPOLoss: could not construct ({exc})")
+    names, backend_notes = benchmark_backends("linear_logprobs", device)
+    notes += backend_notes
+
+    def run_loss(backend, reduction):
+        return pyalign.linear_preference_loss(hidden, weight, labels, loss=["orpo", "sft"],
+                                              beta=beta, average_log_prob=True, backend=backend,
+                                              reduction=reduction)
+
+    rows, recompute_name = fused_loss_candidates(run_loss, names, {"no reference": {}}, clear)
+    candidates += rows
+    notes += third_party_notes()
+    columns = dict(vs_eager="eager full logits + ORPO")
+    if recompute_name:
+        columns["vs_4-matmul"] = recompute_name
+    return Case("linear_preference_loss (ORPO from hidden states, no reference) fwd+bwd",
+                {"B": pairs, "T": seq_len, "H": hidden_size, "V": vocab,
+                 "dtype": dtype_name(dtype), "device": device.type},
+                candidates, ratio_to=ratio_columns(candidates, **columns),
+                floor="floor: 3 bare matmuls of the kept tokens", notes=notes)

@@ -21,7 +21,7 @@ from pyalign.bench.kto import linear_kto_case
 from pyalign.bench.linear_logprobs import linear_logprobs_case
 from pyalign.bench.logprobs import logprobs_case
 from pyalign.bench.policy import linear_policy_case, policy_case
-from pyalign.bench.preference import linear_preference_case, preference_case
+from pyalign.bench.preference import linear_orpo_case, linear_preference_case, preference_case
 from pyalign.bench.weights import bema_case, weights_case
 
 QUICK_NOTE = ("--quick: tiny sizes, to check that every candidate runs; its times and ratios say "
@@ -51,6 +51,7 @@ def suite_builders(args) -> dict[str, Callable[[], Case]]:
         "linear_preference_128k": lambda: linear_preference_case(pairs, seq_len, hidden, 128256,
                                                                  dtype, device),
         "linear_kto": lambda: linear_kto_case(2 * pairs, seq_len, hidden, vocab, dtype, device),
+        "linear_orpo": lambda: linear_orpo_case(pairs, seq_len, hidden, vocab, dtype, device),
         "policy": lambda: policy_case(64, 1024, device, compile=compile),
         "linear_policy": lambda: linear_policy_case(8, 256, 512, 32000, dtype, device,
                                                     compile=compile),
@@ -70,6 +71,7 @@ def _quick_builders(device, dtype, compile: bool) -> dict[str, Callable[[], Case
         "linear_preference": lambda: linear_preference_case(2, 16, 32, 500, dtype, device),
         "linear_preference_128k": lambda: linear_preference_case(2, 16, 32, 1283, dtype, device),
         "linear_kto": lambda: linear_kto_case(4, 16, 32, 500, dtype, device),
+        "linear_orpo": lambda: linear_orpo_case(2, 16, 32, 500, dtype, device),
         "policy": lambda: policy_case(8, 128, device, compile=compile),
         "linear_policy": lambda: linear_policy_case(4, 16, 32, 500, dtype, device, compile=compile),
         "weights": lambda: weights_case(100_000, device, num_tensors=16),

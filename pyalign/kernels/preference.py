@@ -5,9 +5,11 @@ Per pair, r_w = policy_chosen - ref_chosen, r_l = policy_rejected - ref_rejected
 x = beta*h. The branches are the registry entries with their own pair math; the other entries
 reach them through the registry's ``pair_math`` and ``pair_inputs`` (sigmoid_norm and ipo with
 lengths: the sigmoid/ipo branch on length-normalised scores; aot, aot_unpaired: the sigmoid
-branch on batch-sorted margins; f-divergences: scores computed in torch before the kernel, their
+branch on batch-sorted margins; simpo and cpo: the sigmoid branch on the policy's log-probs,
+simpo's shifted by its margin; f-divergences: scores computed in torch before the kernel, their
 derivative by autograd), so no loss has a code path here of its own; sft (a linear batch mean,
-nothing to fuse) has no branch and runs on eager. One helper, ``_pair_loss_and_grads``, gives
+nothing to fuse) has no branch and runs on eager. orpo runs on the policy's (averaged) log-probs
+p <= 0: its log-odds p - log(1 - e^p) with an exact expm1 near 0. One helper, ``_pair_loss_and_grads``, gives
 (loss, dloss/dr_w, dloss/dr_l) for the loss id (a runtime argument: one compiled kernel serves
 every loss; B is small). Grads of the four inputs: (+, +, -, -) of (dr_w, dr_l, dr_w, dr_l),
 times the upstream gradient.
@@ -43,7 +45,7 @@ from pyalign import losses
 # _pair_loss_and_grads has one branch per id 0..KERNEL_BRANCHES-1; the registry says which loss
 # each id is (and asserts that every branch has exactly one entry). A pairwise loss without a
 # kernel id runs on eager: the backend table sends it there (pyalign/_triton_backend.py).
-KERNEL_BRANCHES = 11
+KERNEL_BRANCHES = 12
 LOSS_IDS = losses.kernel_ids(KERNEL_BRANCHES)
 BLOCK = 256
 BLOCK_T = 512
@@ -66,6 +68,20 @@ def _logsigmoid(x):
 def _sigmoid(x):
     z = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+
+
+@triton.jit
+def _expm1(x):
+    # exp(x) - 1 exact to a few ulps also near 0 (Kahan's trick), -1 at -inf, inf at +inf
+    u = tl.exp(x)
+    near = tl.where(u == 1.0, x, (u - 1.0) * (x / tl.log(u)))
+    return tl.where(u - 1.0 == -1.0, -1.0, tl.where(u == float("inf"), u, near))
+
+
+@triton.jit
+def _log1mexp(p):
+    # log(1 - exp(p)) for p <= 0: log(-expm1(p)) above -log 2, log1p(-exp(p)) below
+    return tl.where(p > -0.6931471805599453, tl.log(-_expm1(p)), _log1p(-tl.exp(p)))
 
 
 @triton.jit
@@ -138,7 +154,7 @@ def _pair_loss_and_grads(chosen_ratio, rejected_ratio, loss_id, beta, eps, log_o
         loss = s_chosen + s_neg_margin  # s(u_w) + 1 - s(x)
         d_rejected = beta * _sigmoid(x) * s_neg_margin
         d_chosen = beta * s_chosen * _sigmoid(-chosen_x) - d_rejected
-    else:  # loss_id == 10, discopop: m = s(x/tau); (1 - m)(-logsig(x)) + m exp(-x)
+    elif loss_id == 10:  # discopop: m = s(x/tau); (1 - m)(-logsig(x)) + m exp(-x)
         mix = _sigmoid(x * inv_tau)
         one_minus_mix = _sigmoid(-x * inv_tau)
         log_mix = _logsigmoid(x * inv_tau)
@@ -150,6 +166,13 @@ def _pair_loss_and_grads(chosen_ratio, rejected_ratio, loss_id, beta, eps, log_o
         d_x = -d_mix * logistic - one_minus_mix * _sigmoid(-x) + d_mix_exp - mixed_exp
         d_chosen = beta * d_x
         d_rejected = -d_chosen
+    else:  # loss_id == 11, orpo: -beta logsig(z), z = log odds_w - log odds_l of the log-probs
+        rejected_log_odds = rejected_ratio - _log1mexp(rejected_ratio)
+        z = chosen_ratio - _log1mexp(chosen_ratio) - rejected_log_odds
+        loss = -beta * _logsigmoid(z)
+        # d/dp_w = -beta s(-z) / (1 - e^p_w), as a sum of positive terms (finite at p_w = 0)
+        d_chosen = -beta / (-_expm1(chosen_ratio) + tl.exp(chosen_ratio - rejected_log_odds))
+        d_rejected = beta * _sigmoid(-z) / (0.0 - _expm1(rejected_ratio))  # +inf at p_l = 0
     return loss, d_chosen, d_rejected
 
 

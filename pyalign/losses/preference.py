@@ -17,8 +17,11 @@ batch-level torch step, differentiable by autograd, that replaces the per-pair l
 sort, sft's token mean), ``pair_math`` (the entry whose forward, gradient and kernel branch run
 on its ratios: sigmoid_norm and aot are the sigmoid branch on other inputs) and
 ``pair_weights`` (False: per-pair WPO weights do not apply, the loss sorts the batch).
-``pair_ratios`` is the one function that turns a ``PairBatch`` into an entry's (r_w, r_l), and
-``pair_inputs`` into the four inputs of the backends' pair primitive.
+A ``reference_free`` entry (SimPO, CPO, ORPO; sft) runs on the policy's log-probs alone: the
+ops need no reference for it, and a given one does not enter its value. ``target_margin``: SimPO's
+γ shifts its scores. pyalign/losses/pair_batch.py holds the ``PairBatch``, the f-divergences, the
+batch steps and ``pair_ratios``, the one function that turns a batch into an entry's
+(r_w, r_l) (``pair_inputs``: into the four inputs of the backends' pair primitive).
 
 Everything else derives from here: the ops' validation (``PAIRWISE_NAMES``,
 ``UNPAIRED_NAMES``), the trainers' and the CLI's choices, ``LOSS_IDS`` of
@@ -30,16 +33,20 @@ for |β·h| up to 1e4 and beyond in fp32: log-sigmoids via ``F.logsigmoid``, ``1
 ``σ(−u)`` and ``σ'(u)`` as ``σ(u)·σ(−u)`` (no cancellation near 1), discopop's ``σ(x/τ)·exp(−x)``
 as ``exp(logσ(x/τ) − x)`` (no ``0·inf``), a label-smoothing term skipped when ``ε = 0`` and
 exo_pair's ``σ(∓x)·logσ(∓x)`` taken as 0 where ``σ(∓x) = 0`` (``0·logσ(−x)`` is ``0·(−inf)`` =
-NaN at ``x = +inf``, e.g. a rejected log-prob of ``−inf``, where the loss is finite).
+NaN at ``x = +inf``, e.g. a rejected log-prob of ``−inf``, where the loss is finite), ORPO's
+log-odds with ``log(1 − e^p)`` as ``log(−expm1(p))`` near 0 and ``log1p(−e^p)`` below, and its
+gradient as ratios of sums of positive terms (finite at a chosen log-prob of exactly 0).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from pyalign.losses.pair_batch import aot_step, aot_unpaired_step, sft_step
 
 DISCOPOP_TAU = 0.05  # TRL's default discopop_tau
 
@@ -69,6 +76,10 @@ class Loss:
     pair_math: Optional[str] = None  # the entry whose forward/grad/kernel run on its ratios
     pair_weights: bool = True  # False: per-pair (WPO) weights do not apply to it
     doc: str = ""  # the equation, for an entry that reuses another entry's pair math
+    reference_free: bool = False  # runs on the policy's log-probs alone (ρ = 0)
+    target_margin: bool = False  # SimPO: r_w − simpo_gamma/β (x = β·(r_w − r_l) − γ)
+    probabilities: bool = False  # its inputs are log-probabilities, <= 0 (ORPO's odds)
+    chunks: bool = False  # its batch step also takes a chunk of the batch (PairBatch.whole_batch)
 
     @property
     def equation(self) -> str:
@@ -230,6 +241,28 @@ def _discopop_grad(rw, rl, beta, eps):
     return d, -d
 
 
+def _log1mexp(p):
+    """log(1 − e^p) for p <= 0: log(−expm1(p)) above −log 2, log1p(−e^p) below (no cancellation)."""
+    return torch.where(p > -math.log(2), torch.log(-torch.expm1(p)), torch.log1p(-torch.exp(p)))
+
+
+def _orpo(rw, rl, beta, eps):
+    """ORPO (odds ratio): −β·logσ(z), z = log(odds_w/odds_l) = (p_w − p_l) − (log(1 − e^p_w) −
+    log(1 − e^p_l)), odds = e^p/(1 − e^p) of the length-averaged log-probs p (r_w, r_l: the
+    policy's own, no reference); β is ORPO's λ."""
+    z = (rw - _log1mexp(rw)) - (rl - _log1mexp(rl))
+    return -beta * _logsig(z)
+
+
+def _orpo_grad(rw, rl, beta, eps):
+    # ∂L/∂p_w = −β·σ(−z)/(1 − e^p_w) = −β/(1 − e^p_w + e^(p_w − ℓ_l)), ℓ = log odds: finite at
+    # p_w = 0 (odds_w = inf, where σ(−z)/(1 − e^p_w) is 0/0); ∂L/∂p_l = β·σ(−z)/(1 − e^p_l).
+    rejected_log_odds = rl - _log1mexp(rl)
+    z = (rw - _log1mexp(rw)) - rejected_log_odds
+    d_chosen = -beta / (-torch.expm1(rw) + torch.exp(rw - rejected_log_odds))
+    return d_chosen, beta * _sig(-z) / (0.0 - torch.expm1(rl))  # +inf at p_l = 0, not -inf
+
+
 def _sft(rw, rl, beta, eps):
     """SFT: the NLL of the chosen completions, a mean over every chosen completion token of the
     batch, −Σ_{b,t} log π(y_w,t)/Σ_b |y_w| (the same value for every pair). The batch step puts
@@ -240,162 +273,6 @@ def _sft(rw, rl, beta, eps):
 def _sft_grad(rw, rl, beta, eps):
     return torch.ones_like(rw), torch.zeros_like(rl)
 
-
-# ------------------------------------------------------------------ batch-level inputs and steps
-
-class PairBatch(NamedTuple):
-    """What a loss sees of a batch of B pairs, [B] tensors in the accumulation dtype (fp32, or
-    fp64). The four sequence log-probs are sums over completion tokens (LD-DPO-weighted sums with
-    ld_alpha, per-token means with average_log_prob: then ``averaged``). The lengths are the
-    completion token counts those sums ran over; ``chosen_token_sum`` the plain sum of the chosen
-    per-token log-probs (sft's numerator; ``policy_chosen`` unless ld_alpha reweighted it)."""
-    policy_chosen: torch.Tensor
-    policy_rejected: torch.Tensor
-    ref_chosen: torch.Tensor
-    ref_rejected: torch.Tensor
-    chosen_lengths: Optional[torch.Tensor] = None
-    rejected_lengths: Optional[torch.Tensor] = None
-    chosen_token_sum: Optional[torch.Tensor] = None
-    averaged: bool = False  # log-probs already per-token means: length normalisation is done
-
-
-@dataclasses.dataclass(frozen=True)
-class FDivergence:
-    """f-DPO's score f'(u) at u = π/ρ, in place of the log-ratio log u (TRL's f_divergence_type)."""
-    name: str
-    paper: str
-    transform: Callable  # (log_ratio, alpha) -> score; the docstring is f'(u) at u = exp(log_ratio)
-
-    @property
-    def equation(self) -> str:
-        return (self.transform.__doc__ or "").strip()
-
-
-F_DPO = "2309.16240"  # f-DPO (Wang et al.), the paper of every divergence here
-ALPHA_EXPONENT_MAX = 80.0  # TRL clamps (α−1)·r at 80 before exp (fp32-representable after exp)
-
-
-def _reverse_kl(ratio, alpha):
-    """reverse KL (DPO): f'(u) = log u, the score is the log-ratio r itself."""
-    return ratio
-
-
-def _forward_kl(ratio, alpha):
-    """forward KL: f'(u) = 1 − 1/u, the score is 1 − exp(−r) (as −expm1(−r))."""
-    return -torch.expm1(-ratio)
-
-
-def _js_divergence(ratio, alpha):
-    """Jensen-Shannon: f'(u) = log(2u/(1+u)), the score is log 2 + logσ(r)."""
-    return math.log(2) + _logsig(ratio)
-
-
-def _alpha_divergence(ratio, alpha):
-    """α-divergence: f'(u) = (u^(α−1) − 1)/(α−1), the score is expm1(min((α−1)·r, 80))/(α−1);
-    |α − 1| < 1e-6 is its limit, reverse KL (as TRL). The clamp at 80 is TRL's: beyond it the
-    score is constant and its gradient 0."""
-    if abs(alpha - 1.0) < 1e-6:
-        return ratio
-    exponent = torch.clamp((alpha - 1.0) * ratio, max=ALPHA_EXPONENT_MAX)
-    return torch.expm1(exponent) / (alpha - 1.0)
-
-
-F_DIVERGENCES: dict[str, FDivergence] = {entry.name: entry for entry in (
-    FDivergence("reverse_kl", F_DPO, _reverse_kl),
-    FDivergence("forward_kl", F_DPO, _forward_kl),
-    FDivergence("js_divergence", F_DPO, _js_divergence),
-    FDivergence("alpha_divergence", F_DPO, _alpha_divergence),
-)}
-F_DIVERGENCE_NAMES = tuple(F_DIVERGENCES)
-
-
-def _aot_step(batch):
-    """AOT (paired): the policy margins π_w − π_l and the reference margins ρ_w − ρ_l are each
-    sorted over the batch; r_w = sort(π_w − π_l), r_l = sort(ρ_w − ρ_l), then sigmoid (cDPO) on
-    x = β·(r_w − r_l). The gradient flows back through the permutation (autograd of sort)."""
-    policy_margins = torch.sort(batch.policy_chosen - batch.policy_rejected).values
-    ref_margins = torch.sort(batch.ref_chosen - batch.ref_rejected).values
-    return policy_margins, ref_margins
-
-
-def _aot_unpaired_step(batch):
-    """AOT (unpaired): r_w = sort(π_w − ρ_w) and r_l = sort(π_l − ρ_l), each sorted over the batch,
-    then sigmoid (cDPO) on x = β·(r_w − r_l)."""
-    return (torch.sort(batch.policy_chosen - batch.ref_chosen).values,
-            torch.sort(batch.policy_rejected - batch.ref_rejected).values)
-
-
-def _sft_step(batch):
-    """r_w = −Σ_b chosen_token_sum / max(Σ_b chosen_lengths, 1) for every pair, r_l = 0: TRL's
-    mean NLL over the batch's chosen tokens (0, not NaN, when there is none)."""
-    token_sum = batch.policy_chosen if batch.chosen_token_sum is None else batch.chosen_token_sum
-    mean_nll = -token_sum.sum() / batch.chosen_lengths.sum().clamp(min=1)
-    return mean_nll.expand(token_sum.shape).contiguous(), torch.zeros_like(token_sum)
-
-
-def runs_on_plain_ratios(entry: "Loss", f_divergence: str, has_lengths: bool,
-                        averaged: bool) -> bool:
-    """The entry's pair math runs on r = π − ρ as it is: no batch step, no score transform and no
-    division by lengths (none given, or the log-probs are already per-token means)."""
-    if entry.batch_step is not None or (entry.f_divergence and f_divergence != "reverse_kl"):
-        return False
-    return (averaged or entry.length_normalized == "never"
-            or (entry.length_normalized == "when_given" and not has_lengths))
-
-
-def _has_lengths(batch: PairBatch) -> bool:
-    return batch.chosen_lengths is not None and batch.rejected_lengths is not None
-
-
-def pair_inputs(entry: "Loss", batch: PairBatch, f_divergence: str = "reverse_kl",
-                alpha: float = 0.5) -> tuple[torch.Tensor, ...]:
-    """The four [B] inputs (policy_chosen, policy_rejected, ref_chosen, ref_rejected) of the
-    backends' pair primitive for ``entry.math``: the batch's own log-probs when the entry runs on
-    the plain log-ratios (no extra [B] work), else its ``pair_ratios`` against a zero reference.
-
-    The four are distinct tensors: torch.compile cannot trace an autograd.Function given the
-    same tensor twice (a graph break, an error with fullgraph=True), so a repeated one (a
-    caller's shared zero reference, say) is passed as a copy; the gradients are unchanged."""
-    if runs_on_plain_ratios(entry, f_divergence, _has_lengths(batch), batch.averaged):
-        inputs = (batch.policy_chosen, batch.policy_rejected, batch.ref_chosen, batch.ref_rejected)
-    else:
-        chosen_ratio, rejected_ratio = pair_ratios(entry, batch, f_divergence, alpha)
-        inputs = (chosen_ratio, rejected_ratio, torch.zeros_like(chosen_ratio),
-                  torch.zeros_like(rejected_ratio))
-    return _distinct(inputs)
-
-
-def _distinct(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """``tensors`` with each repeat of an earlier one (the same object) replaced by its clone."""
-    seen: list[torch.Tensor] = []
-    out = []
-    for tensor in tensors:
-        if any(tensor is earlier for earlier in seen):
-            tensor = tensor.clone()
-        seen.append(tensor)
-        out.append(tensor)
-    return tuple(out)
-
-
-def pair_ratios(entry: "Loss", batch: PairBatch, f_divergence: str = "reverse_kl",
-                alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_w, r_l) [B] that ``entry.math`` runs on: its batch step, or the log-ratios π − ρ turned
-    into f-divergence scores (entries with ``f_divergence``) and divided by the completion token
-    counts (``length_normalized``: always, or when the lengths are given; never for log-probs
-    that are already per-token means). Plain torch: autograd differentiates it."""
-    if entry.batch_step is not None:
-        return entry.batch_step(batch)
-    chosen = batch.policy_chosen - batch.ref_chosen
-    rejected = batch.policy_rejected - batch.ref_rejected
-    if entry.f_divergence and f_divergence != "reverse_kl":
-        transform = F_DIVERGENCES[f_divergence].transform
-        chosen, rejected = transform(chosen, alpha), transform(rejected, alpha)
-    normalize = entry.length_normalized == "always" or (entry.length_normalized == "when_given"
-                                                        and _has_lengths(batch))
-    if normalize and not batch.averaged:
-        chosen = chosen / batch.chosen_lengths.clamp(min=1)
-        rejected = rejected / batch.rejected_lengths.clamp(min=1)
-    return chosen, rejected
 
 # -------------------------------------------------------------------- the unpaired losses
 # Each forward takes the per-example log-ratio r = π − ρ (accumulation dtype), the KL reference
@@ -436,18 +313,30 @@ REGISTRY: dict[str, Loss] = {entry.name: entry for entry in (
     Loss("apo_zero", "2408.06266", _apo_zero, _apo_zero_grad, kernel_id=8),
     Loss("apo_down", "2408.06266", _apo_down, _apo_down_grad, kernel_id=9),
     Loss("discopop", "2406.08414", _discopop, _discopop_grad, kernel_id=10, f_divergence=True),
-    Loss("aot", "2406.05882", None, None, uses_label_smoothing=True, batch_step=_aot_step,
-         pair_math="sigmoid", pair_weights=False, doc=_aot_step.__doc__.strip()),
+    Loss("aot", "2406.05882", None, None, uses_label_smoothing=True, batch_step=aot_step,
+         pair_math="sigmoid", pair_weights=False, doc=aot_step.__doc__.strip()),
     Loss("aot_unpaired", "2406.05882", None, None, uses_label_smoothing=True,
-         batch_step=_aot_unpaired_step, pair_math="sigmoid", pair_weights=False,
-         doc=_aot_unpaired_step.__doc__.strip()),
+         batch_step=aot_unpaired_step, pair_math="sigmoid", pair_weights=False,
+         doc=aot_unpaired_step.__doc__.strip()),
     Loss("sft", "2411.10442", _sft, _sft_grad, f_divergence=True, needs=("chosen_lengths",),
-         batch_step=_sft_step),
+         batch_step=sft_step, reference_free=True, chunks=True),
     Loss("sigmoid_norm", "2411.15124", None, None, uses_label_smoothing=True, f_divergence=True,
          length_normalized="always", needs=("chosen_lengths", "rejected_lengths"),
          pair_math="sigmoid",
          doc="length-normalised DPO: sigmoid (cDPO) on x = β·(s_w/|y_w| − s_l/|y_l|), s the "
              "f-divergence scores of the log-ratios, |y| the completion token counts."),
+    # reference-free: TRL's CPOTrainer (loss_type sigmoid, simpo) and ORPOTrainer add
+    # cpo_alpha (ORPO: 1) x sft to these, which the trainer's presets do: loss=[name, "sft"]
+    Loss("simpo", "2405.14734", None, None, uses_label_smoothing=True, reference_free=True,
+         length_normalized="when_given", target_margin=True, pair_math="sigmoid",
+         doc="SimPO: sigmoid (cDPO) on x = β·(π_w/|y_w| − π_l/|y_l|) − γ, the policy's "
+             "length-averaged log-probs, no reference; γ = simpo_gamma."),
+    Loss("cpo", "2401.08417", None, None, uses_label_smoothing=True, reference_free=True,
+         pair_math="sigmoid",
+         doc="CPO (its preference term): sigmoid (cDPO) on x = β·(π_w − π_l), the policy's "
+             "summed log-probs, no reference."),
+    Loss("orpo", "2403.07691", _orpo, _orpo_grad, kernel_id=11, reference_free=True,
+         length_normalized="when_given", probabilities=True),
     Loss("kto", "2402.01306", _kto, None, pairwise=False, uses_kl_reference=True),
     Loss("apo_zero_unpaired", "2408.06266", _apo_zero_unpaired, None, pairwise=False),
 )}
@@ -459,6 +348,8 @@ LABEL_SMOOTHING_NAMES = tuple(name for name in PAIRWISE_NAMES if REGISTRY[name].
 # per pair a function of its four sequence log-probs: what the backends' pair primitives take
 ELEMENTWISE_NAMES = tuple(name for name in PAIRWISE_NAMES if REGISTRY[name].elementwise)
 F_DIVERGENCE_LOSSES = tuple(name for name in PAIRWISE_NAMES if REGISTRY[name].f_divergence)
+REFERENCE_FREE_NAMES = tuple(name for name in PAIRWISE_NAMES if REGISTRY[name].reference_free)
+SIMPO_GAMMA_LOSSES = tuple(name for name in PAIRWISE_NAMES if REGISTRY[name].target_margin)
 
 
 def get(name: str, pairwise: bool = True) -> Loss:

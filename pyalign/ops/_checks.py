@@ -132,9 +132,33 @@ def check_choice(name: str, value, choices: tuple) -> str:
     return value
 
 
-def check_mask(name: str, mask) -> None:
-    """A bool tensor, or an integer one (nonzero = kept, as attention masks come). Floats are
-    refused: 0.5 would silently count as kept (or as a weight)."""
+def check_mask(name: str, mask) -> torch.Tensor:
+    """A mask as a bool tensor, the one place masks are checked: a bool tensor as it is; a tensor
+    of any other dtype (integer, float: ``attention_mask.float()``) whose values are exactly 0 and
+    1, converted once. Any other value (0.5, 2, NaN) is refused, named with its position: kept
+    or not, or a weight, it has no one meaning."""
     check_tensor(name, mask)
-    if mask.dtype.is_floating_point or mask.dtype.is_complex:
-        raise TypeError(f"{name} must be a bool (or integer 0/1) tensor, got {mask.dtype}")
+    if mask.dtype == torch.bool:
+        return mask
+    return _mask_to_bool(mask.detach(), name)
+
+
+@torch.library.custom_op("pyalign::mask_to_bool", mutates_args=())
+def _mask_to_bool(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """mask != 0 after checking every value is 0 or 1: data-dependent, so an op of its own (it
+    runs eagerly, before the kernels that read the mask, also under torch.compile)."""
+    other = (mask != 0) & (mask != 1)
+    if bool(other.any()):
+        flat_position = int(other.reshape(-1).nonzero()[0, 0])
+        position = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_position),
+                                                             mask.shape))
+        value = mask.reshape(-1)[flat_position].item()
+        raise ValueError(f"{name} must be bool or hold only 0 and 1, got {value!r} at position "
+                         f"{position} ({int(other.sum())} value(s) other than 0 and 1); make it a "
+                         f"bool mask explicitly, e.g. {name} > 0.5 or {name} != 0")
+    return mask != 0
+
+
+@_mask_to_bool.register_fake
+def _(mask, name):
+    return torch.empty_like(mask, dtype=torch.bool)

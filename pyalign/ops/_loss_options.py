@@ -14,15 +14,22 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 class LossSpec(NamedTuple):
-    """A validated loss configuration: (entry, weight, effective label smoothing) per term."""
+    """A validated loss configuration: (entry, weight, effective label smoothing) per term, and
+    the options of the scores the terms run on (losses.pair_ratios reads them)."""
     terms: tuple
     beta: float
     f_divergence: str
     alpha: float
+    simpo_gamma: float = losses.SIMPO_GAMMA
+
+    @property
+    def reference_free(self) -> bool:
+        """No term uses the reference: the entry points need none."""
+        return all(entry.reference_free for entry, _, _ in self.terms)
 
 
 def check_loss_spec(loss, loss_weights, beta, label_smoothing, reduction, f_divergence,
-                     f_alpha_divergence_coef) -> LossSpec:
+                     f_alpha_divergence_coef, simpo_gamma=losses.SIMPO_GAMMA) -> LossSpec:
     """Every scalar argument of a loss configuration, before any tensor is looked at."""
     names = [loss] if isinstance(loss, str) else loss
     if not isinstance(names, (list, tuple)) or not names:
@@ -57,11 +64,24 @@ def check_loss_spec(loss, loss_weights, beta, label_smoothing, reduction, f_dive
             raise ValueError(f"f_divergence={f_divergence!r} applies only to the losses built on the "
                              f"chosen-rejected score difference {losses.F_DIVERGENCE_LOSSES}, not "
                              f"to {refused}; use f_divergence='reverse_kl' with them")
+    simpo_gamma = _checks.check_finite_range("simpo_gamma", simpo_gamma)
+    if simpo_gamma != losses.SIMPO_GAMMA and not set(names) & set(losses.SIMPO_GAMMA_LOSSES):
+        raise ValueError(f"simpo_gamma applies only to {losses.SIMPO_GAMMA_LOSSES} (SimPO's target "
+                         f"margin), not to {list(names)}")
     # exo_pair needs eps > 0; TRL substitutes 1e-3 for 0 (the entry's zero_smoothing_substitute)
     terms = tuple((losses.REGISTRY[name], weight,
                    losses.effective_label_smoothing(name, label_smoothing))
                   for name, weight in zip(names, weights))
-    return LossSpec(terms, beta, f_divergence, alpha)
+    return LossSpec(terms, beta, f_divergence, alpha, simpo_gamma)
+
+
+def check_reference(spec: LossSpec, given: bool, arguments: str) -> None:
+    """The reference (``arguments``, as the entry point names them) is given unless every term
+    is reference-free (losses.REFERENCE_FREE_NAMES)."""
+    if not given and not spec.reference_free:
+        needing = [entry.name for entry, _, _ in spec.terms if not entry.reference_free]
+        raise ValueError(f"loss {needing} needs the reference log-probs: give {arguments} (only "
+                         f"the reference-free losses {losses.REFERENCE_FREE_NAMES} run without)")
 
 
 def check_needs(spec: LossSpec, given: dict, remedy: str) -> None:

@@ -63,14 +63,14 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
     both gradients are exactly 0, whatever the inputs hold there (NaN, inf).
 
     ``logprobs`` and ``ref_logprobs``: floating tensors of one shape (no broadcasting); ``mask``:
-    that shape too, bool or integer (nonzero = kept; a float mask is refused); ``estimator``: one
-    of "k1", "k2", "k3".
+    that shape too, bool or of any dtype holding only 0 and 1 (other values are refused, named);
+    ``estimator``: one of "k1", "k2", "k3".
     """
     _checks.check_tensor("logprobs", logprobs, floating=True)
     _checks.check_tensor("ref_logprobs", ref_logprobs, floating=True)
     _checks.check_choice("estimator", estimator, tuple(losses.KL_ESTIMATOR_IDS))
     if mask is not None:
-        _checks.check_mask("mask", mask)
+        mask = _checks.check_mask("mask", mask)
     _checks.check_same_device(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
     _checks.check_shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs.shape")
     if mask is not None:

@@ -73,13 +73,11 @@ def _check_config(loss, beta, desirable_weight, undesirable_weight, reduction):
     return entry, beta, desirable_weight, undesirable_weight
 
 
-def _check_desirable(desirable, batch: int) -> None:
-    if not isinstance(desirable, torch.Tensor):
-        raise TypeError(f"desirable must be a bool tensor, got {type(desirable).__name__}")
-    if desirable.dtype != torch.bool:  # a float (or 0/1 integer) label would be cast silently
-        raise TypeError(f"desirable must be a bool tensor, got {desirable.dtype}; compare it "
-                        f"explicitly (e.g. labels == 1) to choose which examples are desirable")
+def _check_desirable(desirable, batch: int) -> torch.Tensor:
+    """The flags as a bool [B]: a bool tensor, or 0/1 in any dtype (_checks.check_mask)."""
+    desirable = _checks.check_mask("desirable", desirable)
     _checks.check_shape("desirable", desirable, (batch,), "[B], one flag per example")
+    return desirable
 
 
 def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
@@ -96,8 +94,8 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
 
     ``reduction``: ``mean`` over all B examples (as TRL: the weights scale the terms, they do not
     renormalise the mean), ``sum`` or ``none``. Returns the loss, the detached rewards β·r, the z0
-    used and the detached policy log-probs. ``desirable`` must be a bool tensor [B] (float and
-    0/1 integer tensors are refused, not cast); ``beta`` finite > 0; the weights finite >= 0.
+    used and the detached policy log-probs. ``desirable`` [B]: bool, or 0/1 in any dtype (other
+    values are refused, named); ``beta`` finite > 0; the weights finite >= 0.
     """
     entry, beta, desirable_weight, undesirable_weight = _check_config(
         loss, beta, desirable_weight, undesirable_weight, reduction)
@@ -106,7 +104,7 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     if policy_logps.dim() != 1:
         raise ValueError(f"policy_logps must be 1-D [B], got shape {tuple(policy_logps.shape)}")
     _checks.check_shape("ref_logps", ref_logps, policy_logps.shape, "policy_logps.shape")
-    _check_desirable(desirable, policy_logps.shape[0])
+    desirable = _check_desirable(desirable, policy_logps.shape[0])
     if kl is None and entry.uses_kl_reference:
         raise ValueError(f"loss {loss!r} needs kl: the KL estimates on mismatched prompt/completion "
                          f"pairs ([M], or one 0-d estimate)")
@@ -203,8 +201,8 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     """``kto_loss`` straight from the policy's last hidden state: no [B*T, V] logits are held.
 
     hidden [B, T, H], weight (the lm_head) [V, H], bias [V] or None, labels [B, T] aligned with
-    hidden (``ignore_index`` on prompt and padding positions), desirable bool [B]. The sequence
-    log-probs are the masked sums of ``pyalign.linear_token_logprobs`` (means with
+    hidden (``ignore_index`` on prompt and padding positions), desirable [B] (bool, or 0/1). The
+    sequence log-probs are the masked sums of ``pyalign.linear_token_logprobs`` (means with
     ``average_log_prob=True``).
 
     Reference of the completions: ``ref_logps`` [B] precomputed, or ``ref_hidden`` [B, T, H]
@@ -225,7 +223,7 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     with _vocab_parallel.ShardChecks(vocab_process_group, "vocab_process_group") as shard_checks:
         entry, beta, desirable_weight, undesirable_weight = _check_config(
             loss, beta, desirable_weight, undesirable_weight, reduction)
-        _check_policy_head(hidden, weight, labels, desirable, ref_logps, ref_hidden)
+        desirable = _check_policy_head(hidden, weight, labels, desirable, ref_logps, ref_hidden)
         estimates = _check_kl_inputs(entry, loss, weight, _KLInputs(
             kl, kl_hidden, kl_labels, ref_kl_logps, ref_kl_hidden))
         _check_reference_head(ref_weight, ref_bias, weight,
@@ -259,13 +257,14 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     process_group=process_group, **config)
 
 
-def _check_policy_head(hidden, weight, labels, desirable, ref_logps, ref_hidden) -> None:
-    """The policy's head inputs and the completions' reference (precomputed or hidden states)."""
+def _check_policy_head(hidden, weight, labels, desirable, ref_logps, ref_hidden) -> torch.Tensor:
+    """The policy's head inputs and the completions' reference (precomputed or hidden states);
+    returns the desirable flags as bool."""
     _checks.check_tensor("weight", weight, floating=True)
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
     _check_head_inputs("hidden", hidden, "labels", labels, weight, "B")
-    _check_desirable(desirable, hidden.shape[0])
+    desirable = _check_desirable(desirable, hidden.shape[0])
     if (ref_logps is None) == (ref_hidden is None):
         raise ValueError("give exactly one of ref_logps (precomputed [B]) or ref_hidden")
     if ref_logps is not None:
@@ -273,6 +272,7 @@ def _check_policy_head(hidden, weight, labels, desirable, ref_logps, ref_hidden)
     else:
         _checks.check_tensor("ref_hidden", ref_hidden, floating=True)
         _checks.check_shape("ref_hidden", ref_hidden, hidden.shape, "hidden.shape")
+    return desirable
 
 
 class _KLInputs(NamedTuple):

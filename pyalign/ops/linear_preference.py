@@ -9,10 +9,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from pyalign import backends
+from pyalign import backends, losses
+from pyalign._utils import accumulation_dtype
 from pyalign.eager.logprobs import log_sum_sq_probs
 from pyalign.ops import _checks, _fused_head, _vocab_parallel
-from pyalign.ops._loss_options import check_loss_spec, check_token_options
+from pyalign.ops._loss_options import check_loss_spec, check_reference, check_token_options
 from pyalign.ops.linear_logprobs import linear_token_logprobs
 from pyalign.ops.preference import PreferenceLossOutput, token_level_loss
 
@@ -30,7 +31,8 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
                            loss: Union[str, Sequence[str]] = "sigmoid",
                            loss_weights: Optional[Sequence[float]] = None, beta: float = 0.1,
                            label_smoothing: float = 0.0, f_divergence: str = "reverse_kl",
-                           f_alpha_divergence_coef: float = 0.5, ld_alpha: Optional[float] = None,
+                           f_alpha_divergence_coef: float = 0.5,
+                           simpo_gamma: float = losses.SIMPO_GAMMA, ld_alpha: Optional[float] = None,
                            use_weighting: bool = False, ignore_index: int = -100,
                            average_log_prob: bool = False, temperature: float = 1.0,
                            reduction: str = "mean", chunk_size: Optional[int] = None,
@@ -42,8 +44,10 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     ``ignore_index`` on prompt and padding positions. The reference is either precomputed
     sequence log-probs ``ref_logps`` [2B] (same order) or ``ref_hidden`` with the reference's
     head ``ref_weight`` (required: pass ``weight`` if the reference shares the policy's head;
-    + ``ref_bias``), evaluated without gradient; no gradient flows to the reference. Loss options
-    as ``token_preference_loss`` (``use_weighting`` computes log Σ p² of the policy head itself).
+    + ``ref_bias``), evaluated without gradient; no gradient flows to the reference. The
+    reference-free losses (simpo, cpo, orpo, sft, and lists of them) need neither: then no
+    reference is scored at all. Loss options as ``token_preference_loss`` (``use_weighting``
+    computes log Σ p² of the policy head itself).
     ``average_log_prob=True`` length-normalises every loss's log-probs. ``chunk_size``: tokens
     whose logits exist at once. No [2B*T, V] logits are ever held.
 
@@ -51,10 +55,12 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     (pyalign/ops/_fused_head.py): per chunk of whole pairs (about ``chunk_size`` kept tokens, at
     least one pair) the logits, the loss and its gradient are computed in the forward, only the
     kept tokens enter the matmuls, and backward just scales the stored gradients; memory is one
-    chunk's logits plus gradient buffers of hidden's and W's (fp32) size. The batch-level losses
-    (aot, aot_unpaired, sft: their value needs the whole batch), ``reduction="none"``, no-grad
-    calls and torch.compile take the recompute path instead: per-token log-probs
-    (linear_token_logprobs, which recomputes the logits in backward: 4 matmuls) then the loss.
+    chunk's logits plus gradient buffers of hidden's and W's (fp32) size. sft, a mean over the
+    whole batch's chosen tokens, is known up to that token count, so each chunk takes its pairs'
+    share (not with ``use_weighting``). The batch-level losses that sort the batch (aot,
+    aot_unpaired), sft with WPO weights, ``reduction="none"``, no-grad calls and torch.compile
+    take the recompute path instead: per-token log-probs (linear_token_logprobs, which recomputes
+    the logits in backward: 4 matmuls) then the loss.
 
     ``process_group``: the vocab-parallel head, as in ``linear_token_logprobs``: ``weight``,
     ``bias``, ``ref_weight`` and ``ref_bias`` are this rank's vocabulary rows (the reference
@@ -63,13 +69,15 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     """
     with _vocab_parallel.ShardChecks(process_group, "process_group") as shard_checks:
         spec = check_loss_spec(loss, loss_weights, beta, label_smoothing, reduction, f_divergence,
-                                f_alpha_divergence_coef)
+                                f_alpha_divergence_coef, simpo_gamma)
         _checks.check_tensor("hidden", hidden, floating=True)
         if hidden.dim() != 3 or hidden.shape[0] % 2 or hidden.shape[-1] == 0:
             raise ValueError(f"hidden must be [2B, T, H] with chosen rows first and H > 0, got shape "
                              f"{tuple(hidden.shape)}")
-        if (ref_logps is None) == (ref_hidden is None):
+        if ref_logps is not None and ref_hidden is not None:
             raise ValueError("give exactly one of ref_logps (precomputed [2B]) or ref_hidden")
+        check_reference(spec, ref_logps is not None or ref_hidden is not None,
+                        "ref_logps (precomputed [2B]) or ref_hidden")
         ignore_index = _checks.check_int("ignore_index", ignore_index)
         temperature = _checks.check_temperature(temperature)
         chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
@@ -85,7 +93,8 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     options = dict(ld_alpha=ld_alpha, average=average_log_prob,
                    backend=backends.backend_for("preference", backend))
     if (_fused_head.applies(reduction, hidden, weight, bias)
-            and all(entry.batch_step is None for entry, _, _ in spec.terms)):
+            and all(entry.batch_step is None or (entry.chunks and not use_weighting)
+                    for entry, _, _ in spec.terms)):
         return _fused_linear_preference(hidden, weight, bias, labels, ref_logps, ref_hidden,
                                         ref_weight, ref_bias, spec, options, use_weighting,
                                         ignore_index, temperature, reduction, chunk_size, backend,
@@ -94,7 +103,7 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     head = dict(ignore_index=ignore_index, temperature=temperature, chunk_size=chunk_size,
                 backend=backend, process_group=process_group)
     token_logps = linear_token_logprobs(hidden, weight, labels, bias=bias, **head)
-    if ref_logps is None:
+    if ref_hidden is not None:
         with torch.no_grad():  # per-token [2B, T]: the fused kernel reduces it with the policy's
             ref_logps = linear_token_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias, **head)
     sum_sq = None
@@ -112,15 +121,18 @@ def _fused_linear_preference(hidden, weight, bias, labels, ref_logps, ref_hidden
                              ref_bias, spec, options, use_weighting, ignore_index, temperature,
                              reduction, chunk_size, backend, shard) -> PreferenceLossOutput:
     """linear_preference_loss in 3 matmuls: chunks of whole pairs, each chunk's per-pair losses by
-    ``_token_level_loss`` itself (the recompute path's code), differentiated in the forward."""
+    ``_token_level_loss`` itself (the recompute path's code), differentiated in the forward; a
+    batch mean (sft) takes the whole batch's pairs and chosen tokens."""
     pairs = hidden.shape[0] // 2
     index = torch.arange(pairs, device=hidden.device)
     unit_rows = torch.stack([index, index + pairs], dim=1)  # chunk rows: chosen, then rejected
+    chosen_tokens = (labels[:pairs] != ignore_index).sum().to(accumulation_dtype(hidden.dtype))
 
     def chunk_loss(rows, token_logps, mask, ref_tokens, sum_sq):
-        ref = ref_tokens if ref_tokens is not None else ref_logps[rows]
+        ref = ref_tokens if ref_tokens is not None else (None if ref_logps is None
+                                                         else ref_logps[rows])
         out = token_level_loss(token_logps, mask, ref, spec, log_sum_sq_probs=sum_sq,
-                                reduction="none", **options)
+                                reduction="none", whole_batch=(pairs, chosen_tokens), **options)
         return out.loss, (out.chosen_rewards, out.rejected_rewards)
 
     reference = None if ref_hidden is None else _fused_head.ReferenceHead(ref_hidden, ref_weight,
@@ -156,6 +168,11 @@ def _check_linear_inputs(hidden, weight, bias, labels, ref_logps, ref_hidden, re
         if ref_weight is not None or ref_bias is not None:
             raise ValueError("ref_weight / ref_bias are given with ref_logps (the precomputed "
                              "reference log-probs need no head); give ref_hidden with them instead")
+        return
+    if ref_hidden is None:  # a reference-free loss
+        if ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_weight / ref_bias are given without ref_hidden: the reference "
+                             "head scores ref_hidden; give it, or neither for a reference-free loss")
         return
     _checks.check_tensor("ref_hidden", ref_hidden, floating=True)
     _checks.check_shape("ref_hidden", ref_hidden, hidden.shape, "hidden.shape")

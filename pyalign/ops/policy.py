@@ -207,8 +207,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor],
 
     ``logprobs`` [B, T]: the policy's log-probs of the sampled tokens (differentiable);
     ``old_logprobs`` [B, T] or None (num_iterations == 1: logprobs.detach(), ratio 1);
-    ``advantages`` [B] or [B, T]; ``mask`` [B, T] bool or integer (nonzero = a completion token;
-    a float mask is refused). Masked positions are inert whatever they hold.
+    ``advantages`` [B] or [B, T]; ``mask`` [B, T] bool, or 0/1 in any dtype (a completion token;
+    other values are refused, named). Masked positions are inert whatever they hold.
 
     Options (TRL 1.16's GRPOConfig names and defaults, except loss_type): ``epsilon`` /
     ``epsilon_high`` (None: epsilon) the clip range [1 − ε, 1 + ε_high] (cispo: ε_high is the cap of
@@ -231,7 +231,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor],
         _check_per_token("old_logprobs", old_logprobs, shape)
     _checks.check_tensor("advantages", advantages, floating=True)
     check_advantages(advantages, shape)
-    _checks.check_mask("mask", mask)
+    mask = _checks.check_mask("mask", mask)
     _checks.check_shape("mask", mask, shape, "logprobs.shape")
     if ref_logprobs is not None:
         _check_per_token("ref_logprobs", ref_logprobs, shape)

@@ -1,6 +1,8 @@
 """Offline preference optimisation: DPO and every pairwise loss of ``pyalign.preference_loss``
 (IPO, SLiC/hinge, robust, ...), weighted combinations of them (MPO), their f-divergence, LD-DPO
-and WPO options (``pyalign.token_preference_loss``), KTO and APO-zero on unpaired data
+and WPO options (``pyalign.token_preference_loss``), the reference-free SimPO, CPO and ORPO
+(``reference="none"``: TRL's CPOTrainer and ORPOTrainer, which add ``cpo_alpha`` times the NLL of
+the chosen responses, the registry's ``sft``), KTO and APO-zero on unpaired data
 (``pyalign.kto_loss``), and their trust-region variants (TR-DPO/TR-IPO/TR-KTO: the reference is
 pulled towards the policy every ``tr_tau`` steps by ``pyalign.refmodel.TrustRegion``) or a BEMA
 reference (``reference="bema"``: ``pyalign.refmodel.BEMA``, the ``bema_*`` keys). With a
@@ -38,6 +40,7 @@ LOSS_KINDS = ("pairwise", "unpaired")
 PAIRWISE, UNPAIRED, TRUST_REGION, FROZEN = (("loss_kind", ("pairwise",)), ("loss_kind", ("unpaired",)),
                                             ("reference", ("trust_region",)), ("reference", ("frozen",)))
 BEMA = ("reference", ("bema",))
+NO_REFERENCE = ("reference", ("none",))
 
 
 @dataclasses.dataclass
@@ -54,6 +57,11 @@ class PreferenceConfig(TrainerConfig):
     f_divergence: str = setting("reverse_kl", "the f-divergence of f-DPO", applies=PAIRWISE,
                                 aliases=("f_divergence_type",))
     f_alpha_divergence_coef: float = setting(0.5, "alpha of the alpha-divergence", applies=PAIRWISE)
+    simpo_gamma: float = setting(losses.SIMPO_GAMMA, "SimPO: the target reward margin gamma",
+                                 applies=("loss", losses.SIMPO_GAMMA_LOSSES))
+    cpo_alpha: float = setting(0.0, "reference-free losses: the weight of the NLL of the chosen "
+                               "responses added to the loss (CPO: TRL's 1.0; SimPO: 0; ORPO: 1)",
+                               bounds=">= 0", applies=NO_REFERENCE)
     ld_alpha: Optional[float] = setting(None, "LD-DPO: the weight of the tokens past the pair's "
                                         "shared length", applies=PAIRWISE)
     use_weighting: bool = setting(False, "WPO pair weights", applies=PAIRWISE)
@@ -110,6 +118,9 @@ class PreferenceConfig(TrainerConfig):
         if self.reference == "none" and (self.loss_kind == "unpaired" or self.ld_alpha is not None):
             raise ValueError("config key 'reference' = 'none' takes a pairwise loss without ld_alpha "
                              "(KTO's losses and LD-DPO's weights need a reference model)")
+        if self.reference == "none" and self.cpo_alpha > 0 and "sft" in self._loss_names():
+            raise ValueError("config key 'loss' holds sft, which cpo_alpha adds already with "
+                             "reference = 'none': set cpo_alpha (the NLL's weight) instead")
         if self.num_examples < self.batch_size:
             raise ValueError(f"config key 'num_examples' must be >= batch_size ({self.batch_size}), "
                              f"got {self.num_examples!r}")
@@ -118,11 +129,24 @@ class PreferenceConfig(TrainerConfig):
                 pyalign.ops.preference.check_loss_options(
                     self.loss, self.loss_weights, beta=self.beta, label_smoothing=self.label_smoothing,
                     f_divergence=self.f_divergence,
-                    f_alpha_divergence_coef=self.f_alpha_divergence_coef, ld_alpha=self.ld_alpha,
+                    f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+                    simpo_gamma=self.simpo_gamma, ld_alpha=self.ld_alpha,
                     use_weighting=self.use_weighting, average_log_prob=self.length_normalize)
             except (TypeError, ValueError) as exc:  # length_normalize is the op's average_log_prob
                 raise ValueError(f"config: {str(exc).replace('average_log_prob', 'length_normalize')}"
                                  ) from None
+
+    def _loss_names(self) -> list:
+        return [self.loss] if isinstance(self.loss, str) else list(self.loss)
+
+    def loss_terms(self) -> tuple[Union[str, list], Optional[list]]:
+        """(loss, loss_weights) of the op: with no reference, TRL's CPO/ORPO add cpo_alpha x the
+        NLL of the chosen responses (the registry's sft) to the configured loss."""
+        if self.reference != "none" or self.cpo_alpha == 0:
+            return self.loss, self.loss_weights
+        names = self._loss_names()
+        weights = list(self.loss_weights) if self.loss_weights else [1.0] * len(names)
+        return [*names, "sft"], [*weights, self.cpo_alpha]
 
     def bema_schedule(self) -> BEMASchedule:
         return BEMASchedule(**{field.name: getattr(self, f"bema_{field.name}")
@@ -286,10 +310,12 @@ class PreferenceTrainer(Trainer):
         else:
             reference = torch.cat([self._reference(rows, "chosen"), self._reference(rows, "rejected")])
         pairs = rows.shape[0]
+        loss, loss_weights = cfg.loss_terms()
         out = pyalign.token_preference_loss(
-            logprobs, reference, mask, loss=cfg.loss, loss_weights=cfg.loss_weights, beta=cfg.beta,
+            logprobs, reference, mask, loss=loss, loss_weights=loss_weights, beta=cfg.beta,
             label_smoothing=cfg.label_smoothing, f_divergence=cfg.f_divergence,
-            f_alpha_divergence_coef=cfg.f_alpha_divergence_coef, ld_alpha=cfg.ld_alpha,
+            f_alpha_divergence_coef=cfg.f_alpha_divergence_coef, simpo_gamma=cfg.simpo_gamma,
+            ld_alpha=cfg.ld_alpha,
             use_weighting=cfg.use_weighting, log_sum_sq_probs=scored[2] if cfg.use_weighting else None,
             average_log_prob=cfg.length_normalize, reduction="sum", backend=cfg.backend)
         (out.loss / local).backward()
@@ -351,27 +377,41 @@ TRL_DEFAULTS = dict(lr=1e-6, per_device_batch_size=8, gradient_accumulation_step
                     lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                     beta=0.1, max_length=1024, eval_every=0, final_eval_batch_size=0)
 TRL_TRUST_REGION = dict(tr_alpha=0.6, tr_tau=512)
+# The embedded task's values of the reference-free algorithms: their preference terms work on
+# per-token means (SimPO, ORPO) or beside the NLL of the chosen responses (CPO, ORPO), and need a
+# larger beta than DPO's there (100 steps, gold reward: SimPO 0.18 at beta 2, CPO 0.12 at 0.5 and
+# 0.07 at 0.1, ORPO 0.15 at 10 and 0.02 at 0.1; DPO 0.15; one seed each)
+SIMPO_TUNED = dict(beta=2.0, simpo_gamma=0.5)
+CPO_TUNED = dict(beta=0.5)
+ORPO_TUNED = dict(beta=10.0)
 
 
 def _algorithm(name: str, summary: str, loss: str, *, reference: str = "frozen",
-               length_normalize: bool = False, tuned: Optional[dict] = None,
+               length_normalize: bool = False, fixed: Optional[dict] = None,
+               defaults: Optional[dict] = None, tuned: Optional[dict] = None,
                trl: Optional[dict] = None) -> Algorithm:
     """A preference algorithm: its loss (any other of the same kind may replace it), its
     reference (frozen, trust_region, none) and whether it averages the log-probs over the
-    response; ``tuned`` and ``trl`` its own values over the family's. A frozen reference is a
-    default that ``--reference bema`` may change (TRL's BEMACallback on a DPO run; a trust region
-    is the tr- algorithm's); the trust-region and reference-free algorithms fix theirs."""
+    response; ``fixed`` and ``defaults`` its other settings (fixed, or starting values),
+    ``tuned`` and ``trl`` its own values over the family's. A frozen reference is a default that
+    ``--reference bema`` may change (TRL's BEMACallback on a DPO run; a trust region is the tr-
+    algorithm's); the trust-region and reference-free algorithms fix theirs."""
     trl_values = {**TRL_DEFAULTS, **(TRL_TRUST_REGION if reference == "trust_region" else {})}
     moving = reference != "frozen"
     return Algorithm(name, PreferenceTrainer, summary,
                      fixed={"length_normalize": length_normalize,
-                            **({"reference": reference} if moving else {})},
-                     defaults={"loss": loss, **({} if moving else {"reference": reference})},
+                            **({"reference": reference} if moving else {}), **(fixed or {})},
+                     defaults={"loss": loss, **({} if moving else {"reference": reference}),
+                               **(defaults or {})},
                      choices={} if moving else {"reference": ("frozen", "bema")},
                      tuned={"steps": EMBEDDED_STEPS, **(tuned or {})},
                      trl={**trl_values, **(trl or {})})
 
 
+# The reference-free algorithms are TRL's CPOConfig (loss_type "sigmoid": CPO; "simpo" with
+# cpo_alpha 0: SimPO, as TRL's documentation sets it; with cpo_alpha > 0: CPO-SimPO) and
+# ORPOConfig (beta is ORPO's lambda; the NLL's weight is 1, fixed): their defaults are the
+# DPOConfig numbers above (learning_rate 1e-6, beta 0.1; simpo_gamma 0.5, cpo_alpha 1.0).
 ALGORITHMS = (
     _algorithm("dpo", "DPO: the sigmoid loss on the implicit reward margin", "sigmoid"),
     _algorithm("ipo", "IPO: the squared loss on the length-normalised margin", "ipo",
@@ -383,7 +423,13 @@ ALGORITHMS = (
     _algorithm("tr-ipo", "TR-IPO: IPO with a trust-region reference", "ipo",
                reference="trust_region", length_normalize=True, tuned={"beta": 0.5}),
     _algorithm("tr-kto", "TR-KTO: KTO with a trust-region reference", "kto", reference="trust_region"),
-    # A reference-free loss of the registry is one more entry, e.g. SimPO (TRL's CPOConfig with
-    # loss_type "simpo"): _algorithm("simpo", "SimPO: ...", "simpo", reference="none",
-    # length_normalize=True, trl={"beta": 2.0, ...}).
+    _algorithm("simpo", "SimPO: the sigmoid loss on the length-averaged log-prob margin minus "
+               "gamma, no reference (--cpo-alpha > 0: CPO-SimPO)", "simpo", reference="none",
+               length_normalize=True, tuned=SIMPO_TUNED),
+    _algorithm("cpo", "CPO: the sigmoid loss on the log-prob margin, no reference, plus "
+               "cpo_alpha x the NLL of the chosen responses", "cpo", reference="none",
+               defaults={"cpo_alpha": 1.0}, tuned=CPO_TUNED),
+    _algorithm("orpo", "ORPO: the odds-ratio loss (beta = lambda) on the length-averaged "
+               "log-probs plus the NLL of the chosen responses", "orpo", reference="none",
+               length_normalize=True, fixed={"cpo_alpha": 1.0}, tuned=ORPO_TUNED),
 )

@@ -24,7 +24,11 @@ def test_everything_derives_from_the_registry():
     assert {a.defaults["loss"] for a in ALGOS.values() if a.family == "preference"} <= set(losses.NAMES)
     assert set(losses.NAMES) - set(losses.PAIRWISE_NAMES) == set(losses.UNPAIRED_NAMES) == {
         "kto", "apo_zero_unpaired"}
-    assert len(losses.PAIRWISE_NAMES) == 15  # TRL 1.16's DPO loss types
+    assert len(losses.PAIRWISE_NAMES) == 18  # TRL 1.16's DPO loss types, SimPO, CPO and ORPO
+    assert set(losses.REFERENCE_FREE_NAMES) == {"sft", "simpo", "cpo", "orpo"}
+    assert losses.SIMPO_GAMMA_LOSSES == ("simpo",)
+    assert [e.name for e in PAIRWISE if e.probabilities] == ["orpo"]
+    assert [e.name for e in PAIRWISE if e.chunks] == ["sft"]
     ids = triton_preference.LOSS_IDS
     assert sorted(ids.values()) == list(range(triton_preference.KERNEL_BRANCHES))
     assert all(ids[entry.name] == entry.kernel_id for entry in PAIRWISE if entry.kernel_id is not None)
@@ -81,8 +85,11 @@ def test_hand_gradient_is_autograd_of_the_forward(name, label_smoothing, beta):
     generator = torch.Generator().manual_seed(7)
     scale = 10.0 ** torch.linspace(-3, 4, 64, dtype=torch.float64) / beta
     signs = torch.randint(0, 2, (2, 64), generator=generator, dtype=torch.float64) * 2 - 1
-    rw = (signs[0] * scale * torch.rand(64, generator=generator, dtype=torch.float64)).requires_grad_(True)
-    rl = (signs[1] * scale * torch.rand(64, generator=generator, dtype=torch.float64)).requires_grad_(True)
+    rw = signs[0] * scale * torch.rand(64, generator=generator, dtype=torch.float64)
+    rl = signs[1] * scale * torch.rand(64, generator=generator, dtype=torch.float64)
+    if entry.probabilities:  # log-probabilities: -1e-5 .. -1e5
+        rw, rl = -rw.abs() - 1e-9, -rl.abs() - 1e-9
+    rw, rl = rw.requires_grad_(True), rl.requires_grad_(True)
     values = entry.forward(rw, rl, beta, eps)
     assert torch.isfinite(values).all(), name
     auto_w, auto_l = torch.autograd.grad(values.sum(), (rw, rl), materialize_grads=True)
@@ -105,15 +112,19 @@ def length_kwargs(loss, count, length=SWEEP_LENGTH):
     return dict(chosen_lengths=torch.full((count,), length), rejected_lengths=torch.full((count,), length))
 
 
-def sweep_inputs(beta, scale=1.0):
+def sweep_inputs(beta, scale=1.0, probabilities=False):
     """fp32 sequence log-probs whose scaled margins beta*h/scale cover +-MARGINS (times 1.02, off
     the hinge's kink), each split three ways between r_w and r_l; the reference log-probs are 0
-    so the fp32 log-ratios are exact (``scale``: a length sigmoid_norm divides by, a power of 2)."""
+    so the fp32 log-ratios are exact (``scale``: a length sigmoid_norm divides by, a power of 2).
+    ``probabilities``: log-probs <= 0 (ORPO), each pair shifted down to a largest of -1/64."""
     x = torch.tensor(MARGINS, dtype=torch.float64) * 1.02
     x = torch.cat([x, -x])
     h = scale * x / beta
     rw = torch.cat([h / 2, h, torch.zeros_like(h)])
     rl = torch.cat([-h / 2, torch.zeros_like(h), -h])
+    if probabilities:
+        shift = torch.maximum(rw, rl) + 1 / 64
+        rw, rl = rw - shift, rl - shift
     policy_chosen, policy_rejected = rw.float(), rl.float()
     zeros = torch.zeros_like(policy_chosen)
     return [policy_chosen, policy_rejected, zeros, zeros.clone()]
@@ -141,8 +152,9 @@ def test_extreme_margin_sweep_matches_float64(backend, loss, beta):
     """Every loss, the batch-level ones included (aot sorts these margins: the reference ones
     are 0, so each input keeps its own x; sigmoid_norm divides by lengths of 4)."""
     lengths = length_kwargs(loss, 30)
-    scale = SWEEP_LENGTH if losses.REGISTRY[loss].length_normalized == "always" else 1.0
-    inputs = sweep_inputs(beta, scale)
+    entry = losses.REGISTRY[loss]
+    scale = SWEEP_LENGTH if entry.length_normalized == "always" else 1.0
+    inputs = sweep_inputs(beta, scale, entry.probabilities)
     upstream = torch.linspace(0.5, 1.5, inputs[0].numel())
     for label_smoothing in sweep_smoothing(losses.REGISTRY[loss]):
         leaves = [t.clone().requires_grad_(True) for t in inputs]

@@ -514,7 +514,7 @@ def _good():
     (dict(loss_type="rloo", importance_sampling_level="token"), ValueError, "rloo"),
     (dict(kl_estimator="k4"), ValueError, "kl_estimator"),
     (dict(use_bias_correction_kl=1), TypeError, "use_bias_correction_kl"),
-    (dict(mask=torch.ones(2, 3)), TypeError, "mask must be a bool"),
+    (dict(mask=torch.full((2, 3), 0.5)), ValueError, "mask must be bool or hold only 0 and 1, got 0.5"),
     (dict(mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "mask has shape"),
     (dict(advantages=torch.randn(3)), ValueError, "advantages has shape"),
     (dict(old_logprobs=torch.rand(2, 4)), ValueError, "old_logprobs has shape"),

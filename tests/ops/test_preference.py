@@ -13,7 +13,7 @@ import torch
 import pyalign
 from pyalign import losses
 from support import (
-    BATCH_LOSSES,
+    COMPOSITE_LOSSES,
     IGNORE,
     PAIR_LOSS_FORMULAS,
     backends_for,
@@ -38,10 +38,10 @@ EXO_DEFAULT_EPS = 1e-3  # TRL's substitute for exo_pair's label_smoothing = 0
 
 
 def test_the_oracle_covers_exactly_the_package_losses():
-    assert len(losses.PAIRWISE_NAMES) == len(set(losses.PAIRWISE_NAMES)) == 15
+    assert len(losses.PAIRWISE_NAMES) == len(set(losses.PAIRWISE_NAMES)) == 18
     assert set(PAIR_LOSS_FORMULAS) == set(ELEMENTWISE)
-    assert set(PAIR_LOSS_FORMULAS) | BATCH_LOSSES == set(losses.PAIRWISE_NAMES)
-    assert len(SMOOTHED) == 6 and set(SMOOTHED) <= set(losses.PAIRWISE_NAMES)
+    assert set(PAIR_LOSS_FORMULAS) | COMPOSITE_LOSSES == set(losses.PAIRWISE_NAMES)
+    assert len(SMOOTHED) == 8 and set(SMOOTHED) <= set(losses.PAIRWISE_NAMES)
     assert all(losses.REGISTRY[name].zero_smoothing_substitute in (None, EXO_DEFAULT_EPS)
                for name in losses.PAIRWISE_NAMES)
 
@@ -601,10 +601,30 @@ def bad_call(**kwargs):
     (dict(loss="sft", chosen_lengths=torch.tensor([1, 2])), ValueError, "chosen_lengths"),
     (dict(loss="sft", chosen_lengths=torch.tensor([True, False, True])), TypeError, "chosen_lengths"),
     (dict(ld_alpha=0.5), TypeError, "ld_alpha"),  # per-token inputs only
+    (dict(simpo_gamma=1.0), ValueError, r"simpo_gamma applies only to \('simpo',\)"),
+    (dict(loss="simpo", simpo_gamma=float("nan")), ValueError, "simpo_gamma must be"),
+    (dict(loss="simpo", simpo_gamma="1"), TypeError, "simpo_gamma must be a real number"),
 ])
 def test_bad_loss_configurations_are_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
         bad_call(**kwargs)
+
+
+def test_a_reference_is_required_unless_every_loss_is_reference_free():
+    policy_chosen, policy_rejected, ref_chosen, _ = random_pairs(3)
+    with pytest.raises(ValueError, match=r"loss \['sigmoid'\] needs the reference log-probs"):
+        pyalign.preference_loss(policy_chosen, policy_rejected)
+    with pytest.raises(ValueError, match=r"loss \['ipo'\] needs the reference .* \('sft', 'simpo', "
+                                         r"'cpo', 'orpo'\)"):
+        pyalign.preference_loss(policy_chosen, policy_rejected, loss=["cpo", "ipo"])
+    with pytest.raises(ValueError, match="give both ref_chosen and ref_rejected, or neither"):
+        pyalign.preference_loss(policy_chosen, policy_rejected, ref_chosen, loss="cpo")
+    hidden, weight, labels = linear_case()
+    with pytest.raises(ValueError, match=r"needs the reference log-probs: give ref_logps "
+                                         r"\(precomputed \[2B\]\) or ref_hidden"):
+        pyalign.linear_preference_loss(hidden, weight, labels)
+    with pytest.raises(ValueError, match="ref_weight / ref_bias are given without ref_hidden"):
+        pyalign.linear_preference_loss(hidden, weight, labels, loss="orpo", ref_weight=weight)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
@@ -629,8 +649,15 @@ def test_bad_token_shapes_are_refused():
         pyalign.token_preference_loss(torch.randn(3, 4), torch.randn(3), torch.ones(3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="ref_logps must be"):
         pyalign.token_preference_loss(torch.randn(4, 4), torch.randn(2), torch.ones(4, 4, dtype=torch.bool))
-    with pytest.raises(TypeError, match="mask must be a bool"):
-        pyalign.token_preference_loss(torch.randn(4, 4), torch.randn(4), torch.ones(4, 4))
+    half = torch.ones(4, 4)
+    half[2, 1] = 0.5
+    with pytest.raises(ValueError, match=r"mask must be bool or hold only 0 and 1, got 0.5 at "
+                                         r"position \(2, 1\)"):
+        pyalign.token_preference_loss(torch.randn(4, 4), torch.randn(4), half)
+    with pytest.raises(ValueError, match=r"loss \['sigmoid'\] needs the reference log-probs: "
+                                         r"give ref_logps"):
+        pyalign.token_preference_loss(torch.randn(4, 4), None, torch.ones(4, 4, dtype=torch.bool),
+                                      loss=["sigmoid", "simpo"])
     hidden, weight, labels = linear_case()
     with pytest.raises(ValueError, match=r"use_weighting .* \['aot_unpaired'\]"):
         pyalign.linear_preference_loss(hidden, weight, labels, ref_logps=torch.zeros(6),

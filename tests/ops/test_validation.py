@@ -150,7 +150,7 @@ def test_kto_bad_arguments():
         pyalign.kto_loss(policy, ref, desirable, torch.tensor(0.1), beta=0)
     with pytest.raises(ValueError, match="desirable_weight must be >= 0"):
         pyalign.kto_loss(policy, ref, desirable, torch.tensor(0.1), desirable_weight=-1)
-    with pytest.raises(TypeError, match="desirable must be a bool tensor"):
+    with pytest.raises(TypeError, match="desirable must be a torch.Tensor"):
         pyalign.kto_loss(policy, ref, [True] * 4, torch.tensor(0.1))
     with pytest.raises(ValueError, match=r"desirable has shape \(3,\)"):
         pyalign.kto_loss(policy, ref, desirable[:3], torch.tensor(0.1))
@@ -161,7 +161,7 @@ def test_linear_preference_bad_arguments():
     labels = torch.randint(0, 30, (4, 5))
     with pytest.raises(ValueError, match=r"hidden must be \[2B, T, H\]"):
         pyalign.linear_preference_loss(hidden[:3], weight, labels[:3], ref_logps=torch.randn(3))
-    with pytest.raises(ValueError, match="give exactly one of ref_logps"):
+    with pytest.raises(ValueError, match="needs the reference log-probs: give ref_logps"):
         pyalign.linear_preference_loss(hidden, weight, labels)
     with pytest.raises(ValueError, match="give exactly one of ref_logps"):
         pyalign.linear_preference_loss(hidden, weight, labels, ref_logps=torch.randn(4),
@@ -382,8 +382,6 @@ BAD_DTYPES = [
      lambda: _linear_token_logprobs(bias=torch.randint(0, 9, (10,)))),
     ("kl_penalty", "logprobs", lambda: pyalign.kl_penalty(torch.randint(0, 9, (3, 4)), torch.randn(3, 4))),
     ("kl_penalty", "ref_logprobs", lambda: pyalign.kl_penalty(torch.randn(3, 4), torch.ones(3, 4).bool())),
-    ("kl_penalty", "mask",
-     lambda: pyalign.kl_penalty(torch.randn(3, 4), torch.randn(3, 4), mask=torch.rand(3, 4))),
     ("preference_loss", "policy_chosen", lambda: pyalign.preference_loss(_INT, *pairs()[1:])),
     ("preference_loss", "policy_rejected",
      lambda: pyalign.preference_loss(pairs()[0], _INT, *pairs()[2:])),
@@ -395,12 +393,6 @@ BAD_DTYPES = [
     ("kto_loss", "kl",
      lambda: pyalign.kto_loss(torch.randn(4), torch.randn(4), torch.ones(4, dtype=torch.bool),
                               torch.tensor(1))),
-    ("kto_loss", "desirable",  # a float 0/1 tensor is not cast silently
-     lambda: pyalign.kto_loss(torch.randn(4), torch.randn(4), torch.tensor([1.0, 0.0, 0.7, 0.0]),
-                              torch.tensor(0.1))),
-    ("kto_loss", "desirable",  # nor an integer one
-     lambda: pyalign.kto_loss(torch.randn(4), torch.randn(4), torch.tensor([1, 0, 1, 0]),
-                              torch.tensor(0.1))),
     ("linear_preference_loss", "hidden",
      lambda: pyalign.linear_preference_loss(torch.randint(0, 9, (4, 5, 8)), torch.randn(30, 8),
                                             torch.randint(0, 30, (4, 5)), ref_logps=torch.randn(4))),
@@ -421,8 +413,6 @@ BAD_DTYPES = [
                                      ref_weight=torch.randn(30, 8), ref_bias=torch.randint(0, 9, (30,)))),
     ("sequence_logprobs", "token_logprobs",
      lambda: pyalign.sequence_logprobs(torch.randint(0, 9, (4, 8)), torch.ones(4, 8, dtype=torch.bool))),
-    ("sequence_logprobs", "mask",  # a float mask would weight the tokens
-     lambda: pyalign.sequence_logprobs(torch.randn(4, 8), torch.rand(4, 8))),
 ]
 
 
@@ -496,16 +486,6 @@ def test_bad_shapes(no_kernels, op, argument, call):
         call()
 
 
-def test_sequence_logprobs_integer_mask_counts_nonzero_once():
-    """An integer attention mask is a mask (nonzero = kept), not a weight."""
-    values = torch.randn(2, 5)
-    mask = torch.tensor([[1, 1, 0, 2, 0], [0, 3, 1, 0, 0]])
-    expected = (values * (mask != 0)).sum(-1)
-    torch.testing.assert_close(pyalign.sequence_logprobs(values, mask), expected)
-    torch.testing.assert_close(pyalign.sequence_logprobs(values, mask, average=True),
-                               expected / (mask != 0).sum(-1))
-
-
 def test_linear_preference_reference_head_is_required(no_kernels):
     """ref_hidden without ref_weight used to be scored by the policy's head silently; a head given
     with precomputed reference log-probs would be ignored."""
@@ -515,3 +495,40 @@ def test_linear_preference_reference_head_is_required(no_kernels):
     for extra in ({"ref_weight": torch.randn(30, 8)}, {"ref_bias": torch.randn(30)}):
         with pytest.raises(ValueError, match="given with ref_logps"):
             _linear_preference_loss(**extra)
+
+
+# A mask is bool or holds 0 and 1 only, in any dtype (tests/ops/test_masks.py: such a mask is the
+# bool mask); any other value is refused before a kernel runs, named with its argument, value and
+# position. (op, argument, call(mask [4, 6]) -> the op's call with that mask)
+_TOKENS = torch.randn(4, 6) - 2
+MASKED_CALLS = [
+    ("kl_penalty", "mask", lambda m: pyalign.kl_penalty(_TOKENS, _TOKENS.clone(), mask=m)),
+    ("sequence_logprobs", "mask", lambda m: pyalign.sequence_logprobs(_TOKENS, m)),
+    ("token_preference_loss", "mask",
+     lambda m: pyalign.token_preference_loss(_TOKENS, _TOKENS.clone(), m)),
+    ("token_preference_loss", "mask",
+     lambda m: pyalign.token_preference_loss(_TOKENS, None, m, loss=["orpo", "sft"])),
+    ("policy_loss", "mask", lambda m: pyalign.policy_loss(_TOKENS, None, torch.randn(4), m)),
+    ("kto_loss", "desirable",
+     lambda m: pyalign.kto_loss(torch.randn(6), torch.randn(6), m[2], torch.tensor(0.1))),
+    ("linear_kto_loss", "desirable",
+     lambda m: pyalign.linear_kto_loss(torch.randn(4, 6, 8), torch.randn(10, 8),
+                                       torch.randint(0, 10, (4, 6)), m[2, 2:], ref_logps=torch.randn(4),
+                                       kl=torch.tensor(0.1))),
+]
+BAD_MASK_VALUES = [(torch.float32, 0.5, "0.5"), (torch.float32, 2.0, "2.0"),
+                   (torch.float64, float("nan"), "nan"), (torch.bfloat16, -1.0, "-1.0"),
+                   (torch.int64, 2, "2"), (torch.uint8, 3, "3")]
+
+
+@pytest.mark.parametrize("dtype,value,shown", BAD_MASK_VALUES, ids=lambda v: str(v))
+@pytest.mark.parametrize("op,argument,call", [pytest.param(*case, id=f"{case[0]}-{i}")
+                                              for i, case in enumerate(MASKED_CALLS)])
+def test_mask_values_other_than_0_and_1_are_refused(no_kernels, op, argument, call, dtype, value,
+                                                    shown):
+    mask = (torch.arange(24).view(4, 6) % 3 != 0).to(dtype)
+    mask[2, 4] = value
+    position = r"\(2, 4\)" if argument == "mask" else (r"\(4,\)" if op == "kto_loss" else r"\(2,\)")
+    with pytest.raises(ValueError, match=rf"{argument} must be bool or hold only 0 and 1, got "
+                                         rf"{shown} at position {position}"):
+        call(mask)

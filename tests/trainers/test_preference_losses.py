@@ -97,3 +97,77 @@ def test_reference_free_step_scores_the_policy_alone(tiny_task):
     assert first["loss"] == pytest.approx(float(-F.logsigmoid(margin).mean()), rel=1e-5)
     with pytest.raises(ValueError, match="'reference' = 'none' takes a pairwise loss"):
         PreferenceConfig(reference="none", loss="kto").validate()
+
+
+def _policy_logps64(trainer, rows):
+    """float64 (sum, token count) [B] of the chosen and the rejected responses under the policy."""
+    import torch
+    out = {}
+    with torch.no_grad():
+        model = trainer.policy.double()
+        for key in ("chosen", "rejected"):
+            prompts, responses = trainer.data["prompt"][rows], trainer.data[key][rows]
+            mask = trainer.response_mask(responses)
+            logits = model(input_ids=torch.cat([prompts, responses], 1)).logits
+            logits = logits[:, prompts.shape[1] - 1:-1]
+            tokens = torch.log_softmax(logits, -1).gather(-1, responses[..., None])[..., 0]
+            out[key] = (torch.where(mask, tokens, 0.0).sum(-1), mask.sum(-1).double())
+        trainer.policy.float()
+    return out
+
+
+@pytest.mark.parametrize("algo", ["simpo", "cpo", "orpo"])
+def test_reference_free_presets_are_trls_loss_on_the_first_step(tiny_task, algo):
+    """Each preset's first step is TRL's loss (CPOTrainer with loss_type simpo and cpo_alpha 0,
+    with sigmoid and cpo_alpha 1; ORPOTrainer) in float64 on the policy's own log-probs: SimPO
+    and ORPO on per-token means, CPO on sums, plus cpo_alpha x the mean NLL of the chosen
+    tokens (ORPO: 1); the rewards are beta x those log-probs."""
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+
+    from pyalign.trainers import PreferenceTrainer
+    from pyalign.trainers.presets import ALGOS
+    beta, gamma = 0.7, 0.3
+    config = dataclasses.replace(ALGOS[algo].preset_config(), beta=beta, batch_size=4,
+                                 micro_batch_size=4, num_examples=8, eval_every=0, progress=False,
+                                 **({"simpo_gamma": gamma} if algo == "simpo" else {}))
+    trainer = PreferenceTrainer(tiny_task, config)
+    logps = _policy_logps64(trainer, trainer.batch_indices(1))
+    (chosen_sum, chosen_count), (rejected_sum, rejected_count) = logps["chosen"], logps["rejected"]
+    nll = -chosen_sum.sum() / chosen_count.sum()
+    chosen_mean, rejected_mean = chosen_sum / chosen_count, rejected_sum / rejected_count
+    if algo == "simpo":
+        expected = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - gamma).mean()
+        chosen = chosen_mean
+    elif algo == "cpo":
+        expected = -F.logsigmoid(beta * (chosen_sum - rejected_sum)).mean() + nll
+        chosen = chosen_sum
+    else:
+        def log_odds(p):
+            return p - torch.log(-torch.expm1(p))
+        expected = -beta * F.logsigmoid(log_odds(chosen_mean) - log_odds(rejected_mean)).mean() + nll
+        chosen = chosen_mean
+    first = trainer.train_step(1)
+    assert first["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert first["chosen_reward"] == pytest.approx(float(beta * chosen.mean()), rel=1e-5)
+    assert math.isfinite(trainer.train_step(2)["loss"])
+
+
+@pytest.mark.parametrize("values,match", [
+    (dict(algo="dpo", cpo_alpha=0.5), "key 'cpo_alpha' does not apply to algo dpo .* simpo, cpo"),
+    (dict(algo="orpo", cpo_alpha=0.5), "key 'cpo_alpha' is set by --algo orpo"),
+    (dict(algo="cpo", simpo_gamma=1.0), "key 'simpo_gamma' does not apply to algo cpo .* simpo"),
+    (dict(algo="cpo", loss=["cpo", "sft"]), "holds sft, which cpo_alpha adds already"),
+    (dict(algo="simpo", cpo_alpha=-1.0), "'cpo_alpha' must be >= 0"),
+    (dict(algo="simpo", ld_alpha=0.5), "'reference' = 'none' takes a pairwise loss without ld_alpha"),
+])
+def test_bad_reference_free_options_are_config_errors(tmp_path, task_cache_dir, capsys, values,
+                                                      match):
+    config = write_config(tmp_path / "c.toml", task_cache_dir, batch_size=4, micro_batch_size=2,
+                          num_examples=8, **values)
+    assert run_cli("--config", config, "--steps", 1, "--out", tmp_path / "out") != 0
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    assert re.search(match, error), error

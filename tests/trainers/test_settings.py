@@ -198,3 +198,41 @@ def test_linear_schedule_is_transformers():
         schedule.step()
     warm = PreferenceConfig(lr=0.3, warmup_ratio=0.25)
     assert [learning_rate(warm, s, 8) for s in (1, 2, 3)] == pytest.approx([0.15, 0.3, 0.3])
+
+
+@pytest.mark.parametrize("algo, module, trl_class", [
+    ("simpo", "cpo", "CPOConfig"), ("cpo", "cpo", "CPOConfig"), ("orpo", "orpo", "ORPOConfig")])
+def test_own_model_reference_free_defaults_are_trls(algo, module, trl_class, tiny_model_dir,
+                                                    tmp_path):
+    """TRL's CPOConfig / ORPOConfig defaults; SimPO is CPOConfig(loss_type="simpo", cpo_alpha=0),
+    as TRL's documentation sets it (CPO-SimPO: --cpo-alpha > 0); ORPO's NLL weight is 1."""
+    pytest.importorskip("trl", reason="trl is not installed ([test] extra)")
+    import importlib
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trl_defaults = _trl_defaults(getattr(importlib.import_module(f"trl.experimental.{module}"),
+                                             trl_class))
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "a b", "chosen": " c", "rejected": " d"}) + "\n"
+                            for _ in range(20)))
+    _, run, config = _model_run(algo, tiny_model_dir, str(data))
+    assert (config.lr, config.beta, config.label_smoothing) == \
+        (trl_defaults["learning_rate"], trl_defaults["beta"], trl_defaults.get("label_smoothing", 0.0))
+    assert config.micro_batch_size == config.batch_size == trl_defaults["per_device_train_batch_size"]
+    assert run["num_epochs"] == trl_defaults["num_train_epochs"]
+    assert config.reference == "none" and config.loss == algo
+    if algo == "cpo":  # TRL's default loss_type: the sigmoid loss on the policy's log-probs
+        assert trl_defaults["loss_type"] == "sigmoid"
+    if module == "cpo":
+        assert config.simpo_gamma == trl_defaults["simpo_gamma"]
+        assert config.cpo_alpha == (0.0 if algo == "simpo" else trl_defaults["cpo_alpha"])
+    else:
+        assert config.cpo_alpha == 1.0
+    assert config.length_normalize == (algo != "cpo")  # TRL averages for simpo and orpo
+
+
+def test_reference_free_keys_apply_to_their_algorithms():
+    assert algorithms_for("simpo_gamma", "preference") == ["simpo"]
+    assert algorithms_for("cpo_alpha", "preference") == ["simpo", "cpo"]  # orpo fixes it
+    assert algorithms_for("precompute_ref", "preference") == ["dpo", "ipo", "slic", "kto"]
