@@ -4,11 +4,14 @@ gradient, and the flags from which every API derives its inputs, choices and err
 - pyalign/losses/preference.py: the DPO family (``REGISTRY``'s pairwise entries, with the
   f-divergences and the batch steps) and the unpaired KTO losses;
 - pyalign/losses/policy.py: the policy-gradient losses (``POLICY_REGISTRY``), the KL estimators
-  and the policy backends' row stats.
+  and the policy backends' row stats;
+- pyalign/losses/rollout.py: the policy losses' rollout corrections (``ROLLOUT_CORRECTIONS``: the
+  importance weight between the trainer's old policy and the sampler) and the off-policy mask.
 
-``from pyalign import losses`` and ``losses.<name>`` for either: this package hands on their
+``from pyalign import losses`` and ``losses.<name>`` for any: this package hands on their
 public names.
 """
 # ruff: noqa: F401, F403  (the submodules' public names, handed on)
 from pyalign.losses.policy import *
 from pyalign.losses.preference import *
+from pyalign.losses.rollout import *
