@@ -1,29 +1,31 @@
-"""Policy-gradient losses (the registry's policy terms, pyalign/losses.py) fused with the per-token
-KL and entropy terms and the masked row reductions.
+"""Policy-gradient losses (the registry's policy terms, pyalign/losses/policy.py) fused with the
+per-token KL and entropy terms and the masked row reductions.
 
 Forward, per row b (one program): pass 1 reads the mask and the log-ratios l = logp − old_logp
 for the row's token count n, its log-ratio sum (mean for the "sequence" level) and vespo's
 clamped sum (plus its sampler log-weight); pass 2 forms per token the ratio w (exp(l) per token,
 or the row's exp(s)), the policy term P (``_policy_term``, branch = the entry's kernel_id, a
-runtime argument) times the rollout weight ω (pyalign/losses/rollout.py; 1 without one), the KL
-estimate (k1/k2/k3 of d = ref_logp − logp, times w with the bias correction) and the clip flags,
-and writes the row's reduction pieces (losses.POLICY_ROW_STATS, 12 floats). The op forms loss and
+runtime argument) times the rollout weight ω (pyalign/losses/rollout.py), the KL estimate
+(k1/k2/k3 of d = ref_logp − logp, times w with the bias correction) and the clip flags, and
+writes the row's reduction pieces (losses.POLICY_ROW_STATS, 12 floats). The op forms loss and
 metrics from them. Backward, per row: the same pass 1; for sequence-level ratios one more pass
 for R_b = Σ_t m·(em·ω·dP/dw + β·[bias]·kl) (dw_b/dlogp_t = w_b·m_t (/ n_b)); then one pass
 writing d loss/d logp_t for the given per-row token weights (and the entropy gradient).
 Masked positions are selected away (never multiplied by 0): NaN there does not leak. Clamps and
 minima are written as selects, so NaN in kept data propagates. Every product with the ratio or
-ω is ``_times`` (0·inf = 0): a zero slope, advantage or weight contributes exactly 0 however far
-the ratio overflows.
+ω is ``_times`` (0·inf = 0; ``_times_ratio`` where one factor is a ratio ≥ 0): a zero slope,
+advantage or weight contributes exactly 0 however far the ratio overflows. ω is a compile-time
+flag (HAS_WEIGHTS): the kernels without it carry none of its code.
 
 Memory traffic per token: forward reads logp, old_logp (+ ref, entropy, advantages when per
-token; ω when given) in fp32 and the mask bytes twice (the two passes), writes 48 bytes per row; backward
-reads them two or three times and writes the gradient (+ the entropy gradient). Eager runs some
+token; ω when given) in fp32 and the mask bytes twice (the two passes), writes 48 bytes per row;
+backward reads them two or three times and writes the gradient (+ the entropy gradient). Eager runs some
 40 elementwise kernels over [B, T] temporaries. Launch grid: (B,), one program per row looping
 over T in BLOCK_T chunks.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -52,6 +54,12 @@ def _times(a, b):
     zero_times_inf = ((a == 0.0) & (tl.abs(b) == float("inf"))) | \
         ((b == 0.0) & (tl.abs(a) == float("inf")))
     return tl.where(zero_times_inf, 0.0, a * b)
+
+
+@triton.jit
+def _times_ratio(x, w):
+    """x*w for a ratio w >= 0 (+inf included): _times with the one case a ratio can give."""
+    return tl.where((x == 0.0) & (w == float("inf")), 0.0, x * w)
 
 
 @triton.jit
@@ -159,11 +167,14 @@ def _row_setup(logprobs_ptr, old_ptr, mask_ptr, adv_ptr, log_weights_ptr, length
 
 
 @triton.jit
-def _block_weights(weights_ptr, row_start, start, length, has_weights, BLOCK_T: tl.constexpr):
-    """The rollout weights ω of one block of a row (1 without them)."""
-    cols = start + tl.arange(0, BLOCK_T)
-    # has_weights 0: no column is in range, nothing is read
-    return tl.load(weights_ptr + row_start + cols, mask=cols < length * has_weights, other=1.0)
+def _weighted(value, weights_ptr, row_start, start, length, HAS_WEIGHTS: tl.constexpr,
+              BLOCK_T: tl.constexpr):
+    """ω·value for one block of a row (0·inf = 0), ω the rollout weights; value without them."""
+    if HAS_WEIGHTS:
+        cols = start + tl.arange(0, BLOCK_T)
+        omega = tl.load(weights_ptr + row_start + cols, mask=cols < length, other=1.0)
+        value = _times(omega, value)
+    return value
 
 
 @triton.jit
@@ -189,11 +200,11 @@ def _load_block(logprobs_ptr, old_ptr, mask_ptr, emask_ptr, adv_row, row_start, 
 @triton.jit
 def policy_forward_kernel(logprobs_ptr, old_ptr, adv_ptr, mask_ptr, emask_ptr, ref_ptr,
                           entropy_ptr, weights_ptr, log_weights_ptr, stats_ptr, length,
-                          adv_token_stride, has_weights, has_log_weights, term_id, estimator,
+                          adv_token_stride, has_log_weights, term_id, estimator,
                           sequence_mean, bias, eps_low, eps_high, delta, tau_pos, tau_neg, k_pos,
                           lam_pos, k_neg, lam_neg,
                           SEQUENCE: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENTROPY: tl.constexpr,
-                          BLOCK_T: tl.constexpr):
+                          HAS_WEIGHTS: tl.constexpr, BLOCK_T: tl.constexpr):
     row, row_start, adv_row, count, row_log_ratio, clamped, vespo_log_w, row_ratio = _row_setup(
         logprobs_ptr, old_ptr, mask_ptr, adv_ptr, log_weights_ptr, length, adv_token_stride,
         sequence_mean, has_log_weights, BLOCK_T)
@@ -201,7 +212,6 @@ def policy_forward_kernel(logprobs_ptr, old_ptr, adv_ptr, mask_ptr, emask_ptr, r
     kl_sum = tl.zeros((BLOCK_T,), tl.float32)
     low_sum = tl.zeros((BLOCK_T,), tl.float32)
     high_sum = tl.zeros((BLOCK_T,), tl.float32)
-    region_sum = tl.zeros((BLOCK_T,), tl.float32)
     ratio_sum = tl.zeros((BLOCK_T,), tl.float32)
     entropy_sum = tl.zeros((BLOCK_T,), tl.float32)
     entropy_kept = tl.zeros((BLOCK_T,), tl.float32)
@@ -213,19 +223,18 @@ def policy_forward_kernel(logprobs_ptr, old_ptr, adv_ptr, mask_ptr, emask_ptr, r
         value, d_ratio, direct, low, high = _policy_term(
             w, adv, logp, vespo_log_w, term_id, eps_low, eps_high, delta, tau_pos, tau_neg, k_pos,
             lam_pos, k_neg, lam_neg)
-        omega = _block_weights(weights_ptr, row_start, start, length, has_weights, BLOCK_T)
-        policy += tl.where(kept, _times(omega, value), 0.0)
+        value = _weighted(value, weights_ptr, row_start, start, length, HAS_WEIGHTS, BLOCK_T)
+        policy += tl.where(kept, value, 0.0)
         low = low & keep
         high = high & keep
         low_sum += tl.where(low, 1.0, 0.0)
         high_sum += tl.where(high, 1.0, 0.0)
-        region_sum += tl.where(low | high, 1.0, 0.0)
         ratio_sum += tl.where(keep, w, 0.0)
         kept_sum += tl.where(kept, 1.0, 0.0)
         if HAS_REF:
             ref = tl.where(keep, tl.load(ref_ptr + row_start + cols, mask=in_row, other=0.0), 0.0)
             kl, _ = _kl_and_slope(logp, ref, estimator)
-            kl = tl.where(bias != 0, _times(kl, w), kl)
+            kl = tl.where(bias != 0, _times_ratio(kl, w), kl)
             kl_sum += tl.where(keep, kl, 0.0)
         if HAS_ENTROPY:
             entropy = tl.load(entropy_ptr + row_start + cols, mask=in_row, other=0.0)
@@ -239,7 +248,9 @@ def policy_forward_kernel(logprobs_ptr, old_ptr, adv_ptr, mask_ptr, emask_ptr, r
     tl.store(out + 4, tl.sum(kl_sum, axis=0))
     tl.store(out + 5, tl.sum(low_sum, axis=0))
     tl.store(out + 6, tl.sum(high_sum, axis=0))
-    tl.store(out + 7, tl.sum(region_sum, axis=0))
+    # the union's count: the flags are disjoint (low needs A < 0, high A > 0), one fewer
+    # accumulator to hold
+    tl.store(out + 7, tl.sum(low_sum, axis=0) + tl.sum(high_sum, axis=0))
     tl.store(out + 8, tl.sum(ratio_sum, axis=0))
     tl.store(out + 9, tl.sum(entropy_sum, axis=0))
     tl.store(out + 10, tl.sum(entropy_kept, axis=0))
@@ -249,12 +260,13 @@ def policy_forward_kernel(logprobs_ptr, old_ptr, adv_ptr, mask_ptr, emask_ptr, r
 @triton.jit
 def policy_backward_kernel(row_weights_ptr, entropy_weights_ptr, logprobs_ptr, old_ptr, adv_ptr,
                            mask_ptr, emask_ptr, ref_ptr, weights_ptr, log_weights_ptr, grad_ptr,
-                           grad_entropy_ptr, length, adv_token_stride, has_weights,
-                           has_log_weights, term_id, estimator, sequence_mean, bias, beta,
+                           grad_entropy_ptr, length, adv_token_stride, has_log_weights, term_id,
+                           estimator, sequence_mean, bias, beta,
                            eps_low, eps_high, delta, tau_pos, tau_neg, k_pos, lam_pos, k_neg,
                            lam_neg,
                            SEQUENCE: tl.constexpr, HAS_KL: tl.constexpr,
-                           HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
+                           HAS_ENTROPY_GRAD: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                           BLOCK_T: tl.constexpr):
     row, row_start, adv_row, count, row_log_ratio, clamped, vespo_log_w, row_ratio = _row_setup(
         logprobs_ptr, old_ptr, mask_ptr, adv_ptr, log_weights_ptr, length, adv_token_stride,
         sequence_mean, has_log_weights, BLOCK_T)
@@ -269,8 +281,9 @@ def policy_backward_kernel(row_weights_ptr, entropy_weights_ptr, logprobs_ptr, o
             _, d_ratio, _, _, _ = _policy_term(
                 w, adv, logp, vespo_log_w, term_id, eps_low, eps_high, delta, tau_pos, tau_neg,
                 k_pos, lam_pos, k_neg, lam_neg)
-            omega = _block_weights(weights_ptr, row_start, start, length, has_weights, BLOCK_T)
-            row_sum += tl.where(kept, _times(omega, d_ratio), 0.0)
+            d_ratio = _weighted(d_ratio, weights_ptr, row_start, start, length, HAS_WEIGHTS,
+                                BLOCK_T)
+            row_sum += tl.where(kept, d_ratio, 0.0)
             if HAS_KL:
                 ref = tl.where(keep, tl.load(ref_ptr + row_start + cols, mask=in_row, other=0.0),
                                0.0)
@@ -288,14 +301,15 @@ def policy_backward_kernel(row_weights_ptr, entropy_weights_ptr, logprobs_ptr, o
         _, d_ratio, direct, _, _ = _policy_term(
             w, adv, logp, vespo_log_w, term_id, eps_low, eps_high, delta, tau_pos, tau_neg, k_pos,
             lam_pos, k_neg, lam_neg)
-        omega = _block_weights(weights_ptr, row_start, start, length, has_weights, BLOCK_T)
-        d_ratio = tl.where(kept, _times(omega, d_ratio), 0.0)
-        grad = tl.where(kept, _times(omega, direct), 0.0)
+        d_ratio = _weighted(d_ratio, weights_ptr, row_start, start, length, HAS_WEIGHTS, BLOCK_T)
+        direct = _weighted(direct, weights_ptr, row_start, start, length, HAS_WEIGHTS, BLOCK_T)
+        d_ratio = tl.where(kept, d_ratio, 0.0)
+        grad = tl.where(kept, direct, 0.0)
         if HAS_KL:
             ref = tl.where(keep, tl.load(ref_ptr + row_start + cols, mask=in_row, other=0.0), 0.0)
             kl, kl_slope = _kl_and_slope(logp, ref, estimator)
             slope = beta * kl_slope
-            grad += tl.where(bias != 0, _times(slope, w), slope)
+            grad += tl.where(bias != 0, _times_ratio(slope, w), slope)
             d_ratio += tl.where(bias != 0, beta * kl, 0.0)
         if SEQUENCE:
             grad += through_row
@@ -330,15 +344,15 @@ def _row_inputs(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logp
 
 
 def _corrections(policy_weights, sampler_log_weights, per_row):
-    """The rollout weights' kernel arguments: (weights, log_weights, has_weights,
-    has_log_weights); ``per_row``, a buffer of at least B floats, stands in for an absent one
-    (its value is selected away)."""
+    """The rollout weights' kernel arguments: (weights, log_weights, has_log_weights,
+    HAS_WEIGHTS); ``per_row``, a buffer of at least B floats, stands in for an absent one (never
+    read for the weights; its value selected away for the log-weights)."""
     vec = _kernels.as_fp32_vector
     return dict(weights_ptr=per_row if policy_weights is None else vec(policy_weights),
                 log_weights_ptr=(per_row if sampler_log_weights is None
                                  else vec(sampler_log_weights)),
-                has_weights=int(policy_weights is not None),
-                has_log_weights=int(sampler_log_weights is not None))
+                has_log_weights=int(sampler_log_weights is not None),
+                HAS_WEIGHTS=policy_weights is not None)
 
 
 def forward(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, entropy,
@@ -395,21 +409,21 @@ _TYPES = {"mask_ptr": "*u8", "emask_ptr": "*u8",
 
 def compile_configs():
     configs = []
-    for sequence in (False, True):
-        for has_ref in (False, True):
-            for has_entropy in (False, True):
-                configs.append(_kernels.compile_config(
-                    policy_forward_kernel, "policy_forward",
-                    f"seq={sequence} ref={has_ref} entropy={has_entropy}", NUM_WARPS,
-                    {"SEQUENCE": sequence, "HAS_REF": has_ref, "HAS_ENTROPY": has_entropy,
-                     "BLOCK_T": BLOCK_T}, types=_types_of(policy_forward_kernel)))
-        for has_kl in (False, True):
-            for entropy_grad in (False, True):
-                configs.append(_kernels.compile_config(
-                    policy_backward_kernel, "policy_backward",
-                    f"seq={sequence} kl={has_kl} entropy_grad={entropy_grad}", NUM_WARPS,
-                    {"SEQUENCE": sequence, "HAS_KL": has_kl, "HAS_ENTROPY_GRAD": entropy_grad,
-                     "BLOCK_T": BLOCK_T}, types=_types_of(policy_backward_kernel)))
+    for sequence, weights in itertools.product((False, True), (False, True)):
+        for has_ref, has_entropy in itertools.product((False, True), (False, True)):
+            configs.append(_kernels.compile_config(
+                policy_forward_kernel, "policy_forward",
+                f"seq={sequence} ref={has_ref} entropy={has_entropy} weights={weights}",
+                NUM_WARPS, {"SEQUENCE": sequence, "HAS_REF": has_ref, "HAS_ENTROPY": has_entropy,
+                            "HAS_WEIGHTS": weights, "BLOCK_T": BLOCK_T},
+                types=_types_of(policy_forward_kernel)))
+        for has_kl, entropy_grad in itertools.product((False, True), (False, True)):
+            configs.append(_kernels.compile_config(
+                policy_backward_kernel, "policy_backward",
+                f"seq={sequence} kl={has_kl} entropy_grad={entropy_grad} weights={weights}",
+                NUM_WARPS, {"SEQUENCE": sequence, "HAS_KL": has_kl,
+                            "HAS_ENTROPY_GRAD": entropy_grad, "HAS_WEIGHTS": weights,
+                            "BLOCK_T": BLOCK_T}, types=_types_of(policy_backward_kernel)))
     return configs
 
 
