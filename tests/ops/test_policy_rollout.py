@@ -282,3 +282,32 @@ def test_a_zero_rollout_weight_silences_an_infinite_term(backend):
     loss64, metrics64, grad64, _ = expected
     metrics64["mean_ratio"] = out.mean_ratio.double()  # inf in fp32, ~1e43 in float64
     check_against_oracle(out, grad, None, (loss64, metrics64, grad64, None), FP32)
+
+
+def test_fullgraph_compile_with_the_rollout_correction_matches_eager():
+    torch._dynamo.reset()
+    logprobs, old, ref, advantages, mask, _ = policy_case((3, 6))
+    rollout = sampler_logprobs(old, mask)
+
+    def objective(lp):
+        out = pyalign.policy_loss(lp, old, advantages, mask, loss_type="grpo", ref_logprobs=ref,
+                                  beta=0.04, rollout_logprobs=rollout,
+                                  vllm_importance_sampling_mode="token_mask",
+                                  vllm_importance_sampling_clip_min=0.8,
+                                  vllm_importance_sampling_clip_max=1.3,
+                                  off_policy_mask_threshold=0.05)
+        return out.loss, out.importance_sampling_ratio_mean
+
+    def value_and_grad(function):
+        lp = logprobs.clone().requires_grad_(True)
+        loss, metric = function(lp)
+        loss.backward()
+        return loss.detach(), metric, lp.grad
+
+    try:
+        expected = value_and_grad(objective)
+        compiled = value_and_grad(torch.compile(objective, fullgraph=True, backend="aot_eager"))
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(expected, compiled, strict=True):
+        torch.testing.assert_close(a, b)
