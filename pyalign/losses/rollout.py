@@ -128,17 +128,19 @@ def _row_stats(weights, outside, log_ratio_raw, mask, acc):
     """ROLLOUT_ROW_STATS [B, 8] of ρ (``weights``, [B, T] or [B, 1]) and the raw differences."""
     units = mask if weights.shape[-1] != 1 else torch.ones_like(weights, dtype=torch.bool)
     zero = torch.zeros((), dtype=acc, device=mask.device)
-    inf = torch.full((), math.inf, dtype=acc, device=mask.device)
-    difference = (log_ratio_raw).abs()
+    difference = log_ratio_raw.abs()
     scored = mask & ~torch.isnan(difference)
-    columns = [units.sum(-1).to(acc), torch.where(units, weights, zero).sum(-1),
-               torch.where(units, weights, inf).amin(-1), torch.where(units, weights, zero).amax(-1),
-               (units & outside).sum(-1).to(acc), torch.where(scored, difference, zero).sum(-1),
-               scored.sum(-1).to(acc), torch.where(scored, difference, zero).amax(-1)]
-    if mask.shape[-1] == 0:  # amin/amax of an empty row
-        columns[2], columns[3], columns[7] = (torch.full_like(columns[0], value)
-                                              for value in (math.inf, 0.0, 0.0))
-    return torch.stack(columns, -1)
+
+    def row_extreme(values, keep, identity, reduce):
+        # the identity as an extra column: a row without a unit (or T = 0) gives it
+        column = torch.full((values.shape[0], 1), identity, dtype=acc, device=mask.device)
+        return reduce(torch.cat([torch.where(keep, values, column), column], -1), -1)
+    return torch.stack([units.sum(-1).to(acc), torch.where(units, weights, zero).sum(-1),
+                        row_extreme(weights, units, math.inf, torch.amin),
+                        row_extreme(weights, units, 0.0, torch.amax),
+                        (units & outside).sum(-1).to(acc),
+                        torch.where(scored, difference, zero).sum(-1), scored.sum(-1).to(acc),
+                        row_extreme(difference, scored, 0.0, torch.amax)], -1)
 
 
 def rollout_terms(options: RolloutOptions, in_sequence_weight: bool, logprobs, old, rollout,

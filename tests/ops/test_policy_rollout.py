@@ -311,3 +311,21 @@ def test_fullgraph_compile_with_the_rollout_correction_matches_eager():
         torch._dynamo.reset()
     for a, b in zip(expected, compiled, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 4), (2, 0)], ids=["no-rows", "no-tokens"])
+def test_empty_batches(backend, shape):
+    """No rows or no tokens: loss 0, zero gradients, and TRL's metrics of nothing (0), or, per
+    sequence, of the rows' ratio exp(0) = 1."""
+    for mode in ("token_mask", "sequence_mask"):
+        logprobs = torch.empty(shape, requires_grad=True)
+        mask = torch.empty(shape, dtype=torch.bool)
+        out = pyalign.policy_loss(logprobs, None, torch.ones(shape[0]), mask,
+                                  rollout_logprobs=torch.empty(shape), backend=backend,
+                                  vllm_importance_sampling_mode=mode, off_policy_mask_threshold=0.1)
+        out.loss.backward()
+        assert out.loss == 0 and logprobs.grad.shape == shape
+        ratio = 1.0 if mode == "sequence_mask" and shape[0] else 0.0
+        assert out.importance_sampling_ratio_mean == out.importance_sampling_ratio_max == ratio
+        assert out.sampling_logp_difference_max == 0 and out.importance_sampling_masked_fraction == 0
