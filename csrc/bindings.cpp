@@ -60,19 +60,23 @@ TORCH_LIBRARY(pyalign_C, m) {
   m.def("kl_backward(Tensor grad_kl, Tensor logprobs, Tensor ref_logprobs, Tensor? mask, "
         "str estimator) -> (Tensor, Tensor)");
   m.def("policy_forward(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
-        "Tensor? entropy_mask, Tensor? ref_logprobs, Tensor? entropy, int term_id, str level, "
-        "float[] params, int estimator, bool bias_correction) -> Tensor");
+        "Tensor? entropy_mask, Tensor? ref_logprobs, Tensor? entropy, Tensor? policy_weights, "
+        "Tensor? sampler_log_weights, int term_id, str level, float[] params, int estimator, "
+        "bool bias_correction) -> Tensor");
   m.def("policy_forward_out(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
-        "Tensor? entropy_mask, Tensor? ref_logprobs, Tensor? entropy, int term_id, str level, "
-        "float[] params, int estimator, bool bias_correction, Tensor(a!) stats) -> ()");
+        "Tensor? entropy_mask, Tensor? ref_logprobs, Tensor? entropy, Tensor? policy_weights, "
+        "Tensor? sampler_log_weights, int term_id, str level, float[] params, int estimator, "
+        "bool bias_correction, Tensor(a!) stats) -> ()");
   m.def("policy_backward(Tensor row_weights, Tensor? entropy_weights, Tensor logprobs, "
         "Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor? entropy_mask, "
-        "Tensor? ref_logprobs, int term_id, str level, float[] params, float beta, int estimator, "
-        "bool bias_correction) -> (Tensor, Tensor)");
+        "Tensor? ref_logprobs, Tensor? policy_weights, Tensor? sampler_log_weights, int term_id, "
+        "str level, float[] params, float beta, int estimator, bool bias_correction) "
+        "-> (Tensor, Tensor)");
   m.def("policy_backward_out(Tensor row_weights, Tensor? entropy_weights, Tensor logprobs, "
         "Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor? entropy_mask, "
-        "Tensor? ref_logprobs, int term_id, str level, float[] params, float beta, int estimator, "
-        "bool bias_correction, Tensor(a!) grad_logprobs, Tensor(b!) grad_entropy) -> ()");
+        "Tensor? ref_logprobs, Tensor? policy_weights, Tensor? sampler_log_weights, int term_id, "
+        "str level, float[] params, float beta, int estimator, bool bias_correction, "
+        "Tensor(a!) grad_logprobs, Tensor(b!) grad_entropy) -> ()");
   m.def("multi_tensor_apply_(str kind, Tensor(a!)[] targets, Tensor[] sources, float scalar, "
         "int chunk_size=0) -> ()");
   m.def("multi_tensor_bema_(Tensor(a!)[] targets, Tensor(b!)[] emas, Tensor[] params, "

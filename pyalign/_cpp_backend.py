@@ -105,21 +105,24 @@ def _make_policy(ops):
         return fp32(advantages[:, None].expand_as(logprobs) if advantages.dim() == 1 else advantages)
 
     def forward(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, entropy,
-                loss, level, params, beta, kl_estimator, bias_correction):
+                policy_weights, sampler_log_weights, loss, level, params, beta, kl_estimator,
+                bias_correction):
         return ops.policy_forward(fp32(logprobs), fp32(old_logprobs),
                                   per_token(advantages, logprobs), mask, entropy_mask,
-                                  fp32(ref_logprobs), fp32(entropy), term_ids[loss], level,
+                                  fp32(ref_logprobs), fp32(entropy), fp32(policy_weights),
+                                  fp32(sampler_log_weights), term_ids[loss], level,
                                   [float(v) for v in params],
                                   losses.KL_ESTIMATOR_IDS[kl_estimator], bool(bias_correction))
 
     def backward(row_weights, entropy_weights, logprobs, old_logprobs, advantages, mask,
-                 entropy_mask, ref_logprobs, entropy, loss, level, params, beta, kl_estimator,
-                 bias_correction):
+                 entropy_mask, ref_logprobs, entropy, policy_weights, sampler_log_weights, loss,
+                 level, params, beta, kl_estimator, bias_correction):
         with_entropy = entropy is not None and entropy_weights is not None
         grad, grad_entropy = ops.policy_backward(
             fp32(row_weights), fp32(entropy_weights) if with_entropy else None, fp32(logprobs),
             fp32(old_logprobs), per_token(advantages, logprobs), mask, entropy_mask,
-            fp32(ref_logprobs), term_ids[loss], level, [float(v) for v in params], float(beta),
+            fp32(ref_logprobs), fp32(policy_weights), fp32(sampler_log_weights), term_ids[loss],
+            level, [float(v) for v in params], float(beta),
             losses.KL_ESTIMATOR_IDS[kl_estimator], bool(bias_correction))
         return (grad.to(logprobs.dtype),
                 grad_entropy.to(entropy.dtype) if with_entropy else None)

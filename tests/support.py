@@ -509,12 +509,62 @@ def _policy_ratio64(log_ratio, mask, level):
     return torch.exp(total).expand_as(log_ratio)
 
 
+def rollout_weight64(old_logprobs, rollout_logprobs, mask, mode, clip_min=None, clip_max=3.0):
+    """The rollout correction's importance weight ρ [B, T] in float64 (a sequence's broadcast
+    over its row) and its metrics (TRL's sampling/... names; verl's masked fraction)."""
+    zero = torch.zeros((), dtype=torch.float64)
+    d = old_logprobs.double() - rollout_logprobs.double()
+    d = torch.where(mask & ~torch.isnan(d), d, zero)
+    granularity, constraint = mode.split("_")
+    if granularity == "token":
+        r = torch.exp(d)
+    else:
+        s = d.sum(-1, keepdim=True)
+        if granularity == "geometric":
+            s = s / mask.sum(-1, keepdim=True).clamp(min=1)
+        r = torch.exp(s)
+    if granularity == "geometric" and clip_min is None and clip_max is not None:
+        clip_min = 1 / clip_max
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    outside = (r < low) | (r > high)
+    if constraint == "truncate":
+        rho, outside = r.clamp(min=clip_min, max=clip_max), torch.zeros_like(outside)
+    elif constraint == "mask":
+        rho = torch.where(outside, zero, r)
+    else:  # reject
+        rho = torch.where(outside, zero, torch.ones_like(r))
+    units = rho[mask] if granularity == "token" else rho[:, 0]
+    masked = outside[mask] if granularity == "token" else outside[:, 0]
+    diff = (old_logprobs.double() - rollout_logprobs.double()).abs()
+    diff = diff[mask & ~torch.isnan(diff)]
+
+    def stat(values, reduce):
+        return reduce(values) if values.numel() else zero
+    metrics = dict(importance_sampling_ratio_mean=stat(units, torch.mean),
+                   importance_sampling_ratio_min=stat(units, torch.min),
+                   importance_sampling_ratio_max=stat(units, torch.max),
+                   importance_sampling_masked_fraction=stat(masked.double(), torch.mean),
+                   sampling_logp_difference_mean=stat(diff, torch.mean),
+                   sampling_logp_difference_max=stat(diff, torch.max))
+    return rho.expand_as(mask).double(), metrics
+
+
+ROLLOUT_METRICS = ("importance_sampling_ratio_mean", "importance_sampling_ratio_min",
+                   "importance_sampling_ratio_max", "importance_sampling_masked_fraction",
+                   "sampling_logp_difference_mean", "sampling_logp_difference_max")
+
+
 def policy64(logprobs, old_logprobs, advantages, mask, loss_type, *, ref_logprobs=None, beta=0.0,
              kl_estimator="k3", bias_correction=True, epsilon=0.2, epsilon_high=None, delta=None,
              level="token", tau_pos=1.0, tau_neg=1.05, vespo=(2.0, 3.0, 3.0, 2.0), entropy=None,
              entropy_coef=0.0, top_entropy_quantile=1.0, max_completion_length=None,
-             num_items=None):
-    """(loss, metrics dict) in float64. ``level`` is ignored for rloo (always the sequence sum)."""
+             num_items=None, rollout_logprobs=None, is_correction=True, is_mode="sequence_mask",
+             is_clip_min=None, is_clip_max=3.0, off_policy_threshold=None):
+    """(loss, metrics dict) in float64. ``level`` is ignored for rloo (always the sequence sum).
+    The rollout correction: ρ of rollout_weight64 times the policy term (vespo: Σ_t m·clamp(log ρ,
+    log 1e-8, 20) into its sequence weight), and the off-policy mask keep_b = A ≥ 0 or
+    mean_t(sampler_logp − logp) ≤ off_policy_threshold."""
     eps_high = epsilon if epsilon_high is None else epsilon_high
     zero = torch.zeros((), dtype=torch.float64)
     lp = torch.where(mask, logprobs.double(), zero)
@@ -525,6 +575,11 @@ def policy64(logprobs, old_logprobs, advantages, mask, loss_type, *, ref_logprob
     n_tokens = rows.sum()
     log_ratio = lp - old
     w = _policy_ratio64(log_ratio, mask, "sequence_sum" if loss_type == "rloo" else level)
+    rho, rollout_metrics = None, dict.fromkeys(ROLLOUT_METRICS, torch.tensor(math.nan,
+                                                                            dtype=torch.float64))
+    if rollout_logprobs is not None and is_correction:
+        rho, rollout_metrics = rollout_weight64(old_logprobs, rollout_logprobs, mask, is_mode,
+                                                is_clip_min, is_clip_max)
     if loss_type == "cispo":
         term = -torch.clamp(w, max=eps_high).detach() * adv * lp
     elif loss_type == "sapo":
@@ -533,6 +588,8 @@ def policy64(logprobs, old_logprobs, advantages, mask, loss_type, *, ref_logprob
     elif loss_type == "vespo":
         k_pos, lam_pos, k_neg, lam_neg = vespo
         s = torch.where(mask, log_ratio.clamp(-20, 20), zero).sum(-1, keepdim=True)
+        if rho is not None:
+            s = s + torch.where(mask, rho.log().clamp(math.log(1e-8), 20), zero).sum(-1, keepdim=True)
         log_w = s.clamp(math.log(1e-8), 20.0)
         k = torch.where(adv >= 0, k_pos, k_neg)
         lam = torch.where(adv >= 0, lam_pos, lam_neg).clamp(min=1e-4)
@@ -542,6 +599,14 @@ def policy64(logprobs, old_logprobs, advantages, mask, loss_type, *, ref_logprob
         unclipped = w if delta is None else torch.clamp(w, max=delta)
         clipped = torch.clamp(w, 1 - epsilon, 1 + eps_high)
         term = -torch.minimum(unclipped * adv, clipped * adv)
+    if rho is not None and loss_type != "vespo":
+        term = term * rho
+    if off_policy_threshold is not None:
+        sampler = old_logprobs if rollout_logprobs is None else rollout_logprobs
+        gap = sampler.double() - logprobs.detach().double()
+        gap = torch.where(mask & ~torch.isnan(gap), gap, zero)
+        mean_gap = gap.sum(-1, keepdim=True) / rows[:, None].clamp(min=1)
+        term = term * ((adv >= 0) | (mean_gap <= off_policy_threshold)).double()
     kept = mask
     if top_entropy_quantile < 1.0:
         values = entropy.double()[mask]
@@ -597,7 +662,7 @@ def policy64(logprobs, old_logprobs, advantages, mask, loss_type, *, ref_logprob
                    mean_kl=masked_mean(kl).detach() if kl is not None else nan,
                    mean_entropy=(masked_mean(entropy.detach().double()) if entropy is not None
                                  else nan),
-                   mean_ratio=mean_of(w).detach())
+                   mean_ratio=mean_of(w).detach(), **rollout_metrics)
     return loss, metrics
 # ------------------------------------------------------------------------------ memory
 

@@ -1,6 +1,7 @@
 """The policy_loss row of `pyalign bench` (pyalign/bench/policy.py): it runs at the quick size,
-every CPU backend of the family is a row, and pyalign's loss equals the eager TRL formula the
-case times against (so the rows do the same work)."""
+every CPU backend of the family is a row (with and without the rollout correction), and
+pyalign's loss equals the eager TRL formula the case times against (so the rows do the same
+work)."""
 import importlib.util
 import json
 
@@ -8,7 +9,7 @@ import torch
 
 import pyalign
 from pyalign import backends, cli
-from pyalign.bench.policy import naive_grpo_loss
+from pyalign.bench.policy import naive_grpo_is_loss, naive_grpo_loss
 
 
 def test_policy_case_runs_with_every_cpu_backend(tmp_path):
@@ -19,9 +20,11 @@ def test_policy_case_runs_with_every_cpu_backend(tmp_path):
     (case,) = json.loads(json_path.read_text())["cases"]
     rows = {row["name"]: row for row in case["rows"]}
     assert rows["eager GRPO formula (TRL's)"]["status"] == "ok"
+    assert rows["eager GRPO + sequence_mask IS (TRL's)"]["status"] == "ok"
     for name in backends.available("policy", "cpu"):
         if name != "triton":
             assert rows[f"pyalign policy_loss grpo [{name}]"]["status"] == "ok"
+            assert rows[f"pyalign policy_loss grpo + rollout IS [{name}]"]["status"] == "ok"
 
 
 def test_the_timed_rows_compute_the_same_loss():
@@ -32,6 +35,11 @@ def test_the_timed_rows_compute_the_same_loss():
     want = naive_grpo_loss(logprobs, old, ref, advantages, mask.float(), 0.04)
     got = pyalign.policy_loss(logprobs, old, advantages, mask, loss_type="grpo", ref_logprobs=ref,
                               beta=0.04).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    rollout = old + 0.4 * torch.randn(6, 20)  # some rows above the clip: masked
+    want = naive_grpo_is_loss(logprobs, old, ref, rollout, advantages, mask.float(), 0.04)
+    got = pyalign.policy_loss(logprobs, old, advantages, mask, loss_type="grpo", ref_logprobs=ref,
+                              rollout_logprobs=rollout, beta=0.04).loss
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

@@ -1,9 +1,17 @@
-// Policy-gradient losses (the registry's policy terms, pyalign/losses.py) fused with the per-token
-// KL and entropy terms and the masked row reductions, CPU backend. Same math as pyalign/kernels/policy.py:
-// per row, pass 1 gives the token count n, the log-ratio sum (the ratio level's) and vespo's
-// clamped sum; the forward's next passes (policy term, KL, entropy) write the row's 12 reduction
-// pieces (POLICY_ROW_STATS); the backward adds, for sequence-level ratios, the row sum R_b =
-// Σ m·(em·dP/dw + β·[bias]·kl) and writes d loss/d logp per token. Inputs arrive as contiguous
+// Policy-gradient losses (the registry's policy terms, pyalign/losses/policy.py) fused with the
+// per-token KL and entropy terms and the masked row reductions, CPU backend. Same math as
+// pyalign/kernels/policy.py: per row, pass 1 gives the token count n, the log-ratio sum (the ratio
+// level's) and vespo's clamped sum (plus its sampler log-weight); the forward's next passes (policy
+// term times the rollout weight ω, KL, entropy) write the row's 12 reduction pieces
+// (POLICY_ROW_STATS); the backward adds, for sequence-level ratios, the row sum R_b =
+// Σ m·(em·ω·dP/dw + β·[bias]·kl) and writes d loss/d logp per token.
+// Two arithmetics (template flag kSafe): the plain one, products as written; the safe one, where
+// every product with the ratio or ω is `times` (0*inf = 0: a zero slope, advantage or weight
+// contributes exactly 0 however far the ratio overflows fp32) and ω is read. A row runs the safe
+// loops when it has a rollout weight, or when the plain loops gave it a NaN (a 0*inf; NaN data
+// gives NaN in both): the plain loops are then exactly what they were before ω existed, so the
+// numbers of every row without overflow keep their bits (fused multiply-adds and reduction
+// orders are the compiler's choice for each loop body). Inputs arrive as contiguous
 // fp32 with per-token advantages (the adapter converts and expands); math and row sums in fp32
 // (lane-wise under simd, like the Triton kernel's block sums). A row (a few KiB) stays in L1/L2
 // across its passes. Every loop is branch-free (selects, the shared vectorizable exp, 0/1 float
@@ -45,17 +53,35 @@ struct Term {
 
 PYALIGN_HD float sigmoid(float x) { return 1.0f / (1.0f + exp_any(-x)); }
 
-// The policy term of branch kTerm (kernel ids of pyalign/losses.py): value P, dP/dw, D = dP/dlogp
-// at fixed w, and the clip flags as TRL counts them. Selects only (no branches, no libm), so the
-// row loops below vectorize.
-template <int kTerm>
+// a*b with 0*inf = 0 either way round (pyalign.losses.times); NaN still propagates.
+PYALIGN_HD float times(float a, float b) {
+  const float product = a * b;
+  const bool zero_times_inf = (a == 0.0f && std::fabs(b) == INFINITY) ||
+                              (b == 0.0f && std::fabs(a) == INFINITY);
+  return zero_times_inf ? 0.0f : product;
+}
+
+// a*b, with 0*inf = 0 in the safe arithmetic.
+template <bool kSafe>
+PYALIGN_HD float mul(float a, float b) {
+  if constexpr (kSafe) {
+    return times(a, b);
+  } else {
+    return a * b;
+  }
+}
+
+// The policy term of branch kTerm (kernel ids of pyalign/losses/policy.py): value P, dP/dw,
+// D = dP/dlogp at fixed w, and the clip flags as TRL counts them. Selects only (no branches, no
+// libm), so the row loops below vectorize.
+template <int kTerm, bool kSafe>
 PYALIGN_HD Term policy_term(float w, float adv, float logp, float vespo_log_w, const Params& p) {
   Term t{0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   if constexpr (kTerm == 0) {  // PPO clip
     const float lo = 1.0f - p.eps_low, hi = 1.0f + p.eps_high;
     const float c1 = w > p.delta ? p.delta : w;
     const float c2 = w < lo ? lo : (w > hi ? hi : w);
-    const float a = c1 * adv, b = c2 * adv;
+    const float a = mul<kSafe>(c1, adv), b = c2 * adv;  // c2 is finite
     t.value = -(a < b ? a : b);
     const float slope1 = w <= p.delta ? 1.0f : 0.0f;
     const float slope2 = (w >= lo && w <= hi) ? 1.0f : 0.0f;
@@ -101,6 +127,8 @@ PYALIGN_HD float kl_slope(float logp, float ref, int estimator) {
 
 struct Inputs {
   const float *logprobs, *old, *adv, *ref, *entropy;  // adv: per token, [B, T]
+  // the rollout weight ω [B, T] and vespo's sampler log-weight per row (nullptr: none)
+  const float *weights, *log_weights;
   // the bool masks read as bytes: g++ keeps loops that store after a bool load scalar
   const uint8_t *mask, *emask;  // emask: the mask itself when there is no entropy mask
   int64_t length;
@@ -134,7 +162,7 @@ RowRatio row_ratio(const Inputs& in, int64_t row) {
   RowRatio r{count, total, clamped, 1.0f, 0.0f};
   if (in.level == 1) r.log_ratio = total / (count > 1.0 ? count : 1.0);
   r.ratio = exp_any(static_cast<float>(r.log_ratio));
-  const float c = static_cast<float>(clamped);
+  const float c = in.log_weights != nullptr ? clamped + in.log_weights[row] : clamped;
   r.vespo_log_w = c < kVespoMinLogWeight ? kVespoMinLogWeight : (c > kVespoClamp ? kVespoClamp : c);
   return r;
 }
@@ -149,28 +177,40 @@ PYALIGN_HD float ratio_at(bool keep, float logp, float old, float row_ratio) {
   }
 }
 
-// One token as both row loops see it: the masks, the ratio and the policy term (the log-prob is 0
-// where masked, by a select, so a NaN there stays out).
+// One token as both row loops see it: the masks, the ratio and the policy term (times ω in the
+// safe arithmetic; the log-prob is 0 where masked, by a select, so a NaN there stays out).
 struct TokenTerm {
   bool keep, kept;
   float w;
   Term term;
 };
 
-template <int kTerm, bool kTokenLevel>
+template <int kTerm, bool kTokenLevel, bool kSafe>
 PYALIGN_HD TokenTerm token_term(const uint8_t* mask, const uint8_t* emask,
                                            const float* lp, const float* old, const float* adv,
-                                           int64_t t, const RowRatio& r, const Params& params) {
+                                           const float* weights, int64_t t, const RowRatio& r,
+                                           const Params& params) {
   const bool keep = mask[t] != 0, kept = keep & (emask[t] != 0);
   const float logp_raw = lp[t], old_raw = old[t], adv_raw = adv[t];
   const float logp = keep ? logp_raw : 0.0f;
   const float w = ratio_at<kTokenLevel>(keep, logp, old_raw, r.ratio);
-  return {keep, kept, w,
-          policy_term<kTerm>(w, keep ? adv_raw : 0.0f, logp, r.vespo_log_w, params)};
+  Term term = policy_term<kTerm, kSafe>(w, keep ? adv_raw : 0.0f, logp, r.vespo_log_w, params);
+  if constexpr (kSafe) {
+    const float omega = weights[t];
+    term.value = times(omega, term.value);
+    term.d_ratio = times(omega, term.d_ratio);
+    term.direct = times(omega, term.direct);
+  }
+  return {keep, kept, w, term};
 }
 
-template <int kTerm, bool kTokenLevel>
-void forward_row(const Inputs& in, int64_t row, float* out) {
+// A row's ω for the safe loops: its rollout weights, or ``ones`` (at least T of them).
+const float* row_weights_of(const Inputs& in, int64_t row, const std::vector<float>& ones) {
+  return in.weights != nullptr ? in.weights + row * in.length : ones.data();
+}
+
+template <int kTerm, bool kTokenLevel, bool kSafe>
+void forward_row(const Inputs& in, int64_t row, const float* weights, float* out) {
   const RowRatio r = row_ratio(in, row);
   const int64_t start = row * in.length;
   const uint8_t *mask = in.mask + start, *emask = in.emask + start;
@@ -180,7 +220,8 @@ void forward_row(const Inputs& in, int64_t row, float* out) {
   float policy = 0, low = 0, high = 0, region = 0, ratio = 0, kept_count = 0;
 #pragma omp simd simdlen(8) reduction(+ : policy, low, high, region, ratio, kept_count)
   for (int64_t t = 0; t < in.length; ++t) {
-    const TokenTerm at = token_term<kTerm, kTokenLevel>(mask, emask, lp, old, adv, t, r, params);
+    const TokenTerm at = token_term<kTerm, kTokenLevel, kSafe>(mask, emask, lp, old, adv, weights,
+                                                               t, r, params);
     const bool keep = at.keep, kept = at.kept;
     const float w = at.w;
     const Term term = at.term;
@@ -203,7 +244,7 @@ void forward_row(const Inputs& in, int64_t row, float* out) {
       const float logp = keep ? logp_raw : 0.0f;
       const float kl = kl_value(logp, keep ? ref_raw : 0.0f, estimator);
       const float w = ratio_at<kTokenLevel>(keep, logp, old_raw, r.ratio);
-      kl_sum += keep ? (bias ? kl * w : kl) : 0.0f;
+      kl_sum += keep ? (bias ? mul<kSafe>(kl, w) : kl) : 0.0f;
     }
   }
   float entropy = 0, entropy_kept = 0;
@@ -221,9 +262,10 @@ void forward_row(const Inputs& in, int64_t row, float* out) {
   for (int j = 0; j < kNumStats; ++j) out[j] = static_cast<float>(stats[j]);
 }
 
-template <int kTerm, bool kTokenLevel>
-void backward_row(const Inputs& in, int64_t row, float row_weight, float beta, bool has_kl,
-                  const float* entropy_weights, float* grad_rows, float* grad_entropy_rows) {
+template <int kTerm, bool kTokenLevel, bool kSafe>
+void backward_row(const Inputs& in, int64_t row, const float* weights, float row_weight,
+                  float beta, bool has_kl, const float* entropy_weights, float* grad_rows,
+                  float* grad_entropy_rows) {
   const RowRatio r = row_ratio(in, row);
   const int64_t start = row * in.length;
   const uint8_t *mask = in.mask + start, *emask = in.emask + start;
@@ -242,9 +284,13 @@ void backward_row(const Inputs& in, int64_t row, float row_weight, float beta, b
       const bool keep = mask[t] != 0, kept = keep & (emask[t] != 0);
       const float logp_raw = lp[t], adv_raw = adv[t];
       const float logp = keep ? logp_raw : 0.0f;
-      const Term term = policy_term<kTerm>(r.ratio, keep ? adv_raw : 0.0f, logp, r.vespo_log_w,
-                                           params);
-      row_sum += kept ? term.d_ratio : 0.0f;
+      const Term term = policy_term<kTerm, kSafe>(r.ratio, keep ? adv_raw : 0.0f, logp,
+                                                  r.vespo_log_w, params);
+      if constexpr (kSafe) {
+        row_sum += kept ? times(weights[t], term.d_ratio) : 0.0f;
+      } else {
+        row_sum += kept ? term.d_ratio : 0.0f;
+      }
     }
     if (has_kl && bias) {
 #pragma omp simd simdlen(8) reduction(+ : row_sum)
@@ -255,17 +301,19 @@ void backward_row(const Inputs& in, int64_t row, float row_weight, float beta, b
         row_sum += keep ? beta * kl_value(logp, keep ? ref_raw : 0.0f, estimator) : 0.0f;
       }
     }
-    through_row = static_cast<float>(row_sum) * r.ratio;
+    through_row = mul<kSafe>(static_cast<float>(row_sum), r.ratio);
     if (in.level == 1) through_row /= static_cast<float>(r.count > 1.0 ? r.count : 1.0);
   }
 #pragma omp simd simdlen(8)
   for (int64_t t = 0; t < in.length; ++t) {
-    const TokenTerm at = token_term<kTerm, kTokenLevel>(mask, emask, lp, old, adv, t, r, params);
+    const TokenTerm at = token_term<kTerm, kTokenLevel, kSafe>(mask, emask, lp, old, adv, weights,
+                                                               t, r, params);
     const bool keep = at.keep, kept = at.kept;
     const float w = at.w;
     const Term term = at.term;
     const float d_ratio = kept ? term.d_ratio : 0.0f;
-    const float g = (kept ? term.direct : 0.0f) + (token_level ? d_ratio * w : through_row);
+    const float g = (kept ? term.direct : 0.0f) +
+                    (token_level ? mul<kSafe>(d_ratio, w) : through_row);
     grad[t] = keep ? g * row_weight : 0.0f;
   }
   if (has_kl) {
@@ -276,8 +324,8 @@ void backward_row(const Inputs& in, int64_t row, float row_weight, float beta, b
       const float logp = keep ? logp_raw : 0.0f;
       const float reference = keep ? ref_raw : 0.0f;
       const float w = ratio_at<kTokenLevel>(keep, logp, old_raw, r.ratio);
-      float g = beta * kl_slope(logp, reference, estimator) * (bias ? w : 1.0f);
-      g += token_level && bias ? beta * kl_value(logp, reference, estimator) * w : 0.0f;
+      float g = mul<kSafe>(beta * kl_slope(logp, reference, estimator), bias ? w : 1.0f);
+      g += token_level && bias ? mul<kSafe>(beta * kl_value(logp, reference, estimator), w) : 0.0f;
       grad[t] = grad_raw + (keep ? g * row_weight : 0.0f);
     }
   }
@@ -302,6 +350,15 @@ void with_term(int64_t term_id, Body body) {
 }
 
 constexpr int64_t kRowGrain = 4;  // rows per parallel_for task
+constexpr int kPolicyStat = 3, kKlStat = 4;  // POLICY_ROW_STATS' "policy" and "kl"
+
+// Whether one of the n values is NaN: a row the plain loops must give to the safe ones.
+bool has_nan(const float* values, int64_t n) {
+  float nan_count = 0.0f;
+#pragma omp simd simdlen(8) reduction(+ : nan_count)
+  for (int64_t t = 0; t < n; ++t) nan_count += values[t] != values[t] ? 1.0f : 0.0f;
+  return nan_count > 0.0f;
+}
 
 // Calls row_body(term_tag, level_tag, row) for every row, in parallel: the runtime term id and
 // level become compile-time tags (std::integral_constant), so each row loop is specialised.
@@ -341,8 +398,9 @@ const uint8_t* bool_data(const at::Tensor& tensor, const at::Tensor& like, const
 Inputs make_inputs(const at::Tensor& logprobs, const at::Tensor& old, const at::Tensor& adv,
                    const at::Tensor& mask, const c10::optional<at::Tensor>& emask,
                    const c10::optional<at::Tensor>& ref, const c10::optional<at::Tensor>& entropy,
-                   const std::string& level, const std::vector<double>& params,
-                   int64_t estimator, bool bias) {
+                   const c10::optional<at::Tensor>& weights,
+                   const c10::optional<at::Tensor>& log_weights, const std::string& level,
+                   const std::vector<double>& params, int64_t estimator, bool bias) {
   TORCH_CHECK(logprobs.dim() == 2, "pyalign_C: logprobs must be [B, T]");
   TORCH_CHECK(params.size() == 9, "pyalign_C: policy params must hold 9 floats");
   TORCH_CHECK(level == "token" || level == "sequence" || level == "sequence_sum",
@@ -357,6 +415,8 @@ Inputs make_inputs(const at::Tensor& logprobs, const at::Tensor& old, const at::
                                                    : in.mask;
   in.ref = optional_float(ref, logprobs, "ref_logprobs");
   in.entropy = optional_float(entropy, logprobs, "entropy");
+  in.weights = optional_float(weights, logprobs, "policy_weights");
+  in.log_weights = optional_float(log_weights, logprobs.select(1, 0), "sampler_log_weights");
   in.length = logprobs.size(1);
   in.level = level == "token" ? 0 : (level == "sequence" ? 1 : 2);
   in.estimator = static_cast<int>(estimator);
@@ -372,11 +432,13 @@ Inputs make_inputs(const at::Tensor& logprobs, const at::Tensor& old, const at::
 void policy_forward_out(const at::Tensor& logprobs, const at::Tensor& old, const at::Tensor& adv,
                         const at::Tensor& mask, const c10::optional<at::Tensor>& emask,
                         const c10::optional<at::Tensor>& ref,
-                        const c10::optional<at::Tensor>& entropy, int64_t term_id,
+                        const c10::optional<at::Tensor>& entropy,
+                        const c10::optional<at::Tensor>& weights,
+                        const c10::optional<at::Tensor>& log_weights, int64_t term_id,
                         const std::string& level, std::vector<double> params, int64_t estimator,
                         bool bias, at::Tensor& stats) {
-  const Inputs in = make_inputs(logprobs, old, adv, mask, emask, ref, entropy, level, params,
-                                estimator, bias);
+  const Inputs in = make_inputs(logprobs, old, adv, mask, emask, ref, entropy, weights,
+                                log_weights, level, params, estimator, bias);
   const int64_t rows = logprobs.size(0);
   TORCH_CHECK(stats.device().is_cpu() && stats.scalar_type() == at::kFloat &&
                   stats.is_contiguous() && stats.dim() == 2 && stats.size(0) == rows &&
@@ -384,33 +446,44 @@ void policy_forward_out(const at::Tensor& logprobs, const at::Tensor& old, const
               "pyalign_C: stats must be a contiguous float32 CPU tensor of shape [B, ", kNumStats,
               "]");
   float* out = stats.data_ptr<float>();
+  const std::vector<float> ones(static_cast<size_t>(in.length), 1.0f);
   for_each_row(term_id, in.level == 0, rows, [&](auto term_tag, auto level_tag, int64_t row) {
-    forward_row<decltype(term_tag)::value, decltype(level_tag)::value>(in, row,
-                                                                       out + row * kNumStats);
+    constexpr int kTerm = decltype(term_tag)::value;
+    constexpr bool kTokenLevel = decltype(level_tag)::value;
+    float* row_out = out + row * kNumStats;
+    if (in.weights == nullptr) {
+      forward_row<kTerm, kTokenLevel, false>(in, row, nullptr, row_out);
+      if (!std::isnan(row_out[kPolicyStat]) && !std::isnan(row_out[kKlStat])) return;
+    }
+    forward_row<kTerm, kTokenLevel, true>(in, row, row_weights_of(in, row, ones), row_out);
   });
 }
 
 at::Tensor policy_forward(const at::Tensor& logprobs, const at::Tensor& old, const at::Tensor& adv,
                           const at::Tensor& mask, const c10::optional<at::Tensor>& emask,
                           const c10::optional<at::Tensor>& ref,
-                          const c10::optional<at::Tensor>& entropy, int64_t term_id,
+                          const c10::optional<at::Tensor>& entropy,
+                          const c10::optional<at::Tensor>& weights,
+                          const c10::optional<at::Tensor>& log_weights, int64_t term_id,
                           const std::string& level, std::vector<double> params, int64_t estimator,
                           bool bias) {
   at::Tensor stats = at::empty({logprobs.size(0), kNumStats}, logprobs.options().dtype(at::kFloat));
-  policy_forward_out(logprobs, old, adv, mask, emask, ref, entropy, term_id, level, params,
-                     estimator, bias, stats);
+  policy_forward_out(logprobs, old, adv, mask, emask, ref, entropy, weights, log_weights, term_id,
+                     level, params, estimator, bias, stats);
   return stats;
 }
 
 void policy_backward_out(const at::Tensor& row_weights, const c10::optional<at::Tensor>& entropy_weights,
                          const at::Tensor& logprobs, const at::Tensor& old, const at::Tensor& adv,
                          const at::Tensor& mask, const c10::optional<at::Tensor>& emask,
-                         const c10::optional<at::Tensor>& ref, int64_t term_id,
+                         const c10::optional<at::Tensor>& ref,
+                         const c10::optional<at::Tensor>& policy_weights,
+                         const c10::optional<at::Tensor>& log_weights, int64_t term_id,
                          const std::string& level, std::vector<double> params, double beta,
                          int64_t estimator, bool bias, at::Tensor& grad,
                          at::Tensor& grad_entropy) {
-  const Inputs in = make_inputs(logprobs, old, adv, mask, emask, ref, c10::nullopt, level, params,
-                                estimator, bias);
+  const Inputs in = make_inputs(logprobs, old, adv, mask, emask, ref, c10::nullopt, policy_weights,
+                                log_weights, level, params, estimator, bias);
   const int64_t rows = logprobs.size(0);
   const float* weights = float_data(row_weights, logprobs.select(1, 0), "row_weights");
   const float* entropy_w = entropy_weights.has_value() && entropy_weights->defined()
@@ -423,9 +496,17 @@ void policy_backward_out(const at::Tensor& row_weights, const c10::optional<at::
   }
   const bool has_kl = in.ref != nullptr && beta != 0.0;
   const float beta_f = static_cast<float>(beta);
+  const std::vector<float> ones(static_cast<size_t>(in.length), 1.0f);
   for_each_row(term_id, in.level == 0, rows, [&](auto term_tag, auto level_tag, int64_t row) {
-    backward_row<decltype(term_tag)::value, decltype(level_tag)::value>(
-        in, row, weights[row], beta_f, has_kl, entropy_w, grad_out, grad_entropy_out);
+    constexpr int kTerm = decltype(term_tag)::value;
+    constexpr bool kTokenLevel = decltype(level_tag)::value;
+    if (in.weights == nullptr) {
+      backward_row<kTerm, kTokenLevel, false>(in, row, nullptr, weights[row], beta_f, has_kl,
+                                              entropy_w, grad_out, grad_entropy_out);
+      if (!has_nan(grad_out + row * in.length, in.length)) return;
+    }
+    backward_row<kTerm, kTokenLevel, true>(in, row, row_weights_of(in, row, ones), weights[row],
+                                           beta_f, has_kl, entropy_w, grad_out, grad_entropy_out);
   });
 }
 
@@ -433,14 +514,16 @@ std::tuple<at::Tensor, at::Tensor> policy_backward(
     const at::Tensor& row_weights, const c10::optional<at::Tensor>& entropy_weights,
     const at::Tensor& logprobs, const at::Tensor& old, const at::Tensor& adv,
     const at::Tensor& mask, const c10::optional<at::Tensor>& emask,
-    const c10::optional<at::Tensor>& ref, int64_t term_id, const std::string& level,
+    const c10::optional<at::Tensor>& ref, const c10::optional<at::Tensor>& policy_weights,
+    const c10::optional<at::Tensor>& log_weights, int64_t term_id, const std::string& level,
     std::vector<double> params, double beta, int64_t estimator, bool bias) {
   at::Tensor grad = at::empty(logprobs.sizes(), logprobs.options().dtype(at::kFloat));
   const bool with_entropy = entropy_weights.has_value() && entropy_weights->defined();
   at::Tensor grad_entropy = with_entropy ? at::empty(logprobs.sizes(), grad.options())
                                          : at::empty({0}, grad.options());
-  policy_backward_out(row_weights, entropy_weights, logprobs, old, adv, mask, emask, ref, term_id,
-                      level, params, beta, estimator, bias, grad, grad_entropy);
+  policy_backward_out(row_weights, entropy_weights, logprobs, old, adv, mask, emask, ref,
+                      policy_weights, log_weights, term_id, level, params, beta, estimator, bias,
+                      grad, grad_entropy);
   return std::make_tuple(grad, grad_entropy);
 }
 

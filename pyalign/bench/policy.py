@@ -1,7 +1,9 @@
 """The policy-loss cases. ``policy``: the GRPO loss (token-level ratio, PPO clip, k3 KL with TRL's
 bias correction, per-sequence then batch mean) from per-token log-probs, as TRL 1.16's
 GRPOTrainer writes it in eager PyTorch, torch.compile of that, and pyalign.policy_loss on every
-available backend; the loss is a scalar: there is no per-token upstream gradient to feed.
+available backend; the same with the rollout correction (the sampler's log-probs, TRL's default
+sequence_mask importance weight) as TRL writes it and through policy_loss's rollout_logprobs;
+the loss is a scalar: there is no per-token upstream gradient to feed.
 ``linear_policy``: the same loss from the last hidden states (the fused-head op): the eager
 full-logits path and its torch.compile, Liger-Kernel's LigerFusedLinearGRPOLoss (where
 installed), and pyalign.linear_policy_loss's 3-matmul path (with and without the entropy bonus,
@@ -34,6 +36,26 @@ def naive_grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, beta
     return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
 
 
+def naive_sequence_mask_weight(old_logprobs, rollout_logprobs, mask, clip_max: float = 3.0):
+    """TRL's default rollout correction (vllm_importance_sampling_mode="sequence_mask"), as it
+    writes it: exp of the row's summed old − sampler log-ratio, 0 above clip_max; [B, 1]."""
+    diff = torch.nan_to_num((old_logprobs - rollout_logprobs) * mask, nan=0.0)
+    ratio = torch.exp(diff.sum(-1, keepdim=True))
+    return ratio.masked_fill(ratio > clip_max, 0.0)
+
+
+def naive_grpo_is_loss(logprobs, old_logprobs, ref_logprobs, rollout_logprobs, advantages, mask,
+                       beta: float = 0.04, epsilon: float = 0.2):
+    """naive_grpo_loss with TRL's importance weight on the policy term (not on the KL term)."""
+    weight = naive_sequence_mask_weight(old_logprobs, rollout_logprobs, mask)
+    ratio = torch.exp(logprobs - old_logprobs)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
+    per_token = -torch.min(ratio * advantages[:, None], clipped * advantages[:, None]) * weight
+    log_ratio = ref_logprobs - logprobs
+    per_token = per_token + beta * (torch.exp(log_ratio) - log_ratio - 1) * ratio
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+
+
 def policy_case(batch: int = 64, seq_len: int = 1024, device="cpu", *, beta: float = 0.04,
                 compile: bool = True) -> Case:
     device = torch.device(device)
@@ -42,6 +64,8 @@ def policy_case(batch: int = 64, seq_len: int = 1024, device="cpu", *, beta: flo
                 ).requires_grad_(True)
     old = logprobs.detach() + 0.3 * torch.randn(batch, seq_len, device=device, generator=generator)
     ref = logprobs.detach() + 0.5 * torch.randn(batch, seq_len, device=device, generator=generator)
+    # the sampler's log-probs: a bf16 sampler's few-hundredths-of-a-nat mismatch
+    rollout = old + 0.02 * torch.randn(batch, seq_len, device=device, generator=generator)
     advantages = torch.randn(batch, device=device, generator=generator)
     lengths = torch.randint(seq_len // 4, seq_len + 1, (batch,), device=device, generator=generator)
     mask = torch.arange(seq_len, device=device)[None, :] < lengths[:, None]
@@ -62,10 +86,23 @@ def policy_case(batch: int = 64, seq_len: int = 1024, device="cpu", *, beta: flo
                             beta=beta, backend=name).loss.backward()
     ours, notes = backend_candidates("policy", device, "pyalign policy_loss grpo", fused, clear)
     candidates += ours
-    return Case("policy_loss (GRPO + k3 KL) fwd+bwd",
+
+    def eager_is():
+        naive_grpo_is_loss(logprobs, old, ref, rollout, advantages, float_mask, beta).backward()
+    candidates.append(Candidate("eager GRPO + sequence_mask IS (TRL's)", eager_is, setup=clear,
+                                kind="baseline", backend="eager"))
+
+    def fused_is(name):
+        pyalign.policy_loss(logprobs, old, advantages, mask, loss_type="grpo", ref_logprobs=ref,
+                            rollout_logprobs=rollout, beta=beta, backend=name).loss.backward()
+    ours, _ = backend_candidates("policy", device, "pyalign policy_loss grpo + rollout IS",
+                                 fused_is, clear)
+    candidates += ours
+    return Case("policy_loss (GRPO + k3 KL; + rollout correction) fwd+bwd",
                 {"B": batch, "T": seq_len, "device": device.type}, candidates,
                 ratio_to={"vs eager": "eager GRPO formula (TRL's)",
-                          "vs compile": "torch.compile GRPO formula"},
+                          "vs compile": "torch.compile GRPO formula",
+                          "vs eager IS": "eager GRPO + sequence_mask IS (TRL's)"},
                 notes=notes + ["scalar loss: no per-token upstream gradient (N/A)",
                                "Liger-Kernel's LigerFusedLinearGRPOLoss is a fused-head op "
                                "(from hidden states): a row of the linear_policy case"])

@@ -1,26 +1,31 @@
-"""Policy-gradient losses (the registry's policy terms, pyalign/losses.py) fused with the per-token
-KL and entropy terms and the masked row reductions.
+"""Policy-gradient losses (the registry's policy terms, pyalign/losses/policy.py) fused with the
+per-token KL and entropy terms and the masked row reductions.
 
 Forward, per row b (one program): pass 1 reads the mask and the log-ratios l = logp − old_logp
 for the row's token count n, its log-ratio sum (mean for the "sequence" level) and vespo's
-clamped sum; pass 2 forms per token the ratio w (exp(l) per token, or the row's exp(s)), the
-policy term P (``_policy_term``, branch = the entry's kernel_id, a runtime argument), the KL
-estimate (k1/k2/k3 of d = ref_logp − logp, times w with the bias correction) and the clip flags,
-and writes the row's reduction pieces (losses.POLICY_ROW_STATS, 12 floats). The op forms loss and
+clamped sum (plus its sampler log-weight); pass 2 forms per token the ratio w (exp(l) per token,
+or the row's exp(s)), the policy term P (``_policy_term``, branch = the entry's kernel_id, a
+runtime argument) times the rollout weight ω (pyalign/losses/rollout.py), the KL estimate
+(k1/k2/k3 of d = ref_logp − logp, times w with the bias correction) and the clip flags, and
+writes the row's reduction pieces (losses.POLICY_ROW_STATS, 12 floats). The op forms loss and
 metrics from them. Backward, per row: the same pass 1; for sequence-level ratios one more pass
-for R_b = Σ_t m·(em·dP/dw + β·[bias]·kl) (dw_b/dlogp_t = w_b·m_t (/ n_b)); then one pass writing
-d loss/d logp_t for the given per-row token weights (and the entropy gradient).
+for R_b = Σ_t m·(em·ω·dP/dw + β·[bias]·kl) (dw_b/dlogp_t = w_b·m_t (/ n_b)); then one pass
+writing d loss/d logp_t for the given per-row token weights (and the entropy gradient).
 Masked positions are selected away (never multiplied by 0): NaN there does not leak. Clamps and
-minima are written as selects, so NaN in kept data propagates.
+minima are written as selects, so NaN in kept data propagates. Every product with the ratio or
+ω is ``_times`` (0·inf = 0; ``_times_ratio`` where one factor is a ratio ≥ 0): a zero slope,
+advantage or weight contributes exactly 0 however far the ratio overflows. ω is a compile-time
+flag (HAS_WEIGHTS): the kernels without it carry none of its code.
 
 Memory traffic per token: forward reads logp, old_logp (+ ref, entropy, advantages when per
-token) in fp32 and the mask bytes twice (the two passes), writes 48 bytes per row; backward
-reads them two or three times and writes the gradient (+ the entropy gradient). Eager runs some
+token; ω when given) in fp32 and the mask bytes twice (the two passes), writes 48 bytes per row;
+backward reads them two or three times and writes the gradient (+ the entropy gradient). Eager runs some
 40 elementwise kernels over [B, T] temporaries. Launch grid: (B,), one program per row looping
 over T in BLOCK_T chunks.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -44,6 +49,20 @@ VESPO_MIN_LOG_W = losses.VESPO_MIN_LOG_WEIGHT
 
 
 @triton.jit
+def _times(a, b):
+    """a*b with 0*inf = 0 either way round (pyalign.losses.times); NaN still propagates."""
+    zero_times_inf = ((a == 0.0) & (tl.abs(b) == float("inf"))) | \
+        ((b == 0.0) & (tl.abs(a) == float("inf")))
+    return tl.where(zero_times_inf, 0.0, a * b)
+
+
+@triton.jit
+def _times_ratio(x, w):
+    """x*w for a ratio w >= 0 (+inf included): _times with the one case a ratio can give."""
+    return tl.where((x == 0.0) & (w == float("inf")), 0.0, x * w)
+
+
+@triton.jit
 def _policy_term(w, adv, logp, vespo_log_w, term_id, eps_low, eps_high, delta, tau_pos, tau_neg,
                  k_pos, lam_pos, k_neg, lam_neg):
     """(P, dP/dw, D = dP/dlogp at fixed w, clipped low, clipped high) elementwise."""
@@ -53,8 +72,8 @@ def _policy_term(w, adv, logp, vespo_log_w, term_id, eps_low, eps_high, delta, t
         hi = 1.0 + eps_high
         c1 = tl.where(w > delta, delta, w)
         c2 = tl.where(w < lo, lo, tl.where(w > hi, hi, w))
-        a = c1 * adv
-        b = c2 * adv
+        a = _times(c1, adv)
+        b = _times(c2, adv)
         value = -tl.where(a < b, a, b)
         slope1 = tl.where(w <= delta, 1.0, 0.0)
         slope2 = tl.where((w >= lo) & (w <= hi), 1.0, 0.0)
@@ -130,8 +149,8 @@ def _row_ratio_stats(logprobs_ptr, old_ptr, mask_ptr, row_start, length, BLOCK_T
 
 
 @triton.jit
-def _row_setup(logprobs_ptr, old_ptr, mask_ptr, adv_ptr, length, adv_token_stride, sequence_mean,
-               BLOCK_T: tl.constexpr):
+def _row_setup(logprobs_ptr, old_ptr, mask_ptr, adv_ptr, log_weights_ptr, length, adv_token_stride,
+               sequence_mean, has_log_weights, BLOCK_T: tl.constexpr):
     """What both kernels need of their row before the token loop: (row, row_start, adv_row, n,
     the row's log-ratio (sum or mean), its clamped sum, vespo's log-weight, the sequence ratio)."""
     row = tl.program_id(0).to(tl.int64)
@@ -139,11 +158,23 @@ def _row_setup(logprobs_ptr, old_ptr, mask_ptr, adv_ptr, length, adv_token_strid
     count, total, clamped = _row_ratio_stats(logprobs_ptr, old_ptr, mask_ptr, row_start, length,
                                              BLOCK_T)
     row_log_ratio = tl.where(sequence_mean != 0, total / tl.maximum(count, 1.0), total)
-    vespo_log_w = tl.where(clamped < -18.420680743952367, -18.420680743952367,
-                           tl.where(clamped > 20.0, 20.0, clamped))
+    log_w = clamped + tl.where(has_log_weights != 0, tl.load(log_weights_ptr + row), 0.0)
+    vespo_log_w = tl.where(log_w < -18.420680743952367, -18.420680743952367,
+                           tl.where(log_w > 20.0, 20.0, log_w))
     row_ratio = tl.exp(row_log_ratio)
     adv_row = adv_ptr + row * (1 + (length - 1) * adv_token_stride)
     return row, row_start, adv_row, count, row_log_ratio, clamped, vespo_log_w, row_ratio
+
+
+@triton.jit
+def _weighted(value, weights_ptr, row_start, start, length, HAS_WEIGHTS: tl.constexpr,
+              BLOCK_T: tl.constexpr):
+    """ω·value for one block of a row (0·inf = 0), ω the rollout weights; value without them."""
+    if HAS_WEIGHTS:
+        cols = start + tl.arange(0, BLOCK_T)
+        omega = tl.load(weights_ptr + row_start + cols, mask=cols < length, other=1.0)
+        value = _times(omega, value)
+    return value
 
 
 @triton.jit
@@ -167,20 +198,20 @@ def _load_block(logprobs_ptr, old_ptr, mask_ptr, emask_ptr, adv_row, row_start, 
 
 
 @triton.jit
-def policy_forward_kernel(
-logprobs_ptr, old_ptr, adv_ptr, mask_ptr, emask_ptr, ref_ptr,
-                          entropy_ptr, stats_ptr, length, adv_token_stride, term_id, estimator,
+def policy_forward_kernel(logprobs_ptr, old_ptr, adv_ptr, mask_ptr, emask_ptr, ref_ptr,
+                          entropy_ptr, weights_ptr, log_weights_ptr, stats_ptr, length,
+                          adv_token_stride, has_log_weights, term_id, estimator,
                           sequence_mean, bias, eps_low, eps_high, delta, tau_pos, tau_neg, k_pos,
                           lam_pos, k_neg, lam_neg,
                           SEQUENCE: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENTROPY: tl.constexpr,
-                          BLOCK_T: tl.constexpr):
+                          HAS_WEIGHTS: tl.constexpr, BLOCK_T: tl.constexpr):
     row, row_start, adv_row, count, row_log_ratio, clamped, vespo_log_w, row_ratio = _row_setup(
-        logprobs_ptr, old_ptr, mask_ptr, adv_ptr, length, adv_token_stride, sequence_mean, BLOCK_T)
+        logprobs_ptr, old_ptr, mask_ptr, adv_ptr, log_weights_ptr, length, adv_token_stride,
+        sequence_mean, has_log_weights, BLOCK_T)
     policy = tl.zeros((BLOCK_T,), tl.float32)
     kl_sum = tl.zeros((BLOCK_T,), tl.float32)
     low_sum = tl.zeros((BLOCK_T,), tl.float32)
     high_sum = tl.zeros((BLOCK_T,), tl.float32)
-    region_sum = tl.zeros((BLOCK_T,), tl.float32)
     ratio_sum = tl.zeros((BLOCK_T,), tl.float32)
     entropy_sum = tl.zeros((BLOCK_T,), tl.float32)
     entropy_kept = tl.zeros((BLOCK_T,), tl.float32)
@@ -192,18 +223,18 @@ logprobs_ptr, old_ptr, adv_ptr, mask_ptr, emask_ptr, ref_ptr,
         value, d_ratio, direct, low, high = _policy_term(
             w, adv, logp, vespo_log_w, term_id, eps_low, eps_high, delta, tau_pos, tau_neg, k_pos,
             lam_pos, k_neg, lam_neg)
+        value = _weighted(value, weights_ptr, row_start, start, length, HAS_WEIGHTS, BLOCK_T)
         policy += tl.where(kept, value, 0.0)
         low = low & keep
         high = high & keep
         low_sum += tl.where(low, 1.0, 0.0)
         high_sum += tl.where(high, 1.0, 0.0)
-        region_sum += tl.where(low | high, 1.0, 0.0)
         ratio_sum += tl.where(keep, w, 0.0)
         kept_sum += tl.where(kept, 1.0, 0.0)
         if HAS_REF:
             ref = tl.where(keep, tl.load(ref_ptr + row_start + cols, mask=in_row, other=0.0), 0.0)
             kl, _ = _kl_and_slope(logp, ref, estimator)
-            kl = tl.where(bias != 0, kl * w, kl)
+            kl = tl.where(bias != 0, _times_ratio(kl, w), kl)
             kl_sum += tl.where(keep, kl, 0.0)
         if HAS_ENTROPY:
             entropy = tl.load(entropy_ptr + row_start + cols, mask=in_row, other=0.0)
@@ -217,7 +248,9 @@ logprobs_ptr, old_ptr, adv_ptr, mask_ptr, emask_ptr, ref_ptr,
     tl.store(out + 4, tl.sum(kl_sum, axis=0))
     tl.store(out + 5, tl.sum(low_sum, axis=0))
     tl.store(out + 6, tl.sum(high_sum, axis=0))
-    tl.store(out + 7, tl.sum(region_sum, axis=0))
+    # the union's count: the flags are disjoint (low needs A < 0, high A > 0), one fewer
+    # accumulator to hold
+    tl.store(out + 7, tl.sum(low_sum, axis=0) + tl.sum(high_sum, axis=0))
     tl.store(out + 8, tl.sum(ratio_sum, axis=0))
     tl.store(out + 9, tl.sum(entropy_sum, axis=0))
     tl.store(out + 10, tl.sum(entropy_kept, axis=0))
@@ -226,17 +259,20 @@ logprobs_ptr, old_ptr, adv_ptr, mask_ptr, emask_ptr, ref_ptr,
 
 @triton.jit
 def policy_backward_kernel(row_weights_ptr, entropy_weights_ptr, logprobs_ptr, old_ptr, adv_ptr,
-                           mask_ptr, emask_ptr, ref_ptr, grad_ptr, grad_entropy_ptr, length,
-                           adv_token_stride, term_id, estimator, sequence_mean, bias, beta,
+                           mask_ptr, emask_ptr, ref_ptr, weights_ptr, log_weights_ptr, grad_ptr,
+                           grad_entropy_ptr, length, adv_token_stride, has_log_weights, term_id,
+                           estimator, sequence_mean, bias, beta,
                            eps_low, eps_high, delta, tau_pos, tau_neg, k_pos, lam_pos, k_neg,
                            lam_neg,
                            SEQUENCE: tl.constexpr, HAS_KL: tl.constexpr,
-                           HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
+                           HAS_ENTROPY_GRAD: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                           BLOCK_T: tl.constexpr):
     row, row_start, adv_row, count, row_log_ratio, clamped, vespo_log_w, row_ratio = _row_setup(
-        logprobs_ptr, old_ptr, mask_ptr, adv_ptr, length, adv_token_stride, sequence_mean, BLOCK_T)
+        logprobs_ptr, old_ptr, mask_ptr, adv_ptr, log_weights_ptr, length, adv_token_stride,
+        sequence_mean, has_log_weights, BLOCK_T)
     row_weight = tl.load(row_weights_ptr + row)
     through_row = 0.0
-    if SEQUENCE:  # R_b = Σ_t m·(em·dP/dw + β·[bias]·kl), then dw_b/dlogp_t = w_b (/ n_b)
+    if SEQUENCE:  # R_b = Σ_t m·(em·ω·dP/dw + β·[bias]·kl), then dw_b/dlogp_t = w_b (/ n_b)
         row_sum = tl.zeros((BLOCK_T,), tl.float32)
         for start in range(0, length, BLOCK_T):
             cols, in_row, keep, kept, logp, adv, w = _load_block(
@@ -245,13 +281,15 @@ def policy_backward_kernel(row_weights_ptr, entropy_weights_ptr, logprobs_ptr, o
             _, d_ratio, _, _, _ = _policy_term(
                 w, adv, logp, vespo_log_w, term_id, eps_low, eps_high, delta, tau_pos, tau_neg,
                 k_pos, lam_pos, k_neg, lam_neg)
+            d_ratio = _weighted(d_ratio, weights_ptr, row_start, start, length, HAS_WEIGHTS,
+                                BLOCK_T)
             row_sum += tl.where(kept, d_ratio, 0.0)
             if HAS_KL:
                 ref = tl.where(keep, tl.load(ref_ptr + row_start + cols, mask=in_row, other=0.0),
                                0.0)
                 kl, _ = _kl_and_slope(logp, ref, estimator)
                 row_sum += tl.where(keep & (bias != 0), beta * kl, 0.0)
-        through_row = tl.sum(row_sum, axis=0) * row_ratio
+        through_row = _times(tl.sum(row_sum, axis=0), row_ratio)
         through_row = tl.where(sequence_mean != 0, through_row / tl.maximum(count, 1.0),
                                through_row)
     if HAS_ENTROPY_GRAD:
@@ -263,17 +301,20 @@ def policy_backward_kernel(row_weights_ptr, entropy_weights_ptr, logprobs_ptr, o
         _, d_ratio, direct, _, _ = _policy_term(
             w, adv, logp, vespo_log_w, term_id, eps_low, eps_high, delta, tau_pos, tau_neg, k_pos,
             lam_pos, k_neg, lam_neg)
+        d_ratio = _weighted(d_ratio, weights_ptr, row_start, start, length, HAS_WEIGHTS, BLOCK_T)
+        direct = _weighted(direct, weights_ptr, row_start, start, length, HAS_WEIGHTS, BLOCK_T)
         d_ratio = tl.where(kept, d_ratio, 0.0)
         grad = tl.where(kept, direct, 0.0)
         if HAS_KL:
             ref = tl.where(keep, tl.load(ref_ptr + row_start + cols, mask=in_row, other=0.0), 0.0)
             kl, kl_slope = _kl_and_slope(logp, ref, estimator)
-            grad += beta * kl_slope * tl.where(bias != 0, w, 1.0)
+            slope = beta * kl_slope
+            grad += tl.where(bias != 0, _times_ratio(slope, w), slope)
             d_ratio += tl.where(bias != 0, beta * kl, 0.0)
         if SEQUENCE:
             grad += through_row
         else:
-            grad += d_ratio * w
+            grad += _times(d_ratio, w)
         tl.store(grad_ptr + row_start + cols, tl.where(keep, grad * row_weight, 0.0), mask=in_row)
         if HAS_ENTROPY_GRAD:
             tl.store(grad_entropy_ptr + row_start + cols, tl.where(kept, entropy_weight, 0.0),
@@ -302,8 +343,21 @@ def _row_inputs(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logp
             None if ref_logprobs is None else vec(ref_logprobs), int(advantages.dim() == 2))
 
 
-def forward(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, entropy, loss,
-            level, params, beta, kl_estimator, bias_correction):
+def _corrections(policy_weights, sampler_log_weights, per_row):
+    """The rollout weights' kernel arguments: (weights, log_weights, has_log_weights,
+    HAS_WEIGHTS); ``per_row``, a buffer of at least B floats, stands in for an absent one (never
+    read for the weights; its value selected away for the log-weights)."""
+    vec = _kernels.as_fp32_vector
+    return dict(weights_ptr=per_row if policy_weights is None else vec(policy_weights),
+                log_weights_ptr=(per_row if sampler_log_weights is None
+                                 else vec(sampler_log_weights)),
+                has_log_weights=int(sampler_log_weights is not None),
+                HAS_WEIGHTS=policy_weights is not None)
+
+
+def forward(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, entropy,
+            policy_weights, sampler_log_weights, loss, level, params, beta, kl_estimator,
+            bias_correction):
     """The policy family's forward (pyalign/eager/policy.py): row stats [B, 12] fp32."""
     rows, length = logprobs.shape
     lp, old, adv, mask_b, emask_b, ref, adv_stride = _row_inputs(
@@ -312,14 +366,17 @@ def forward(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs
     stats = _kernels.new_output((rows, NUM_STATS), torch.float32, logprobs.device)
     policy_forward_kernel[(rows,)](
         lp, old, adv, mask_b, emask_b, lp if ref is None else ref, lp if ent is None else ent,
-        stats, length, adv_stride, **_scalars(loss, level, params, kl_estimator, bias_correction),
+        stats_ptr=stats, length=length, adv_token_stride=adv_stride,
+        **_corrections(policy_weights, sampler_log_weights, stats),
+        **_scalars(loss, level, params, kl_estimator, bias_correction),
         SEQUENCE=level != "token", HAS_REF=ref is not None, HAS_ENTROPY=ent is not None,
         BLOCK_T=BLOCK_T, num_warps=NUM_WARPS)
     return stats
 
 
 def backward(row_weights, entropy_weights, logprobs, old_logprobs, advantages, mask, entropy_mask,
-             ref_logprobs, entropy, loss, level, params, beta, kl_estimator, bias_correction):
+             ref_logprobs, entropy, policy_weights, sampler_log_weights, loss, level, params, beta,
+             kl_estimator, bias_correction):
     """The policy family's backward (pyalign/eager/policy.py): (grad_logprobs, grad_entropy or None)."""
     rows, length = logprobs.shape
     lp, old, adv, mask_b, emask_b, ref, adv_stride = _row_inputs(
@@ -332,8 +389,9 @@ def backward(row_weights, entropy_weights, logprobs, old_logprobs, advantages, m
                     if with_entropy else None)
     policy_backward_kernel[(rows,)](
         weights, _kernels.as_fp32_vector(entropy_weights) if with_entropy else weights, lp, old,
-        adv, mask_b, emask_b, ref if has_kl else lp, grad,
-        grad_entropy if with_entropy else grad, length, adv_stride,
+        adv, mask_b, emask_b, ref if has_kl else lp,
+        grad_ptr=grad, grad_entropy_ptr=grad_entropy if with_entropy else grad, length=length,
+        adv_token_stride=adv_stride, **_corrections(policy_weights, sampler_log_weights, weights),
         **_scalars(loss, level, params, kl_estimator, bias_correction), beta=float(beta),
         SEQUENCE=level != "token", HAS_KL=has_kl, HAS_ENTROPY_GRAD=with_entropy, BLOCK_T=BLOCK_T,
         num_warps=NUM_WARPS)
@@ -351,21 +409,21 @@ _TYPES = {"mask_ptr": "*u8", "emask_ptr": "*u8",
 
 def compile_configs():
     configs = []
-    for sequence in (False, True):
-        for has_ref in (False, True):
-            for has_entropy in (False, True):
-                configs.append(_kernels.compile_config(
-                    policy_forward_kernel, "policy_forward",
-                    f"seq={sequence} ref={has_ref} entropy={has_entropy}", NUM_WARPS,
-                    {"SEQUENCE": sequence, "HAS_REF": has_ref, "HAS_ENTROPY": has_entropy,
-                     "BLOCK_T": BLOCK_T}, types=_types_of(policy_forward_kernel)))
-        for has_kl in (False, True):
-            for entropy_grad in (False, True):
-                configs.append(_kernels.compile_config(
-                    policy_backward_kernel, "policy_backward",
-                    f"seq={sequence} kl={has_kl} entropy_grad={entropy_grad}", NUM_WARPS,
-                    {"SEQUENCE": sequence, "HAS_KL": has_kl, "HAS_ENTROPY_GRAD": entropy_grad,
-                     "BLOCK_T": BLOCK_T}, types=_types_of(policy_backward_kernel)))
+    for sequence, weights in itertools.product((False, True), (False, True)):
+        for has_ref, has_entropy in itertools.product((False, True), (False, True)):
+            configs.append(_kernels.compile_config(
+                policy_forward_kernel, "policy_forward",
+                f"seq={sequence} ref={has_ref} entropy={has_entropy} weights={weights}",
+                NUM_WARPS, {"SEQUENCE": sequence, "HAS_REF": has_ref, "HAS_ENTROPY": has_entropy,
+                            "HAS_WEIGHTS": weights, "BLOCK_T": BLOCK_T},
+                types=_types_of(policy_forward_kernel)))
+        for has_kl, entropy_grad in itertools.product((False, True), (False, True)):
+            configs.append(_kernels.compile_config(
+                policy_backward_kernel, "policy_backward",
+                f"seq={sequence} kl={has_kl} entropy_grad={entropy_grad} weights={weights}",
+                NUM_WARPS, {"SEQUENCE": sequence, "HAS_KL": has_kl,
+                            "HAS_ENTROPY_GRAD": entropy_grad, "HAS_WEIGHTS": weights,
+                            "BLOCK_T": BLOCK_T}, types=_types_of(policy_backward_kernel)))
     return configs
 
 

@@ -6,7 +6,9 @@ gradient, and the flags from which every API derives its inputs, choices and err
 - pyalign/losses/pair_batch.py: what a pairwise loss runs on (``PairBatch``, the f-divergences,
   the batch steps, ``pair_ratios``);
 - pyalign/losses/policy.py: the policy-gradient losses (``POLICY_REGISTRY``), the KL estimators
-  and the policy backends' row stats.
+  and the policy backends' row stats;
+- pyalign/losses/rollout.py: the policy losses' rollout corrections (``ROLLOUT_CORRECTIONS``: the
+  importance weight between the trainer's old policy and the sampler) and the off-policy mask.
 
 ``from pyalign import losses`` and ``losses.<name>`` for any of them: this package hands on their
 public names.
@@ -15,3 +17,4 @@ public names.
 from pyalign.losses.pair_batch import *
 from pyalign.losses.policy import *
 from pyalign.losses.preference import *
+from pyalign.losses.rollout import *

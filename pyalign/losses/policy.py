@@ -12,6 +12,10 @@ are normalised (data, read by every backend).
   dP/dw  its derivative through the ratio;  D = ∂P/∂logp at fixed w (cispo and vespo weight a
          detached coefficient onto logp itself)
 
+A factor of zero slope or value contributes exactly 0 whatever the ratio holds: ``times`` takes
+0·∞ as 0 (the ratio overflows fp32 from a log-ratio of 89 on), so a clipped branch, A = 0 or a
+zero weight gives a 0 term and a 0 gradient where torch's (and TRL's) product gives NaN.
+
 Also the KL estimators (``KL_ESTIMATOR_IDS``: the KL term's, and ``pyalign.kl_penalty``'s) and
 the per-row stats every policy backend returns (``POLICY_ROW_STATS``).
 """
@@ -78,6 +82,9 @@ class PolicyLoss:
     normalisation: str  # a key of POLICY_NORMALISATIONS
     ratio: str = "argument"  # "argument": importance_sampling_level; "sequence_sum": RLOO's
     clip_metric: Optional[str] = "ppo"  # "ppo", "cispo" or None (the clip-fraction metrics)
+    # the rollout IS weight ρ (pyalign/losses/rollout.py) enters the loss's sequence weight
+    # (token-level ρ only) instead of multiplying P
+    rollout_in_sequence_weight: bool = False
     kernel_id: int = 0  # the policy-term branch of pyalign/kernels/policy.py and csrc/cpu/policy.cpp
 
     @property
@@ -85,12 +92,21 @@ class PolicyLoss:
         return (self.forward.__doc__ or "").strip()
 
 
+def times(a, b):
+    """a·b, except that 0·∞ (either way round) is 0: a zero factor (a slope, an advantage or a
+    weight of 0) contributes exactly 0 whatever the other holds, an overflowed ratio included
+    (torch's and TRL's 0·∞ is NaN). NaN still propagates."""
+    product = a * b
+    zero_times_inf = ((a == 0) & torch.isinf(b)) | (torch.isinf(a) & (b == 0))
+    return torch.where(zero_times_inf, torch.zeros_like(product), product)
+
+
 def _ppo_clip(ratio, advantages, logprobs, log_ratio_sum, p):
     """PPO clip: −min(c1·A, c2·A),  c1 = min(w, δ) (δ: two-sided clip, INTELLECT-2; none by
-    default), c2 = clamp(w, 1 − ε_low, 1 + ε_high)."""
+    default), c2 = clamp(w, 1 − ε_low, 1 + ε_high); c·A is 0 at A = 0 whatever w (``times``)."""
     c1 = ratio if p.delta is None else torch.clamp(ratio, max=p.delta)
     c2 = torch.clamp(ratio, 1 - p.epsilon_low, 1 + p.epsilon_high)
-    return -torch.minimum(c1 * advantages, c2 * advantages)
+    return -torch.minimum(times(advantages, c1), times(advantages, c2))
 
 
 def _ppo_clip_grad(ratio, advantages, logprobs, log_ratio_sum, p):
@@ -101,7 +117,7 @@ def _ppo_clip_grad(ratio, advantages, logprobs, log_ratio_sum, p):
     one, zero = torch.ones_like(ratio), torch.zeros_like(ratio)
     slope1 = one if p.delta is None else torch.where(ratio <= p.delta, one, zero)
     slope2 = torch.where((ratio >= 1 - p.epsilon_low) & (ratio <= 1 + p.epsilon_high), one, zero)
-    a, b = c1 * advantages, c2 * advantages
+    a, b = times(advantages, c1), times(advantages, c2)
     slope = torch.where(a < b, slope1, torch.where(a > b, slope2, 0.5 * (slope1 + slope2)))
     return -advantages * slope, torch.zeros_like(ratio)
 
@@ -168,7 +184,7 @@ POLICY_REGISTRY: dict[str, PolicyLoss] = {entry.name: entry for entry in (
                kernel_id=2),
     PolicyLoss("luspo", "2602.05261", _ppo_clip, _ppo_clip_grad, "batch"),
     PolicyLoss("vespo", "2602.10693", _vespo, _vespo_grad, "num_items", clip_metric=None,
-               kernel_id=3),
+               rollout_in_sequence_weight=True, kernel_id=3),
     PolicyLoss("rloo", "2402.14740", _ppo_clip, _ppo_clip_grad, "sequence_mean",
                ratio="sequence_sum"),
 )}

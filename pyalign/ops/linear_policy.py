@@ -35,10 +35,11 @@ from pyalign.ops.policy import (
 POLICY_OPTIONS = {name: parameter.default
                   for name, parameter in inspect.signature(policy_loss).parameters.items()
                   if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-                  and name not in ("ref_logprobs", "entropy", "backend")}
+                  and name not in ("ref_logprobs", "rollout_logprobs", "entropy", "backend")}
 
 
-def _check_inputs(hidden, weight, bias, labels, advantages, old_logps, ref_logps):
+def _check_inputs(hidden, weight, bias, labels, advantages, old_logps, ref_logps,
+                  rollout_logprobs):
     _checks.check_tensor("hidden", hidden, floating=True)
     if hidden.dim() != 3 or hidden.shape[-1] == 0:
         raise ValueError(f"hidden must be [B, T, H] with H > 0, got shape {tuple(hidden.shape)}")
@@ -58,17 +59,20 @@ def _check_inputs(hidden, weight, bias, labels, advantages, old_logps, ref_logps
     _checks.check_shape("labels", labels, shape, "hidden.shape[:2], [B, T]")
     _checks.check_tensor("advantages", advantages, floating=True)
     check_advantages(advantages, shape)
-    for name, tensor in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+    for name, tensor in (("old_logps", old_logps), ("ref_logps", ref_logps),
+                         ("rollout_logprobs", rollout_logprobs)):
         if tensor is not None:
             _checks.check_tensor(name, tensor, floating=True)
             _checks.check_shape(name, tensor, shape, "labels.shape, [B, T] per token")
     _checks.check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels,
-                              advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
+                              advantages=advantages, old_logps=old_logps, ref_logps=ref_logps,
+                              rollout_logprobs=rollout_logprobs)
 
 
 def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                        advantages: torch.Tensor, old_logps: Optional[torch.Tensor] = None,
                        ref_logps: Optional[torch.Tensor] = None, *,
+                       rollout_logprobs: Optional[torch.Tensor] = None,
                        bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                        temperature: float = 1.0, softcap: Optional[float] = None,
                        logit_scale: float = 1.0, chunk_size: Optional[int] = None,
@@ -79,7 +83,9 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     labels: [B, T], the sampled tokens, ``ignore_index`` where masked (the loss mask is
     labels != ignore_index); advantages: [B] or [B, T]; old_logps: [B, T] per-token log-probs of
     the sampling policy (None: on-policy, ratio 1); ref_logps: [B, T] the reference's (None: no KL
-    term; needed for beta > 0). Gradients flow to hidden, weight and bias only. The head:
+    term; needed for beta > 0); rollout_logprobs: [B, T] the sampler's, for policy_loss's rollout
+    correction (its ``vllm_importance_sampling_*`` and ``off_policy_mask_threshold`` options).
+    Gradients flow to hidden, weight and bias only. The head:
     ``temperature``, ``softcap``, ``logit_scale`` as in linear_token_logprobs.
     ``process_group``: the vocab-parallel head, as in ``linear_token_logprobs``: ``weight`` and
     ``bias`` are this rank's vocabulary rows, everything else is the same on every rank, and every
@@ -106,9 +112,10 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         if unknown:
             raise TypeError(f"linear_policy_loss got unknown option(s) {unknown}; the loss options are "
                             f"policy_loss's: {sorted(POLICY_OPTIONS)}")
-        _check_inputs(hidden, weight, bias, labels, advantages, old_logps, ref_logps)
-        checked = check_options(ref_logps is not None, True, ref_name="ref_logps",
-                                **{**POLICY_OPTIONS, **options})
+        _check_inputs(hidden, weight, bias, labels, advantages, old_logps, ref_logps,
+                      rollout_logprobs)
+        checked = check_options(ref_logps is not None, True, rollout_logprobs is not None,
+                                ref_name="ref_logps", **{**POLICY_OPTIONS, **options})
         ignore_index = _checks.check_int("ignore_index", ignore_index)
         temperature = _checks.check_temperature(temperature)
         chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
@@ -120,20 +127,23 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     if (_fused_head.applies("sum", hidden, weight, bias) and checked.top_entropy_quantile == 1
             and softcap is None and logit_scale == 1):
         return _fused_linear_policy(hidden, weight, bias, labels, advantages, old_logps, ref_logps,
-                                    checked, ignore_index, temperature, chunk_size, backend,
-                                    loss_backend, shard)
+                                    rollout_logprobs, checked, ignore_index, temperature,
+                                    chunk_size, backend, loss_backend, shard)
     token_logps, entropy = linear_token_logprobs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
         entropy=True, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
         backend=backend, process_group=process_group)
     return policy_loss(token_logps, old_logps, advantages, labels != ignore_index,
-                       ref_logprobs=ref_logps, entropy=entropy, backend=loss_backend, **options)
+                       ref_logprobs=ref_logps, rollout_logprobs=rollout_logprobs, entropy=entropy,
+                       backend=loss_backend, **options)
 
 
-def _fused_linear_policy(hidden, weight, bias, labels, advantages, old_logps, ref_logps, checked,
-                         ignore_index, temperature, chunk_size, backend, loss_backend, shard):
+def _fused_linear_policy(hidden, weight, bias, labels, advantages, old_logps, ref_logps,
+                         rollout_logps, checked, ignore_index, temperature, chunk_size, backend,
+                         loss_backend, shard):
     """linear_policy_loss in 3 matmuls: units are single sequences; each chunk's per-row losses
-    come from policy_loss's own PolicyLossFunction with the batch-global weights."""
+    come from policy_loss's own PolicyLossFunction with the batch-global weights, its rollout
+    correction from the chunk's rows (every piece of it is row-local)."""
     dtype = accumulation_dtype(hidden, old_logps, ref_logps)  # the chunk log-probs' dtype
     mask = labels != ignore_index
     row_weights, entropy_weight = checked.weights(mask, None, dtype)
@@ -141,18 +151,24 @@ def _fused_linear_policy(hidden, weight, bias, labels, advantages, old_logps, re
     advantages = advantages.detach().contiguous()
     old_logps = None if old_logps is None else old_logps.detach()
     ref_logps = None if ref_logps is None else ref_logps.detach()
+    rollout_logps = None if rollout_logps is None else rollout_logps.detach()
 
     def chunk_loss(rows, token_logps, chunk_mask, _ref_tokens, _log_sum_sq, entropy):
         old = token_logps.detach() if old_logps is None else old_logps[rows].contiguous()
         ref = None if ref_logps is None else ref_logps[rows].contiguous()
+        chunk_advantages, chunk_mask = advantages[rows].contiguous(), chunk_mask.contiguous()
+        *corrections, rollout_stats = checked.corrections(
+            token_logps.detach(), old, None if rollout_logps is None else rollout_logps[rows],
+            chunk_advantages, chunk_mask)
         row_losses, stats = PolicyLossFunction.apply(
-            token_logps, entropy, old, advantages[rows].contiguous(), chunk_mask.contiguous(), None,
-            ref, row_weights[rows].contiguous(), entropy_weight, config)
-        return row_losses, (stats,)
+            token_logps, entropy, old, chunk_advantages, chunk_mask, None, ref, tuple(corrections),
+            row_weights[rows].contiguous(), entropy_weight, config)
+        return row_losses, (stats,) + (() if rollout_stats is None else (rollout_stats,))
 
     unit_rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
     plan = _fused_head.FusedHeadPlan(labels, unit_rows, chunk_loss, "sum", ignore_index,
                                      temperature, chunk_size, backend, with_entropy=True,
                                      vocab_shard=shard)
-    loss, stats = _fused_head.fused_head_loss(hidden, weight, bias, plan)
-    return checked.output(loss, row_weights, stats, advantages, ref_logps is not None, True)
+    loss, stats, *rollout_stats = _fused_head.fused_head_loss(hidden, weight, bias, plan)
+    return checked.output(loss, row_weights, stats, advantages, ref_logps is not None, True,
+                          rollout_stats[0] if rollout_stats else None)

@@ -37,22 +37,32 @@ class PolicyLossOutput(NamedTuple):
     mean_kl: torch.Tensor  # masked mean of the KL term (NaN without ref_logprobs)
     mean_entropy: torch.Tensor  # masked mean entropy (NaN without entropy)
     mean_ratio: torch.Tensor  # masked mean of the importance ratio w
+    # the rollout correction (rollout_logprobs; NaN without it), TRL's sampling/... metrics:
+    importance_sampling_ratio_mean: torch.Tensor  # importance_sampling_ratio/mean of ρ
+    importance_sampling_ratio_min: torch.Tensor  # .../min
+    importance_sampling_ratio_max: torch.Tensor  # .../max
+    importance_sampling_masked_fraction: torch.Tensor  # the units ρ's bounds set to 0 (verl's)
+    sampling_logp_difference_mean: torch.Tensor  # mean |old_logp − rollout_logp| (kept tokens)
+    sampling_logp_difference_max: torch.Tensor  # its max
 
 
 @torch.library.custom_op("pyalign::policy_loss_fwd", mutates_args=())
 def _policy_fwd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, entropy_mask: Optional[torch.Tensor],
-                ref_logprobs: Optional[torch.Tensor], entropy: Optional[torch.Tensor], loss: str,
-                level: str, params: list[float], beta: float, kl_estimator: str,
+                ref_logprobs: Optional[torch.Tensor], entropy: Optional[torch.Tensor],
+                policy_weights: Optional[torch.Tensor], sampler_log_weights: Optional[torch.Tensor],
+                loss: str, level: str, params: list[float], beta: float, kl_estimator: str,
                 bias_correction: bool, backend: str) -> torch.Tensor:
     impl = backends.implementation("policy", backend, logprobs, old_logprobs, ref_logprobs)
     return impl.forward(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs,
-                        entropy, loss, level, params, beta, kl_estimator, bias_correction)
+                        entropy, policy_weights, sampler_log_weights, loss, level, params, beta,
+                        kl_estimator, bias_correction)
 
 
 @_policy_fwd.register_fake
-def _(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, entropy, loss, level,
-      params, beta, kl_estimator, bias_correction, backend):
+def _(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, entropy,
+      policy_weights, sampler_log_weights, loss, level, params, beta, kl_estimator,
+      bias_correction, backend):
     acc = accumulation_dtype(logprobs, old_logprobs, ref_logprobs)
     return logprobs.new_empty((logprobs.shape[0], len(losses.POLICY_ROW_STATS)), dtype=acc)
 
@@ -61,19 +71,22 @@ def _(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, entr
 def _policy_bwd(row_weights: torch.Tensor, entropy_weights: Optional[torch.Tensor],
                 logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, entropy_mask: Optional[torch.Tensor],
-                ref_logprobs: Optional[torch.Tensor], entropy: Optional[torch.Tensor], loss: str,
-                level: str, params: list[float], beta: float, kl_estimator: str,
+                ref_logprobs: Optional[torch.Tensor], entropy: Optional[torch.Tensor],
+                policy_weights: Optional[torch.Tensor], sampler_log_weights: Optional[torch.Tensor],
+                loss: str, level: str, params: list[float], beta: float, kl_estimator: str,
                 bias_correction: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     impl = backends.implementation("policy", backend, logprobs, old_logprobs, ref_logprobs)
     grad, grad_entropy = impl.backward(row_weights, entropy_weights, logprobs, old_logprobs,
-                                       advantages, mask, entropy_mask, ref_logprobs, entropy, loss,
-                                       level, params, beta, kl_estimator, bias_correction)
+                                       advantages, mask, entropy_mask, ref_logprobs, entropy,
+                                       policy_weights, sampler_log_weights, loss, level, params,
+                                       beta, kl_estimator, bias_correction)
     return grad, (logprobs.new_empty(0) if grad_entropy is None else grad_entropy)
 
 
 @_policy_bwd.register_fake
 def _(row_weights, entropy_weights, logprobs, old_logprobs, advantages, mask, entropy_mask,
-      ref_logprobs, entropy, loss, level, params, beta, kl_estimator, bias_correction, backend):
+      ref_logprobs, entropy, policy_weights, sampler_log_weights, loss, level, params, beta,
+      kl_estimator, bias_correction, backend):
     with_entropy = entropy is not None and entropy_weights is not None
     return (torch.empty_like(logprobs),
             torch.empty_like(entropy) if with_entropy else logprobs.new_empty(0))
@@ -112,27 +125,29 @@ def loss_weights(mask, entropy_mask, normalisation, max_completion_length, num_i
 
 class PolicyLossFunction(torch.autograd.Function):
     """(logprobs, entropy, ..., row_weights, entropy_weight, config) -> (per-row losses [B],
-    row stats); the loss is the sum of the per-row losses (loss_weights)."""
+    row stats); the loss is the sum of the per-row losses (loss_weights). ``corrections``: the
+    rollout correction's (policy_weights, sampler_log_weights) (losses.rollout_terms)."""
 
     @staticmethod
     def forward(ctx, logprobs, entropy, old_logprobs, advantages, mask, entropy_mask, ref_logprobs,
-                row_weights, entropy_weight, config):
+                corrections, row_weights, entropy_weight, config):
         loss, level, params, beta, estimator, bias, entropy_coef, backend = config
         stats = _policy_fwd(logprobs, old_logprobs, advantages, mask, entropy_mask, ref_logprobs,
-                            entropy, loss, level, params, beta, estimator, bias, backend)
+                            entropy, *corrections, loss, level, params, beta, estimator, bias,
+                            backend)
         row_losses = row_weights * (stats[:, _STAT["policy"]] + beta * stats[:, _STAT["kl"]])
         if entropy_coef != 0:
             row_losses = row_losses + entropy_weight * stats[:, _STAT["entropy_kept"]]
         ctx.save_for_backward(logprobs, entropy, old_logprobs, advantages, mask, entropy_mask,
-                              ref_logprobs, row_weights, entropy_weight)
+                              ref_logprobs, *corrections, row_weights, entropy_weight)
         ctx.config = config
         ctx.mark_non_differentiable(stats)
         return row_losses, stats
 
     @staticmethod
     def backward(ctx, grad_row_losses, _grad_stats):
-        (logprobs, entropy, old_logprobs, advantages, mask, entropy_mask, ref_logprobs, row_weights,
-         entropy_weight) = ctx.saved_tensors
+        (logprobs, entropy, old_logprobs, advantages, mask, entropy_mask, ref_logprobs,
+         policy_weights, sampler_log_weights, row_weights, entropy_weight) = ctx.saved_tensors
         loss, level, params, beta, estimator, bias, entropy_coef, backend = ctx.config
         grad_row_losses = grad_row_losses.to(row_weights.dtype)
         entropy_weights = None
@@ -140,10 +155,11 @@ class PolicyLossFunction(torch.autograd.Function):
             entropy_weights = (entropy_weight * grad_row_losses).contiguous()
         grad, grad_entropy = _policy_bwd((row_weights * grad_row_losses).contiguous(),
                                          entropy_weights, logprobs, old_logprobs, advantages,
-                                         mask, entropy_mask, ref_logprobs, entropy, loss, level,
-                                         params, beta, estimator, bias, backend)
+                                         mask, entropy_mask, ref_logprobs, entropy, policy_weights,
+                                         sampler_log_weights, loss, level, params, beta, estimator,
+                                         bias, backend)
         grad_entropy = grad_entropy if entropy_weights is not None else None
-        return grad, grad_entropy, *([None] * 8)
+        return grad, grad_entropy, *([None] * 9)
 
 
 def _check_per_token(name, tensor, shape):
@@ -193,7 +209,13 @@ def _metrics(entry, level, stats, advantages, params, has_kl, has_entropy):
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor],
                 advantages: torch.Tensor, mask: torch.Tensor, *, loss_type: str = "grpo",
-                ref_logprobs: Optional[torch.Tensor] = None, beta: float = 0.0,
+                ref_logprobs: Optional[torch.Tensor] = None,
+                rollout_logprobs: Optional[torch.Tensor] = None,
+                vllm_importance_sampling_correction: bool = True,
+                vllm_importance_sampling_mode: str = "sequence_mask",
+                vllm_importance_sampling_clip_max: Optional[float] = 3.0,
+                vllm_importance_sampling_clip_min: Optional[float] = None,
+                off_policy_mask_threshold: Optional[float] = None, beta: float = 0.0,
                 kl_estimator: str = "k3", use_bias_correction_kl: bool = True,
                 epsilon: float = 0.2, epsilon_high: Optional[float] = None,
                 delta: Optional[float] = None, importance_sampling_level: Optional[str] = None,
@@ -222,6 +244,18 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor],
     ``num_items_in_batch`` the active-token count dapo/cispo/vespo divide by (default: this
     batch's; TRL uses num_items_in_batch · gradient_accumulation_steps / (num_processes ·
     steps_per_generation)). Gradient accumulation scaling is the caller's.
+
+    Rollout correction (pyalign/losses/rollout.py; TRL's names and defaults): ``rollout_logprobs``
+    [B, T] the sampler's log-probs of the sampled tokens (vLLM's, a bf16 generate's; NaN where it
+    did not score one), None when the old policy sampled. With it and
+    ``vllm_importance_sampling_correction`` (True) the policy term is weighted by ρ, the importance
+    weight old/sampler of ``vllm_importance_sampling_mode`` (token_truncate, token_mask,
+    sequence_truncate, sequence_mask (default), geometric_reject) bounded by
+    ``vllm_importance_sampling_clip_min`` / ``..._clip_max`` (None: unbounded; 3.0); vespo takes ρ
+    into its sequence weight (token modes only). ``off_policy_mask_threshold`` (None: off) drops
+    the policy term of the rows with A < 0 whose mean of rollout_logp − logp (old_logp without
+    rollout_logprobs) exceeds it. Metrics: ``importance_sampling_ratio_*``,
+    ``importance_sampling_masked_fraction``, ``sampling_logp_difference_*``.
     """
     _checks.check_tensor("logprobs", logprobs, floating=True)
     if logprobs.dim() != 2:
@@ -237,10 +271,18 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor],
         _check_per_token("ref_logprobs", ref_logprobs, shape)
     if entropy is not None:
         _check_per_token("entropy", entropy, shape)
+    if rollout_logprobs is not None:
+        _check_per_token("rollout_logprobs", rollout_logprobs, shape)
     _checks.check_same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages,
-                              mask=mask, ref_logprobs=ref_logprobs, entropy=entropy)
+                              mask=mask, ref_logprobs=ref_logprobs, entropy=entropy,
+                              rollout_logprobs=rollout_logprobs)
     options = check_options(
-        ref_logprobs is not None, entropy is not None, loss_type=loss_type, beta=beta,
+        ref_logprobs is not None, entropy is not None, rollout_logprobs is not None,
+        vllm_importance_sampling_correction=vllm_importance_sampling_correction,
+        vllm_importance_sampling_mode=vllm_importance_sampling_mode,
+        vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max,
+        vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
+        off_policy_mask_threshold=off_policy_mask_threshold, loss_type=loss_type, beta=beta,
         kl_estimator=kl_estimator, use_bias_correction_kl=use_bias_correction_kl, epsilon=epsilon,
         epsilon_high=epsilon_high, delta=delta, importance_sampling_level=importance_sampling_level,
         sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
@@ -261,11 +303,15 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor],
         entropy = entropy.contiguous()
     row_weights, entropy_weight = options.weights(mask, entropy_mask,
                                                   accumulation_dtype(logprobs, old, ref))
+    rollout = None if rollout_logprobs is None else rollout_logprobs.detach()
+    *corrections, rollout_stats = options.corrections(logprobs.detach(), old, rollout, advantages,
+                                                      mask)
     row_losses, stats = PolicyLossFunction.apply(logprobs, entropy, old, advantages, mask,
-                                                 entropy_mask, ref, row_weights, entropy_weight,
+                                                 entropy_mask, ref, tuple(corrections),
+                                                 row_weights, entropy_weight,
                                                  options.config(backend))
     return options.output(row_losses.sum(), row_weights, stats, advantages, ref is not None,
-                          entropy is not None)
+                          entropy is not None, rollout_stats)
 
 
 def check_advantages(advantages, shape):
@@ -287,6 +333,7 @@ class PolicyOptions(NamedTuple):
     top_entropy_quantile: float
     max_completion_length: Optional[int]
     num_items_in_batch: Optional[float]
+    rollout: losses.RolloutOptions
 
     def config(self, backend):
         """PolicyLossFunction's config."""
@@ -298,25 +345,35 @@ class PolicyOptions(NamedTuple):
                             self.max_completion_length, self.num_items_in_batch,
                             self.entropy_coef, dtype)
 
-    def output(self, loss, row_weights, stats, advantages, has_kl, has_entropy):
+    def corrections(self, logprobs, old, rollout, advantages, mask):
+        """(policy_weights, sampler_log_weights, rollout row stats) of a batch's rows
+        (losses.rollout_terms): the backends' inputs and the rollout metrics' pieces."""
+        return losses.rollout_terms(self.rollout, self.entry.rollout_in_sequence_weight,
+                                    logprobs, old, rollout, advantages, mask)
+
+    def output(self, loss, row_weights, stats, advantages, has_kl, has_entropy, rollout_stats):
         """The PolicyLossOutput of the loss, from the whole batch's row stats."""
         stats = stats.detach()
         policy_only = (row_weights * (stats[:, _STAT["policy"]]
                                       + self.beta * stats[:, _STAT["kl"]])).sum()
         metrics = _metrics(self.entry, self.level, stats, advantages, self.params, has_kl,
                            has_entropy)
-        return PolicyLossOutput(loss, policy_only, *metrics)
+        return PolicyLossOutput(loss, policy_only, *metrics,
+                                *losses.rollout_metrics(rollout_stats, stats))
 
 
-def check_options(has_ref: bool, has_entropy: bool, *, ref_name="ref_logprobs", loss_type, beta, kl_estimator,
-                  use_bias_correction_kl, epsilon, epsilon_high, delta, importance_sampling_level,
-                  sapo_temperature_pos, sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos,
-                  vespo_k_neg, vespo_lambda_neg, entropy_coef, top_entropy_quantile,
-                  max_completion_length, num_items_in_batch) -> PolicyOptions:
+def check_options(has_ref: bool, has_entropy: bool, has_rollout: bool, *,
+                  ref_name="ref_logprobs", loss_type, beta, kl_estimator, use_bias_correction_kl,
+                  epsilon, epsilon_high, delta, importance_sampling_level, sapo_temperature_pos,
+                  sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                  vespo_lambda_neg, entropy_coef, top_entropy_quantile, max_completion_length,
+                  num_items_in_batch, **rollout) -> PolicyOptions:
     """policy_loss's scalar options (its signature holds their defaults), checked; ``has_ref``,
-    ``has_entropy``: whether the reference log-probs (the caller's argument ``ref_name``) and the
-    entropies are there."""
+    ``has_entropy``, ``has_rollout``: whether the reference log-probs (the caller's argument
+    ``ref_name``), the entropies and the sampler's log-probs are there; ``rollout``: the rollout
+    correction's options (check_rollout_options)."""
     entry = losses.get_policy(loss_type)
+    rollout = check_rollout_options(entry, has_rollout, **rollout)
     beta = _checks.check_finite_range("beta", beta, low=0.0, what="a finite number >= 0")
     if beta > 0 and not has_ref:
         raise ValueError(f"beta > 0 needs {ref_name} (the KL term's reference log-probs)")
@@ -367,4 +424,38 @@ def check_options(has_ref: bool, has_entropy: bool, *, ref_name="ref_logprobs", 
                                    float(vespo_lambda_pos), float(vespo_k_neg),
                                    float(vespo_lambda_neg))
     return PolicyOptions(entry, level, params, beta, kl_estimator, bias, entropy_coef,
-                         top_entropy_quantile, max_completion_length, num_items_in_batch)
+                         top_entropy_quantile, max_completion_length, num_items_in_batch, rollout)
+
+
+def check_rollout_options(entry, has_rollout, *, vllm_importance_sampling_correction,
+                          vllm_importance_sampling_mode, vllm_importance_sampling_clip_max,
+                          vllm_importance_sampling_clip_min,
+                          off_policy_mask_threshold) -> losses.RolloutOptions:
+    """The rollout correction's options (TRL 1.16's GRPOConfig checks), as losses.RolloutOptions."""
+    correction = _checks.check_bool("vllm_importance_sampling_correction",
+                                    vllm_importance_sampling_correction)
+    mode = _checks.check_choice("vllm_importance_sampling_mode", vllm_importance_sampling_mode,
+                                losses.ROLLOUT_MODES)
+    low = None if vllm_importance_sampling_clip_min is None else _checks.check_finite_range(
+        "vllm_importance_sampling_clip_min", vllm_importance_sampling_clip_min, low=0.0,
+        what="a finite number >= 0 (or None: no lower bound)")
+    high = None if vllm_importance_sampling_clip_max is None else _checks.check_finite_range(
+        "vllm_importance_sampling_clip_max", vllm_importance_sampling_clip_max, low=0.0,
+        low_inclusive=False, what="a finite number > 0 (or None: no upper bound)")
+    if low is not None and high is not None and low >= high:
+        raise ValueError(f"vllm_importance_sampling_clip_min ({low}) must be less than "
+                         f"vllm_importance_sampling_clip_max ({high})")
+    if (correction and low is None and high is None
+            and losses.ROLLOUT_CORRECTIONS[mode].bounds != "mask"):
+        raise ValueError(f"vllm_importance_sampling_mode {mode!r} needs "
+                         "vllm_importance_sampling_clip_min or vllm_importance_sampling_clip_max")
+    if off_policy_mask_threshold is not None:
+        off_policy_mask_threshold = _checks.check_finite_range(
+            "off_policy_mask_threshold", off_policy_mask_threshold,
+            what="a finite number (or None: no off-policy mask)")
+    level = losses.ROLLOUT_CORRECTIONS[mode].level
+    if entry.rollout_in_sequence_weight and has_rollout and correction and level != "token":
+        raise ValueError(f"{entry.name} takes the importance weight into its sequence weight per "
+                         f"token: vllm_importance_sampling_mode must be token_truncate or "
+                         f"token_mask, got {mode!r}")
+    return losses.RolloutOptions(correction, mode, low, high, off_policy_mask_threshold)

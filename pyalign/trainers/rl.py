@@ -21,9 +21,16 @@ pass (before any update on the batch) are the old log-probs, and the later passe
 to ``[1 - epsilon, 1 + epsilon_high]``. With ``kl_target`` set, the coefficient follows the
 adaptive controller of Ziegler et al. (2019): ``coef *= 1 + clip(KL / target - 1, -0.2, 0.2) *
 samples / kl_horizon``, with the KL averaged over all ranks so every rank keeps the same value.
+
+With ``sampler_dtype`` set, a copy of the policy in that dtype (re-synced from the policy before
+every step's rollouts, as vLLM's weights are) samples the completions, and its own log-probs of
+them are the loss's ``rollout_logprobs``: the rollout correction of pyalign/losses/rollout.py
+corrects the sampler/trainer mismatch (TRL's ``vllm_importance_sampling_*`` settings). Unset, the
+policy samples itself: there is no mismatch and nothing is corrected.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Callable, Optional
 
@@ -32,13 +39,26 @@ import torch
 import pyalign
 from pyalign import losses
 from pyalign.data.rewards import RewardError
+from pyalign.ops.policy import check_rollout_options
 from pyalign.trainers.distributed import micro_slices, split_evenly, unsharded
 from pyalign.trainers.fields import Algorithm, setting
-from pyalign.trainers.scoring import masked_sum
+from pyalign.trainers.scoring import ResponseScorer, masked_sum
 from pyalign.trainers.seeding import make_generator
-from pyalign.trainers.trainer import Trainer, TrainerConfig
+from pyalign.trainers.trainer import Trainer, TrainerConfig, frozen
 
 ELASTIC = ("elastic_reset", (True,))
+SAMPLER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+SAMPLER = ("sampler_dtype", tuple(SAMPLER_DTYPES))
+# The rollout correction's metrics: PolicyLossOutput's name -> TRL's (the masked fraction is
+# verl's, under TRL's prefix); the min and max reduce as such, the others as unit-weighted means.
+SAMPLING_METRICS = {
+    "importance_sampling_ratio_mean": "sampling/importance_sampling_ratio/mean",
+    "importance_sampling_ratio_min": "sampling/importance_sampling_ratio/min",
+    "importance_sampling_ratio_max": "sampling/importance_sampling_ratio/max",
+    "importance_sampling_masked_fraction": "sampling/importance_sampling_masked_fraction",
+    "sampling_logp_difference_mean": "sampling/sampling_logp_difference/mean",
+    "sampling_logp_difference_max": "sampling/sampling_logp_difference/max",
+}
 
 KL_ESTIMATORS = ("k1", "k3")
 REWARDS = ("proxy", "gold")
@@ -89,6 +109,26 @@ class RLConfig(TrainerConfig):
     er_ema_every: int = setting(1, "Elastic Reset: steps between EMA updates", applies=ELASTIC)
     er_reset_optimizer: bool = setting(False, "Elastic Reset: reset AdamW's moments at each reset",
                                        applies=ELASTIC)
+    sampler_dtype: Optional[str] = setting(None, "sample from a copy of the policy in this dtype "
+                                           "(re-synced every step), whose log-probs of its "
+                                           "samples feed the rollout correction: a sampler that "
+                                           "differs from the trainer, as vLLM's does (unset: the "
+                                           "policy samples itself, nothing to correct)",
+                                           choices=tuple(SAMPLER_DTYPES))
+    vllm_importance_sampling_correction: bool = setting(
+        True, "weight the policy term by the importance ratio trainer/sampler", applies=SAMPLER)
+    vllm_importance_sampling_mode: str = setting(
+        "sequence_mask", "the importance ratio: per token or sequence, truncated to or masked "
+        "outside [clip_min, clip_max]; geometric_reject: verl's geometric-mean rejection",
+        choices=losses.ROLLOUT_MODES, applies=SAMPLER)
+    vllm_importance_sampling_clip_max: Optional[float] = setting(
+        3.0, "the importance ratio's upper bound (unset: none)", bounds="> 0", applies=SAMPLER)
+    vllm_importance_sampling_clip_min: Optional[float] = setting(
+        None, "its lower bound (unset: none; geometric_reject: 1 / clip_max)", bounds=">= 0",
+        applies=SAMPLER)
+    off_policy_mask_threshold: Optional[float] = setting(
+        None, "drop the policy term of completions with A < 0 whose mean log-ratio sampler/policy "
+        "exceeds this (DeepSeek-V3.2's off-policy sequence mask; unset: off)")
 
     def validate(self) -> None:
         super().validate()
@@ -99,6 +139,20 @@ class RLConfig(TrainerConfig):
             self.er_ema_decay, self.er_reset_every, self.er_ema_every,
             keys=("config key 'er_ema_decay'", "config key 'er_reset_every'",
                   "config key 'er_ema_every'"))
+        if self.sampler_dtype is not None and self.fsdp:
+            raise ValueError("config key 'sampler_dtype' takes a full copy of the policy: not with "
+                             "fsdp (the policy sharded)")
+        self.rollout_options()  # the rollout correction's checks (pyalign.policy_loss's)
+
+    def rollout_options(self) -> dict:
+        """pyalign.policy_loss's rollout-correction options of this run, checked."""
+        options = {name: getattr(self, name) for name in (
+            "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+            "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
+            "off_policy_mask_threshold")}
+        check_rollout_options(losses.get_policy(self.loss_type), self.sampler_dtype is not None,
+                              **options)
+        return options
 
 
 class RLTrainer(Trainer):
@@ -115,6 +169,12 @@ class RLTrainer(Trainer):
         if self.reward_fn is None:
             self.reward_fn = task.gold_reward if config.reward == "gold" else task.proxy_reward
         self.kl_coef = float(config.kl_coef)
+        self.sampler = self.sampler_scorer = None
+        if config.sampler_dtype is not None:
+            self.sampler = frozen(copy.deepcopy(self.policy)).to(SAMPLER_DTYPES[config.sampler_dtype])
+            self.sampler_scorer = self._wrap(ResponseScorer(
+                self.sampler, fused_linear=config.fused_linear, backend=config.backend,
+                temperature=config.temperature, padding_free=config.padding_free), trainable=False)
 
     def _score_temperature(self) -> float:
         # the policy's log-probs of its own samples, at the temperature they were drawn with
@@ -144,6 +204,8 @@ class RLTrainer(Trainer):
         offset = self.dist.rank * local
         slices = micro_slices(local, cfg.micro_batch_size)
         samples_per_rank = local * k
+        if self.sampler is not None:  # the sampler gets the policy's weights, as vLLM's would
+            pyalign.copy_(self.sampler, self.policy, backend=cfg.backend)
         rollouts = []
         for part in slices:
             chunk_prompts = prompts[offset + part.start: offset + part.stop].to(self.dist.device)
@@ -154,6 +216,7 @@ class RLTrainer(Trainer):
             self._grpo_advantages(rollouts)
         tokens_per_rank = float(sum(float(r["mask"].sum()) for r in rollouts))
         sums: dict[str, float] = {}
+        sampling: dict[str, list] = {}
         for iteration in range(cfg.num_iterations):
             clip = 0.0
             for i, rollout in enumerate(rollouts):
@@ -161,6 +224,8 @@ class RLTrainer(Trainer):
                     values = self._update(rollout, iteration, samples_per_rank, tokens_per_rank)
                 clip += values.pop("clip_ratio")
                 if iteration == 0:
+                    for name, value in values.pop("sampling", {}).items():
+                        sampling.setdefault(name, []).append(value)
                     for name, value in values.items():
                         sums[name] = sums.get(name, 0.0) + value
             grad_norm = self._optimizer_step(step)
@@ -179,11 +244,35 @@ class RLTrainer(Trainer):
         tokens = self.dist.all_reduce_sum(torch.tensor([sums["all_tokens"]], dtype=torch.float64))
         record.update(kl_coef=self.kl_coef, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
                       _tokens=float(tokens))
+        record.update(self._sampling_metrics(sampling))
         if cfg.elastic_reset:
             record["reset"] = reset
         if cfg.kl_target is not None:
             error = max(-0.2, min(0.2, record["kl_penalty"] / cfg.kl_target - 1.0))
             self.kl_coef *= 1.0 + error * (cfg.batch_size * k) / cfg.kl_horizon
+        return record
+
+    def _sampling_metrics(self, sampling: dict) -> dict:
+        """The rollout correction's metrics of the step under TRL's names: over the micro-batches
+        and ranks, min and max as such, the rest weighted by the units they counted."""
+        if not sampling:
+            return {}
+        units = sum(count for _, count in sampling["importance_sampling_ratio_mean"])
+        tokens = sum(count for _, count in sampling["sampling_logp_difference_mean"])
+        sums = {name: sum(value * count for value, count in values) for name, values in sampling.items()
+                if not name.endswith(("_min", "_max"))}
+        totals = self.dist.all_reduce_sum(torch.tensor(
+            [units, tokens, *sums.values()], dtype=torch.float64)).tolist()
+        record = {}
+        for (name, _), total in zip(sums.items(), totals[2:], strict=True):
+            count = totals[1] if name.startswith("sampling_logp") else totals[0]
+            record[SAMPLING_METRICS[name]] = total / max(count, 1.0)
+        for name, reduce in (("importance_sampling_ratio_min", min),
+                             ("importance_sampling_ratio_max", max),
+                             ("sampling_logp_difference_max", max)):
+            value = torch.tensor([float(reduce(v for v, _ in sampling[name]))], dtype=torch.float64)
+            sign = -1.0 if reduce is min else 1.0
+            record[SAMPLING_METRICS[name]] = sign * float(self.dist.all_reduce_max(sign * value)[0])
         return record
 
     def _check_rewards(self, rollouts: list, step: int) -> None:
@@ -226,13 +315,17 @@ class RLTrainer(Trainer):
         repeated = prompts.repeat_interleave(cfg.samples_per_prompt, dim=0)
         generator = make_generator(cfg.seed, "rollout", step, chunk_index)
         with torch.no_grad():
-            self.policy.eval()
-            try:
-                with unsharded(self.scorer):
-                    responses = task.generate(self.policy, repeated, temperature=cfg.temperature,
-                                              generator=generator).to(self.dist.device)
-            finally:
-                self.policy.train()
+            if self.sampler is not None:
+                responses = task.generate(self.sampler, repeated, temperature=cfg.temperature,
+                                          generator=generator).to(self.dist.device)
+            else:
+                self.policy.eval()
+                try:
+                    with unsharded(self.scorer):
+                        responses = task.generate(self.policy, repeated, temperature=cfg.temperature,
+                                                  generator=generator).to(self.dist.device)
+                finally:
+                    self.policy.train()
             mask = self.response_mask(responses)
             # rewards take CPU tensors (the task API); the proxy and gold are logged whatever
             # reward the policy is trained on
@@ -243,8 +336,12 @@ class RLTrainer(Trainer):
                 proxy = rewards.cpu() if proxy == self.reward_fn else proxy(prompts_cpu, responses_cpu)
             gold = task.gold_reward(prompts_cpu, responses_cpu) if hasattr(task, "gold_reward") else None
             ref_logprobs = self.ref_scorer(repeated, responses, mask)
+            # the sampler's log-probs of its samples (vLLM returns them with the tokens)
+            rollout_logprobs = (None if self.sampler_scorer is None else
+                                self.sampler_scorer(repeated, responses, mask).float())
         return dict(prompts=prompts, repeated=repeated, responses=responses, mask=mask,
-                    rewards=rewards, proxy=proxy, gold=gold, ref_logprobs=ref_logprobs)
+                    rewards=rewards, proxy=proxy, gold=gold, ref_logprobs=ref_logprobs,
+                    rollout_logprobs=rollout_logprobs)
 
     def _update(self, rollout: dict, iteration: int, samples_per_rank: int,
                 tokens_per_rank: float) -> dict:
@@ -279,7 +376,8 @@ class RLTrainer(Trainer):
             ref_logprobs=rollout["ref_logprobs"] if kl_in_loss else None,
             beta=self.kl_coef if kl_in_loss else 0.0, kl_estimator=cfg.kl_estimator,
             max_completion_length=responses.shape[1], num_items_in_batch=tokens_per_rank,
-            backend=cfg.backend)
+            rollout_logprobs=rollout["rollout_logprobs"], backend=cfg.backend,
+            **cfg.rollout_options())
         rows = responses.shape[0]
         # policy_loss averages over this micro-batch (or divides by the rank's token count):
         # weight it by its share of the rank's samples
@@ -300,11 +398,22 @@ class RLTrainer(Trainer):
             "entropy": masked_sum(entropy, mask), "tokens": float(mask.sum()),
             "advantage_abs": float(advantages.abs().sum()),
             "all_tokens": float(rows * (rollout["prompts"].shape[1] + responses.shape[1]))})
+        if rollout["rollout_logprobs"] is not None and cfg.vllm_importance_sampling_correction:
+            values["sampling"] = self._sampling_values(out, rows, float(mask.sum()))
         if rollout["proxy"] is not None:
             values["proxy_reward"] = float(rollout["proxy"].double().sum())
         if rollout["gold"] is not None:
             values["gold_reward"] = float(rollout["gold"].double().sum())
         return values
+
+
+    def _sampling_values(self, out, rows: int, tokens: float) -> dict:
+        """The micro-batch's rollout-correction metrics, each with the units it counted (the
+        importance ratio's: tokens or rows, as its mode's level; the log-prob gap's: tokens)."""
+        level = losses.ROLLOUT_CORRECTIONS[self.config.vllm_importance_sampling_mode].level
+        units = tokens if level == "token" else float(rows)
+        return {name: (float(getattr(out, name)), tokens if name.startswith("sampling_logp")
+                       else units) for name in SAMPLING_METRICS}
 
 
 # --algo presets. The embedded task's tuned values run about a minute on 2 CPU cores; on one's

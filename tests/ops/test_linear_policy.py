@@ -4,8 +4,9 @@ float64 log-probs and entropies of tests/support.py, then policy64) and against 
 path (linear_token_logprobs then policy_loss, to 1e-5 in fp32): the loss, the metrics and the
 gradients of hidden, weight and bias, for every registry loss, token and sequence ratios, KL and
 entropy bonus on and off (the bonus's gradient goes through the head), per-token advantages,
-top_entropy_quantile < 1 (the recompute path), bf16, several chunks, masked and all-masked rows,
-B = 1; which path runs and its matmul count; bad input."""
+top_entropy_quantile < 1 (the recompute path), the rollout correction (rollout_logprobs), ratios
+that overflow fp32 where the policy term has zero slope, bf16, several chunks, masked and
+all-masked rows, B = 1; which path runs and its matmul count; bad input."""
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from support import (
     DEVICE,
     IGNORE,
     ON_CPU,
+    ROLLOUT_METRICS,
     backends_for,
     entropy64,
     linear_logits64,
@@ -28,7 +30,7 @@ from support import (
 
 BACKENDS = backends_for("linear_logprobs")
 METRICS = ("policy_loss", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "mean_kl",
-           "mean_entropy", "mean_ratio")
+           "mean_entropy", "mean_ratio") + ROLLOUT_METRICS
 FP32 = dict(rtol=1e-5, atol=1e-6)
 MAX_LENGTH = 9  # dr_grpo's max_completion_length
 
@@ -83,7 +85,7 @@ def run_fused(hidden, weight, bias, labels, advantages, old, ref, upstream=1.0, 
 
 
 def run_recompute(hidden, weight, bias, labels, advantages, old, ref, chunk_size=None,
-                  backend="auto", **options):
+                  backend="auto", rollout_logprobs=None, **options):
     """The same loss through the per-token ops: linear_token_logprobs (with entropy), policy_loss."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
     token_logps, entropy = pyalign.linear_token_logprobs(
@@ -91,14 +93,17 @@ def run_recompute(hidden, weight, bias, labels, advantages, old, ref, chunk_size
         backend=backend)
     loss_backend = backend if backend in backends_for("policy") else "auto"
     out = pyalign.policy_loss(token_logps, old, advantages, labels != IGNORE, ref_logprobs=ref,
-                              entropy=entropy, backend=loss_backend, **options)
+                              rollout_logprobs=rollout_logprobs, entropy=entropy,
+                              backend=loss_backend, **options)
     out.loss.backward()
     return out, [t.grad for t in leaves]
 
 
 def oracle(hidden, weight, bias, labels, advantages, old, ref, *, loss_type, beta=0.0,
            entropy_coef=0.0, importance_sampling_level=None, top_entropy_quantile=1.0,
-           max_completion_length=None):
+           max_completion_length=None, delta=None, rollout_logprobs=None,
+           vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_min=None,
+           vllm_importance_sampling_clip_max=3.0, off_policy_mask_threshold=None):
     """policy64 on float64 log-probs and entropies of the float64 head; gradients by autograd."""
     leaves = [t.detach().cpu().double().requires_grad_(True) for t in (hidden, weight, bias)]
     labels = labels.cpu()
@@ -108,7 +113,11 @@ def oracle(hidden, weight, bias, labels, advantages, old, ref, *, loss_type, bet
         logprobs, logprobs.detach() if old is None else old.cpu(), advantages.cpu(),
         labels != IGNORE, loss_type, ref_logprobs=None if ref is None else ref.cpu(), beta=beta,
         level=importance_sampling_level or "token", entropy=entropy, entropy_coef=entropy_coef,
-        top_entropy_quantile=top_entropy_quantile, max_completion_length=max_completion_length)
+        top_entropy_quantile=top_entropy_quantile, max_completion_length=max_completion_length,
+        delta=delta, rollout_logprobs=None if rollout_logprobs is None else rollout_logprobs.cpu(),
+        is_mode=vllm_importance_sampling_mode, is_clip_min=vllm_importance_sampling_clip_min,
+        is_clip_max=vllm_importance_sampling_clip_max,
+        off_policy_threshold=off_policy_mask_threshold)
     grads = torch.autograd.grad(loss, leaves)
     return loss.detach(), metrics, grads
 
@@ -164,6 +173,18 @@ CASES = {
                                               entropy_coef=0.1, beta=0.04)),
     "one-sequence": dict(rows=1, options=dict(loss_type="dr_grpo", entropy_coef=0.1,
                                               max_completion_length=MAX_LENGTH)),
+    "rollout-token-mask-off-policy-mask": dict(rollout=True, options=dict(
+        loss_type="grpo", beta=0.04, entropy_coef=0.1, vllm_importance_sampling_mode="token_mask",
+        vllm_importance_sampling_clip_min=0.8, vllm_importance_sampling_clip_max=1.3,
+        off_policy_mask_threshold=0.05)),
+    "rollout-sequence-mask-on-policy": dict(rollout=True, on_policy=True, options=dict(
+        loss_type="dapo", vllm_importance_sampling_clip_max=1.5)),
+    "rollout-vespo-token-truncate": dict(rollout=True, options=dict(
+        loss_type="vespo", vllm_importance_sampling_mode="token_truncate")),
+    "rollout-geometric-reject-top-entropy": dict(rollout=True, options=dict(
+        loss_type="grpo", importance_sampling_level="sequence", top_entropy_quantile=0.5,
+        entropy_coef=0.1, vllm_importance_sampling_mode="geometric_reject",
+        vllm_importance_sampling_clip_max=1.1)),
 }
 
 
@@ -173,8 +194,10 @@ def test_backends_match_float64_and_the_recompute_path(backend, case):
     spec = CASES[case]
     hidden, weight, bias, labels, old, ref, advantages = head_case(
         rows=spec.get("rows", 4), per_token_adv=spec.get("per_token_adv", False))
+    options = dict(spec["options"])
+    if spec.get("rollout"):  # the sampler's log-probs, near the old policy's
+        options["rollout_logprobs"] = old + 0.3 * torch.randn(old.shape, dtype=old.dtype)
     old = None if spec.get("on_policy") else old
-    options = spec["options"]
     fused = run_fused(hidden, weight, bias, labels, advantages, old, ref, chunk_size=4,
                       backend=backend, **options)
     assert_matches(*fused, oracle(hidden, weight, bias, labels, advantages, old, ref, **options),
@@ -236,6 +259,39 @@ def test_minus_inf_logits_have_probability_zero(backend):
     floored[masked_entry] = torch.finfo(torch.float64).min / 4
     assert_matches(out, grads, oracle(hidden, weight, floored, labels, advantages, old, ref,
                                       **options), FP32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type,level", [("grpo", "token"), ("dapo", "sequence"),
+                                             ("sapo", "token"), ("cispo", "token"),
+                                             ("rloo", None)])
+def test_zero_slope_where_the_ratio_overflows(backend, loss_type, level):
+    """Old log-probs 100 nats below the policy's on rows 0 and 2 (ratio inf in fp32): row 0 with
+    A > 0 (its branch clipped), row 2 with A = 0: every gradient finite and the float64
+    oracle's, where w = e^100 is finite."""
+    hidden, weight, bias, labels, old, ref, advantages = head_case()
+    with torch.no_grad():
+        policy = token_logprobs64(linear_logits64(hidden.cpu(), weight.cpu(), bias.cpu()),
+                                  labels.cpu()).float().to(DEVICE)
+    far = torch.zeros_like(labels, dtype=torch.bool)
+    far[[0, 2]] = labels[[0, 2]] != IGNORE
+    shift = 100.0 if level is not None else 100.0 / far.sum(-1, keepdim=True).clamp(min=1)
+    old = torch.where(far, policy - shift, old)
+    advantages[0], advantages[2] = advantages[0].abs() + 0.1, 0.0
+    # no KL term: the bias-corrected kl·w is inf there unless kl is exactly 0, which the head's
+    # fp32 log-probs do not promise (tests/ops/test_policy_rollout.py checks kl = 0)
+    options = options_of(loss_type, level, False, 0.1)
+    if losses.get_policy(loss_type).clip_metric == "ppo":
+        options["delta"] = 1.5
+    out, grads = run_fused(hidden, weight, bias, labels, advantages, old, None, chunk_size=5,
+                           backend=backend, **options)
+    assert all(torch.isfinite(grad).all() for grad in grads) and torch.isfinite(out.loss)
+    loss64, metrics64, grads64 = oracle(hidden, weight, bias, labels, advantages, old, None,
+                                        **options)
+    metrics64["mean_ratio"] = out.mean_ratio.double()  # inf in fp32
+    assert out.mean_ratio == math.inf
+    # the fp32 log-probs of the head round differently from the float64 ones the shift used
+    assert_matches(out, grads, (loss64, metrics64, grads64), dict(rtol=1e-4, atol=1e-5))
 
 
 def test_upstream_gradient_scales_the_stored_gradients():
@@ -338,6 +394,9 @@ def _good():
     (dict(advantages=torch.randn(3)), ValueError, "advantages has shape"),
     (dict(old_logps=torch.rand(2, 4)), ValueError, "old_logps has shape"),
     (dict(ref_logps=torch.rand(2)), ValueError, "ref_logps has shape"),
+    (dict(rollout_logprobs=torch.rand(2, 4)), ValueError, "rollout_logprobs has shape"),
+    (dict(rollout_logprobs=torch.rand(2, 3), vllm_importance_sampling_mode="tis"), ValueError,
+     "vllm_importance_sampling_mode"),
     (dict(ref_logps=None, beta=0.1), ValueError, "beta > 0 needs ref_logps"),
     (dict(loss_type="ppo"), ValueError, "loss_type must be one of"),
     (dict(loss_type="dr_grpo"), ValueError, "max_completion_length"),

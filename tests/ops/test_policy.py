@@ -4,131 +4,27 @@ the per-token gradients, token and sequence level, KL and entropy terms on and o
 positions, an all-masked row, B = 1 and odd T, ratios far outside the clip range, fp32 and bf16;
 each registry entry's hand-derived gradient against autograd of its forward; TRL 1.16's own loss
 code (its _compute_loss source) on the same tensors; bad input."""
-import ast
-import functools
 import inspect
-import math
-import types
-from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import torch
+from policy_cases import (
+    BACKENDS,
+    FP32,
+    check_against_oracle,
+    levels_of,
+    loss_options,
+    losses_on,
+    oracle,
+    policy_case,
+    run,
+)
+from policy_trl import TRL_GRPO_TYPES, trl_case, trl_dir, trl_functions, trl_grpo, trl_rloo
 
 import pyalign
 from pyalign import losses
-from support import ON_CPU, backends_for, policy64, same_under_thread_counts
+from support import ON_CPU, same_under_thread_counts
 
-BACKENDS = backends_for("policy")
-# A kernel backend runs the same code for every loss that shares a policy-term branch and a ratio
-# level (the PPO-clip losses differ only in their normalisation, torch code of the op that every
-# backend shares): there, one loss per (kernel_id, ratio) of the registry; eager runs them all.
-def _first_per_kernel_path():
-    firsts = {}
-    for name, entry in losses.POLICY_REGISTRY.items():
-        firsts.setdefault((entry.kernel_id, entry.ratio), name)
-    return tuple(firsts.values())
-
-
-KERNEL_PATHS = _first_per_kernel_path()  # grpo, cispo, sapo, vespo, rloo
-
-
-def losses_on(backend):
-    """The policy losses whose code paths differ on ``backend``."""
-    return losses.POLICY_NAMES if backend == "eager" else KERNEL_PATHS
-METRICS = ("policy_loss", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "mean_kl",
-           "mean_entropy", "mean_ratio")
-
-
-def levels_of(loss_type):
-    return [None] if loss_type == "rloo" else ["token", "sequence"]
-
-
-def policy_case(shape, *, spread=0.4, far=False, all_masked_row=True, per_token_adv=False):
-    """Log-probs, old and reference log-probs, advantages, a mask (one row all masked) and entropies;
-    NaN at every masked position (they must stay inert)."""
-    rows, length = shape
-    logprobs = -torch.rand(shape) * 3
-    old = logprobs + torch.randn(shape) * spread
-    if far:  # ratios e^±4..e^±6: far outside any clip range
-        old = logprobs + torch.sign(torch.randn(shape)) * (4 + 2 * torch.rand(shape))
-    ref = logprobs + torch.randn(shape) * 0.5
-    advantages = torch.randn(shape if per_token_adv else (rows,))
-    mask = torch.rand(shape) > 0.25
-    mask[0, 0] = True
-    if all_masked_row and rows > 1:
-        mask[-1] = False
-    entropy = torch.rand(shape) * 2
-    for tensor in (logprobs, old, ref, entropy):
-        tensor[~mask] = float("nan")
-    return logprobs, old, ref, advantages, mask, entropy
-
-
-def run(backend, logprobs, old, ref, advantages, mask, entropy, dtype=torch.float32, **options):
-    leaf = logprobs.detach().to(dtype).clone().requires_grad_(True)
-    entropy_leaf = None if entropy is None else entropy.detach().to(dtype).clone().requires_grad_(True)
-    out = pyalign.policy_loss(leaf, None if old is None else old.to(dtype), advantages, mask,
-                              ref_logprobs=None if ref is None else ref.to(dtype),
-                              entropy=entropy_leaf, backend=backend, **options)
-    out.loss.backward()
-    return out, leaf.grad, None if entropy_leaf is None else entropy_leaf.grad
-
-
-def oracle(logprobs, old, ref, advantages, mask, entropy, loss_type, options):
-    """policy64 with the op's options, its gradients to logprobs and entropy by autograd."""
-    lp = logprobs.detach().double().requires_grad_(True)
-    ent = None if entropy is None else entropy.detach().double().requires_grad_(True)
-    level = options.get("importance_sampling_level") or "token"
-    loss, metrics = policy64(
-        lp, lp.detach() if old is None else old, advantages, mask, loss_type, ref_logprobs=ref,
-        beta=options.get("beta", 0.0), kl_estimator=options.get("kl_estimator", "k3"),
-        bias_correction=options.get("use_bias_correction_kl", True),
-        epsilon=options.get("epsilon", 0.2), epsilon_high=options.get("epsilon_high"),
-        delta=options.get("delta"), level=level, entropy=ent,
-        entropy_coef=options.get("entropy_coef", 0.0),
-        top_entropy_quantile=options.get("top_entropy_quantile", 1.0),
-        max_completion_length=options.get("max_completion_length"),
-        num_items=options.get("num_items_in_batch"))
-    grads = torch.autograd.grad(loss, [lp] + ([ent] if ent is not None else []), allow_unused=True)
-    grads = [torch.zeros_like(lp) if g is None else g for g in grads]
-    return loss.detach(), metrics, grads[0], (grads[1] if ent is not None else None)
-
-
-def loss_options(loss_type, level, with_kl, with_entropy):
-    options = dict(loss_type=loss_type, max_completion_length=11)
-    if level is not None:
-        options["importance_sampling_level"] = level
-    if loss_type == "cispo":
-        options["epsilon_high"] = 1.3  # a cap the ratios cross
-    elif loss_type in ("dapo", "bnpo"):
-        options["epsilon_high"] = 0.28
-    if loss_type == "grpo":
-        options["delta"] = 1.5
-    if loss_type == "dapo":
-        options["num_items_in_batch"] = 23
-    if with_kl:
-        options.update(beta=0.04)
-    if with_entropy:
-        options.update(entropy_coef=0.01, top_entropy_quantile=0.6)
-    return options
-
-
-def check_against_oracle(out, grad, grad_entropy, expected, tol):
-    loss64, metrics64, grad64, grad_entropy64 = expected
-    torch.testing.assert_close(out.loss.double(), loss64, **tol)
-    for name in METRICS:
-        value, want = getattr(out, name).double(), metrics64[name]
-        assert not getattr(out, name).requires_grad, name
-        if math.isnan(want):
-            assert torch.isnan(value), name
-        else:
-            torch.testing.assert_close(value, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
-    torch.testing.assert_close(grad.double(), grad64, **tol)
-    if grad_entropy64 is not None:
-        torch.testing.assert_close(grad_entropy.double(), grad_entropy64, **tol)
-
-
-FP32 = dict(rtol=1e-5, atol=1e-6)
 MATRIX = [(backend, lt, level, kl, ent) for backend in BACKENDS for lt in losses_on(backend)
           for level in levels_of(lt) for kl in (False, True) for ent in (False, True)]
 
@@ -284,119 +180,6 @@ def test_everything_derives_from_the_registry():
     assert set(losses.policy_kernel_ids().values()) == set(range(losses.POLICY_KERNEL_BRANCHES))
 
 
-# --------------------------------------------------------------------------- TRL 1.16 parity
-
-@functools.lru_cache(maxsize=None)
-def _trl_functions(module_file, names):
-    """The named methods of a TRL trainer, compiled from the installed TRL source itself (without
-    importing the trainer module, which needs accelerate/pandas/datasets); parsed once per test
-    process."""
-    tree = ast.parse(Path(module_file).read_text())
-    found = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name in names and node.name not in found:
-            # torch.no_grad() stays (vespo's weight is detached that way); profiling and
-            # staticmethod wrappers go
-            node.decorator_list = [d for d in node.decorator_list if "no_grad" in ast.unparse(d)]
-            found[node.name] = node
-    assert set(found) == set(names), f"TRL source lacks {set(names) - set(found)}"
-    namespace = {"torch": torch, "math": math,
-                 "nanmin": lambda t: t[~torch.isnan(t)].min() if (~torch.isnan(t)).any() else t[0],
-                 "nanmax": lambda t: t[~torch.isnan(t)].max() if (~torch.isnan(t)).any() else t[0]}
-    module = ast.Module(body=list(found.values()), type_ignores=[])
-    exec(compile(module, module_file, "exec"), namespace)  # noqa: S102 - TRL's own code
-    return {name: namespace[name] for name in names}
-
-
-def _trl_dir():
-    import importlib.util
-    spec = importlib.util.find_spec("trl")
-    if spec is None:
-        pytest.skip("trl is not installed: the TRL 1.16 parity tests need it (the [test] extra installs it)")
-    return Path(spec.origin).parent / "trainer"
-
-
-class _Accelerator:
-    num_processes = 1
-    sync_gradients = True
-
-    def gather(self, tensor):
-        return tensor
-
-    gather_for_metrics = gather
-
-    def reduce(self, tensor, reduction="sum"):
-        return tensor
-
-    def pad_across_processes(self, tensor, dim=0, pad_index=0):
-        return tensor
-
-
-def trl_grpo(loss_type, logprobs, old, ref, advantages, mask, entropy, *, beta=0.0, epsilon=0.2,
-             epsilon_high=None, delta=None, level="token", entropy_coef=0.0,
-             top_entropy_quantile=1.0, max_completion_length=None, num_items=None,
-             bias_correction=True):
-    """TRL 1.16 GRPOTrainer._compute_loss on given per-token log-probs (its model forward stubbed
-    to return them): (loss, {metric name: value})."""
-    fns = _trl_functions(_trl_dir() / "grpo_trainer.py",
-                         ("_compute_loss", "get_high_entropy_mask", "get_gamma_weights"))
-    rows, length = logprobs.shape
-    args = types.SimpleNamespace(use_bias_correction_kl=bias_correction, delta=delta,
-                                 sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
-                                 vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
-                                 vespo_lambda_neg=2.0, steps_per_generation=1, entropy_target=0.0)
-    trainer = types.SimpleNamespace(
-        args=args, loss_type=loss_type, beta=beta, epsilon_low=epsilon,
-        epsilon_high=epsilon if epsilon_high is None else epsilon_high,
-        importance_sampling_level=level, top_entropy_quantile=top_entropy_quantile,
-        off_policy_mask_threshold=None, use_vllm=False, vllm_importance_sampling_correction=False,
-        model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
-        max_completion_length=max_completion_length, accelerator=_Accelerator(),
-        _entropy_bonus_enabled=entropy_coef != 0.0, entropy_coef=entropy_coef,
-        use_adaptive_entropy=False, aux_loss_enabled=False,
-        _metrics=defaultdict(lambda: defaultdict(list)))
-    trainer.get_high_entropy_mask = types.MethodType(fns["get_high_entropy_mask"], trainer)
-    trainer.get_gamma_weights = fns["get_gamma_weights"]
-    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logprobs, entropy, None)
-    inputs = {"prompt_ids": torch.zeros(rows, 2, dtype=torch.long),
-              "prompt_mask": torch.ones(rows, 2, dtype=torch.long),
-              "completion_ids": torch.zeros(rows, length, dtype=torch.long),
-              "completion_mask": mask.long(), "advantages": advantages,
-              "old_per_token_logps": old, "ref_per_token_logps": ref,
-              "num_items_in_batch": torch.tensor(float(mask.sum() if num_items is None else num_items))}
-    loss = fns["_compute_loss"](trainer, None, inputs)
-    return loss, {key: values[-1] for key, values in trainer._metrics["train"].items()}
-
-
-def trl_rloo(logprobs, old_logps, advantages, mask, entropy, epsilon=0.2, epsilon_high=None):
-    fns = _trl_functions(_trl_dir() / "rloo_trainer.py", ("_compute_loss",))
-    rows, length = logprobs.shape
-    trainer = types.SimpleNamespace(
-        epsilon_low=epsilon, epsilon_high=epsilon if epsilon_high is None else epsilon_high,
-        model=types.SimpleNamespace(training=True), accelerator=_Accelerator(),
-        aux_loss_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)))
-    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logprobs, entropy, None)
-    inputs = {"prompt_ids": torch.zeros(rows, 2, dtype=torch.long),
-              "prompt_mask": torch.ones(rows, 2, dtype=torch.long),
-              "completion_ids": torch.zeros(rows, length, dtype=torch.long),
-              "completion_mask": mask.long(), "advantages": advantages, "old_logps": old_logps}
-    loss = fns["_compute_loss"](trainer, None, inputs)
-    return loss, {key: values[-1] for key, values in trainer._metrics["train"].items()}
-
-
-def trl_case(shape=(4, 9), far=False):
-    """TRL multiplies by the mask, so its inputs hold no NaN; every row keeps a token."""
-    logprobs = -torch.rand(shape, dtype=torch.float64) * 3
-    old = logprobs + (torch.randn(shape, dtype=torch.float64) * (2.0 if far else 0.3))
-    ref = logprobs + torch.randn(shape, dtype=torch.float64) * 0.5
-    advantages = torch.randn(shape[0], dtype=torch.float64)
-    mask = torch.rand(shape) > 0.3
-    mask[:, 0] = True
-    entropy = torch.rand(shape, dtype=torch.float64) * 2
-    return logprobs, old, ref, advantages, mask, entropy
-
-
-TRL_GRPO_TYPES = [name for name in losses.POLICY_NAMES if name != "rloo"]
 TRL_CASES = [(backend, lt, level, kl, ent) for backend in BACKENDS
              for lt in TRL_GRPO_TYPES if lt in losses_on(backend) for level in ("token", "sequence")
              for kl in (False, True) for ent in (False, True)]
@@ -479,12 +262,12 @@ def test_trl_source_is_the_installed_one():
     """The parity tests compile TRL's methods from the installed trl package: check it is 1.16
     and that the functions contain the loss types we claim (a TRL change shows up here)."""
     import importlib.metadata
-    _trl_dir()  # skips without TRL
+    trl_dir()  # skips without TRL
     assert importlib.metadata.version("trl").startswith("1.16")
-    source = (_trl_dir() / "grpo_trainer.py").read_text()
+    source = (trl_dir() / "grpo_trainer.py").read_text()
     for name in TRL_GRPO_TYPES:
         assert f'"{name}"' in source, name
-    assert inspect.isfunction(_trl_functions(_trl_dir() / "grpo_trainer.py", ("_compute_loss",))[
+    assert inspect.isfunction(trl_functions(trl_dir() / "grpo_trainer.py", ("_compute_loss",))[
         "_compute_loss"])
 
 

@@ -25,16 +25,21 @@ def case(rows=5, length=13):
 
 @pytest.mark.parametrize("term_id", TERMS)
 @pytest.mark.parametrize("level", LEVELS)
-def test_out_variants_write_every_element(cpu_ops, term_id, level):
+@pytest.mark.parametrize("rollout", [False, True], ids=["plain", "rollout-weights"])
+def test_out_variants_write_every_element(cpu_ops, term_id, level, rollout):
     logprobs, old, adv, mask, emask, ref, entropy = case()
     params = losses.PolicyParams(epsilon_high=1.3 if term_id == 1 else 0.28, delta=1.6).as_list()
-    args = (logprobs, old, adv, mask, emask, ref, entropy, term_id, level, params, 3, True)
+    # the rollout correction's per-token weights (some 0) and per-row sampler log-weights
+    policy_weights = (torch.rand(5, 13) * (torch.rand(5, 13) > 0.2)) if rollout else None
+    log_weights = torch.randn(5) if rollout else None
+    args = (logprobs, old, adv, mask, emask, ref, entropy, policy_weights, log_weights, term_id,
+            level, params, 3, True)
     stats = poison_(torch.empty(5, len(losses.POLICY_ROW_STATS)))
     cpu_ops.policy_forward_out(*args, stats)
     assert torch.isfinite(stats).all() and torch.equal(stats, cpu_ops.policy_forward(*args))
     weights, entropy_weights = torch.rand(5), torch.rand(5)
-    back = (weights, entropy_weights, logprobs, old, adv, mask, emask, ref, term_id, level,
-            params, 0.04, 3, True)
+    back = (weights, entropy_weights, logprobs, old, adv, mask, emask, ref, policy_weights,
+            log_weights, term_id, level, params, 0.04, 3, True)
     grad, grad_entropy = poison_(torch.empty(5, 13)), poison_(torch.empty(5, 13))
     cpu_ops.policy_backward_out(*back, grad, grad_entropy)
     assert torch.isfinite(grad).all() and torch.isfinite(grad_entropy).all()
@@ -43,21 +48,22 @@ def test_out_variants_write_every_element(cpu_ops, term_id, level):
     assert torch.all(grad[~mask] == 0) and torch.all(grad_entropy[~emask] == 0)
 
 
-def test_ops_check_their_inputs(cpu_ops):
+@pytest.mark.parametrize("change,match", [
+    (dict(term_id=7), "term id"),
+    (dict(level="row"), "level"),
+    (dict(old=torch.zeros(5, 13, dtype=torch.float64)), "old_logprobs"),
+    (dict(mask=torch.ones(5, 13)), "mask"),
+    (dict(params=[0.2]), "9 floats"),
+    (dict(policy_weights=torch.ones(5, 12)), "policy_weights"),
+    (dict(log_weights=torch.ones(4)), "sampler_log_weights"),
+])
+def test_ops_check_their_inputs(cpu_ops, change, match):
     logprobs, old, adv, mask, emask, ref, entropy = case()
-    params = losses.PolicyParams().as_list()
-    with pytest.raises(RuntimeError, match="term id"):
-        cpu_ops.policy_forward(logprobs, old, adv, mask, None, None, None, 7, "token", params, 3, True)
-    with pytest.raises(RuntimeError, match="level"):
-        cpu_ops.policy_forward(logprobs, old, adv, mask, None, None, None, 0, "row", params, 3, True)
-    with pytest.raises(RuntimeError, match="old_logprobs"):
-        cpu_ops.policy_forward(logprobs, old.double(), adv, mask, None, None, None, 0, "token",
-                               params, 3, True)
-    with pytest.raises(RuntimeError, match="mask"):
-        cpu_ops.policy_forward(logprobs, old, adv, mask.float(), None, None, None, 0, "token",
-                               params, 3, True)
-    with pytest.raises(RuntimeError, match="9 floats"):
-        cpu_ops.policy_forward(logprobs, old, adv, mask, None, None, None, 0, "token", [0.2], 3, True)
+    args = dict(logprobs=logprobs, old=old, adv=adv, mask=mask, emask=None, ref=None, entropy=None,
+                policy_weights=None, log_weights=None, term_id=0, level="token",
+                params=losses.PolicyParams().as_list(), estimator=3, bias=True)
+    with pytest.raises(RuntimeError, match=match):
+        cpu_ops.policy_forward(*{**args, **change}.values())
 
 
 def test_the_row_stat_count_is_checked_at_load(cpu_ops):

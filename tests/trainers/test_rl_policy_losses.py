@@ -101,3 +101,101 @@ def test_grpo_advantages_are_trls(tiny_task):
         got = torch.cat([r["advantages"] for r in rollouts]).view(4, 3)
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6, msg=scale)
         assert torch.equal(got[1], torch.zeros(3))  # equal rewards: no signal
+
+
+# ------------------------------------------------------------- a sampler that is not the policy
+
+SAMPLING_KEYS = ("sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/min",
+                 "sampling/importance_sampling_ratio/max",
+                 "sampling/importance_sampling_masked_fraction",
+                 "sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max")
+
+
+def test_the_policy_samples_itself_by_default(tiny_task):
+    """No sampler_dtype: no sampler copy, no rollout log-probs, no sampling metrics (the
+    correction is a no-op: the embedded runs keep their numbers)."""
+    config = RLConfig(**RL)
+    assert config.sampler_dtype is None
+    trainer = RLTrainer(tiny_task, config)
+    assert trainer.sampler is None
+    record = trainer.train_step(1)
+    assert not any(key.startswith("sampling/") for key in record)
+
+
+def test_a_bf16_sampler_feeds_its_logprobs_to_the_correction(tiny_task, monkeypatch):
+    """sampler_dtype=bfloat16: a bf16 copy of the policy, synced before the rollouts, samples;
+    its log-probs of the samples reach policy_loss as rollout_logprobs with the run's options, and
+    the step logs TRL's sampling metrics (a small mismatch: ratios near 1)."""
+    config = RLConfig(**RL, adv_estimator="grpo", loss_type="dapo", sampler_dtype="bfloat16",
+                      vllm_importance_sampling_mode="token_truncate",
+                      vllm_importance_sampling_clip_min=0.5)
+    trainer = RLTrainer(tiny_task, config)
+    assert all(p.dtype == torch.bfloat16 for p in trainer.sampler.parameters())
+    calls = []
+    policy_loss = pyalign.policy_loss
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return policy_loss(*args, **kwargs)
+    monkeypatch.setattr(pyalign, "policy_loss", spy)
+    with torch.no_grad():  # the policy moves; the sampler must follow it before sampling
+        for param in trainer.policy.parameters():
+            param.add_(0.01)
+    record = trainer.train_step(1)
+    for want, got in zip(trainer.policy.parameters(), trainer.sampler.parameters(), strict=True):
+        assert not torch.equal(got, want.detach().to(torch.bfloat16))  # the step moved the policy
+    assert calls and all(call["rollout_logprobs"] is not None for call in calls)
+    assert {call["vllm_importance_sampling_mode"] for call in calls} == {"token_truncate"}
+    rollout = calls[0]["rollout_logprobs"]
+    assert rollout.dtype == torch.float32 and torch.isfinite(rollout).all()
+    for key in SAMPLING_KEYS:
+        assert math.isfinite(record[key]), key
+    assert 0.5 <= record["sampling/importance_sampling_ratio/min"] <= 1.0 \
+        <= record["sampling/importance_sampling_ratio/max"] <= 3.0
+    assert 0 < record["sampling/sampling_logp_difference/mean"] < 0.2  # bf16's rounding
+    assert record["sampling/importance_sampling_masked_fraction"] == 0  # truncated, not masked
+
+
+def test_the_sampler_tracks_the_policy(tiny_task, monkeypatch):
+    """Each step's rollouts are sampled by the sampler holding the policy's weights of that
+    moment, rounded to its dtype, and never by the policy itself."""
+    trainer = RLTrainer(tiny_task, RLConfig(**RL, sampler_dtype="float16"))
+    seen = []
+    generate = type(tiny_task).generate
+
+    def spy(task, model, prompts, **kwargs):
+        seen.append((model, [p.detach().clone() for p in model.parameters()]))
+        return generate(task, model, prompts, **kwargs)
+    monkeypatch.setattr(type(tiny_task), "generate", spy)
+    for step in (1, 2):
+        policy_now = [p.detach().to(torch.float16) for p in trainer.policy.parameters()]
+        seen.clear()
+        trainer.train_step(step)
+        assert seen and all(model is trainer.sampler for model, _ in seen)
+        for _, weights in seen:
+            assert all(torch.equal(got, want) for got, want in zip(weights, policy_now, strict=True))
+
+
+@pytest.mark.parametrize("values, key", [
+    (dict(vllm_importance_sampling_mode="token_mask"), "vllm_importance_sampling_mode"),
+    (dict(sampler_dtype="bfloat16", vllm_importance_sampling_mode="tis"),
+     "vllm_importance_sampling_mode"),
+    (dict(sampler_dtype="int8"), "sampler_dtype"),
+    (dict(sampler_dtype="bfloat16", vllm_importance_sampling_clip_min=4.0),
+     "vllm_importance_sampling_clip_min"),
+    (dict(sampler_dtype="bfloat16", loss_type="vespo"), "vllm_importance_sampling_mode"),
+    (dict(sampler_dtype="bfloat16", vllm_importance_sampling_clip_max=0.0),
+     "vllm_importance_sampling_clip_max"),
+])
+def test_bad_sampler_settings_are_one_line_config_errors(tmp_path, capsys, values, key):
+    cache = tmp_path / "cache"
+    lines = [f'task_cache_dir = "{cache}"', 'algo = "rloo"']
+    lines += [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in values.items()]
+    lines += ["[task]"] + [f"{k} = {v!r}" for k, v in TINY_TASK.items()]
+    path = tmp_path / "bad.toml"
+    path.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert run_cli("--config", path, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0], err
+    assert not cache.exists() and not (tmp_path / "out").exists()
