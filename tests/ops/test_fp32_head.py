@@ -16,8 +16,6 @@ from pyalign import backends
 from support import (
     DEVICE,
     IGNORE,
-    ON_CPU,
-    WEIGHT_ROUNDING,
     assert_within_bound,
     backend_cases,
     backends_for,
