@@ -426,7 +426,8 @@ def _gamma(count):
 
 
 def head_gradient_bounds64(hidden, weight, bias, labels, grad_logprobs, grad_entropy=None, *,
-                           softcap=None, logit_scale=1.0, temperature=1.0, ignore_index=IGNORE):
+                           softcap=None, logit_scale=1.0, temperature=1.0, ignore_index=IGNORE,
+                           coefficient_errors=None):
     """Bounds, per element and in float64, on |computed - exact| of the head's gradients
     (hidden [..., H], weight [V, H], bias [V]) when fp32 arithmetic computes them from these
     inputs (bf16 / fp16 ones upcast exactly: an fp32 head) with per-token upstream gradients,
@@ -447,6 +448,9 @@ def head_gradient_bounds64(hidden, weight, bias, labels, grad_logprobs, grad_ent
       columns, over every rank of a vocab shard) or alone (bias): error <= sum of the terms'
       errors + gamma_{K+1} * sum of |terms|.
 
+    ``coefficient_errors``: (for g, for g_ent or None), per token, where the upstream gradients
+    are themselves known only to within those (a loss's coefficients, computed in fp32 from
+    fp32 log-probs): they add slope * (dg (1[v=y] + p_v) + dg_ent p_v (|log p_v| + H)) per term.
     Ignored tokens (``ignore_index``) contribute nothing (their hidden rows may hold NaN)."""
     u = FP32_UNIT
     flat_labels = labels.reshape(-1)
@@ -474,13 +478,21 @@ def head_gradient_bounds64(hidden, weight, bias, labels, grad_logprobs, grad_ent
     entropy = -(probs * log_p).sum(-1, keepdim=True)
     eps = (2 * d_z.amax(-1, keepdim=True) + (vocab + 4) * u
            + 4 * u * (z - z.amax(-1, keepdim=True)).abs().amax(-1, keepdim=True))
-    g = torch.where(valid, grad_logprobs.reshape(-1).double(), 0.0).abs()[:, None]
-    g_ent = (torch.zeros_like(g) if grad_entropy is None else
-             torch.where(valid, grad_entropy.reshape(-1).double(), 0.0).abs()[:, None])
+    def per_token(values):
+        if values is None:
+            return torch.zeros(valid.shape[0], 1, dtype=torch.float64, device=valid.device)
+        return torch.where(valid, values.reshape(-1).double(), 0.0).abs()[:, None]
+
     onehot = torch.nn.functional.one_hot(torch.where(valid, flat_labels, 0), vocab) * valid[:, None]
-    parts = g * (onehot + probs) + g_ent * probs * (log_p.abs() + entropy + 2)
+
+    def term_magnitudes(g, g_ent):
+        return g * (onehot + probs) + g_ent * probs * (log_p.abs() + entropy + 2)
+
+    parts = term_magnitudes(per_token(grad_logprobs), per_token(grad_entropy))
     terms = slope * parts
     errors = (2 * eps + 8 * u) * terms + d_slope * parts
+    if coefficient_errors is not None:
+        errors = errors + slope * term_magnitudes(*(per_token(e) for e in coefficient_errors))
     over_tokens = errors + _gamma(tokens + 1) * terms
     bound_hidden = (errors + _gamma(vocab + 1) * terms) @ w.abs()
     return bound_hidden.view(hidden.shape), over_tokens.t() @ h.abs(), over_tokens.sum(0)

@@ -313,10 +313,12 @@ def _gradient_epilogue(run: _Run, chunk: _Chunk, forward: _Forward, coefficients
 
 
 def _gradient_buffers(run: _Run, weight, bias, needs_grad):
-    """Zeroed fp32 (W, b) and hidden-dtype gradients for the inputs that want one."""
+    """Zeroed fp32 (W, b) and hidden-dtype gradients for the inputs that want one (hidden's in
+    fp32 for a vocab shard: the ranks' parts are summed in fp32, then rounded once)."""
     need_hidden, need_weight, need_bias = needs_grad
     acc = accumulation_dtype(weight.dtype)
-    return (torch.zeros_like(run.flat_hidden) if need_hidden else None,
+    hidden_dtype = run.flat_hidden.dtype if run.plan.vocab_shard is None else run.acc
+    return (torch.zeros_like(run.flat_hidden, dtype=hidden_dtype) if need_hidden else None,
             torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None,
             torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
             if need_bias and bias is not None else None)
@@ -359,7 +361,7 @@ def _finished(grads, shard, hidden, weight, bias):
     if grad_hidden is not None:
         if shard is not None:  # Σ over the vocabulary: over the ranks' shards
             _vocab_parallel.sum_over_ranks(grad_hidden, shard)
-        grad_hidden = grad_hidden.view(hidden.shape)
+        grad_hidden = grad_hidden.view(hidden.shape).to(hidden.dtype)
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
     if grad_bias is not None:

@@ -241,7 +241,13 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                              backends.check_name(backend), vocab_process_group, head_dtype)
     fused = _fused_head.applies(reduction, hidden, weight, bias)
     scored_kl = entry.uses_kl_reference and estimates.kl is None
-    shard = shard_checks.shard(weight, hidden, labels, head.ignore_index)
+    # everything that decides the collectives a rank runs, or what they exchange
+    shard = shard_checks.shard(weight, hidden, labels, head.ignore_index, agreed=dict(
+        op="linear_kto_loss", fused=fused, reference="hidden" if ref_logps is None else "logps",
+        kl=("hidden, reference " + ("hidden" if estimates.ref_kl_logps is None else "logps")
+            if scored_kl else "precomputed or none"),
+        temperature=head.temperature, ignore_index=head.ignore_index, chunk_size=head.chunk_size,
+        hidden_dtype=hidden.dtype, head_dtype=_checks.logits_dtype(hidden, weight, head_dtype)))
     hidden = _checks.head_hidden(hidden, weight, head_dtype)
     if ref_hidden is not None:
         ref_hidden = _checks.head_hidden(ref_hidden, ref_weight, head_dtype)

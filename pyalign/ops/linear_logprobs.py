@@ -202,17 +202,21 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
             grad_logprobs = stats.new_zeros(stats.shape[0])
         if not with_entropy:
             grad_entropy = None
-        implementation = backends.implementation("linear_logprobs", backend, hidden, weight,
-                                                 primitive="backward", hidden=hidden,
+        # an fp32 head's bf16 / fp16 hidden state, upcast as its head upcasts it: its gradient is
+        # summed over the ranks in fp32, then rounded once
+        rows = hidden.float() if hidden.dtype != weight.dtype else hidden
+        implementation = backends.implementation("linear_logprobs", backend, rows, weight,
+                                                 primitive="backward", hidden=rows,
                                                  weight=weight, vocab_shard=True)
         # the whole rows' stats and entropy: each rank's logits become their own gradient
         grad_hidden, grad_weight, grad_bias = implementation.backward(
             grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
-            hidden, weight, bias, local, stats, entropy if grad_entropy is not None else None,
+            rows, weight, bias, local, stats, entropy if grad_entropy is not None else None,
             _vocab_parallel.LOCAL_IGNORE, temperature, chunk_size or None, softcap or None,
             logit_scale, kept, vocab_shard=True)
         _vocab_parallel.sum_over_ranks(grad_hidden, shard)
-        return (grad_hidden, grad_weight, grad_bias if bias is not None else None, *([None] * 11))
+        return (grad_hidden.to(hidden.dtype), grad_weight, grad_bias if bias is not None else None,
+                *([None] * 11))
 
 
 @torch.compiler.disable  # collectives between backend calls: a graph break, never traced
@@ -395,7 +399,13 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         else:
             metrics = (False, False, False)
         backends.check_name(backend)
-    shard = shard_checks.shard(weight, hidden, labels, ignore_index)
+    # everything that decides the collectives a rank runs, or what they exchange
+    shard = shard_checks.shard(weight, hidden, labels, ignore_index, agreed=dict(
+        op="linear_token_logprobs", entropy=entropy, log_sum_sq_probs=metrics[0],
+        mean_logits=metrics[1], is_top1=metrics[2], temperature=temperature, softcap=softcap,
+        logit_scale=logit_scale, ignore_index=ignore_index, hidden_dtype=hidden.dtype,
+        head_dtype=_checks.logits_dtype(hidden, weight, head_dtype),
+        gradients=gradients_wanted(hidden, weight, bias)))
     hidden = _checks.head_hidden(hidden, weight, head_dtype)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     labels_1d = labels.reshape(-1).to(torch.int64)

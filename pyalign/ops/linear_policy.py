@@ -116,7 +116,11 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         backends.check_name(backend)
     fused = (_fused_head.applies("sum", hidden, weight, bias) and checked.top_entropy_quantile == 1
              and softcap is None and logit_scale == 1)
-    shard = shard_checks.shard(weight, hidden, labels, ignore_index)
+    # everything that decides the collectives a rank runs, or what they exchange
+    shard = shard_checks.shard(weight, hidden, labels, ignore_index, agreed=dict(
+        op="linear_policy_loss", fused=fused, temperature=temperature, softcap=softcap,
+        logit_scale=logit_scale, ignore_index=ignore_index, chunk_size=chunk_size,
+        hidden_dtype=hidden.dtype, head_dtype=_checks.logits_dtype(hidden, weight, head_dtype)))
     hidden = _checks.head_hidden(hidden, weight, head_dtype)
     # A backend named for the head (linear_logprobs) need not have a policy kernel: the [B, T]
     # loss then runs on whatever "auto" picks.

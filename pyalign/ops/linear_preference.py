@@ -84,7 +84,14 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         backends.check_name(backend)
     fused = (_fused_head.applies(reduction, hidden, weight, bias)
              and all(entry.batch_step is None for entry, _, _ in spec.terms))
-    shard = shard_checks.shard(weight, hidden, labels, ignore_index)
+    # everything that decides the collectives a rank runs, or what they exchange
+    shard = shard_checks.shard(weight, hidden, labels, ignore_index, agreed=dict(
+        op="linear_preference_loss", fused=fused, use_weighting=use_weighting,
+        reference="hidden" if ref_logps is None else "logps", temperature=temperature,
+        ignore_index=ignore_index, chunk_size=chunk_size, hidden_dtype=hidden.dtype,
+        head_dtype=_checks.logits_dtype(hidden, weight, head_dtype),
+        ref_head_dtype=None if ref_hidden is None else _checks.logits_dtype(ref_hidden, ref_weight,
+                                                                            head_dtype)))
     hidden = _checks.head_hidden(hidden, weight, head_dtype)
     if ref_hidden is not None:
         ref_hidden = _checks.head_hidden(ref_hidden, ref_weight, head_dtype)
