@@ -33,7 +33,7 @@ Memory traffic / FLOPs (b = bytes per element):
 Launch grid: forward (cdiv(N, BLOCK_N),); backward (cdiv(N, BLOCK_N), cdiv(V, BLOCK_V)).
 
 An fp32 head (hidden and weight of different dtypes, one float32, the other bf16 / fp16:
-pyalign._utils.head_logits_dtype) runs the fp32 tiles: each loaded tile is widened to fp32 in
+pyalign._utils.head_logits_dtype) runs its own fp32 tiles: each loaded tile is widened to fp32 in
 registers (no copy of either input), the dots are IEEE fp32 and the d/dz tile stays fp32
 (FP32_HEAD); the bf16 / fp16 operand is read at its own width.
 """
@@ -52,6 +52,11 @@ from pyalign._utils import head_logits_dtype
 # IEEE fp32 dots (no tensor cores), so it gets smaller tiles.
 FORWARD_TILES = {"fp32": (32, 64, 32, 8), "bf16": (64, 128, 64, 8), "fp16": (64, 128, 64, 8)}
 BACKWARD_TILES = {"fp32": (32, 32, 32, 4), "bf16": (64, 64, 64, 8), "fp16": (64, 64, 64, 8)}
+# An fp32 head's (tile_key): fp32 dots, half the fp32 tiles' BLOCK_H, as the narrow operand's
+# tile and its fp32 widening are both live (sm_80 / sm_90: at most 169 registers, none spilled;
+# the fp32 tiles reach 255)
+FORWARD_TILES["fp32_head"] = (32, 64, 16, 8)
+BACKWARD_TILES["fp32_head"] = (32, 32, 16, 4)
 KEEPS_LOGITS = False  # the fused kernels recompute in backward: memory_budget keeps nothing
 
 
@@ -60,7 +65,7 @@ def _dot_operand(tile, UPCAST: tl.constexpr):
     # Triton 3.9's interpreter multiplies bf16 tiles as raw integers; widening them to fp32 is
     # exact (bf16 x bf16 products fit fp32), so CPU tests see what the tensor cores compute.
     if UPCAST:
-        return tile.to(tl.float32)
+        tile = tile.to(tl.float32)
     return tile
 
 
@@ -235,14 +240,17 @@ def linear_logprobs_backward_kernel(
                       grad_weight_tile, mask=col_ok[:, None] & k_ok[None, :])
 
 
-def tile_dtype_name(hidden_dtype, weight_dtype) -> str:
-    """The key of FORWARD_TILES / BACKWARD_TILES for a launch: the logits' dtype (fp32 for an fp32
-    head of a bf16 / fp16 operand)."""
-    return _kernels.TRITON_DTYPE_NAMES[head_logits_dtype(hidden_dtype, weight_dtype)]
+def tile_key(hidden_dtype, weight_dtype) -> str:
+    """The key of FORWARD_TILES / BACKWARD_TILES for a launch: the inputs' dtype, or "fp32_head"
+    (an fp32 head of a bf16 / fp16 operand: pyalign._utils.head_logits_dtype)."""
+    if hidden_dtype != weight_dtype:
+        return "fp32_head"
+    return _kernels.TRITON_DTYPE_NAMES[hidden_dtype]
 
 
-def _dot_precision(dtype_name):
-    return "ieee" if dtype_name == "fp32" else "tf32"  # tf32 is ignored for bf16/fp16 operands
+def _dot_precision(key):
+    # fp32 products: IEEE, not TF32 (tf32 is ignored for bf16/fp16 operands)
+    return "ieee" if key in ("fp32", "fp32_head") else "tf32"
 
 
 def _dot_flags(hidden, weight):
@@ -273,7 +281,7 @@ def forward(hidden, weight, bias, labels, ignore_index, temperature, with_entrop
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    block_n, block_v, block_h, num_warps = FORWARD_TILES[tile_dtype_name(hidden.dtype, weight.dtype)]
+    block_n, block_v, block_h, num_warps = FORWARD_TILES[tile_key(hidden.dtype, weight.dtype)]
     logprobs = _kernels.new_output(num_rows, torch.float32, device)
     stats = _kernels.new_output((num_rows, 2), torch.float32, device)
     entropy = _kernels.new_output(num_rows if with_entropy else 0, torch.float32, device)
@@ -312,7 +320,7 @@ def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, e
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    block_n, block_v, block_h, num_warps = BACKWARD_TILES[tile_dtype_name(hidden.dtype, weight.dtype)]
+    block_n, block_v, block_h, num_warps = BACKWARD_TILES[tile_key(hidden.dtype, weight.dtype)]
     # atomic accumulation targets: zero-initialized fp32
     grad_hidden = torch.zeros((num_rows, hidden_size), dtype=torch.float32, device=device)
     grad_weight = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device)
@@ -347,7 +355,7 @@ def compile_configs():
     aligned_scalars = ("vocab", "hidden_size", "stride_hn", "stride_wv")
     for hidden_name, weight_name in HEAD_DTYPES:
         fp32_head = hidden_name != weight_name
-        tiles = "fp32" if fp32_head else hidden_name
+        tiles = "fp32_head" if fp32_head else hidden_name
         label = tiles if not fp32_head else f"{hidden_name} hidden, {weight_name} head"
         types = {"hidden_ptr": f"*{hidden_name}", "weight_ptr": f"*{weight_name}",
                  "bias_ptr": f"*{weight_name}", "labels_ptr": "*i64", "top1_ptr": "*i8",
