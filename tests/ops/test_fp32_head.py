@@ -144,6 +144,19 @@ def test_the_fp32_head_is_what_a_bf16_head_is_not(backend):
     assert errors[torch.float32] < 2e-5 < 1e-3 < errors[None], errors
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_backend_hands_the_fp32_head_to_eager(backend):
+    """Each backend runs the fp32 head itself (no eager fallback), forward and backward, the
+    vocab shard's backward too (wider than one tile)."""
+    hidden = torch.randn(4, 8, device=DEVICE, dtype=torch.bfloat16)
+    for weight in (torch.randn(300, 8, device=DEVICE), torch.randn(300, 8, device=DEVICE, dtype=BF16)):
+        rows = hidden if weight.dtype == FP32 else hidden.float()  # head_dtype's upcast
+        for primitive in ("forward", "backward"):
+            assert backends.resolved_name("linear_logprobs", backend, rows, weight,
+                                          primitive=primitive, hidden=rows, weight=weight,
+                                          vocab_shard=primitive == "backward") == backend
+
+
 # ----------------------------------------------------------------------- accepted and refused
 
 FP32, BF16, FP16, FP64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
