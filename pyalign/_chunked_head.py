@@ -32,6 +32,11 @@ writes each slice's weight gradient with one matmul. Without a softcap the logit
 the temperature the epilogue sees (T / logit_scale), so it costs nothing and the epilogue's
 gradient is already d/d(raw logits); with one, each slice is transformed into an fp32 buffer
 first and the gradient gets the factor logit_scale * (1 - tanh^2) after the epilogue.
+
+An fp32 head (hidden and weight of different dtypes, one of them float32:
+pyalign._utils.head_logits_dtype) forms every logit as an fp32 product: a bf16 / fp16 hidden
+state is upcast once per direction (an N x H fp32 temporary), a bf16 / fp16 weight a block of
+DEFAULT_CHUNK_BYTES of its rows at a time; the gradients come back in each input's own dtype.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from pyalign import _workspace
-from pyalign._utils import accumulation_dtype
+from pyalign._utils import accumulation_dtype, head_logits_dtype
 
 # The default working set: bytes of fp32 logits (16 MiB: a vocabulary slice of 2048 columns at
 # N = 2048 tokens), large enough for the matmuls to run at full speed on CPU, small next to the
@@ -62,21 +67,45 @@ def slice_width(rows: int, vocab: int, chunk_size=None) -> int:
     return max(1, min(vocab, elements // max(1, rows)))
 
 
+def upcast_blocks(matrix, dtype):
+    """(r0, r1, matrix[r0:r1] in ``dtype``): the whole matrix when it has the dtype, else blocks
+    of rows whose upcast copy holds DEFAULT_CHUNK_BYTES (an fp32 head's bf16 / fp16 weight: never
+    a whole fp32 copy of it)."""
+    if matrix.dtype == dtype:
+        yield 0, matrix.shape[0], matrix
+        return
+    rows = max(1, DEFAULT_CHUNK_BYTES // (_FP32_BYTES * max(1, matrix.shape[1])))
+    for r0 in range(0, matrix.shape[0], rows):
+        r1 = min(matrix.shape[0], r0 + rows)
+        yield r0, r1, matrix[r0:r1].to(dtype)
+
+
 def _raw_logits(hidden_rows, weight, bias, out):
-    torch.mm(hidden_rows, weight.t(), out=out)
+    """out = hidden_rows @ weight.T (+ bias), formed in out's dtype (hidden_rows's)."""
+    for v0, v1, block in upcast_blocks(weight, out.dtype):
+        torch.mm(hidden_rows, block.t(), out=out if v1 - v0 == out.shape[1] else out[:, v0:v1])
     if bias is not None:
         out += bias
     return out
 
 
 def _mm_into(out, a, b, accumulate):
-    """out (fp32 or the inputs' dtype) = or += a @ b, the product formed in out's dtype."""
-    if a.dtype != out.dtype:
-        a, b = a.to(out.dtype), b.to(out.dtype)
-    if accumulate:
-        out.addmm_(a, b)
-    else:
-        torch.mm(a, b, out=out)
+    """out (fp32 or the inputs' dtype) = or += a @ b, the product formed in out's dtype; ``b`` of
+    another dtype than ``a`` (an fp32 head's weight) is upcast a block of its rows at a time."""
+    if a.dtype == b.dtype:
+        if a.dtype != out.dtype:
+            a, b = a.to(out.dtype), b.to(out.dtype)
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        return
+    a = a.to(out.dtype)
+    for k0, k1, block in upcast_blocks(b, out.dtype):
+        if accumulate or k0 > 0:
+            out.addmm_(a[:, k0:k1], block)
+        else:
+            torch.mm(a[:, k0:k1], block, out=out)
 
 
 class HeadOptions(NamedTuple):
@@ -182,6 +211,7 @@ class ChunkedHead:
         """The kept rows (their whole logits in one matmul, kept for backward) and the others
         (recomputed slice by slice), each group walking the vocabulary (``_walk_forward``)."""
         num_rows, vocab = hidden.shape[0], weight.shape[0]
+        hidden = hidden.to(head_logits_dtype(hidden.dtype, weight.dtype))  # the logits' dtype
         device, acc = hidden.device, accumulation_dtype(hidden.dtype)
         options = HeadOptions(temperature, softcap, logit_scale)
         logprobs = torch.empty(num_rows, dtype=acc, device=device)
@@ -267,6 +297,7 @@ class ChunkedHead:
         # An ignored token's hidden row may hold NaN/inf (padding): its d logits row is 0, but
         # 0 * NaN in d_weight = d_logits^T @ hidden is NaN, so its row is zeroed by selection.
         masked_hidden = hidden if all_valid else torch.where(valid[:, None], hidden, 0.0)
+        masked_hidden = masked_hidden.to(head_logits_dtype(hidden.dtype, weight.dtype))
         grads = (torch.empty(hidden.shape, dtype=acc, device=hidden.device),
                  torch.empty(weight.shape, dtype=acc, device=hidden.device),
                  torch.empty(vocab, dtype=acc, device=hidden.device) if bias is not None else None)

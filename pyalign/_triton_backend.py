@@ -63,16 +63,17 @@ def _preference_rule(primitive, args):
 
 
 def _linear_logprobs_rule(primitive, args):
-    """args: ``weight`` and, for the backward, ``vocab_shard``. A vocab shard that fits in one
-    backward tile: the kernel would take the row's stats from its own tile (V <= BLOCK_V: the
-    whole row), and a flag to skip that made it spill on sm_80."""
+    """args: ``hidden``, ``weight`` and, for the backward, ``vocab_shard``. A vocab shard that
+    fits in one backward tile (the tiles of the hidden and weight dtypes): the kernel would take the row's
+    stats from its own tile (V <= BLOCK_V: the whole row), and a flag to skip that made it spill
+    on sm_80."""
     weight = args.get("weight")
     if primitive != "backward" or not args.get("vocab_shard") or weight is None:
         return None
-    from pyalign.kernels import TRITON_DTYPE_NAMES
-    from pyalign.kernels.linear_logprobs import BACKWARD_TILES
+    from pyalign.kernels.linear_logprobs import BACKWARD_TILES, tile_key
 
-    block_v = BACKWARD_TILES[TRITON_DTYPE_NAMES[weight.dtype]][1]
+    hidden_dtype = args["hidden"].dtype if args.get("hidden") is not None else weight.dtype
+    block_v = BACKWARD_TILES[tile_key(hidden_dtype, weight.dtype)][1]
     if weight.shape[0] <= block_v:
         return f"a vocab shard of {weight.shape[0]} rows fits in one backward tile ({block_v})"
     return None

@@ -2,6 +2,8 @@
 
 - ``KERNEL_DTYPES`` / ``accumulation_dtype``: which float dtypes the kernel backends take, and the
   dtype every backend does its math in.
+- ``head_logits_dtype``: the dtype a linear head forms its logits in (the fp32 head of a bf16 /
+  fp16 hidden state).
 - ``check_int``: the one "an int in [minimum, maximum]" check (never bool, never a float).
 - ``available_cores``: the CPU cores this process may run on.
 - ``canonical_param_name`` / ``named_tensors`` / ``local_shard``: how a parameter is named, how
@@ -51,6 +53,14 @@ def accumulation_dtype(*inputs) -> torch.dtype:
     them is fp64 (gradcheck), else fp32 (fp32/bf16/fp16 inputs)."""
     dtypes = [getattr(given, "dtype", given) for given in inputs if given is not None]
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def head_logits_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the logits hidden @ weight.T are formed in: the dtype hidden and weight share,
+    or float32 where they differ (the ops pass only pairs with one of them float32 and the other
+    bfloat16 / float16: an fp32 head, docs/algorithms.md "The fp32 head"), the narrower one
+    upcast."""
+    return hidden_dtype if hidden_dtype == weight_dtype else torch.float32
 
 
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1

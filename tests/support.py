@@ -436,6 +436,103 @@ def grads64(function, inputs, upstream=None):
                              for x, g in zip(leaves, grads, strict=True)]
 
 
+# ------------------------------------------------------------- error bounds of an fp32 head
+
+FP32_UNIT = 2.0 ** -24  # u: fp32's unit roundoff
+
+
+def _gamma(count):
+    """The classical bound on the relative error of a recursive fp32 sum (or dot) of ``count``
+    terms: gamma_k = k u / (1 - k u), times the sum of the terms' magnitudes."""
+    return count * FP32_UNIT / (1 - count * FP32_UNIT)
+
+
+def head_gradient_bounds64(hidden, weight, bias, labels, grad_logprobs, grad_entropy=None, *,
+                           softcap=None, logit_scale=1.0, temperature=1.0, ignore_index=IGNORE,
+                           coefficient_errors=None):
+    """Bounds, per element and in float64, on |computed - exact| of the head's gradients
+    (hidden [..., H], weight [V, H], bias [V]) when fp32 arithmetic computes them from these
+    inputs (bf16 / fp16 ones upcast exactly: an fp32 head) with per-token upstream gradients,
+    whatever the order of the sums. From the standard bounds (docs/algorithms.md, "The fp32
+    head"; Higham, Accuracy and Stability of Numerical Algorithms, 3.1):
+
+    - each raw logit is a dot of H terms and the bias: error <= gamma_{H+1} * (|h| |w|^T + |b|);
+      through the head (softcap * tanh(scale * raw / softcap) / T, slope <= scale / T) that is
+      an error in z of (scale / T) * that + 4u |z| of the transform itself;
+    - log p_v = z_v - max - log sum exp(z - max) then errs by eps_n <= 2 max_v |dz| + (V + 4) u
+      + 4u max_v |z - max| (the row's sum of V exponentials), which is also the relative error of
+      p_v, and the entropy's of (log p + H) up to a factor (2 + H);
+    - d objective / d raw = slope * (g (1[v=y] - p_v) - g_ent p_v (log p_v + H)): each of its
+      elementary terms (A = slope * (|g| (1[v=y] + p_v) + |g_ent| p_v (|log p_v| + H + 2)))
+      errs by (2 eps_n + 8u) of its magnitude, plus the slope's own error with a softcap
+      (4u + 2 |tanh| (1 - tanh^2) (scale / softcap) |d raw|, times scale / T);
+    - the gradients are sums of such terms times |h| (weight: N tokens), times |w| (hidden: V
+      columns, over every rank of a vocab shard) or alone (bias): error <= sum of the terms'
+      errors + gamma_{K+1} * sum of |terms|.
+
+    ``coefficient_errors``: (for g, for g_ent or None), per token, where the upstream gradients
+    are themselves known only to within those (a loss's coefficients, computed in fp32 from
+    fp32 log-probs): they add slope * (dg (1[v=y] + p_v) + dg_ent p_v (|log p_v| + H)) per term.
+    Ignored tokens (``ignore_index``) contribute nothing (their hidden rows may hold NaN)."""
+    u = FP32_UNIT
+    flat_labels = labels.reshape(-1)
+    valid = flat_labels != ignore_index
+    h = torch.where(valid[:, None], hidden.detach().reshape(-1, hidden.shape[-1]).double(), 0.0)
+    w = weight.detach().double()
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
+    tokens, vocab, size = int(valid.sum()), w.shape[0], h.shape[1]
+    raw = h @ w.t() + b
+    d_raw = _gamma(size + 1) * (h.abs() @ w.abs().t() + b.abs())
+    steepest = logit_scale / temperature
+    if softcap is None:
+        z = raw * steepest
+        slope = torch.full_like(z, steepest)
+        d_slope = torch.zeros_like(z)
+    else:
+        tanh = torch.tanh(raw * (logit_scale / softcap))
+        z = softcap * tanh / temperature
+        slope = steepest * (1 - tanh * tanh)
+        d_slope = steepest * (4 * u + 2 * tanh.abs() * (1 - tanh * tanh)
+                              * (logit_scale / softcap) * d_raw)
+    d_z = steepest * d_raw + 4 * u * z.abs()
+    log_p = torch.log_softmax(z, -1)
+    probs = log_p.exp()
+    entropy = -(probs * log_p).sum(-1, keepdim=True)
+    eps = (2 * d_z.amax(-1, keepdim=True) + (vocab + 4) * u
+           + 4 * u * (z - z.amax(-1, keepdim=True)).abs().amax(-1, keepdim=True))
+    def per_token(values):
+        if values is None:
+            return torch.zeros(valid.shape[0], 1, dtype=torch.float64, device=valid.device)
+        return torch.where(valid, values.reshape(-1).double(), 0.0).abs()[:, None]
+
+    onehot = torch.nn.functional.one_hot(torch.where(valid, flat_labels, 0), vocab) * valid[:, None]
+
+    def term_magnitudes(g, g_ent):
+        return g * (onehot + probs) + g_ent * probs * (log_p.abs() + entropy + 2)
+
+    parts = term_magnitudes(per_token(grad_logprobs), per_token(grad_entropy))
+    terms = slope * parts
+    errors = (2 * eps + 8 * u) * terms + d_slope * parts
+    if coefficient_errors is not None:
+        errors = errors + slope * term_magnitudes(*(per_token(e) for e in coefficient_errors))
+    over_tokens = errors + _gamma(tokens + 1) * terms
+    bound_hidden = (errors + _gamma(vocab + 1) * terms) @ w.abs()
+    return bound_hidden.view(hidden.shape), over_tokens.t() @ h.abs(), over_tokens.sum(0)
+
+
+def assert_within_bound(actual, exact, bound, name=""):
+    """|actual - exact| <= ``bound`` (an fp32 computation's, as head_gradient_bounds64 gives)
+    plus the one rounding of that fp32 result into actual's dtype (bf16 / fp16 gradients; and
+    float16's subnormal spacing)."""
+    exact, bound = exact.double(), bound.double()
+    half_ulp = WEIGHT_ROUNDING[actual.dtype] if actual.dtype != torch.float32 else 0.0
+    subnormal = 2.0 ** -25 if actual.dtype == torch.float16 else 0.0
+    limit = bound * (1 + half_ulp) + half_ulp * exact.abs() + subnormal
+    error = (actual.double() - exact).abs()
+    worst = float((error / limit.clamp(min=1e-300)).max())
+    assert torch.all(error <= limit), f"{name}: an error {worst:.3g} times its bound"
+
+
 # -------------------------------------------------------------------------- weight updates
 
 # The exact result rounded once into the target: half an ulp of the target dtype, relative.

@@ -153,3 +153,21 @@ def test_memory_skip_status_names_need_and_limit():
                             measure_memory=False, memory_limit=harness.GIB)
     assert rows[0].status == "ok" and rows[0].median_ms is not None
     assert rows[1].status == status and rows[1].median_ms is None
+
+
+def test_bench_bf16_head_case_times_the_fp32_head_beside_each_backend(tmp_path):
+    """--dtype bf16: every pyalign backend row has its fp32-head row (head_dtype=float32), and
+    both run."""
+    json_path = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--device", "cpu", "--no-compile", "--no-progress", "--reps", "1",
+                   "--threads", "1", "--cases", "linear_logprobs", "--tokens", "16", "--hidden",
+                   "8", "--vocab", "64", "--dtype", "bf16", "--json", str(json_path)])
+    assert rc == 0
+    (case,) = json.loads(json_path.read_text())["cases"]
+    rows = _rows_by_name(case)
+    plain = [name for name in rows if name.startswith("pyalign linear_token_logprobs [")
+             and name.endswith("]")]
+    assert plain
+    for name in plain:
+        fp32_head = rows[f"{name} head_dtype=float32 (fp32 head)"]
+        assert rows[name]["median_ms"] > 0 and fp32_head["median_ms"] > 0, fp32_head["status"]

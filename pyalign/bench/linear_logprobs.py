@@ -2,7 +2,8 @@
 per-token upstream gradient; with ``entropy=True`` also a random one for the entropy): naive eager
 (full [N, V] logits, log_softmax, gather), torch.compile of it, pyalign on every available
 backend, pyalign's cpu backend with a memory budget that keeps every token's logits for backward
-(3 matmuls instead of 4), the peers that run here (Liger-Kernel's
+(3 matmuls instead of 4), for bf16 / fp16 the fp32 head (``head_dtype=float32``) beside each
+backend's plain row and TRL's own fp32 head, the peers that run here (Liger-Kernel's
 LigerFusedLinearScaledCrossEntropyFunction, TRL's ChunkedLogProbFunction, Cut Cross-Entropy's
 ``impl="torch_compile"``), and the floors: the three bare matmuls of forward and backward (into
 preallocated outputs; and as autograd runs them, each output allocated per call), and the four
@@ -135,6 +136,8 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
     ours, backend_notes = backend_candidates("linear_logprobs", device,
                                              "pyalign linear_token_logprobs", fused, clear)
     candidates += _with_strategies(ours, fused, clear, hidden, weight, notes)
+    candidates += _fp32_head_candidates(ours, fused, clear, hidden, weight, labels, entropy,
+                                        backward_pair, need("trl"))
     notes += backend_notes
     if device.type == "cpu" and any(c.backend == "cpu" for c in ours):
         budget = num_tokens * vocab * hidden.element_size()
@@ -203,6 +206,30 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
                 ratio_to=ratio_columns(candidates, vs_eager="eager matmul+log_softmax+gather",
                                        vs_compile="torch.compile matmul+log_softmax+gather"),
                 floor="floor: the 3 bare matmuls", notes=notes)
+
+
+def _fp32_head_candidates(ours: list, fused, clear, hidden, weight, labels, entropy,
+                          backward_pair, trl_memory_need) -> list:
+    """For a bf16 / fp16 case, the fp32 head beside each backend's plain row: the same head and
+    hidden state with ``head_dtype=float32`` (every logit an fp32 product; TRL's
+    cast_lm_head_to_fp32), and TRL's own fp32 head (its ChunkedLogProbFunction on the hidden
+    state upcast, as its cast_lm_head_to_fp32 forward calls it) where it imports."""
+    if hidden.dtype not in (torch.bfloat16, torch.float16):
+        return []
+    rows = [Candidate(f"{c.name} head_dtype=float32 (fp32 head)",
+                      functools.partial(fused, c.backend, head_dtype=torch.float32), setup=clear,
+                      backend=c.backend) for c in ours]
+    trl_function, _ = _trl_function()
+    if trl_function is not None:
+        def trl_fp32_head():
+            out = trl_function.apply(hidden.float(), weight, None, labels, 1.0, TRL_CHUNK_SIZE,
+                                     None, 1.0, ("entropy",) if entropy else ())
+            backward_pair(out[0], out[1])
+        # not named "TRL ...": the "vs TRL" column stays the plain TRL row's
+        rows.append(Candidate("cast_lm_head_to_fp32: TRL ChunkedLogProbFunction (fp32 head)",
+                              trl_fp32_head, setup=clear, kind="baseline",
+                              memory_need=trl_memory_need))
+    return rows
 
 
 def head_strategies() -> tuple[str, ...]:

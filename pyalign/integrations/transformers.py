@@ -204,34 +204,47 @@ def check_head(model) -> None:
     backbone(model)
 
 
-def _match_dtypes(hidden, weight, bias, cast_to_fp32: bool):
-    """hidden, weight and bias in one dtype, as the model's own head matmul would run them."""
-    if cast_to_fp32:
-        dtype = torch.float32
-    elif torch.is_autocast_enabled(hidden.device.type):
+_FP32_HEAD_OPERANDS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _match_dtypes(hidden, weight, bias, head_dtype):
+    """hidden, weight and bias as the model's own head matmul would run them: with
+    ``head_dtype=torch.float32`` (TRL's cast_lm_head_to_fp32) in fp32, the op upcasting a bf16 /
+    fp16 operand itself (no fp32 copy of the weight); under autocast in its dtype; else a float32
+    head (TRL's cast) keeps a bf16 / fp16 hidden state as it is, and any other head takes the
+    hidden state in its weight's dtype."""
+    if head_dtype is torch.float32:
+        def fp32_operand(tensor):
+            return tensor if tensor is None or tensor.dtype in _FP32_HEAD_OPERANDS else tensor.float()
+        return fp32_operand(hidden), fp32_operand(weight), fp32_operand(bias)
+    if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
+    elif weight.dtype == torch.float32 and hidden.dtype in (torch.bfloat16, torch.float16):
+        return hidden, weight, None if bias is None else bias.float()
     else:
         dtype = weight.dtype
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def score_hidden(model, hidden, labels, mask, *, temperature, outputs, backend,
-                 cast_to_fp32=False):
+def score_hidden(model, hidden, labels, mask, *, temperature, outputs, backend, head_dtype=None):
     """Per-token outputs (``_OUTPUT_NAMES`` order, None where not in ``outputs``) of the
     causal LM ``model``'s head on ``hidden`` [B, T', H] against ``labels`` [B, T'] where ``mask``
-    (0 elsewhere); only the masked-in positions reach the kernel. The one place the head's
-    weight and options are read (causal_lm_logprobs, add_fused_lm_head, pyalign's trainers)."""
+    (0 elsewhere); only the masked-in positions reach the kernel. ``head_dtype=torch.float32``:
+    the head in fp32, outside autocast (linear_token_logprobs's fp32 head). The one place the
+    head's weight and options are read (causal_lm_logprobs, add_fused_lm_head, pyalign's
+    trainers)."""
     options = head_options(model.config)
     weight, bias = head_weight(model)
     hidden = hidden.to(weight.device)
     mask = mask.to(weight.device)
-    autocast = (torch.autocast(hidden.device.type, enabled=False) if cast_to_fp32
+    autocast = (torch.autocast(hidden.device.type, enabled=False) if head_dtype is not None
                 else contextlib.nullcontext())
     with autocast:
-        hidden, weight, bias = _match_dtypes(hidden, weight, bias, cast_to_fp32)
+        hidden, weight, bias = _match_dtypes(hidden, weight, bias, head_dtype)
         result = linear_token_logprobs(
             hidden[mask], weight, labels.to(weight.device)[mask], bias=bias,
             temperature=temperature, softcap=options.softcap, logit_scale=options.logit_scale,
+            head_dtype=head_dtype,
             outputs=tuple(name for name in outputs if name != "log_probs"), backend=backend)
     # masked_scatter keeps the graph connected when no position is labelled (a zero gradient).
     return tuple(None if value is None else value.new_zeros(mask.shape).masked_scatter(mask, value)
@@ -257,7 +270,8 @@ def _forward_replaced(module, forward):
 def causal_lm_logprobs(model, input_ids: torch.Tensor, *, labels: Optional[torch.Tensor] = None,
                        attention_mask: Optional[torch.Tensor] = None,
                        position_ids: Optional[torch.Tensor] = None, entropy: bool = False,
-                       temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto",
+                       temperature: float = 1.0, ignore_index: int = -100,
+                       head_dtype: Optional[torch.dtype] = None, backend: str = "auto",
                        **model_kwargs) -> CausalLMLogprobs:
     """Next-token log-probs ``[B, T-1]`` of a Hugging Face causal LM, through the fused head.
 
@@ -269,6 +283,13 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, *, labels: Optional[torch
     ``CausalLMLogprobs(logprobs, entropy, mask)``; log-probs and entropy carry gradients to the
     model's parameters. Equals ``log_softmax(model(...).logits[:, :-1] / temperature)`` gathered
     at the labels, without ever holding those logits.
+
+    ``head_dtype=torch.float32``: the head in fp32 for this call, outside autocast (TRL's
+    ``cast_lm_head_to_fp32``; the model's parameters stay as they are): every logit is an fp32
+    product of the upcast hidden state and head (``linear_token_logprobs``'s fp32 head), the
+    gradients reach hidden state and head in their own dtypes. A head already cast to float32
+    (as TRL's trainers cast it) runs as an fp32 head of the model's bf16 / fp16 hidden states
+    without it, unless autocast is on.
 
     ``position_ids`` [B, T] (or [1, T]) may pack several sequences into a row, each starting at
     position 0 (TRL's padding-free batches): a token at position 0 is never a label, and each
@@ -289,6 +310,7 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, *, labels: Optional[torch
     ignore_index = _checks.check_int("ignore_index", ignore_index)
     entropy = _checks.check_bool("entropy", entropy)
     temperature = _checks.check_temperature(temperature)
+    head_dtype = _checks.check_head_dtype(head_dtype)
     backends.check_name(backend)
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(
@@ -310,7 +332,7 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, *, labels: Optional[torch
         kwargs.pop("labels", None)  # peft's forward passes labels=None through
         hidden = decoder.restore(backbone(inner)(*args, **kwargs).last_hidden_state)[:, :-1]
         return score_hidden(inner, hidden, next_labels, mask, temperature=temperature, outputs=outputs,
-                            backend=backend)
+                            backend=backend, head_dtype=head_dtype)
 
     with _forward_replaced(inner, fused_forward):
         result = model(**decoder.kwargs, use_cache=False, **model_kwargs)
@@ -364,7 +386,7 @@ def _patch_forward(model, *, temperature: float, cast_lm_head_to_fp32: bool,
         mask = labels != -100
         log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = score_hidden(
             self, hidden, labels, mask, temperature=temperature, outputs=outputs, backend=backend,
-            cast_to_fp32=cast_lm_head_to_fp32)
+            head_dtype=torch.float32 if cast_lm_head_to_fp32 else None)
         mask = mask.to(log_probs.device)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -log_probs.sum() / count
@@ -388,7 +410,9 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     ``FusedCausalLMOutput`` computed by pyalign's fused head; without ``fused_lm_head`` the
     forward is the original (generation is unchanged). TRL 1.16's ``add_fused_lm_head``
     signature and semantics: ``temperature`` divides the logits, ``cast_lm_head_to_fp32`` runs
-    the head in fp32 outside autocast, ``outputs`` names the per-token fields computed (among
+    the head in fp32 outside autocast (``head_dtype=torch.float32`` of ``causal_lm_logprobs``: a
+    bf16 / fp16 hidden state and head are upcast by the kernel, never copied whole), ``outputs``
+    names the per-token fields computed (among
     "log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"; the rest are None);
     pre-shifted ``shift_labels`` are scored without shifting; ``num_items_in_batch`` divides the
     summed NLL. Add it before wrapping the model with PEFT. ``remove_fused_lm_head`` undoes it."""

@@ -10,7 +10,8 @@ replaces both names where TRL looks them up (``trl.trainer.utils`` and every loa
 module that imported ``add_fused_lm_head``): the trainers then get
 ``pyalign.integrations.transformers``'s fused forward, returning TRL's own
 ``FusedCausalLMOutput`` with the same fields, so every TRL option (temperature,
-``cast_lm_head_to_fp32``, ``shift_labels``, ``num_items_in_batch``, the WPO and entropy outputs)
+``cast_lm_head_to_fp32``: the fp32 head of ``linear_token_logprobs``, its bf16 / fp16 operands
+upcast by the kernel; ``shift_labels``, ``num_items_in_batch``, the WPO and entropy outputs)
 keeps its meaning. ``disable()`` puts TRL's back; both are idempotent and each logs one line
 naming what it replaced or restored (logger "pyalign", shown on stderr by default:
 pyalign/_logging.py). ``enabled()`` is the same as a context manager. A trainer built while
@@ -55,7 +56,9 @@ class ChunkedLogProbFunction:
     """Stands in for ``trl.kernels.ChunkedLogProbFunction`` (same ``apply`` arguments and
     5-tuple result) on ``pyalign.linear_token_logprobs``; ``chunk_size`` (TRL's vocabulary
     tile) is not needed by pyalign's kernels and is ignored. As TRL's, the head runs in the
-    autocast dtype when autocast is on, else in hidden's dtype."""
+    autocast dtype when autocast is on, else in hidden's dtype; in float32 (TRL's
+    ``cast_lm_head_to_fp32`` passes an fp32 hidden state) a bf16 / fp16 head is upcast by the
+    kernel (``head_dtype=torch.float32``), not copied whole as TRL's slices are."""
 
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
@@ -65,13 +68,19 @@ class ChunkedLogProbFunction:
         device = hidden.device.type
         dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                  else hidden.dtype)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        head_dtype = None
+        if (dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16)
+                and (bias is None or bias.dtype == weight.dtype)):
+            head_dtype = torch.float32
+        else:
+            weight = weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         extra = tuple(name for name in outputs if name != "log_probs")
-        return tuple(linear_token_logprobs(hidden, weight, targets, bias=bias,
+        return tuple(linear_token_logprobs(hidden.to(dtype), weight, targets, bias=bias,
                                            temperature=temperature,
                                            softcap=final_logit_softcapping,
-                                           logit_scale=logit_scale, outputs=extra))
+                                           logit_scale=logit_scale, head_dtype=head_dtype,
+                                           outputs=extra))
 
 
 def _fused_head_installer(output_class):

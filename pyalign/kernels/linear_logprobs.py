@@ -31,6 +31,11 @@ Memory traffic / FLOPs (b = bytes per element):
               d_hidden plus V*H*4 * N/BLOCK_N for d_weight (L2-resident reductions on GPU).
               Extra memory: fp32 accumulators for d_hidden/d_weight when inputs are bf16/fp16.
 Launch grid: forward (cdiv(N, BLOCK_N),); backward (cdiv(N, BLOCK_N), cdiv(V, BLOCK_V)).
+
+An fp32 head (hidden and weight of different dtypes, one float32, the other bf16 / fp16:
+pyalign._utils.head_logits_dtype) runs its own fp32 tiles: each loaded tile is widened to fp32 in
+registers (no copy of either input), the dots are IEEE fp32 and the d/dz tile stays fp32
+(FP32_HEAD); the bf16 / fp16 operand is read at its own width.
 """
 from __future__ import annotations
 
@@ -41,11 +46,17 @@ import triton
 import triton.language as tl
 
 from pyalign import kernels as _kernels
+from pyalign._utils import head_logits_dtype
 
 # Tiles per input dtype: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps), forward and backward. fp32 runs
 # IEEE fp32 dots (no tensor cores), so it gets smaller tiles.
 FORWARD_TILES = {"fp32": (32, 64, 32, 8), "bf16": (64, 128, 64, 8), "fp16": (64, 128, 64, 8)}
 BACKWARD_TILES = {"fp32": (32, 32, 32, 4), "bf16": (64, 64, 64, 8), "fp16": (64, 64, 64, 8)}
+# An fp32 head's (tile_key): fp32 dots, half the fp32 tiles' BLOCK_H, as the narrow operand's
+# tile and its fp32 widening are both live (sm_80 / sm_90: at most 169 registers, none spilled;
+# the fp32 tiles reach 255)
+FORWARD_TILES["fp32_head"] = (32, 64, 16, 8)
+BACKWARD_TILES["fp32_head"] = (32, 32, 16, 4)
 KEEPS_LOGITS = False  # the fused kernels recompute in backward: memory_budget keeps nothing
 
 
@@ -54,7 +65,7 @@ def _dot_operand(tile, UPCAST: tl.constexpr):
     # Triton 3.9's interpreter multiplies bf16 tiles as raw integers; widening them to fp32 is
     # exact (bf16 x bf16 products fit fp32), so CPU tests see what the tensor cores compute.
     if UPCAST:
-        return tile.to(tl.float32)
+        tile = tile.to(tl.float32)
     return tile
 
 
@@ -168,7 +179,7 @@ def linear_logprobs_backward_kernel(
         ignore_index, inv_temperature, softcap, logit_scale,
         HAS_GRAD_ENTROPY: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        FP32_HEAD: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -207,8 +218,10 @@ def linear_logprobs_backward_kernel(
     grad = tl.where(valid[:, None] & col_ok[None, :], grad, 0.0)
     if has_bias != 0:
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(grad, 0), mask=col_ok)
-    # low-precision inputs: the d/dz tile goes to the tensor cores in their dtype (as eager does)
-    grad_dot = _dot_operand(grad.to(hidden_ptr.dtype.element_ty), UPCAST)
+    if FP32_HEAD:  # an fp32 head: d/dz stays fp32 (UPCAST widens the other operands)
+        grad_dot = grad
+    else:  # low-precision inputs: the d/dz tile goes to the tensor cores in their dtype (as eager)
+        grad_dot = _dot_operand(grad.to(hidden_ptr.dtype.element_ty), UPCAST)
     ks = tl.arange(0, BLOCK_H)
     for k0 in range(0, hidden_size, BLOCK_H):
         k_ok = (k0 + ks) < hidden_size
@@ -227,19 +240,27 @@ def linear_logprobs_backward_kernel(
                       grad_weight_tile, mask=col_ok[:, None] & k_ok[None, :])
 
 
-def _dtype_name(tensor):
-    return _kernels.TRITON_DTYPE_NAMES[tensor.dtype]
+def tile_key(hidden_dtype, weight_dtype) -> str:
+    """The key of FORWARD_TILES / BACKWARD_TILES for a launch: the inputs' dtype, or "fp32_head"
+    (an fp32 head of a bf16 / fp16 operand: pyalign._utils.head_logits_dtype)."""
+    if hidden_dtype != weight_dtype:
+        return "fp32_head"
+    return _kernels.TRITON_DTYPE_NAMES[hidden_dtype]
 
 
-def _dot_precision(dtype_name):
-    return "ieee" if dtype_name == "fp32" else "tf32"  # tf32 is ignored for bf16/fp16 operands
+def _dot_precision(key):
+    # fp32 products: IEEE, not TF32 (tf32 is ignored for bf16/fp16 operands)
+    return "ieee" if key in ("fp32", "fp32_head") else "tf32"
 
 
-def _dot_flags(dtype_name):
-    """(DOT_PRECISION, UPCAST) for a launch (UPCAST only in the interpreter, for bf16)."""
-    if dtype_name == "bf16" and os.environ.get("TRITON_INTERPRET") == "1":
+def _dot_flags(hidden, weight):
+    """(DOT_PRECISION, UPCAST) for a launch: UPCAST widens the dot operands to fp32 (an fp32
+    head's; in the interpreter, bf16's)."""
+    if hidden.dtype != weight.dtype or (hidden.dtype == torch.bfloat16
+                                        and os.environ.get("TRITON_INTERPRET") == "1"):
         return dict(DOT_PRECISION="ieee", UPCAST=True)
-    return dict(DOT_PRECISION=_dot_precision(dtype_name), UPCAST=False)
+    return dict(DOT_PRECISION=_dot_precision(_kernels.TRITON_DTYPE_NAMES[hidden.dtype]),
+                UPCAST=False)
 
 
 def _head_arguments(temperature, softcap, logit_scale):
@@ -260,8 +281,7 @@ def forward(hidden, weight, bias, labels, ignore_index, temperature, with_entrop
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    dtype_name = _dtype_name(hidden)
-    block_n, block_v, block_h, num_warps = FORWARD_TILES[dtype_name]
+    block_n, block_v, block_h, num_warps = FORWARD_TILES[tile_key(hidden.dtype, weight.dtype)]
     logprobs = _kernels.new_output(num_rows, torch.float32, device)
     stats = _kernels.new_output((num_rows, 2), torch.float32, device)
     entropy = _kernels.new_output(num_rows if with_entropy else 0, torch.float32, device)
@@ -280,12 +300,14 @@ def forward(hidden, weight, bias, labels, ignore_index, temperature, with_entrop
         top1, num_rows, vocab, hidden_size,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         int(bias is not None), int(ignore_index), **_head_arguments(temperature, softcap, logit_scale),
-        WITH_ENTROPY=bool(with_entropy), WITH_METRICS=with_metrics, **_dot_flags(dtype_name),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=num_warps)
+        WITH_ENTROPY=bool(with_entropy), WITH_METRICS=with_metrics,
+        **_dot_flags(hidden, weight), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+        num_warps=num_warps)
     metric_out = (log_sum_sq if metrics[0] else logprobs.new_empty(0),
                   mean if metrics[1] else logprobs.new_empty(0),
                   top1.view(torch.bool) if metrics[2] else top1.new_empty(0, dtype=torch.bool))
-    return (logprobs, entropy, stats, *metric_out, hidden.new_empty(0, vocab))
+    kept = hidden.new_empty(0, vocab, dtype=head_logits_dtype(hidden.dtype, weight.dtype))
+    return (logprobs, entropy, stats, *metric_out, kept)
 
 
 def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy,
@@ -298,8 +320,7 @@ def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, e
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    dtype_name = _dtype_name(hidden)
-    block_n, block_v, block_h, num_warps = BACKWARD_TILES[dtype_name]
+    block_n, block_v, block_h, num_warps = BACKWARD_TILES[tile_key(hidden.dtype, weight.dtype)]
     # atomic accumulation targets: zero-initialized fp32
     grad_hidden = torch.zeros((num_rows, hidden_size), dtype=torch.float32, device=device)
     grad_weight = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device)
@@ -314,44 +335,54 @@ def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, e
         grad_bias if bias is not None else grad_weight, num_rows, vocab, hidden_size,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         int(bias is not None), int(ignore_index), **_head_arguments(temperature, softcap, logit_scale),
-        HAS_GRAD_ENTROPY=has_grad_entropy, **_dot_flags(dtype_name),
+        HAS_GRAD_ENTROPY=has_grad_entropy, **_dot_flags(hidden, weight),
+        FP32_HEAD=hidden.dtype != weight.dtype,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=num_warps)
     return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype))
 
 
+# (hidden, weight and bias) dtypes of every launch: one dtype, or an fp32 head of a bf16 / fp16
+# operand (head_logits_dtype).
+HEAD_DTYPES = (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32"),
+               ("fp16", "fp32"), ("fp32", "bf16"), ("fp32", "fp16"))
+
+
 def compile_configs():
-    """Every launch variant: per dtype, forward entropy x softcap x metrics, backward
-    grad_entropy x softcap."""
+    """Every launch variant: per (hidden, weight) dtypes, forward entropy x softcap x metrics,
+    backward grad_entropy x softcap."""
     configs = []
     aligned_scalars = ("vocab", "hidden_size", "stride_hn", "stride_wv")
-    for dtype_name in ("fp32", "bf16", "fp16"):
-        tensor = f"*{dtype_name}"
-        types = {"hidden_ptr": tensor, "weight_ptr": tensor, "bias_ptr": tensor,
-                 "labels_ptr": "*i64", "top1_ptr": "*i8", "inv_temperature": "fp32",
-                 "softcap": "fp32", "logit_scale": "fp32"}
+    for hidden_name, weight_name in HEAD_DTYPES:
+        fp32_head = hidden_name != weight_name
+        tiles = "fp32_head" if fp32_head else hidden_name
+        label = tiles if not fp32_head else f"{hidden_name} hidden, {weight_name} head"
+        types = {"hidden_ptr": f"*{hidden_name}", "weight_ptr": f"*{weight_name}",
+                 "bias_ptr": f"*{weight_name}", "labels_ptr": "*i64", "top1_ptr": "*i8",
+                 "inv_temperature": "fp32", "softcap": "fp32", "logit_scale": "fp32"}
         # unit column strides: the JIT specializes a stride of 1 the same way
-        common = {"stride_hk": 1, "stride_wk": 1, "DOT_PRECISION": _dot_precision(dtype_name),
-                  "UPCAST": False}
+        common = {"stride_hk": 1, "stride_wk": 1, "DOT_PRECISION": _dot_precision(tiles),
+                  "UPCAST": fp32_head}
         for flag in (False, True):
             for softcap in (False, True):
                 for metrics in (False, True):
-                    block_n, block_v, block_h, num_warps = FORWARD_TILES[dtype_name]
+                    block_n, block_v, block_h, num_warps = FORWARD_TILES[tiles]
                     configs.append(_kernels.compile_config(
                         linear_logprobs_forward_kernel, "linear_logprobs_forward",
-                        f"{dtype_name} {block_n}x{block_v}x{block_h} entropy={flag} "
+                        f"{label} {block_n}x{block_v}x{block_h} entropy={flag} "
                         f"softcap={softcap} metrics={metrics}", num_warps,
                         {**common, "WITH_ENTROPY": flag, "HAS_SOFTCAP": softcap,
                          "WITH_METRICS": metrics, "BLOCK_N": block_n, "BLOCK_V": block_v,
                          "BLOCK_H": block_h},
                         types=types, aligned_scalars=aligned_scalars))
-                block_n, block_v, block_h, num_warps = BACKWARD_TILES[dtype_name]
+                block_n, block_v, block_h, num_warps = BACKWARD_TILES[tiles]
                 configs.append(_kernels.compile_config(
                     linear_logprobs_backward_kernel, "linear_logprobs_backward",
-                    f"{dtype_name} {block_n}x{block_v}x{block_h} grad_entropy={flag} "
+                    f"{label} {block_n}x{block_v}x{block_h} grad_entropy={flag} "
                     f"softcap={softcap}", num_warps,
                     {**common, "HAS_GRAD_ENTROPY": flag, "HAS_SOFTCAP": softcap,
-                     "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h},
+                     "FP32_HEAD": fp32_head, "BLOCK_N": block_n, "BLOCK_V": block_v,
+                     "BLOCK_H": block_h},
                     types={name: kind for name, kind in types.items() if name != "top1_ptr"},
                     aligned_scalars=aligned_scalars))
     return configs

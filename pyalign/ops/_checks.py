@@ -6,7 +6,8 @@ import numbers
 
 import torch
 
-from pyalign._utils import check_int  # noqa: F401  (the ops' int checks: _checks.check_int)
+# check_int: the ops' int checks (_checks.check_int)
+from pyalign._utils import check_int, head_logits_dtype  # noqa: F401
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -162,3 +163,61 @@ def _mask_to_bool(mask: torch.Tensor, name: str) -> torch.Tensor:
 @_mask_to_bool.register_fake
 def _(mask, name):
     return torch.empty_like(mask, dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------- the head's dtypes
+# The linear ops take hidden and their head (weight, bias) of one dtype, or an fp32 head of a
+# bfloat16 / float16 hidden state (TRL's cast_lm_head_to_fp32, vLLM's head_dtype): a float32
+# weight, or any kernel dtype upcast by head_dtype=torch.float32 (docs/algorithms.md, "The fp32
+# head").
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+HEAD_DTYPE_CHOICES = "None (the head runs in its weight's dtype) or torch.float32"
+
+
+def check_head_dtype(value):
+    """``head_dtype``: None or torch.float32 (an fp32 head: a bf16 / fp16 weight and bias are
+    upcast for the head only)."""
+    if value is None or value is torch.float32:
+        return value
+    if isinstance(value, torch.dtype):
+        raise ValueError(f"head_dtype must be {HEAD_DTYPE_CHOICES}, got {value}")
+    raise TypeError(f"head_dtype must be {HEAD_DTYPE_CHOICES}, got {type(value).__name__} "
+                    f"{value!r}")
+
+
+def check_head_dtypes(hidden, weight, bias, head_dtype, *, hidden_name="hidden",
+                      weight_name="weight", bias_name="bias") -> None:
+    """hidden, weight and bias (or None) in a combination the head takes (see above); the
+    message names the arguments and what is accepted."""
+    head = weight.dtype
+    if head_dtype is torch.float32:
+        if weight.dtype not in (torch.float32, *LOW_PRECISION):
+            raise TypeError(f"head_dtype=torch.float32 upcasts a bfloat16/float16 head (or keeps "
+                            f"a float32 one); {weight_name} is {weight.dtype}")
+        head = torch.float32
+    if hidden.dtype != head and not (head == torch.float32 and hidden.dtype in LOW_PRECISION):
+        asked = ", head_dtype=torch.float32" if head_dtype is not None else ""
+        raise TypeError(f"{hidden_name} and {weight_name} must share a dtype, or make a float32 "
+                        f"head of a bfloat16/float16 {hidden_name} (a float32 {weight_name}, or a "
+                        f"bfloat16/float16 one with head_dtype=torch.float32); got {hidden_name} "
+                        f"{hidden.dtype} and {weight_name} {weight.dtype}{asked}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"{bias_name} must have {weight_name}'s dtype {weight.dtype} (the "
+                        f"head's), got {bias.dtype}")
+
+
+def logits_dtype(hidden, weight, head_dtype) -> torch.dtype:
+    """The dtype the head's logits are formed in for checked inputs (check_head_dtypes)."""
+    return torch.float32 if head_dtype is torch.float32 else head_logits_dtype(hidden.dtype,
+                                                                                weight.dtype)
+
+
+def head_hidden(hidden, weight, head_dtype):
+    """``hidden`` as the head's primitives take it: they form fp32 logits where exactly one of
+    hidden and weight is float32 (pyalign._utils.head_logits_dtype), so an fp32 head asked of a
+    bf16 / fp16 pair upcasts the hidden state (N x H, smaller than the weight, which is upcast
+    tile by tile; as TRL's cast_lm_head_to_fp32 upcasts it). Its gradient comes back in its
+    own dtype through autograd."""
+    if head_dtype is torch.float32 and torch.float32 not in (hidden.dtype, weight.dtype):
+        return hidden.float()
+    return hidden

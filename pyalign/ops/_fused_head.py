@@ -21,7 +21,9 @@ NaN hidden row there is never read. Memory: one chunk's logits (reused as its d-
 reference's chunk logits before them (freed first), and gradient buffers of hidden's and W's
 size (W's in fp32), which backward scales in place and hands over unless the graph is kept
 (retain_graph=True: it scales copies). The reference (``ref_hidden`` + ``ref_weight``) is
-scored in the same loop, no grad.
+scored in the same loop, no grad. An fp32 head (``head_logits``: hidden and weight of different
+dtypes, one float32) forms the logits and d-logits in fp32, the other operand upcast (a bf16 /
+fp16 weight a block of rows at a time).
 docs/algorithms.md, "3-matmul scalar losses".
 
 The path runs eagerly (autograd inside the forward is not traceable): under torch.compile the
@@ -34,7 +36,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from pyalign import backends
-from pyalign._utils import accumulation_dtype, gradients_wanted
+from pyalign._chunked_head import upcast_blocks
+from pyalign._utils import accumulation_dtype, gradients_wanted, head_logits_dtype
 from pyalign.eager.logprobs import log_sum_sq_probs
 from pyalign.ops import _checks, _vocab_parallel
 
@@ -92,11 +95,34 @@ def _chunks(token_counts: list[int], budget: int):
         yield start, len(token_counts)
 
 
-def _head_logits(hidden_rows, weight, bias):
-    logits = hidden_rows @ weight.t()
+def head_logits(hidden_rows, weight, bias):
+    """hidden_rows · Wᵀ (+ b) in the logits' dtype (pyalign._utils.head_logits_dtype): an fp32
+    head upcasts a bf16 / fp16 operand, the rows whole, the weight a block of rows at a time."""
+    dtype = head_logits_dtype(hidden_rows.dtype, weight.dtype)
+    hidden_rows = hidden_rows.to(dtype)
+    if weight.dtype == dtype:
+        logits = hidden_rows @ weight.t()
+    else:
+        logits = hidden_rows.new_empty(hidden_rows.shape[0], weight.shape[0])
+        for v0, v1, block in upcast_blocks(weight, dtype):
+            torch.mm(hidden_rows, block.t(), out=logits[:, v0:v1])
     if bias is not None:
         logits += bias
     return logits
+
+
+def _times_weight(grad_logits, weight):
+    """grad_logits · W (matmul 2) in grad_logits's dtype, a bf16 / fp16 weight of an fp32 head
+    upcast a block of rows at a time."""
+    if grad_logits.dtype == weight.dtype:
+        return grad_logits @ weight
+    product = None
+    for v0, v1, block in upcast_blocks(weight, grad_logits.dtype):
+        if product is None:
+            product = grad_logits[:, v0:v1] @ block
+        else:
+            product.addmm_(grad_logits[:, v0:v1], block)
+    return product
 
 
 def _scatter(values, kept_local, shape, dtype):
@@ -192,7 +218,7 @@ def _reference_pass(run: _Run, chunk: _Chunk) -> Optional[torch.Tensor]:
     if reference is None:
         return None
     with torch.no_grad():
-        logits = _head_logits(run.ref_flat[chunk.flat_index], reference.weight, reference.bias)
+        logits = head_logits(run.ref_flat[chunk.flat_index], reference.weight, reference.bias)
         implementation = backends.implementation("logprobs", run.lp_backend, logits)
         logprobs, _, stats = implementation.forward(logits, chunk.forward_labels,
                                                     chunk.forward_ignore, plan.temperature, False)
@@ -210,7 +236,7 @@ def _forward_pass(run: _Run, chunk: _Chunk, weight, bias) -> _Forward:
     vocab shard)."""
     plan, shard = run.plan, run.plan.vocab_shard
     hidden_rows = run.flat_hidden[chunk.flat_index]
-    logits = _head_logits(hidden_rows, weight, bias)  # matmul 1
+    logits = head_logits(hidden_rows, weight, bias)  # matmul 1
     implementation = backends.implementation("logprobs", run.lp_backend, logits)
     token_logprobs, entropy, stats = implementation.forward(
         logits, chunk.forward_labels, chunk.forward_ignore, plan.temperature, plan.with_entropy)
@@ -273,10 +299,11 @@ def _gradient_epilogue(run: _Run, chunk: _Chunk, forward: _Forward, coefficients
             plan.temperature, grad_entropy=grad_entropy, entropy=entropy)
     grad_hidden, grad_weight, grad_bias = grads
     if grad_hidden is not None:
-        grad_hidden[chunk.flat_index] = (grad_logits @ weight).to(grad_hidden.dtype)  # matmul 2
+        grad_rows = _times_weight(grad_logits, weight)  # matmul 2
+        grad_hidden[chunk.flat_index] = grad_rows.to(grad_hidden.dtype)
     if grad_weight is not None:  # matmul 3
         hidden_rows = forward.hidden_rows
-        if grad_logits.dtype == grad_weight.dtype:
+        if grad_logits.dtype == grad_weight.dtype == hidden_rows.dtype:
             grad_weight.addmm_(grad_logits.t(), hidden_rows)
         else:
             grad_weight.addmm_(grad_logits.t().to(grad_weight.dtype),
@@ -286,10 +313,12 @@ def _gradient_epilogue(run: _Run, chunk: _Chunk, forward: _Forward, coefficients
 
 
 def _gradient_buffers(run: _Run, weight, bias, needs_grad):
-    """Zeroed fp32 (W, b) and hidden-dtype gradients for the inputs that want one."""
+    """Zeroed fp32 (W, b) and hidden-dtype gradients for the inputs that want one (hidden's in
+    fp32 for a vocab shard: the ranks' parts are summed in fp32, then rounded once)."""
     need_hidden, need_weight, need_bias = needs_grad
     acc = accumulation_dtype(weight.dtype)
-    return (torch.zeros_like(run.flat_hidden) if need_hidden else None,
+    hidden_dtype = run.flat_hidden.dtype if run.plan.vocab_shard is None else run.acc
+    return (torch.zeros_like(run.flat_hidden, dtype=hidden_dtype) if need_hidden else None,
             torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None,
             torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
             if need_bias and bias is not None else None)
@@ -332,7 +361,7 @@ def _finished(grads, shard, hidden, weight, bias):
     if grad_hidden is not None:
         if shard is not None:  # Σ over the vocabulary: over the ranks' shards
             _vocab_parallel.sum_over_ranks(grad_hidden, shard)
-        grad_hidden = grad_hidden.view(hidden.shape)
+        grad_hidden = grad_hidden.view(hidden.shape).to(hidden.dtype)
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
     if grad_bias is not None:

@@ -22,6 +22,8 @@ mistaken for ``ignore_index``.
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -34,6 +36,12 @@ LOCAL_IGNORE = -1
 # length on every rank): the number of dimensions, up to this many of them (-1 past the last),
 # then the product of the rest.
 _SHAPE_SLOTS = 6
+# The options every rank must pass alike (``ShardChecks.shard(agreed=...)``), one int64 code
+# each in a fixed number of slots (a rank whose own checks failed sends as many).
+_OPTION_SLOTS = 16
+# labels compared across ranks by a fingerprint: sum_i (label_i mod P) * w_i mod P, with
+# w_i = i * 48271 mod P (P = 2^31 - 1): exact in int64, whatever the device.
+_FINGERPRINT_PRIME = 2 ** 31 - 1
 
 
 class VocabShard(NamedTuple):
@@ -52,6 +60,26 @@ def _shape_signature(shape) -> list[int]:
     return [len(dims), *head, math.prod(dims[_SHAPE_SLOTS:])]
 
 
+def _option_code(value) -> int:
+    """An int64 code of an option's value, equal across ranks exactly when the values are: a
+    flag or int itself, a float its bits, None, a string or a dtype a fixed code of its own."""
+    if value is None:
+        return -(2 ** 62) - 1
+    if isinstance(value, (bool, int)):
+        return int(value)
+    if isinstance(value, float):
+        return struct.unpack("<q", struct.pack("<d", value))[0]
+    return zlib.crc32(str(value).encode()) + 2 ** 40  # a str (the op's name) or a torch.dtype
+
+
+def _labels_fingerprint(labels: torch.Tensor) -> torch.Tensor:
+    """The labels' fingerprint (0-d int64, on their device): equal on ranks whose labels are."""
+    prime = _FINGERPRINT_PRIME
+    flat = labels.reshape(-1).to(torch.int64).remainder(prime)
+    weights = torch.arange(1, flat.numel() + 1, device=flat.device).mul_(48271).remainder_(prime)
+    return flat.mul_(weights).remainder_(prime).sum().remainder(prime)
+
+
 class ShardChecks:
     """The checks of a vocab-parallel call, made to agree across the ranks: a context manager
     around the caller's local argument checks, then ``shard()``. Every rank joins the same one
@@ -61,7 +89,7 @@ class ShardChecks:
 
         with _vocab_parallel.ShardChecks(process_group, "process_group") as checks:
             ...  # the local checks; may raise
-        shard = checks.shard(weight, hidden, labels, ignore_index)
+        shard = checks.shard(weight, hidden, labels, ignore_index, agreed={...})
 
     The rank whose checks failed re-raises its own error (after the all-reduce); the others raise
     one that names the failing ranks. With ``process_group=None`` it does nothing and ``shard()``
@@ -90,36 +118,49 @@ class ShardChecks:
             # join the others' all-reduce, flagged as failed; then this rank's error propagates
             device = (torch.device("cuda", torch.cuda.current_device())
                       if dist.get_backend(self.group) == "nccl" else torch.device("cpu"))
-            self._exchange(0, [0] * len(_shape_signature(())), (-1, 0), device, failed=True)
+            self._exchange(0, [0] * len(_shape_signature(())), (-1, 0, 0),
+                           [0] * _OPTION_SLOTS, device, failed=True)
         return False
 
-    def _exchange(self, rows, signature, label_range, device, failed=False):
+    def _exchange(self, rows, signature, label_stats, codes, device, failed=False):
         """One MAX all-reduce of (failed one-hot, sizes one-hot, shape, -shape, the largest kept
-        label, minus the smallest)."""
+        label, minus the smallest, the labels' fingerprint and its complement, the options'
+        codes and their complements: a MAX of x and of ~x = -x - 1 gives the largest and the
+        smallest, equal exactly when every rank has the same)."""
         one_hot = [0] * self.world
         failed_flags, sizes = list(one_hot), list(one_hot)
         failed_flags[self.rank] = int(failed)
         sizes[self.rank] = rows
+        largest, smallest, fingerprint = label_stats
         info = torch.tensor(failed_flags + sizes + signature + [-s for s in signature]
-                            + [label_range[0], -label_range[1]], dtype=torch.int64, device=device)
+                            + [largest, -smallest, fingerprint, ~fingerprint]
+                            + codes + [~code for code in codes], dtype=torch.int64, device=device)
         dist.all_reduce(info, op=dist.ReduceOp.MAX, group=self.group)
         return info.tolist()
 
     def shard(self, weight: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor,
-              ignore_index: int, *, hidden_name: str = "hidden",
+              ignore_index: int, *, agreed: Optional[dict] = None, hidden_name: str = "hidden",
               labels_name: str = "labels") -> Optional[VocabShard]:
         """This rank's VocabShard, from the one all-reduce: every rank's shard size (the offsets
-        and the total), hidden's shape and the largest kept label on every rank. Raises on every
-        rank alike (they all see the reduced values): another rank's failed checks, hidden (and
-        so labels) of different shapes across ranks, a label outside the total vocabulary on any
-        rank."""
+        and the total), hidden's shape, the largest kept label, the labels' fingerprint and the
+        ``agreed`` options ({name: value}: every option that decides which collectives a rank
+        runs or what they exchange) on every rank. Raises on every rank alike (they all see the
+        reduced values): another rank's failed checks, hidden (and so labels) of different shapes
+        across ranks, labels or options that differ across ranks, a label outside the total
+        vocabulary on any rank."""
         if self.group is None:
             return None
+        agreed = dict(agreed or {})
+        if len(agreed) > _OPTION_SLOTS:
+            raise ValueError(f"at most {_OPTION_SLOTS} agreed options, got {len(agreed)}")
         kept = labels[labels != ignore_index]
-        label_range = (int(kept.max()), int(kept.min())) if kept.numel() else (-1, 0)
+        ends = torch.stack([kept.max(), kept.min()]).tolist() if kept.numel() else [-1, 0]
+        label_stats = (*ends, int(_labels_fingerprint(labels)))
+        codes = [_option_code(value) for value in agreed.values()]
+        codes += [0] * (_OPTION_SLOTS - len(codes))
         signature = _shape_signature(hidden.shape)
         # on weight's device: the group's backend takes the tensors the combine will reduce
-        info = self._exchange(weight.shape[0], signature, label_range, weight.device)
+        info = self._exchange(weight.shape[0], signature, label_stats, codes, weight.device)
         world, width = self.world, len(signature)
         failed = [rank for rank, flag in enumerate(info[:world]) if flag]
         if failed:
@@ -134,16 +175,36 @@ class ShardChecks:
                              f"of {self.name} (the vocab-parallel head shards the weight, not the "
                              f"tokens): this rank has {hidden_name} {tuple(hidden.shape)}, another "
                              f"rank differs")
+        labels_at = 2 * world + 2 * width
         total = sum(sizes)
-        largest_label, smallest_label = info[-2], -info[-1]
+        largest_label, smallest_label = info[labels_at], -info[labels_at + 1]
         if largest_label >= total or smallest_label < 0:
             value = largest_label if largest_label >= total else smallest_label
             raise ValueError(f"{labels_name} out of range for the vocab-parallel head: label "
                              f"{value} is outside [0, {total}), the vocabulary the shards' rows "
                              f"add up to across the ranks of {self.name} (rows per rank: {sizes}), "
                              f"and is not ignore_index={ignore_index}")
+        self._check_agreement(info[labels_at + 2:labels_at + 4], info[labels_at + 4:], agreed,
+                              labels_name)
         return VocabShard(self.group, self.rank, world, sum(sizes[:self.rank]), sizes[self.rank],
                           total, max(sizes))
+
+    def _check_agreement(self, fingerprints, codes, agreed: dict, labels_name: str) -> None:
+        """Raise (on every rank: from the reduced values) where the labels or an agreed option
+        differ across the ranks: a rank asking for another output, loss path or head would run
+        other collectives than the rest (a crash or a hang in gloo / NCCL) or exchange values in
+        other units."""
+        names = list(agreed)
+        differing = [labels_name] if fingerprints[0] != ~fingerprints[1] else []
+        differing += [names[slot] for slot in range(len(names))
+                      if codes[slot] != ~codes[_OPTION_SLOTS + slot]]
+        if not differing:
+            return
+        mine = ", ".join(f"{name}={agreed[name]!r}" for name in differing if name in agreed)
+        raise ValueError(f"the ranks of {self.name} disagree on {', '.join(differing)}: a "
+                         f"vocab-parallel call needs the same {labels_name} and the same options "
+                         f"on every rank, which decide the collectives each rank runs and what "
+                         f"they exchange" + (f" (this rank: {mine})" if mine else ""))
 
 
 def local_labels(shard: VocabShard, labels: torch.Tensor, ignore_index: int):

@@ -134,7 +134,8 @@ def _unpaired_losses(entry, policy_logps, ref_logps, reference_point, desirable,
 
 # --------------------------------------------------------------------------- linear_kto_loss
 
-def _check_head_inputs(hidden_name: str, hidden, labels_name: str, labels, weight, rows: str) -> None:
+def _check_head_inputs(hidden_name: str, hidden, labels_name: str, labels, weight, rows: str,
+                       head_dtype=None) -> None:
     """Hidden states [rows, T, H] for the policy's head and their labels [rows, T], named as the
     caller named them (the inner linear_token_logprobs would say "hidden" and "labels")."""
     _checks.check_tensor(hidden_name, hidden, floating=True)
@@ -143,12 +144,10 @@ def _check_head_inputs(hidden_name: str, hidden, labels_name: str, labels, weigh
         raise ValueError(f"{hidden_name} must be [{rows}, T, H] with H = weight.shape[1] = "
                          f"{weight.shape[1]}, got shape {tuple(hidden.shape)}")
     _checks.check_shape(labels_name, labels, hidden.shape[:-1], f"{hidden_name}.shape[:-1]")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"{hidden_name} and weight must share a dtype, got {hidden.dtype} and "
-                        f"{weight.dtype}")
+    _checks.check_head_dtypes(hidden, weight, None, head_dtype, hidden_name=hidden_name)
 
 
-def _check_reference_head(ref_weight, ref_bias, weight, ref_hiddens: dict) -> None:
+def _check_reference_head(ref_weight, ref_bias, weight, ref_hiddens: dict, head_dtype) -> None:
     """The reference's lm_head: required as soon as any reference hidden state is given (never
     taken from the policy silently), refused without one."""
     given = [name for name, tensor in ref_hiddens.items() if tensor is not None]
@@ -165,16 +164,12 @@ def _check_reference_head(ref_weight, ref_bias, weight, ref_hiddens: dict) -> No
     if tuple(ref_weight.shape) != tuple(weight.shape):
         raise ValueError(f"ref_weight must be [V, H] = {tuple(weight.shape)} like weight, got "
                          f"{tuple(ref_weight.shape)}")
-    for name in given:
-        if ref_hiddens[name].dtype != ref_weight.dtype:
-            raise TypeError(f"{name} and ref_weight must share a dtype, got {ref_hiddens[name].dtype} "
-                            f"and {ref_weight.dtype}")
     if ref_bias is not None:
         _checks.check_tensor("ref_bias", ref_bias, floating=True)
         _checks.check_shape("ref_bias", ref_bias, (ref_weight.shape[0],), "[V]")
-        if ref_bias.dtype != ref_weight.dtype:
-            raise TypeError(f"ref_bias must have ref_weight's dtype {ref_weight.dtype}, got "
-                            f"{ref_bias.dtype}")
+    for name in given:
+        _checks.check_head_dtypes(ref_hiddens[name], ref_weight, ref_bias, head_dtype,
+                                  hidden_name=name, weight_name="ref_weight", bias_name="ref_bias")
 
 
 def _check_precomputed(name: str, tensor, rows: int, what: str) -> None:
@@ -195,6 +190,7 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     loss: str = "kto", beta: float = 0.1, desirable_weight: float = 1.0,
                     undesirable_weight: float = 1.0, ignore_index: int = -100,
                     temperature: float = 1.0, average_log_prob: bool = False,
+                    head_dtype: Optional[torch.dtype] = None,
                     reduction: str = "mean", chunk_size: Optional[int] = None,
                     backend: str = "auto", process_group=None,
                     vocab_process_group=None) -> KTOLossOutput:
@@ -215,6 +211,9 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     [M] or ``ref_kl_hidden`` [M, T', H] (scored with ``ref_weight``). z0 is their mean over every
     rank of ``process_group`` (the data-parallel group, as in ``kto_loss``), clamped at 0.
 
+    ``head_dtype``: the fp32 head of ``linear_token_logprobs`` (a float32 ``weight`` with bf16 /
+    fp16 hidden states, or ``head_dtype=torch.float32``), for the reference's head too.
+
     ``vocab_process_group``: the vocab-parallel head, as ``process_group`` of
     ``linear_token_logprobs`` (named apart: here ``process_group`` is the data-parallel group of
     z0). ``weight``, ``bias``, ``ref_weight`` and ``ref_bias`` are this rank's vocabulary rows;
@@ -223,11 +222,13 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     with _vocab_parallel.ShardChecks(vocab_process_group, "vocab_process_group") as shard_checks:
         entry, beta, desirable_weight, undesirable_weight = _check_config(
             loss, beta, desirable_weight, undesirable_weight, reduction)
-        desirable = _check_policy_head(hidden, weight, labels, desirable, ref_logps, ref_hidden)
+        head_dtype = _checks.check_head_dtype(head_dtype)
+        desirable = _check_policy_head(hidden, weight, bias, labels, desirable, ref_logps,
+                                       ref_hidden, head_dtype)
         estimates = _check_kl_inputs(entry, loss, weight, _KLInputs(
-            kl, kl_hidden, kl_labels, ref_kl_logps, ref_kl_hidden))
+            kl, kl_hidden, kl_labels, ref_kl_logps, ref_kl_hidden), head_dtype)
         _check_reference_head(ref_weight, ref_bias, weight,
-                              {"ref_hidden": ref_hidden, "ref_kl_hidden": ref_kl_hidden})
+                              {"ref_hidden": ref_hidden, "ref_kl_hidden": ref_kl_hidden}, head_dtype)
         _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, desirable=desirable,
                                   bias=bias, ref_logps=ref_logps, ref_hidden=ref_hidden,
                                   ref_weight=ref_weight, ref_bias=ref_bias, **estimates._asdict())
@@ -235,17 +236,25 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                              _checks.check_temperature(temperature),
                              _checks.check_optional_positive_int("chunk_size", chunk_size),
                              _checks.check_bool("average_log_prob", average_log_prob),
-                             backends.check_name(backend), vocab_process_group)
-    shard = shard_checks.shard(weight, hidden, labels, head.ignore_index)
+                             backends.check_name(backend), vocab_process_group, head_dtype)
+    fused = _fused_head.applies(reduction, hidden, weight, bias)
+    scored_kl = entry.uses_kl_reference and estimates.kl is None
+    # everything that decides the collectives a rank runs, or what they exchange
+    shard = shard_checks.shard(weight, hidden, labels, head.ignore_index, agreed=dict(
+        op="linear_kto_loss", fused=fused, reference="hidden" if ref_logps is None else "logps",
+        kl=("hidden, reference " + ("hidden" if estimates.ref_kl_logps is None else "logps")
+            if scored_kl else "precomputed or none"),
+        temperature=head.temperature, ignore_index=head.ignore_index, chunk_size=head.chunk_size,
+        hidden_dtype=hidden.dtype, head_dtype=_checks.logits_dtype(hidden, weight, head_dtype)))
+    hidden = _checks.head_hidden(hidden, weight, head_dtype)
+    if ref_hidden is not None:
+        ref_hidden = _checks.head_hidden(ref_hidden, ref_weight, head_dtype)
     if ref_logps is not None:
         ref_logps = ref_logps.detach()
-    if entry.uses_kl_reference and estimates.kl is None:
-        kl = head.kl_estimates(estimates, weight, bias, ref_weight, ref_bias)
-    else:
-        kl = estimates.kl
+    kl = head.kl_estimates(estimates, weight, bias, ref_weight, ref_bias) if scored_kl else estimates.kl
     config = dict(beta=beta, desirable_weight=desirable_weight,
                   undesirable_weight=undesirable_weight)
-    if _fused_head.applies(reduction, hidden, weight, bias):
+    if fused:
         return _fused_linear_kto(hidden, weight, bias, labels, desirable, kl, ref_logps, ref_hidden,
                                  ref_weight, ref_bias, entry, config, process_group, head,
                                  reduction, shard)
@@ -257,13 +266,17 @@ def linear_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     process_group=process_group, **config)
 
 
-def _check_policy_head(hidden, weight, labels, desirable, ref_logps, ref_hidden) -> torch.Tensor:
+def _check_policy_head(hidden, weight, bias, labels, desirable, ref_logps, ref_hidden,
+                       head_dtype) -> torch.Tensor:
     """The policy's head inputs and the completions' reference (precomputed or hidden states);
     returns the desirable flags as bool."""
     _checks.check_tensor("weight", weight, floating=True)
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
-    _check_head_inputs("hidden", hidden, "labels", labels, weight, "B")
+    _check_head_inputs("hidden", hidden, "labels", labels, weight, "B", head_dtype)
+    if bias is not None:
+        _checks.check_tensor("bias", bias, floating=True)
+        _checks.check_head_dtypes(hidden, weight, bias, head_dtype)
     desirable = _check_desirable(desirable, hidden.shape[0])
     if (ref_logps is None) == (ref_hidden is None):
         raise ValueError("give exactly one of ref_logps (precomputed [B]) or ref_hidden")
@@ -284,7 +297,7 @@ class _KLInputs(NamedTuple):
     ref_kl_hidden: Optional[torch.Tensor]
 
 
-def _check_kl_inputs(entry, loss, weight, given: _KLInputs) -> _KLInputs:
+def _check_kl_inputs(entry, loss, weight, given: _KLInputs, head_dtype) -> _KLInputs:
     """The KL inputs checked; all None for a loss without a reference point (checked anyway)."""
     if not entry.uses_kl_reference:  # apo_zero_unpaired: no reference point, nothing to score
         for name, tensor in given._asdict().items():
@@ -301,7 +314,8 @@ def _check_kl_inputs(entry, loss, weight, given: _KLInputs) -> _KLInputs:
     if given.kl_hidden is None or given.kl_labels is None:
         raise ValueError(f"loss {loss!r} needs KL estimates: give kl (precomputed [M]) or "
                          f"kl_hidden [M, T', H] with kl_labels [M, T'] (mismatched pairs)")
-    _check_head_inputs("kl_hidden", given.kl_hidden, "kl_labels", given.kl_labels, weight, "M")
+    _check_head_inputs("kl_hidden", given.kl_hidden, "kl_labels", given.kl_labels, weight, "M",
+                       head_dtype)
     if (given.ref_kl_logps is None) == (given.ref_kl_hidden is None):
         raise ValueError("give exactly one of ref_kl_logps (precomputed [M]) or ref_kl_hidden for "
                          "the reference of the KL pairs")
@@ -323,11 +337,13 @@ class _SequenceHead(NamedTuple):
     average: bool
     backend: str
     process_group: object  # the vocab-parallel group, or None
+    head_dtype: Optional[torch.dtype]
 
     def sequence_logps(self, hidden_states, head, head_bias, token_labels):
         token_logps = linear_token_logprobs(hidden_states, head, token_labels, bias=head_bias,
                                             ignore_index=self.ignore_index,
                                             temperature=self.temperature,
+                                            head_dtype=self.head_dtype,
                                             chunk_size=self.chunk_size, backend=self.backend,
                                             process_group=self.process_group)
         return sequence_logprobs(token_logps, token_labels != self.ignore_index,

@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple, Optional, overload
 import torch
 
 from pyalign import backends
-from pyalign._utils import accumulation_dtype, gradients_wanted
+from pyalign._utils import accumulation_dtype, gradients_wanted, head_logits_dtype
 from pyalign.ops import _checks, _vocab_parallel
 
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -42,7 +42,8 @@ def _kept_rows(memory_budget: Optional[int], hidden: torch.Tensor, weight: torch
         return 0
     if not backends.implementation("linear_logprobs", backend, hidden).KEEPS_LOGITS:
         return 0
-    return min(hidden.shape[0], memory_budget // (weight.shape[0] * hidden.element_size()))
+    itemsize = head_logits_dtype(hidden.dtype, weight.dtype).itemsize  # the kept logits'
+    return min(hidden.shape[0], memory_budget // (weight.shape[0] * itemsize))
 
 
 # Outputs: logprobs, entropy, the [N, 2] row stats (m, log-sum-exp), the three metrics ([N] or
@@ -75,7 +76,8 @@ def _(hidden, weight, bias, labels, ignore_index, temperature, with_entropy, chu
 
     return (per_row(True), per_row(with_entropy), hidden.new_empty((rows, 2), dtype=acc),
             per_row(with_log_sum_sq), per_row(with_mean), per_row(with_top1, torch.bool),
-            hidden.new_empty((keep_rows, weight.shape[0])))
+            hidden.new_empty((keep_rows, weight.shape[0]),
+                             dtype=head_logits_dtype(hidden.dtype, weight.dtype)))
 
 
 # The backward writes the gradient of the logits into the kept logits (no second copy).
@@ -200,17 +202,21 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
             grad_logprobs = stats.new_zeros(stats.shape[0])
         if not with_entropy:
             grad_entropy = None
-        implementation = backends.implementation("linear_logprobs", backend, hidden, weight,
-                                                 primitive="backward", weight=weight,
-                                                 vocab_shard=True)
+        # an fp32 head's bf16 / fp16 hidden state, upcast as its head upcasts it: its gradient is
+        # summed over the ranks in fp32, then rounded once
+        rows = hidden.float() if hidden.dtype != weight.dtype else hidden
+        implementation = backends.implementation("linear_logprobs", backend, rows, weight,
+                                                 primitive="backward", hidden=rows,
+                                                 weight=weight, vocab_shard=True)
         # the whole rows' stats and entropy: each rank's logits become their own gradient
         grad_hidden, grad_weight, grad_bias = implementation.backward(
             grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
-            hidden, weight, bias, local, stats, entropy if grad_entropy is not None else None,
+            rows, weight, bias, local, stats, entropy if grad_entropy is not None else None,
             _vocab_parallel.LOCAL_IGNORE, temperature, chunk_size or None, softcap or None,
             logit_scale, kept, vocab_shard=True)
         _vocab_parallel.sum_over_ranks(grad_hidden, shard)
-        return (grad_hidden, grad_weight, grad_bias if bias is not None else None, *([None] * 11))
+        return (grad_hidden.to(hidden.dtype), grad_weight, grad_bias if bias is not None else None,
+                *([None] * 11))
 
 
 @torch.compiler.disable  # collectives between backend calls: a graph break, never traced
@@ -218,9 +224,9 @@ def _vocab_parallel_apply(*args):
     return VocabParallelLinearLogprobsFunction.apply(*args)
 
 
-def _check_head_tensors(hidden, weight, bias, labels) -> None:
-    """hidden [..., H], weight [V, H] (V > 0) and bias [V] of one dtype, labels hidden.shape[:-1],
-    on one device."""
+def _check_head_tensors(hidden, weight, bias, labels, head_dtype) -> None:
+    """hidden [..., H], weight [V, H] (V > 0) and bias [V] of one dtype or an fp32 head
+    (_checks.check_head_dtypes), labels hidden.shape[:-1], on one device."""
     _checks.check_tensor("hidden", hidden, floating=True)
     _checks.check_tensor("weight", weight, floating=True)
     _checks.check_tensor("labels", labels, integer=True)
@@ -235,12 +241,9 @@ def _check_head_tensors(hidden, weight, bias, labels) -> None:
                          f"got {tuple(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary dimension")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
     if bias is not None:
         _checks.check_shape("bias", bias, (weight.shape[0],), "[V]")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+    _checks.check_head_dtypes(hidden, weight, bias, head_dtype)
     _checks.check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
 
 
@@ -261,7 +264,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           bias: Optional[torch.Tensor] = ..., ignore_index: int = ...,
                           temperature: float = ..., entropy: Literal[False] = ...,
                           outputs: None = ..., softcap: Optional[float] = ...,
-                          logit_scale: float = ..., chunk_size: Optional[int] = ...,
+                          logit_scale: float = ..., head_dtype: Optional[torch.dtype] = ...,
+                          chunk_size: Optional[int] = ...,
                           memory_budget: Optional[int] = ..., backend: str = ...,
                           process_group=...) -> torch.Tensor: ...
 @overload
@@ -269,7 +273,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           bias: Optional[torch.Tensor] = ..., ignore_index: int = ...,
                           temperature: float = ..., entropy: Literal[True],
                           outputs: None = ..., softcap: Optional[float] = ...,
-                          logit_scale: float = ..., chunk_size: Optional[int] = ...,
+                          logit_scale: float = ..., head_dtype: Optional[torch.dtype] = ...,
+                          chunk_size: Optional[int] = ...,
                           memory_budget: Optional[int] = ..., backend: str = ...,
                           process_group=...
                           ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -278,7 +283,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           bias: Optional[torch.Tensor] = ..., ignore_index: int = ...,
                           temperature: float = ..., entropy: Literal[False] = ...,
                           outputs: tuple[str, ...], softcap: Optional[float] = ...,
-                          logit_scale: float = ..., chunk_size: Optional[int] = ...,
+                          logit_scale: float = ..., head_dtype: Optional[torch.dtype] = ...,
+                          chunk_size: Optional[int] = ...,
                           memory_budget: Optional[int] = ..., backend: str = ...,
                           process_group=...
                           ) -> LinearLogprobsOutput: ...
@@ -289,6 +295,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           temperature: float = 1.0, entropy: bool = False,
                           outputs: Optional[tuple[str, ...]] = None,
                           softcap: Optional[float] = None, logit_scale: float = 1.0,
+                          head_dtype: Optional[torch.dtype] = None,
                           chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
                           backend: str = "auto", process_group=None):
     """Per-token log-probs of ``labels`` under softmax(z), z = softcap(logit_scale * (hidden @
@@ -317,6 +324,17 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     (None, or finite > 0) applies ``softcap * tanh(x / softcap)`` (Gemma 2/3's
     ``final_logit_softcapping``), then the temperature divides (finite, >= 1e-4). Gradients of
     logprobs and entropy flow through all three.
+
+    The fp32 head (TRL's ``cast_lm_head_to_fp32``, vLLM's ``head_dtype``): a bfloat16 / float16
+    ``hidden`` with a float32 ``weight`` (and ``bias``), or ``head_dtype=torch.float32`` to run a
+    bfloat16 / float16 head in fp32 for this call only. Every logit is then an fp32 product of
+    the upcast operands (IEEE in the Triton kernels; torch's fp32 matmuls on the chunked
+    backends, IEEE unless TF32 is enabled for CUDA matmuls), as with fp32 inputs; the gradients
+    come back in each input's own dtype. The narrower operand is widened tile by tile (Triton)
+    or slice by slice (the weight on the chunked backends); the chunked backends upcast a bf16
+    hidden state once per direction (an N x H fp32 temporary), and ``head_dtype`` on a bf16 /
+    fp16 pair upcasts it for the call (as TRL does). Any other mix of dtypes is refused
+    (docs/algorithms.md, "The fp32 head").
 
     ``outputs``: a tuple of names among "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"
     ("log_probs" is accepted and always computed); then the result is a ``LinearLogprobsOutput``
@@ -358,7 +376,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     calls).
     """
     with _vocab_parallel.ShardChecks(process_group, "process_group") as shard_checks:
-        _check_head_tensors(hidden, weight, bias, labels)
+        head_dtype = _checks.check_head_dtype(head_dtype)
+        _check_head_tensors(hidden, weight, bias, labels, head_dtype)
         chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
         temperature = _checks.check_temperature(temperature)
         ignore_index = _checks.check_int("ignore_index", ignore_index)
@@ -380,7 +399,14 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         else:
             metrics = (False, False, False)
         backends.check_name(backend)
-    shard = shard_checks.shard(weight, hidden, labels, ignore_index)
+    # everything that decides the collectives a rank runs, or what they exchange
+    shard = shard_checks.shard(weight, hidden, labels, ignore_index, agreed=dict(
+        op="linear_token_logprobs", entropy=entropy, log_sum_sq_probs=metrics[0],
+        mean_logits=metrics[1], is_top1=metrics[2], temperature=temperature, softcap=softcap,
+        logit_scale=logit_scale, ignore_index=ignore_index, hidden_dtype=hidden.dtype,
+        head_dtype=_checks.logits_dtype(hidden, weight, head_dtype),
+        gradients=gradients_wanted(hidden, weight, bias)))
+    hidden = _checks.head_hidden(hidden, weight, head_dtype)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     labels_1d = labels.reshape(-1).to(torch.int64)
     keep = _kept_rows(memory_budget, hidden_2d, weight, bias, backend)

@@ -39,7 +39,7 @@ POLICY_OPTIONS = {name: parameter.default
 
 
 def _check_inputs(hidden, weight, bias, labels, advantages, old_logps, ref_logps,
-                  rollout_logprobs):
+                  rollout_logprobs, head_dtype):
     _checks.check_tensor("hidden", hidden, floating=True)
     if hidden.dim() != 3 or hidden.shape[-1] == 0:
         raise ValueError(f"hidden must be [B, T, H] with H > 0, got shape {tuple(hidden.shape)}")
@@ -47,13 +47,10 @@ def _check_inputs(hidden, weight, bias, labels, advantages, old_logps, ref_logps
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"weight must be [V, H] with V > 0 and H = hidden.shape[-1] = "
                          f"{hidden.shape[-1]}, got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
     if bias is not None:
         _checks.check_tensor("bias", bias, floating=True)
         _checks.check_shape("bias", bias, (weight.shape[0],), "[V]")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+    _checks.check_head_dtypes(hidden, weight, bias, head_dtype)
     _checks.check_tensor("labels", labels, integer=True)
     shape = tuple(hidden.shape[:2])
     _checks.check_shape("labels", labels, shape, "hidden.shape[:2], [B, T]")
@@ -75,7 +72,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
                        rollout_logprobs: Optional[torch.Tensor] = None,
                        bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                        temperature: float = 1.0, softcap: Optional[float] = None,
-                       logit_scale: float = 1.0, chunk_size: Optional[int] = None,
+                       logit_scale: float = 1.0, head_dtype: Optional[torch.dtype] = None,
+                       chunk_size: Optional[int] = None,
                        backend: str = "auto", process_group=None, **options) -> PolicyLossOutput:
     """The policy-gradient loss of ``policy_loss`` from the last hidden state (a PolicyLossOutput).
 
@@ -85,8 +83,9 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     the sampling policy (None: on-policy, ratio 1); ref_logps: [B, T] the reference's (None: no KL
     term; needed for beta > 0); rollout_logprobs: [B, T] the sampler's, for policy_loss's rollout
     correction (its ``vllm_importance_sampling_*`` and ``off_policy_mask_threshold`` options).
-    Gradients flow to hidden, weight and bias only. The head:
-    ``temperature``, ``softcap``, ``logit_scale`` as in linear_token_logprobs.
+    Gradients flow to hidden, weight and bias only. The head: ``temperature``, ``softcap``,
+    ``logit_scale`` and ``head_dtype`` (the fp32 head: a float32 ``weight`` with a bf16 / fp16
+    ``hidden``, or ``head_dtype=torch.float32``) as in linear_token_logprobs.
     ``process_group``: the vocab-parallel head, as in ``linear_token_logprobs``: ``weight`` and
     ``bias`` are this rank's vocabulary rows, everything else is the same on every rank, and every
     rank returns the same loss and metrics; its weight gradients are its shard's.
@@ -112,27 +111,34 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         if unknown:
             raise TypeError(f"linear_policy_loss got unknown option(s) {unknown}; the loss options are "
                             f"policy_loss's: {sorted(POLICY_OPTIONS)}")
+        head_dtype = _checks.check_head_dtype(head_dtype)
         _check_inputs(hidden, weight, bias, labels, advantages, old_logps, ref_logps,
-                      rollout_logprobs)
+                      rollout_logprobs, head_dtype)
         checked = check_options(ref_logps is not None, True, rollout_logprobs is not None,
                                 ref_name="ref_logps", **{**POLICY_OPTIONS, **options})
         ignore_index = _checks.check_int("ignore_index", ignore_index)
         temperature = _checks.check_temperature(temperature)
         chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
         backends.check_name(backend)
-    shard = shard_checks.shard(weight, hidden, labels, ignore_index)
+    fused = (_fused_head.applies("sum", hidden, weight, bias) and checked.top_entropy_quantile == 1
+             and softcap is None and logit_scale == 1)
+    # everything that decides the collectives a rank runs, or what they exchange
+    shard = shard_checks.shard(weight, hidden, labels, ignore_index, agreed=dict(
+        op="linear_policy_loss", fused=fused, temperature=temperature, softcap=softcap,
+        logit_scale=logit_scale, ignore_index=ignore_index, chunk_size=chunk_size,
+        hidden_dtype=hidden.dtype, head_dtype=_checks.logits_dtype(hidden, weight, head_dtype)))
+    hidden = _checks.head_hidden(hidden, weight, head_dtype)
     # A backend named for the head (linear_logprobs) need not have a policy kernel: the [B, T]
     # loss then runs on whatever "auto" picks.
     loss_backend = backends.backend_for("policy", backend)
-    if (_fused_head.applies("sum", hidden, weight, bias) and checked.top_entropy_quantile == 1
-            and softcap is None and logit_scale == 1):
+    if fused:
         return _fused_linear_policy(hidden, weight, bias, labels, advantages, old_logps, ref_logps,
                                     rollout_logprobs, checked, ignore_index, temperature,
                                     chunk_size, backend, loss_backend, shard)
     token_logps, entropy = linear_token_logprobs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
-        entropy=True, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
-        backend=backend, process_group=process_group)
+        entropy=True, softcap=softcap, logit_scale=logit_scale, head_dtype=head_dtype,
+        chunk_size=chunk_size, backend=backend, process_group=process_group)
     return policy_loss(token_logps, old_logps, advantages, labels != ignore_index,
                        ref_logprobs=ref_logps, rollout_logprobs=rollout_logprobs, entropy=entropy,
                        backend=loss_backend, **options)

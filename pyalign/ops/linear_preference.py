@@ -35,6 +35,7 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
                            simpo_gamma: float = losses.SIMPO_GAMMA, ld_alpha: Optional[float] = None,
                            use_weighting: bool = False, ignore_index: int = -100,
                            average_log_prob: bool = False, temperature: float = 1.0,
+                           head_dtype: Optional[torch.dtype] = None,
                            reduction: str = "mean", chunk_size: Optional[int] = None,
                            backend: str = "auto", process_group=None) -> PreferenceLossOutput:
     """The fused path from the policy's last hidden state to a preference loss.
@@ -49,7 +50,9 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     reference is scored at all. Loss options as ``token_preference_loss`` (``use_weighting``
     computes log Σ p² of the policy head itself).
     ``average_log_prob=True`` length-normalises every loss's log-probs. ``chunk_size``: tokens
-    whose logits exist at once. No [2B*T, V] logits are ever held.
+    whose logits exist at once. No [2B*T, V] logits are ever held. ``head_dtype``: the fp32
+    head of ``linear_token_logprobs`` (a float32 ``weight`` with a bf16 / fp16 ``hidden``, or
+    ``head_dtype=torch.float32``), for the reference's head too.
 
     Cost. With ``reduction`` "mean"/"sum" and a gradient wanted, the loss runs in 3 matmuls
     (pyalign/ops/_fused_head.py): per chunk of whole pairs (about ``chunk_size`` kept tokens, at
@@ -83,25 +86,39 @@ def linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         chunk_size = _checks.check_optional_positive_int("chunk_size", chunk_size)
         average_log_prob = _checks.check_bool("average_log_prob", average_log_prob)
         ld_alpha, use_weighting = check_token_options(spec, ld_alpha, use_weighting, average_log_prob)
-        _check_linear_inputs(hidden, weight, bias, labels, ref_logps, ref_hidden, ref_weight, ref_bias)
+        head_dtype = _checks.check_head_dtype(head_dtype)
+        _check_linear_inputs(hidden, weight, bias, labels, ref_logps, ref_hidden, ref_weight, ref_bias,
+                             head_dtype)
         backends.check_name(backend)
-    shard = shard_checks.shard(weight, hidden, labels, ignore_index)
+    fused = (_fused_head.applies(reduction, hidden, weight, bias)
+             and all(entry.batch_step is None or (entry.chunks and not use_weighting)
+                     for entry, _, _ in spec.terms))
+    # everything that decides the collectives a rank runs, or what they exchange
+    shard = shard_checks.shard(weight, hidden, labels, ignore_index, agreed=dict(
+        op="linear_preference_loss", fused=fused, use_weighting=use_weighting,
+        reference="hidden" if ref_hidden is not None else "logps" if ref_logps is not None
+        else "none", temperature=temperature,
+        ignore_index=ignore_index, chunk_size=chunk_size, hidden_dtype=hidden.dtype,
+        head_dtype=_checks.logits_dtype(hidden, weight, head_dtype),
+        ref_head_dtype=None if ref_hidden is None else _checks.logits_dtype(ref_hidden, ref_weight,
+                                                                            head_dtype)))
+    hidden = _checks.head_hidden(hidden, weight, head_dtype)
+    if ref_hidden is not None:
+        ref_hidden = _checks.head_hidden(ref_hidden, ref_weight, head_dtype)
     if ref_logps is not None:
         ref_logps = ref_logps.detach()
     # A backend named for the per-token part (say "cpu") need not have a loss kernel: the tiny
     # [2B, T] reduction then runs on whatever "auto" picks.
     options = dict(ld_alpha=ld_alpha, average=average_log_prob,
                    backend=backends.backend_for("preference", backend))
-    if (_fused_head.applies(reduction, hidden, weight, bias)
-            and all(entry.batch_step is None or (entry.chunks and not use_weighting)
-                    for entry, _, _ in spec.terms)):
+    if fused:
         return _fused_linear_preference(hidden, weight, bias, labels, ref_logps, ref_hidden,
                                         ref_weight, ref_bias, spec, options, use_weighting,
                                         ignore_index, temperature, reduction, chunk_size, backend,
                                         shard)
     mask = labels != ignore_index
-    head = dict(ignore_index=ignore_index, temperature=temperature, chunk_size=chunk_size,
-                backend=backend, process_group=process_group)
+    head = dict(ignore_index=ignore_index, temperature=temperature, head_dtype=head_dtype,
+                chunk_size=chunk_size, backend=backend, process_group=process_group)
     token_logps = linear_token_logprobs(hidden, weight, labels, bias=bias, **head)
     if ref_hidden is not None:
         with torch.no_grad():  # per-token [2B, T]: the fused kernel reduces it with the policy's
@@ -146,7 +163,7 @@ def _fused_linear_preference(hidden, weight, bias, labels, ref_logps, ref_hidden
 
 
 def _check_linear_inputs(hidden, weight, bias, labels, ref_logps, ref_hidden, ref_weight,
-                         ref_bias) -> None:
+                         ref_bias, head_dtype) -> None:
     """Every tensor of linear_preference_loss, named as the caller named it, before the policy's
     forward runs (the inner linear_token_logprobs calls would name the reference's "weight")."""
     _checks.check_tensor("weight", weight, floating=True)
@@ -161,6 +178,7 @@ def _check_linear_inputs(hidden, weight, bias, labels, ref_logps, ref_hidden, re
     vocab_and_hidden = tuple(weight.shape)
     if bias is not None:
         _checks.check_shape("bias", bias, (weight.shape[0],), "[V]")
+    _checks.check_head_dtypes(hidden, weight, bias, head_dtype)
     if ref_logps is not None:
         _checks.check_tensor("ref_logps", ref_logps, floating=True)
         _checks.check_same_device(hidden=hidden, ref_logps=ref_logps)
@@ -184,14 +202,11 @@ def _check_linear_inputs(hidden, weight, bias, labels, ref_logps, ref_hidden, re
     if ref_weight.dim() != 2 or ref_weight.shape != vocab_and_hidden:
         raise ValueError(f"ref_weight must be [V, H] = {vocab_and_hidden} like weight, got "
                          f"{tuple(ref_weight.shape)}")
-    if ref_weight.dtype != ref_hidden.dtype:
-        raise TypeError(f"ref_hidden and ref_weight must share a dtype, got {ref_hidden.dtype} and "
-                        f"{ref_weight.dtype}")
     if ref_bias is not None:
         _checks.check_tensor("ref_bias", ref_bias, floating=True)
         _checks.check_shape("ref_bias", ref_bias, (ref_weight.shape[0],), "[V]")
-        if ref_bias.dtype != ref_hidden.dtype:
-            raise TypeError(f"ref_bias must have ref_hidden's dtype {ref_hidden.dtype}, got {ref_bias.dtype}")
+    _checks.check_head_dtypes(ref_hidden, ref_weight, ref_bias, head_dtype, hidden_name="ref_hidden",
+                              weight_name="ref_weight", bias_name="ref_bias")
     _checks.check_same_device(hidden=hidden, ref_hidden=ref_hidden, ref_weight=ref_weight,
                               ref_bias=ref_bias)
 
@@ -212,6 +227,6 @@ def linear_log_sum_sq_probs(hidden: torch.Tensor, weight: torch.Tensor,
     chunk = chunk_size or max(1, LOG_SUM_SQ_CHUNK_ELEMENTS // max(weight.shape[0], 1))
     for start in range(0, rows.numel(), chunk):
         index = rows[start:start + chunk]
-        logits = flat_hidden[index] @ weight.t()
-        out[index] = log_sum_sq_probs(logits if bias is None else logits + bias, temperature)
+        out[index] = log_sum_sq_probs(_fused_head.head_logits(flat_hidden[index], weight, bias),
+                                      temperature)
     return out.view(kept.shape)

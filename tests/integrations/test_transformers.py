@@ -19,7 +19,7 @@ from pyalign.integrations.transformers import (
     causal_lm_logprobs,
     remove_fused_lm_head,
 )
-from support import DEVICE, backends_for
+from support import DEVICE, assert_within_bound, backends_for, grads64
 
 BACKENDS = backends_for("linear_logprobs")
 
@@ -203,6 +203,8 @@ def test_bad_arguments_are_named(tokenizer):
         add_fused_lm_head(model, backend="fastest")
     with pytest.raises(ValueError, match="outputs must name"):
         add_fused_lm_head(model, outputs=("log_probs", "logits"))
+    with pytest.raises(TypeError, match="head_dtype must be None .* or torch.float32"):
+        causal_lm_logprobs(model, input_ids, head_dtype="float32")
 
 
 ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -244,6 +246,83 @@ def test_add_fused_lm_head_matches_trls_own(arch, tokenizer):
     remove_fused_lm_head(ours_model)
     assert "forward" not in ours_model.__dict__
     torch.testing.assert_close(ours_model(input_ids=input_ids, labels=labels).loss, plain.loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("head", ["head_dtype", "lm_head-in-fp32"])
+def test_fp32_head_of_a_bf16_model(backend, head, tokenizer, monkeypatch):
+    """A bf16 model scored through the fp32 head: ``causal_lm_logprobs(head_dtype=float32)`` on
+    its bf16 head, or its lm_head cast to float32 (as TRL's trainers cast it) without the flag.
+    The log-probs and entropies equal float64 on the model's own bf16 hidden states to fp32
+    accuracy (a bf16 head's logits are rounded to bf16), the head's gradient is float64's rounded
+    once into its dtype, and the kernel gets the hidden state in bf16 (no fp32 copy of it)."""
+    import pyalign.integrations.transformers as hf
+
+    model = build_tiny_model("llama", tokenizer).to(DEVICE, torch.bfloat16)
+    if head == "lm_head-in-fp32":
+        model.lm_head.float()
+    kwargs = dict(head_dtype=torch.float32) if head == "head_dtype" else {}
+    seen, inner = [], hf.linear_token_logprobs
+
+    def spy(hidden, weight, labels, **options):
+        seen.append((hidden.dtype, weight.dtype, options.get("head_dtype")))
+        return inner(hidden, weight, labels, **options)
+
+    monkeypatch.setattr(hf, "linear_token_logprobs", spy)
+    input_ids, attention_mask = _batch(len(tokenizer))
+    out = causal_lm_logprobs(model, input_ids, attention_mask=attention_mask, entropy=True,
+                             temperature=0.7, backend=backend, **kwargs)
+    weight = model.lm_head.weight
+    assert seen == [(torch.bfloat16, weight.dtype, kwargs.get("head_dtype"))]
+    with torch.no_grad():
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask
+                             ).last_hidden_state[:, :-1]
+    labels = input_ids[:, 1:]
+
+    def objective(w):
+        logp = ((hidden.double() @ w.t()) / 0.7).log_softmax(-1)
+        logprobs = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return torch.stack([torch.where(out.mask, logprobs, 0), torch.where(out.mask, entropy, 0)])
+
+    upstream = torch.randn(2, *labels.shape, device=DEVICE)
+    expected, (exact_grad,) = grads64(objective, [weight], upstream)
+    torch.testing.assert_close(out.logprobs.double(), expected[0], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(out.entropy.double(), expected[1], rtol=1e-5, atol=2e-5)
+    torch.autograd.backward([out.logprobs, out.entropy], list(upstream))
+    assert weight.grad.dtype == weight.dtype
+    bound = 1e-4 * exact_grad.abs() + 1e-5 * float(exact_grad.abs().max())
+    assert_within_bound(weight.grad, exact_grad, bound, "lm_head")
+    assert all(torch.isfinite(p.grad).all() for p in model.model.parameters() if p.grad is not None)
+
+
+def test_add_fused_lm_head_cast_to_fp32_matches_trls_own(tokenizer):
+    """``cast_lm_head_to_fp32=True`` on a bf16 model whose head stays bf16: TRL's own
+    add_fused_lm_head runs the head in fp32 (hidden.float(), the weight upcast slice by slice),
+    ours through the fp32 head (head_dtype): the same outputs to fp32 accuracy and the same
+    bf16 gradients up to one rounding."""
+    trl_utils = pytest.importorskip("trl.trainer.utils", reason="trl is not installed ([test] extra)")
+    ours_model = build_tiny_model("llama", tokenizer).to(DEVICE, torch.bfloat16)
+    trl_model = copy.deepcopy(ours_model)
+    add_fused_lm_head(ours_model, temperature=0.8, cast_lm_head_to_fp32=True, outputs=ALL_OUTPUTS)
+    trl_utils.add_fused_lm_head(trl_model, temperature=0.8, cast_lm_head_to_fp32=True,
+                                outputs=ALL_OUTPUTS)
+    input_ids, attention_mask = _batch(len(tokenizer))
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    outs = [model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                  fused_lm_head=True) for model in (ours_model, trl_model)]
+    for field in FIELDS:
+        got, want = (getattr(out, field) for out in outs)
+        assert got.dtype == want.dtype, field
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5, msg=field)
+    upstream = torch.randn_like(outs[0].log_probs)
+    for out in outs:
+        (out.loss + (out.log_probs * upstream).sum() + out.entropy.sum()).backward()
+    got, want = _grads(ours_model), _grads(trl_model)
+    assert got.keys() == want.keys() and "lm_head.weight" in got
+    for name in want:  # bf16 gradients of fp32 sums that differ in order: one rounding apart
+        torch.testing.assert_close(got[name], want[name], rtol=2 ** -7,
+                                   atol=1e-5 * float(want[name].abs().max()), msg=name)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import pyalign.integrations.trl as pyalign_trl
 from hf_models import save_tiny_model, train_tokenizer
@@ -116,9 +117,10 @@ def _run(name, model_dir, tokenizer, tmp_path):
                                   "label": [True, False, True, False]})
         trainer = KTOTrainer(model=model_dir, args=KTOConfig(**common, max_length=32),
                              train_dataset=data, processing_class=tokenizer)
-    else:
+    else:  # grpo; grpo_fp32_head with TRL's cast_lm_head_to_fp32
         data = Dataset.from_dict({"prompt": PROMPTS})
-        args = GRPOConfig(**common, num_generations=2, max_completion_length=6, beta=0.1)
+        args = GRPOConfig(**common, num_generations=2, max_completion_length=6, beta=0.1,
+                          cast_lm_head_to_fp32=name == "grpo_fp32_head")
         trainer = GRPOTrainer(model=model_dir, reward_funcs=_reward_length, args=args,
                               train_dataset=data, processing_class=tokenizer)
     trainer.train()
@@ -126,15 +128,17 @@ def _run(name, model_dir, tokenizer, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["dpo", "kto", "grpo"])
+@pytest.mark.parametrize("name", ["dpo", "kto", "grpo", "grpo_fp32_head"])
 def test_trainer_logs_the_same_with_and_without_pyalign(name, llama_dir, tokenizer, tmp_path,
                                                        monkeypatch):
+    """Each trainer's log, TRL's fused head against pyalign's; GRPO's ``cast_lm_head_to_fp32``
+    reaches pyalign's kernel as its fp32 head (head_dtype=float32)."""
     import pyalign.integrations.transformers as hf
 
     calls = []
 
     def counted(*args, **kwargs):
-        calls.append(1)
+        calls.append(kwargs.get("head_dtype"))
         return linear_token_logprobs(*args, **kwargs)
 
     linear_token_logprobs = hf.linear_token_logprobs
@@ -144,6 +148,8 @@ def test_trainer_logs_the_same_with_and_without_pyalign(name, llama_dir, tokeniz
     with pyalign_trl.enabled():
         ours_log = _run(name, llama_dir, tokenizer, tmp_path / "pyalign")
     assert calls  # the trainer's fused head ran on pyalign's kernel
+    head_dtype = torch.float32 if name == "grpo_fp32_head" else None
+    assert set(calls) == {head_dtype}
     assert len(ours_log) == len(trls_log) == 3  # two steps and the summary
     assert "loss" in trls_log[0] and "logps/chosen" in trls_log[0] or "entropy" in trls_log[0]
     for ours, theirs in zip(ours_log, trls_log, strict=True):
@@ -154,7 +160,6 @@ def test_trainer_logs_the_same_with_and_without_pyalign(name, llama_dir, tokeniz
 
 
 def test_kernel_stand_in_matches_trls_chunked_logprob_function():
-    import torch
     from trl.kernels import ChunkedLogProbFunction as TRLs
 
     hidden = torch.randn(13, 24, dtype=torch.float64)
@@ -171,3 +176,25 @@ def test_kernel_stand_in_matches_trls_chunked_logprob_function():
     for ours, theirs in zip(*results, strict=True):
         assert ours.dtype == theirs.dtype
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_stand_in_runs_an_fp32_hidden_state_on_a_bf16_head_as_trls():
+    """TRL's cast_lm_head_to_fp32 forward hands the kernel an fp32 hidden state; with a bf16 head
+    TRL upcasts the weight slice by slice, the stand-in runs pyalign's fp32 head (head_dtype):
+    the same outputs to fp32 accuracy, the bf16 head's gradient one rounding apart."""
+    from trl.kernels import ChunkedLogProbFunction as TRLs
+
+    hidden = torch.randn(13, 24)
+    weight = torch.randn(203, 24).bfloat16()
+    bias = torch.randn(203).bfloat16()
+    targets = torch.randint(0, 203, (13,))
+    results = []
+    for function in (pyalign_trl.ChunkedLogProbFunction, TRLs):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        got = function.apply(*leaves, targets, 0.7, 64, 3.0, 0.5, ("log_probs", "entropy"))
+        (got[0] * torch.linspace(-1, 2, 13)).sum().add(got[1].sum()).backward()
+        results.append((got[0], got[1], *(leaf.grad for leaf in leaves)))
+    for ours, theirs in zip(*results, strict=True):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=2 ** -7 if ours.dtype ==
+                                   torch.bfloat16 else 1e-5)

@@ -80,7 +80,7 @@ def test_linear_bad_arguments(backend):
         call(hidden, weight.bfloat16(), labels, backend=backend)
     with pytest.raises(ValueError, match=r"bias has shape \(29,\), expected \(30,\)"):
         call(hidden, weight, labels, bias=torch.randn(29), backend=backend)
-    with pytest.raises(TypeError, match="bias must have hidden's dtype"):
+    with pytest.raises(TypeError, match="bias must have weight's dtype"):
         call(hidden, weight, labels, bias=torch.randn(30, dtype=torch.float64), backend=backend)
     with pytest.raises(ValueError, match=r"labels has shape \(4,\), expected \(5,\)"):
         call(hidden, weight, labels[:4], backend=backend)

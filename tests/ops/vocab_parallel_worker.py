@@ -39,6 +39,14 @@ TOKEN_CASES = (
 WIDE_TOKEN_CASES = (
     ("wide_softcap_temperature", dict(softcap=5.0, temperature=0.8, outputs=ALL_OUTPUTS), True, -100),
 )
+# The fp32 head (name, options, with_bias, ignore_index, (hidden dtype, head dtype)) on the wide
+# head: a bf16 hidden state with the fp32 shards, and bf16 shards upcast by head_dtype
+FP32_HEAD_TOKEN_CASES = (
+    ("fp32_head_bf16_hidden", dict(temperature=0.9, outputs=ALL_OUTPUTS), True, -100,
+     (torch.bfloat16, torch.float32)),
+    ("head_dtype_bf16_head", dict(softcap=4.0, head_dtype=torch.float32, entropy=True), True, -100,
+     (torch.bfloat16, torch.bfloat16)),
+)
 
 
 def build_cases(seed=0):
@@ -89,16 +97,17 @@ def shard_rows(world, rank, shards=SHARDS):
 
 
 def token_case(data, options, with_bias, ignore_index, weight, bias, backend, process_group,
-               labels_key="labels"):
-    """linear_token_logprobs and its gradients for one case: {output name: value, "grad_*"}."""
+               labels_key="labels", dtypes=(torch.float32, torch.float32)):
+    """linear_token_logprobs and its gradients for one case: {output name: value, "grad_*"};
+    ``dtypes``: those of hidden and of the head."""
     labels = data[labels_key].clone()
     labels[1, 5] = ignore_index
     labels[1, 0] = 5  # ignored with ignore_index=5, a label otherwise
-    hidden = data["hidden"].clone()
+    hidden = data["hidden"].to(dtypes[0], copy=True)
     hidden[1, 5] = float("nan")  # a padded row: reaches nothing
     hidden.requires_grad_(True)
-    weight = weight.detach().clone().requires_grad_(True)
-    bias = bias.detach().clone().requires_grad_(True) if with_bias else None
+    weight = weight.detach().to(dtypes[1], copy=True).requires_grad_(True)
+    bias = bias.detach().to(dtypes[1], copy=True).requires_grad_(True) if with_bias else None
     with poisoned_outputs():
         out = pyalign.linear_token_logprobs(hidden, weight, labels, bias=bias,
                                             ignore_index=ignore_index, backend=backend,
@@ -123,8 +132,13 @@ def loss_cases(data, heads, backend, process_group):
     weight, bias, ref_weight, ref_bias = heads
     results = {}
 
-    def run(name, call):
-        hidden = data["pair_hidden"].clone().requires_grad_(True)
+    def bf16(tensor):
+        """A bf16 hidden state: its values in float64 for a float64 head (tests' exact run)."""
+        rounded = tensor.to(torch.bfloat16)
+        return rounded.double() if weight.dtype == torch.float64 else rounded
+
+    def run(name, call, hidden=None):
+        hidden = (data["pair_hidden"].clone() if hidden is None else hidden).requires_grad_(True)
         head = weight.detach().clone().requires_grad_(True)
         head_bias = bias.detach().clone().requires_grad_(True)
         with poisoned_outputs():
@@ -154,6 +168,11 @@ def loss_cases(data, heads, backend, process_group):
         hidden, head, data["pair_labels"], data["advantages"], data["old_token_logps"],
         data["ref_token_logps"], bias=head_bias, beta=0.1, entropy_coef=0.05, temperature=0.9,
         chunk_size=6, backend=backend, process_group=process_group))
+    # the fp32 head: a bf16 hidden state with the fp32 head (and the fp32 reference's)
+    run("dpo_fp32_head", lambda hidden, head, head_bias: pyalign.linear_preference_loss(
+        hidden, head, data["pair_labels"], bias=head_bias, ref_hidden=bf16(data["ref_hidden"]),
+        ref_weight=ref_weight, ref_bias=ref_bias, beta=0.3, chunk_size=4, backend=backend,
+        process_group=process_group), hidden=bf16(data["pair_hidden"]))
     return results
 
 
@@ -205,6 +224,48 @@ def bad_input_errors(data, weight, rank):
         "kto_desirable_shape_on_rank_1": error_of(lambda: pyalign.linear_kto_loss(
             pair_hidden, weight, pair_labels, data["desirable"][:3] if rank == 1 else data["desirable"],
             ref_logps=data["ref_logps"], kl=torch.zeros(()), vocab_process_group=world)),
+        **disagreement_errors(data, weight, rank, last),
+    }
+
+
+def disagreement_errors(data, weight, rank, last):
+    """Ranks that ask for different outputs, paths or heads, or pass different labels (each
+    would run other collectives than the rest, or exchange other units): every rank raises the
+    same ValueError from the one check all-reduce, none crashes in gloo or waits."""
+    hidden, labels, world = data["hidden"], data["labels"], dist.group.WORLD
+    pair_hidden, pair_labels = data["pair_hidden"], data["pair_labels"]
+    other_labels = labels.clone()
+    other_labels[0, 3] = (labels[0, 3] + 1) % VOCAB  # in range, but not this rank's label
+    policy = (pair_hidden, weight, pair_labels, data["advantages"], data["old_token_logps"])
+
+    def token(**options):
+        return error_of(lambda: pyalign.linear_token_logprobs(
+            options.pop("hidden", hidden), options.pop("weight", weight), labels,
+            process_group=world, **options))
+
+    return {
+        "entropy_on_rank_0": token(entropy=rank == 0),
+        "metrics_on_last_rank": token(outputs=("is_top1",) if rank == last else ("entropy",)),
+        "temperature_per_rank": token(temperature=1.0 + rank / 10),
+        "head_dtype_on_rank_1": token(hidden=hidden.bfloat16(), weight=weight.bfloat16(),
+                                      head_dtype=torch.float32 if rank == 1 else None),
+        "gradients_on_rank_0": token(hidden=hidden.clone().requires_grad_(rank == 0)),
+        "labels_differ_on_rank_1": error_of(lambda: pyalign.linear_token_logprobs(
+            hidden, weight, other_labels if rank == 1 else labels, process_group=world)),
+        "dpo_path_on_rank_0": error_of(lambda: pyalign.linear_preference_loss(
+            pair_hidden.clone().requires_grad_(True), weight, pair_labels,
+            ref_logps=data["ref_logps"], reduction="mean" if rank == 0 else "none",
+            process_group=world)),
+        "kto_kl_on_last_rank": error_of(lambda: pyalign.linear_kto_loss(
+            pair_hidden, weight, pair_labels, data["desirable"], ref_logps=data["ref_logps"],
+            **(dict(kl_hidden=data["kl_hidden"], kl_labels=data["kl_labels"],
+                    ref_kl_logps=data["ref_logps"][:3]) if rank == last else dict(kl=torch.zeros(()))),
+            vocab_process_group=world)),
+        "policy_softcap_on_rank_1": error_of(lambda: pyalign.linear_policy_loss(
+            *policy, softcap=30.0 if rank == 1 else None, process_group=world)),
+        "different_ops_on_rank_0": error_of(lambda: pyalign.linear_token_logprobs(
+            pair_hidden, weight, pair_labels, process_group=world) if rank == 0 else
+            pyalign.linear_policy_loss(*policy, process_group=world)),
     }
 
 
@@ -227,6 +288,10 @@ def main() -> int:
             result["tokens"][name, backend] = token_case(
                 data, options, with_bias, ignore_index, data["wide_weight"][wide],
                 data["wide_bias"][wide], backend, group, labels_key="wide_labels")
+        for name, options, with_bias, ignore_index, dtypes in FP32_HEAD_TOKEN_CASES:
+            result["tokens"][name, backend] = token_case(
+                data, options, with_bias, ignore_index, data["wide_weight"][wide],
+                data["wide_bias"][wide], backend, group, labels_key="wide_labels", dtypes=dtypes)
         result["losses"][backend] = loss_cases(data, heads, backend, group)
     result["errors"] = bad_input_errors(data, weight, rank)
     torch.save(result, out)
