@@ -54,12 +54,13 @@ import triton.language as tl
 from pyalign import kernels as _kernels
 
 # Tiles per input dtype: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps), forward and backward. fp32 runs
-# IEEE fp32 dots (no tensor cores), so it gets smaller tiles. The half-precision backward tiles
-# are 128 x 128 (each tile adds BLOCK_N x H into d_hidden and BLOCK_V x H into d_weight: twice
-# the tile of 64 halves both atomic streams, docs/gpu.md) with BLOCK_H = 32: at BLOCK_H = 64 they
-# spill on sm_80 (255 registers, 304 bytes of spills at 8 warps; 472 at 16 warps).
+# IEEE fp32 dots (no tensor cores), so it gets smaller tiles; its backward runs 8 warps (at 4
+# the grouped order's index math tips it into 16-32 bytes of spills on sm_80). The half-precision
+# backward tiles are 128 x 128 (each tile adds BLOCK_N x H into d_hidden and BLOCK_V x H into
+# d_weight: twice the tile of 64 halves both atomic streams, docs/gpu.md) with BLOCK_H = 32: at
+# BLOCK_H = 64 they spill on sm_80 (255 registers, 304 bytes of spills at 8 warps; 472 at 16).
 FORWARD_TILES = {"fp32": (32, 64, 32, 8), "bf16": (64, 128, 64, 8), "fp16": (64, 128, 64, 8)}
-BACKWARD_TILES = {"fp32": (32, 32, 32, 4), "bf16": (128, 128, 32, 8), "fp16": (128, 128, 32, 8)}
+BACKWARD_TILES = {"fp32": (32, 32, 32, 8), "bf16": (128, 128, 32, 8), "fp16": (128, 128, 32, 8)}
 # The softcap + entropy-gradient variant spills at 128 x 128 on sm_80 (288 bytes): it takes 64
 # rows, which keeps the halved d_hidden stream (the one that leaves L2) and d_weight's as before.
 SOFTCAP_ENTROPY_BACKWARD_TILES = {"bf16": (64, 128, 32, 8), "fp16": (64, 128, 32, 8)}
