@@ -413,11 +413,12 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     (the backward follows ``strategy``: chunked when deterministic). The chunked heads do not
     hold it by default (a matmul over another number of rows may take another code path and
     round differently: a row scored alone differs from itself in a batch by ~5e-7); with it they
-    run the forward in blocks of 64 rows, the last padded with ignored zero rows, each copied
+    run the forward in blocks of 128 rows, the last padded with ignored zero rows, each copied
     into one buffer, so every matmul and reduction a row goes through has one shape. That costs
-    the padding (up to 63 rows), the weight read once per block of rows instead of once per
-    vocabulary slice, and the memory budget (no logits are kept): the bench's batch_invariant
-    rows. Gradients are not batch-invariant in any mode (they sum over the batch).
+    the padding (up to 127 rows: a call of a few tokens pays for 128), the weight read once per
+    block of rows instead of once per vocabulary slice, and the memory budget (no logits are
+    kept): the bench's batch_invariant rows. Gradients are not batch-invariant in any mode
+    (they sum over the batch).
     """
     with _vocab_parallel.ShardChecks(process_group, "process_group") as shard_checks:
         _check_head_tensors(hidden, weight, bias, labels)

@@ -1,7 +1,7 @@
 """linear_token_logprobs's deterministic and batch-invariant modes, bitwise, on every backend of
 the test device: repeated runs under several threads give the same bits for the values and every
 gradient; a row scored alone gives the same bits for its log-prob and entropy as inside batches
-of 1 to 64 other rows, at any position, with ignored padding rows (NaN hidden states among
+of 1 to 129 other rows, at any position, with ignored padding rows (NaN hidden states among
 them). On CPU the triton backend runs in the interpreter: its batch-invariant forward is the
 fused kernel's, its deterministic backward the chunked strategy's."""
 import pytest
@@ -70,7 +70,7 @@ def _scored(hidden, weight, bias, labels, backend, mode, head):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("head", list(HEADS))
 def test_a_row_scores_the_same_alone_and_in_any_batch(backend, mode, dtype, head):
-    """One row (H = 32, V = 300) scored alone, then inside batches of 2 to 65 rows at the first,
+    """One row (H = 32, V = 300) scored alone, then inside batches of 2 to 130 rows at the first,
     a middle and the last position, the other rows random or ignored padding (zeros, or NaN):
     its outputs bitwise equal each time, under 2 threads."""
     row_hidden, weight, bias, row_label = _inputs(1, dtype=dtype, seed=1)
@@ -78,7 +78,7 @@ def test_a_row_scores_the_same_alone_and_in_any_batch(backend, mode, dtype, head
     names = ("log_probs",) + HEADS[head]["outputs"]
     with torch_threads(2):
         alone = _scored(row_hidden, weight, bias, row_label, backend, mode, head)
-        for size in (2, 5, 33, 64, 65):
+        for size in (2, 5, 33, 64, 65, 130):  # 130: two blocks of the chunked heads
             hidden, _, _, labels = _inputs(size, dtype=dtype, seed=size)
             hidden[1] = float("nan")  # an ignored padded row (label 1 is ignored)
             if size > 5:
