@@ -23,9 +23,10 @@ d/dz @ W into d_hidden and (d/dz)^T @ hidden into d_weight (and column sums into
 fp32 atomic adds. Every term is kept (no gradient filtering); the sum order across tiles is not
 deterministic (deterministic=True takes the chunked backward). The tiles run in a grouped order
 (``_grouped_tile``): about sqrt(SMs) row blocks a group, so the tiles in flight share L2-sized
-blocks of d_hidden and d_weight and the atomics stay in L2. NaN or inf in an ignored (padded) token's hidden row reaches nothing: forward
-selects its outputs away (tl.where, never a 0 factor), backward loads that row as 0, so it adds
-nothing to d_weight / d_bias, and its d_hidden is exactly 0.
+blocks of d_hidden and d_weight and the atomics stay in L2. NaN or inf in an ignored (padded)
+token's hidden row reaches nothing: forward selects its outputs away (tl.where, never a 0
+factor), backward loads that row as 0, so it adds nothing to d_weight / d_bias, and its d_hidden
+is exactly 0.
 
 Memory traffic / FLOPs (b = bytes per element):
     forward:  2*N*V*H FLOPs (the matmul, same as eager); reads hidden once per program and W

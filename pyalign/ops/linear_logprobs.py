@@ -256,8 +256,8 @@ def _check_head_tensors(hidden, weight, bias, labels) -> None:
 
 
 def _check_mode(strategy, deterministic, batch_invariant) -> HeadMode:
-    """The head's strategy and modes, checked; ``deterministic`` also on under
-    torch.use_deterministic_algorithms(True)."""
+    """The head's strategy and modes, checked (torch.use_deterministic_algorithms(True) turns
+    ``deterministic`` on where the call runs: pyalign/backends.py)."""
     strategy = backends.check_head_strategy(strategy)
     deterministic = _checks.check_bool("deterministic", deterministic)
     batch_invariant = _checks.check_bool("batch_invariant", batch_invariant)
@@ -359,11 +359,11 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     the "fused" one keeps tiles on chip and uses neither option). By default about 16 MiB of
     fp32 logits exist at a time on CPU, 4096 tokens' worth (at most 1 GiB) in the inputs' dtype
     on a GPU (``chunk_size`` tokens' worth when given: an int >= 1, or None): both directions
-    walk the vocabulary in
-    slices of every token's logits, forward reducing them to row stats, backward recomputing them
-    (4 matmuls of N x H x V: the floor for bounded memory with an arbitrary per-token upstream
-    gradient; its time against the 3 bare matmuls is in benchmarks/README.md). Peak memory: one
-    slice plus the fp32 weight gradient every path returns.
+    walk the vocabulary in slices of every token's logits, forward reducing them to row stats,
+    backward recomputing them (4 matmuls of N x H x V: the floor for bounded memory with an
+    arbitrary per-token upstream gradient; its time against the 3 bare matmuls is in
+    benchmarks/README.md). Peak memory: one slice plus the fp32 weight gradient every path
+    returns.
     ``memory_budget`` (bytes: an int >= 0, or None = 0) keeps the raw logits of the first
     ``memory_budget // (V * itemsize)`` tokens from forward to backward, where they become their
     own gradient in place: those tokens cost 3 matmuls, not 4, and their logits stay allocated
