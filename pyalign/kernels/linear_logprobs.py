@@ -107,7 +107,9 @@ def _softcapped(raw, col_ok, softcap, logit_scale):
     return tl.where(col_ok[None, :], softcap * tanh, float("-inf")), tanh
 
 
-@triton.jit
+# num_rows unspecialized: one binary for every batch size (Triton would build another for
+# N = 1 and for N % 16 == 0), so a row's bits cannot depend on how many rows came with it
+@triton.jit(do_not_specialize=["num_rows"])
 def linear_logprobs_forward_kernel(
         hidden_ptr, weight_ptr, bias_ptr, labels_ptr, logprobs_ptr, entropy_ptr, stats_ptr,
         log_sum_sq_ptr, mean_ptr, top1_ptr,
