@@ -113,15 +113,17 @@ def bench_rows(payload: dict) -> list[dict]:
 
 def model_paths(row_name: str, auto_choice: str | None) -> tuple[str, ...]:
     """The cost model's paths (gpu_cost.paths names) a pyalign row of the head case runs."""
-    if "[triton]" not in row_name:
-        return ()
+    if "[triton]" not in row_name or "batch_invariant=True" in row_name:
+        return ()  # a batch-invariant row: the fused forward with either backward, no one path
+    if "deterministic=True" in row_name:
+        return (CHUNKED_PATH,)
     if "strategy=chunked memory_budget" in row_name:
         return ("chunked, logits kept (memory_budget)",)
     if row_name.endswith("strategy=auto"):
         return model_paths(f"[triton] strategy={auto_choice}", None) if auto_choice else ()
     if row_name.endswith("strategy=chunked"):
         return (CHUNKED_PATH,)
-    return FUSED_PATHS  # today's kernel, or strategy=fused (either backward variant)
+    return FUSED_PATHS  # strategy=fused: the kernel as built, beside the first kernel's row
 
 
 def model_gpu(cost_model, device_name: str):

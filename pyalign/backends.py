@@ -30,6 +30,11 @@ The decision, ``resolved_name(family, backend, *inputs, primitive=..., **args)``
 
 A backend module that fails to import (other than by being absent) warns once and records the
 error as the reason for every family of its backends.
+
+The fused head (family linear_logprobs) has two strategies on the triton backend, "fused" and
+"chunked", and two modes (deterministic, batch-invariant): ``head_implementation`` picks the
+object that runs a call, by the rules of ``_head_plan`` and, for "auto" on a GPU, a measurement
+(pyalign/_head_autotune.py; docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ from typing import Callable, Optional
 
 import torch
 
+from pyalign import _head_autotune, _head_strategy
 from pyalign._utils import KERNEL_DTYPES
 
 
@@ -316,6 +322,115 @@ def check_name(backend: str) -> str:
     if backend not in CHOICES:
         raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
     return backend
+
+
+# ---------------------------------------------------------------- the fused head's strategies
+# linear_logprobs on the triton backend has two strategies (docs/gpu.md; the implementation
+# objects: pyalign/_head_strategy.py): "fused" (the Triton tile kernels, pyalign/kernels/
+# linear_logprobs.py) and "chunked" (cuBLAS matmuls with the Triton logprobs epilogue). The other
+# backends are chunked by nature: the strategy leaves them as they are.
+
+HEAD_FAMILY = "linear_logprobs"
+
+
+def check_head_strategy(strategy: str) -> str:
+    """Validate a ``strategy`` argument of the head."""
+    if strategy not in _head_strategy.STRATEGIES:
+        raise ValueError(f"strategy must be one of {_head_strategy.STRATEGIES}, got {strategy!r}")
+    return strategy
+
+
+def _requested_strategy(strategy: str) -> str:
+    """``strategy``, with PYALIGN_HEAD_STRATEGY replacing "auto" process-wide."""
+    forced = os.environ.get(_head_strategy.STRATEGY_ENV, "auto").strip().lower() or "auto"
+    if forced not in _head_strategy.STRATEGIES:
+        raise ValueError(f"{_head_strategy.STRATEGY_ENV} must be one of "
+                         f"{_head_strategy.STRATEGIES}, got {forced!r}")
+    return forced if strategy == "auto" else strategy
+
+
+def _deterministic(mode) -> bool:
+    return mode.deterministic or torch.are_deterministic_algorithms_enabled()
+
+
+def _head_plan(hidden, weight, mode, keeps: bool) -> tuple[str, str]:
+    """(forward strategy, backward strategy) of the triton backend for this call. "auto" is
+    "chunked" where determinism is asked (the fused backward adds with atomics) or logits are
+    kept (only chunked can use them), the faster of both by measurement on a GPU
+    (pyalign/_head_autotune.py, cached), "fused" on CPU tensors (the interpreter: no timing).
+    ``batch_invariant`` takes the forward from the fused kernel (per-row programs of one tile
+    shape) whatever the strategy."""
+    strategy = _requested_strategy(mode.strategy)
+    if strategy == "fused" and _deterministic(mode):
+        message = ("strategy 'fused' is not deterministic (its backward adds into the gradients "
+                   "with atomics); use strategy 'chunked' or 'auto' with deterministic=True or "
+                   "torch.use_deterministic_algorithms(True)")
+        if mode.deterministic or not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(message)
+        warnings.warn(message, UserWarning, stacklevel=4)
+    if strategy == "auto":
+        if _deterministic(mode) or keeps:
+            strategy = "chunked"
+        elif _measures_strategy(hidden.device):
+            strategy = _head_autotune.choose(hidden, weight, {
+                "chunked": _head_strategy.chunked_triton(), "fused": load(HEAD_FAMILY, "triton")})
+        else:
+            strategy = "fused"
+    return ("fused" if mode.batch_invariant else strategy), strategy
+
+
+def _measures_strategy(device: torch.device) -> bool:
+    """Whether "auto" times the strategies on ``device``'s tensors: on a GPU only."""
+    return device.type == "cuda"
+
+
+def head_implementation(backend: str, hidden: torch.Tensor, weight: torch.Tensor, mode, *,
+                        primitive: str | None = None, keeps: bool = False, **args):
+    """The implementation of the linear_logprobs family that runs this call (``implementation``
+    for the backend, then the strategy and modes of ``mode``, a pyalign._head_strategy.HeadMode).
+    ``keeps``: the call keeps logits from forward to backward (they tie both to chunked)."""
+    name = resolved_name(HEAD_FAMILY, backend, hidden, primitive=primitive, hidden=hidden,
+                         weight=weight, **args)
+    if name != "triton":
+        implementation = load(HEAD_FAMILY, name)
+        if mode.batch_invariant and implementation.KEEPS_LOGITS:  # a chunked head: fixed blocks
+            return _head_strategy.BlockwiseHead(implementation)
+        return implementation
+    forward, backward = _head_plan(hidden, weight, mode, keeps)
+    fused = load(HEAD_FAMILY, "triton")
+    if forward == backward:
+        return fused if forward == "fused" else _head_strategy.chunked_triton()
+    return _head_strategy.SplitHead(fused, _head_strategy.chunked_triton())
+
+
+def head_keeps_logits(backend: str, hidden: torch.Tensor, weight: torch.Tensor, mode) -> bool:
+    """Whether the implementation this call would get keeps logits for backward (a memory_budget
+    is worth spending): decided by the rules alone, never by a measurement."""
+    if mode.batch_invariant:
+        return False
+    name = resolved_name(HEAD_FAMILY, backend, hidden, hidden=hidden, weight=weight)
+    if name != "triton":
+        return bool(load(HEAD_FAMILY, name).KEEPS_LOGITS)
+    return _head_plan(hidden, weight, mode, keeps=True)[0] == "chunked"
+
+
+def default_head_chunk(device: torch.device, vocab: int, itemsize: int) -> int | None:
+    """The chunk (tokens' worth of logits) of a chunked head or 3-matmul loss whose caller named
+    none: a GPU's (pyalign/_head_strategy.py, docs/gpu.md), or None for the CPU defaults."""
+    if device.type == "cuda":
+        return _head_strategy.gpu_chunk_tokens(vocab, itemsize)
+    return None
+
+
+def chosen_head_strategy(hidden: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> str:
+    """The strategy ``strategy="auto"`` uses for these tensors (measuring it on a GPU if no call
+    has yet): "fused", "chunked", or "fused forward, chunked backward"; "chunked" on a backend
+    other than triton (chunked by nature)."""
+    name = resolved_name(HEAD_FAMILY, backend, hidden, weight=weight)
+    if name != "triton":
+        return "chunked"
+    forward, backward = _head_plan(hidden, weight, _head_strategy.HeadMode(), keeps=False)
+    return forward if forward == backward else f"{forward} forward, {backward} backward"
 
 
 _import_warned: set[str] = set()

@@ -247,6 +247,30 @@ def test_with_a_strategy_argument_the_triton_row_splits_and_auto_notes_its_choic
         assert "pyalign doctor" in note and not gpu_report.AUTO_NOTE.match(note)
 
 
+def test_with_the_modes_each_backend_gets_a_batch_invariant_row_and_triton_a_deterministic_one(
+        monkeypatch):
+    def with_modes(hidden, weight, labels, *, backend="auto", batch_invariant=False,
+                   deterministic=False):
+        raise AssertionError("not called")
+    monkeypatch.setattr(pyalign, "linear_token_logprobs", with_modes)
+    calls, notes = [], []
+    ours = [Candidate("pyalign linear_token_logprobs [triton]", lambda: None, backend="triton"),
+            Candidate("pyalign linear_token_logprobs [cpu]", lambda: None, backend="cpu")]
+    rows = head_bench._mode_rows(ours, lambda backend, **options: calls.append((backend, options)),
+                                 None, notes)
+    assert [row.name for row in rows] == [
+        "pyalign linear_token_logprobs [triton] batch_invariant=True",
+        "pyalign linear_token_logprobs [triton] deterministic=True",
+        "pyalign linear_token_logprobs [cpu] batch_invariant=True"]
+    for row in rows:
+        row.run()
+    assert calls == [("triton", {"batch_invariant": True}), ("triton", {"deterministic": True}),
+                     ("cpu", {"batch_invariant": True})]
+    assert len(notes) == 1 and "deterministic" in notes[0]
+    assert gpu_report.model_paths(rows[0].name, "chunked") == ()
+    assert gpu_report.model_paths(rows[1].name, None) == (gpu_report.CHUNKED_PATH,)
+
+
 def test_liger_row_says_why_when_its_gpu_kernel_does_not_load(monkeypatch):
     scaled = pytest.importorskip("liger_kernel.ops.fused_linear_scaled_cross_entropy",
                                  reason="Liger-Kernel is not installed (a benchmark peer)")

@@ -33,16 +33,38 @@ def test_fused_forward_fill_counts_idle_sms():
     assert gpu_cost.fused_tiles(ANCHOR_8K).serial_fill == pytest.approx(128 / 132)
 
 
-def test_chunk_weight_traffic_hides_under_the_flops_past_about_520_tokens():
-    # per chunk: (3b + 8) V H bytes of W reads and fp32 d_weight read-modify-write against
-    # 8 C H V FLOPs: compute-bound once 8 C / (3 * 2 + 8) >= the H100 ridge point
-    ridge = gpu_cost.H100.bf16_flops / gpu_cost.H100.hbm_bytes_per_s
+def test_slice_traffic_hides_under_the_flops_past_about_520_columns():
+    # the chunked head walks the vocabulary in slices of all N tokens: per slice (3b + 8) N H
+    # bytes of hidden reads and fp32 d_hidden read-modify-write against 8 N H W FLOPs, so it is
+    # compute-bound once 8 W / (3 * 2 + 8) >= the H100 ridge point
+    gpu = gpu_cost.H100
+    ridge = gpu.bf16_flops / gpu.hbm_bytes_per_s
     assert 500 < ridge * 14 / 8 < 540
     shape = gpu_cost.Shape(16384, 4096, 128256)
-    skinny = gpu_cost.chunked(shape, chunk_tokens=32)
-    wide = gpu_cost.chunked(shape, chunk_tokens=4096)
+    skinny = gpu_cost.chunked(shape, chunk_tokens=32)  # 250 columns a slice, 514 slices
+    wide = gpu_cost.chunked(shape, chunk_tokens=4096)  # 32064 columns, 4 slices
+    assert gpu_cost.vocabulary_slices(shape, 32) == 514
+    assert gpu_cost.vocabulary_slices(shape, 4096) == 4
+    for cost, memory_bound in ((skinny, True), (wide, False)):
+        seconds_of_bytes = cost.matmul_bytes / gpu.hbm_bytes_per_s
+        assert (seconds_of_bytes > cost.matmul_flops / gpu.bf16_flops) == memory_bound
     for assume in (gpu_cost.OPTIMISTIC, gpu_cost.PESSIMISTIC):
-        assert skinny.seconds(gpu_cost.H100, assume) > 2 * wide.seconds(gpu_cost.H100, assume)
+        assert skinny.seconds(gpu, assume) > 1.5 * wide.seconds(gpu, assume)
+
+
+def test_chunked_traffic_at_8k_by_hand():
+    # 8192 tokens, 4096 tokens' worth a slice: 2 slices of 64128 columns. W read 3 times, hidden
+    # 3 times a slice, logits written twice and read twice, d_hidden written then read and
+    # written once more, d_weight written once; kept logits: one block, 2 reads of each operand
+    n, h, v, b = ANCHOR_8K
+    recompute = gpu_cost.chunked(ANCHOR_8K)
+    assert recompute.matmul_bytes == pytest.approx(
+        3 * (v * h * b + 2 * n * h * b) + 4 * n * v * b + (4 + 8) * n * h + 4 * v * h)
+    kept = gpu_cost.chunked(ANCHOR_8K, keep_logits=True)
+    assert kept.matmul_bytes == pytest.approx(
+        2 * (v * h * b + n * h * b) + 3 * n * v * b + 4 * n * h + 4 * v * h)
+    assert kept.held_bytes == n * v * b and recompute.held_bytes == 4096 * v * b
+    assert recompute.stream_bytes == kept.stream_bytes == 3 * n * v * b
 
 
 @pytest.mark.parametrize("tokens", gpu_cost.ANCHOR_TOKENS)

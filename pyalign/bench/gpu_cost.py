@@ -89,10 +89,12 @@ class Cost(NamedTuple):
                 + self.launches * assume.launch_s)
 
 
-# bf16 tiles of pyalign/kernels/linear_logprobs.py, (BLOCK_N, BLOCK_V): forward, backward.
+# bf16 tiles of pyalign/kernels/linear_logprobs.py, (BLOCK_N, BLOCK_V): forward, backward (the
+# first kernel's 64 x 64; as built, 128 x 128 in a grouped launch order: paths()).
 FUSED_FORWARD_TILE = (64, 128)
 FUSED_BACKWARD_TILE = (64, 64)
-# Tokens per chunk of the chunked CUDA strategy at the anchor shapes.
+# Tokens' worth of logits per chunk of the chunked CUDA strategy and the 3-matmul losses
+# (pyalign._head_strategy.GPU_CHUNK_TOKENS; at most 1 GiB of them, 4096 at the anchor shapes).
 CHUNK_TOKENS = 4096
 
 
@@ -120,7 +122,7 @@ def fused_tiles(shape: Shape, gpu: GPU = H100, *, forward_tile=FUSED_FORWARD_TIL
 
 
 def _chunk_gemm_bytes(shape: Shape, chunk: int, *, logits_gemms: int, weight_reads: int) -> float:
-    """HBM bytes of one chunk's GEMMs: W read ``weight_reads`` times, d_weight's fp32
+    """HBM bytes of one chunk of tokens' GEMMs: W read ``weight_reads`` times, d_weight's fp32
     accumulator read and written (beta = 1), the logits written ``logits_gemms`` times and read
     by the two gradient GEMMs, the chunk's hidden rows and their gradient."""
     _, h, v, b = shape
@@ -128,21 +130,37 @@ def _chunk_gemm_bytes(shape: Shape, chunk: int, *, logits_gemms: int, weight_rea
             + 3 * chunk * h * b)
 
 
+def vocabulary_slices(shape: Shape, chunk_tokens: int = CHUNK_TOKENS) -> int:
+    """Slices of the chunked head's vocabulary walk: C V logits a slice over all N tokens
+    (slice_width of pyalign/_chunked_head.py), the whole vocabulary once N <= C."""
+    n, _, v, _ = shape
+    return math.ceil(v / min(v, max(1, chunk_tokens * v // max(1, n))))
+
+
+# Launches of the chunked head besides its matmuls and epilogues: per forward slice, the
+# label-logit pick and the slice's row stats (~9 small torch ops); once, their exact combination
+# (~25) and the backward's set-up and casts (~6).
+SLICE_STAT_LAUNCHES, FIXED_CHUNKED_LAUNCHES = 9, 31
+
+
 def chunked(shape: Shape, *, chunk_tokens: int = CHUNK_TOKENS, keep_logits: bool = False) -> Cost:
-    """Strategy "chunked": per chunk of C tokens, cuBLAS logits (input dtype, fp32 accumulation),
-    the Triton epilogue (forward: row stats; backward: d-logits in place), d_hidden = dz W and
-    d_weight += dzᵀ h (fp32 accumulation). Backward recomputes the logits (8NHV) unless they are
-    kept (``keep_logits``: memory_budget, 6NHV). The epilogue reads the logits in forward and
-    reads and writes them in backward: 3 N V b of streams."""
+    """Strategy "chunked" as built (pyalign/_chunked_head.py, the Triton logprobs epilogue): both
+    directions walk the vocabulary in S slices of every token's logits (C V logits a slice):
+    cuBLAS logits (input dtype, fp32 accumulation), the epilogue (forward: row stats; backward:
+    d-logits in place), d_hidden += dz W_s (fp32, beta = 1 after the first slice) and
+    d_weight[s] = dzᵀ h (written once). Backward recomputes the logits (8NHV) unless they are
+    kept (``keep_logits``: memory_budget, every token: one slice, 6NHV). HBM: W read 3 times (2
+    kept), hidden 3 times a slice (2), the logits written by 2 GEMMs (1) and read by 2, d_hidden
+    read and written by every slice but the first; the epilogue streams 3 N V b."""
     n, h, v, b = shape
-    chunk = min(n, chunk_tokens)
-    chunks = math.ceil(n / chunk)
-    gemm_bytes = chunks * _chunk_gemm_bytes(shape, chunk, logits_gemms=1 if keep_logits else 2,
-                                            weight_reads=2 if keep_logits else 3)
+    slices = 1 if keep_logits else vocabulary_slices(shape, chunk_tokens)
+    passes = 2 if keep_logits else 3
+    gemm_bytes = (passes * (v * h * b + slices * n * h * b) + (passes + 1) * n * v * b
+                  + (8.0 * slices - 4.0) * n * h + 4.0 * v * h)
     return Cost(matmul_flops=(6.0 if keep_logits else 8.0) * n * h * v, matmul_bytes=gemm_bytes,
                 matmul_kind="gemm", stream_bytes=3.0 * n * v * b,
-                launches=chunks * (5 if keep_logits else 6) + 1,
-                held_bytes=(n if keep_logits else chunk) * v * b)
+                launches=slices * (2 + SLICE_STAT_LAUNCHES + 4) + FIXED_CHUNKED_LAUNCHES,
+                held_bytes=(n * v * b) if keep_logits else min(n, chunk_tokens) * v * b)
 
 
 def three_matmul_loss(shape: Shape, *, chunk_tokens: int = CHUNK_TOKENS,

@@ -56,6 +56,8 @@ CHUNKED_PEERS = ("liger", "trl")
 # takes a ``strategy`` argument; PYALIGN_HEAD_STRATEGY forces one process-wide.
 HEAD_STRATEGIES = ("fused", "chunked", "auto")
 STRATEGY_ENV = "PYALIGN_HEAD_STRATEGY"
+# linear_token_logprobs's modes (bool arguments), each timed on its own row where it takes them.
+HEAD_MODES = ("batch_invariant", "deterministic")
 # Where the bench asks which strategy ``auto`` chose for a call's tensors, when pyalign has it:
 # ``pyalign.backends.<name>(hidden, weight) -> str``.
 AUTO_CHOICE_HOOK = "chosen_head_strategy"
@@ -138,6 +140,7 @@ def linear_logprobs_case(num_tokens: int = 4096, hidden_size: int = 1024, vocab:
     candidates += _with_strategies(ours, fused, clear, hidden, weight, notes)
     candidates += _fp32_head_candidates(ours, fused, clear, hidden, weight, labels, entropy,
                                         backward_pair, need("trl"))
+    candidates += _mode_rows(ours, fused, clear, notes)
     notes += backend_notes
     if device.type == "cpu" and any(c.backend == "cpu" for c in ours):
         budget = num_tokens * vocab * hidden.element_size()
@@ -266,6 +269,31 @@ def _with_strategies(ours: list, fused, clear, hidden, weight, notes: list) -> l
                               functools.partial(fused, "triton", strategy="chunked",
                                                 memory_budget=budget),
                               setup=clear, backend="triton"))
+    return rows
+
+
+def head_modes() -> tuple[str, ...]:
+    """The modes to time (HEAD_MODES) where linear_token_logprobs takes them, else none."""
+    parameters = inspect.signature(pyalign.linear_token_logprobs).parameters
+    return tuple(mode for mode in HEAD_MODES if mode in parameters)
+
+
+def _mode_rows(ours: list, fused, clear, notes: list) -> list:
+    """One row per backend with ``batch_invariant=True`` (its cost against the backend's plain
+    row), and on triton one with ``deterministic=True`` (the chunked strategy there; cpu and
+    eager are deterministic as they are: no row)."""
+    modes = head_modes()
+    rows = []
+    for candidate in ours:
+        for mode in modes:
+            if mode == "deterministic" and candidate.backend != "triton":
+                continue
+            rows.append(Candidate(f"{candidate.name} {mode}=True",
+                                  functools.partial(fused, candidate.backend, **{mode: True}),
+                                  setup=clear, backend=candidate.backend))
+    if "deterministic" in modes:
+        notes.append("deterministic=True: a row on triton only (the chunked strategy there); cpu "
+                     "and eager are deterministic by default")
     return rows
 
 

@@ -1,6 +1,7 @@
 """`pyalign doctor`: the versions of pyalign's dependencies, the state of the C++ extension, and
 for every op family and device which backends load (and why the others do not) and which one
-"auto" picks. Imports nothing heavy until it runs, so it can report a broken environment."""
+"auto" picks, and the fused head's measured strategies. Imports nothing heavy until it runs, so
+it can report a broken environment."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,9 @@ def run_doctor(args) -> int:
         print("extension    pyalign._build is not present")
     print("\nbackends (family / device: backend -> status)")
     print("\n".join(table))
+    from pyalign import _head_autotune
+    print("\nlinear_logprobs on triton, strategy=\"auto\": the measured choices (docs/gpu.md)")
+    print("\n".join(_head_autotune.describe()))
     if args.compile:
         print()
         try:

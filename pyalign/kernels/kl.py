@@ -12,6 +12,7 @@ exp(d) - 1 - d loses it all at |d| ~ 1e-4).
 Memory traffic for n tokens: forward reads 2*4n (+n mask) bytes and writes 4n; backward reads
 3*4n (+n) and writes 2*4n: one pass each, as eager's fused-by-hand best (eager runs 3-5 kernels
 with fp32 temporaries). FLOPs ~10 per token (k3: ~20). Launch grid: (cdiv(n, BLOCK),).
+Its cost on a GPU beside the other families' (launch-bound: microseconds): docs/gpu.md.
 """
 from __future__ import annotations
 

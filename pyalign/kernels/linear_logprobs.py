@@ -13,14 +13,20 @@ HAS_SOFTCAP each tile becomes softcap * tanh(logit_scale * z / softcap) first (t
 keeps sum exp(2 s) (log sum p^2), the sum of the head logits (their mean) and the max of the
 logits before the label column (is_top1: the label is the first maximum), a few registers per
 row.
+This is the triton backend's strategy "fused"; strategy "chunked" (cuBLAS matmuls with the
+logprobs kernels as epilogue) and how "auto" chooses between them: docs/gpu.md, which also
+models this kernel's cost at the anchor shapes.
 Backward: each program owns one (BLOCK_N x BLOCK_V) tile: it recomputes the logit tile, forms
 d/dz = (g_lp (onehot - p) - g_ent p (log p + H)) / T with log p = (z - m) / T - L (times
 logit_scale * (1 - tanh^2) with a softcap: d head / d raw), and adds
 d/dz @ W into d_hidden and (d/dz)^T @ hidden into d_weight (and column sums into d_bias) with
 fp32 atomic adds. Every term is kept (no gradient filtering); the sum order across tiles is not
-deterministic. NaN or inf in an ignored (padded) token's hidden row reaches nothing: forward
-selects its outputs away (tl.where, never a 0 factor), backward loads that row as 0, so it adds
-nothing to d_weight / d_bias, and its d_hidden is exactly 0.
+deterministic (deterministic=True takes the chunked backward). The tiles run in a grouped order
+(``_grouped_tile``): about sqrt(SMs) row blocks a group, so the tiles in flight share L2-sized
+blocks of d_hidden and d_weight and the atomics stay in L2. NaN or inf in an ignored (padded)
+token's hidden row reaches nothing: forward selects its outputs away (tl.where, never a 0
+factor), backward loads that row as 0, so it adds nothing to d_weight / d_bias, and its d_hidden
+is exactly 0.
 
 Memory traffic / FLOPs (b = bytes per element):
     forward:  2*N*V*H FLOPs (the matmul, same as eager); reads hidden once per program and W
@@ -28,9 +34,13 @@ Memory traffic / FLOPs (b = bytes per element):
               Eager writes + re-reads the N*V logits (N*V*b, plus fp32 temporaries).
     backward: 6*N*V*H FLOPs (recompute 2 + d_hidden 2 + d_weight 2; eager: 4, but eager must
               keep or recompute the logits). Atomic fp32 traffic: N*H*4 * V/BLOCK_V for
-              d_hidden plus V*H*4 * N/BLOCK_N for d_weight (L2-resident reductions on GPU).
+              d_hidden plus V*H*4 * N/BLOCK_N for d_weight (L2-resident reductions on GPU with
+              the grouped order), 128 x 128 tiles for bf16/fp16.
               Extra memory: fp32 accumulators for d_hidden/d_weight when inputs are bf16/fp16.
-Launch grid: forward (cdiv(N, BLOCK_N),); backward (cdiv(N, BLOCK_N), cdiv(V, BLOCK_V)).
+Launch grid: forward (cdiv(N, BLOCK_N),); backward (cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V),), one
+program per tile in the grouped order.
+The forward is batch-invariant: a row's programs run the same tile shapes and reduction order
+whatever the other rows hold (batch_invariant=True takes it, docs/gpu.md).
 
 An fp32 head (hidden and weight of different dtypes, one float32, the other bf16 / fp16:
 pyalign._utils.head_logits_dtype) runs its own fp32 tiles: each loaded tile is widened to fp32 in
@@ -39,6 +49,8 @@ registers (no copy of either input), the dots are IEEE fp32 and the d/dz tile st
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import torch
@@ -49,14 +61,20 @@ from pyalign import kernels as _kernels
 from pyalign._utils import head_logits_dtype
 
 # Tiles per input dtype: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps), forward and backward. fp32 runs
-# IEEE fp32 dots (no tensor cores), so it gets smaller tiles.
+# IEEE fp32 dots (no tensor cores), so it gets smaller tiles; its backward runs 8 warps (at 4
+# the grouped order's index math tips it into 16-32 bytes of spills on sm_80). The half-precision
+# backward tiles are 128 x 128 (each tile adds BLOCK_N x H into d_hidden and BLOCK_V x H into
+# d_weight: twice the tile of 64 halves both atomic streams, docs/gpu.md) with BLOCK_H = 32: at
+# BLOCK_H = 64 they spill on sm_80 (255 registers, 304 bytes of spills at 8 warps; 472 at 16).
 FORWARD_TILES = {"fp32": (32, 64, 32, 8), "bf16": (64, 128, 64, 8), "fp16": (64, 128, 64, 8)}
-BACKWARD_TILES = {"fp32": (32, 32, 32, 4), "bf16": (64, 64, 64, 8), "fp16": (64, 64, 64, 8)}
+BACKWARD_TILES = {"fp32": (32, 32, 32, 8), "bf16": (128, 128, 32, 8), "fp16": (128, 128, 32, 8)}
+# The softcap + entropy-gradient variant spills at 128 x 128 on sm_80 (288 bytes): it takes 64
+# rows, which keeps the halved d_hidden stream (the one that leaves L2) and d_weight's as before.
+SOFTCAP_ENTROPY_BACKWARD_TILES = {"bf16": (64, 128, 32, 8), "fp16": (64, 128, 32, 8)}
 # An fp32 head's (tile_key): fp32 dots, half the fp32 tiles' BLOCK_H, as the narrow operand's
-# tile and its fp32 widening are both live (sm_80 / sm_90: at most 169 registers, none spilled;
-# the fp32 tiles reach 255)
+# tile and its fp32 widening are both live; 8 warps in the backward, as fp32's
 FORWARD_TILES["fp32_head"] = (32, 64, 16, 8)
-BACKWARD_TILES["fp32_head"] = (32, 32, 16, 4)
+BACKWARD_TILES["fp32_head"] = (32, 32, 16, 8)
 KEEPS_LOGITS = False  # the fused kernels recompute in backward: memory_budget keeps nothing
 
 
@@ -99,7 +117,9 @@ def _softcapped(raw, col_ok, softcap, logit_scale):
     return tl.where(col_ok[None, :], softcap * tanh, float("-inf")), tanh
 
 
-@triton.jit
+# num_rows unspecialized: one binary for every batch size (Triton would build another for
+# N = 1 and for N % 16 == 0), so a row's bits cannot depend on how many rows came with it
+@triton.jit(do_not_specialize=["num_rows"])
 def linear_logprobs_forward_kernel(
         hidden_ptr, weight_ptr, bias_ptr, labels_ptr, logprobs_ptr, entropy_ptr, stats_ptr,
         log_sum_sq_ptr, mean_ptr, top1_ptr,
@@ -172,17 +192,34 @@ def linear_logprobs_forward_kernel(
 
 
 @triton.jit
+def _grouped_tile(pid, num_rows, vocab, group_rows, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(row block, column block) of backward program ``pid`` in the grouped order: groups of
+    ``group_rows`` row blocks, each walking its column blocks with the row blocks fastest, so
+    the tiles running at once touch about group_rows row blocks of d_hidden and
+    (programs in flight / group_rows) column blocks of d_weight, both L2-sized (docs/gpu.md)."""
+    row_blocks = tl.cdiv(num_rows, BLOCK_N)
+    col_blocks = tl.cdiv(vocab, BLOCK_V)
+    per_group = group_rows * col_blocks
+    first_row = (pid // per_group) * group_rows
+    rows_here = tl.minimum(row_blocks - first_row, group_rows)  # the last group may be short
+    within = pid % per_group
+    return first_row + within % rows_here, within // rows_here
+
+
+@triton.jit
 def linear_logprobs_backward_kernel(
         hidden_ptr, weight_ptr, bias_ptr, labels_ptr, grad_logprobs_ptr, grad_entropy_ptr,
         stats_ptr, entropy_ptr, grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
         num_rows, vocab, hidden_size, stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
-        ignore_index, inv_temperature, softcap, logit_scale,
+        ignore_index, inv_temperature, softcap, logit_scale, group_rows,
         HAS_GRAD_ENTROPY: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         FP32_HEAD: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_block, col_block = _grouped_tile(tl.program_id(0), num_rows, vocab, group_rows,
+                                         BLOCK_N, BLOCK_V)
+    rows = row_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_block.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < num_rows
     col_ok = cols < vocab
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
@@ -194,7 +231,9 @@ def linear_logprobs_backward_kernel(
                       hidden_size, stride_hn, stride_hk, stride_wv, stride_wk, has_bias,
                       DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
     if HAS_SOFTCAP:
-        raw, tanh = _softcapped(raw, col_ok, softcap, logit_scale)
+        # the tanh is not kept: d head / d raw below takes it from the head (head / softcap), one
+        # [BLOCK_N, BLOCK_V] fp32 tile fewer alive (128 x 128 tiles spill on sm_80 with it)
+        raw, _ = _softcapped(raw, col_ok, softcap, logit_scale)
     if vocab <= BLOCK_V:  # never a vocab shard's: the backend table runs those on eager
         # The whole row is in this tile (V <= BLOCK_V, not a vocab shard): take its stats from
         # the recomputed logits themselves. The recompute's tile shapes differ from the
@@ -214,6 +253,7 @@ def linear_logprobs_backward_kernel(
         grad -= grad_entropy[:, None] * d_entropy
     grad = grad * inv_temperature
     if HAS_SOFTCAP:
+        tanh = tl.where(col_ok[None, :], raw / softcap, 0.0)
         grad = grad * (logit_scale * (1.0 - tanh * tanh))  # d head / d raw logit
     grad = tl.where(valid[:, None] & col_ok[None, :], grad, 0.0)
     if has_bias != 0:
@@ -261,6 +301,25 @@ def _dot_flags(hidden, weight):
         return dict(DOT_PRECISION="ieee", UPCAST=True)
     return dict(DOT_PRECISION=_dot_precision(_kernels.TRITON_DTYPE_NAMES[hidden.dtype]),
                 UPCAST=False)
+
+
+def backward_tile(dtype_name: str, softcap: bool, grad_entropy: bool) -> tuple:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps) of a backward launch."""
+    if softcap and grad_entropy and dtype_name in SOFTCAP_ENTROPY_BACKWARD_TILES:
+        return SOFTCAP_ENTROPY_BACKWARD_TILES[dtype_name]
+    return BACKWARD_TILES[dtype_name]
+
+
+@functools.lru_cache(maxsize=None)
+def _group_rows(device) -> int:
+    """Row blocks per group of the backward's launch order: about the square root of the SMs
+    (11 on an H100's 132), so the ~one tile per SM in flight form a near-square block of row and
+    column blocks (docs/gpu.md); 8 where the device has no SM count (the interpreter)."""
+    try:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    except (AssertionError, RuntimeError, ValueError):  # a CPU tensor, or no CUDA at all
+        return 8
+    return max(1, math.isqrt(sms))
 
 
 def _head_arguments(temperature, softcap, logit_scale):
@@ -320,23 +379,25 @@ def backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, e
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    block_n, block_v, block_h, num_warps = BACKWARD_TILES[tile_key(hidden.dtype, weight.dtype)]
+    has_grad_entropy = grad_entropy is not None
+    block_n, block_v, block_h, num_warps = backward_tile(tile_key(hidden.dtype, weight.dtype),
+                                                         softcap is not None, has_grad_entropy)
     # atomic accumulation targets: zero-initialized fp32
     grad_hidden = torch.zeros((num_rows, hidden_size), dtype=torch.float32, device=device)
     grad_weight = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device)
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if bias is not None else None
-    has_grad_entropy = grad_entropy is not None
     grad_logprobs, grad_entropy, stats, entropy = _kernels.backward_row_vectors(
         grad_logprobs, grad_entropy, stats, entropy)
-    linear_logprobs_backward_kernel[(triton.cdiv(num_rows, block_n), triton.cdiv(vocab, block_v))](
+    tiles = triton.cdiv(num_rows, block_n) * triton.cdiv(vocab, block_v)
+    linear_logprobs_backward_kernel[(tiles,)](
         hidden, weight, bias.contiguous() if bias is not None else weight, labels.contiguous(),
         grad_logprobs, grad_entropy if has_grad_entropy else grad_logprobs, stats,
         entropy if has_grad_entropy else stats, grad_hidden, grad_weight,
         grad_bias if bias is not None else grad_weight, num_rows, vocab, hidden_size,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         int(bias is not None), int(ignore_index), **_head_arguments(temperature, softcap, logit_scale),
-        HAS_GRAD_ENTROPY=has_grad_entropy, **_dot_flags(hidden, weight),
-        FP32_HEAD=hidden.dtype != weight.dtype,
+        group_rows=_group_rows(device), HAS_GRAD_ENTROPY=has_grad_entropy,
+        **_dot_flags(hidden, weight), FP32_HEAD=hidden.dtype != weight.dtype,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=num_warps)
     return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype))
@@ -375,7 +436,7 @@ def compile_configs():
                          "WITH_METRICS": metrics, "BLOCK_N": block_n, "BLOCK_V": block_v,
                          "BLOCK_H": block_h},
                         types=types, aligned_scalars=aligned_scalars))
-                block_n, block_v, block_h, num_warps = BACKWARD_TILES[tiles]
+                block_n, block_v, block_h, num_warps = backward_tile(tiles, softcap, flag)
                 configs.append(_kernels.compile_config(
                     linear_logprobs_backward_kernel, "linear_logprobs_backward",
                     f"{label} {block_n}x{block_v}x{block_h} grad_entropy={flag} "

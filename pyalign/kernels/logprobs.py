@@ -9,7 +9,10 @@ Shifting before scaling keeps fp32 accuracy at any common offset of the logits (
 both ~1e4 loses 4 digits) and cannot overflow where z / T would; s_y <= 0 <= L, so the clamps
 only remove rounding (NaN passes through them).
 Backward writes d/dz = (g_lp (onehot - p) - g_ent p (log p + H)) / T with log p = s - L,
-0 where p == 0 (-inf logits), into a new buffer or into the logits buffer itself (inplace).
+0 where p == 0 (-inf logits), into a new buffer or into the logits buffer itself (inplace);
+``backward_columns`` does it in place on columns c0.. of a wider vocabulary (the chunked CUDA
+head's epilogue, pyalign/_chunked_head.py and docs/gpu.md: the label term only where the label
+falls in the slice).
 Rows whose label is ignore_index skip the vocabulary loop: their logits are never read (NaN or
 inf there reaches nothing), outputs 0, gradient 0.
 
@@ -20,7 +23,8 @@ Memory traffic (b = bytes per logit):
               scaling over fp32 temporaries, >= N*V*(b + 4*4 + b).
     FLOPs: ~5 per logit forward (+3 with entropy), ~6 backward (+4 with entropy); exp dominates.
 Launch grid: (N,), one program per row, looping over V in BLOCK_V chunks (a row of any length,
-256k vocabularies included, runs in registers).
+256k vocabularies included, runs in registers). Batch-invariant (a row's program never sees
+another row). Its cost on a GPU, and its part as the chunked head's epilogue: docs/gpu.md.
 """
 from __future__ import annotations
 
@@ -98,12 +102,15 @@ def logprobs_forward_kernel(logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, s
 def logprobs_backward_kernel(logits_ptr, grad_logits_ptr, labels_ptr, grad_logprobs_ptr,
                              grad_entropy_ptr, stats_ptr, entropy_ptr,
                              vocab, stride_row, stride_grad_row, ignore_index, inv_temperature,
-                             HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+                             column_start, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     grad_row_ptr = grad_logits_ptr + row * stride_grad_row
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
+    # the label's column in this slice (column_start: where the slice starts in the vocabulary);
+    # outside [0, vocab) it matches no column: no label term
+    label_column = label - column_start
     grad_logprob = tl.where(valid, tl.load(grad_logprobs_ptr + row), 0.0)
     row_max = tl.load(stats_ptr + 2 * row)
     log_sum_exp = tl.load(stats_ptr + 2 * row + 1)
@@ -119,7 +126,7 @@ def logprobs_backward_kernel(logits_ptr, grad_logits_ptr, labels_ptr, grad_logpr
         raw = tl.load(row_ptr + offs, mask=offs < read_cols, other=0.0).to(tl.float32)
         log_probs = (raw - row_max) * inv_temperature - log_sum_exp
         probs = tl.exp(log_probs)
-        grad = tl.where(offs == label, grad_logprob, 0.0) - grad_logprob * probs
+        grad = tl.where(offs == label_column, grad_logprob, 0.0) - grad_logprob * probs
         if HAS_GRAD_ENTROPY:
             d_entropy = tl.where(probs == 0.0, 0.0, probs * (log_probs + entropy))
             grad -= grad_entropy * d_entropy
@@ -153,6 +160,20 @@ def backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore
              inplace):
     """The logprobs family's backward (pyalign/eager/logprobs.py). In place on logits without a
     unit column stride: into their contiguous copy, copied back."""
+    return _backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index,
+                     temperature, inplace, 0)
+
+
+def backward_columns(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index,
+                     temperature, column_start):
+    """backward in place on logits[:, c0:c0+W] of a wider vocabulary (c0 = ``column_start``):
+    the whole rows' stats, labels of the whole vocabulary (pyalign/eager/logprobs.py)."""
+    return _backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index,
+                     temperature, True, column_start)
+
+
+def _backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore_index,
+              temperature, inplace, column_start):
     ready = _kernel_ready(logits)
     num_rows, vocab = ready.shape
     grad_logits = ready if inplace else _kernels.new_output(ready.shape, ready.dtype, ready.device)
@@ -165,7 +186,7 @@ def backward(grad_logprobs, grad_entropy, logits, labels, stats, entropy, ignore
         grad_entropy if has_grad_entropy else grad_logprobs, stats,
         entropy if has_grad_entropy else stats,
         vocab, ready.stride(0), grad_logits.stride(0), int(ignore_index), 1.0 / float(temperature),
-        HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=block, num_warps=num_warps)
+        int(column_start), HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=block, num_warps=num_warps)
     if inplace and ready is not logits:
         return logits.copy_(ready)
     return grad_logits

@@ -21,7 +21,8 @@ Memory traffic per token: forward reads logp, old_logp (+ ref, entropy, advantag
 token; ω when given) in fp32 and the mask bytes twice (the two passes), writes 48 bytes per row;
 backward reads them two or three times and writes the gradient (+ the entropy gradient). Eager runs some
 40 elementwise kernels over [B, T] temporaries. Launch grid: (B,), one program per row looping
-over T in BLOCK_T chunks.
+over T in BLOCK_T chunks. Its cost on a GPU beside the other families' (launch-bound):
+docs/gpu.md.
 """
 from __future__ import annotations
 

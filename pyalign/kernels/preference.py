@@ -29,7 +29,8 @@ Memory traffic: pair kernels read 4*4B and write 4B (forward) / 16B (backward); 
 (log-probs + mask; + 4 more with per-token ref), writes 20B bytes; eager's mask-multiply-sum
 writes a [2B, T] temporary first. FLOPs: O(B*T), negligible.
 Launch grid: pair kernels (cdiv(B, BLOCK),); sequence kernels (B,), one program per pair looping
-over T in BLOCK_T chunks.
+over T in BLOCK_T chunks. Its cost on a GPU beside the other families' (launch-bound):
+docs/gpu.md.
 """
 from __future__ import annotations
 

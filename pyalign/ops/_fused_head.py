@@ -41,8 +41,9 @@ from pyalign._utils import accumulation_dtype, gradients_wanted, head_logits_dty
 from pyalign.eager.logprobs import log_sum_sq_probs
 from pyalign.ops import _checks, _vocab_parallel
 
-# Default budget of a chunk, in logits (elements): 64 MiB of fp32; a chunk holds this many
-# logits' worth of kept tokens (at least one whole unit).
+# Default budget of a chunk on CPU, in logits (elements): 64 MiB of fp32; a chunk holds this many
+# logits' worth of kept tokens (at least one whole unit). A GPU's chunk is larger
+# (backends.default_head_chunk: 4096 tokens, docs/gpu.md).
 FUSED_HEAD_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -178,7 +179,10 @@ class _Run(NamedTuple):
         counts = self.mask.sum(-1)[unit_rows].sum(-1).tolist() if unit_rows.numel() else []
         # a vocab shard: every rank must cut the same chunks (their collectives pair up)
         width = vocab if plan.vocab_shard is None else plan.vocab_shard.largest
-        budget = plan.chunk_size or max(1, FUSED_HEAD_CHUNK_ELEMENTS // max(width, 1))
+        budget = (plan.chunk_size
+                  or backends.default_head_chunk(self.flat_hidden.device, width,
+                                                 self.flat_hidden.element_size())
+                  or max(1, FUSED_HEAD_CHUNK_ELEMENTS // max(width, 1)))
         for start, end in _chunks(counts, budget):
             yield self.chunk(unit_rows[start:end].t().reshape(-1))
 

@@ -13,6 +13,7 @@ from typing import Literal, NamedTuple, Optional, overload
 import torch
 
 from pyalign import backends
+from pyalign._head_strategy import HeadMode
 from pyalign._utils import accumulation_dtype, gradients_wanted, head_logits_dtype
 from pyalign.ops import _checks, _vocab_parallel
 
@@ -34,13 +35,13 @@ class LinearLogprobsOutput(NamedTuple):
 
 
 def _kept_rows(memory_budget: Optional[int], hidden: torch.Tensor, weight: torch.Tensor,
-               bias: Optional[torch.Tensor], backend: str) -> int:
+               bias: Optional[torch.Tensor], backend: str, mode: HeadMode) -> int:
     """How many tokens' logits ``memory_budget`` bytes keep from forward to backward: none
-    without a backward to come (they would be dead weight) or where the backend that runs the
-    head keeps none (its implementation's KEEPS_LOGITS: the fused Triton kernels)."""
+    without a backward to come (they would be dead weight) or where the implementation that
+    runs the head keeps none (the fused Triton kernels, a batch-invariant forward)."""
     if not memory_budget or not gradients_wanted(hidden, weight, bias):
         return 0
-    if not backends.implementation("linear_logprobs", backend, hidden).KEEPS_LOGITS:
+    if not backends.head_keeps_logits(backend, hidden, weight, mode):
         return 0
     itemsize = head_logits_dtype(hidden.dtype, weight.dtype).itemsize  # the kept logits'
     return min(hidden.shape[0], memory_budget // (weight.shape[0] * itemsize))
@@ -53,11 +54,13 @@ def _linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
                          labels: torch.Tensor, ignore_index: int, temperature: float,
                          with_entropy: bool, chunk_size: int, softcap: float, logit_scale: float,
                          with_log_sum_sq: bool, with_mean: bool, with_top1: bool, keep_rows: int,
-                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                torch.Tensor, torch.Tensor, torch.Tensor,
-                                                torch.Tensor]:
+                         backend: str, strategy: str, deterministic: bool, batch_invariant: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor, torch.Tensor, torch.Tensor]:
     _checks.check_labels_in_range(labels, weight.shape[0], ignore_index)
-    implementation = backends.implementation("linear_logprobs", backend, hidden)
+    implementation = backends.head_implementation(
+        backend, hidden, weight, HeadMode(strategy, deterministic, batch_invariant),
+        primitive="forward", keeps=keep_rows > 0)
     outputs = implementation.forward(hidden, weight, bias, labels, ignore_index, temperature,
                                      with_entropy, chunk_size or None, softcap or None,
                                      logit_scale, (with_log_sum_sq, with_mean, with_top1),
@@ -67,7 +70,8 @@ def _linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
 
 @_linear_logprobs_fwd.register_fake
 def _(hidden, weight, bias, labels, ignore_index, temperature, with_entropy, chunk_size, softcap,
-      logit_scale, with_log_sum_sq, with_mean, with_top1, keep_rows, backend):
+      logit_scale, with_log_sum_sq, with_mean, with_top1, keep_rows, backend, strategy,
+      deterministic, batch_invariant):
     acc = accumulation_dtype(hidden.dtype)
     rows = hidden.shape[0]
 
@@ -86,9 +90,12 @@ def _linear_logprobs_bwd(grad_logprobs: torch.Tensor, grad_entropy: Optional[tor
                          hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          labels: torch.Tensor, stats: torch.Tensor, entropy: Optional[torch.Tensor],
                          kept: torch.Tensor, ignore_index: int, temperature: float,
-                         chunk_size: int, softcap: float, logit_scale: float, backend: str
+                         chunk_size: int, softcap: float, logit_scale: float, backend: str,
+                         strategy: str, deterministic: bool, batch_invariant: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    implementation = backends.implementation("linear_logprobs", backend, hidden)
+    implementation = backends.head_implementation(
+        backend, hidden, weight, HeadMode(strategy, deterministic, batch_invariant),
+        primitive="backward", keeps=kept.shape[0] > 0)
     grad_hidden, grad_weight, grad_bias = implementation.backward(
         grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, ignore_index,
         temperature, chunk_size or None, softcap or None, logit_scale, kept)
@@ -99,7 +106,8 @@ def _linear_logprobs_bwd(grad_logprobs: torch.Tensor, grad_entropy: Optional[tor
 
 @_linear_logprobs_bwd.register_fake
 def _(grad_logprobs, grad_entropy, hidden, weight, bias, labels, stats, entropy, kept,
-      ignore_index, temperature, chunk_size, softcap, logit_scale, backend):
+      ignore_index, temperature, chunk_size, softcap, logit_scale, backend, strategy,
+      deterministic, batch_invariant):
     return (torch.empty_like(hidden), torch.empty_like(weight),
             torch.empty_like(bias) if bias is not None else weight.new_empty(0))
 
@@ -123,13 +131,13 @@ def _take_kept(ctx):
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, temperature, with_entropy,
-                chunk_size, softcap, logit_scale, metrics, keep_rows, backend):
+                chunk_size, softcap, logit_scale, metrics, keep_rows, backend, mode):
         logprobs, entropy, stats, log_sum_sq, mean, top1, kept = _linear_logprobs_fwd(
             hidden, weight, bias, labels, ignore_index, temperature, with_entropy, chunk_size,
-            softcap, logit_scale, *metrics, keep_rows, backend)
+            softcap, logit_scale, *metrics, keep_rows, backend, *mode)
         ctx.save_for_backward(hidden, weight, bias, labels, stats, entropy)
         ctx.config = (ignore_index, temperature, with_entropy, chunk_size, softcap, logit_scale,
-                      backend)
+                      backend, mode)
         # Held on ctx, not saved: the backward overwrites it with its gradient (a saved tensor's
         # version check would refuse) and drops it, so it is freed as soon as it is used.
         ctx.kept = kept
@@ -140,7 +148,8 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, *_metric_grads):
         hidden, weight, bias, labels, stats, entropy = ctx.saved_tensors
-        ignore_index, temperature, with_entropy, chunk_size, softcap, logit_scale, backend = ctx.config
+        (ignore_index, temperature, with_entropy, chunk_size, softcap, logit_scale, backend,
+         mode) = ctx.config
         kept = _take_kept(ctx)
         if grad_logprobs is None:
             grad_logprobs = stats.new_zeros(stats.shape[0])  # stats: [N, 2] (m, log-sum-exp) per row
@@ -149,9 +158,9 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = _linear_logprobs_bwd(
             grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
             hidden, weight, bias, labels, stats, entropy, kept, ignore_index, temperature,
-            chunk_size, softcap, logit_scale, backend)
+            chunk_size, softcap, logit_scale, backend, *mode)
         return (grad_hidden, grad_weight, grad_bias if bias is not None else None,
-                *([None] * 10))
+                *([None] * 11))
 
 
 def epilogue_inverse_temperature(temperature: float, softcap: float, logit_scale: float) -> float:
@@ -167,9 +176,10 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, shard, ignore_index, temperature, with_entropy,
-                chunk_size, softcap, logit_scale, metrics, keep_rows, backend):
+                chunk_size, softcap, logit_scale, metrics, keep_rows, backend, mode):
         local, owned = _vocab_parallel.local_labels(shard, labels, ignore_index)
-        implementation = backends.implementation("linear_logprobs", backend, hidden)
+        implementation = backends.head_implementation(backend, hidden, weight, mode,
+                                                      primitive="forward", keeps=keep_rows > 0)
         logprobs, entropy, stats, log_sum_sq, mean, top1, kept = implementation.forward(
             hidden, weight, bias, local, _vocab_parallel.LOCAL_IGNORE, temperature, with_entropy,
             chunk_size or None, softcap or None, logit_scale, metrics, keep_rows)
@@ -185,7 +195,8 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
         entropy = given(combined.entropy, entropy)
         ctx.save_for_backward(hidden, weight, bias, local, combined.stats,
                               entropy if with_entropy else None)
-        ctx.config = (temperature, with_entropy, chunk_size, softcap, logit_scale, backend, shard)
+        ctx.config = (temperature, with_entropy, chunk_size, softcap, logit_scale, backend, shard,
+                      mode)
         ctx.kept = kept  # as in LinearTokenLogprobsFunction: overwritten by the backward
         ctx.kept_consumed = False
         extra = (given(combined.log_sum_sq, log_sum_sq), given(combined.mean, mean),
@@ -196,7 +207,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, *_metric_grads):
         hidden, weight, bias, local, stats, entropy = ctx.saved_tensors
-        temperature, with_entropy, chunk_size, softcap, logit_scale, backend, shard = ctx.config
+        temperature, with_entropy, chunk_size, softcap, logit_scale, backend, shard, mode = ctx.config
         kept = _take_kept(ctx)
         if grad_logprobs is None:
             grad_logprobs = stats.new_zeros(stats.shape[0])
@@ -205,9 +216,9 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
         # an fp32 head's bf16 / fp16 hidden state, upcast as its head upcasts it: its gradient is
         # summed over the ranks in fp32, then rounded once
         rows = hidden.float() if hidden.dtype != weight.dtype else hidden
-        implementation = backends.implementation("linear_logprobs", backend, rows, weight,
-                                                 primitive="backward", hidden=rows,
-                                                 weight=weight, vocab_shard=True)
+        implementation = backends.head_implementation(backend, rows, weight, mode,
+                                                      primitive="backward",
+                                                      keeps=kept.shape[0] > 0, vocab_shard=True)
         # the whole rows' stats and entropy: each rank's logits become their own gradient
         grad_hidden, grad_weight, grad_bias = implementation.backward(
             grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
@@ -216,7 +227,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
             logit_scale, kept, vocab_shard=True)
         _vocab_parallel.sum_over_ranks(grad_hidden, shard)
         return (grad_hidden.to(hidden.dtype), grad_weight, grad_bias if bias is not None else None,
-                *([None] * 11))
+                *([None] * 12))
 
 
 @torch.compiler.disable  # collectives between backend calls: a graph break, never traced
@@ -247,6 +258,19 @@ def _check_head_tensors(hidden, weight, bias, labels, head_dtype) -> None:
     _checks.check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
 
 
+def _check_mode(strategy, deterministic, batch_invariant) -> HeadMode:
+    """The head's strategy and modes, checked (torch.use_deterministic_algorithms(True) turns
+    ``deterministic`` on where the call runs: pyalign/backends.py)."""
+    strategy = backends.check_head_strategy(strategy)
+    deterministic = _checks.check_bool("deterministic", deterministic)
+    batch_invariant = _checks.check_bool("batch_invariant", batch_invariant)
+    if strategy == "fused" and deterministic:
+        raise ValueError("strategy='fused' is not deterministic (its backward adds into the "
+                         "gradients with atomics); with deterministic=True use strategy='chunked' "
+                         "or 'auto'")
+    return HeadMode(strategy, deterministic, batch_invariant)
+
+
 def _check_outputs(outputs) -> tuple[bool, tuple[bool, bool, bool]]:
     """(entropy wanted, (log_sum_sq_probs, mean_logits, is_top1) wanted) from ``outputs``."""
     if isinstance(outputs, str) or not isinstance(outputs, (tuple, list, set, frozenset)):
@@ -267,7 +291,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           logit_scale: float = ..., head_dtype: Optional[torch.dtype] = ...,
                           chunk_size: Optional[int] = ...,
                           memory_budget: Optional[int] = ..., backend: str = ...,
-                          process_group=...) -> torch.Tensor: ...
+                          process_group=..., strategy: str = ..., deterministic: bool = ...,
+                          batch_invariant: bool = ...) -> torch.Tensor: ...
 @overload
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = ..., ignore_index: int = ...,
@@ -276,7 +301,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           logit_scale: float = ..., head_dtype: Optional[torch.dtype] = ...,
                           chunk_size: Optional[int] = ...,
                           memory_budget: Optional[int] = ..., backend: str = ...,
-                          process_group=...
+                          process_group=..., strategy: str = ..., deterministic: bool = ...,
+                          batch_invariant: bool = ...
                           ) -> tuple[torch.Tensor, torch.Tensor]: ...
 @overload
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -286,7 +312,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           logit_scale: float = ..., head_dtype: Optional[torch.dtype] = ...,
                           chunk_size: Optional[int] = ...,
                           memory_budget: Optional[int] = ..., backend: str = ...,
-                          process_group=...
+                          process_group=..., strategy: str = ..., deterministic: bool = ...,
+                          batch_invariant: bool = ...
                           ) -> LinearLogprobsOutput: ...
 
 
@@ -297,7 +324,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           softcap: Optional[float] = None, logit_scale: float = 1.0,
                           head_dtype: Optional[torch.dtype] = None,
                           chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
-                          backend: str = "auto", process_group=None):
+                          backend: str = "auto", process_group=None, strategy: str = "auto",
+                          deterministic: bool = False, batch_invariant: bool = False):
     """Per-token log-probs of ``labels`` under softmax(z), z = softcap(logit_scale * (hidden @
     weight.T + bias)) / temperature, never holding the [N, V] logits whole.
 
@@ -345,13 +373,15 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     row holding NaN). Those three have no gradient (as in TRL); each costs one more pass over the
     chunk (the cpu backend: torch reductions; Triton: a few registers).
 
-    Cost and memory (chunked backends, eager and cpu; Triton keeps tiles on chip and uses
-    neither option). By default about 16 MiB of fp32 logits exist at a time (``chunk_size``
-    tokens' worth when given: an int >= 1, or None): both directions walk the vocabulary in
-    slices of every token's logits, forward reducing them to row stats, backward recomputing them
-    (4 matmuls of N x H x V: the floor for bounded memory with an arbitrary per-token upstream
-    gradient; its time against the 3 bare matmuls is in benchmarks/README.md). Peak memory: one
-    slice plus the fp32 weight gradient every path returns.
+    Cost and memory (the chunked heads: eager, cpu, and the triton backend's "chunked" strategy;
+    the "fused" one keeps tiles on chip and uses neither option). By default about 16 MiB of
+    fp32 logits exist at a time on CPU, 4096 tokens' worth (at most 1 GiB) in the inputs' dtype
+    on a GPU (``chunk_size`` tokens' worth when given: an int >= 1, or None): both directions
+    walk the vocabulary in slices of every token's logits, forward reducing them to row stats,
+    backward recomputing them (4 matmuls of N x H x V: the floor for bounded memory with an
+    arbitrary per-token upstream gradient; its time against the 3 bare matmuls is in
+    benchmarks/README.md). Peak memory: one slice plus the fp32 weight gradient every path
+    returns.
     ``memory_budget`` (bytes: an int >= 0, or None = 0) keeps the raw logits of the first
     ``memory_budget // (V * itemsize)`` tokens from forward to backward, where they become their
     own gradient in place: those tokens cost 3 matmuls, not 4, and their logits stay allocated
@@ -374,6 +404,39 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     bad argument on one rank raises on all of them (none waits in a collective). Under
     torch.compile the sharded call is a graph break (its collectives run between the backend
     calls).
+
+    ``strategy`` ("auto", "fused" or "chunked"; docs/gpu.md): how the triton backend runs the
+    head. "fused": Triton kernels holding logit tiles on chip, whose backward adds into the
+    gradients with fp32 atomics. "chunked": cuBLAS matmuls over vocabulary slices of every token
+    with the Triton log-prob epilogue between them, the only one that keeps logits for a
+    ``memory_budget``. "auto" times both once per (GPU, dtype, token-count bucket) on first use
+    and caches the faster on disk (``pyalign doctor`` lists the cache); it is "chunked" wherever
+    a mode below or a memory budget asks for it, and "fused" on CPU tensors (the Triton
+    interpreter: nothing to time). ``PYALIGN_HEAD_STRATEGY=fused|chunked`` replaces "auto"
+    process-wide. The cpu and eager backends are chunked by nature: they accept any strategy
+    and run as they are.
+
+    ``deterministic`` (also on under ``torch.use_deterministic_algorithms(True)``): the same
+    bits for values and gradients on every run (same inputs, device and thread count). The cpu
+    and eager backends hold it already (no atomics, reductions in a fixed order); on the triton
+    backend it means the chunked strategy (``strategy="fused"`` with it is an error), so it
+    costs what chunked costs against fused at the call's shape (the bench's rows; docs/gpu.md
+    expects chunked to be the faster at the anchor shapes). cuBLAS wants
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` for deterministic results, as torch says.
+
+    ``batch_invariant``: a token's log-prob and entropy are the same bits whatever else is in
+    the batch (alone or among other rows, at any position, with any padding). The fused Triton
+    forward holds it by construction (one program per block of rows, one tile shape for every
+    row), so on the triton backend the forward is then the fused kernel's whatever the strategy
+    (the backward follows ``strategy``: chunked when deterministic). The chunked heads do not
+    hold it by default (a matmul over another number of rows may take another code path and
+    round differently: a row scored alone differs from itself in a batch by ~5e-7); with it they
+    run the forward in blocks of 128 rows, the last padded with ignored zero rows, each copied
+    into one buffer, so every matmul and reduction a row goes through has one shape. That costs
+    the padding (up to 127 rows: a call of a few tokens pays for 128), the weight read once per
+    block of rows instead of once per vocabulary slice, and the memory budget (no logits are
+    kept): the bench's batch_invariant rows. Gradients are not batch-invariant in any mode
+    (they sum over the batch).
     """
     with _vocab_parallel.ShardChecks(process_group, "process_group") as shard_checks:
         head_dtype = _checks.check_head_dtype(head_dtype)
@@ -399,6 +462,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         else:
             metrics = (False, False, False)
         backends.check_name(backend)
+        mode = _check_mode(strategy, deterministic, batch_invariant)
     # everything that decides the collectives a rank runs, or what they exchange
     shard = shard_checks.shard(weight, hidden, labels, ignore_index, agreed=dict(
         op="linear_token_logprobs", entropy=entropy, log_sum_sq_probs=metrics[0],
@@ -409,15 +473,17 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     hidden = _checks.head_hidden(hidden, weight, head_dtype)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     labels_1d = labels.reshape(-1).to(torch.int64)
-    keep = _kept_rows(memory_budget, hidden_2d, weight, bias, backend)
+    keep = _kept_rows(memory_budget, hidden_2d, weight, bias, backend, mode)
+    chunk_size = chunk_size or backends.default_head_chunk(hidden.device, weight.shape[0],
+                                                           hidden.element_size())
     if shard is None:
         logprobs, entropy_out, log_sum_sq, mean, top1 = LinearTokenLogprobsFunction.apply(
             hidden_2d, weight, bias, labels_1d, ignore_index, temperature, entropy, chunk_size or 0,
-            softcap or 0.0, logit_scale, metrics, keep, backend)
+            softcap or 0.0, logit_scale, metrics, keep, backend, mode)
     else:
         logprobs, entropy_out, log_sum_sq, mean, top1 = _vocab_parallel_apply(
             hidden_2d, weight, bias, labels_1d, shard, ignore_index, temperature, entropy,
-            chunk_size or 0, softcap or 0.0, logit_scale, metrics, keep, backend)
+            chunk_size or 0, softcap or 0.0, logit_scale, metrics, keep, backend, mode)
     logprobs = logprobs.view(labels.shape)
     if named:
         wanted = (entropy, *metrics)
