@@ -28,6 +28,8 @@ ALLOWED = {
     ("_workspace.py", "flat.device.type != 'cpu'"): "the same cache rule when a buffer comes back",
     ("cli/train.py", "dist_ctx.device.type == 'cpu'"): "the training run's device placement",
     ("integrations/callbacks.py", "p.device.type == 'cuda'"): "which GPUs a model occupies",
+    ("study/point.py", "trainer.dist.device.type == 'cpu'"): "the thread rule of a study point's "
+                                                              "device",
     ("integrations/packing.py", "implementation == 'eager'"): "transformers' attention "
                                                               "implementation, not pyalign's",
     ("trainers/checkpoint.py", "'cuda' in state"): "whether a checkpoint holds CUDA RNG state",
