@@ -44,6 +44,7 @@ from pyalign.trainers.presets import ALGOS
 
 STRENGTH_KNOBS = {
     "dpo": ("beta",), "ipo": ("beta",), "slic": ("beta",), "kto": ("beta",),
+    "simpo": ("beta",), "cpo": ("beta",), "orpo": ("beta",),
     "tr-dpo": ("tr_alpha", "tr_tau"), "tr-ipo": ("tr_alpha", "tr_tau"), "tr-kto": ("tr_alpha", "tr_tau"),
     "rloo": ("kl_coef",), "grpo": ("kl_coef",),
     "elastic-reset": ("er_reset_every", "er_ema_decay", "kl_coef"),

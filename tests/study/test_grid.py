@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from pyalign.study.grid import GridError, parse_grid
+from pyalign.study.grid import STRENGTH_KNOBS, GridError, parse_grid
 from pyalign.study.presets import PRESETS
+from pyalign.trainers.presets import ALGOS
 
 GOOD = {"seeds": [0], "epochs": [0.5, 1.0], "algos": {"dpo": {"beta": [0.1, 0.2]},
                                                      "tr-dpo": {"tr_tau": [4, 8], "beta": 0.1}}}
@@ -98,3 +99,15 @@ def test_a_size_ladder_is_one_point_per_size_with_that_model():
         parse_grid({**GOOD, "sizes": ["small"], "task": {"hidden_size": 16}})
     with pytest.raises(GridError, match="task.length_bias' must be >= 0"):
         parse_grid({**GOOD, "task": {"variable_length": True, "length_bias": -1.0}})
+
+
+@pytest.mark.parametrize("algo", sorted(ALGOS))
+def test_every_algorithm_sweeps_its_strength_knobs(algo):
+    """Each algorithm of pyalign train has strength knobs, and a grid sweeping each resolves as
+    pyalign train resolves the point's config (parse_grid runs check_point on every point)."""
+    assert STRENGTH_KNOBS.get(algo), f"{algo} has no strength knob"
+    for knob in STRENGTH_KNOBS[algo]:
+        values = [100, 200] if knob == "er_reset_every" else [0.5, 0.9] if knob == "er_ema_decay" \
+            else [4, 8] if knob == "tr_tau" else [0.1, 0.2]
+        grid = parse_grid({"seeds": [0], "epochs": [1.0], "algos": {algo: {knob: values}}})
+        assert [(p.knob, p.value) for p in grid.points()] == [(knob, v) for v in values]
