@@ -101,3 +101,26 @@ def fused_loss_candidates(run_loss: Callable, names: list[str], references: dict
         recompute_name = recompute_name or label
         candidates.append(Candidate(label, recompute, setup=setup, backend=name))
     return candidates, recompute_name
+
+
+def liger_chunked_loss(class_name: str, options: dict, call: Callable, setup: Callable,
+                       notes: list[str], memory_need=None) -> list[Candidate]:
+    """Liger-Kernel's fused-linear loss ``class_name`` (liger_kernel.chunked_loss) built with
+    ``options``, as a candidate that runs ``call(loss)`` and its backward; none where Liger is
+    not installed or lacks the class, and a note where its constructor refuses ``options`` (an
+    API this code does not know: the other candidates still run)."""
+    from pyalign.bench.harness import optional_module
+    module = optional_module("liger_kernel.chunked_loss")
+    if module is None or not hasattr(module, class_name):
+        return []
+    try:
+        loss = getattr(module, class_name)(**options)
+    except Exception as exc:  # noqa: BLE001 - any refusal is a note, not a failed benchmark
+        notes.append(f"Liger-Kernel {class_name}: could not construct ({exc})")
+        return []
+
+    def run():
+        out = call(loss)
+        (out[0] if isinstance(out, tuple) else out).backward()
+    return [Candidate(f"Liger {class_name}", run, setup=setup, kind="baseline", compiled=True,
+                      memory_need=memory_need)]

@@ -12,9 +12,10 @@ from pyalign.bench.common import (
     clear_grads,
     dtype_name,
     fused_loss_candidates,
+    liger_chunked_loss,
     seeded_generator,
 )
-from pyalign.bench.harness import Candidate, Case, optional_module, ratio_columns, third_party_notes
+from pyalign.bench.harness import Candidate, Case, ratio_columns, third_party_notes
 from pyalign.bench.linear_logprobs import naive_linear_token_logprobs
 
 
@@ -56,19 +57,10 @@ def linear_kto_case(batch: int = 8, seq_len: int = 256, hidden_size: int = 512, 
     candidates = [Candidate("eager full logits + KTO", eager, setup=clear, kind="baseline",
                             backend="eager")]
     notes = []
-    liger_chunked = optional_module("liger_kernel.chunked_loss")
-    if liger_chunked is not None and hasattr(liger_chunked, "LigerFusedLinearKTOLoss"):
-        try:
-            liger_loss = liger_chunked.LigerFusedLinearKTOLoss(beta=beta, use_ref_model=True)
-
-            def liger_run():
-                out = liger_loss(hidden, weight, labels, preference_labels=desirable,
-                                 ref_input=ref_hidden, ref_weight=ref_weight, kl=kl.mean().clamp(min=0))
-                (out[0] if isinstance(out, tuple) else out).backward()
-            candidates.append(Candidate("Liger LigerFusedLinearKTOLoss", liger_run, setup=clear,
-                                        kind="baseline", compiled=True))
-        except Exception as exc:  # an API this code does not know: say so, run the rest
-            notes.append(f"Liger-Kernel LigerFusedLinearKTOLoss: could not construct ({exc})")
+    candidates += liger_chunked_loss(
+        "LigerFusedLinearKTOLoss", dict(beta=beta, use_ref_model=True),
+        lambda loss: loss(hidden, weight, labels, preference_labels=desirable, ref_input=ref_hidden,
+                          ref_weight=ref_weight, kl=kl.mean().clamp(min=0)), clear, notes)
     names, backend_notes = benchmark_backends("linear_logprobs", device)
     notes += backend_notes
     with torch.no_grad():  # the precomputed reference (outside the timing, as a trainer would)

@@ -19,9 +19,10 @@ from pyalign.bench.common import (
     clear_grads,
     compile_candidate,
     dtype_name,
+    liger_chunked_loss,
     seeded_generator,
 )
-from pyalign.bench.harness import Candidate, Case, optional_module, ratio_columns, third_party_notes
+from pyalign.bench.harness import Candidate, Case, ratio_columns, third_party_notes
 from pyalign.bench.linear_logprobs import naive_linear_token_logprobs
 
 
@@ -147,20 +148,11 @@ def linear_policy_case(batch: int = 8, seq_len: int = 256, hidden_size: int = 51
                   compile_candidate("torch.compile full logits + GRPO", naive_linear_grpo_loss,
                                     eager_args, None, clear, compile)]
     notes = []
-    liger_chunked = optional_module("liger_kernel.chunked_loss")
-    if liger_chunked is not None and hasattr(liger_chunked, "LigerFusedLinearGRPOLoss"):
-        try:
-            liger_loss = liger_chunked.LigerFusedLinearGRPOLoss(
-                beta=beta, loss_type="grpo", use_ref_model=True, use_bias_correction_kl=True)
-
-            def liger_run():
-                out = liger_loss(hidden, weight, safe_labels, mask.long(), advantages,
-                                 ref_per_token_logps=ref, old_per_token_logps=old)
-                (out[0] if isinstance(out, tuple) else out).backward()
-            candidates.append(Candidate("Liger LigerFusedLinearGRPOLoss", liger_run, setup=clear,
-                                        kind="baseline", compiled=True))
-        except Exception as exc:  # an API this code does not know: say so, run the rest
-            notes.append(f"Liger-Kernel LigerFusedLinearGRPOLoss: could not construct ({exc})")
+    candidates += liger_chunked_loss(
+        "LigerFusedLinearGRPOLoss", dict(beta=beta, loss_type="grpo", use_ref_model=True,
+                                         use_bias_correction_kl=True),
+        lambda loss: loss(hidden, weight, safe_labels, mask.long(), advantages,
+                          ref_per_token_logps=ref, old_per_token_logps=old), clear, notes)
     names, backend_notes = benchmark_backends("linear_logprobs", device)
     notes += backend_notes
     recompute_name = None

@@ -15,10 +15,11 @@ from pyalign.bench.common import (
     compile_candidate,
     dtype_name,
     fused_loss_candidates,
+    liger_chunked_loss,
     logits_memory_need,
     seeded_generator,
 )
-from pyalign.bench.harness import Candidate, Case, optional_module, ratio_columns, third_party_notes
+from pyalign.bench.harness import Candidate, Case, ratio_columns, third_party_notes
 from pyalign.bench.linear_logprobs import naive_linear_token_logprobs
 
 
@@ -111,20 +112,10 @@ def linear_preference_case(pairs: int = 4, seq_len: int = 256, hidden_size: int 
                   Candidate("floor: 4 bare matmuls of the kept tokens", bare_matmuls, kind="floor",
                             memory_need=need("floor"))]
     notes = []
-    liger_chunked = optional_module("liger_kernel.chunked_loss")
-    if liger_chunked is not None and hasattr(liger_chunked, "LigerFusedLinearDPOLoss"):
-        try:
-            liger_loss = liger_chunked.LigerFusedLinearDPOLoss(beta=beta, use_ref_model=True)
-
-            def liger_run():
-                out = liger_loss(weight, hidden, labels, ref_input=ref_hidden,
-                                 ref_weight=ref_weight)
-                (out[0] if isinstance(out, tuple) else out).backward()
-            candidates.append(Candidate("Liger LigerFusedLinearDPOLoss", liger_run, setup=clear,
-                                        kind="baseline", compiled=True,
-                                        memory_need=need("liger")))
-        except Exception as exc:  # an API this code does not know: say so, run the rest
-            notes.append(f"Liger-Kernel LigerFusedLinearDPOLoss: could not construct ({exc})")
+    candidates += liger_chunked_loss(
+        "LigerFusedLinearDPOLoss", dict(beta=beta, use_ref_model=True),
+        lambda loss: loss(weight, hidden, labels, ref_input=ref_hidden, ref_weight=ref_weight),
+        clear, notes, memory_need=need("liger"))
     names, backend_notes = benchmark_backends("linear_logprobs", device)
     notes += backend_notes
     # The named backend runs the per-token part; the loss part falls back to "auto" where the
@@ -198,19 +189,9 @@ def linear_orpo_case(pairs: int = 4, seq_len: int = 256, hidden_size: int = 512,
                   Candidate("floor: 3 bare matmuls of the kept tokens", bare_matmuls, kind="floor",
                             memory_need=need("floor"))]
     notes = []
-    liger_chunked = optional_module("liger_kernel.chunked_loss")
-    if liger_chunked is not None and hasattr(liger_chunked, "LigerFusedLinearORPOLoss"):
-        try:
-            liger_loss = liger_chunked.LigerFusedLinearORPOLoss(beta=beta)
-
-            def liger_run():
-                out = liger_loss(weight, hidden, labels)
-                (out[0] if isinstance(out, tuple) else out).backward()
-            candidates.append(Candidate("Liger LigerFusedLinearORPOLoss", liger_run, setup=clear,
-                                        kind="baseline", compiled=True,
-                                        memory_need=need("liger")))
-        except Exception as exc:  # an API this code does not know: say so, run the rest
-            notes.append(f"Liger-Kernel LigerFusedLinearORPOLoss: could not construct ({exc})")
+    candidates += liger_chunked_loss(
+        "LigerFusedLinearORPOLoss", dict(beta=beta), lambda loss: loss(weight, hidden, labels),
+        clear, notes, memory_need=need("liger"))
     names, backend_notes = benchmark_backends("linear_logprobs", device)
     notes += backend_notes
 
