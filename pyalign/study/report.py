@@ -170,13 +170,17 @@ def _matched(spec: dict) -> dict:
     return matched
 
 
-def _reading_guide(seeds: int) -> list[str]:
+def _reading_guide(seeds: int, m: Measures) -> list[str]:
     return ["## How to read the verdicts", "",
             f"The unit of replication is the seed ({seeds} here). Every interval is the 95% Student-t "
             f"interval of a mean over seeds (of a paired difference where two methods ran the same "
             f"seeds; Welch's for two model sizes); a verdict needs at least {MIN_SEEDS} seeds. "
             f"**shown**: the interval excludes 0 in the claimed direction; **not shown**: it holds 0 "
-            f"(the data do not separate); **opposite**: it excludes 0 the other way. A fit of "
+            f"(the data do not separate); **opposite**: it excludes 0 the other way. Over-"
+            f"optimisation is the exception: taking each run's best of several noisy evaluations "
+            f"makes a drop after the peak out of noise alone, so it is shown only where the drop's "
+            f"interval lies above the noise floor ({claims.DROP_NOISE:g} standard errors of one "
+            f"evaluation's {m.short} mean, printed with each verdict). A fit of "
             f"R(d) = d(a − b log d) is reported only where it holds: R² ≥ {R2_MIN} and b's 95% seed-"
             f"bootstrap interval above 0; elsewhere the model-free numbers stand alone.", ""]
 
@@ -285,7 +289,7 @@ def write_report(out: str, grid, rows: list[dict], missing: list[str], run_info:
                      f"{run_info.get('load_before')}, after {run_info.get('load_after')} on "
                      f"{run_info.get('cpus')} CPUs.")
     parts += ["", _definitions(spec, m), ""]
-    parts += _reading_guide(len(spec["seeds"])) + _claims_markdown(over, lengths, scale, m) + sections
+    parts += _reading_guide(len(spec["seeds"]), m) + _claims_markdown(over, lengths, scale, m) + sections
     if scale:
         parts += ["## Model size", ""] + _scale_markdown(scale, m)
     parts += ["## Figures", ""]

@@ -72,6 +72,8 @@ def test_a_clear_hump_gets_its_fit_and_verdict_and_no_hump_gets_neither(tmp_path
     assert "| KL budget (nats) | dpo | ipo |" in report   # the model-free numbers stand alone
     assert "**Length, dpo: not testable**" not in report
     assert "- **Length grows with KL, dpo: not shown.**" in report
+    assert ("so it is shown only where the drop's interval lies above the noise floor (2 standard "
+            "errors of one evaluation's gold mean") in report   # the guide says the exception
 
 
 def test_two_seeds_give_no_fit_and_no_verdict(tmp_path):
