@@ -151,17 +151,22 @@ def run_study(args: argparse.Namespace) -> int:
                   f"{out}/commands.txt anywhere that sees {out}, then: pyalign study --aggregate {out}")
             return 0
         workers = args.workers or _default_workers(grid.spec)
+        pending = runner.pending_count(jobs, out)
         load_before = [round(x, 2) for x in os.getloadavg()]
         started = time.perf_counter()
         if args.launcher == "ray":
             code = runner.run_ray(jobs, address=args.ray_address, workers=workers, progress=progress)
         else:
             code = runner.run_pool(jobs, workers, progress=progress)
-        info = {"launcher": args.launcher, "workers": workers, "wall_s": time.perf_counter() - started,
+        wall_s = time.perf_counter() - started
+        info = {"launcher": args.launcher, "workers": workers, "wall_s": wall_s,
                 "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
                 "cpus": _cpus()}
-        from pyalign._utils import atomic_write
-        atomic_write(os.path.join(out, "run.json"), json.dumps(info) + "\n")
+        if pending:  # a rerun of a finished study keeps the record of the launch that ran it
+            from pyalign._utils import atomic_write
+            atomic_write(os.path.join(out, "run.json"), json.dumps(info) + "\n")
+        else:
+            info = _run_info(out) or info
         grid, rows, missing, damaged = runner.aggregate(out)
         report = write_report(out, grid, rows, missing, info, damaged)
         _report_damaged(damaged)
@@ -172,7 +177,7 @@ def run_study(args: argparse.Namespace) -> int:
     finally:
         if lock is not None:
             lock.release()
-    print(f"pyalign study: {len(rows)} evaluations, {info['wall_s']:.0f} s; "
+    print(f"pyalign study: {len(rows)} evaluations, {wall_s:.0f} s; "
           f"csv={os.path.join(out, runner.CSV_NAME)} report={report}")
     return code
 

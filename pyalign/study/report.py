@@ -284,10 +284,10 @@ def write_report(out: str, grid, rows: list[dict], missing: list[str], run_info:
         parts.append(f"**Damaged point {point_id}: {damage}; its rows are left out** (a rerun into this "
                      f"directory runs it again).")
     if run_info:
+        load = (f"; load average before {run_info['load_before']}, after {run_info.get('load_after')}"
+                if run_info.get("load_before") is not None else "")
         parts.append(f"Last launch: {run_info.get('launcher')} with {run_info.get('workers')} workers, "
-                     f"{run_info.get('wall_s', 0):.0f} s wall; load average before "
-                     f"{run_info.get('load_before')}, after {run_info.get('load_after')} on "
-                     f"{run_info.get('cpus')} CPUs.")
+                     f"{run_info.get('wall_s', 0):.0f} s wall{load} on {run_info.get('cpus')} CPUs.")
     parts += ["", _definitions(spec, m), ""]
     parts += _reading_guide(len(spec["seeds"]), m) + _claims_markdown(over, lengths, scale, m) + sections
     if scale:

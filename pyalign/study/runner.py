@@ -117,6 +117,11 @@ def prepare(grid: Grid, out: str) -> list[tuple[Point, str]]:
     return jobs
 
 
+def pending_count(jobs, out: str) -> int:
+    """How many of ``jobs`` (from ``prepare``) are not finished points whose files check out."""
+    return sum(finished_rows(point_dir(out, point))[0] is None for point, _ in jobs)
+
+
 def load_grid(out: str) -> Grid:
     path = os.path.join(out, STUDY_NAME)
     if not os.path.isfile(path):

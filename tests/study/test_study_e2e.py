@@ -179,6 +179,13 @@ def test_a_damaged_point_is_named_by_aggregate_and_rerun_by_the_next_study(pool_
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"point {name} is damaged" in rerun.stderr and "running it again" in rerun.stderr
     assert read_csv(out) == read_csv(pool_run)
+    # the launch that reran the point is the study's record; a rerun with nothing left keeps it
+    record = open(os.path.join(out, "run.json")).read()
+    assert json.loads(record)["workers"] == 1
+    again = run_study_cli(["--grid", tiny_grid, "--out", out, "--workers", "2"], study_env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert open(os.path.join(out, "run.json")).read() == record
+    assert "Last launch: pool with 1 workers" in open(os.path.join(out, "report.md")).read()
 
 
 def test_a_damaged_study_json_is_a_clear_error(tiny_grid, study_env, tmp_path):
