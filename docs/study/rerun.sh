@@ -45,10 +45,15 @@ for beta in 0.0125 0.05; do for size in small large; do
 done; done
 study stability-lengthy-1 --grid docs/study/stability/lengthy-threads-1.toml --workers "$WORKERS"
 study stability-lengthy-2 --grid docs/study/stability/lengthy-threads-2.toml --workers 1
+# The same slices with five other seeds (the thread count changes no bit on this task's models)
+study stability-default-seeds --grid docs/study/stability/default-seeds-5-9.toml --workers "$WORKERS"
+study stability-lengthy-seeds --grid docs/study/stability/lengthy-seeds-5-9.toml --workers "$WORKERS"
 
 for name in default elastic-reset elastic-reset-kl lengthy lengthy-control; do publish "$name"; done
 for slice in default lengthy; do
   python -m pyalign.study.compare "$RUNS/stability-$slice-1" "$RUNS/stability-$slice-2" \
     > "docs/study/stability/$slice.md" || true   # differences are findings, not failures
+  python -m pyalign.study.compare "$RUNS/stability-$slice-1" "$RUNS/stability-$slice-seeds" \
+    > "docs/study/stability/$slice-seeds.md" || true
 done
 echo "done: look at every PNG under docs/study/ and read docs/study/stability/*.md before publishing"

@@ -207,14 +207,17 @@ def plot_length_vs_kl(rows, lengths, path: str, title: str) -> Optional[str]:
             ax.scatter(kl, [r["response_length"] for r in mine], s=12, alpha=0.45,
                        color=colors[entry["method"]])
             slope, start = entry["slope"], entry["intercept"].mean
-            span = np.linspace(0, kl.max(), 50)
+            end = kl.max()
+            if entry.get("cap") and slope.mean > 0:  # a line past the cap shows no length there is
+                end = min(end, max(0.0, (entry["cap"] - start) / slope.mean))
+            span = np.linspace(0, end, 50)
             ax.plot(span, start + slope.mean * span, color=colors[entry["method"]], linewidth=1.6,
                     label=f"{entry['method']}: {slope.text()} tokens/nat")
             if entry["at_cap"]:
                 ax.axhline(entry["cap"], color="0.5", linewidth=0.8, linestyle=":")
         ax.set_xlabel(f"KL(policy ‖ initial model), {KL_UNIT}")
         ax.set_ylabel("mean response length, tokens (up to the first EOS)")
-        ax.set_title(_title(size, "length vs KL; lines: seed-mean least-squares line (dotted: the cap)"),
+        ax.set_title(_title(size, "length vs KL; lines: seed-mean least-squares fit, up to the cap (dotted)"),
                      fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7.5, loc="best")
