@@ -48,6 +48,12 @@ study stability-lengthy-2 --grid docs/study/stability/lengthy-threads-2.toml --w
 # The same slices with five other seeds (the thread count changes no bit on this task's models)
 study stability-default-seeds --grid docs/study/stability/default-seeds-5-9.toml --workers "$WORKERS"
 study stability-lengthy-seeds --grid docs/study/stability/lengthy-seeds-5-9.toml --workers "$WORKERS"
+# ... and both seed sets pooled: 10 seeds, nothing new to run
+for slice in default lengthy; do
+  reuse "stability-$slice-1" "stability-$slice-10" '*'
+  reuse "stability-$slice-seeds" "stability-$slice-10" '*'
+  study "stability-$slice-10" --grid "docs/study/stability/$slice-10-seeds.toml" --workers "$WORKERS"
+done
 
 for name in default elastic-reset elastic-reset-kl lengthy lengthy-control; do publish "$name"; done
 for slice in default lengthy; do
@@ -55,5 +61,8 @@ for slice in default lengthy; do
     > "docs/study/stability/$slice.md" || true   # differences are findings, not failures
   python -m pyalign.study.compare "$RUNS/stability-$slice-1" "$RUNS/stability-$slice-seeds" \
     > "docs/study/stability/$slice-seeds.md" || true
+  mkdir -p "docs/study/stability/$slice-10"
+  cp "$RUNS/stability-$slice-10"/{report.md,summary.json,points.csv} "$RUNS/stability-$slice-10"/*.png \
+    "docs/study/stability/$slice-10/"
 done
 echo "done: look at every PNG under docs/study/ and read docs/study/stability/*.md before publishing"
