@@ -35,8 +35,11 @@ left() { echo $(( TOTAL - ($(date +%s) - start) )); }
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PEERS="$(mktemp -d)"
-trap 'rm -rf "$PEERS"' EXIT
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+DEPS="$(mktemp -d)"
+trap 'rm -rf "$PEERS" "$DEPS"' EXIT
+# pyalign's own needs the machine lacks (benchmarks/gpu_wheels/deps/): seen by every step, and
+# ninja's command on PATH for torch's extension build
+export PYTHONPATH="$PWD:$DEPS${PYTHONPATH:+:$PYTHONPATH}" PATH="$DEPS/bin:$PATH" PYTHONUNBUFFERED=1
 unset PYALIGN_HEAD_STRATEGY PYALIGN_BACKEND
 
 # bounded SECONDS CMD...: CMD under timeout, which puts it in a process group of its own and
@@ -59,6 +62,23 @@ bounded() {
     "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch',
 torch.__version__, 'cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0), '| triton',
 triton.__version__)"
+    echo "== pyalign's dependencies the machine lacks, into $DEPS"
+    missing=$("$PY" -c "import importlib.metadata as m, pathlib, sys
+for wheel in sorted(pathlib.Path('benchmarks/gpu_wheels/deps').glob('*.whl')):
+    try:
+        m.version(wheel.name.split('-')[0])
+    except m.PackageNotFoundError:
+        print(wheel)" 2>/dev/null)
+    if [ -n "$missing" ]; then
+        echo "$missing"
+        # shellcheck disable=SC2086
+        "$PY" -m pip install --no-index --no-deps --no-compile --disable-pip-version-check \
+            --target "$DEPS" $missing
+    else
+        echo "none missing (or no wheels in benchmarks/gpu_wheels/deps/)"
+    fi
+    command -v ninja > /dev/null && echo "ninja: $(command -v ninja)" \
+        || echo "no ninja: the C++/CUDA extension cannot build, its ops run on eager"
     echo "== peer wheels into $PEERS (seen by the benchmark only)"
     if ls benchmarks/gpu_wheels/*.whl > /dev/null 2>&1; then
         ls -l benchmarks/gpu_wheels/
