@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from torchrun_helpers import run_torchrun
 
 from hf_models import sample_text, save_tiny_model, train_tokenizer
 from pyalign._utils import toml_value
@@ -581,13 +582,7 @@ def test_torchrun_two_processes_on_user_data(tmp_path, model_dir):
     values = dict(SMALL_CONFIG, algo="tr-dpo", model=model_dir, data=data, steps=3, tr_tau=2,
                   eval_every=0)
     config = write_config(tmp_path / "tr-dpo.toml", **values)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1", PYALIGN_DEVICE="cpu")
-    worker = os.path.join(REPO, "tests", "trainers", "dist_worker.py")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", worker, str(tmp_path / "two"), config],
-                          env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    run_torchrun(os.path.join(REPO, "tests", "trainers", "dist_worker.py"), tmp_path / "two", config)
     assert train(tmp_path, "--config", config, "--out", tmp_path / "one", "--no-progress") == 0
     one, two = records(tmp_path / "one"), records(tmp_path / "two" / "tr-dpo")
     assert [r["step"] for r in one] == [r["step"] for r in two]

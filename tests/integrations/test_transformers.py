@@ -330,15 +330,10 @@ def test_fsdp2_fully_shard_two_processes(tmp_path):
     """causal_lm_logprobs through FSDP2's hooks on a sharded model (DTensor head), in 2 gloo
     processes: tests/integrations/fsdp_worker.py checks forward and gradients."""
     import os
-    import subprocess
-    import sys
 
-    worker = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           worker]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    from torchrun_helpers import run_torchrun
+    run_torchrun(os.path.join(os.path.dirname(__file__), "fsdp_worker.py"), cwd=tmp_path,
+                 env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def test_add_fused_lm_head_under_peft_with_the_head_adapted(tokenizer):

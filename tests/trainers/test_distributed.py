@@ -3,11 +3,10 @@ the global batch split over ranks log the same loss curve (to fp32 tolerance) as
 the same global batch, and after trust-region updates the two ranks' reference models are
 identical (DDP) or gather to the single-process reference (FSDP2)."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from torchrun_helpers import run_torchrun
 from trainer_helpers import read_records, strip_timing, write_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,12 +43,7 @@ TRAIN_KEYS = {"tr-dpo": ("loss", "chosen_reward", "rejected_reward", "margin", "
 
 
 def _torchrun(out_dir, configs):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1", PYALIGN_DEVICE="cpu")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.join(HERE, "dist_worker.py"), str(out_dir), *map(str, configs)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    run_torchrun(os.path.join(HERE, "dist_worker.py"), out_dir, *configs)
 
 
 def test_two_ranks_match_one(tmp_path, task_cache_dir, tiny_task):
