@@ -44,7 +44,7 @@ def test_greedy_sampling_with_the_cache_equals_recomputing_everything(model, wra
     if wrap == "kwargs":
         wrapped = KwargsWrapper(model)
     elif wrap == "peft":
-        peft = pytest.importorskip("peft")
+        peft = pytest.importorskip("peft", reason="peft is not installed ([test] extra)")
         wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     keyword = cache_keyword(wrapped)
     assert keyword == cache_keyword(model) and keyword in inspect.signature(model.forward).parameters

@@ -151,13 +151,14 @@ def run_study(args: argparse.Namespace) -> int:
                   f"{out}/commands.txt anywhere that sees {out}, then: pyalign study --aggregate {out}")
             return 0
         workers = args.workers or _default_workers(grid.spec)
-        pending = runner.pending_count(jobs, out)
+        pending = runner.pending_jobs(jobs)  # damaged points are named (once) here
         load_before = [round(x, 2) for x in os.getloadavg()]
         started = time.perf_counter()
         if args.launcher == "ray":
-            code = runner.run_ray(jobs, address=args.ray_address, workers=workers, progress=progress)
+            code = runner.run_ray(jobs, address=args.ray_address, workers=workers, progress=progress,
+                                  pending=pending)
         else:
-            code = runner.run_pool(jobs, workers, progress=progress)
+            code = runner.run_pool(jobs, workers, progress=progress, pending=pending)
         wall_s = time.perf_counter() - started
         info = {"launcher": args.launcher, "workers": workers, "wall_s": wall_s,
                 "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],

@@ -117,11 +117,6 @@ def prepare(grid: Grid, out: str) -> list[tuple[Point, str]]:
     return jobs
 
 
-def pending_count(jobs, out: str) -> int:
-    """How many of ``jobs`` (from ``prepare``) are not finished points whose files check out."""
-    return sum(finished_rows(point_dir(out, point))[0] is None for point, _ in jobs)
-
-
 def load_grid(out: str) -> Grid:
     path = os.path.join(out, STUDY_NAME)
     if not os.path.isfile(path):
@@ -173,7 +168,7 @@ class _Progress:
         self.bar.close()
 
 
-def _pending(jobs):
+def pending_jobs(jobs):
     """The points to run: the unfinished ones, and the finished ones whose files do not check out
     against their done.json (named on stderr, their done.json removed, so they rerun from
     scratch)."""
@@ -221,13 +216,14 @@ def _report_failures(failed: list[str]) -> int:
     return 1 if failed else 0
 
 
-def run_pool(jobs, workers: int, *, progress: bool = True) -> int:
+def run_pool(jobs, workers: int, *, progress: bool = True, pending=None) -> int:
     """Run the unfinished points in ``workers`` processes (spawned: a fresh interpreter each,
-    one intra-op thread per point). Returns 0 when every point finished."""
+    one intra-op thread per point). Returns 0 when every point finished. ``pending``:
+    pending_jobs(jobs) where the caller has it already (the bar still counts every job)."""
     import concurrent.futures
     import multiprocessing
 
-    pending = _pending(jobs)
+    pending = pending_jobs(jobs) if pending is None else pending
     bar = _Progress(jobs, progress)
     failed = []
     try:
@@ -254,15 +250,15 @@ def run_pool(jobs, workers: int, *, progress: bool = True) -> int:
 
 
 def run_ray(jobs, *, address: Optional[str] = None, workers: Optional[int] = None,
-            progress: bool = True) -> int:
+            progress: bool = True, pending=None) -> int:
     """Run the unfinished points as Ray tasks (one CPU each) on the cluster at ``address``, or on
     a local Ray instance of ``workers`` CPUs. The points' directories must be on a filesystem
-    every Ray worker sees."""
+    every Ray worker sees. ``pending`` as in run_pool."""
     try:
         import ray
     except ImportError as exc:
         raise GridError(f"--launcher ray needs ray: {pip_extra('ray')}") from exc
-    pending = _pending(jobs)
+    pending = pending_jobs(jobs) if pending is None else pending
     bar = _Progress(jobs, progress)
     failed = []
     started_here = not ray.is_initialized()

@@ -67,9 +67,9 @@ class TaskConfig:
 
 
 # The model-size ladder: TaskConfig fields of three SFT models, "base" the default task's. Each
-# step is 4-6x the parameters (small 25k, base 90k, large 0.51M with the embeddings); a DPO study
-# point of the variable-length task (cap 32) took 12, 18 and 33 CPU seconds on one thread. All three
-# reach the same held-out perplexity on this language (within 1%).
+# step is 4-6x the parameters (small 25k, base 90k, large 0.51M with the embeddings; a study
+# point's CPU time at each size: docs/study/RERUN.md). All three reach the same held-out
+# perplexity on this language (within 1%).
 MODEL_SIZES = {
     "small": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
     "base": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},

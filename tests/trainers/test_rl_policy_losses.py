@@ -63,14 +63,9 @@ def test_more_iterations_clip_and_run_from_the_cli(tmp_path, task_cache_dir):
     assert any(r["clip_ratio"] > 0 for r in steps)  # ε = 0.01 and lr 0.05: the later passes clip
 
 
-@pytest.mark.parametrize("values, key, shown", [
-    (dict(loss_type="ppo"), "loss_type", "ppo"),
-    (dict(num_iterations=0), "num_iterations", "0"),
-    (dict(epsilon=-0.5), "epsilon", "-0.5"),
-    (dict(epsilon_high=-1.0), "epsilon_high", "-1.0"),
-    (dict(loss_type="cispo", epsilon=0.0), "epsilon_high", "cispo"),
-])
-def test_bad_values_are_one_line_config_errors(tmp_path, capsys, values, key, shown):
+def _config_error_lines(tmp_path, capsys, values: dict) -> list[str]:
+    """pyalign train on an rloo config with ``values``: it exits 2 before any work (no task
+    cache, no output directory); the lines it wrote to stderr."""
     cache = tmp_path / "cache"
     lines = [f'task_cache_dir = "{cache}"', 'algo = "rloo"']
     lines += [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in values.items()]
@@ -79,9 +74,20 @@ def test_bad_values_are_one_line_config_errors(tmp_path, capsys, values, key, sh
     path.write_text("\n".join(lines) + "\n")
     capsys.readouterr()
     assert run_cli("--config", path, "--out", tmp_path / "out") == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    return capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("values, key, shown", [
+    (dict(loss_type="ppo"), "loss_type", "ppo"),
+    (dict(num_iterations=0), "num_iterations", "0"),
+    (dict(epsilon=-0.5), "epsilon", "-0.5"),
+    (dict(epsilon_high=-1.0), "epsilon_high", "-1.0"),
+    (dict(loss_type="cispo", epsilon=0.0), "epsilon_high", "cispo"),
+])
+def test_bad_values_are_one_line_config_errors(tmp_path, capsys, values, key, shown):
+    err = _config_error_lines(tmp_path, capsys, values)
     assert len(err) == 1 and f"'{key}'" in err[0] and shown in err[0], err
-    assert not cache.exists() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
 def test_grpo_advantages_are_trls(tiny_task):
@@ -188,14 +194,6 @@ def test_the_sampler_tracks_the_policy(tiny_task, monkeypatch):
      "vllm_importance_sampling_clip_max"),
 ])
 def test_bad_sampler_settings_are_one_line_config_errors(tmp_path, capsys, values, key):
-    cache = tmp_path / "cache"
-    lines = [f'task_cache_dir = "{cache}"', 'algo = "rloo"']
-    lines += [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in values.items()]
-    lines += ["[task]"] + [f"{k} = {v!r}" for k, v in TINY_TASK.items()]
-    path = tmp_path / "bad.toml"
-    path.write_text("\n".join(lines) + "\n")
-    capsys.readouterr()
-    assert run_cli("--config", path, "--out", tmp_path / "out") == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _config_error_lines(tmp_path, capsys, values)
     assert len(err) == 1 and key in err[0], err
-    assert not cache.exists() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
