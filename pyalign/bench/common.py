@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from pyalign import backends
-from pyalign.bench.harness import Candidate
+from pyalign.bench.harness import Candidate, optional_module
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -109,7 +109,6 @@ def liger_chunked_loss(class_name: str, options: dict, call: Callable, setup: Ca
     ``options``, as a candidate that runs ``call(loss)`` and its backward; none where Liger is
     not installed or lacks the class, and a note where its constructor refuses ``options`` (an
     API this code does not know: the other candidates still run)."""
-    from pyalign.bench.harness import optional_module
     module = optional_module("liger_kernel.chunked_loss")
     if module is None or not hasattr(module, class_name):
         return []
